@@ -1,0 +1,103 @@
+"""The Python API: a model and its diffusion process in one object, for custom training loops.
+
+    from ddpm_cli.api import Diffusion, load_config, load_data
+    cfg = load_config("examples/quickstart.yaml")
+    diffusion = Diffusion.from_config(cfg)
+    opt = torch.optim.Adam(diffusion.parameters(), lr=2e-4)
+    for x, y in torch.utils.data.DataLoader(load_data(cfg), batch_size=32, shuffle=True):
+        loss = diffusion.loss(x, y)
+        opt.zero_grad(); loss.backward(); opt.step()
+        diffusion.update_ema()
+    images = diffusion.sample(16, y=torch.arange(16) % 10)   # (16, C, H, W) in [-1, 1]
+    diffusion.save("model.safetensors")                       # `ddpm sample model.safetensors` reads it
+
+The CLI runs on the same engine (ddpm_cli.engine)."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from ddpm_cli.config import RunConfig, load_config
+from ddpm_cli.engine import checkpoint as ckpt_io
+from ddpm_cli.engine.build import build_diffusion, build_unet, count_params, resolve_device
+from ddpm_cli.engine.data import load_dataset, to_model_range
+from ddpm_cli.engine.ema import EMA
+from ddpm_cli.engine.generate import generate
+
+__all__ = ["Diffusion", "load_config", "load_data"]
+
+
+def load_data(cfg: RunConfig) -> torch.utils.data.TensorDataset:
+    """The config's dataset as (images in [-1, 1], labels), ready for a DataLoader."""
+    ds = load_dataset(cfg.data, cfg.model)
+    return torch.utils.data.TensorDataset(to_model_range(ds.images), ds.labels)
+
+
+class Diffusion(nn.Module):
+    """A UNet, its EMA copy and the diffusion schedule. `parameters()` are the trainable (non-EMA) weights."""
+
+    def __init__(self, cfg: RunConfig, device: str | torch.device = "auto"):
+        super().__init__()
+        self.cfg = cfg
+        self.device = resolve_device(str(device))
+        self.model = build_unet(cfg.model).to(self.device)
+        self.process = build_diffusion(cfg.diffusion).to(self.device)
+        ema = EMA(self.model, cfg.train.ema_decay, cfg.train.ema_warmup) if cfg.train.ema else None
+        self.__dict__["ema"] = ema  # not a submodule: its weights are not trained and not in parameters()
+        self.step = 0
+
+    @classmethod
+    def from_config(cls, cfg: RunConfig | str | Path, device: str | torch.device = "auto") -> "Diffusion":
+        return cls(cfg if isinstance(cfg, RunConfig) else load_config(cfg), device)
+
+    @classmethod
+    def from_checkpoint(cls, path: str | Path, device: str | torch.device = "auto") -> "Diffusion":
+        ck = ckpt_io.load_checkpoint(path)
+        obj = cls(ck.config, device)
+        ckpt_io.load_into(obj.model, ck.model_state, str(ck.path))
+        if obj.ema is not None:
+            ckpt_io.load_into(obj.ema.model, ck.ema_state or ck.model_state, str(ck.path))
+        obj.step = ck.step
+        return obj
+
+    def loss(self, x: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
+        """Training loss for a batch of images in [-1, 1] (labels ignored by unconditional models)."""
+        self.model.train()
+        y = y.to(self.device) if (y is not None and self.cfg.model.conditional) else None
+        return self.process.loss(self.model, x.to(self.device), y)
+
+    forward = loss
+
+    def update_ema(self) -> None:
+        """Call after each optimizer step: copies weights before train.ema_start, then averages."""
+        self.step += 1
+        if self.ema is None:
+            return
+        if self.step <= self.cfg.train.ema_start:
+            self.ema.copy_from(self.model)
+        elif self.step % self.cfg.train.ema_every == 0:
+            self.ema.update(self.model)
+
+    @torch.no_grad()
+    def sample(self, n: int, y: torch.Tensor | None = None, *, sampler: str = "ddim", steps: int | None = None,
+               guidance: float = 1.0, seed: int = 0, use_ema: bool = True) -> torch.Tensor:
+        """n images in [-1, 1], (n, C, H, W); `y` gives class labels for conditional models."""
+        m = self.cfg.model
+        net = self.ema.model if (use_ema and self.ema is not None) else self.model
+        was_training = net.training
+        net.eval()
+        labels = y.long().cpu() if (y is not None and m.conditional) else None
+        out = [batch for _, batch, _ in generate(
+            net, self.process, n, image_shape=(m.in_channels, m.image_size, m.image_size), labels=labels,
+            batch_size=min(n, 256), sampler=sampler, steps=steps, guidance=guidance, null_class=m.num_classes,
+            variance=self.cfg.diffusion.variance, seed=seed, device=self.device)]
+        net.train(was_training)
+        return torch.cat(out).float() / 127.5 - 1.0
+
+    def save(self, path: str | Path) -> None:
+        """A checkpoint `ddpm sample`, `ddpm inspect` and `Diffusion.from_checkpoint` read."""
+        meta = ckpt_io.weights_metadata(self.cfg, self.step, 0, count_params(self.model), self.ema is not None,
+                                        [], kind="train")
+        ckpt_io.save_weights(Path(path), self.model, self.ema.model if self.ema else None, meta)

@@ -1,0 +1,34 @@
+"""The `ddpm` Typer app: registers each command module. Imports nothing heavy, so `ddpm --help` is fast."""
+from __future__ import annotations
+
+from typing import Optional
+
+import typer
+
+from ddpm_cli import __version__
+from ddpm_cli.cli import config_cmd
+from ddpm_cli.cli.train import train_command
+
+app = typer.Typer(name="ddpm", help="Train, sample and evaluate denoising diffusion models (DDPM).",
+                  no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False,
+                  context_settings={"help_option_names": ["-h", "--help"]})
+
+
+def _version(value: bool) -> None:
+    if value:
+        typer.echo(f"ddpm {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def root(version: Optional[bool] = typer.Option(None, "--version", callback=_version, is_eager=True,
+                                                help="Print the version and exit.")) -> None:
+    """Train, sample and evaluate denoising diffusion models (DDPM)."""
+
+
+app.command("train")(train_command)
+app.add_typer(config_cmd.app, name="config")
+
+
+def main() -> None:
+    app()

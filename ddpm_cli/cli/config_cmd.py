@@ -1,0 +1,43 @@
+"""`ddpm config show | validate | reference`: look at a resolved config, check a file, print the field table."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+from ddpm_cli.cli.ui import console, friendly
+
+app = typer.Typer(help="Show, check and document run configs.", no_args_is_help=True)
+
+
+@app.command("show")
+@friendly
+def show(config: Optional[Path] = typer.Option(None, "--config", "-c", help="YAML config; default: the defaults."),
+         set_: list[str] = typer.Option([], "--set", help="Override a field (repeatable).")) -> None:
+    """Print the resolved config as YAML, each field with its help."""
+    from ddpm_cli.config import load_config, to_commented_yaml
+
+    console.print(to_commented_yaml(load_config(config, set_)), markup=False, soft_wrap=True)
+
+
+@app.command("validate")
+@friendly
+def validate(config: Path = typer.Argument(..., help="YAML config to check."),
+             set_: list[str] = typer.Option([], "--set", help="Override a field (repeatable).")) -> None:
+    """Check a config; list every problem with its field path."""
+    from ddpm_cli.config import load_config
+
+    cfg = load_config(config, set_)
+    m = cfg.model
+    console.print(f"{config}: valid ({cfg.data.dataset} data, {m.image_size}x{m.image_size}, base {m.base_channels} "
+                  f"x {list(m.channel_mults)}, {cfg.diffusion.schedule} schedule, T={cfg.diffusion.num_timesteps})",
+                  markup=False, soft_wrap=True)
+
+
+@app.command("reference")
+def reference() -> None:
+    """Print every config field with its default and help, as a Markdown table."""
+    from ddpm_cli.config import reference_markdown
+
+    console.print(reference_markdown(), markup=False, soft_wrap=True)

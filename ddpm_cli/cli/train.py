@@ -1,0 +1,99 @@
+"""`ddpm train`: validate the config, run the engine's training loop with a progress display, stop cleanly on
+SIGINT/SIGTERM (checkpoint first), resume a run, or launch itself on several GPUs through torchrun."""
+from __future__ import annotations
+
+import os
+import signal
+import sys
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+from ddpm_cli.cli.ui import TrainDisplay, console, fail, friendly
+
+
+def _resolve_resume(resume: Path, overrides: list[str]):
+    """The checkpoint to resume and its stored config with --set applied (no torch needed)."""
+    import json
+
+    from ddpm_cli.config import apply_overrides, validate_config
+    from ddpm_cli.engine.header import read_header, resolve_checkpoint
+
+    weights = resolve_checkpoint(resume)
+    header = read_header(weights)
+    try:
+        data = json.loads(header.metadata.get("config", ""))
+    except ValueError:
+        fail(f"{weights} has no readable stored config; it cannot be resumed")
+    data = apply_overrides(data, overrides)
+    return weights, validate_config(data, f"{weights} (stored config with --set)")
+
+
+def _launch_torchrun(gpus: int) -> None:
+    """Re-run this same command under torch.distributed.run with `gpus` processes (one per GPU)."""
+    from torch.distributed.run import main as torchrun_main
+
+    argv = [a for a in sys.argv[1:]]
+    i = argv.index("--gpus") if "--gpus" in argv else None
+    if i is not None:
+        del argv[i:i + 2]
+    else:
+        argv = [a for a in argv if not a.startswith("--gpus=")]
+    torchrun_main(["--standalone", f"--nproc_per_node={gpus}", "-m", "ddpm_cli", *argv])
+
+
+def _install_signal_handlers(stop) -> None:
+    def handler(signum, frame):  # noqa: ARG001
+        if stop.count >= 1 and signum == signal.SIGINT:
+            # Second Ctrl-C: leave at once. Checkpoints are written atomically, so the last good one is intact.
+            os._exit(130)
+        stop.request(signum)
+
+    signal.signal(signal.SIGINT, handler)
+    signal.signal(signal.SIGTERM, handler)
+
+
+@friendly
+def train_command(
+    config: Optional[Path] = typer.Option(None, "--config", "-c", help="YAML run config (see examples/).",
+                                          show_default=False),
+    set_: list[str] = typer.Option([], "--set", help="Override a field: --set train.batch_size=64 (repeatable)."),
+    resume: Optional[Path] = typer.Option(None, "--resume", help="Continue a run: its directory or a checkpoint.",
+                                          show_default=False),
+    gpus: int = typer.Option(0, "--gpus", min=0, help="Launch on N GPUs of this machine through torchrun."),
+) -> None:
+    """Train a diffusion model from a config file."""
+    from ddpm_cli.config import load_config
+
+    if resume is not None and config is not None:
+        fail("pass either --config (a new run) or --resume (its stored config is used; change it with --set)",
+             code=2)
+    if resume is not None:
+        weights, cfg = _resolve_resume(resume, set_)
+    else:
+        weights, cfg = None, load_config(config, set_)
+    if gpus > 1 and "WORLD_SIZE" not in os.environ:
+        return _launch_torchrun(gpus)
+
+    from ddpm_cli.engine.train import StopFlag, Trainer
+
+    stop = StopFlag()
+    _install_signal_handlers(stop)
+    display = TrainDisplay(cfg.train.steps)
+    trainer = None
+    try:
+        trainer = Trainer(cfg, resume=weights, callbacks=display, stop=stop,
+                          name_hint=config.stem if config else None)
+        result = trainer.run()
+    finally:
+        display.close()
+        if trainer is not None:
+            trainer.dist.close()
+    if trainer.main:
+        why = {"steps": "reached train.steps", "time": "reached train.max_time",
+               "early_stopping": "early stopping"}.get(result.stop_reason, result.stop_reason)
+        console.print(f"done: step {result.step}, {result.images_seen:,} images seen in {result.elapsed_s:.1f} s "
+                      f"({why}); checkpoint {result.checkpoint}", markup=False, soft_wrap=True)
+        console.print(f"sample with: ddpm sample {result.checkpoint} -n 64 --grid grid.png", markup=False,
+                      soft_wrap=True)

@@ -1,0 +1,108 @@
+"""Terminal output: the rich consoles, error rendering (one line per problem, then exit), and the training
+progress display (a live bar on a terminal, plain lines in logs)."""
+from __future__ import annotations
+
+import functools
+import sys
+import time
+from typing import Any, Callable
+
+import typer
+from rich.console import Console
+
+console = Console(highlight=False)
+err_console = Console(stderr=True, highlight=False)
+
+
+def fail(message: str, problems: list[str] | None = None, code: int = 1) -> None:
+    err_console.print(f"[bold red]error:[/] {message}", markup=True, soft_wrap=True)
+    for line in problems or []:
+        err_console.print(f"  {line}", markup=False, soft_wrap=True)
+    raise typer.Exit(code)
+
+
+def friendly(fn: Callable) -> Callable:
+    """Run a command body; turn the project's errors into one clear line and an exit code, never a traceback."""
+
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        from ddpm_cli.errors import ConfigError, DdpmError
+
+        try:
+            return fn(*args, **kwargs)
+        except ConfigError as e:
+            fail(str(e), e.problems, e.exit_code)
+        except DdpmError as e:
+            fail(str(e), code=e.exit_code)
+        except KeyboardInterrupt:
+            fail("interrupted", code=130)
+        except MemoryError:
+            fail("out of memory; lower the batch size")
+        except OSError as e:
+            if e.__class__.__module__ == "builtins":
+                fail(f"{e.strerror or e}: {e.filename or ''}".rstrip(": "))
+            raise
+        except RuntimeError as e:
+            if "out of memory" in str(e).lower():
+                fail("the device ran out of memory; lower the batch size (train.batch_size or --batch-size)")
+            raise
+
+    return wrapper
+
+
+def fmt_rate(x: float) -> str:
+    return f"{x:,.0f}" if x >= 100 else f"{x:.1f}"
+
+
+class TrainDisplay:
+    """TrainCallbacks for the terminal. Built lazily so that `ddpm --help` never imports the engine."""
+
+    def __init__(self, total: int, live: bool | None = None):
+        self.total = total
+        self.live = sys.stdout.isatty() if live is None else live
+        self.progress = None
+        self.task = None
+        self.t_start = time.monotonic()
+
+    def on_start(self, info: dict) -> None:
+        self.total = info["total_steps"]
+        flags = ", ".join(k for k in ("bf16", "compile", "channels_last") if info.get(k)) or "fp32"
+        console.print(f"run {info['run_dir']}  |  {info['device']} x{info['world']}  |  {info['params']:,} params  |  "
+                      f"{info['images']:,} images  |  global batch {info['global_batch']}  |  {flags}",
+                      markup=False, soft_wrap=True)
+        if self.live:
+            from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn,
+                                       TimeRemainingColumn)
+
+            self.progress = Progress(TextColumn("[bold]train"), BarColumn(), MofNCompleteColumn(),
+                                     TextColumn("{task.fields[stats]}"), TimeElapsedColumn(), TextColumn("ETA"),
+                                     TimeRemainingColumn(), console=console, refresh_per_second=4)
+            self.progress.start()
+            self.task = self.progress.add_task("train", total=self.total, completed=info["start_step"],
+                                               stats="")
+
+    def on_step(self, step: int) -> None:
+        if self.progress is not None:
+            self.progress.update(self.task, completed=step)
+
+    def on_log(self, rec: dict) -> None:
+        if "val_loss" in rec:
+            line = f"step {rec['step']}: held-out loss {rec['val_loss']:.5f} (best {rec['best_val_loss']:.5f})"
+            (self.progress.console if self.progress else console).print(line, markup=False)
+            return
+        loss = f"{rec['loss']:.4f}" if rec.get("loss") is not None else "nan"
+        stats = f"loss {loss}  lr {rec['lr']:.2e}  {fmt_rate(rec['img_per_s'])} img/s"
+        if self.progress is not None:
+            self.progress.update(self.task, completed=rec["step"], stats=stats)
+        else:
+            done = rec["step"] / max(self.total, 1)
+            console.print(f"step {rec['step']}/{self.total} ({done:.0%})  {stats}  "
+                          f"grad-norm {rec['grad_norm'] or float('nan'):.3f}", markup=False, soft_wrap=True)
+
+    def on_message(self, text: str) -> None:
+        (self.progress.console if self.progress else console).print(text, markup=False, soft_wrap=True)
+
+    def close(self) -> None:
+        if self.progress is not None:
+            self.progress.stop()
+            self.progress = None

@@ -1,0 +1,399 @@
+"""The run config: pydantic models of a whole run, YAML loading, `--set a.b=v` overrides and their errors.
+
+No torch here: `ddpm config validate` and `ddpm --help` must stay fast. Every field's docstring is its help
+text, shown by `ddpm config show` and in the README's reference."""
+from __future__ import annotations
+
+import difflib
+import json
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from ddpm_cli.errors import ConfigError
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", use_attribute_docstrings=True, validate_assignment=True)
+
+
+class ModelConfig(Section):
+    """The UNet denoiser (DDPM, Ho et al. 2020, appendix B)."""
+
+    image_size: int = Field(32, ge=8, le=1024)
+    """Side of the square images the model sees, in pixels; data is resized and center-cropped to it."""
+    in_channels: int = Field(3, ge=1, le=4)
+    """Image channels: 3 for RGB, 1 for grayscale."""
+    base_channels: int = Field(128, ge=1)
+    """Channels of the first resolution level; the paper's CIFAR-10 model uses 128."""
+    channel_mults: tuple[int, ...] = Field((1, 2, 2, 2), min_length=1, max_length=8)
+    """Channel multiplier per resolution level (each level after the first halves the resolution)."""
+    num_res_blocks: int = Field(2, ge=1, le=8)
+    """Residual blocks per resolution level on the way down (the way up has one more)."""
+    time_emb_dim: int = Field(0, ge=0)
+    """Width of the timestep embedding MLP; 0 means 4 x base_channels."""
+    norm: Literal["group", "layer"] = "group"
+    """Normalisation in the blocks: GroupNorm with `norm_groups` groups, or one group (LayerNorm over C, H, W)."""
+    norm_groups: int = Field(32, ge=1)
+    """Groups of GroupNorm when norm = group; must divide every level's channel count."""
+    dropout: float = Field(0.1, ge=0.0, lt=1.0)
+    """Dropout inside the residual blocks."""
+    activation: Literal["silu", "relu", "mish"] = "silu"
+    """Nonlinearity used throughout the network."""
+    attention_resolutions: tuple[int, ...] = (16,)
+    """Resolutions (in pixels) at which blocks get self-attention; each must be one the model has."""
+    num_heads: int = Field(1, ge=1)
+    """Attention heads (the DDPM paper uses one); must divide the channel count where attention is used."""
+    conditional: bool = False
+    """Condition on class labels (the seed's --use_labels); the data must have labels."""
+    num_classes: int = Field(10, ge=1)
+    """Number of classes when conditional; the embedding has one extra 'no label' slot for guidance."""
+
+    def resolutions(self) -> list[int]:
+        return [self.image_size // 2**i for i in range(len(self.channel_mults))]
+
+
+class DiffusionConfig(Section):
+    """The forward process and the training objective."""
+
+    schedule: Literal["linear", "cosine", "dns"] = "linear"
+    """Noise schedule: linear (DDPM), cosine (Nichol & Dhariwal) or dns (the seed's quadratic schedule)."""
+    num_timesteps: int = Field(1000, ge=1, le=100000)
+    """Number of diffusion steps T."""
+    schedule_low: float = Field(1e-4, gt=0.0)
+    """First beta of linear/dns schedules (for T = 1000; scaled by 1000/T otherwise)."""
+    schedule_high: float = Field(0.02, gt=0.0)
+    """Last beta of linear/dns schedules (for T = 1000; scaled by 1000/T otherwise)."""
+    dns_offset: float = Field(5.0, ge=0.0)
+    """Offset of the dns schedule; equal to num_timesteps gives the seed's "DNST" variant."""
+    loss: Literal["l2", "l1"] = "l2"
+    """Loss between predicted and true noise."""
+    variance: Literal["beta", "posterior"] = "beta"
+    """Variance of the ancestral sampler: sigma^2 = beta_t or the posterior variance beta-tilde_t."""
+
+    @model_validator(mode="after")
+    def _check_schedule(self) -> "DiffusionConfig":
+        from ddpm_cli.diffusion.schedules import check_betas, make_betas
+
+        if self.schedule != "cosine" and self.schedule_low > self.schedule_high:
+            raise ValueError("schedule_low must not exceed schedule_high")
+        problem = check_betas(make_betas(self.schedule, self.num_timesteps, self.schedule_low,
+                                         self.schedule_high, self.dns_offset))
+        if problem:
+            raise ValueError(f"{self.schedule} schedule with T = {self.num_timesteps}: {problem}")
+        return self
+
+
+class DataConfig(Section):
+    """Where the training images come from."""
+
+    dataset: Literal["cifar10", "folder", "shapes"] = "cifar10"
+    """cifar10 (torchvision), folder (an ImageFolder tree, a flat folder, or a .zip of either), or shapes
+    (built in, procedurally generated, 10 classes)."""
+    root: str = "data"
+    """cifar10: torchvision's root directory; folder: the folder or .zip of images."""
+    download: bool = True
+    """cifar10: download it into `root` when missing (needs network)."""
+    split: Literal["train", "test"] = "train"
+    """cifar10: which split to train on."""
+    shapes_count: int = Field(10000, ge=1)
+    """shapes: number of generated images."""
+    shapes_seed: int = 0
+    """shapes: seed of the generator (the same seed gives the same images)."""
+    random_flip: bool = True
+    """Flip images horizontally at random during training."""
+    on_device: Literal["auto", "on", "off"] = "auto"
+    """Keep the whole decoded dataset on the training device (auto: on CUDA when it takes under a quarter
+    of the free memory); batches and flips are then made there with no host copies."""
+
+
+class EarlyStoppingConfig(Section):
+    """Stop when the loss on a held-out split stops improving."""
+
+    enabled: bool = False
+    """Turn early stopping on."""
+    holdout: int = Field(1000, ge=1)
+    """Images held out of training to measure the loss on."""
+    eval_every: int = Field(1000, ge=1)
+    """Steps between evaluations of the held-out loss."""
+    patience: int = Field(5, ge=1)
+    """Evaluations without an improvement of at least min_delta before the run stops."""
+    min_delta: float = Field(0.0, ge=0.0)
+    """Smallest decrease of the held-out loss that counts as an improvement."""
+
+
+class TrainConfig(Section):
+    """Optimisation and the length of the run."""
+
+    steps: int = Field(800_000, ge=1)
+    """Optimizer steps to train for (the seed's --iterations)."""
+    max_time: float | None = Field(None, gt=0)
+    """Stop after this many seconds of wall time (start-up and compilation included), whichever comes first."""
+    batch_size: int = Field(128, ge=1)
+    """Images per optimizer step."""
+    lr: float = Field(2e-4, gt=0.0)
+    """Peak learning rate."""
+    optimizer: Literal["adam", "adamw"] = "adam"
+    """Adam (the paper) or AdamW (decoupled weight decay)."""
+    weight_decay: float = Field(0.0, ge=0.0)
+    """Weight decay (decoupled with adamw)."""
+    adam_betas: tuple[float, float] = (0.9, 0.999)
+    """Adam's beta1 and beta2."""
+    warmup_steps: int = Field(5000, ge=0)
+    """Linear learning-rate warmup from 0 over this many steps."""
+    grad_clip: float = Field(1.0, ge=0.0)
+    """Clip the global gradient norm to this value; 0 disables clipping."""
+    ema: bool = True
+    """Keep an exponential moving average of the weights (used for sampling)."""
+    ema_decay: float = Field(0.9999, ge=0.0, lt=1.0)
+    """EMA decay per update."""
+    ema_every: int = Field(1, ge=1)
+    """Steps between EMA updates (the seed's ema_update_rate)."""
+    ema_start: int = Field(0, ge=0)
+    """Step before which the EMA just copies the weights."""
+    ema_warmup: bool = False
+    """Ramp the EMA decay as min(ema_decay, (1 + n) / (10 + n)) over the n-th update, so short runs are not
+    dominated by the initial weights."""
+    label_dropout: float = Field(0.0, ge=0.0, lt=1.0)
+    """Fraction of labels replaced by the 'no label' class (classifier-free guidance training)."""
+    precision: Literal["auto", "fp32", "bf16"] = "auto"
+    """Autocast precision: auto means bf16 on CUDA, fp32 elsewhere."""
+    compile: Literal["auto", "off", "on"] = "auto"
+    """torch.compile the training step: auto means on for CUDA, off elsewhere."""
+    channels_last: Literal["auto", "on", "off"] = "auto"
+    """Channels-last memory layout: auto means on for CUDA."""
+    device: str = "auto"
+    """Device: auto (CUDA when available, else CPU), cpu, cuda, cuda:N."""
+    seed: int = 0
+    """Seed of the weights, the data order and the noise."""
+    max_nonfinite: int = Field(10, ge=1)
+    """Stop when this many steps in a row have a non-finite loss or gradient (each is skipped)."""
+    early_stopping: EarlyStoppingConfig = EarlyStoppingConfig()
+    """Early stopping on a held-out loss."""
+
+
+class LoggingConfig(Section):
+    """What the run writes, where and how often."""
+
+    run_dir: str = "runs"
+    """Directory that holds the runs."""
+    run_name: str | None = None
+    """Name of this run's folder under run_dir; default: the config's name and a timestamp."""
+    log_every: int = Field(100, ge=1)
+    """Steps between metrics lines (metrics.jsonl, progress, wandb)."""
+    checkpoint_every: int = Field(10000, ge=1)
+    """Steps between checkpoints (one is always written at the end)."""
+    keep_last: int = Field(3, ge=1)
+    """Checkpoints to keep; older ones are deleted (never the one a run resumed from)."""
+    sample_every: int = Field(10000, ge=1)
+    """Steps between sample grids (one is always drawn at the end)."""
+    sample_count: int = Field(64, ge=1)
+    """Images in a sample grid (a row per class when conditional)."""
+    sample_steps: int = Field(100, ge=1)
+    """Sampler steps for the grids (DDIM; equal to num_timesteps means the full ancestral sampler)."""
+    wandb: Literal["off", "online", "offline"] = "off"
+    """Weights & Biases logging."""
+    wandb_project: str = "ddpm"
+    """wandb project."""
+    wandb_entity: str | None = None
+    """wandb entity (user or team); default: yours."""
+
+
+class RunConfig(Section):
+    """A whole training run."""
+
+    model: ModelConfig = ModelConfig()
+    diffusion: DiffusionConfig = DiffusionConfig()
+    data: DataConfig = DataConfig()
+    train: TrainConfig = TrainConfig()
+    logging: LoggingConfig = LoggingConfig()
+
+    @model_validator(mode="after")
+    def _check_model(self) -> "RunConfig":
+        m = self.model
+        problems = []
+        have = m.resolutions()
+        if m.image_size % 2 ** (len(m.channel_mults) - 1):
+            problems.append(f"image_size {m.image_size} cannot be halved {len(m.channel_mults) - 1} times "
+                            f"(one per channel_mults level after the first)")
+        for r in m.attention_resolutions:
+            if r not in have:
+                problems.append(f"attention at {r}x{r} but the model's resolutions are "
+                                f"{', '.join(map(str, have))}; pick from those")
+        if any(c < 1 for c in m.channel_mults):
+            problems.append("channel_mults must all be at least 1")
+        widths = sorted({m.base_channels * c for c in m.channel_mults})
+        if m.norm == "group" and any(w % m.norm_groups for w in widths):
+            problems.append(f"norm_groups {m.norm_groups} must divide every level's channels ({widths})")
+        if any(m.base_channels * m.channel_mults[have.index(r)] % m.num_heads
+               for r in m.attention_resolutions if r in have):
+            problems.append(f"num_heads {m.num_heads} must divide the channels where attention is used")
+        if problems:
+            raise ValueError("; ".join(problems))
+        return self
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Loading, overrides and errors
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """'a.b=v' -> (['a', 'b'], v), v parsed as a YAML scalar or list ('64' -> 64, '[1,2]' -> [1, 2])."""
+    key, sep, raw = text.partition("=")
+    if not sep or not key.strip() or any(not p for p in key.strip().split(".")):
+        raise ConfigError(f"--set {text!r}: expected KEY=VALUE with a dotted key, e.g. train.batch_size=64")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError:
+        value = raw
+    return key.strip().split("."), value
+
+
+def apply_overrides(data: dict, overrides: list[str]) -> dict:
+    for text in overrides:
+        path, value = parse_override(text)
+        node = data
+        for part in path[:-1]:
+            child = node.setdefault(part, {})
+            if not isinstance(child, dict):
+                raise ConfigError(f"--set {text!r}: {part} is a value, not a section")
+            node = child
+        node[path[-1]] = value
+    return data
+
+
+def _known_fields(loc: tuple) -> list[str]:
+    model: type[BaseModel] = RunConfig
+    for part in loc[:-1]:
+        field = model.model_fields.get(str(part))
+        ann = field.annotation if field else None
+        if not (isinstance(ann, type) and issubclass(ann, BaseModel)):
+            return []
+        model = ann
+    return list(model.model_fields)
+
+
+def format_validation_error(err: ValidationError) -> list[str]:
+    """One line per problem: 'path: what is wrong (what is allowed)'."""
+    lines = []
+    for e in err.errors(include_url=False):
+        loc = tuple(p for p in e["loc"] if p not in ("function-after",))
+        path = ".".join(str(p) for p in loc) or "config"
+        msg = e["msg"].removeprefix("Value error, ")
+        if e["type"] == "extra_forbidden":
+            near = difflib.get_close_matches(str(loc[-1]), _known_fields(loc), n=1)
+            msg = "unknown field" + (f"; did you mean '{near[0]}'?" if near else
+                                     f"; allowed here: {', '.join(_known_fields(loc))}")
+        elif e["type"] not in ("value_error", "assertion_error") and "input" in e:
+            got = e["input"]
+            if not isinstance(got, dict):
+                msg += f" (got {json.dumps(got, default=str)})"
+        lines.append(f"{path}: {msg}")
+    return lines
+
+
+def validate_config(data: Any, source: str = "config") -> RunConfig:
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{source}: the top level must be a mapping of sections (model, diffusion, data, "
+                          f"train, logging), not {type(data).__name__}")
+    try:
+        return RunConfig.model_validate(data)
+    except ValidationError as err:
+        problems = format_validation_error(err)
+        raise ConfigError(f"{source}: {len(problems)} problem(s)", problems) from None
+
+
+def load_config(path: str | Path | None, overrides: list[str] | None = None) -> RunConfig:
+    """Read a YAML config (or start from the defaults when path is None), apply overrides, validate."""
+    data: Any = {}
+    source = "defaults"
+    if path is not None:
+        p = Path(path)
+        source = str(p)
+        if not p.exists():
+            raise ConfigError(f"config file {p} not found; pass an existing YAML file (see examples/)")
+        if p.is_dir():
+            raise ConfigError(f"config path {p} is a directory; pass a YAML file")
+        try:
+            text = p.read_text(encoding="utf-8")
+            data = yaml.safe_load(text)
+        except UnicodeDecodeError:
+            raise ConfigError(f"{p} is not a text file; pass a YAML config") from None
+        except yaml.YAMLError as e:
+            mark = getattr(e, "problem_mark", None)
+            where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+            raise ConfigError(f"{p} is not valid YAML{where}: {getattr(e, 'problem', None) or e}") from None
+        except OSError as e:
+            raise ConfigError(f"cannot read {p}: {e.strerror}") from None
+        if data is None:
+            raise ConfigError(f"{p} is empty; start from one of the files in examples/")
+    if not isinstance(data, dict):
+        raise ConfigError(f"{source}: the top level must be a mapping of sections (model, diffusion, data, "
+                          f"train, logging), not {type(data).__name__}")
+    data = apply_overrides(data, overrides or [])
+    return validate_config(data, source)
+
+
+def config_to_dict(cfg: RunConfig) -> dict:
+    return cfg.model_dump(mode="json")
+
+
+def config_from_json(text: str) -> RunConfig:
+    """Rebuild the config stored in a checkpoint's metadata."""
+    try:
+        data = json.loads(text)
+    except (TypeError, json.JSONDecodeError):
+        raise ConfigError("the checkpoint's stored config is not valid JSON") from None
+    return validate_config(data, "checkpoint config")
+
+
+def to_commented_yaml(cfg: RunConfig) -> str:
+    """The resolved config as YAML with every field's help as a comment above it."""
+    out: list[str] = []
+
+    def emit(model: BaseModel, indent: int) -> None:
+        pad = "  " * indent
+        for name, field in type(model).model_fields.items():
+            value = getattr(model, name)
+            for line in (field.description or "").splitlines():
+                out.append(f"{pad}# {line.strip()}")
+            if isinstance(value, BaseModel):
+                out.append(f"{pad}{name}:")
+                emit(value, indent + 1)
+            else:
+                dumped = yaml.safe_dump({name: json.loads(json.dumps(value))}, default_flow_style=True,
+                                        sort_keys=False, width=10_000).strip()
+                out.append(pad + dumped.removeprefix("{").removesuffix("}"))
+        if indent == 0:
+            pass
+
+    for name in RunConfig.model_fields:
+        section = getattr(cfg, name)
+        doc = (type(section).__doc__ or "").strip()
+        out.append(f"# --- {name}: {doc}")
+        out.append(f"{name}:")
+        emit(section, 1)
+        out.append("")
+    return "\n".join(out)
+
+
+def reference_markdown() -> str:
+    """A Markdown table of every field (section, name, default, help), for the README."""
+    rows = ["| field | default | meaning |", "| --- | --- | --- |"]
+    defaults = RunConfig()
+
+    def walk(model: BaseModel, prefix: str) -> None:
+        for name, field in type(model).model_fields.items():
+            value = getattr(model, name)
+            if isinstance(value, BaseModel):
+                walk(value, f"{prefix}{name}.")
+                continue
+            help_text = " ".join((field.description or "").split())
+            rows.append(f"| `{prefix}{name}` | `{json.dumps(value)}` | {help_text} |")
+
+    walk(defaults, "")
+    return "\n".join(rows)

@@ -1,0 +1,157 @@
+"""Samplers: free functions from noise x_T to images x_0, given `model(x_t, t, y) -> epsilon`.
+
+- ddpm: ancestral sampling over all T steps (Ho et al. 2020, Algorithm 2), sigma^2 = beta_t or beta-tilde_t.
+- ddim: any number of steps, eta in [0, 1] (Song et al. 2021, eq. 12).
+- dpm++2m: DPM-Solver++ multistep, second order, data prediction (Lu et al. 2022, Algorithm 2).
+Each network call is one "NFE"; `on_step(i, n)` reports progress. Predicted x_0 is clipped to [-1, 1]."""
+from __future__ import annotations
+
+from typing import Callable
+
+import numpy as np
+import torch
+
+from ddpm_cli.diffusion.gaussian import GaussianDiffusion
+
+SAMPLERS = ("ddpm", "ddim", "dpm++2m")
+SPACINGS = ("uniform", "quadratic", "logsnr")
+ModelFn = Callable[[torch.Tensor, torch.Tensor, "torch.Tensor | None"], torch.Tensor]
+
+
+def guided(model: ModelFn, scale: float, null_class: int) -> ModelFn:
+    """Classifier-free guidance (Ho & Salimans 2022): eps_u + scale * (eps_c - eps_u), one batched call.
+
+    scale 1 is the plain conditional model, 0 the unconditional one."""
+    if scale == 1.0:
+        return model
+
+    def fn(x: torch.Tensor, t: torch.Tensor, y: torch.Tensor | None) -> torch.Tensor:
+        null = torch.full_like(y, null_class)
+        eps = model(torch.cat([x, x]), torch.cat([t, t]), torch.cat([y, null]))
+        eps_c, eps_u = eps.chunk(2)
+        return eps_u + scale * (eps_c - eps_u)
+
+    return fn
+
+
+def timesteps(diffusion: GaussianDiffusion, steps: int, spacing: str = "uniform") -> list[int]:
+    """Descending 0-based timestep indices at which a few-step sampler calls the network (first T-1, last 0)."""
+    T = diffusion.num_timesteps
+    steps = max(1, min(steps, T))
+    if spacing == "uniform":
+        ts = np.linspace(T - 1, 0, steps)
+    elif spacing == "quadratic":
+        ts = (T - 1) * np.linspace(1, 0, steps) ** 2
+    elif spacing == "logsnr":
+        ab = diffusion.alpha_bar.double().cpu().numpy()
+        lam = 0.5 * np.log(ab / (1 - ab))  # increasing as t decreases
+        targets = np.linspace(lam[-1], lam[0], steps)
+        ts = np.interp(targets, lam[::-1], np.arange(T)[::-1].astype(np.float64))
+    else:
+        raise ValueError(f"unknown spacing {spacing!r}; choose one of {', '.join(SPACINGS)}")
+    out: list[int] = []
+    for t in np.round(ts).astype(int).tolist():
+        if not out or t < out[-1]:
+            out.append(int(t))
+    return out
+
+
+def _x0_from_eps(diffusion: GaussianDiffusion, x: torch.Tensor, t: int, eps: torch.Tensor) -> torch.Tensor:
+    ab = diffusion.alpha_bar[t]
+    return ((x - (1 - ab).sqrt() * eps) / ab.sqrt()).clamp(-1, 1)
+
+
+@torch.no_grad()
+def ddpm_sample(model: ModelFn, diffusion: GaussianDiffusion, x: torch.Tensor, y: torch.Tensor | None = None,
+                variance: str = "beta", generator: torch.Generator | None = None,
+                on_step: Callable[[int, int], None] | None = None) -> torch.Tensor:
+    """Ancestral sampling through the posterior q(x_{t-1} | x_t, x_0-hat) (eqs. 6-7, Algorithm 2)."""
+    T = diffusion.num_timesteps
+    var = diffusion.betas if variance == "beta" else diffusion.posterior_variance
+    for i, t in enumerate(range(T - 1, -1, -1)):
+        tt = torch.full((x.shape[0],), t, device=x.device, dtype=torch.long)
+        eps = model(x, tt, y).float()
+        x0 = _x0_from_eps(diffusion, x, t, eps)
+        ab, ab_prev, beta = diffusion.alpha_bar[t], diffusion.alpha_bar_prev[t], diffusion.betas[t]
+        mean = (beta * ab_prev.sqrt() / (1 - ab)) * x0 + ((1 - ab_prev) * (1 - beta).sqrt() / (1 - ab)) * x
+        if t > 0:
+            noise = torch.randn(x.shape, device=x.device, generator=generator)
+            x = mean + var[t].sqrt() * noise
+        else:
+            x = mean
+        if on_step:
+            on_step(i + 1, T)
+    return x
+
+
+@torch.no_grad()
+def ddim_sample(model: ModelFn, diffusion: GaussianDiffusion, x: torch.Tensor, y: torch.Tensor | None = None,
+                steps: int = 100, eta: float = 0.0, spacing: str = "uniform",
+                generator: torch.Generator | None = None,
+                on_step: Callable[[int, int], None] | None = None) -> torch.Tensor:
+    """DDIM: x_{s} = sqrt(ab_s) x0 + sqrt(1 - ab_s - sigma^2) eps + sigma z, with the last step to ab = 1."""
+    ts = timesteps(diffusion, steps, spacing)
+    one = torch.ones((), device=x.device)
+    for i, t in enumerate(ts):
+        tt = torch.full((x.shape[0],), t, device=x.device, dtype=torch.long)
+        eps = model(x, tt, y).float()
+        ab = diffusion.alpha_bar[t]
+        x0 = _x0_from_eps(diffusion, x, t, eps)
+        eps = (x - ab.sqrt() * x0) / (1 - ab).sqrt()  # consistent with the clipped x0
+        ab_next = diffusion.alpha_bar[ts[i + 1]] if i + 1 < len(ts) else one
+        sigma = eta * ((1 - ab_next) / (1 - ab) * (1 - ab / ab_next)).clamp(min=0).sqrt()
+        x = ab_next.sqrt() * x0 + (1 - ab_next - sigma**2).clamp(min=0).sqrt() * eps
+        if eta > 0 and i + 1 < len(ts):
+            x = x + sigma * torch.randn(x.shape, device=x.device, generator=generator)
+        if on_step:
+            on_step(i + 1, len(ts))
+    return x
+
+
+@torch.no_grad()
+def dpmpp_2m_sample(model: ModelFn, diffusion: GaussianDiffusion, x: torch.Tensor, y: torch.Tensor | None = None,
+                    steps: int = 20, spacing: str = "logsnr",
+                    on_step: Callable[[int, int], None] | None = None) -> torch.Tensor:
+    """DPM-Solver++(2M): x_i = (sigma_i / sigma_{i-1}) x_{i-1} - alpha_i (e^{-h_i} - 1) D_i, with
+    D_i = (1 + 1/(2r)) x0_{i-1} - 1/(2r) x0_{i-2}, r = h_{i-1} / h_i; first and last steps first order.
+    The last step goes to the clean image (sigma = 0), so it returns the final x_0 estimate."""
+    ts = timesteps(diffusion, steps, spacing)
+    ab = diffusion.alpha_bar.double()
+    alpha = lambda t: ab[t].sqrt()  # noqa: E731
+    sigma = lambda t: (1 - ab[t]).sqrt()  # noqa: E731
+    lam = lambda t: torch.log(alpha(t) / sigma(t))  # noqa: E731
+    x0_prev, h_prev = None, None
+    for i, t in enumerate(ts):
+        tt = torch.full((x.shape[0],), t, device=x.device, dtype=torch.long)
+        eps = model(x, tt, y).float()
+        x0 = _x0_from_eps(diffusion, x, t, eps)
+        if i + 1 == len(ts):
+            x = x0
+        else:
+            s = ts[i + 1]
+            h = lam(s) - lam(t)
+            d = x0
+            if x0_prev is not None:
+                r = h_prev / h
+                d = (1 + 1 / (2 * r)) * x0 - (1 / (2 * r)) * x0_prev
+            x = (sigma(s) / sigma(t)).float() * x - (alpha(s) * torch.expm1(-h)).float() * d
+            x0_prev, h_prev = x0, h
+        if on_step:
+            on_step(i + 1, len(ts))
+    return x
+
+
+def sample(model: ModelFn, diffusion: GaussianDiffusion, x: torch.Tensor, y: torch.Tensor | None = None, *,
+           sampler: str = "ddim", steps: int | None = None, eta: float = 0.0, spacing: str | None = None,
+           variance: str = "beta", generator: torch.Generator | None = None,
+           on_step: Callable[[int, int], None] | None = None) -> torch.Tensor:
+    """Dispatch to one sampler; `steps` None means its default (all T for ddpm)."""
+    if sampler == "ddpm":
+        return ddpm_sample(model, diffusion, x, y, variance=variance, generator=generator, on_step=on_step)
+    if sampler == "ddim":
+        return ddim_sample(model, diffusion, x, y, steps=steps or 100, eta=eta, spacing=spacing or "uniform",
+                           generator=generator, on_step=on_step)
+    if sampler == "dpm++2m":
+        return dpmpp_2m_sample(model, diffusion, x, y, steps=steps or 20, spacing=spacing or "logsnr",
+                               on_step=on_step)
+    raise ValueError(f"unknown sampler {sampler!r}; choose one of {', '.join(SAMPLERS)}")

@@ -1,0 +1,57 @@
+"""Config -> objects: the device, the UNet, the diffusion process, and the speed switches' resolution."""
+from __future__ import annotations
+
+import torch
+
+from ddpm_cli.config import DiffusionConfig, ModelConfig, RunConfig
+from ddpm_cli.diffusion.gaussian import GaussianDiffusion
+from ddpm_cli.diffusion.schedules import make_betas
+from ddpm_cli.errors import DeviceError
+from ddpm_cli.nn.unet import UNet
+
+
+def resolve_device(name: str = "auto") -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise DeviceError(f"unknown device {name!r}; use auto, cpu, cuda or cuda:N") from None
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise DeviceError(f"device {name} requested but CUDA is not available here; use --device cpu")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise DeviceError(f"device {name} does not exist: this machine has {torch.cuda.device_count()} "
+                              f"GPU(s)")
+    elif device.type == "mps" and not torch.backends.mps.is_available():
+        raise DeviceError("device mps requested but it is not available here; use --device cpu")
+    return device
+
+
+def build_unet(m: ModelConfig) -> UNet:
+    return UNet(image_size=m.image_size, in_channels=m.in_channels, base_channels=m.base_channels,
+                channel_mults=tuple(m.channel_mults), num_res_blocks=m.num_res_blocks,
+                attention_resolutions=tuple(m.attention_resolutions), dropout=m.dropout, num_heads=m.num_heads,
+                time_emb_dim=m.time_emb_dim, norm=m.norm, norm_groups=m.norm_groups, activation=m.activation,
+                num_classes=m.num_classes if m.conditional else None)
+
+
+def build_diffusion(d: DiffusionConfig) -> GaussianDiffusion:
+    betas = make_betas(d.schedule, d.num_timesteps, d.schedule_low, d.schedule_high, d.dns_offset)
+    return GaussianDiffusion(betas, loss=d.loss)
+
+
+def use_bf16(cfg: RunConfig, device: torch.device) -> bool:
+    return cfg.train.precision == "bf16" or (cfg.train.precision == "auto" and device.type == "cuda")
+
+
+def use_compile(cfg: RunConfig, device: torch.device) -> bool:
+    return cfg.train.compile == "on" or (cfg.train.compile == "auto" and device.type == "cuda")
+
+
+def use_channels_last(cfg: RunConfig, device: torch.device) -> bool:
+    return cfg.train.channels_last == "on" or (cfg.train.channels_last == "auto" and device.type == "cuda")
+
+
+def count_params(model: torch.nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())

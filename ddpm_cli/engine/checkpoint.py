@@ -1,0 +1,163 @@
+"""Checkpoints in safetensors, never pickle.
+
+- weights: `model.*` and `ema.*` tensors, with metadata (format, version, the resolved config as JSON, step,
+  images seen, creation time, ddpm version, parameter count, classes). Alone, it rebuilds the model.
+- training state (beside it, `*.state.safetensors`): optimizer tensors and RNG states as tensors, everything
+  else (step, data position, param groups, counters) as JSON metadata.
+Both are written atomically (engine.header.atomic_write_bytes)."""
+from __future__ import annotations
+
+import errno
+import json
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors.torch import load as st_load
+from safetensors.torch import save as st_save
+
+from ddpm_cli import __version__
+from ddpm_cli.config import RunConfig, config_from_json, config_to_dict
+from ddpm_cli.engine.build import build_diffusion, build_unet
+from ddpm_cli.engine.header import (FORMAT, FORMAT_VERSION, atomic_write_bytes, read_header, resolve_checkpoint,
+                                    state_path)
+from ddpm_cli.errors import CheckpointError, ConfigError, DdpmError
+
+
+def _write(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> None:
+    tensors = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
+    try:
+        atomic_write_bytes(path, st_save(tensors, metadata=metadata))
+    except OSError as e:
+        reason = "the disk is full" if e.errno == errno.ENOSPC else (e.strerror or str(e))
+        raise DdpmError(f"cannot write checkpoint {path}: {reason}; earlier checkpoints are intact") from None
+
+
+def weights_metadata(cfg: RunConfig, step: int, images_seen: int, num_params: int, has_ema: bool,
+                     classes: list[str], kind: str = "train", dtype: str = "float32") -> dict[str, str]:
+    return {"format": FORMAT, "format_version": str(FORMAT_VERSION), "ddpm_version": __version__,
+            "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "step": str(step), "images_seen": str(images_seen),
+            "num_params": str(num_params), "has_ema": "true" if has_ema else "false", "kind": kind,
+            "dtype": dtype, "classes": json.dumps(classes), "config": json.dumps(config_to_dict(cfg))}
+
+
+def save_weights(path: Path, model: torch.nn.Module, ema_model: torch.nn.Module | None,
+                 metadata: dict[str, str]) -> None:
+    tensors = {f"model.{k}": v for k, v in model.state_dict().items()}
+    if ema_model is not None:
+        tensors.update({f"ema.{k}": v for k, v in ema_model.state_dict().items()})
+    _write(path, tensors, metadata)
+
+
+def save_state(path: Path, optimizer: torch.optim.Optimizer, state: dict) -> None:
+    """Optimizer tensors + RNG states as tensors; `state` (plain JSON) as metadata."""
+    sd = optimizer.state_dict()
+    tensors: dict[str, torch.Tensor] = {}
+    for idx, entry in sd["state"].items():
+        for key, value in entry.items():
+            tensors[f"optim.{idx}.{key}"] = value if torch.is_tensor(value) else torch.tensor(value)
+    tensors["rng.cpu"] = torch.get_rng_state()
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        for i, s in enumerate(torch.cuda.get_rng_state_all()):
+            tensors[f"rng.cuda.{i}"] = s
+    meta = {"format": FORMAT, "format_version": str(FORMAT_VERSION), "kind": "train-state",
+            "param_groups": json.dumps(sd["param_groups"]), "state": json.dumps(state)}
+    _write(path, tensors, meta)
+
+
+@dataclass
+class Checkpoint:
+    path: Path
+    metadata: dict[str, str]
+    config: RunConfig
+    model_state: dict[str, torch.Tensor]
+    ema_state: dict[str, torch.Tensor] | None
+
+    @property
+    def step(self) -> int:
+        return int(self.metadata.get("step", 0))
+
+    @property
+    def classes(self) -> list[str]:
+        try:
+            return list(json.loads(self.metadata.get("classes", "[]")))
+        except ValueError:
+            return []
+
+
+def _read_tensors(path: Path) -> dict[str, torch.Tensor]:
+    try:
+        return st_load(path.read_bytes())
+    except OSError as e:
+        raise CheckpointError(f"cannot read {path}: {e.strerror}") from None
+    except Exception as e:  # safetensors raises its own SafetensorError for corrupt payloads
+        raise CheckpointError(f"{path} is corrupt ({e}); use an earlier checkpoint") from None
+
+
+def load_checkpoint(path: str | Path) -> Checkpoint:
+    p = resolve_checkpoint(path)
+    header = read_header(p)
+    if header.metadata.get("kind") == "train-state":
+        raise CheckpointError(f"{p} is a training-state file; pass the weights file beside it")
+    try:
+        cfg = config_from_json(header.metadata.get("config", ""))
+    except ConfigError as e:
+        raise CheckpointError(f"{p}: its stored config is not valid for this ddpm ({'; '.join(e.problems) or e})") \
+            from None
+    tensors = _read_tensors(p)
+    model = {k[6:]: v for k, v in tensors.items() if k.startswith("model.")}
+    ema = {k[4:]: v for k, v in tensors.items() if k.startswith("ema.")} or None
+    if not model:
+        raise CheckpointError(f"{p} holds no model weights")
+    return Checkpoint(p, header.metadata, cfg, model, ema)
+
+
+def load_into(module: torch.nn.Module, state: dict[str, torch.Tensor], what: str) -> None:
+    """load_state_dict with an architecture mismatch turned into a one-line error."""
+    own = module.state_dict()
+    missing = [k for k in own if k not in state]
+    unexpected = [k for k in state if k not in own]
+    wrong = [k for k in own if k in state and tuple(own[k].shape) != tuple(state[k].shape)]
+    if missing or unexpected or wrong:
+        detail = (f"{len(missing)} missing, {len(unexpected)} unexpected, {len(wrong)} of another shape"
+                  + (f" (e.g. {(wrong or missing or unexpected)[0]})"))
+        raise CheckpointError(f"{what} does not match this model's architecture: {detail}; use the config the "
+                              f"checkpoint was trained with")
+    with torch.no_grad():
+        module.load_state_dict({k: v.to(own[k].dtype) for k, v in state.items()})
+
+
+def load_state(weights_path: Path) -> tuple[dict[str, torch.Tensor], dict, list]:
+    """The training-state file beside a weights checkpoint: (tensors, state JSON, optimizer param groups)."""
+    sp = state_path(weights_path)
+    if not sp.exists():
+        raise CheckpointError(f"{weights_path} has no training state beside it ({sp.name}); it can be sampled "
+                              f"but not resumed (exported checkpoints carry no state)")
+    header = read_header(sp)
+    if header.metadata.get("kind") != "train-state":
+        raise CheckpointError(f"{sp} is not a training-state file")
+    tensors = _read_tensors(sp)
+    try:
+        return tensors, json.loads(header.metadata["state"]), json.loads(header.metadata["param_groups"])
+    except (KeyError, ValueError):
+        raise CheckpointError(f"{sp} has unreadable training state metadata") from None
+
+
+def optimizer_state_dict(tensors: dict[str, torch.Tensor], param_groups: list) -> dict:
+    state: dict[int, dict] = {}
+    for key, value in tensors.items():
+        if key.startswith("optim."):
+            _, idx, name = key.split(".", 2)
+            state.setdefault(int(idx), {})[name] = value
+    return {"state": state, "param_groups": param_groups}
+
+
+def load_model(path: str | Path, device: torch.device | str = "cpu", use_ema: bool = True):
+    """Rebuild (model in eval mode, diffusion, config, checkpoint) from a checkpoint alone."""
+    ckpt = load_checkpoint(path)
+    model = build_unet(ckpt.config.model)
+    state = ckpt.ema_state if (use_ema and ckpt.ema_state is not None) else ckpt.model_state
+    load_into(model, state, str(ckpt.path))
+    diffusion = build_diffusion(ckpt.config.diffusion)
+    return model.to(device).eval(), diffusion.to(device), ckpt.config, ckpt

@@ -1,0 +1,274 @@
+"""Training data: the built-in `shapes` set, CIFAR-10 through torchvision, and any folder or .zip of images.
+
+Every source is decoded once into one uint8 tensor (N, C, H, W) with int64 labels; `Batcher` then draws
+shuffled batches from it (on the GPU when it fits), with a resumable position in a seeded epoch order."""
+from __future__ import annotations
+
+import io
+import os
+import zipfile
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path, PurePosixPath
+
+import numpy as np
+import torch
+
+from ddpm_cli.config import DataConfig, ModelConfig
+from ddpm_cli.errors import DataError
+
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm")
+SHAPE_CLASSES = ("circle", "square", "triangle", "h-stripes", "v-stripes", "d-stripes", "ring", "cross",
+                 "checker", "diamond")
+
+
+@dataclass
+class ImageSet:
+    images: torch.Tensor  # (N, C, H, W) uint8
+    labels: torch.Tensor  # (N,) int64; all zero when unlabelled
+    classes: list[str]    # empty when unlabelled
+    warnings: list[str] = field(default_factory=list)
+
+    def __len__(self) -> int:
+        return self.images.shape[0]
+
+
+# ----------------------------------------------------------------------------------------------------------
+# shapes: a procedurally generated 10-class dataset, deterministic by seed, at any size
+
+
+def _shape_mask(kind: int, size: int, rng: np.random.Generator) -> np.ndarray:
+    ss = 2 * size  # draw at 2x and average down for soft edges
+    yy, xx = (np.mgrid[0:ss, 0:ss] + 0.5) / ss
+    cx, cy = rng.uniform(0.35, 0.65, 2)
+    r = rng.uniform(0.18, 0.32)
+    dx, dy = xx - cx, yy - cy
+    period = rng.uniform(0.12, 0.25)
+    phase = rng.uniform(0, 1)
+    if kind == 0:
+        m = dx**2 + dy**2 < r**2
+    elif kind == 1:
+        m = (np.abs(dx) < r * 0.85) & (np.abs(dy) < r * 0.85)
+    elif kind == 2:
+        m = (dy < r * 0.8) & (dy > -r + 2 * np.abs(dx) * 1.1)
+    elif kind == 3:
+        m = ((yy / period + phase) % 1) < 0.5
+    elif kind == 4:
+        m = ((xx / period + phase) % 1) < 0.5
+    elif kind == 5:
+        m = (((xx + yy) / period + phase) % 1) < 0.5
+    elif kind == 6:
+        d = np.sqrt(dx**2 + dy**2)
+        m = (d < r) & (d > r * 0.55)
+    elif kind == 7:
+        w = r * 0.3
+        m = ((np.abs(dx) < w) & (np.abs(dy) < r)) | ((np.abs(dy) < w) & (np.abs(dx) < r))
+    elif kind == 8:
+        m = (((xx / period).astype(int) + (yy / period).astype(int)) % 2) == 0
+    else:
+        m = np.abs(dx) + np.abs(dy) < r
+    return m.reshape(size, 2, size, 2).mean(axis=(1, 3))
+
+
+def make_shapes(count: int, image_size: int, channels: int = 3, seed: int = 0) -> ImageSet:
+    """`count` images, class i % 10 for image i; colours, positions, sizes and stripes drawn per image."""
+    out = np.empty((count, channels, image_size, image_size), dtype=np.uint8)
+    labels = np.arange(count) % len(SHAPE_CLASSES)
+    for i in range(count):
+        rng = np.random.default_rng([seed, i])
+        mask = _shape_mask(int(labels[i]), image_size, rng)[None]
+        bg = rng.uniform(0.0, 0.45, (channels, 1, 1))
+        fg = rng.uniform(0.55, 1.0, (channels, 1, 1))
+        img = bg + (fg - bg) * mask
+        out[i] = np.clip(img * 255 + 0.5, 0, 255).astype(np.uint8)
+    return ImageSet(torch.from_numpy(out), torch.from_numpy(labels.astype(np.int64)), list(SHAPE_CLASSES))
+
+
+# ----------------------------------------------------------------------------------------------------------
+# CIFAR-10 through torchvision
+
+
+def load_cifar10(cfg: DataConfig, image_size: int, channels: int) -> ImageSet:
+    from torchvision.datasets import CIFAR10
+
+    root = Path(cfg.root).expanduser()
+    how_to = (f"put CIFAR-10's python archive under {root} (data.root), or train on a local copy of the images "
+              f"with data.dataset=folder and data.root=PATH (a folder or .zip, e.g. cifar10-jpeg/train.zip)")
+    try:
+        ds = CIFAR10(str(root), train=cfg.split == "train", download=cfg.download)
+    except RuntimeError:
+        raise DataError(f"CIFAR-10 not found under {root} and download is off; set data.download=true or "
+                        + how_to) from None
+    except OSError as e:  # URLError and friends: offline, DNS, permissions
+        raise DataError(f"CIFAR-10 is not under {root} and could not be downloaded ({e}); " + how_to) from None
+    images = torch.from_numpy(ds.data).permute(0, 3, 1, 2).contiguous()  # (N, 3, 32, 32)
+    images = _fit_tensor(images, image_size, channels)
+    return ImageSet(images, torch.tensor(ds.targets, dtype=torch.long), list(ds.classes))
+
+
+def _fit_tensor(images: torch.Tensor, image_size: int, channels: int) -> torch.Tensor:
+    if channels == 1 and images.shape[1] == 3:
+        w = torch.tensor([0.299, 0.587, 0.114]).view(1, 3, 1, 1)
+        images = (images.float() * w).sum(1, keepdim=True).round().clamp(0, 255).to(torch.uint8)
+    if images.shape[-1] != image_size:
+        x = torch.nn.functional.interpolate(images.float(), size=(image_size, image_size), mode="bicubic",
+                                            antialias=True, align_corners=False)
+        images = x.round().clamp(0, 255).to(torch.uint8)
+    return images
+
+
+# ----------------------------------------------------------------------------------------------------------
+# folder / zip: an ImageFolder tree (class subfolders become labels) or a flat folder (unlabelled)
+
+
+def _class_layout(paths: list[PurePosixPath]) -> tuple[list[str], list[int] | None]:
+    """Strip the common leading folders; if every image then sits in a subfolder, those are the classes."""
+    parts = [p.parts for p in paths]
+    common = 0
+    while all(len(p) > common + 1 for p in parts) and len({p[common] for p in parts}) == 1:
+        common += 1
+    rel = [p[common:] for p in parts]
+    if all(len(p) >= 2 for p in rel):
+        classes = sorted({p[0] for p in rel})
+        index = {c: i for i, c in enumerate(classes)}
+        return classes, [index[p[0]] for p in rel]
+    return [], None
+
+
+def _decode(blob: bytes, image_size: int, channels: int) -> np.ndarray:
+    from PIL import Image, ImageOps
+
+    with Image.open(io.BytesIO(blob)) as im:
+        im = im.convert("RGB" if channels == 3 else "L")
+        if im.size != (image_size, image_size):
+            im = ImageOps.fit(im, (image_size, image_size), method=Image.Resampling.BICUBIC)
+        arr = np.asarray(im, dtype=np.uint8)
+    return arr[None] if arr.ndim == 2 else arr.transpose(2, 0, 1)
+
+
+def load_folder(cfg: DataConfig, image_size: int, channels: int) -> ImageSet:
+    root = Path(cfg.root).expanduser()
+    if not root.exists():
+        raise DataError(f"data.root {root} does not exist; point it at a folder or .zip of images")
+    warnings: list[str] = []
+    if root.is_file():
+        if not zipfile.is_zipfile(root):
+            raise DataError(f"data.root {root} is a file but not a .zip; point it at a folder or .zip of images")
+        with zipfile.ZipFile(root) as zf:
+            names = [n for n in zf.namelist() if not n.endswith("/") and not PurePosixPath(n).name.startswith(".")]
+            image_names = [n for n in names if n.lower().endswith(IMAGE_EXTENSIONS)]
+            others = len(names) - len(image_names)
+            blobs = [zf.read(n) for n in image_names]
+        rel = [PurePosixPath(n) for n in image_names]
+    else:
+        files = sorted(p for p in root.rglob("*") if p.is_file() and not p.name.startswith("."))
+        image_files = [p for p in files if p.suffix.lower() in IMAGE_EXTENSIONS]
+        others = len(files) - len(image_files)
+        blobs = [p.read_bytes() for p in image_files]
+        rel = [PurePosixPath(p.relative_to(root).as_posix()) for p in image_files]
+    if others:
+        warnings.append(f"skipped {others} file(s) in {root} without an image extension")
+    if not rel:
+        raise DataError(f"no images found in {root} (looked for {', '.join(IMAGE_EXTENSIONS)})")
+    classes, labels = _class_layout(rel)
+
+    def decode(blob: bytes) -> np.ndarray | None:
+        try:
+            return _decode(blob, image_size, channels)
+        except Exception:  # PIL raises many types for corrupt files; a bad file is skipped, not fatal
+            return None
+
+    with ThreadPoolExecutor(max_workers=min(16, os.cpu_count() or 1)) as pool:
+        arrays = list(pool.map(decode, blobs, chunksize=256))
+    keep = [i for i, a in enumerate(arrays) if a is not None]
+    if len(keep) < len(arrays):
+        bad = [str(rel[i]) for i, a in enumerate(arrays) if a is None]
+        warnings.append(f"skipped {len(bad)} file(s) that are not readable images, e.g. {bad[0]}")
+    if not keep:
+        raise DataError(f"none of the {len(arrays)} image files in {root} could be decoded")
+    images = torch.from_numpy(np.stack([arrays[i] for i in keep]))
+    label_t = torch.tensor([labels[i] for i in keep] if labels else [0] * len(keep), dtype=torch.long)
+    return ImageSet(images, label_t, classes, warnings)
+
+
+def load_dataset(data: DataConfig, model: ModelConfig) -> ImageSet:
+    if data.dataset == "shapes":
+        ds = make_shapes(data.shapes_count, model.image_size, model.in_channels, data.shapes_seed)
+    elif data.dataset == "cifar10":
+        ds = load_cifar10(data, model.image_size, model.in_channels)
+    else:
+        ds = load_folder(data, model.image_size, model.in_channels)
+    if model.conditional:
+        if not ds.classes:
+            raise DataError(f"model.conditional is on but {data.root} has no class subfolders; put images in "
+                            f"one folder per class or set model.conditional=false")
+        if len(ds.classes) != model.num_classes:
+            raise DataError(f"model.num_classes is {model.num_classes} but the data has {len(ds.classes)} "
+                            f"classes; set model.num_classes={len(ds.classes)}")
+    return ds
+
+
+def split_holdout(ds: ImageSet, holdout: int, seed: int) -> tuple[ImageSet, ImageSet]:
+    """A fixed random split: `holdout` images for validation, the rest for training."""
+    if holdout >= len(ds):
+        raise DataError(f"train.early_stopping.holdout ({holdout}) must be smaller than the dataset "
+                        f"({len(ds)} images)")
+    perm = torch.randperm(len(ds), generator=torch.Generator().manual_seed(seed + 12345))
+    val, train = perm[:holdout], perm[holdout:]
+    return (ImageSet(ds.images[train], ds.labels[train], ds.classes, ds.warnings),
+            ImageSet(ds.images[val], ds.labels[val], ds.classes))
+
+
+def to_model_range(images: torch.Tensor) -> torch.Tensor:
+    """uint8 [0, 255] -> float [-1, 1]."""
+    return images.float().div_(127.5).sub_(1.0)
+
+
+class Batcher:
+    """Shuffled batches without replacement, epoch by epoch, in an order fixed by (seed, epoch).
+
+    With `world` ranks, each optimizer step consumes world x batch_size images of the epoch order and rank r
+    takes its own slice, so no image repeats within an epoch. `state_dict()` is the exact resume point."""
+
+    def __init__(self, ds: ImageSet, batch_size: int, seed: int, device: torch.device, on_device: bool,
+                 flip: bool, rank: int = 0, world: int = 1):
+        n = len(ds)
+        if batch_size * world > n:
+            raise DataError(f"train.batch_size {batch_size} x {world} process(es) is larger than the dataset "
+                            f"({n} images); lower the batch size")
+        self.device, self.flip = device, flip
+        self.batch_size, self.seed, self.rank, self.world = batch_size, seed, rank, world
+        self.images = ds.images.to(device) if on_device else ds.images
+        self.labels = ds.labels.to(device) if on_device else ds.labels
+        if not on_device and device.type == "cuda":
+            self.images, self.labels = self.images.pin_memory(), self.labels.pin_memory()
+        self.n = n
+        self.epoch, self.pos = 0, 0
+        self._perm: torch.Tensor | None = None
+
+    def _order(self) -> torch.Tensor:
+        if self._perm is None:
+            g = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
+            self._perm = torch.randperm(self.n, generator=g).to(self.images.device)
+        return self._perm
+
+    def next(self) -> tuple[torch.Tensor, torch.Tensor]:
+        step = self.batch_size * self.world
+        if self.pos + step > self.n:  # drop the ragged end of the epoch
+            self.epoch, self.pos, self._perm = self.epoch + 1, 0, None
+        start = self.pos + self.rank * self.batch_size
+        idx = self._order()[start:start + self.batch_size]
+        self.pos += step
+        x = self.images[idx].to(self.device, non_blocking=True)
+        y = self.labels[idx].to(self.device, non_blocking=True)
+        x = to_model_range(x)
+        if self.flip:
+            mask = torch.rand(x.shape[0], device=self.device) < 0.5
+            x = torch.where(mask[:, None, None, None], x.flip(3), x)
+        return x, y
+
+    def state_dict(self) -> dict:
+        return {"epoch": self.epoch, "pos": self.pos}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.epoch, self.pos, self._perm = int(state["epoch"]), int(state["pos"]), None

@@ -1,0 +1,71 @@
+"""torch.distributed plumbing for `torchrun` (or `ddpm train --gpus N`): one process per GPU, DDP, rank 0 does
+the I/O. With no torchrun environment it is a single process and every method is a cheap no-op."""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+
+@dataclass
+class DistInfo:
+    rank: int = 0
+    world: int = 1
+    local_rank: int = 0
+    device: torch.device = torch.device("cpu")
+
+    @classmethod
+    def from_env(cls) -> "DistInfo":
+        world = int(os.environ.get("WORLD_SIZE", "1"))
+        if world <= 1:
+            return cls()
+        rank, local = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
+        if torch.cuda.is_available():
+            device = torch.device("cuda", local)
+            torch.cuda.set_device(device)
+            backend = "nccl"
+        else:
+            device, backend = torch.device("cpu"), "gloo"
+        if not dist.is_initialized():
+            dist.init_process_group(backend, device_id=device if backend == "nccl" else None)
+        return cls(rank, world, local, device)
+
+    def wrap(self, model: torch.nn.Module) -> torch.nn.Module:
+        if self.world == 1:
+            return model
+        from torch.nn.parallel import DistributedDataParallel
+
+        ids = [self.device.index] if self.device.type == "cuda" else None
+        return DistributedDataParallel(model, device_ids=ids, gradient_as_bucket_view=True, static_graph=True)
+
+    def any(self, flag: bool, step: int, every: int = 10) -> bool:
+        """True on every rank once any rank has raised `flag` (checked every `every` steps across ranks)."""
+        if self.world == 1:
+            return flag
+        if step % every:
+            return False
+        t = torch.tensor([1.0 if flag else 0.0], device=self.device)
+        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+        return bool(t.item() > 0)
+
+    def broadcast_path(self, path: Path) -> Path:
+        if self.world == 1:
+            return path
+        # A fixed-size byte tensor rather than broadcast_object_list, which pickles.
+        buf = torch.zeros(4096, dtype=torch.uint8, device=self.device)
+        if self.rank == 0:
+            raw = str(path).encode()[:4096]
+            buf[:len(raw)] = torch.tensor(list(raw), dtype=torch.uint8)
+        dist.broadcast(buf, src=0)
+        return Path(bytes(buf.cpu().tolist()).rstrip(b"\0").decode())
+
+    def barrier(self) -> None:
+        if self.world > 1:
+            dist.barrier()
+
+    def close(self) -> None:
+        if self.world > 1 and dist.is_initialized():
+            dist.destroy_process_group()

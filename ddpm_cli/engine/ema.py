@@ -1,0 +1,33 @@
+"""Exponential moving average of the weights, updated with fused foreach ops (no per-tensor Python loop)."""
+from __future__ import annotations
+
+import copy
+
+import torch
+from torch import nn
+
+
+class EMA:
+    """Holds `model`'s averaged copy. update() does shadow <- shadow + (1 - decay) (param - shadow)."""
+
+    def __init__(self, model: nn.Module, decay: float, warmup: bool = False):
+        self.model = copy.deepcopy(model).eval().requires_grad_(False)
+        self.decay, self.warmup = decay, warmup
+        self.num_updates = 0
+        self._shadow = [p for p in self.model.parameters()]
+        self._shadow_bufs = [b for b in self.model.buffers() if b.dtype.is_floating_point]
+
+    def current_decay(self) -> float:
+        if self.warmup:
+            return min(self.decay, (1 + self.num_updates) / (10 + self.num_updates))
+        return self.decay
+
+    @torch.no_grad()
+    def update(self, model: nn.Module) -> None:
+        params = [p.detach() for p in model.parameters()]
+        torch._foreach_lerp_(self._shadow, params, 1.0 - self.current_decay())
+        self.num_updates += 1
+
+    @torch.no_grad()
+    def copy_from(self, model: nn.Module) -> None:
+        torch._foreach_copy_(self._shadow, [p.detach() for p in model.parameters()])

@@ -1,0 +1,165 @@
+"""Reading and checking a checkpoint's safetensors header without torch (fast `ddpm inspect`), finding the
+checkpoints of a run directory, and writing files atomically.
+
+A safetensors file is: 8 bytes little-endian header length N, N bytes of JSON, then the tensor bytes."""
+from __future__ import annotations
+
+import json
+import os
+import re
+import struct
+from dataclasses import dataclass
+from pathlib import Path
+
+from ddpm_cli.errors import CheckpointError
+
+FORMAT = "ddpm-cli"
+FORMAT_VERSION = 1
+MAX_HEADER = 100 * 1024 * 1024
+CKPT_RE = re.compile(r"ckpt-(\d+)\.safetensors$")
+
+
+@dataclass
+class Header:
+    path: Path
+    metadata: dict[str, str]
+    tensors: dict[str, dict]  # name -> {"dtype", "shape", "data_offsets"}
+    file_size: int
+
+    @property
+    def format_version(self) -> int:
+        return int(self.metadata.get("format_version", "0"))
+
+
+def _looks_like_pickle(head: bytes) -> bool:
+    # torch.save writes a zip (PK..) holding a pickle; legacy torch.save and pickle.dump start with 0x80 PROTO.
+    return head[:2] == b"PK" or (len(head) > 1 and head[0] == 0x80 and head[1] <= 5)
+
+
+def read_header(path: str | Path, require_ddpm: bool = True) -> Header:
+    """Parse and validate the header; raise CheckpointError with the reason and the fix on any problem."""
+    p = Path(path)
+    if not p.exists():
+        raise CheckpointError(f"checkpoint {p} not found; pass a .safetensors file written by ddpm or a run "
+                              f"directory")
+    if p.is_dir():
+        raise CheckpointError(f"{p} is a directory with no checkpoint in it; pass a .safetensors file")
+    size = p.stat().st_size
+    try:
+        with open(p, "rb") as f:
+            head = f.read(8)
+            if _looks_like_pickle(head):
+                raise CheckpointError(f"{p} is a pickle (PyTorch .pt/.pth); ddpm loads only safetensors files "
+                                      f"and never unpickles, for safety")
+            if len(head) < 8:
+                raise CheckpointError(f"{p} is not a safetensors file (only {size} bytes)")
+            (n,) = struct.unpack("<Q", head)
+            if n == 0 or n > MAX_HEADER or 8 + n > size:
+                raise CheckpointError(f"{p} is not a safetensors file, or it is truncated (header of {n} bytes "
+                                      f"in a {size}-byte file)")
+            raw = f.read(n)
+    except OSError as e:
+        raise CheckpointError(f"cannot read {p}: {e.strerror}") from None
+    try:
+        header = json.loads(raw.decode("utf-8"))
+        if not isinstance(header, dict):
+            raise ValueError
+    except (UnicodeDecodeError, ValueError):
+        raise CheckpointError(f"{p} is not a safetensors file (its header is not JSON)") from None
+    metadata = header.pop("__metadata__", None) or {}
+    end = 0
+    for name, info in header.items():
+        try:
+            lo, hi = info["data_offsets"]
+            int(lo), int(hi), info["dtype"], list(info["shape"])
+        except (TypeError, KeyError, ValueError):
+            raise CheckpointError(f"{p} is not a valid safetensors file (bad entry for tensor {name!r})") from None
+        end = max(end, int(hi))
+    if 8 + n + end > size:
+        raise CheckpointError(f"{p} is truncated: its tensors need {8 + n + end} bytes but the file has {size}; "
+                              f"use an earlier checkpoint of the run")
+    if not isinstance(metadata, dict) or not all(isinstance(v, str) for v in metadata.values()):
+        raise CheckpointError(f"{p} has malformed safetensors metadata")
+    h = Header(p, metadata, header, size)
+    if require_ddpm:
+        if metadata.get("format") != FORMAT:
+            raise CheckpointError(f"{p} is a safetensors file without ddpm's metadata (not written by ddpm); "
+                                  f"use a checkpoint from `ddpm train` or `ddpm export`")
+        try:
+            version = h.format_version
+        except ValueError:
+            raise CheckpointError(f"{p} has an unreadable format_version") from None
+        if version > FORMAT_VERSION:
+            raise CheckpointError(f"{p} uses checkpoint format {version}, newer than this ddpm understands "
+                                  f"({FORMAT_VERSION}); upgrade ddpm")
+    return h
+
+
+def list_checkpoints(run_dir: str | Path) -> list[Path]:
+    """A run's weight checkpoints, oldest first."""
+    ckpt_dir = Path(run_dir) / "checkpoints"
+    found = [p for p in ckpt_dir.glob("ckpt-*.safetensors") if CKPT_RE.search(p.name)] if ckpt_dir.is_dir() else []
+    return sorted(found, key=lambda p: int(CKPT_RE.search(p.name).group(1)))
+
+
+def latest_checkpoint(run_dir: str | Path) -> Path | None:
+    """The checkpoint `latest.json` points at (written last, so it names a complete file), else the newest."""
+    run_dir = Path(run_dir)
+    pointer = run_dir / "latest.json"
+    if pointer.exists():
+        try:
+            target = run_dir / json.loads(pointer.read_text())["weights"]
+            if target.exists():
+                return target
+        except (ValueError, KeyError, TypeError, OSError):
+            pass
+    found = list_checkpoints(run_dir)
+    return found[-1] if found else None
+
+
+def resolve_checkpoint(path: str | Path) -> Path:
+    """A checkpoint file, or a run directory -> its latest checkpoint."""
+    p = Path(path)
+    if p.is_dir():
+        found = latest_checkpoint(p)
+        if found is None:
+            raise CheckpointError(f"{p} holds no checkpoints (looked for checkpoints/ckpt-*.safetensors); "
+                                  f"pass a run directory of `ddpm train` or a .safetensors file")
+        return found
+    return p
+
+
+def state_path(weights: Path) -> Path:
+    """The training-state file that sits beside a weights checkpoint."""
+    return weights.with_name(weights.name.replace(".safetensors", ".state.safetensors"))
+
+
+def fsync_dir(directory: Path) -> None:
+    try:
+        fd = os.open(directory, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    """Write to a temporary name in the same folder, flush and fsync, then rename into place.
+
+    A crash at any moment leaves either the old file or the new one, never a half-written file."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    fsync_dir(path.parent)

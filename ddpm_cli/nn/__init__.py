@@ -1,0 +1,1 @@
+"""Neural networks: the UNet denoiser and its blocks (torch only)."""

@@ -1,0 +1,162 @@
+"""The DDPM UNet (Ho et al. 2020, appendix B): residual blocks with a timestep (and optional class) embedding,
+self-attention at chosen resolutions, GroupNorm, dropout and skip connections. Reads top to bottom.
+
+Knows nothing of diffusion or configs: `UNet(...)(x_t, t, y) -> epsilon`, shapes (B, C, H, W), (B,), (B,)."""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+ACTIVATIONS = {"silu": nn.SiLU, "relu": nn.ReLU, "mish": nn.Mish}
+
+
+def timestep_embedding(t: torch.Tensor, dim: int) -> torch.Tensor:
+    """Sinusoidal embedding of (B,) timesteps -> (B, dim), as in the DDPM code (Transformer positions)."""
+    half = dim // 2
+    freqs = torch.exp(-math.log(10000) * torch.arange(half, device=t.device, dtype=torch.float32) / max(half - 1, 1))
+    args = t.float()[:, None] * freqs[None]
+    emb = torch.cat([torch.sin(args), torch.cos(args)], dim=1)
+    return F.pad(emb, (0, dim % 2))
+
+
+def zero_(module: nn.Module) -> nn.Module:
+    """Zero a layer's weights so its residual branch starts as the identity (DDPM's init_scale=0)."""
+    for p in module.parameters():
+        nn.init.zeros_(p)
+    return module
+
+
+class ResBlock(nn.Module):
+    def __init__(self, in_ch: int, out_ch: int, emb_dim: int, dropout: float, norm, act):
+        super().__init__()
+        self.norm1, self.act1 = norm(in_ch), act()
+        self.conv1 = nn.Conv2d(in_ch, out_ch, 3, padding=1)
+        self.emb = nn.Sequential(act(), nn.Linear(emb_dim, out_ch))
+        self.norm2, self.act2 = norm(out_ch), act()
+        self.dropout = nn.Dropout(dropout)
+        self.conv2 = zero_(nn.Conv2d(out_ch, out_ch, 3, padding=1))
+        self.skip = nn.Conv2d(in_ch, out_ch, 1) if in_ch != out_ch else nn.Identity()
+
+    def forward(self, x: torch.Tensor, emb: torch.Tensor) -> torch.Tensor:
+        h = self.conv1(self.act1(self.norm1(x)))
+        h = h + self.emb(emb)[:, :, None, None]
+        h = self.conv2(self.dropout(self.act2(self.norm2(h))))
+        return self.skip(x) + h
+
+
+class Attention(nn.Module):
+    """Multi-head self-attention over the H*W positions, through scaled_dot_product_attention."""
+
+    def __init__(self, ch: int, num_heads: int, norm):
+        super().__init__()
+        self.num_heads = num_heads
+        self.norm = norm(ch)
+        self.qkv = nn.Conv2d(ch, 3 * ch, 1)
+        self.proj = zero_(nn.Conv2d(ch, ch, 1))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        B, C, H, W = x.shape
+        qkv = self.qkv(self.norm(x)).reshape(B, 3, self.num_heads, C // self.num_heads, H * W)
+        q, k, v = qkv.transpose(-1, -2).unbind(1)  # each (B, heads, HW, C/heads)
+        h = F.scaled_dot_product_attention(q, k, v)
+        h = h.transpose(-1, -2).reshape(B, C, H, W)
+        return x + self.proj(h)
+
+
+class Downsample(nn.Module):
+    def __init__(self, ch: int):
+        super().__init__()
+        self.conv = nn.Conv2d(ch, ch, 3, stride=2, padding=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.conv(x)
+
+
+class Upsample(nn.Module):
+    def __init__(self, ch: int):
+        super().__init__()
+        self.conv = nn.Conv2d(ch, ch, 3, padding=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))
+
+
+class UNet(nn.Module):
+    def __init__(self, image_size: int = 32, in_channels: int = 3, base_channels: int = 128,
+                 channel_mults: tuple[int, ...] = (1, 2, 2, 2), num_res_blocks: int = 2,
+                 attention_resolutions: tuple[int, ...] = (16,), dropout: float = 0.1, num_heads: int = 1,
+                 time_emb_dim: int = 0, norm: str = "group", norm_groups: int = 32, activation: str = "silu",
+                 num_classes: int | None = None):
+        super().__init__()
+        act = ACTIVATIONS[activation]
+        groups = norm_groups if norm == "group" else 1
+
+        def norm_layer(ch: int) -> nn.Module:
+            return nn.GroupNorm(groups, ch)
+
+        self.base_channels = base_channels
+        self.num_classes = num_classes
+        emb_dim = time_emb_dim or 4 * base_channels
+        self.time_mlp = nn.Sequential(nn.Linear(base_channels, emb_dim), act(), nn.Linear(emb_dim, emb_dim))
+        # One extra class slot: the "no label" input used for unconditional / guided sampling.
+        self.class_emb = nn.Embedding(num_classes + 1, emb_dim) if num_classes else None
+
+        self.conv_in = nn.Conv2d(in_channels, base_channels, 3, padding=1)
+        block = dict(emb_dim=emb_dim, dropout=dropout, norm=norm_layer, act=act)
+
+        self.down = nn.ModuleList()
+        skip_chs, ch, res = [base_channels], base_channels, image_size
+        for level, mult in enumerate(channel_mults):
+            for _ in range(num_res_blocks):
+                layers = nn.ModuleList([ResBlock(ch, base_channels * mult, **block)])
+                ch = base_channels * mult
+                if res in attention_resolutions:
+                    layers.append(Attention(ch, num_heads, norm_layer))
+                self.down.append(layers)
+                skip_chs.append(ch)
+            if level != len(channel_mults) - 1:
+                self.down.append(nn.ModuleList([Downsample(ch)]))
+                skip_chs.append(ch)
+                res //= 2
+
+        self.mid = nn.ModuleList([ResBlock(ch, ch, **block), Attention(ch, num_heads, norm_layer),
+                                  ResBlock(ch, ch, **block)])
+
+        self.up = nn.ModuleList()
+        for level, mult in reversed(list(enumerate(channel_mults))):
+            for _ in range(num_res_blocks + 1):
+                layers = nn.ModuleList([ResBlock(ch + skip_chs.pop(), base_channels * mult, **block)])
+                ch = base_channels * mult
+                if res in attention_resolutions:
+                    layers.append(Attention(ch, num_heads, norm_layer))
+                self.up.append(layers)
+            if level != 0:
+                self.up.append(nn.ModuleList([Upsample(ch)]))
+                res *= 2
+
+        self.out = nn.Sequential(norm_layer(ch), act(), zero_(nn.Conv2d(ch, in_channels, 3, padding=1)))
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
+        emb = self.time_mlp(timestep_embedding(t, self.base_channels))
+        if self.class_emb is not None:
+            if y is None:
+                y = torch.full((x.shape[0],), self.num_classes, device=x.device, dtype=torch.long)
+            emb = emb + self.class_emb(y)
+
+        h = self.conv_in(x)
+        skips = [h]
+        for layers in self.down:
+            for layer in layers:
+                h = layer(h, emb) if isinstance(layer, ResBlock) else layer(h)
+            skips.append(h)
+        for layer in self.mid:
+            h = layer(h, emb) if isinstance(layer, ResBlock) else layer(h)
+        for layers in self.up:
+            if isinstance(layers[0], ResBlock):
+                h = torch.cat([h, skips.pop()], dim=1)
+            for layer in layers:
+                h = layer(h, emb) if isinstance(layer, ResBlock) else layer(h)
+        return self.out(h)

@@ -1,0 +1,76 @@
+"""Shared fixtures: tiny configs and a session-wide trained checkpoint, all on the CPU."""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+SHARED = ROOT.parent / "shared"
+
+os.environ.setdefault("WANDB_SILENT", "true")
+os.environ.setdefault("WANDB_MODE", "offline")
+
+
+def tiny_overrides(run_dir: Path, **extra) -> dict:
+    """A config dict for a very small model on 16x16 shapes: a few steps take a fraction of a second."""
+    cfg = {
+        "model": {"image_size": 16, "base_channels": 16, "channel_mults": [1, 2], "num_res_blocks": 1,
+                  "attention_resolutions": [8], "norm_groups": 4, "dropout": 0.0, "time_emb_dim": 32},
+        "diffusion": {"schedule": "linear", "num_timesteps": 100},
+        "data": {"dataset": "shapes", "shapes_count": 256},
+        "train": {"steps": 20, "batch_size": 16, "lr": 1e-3, "warmup_steps": 5, "ema_decay": 0.9,
+                  "device": "cpu"},
+        "logging": {"run_dir": str(run_dir), "run_name": "tiny", "log_every": 5, "checkpoint_every": 10,
+                    "sample_every": 10, "sample_count": 8, "sample_steps": 5},
+    }
+    for dotted, value in extra.items():
+        section, key = dotted.split("__", 1)
+        if "__" in key:
+            key, sub = key.split("__", 1)
+            cfg[section].setdefault(key, {})[sub] = value
+        else:
+            cfg[section][key] = value
+    return cfg
+
+
+def tiny_config(run_dir: Path, **extra):
+    from ddpm_cli.config import validate_config
+
+    return validate_config(tiny_overrides(run_dir, **extra))
+
+
+def write_yaml(path: Path, data: dict) -> Path:
+    import yaml
+
+    path.write_text(yaml.safe_dump(data))
+    return path
+
+
+@pytest.fixture(scope="session")
+def trained_run(tmp_path_factory) -> Path:
+    """An unconditional tiny run (20 steps); returns the run directory."""
+    from ddpm_cli.engine.train import train
+
+    base = tmp_path_factory.mktemp("runs")
+    return train(tiny_config(base)).run_dir
+
+
+@pytest.fixture(scope="session")
+def trained_conditional_run(tmp_path_factory) -> Path:
+    """A class-conditional tiny run with label dropout (for guidance)."""
+    from ddpm_cli.engine.train import train
+
+    base = tmp_path_factory.mktemp("runs_cond")
+    cfg = tiny_config(base, model__conditional=True, train__label_dropout=0.2)
+    return train(cfg).run_dir
+
+
+def run_cli(*args: str, cwd: Path | None = None, timeout: float = 300, env: dict | None = None):
+    """Run `python -m ddpm_cli ARGS` in a subprocess (for signals and import checks)."""
+    full_env = {**os.environ, **(env or {})}
+    return subprocess.run([sys.executable, "-m", "ddpm_cli", *args], cwd=cwd, capture_output=True, text=True,
+                          timeout=timeout, env=full_env)

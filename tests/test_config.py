@@ -1,0 +1,135 @@
+"""The run config: examples validate, errors name the field, overrides coerce types, schedules match formulas."""
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+from typer.testing import CliRunner
+
+from conftest import ROOT, write_yaml
+from ddpm_cli.cli.app import app
+from ddpm_cli.config import RunConfig, load_config, reference_markdown, to_commented_yaml
+from ddpm_cli.diffusion.schedules import make_betas
+from ddpm_cli.errors import ConfigError
+
+runner = CliRunner()
+EXAMPLES = sorted((ROOT / "examples").glob("*.yaml"))
+
+
+@pytest.mark.parametrize("path", EXAMPLES, ids=[p.name for p in EXAMPLES])
+def test_every_example_validates(path: Path):
+    cfg = load_config(path)
+    assert isinstance(cfg, RunConfig)
+    result = runner.invoke(app, ["config", "validate", str(path)])
+    assert result.exit_code == 0, result.output
+    assert "valid" in result.output
+
+
+def test_defaults_are_the_ddpm_cifar10_recipe():
+    cfg = RunConfig()
+    m, d, t = cfg.model, cfg.diffusion, cfg.train
+    assert (m.base_channels, tuple(m.channel_mults), m.num_res_blocks, tuple(m.attention_resolutions)) == \
+        (128, (1, 2, 2, 2), 2, (16,))
+    assert m.dropout == 0.1 and t.lr == 2e-4 and t.batch_size == 128 and t.optimizer == "adam"
+    assert (d.schedule, d.num_timesteps, d.schedule_low, d.schedule_high) == ("linear", 1000, 1e-4, 0.02)
+    assert t.ema_decay == 0.9999 and cfg.data.random_flip
+    assert load_config(ROOT / "examples" / "cifar10.yaml").model == m
+
+
+def test_misspelt_field_exits_1_and_names_it(tmp_path):
+    bad = write_yaml(tmp_path / "bad.yaml", {"model": {"base_chanels": 64}})
+    result = runner.invoke(app, ["config", "validate", str(bad)])
+    assert result.exit_code == 1
+    out = result.output + (result.stderr if hasattr(result, "stderr") else "")
+    assert "model.base_chanels" in out and "base_channels" in out  # names the field and suggests the fix
+
+
+def test_bad_value_exits_1_and_names_field_and_choices(tmp_path):
+    bad = write_yaml(tmp_path / "bad.yaml", {"diffusion": {"schedule": "quadratic"}, "train": {"lr": -1}})
+    with pytest.raises(ConfigError) as e:
+        load_config(bad)
+    problems = "\n".join(e.value.problems)
+    assert "diffusion.schedule" in problems and "'linear'" in problems and "'dns'" in problems
+    assert "train.lr" in problems  # all problems at once
+    result = runner.invoke(app, ["config", "validate", str(bad)])
+    assert result.exit_code == 1
+
+
+@pytest.mark.parametrize("data,field", [
+    ({"model": {"channel_mults": []}}, "model.channel_mults"),
+    ({"train": {"batch_size": 0}}, "train.batch_size"),
+    ({"model": {"attention_resolutions": [7]}}, "attention at 7x7"),
+    ({"model": {"norm_groups": 5}}, "norm_groups 5"),
+])
+def test_out_of_range_values(tmp_path, data, field):
+    with pytest.raises(ConfigError) as e:
+        load_config(write_yaml(tmp_path / "c.yaml", data))
+    assert field in "\n".join(e.value.problems)
+
+
+def test_overrides_coerce_types():
+    cfg = load_config(ROOT / "examples" / "cifar10.yaml",
+                      ["train.batch_size=64", "diffusion.schedule=cosine", "model.channel_mults=[1,2]",
+                       "train.ema=false", "train.lr=1e-4"])
+    assert cfg.train.batch_size == 64 and cfg.diffusion.schedule == "cosine"
+    assert cfg.model.channel_mults == (1, 2) and cfg.train.ema is False and cfg.train.lr == 1e-4
+
+
+def test_bad_override_is_a_config_error():
+    with pytest.raises(ConfigError, match="KEY=VALUE"):
+        load_config(None, ["train.batch_size"])
+    with pytest.raises(ConfigError) as e:
+        load_config(None, ["train.nope=3"])
+    assert "train.nope" in "\n".join(e.value.problems)
+
+
+@pytest.mark.parametrize("text,needle", [
+    ("", "empty"), ("- 1\n- 2\n", "mapping"), ("model: [unclosed\n", "not valid YAML"),
+])
+def test_garbage_files(tmp_path, text, needle):
+    p = tmp_path / "c.yaml"
+    p.write_text(text)
+    with pytest.raises(ConfigError, match=needle):
+        load_config(p)
+
+
+def test_linear_cosine_dns_betas_match_formulas():
+    T = 1000
+    lin = make_betas("linear", T, 1e-4, 0.02)
+    assert lin[0] == pytest.approx(1e-4) and lin[-1] == pytest.approx(0.02)
+    assert np.prod(1 - lin) == pytest.approx(4.04e-5, rel=0.02)  # alpha_bar_T of DDPM's schedule
+    lin500 = make_betas("linear", 500, 1e-4, 0.02)
+    assert lin500[0] == pytest.approx(2e-4) and lin500[-1] == pytest.approx(0.04)  # scaled by 1000/T
+
+    cos = make_betas("cosine", T)
+    f = lambda t: math.cos((t / T + 0.008) / 1.008 * math.pi / 2) ** 2  # noqa: E731
+    assert cos[0] == pytest.approx(1 - f(1) / f(0))
+    assert cos[-1] == pytest.approx(0.999)  # clipped
+    assert np.prod(1 - cos) == pytest.approx(np.prod(1 - cos))
+
+    off = 5
+    dns = make_betas("dns", T, 1e-4, 0.02, dns_offset=off)
+    assert dns[0] == pytest.approx(1e-4 + (0.02 - 1e-4) * (off / (T + 1 + off)) ** 2)
+    assert dns[-1] == pytest.approx(1e-4 + (0.02 - 1e-4) * ((T - 1 + off) / (T + 1 + off)) ** 2)
+    dnst = make_betas("dns", T, 1e-4, 0.02, dns_offset=T)  # the seed's DNST variant
+    assert dnst[0] == pytest.approx(1e-4 + (0.02 - 1e-4) * (T / (2 * T + 1)) ** 2)
+
+
+def test_schedule_outside_unit_interval_is_a_config_error():
+    with pytest.raises(ConfigError) as e:
+        load_config(None, ["diffusion.num_timesteps=10"])
+    assert "diffusion" in "\n".join(e.value.problems) and "outside (0, 1)" in "\n".join(e.value.problems)
+    load_config(None, ["diffusion.num_timesteps=10", "diffusion.schedule=cosine"])  # cosine is fine
+
+
+def test_show_prints_help_comments_and_reference_lists_every_field():
+    text = to_commented_yaml(RunConfig())
+    assert "# Residual blocks per resolution level" in text and "num_res_blocks: 2" in text
+    result = runner.invoke(app, ["config", "show", "--config", str(ROOT / "examples" / "cifar10.yaml"),
+                                 "--set", "train.batch_size=64"])
+    assert result.exit_code == 0 and "batch_size: 64" in result.output
+    table = reference_markdown()
+    for field in ("model.norm_groups", "train.early_stopping.patience", "logging.wandb_entity", "data.root"):
+        assert f"`{field}`" in table

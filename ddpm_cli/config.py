@@ -160,8 +160,9 @@ class TrainConfig(Section):
     """Fraction of labels replaced by the 'no label' class (classifier-free guidance training)."""
     precision: Literal["auto", "fp32", "bf16"] = "auto"
     """Autocast precision: auto means bf16 on CUDA, fp32 elsewhere."""
-    compile: Literal["auto", "off", "on"] = "auto"
-    """torch.compile the training step: auto means on for CUDA, off elsewhere."""
+    compile: Literal["auto", "off", "on", "max-autotune", "reduce-overhead"] = "auto"
+    """torch.compile the training step (forward and backward): on = the default mode, reduce-overhead adds
+    CUDA graphs, max-autotune also tunes kernels; auto means on for CUDA, off elsewhere."""
     channels_last: Literal["auto", "on", "off"] = "auto"
     """Channels-last memory layout: auto means on for CUDA."""
     device: str = "auto"

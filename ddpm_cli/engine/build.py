@@ -45,8 +45,12 @@ def use_bf16(cfg: RunConfig, device: torch.device) -> bool:
     return cfg.train.precision == "bf16" or (cfg.train.precision == "auto" and device.type == "cuda")
 
 
-def use_compile(cfg: RunConfig, device: torch.device) -> bool:
-    return cfg.train.compile == "on" or (cfg.train.compile == "auto" and device.type == "cuda")
+def compile_mode(cfg: RunConfig, device: torch.device) -> str | None:
+    """The torch.compile mode for the training step, or None for eager."""
+    c = cfg.train.compile
+    if c == "off" or (c == "auto" and device.type != "cuda"):
+        return None
+    return "default" if c in ("auto", "on") else c
 
 
 def use_channels_last(cfg: RunConfig, device: torch.device) -> bool:

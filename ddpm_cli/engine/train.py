@@ -17,7 +17,7 @@ import torch
 from ddpm_cli.config import RunConfig, config_to_dict
 from ddpm_cli.engine import checkpoint as ckpt_io
 from ddpm_cli.engine.build import (build_diffusion, build_unet, count_params, resolve_device, use_bf16,
-                                   use_channels_last, use_compile)
+                                   use_channels_last, compile_mode)
 from ddpm_cli.engine.data import Batcher, ImageSet, load_dataset, split_holdout, to_model_range
 from ddpm_cli.engine.distributed import DistInfo
 from ddpm_cli.engine.ema import EMA
@@ -149,8 +149,9 @@ class Trainer:
                            weight_decay=tc.weight_decay, **({"fused": True} if self.fused else {"foreach": True}))
         self.net = self.dist.wrap(self.model)
         self.bf16 = use_bf16(cfg, self.device)
-        self.compiled = use_compile(cfg, self.device)
-        self.loss_fn = torch.compile(self._loss) if self.compiled else self._loss
+        mode = compile_mode(cfg, self.device)
+        self.compiled = mode is not None
+        self.loss_fn = torch.compile(self._loss, mode=mode) if self.compiled else self._loss
 
         # State
         self.step, self.images_seen = 0, 0

@@ -1,0 +1,183 @@
+"""Speed benchmark: the full training step as `ddpm train` runs it, and the sampler's UNet evaluations/s.
+
+    PYTHONPATH=. python benchmarks/bench_speed.py                       # every variant
+    PYTHONPATH=. python benchmarks/bench_speed.py --train bf16-cl-compile --sample bf16-cl-compile
+    PYTHONPATH=. python benchmarks/bench_speed.py --e2e                 # also 10,000 images with DDIM-100
+
+Training: the engine's own Trainer (data resident on the GPU, random flips, bf16 autocast, clipping, fused Adam,
+EMA, metrics) on a CIFAR-sized random uint8 dataset, DDPM CIFAR-10 model (35.7M), batch 128 unless --set says
+otherwise. img/s is the median of the logged intervals after warm-up, as the progress bar shows it; the first
+step (compilation) is reported apart. Sampling: DDIM steps at batch 1000 through engine.generate.
+Prints one line per figure (BENCH ...) and a table at the end. Run it in the same call as the peer script."""
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from ddpm_cli.config import validate_config
+from ddpm_cli.engine.build import build_diffusion, build_unet, count_params
+from ddpm_cli.engine.data import ImageSet
+from ddpm_cli.engine.generate import generate, inference_net
+from ddpm_cli.engine.train import TrainCallbacks, Trainer
+
+TRAIN_VARIANTS = {
+    "fp32": {"precision": "fp32", "compile": "off", "channels_last": "off"},
+    "bf16": {"precision": "bf16", "compile": "off", "channels_last": "off"},
+    "bf16-cl": {"precision": "bf16", "compile": "off", "channels_last": "on"},
+    "bf16-cl-compile": {"precision": "bf16", "compile": "on", "channels_last": "on"},
+    "bf16-compile": {"precision": "bf16", "compile": "on", "channels_last": "off"},
+    "bf16-cl-cudagraphs": {"precision": "bf16", "compile": "reduce-overhead", "channels_last": "on"},
+    "bf16-cl-autotune": {"precision": "bf16", "compile": "max-autotune", "channels_last": "on"},
+}
+SAMPLE_VARIANTS = {
+    "fp32": dict(bf16=False, channels_last=False, compile=None),
+    "bf16": dict(bf16=True, channels_last=False, compile=None),
+    "bf16-cl": dict(bf16=True, channels_last=True, compile=None),
+    "bf16-cl-compile": dict(bf16=True, channels_last=True, compile="default"),
+    "bf16-cl-cudagraphs": dict(bf16=True, channels_last=True, compile="reduce-overhead"),
+    "bf16-cl-autotune": dict(bf16=True, channels_last=True, compile="max-autotune"),
+}
+PEAK_TFLOPS = 790.0      # measured bf16 matmul peak of an H100 here (KINDS.md)
+TRAIN_GFLOP = 37.5       # forward + backward per image, DDPM CIFAR-10 UNet
+FWD_GFLOP = 12.5         # forward per image
+
+
+class Collect(TrainCallbacks):
+    def __init__(self):
+        self.rates: list[float] = []
+
+    def on_log(self, rec: dict) -> None:
+        if "img_per_s" in rec:
+            self.rates.append(rec["img_per_s"])
+
+
+TINY = {"image_size": 32, "base_channels": 16, "channel_mults": [1, 2], "num_res_blocks": 1,
+        "attention_resolutions": [16], "norm_groups": 4}
+
+
+def bench_train(name: str, sets: dict, batch: int, steps: int, log_every: int, images: ImageSet,
+                model: dict) -> dict:
+    with tempfile.TemporaryDirectory() as tmp:
+        cfg = validate_config({
+            "model": model,
+            "data": {"dataset": "shapes"},  # replaced by `images` below
+            "train": {"steps": steps, "batch_size": batch, "warmup_steps": 100, **sets},
+            "logging": {"run_dir": tmp, "run_name": name, "log_every": log_every, "checkpoint_every": 10**9,
+                        "sample_every": 10**9, "sample_count": 16, "sample_steps": 2},
+        })
+        cb = Collect()
+        t0 = time.perf_counter()
+        trainer = Trainer(cfg, callbacks=cb, dataset=images)
+        res = trainer.run()
+        total = time.perf_counter() - t0
+        peak = torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else 0.0
+    steady = cb.rates[2:] if len(cb.rates) > 4 else cb.rates[1:]
+    rate = statistics.median(steady)
+    out = {"kind": "train", "variant": name, "batch": batch, "img_per_s": rate, "first_step_s": res.compile_s,
+           "run_s": total, "peak_mem_gib": peak,
+           "share_of_peak": rate * TRAIN_GFLOP / 1000 / PEAK_TFLOPS, "last_loss": res.last_loss}
+    print("BENCH " + json.dumps(out), flush=True)
+    del trainer
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+    return out
+
+
+def bench_sample(name: str, opts: dict, batch: int, steps: int, e2e: bool, model_cfg: dict,
+                 device: str) -> list[dict]:
+    cfg = validate_config({"model": model_cfg})
+    torch.manual_seed(0)
+    model = build_unet(cfg.model).to(device)
+    with torch.no_grad():  # zero-initialised output layers would make the work trivial to skip; perturb them
+        for p in model.parameters():
+            p.add_(0.01 * torch.randn_like(p))
+    diffusion = build_diffusion(cfg.diffusion).to(device)
+    sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
+    net = inference_net(model, channels_last=opts["channels_last"], compile=opts["compile"])
+    shape = (3, 32, 32)
+
+    def run(n: int, s: int) -> float:
+        sync()
+        t = time.perf_counter()
+        for _ in generate(net, diffusion, n, image_shape=shape, batch_size=batch, sampler="ddim", steps=s,
+                          seed=1, device=device, bf16=opts["bf16"]):
+            pass
+        sync()
+        return time.perf_counter() - t
+
+    t_first = run(batch, 2)  # compiles
+    times = [run(batch, steps) for _ in range(3)]
+    dt = statistics.median(times)
+    nfe = batch * steps / dt
+    outs = [{"kind": "sample", "variant": name, "batch": batch, "nfe_per_s": nfe, "first_call_s": t_first,
+             "share_of_peak": nfe * FWD_GFLOP / 1000 / PEAK_TFLOPS}]
+    print("BENCH " + json.dumps(outs[-1]), flush=True)
+    if e2e:
+        dt = run(10_000, 100)
+        outs.append({"kind": "sample-e2e", "variant": name, "batch": batch, "images": 10_000, "steps": 100,
+                     "seconds": dt, "nfe_per_s": 10_000 * 100 / dt})
+        print("BENCH " + json.dumps(outs[-1]), flush=True)
+    return outs
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--train", nargs="*", default=list(TRAIN_VARIANTS), help="training variants")
+    p.add_argument("--sample", nargs="*", default=list(SAMPLE_VARIANTS), help="sampling variants")
+    p.add_argument("--batch", type=int, nargs="*", default=[128], help="training batch sizes")
+    p.add_argument("--steps", type=int, default=300, help="training steps per variant")
+    p.add_argument("--log-every", type=int, default=25)
+    p.add_argument("--sample-batch", type=int, default=1000)
+    p.add_argument("--sample-steps", type=int, default=20)
+    p.add_argument("--e2e", action="store_true", help="also time 10,000 images with DDIM-100 (last variant)")
+    p.add_argument("--json", type=Path, help="write all results here")
+    p.add_argument("--tiny", action="store_true", help="a tiny model on the CPU: checks the script, times nothing")
+    a = p.parse_args()
+    model_cfg, device = ({}, "cuda") if not a.tiny else (TINY, "cpu")
+    if not a.tiny and not torch.cuda.is_available():
+        sys.exit("bench_speed.py needs a CUDA GPU (or --tiny for a CPU smoke run)")
+    torch.backends.cuda.matmul.allow_tf32 = True
+    torch.backends.cudnn.allow_tf32 = True
+    card = torch.cuda.get_device_name() if device == "cuda" else "cpu"
+    print(f"BENCH card {card} torch {torch.__version__} "
+          f"params {count_params(build_unet(validate_config({'model': model_cfg}).model)):,}", flush=True)
+    g = torch.Generator().manual_seed(0)
+    n_img = 2_000 if a.tiny else 50_000
+    images = ImageSet(torch.randint(0, 256, (n_img, 3, 32, 32), dtype=torch.uint8, generator=g),
+                      torch.randint(0, 10, (n_img,), generator=g), [str(i) for i in range(10)])
+    results = []
+    for name in a.train:
+        for b in a.batch:
+            try:
+                results.append(bench_train(name, TRAIN_VARIANTS[name], b, a.steps, a.log_every, images,
+                                           model_cfg))
+            except Exception as e:  # keep measuring the other variants
+                print(f"BENCH train {name} batch {b} failed: {type(e).__name__}: {e}", flush=True)
+    for i, name in enumerate(a.sample):
+        try:
+            e2e = a.e2e and i == len(a.sample) - 1  # the end-to-end run only for the last (fastest) variant
+            results += bench_sample(name, SAMPLE_VARIANTS[name], a.sample_batch, a.sample_steps, e2e,
+                                    model_cfg, device)
+        except Exception as e:
+            print(f"BENCH sample {name} failed: {type(e).__name__}: {e}", flush=True)
+    print("\n| kind | variant | batch | rate | share of bf16 peak | first call s |")
+    print("| --- | --- | --- | --- | --- | --- |")
+    for r in results:
+        rate = f"{r['img_per_s']:,.0f} img/s" if "img_per_s" in r else f"{r['nfe_per_s']:,.0f} img-NFE/s"
+        share = f"{r['share_of_peak']:.1%}" if "share_of_peak" in r else f"{r.get('seconds', 0):.1f} s e2e"
+        first = r.get("first_step_s", r.get("first_call_s", 0.0))
+        print(f"| {r['kind']} | {r['variant']} | {r['batch']} | {rate} | {share} | {first:.1f} |")
+    if a.json:
+        a.json.write_text(json.dumps(results, indent=1))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,52 @@
+"""`ddpm export CKPT`: a slim inference checkpoint (safetensors, fp32/fp16/bf16), an ONNX denoiser or a
+torch.export program, each checked against PyTorch right after it is written."""
+from __future__ import annotations
+
+from enum import Enum
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+from ddpm_cli.cli.ui import console, friendly
+
+
+class ExportFormat(str, Enum):
+    safetensors = "safetensors"
+    onnx = "onnx"
+    pt2 = "pt2"
+
+
+class Dtype(str, Enum):
+    fp32 = "fp32"
+    fp16 = "fp16"
+    bf16 = "bf16"
+
+
+@friendly
+def export_command(
+    checkpoint: Path = typer.Argument(..., help="A .safetensors checkpoint, or a run directory (its latest).",
+                                      show_default=False),
+    fmt: ExportFormat = typer.Option(ExportFormat.safetensors, "--format", "-f",
+                                     help="safetensors: inference-only weights, loadable by `ddpm sample`; onnx: "
+                                          "the denoiser (x_t, t, y) -> eps, dynamic batch; pt2: a torch.export "
+                                          "program."),
+    out: Optional[Path] = typer.Option(None, "--out", "-o", help="Output file (default: beside the checkpoint).",
+                                       show_default=False),
+    ema: Optional[bool] = typer.Option(None, "--ema/--no-ema", help="Export the EMA weights (default: when "
+                                                                     "present) or the raw ones.",
+                                       show_default=False),
+    dtype: Dtype = typer.Option(Dtype.fp32, "--dtype", help="Weight precision of a safetensors export."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing output file."),
+) -> None:
+    """Export a checkpoint for inference: slim safetensors, ONNX or torch.export."""
+    from ddpm_cli.cli.inspect_cmd import human_size
+    from ddpm_cli.engine.export import export_checkpoint
+    from ddpm_cli.engine.header import read_header, resolve_checkpoint
+
+    read_header(resolve_checkpoint(checkpoint))  # a bad file fails here, before torch is imported
+    r = export_checkpoint(checkpoint, out, fmt.value, ema=ema, dtype=dtype.value, overwrite=overwrite)
+    console.print(f"wrote {r.path} ({human_size(r.file_size)}; {r.weights} weights, {r.dtype})", markup=False,
+                  soft_wrap=True)
+    console.print(f"check: relative error {r.rel_error:.2e} against PyTorch (limit {r.tolerance:g}), "
+                  f"{r.checked_with}", markup=False, soft_wrap=True)

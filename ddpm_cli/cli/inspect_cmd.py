@@ -1,0 +1,214 @@
+"""`ddpm inspect CKPT`: what a checkpoint holds (format, run progress, architecture, schedule, tensors) read from
+its safetensors header alone, so it never imports torch and is fast on big files; a run directory lists its
+checkpoints. `--json` for scripts."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import typer
+
+from ddpm_cli.cli.ui import console, friendly
+
+
+def _int(text: str | None) -> int | None:
+    try:
+        return int(text) if text is not None else None
+    except ValueError:
+        return None
+
+
+def describe(header, sha256: bool = False) -> dict:
+    """A checkpoint header -> a JSON-ready summary (the `--json` output; the table shows the same)."""
+    meta = header.metadata
+    try:
+        cfg = json.loads(meta.get("config", "")) if meta.get("config") else {}
+    except (ValueError, RecursionError):
+        cfg = {}
+    if not isinstance(cfg, dict):
+        cfg = {}
+    for section in ("model", "diffusion"):
+        if not isinstance(cfg.get(section, {}), dict):
+            cfg[section] = {}
+    try:
+        classes = json.loads(meta.get("classes", "[]"))
+    except ValueError:
+        classes = []
+    dtypes: dict[str, int] = {}
+    model_params = 0
+    for name, info in header.tensors.items():
+        dtypes[info["dtype"]] = dtypes.get(info["dtype"], 0) + 1
+        if name.startswith("model."):
+            count = 1
+            for d in info["shape"]:
+                count *= int(d)
+            model_params += count
+    num_params = _int(meta.get("num_params"))
+    info = {
+        "path": str(header.path),
+        "file_size": header.file_size,
+        "format": meta.get("format"),
+        "format_version": _int(meta.get("format_version")),
+        "kind": meta.get("kind"),
+        "ddpm_version": meta.get("ddpm_version"),
+        "created": meta.get("created"),
+        "step": _int(meta.get("step")),
+        "images_seen": _int(meta.get("images_seen")),
+        "num_params": num_params if num_params is not None else (model_params or None),
+        "has_ema": meta.get("has_ema") == "true" and any(k.startswith("ema.") for k in header.tensors),
+        "dtype": meta.get("dtype"),
+        "model": cfg.get("model", {}),
+        "diffusion": cfg.get("diffusion", {}),
+        "classes": classes,
+        "tensors": {"count": len(header.tensors), "dtypes": dict(sorted(dtypes.items()))},
+    }
+    for key in ("source_weights", "exported_from"):
+        if key in meta:
+            info[key] = meta[key]
+    if sha256:
+        info["sha256"] = file_sha256(header.path)
+    return info
+
+
+def file_sha256(path: Path) -> str:
+    import hashlib
+
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 22):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def human_size(n: int) -> str:
+    for unit in ("B", "KB", "MB", "GB"):
+        if n < 1024 or unit == "GB":
+            return f"{n:,.0f} {unit}" if unit == "B" else f"{n:,.1f} {unit}"
+        n /= 1024
+    return str(n)
+
+
+def _rows(info: dict) -> list[tuple[str, str]]:
+    m, d = info["model"], info["diffusion"]
+    opt = lambda v: "-" if v is None else f"{v:,}" if isinstance(v, int) else str(v)  # noqa: E731
+    rows = [
+        ("file", info["path"]),
+        ("file size", f"{human_size(info['file_size'])} ({info['file_size']:,} bytes)"),
+        ("format", f"{info['format']} v{opt(info['format_version'])}"),
+        ("kind", opt(info["kind"])),
+        ("ddpm version", opt(info["ddpm_version"])),
+        ("created", opt(info["created"])),
+        ("step", opt(info["step"])),
+        ("images seen", opt(info["images_seen"])),
+    ]
+    if m:
+        classes = info["classes"]
+        if m.get("conditional"):
+            names = f": {', '.join(map(str, classes))}" if classes else ""
+            cls = f"{m.get('num_classes')} (conditional){names}"
+        else:
+            cls = "unconditional"
+        rows += [
+            ("image size", f"{m.get('image_size')}x{m.get('image_size')}, {m.get('in_channels')} channel(s)"),
+            ("base channels", opt(m.get("base_channels"))),
+            ("channel multipliers", ", ".join(map(str, m.get("channel_mults", [])))),
+            ("residual blocks", f"{m.get('num_res_blocks')} per level"),
+            ("attention", (", ".join(f"{r}x{r}" for r in m.get("attention_resolutions", [])) or "mid only")
+             + f" ({m.get('num_heads', 1)} head(s))"),
+            ("classes", cls),
+        ]
+    rows += [("parameters", opt(info["num_params"])), ("EMA weights", "yes" if info["has_ema"] else "no")]
+    if "source_weights" in info:
+        rows.append(("exported from", f"{info.get('exported_from', '?')} ({info['source_weights']} weights)"))
+    if d:
+        sched = f"{d.get('schedule')}, T = {d.get('num_timesteps')}"
+        if d.get("schedule") != "cosine":
+            sched += f", low {d.get('schedule_low')} / high {d.get('schedule_high')}"
+        if d.get("schedule") == "dns":
+            sched += f", offset {d.get('dns_offset')}"
+        rows += [("schedule", sched), ("sampler variance", opt(d.get("variance")))]
+    t = info["tensors"]
+    rows.append(("tensors", f"{t['count']:,} ({', '.join(f'{k} x {v}' for k, v in t['dtypes'].items()) or '-'})"))
+    if info.get("dtype"):
+        rows.append(("weights dtype", info["dtype"]))
+    return rows
+
+
+def _list_run(run_dir: Path, as_json: bool, sha256: bool) -> None:
+    from ddpm_cli.engine.header import latest_checkpoint, list_checkpoints, read_header
+    from ddpm_cli.errors import CheckpointError, DdpmError
+
+    found = list_checkpoints(run_dir)
+    if not found:
+        raise CheckpointError(f"{run_dir} holds no checkpoints (looked for checkpoints/ckpt-*.safetensors); pass a "
+                              f"run directory of `ddpm train` or a .safetensors file")
+    latest = latest_checkpoint(run_dir)
+    entries = []
+    for p in found:
+        entry: dict = {"path": str(p), "latest": latest is not None and p.resolve() == latest.resolve()}
+        try:
+            h = read_header(p)
+            entry.update(file_size=h.file_size, step=_int(h.metadata.get("step")),
+                         images_seen=_int(h.metadata.get("images_seen")), created=h.metadata.get("created"),
+                         has_ema=h.metadata.get("has_ema") == "true")
+            if sha256:
+                entry["sha256"] = file_sha256(p)
+        except DdpmError as e:
+            entry["error"] = str(e)
+        entries.append(entry)
+    if as_json:
+        typer.echo(json.dumps({"run_dir": str(run_dir), "latest": str(latest) if latest else None,
+                               "checkpoints": entries}, indent=2))
+        return
+    from rich.table import Table
+
+    table = Table(title=f"checkpoints of {run_dir}", title_justify="left", box=None, pad_edge=False,
+                  caption="* latest (what sample/export/--resume use)", caption_justify="left")
+    for col in ("checkpoint", "step", "images", "created", "size"):
+        table.add_column(col, justify="right" if col in ("step", "images", "size") else "left", no_wrap=True)
+    if sha256:
+        table.add_column("sha256", no_wrap=True)
+    for e in entries:
+        name = Path(e["path"]).name + ("*" if e["latest"] else " ")
+        if "error" in e:
+            table.add_row(name, "-", "-", "unreadable", "-", *(["-"] if sha256 else []))
+            continue
+        table.add_row(name, f"{e['step']:,}" if e["step"] is not None else "-",
+                      f"{e['images_seen']:,}" if e["images_seen"] is not None else "-",
+                      (e["created"] or "-")[:19].replace("T", " "), human_size(e["file_size"]),
+                      *([e["sha256"]] if sha256 else []))
+    console.print(table)
+    for e in entries:
+        if "error" in e:
+            console.print(f"{Path(e['path']).name}: {e['error']}", markup=False, soft_wrap=True)
+    console.print(f"details of one: ddpm inspect {latest or found[-1]}", markup=False, soft_wrap=True)
+
+
+@friendly
+def inspect_command(
+    checkpoint: Path = typer.Argument(..., help="A .safetensors checkpoint, or a run directory (lists its "
+                                                "checkpoints).", show_default=False),
+    as_json: bool = typer.Option(False, "--json", help="Print JSON instead of a table."),
+    sha256: bool = typer.Option(False, "--sha256", help="Also compute the file's SHA-256 (reads the whole file)."),
+) -> None:
+    """Show what a checkpoint holds, from its header alone (fast, no torch)."""
+    from ddpm_cli.engine.header import read_header
+
+    if checkpoint.is_dir():
+        return _list_run(checkpoint, as_json, sha256)
+    info = describe(read_header(checkpoint), sha256=sha256)
+    if as_json:
+        typer.echo(json.dumps(info, indent=2))  # plain: rich would wrap long strings
+        return
+    from rich.table import Table
+
+    table = Table(show_header=False, box=None, pad_edge=False)
+    table.add_column(style="bold")
+    table.add_column(overflow="fold")
+    rows = _rows(info)
+    for key, value in rows:
+        table.add_row(key, value)
+    console.print(table)
+    if "sha256" in info:  # on its own unwrapped line, so it can be copied whole
+        width = max(len(k) for k, _ in rows)
+        console.print(f"[bold]{'sha256':<{width}}[/]  {info['sha256']}", soft_wrap=True)

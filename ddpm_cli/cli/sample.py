@@ -1,0 +1,153 @@
+"""`ddpm sample CKPT`: draw images from a checkpoint alone (PNG files, an NPZ for FID tools, a grid), with a
+progress bar over images and sampler steps and a summary line."""
+from __future__ import annotations
+
+from enum import Enum
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+from ddpm_cli.cli.ui import console, err_console, fail, fmt_rate, friendly
+
+
+class Sampler(str, Enum):
+    ddpm = "ddpm"
+    ddim = "ddim"
+    dpmpp2m = "dpm++2m"
+
+
+class Toggle(str, Enum):
+    auto = "auto"
+    on = "on"
+    off = "off"
+
+
+class Spacing(str, Enum):
+    uniform = "uniform"
+    quadratic = "quadratic"
+    logsnr = "logsnr"
+
+
+class Variance(str, Enum):
+    beta = "beta"
+    posterior = "posterior"
+
+
+class Format(str, Enum):
+    png = "png"
+    npz = "npz"
+
+
+class SampleDisplay:
+    """A live bar over images and one over the current batch's steps on a terminal; a line per batch elsewhere."""
+
+    def __init__(self, n: int, live: bool | None = None):
+        self.n = n
+        self.live = console.is_terminal if live is None else live
+        self.progress = None
+
+    def __enter__(self) -> "SampleDisplay":
+        if self.live:
+            from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn,
+                                       TimeRemainingColumn)
+
+            self.progress = Progress(TextColumn("[bold]{task.description:>7}"), BarColumn(), MofNCompleteColumn(),
+                                     TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn(),
+                                     console=console, refresh_per_second=8)
+            self.progress.start()
+            self.images = self.progress.add_task("images", total=self.n)
+            self.steps = self.progress.add_task("steps", total=None)
+        return self
+
+    def on_step(self, i: int, total: int) -> None:
+        if self.progress is not None:
+            self.progress.update(self.steps, completed=i, total=total)
+
+    def on_batch(self, done: int, n: int) -> None:
+        if self.progress is not None:
+            self.progress.update(self.images, completed=done)
+        else:
+            console.print(f"sampled {done:,}/{n:,}", markup=False)
+
+    def __exit__(self, *exc) -> None:
+        if self.progress is not None:
+            self.progress.stop()
+            self.progress = None
+
+
+@friendly
+def sample_command(
+    checkpoint: Path = typer.Argument(..., help="A .safetensors checkpoint, or a run directory (its latest).",
+                                      show_default=False),
+    n: int = typer.Option(64, "-n", "--num", help="Number of images."),
+    per_class: bool = typer.Option(False, "--per-class", help="Split -n evenly over the classes (conditional "
+                                                                "models); the grid gets a row per class."),
+    class_index: Optional[int] = typer.Option(None, "--class", help="Draw every image of class K (conditional "
+                                                                      "models).", show_default=False),
+    batch_size: int = typer.Option(256, "--batch-size", "-b", help="Images per network batch."),
+    seed: int = typer.Option(0, "--seed", help="Seed: the same seed and arguments give the same images."),
+    ema: Optional[bool] = typer.Option(None, "--ema/--no-ema", help="Use the EMA weights (default: when the "
+                                                                     "checkpoint has them).", show_default=False),
+    device: str = typer.Option("auto", "--device", help="auto, cpu, cuda or cuda:N."),
+    out: Optional[Path] = typer.Option(None, "--out", "-o", help="Folder for the images (created if missing); an "
+                                       "NPZ path with --format npz. Default: samples/ unless only --grid is asked.",
+                                       show_default=False),
+    fmt: Format = typer.Option(Format.png, "--format", help="png: one file per image; npz: one uint8 (N, H, W, C) "
+                                                            "array `arr_0` and `labels`, as FID tools read it."),
+    grid: Optional[Path] = typer.Option(None, "--grid", help="Also write one PNG grid of the images (at most "
+                                                             "1,024).", show_default=False),
+    sampler: Sampler = typer.Option(Sampler.ddim, "--sampler", help="ddpm: ancestral over all T steps; ddim: few "
+                                                                    "steps, --eta; dpm++2m: DPM-Solver++ (2M)."),
+    steps: Optional[int] = typer.Option(None, "--steps", help="Sampler steps (default: ddim 100, dpm++2m 20; ddpm "
+                                                              "always T).", show_default=False),
+    eta: float = typer.Option(0.0, "--eta", help="DDIM noise: 0 deterministic, 1 like DDPM."),
+    spacing: Optional[Spacing] = typer.Option(None, "--spacing", help="Timestep spacing of few-step samplers "
+                                              "(default: ddim uniform, dpm++2m logsnr).", show_default=False),
+    variance: Optional[Variance] = typer.Option(None, "--variance", help="ddpm sampler's sigma^2: beta or "
+                                                "posterior (default: the checkpoint's).", show_default=False),
+    guidance: float = typer.Option(1.0, "--guidance", "-w", help="Classifier-free guidance scale (conditional "
+                                                                 "models; 1 = off, 0 = unconditional)."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace existing output files."),
+    compile: Toggle = typer.Option(Toggle.auto, "--compile", help="torch.compile the network: auto (on CUDA for large "
+                                "jobs), on, off."),
+) -> None:
+    """Draw images from a trained checkpoint."""
+    from ddpm_cli.engine.sampling import SampleRequest, plan_sampling, run_sampling
+
+    # Usage errors first, before the checkpoint is even read (exit 2 like click's own).
+    if n < 1:
+        fail(f"-n must be at least 1 (got {n})", code=2)
+    if batch_size < 1:
+        fail(f"--batch-size must be at least 1 (got {batch_size})", code=2)
+    if steps is not None and steps < 1:
+        fail(f"--steps must be at least 1 (got {steps})", code=2)
+    if not 0.0 <= eta <= 1.0:
+        fail(f"--eta must be between 0 and 1 (got {eta})", code=2)
+    if per_class and class_index is not None:
+        fail("pass either --per-class or --class, not both", code=2)
+    if out is None and grid is None:
+        out = Path("samples.npz") if fmt == Format.npz else Path("samples")
+    req = SampleRequest(checkpoint=checkpoint, n=n, per_class=per_class, class_index=class_index,
+                        batch_size=batch_size, seed=seed, ema=ema, device=device, out=out, fmt=fmt.value, grid=grid,
+                        sampler=sampler.value, steps=steps, eta=eta, spacing=spacing.value if spacing else None,
+                        variance=variance.value if variance else None, guidance=guidance, overwrite=overwrite,
+                        compile=compile.value)
+    plan = plan_sampling(req)
+    for w in plan.warnings:
+        err_console.print(f"[yellow]warning:[/] {w}", soft_wrap=True)
+    m = plan.config.model
+    what = ("per class" if per_class else f"class {class_index}" if class_index is not None
+            else "classes in turn" if m.conditional else "unconditional")
+
+    def on_start(device_name: str) -> None:
+        console.print(f"sampling {n:,} image{'s' if n != 1 else ''} ({what}) from {plan.checkpoint}  |  "
+                      f"{sampler.value}{f' {steps} steps' if steps else ''}  |  {plan.weights} weights  |  "
+                      f"seed {seed}  |  {device_name}", markup=False, soft_wrap=True)
+
+    with SampleDisplay(n) as display:
+        result = run_sampling(plan, req, on_start=on_start, on_step=display.on_step, on_batch=display.on_batch)
+    where = [str(p) for p in ((out if plan.files else None), result.npz, result.grid) if p is not None]
+    console.print(f"{result.n:,} image{'s' if result.n != 1 else ''} in {result.seconds:.1f} s "
+                  f"({fmt_rate(result.images_per_s)} images/s) on {result.device} -> {', '.join(where)}",
+                  markup=False, soft_wrap=True)

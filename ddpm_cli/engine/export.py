@@ -1,0 +1,246 @@
+"""Exporting a checkpoint for inference, each export checked against the PyTorch model right after it is written:
+
+- safetensors: one set of weights (EMA or raw) in fp32, fp16 or bf16, the metadata kept (kind "export"), so
+  `ddpm sample` loads it like any checkpoint;
+- onnx: the denoiser (x_t, t, y) -> epsilon (no y for an unconditional model) with a dynamic batch, run in
+  onnxruntime on random inputs;
+- pt2: the same denoiser as a torch.export program (torch.export.load(path).module()).
+
+A check beyond the tolerance deletes the file and raises: a wrong export must never be left behind."""
+from __future__ import annotations
+
+import json
+import os
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from ddpm_cli.engine.checkpoint import load_checkpoint, load_model, weights_metadata
+from ddpm_cli.engine.header import atomic_write_bytes
+from ddpm_cli.errors import CheckpointError, DdpmError
+
+FORMATS = ("safetensors", "onnx", "pt2")
+DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+DTYPE_NAMES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}
+# Largest relative error (max |export - torch| / max |torch|) accepted by the check after an export.
+TOLERANCE = {"fp32": 1e-3, "fp16": 1e-2, "bf16": 5e-2}
+ONNX_OPSET = 18
+CHECK_BATCH = 3  # differs from the tracing batch (2), so the check also proves the batch is dynamic
+
+
+@dataclass
+class ExportResult:
+    path: Path
+    format: str
+    weights: str  # "ema" or "model"
+    dtype: str
+    file_size: int
+    rel_error: float  # of the check against PyTorch (fp32, source weights)
+    tolerance: float
+    checked_with: str  # what ran the export in the check
+
+
+def default_output(checkpoint: Path, fmt: str, dtype: str = "fp32") -> Path:
+    """Beside the checkpoint: ckpt-00000020-export-fp16.safetensors, ckpt-00000020.onnx, ckpt-00000020.pt2."""
+    stem = checkpoint.name.removesuffix(".safetensors")
+    if fmt == "safetensors":
+        return checkpoint.with_name(f"{stem}-export-{dtype}.safetensors")
+    return checkpoint.with_name(f"{stem}.{fmt}")
+
+
+class Denoiser(torch.nn.Module):
+    """The network with the exported signature: forward(x_t, t[, y]) -> epsilon, (B, C, H, W), (B,), (B,)."""
+
+    def __init__(self, model: torch.nn.Module, conditional: bool):
+        super().__init__()
+        self.model = model
+        self.conditional = conditional
+
+    def forward(self, x_t: torch.Tensor, t: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
+        return self.model(x_t, t, y if self.conditional else None)
+
+
+def random_inputs(cfg, batch: int, seed: int = 0) -> tuple[torch.Tensor, ...]:
+    """Inputs like sampling's: x_t ~ N(0, 1), t in [0, T), y in [0, num_classes] (the last is 'no label')."""
+    g = torch.Generator().manual_seed(seed)
+    m = cfg.model
+    x = torch.randn(batch, m.in_channels, m.image_size, m.image_size, generator=g)
+    t = torch.randint(0, cfg.diffusion.num_timesteps, (batch,), generator=g)
+    if not m.conditional:
+        return x, t
+    return x, t, torch.randint(0, m.num_classes + 1, (batch,), generator=g)
+
+
+def relative_error(got: torch.Tensor, want: torch.Tensor) -> float:
+    want = want.double()
+    return float((got.double() - want).abs().max() / want.abs().max().clamp(min=1e-12))
+
+
+def _check(path: Path, err: float, tol: float, what: str) -> None:
+    if not err <= tol:  # also catches NaN
+        path.unlink(missing_ok=True)
+        raise DdpmError(f"export check failed: {what} differs from PyTorch by a relative error of {err:.3g} "
+                        f"(limit {tol:g}); {path.name} was not kept. Please report this with the checkpoint's "
+                        f"`ddpm inspect --json`")
+
+
+def _prepare(src: str | Path, dst: Path | None, fmt: str, dtype: str, overwrite: bool, ema: bool | None):
+    if fmt not in FORMATS:
+        raise DdpmError(f"unknown export format {fmt!r}; choose one of {', '.join(FORMATS)}")
+    if dtype not in DTYPES:
+        raise DdpmError(f"unknown dtype {dtype!r}; choose one of {', '.join(DTYPES)}")
+    if fmt != "safetensors" and dtype != "fp32":
+        raise DdpmError(f"--format {fmt} exports fp32 only; drop --dtype (fp16/bf16 are for safetensors)")
+    ckpt = load_checkpoint(src)
+    if ema and ckpt.ema_state is None:
+        raise CheckpointError(f"{ckpt.path} has no EMA weights; drop --ema (or pass --no-ema)")
+    use_ema = ckpt.ema_state is not None if ema is None else ema
+    dst = Path(dst) if dst is not None else default_output(ckpt.path, fmt, dtype)
+    if dst.resolve() == ckpt.path.resolve():
+        raise DdpmError(f"the export would replace its own source {dst}; pass another --out")
+    if dst.exists() and not overwrite:
+        raise DdpmError(f"{dst} already exists; pass --overwrite or another --out")
+    if dst.is_dir():
+        raise DdpmError(f"{dst} is a directory; pass a file name to --out")
+    try:
+        dst.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise DdpmError(f"cannot create folder {dst.parent}: {e.strerror or e}") from None
+    return ckpt, use_ema, dst
+
+
+def export_safetensors(ckpt, use_ema: bool, dst: Path, dtype: str) -> ExportResult:
+    from safetensors.torch import save as st_save
+
+    state = ckpt.ema_state if use_ema else ckpt.model_state
+    tensors = {f"model.{k}": (v.to(DTYPES[dtype]) if v.is_floating_point() else v).contiguous()
+               for k, v in state.items()}
+    num_params = sum(v.numel() for v in state.values())
+    meta = weights_metadata(ckpt.config, ckpt.step, int(ckpt.metadata.get("images_seen", 0)), num_params,
+                            has_ema=False, classes=ckpt.classes, kind="export", dtype=DTYPE_NAMES[dtype])
+    meta.update(source_weights="ema" if use_ema else "model", exported_from=ckpt.path.name,
+                source_created=ckpt.metadata.get("created", ""))
+    try:
+        atomic_write_bytes(dst, st_save(tensors, metadata=meta))
+    except OSError as e:
+        raise DdpmError(f"cannot write {dst}: {e.strerror or e}") from None
+    # Check: the exported file, loaded as `ddpm sample` loads it, against the source weights in fp32.
+    ref, _, cfg, _ = load_model(ckpt.path, "cpu", use_ema=use_ema)
+    got, _, _, _ = load_model(dst, "cpu", use_ema=False)
+    inputs = random_inputs(cfg, CHECK_BATCH)
+    with torch.no_grad():
+        err = relative_error(Denoiser(got, cfg.model.conditional)(*inputs),
+                             Denoiser(ref, cfg.model.conditional)(*inputs))
+    _check(dst, err, TOLERANCE[dtype], f"the {dtype} weights")
+    return ExportResult(dst, "safetensors", "ema" if use_ema else "model", dtype, dst.stat().st_size, err,
+                        TOLERANCE[dtype], "PyTorch (weights loaded back)")
+
+
+def _onnx_metadata(ckpt, use_ema: bool, inputs: list[str]) -> dict[str, str]:
+    keep = ("format", "format_version", "ddpm_version", "step", "images_seen", "num_params", "classes", "config")
+    meta = {k: ckpt.metadata[k] for k in keep if k in ckpt.metadata}
+    meta.update(kind="export", source_weights="ema" if use_ema else "model", exported_from=ckpt.path.name,
+                inputs=json.dumps(inputs), output="eps")
+    return meta
+
+
+def _torch_onnx_export(net: torch.nn.Module, args: tuple, path: Path, names: list[str]) -> str:
+    """Export with the TorchScript-based exporter (fast, needs no onnxscript) and fall back to the dynamo one
+    (torch.export + onnxscript) where the former is unavailable; returns which one ran."""
+    dynamic_axes = {name: {0: "batch"} for name in [*names, "eps"]}
+    errors = []
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        try:
+            torch.onnx.export(net, args, str(path), input_names=names, output_names=["eps"],
+                              dynamic_axes=dynamic_axes, opset_version=ONNX_OPSET, dynamo=False)
+            return "torchscript exporter"
+        except Exception as e:  # noqa: BLE001 - removed or failing: try the other exporter
+            errors.append(f"torchscript exporter: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}")
+        try:
+            batch = torch.export.Dim("batch", min=1, max=65536)
+            torch.onnx.export(net, args, str(path), input_names=names, output_names=["eps"],
+                              dynamic_shapes=tuple({0: batch} for _ in args), opset_version=ONNX_OPSET,
+                              dynamo=True)
+            return "dynamo exporter"
+        except Exception as e:  # noqa: BLE001
+            errors.append(f"dynamo exporter: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}")
+    path.unlink(missing_ok=True)
+    raise DdpmError(f"ONNX export failed ({'; '.join(errors)})")
+
+
+def export_onnx(ckpt, use_ema: bool, dst: Path) -> ExportResult:
+    try:
+        import onnx
+        import onnxruntime as ort
+    except ImportError as e:
+        raise DdpmError(f"ONNX export needs onnx and onnxruntime ({e.name} is missing); "
+                        f"pip install 'ddpm-cli[export]'") from None
+    model, _, cfg, _ = load_model(ckpt.path, "cpu", use_ema=use_ema)
+    net = Denoiser(model, cfg.model.conditional).eval()
+    names = ["x_t", "t", "y"] if cfg.model.conditional else ["x_t", "t"]
+    tmp = dst.with_name(f".{dst.name}.tmp-{os.getpid()}")
+    try:
+        exporter = _torch_onnx_export(net, random_inputs(cfg, 2, seed=1), tmp, names)
+        proto = onnx.load(str(tmp))
+        onnx.helper.set_model_props(proto, _onnx_metadata(ckpt, use_ema, names))
+        onnx.save(proto, str(tmp))
+        os.replace(tmp, dst)
+    except OSError as e:
+        raise DdpmError(f"cannot write {dst}: {e.strerror or e}") from None
+    finally:
+        tmp.unlink(missing_ok=True)
+    inputs = random_inputs(cfg, CHECK_BATCH)
+    try:
+        session = ort.InferenceSession(str(dst), providers=["CPUExecutionProvider"])
+        got = session.run(["eps"], {n: v.numpy() for n, v in zip(names, inputs)})[0]
+    except Exception as e:  # noqa: BLE001 - onnxruntime raises its own types
+        dst.unlink(missing_ok=True)
+        raise DdpmError(f"the exported ONNX model does not run in onnxruntime ({type(e).__name__}: "
+                        f"{str(e).splitlines()[0] if str(e) else ''}); {dst.name} was not kept") from None
+    with torch.no_grad():
+        err = relative_error(torch.from_numpy(got), net(*inputs))
+    _check(dst, err, TOLERANCE["fp32"], "onnxruntime's output")
+    return ExportResult(dst, "onnx", "ema" if use_ema else "model", "fp32", dst.stat().st_size, err,
+                        TOLERANCE["fp32"], f"onnxruntime (batch {CHECK_BATCH}; {exporter})")
+
+
+def export_pt2(ckpt, use_ema: bool, dst: Path) -> ExportResult:
+    model, _, cfg, _ = load_model(ckpt.path, "cpu", use_ema=use_ema)
+    net = Denoiser(model, cfg.model.conditional).eval()
+    args = random_inputs(cfg, 2, seed=1)
+    batch = torch.export.Dim("batch", min=1, max=65536)
+    tmp = dst.with_name(f".{dst.stem}.tmp-{os.getpid()}.pt2")  # torch.export.save wants the .pt2 suffix
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            program = torch.export.export(net, args, dynamic_shapes=tuple({0: batch} for _ in args))
+            torch.export.save(program, str(tmp))
+        os.replace(tmp, dst)
+    except OSError as e:
+        raise DdpmError(f"cannot write {dst}: {e.strerror or e}") from None
+    except Exception as e:  # noqa: BLE001 - torch.export raises many types
+        raise DdpmError(f"torch.export failed ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})") \
+            from None
+    finally:
+        tmp.unlink(missing_ok=True)
+    inputs = random_inputs(cfg, CHECK_BATCH)
+    with torch.no_grad():
+        got = torch.export.load(str(dst)).module()(*inputs)
+        err = relative_error(got, net(*inputs))
+    _check(dst, err, TOLERANCE["fp32"], "the torch.export program")
+    return ExportResult(dst, "pt2", "ema" if use_ema else "model", "fp32", dst.stat().st_size, err,
+                        TOLERANCE["fp32"], f"torch.export.load (batch {CHECK_BATCH})")
+
+
+def export_checkpoint(src: str | Path, dst: str | Path | None = None, fmt: str = "safetensors", *,
+                      ema: bool | None = None, dtype: str = "fp32", overwrite: bool = False) -> ExportResult:
+    """Export a checkpoint (or a run directory's latest) and check the result; see the module docstring."""
+    ckpt, use_ema, out = _prepare(src, Path(dst) if dst is not None else None, fmt, dtype, overwrite, ema)
+    if fmt == "safetensors":
+        return export_safetensors(ckpt, use_ema, out, dtype)
+    if fmt == "onnx":
+        return export_onnx(ckpt, use_ema, out)
+    return export_pt2(ckpt, use_ema, out)

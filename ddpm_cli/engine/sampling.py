@@ -1,0 +1,311 @@
+"""`ddpm sample` in the engine: check the options against the checkpoint (header only, no torch), plan which
+class each image gets and where it goes, then generate in batches and write PNG files, an NPZ and a grid.
+
+Never prints: progress goes through callbacks, problems are DdpmError with the fix in the message."""
+from __future__ import annotations
+
+import io
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Literal
+
+from ddpm_cli.config import RunConfig, config_from_json
+from ddpm_cli.engine.header import Header, atomic_write_bytes, read_header, resolve_checkpoint
+from ddpm_cli.errors import CheckpointError, ConfigError, DdpmError
+
+SAMPLERS = ("ddpm", "ddim", "dpm++2m")  # mirrors diffusion.samplers.SAMPLERS without importing torch
+SPACINGS = ("uniform", "quadratic", "logsnr")
+GRID_MAX = 1024  # a grid shows at most this many images (a 32x32 grid is already 1,100 px wide)
+
+
+@dataclass
+class SampleRequest:
+    """Everything `ddpm sample` was asked for; defaults match the command's."""
+
+    checkpoint: Path
+    n: int
+    per_class: bool = False
+    class_index: int | None = None
+    batch_size: int = 256
+    seed: int = 0
+    ema: bool | None = None  # None: the EMA weights when the checkpoint has them
+    device: str = "auto"
+    out: Path | None = None  # None: no per-image files (only a grid, if asked for)
+    fmt: Literal["png", "npz"] = "png"
+    grid: Path | None = None
+    sampler: str = "ddim"
+    steps: int | None = None  # None: the sampler's default (all T for ddpm)
+    eta: float = 0.0
+    spacing: str | None = None  # None: the sampler's default
+    variance: str | None = None  # None: the checkpoint's diffusion.variance
+    guidance: float = 1.0
+    overwrite: bool = False
+    compile: Literal["auto", "on", "off"] = "auto"  # auto: on CUDA for jobs of at least COMPILE_MIN_NFE
+
+
+@dataclass
+class SamplePlan:
+    """What will be made and where, decided before any torch import."""
+
+    checkpoint: Path
+    header: Header
+    config: RunConfig
+    labels: list[int] | None  # one class per image, or None for an unconditional model
+    files: list[Path]  # one PNG per image (empty unless --out with png)
+    npz: Path | None
+    grid: Path | None
+    use_ema: bool
+    warnings: list[str] = field(default_factory=list)
+
+    @property
+    def weights(self) -> str:
+        """Which weights are drawn from, in words (an export says what it was made of)."""
+        if self.use_ema:
+            return "EMA"
+        source = self.header.metadata.get("source_weights")
+        return f"exported {'EMA' if source == 'ema' else 'raw'}" if source else "raw"
+
+
+@dataclass
+class SampleResult:
+    n: int
+    seconds: float
+    files: list[Path]
+    npz: Path | None
+    grid: Path | None
+    device: str
+
+    @property
+    def images_per_s(self) -> float:
+        return self.n / max(self.seconds, 1e-9)
+
+
+def read_checkpoint_config(path: str | Path) -> tuple[Path, Header, RunConfig]:
+    """A checkpoint (or a run directory's latest) -> (file, header, stored config), without torch."""
+    p = resolve_checkpoint(path)
+    header = read_header(p)
+    if header.metadata.get("kind") == "train-state":
+        raise CheckpointError(f"{p} is a training-state file; pass the weights file beside it")
+    try:
+        cfg = config_from_json(header.metadata.get("config", ""))
+    except ConfigError as e:
+        raise CheckpointError(f"{p}: its stored config is not valid for this ddpm ({'; '.join(e.problems) or e})") \
+            from None
+    return p, header, cfg
+
+
+def plan_labels(n: int, *, conditional: bool, num_classes: int, per_class: bool = False,
+                class_index: int | None = None) -> list[int] | None:
+    """The class of each of the n images: None for an unconditional model; `class_index` for all; with
+    `per_class` contiguous blocks of n / num_classes (the remainder to the first classes); else classes in turn."""
+    if n < 1:
+        raise DdpmError(f"-n must be at least 1 (got {n})")
+    if per_class and class_index is not None:
+        raise DdpmError("pass either --per-class or --class, not both")
+    if not conditional:
+        if per_class:
+            raise DdpmError("--per-class needs a class-conditional model, and this checkpoint is unconditional; "
+                            "drop --per-class")
+        if class_index is not None:
+            raise DdpmError("--class needs a class-conditional model, and this checkpoint is unconditional; "
+                            "drop --class")
+        return None
+    if class_index is not None:
+        if not 0 <= class_index < num_classes:
+            raise DdpmError(f"--class {class_index} is out of range: this model has {num_classes} classes "
+                            f"(0 to {num_classes - 1})")
+        return [class_index] * n
+    if per_class:
+        base, extra = divmod(n, num_classes)
+        return [k for k in range(num_classes) for _ in range(base + (k < extra))]
+    return [i % num_classes for i in range(n)]
+
+
+def image_name(index: int, label: int | None, width: int = 6) -> str:
+    """`class3_000042.png` for a conditional model, `000042.png` otherwise."""
+    return f"{index:0{width}d}.png" if label is None else f"class{label}_{index:0{width}d}.png"
+
+
+def _check_free(paths: list[Path], overwrite: bool) -> None:
+    if overwrite:
+        return
+    taken = [p for p in paths if p.exists()]
+    if taken:
+        more = f" (and {len(taken) - 1} more)" if len(taken) > 1 else ""
+        raise DdpmError(f"{taken[0]} already exists{more}; pass --overwrite or choose another --out/--grid")
+
+
+def plan_sampling(req: SampleRequest) -> SamplePlan:
+    """Check every option against the checkpoint's header and the output paths; import no torch."""
+    if req.batch_size < 1:
+        raise DdpmError(f"--batch-size must be at least 1 (got {req.batch_size})")
+    if req.sampler not in SAMPLERS:
+        raise DdpmError(f"unknown sampler {req.sampler!r}; choose one of {', '.join(SAMPLERS)}")
+    if req.steps is not None and req.steps < 1:
+        raise DdpmError(f"--steps must be at least 1 (got {req.steps})")
+    if req.spacing is not None and req.spacing not in SPACINGS:
+        raise DdpmError(f"unknown spacing {req.spacing!r}; choose one of {', '.join(SPACINGS)}")
+    if not 0.0 <= req.eta <= 1.0:
+        raise DdpmError(f"--eta must be between 0 and 1 (got {req.eta})")
+    if req.fmt not in ("png", "npz"):
+        raise DdpmError(f"unknown format {req.fmt!r}; choose png or npz")
+    path, header, cfg = read_checkpoint_config(req.checkpoint)
+    m = cfg.model
+    labels = plan_labels(req.n, conditional=m.conditional, num_classes=m.num_classes, per_class=req.per_class,
+                         class_index=req.class_index)
+    warnings: list[str] = []
+    if req.guidance != 1.0:
+        if not m.conditional:
+            raise DdpmError("--guidance needs a class-conditional model, and this checkpoint is unconditional; "
+                            "drop --guidance")
+        if cfg.train.label_dropout == 0.0:
+            warnings.append("this model was trained without label dropout (train.label_dropout = 0), so its "
+                            "'no label' input is untrained and --guidance will give poor images")
+    if req.sampler == "ddpm" and req.steps is not None and req.steps != cfg.diffusion.num_timesteps:
+        warnings.append(f"the ddpm sampler always takes all T = {cfg.diffusion.num_timesteps} steps; --steps "
+                        f"is ignored (use --sampler ddim or dpm++2m for fewer)")
+    if req.sampler == "ddpm" and req.eta != 0.0:
+        warnings.append("--eta applies to ddim only; ignored")
+    has_ema = header.metadata.get("has_ema") == "true" and any(k.startswith("ema.") for k in header.tensors)
+    if req.ema and not has_ema:
+        raise DdpmError(f"{path} has no EMA weights; drop --ema (or pass --no-ema)")
+    use_ema = has_ema if req.ema is None else req.ema
+
+    files: list[Path] = []
+    npz = None
+    if req.out is not None:
+        if req.fmt == "png":
+            width = max(6, len(str(req.n - 1)))
+            labs = labels if labels is not None else [None] * req.n
+            files = [req.out / image_name(i, labs[i], width) for i in range(req.n)]
+        else:
+            npz = req.out if req.out.suffix == ".npz" else req.out / "samples.npz"
+        if req.out.exists() and not req.out.is_dir() and req.fmt == "png":
+            raise DdpmError(f"--out {req.out} is a file; pass a directory for the PNG files")
+    _check_free(files + [p for p in (npz, req.grid) if p is not None], req.overwrite)
+    return SamplePlan(path, header, cfg, labels, files, npz, req.grid, use_ema, warnings)
+
+
+def grid_layout(labels: list[int] | None, n: int, per_class: bool, num_classes: int) -> list[list[int]]:
+    """Rows of image indices for the grid: a row per class with `per_class`, else a near-square block."""
+    if per_class and labels is not None:
+        per = max(1, GRID_MAX // num_classes)
+        rows = [[i for i, k in enumerate(labels) if k == c][:per] for c in range(num_classes)]
+        return [r for r in rows if r]
+    n = min(n, GRID_MAX)
+    ncol = max(1, math.ceil(math.sqrt(n)))
+    return [list(range(i, min(n, i + ncol))) for i in range(0, n, ncol)]
+
+
+def tile(images, rows: list[list[int]], padding: int = 2):
+    """uint8 numpy images (N, C, H, W) -> one (H', W', C) image, rows padded with black cells."""
+    import numpy as np
+
+    _, C, H, W = images.shape
+    ncol = max(len(r) for r in rows)
+    canvas = np.zeros((padding + len(rows) * (H + padding), padding + ncol * (W + padding), C), dtype=np.uint8)
+    for r, row in enumerate(rows):
+        for c, i in enumerate(row):
+            y, x = padding + r * (H + padding), padding + c * (W + padding)
+            canvas[y:y + H, x:x + W] = images[i].transpose(1, 2, 0)
+    return canvas
+
+
+def _png_bytes(hwc) -> bytes:
+    from PIL import Image
+
+    img = Image.fromarray(hwc[:, :, 0] if hwc.shape[2] == 1 else hwc)
+    buf = io.BytesIO()
+    img.save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def write_png(path: Path, hwc) -> None:
+    """One uint8 (H, W, C) image as PNG (C = 1 grayscale, 3 RGB, 4 RGBA)."""
+    try:
+        path.write_bytes(_png_bytes(hwc))
+    except OSError as e:
+        raise DdpmError(f"cannot write {path}: {e.strerror or e}") from None
+
+
+def write_npz(path: Path, images, labels) -> None:
+    """`arr_0`: uint8 (N, H, W, C) as FID tools read it; `labels`: int64 (N,) for a conditional model."""
+    import numpy as np
+
+    arrays = {"arr_0": images}
+    if labels is not None:
+        arrays["labels"] = np.asarray(labels, dtype=np.int64)
+    buf = io.BytesIO()
+    np.savez(buf, **arrays)
+    try:
+        atomic_write_bytes(path, buf.getvalue())
+    except OSError as e:
+        raise DdpmError(f"cannot write {path}: {e.strerror or e}") from None
+
+
+COMPILE_MIN_NFE = 200_000  # torch.compile costs ~25 s on an H100; below this many image-NFEs it does not pay
+
+
+def run_sampling(plan: SamplePlan, req: SampleRequest, *, on_start: Callable[[str], None] | None = None,
+                 on_step: Callable[[int, int], None] | None = None,
+                 on_batch: Callable[[int, int], None] | None = None) -> SampleResult:
+    """Load the model, generate `req.n` images in batches of `req.batch_size`, write the outputs.
+
+    `on_start(device)` once the model is loaded; `on_step(i, steps)` after each network step of a batch;
+    `on_batch(done, n)` after each batch."""
+    import numpy as np
+    import torch
+
+    from ddpm_cli.engine.build import resolve_device
+    from ddpm_cli.engine.checkpoint import load_model
+    from ddpm_cli.engine.generate import generate, inference_net
+
+    device = resolve_device(req.device)
+    model, diffusion, cfg, _ = load_model(plan.checkpoint, device, use_ema=plan.use_ema)
+    m = cfg.model
+    cuda = device.type == "cuda"
+    nfe = req.n * (req.steps or (cfg.diffusion.num_timesteps if req.sampler == "ddpm" else 100))
+    compile_on = req.compile == "on" or (req.compile == "auto" and cuda and nfe >= COMPILE_MIN_NFE)
+    net = inference_net(model, channels_last=cuda, compile="default" if compile_on else None)
+    labels = torch.tensor(plan.labels, dtype=torch.long) if plan.labels is not None else None
+    for d in {p.parent for p in plan.files} | {p.parent for p in (plan.npz, plan.grid) if p is not None}:
+        try:
+            d.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise DdpmError(f"cannot create folder {d}: {e.strerror or e}") from None
+
+    if on_start:
+        on_start(str(device))
+    keep_all = plan.npz is not None or plan.grid is not None
+    kept: list = []
+    t0 = time.perf_counter()
+    done = 0
+    for start, batch, _ in generate(net, diffusion, req.n, image_shape=(m.in_channels, m.image_size, m.image_size),
+                                    labels=labels, batch_size=req.batch_size, sampler=req.sampler,
+                                    steps=req.steps, eta=req.eta, spacing=req.spacing,
+                                    variance=req.variance or cfg.diffusion.variance, guidance=req.guidance,
+                                    null_class=m.num_classes if m.conditional else None, seed=req.seed,
+                                    device=device, bf16=cuda, on_step=on_step):
+        arr = batch.numpy()  # (b, C, H, W) uint8
+        for j in range(arr.shape[0]) if plan.files else ():
+            write_png(plan.files[start + j], arr[j].transpose(1, 2, 0))
+        if keep_all:
+            kept.append(arr)
+        done += arr.shape[0]
+        if on_batch:
+            on_batch(done, req.n)
+    seconds = time.perf_counter() - t0
+    if keep_all:
+        images = np.concatenate(kept)  # (N, C, H, W)
+        if plan.npz is not None:
+            write_npz(plan.npz, images.transpose(0, 2, 3, 1), plan.labels)
+        if plan.grid is not None:
+            rows = grid_layout(plan.labels, req.n, req.per_class, m.num_classes)
+            grid = tile(images, rows)
+            try:
+                atomic_write_bytes(plan.grid, _png_bytes(grid))
+            except OSError as e:
+                raise DdpmError(f"cannot write {plan.grid}: {e.strerror or e}") from None
+    return SampleResult(req.n, seconds, plan.files, plan.npz, plan.grid, str(device))

@@ -1,0 +1,171 @@
+"""`ddpm export`: slim safetensors that sample like the original, ONNX matching PyTorch in onnxruntime,
+torch.export programs, the check failing loudly, and bad inputs."""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from ddpm_cli.cli.app import app
+from ddpm_cli.engine import export as export_mod
+from ddpm_cli.engine.checkpoint import load_model
+from ddpm_cli.engine.header import latest_checkpoint, read_header
+
+FAST = ["--steps", "4"]
+
+
+def cli(*args):
+    return CliRunner().invoke(app, [str(a) for a in args])
+
+
+def ok(*args):
+    r = cli(*args)
+    assert r.exit_code == 0, (r.stdout, r.stderr, r.exception)
+    return r
+
+
+def one_line_error(r) -> str:
+    assert r.exit_code in (1, 2), (r.exit_code, r.stdout, r.stderr, r.exception)
+    assert isinstance(r.exception, SystemExit), r.exception
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), r.stderr
+    assert "Traceback" not in r.stdout + r.stderr
+    return lines[0]
+
+
+def sample_npz(ckpt, out, *extra) -> np.ndarray:
+    ok("sample", ckpt, "-n", 6, "--seed", 3, "--format", "npz", "--out", out, *FAST, *extra)
+    with np.load(out) as d:
+        return d["arr_0"]
+
+
+def test_slim_fp32_export_samples_identical_images(trained_conditional_run, tmp_path):
+    src = latest_checkpoint(trained_conditional_run)
+    r = ok("export", trained_conditional_run, "--out", tmp_path / "slim.safetensors")
+    assert "relative error" in r.stdout
+    slim = tmp_path / "slim.safetensors"
+    h, h_src = read_header(slim), read_header(src)
+    assert set(h.tensors) == {k for k in h_src.tensors if k.startswith("model.")}  # EMA stored as the model
+    assert all(t["dtype"] == "F32" for t in h.tensors.values())
+    assert slim.stat().st_size < 0.6 * src.stat().st_size
+    meta = h.metadata
+    assert meta["kind"] == "export" and meta["has_ema"] == "false" and meta["source_weights"] == "ema"
+    assert meta["config"] == h_src.metadata["config"] and meta["classes"] == h_src.metadata["classes"]
+    assert meta["step"] == h_src.metadata["step"] and meta["exported_from"] == src.name
+    info = json.loads(ok("inspect", slim, "--json").stdout)
+    assert info["kind"] == "export" and info["has_ema"] is False and info["num_params"] == int(meta["num_params"])
+    assert np.array_equal(sample_npz(src, tmp_path / "a.npz"), sample_npz(slim, tmp_path / "b.npz"))
+
+
+@pytest.mark.parametrize("dtype,st_dtype,mean_tol", [("fp16", "F16", 0.25), ("bf16", "BF16", 1.0)])
+def test_half_precision_exports_sample_within_tolerance(trained_run, tmp_path, dtype, st_dtype, mean_tol):
+    src = latest_checkpoint(trained_run)
+    out = tmp_path / f"slim-{dtype}.safetensors"
+    ok("export", src, "--dtype", dtype, "--out", out)
+    h = read_header(out)
+    assert {t["dtype"] for t in h.tensors.values()} == {st_dtype} and h.metadata["dtype"] != "float32"
+    assert out.stat().st_size < 0.3 * src.stat().st_size
+    a = sample_npz(src, tmp_path / "a.npz").astype(int)
+    b = sample_npz(out, tmp_path / "b.npz").astype(int)
+    diff = np.abs(a - b)
+    assert diff.mean() < mean_tol and (diff > 16).mean() < 0.01, (diff.mean(), diff.max())
+
+
+def test_raw_weights_export_matches_no_ema_sampling(trained_run, tmp_path):
+    src = latest_checkpoint(trained_run)
+    ok("export", src, "--no-ema", "--out", tmp_path / "raw.safetensors")
+    assert read_header(tmp_path / "raw.safetensors").metadata["source_weights"] == "model"
+    assert np.array_equal(sample_npz(src, tmp_path / "a.npz", "--no-ema"),
+                          sample_npz(tmp_path / "raw.safetensors", tmp_path / "b.npz"))
+
+
+def test_default_output_name_and_overwrite(trained_run, tmp_path):
+    import shutil
+
+    src = tmp_path / "ckpt-00000020.safetensors"
+    shutil.copy(latest_checkpoint(trained_run), src)
+    ok("export", src, "--dtype", "fp16")
+    out = tmp_path / "ckpt-00000020-export-fp16.safetensors"
+    assert out.exists()
+    before = out.read_bytes()
+    assert "already exists" in one_line_error(cli("export", src, "--dtype", "fp16"))
+    assert out.read_bytes() == before
+    ok("export", src, "--dtype", "fp16", "--overwrite")
+
+
+def _onnx_vs_torch(path, run, batch=5):
+    import onnx
+    import onnxruntime as ort
+
+    model, _, cfg, _ = load_model(run, "cpu")
+    proto = onnx.load(str(path))
+    props = {p.key: p.value for p in proto.metadata_props}
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    names = [i.name for i in session.get_inputs()]
+    assert isinstance(session.get_inputs()[0].shape[0], str)  # a symbolic (dynamic) batch dimension
+    inputs = export_mod.random_inputs(cfg, batch, seed=11)
+    got = session.run(None, {n: v.numpy() for n, v in zip(names, inputs)})[0]
+    with torch.no_grad():
+        want = model(*inputs) if len(inputs) == 3 else model(*inputs, None)
+    assert got.shape == tuple(want.shape) and got.dtype == np.float32
+    return names, props, export_mod.relative_error(torch.from_numpy(got), want)
+
+
+def test_onnx_export_matches_pytorch(trained_conditional_run, tmp_path):
+    r = ok("export", trained_conditional_run, "--format", "onnx", "--out", tmp_path / "m.onnx")
+    assert "relative error" in r.stdout and "onnxruntime" in r.stdout
+    names, props, err = _onnx_vs_torch(tmp_path / "m.onnx", trained_conditional_run)
+    assert names == ["x_t", "t", "y"] and err < 1e-4
+    assert props["kind"] == "export" and json.loads(props["config"])["model"]["conditional"] is True
+    assert json.loads(props["inputs"]) == names
+
+
+def test_onnx_export_of_an_unconditional_model(trained_run, tmp_path):
+    ok("export", trained_run, "--format", "onnx", "--out", tmp_path / "u.onnx")
+    names, _, err = _onnx_vs_torch(tmp_path / "u.onnx", trained_run, batch=1)
+    assert names == ["x_t", "t"] and err < 1e-4
+
+
+def test_a_failed_check_fails_loudly_and_keeps_no_file(trained_run, tmp_path, monkeypatch):
+    monkeypatch.setattr(export_mod, "relative_error", lambda got, want: 0.5)
+    msg = one_line_error(cli("export", trained_run, "--format", "onnx", "--out", tmp_path / "bad.onnx"))
+    assert "export check failed" in msg and "0.5" in msg
+    assert not (tmp_path / "bad.onnx").exists() and list(tmp_path.iterdir()) == []
+
+
+def test_pt2_export_matches_pytorch(trained_conditional_run, tmp_path):
+    ok("export", trained_conditional_run, "--format", "pt2", "--out", tmp_path / "m.pt2")
+    model, _, cfg, _ = load_model(trained_conditional_run, "cpu")
+    program = torch.export.load(str(tmp_path / "m.pt2")).module()
+    inputs = export_mod.random_inputs(cfg, 4, seed=5)
+    with torch.no_grad():
+        assert export_mod.relative_error(program(*inputs), model(*inputs)) < 1e-5
+
+
+@pytest.mark.parametrize("kind,expect", [("missing", "not found"), ("truncated", "truncated"),
+                                         ("no-ddpm-metadata", "without ddpm's metadata")])
+def test_bad_checkpoints(tmp_path, trained_run, kind, expect):
+    p = tmp_path / f"{kind}.safetensors"
+    if kind == "truncated":
+        data = latest_checkpoint(trained_run).read_bytes()
+        p.write_bytes(data[: len(data) - 1000])
+    elif kind == "no-ddpm-metadata":
+        from safetensors.numpy import save_file
+
+        save_file({"w": np.zeros(4, np.float32)}, str(p))
+    assert expect in one_line_error(cli("export", p, "--out", tmp_path / "o.safetensors"))
+    assert not (tmp_path / "o.safetensors").exists()
+
+
+def test_onnx_is_fp32_only(trained_run, tmp_path):
+    msg = one_line_error(cli("export", trained_run, "--format", "onnx", "--dtype", "fp16", "--out", tmp_path / "m"))
+    assert "fp32 only" in msg and not (tmp_path / "m").exists()
+
+
+def test_ema_requested_from_a_checkpoint_without_it(trained_run, tmp_path):
+    slim = tmp_path / "slim.safetensors"
+    ok("export", trained_run, "--out", slim)
+    assert "no EMA weights" in one_line_error(cli("export", slim, "--ema", "--out", tmp_path / "x.safetensors"))

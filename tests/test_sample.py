@@ -1,0 +1,255 @@
+"""`ddpm sample`: files, shapes and dtypes, reproducibility, class planning, grids, samplers, errors."""
+from __future__ import annotations
+
+import shutil
+
+import numpy as np
+import pytest
+from PIL import Image
+from typer.testing import CliRunner
+
+from conftest import run_cli
+from ddpm_cli.cli.app import app
+from ddpm_cli.engine.header import latest_checkpoint
+from ddpm_cli.engine.sampling import grid_layout, plan_labels
+from ddpm_cli.errors import DdpmError
+
+FAST = ["--steps", "3"]  # DDIM with 3 steps: a few hundred ms for the tiny models
+
+
+def cli(*args):
+    return CliRunner().invoke(app, [str(a) for a in args])
+
+
+def ok(*args):
+    r = cli(*args)
+    assert r.exit_code == 0, (r.stdout, r.stderr, r.exception)
+    return r
+
+
+def one_line_error(r, code=(1, 2)) -> str:
+    """The command failed with one clear line on stderr, an exit code of 1 or 2, and no traceback."""
+    assert r.exit_code in code, (r.exit_code, r.stdout, r.stderr, r.exception)
+    assert isinstance(r.exception, SystemExit), r.exception  # not an uncaught exception
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), r.stderr
+    assert "Traceback" not in r.stdout + r.stderr
+    return lines[0]
+
+
+def npz(path):
+    with np.load(path) as d:
+        return {k: d[k] for k in d.files}
+
+
+def test_png_files_have_the_right_count_names_shape_and_dtype(trained_run, tmp_path):
+    out = tmp_path / "imgs"  # created if missing
+    r = ok("sample", trained_run, "-n", 5, "--batch-size", 2, "--out", out, *FAST)
+    names = sorted(p.name for p in out.iterdir())
+    assert names == [f"{i:06d}.png" for i in range(5)]
+    for p in out.iterdir():
+        with Image.open(p) as im:
+            assert im.size == (16, 16) and im.mode == "RGB"
+    summary = r.stdout.strip().splitlines()[-1]
+    assert summary.startswith("5 images in ") and "images/s" in summary and str(out) in summary
+
+
+def test_npz_holds_uint8_images_and_the_per_class_labels(trained_conditional_run, tmp_path):
+    ok("sample", trained_conditional_run, "-n", 20, "--per-class", "--format", "npz", "--out", tmp_path / "s.npz",
+       "--batch-size", 8, *FAST)
+    d = npz(tmp_path / "s.npz")
+    assert d["arr_0"].shape == (20, 16, 16, 3) and d["arr_0"].dtype == np.uint8
+    assert d["labels"].tolist() == [k for k in range(10) for _ in range(2)]
+    assert d["arr_0"].std() > 0  # real images, not a blank array
+
+
+def test_npz_into_a_folder_and_no_labels_for_an_unconditional_model(trained_run, tmp_path):
+    ok("sample", trained_run, "-n", 3, "--format", "npz", "--out", tmp_path, *FAST)
+    d = npz(tmp_path / "samples.npz")
+    assert set(d) == {"arr_0"} and d["arr_0"].shape == (3, 16, 16, 3)
+
+
+def test_per_class_png_names_show_the_class(trained_conditional_run, tmp_path):
+    ok("sample", trained_conditional_run, "-n", 10, "--per-class", "--out", tmp_path, *FAST)
+    assert sorted(p.name for p in tmp_path.iterdir()) == [f"class{k}_{k:06d}.png" for k in range(10)]
+
+
+def test_class_option_labels_every_image(trained_conditional_run, tmp_path):
+    ok("sample", trained_conditional_run, "-n", 4, "--class", 3, "--format", "npz", "--out", tmp_path / "c.npz",
+       *FAST)
+    assert npz(tmp_path / "c.npz")["labels"].tolist() == [3, 3, 3, 3]
+
+
+def test_same_seed_gives_identical_bytes_and_another_seed_does_not(trained_run, tmp_path):
+    # eta = 1 makes DDIM stochastic, so the per-step noise must be seeded too.
+    args = ("sample", trained_run, "-n", 3, "--eta", 1, *FAST)
+    for name, seed in (("a", 7), ("b", 7), ("c", 8)):
+        ok(*args, "--seed", seed, "--out", tmp_path / name)
+    a, b, c = ([(tmp_path / d / f"{i:06d}.png").read_bytes() for i in range(3)] for d in "abc")
+    assert a == b
+    assert all(x != y for x, y in zip(a, c))
+
+
+def test_deterministic_images_do_not_depend_on_the_batch_size(trained_run, tmp_path):
+    ok("sample", trained_run, "-n", 5, "--batch-size", 5, "--format", "npz", "--out", tmp_path / "a.npz", *FAST)
+    ok("sample", trained_run, "-n", 5, "--batch-size", 2, "--format", "npz", "--out", tmp_path / "b.npz", *FAST)
+    assert np.array_equal(npz(tmp_path / "a.npz")["arr_0"], npz(tmp_path / "b.npz")["arr_0"])
+
+
+@pytest.mark.parametrize("args", [["--sampler", "ddim", "--steps", "2"],
+                                  ["--sampler", "ddim", "--steps", "4", "--spacing", "quadratic", "--eta", "0.5"],
+                                  ["--sampler", "dpm++2m", "--steps", "3"],
+                                  ["--sampler", "ddpm", "--variance", "posterior"]])
+def test_each_sampler_runs(trained_run, tmp_path, args):
+    ok("sample", trained_run, "-n", 2, "--format", "npz", "--out", tmp_path / "s.npz", *args)
+    assert npz(tmp_path / "s.npz")["arr_0"].shape == (2, 16, 16, 3)
+
+
+def test_samplers_and_step_counts_give_different_images(trained_run, tmp_path):
+    ok("sample", trained_run, "-n", 2, "--format", "npz", "--out", tmp_path / "a.npz", "--steps", "2")
+    ok("sample", trained_run, "-n", 2, "--format", "npz", "--out", tmp_path / "b.npz", "--steps", "5")
+    assert not np.array_equal(npz(tmp_path / "a.npz")["arr_0"], npz(tmp_path / "b.npz")["arr_0"])
+
+
+def test_ema_and_raw_weights_differ(trained_run, tmp_path):
+    ok("sample", trained_run, "-n", 2, "--format", "npz", "--out", tmp_path / "ema.npz", *FAST)
+    r = ok("sample", trained_run, "-n", 2, "--format", "npz", "--out", tmp_path / "raw.npz", "--no-ema", *FAST)
+    assert "raw weights" in r.stdout
+    assert not np.array_equal(npz(tmp_path / "ema.npz")["arr_0"], npz(tmp_path / "raw.npz")["arr_0"])
+
+
+def test_guidance_changes_conditional_images(trained_conditional_run, tmp_path):
+    for name, w in (("plain", "1"), ("guided", "3")):
+        ok("sample", trained_conditional_run, "-n", 2, "--class", 4, "--guidance", w, "--format", "npz",
+           "--out", tmp_path / f"{name}.npz", *FAST)
+    assert not np.array_equal(npz(tmp_path / "plain.npz")["arr_0"], npz(tmp_path / "guided.npz")["arr_0"])
+
+
+def test_grid_alone_and_a_row_per_class(trained_run, trained_conditional_run, tmp_path):
+    ok("sample", trained_run, "-n", 4, "--grid", tmp_path / "g.png", *FAST)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["g.png"]  # --grid alone writes no image files
+    with Image.open(tmp_path / "g.png") as im:
+        assert im.size == (2 + 2 * 18, 2 + 2 * 18)  # 2x2 cells of 16 px, 2 px padding
+    ok("sample", trained_conditional_run, "-n", 20, "--per-class", "--grid", tmp_path / "pc.png", *FAST)
+    with Image.open(tmp_path / "pc.png") as im:
+        assert im.size == (2 + 2 * 18, 2 + 10 * 18)  # a row per class, two per row
+
+
+def test_existing_files_are_kept_unless_overwrite(trained_run, tmp_path):
+    ok("sample", trained_run, "-n", 2, "--out", tmp_path, *FAST)
+    (tmp_path / "000001.png").write_bytes(b"mine")
+    msg = one_line_error(cli("sample", trained_run, "-n", 2, "--out", tmp_path, *FAST))
+    assert "already exists" in msg and "--overwrite" in msg
+    assert (tmp_path / "000001.png").read_bytes() == b"mine"
+    ok("sample", trained_run, "-n", 2, "--out", tmp_path, "--overwrite", *FAST)
+    assert (tmp_path / "000001.png").read_bytes().startswith(b"\x89PNG")
+
+
+def test_option_choices_match_the_samplers():
+    from ddpm_cli.cli.sample import Sampler, Spacing
+    from ddpm_cli.diffusion import samplers
+    from ddpm_cli.engine import sampling
+
+    assert sampling.SAMPLERS == samplers.SAMPLERS == tuple(s.value for s in Sampler)
+    assert sampling.SPACINGS == samplers.SPACINGS == tuple(s.value for s in Spacing)
+
+
+def test_plan_labels():
+    assert plan_labels(3, conditional=False, num_classes=10) is None
+    assert plan_labels(13, conditional=True, num_classes=4, per_class=True) == [0] * 4 + [1] * 3 + [2] * 3 + [3] * 3
+    assert plan_labels(5, conditional=True, num_classes=3) == [0, 1, 2, 0, 1]
+    assert plan_labels(2, conditional=True, num_classes=3, class_index=2) == [2, 2]
+    with pytest.raises(DdpmError, match="unconditional"):
+        plan_labels(2, conditional=False, num_classes=10, per_class=True)
+    with pytest.raises(DdpmError, match="out of range"):
+        plan_labels(2, conditional=True, num_classes=3, class_index=3)
+    with pytest.raises(DdpmError, match="at least 1"):
+        plan_labels(0, conditional=False, num_classes=3)
+    rows = grid_layout(plan_labels(7, conditional=True, num_classes=3, per_class=True), 7, True, 3)
+    assert rows == [[0, 1, 2], [3, 4], [5, 6]]
+
+
+# -- errors: one line, exit 1 or 2, no traceback ------------------------------------------------------------
+
+
+def bad_file(tmp_path, kind: str, trained_run):
+    """A checkpoint path that is wrong in the named way."""
+    p = tmp_path / f"{kind}.safetensors"
+    if kind == "missing":
+        return p
+    if kind == "not-safetensors":
+        p.write_text("just some text, not a checkpoint\n")
+    elif kind == "truncated":
+        data = latest_checkpoint(trained_run).read_bytes()
+        p.write_bytes(data[: len(data) // 2])
+    elif kind == "no-ddpm-metadata":
+        from safetensors.numpy import save_file
+
+        save_file({"w": np.zeros(4, np.float32)}, str(p), metadata={"producer": "someone else"})
+    elif kind == "pickle":
+        import pickle
+
+        p = tmp_path / "model.pt"
+        p.write_bytes(pickle.dumps({"w": [0.0]}))
+    return p
+
+
+@pytest.mark.parametrize("kind,expect", [("missing", "not found"), ("not-safetensors", "not a safetensors"),
+                                         ("truncated", "truncated"), ("no-ddpm-metadata", "without ddpm's metadata"),
+                                         ("pickle", "pickle")])
+def test_bad_checkpoint_files(tmp_path, trained_run, kind, expect):
+    msg = one_line_error(cli("sample", bad_file(tmp_path, kind, trained_run), "-n", 2, "--out", tmp_path / "o"))
+    assert expect in msg
+    assert not (tmp_path / "o").exists()
+
+
+def test_per_class_on_an_unconditional_model(trained_run, tmp_path):
+    msg = one_line_error(cli("sample", trained_run, "-n", 4, "--per-class", "--out", tmp_path))
+    assert "--per-class" in msg and "unconditional" in msg
+
+
+@pytest.mark.parametrize("k", ["10", "-1"])
+def test_class_out_of_range(trained_conditional_run, tmp_path, k):
+    msg = one_line_error(cli("sample", trained_conditional_run, "-n", 4, "--class", k, "--out", tmp_path))
+    assert f"--class {k} is out of range" in msg and "0 to 9" in msg
+
+
+@pytest.mark.parametrize("n", ["0", "-5"])
+def test_non_positive_n(trained_run, tmp_path, n):
+    msg = one_line_error(cli("sample", trained_run, "-n", n, "--out", tmp_path), code=(2,))
+    assert "-n must be at least 1" in msg
+
+
+@pytest.mark.parametrize("args,expect", [(["--batch-size", "0"], "--batch-size"), (["--eta", "2"], "--eta"),
+                                         (["--steps", "0"], "--steps"),
+                                         (["--class", "1"], "unconditional"), (["--guidance", "2"], "unconditional"),
+                                         (["--device", "nonsense:7"], "unknown device")])
+def test_other_bad_options(trained_run, tmp_path, args, expect):
+    assert expect in one_line_error(cli("sample", trained_run, "-n", 2, "--out", tmp_path, *args))
+
+
+def test_ema_requested_but_absent(trained_run, tmp_path):
+    from ddpm_cli.engine.export import export_checkpoint
+
+    slim = export_checkpoint(trained_run, tmp_path / "slim.safetensors").path
+    assert "no EMA weights" in one_line_error(cli("sample", slim, "-n", 2, "--ema", "--out", tmp_path / "o"))
+
+
+def test_errors_in_a_real_process_have_no_traceback(tmp_path):
+    r = run_cli("sample", str(tmp_path / "nope.safetensors"), "-n", "2", timeout=120)
+    assert r.returncode == 1 and r.stderr.strip().splitlines() == [
+        f"error: checkpoint {tmp_path / 'nope.safetensors'} not found; pass a .safetensors file written by ddpm "
+        f"or a run directory"]
+
+
+def test_run_directory_without_checkpoints(tmp_path):
+    (tmp_path / "run").mkdir()
+    assert "holds no checkpoints" in one_line_error(cli("sample", tmp_path / "run", "-n", 2))
+
+
+def test_copy_of_a_checkpoint_elsewhere_still_samples(trained_run, tmp_path):
+    # The checkpoint alone is enough: no config file or run directory beside it.
+    lone = tmp_path / "lone.safetensors"
+    shutil.copy(latest_checkpoint(trained_run), lone)
+    ok("sample", lone, "-n", 1, "--out", tmp_path / "o", *FAST)
+    assert (tmp_path / "o" / "000000.png").exists()

@@ -1,0 +1,454 @@
+"""`ddpm eval`: FID/KID through torch-fidelity's InceptionV3, on the CPU with no network.
+
+The network gets RANDOM weights (any fixed weights test the pipeline; the real ones are a download). To keep the
+file fast on 2 cores, most tests shrink torch-fidelity's resize target from 299 to 75 px (Inception's smallest
+valid input; the same code path, about 15x cheaper); one test uses the real weights and 299 px when
+../shared has them."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import zipfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from conftest import SHARED
+from ddpm_cli.cli.app import app
+from ddpm_cli.engine import evaluate as ev
+from ddpm_cli.engine.data import make_shapes
+
+fe = pytest.importorskip("torch_fidelity.feature_extractor_inceptionv3")
+
+runner = CliRunner()
+SMALL = 75  # resize target for the fast tests
+N_REF = 64
+NOISE = (8, 16, 32, 64)  # std of the added Gaussian noise, in 0-255 pixel units
+
+
+def random_inception_weights(path: Path) -> Path:
+    """torch-fidelity's FeatureExtractorInceptionV3 with random (He-normal) conv weights, saved as its .pth."""
+    with pytest.MonkeyPatch.context() as mp:  # build the module without its download and weight loading
+        mp.setattr(fe, "load_state_dict_from_url", lambda *a, **k: {})
+        mp.setattr(fe.FeatureExtractorInceptionV3, "load_state_dict", lambda self, sd, *a, **k: None)
+        net = fe.FeatureExtractorInceptionV3("inception-v3-compat", ["2048"])
+    g = torch.Generator().manual_seed(0)
+    for m in net.modules():
+        if isinstance(m, torch.nn.Conv2d):  # PyTorch's default init makes 90 layers' features vanish (~1e-8)
+            with torch.no_grad():
+                fan_in = m.weight[0].numel()
+                m.weight.copy_(torch.randn(m.weight.shape, generator=g) * (2.0 / fan_in) ** 0.5)
+    torch.save(net.state_dict(), path)
+    return path
+
+
+@pytest.fixture(scope="module", autouse=True)
+def small_resize():
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(fe.FeatureExtractorInceptionV3, "INPUT_IMAGE_SIZE", SMALL)
+        yield
+
+
+@pytest.fixture(scope="module")
+def weights(tmp_path_factory) -> Path:
+    return random_inception_weights(tmp_path_factory.mktemp("inception") / "random-inception.pth")
+
+
+@pytest.fixture(scope="module")
+def inception(weights, small_resize) -> ev.Inception:
+    return ev.load_inception(weights, "cpu")
+
+
+def noisy(images: torch.Tensor, std: float, seed: int = 1) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    return (images.float() + std * torch.randn(images.shape, generator=g)).round().clamp(0, 255).to(torch.uint8)
+
+
+@pytest.fixture(scope="module")
+def clean() -> torch.Tensor:
+    return make_shapes(N_REF, 32, seed=0).images  # (N, 3, 32, 32) uint8
+
+
+@pytest.fixture(scope="module")
+def clean_stats(clean, inception) -> ev.FeatureStats:
+    return ev.compute_stats(ev.tensor_source(clean, "clean"), inception, batch_size=32)
+
+
+@pytest.fixture(scope="module")
+def noisy_stats(clean, inception) -> dict[int, ev.FeatureStats]:
+    """The reference images with Gaussian noise of each strength in NOISE."""
+    return {s: ev.compute_stats(ev.tensor_source(noisy(clean, s), f"noise {s}"), inception, batch_size=32)
+            for s in NOISE}
+
+
+def write_folder(images: torch.Tensor, root: Path, classes: int = 2) -> Path:
+    """PNG files in an ImageFolder tree: root/class_k/00000i.png."""
+    from PIL import Image
+
+    for i, img in enumerate(images.numpy()):
+        d = root / f"class_{i % classes}"
+        d.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(img.transpose(1, 2, 0)).save(d / f"{i:06d}.png")
+    return root
+
+
+def zip_folder(root: Path, dest: Path) -> Path:
+    with zipfile.ZipFile(dest, "w") as zf:
+        for p in sorted(root.rglob("*.png")):
+            zf.write(p, f"{root.name}/{p.relative_to(root).as_posix()}")
+    return dest
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The math, against torch-fidelity's own functions (no Inception needed)
+
+
+def _stats_of(x: np.ndarray, keep_rows: bool = True) -> ev.FeatureStats:
+    return ev.FeatureStats(x.mean(0), np.cov(x, rowvar=False), len(x), x.astype(np.float32) if keep_rows else None)
+
+
+# the low-rank route (n <= d, rows kept); Cholesky of the full-rank one; both singular (eigh)
+@pytest.mark.parametrize("n1,n2", [(40, 300), (300, 200), (40, 50)])
+def test_frechet_distance_equals_torch_fidelity(n1, n2):
+    from torch_fidelity.metric_fid import fid_statistics_to_metric
+
+    rng = np.random.default_rng(0)
+    d = 64
+    a = rng.standard_normal((n1, d)) @ rng.standard_normal((d, d)) * 0.3 + 0.5
+    b = rng.standard_normal((n2, d)) * 1.2 + 0.1
+    a, b = (x.astype(np.float32).astype(np.float64) for x in (a, b))  # features are float32
+    sa, sb = _stats_of(a), _stats_of(b)
+    theirs = fid_statistics_to_metric({"mu": sa.mu, "sigma": sa.sigma}, {"mu": sb.mu, "sigma": sb.sigma},
+                                      False)["frechet_inception_distance"]
+    ours_fast = ev.frechet_distance(sa, sb)
+    ours_full = ev.frechet_distance(_stats_of(a, False), _stats_of(b, False))
+    assert ours_fast == pytest.approx(theirs, rel=1e-6)
+    assert ours_full == pytest.approx(theirs, rel=1e-6)
+    for s in (sa, sb):  # a set against itself: 0 up to float64 rounding
+        assert abs(ev.frechet_distance(s, s)) < 1e-8 * np.trace(s.sigma)
+
+
+def test_kid_equals_torch_fidelity():
+    from torch_fidelity.metric_kid import kid_features_to_metric
+
+    rng = np.random.default_rng(1)
+    f1 = rng.random((120, 32)).astype(np.float32)
+    f2 = (rng.random((90, 32)) * 1.1).astype(np.float32)
+    theirs = kid_features_to_metric(torch.from_numpy(f1), torch.from_numpy(f2), kid_subsets=7, kid_subset_size=50,
+                                    verbose=False, rng_seed=ev.KID_SEED)
+    mean, std = ev.kernel_inception_distance(f1, f2, subsets=7, subset_size=50)
+    assert mean == pytest.approx(theirs["kernel_inception_distance_mean"], rel=1e-4, abs=1e-7)
+    assert std == pytest.approx(theirs["kernel_inception_distance_std"], rel=1e-4, abs=1e-7)
+
+
+def test_streaming_statistics_equal_numpy(inception):
+    rng = np.random.default_rng(2)
+    x = (rng.random((37, 16)) * 3 + 100).astype(np.float32)  # a large mean: the shifted sums keep precision
+    m = ev._Moments()
+    for i in range(0, 37, 10):
+        m.add(torch.from_numpy(x[i:i + 10]))
+    mu, sigma = m.result()
+    np.testing.assert_allclose(mu, x.astype(np.float64).mean(0), rtol=1e-12)
+    np.testing.assert_allclose(sigma, np.cov(x.astype(np.float64), rowvar=False), rtol=1e-9, atol=1e-12)
+
+
+def test_balanced_labels_cover_the_classes_evenly():
+    counts = torch.bincount(ev.balanced_labels(25, 10), minlength=10)
+    assert counts.tolist() == [3] * 5 + [2] * 5
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Through Inception (random weights, small resize)
+
+
+def test_a_set_against_itself_scores_zero(clean_stats, noisy_stats):
+    assert clean_stats.n == N_REF and clean_stats.features.shape == (N_REF, 2048)
+    assert np.isfinite(clean_stats.features).all() and clean_stats.features.std() > 1e-3  # not vanished
+    assert abs(ev.frechet_distance(clean_stats, clean_stats)) < 1e-8 * np.trace(clean_stats.sigma)
+    # KID's subsets are drawn independently from each side, so a set against itself is only about 0
+    assert abs(ev.score(clean_stats, clean_stats, kid_subset_size=32).kid_mean) < 0.1 * \
+        ev.score(noisy_stats[NOISE[-1]], clean_stats, kid_subset_size=32).kid_mean
+
+
+def test_fid_grows_with_noise(clean_stats, noisy_stats):
+    fids = [ev.frechet_distance(clean_stats, clean_stats)] + \
+        [ev.frechet_distance(noisy_stats[s], clean_stats) for s in NOISE]
+    assert all(b > a for a, b in zip(fids, fids[1:])), fids
+    kids = [ev.score(noisy_stats[s], clean_stats, kid_subsets=20, kid_subset_size=32).kid_mean for s in NOISE]
+    assert kids[-1] > kids[-2] > kids[0], kids  # KID is noisier: only the larger steps are asserted
+
+
+class _Images(torch.utils.data.Dataset):
+    def __init__(self, images: torch.Tensor):
+        self.images = images
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def __getitem__(self, i: int) -> torch.Tensor:
+        return self.images[i]
+
+
+def test_fid_and_kid_equal_torch_fidelity_calculate_metrics(clean, noisy_stats, clean_stats, weights):
+    from torch_fidelity import calculate_metrics
+
+    s = NOISE[-1]  # KID well above 0, so the relative tolerance means something
+    theirs = calculate_metrics(input1=_Images(noisy(clean, s)), input2=_Images(clean), fid=True, kid=True,
+                               feature_extractor_weights_path=str(weights), cuda=False, batch_size=32,
+                               kid_subsets=10, kid_subset_size=40, cache=False, verbose=False, save_cpu_ram=True)
+    ours = ev.score(noisy_stats[s], clean_stats, kid_subsets=10, kid_subset_size=40)
+    assert ours.fid == pytest.approx(theirs["frechet_inception_distance"], rel=1e-4)
+    assert ours.kid_mean == pytest.approx(theirs["kernel_inception_distance_mean"], rel=1e-3)
+    assert ours.kid_std == pytest.approx(theirs["kernel_inception_distance_std"], rel=1e-2)
+
+
+def test_large_sets_keep_a_fixed_random_subset_of_rows_for_kid(clean, clean_stats, inception, tmp_path):
+    part = ev.compute_stats(ev.tensor_source(clean[:12], "12"), inception, batch_size=5, kid_features_max=5)
+    keep = ev._kid_rows(12, 5)
+    assert part.n == 12 and part.features.shape == (5, 2048) and not part.complete
+    np.testing.assert_allclose(part.features, clean_stats.features[:12][keep], rtol=1e-5, atol=1e-6)
+    back = ev.load_stats(ev.save_stats(part, tmp_path / "sub" / "part.npz"))  # makes the folder
+    assert back.n == 12 and np.array_equal(back.features, part.features) and np.array_equal(back.sigma, part.sigma)
+    assert back.meta["inception"] == inception.identity
+
+
+def test_folder_and_zip_sources_read_the_same_images(clean, tmp_path):
+    folder = write_folder(clean[:10], tmp_path / "imgs", classes=3)
+    (folder / "notes.txt").write_text("not an image")
+    zipped = zip_folder(folder, tmp_path / "imgs.zip")
+    a = torch.cat(list(ev.files_source(folder).batches(4)))
+    b = torch.cat(list(ev.files_source(zipped).batches(3)))
+    order = sorted(range(10), key=lambda i: (f"class_{i % 3}", i))  # sorted path order
+    assert torch.equal(a, clean[order]) and torch.equal(b, clean[order])
+
+
+def test_reference_statistics_are_cached_and_invalidated(clean, inception, tmp_path):
+    folder = write_folder(clean[:6], tmp_path / "ref", classes=1)
+    cache = tmp_path / "cache"
+
+    class Log(ev.EvalCallbacks):
+        def __init__(self):
+            self.phases, self.messages = [], []
+
+        def on_phase(self, name, total):
+            self.phases.append((name, total))
+
+        def on_message(self, text):
+            self.messages.append(text)
+
+    first, second, third = Log(), Log(), Log()
+    s1 = ev.reference_stats(str(folder), inception, cache_dir=cache, callbacks=first)
+    assert first.phases == [("reference", 6)] and len(list(cache.glob("*.npz"))) == 1
+    s2 = ev.reference_stats(str(folder), inception, cache_dir=cache, callbacks=second)
+    assert second.phases == [] and any("cache" in m for m in second.messages)
+    np.testing.assert_array_equal(s1.sigma, s2.sigma)
+    write_folder(noisy(clean[:1], 30), folder / "extra")  # the folder changed: recomputed
+    ev.reference_stats(str(folder), inception, cache_dir=cache, callbacks=third)
+    assert third.phases == [("reference", 7)] and len(list(cache.glob("*.npz"))) == 2
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The command
+
+
+def _json_line(result) -> dict:
+    lines = [x for x in result.stdout.splitlines() if x.strip()]
+    assert len(lines) == 1, result.stdout  # stdout holds the JSON line and nothing else
+    return json.loads(lines[0])
+
+
+@pytest.fixture(scope="module")
+def cli_files(clean, tmp_path_factory, weights):
+    root = tmp_path_factory.mktemp("cli")
+    ref = write_folder(clean, root / "ref")
+    samples = root / "samples.npz"
+    np.savez(samples, arr_0=noisy(clean, NOISE[1]).permute(0, 2, 3, 1).numpy())  # as `ddpm sample` writes it
+    return {"root": root, "ref": ref, "samples": samples, "cache": root / "cache",
+            "common": ["--inception-weights", str(weights), "--cache-dir", str(root / "cache"), "--device", "cpu",
+                       "--kid-subsets", "10", "--kid-subset-size", "40", "--batch-size", "32"]}
+
+
+def test_cli_save_stats_then_stats_ref_gives_the_folder_fid(cli_files, noisy_stats, clean_stats):
+    f = cli_files
+    stats = f["root"] / "ref_stats.npz"
+    r = runner.invoke(app, ["eval", "--ref", str(f["ref"]), "--save-stats", str(stats), *f["common"]])
+    assert r.exit_code == 0, r.output
+    assert _json_line(r)["ref_n"] == N_REF and stats.exists()
+    with np.load(stats, allow_pickle=False) as z:  # plain arrays, no pickle
+        assert z["sigma"].shape == (2048, 2048) and z["features"].shape == (N_REF, 2048)
+
+    r = runner.invoke(app, ["eval", str(f["samples"]), "--ref", str(f["ref"]), *f["common"]])
+    assert r.exit_code == 0, r.output
+    by_folder = _json_line(r)
+    assert "cache" in r.stderr  # the reference came from the cache the first call wrote
+    r = runner.invoke(app, ["eval", str(f["samples"]), "--ref", str(stats), *f["common"]])
+    assert r.exit_code == 0, r.output
+    by_stats = _json_line(r)
+    assert by_stats["fid"] == pytest.approx(by_folder["fid"], rel=1e-9)
+    assert by_stats["kid_mean"] == pytest.approx(by_folder["kid_mean"], rel=1e-9)
+    assert by_folder["n"] == N_REF and by_folder["ref"] == str(f["ref"])
+    # PNG files and an NHWC npz carry the same pixels as the tensors the engine scored directly (KID is left out:
+    # the folder is read in path order, so its subsets hold other images)
+    assert by_folder["fid"] == pytest.approx(ev.frechet_distance(noisy_stats[NOISE[1]], clean_stats), rel=1e-6)
+
+
+def test_cli_ref_from_a_run_config(cli_files, tmp_path, monkeypatch):
+    from conftest import tiny_overrides, write_yaml
+
+    f = cli_files
+    cfg = tiny_overrides(tmp_path / "runs")
+    cfg["data"] = {"dataset": "shapes", "shapes_count": 12}
+    path = write_yaml(tmp_path / "tiny.yaml", cfg)
+    args = ["eval", str(f["samples"]), "--ref", str(path), "-n", "12", *f["common"]]
+    r = runner.invoke(app, args)
+    assert r.exit_code == 0, r.output
+    first = _json_line(r)
+    assert first["ref_n"] == 12 and first["n"] == 12 and first["kid_subset_size"] == 12
+    def no_loading(*a, **k):
+        raise AssertionError("a cache hit must not load the dataset")
+
+    monkeypatch.setattr("ddpm_cli.engine.data.load_dataset", no_loading)
+    r = runner.invoke(app, args)  # the second time from the cache, without decoding the data
+    assert r.exit_code == 0 and "from the cache" in r.stderr, r.output
+    assert _json_line(r)["fid"] == first["fid"]
+
+
+def test_cli_samples_a_checkpoint_and_scores_it(cli_files, clean_stats, trained_run, trained_conditional_run):
+    f = cli_files
+    stats = ev.save_stats(clean_stats, f["root"] / "clean_stats.npz")
+    r = runner.invoke(app, ["eval", str(trained_run), "-n", "6", "--steps", "2", "--ref", str(stats), "--seed", "3",
+                            *f["common"]])
+    assert r.exit_code == 0, r.output
+    out = _json_line(r)
+    assert out["n"] == 6 and out["sampler"] and out["steps"] == 2 and out["checkpoint"].endswith(".safetensors")
+    assert np.isfinite(out["fid"]) and out["kid_subset_size"] == 6
+    r = runner.invoke(app, ["eval", str(trained_conditional_run), "-n", "10", "--steps", "2", "--guidance", "2",
+                            "--sampler", "ddim", "--ref", str(stats), *f["common"]])
+    assert r.exit_code == 0, r.output
+    assert _json_line(r)["guidance"] == 2.0
+    r = runner.invoke(app, ["eval", str(trained_run), "-n", "4", "--guidance", "2", "--ref", str(stats),
+                            *f["common"]])
+    assert r.exit_code == 1 and "class-conditional" in r.stderr
+
+
+def test_fid_of_model_for_the_training_loop(trained_conditional_run, clean_stats, inception):
+    from ddpm_cli.engine.checkpoint import load_model
+
+    model, diffusion, cfg, _ = load_model(trained_conditional_run)
+    model.train()
+    m = cfg.model
+    res = ev.fid_of_model(model, diffusion, 5, clean_stats, inception, image_shape=(3, m.image_size, m.image_size),
+                          num_classes=m.num_classes, steps=2, guidance=1.5, batch_size=5)
+    assert model.training  # its mode is restored
+    assert res.n == 5 and np.isfinite(res.fid) and res.fid > 0 and res.kid_mean is None
+
+
+class _Evil:
+    """Unpickling this would create `marker`."""
+
+    def __init__(self, marker: Path):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return open, (self.marker, "w")
+
+
+def _one_clear_line(r, code: int, *phrases: str) -> None:
+    """Exit `code`, no traceback, nothing on stdout; a project error is one `error:` line naming the phrases."""
+    assert r.exit_code == code, (r.exit_code, r.output)
+    assert "Traceback" not in r.output and isinstance(r.exception, SystemExit), r.exception
+    assert r.stdout == ""
+    lines = [x for x in r.stderr.splitlines() if x.strip()]
+    if code == 1:
+        assert len(lines) == 1 and lines[0].startswith("error: "), lines
+    for p in phrases:
+        assert p in r.stderr, (p, r.stderr)
+
+
+def test_cli_bad_inputs_give_one_clear_line(cli_files, tmp_path, monkeypatch):
+    f = cli_files
+    common = f["common"]
+    r = runner.invoke(app, ["eval", str(f["samples"]), "--ref", str(tmp_path / "nowhere"), *common])
+    _one_clear_line(r, 1, "nowhere", "not found")
+    (tmp_path / "empty").mkdir()
+    r = runner.invoke(app, ["eval", str(f["samples"]), "--ref", str(tmp_path / "empty"), *common])
+    _one_clear_line(r, 1, "no images found")
+    r = runner.invoke(app, ["eval", str(f["samples"]), "--ref", str(f["ref"]), "-n", "0", *common])
+    _one_clear_line(r, 2, "--num")  # typer's usage error
+    junk = tmp_path / "junk.npz"
+    junk.write_bytes(b"this is not a zip archive at all")
+    r = runner.invoke(app, ["eval", str(f["samples"]), "--ref", str(junk), *common])
+    _one_clear_line(r, 1, "junk.npz", "not an .npz file")
+    pickled = tmp_path / "pickled.npz"
+    np.savez(pickled, mu=np.array([object()], dtype=object), sigma=np.zeros((1, 1)))
+    r = runner.invoke(app, ["eval", str(f["samples"]), "--ref", str(pickled), *common])
+    _one_clear_line(r, 1, "pickled.npz")
+    r = runner.invoke(app, ["eval", "--ref", str(f["ref"]), *common])
+    _one_clear_line(r, 2, "nothing to score")
+    r = runner.invoke(app, ["eval", str(tmp_path / "missing.npz"), "--ref", str(f["ref"]), *common])
+    _one_clear_line(r, 1, "missing.npz", "not found")
+    r = runner.invoke(app, ["eval", str(f["samples"]), "--ref", str(f["ref"]), "-n", "500", *common])
+    _one_clear_line(r, 1, f"holds {N_REF} images")
+    bad_weights = tmp_path / "w.pth"
+    bad_weights.write_text("hello")
+    r = runner.invoke(app, ["eval", str(f["samples"]), "--ref", str(f["ref"]), *common,
+                            "--inception-weights", str(bad_weights)])
+    _one_clear_line(r, 1, "w.pth", "state dict")
+    marker = tmp_path / "pwned"
+    evil = tmp_path / "evil.pth"
+    torch.save({"Conv2d_1a_3x3.conv.weight": torch.zeros(1), "x": _Evil(marker)}, evil)
+    r = runner.invoke(app, ["eval", str(f["samples"]), "--ref", str(f["ref"]), *common,
+                            "--inception-weights", str(evil)])
+    _one_clear_line(r, 1, "evil.pth", "refused", "open")
+    assert not marker.exists()  # checked without unpickling, so torch-fidelity never loaded it
+    r = runner.invoke(app, ["eval", str(f["samples"]), "--ref", str(f["ref"]), "--sampler", "ddim", *common])
+    _one_clear_line(r, 1, "not a checkpoint")
+    from urllib.error import URLError
+
+    from torchvision.datasets import CIFAR10
+
+    def offline(self):
+        raise URLError("no network (test)")
+
+    monkeypatch.setattr(CIFAR10, "download", offline)  # as offline, also where CI has a network
+    r = runner.invoke(app, ["eval", str(f["samples"]), "--ref", "cifar10-test", "--data-root",
+                            str(tmp_path / "nodata"), *common, "--inception-weights", str(bad_weights)])
+    _one_clear_line(r, 1, "CIFAR-10", "--data-root")
+    assert not (tmp_path / "nodata").exists()  # a failed download leaves no empty folder
+
+
+def test_eval_help_does_not_import_torch():
+    code = ("import sys; from typer.testing import CliRunner; from ddpm_cli.cli.app import app; "
+            "r = CliRunner().invoke(app, ['eval', '--help']); assert r.exit_code == 0 and '--ref' in r.output; "
+            "print('torch' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "False"
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The real weights (../shared), at the real 299 px: cheap, and skipped when the files are absent
+
+REAL_WEIGHTS = SHARED / "assets" / "weights-inception-2015-12-05-fid-only-fp16.pth"
+CIFAR_TEST = SHARED / "data" / "cifar10-jpeg" / "test.zip"
+
+
+@pytest.mark.skipif(not (REAL_WEIGHTS.is_file() and CIFAR_TEST.is_file()), reason="../shared assets absent")
+def test_real_weights_tell_cifar_from_noise(monkeypatch):
+    monkeypatch.setattr(fe.FeatureExtractorInceptionV3, "INPUT_IMAGE_SIZE", 299)
+    inc = ev.load_inception(REAL_WEIGHTS, "cpu")
+    src = ev.files_source(CIFAR_TEST)
+    assert src.count == 10_000
+    first = next(src.batches(16))  # (16, 3, 32, 32): airplanes, in path order
+    a = ev.compute_stats(ev.tensor_source(first[:8], "a"), inc, batch_size=8)
+    b = ev.compute_stats(ev.tensor_source(first[8:], "b"), inc, batch_size=8)
+    g = torch.Generator().manual_seed(0)
+    rand = torch.randint(0, 256, (8, 3, 32, 32), generator=g, dtype=torch.uint8)
+    c = ev.compute_stats(ev.tensor_source(rand, "noise"), inc, batch_size=8)
+    assert (a.features >= 0).all() and np.isfinite(a.features).all()
+    # 8 images a side: FID is mostly small-sample bias, so the means tell the sets apart more sharply
+    assert ev.frechet_distance(a, b) < ev.frechet_distance(a, c)
+    assert np.sum((a.mu - b.mu) ** 2) < 0.5 * np.sum((a.mu - c.mu) ** 2)

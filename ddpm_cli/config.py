@@ -16,7 +16,8 @@ from ddpm_cli.errors import ConfigError
 
 
 class Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", use_attribute_docstrings=True, validate_assignment=True)
+    model_config = ConfigDict(extra="forbid", use_attribute_docstrings=True, validate_assignment=True,
+                              allow_inf_nan=False)
 
 
 class ModelConfig(Section):
@@ -162,9 +163,11 @@ class TrainConfig(Section):
     """Autocast precision: auto means bf16 on CUDA, fp32 elsewhere."""
     compile: Literal["auto", "off", "on", "max-autotune", "reduce-overhead"] = "auto"
     """torch.compile the training step (forward and backward): on = the default mode, reduce-overhead adds
-    CUDA graphs, max-autotune also tunes kernels; auto means on for CUDA, off elsewhere."""
+    CUDA graphs, max-autotune also tunes kernels; auto means reduce-overhead on CUDA, off elsewhere."""
     channels_last: Literal["auto", "on", "off"] = "auto"
-    """Channels-last memory layout: auto means on for CUDA."""
+    """Channels-last memory layout: auto means on for CUDA without torch.compile (compile picks its own)."""
+    cudnn_benchmark: bool = True
+    """Let cuDNN time its convolution algorithms once at start (CUDA only; fixed input shapes make it pay)."""
     device: str = "auto"
     """Device: auto (CUDA when available, else CPU), cpu, cuda, cuda:N."""
     seed: int = 0
@@ -253,6 +256,8 @@ def parse_override(text: str) -> tuple[list[str], Any]:
 
 
 def apply_overrides(data: dict, overrides: list[str]) -> dict:
+    if overrides and not isinstance(data, dict):
+        raise ConfigError(f"cannot apply --set to a config that is a {type(data).__name__}, not a mapping")
     for text in overrides:
         path, value = parse_override(text)
         node = data
@@ -290,7 +295,8 @@ def format_validation_error(err: ValidationError) -> list[str]:
         elif e["type"] not in ("value_error", "assertion_error") and "input" in e:
             got = e["input"]
             if not isinstance(got, dict):
-                msg += f" (got {json.dumps(got, default=str)})"
+                shown = json.dumps(got, default=str)
+                msg += f" (got {shown if len(shown) <= 60 else shown[:57] + '...'})"
         lines.append(f"{path}: {msg}")
     return lines
 
@@ -324,6 +330,8 @@ def load_config(path: str | Path | None, overrides: list[str] | None = None) -> 
             data = yaml.safe_load(text)
         except UnicodeDecodeError:
             raise ConfigError(f"{p} is not a text file; pass a YAML config") from None
+        except RecursionError:
+            raise ConfigError(f"{p} is nested too deeply to be a run config") from None
         except yaml.YAMLError as e:
             mark = getattr(e, "problem_mark", None)
             where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
@@ -347,8 +355,10 @@ def config_from_json(text: str) -> RunConfig:
     """Rebuild the config stored in a checkpoint's metadata."""
     try:
         data = json.loads(text)
-    except (TypeError, json.JSONDecodeError):
+    except (TypeError, ValueError, RecursionError):
         raise ConfigError("the checkpoint's stored config is not valid JSON") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"the checkpoint's stored config is a {type(data).__name__}, not a mapping")
     return validate_config(data, "checkpoint config")
 
 

@@ -24,7 +24,9 @@ def _resolve_resume(resume: Path, overrides: list[str]):
     header = read_header(weights)
     try:
         data = json.loads(header.metadata.get("config", ""))
-    except ValueError:
+    except (ValueError, RecursionError):
+        data = None
+    if not isinstance(data, dict):
         fail(f"{weights} has no readable stored config; it cannot be resumed")
     data = apply_overrides(data, overrides)
     return weights, validate_config(data, f"{weights} (stored config with --set)")

@@ -139,9 +139,16 @@ def load_state(weights_path: Path) -> tuple[dict[str, torch.Tensor], dict, list]
         raise CheckpointError(f"{sp} is not a training-state file")
     tensors = _read_tensors(sp)
     try:
-        return tensors, json.loads(header.metadata["state"]), json.loads(header.metadata["param_groups"])
-    except (KeyError, ValueError):
+        state, groups = json.loads(header.metadata["state"]), json.loads(header.metadata["param_groups"])
+        if not isinstance(state, dict) or not isinstance(groups, list):
+            raise TypeError
+        int(state["step"]), int(state["images_seen"])
+        int(state["data"]["epoch"]), int(state["data"]["pos"])
+        if not isinstance(state.get("early_stopping", {}), dict):
+            raise TypeError
+    except (KeyError, ValueError, TypeError, RecursionError):
         raise CheckpointError(f"{sp} has unreadable training state metadata") from None
+    return tensors, state, groups
 
 
 def optimizer_state_dict(tensors: dict[str, torch.Tensor], param_groups: list) -> dict:

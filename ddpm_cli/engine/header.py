@@ -36,6 +36,10 @@ def _looks_like_pickle(head: bytes) -> bool:
     return head[:2] == b"PK" or (len(head) > 1 and head[0] == 0x80 and head[1] <= 5)
 
 
+def _reject_constant(name: str):
+    raise ValueError(f"{name} is not valid in a safetensors header")
+
+
 def read_header(path: str | Path, require_ddpm: bool = True) -> Header:
     """Parse and validate the header; raise CheckpointError with the reason and the fix on any problem."""
     p = Path(path)
@@ -61,10 +65,10 @@ def read_header(path: str | Path, require_ddpm: bool = True) -> Header:
     except OSError as e:
         raise CheckpointError(f"cannot read {p}: {e.strerror}") from None
     try:
-        header = json.loads(raw.decode("utf-8"))
+        header = json.loads(raw.decode("utf-8"), parse_constant=_reject_constant)
         if not isinstance(header, dict):
             raise ValueError
-    except (UnicodeDecodeError, ValueError):
+    except (UnicodeDecodeError, ValueError, RecursionError):
         raise CheckpointError(f"{p} is not a safetensors file (its header is not JSON)") from None
     metadata = header.pop("__metadata__", None) or {}
     end = 0
@@ -72,7 +76,7 @@ def read_header(path: str | Path, require_ddpm: bool = True) -> Header:
         try:
             lo, hi = info["data_offsets"]
             int(lo), int(hi), info["dtype"], list(info["shape"])
-        except (TypeError, KeyError, ValueError):
+        except (TypeError, KeyError, ValueError, OverflowError):
             raise CheckpointError(f"{p} is not a valid safetensors file (bad entry for tensor {name!r})") from None
         end = max(end, int(hi))
     if 8 + n + end > size:

@@ -34,7 +34,10 @@ TRAIN_VARIANTS = {
     "bf16-cl-compile": {"precision": "bf16", "compile": "on", "channels_last": "on"},
     "bf16-compile": {"precision": "bf16", "compile": "on", "channels_last": "off"},
     "bf16-cl-cudagraphs": {"precision": "bf16", "compile": "reduce-overhead", "channels_last": "on"},
+    "bf16-cudagraphs": {"precision": "bf16", "compile": "reduce-overhead", "channels_last": "off"},
     "bf16-cl-autotune": {"precision": "bf16", "compile": "max-autotune", "channels_last": "on"},
+    "bf16-cl-compile-nobench": {"precision": "bf16", "compile": "on", "channels_last": "on",
+                                "cudnn_benchmark": False},
 }
 SAMPLE_VARIANTS = {
     "fp32": dict(bf16=False, channels_last=False, compile=None),
@@ -42,6 +45,8 @@ SAMPLE_VARIANTS = {
     "bf16-cl": dict(bf16=True, channels_last=True, compile=None),
     "bf16-cl-compile": dict(bf16=True, channels_last=True, compile="default"),
     "bf16-cl-cudagraphs": dict(bf16=True, channels_last=True, compile="reduce-overhead"),
+    "bf16-compile": dict(bf16=True, channels_last=False, compile="default"),
+    "bf16-cudagraphs": dict(bf16=True, channels_last=False, compile="reduce-overhead"),
     "bf16-cl-autotune": dict(bf16=True, channels_last=True, compile="max-autotune"),
 }
 PEAK_TFLOPS = 790.0      # measured bf16 matmul peak of an H100 here (KINDS.md)
@@ -50,12 +55,32 @@ FWD_GFLOP = 12.5         # forward per image
 
 
 class Collect(TrainCallbacks):
-    def __init__(self):
+    def __init__(self, profile_at: int = 0):
         self.rates: list[float] = []
+        self.losses: list[float] = []
+        self.prof = None
+        self.profile_at = profile_at
+
+    def on_step(self, step: int) -> None:
+        if not self.profile_at:
+            return
+        if step == self.profile_at:
+            from torch.profiler import ProfilerActivity, profile
+
+            torch.cuda.synchronize()
+            self.prof = profile(activities=[ProfilerActivity.CUDA, ProfilerActivity.CPU])
+            self.prof.__enter__()
+        elif step == self.profile_at + 10 and self.prof is not None:
+            torch.cuda.synchronize()
+            self.prof.__exit__(None, None, None)
+            print(self.prof.key_averages().table(sort_by="cuda_time_total", row_limit=30, max_name_column_width=70),
+                  flush=True)
+            self.prof = None
 
     def on_log(self, rec: dict) -> None:
         if "img_per_s" in rec:
             self.rates.append(rec["img_per_s"])
+            self.losses.append(round(rec["loss"], 5) if rec.get("loss") is not None else None)
 
 
 TINY = {"image_size": 32, "base_channels": 16, "channel_mults": [1, 2], "num_res_blocks": 1,
@@ -63,7 +88,7 @@ TINY = {"image_size": 32, "base_channels": 16, "channel_mults": [1, 2], "num_res
 
 
 def bench_train(name: str, sets: dict, batch: int, steps: int, log_every: int, images: ImageSet,
-                model: dict) -> dict:
+                model: dict, profile: bool = False) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         cfg = validate_config({
             "model": model,
@@ -72,7 +97,7 @@ def bench_train(name: str, sets: dict, batch: int, steps: int, log_every: int, i
             "logging": {"run_dir": tmp, "run_name": name, "log_every": log_every, "checkpoint_every": 10**9,
                         "sample_every": 10**9, "sample_count": 16, "sample_steps": 2},
         })
-        cb = Collect()
+        cb = Collect(profile_at=steps - 20 if profile else 0)
         t0 = time.perf_counter()
         trainer = Trainer(cfg, callbacks=cb, dataset=images)
         res = trainer.run()
@@ -82,7 +107,8 @@ def bench_train(name: str, sets: dict, batch: int, steps: int, log_every: int, i
     rate = statistics.median(steady)
     out = {"kind": "train", "variant": name, "batch": batch, "img_per_s": rate, "first_step_s": res.compile_s,
            "run_s": total, "peak_mem_gib": peak,
-           "share_of_peak": rate * TRAIN_GFLOP / 1000 / PEAK_TFLOPS, "last_loss": res.last_loss}
+           "share_of_peak": rate * TRAIN_GFLOP / 1000 / PEAK_TFLOPS, "last_loss": res.last_loss,
+           "loss_curve": cb.losses}
     print("BENCH " + json.dumps(out), flush=True)
     del trainer
     if torch.cuda.is_available():
@@ -139,6 +165,7 @@ def main() -> None:
     p.add_argument("--sample-steps", type=int, default=20)
     p.add_argument("--e2e", action="store_true", help="also time 10,000 images with DDIM-100 (last variant)")
     p.add_argument("--json", type=Path, help="write all results here")
+    p.add_argument("--profile", action="store_true", help="print the top CUDA kernels of 10 training steps")
     p.add_argument("--tiny", action="store_true", help="a tiny model on the CPU: checks the script, times nothing")
     a = p.parse_args()
     model_cfg, device = ({}, "cuda") if not a.tiny else (TINY, "cpu")
@@ -158,7 +185,7 @@ def main() -> None:
         for b in a.batch:
             try:
                 results.append(bench_train(name, TRAIN_VARIANTS[name], b, a.steps, a.log_every, images,
-                                           model_cfg))
+                                           model_cfg, a.profile))
             except Exception as e:  # keep measuring the other variants
                 print(f"BENCH train {name} batch {b} failed: {type(e).__name__}: {e}", flush=True)
     for i, name in enumerate(a.sample):

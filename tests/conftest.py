@@ -6,11 +6,17 @@ import subprocess
 import sys
 from pathlib import Path
 
-import pytest
+# Two busy cores: torch's default of one thread per core spins and slows tiny convolutions many times over.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+
+import pytest  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED = ROOT.parent / "shared"
 
+import torch  # noqa: E402
+
+torch.set_num_threads(1)
 os.environ.setdefault("WANDB_SILENT", "true")
 os.environ.setdefault("WANDB_MODE", "offline")
 

@@ -7,6 +7,10 @@ import typer
 
 from ddpm_cli import __version__
 from ddpm_cli.cli import config_cmd
+from ddpm_cli.cli.eval_cmd import eval_command
+from ddpm_cli.cli.export import export_command
+from ddpm_cli.cli.inspect_cmd import inspect_command
+from ddpm_cli.cli.sample import sample_command
 from ddpm_cli.cli.train import train_command
 
 app = typer.Typer(name="ddpm", help="Train, sample and evaluate denoising diffusion models (DDPM).",
@@ -27,6 +31,10 @@ def root(version: Optional[bool] = typer.Option(None, "--version", callback=_ver
 
 
 app.command("train")(train_command)
+app.command("eval")(eval_command)
+app.command("sample")(sample_command)
+app.command("inspect")(inspect_command)
+app.command("export")(export_command)
 app.add_typer(config_cmd.app, name="config")
 
 

@@ -5,6 +5,7 @@ The step issues no host synchronisation: losses, gradient norms and non-finite c
 and are read once per `logging.log_every` steps."""
 from __future__ import annotations
 
+import errno
 import json
 import math
 import time
@@ -136,6 +137,9 @@ class Trainer:
         self.num_train = len(ds)
 
         # Model, EMA, diffusion, optimizer
+        if self.device.type == "cuda":
+            torch.backends.cudnn.benchmark = tc.cudnn_benchmark
+            torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
         torch.manual_seed(tc.seed)
         self.model = build_unet(cfg.model).to(self.device)
         self.channels_last = use_channels_last(cfg, self.device)
@@ -241,9 +245,14 @@ class Trainer:
             state["early_stopping"].pop("best")
         ckpt_io.save_state(state_path(path), self.opt, state)
         # The pointer goes last: it only ever names a checkpoint whose files are complete.
-        atomic_write_bytes(self.run_dir / "latest.json",
-                           json.dumps({"step": self.step, "weights": f"checkpoints/{name}",
-                                       "state": f"checkpoints/{state_path(path).name}"}).encode())
+        pointer = self.run_dir / "latest.json"
+        try:
+            atomic_write_bytes(pointer, json.dumps({"step": self.step, "weights": f"checkpoints/{name}",
+                                                    "state": f"checkpoints/{state_path(path).name}"}).encode())
+        except OSError as e:
+            reason = "the disk is full" if e.errno == errno.ENOSPC else (e.strerror or str(e))
+            raise DdpmError(f"cannot update {pointer}: {reason}; it still names the previous checkpoint, which is "
+                            f"intact") from None
         self._prune()
         return path
 

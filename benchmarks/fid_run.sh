@@ -1,0 +1,36 @@
+#!/usr/bin/env bash
+# The fixed-budget quality benchmark (GUIDE.md section 5) on the GPU machine, run in the background (setsid):
+# train for train.max_time, sample 10,000 images with the default sampler, FID against the 50,000 training
+# images, then an FID-vs-NFE sweep. Needs .carry_data/train.zip carried by this call and the Inception weights
+# at $HOME/inception.pth (copied by the next call). Results go to $HOME/fid/NAME.jsonl, the log to NAME.log.
+#   bash benchmarks/fid_run.sh NAME CONFIG "TRAIN --set ARGS" "SAMPLE ARGS" "SWEEP: sampler:steps ..."
+set -u
+if [ "${1:-}" != inner ]; then
+    export NAME=$1 CONFIG=$2 EXTRA=${3:-} SAMPLE=${4:-} SWEEP=${5:-}
+    mkdir -p "$HOME/data" "$HOME/fid" "$HOME/runs"
+    cp .carry_data/train.zip "$HOME/data/train.zip"
+    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
+    export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1
+    setsid nohup bash "$0" inner > "$HOME/fid/$NAME.log" 2>&1 < /dev/null &
+    exit 0
+fi
+set -x
+out=$HOME/fid/$NAME
+ddpm() { python3 -m ddpm_cli "$@"; }
+ddpm train -c "$CONFIG" --set data.root="$HOME/data/train.zip" --set logging.run_dir="$HOME/runs" \
+    --set logging.run_name="$NAME" $EXTRA
+ckpt=$HOME/runs/$NAME
+ddpm sample "$ckpt" -n 10000 --batch-size 1000 --format npz --out "$out-main.npz" $SAMPLE
+while [ ! -f "$HOME/inception.pth" ]; do sleep 2; done
+ev=(--ref "$HOME/data/train.zip" --inception-weights "$HOME/inception.pth" --batch-size 500
+    --cache-dir "$HOME/fidcache")
+echo "MAIN $SAMPLE" >> "$out.jsonl"
+ddpm eval "$out-main.npz" "${ev[@]}" | tee -a "$out.jsonl"
+for s in $SWEEP; do
+    smp=${s%%:*}; st=${s#*:}
+    ddpm sample "$ckpt" -n 10000 --batch-size 1000 --format npz --out "$out-$smp-$st.npz" --sampler "$smp" \
+        --steps "$st" $(echo "$SAMPLE" | grep -o -- '--guidance [0-9.]*')
+    echo "SWEEP $smp $st" >> "$out.jsonl"
+    ddpm eval "$out-$smp-$st.npz" "${ev[@]}" | tee -a "$out.jsonl"
+done
+echo FID-DONE

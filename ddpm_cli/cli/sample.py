@@ -8,6 +8,7 @@ from typing import Optional
 
 import typer
 
+from ddpm_cli.cli.launch import is_main_process, relaunch_with_torchrun, under_torchrun
 from ddpm_cli.cli.ui import console, err_console, fail, fmt_rate, friendly
 
 
@@ -42,8 +43,9 @@ class Format(str, Enum):
 class SampleDisplay:
     """A live bar over images and one over the current batch's steps on a terminal; a line per batch elsewhere."""
 
-    def __init__(self, n: int, live: bool | None = None):
+    def __init__(self, n: int, live: bool | None = None, quiet: bool = False):
         self.n = n
+        self.quiet = quiet  # other ranks under torchrun say nothing
         self.live = console.is_terminal if live is None else live
         self.progress = None
 
@@ -67,7 +69,7 @@ class SampleDisplay:
     def on_batch(self, done: int, n: int) -> None:
         if self.progress is not None:
             self.progress.update(self.images, completed=done)
-        else:
+        elif not self.quiet:
             console.print(f"sampled {done:,}/{n:,}", markup=False)
 
     def __exit__(self, *exc) -> None:
@@ -109,6 +111,8 @@ def sample_command(
     guidance: float = typer.Option(1.0, "--guidance", "-w", help="Classifier-free guidance scale (conditional "
                                                                  "models; 1 = off, 0 = unconditional)."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace existing output files."),
+    gpus: int = typer.Option(0, "--gpus", min=0, help="Spread the batches over N GPUs of this machine (torchrun); "
+                             "the images are the same as on one."),
     compile: Toggle = typer.Option(Toggle.auto, "--compile", help="torch.compile the network: auto (on CUDA for large "
                                 "jobs), on, off."),
 ) -> None:
@@ -133,20 +137,27 @@ def sample_command(
                         sampler=sampler.value, steps=steps, eta=eta, spacing=spacing.value if spacing else None,
                         variance=variance.value if variance else None, guidance=guidance, overwrite=overwrite,
                         compile=compile.value)
+    if gpus > 1 and not under_torchrun():
+        plan_sampling(req)  # refuse bad arguments here, once, before starting N processes
+        return relaunch_with_torchrun(gpus)
     plan = plan_sampling(req)
-    for w in plan.warnings:
+    main = is_main_process()
+    for w in plan.warnings if main else []:
         err_console.print(f"[yellow]warning:[/] {w}", soft_wrap=True)
     m = plan.config.model
     what = ("per class" if per_class else f"class {class_index}" if class_index is not None
             else "classes in turn" if m.conditional else "unconditional")
 
     def on_start(device_name: str) -> None:
-        console.print(f"sampling {n:,} image{'s' if n != 1 else ''} ({what}) from {plan.checkpoint}  |  "
+        if main:
+            console.print(f"sampling {n:,} image{'s' if n != 1 else ''} ({what}) from {plan.checkpoint}  |  "
                       f"{sampler.value}{f' {steps} steps' if steps else ''}  |  {plan.weights} weights  |  "
-                      f"seed {seed}  |  {device_name}", markup=False, soft_wrap=True)
+                          f"seed {seed}  |  {device_name}", markup=False, soft_wrap=True)
 
-    with SampleDisplay(n) as display:
+    with SampleDisplay(n, live=None if main else False, quiet=not main) as display:
         result = run_sampling(plan, req, on_start=on_start, on_step=display.on_step, on_batch=display.on_batch)
+    if not main:
+        return
     where = [str(p) for p in ((out if plan.files else None), result.npz, result.grid) if p is not None]
     console.print(f"{result.n:,} image{'s' if result.n != 1 else ''} in {result.seconds:.1f} s "
                   f"({fmt_rate(result.images_per_s)} images/s) on {result.device} -> {', '.join(where)}",

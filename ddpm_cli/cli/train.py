@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import os
 import signal
-import sys
 from pathlib import Path
 from typing import Optional
 
 import typer
 
+from ddpm_cli.cli.launch import relaunch_with_torchrun, under_torchrun
 from ddpm_cli.cli.ui import TrainDisplay, console, fail, friendly
 
 
@@ -30,19 +30,6 @@ def _resolve_resume(resume: Path, overrides: list[str]):
         fail(f"{weights} has no readable stored config; it cannot be resumed")
     data = apply_overrides(data, overrides)
     return weights, validate_config(data, f"{weights} (stored config with --set)")
-
-
-def _launch_torchrun(gpus: int) -> None:
-    """Re-run this same command under torch.distributed.run with `gpus` processes (one per GPU)."""
-    from torch.distributed.run import main as torchrun_main
-
-    argv = [a for a in sys.argv[1:]]
-    i = argv.index("--gpus") if "--gpus" in argv else None
-    if i is not None:
-        del argv[i:i + 2]
-    else:
-        argv = [a for a in argv if not a.startswith("--gpus=")]
-    torchrun_main(["--standalone", f"--nproc_per_node={gpus}", "-m", "ddpm_cli", *argv])
 
 
 def _install_signal_handlers(stop) -> None:
@@ -75,8 +62,8 @@ def train_command(
         weights, cfg = _resolve_resume(resume, set_)
     else:
         weights, cfg = None, load_config(config, set_)
-    if gpus > 1 and "WORLD_SIZE" not in os.environ:
-        return _launch_torchrun(gpus)
+    if gpus > 1 and not under_torchrun():
+        return relaunch_with_torchrun(gpus)
 
     from ddpm_cli.engine.train import StopFlag, Trainer
 

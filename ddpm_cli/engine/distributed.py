@@ -41,15 +41,15 @@ class DistInfo:
         ids = [self.device.index] if self.device.type == "cuda" else None
         return DistributedDataParallel(model, device_ids=ids, gradient_as_bucket_view=True, static_graph=True)
 
-    def any(self, flag: bool, step: int, every: int = 10) -> bool:
-        """True on every rank once any rank has raised `flag` (checked every `every` steps across ranks)."""
+    def agree(self, flag: int, step: int, every: int = 10) -> int:
+        """The largest `flag` over all ranks (checked every `every` steps, 0 in between); `flag` alone when single."""
         if self.world == 1:
             return flag
         if step % every:
-            return False
-        t = torch.tensor([1.0 if flag else 0.0], device=self.device)
+            return 0
+        t = torch.tensor([flag], device=self.device, dtype=torch.int32)
         dist.all_reduce(t, op=dist.ReduceOp.MAX)
-        return bool(t.item() > 0)
+        return int(t.item())
 
     def broadcast_path(self, path: Path) -> Path:
         if self.world == 1:

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import io
 import math
+import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -184,7 +185,8 @@ def plan_sampling(req: SampleRequest) -> SamplePlan:
             npz = req.out if req.out.suffix == ".npz" else req.out / "samples.npz"
         if req.out.exists() and not req.out.is_dir() and req.fmt == "png":
             raise DdpmError(f"--out {req.out} is a file; pass a directory for the PNG files")
-    _check_free(files + [p for p in (npz, req.grid) if p is not None], req.overwrite)
+    if int(os.environ.get("RANK", "0")) == 0:  # under torchrun rank 0 checks, before any rank writes
+        _check_free(files + [p for p in (npz, req.grid) if p is not None], req.overwrite)
     return SamplePlan(path, header, cfg, labels, files, npz, req.grid, use_ema, warnings)
 
 
@@ -262,7 +264,14 @@ def run_sampling(plan: SamplePlan, req: SampleRequest, *, on_start: Callable[[st
     from ddpm_cli.engine.checkpoint import load_model
     from ddpm_cli.engine.generate import generate, inference_net
 
-    device = resolve_device(req.device)
+    from ddpm_cli.engine.distributed import DistInfo
+
+    # Under torchrun each rank draws the batches b = rank, rank + world, ... of the same plan, so N GPUs make
+    # exactly the images one GPU makes with the same seed and batch size.
+    dist_info = DistInfo.from_env()
+    device = dist_info.device if dist_info.world > 1 else resolve_device(req.device)
+    num_batches = (req.n + req.batch_size - 1) // req.batch_size
+    my_batches = range(dist_info.rank, num_batches, dist_info.world)
     model, diffusion, cfg, _ = load_model(plan.checkpoint, device, use_ema=plan.use_ema)
     m = cfg.model
     cuda = device.type == "cuda"
@@ -287,18 +296,22 @@ def run_sampling(plan: SamplePlan, req: SampleRequest, *, on_start: Callable[[st
                                     steps=req.steps, eta=req.eta, spacing=req.spacing,
                                     variance=req.variance or cfg.diffusion.variance, guidance=req.guidance,
                                     null_class=m.num_classes if m.conditional else None, seed=req.seed,
-                                    device=device, bf16=cuda, on_step=on_step):
+                                    device=device, bf16=cuda, batches=my_batches, on_step=on_step):
         arr = batch.numpy()  # (b, C, H, W) uint8
         for j in range(arr.shape[0]) if plan.files else ():
             write_png(plan.files[start + j], arr[j].transpose(1, 2, 0))
         if keep_all:
-            kept.append(arr)
+            kept.append((start, arr))
         done += arr.shape[0]
         if on_batch:
             on_batch(done, req.n)
     seconds = time.perf_counter() - t0
-    if keep_all:
-        images = np.concatenate(kept)  # (N, C, H, W)
+    dist_info.barrier()  # every rank's PNGs are written
+    if keep_all and dist_info.world > 1:
+        kept = _gather_parts(plan, kept, dist_info)
+    if keep_all and dist_info.rank == 0:
+        kept.sort(key=lambda item: item[0])
+        images = np.concatenate([arr for _, arr in kept])  # (N, C, H, W)
         if plan.npz is not None:
             write_npz(plan.npz, images.transpose(0, 2, 3, 1), plan.labels)
         if plan.grid is not None:
@@ -308,4 +321,26 @@ def run_sampling(plan: SamplePlan, req: SampleRequest, *, on_start: Callable[[st
                 atomic_write_bytes(plan.grid, _png_bytes(grid))
             except OSError as e:
                 raise DdpmError(f"cannot write {plan.grid}: {e.strerror or e}") from None
+    dist_info.close()
     return SampleResult(req.n, seconds, plan.files, plan.npz, plan.grid, str(device))
+
+
+def _gather_parts(plan: SamplePlan, kept: list, dist_info) -> list:
+    """Several ranks: each saves its batches to a part file beside the output (npz, no pickle); rank 0 reads
+    them all back, in index order, and removes them."""
+    import numpy as np
+
+    anchor = plan.npz or plan.grid
+    part = lambda r: anchor.with_name(f".{anchor.name}.part{r}.npz")  # noqa: E731
+    arrays = {f"s{start}": arr for start, arr in kept}
+    with open(part(dist_info.rank), "wb") as f:
+        np.savez(f, **arrays)
+    dist_info.barrier()
+    if dist_info.rank != 0:
+        return []
+    out = []
+    for r in range(dist_info.world):
+        with np.load(part(r), allow_pickle=False) as z:
+            out += [(int(k[1:]), z[k]) for k in z.files]
+        part(r).unlink()
+    return out

@@ -107,6 +107,8 @@ class Trainer:
         self.stop = stop or StopFlag()
         self.dist = DistInfo.from_env()
         self.main = self.dist.rank == 0
+        if not self.main:
+            self.cb = TrainCallbacks()  # one progress display: rank 0's
         tc = cfg.train
         self.device = self.dist.device if self.dist.world > 1 else resolve_device(tc.device)
         self.resume = resume
@@ -342,11 +344,12 @@ class Trainer:
             self.cb.on_message("compiling the training step (torch.compile; the first step takes a while)")
 
         while self.step < tc.steps:
-            if tc.max_time is not None and time.monotonic() - self.t0 >= tc.max_time:
-                stop_reason = "time"
-                break
-            if self.dist.any(self.stop.signum != 0, self.step):
-                stop_reason = "signal"
+            # 2 = a signal, 1 = out of time; with several ranks they agree on it (every 10 steps) so that no rank
+            # leaves the loop while the others wait in an all-reduce.
+            time_up = tc.max_time is not None and time.monotonic() - self.t0 >= tc.max_time
+            flag = self.dist.agree(2 if self.stop.signum else 1 if time_up else 0, self.step)
+            if flag:
+                stop_reason = "signal" if flag == 2 else "time"
                 break
             t_step = time.monotonic()
             x, y = self.batcher.next()

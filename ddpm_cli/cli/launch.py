@@ -1,0 +1,24 @@
+"""`--gpus N`: re-run the same command under torch.distributed.run (torchrun) with N processes, one per GPU."""
+from __future__ import annotations
+
+import os
+import sys
+
+
+def under_torchrun() -> bool:
+    return "WORLD_SIZE" in os.environ
+
+
+def is_main_process() -> bool:
+    return int(os.environ.get("RANK", "0")) == 0
+
+
+def relaunch_with_torchrun(gpus: int) -> None:
+    from torch.distributed.run import main as torchrun_main
+
+    argv = list(sys.argv[1:])
+    if "--gpus" in argv:
+        i = argv.index("--gpus")
+        del argv[i:i + 2]
+    argv = [a for a in argv if not a.startswith("--gpus=")]
+    torchrun_main(["--standalone", f"--nproc_per_node={gpus}", "-m", "ddpm_cli", *argv])

@@ -7,7 +7,7 @@ from __future__ import annotations
 import difflib
 import json
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
@@ -18,6 +18,18 @@ from ddpm_cli.errors import ConfigError
 class Section(BaseModel):
     model_config = ConfigDict(extra="forbid", use_attribute_docstrings=True, validate_assignment=True,
                               allow_inf_nan=False)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _on_off_from_yaml_bools(cls, data: Any) -> Any:
+        """YAML 1.1 reads a bare `on`/`off` as true/false; a field whose choices are "on"/"off" takes them back."""
+        if not isinstance(data, dict):
+            return data
+        out = dict(data)
+        for name, field in cls.model_fields.items():
+            if isinstance(out.get(name), bool) and "on" in get_args(field.annotation):
+                out[name] = "on" if out[name] else "off"
+        return out
 
 
 class ModelConfig(Section):

@@ -133,3 +133,15 @@ def test_show_prints_help_comments_and_reference_lists_every_field():
     table = reference_markdown()
     for field in ("model.norm_groups", "train.early_stopping.patience", "logging.wandb_entity", "data.root"):
         assert f"`{field}`" in table
+
+
+def test_bare_on_off_are_read_as_the_choices(tmp_path):
+    """YAML 1.1 turns `off` into false: `--set train.compile=off` and `on_device: on` must still work."""
+    cfg = load_config(None, ["train.compile=off", "train.channels_last=on"])
+    assert cfg.train.compile == "off" and cfg.train.channels_last == "on"
+    p = tmp_path / "c.yaml"
+    p.write_text("data:\n  on_device: off\ntrain:\n  compile: on\n")
+    cfg = load_config(p)
+    assert cfg.data.on_device == "off" and cfg.train.compile == "on"
+    with pytest.raises(ConfigError):
+        load_config(None, ["train.ema=maybe"])  # real bool fields are untouched

@@ -209,6 +209,17 @@ class LoggingConfig(Section):
     """Images in a sample grid (a row per class when conditional)."""
     sample_steps: int = Field(100, ge=1)
     """Sampler steps for the grids (DDIM; equal to num_timesteps means the full ancestral sampler)."""
+    fid_every: int = Field(0, ge=0)
+    """Steps between in-training FID evaluations (0: off); logged as `fid` in metrics.jsonl and wandb."""
+    fid_samples: int = Field(1000, ge=2)
+    """Images sampled (EMA weights) for each in-training FID; few images bias FID upwards: compare runs, not papers."""
+    fid_steps: int = Field(20, ge=1)
+    """DPM-Solver++(2M) steps for the in-training FID samples."""
+    fid_ref: str | None = None
+    """In-training FID reference: a folder or .zip of images, a stats file of `ddpm eval --save-stats`, or
+    cifar10-train; default: the training images themselves."""
+    fid_inception_weights: str | None = None
+    """TF-Inception weights in torch-fidelity's format, for machines without its download."""
     wandb: Literal["off", "online", "offline"] = "off"
     """Weights & Biases logging."""
     wandb_project: str = "ddpm"

@@ -80,3 +80,28 @@ def run_cli(*args: str, cwd: Path | None = None, timeout: float = 300, env: dict
     full_env = {**os.environ, **(env or {})}
     return subprocess.run([sys.executable, "-m", "ddpm_cli", *args], cwd=cwd, capture_output=True, text=True,
                           timeout=timeout, env=full_env)
+
+
+def cli(*args):
+    """Invoke the `ddpm` app in-process (CliRunner), stringifying the arguments."""
+    from typer.testing import CliRunner
+
+    from ddpm_cli.cli.app import app
+
+    return CliRunner().invoke(app, [str(a) for a in args])
+
+
+def ok(*args):
+    r = cli(*args)
+    assert r.exit_code == 0, (r.stdout, r.stderr, r.exception)
+    return r
+
+
+def one_line_error(r, code=(1, 2)) -> str:
+    """The command failed with one clear line on stderr, an exit code of 1 or 2, and no traceback."""
+    assert r.exit_code in code, (r.exit_code, r.stdout, r.stderr, r.exception)
+    assert isinstance(r.exception, SystemExit), r.exception  # not an uncaught exception
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), r.stderr
+    assert "Traceback" not in r.stdout + r.stderr
+    return lines[0]

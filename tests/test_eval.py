@@ -452,3 +452,17 @@ def test_real_weights_tell_cifar_from_noise(monkeypatch):
     # 8 images a side: FID is mostly small-sample bias, so the means tell the sets apart more sharply
     assert ev.frechet_distance(a, b) < ev.frechet_distance(a, c)
     assert np.sum((a.mu - b.mu) ** 2) < 0.5 * np.sum((a.mu - c.mu) ** 2)
+
+
+def test_in_training_fid_is_logged(weights, small_resize, tmp_path):
+    """logging.fid_every: FID of EMA samples against the training images, in metrics.jsonl, every N steps."""
+    from conftest import tiny_config
+    from ddpm_cli.engine.train import train
+
+    cfg = tiny_config(tmp_path, train__steps=6, data__shapes_count=48, logging__fid_every=3,
+                      logging__fid_samples=8, logging__fid_steps=2, logging__fid_inception_weights=str(weights))
+    res = train(cfg)
+    lines = [json.loads(x) for x in (res.run_dir / "metrics.jsonl").read_text().splitlines()]
+    fids = [r for r in lines if "fid" in r]
+    assert [r["step"] for r in fids] == [3, 6]
+    assert all(np.isfinite(r["fid"]) and r["fid"] > 0 for r in fids)

@@ -8,29 +8,10 @@ import sys
 
 import numpy as np
 import pytest
-from typer.testing import CliRunner
 
-from ddpm_cli.cli.app import app
+from conftest import cli, ok, one_line_error
 from ddpm_cli.engine.header import latest_checkpoint, list_checkpoints, read_header
 
-
-def cli(*args):
-    return CliRunner().invoke(app, [str(a) for a in args])
-
-
-def ok(*args):
-    r = cli(*args)
-    assert r.exit_code == 0, (r.stdout, r.stderr, r.exception)
-    return r
-
-
-def one_line_error(r) -> str:
-    assert r.exit_code in (1, 2), (r.exit_code, r.stdout, r.stderr, r.exception)
-    assert isinstance(r.exception, SystemExit), r.exception
-    lines = r.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("error: "), r.stderr
-    assert "Traceback" not in r.stdout + r.stderr
-    return lines[0]
 
 
 def test_json_fields(trained_conditional_run):

@@ -28,7 +28,7 @@ def test_python_api_example_runs_as_written(tmp_path):
     r = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, env=env,
                        timeout=600)
     assert r.returncode == 0, r.stderr
-    assert "images (16, 3, 32, 32)" in r.stdout
+    assert "images (16, 3, 16, 16)" in r.stdout
     from ddpm_cli.engine.checkpoint import load_checkpoint
 
     ck = load_checkpoint(tmp_path / "my-model.safetensors")

@@ -6,35 +6,14 @@ import shutil
 import numpy as np
 import pytest
 from PIL import Image
-from typer.testing import CliRunner
 
-from conftest import run_cli
-from ddpm_cli.cli.app import app
+from conftest import cli, ok, one_line_error, run_cli
 from ddpm_cli.engine.header import latest_checkpoint
 from ddpm_cli.engine.sampling import grid_layout, plan_labels
 from ddpm_cli.errors import DdpmError
 
 FAST = ["--steps", "3"]  # DDIM with 3 steps: a few hundred ms for the tiny models
 
-
-def cli(*args):
-    return CliRunner().invoke(app, [str(a) for a in args])
-
-
-def ok(*args):
-    r = cli(*args)
-    assert r.exit_code == 0, (r.stdout, r.stderr, r.exception)
-    return r
-
-
-def one_line_error(r, code=(1, 2)) -> str:
-    """The command failed with one clear line on stderr, an exit code of 1 or 2, and no traceback."""
-    assert r.exit_code in code, (r.exit_code, r.stdout, r.stderr, r.exception)
-    assert isinstance(r.exception, SystemExit), r.exception  # not an uncaught exception
-    lines = r.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("error: "), r.stderr
-    assert "Traceback" not in r.stdout + r.stderr
-    return lines[0]
 
 
 def npz(path):

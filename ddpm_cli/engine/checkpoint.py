@@ -18,11 +18,11 @@ from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 
 from ddpm_cli import __version__
-from ddpm_cli.config import RunConfig, config_from_json, config_to_dict
+from ddpm_cli.config import RunConfig, config_to_dict
 from ddpm_cli.engine.build import build_diffusion, build_unet
-from ddpm_cli.engine.header import (FORMAT, FORMAT_VERSION, atomic_write_bytes, read_header, resolve_checkpoint,
+from ddpm_cli.engine.header import (FORMAT, FORMAT_VERSION, atomic_write_bytes, read_checkpoint_config, read_header,
                                     state_path)
-from ddpm_cli.errors import CheckpointError, ConfigError, DdpmError
+from ddpm_cli.errors import CheckpointError, DdpmError
 
 
 def _write(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> None:
@@ -96,15 +96,7 @@ def _read_tensors(path: Path) -> dict[str, torch.Tensor]:
 
 
 def load_checkpoint(path: str | Path) -> Checkpoint:
-    p = resolve_checkpoint(path)
-    header = read_header(p)
-    if header.metadata.get("kind") == "train-state":
-        raise CheckpointError(f"{p} is a training-state file; pass the weights file beside it")
-    try:
-        cfg = config_from_json(header.metadata.get("config", ""))
-    except ConfigError as e:
-        raise CheckpointError(f"{p}: its stored config is not valid for this ddpm ({'; '.join(e.problems) or e})") \
-            from None
+    p, header, cfg = read_checkpoint_config(path)
     tensors = _read_tensors(p)
     model = {k[6:]: v for k, v in tensors.items() if k.startswith("model.")}
     ema = {k[4:]: v for k, v in tensors.items() if k.startswith("ema.")} or None

@@ -11,7 +11,8 @@ import struct
 from dataclasses import dataclass
 from pathlib import Path
 
-from ddpm_cli.errors import CheckpointError
+from ddpm_cli.config import RunConfig, config_from_json
+from ddpm_cli.errors import CheckpointError, ConfigError
 
 FORMAT = "ddpm-cli"
 FORMAT_VERSION = 1
@@ -167,3 +168,17 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
         tmp.unlink(missing_ok=True)
         raise
     fsync_dir(path.parent)
+
+
+def read_checkpoint_config(path: str | Path) -> tuple[Path, Header, RunConfig]:
+    """A checkpoint (or a run directory's latest) -> (file, header, stored config), without torch."""
+    p = resolve_checkpoint(path)
+    header = read_header(p)
+    if header.metadata.get("kind") == "train-state":
+        raise CheckpointError(f"{p} is a training-state file; pass the weights file beside it")
+    try:
+        cfg = config_from_json(header.metadata.get("config", ""))
+    except ConfigError as e:
+        raise CheckpointError(f"{p}: its stored config is not valid for this ddpm ({'; '.join(e.problems) or e})") \
+            from None
+    return p, header, cfg

@@ -12,9 +12,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Literal
 
-from ddpm_cli.config import RunConfig, config_from_json
-from ddpm_cli.engine.header import Header, atomic_write_bytes, read_header, resolve_checkpoint
-from ddpm_cli.errors import CheckpointError, ConfigError, DdpmError
+from ddpm_cli.config import RunConfig
+from ddpm_cli.engine.header import Header, atomic_write_bytes, read_checkpoint_config
+from ddpm_cli.errors import DdpmError
 
 SAMPLERS = ("ddpm", "ddim", "dpm++2m")  # mirrors diffusion.samplers.SAMPLERS without importing torch
 SPACINGS = ("uniform", "quadratic", "logsnr")
@@ -81,20 +81,6 @@ class SampleResult:
     @property
     def images_per_s(self) -> float:
         return self.n / max(self.seconds, 1e-9)
-
-
-def read_checkpoint_config(path: str | Path) -> tuple[Path, Header, RunConfig]:
-    """A checkpoint (or a run directory's latest) -> (file, header, stored config), without torch."""
-    p = resolve_checkpoint(path)
-    header = read_header(p)
-    if header.metadata.get("kind") == "train-state":
-        raise CheckpointError(f"{p} is a training-state file; pass the weights file beside it")
-    try:
-        cfg = config_from_json(header.metadata.get("config", ""))
-    except ConfigError as e:
-        raise CheckpointError(f"{p}: its stored config is not valid for this ddpm ({'; '.join(e.problems) or e})") \
-            from None
-    return p, header, cfg
 
 
 def plan_labels(n: int, *, conditional: bool, num_classes: int, per_class: bool = False,

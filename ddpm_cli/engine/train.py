@@ -128,6 +128,8 @@ class Trainer:
         for w in ds.warnings:
             self.cb.on_message(f"warning: {w}")
         self.classes = ds.classes
+        self._fid_state = None  # (inception, reference statistics), built at the first in-training FID
+        self._train_images = ds.images  # the default in-training FID reference
         self.val: ImageSet | None = None
         if tc.early_stopping.enabled:
             ds, self.val = split_holdout(ds, tc.early_stopping.holdout, tc.seed)
@@ -296,6 +298,25 @@ class Trainer:
             self.wandb.log_image("samples", path, self.step)
         return path
 
+    def in_training_fid(self) -> float:
+        """FID of `logging.fid_samples` EMA samples (DPM-Solver++, fid_steps) against the reference, on this device."""
+        from ddpm_cli.engine import evaluate as ev
+
+        lc, m = self.cfg.logging, self.cfg.model
+        if self._fid_state is None:
+            inception = ev.load_inception(lc.fid_inception_weights, self.device)
+            ref = lc.fid_ref or ev.tensor_source(self._train_images, "the training images")
+            self._fid_state = (inception, ev.reference_stats(ref, inception, data_root=self.cfg.data.root,
+                                                             use_cache=lc.fid_ref is not None))
+        inception, ref_stats = self._fid_state
+        net = self.ema.model if self.ema else self.model
+        result = ev.fid_of_model(net, self.diffusion, lc.fid_samples, ref_stats, inception,
+                                 image_shape=(m.in_channels, m.image_size, m.image_size),
+                                 num_classes=m.num_classes if m.conditional else None, sampler="dpm++2m",
+                                 steps=lc.fid_steps, variance=self.cfg.diffusion.variance, seed=self.cfg.train.seed,
+                                 bf16=self.bf16)
+        return float(result.fid)
+
     @torch.no_grad()
     def held_out_loss(self) -> float:
         """Loss on the held-out split with fixed t and noise, so evaluations are comparable."""
@@ -424,6 +445,8 @@ class Trainer:
                 checkpoint = self.save_checkpoint()
             if not final and self.step % lc.sample_every == 0:
                 self.sample_grid()
+            if lc.fid_every and self.main and self.step % lc.fid_every == 0:
+                self._emit({"step": self.step, "fid": self.in_training_fid()}, records)
 
         if stop_reason == "signal":
             self.cb.on_message(f"stopping at step {self.step} on signal {self.stop.signum}: writing a checkpoint")

@@ -15,7 +15,6 @@ class EMA:
         self.decay, self.warmup = decay, warmup
         self.num_updates = 0
         self._shadow = [p for p in self.model.parameters()]
-        self._shadow_bufs = [b for b in self.model.buffers() if b.dtype.is_floating_point]
 
     def current_decay(self) -> float:
         if self.warmup:

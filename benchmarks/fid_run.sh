@@ -4,6 +4,8 @@
 # images, then an FID-vs-NFE sweep. Needs .carry_data/train.zip carried by this call and the Inception weights
 # at $HOME/inception.pth (copied by the next call). Results go to $HOME/fid/NAME.jsonl, the log to NAME.log.
 #   bash benchmarks/fid_run.sh NAME CONFIG "TRAIN --set ARGS" "SAMPLE ARGS" "SWEEP: sampler:steps ..."
+# Keep a call in flight until FID-DONE (e.g. `sleep 520` calls back to back): the device machine goes back after
+# 30 s without a call, background job or not; a first run here was lost that way (2026-11-26).
 set -u
 if [ "${1:-}" != inner ]; then
     export NAME=$1 CONFIG=$2 EXTRA=${3:-} SAMPLE=${4:-} SWEEP=${5:-}

@@ -402,8 +402,6 @@ def to_commented_yaml(cfg: RunConfig) -> str:
                 dumped = yaml.safe_dump({name: json.loads(json.dumps(value))}, default_flow_style=True,
                                         sort_keys=False, width=10_000).strip()
                 out.append(pad + dumped.removeprefix("{").removesuffix("}"))
-        if indent == 0:
-            pass
 
     for name in RunConfig.model_fields:
         section = getattr(cfg, name)

@@ -7,7 +7,6 @@ import builtins
 import json
 import pickle
 import shutil
-import signal
 from pathlib import Path
 
 import pytest
@@ -18,15 +17,6 @@ from conftest import ROOT, tiny_overrides, write_yaml
 from ddpm_cli.engine.header import list_checkpoints, state_path
 
 runner = CliRunner()
-
-
-@pytest.fixture(autouse=True)
-def _restore_signal_handlers():
-    """`ddpm train` installs SIGINT/SIGTERM handlers; in-process runs must not leave them on pytest."""
-    saved = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
-    yield
-    for s, h in saved.items():
-        signal.signal(s, h)
 
 
 def invoke(*args):

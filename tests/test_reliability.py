@@ -513,14 +513,12 @@ def test_nonfinite_abort_through_the_cli_is_one_line_and_exit_1(tmp_path, monkey
         return real(self, x, y) * float("nan")
 
     monkeypatch.setattr(Trainer, "_loss", nan_loss)
-    saved = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
-    try:
-        cfg = write_yaml(tmp_path / "c.yaml", tiny_overrides(tmp_path / "runs", train__max_nonfinite=3,
-                                                             logging__log_every=1))
-        r = CliRunner().invoke(app, ["train", "--config", str(cfg)])
-    finally:
-        for s, h in saved.items():
-            signal.signal(s, h)
+    before = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+    cfg = write_yaml(tmp_path / "c.yaml", tiny_overrides(tmp_path / "runs", train__max_nonfinite=3,
+                                                         logging__log_every=1))
+    r = CliRunner().invoke(app, ["train", "--config", str(cfg)])
+    # The command puts the caller's signal handlers back, also when it fails.
+    assert {s: signal.getsignal(s) for s in before} == before
     assert isinstance(r.exception, SystemExit) and r.exit_code == 1, (r.exception, r.output)
     lines = [x for x in r.stderr.splitlines() if x.strip()]
     assert len(lines) == 1 and "step 3" in lines[0], r.stderr
@@ -581,12 +579,7 @@ def test_run_dir_under_a_regular_file_is_one_clear_line(tmp_path):
     blocker.write_text("x")
     data = tiny_overrides(blocker / "runs")
     cfg = write_yaml(tmp_path / "c.yaml", data)
-    saved = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
-    try:
-        r = CliRunner().invoke(app, ["train", "--config", str(cfg)])
-    finally:
-        for s, h in saved.items():
-            signal.signal(s, h)
+    r = CliRunner().invoke(app, ["train", "--config", str(cfg)])
     assert isinstance(r.exception, SystemExit) and r.exit_code == 1, (r.exception, r.output)
     lines = [x for x in r.stderr.splitlines() if x.strip()]
     assert len(lines) == 1, r.stderr

@@ -32,15 +32,18 @@ def _resolve_resume(resume: Path, overrides: list[str]):
     return weights, validate_config(data, f"{weights} (stored config with --set)")
 
 
-def _install_signal_handlers(stop) -> None:
+def _install_signal_handlers(stop) -> dict:
+    """Route SIGINT/SIGTERM to `stop`; returns the previous handlers so the command can put them back."""
     def handler(signum, frame):  # noqa: ARG001
         if stop.count >= 1 and signum == signal.SIGINT:
             # Second Ctrl-C: leave at once. Checkpoints are written atomically, so the last good one is intact.
             os._exit(130)
         stop.request(signum)
 
-    signal.signal(signal.SIGINT, handler)
-    signal.signal(signal.SIGTERM, handler)
+    previous = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+    for s in previous:
+        signal.signal(s, handler)
+    return previous
 
 
 @friendly
@@ -68,7 +71,7 @@ def train_command(
     from ddpm_cli.engine.train import StopFlag, Trainer
 
     stop = StopFlag()
-    _install_signal_handlers(stop)
+    previous_handlers = _install_signal_handlers(stop)
     display = TrainDisplay(cfg.train.steps)
     trainer = None
     try:
@@ -77,6 +80,8 @@ def train_command(
         result = trainer.run()
     finally:
         display.close()
+        for signum, handler in previous_handlers.items():  # a caller (tests, notebooks) gets its own back
+            signal.signal(signum, handler)
         if trainer is not None:
             trainer.dist.close()
     if trainer.main:

@@ -241,12 +241,10 @@ class Trainer:
         meta = ckpt_io.weights_metadata(cfg, self.step, self.images_seen, count_params(self.model),
                                         self.ema is not None, self.classes)
         ckpt_io.save_weights(path, self.model, self.ema.model if self.ema else None, meta)
+        early = {"bad": self.bad_evals, **({"best": self.best_val} if math.isfinite(self.best_val) else {})}
         state = {"step": self.step, "images_seen": self.images_seen, "data": self.batcher.state_dict(),
                  "ema_updates": self.ema.num_updates if self.ema else 0, "nonfinite_total": self.nonfinite_total,
-                 "early_stopping": {"best": self.best_val if math.isfinite(self.best_val) else None,
-                                    "bad": self.bad_evals}}
-        if state["early_stopping"]["best"] is None:
-            state["early_stopping"].pop("best")
+                 "early_stopping": early}
         ckpt_io.save_state(state_path(path), self.opt, state)
         # The pointer goes last: it only ever names a checkpoint whose files are complete.
         pointer = self.run_dir / "latest.json"

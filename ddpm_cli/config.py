@@ -177,7 +177,12 @@ class TrainConfig(Section):
     """torch.compile the training step (forward and backward): on = the default mode, reduce-overhead adds
     CUDA graphs, max-autotune also tunes kernels; auto means reduce-overhead on CUDA, off elsewhere."""
     channels_last: Literal["auto", "on", "off"] = "auto"
-    """Channels-last memory layout: auto means on for CUDA without torch.compile (compile picks its own)."""
+    """Channels-last memory layout: on also makes torch.compile keep the whole graph channels-last; auto means
+    on for CUDA, off elsewhere."""
+    grad_sync: Literal["auto", "ddp", "flat"] = "auto"
+    """How ranks average gradients under torchrun: ddp = DistributedDataParallel's bucketed all-reduce, overlapped
+    with the backward; flat = one all-reduce of all gradients after the backward, which keeps a CUDA-graph step
+    one graph; auto = flat when the step is CUDA-graphed, ddp otherwise."""
     cudnn_benchmark: bool = True
     """Let cuDNN time its convolution algorithms once at start (CUDA only; fixed input shapes make it pay)."""
     device: str = "auto"

@@ -62,6 +62,48 @@ def test_two_ranks_train_identically_and_resume(tmp_path):
     assert list_checkpoints(run)[-1].name == "ckpt-00000010.safetensors"
 
 
+def test_flat_gradient_sync_averages_like_ddp(tmp_path):
+    """grad_sync=flat (one all-reduce after the backward, for CUDA-graph steps) keeps the ranks identical and
+    lands where DDP's bucketed all-reduce does."""
+    script = tmp_path / "ddp_check.py"
+    script.write_text(SCRIPT)
+    weights = {}
+    for sync in ("ddp", "flat"):
+        runs = tmp_path / sync
+        cfg = write_yaml(tmp_path / f"{sync}.yaml", tiny_overrides(runs, train__steps=4, train__grad_sync=sync,
+                                                                    logging__log_every=2))
+        r = _torchrun(str(script), str(cfg), "-")
+        assert r.returncode == 0, r.stderr[-3000:]
+        w0, w1 = load_file(runs / "rank0.safetensors"), load_file(runs / "rank1.safetensors")
+        assert all(torch.equal(w0[k], w1[k]) for k in w0)
+        weights[sync] = w0
+    moved = [k for k in weights["ddp"] if not torch.equal(weights["ddp"][k], weights["flat"][k])]
+    assert all(torch.allclose(weights["ddp"][k], weights["flat"][k], atol=1e-5) for k in weights["ddp"]), moved
+
+
+GRAD_SCRIPT = textwrap.dedent('''
+    import torch
+    from ddpm_cli.engine.distributed import DistInfo
+
+    d = DistInfo.from_env()
+    a = torch.nn.Parameter(torch.zeros(2, 3, 4, 4).contiguous(memory_format=torch.channels_last))
+    b, c = torch.nn.Parameter(torch.zeros(5)), torch.nn.Parameter(torch.zeros(1))
+    a.grad = torch.full_like(a, d.rank + 1.0)
+    b.grad = torch.arange(5.0) * (d.rank + 1)
+    d.all_reduce_grads([a, b, c])
+    assert torch.allclose(a.grad, torch.full_like(a, 1.5)) and a.grad.is_contiguous(memory_format=torch.channels_last)
+    assert torch.allclose(b.grad, torch.arange(5.0) * 1.5) and torch.equal(c.grad, torch.zeros(1))
+    d.close()
+''')
+
+
+def test_all_reduce_grads_averages_over_ranks(tmp_path):
+    script = tmp_path / "grads.py"
+    script.write_text(GRAD_SCRIPT)
+    r = _torchrun(str(script))
+    assert r.returncode == 0, r.stderr[-3000:]
+
+
 def test_gpus_flag_launches_torchrun(tmp_path):
     cfg = write_yaml(tmp_path / "tiny.yaml", tiny_overrides(tmp_path / "runs", train__steps=4,
                                                              logging__log_every=2))

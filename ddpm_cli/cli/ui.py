@@ -67,6 +67,8 @@ class TrainDisplay:
     def on_start(self, info: dict) -> None:
         self.total = info["total_steps"]
         flags = ", ".join(k for k in ("bf16", "compile", "channels_last") if info.get(k)) or "fp32"
+        if info["world"] > 1:
+            flags += f", grad sync {info['grad_sync']}"
         console.print(f"run {info['run_dir']}  |  {info['device']} x{info['world']}  |  {info['params']:,} params  |  "
                       f"{info['images']:,} images  |  global batch {info['global_batch']}  |  {flags}",
                       markup=False, soft_wrap=True)

@@ -53,16 +53,31 @@ def compile_mode(cfg: RunConfig, device: torch.device) -> str | None:
     c = cfg.train.compile
     if c == "off" or (c == "auto" and device.type != "cuda"):
         return None
-    if c == "auto" and int(os.environ.get("WORLD_SIZE", "1")) > 1:
-        return "default"  # CUDA graphs under DDP are not measured yet; the plain compiled step is the safe choice
     return {"auto": "reduce-overhead", "on": "default"}.get(c, c)
 
 
 def use_channels_last(cfg: RunConfig, device: torch.device) -> bool:
-    """auto: on for eager CUDA, off under torch.compile, whose own layout choice measured faster (H100, 2026-11-26:
-    4,442 vs 4,078 img/s with CUDA graphs; BENCHMARKS.md)."""
+    """auto: on for CUDA. Under torch.compile it also forces inductor's layout optimisation, which its heuristics
+    refuse for this UNet (convolutions with more input than output channels), leaving cuDNN to transpose
+    NCHW<->NHWC around every convolution (22% of the step's GPU time; BENCHMARKS.md)."""
     c = cfg.train.channels_last
-    return c == "on" or (c == "auto" and device.type == "cuda" and compile_mode(cfg, device) is None)
+    return c == "on" or (c == "auto" and device.type == "cuda")
+
+
+def grad_sync(cfg: RunConfig, mode: str | None) -> str:
+    """ddp (bucketed all-reduce hooks during the backward) or flat (one all-reduce after it). A CUDA-graph step
+    takes flat: DDP's hooks would cut the captured backward into pieces."""
+    g = cfg.train.grad_sync
+    if g != "auto":
+        return g
+    return "flat" if mode == "reduce-overhead" else "ddp"
+
+
+def force_channels_last_graph() -> None:
+    """Make inductor compile convolutions and their neighbours in channels-last, whatever its heuristics say."""
+    import torch._inductor.config as inductor_config
+
+    inductor_config.force_layout_optimization = True
 
 
 def count_params(model: torch.nn.Module) -> int:

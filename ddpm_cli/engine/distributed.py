@@ -33,13 +33,31 @@ class DistInfo:
             dist.init_process_group(backend, device_id=device if backend == "nccl" else None)
         return cls(rank, world, local, device)
 
-    def wrap(self, model: torch.nn.Module) -> torch.nn.Module:
+    def wrap(self, model: torch.nn.Module, grad_sync: str = "ddp") -> torch.nn.Module:
+        """DDP around `model`, or (grad_sync == "flat") the model itself with rank 0's weights broadcast: the loop
+        then calls all_reduce_grads() after each backward."""
         if self.world == 1:
+            return model
+        if grad_sync == "flat":
+            with torch.no_grad():
+                for t in [*model.parameters(), *model.buffers()]:
+                    dist.broadcast(t, src=0)
             return model
         from torch.nn.parallel import DistributedDataParallel
 
         ids = [self.device.index] if self.device.type == "cuda" else None
         return DistributedDataParallel(model, device_ids=ids, gradient_as_bucket_view=True, static_graph=True)
+
+    def all_reduce_grads(self, params: list[torch.Tensor]) -> None:
+        """Average the gradients of `params` over the ranks with one all-reduce of a flat buffer."""
+        if self.world == 1:
+            return
+        grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
+        flat = torch._utils._flatten_dense_tensors(grads).div_(self.world)  # gloo has no AVG: pre-divide, SUM
+        dist.all_reduce(flat)
+        torch._foreach_copy_(grads, torch._utils._unflatten_dense_tensors(flat, grads))  # keeps each grad's layout
+        for p, g in zip(params, grads):
+            p.grad = g
 
     def agree(self, flag: int, step: int, every: int = 10) -> int:
         """The largest `flag` over all ranks (checked every `every` steps, 0 in between); `flag` alone when single."""

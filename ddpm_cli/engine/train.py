@@ -17,8 +17,8 @@ import torch
 
 from ddpm_cli.config import RunConfig, config_to_dict
 from ddpm_cli.engine import checkpoint as ckpt_io
-from ddpm_cli.engine.build import (build_diffusion, build_unet, count_params, resolve_device, use_bf16,
-                                   use_channels_last, compile_mode)
+from ddpm_cli.engine.build import (build_diffusion, build_unet, compile_mode, count_params,
+                                   force_channels_last_graph, grad_sync, resolve_device, use_bf16, use_channels_last)
 from ddpm_cli.engine.data import Batcher, ImageSet, load_dataset, split_holdout, to_model_range
 from ddpm_cli.engine.distributed import DistInfo
 from ddpm_cli.engine.ema import EMA
@@ -155,10 +155,13 @@ class Trainer:
         opt_cls = torch.optim.AdamW if tc.optimizer == "adamw" else torch.optim.Adam
         self.opt = opt_cls(self.model.parameters(), lr=tc.lr, betas=tuple(tc.adam_betas),
                            weight_decay=tc.weight_decay, **({"fused": True} if self.fused else {"foreach": True}))
-        self.net = self.dist.wrap(self.model)
         self.bf16 = use_bf16(cfg, self.device)
         mode = compile_mode(cfg, self.device)
         self.compiled = mode is not None
+        if self.compiled and self.channels_last:
+            force_channels_last_graph()
+        self.grad_sync = grad_sync(cfg, mode) if self.dist.world > 1 else "none"
+        self.net = self.dist.wrap(self.model, self.grad_sync)
         self.loss_fn = torch.compile(self._loss, mode=mode) if self.compiled else self._loss
 
         # State
@@ -345,6 +348,7 @@ class Trainer:
         self.cb.on_start({"run_dir": str(self.run_dir), "device": str(dev), "params": count_params(self.model),
                           "images": self.num_train, "start_step": self.step, "total_steps": tc.steps,
                           "global_batch": tc.batch_size * self.dist.world, "world": self.dist.world,
+                          "grad_sync": self.grad_sync,
                           "bf16": self.bf16, "compile": self.compiled, "channels_last": self.channels_last,
                           "classes": self.classes if cfg.model.conditional else []})
         clip = tc.grad_clip if tc.grad_clip > 0 else float("inf")
@@ -377,6 +381,8 @@ class Trainer:
                 group["lr"] = lr
             loss = self.loss_fn(x, self._labels(y))
             loss.backward()
+            if self.grad_sync == "flat":
+                self.dist.all_reduce_grads(params)
             gn = torch.nn.utils.clip_grad_norm_(params, clip, foreach=True)
             bad = ~torch.isfinite(gn)
             if self.fused:

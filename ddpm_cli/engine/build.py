@@ -1,7 +1,6 @@
 """Config -> objects: the device, the UNet, the diffusion process, and the speed switches' resolution."""
 from __future__ import annotations
 
-
 import torch
 
 from ddpm_cli.config import DiffusionConfig, ModelConfig, RunConfig

@@ -13,8 +13,9 @@ pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(),
 
 
 def _train(tmp_path, name: str, **extra):
-    cfg = tiny_config(tmp_path, train__device="cuda", train__steps=150, train__seed=3, logging__run_name=name,
-                      logging__log_every=50, logging__checkpoint_every=10**6, logging__sample_every=10**6, **extra)
+    opts = dict(train__device="cuda", train__steps=150, train__seed=3, logging__run_name=name, logging__log_every=50,
+                logging__checkpoint_every=10**6, logging__sample_every=10**6)
+    cfg = tiny_config(tmp_path, **{**opts, **extra})
     trainer = Trainer(cfg)
     return trainer, trainer.run()
 

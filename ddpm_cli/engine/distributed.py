@@ -16,6 +16,7 @@ class DistInfo:
     world: int = 1
     local_rank: int = 0
     device: torch.device = torch.device("cpu")
+    _flat: "FlatGrads | None" = None
 
     @classmethod
     def from_env(cls) -> "DistInfo":
@@ -49,15 +50,22 @@ class DistInfo:
         return DistributedDataParallel(model, device_ids=ids, gradient_as_bucket_view=True, static_graph=True)
 
     def all_reduce_grads(self, params: list[torch.Tensor]) -> None:
-        """Average the gradients of `params` over the ranks with one all-reduce of a flat buffer."""
+        """Average the gradients of `params` over the ranks with one all-reduce of a flat buffer; afterwards each
+        `p.grad` is a view into that buffer with p's own layout."""
         if self.world == 1:
             return
+        if self._flat is None:
+            self._flat = FlatGrads(params)
+        flat = self._flat
         grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
-        flat = torch._utils._flatten_dense_tensors(grads).div_(self.world)  # gloo has no AVG: pre-divide, SUM
-        dist.all_reduce(flat)
-        torch._foreach_copy_(grads, torch._utils._unflatten_dense_tensors(flat, grads))  # keeps each grad's layout
-        for p, g in zip(params, grads):
-            p.grad = g
+        torch._foreach_copy_(flat.views, grads)
+        for buf in flat.buffers:
+            if dist.get_backend() == "nccl":
+                dist.all_reduce(buf, op=dist.ReduceOp.AVG)
+            else:  # gloo has no AVG
+                dist.all_reduce(buf.div_(self.world))
+        for p, v in zip(params, flat.views):
+            p.grad = v
 
     def agree(self, flag: int, step: int, every: int = 10) -> int:
         """The largest `flag` over all ranks (checked every `every` steps, 0 in between); `flag` alone when single."""
@@ -87,3 +95,22 @@ class DistInfo:
     def close(self) -> None:
         if self.world > 1 and dist.is_initialized():
             dist.destroy_process_group()
+
+
+class FlatGrads:
+    """One buffer per dtype whose slices view each parameter's gradient with the parameter's own strides (also
+    channels-last), so a gradient sync is a fused copy and one all-reduce, whatever the number of tensors."""
+
+    def __init__(self, params: list[torch.Tensor]):
+        sizes: dict[torch.dtype, int] = {}
+        for p in params:
+            sizes[p.dtype] = sizes.get(p.dtype, 0) + p.numel()
+        by_dtype = {dt: torch.empty(n, dtype=dt, device=params[0].device) for dt, n in sizes.items()}
+        self.buffers = list(by_dtype.values())
+        offsets = dict.fromkeys(sizes, 0)
+        self.views = []
+        for p in params:
+            span = 1 + sum((n - 1) * st for n, st in zip(p.shape, p.stride()))
+            stride = p.stride() if span == p.numel() else torch.empty(p.shape, device="meta").stride()  # dense only
+            self.views.append(by_dtype[p.dtype].as_strided(p.shape, stride, offsets[p.dtype]))
+            offsets[p.dtype] += p.numel()

@@ -104,6 +104,30 @@ def test_all_reduce_grads_averages_over_ranks(tmp_path):
     assert r.returncode == 0, r.stderr[-3000:]
 
 
+GATHER_SCRIPT = textwrap.dedent('''
+    import torch
+    from ddpm_cli.engine.distributed import DistInfo
+
+    d = DistInfo.from_env()
+    n, bs = 11, 3  # 4 batches: ranks 0 and 1 make batches 0, 2 and 1, 3 (the last one short)
+    kept = [(b * bs, torch.arange(b * bs, min(n, b * bs + bs), dtype=torch.uint8).view(-1, 1, 1, 1).expand(-1, 2, 1, 1))
+            for b in range(d.rank, 4, d.world)]
+    out = d.gather_batches(kept, n, bs, (2, 1, 1))
+    if d.rank == 0:
+        assert out.shape == (n, 2, 1, 1) and torch.equal(out[:, 0, 0, 0], torch.arange(n, dtype=torch.uint8)), out
+    else:
+        assert out is None
+    d.close()
+''')
+
+
+def test_gather_batches_puts_every_rank_s_images_in_order(tmp_path):
+    script = tmp_path / "gather.py"
+    script.write_text(GATHER_SCRIPT)
+    r = _torchrun(str(script))
+    assert r.returncode == 0, r.stderr[-3000:]
+
+
 def test_gpus_flag_launches_torchrun(tmp_path):
     cfg = write_yaml(tmp_path / "tiny.yaml", tiny_overrides(tmp_path / "runs", train__steps=4,
                                                              logging__log_every=2))

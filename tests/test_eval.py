@@ -466,3 +466,23 @@ def test_in_training_fid_is_logged(weights, small_resize, tmp_path):
     fids = [r for r in lines if "fid" in r]
     assert [r["step"] for r in fids] == [3, 6]
     assert all(np.isfinite(r["fid"]) and r["fid"] > 0 for r in fids)
+
+
+def test_eval_on_two_ranks_scores_the_images_of_one(clean, weights, trained_run, tmp_path):
+    """`ddpm eval CKPT --gpus 2` (gloo here): each rank samples its batches, rank 0 gathers them in order and scores:
+    the same images, so the same FID and KID, as one process; one JSON line."""
+    from conftest import run_cli
+
+    ref = write_folder(clean[:8], tmp_path / "ref")
+    args = ["eval", str(trained_run), "-n", "7", "--batch-size", "3", "--steps", "2", "--ref", str(ref),
+            "--inception-weights", str(weights), "--cache-dir", str(tmp_path / "cache"), "--kid-subsets", "3",
+            "--kid-subset-size", "5"]
+    env = {"OMP_NUM_THREADS": "1"}
+    one = run_cli(*args, "--device", "cpu", env=env)
+    assert one.returncode == 0, one.stderr[-3000:]
+    two = run_cli(*args, "--gpus", "2", env=env)
+    assert two.returncode == 0, two.stderr[-3000:]
+    a, b = (json.loads(r.stdout.strip().splitlines()[-1]) for r in (one, two))
+    assert len(two.stdout.strip().splitlines()) == 1  # rank 0 alone prints
+    assert a["n"] == b["n"] == 7 and a["fid"] == pytest.approx(b["fid"], rel=1e-9, abs=1e-9)
+    assert a["kid_mean"] == pytest.approx(b["kid_mean"], rel=1e-9, abs=1e-12)

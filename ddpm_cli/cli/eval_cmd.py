@@ -10,6 +10,7 @@ from typing import Optional
 
 import typer
 
+from ddpm_cli.cli.launch import is_main_process, relaunch_with_torchrun, under_torchrun
 from ddpm_cli.cli.ui import err_console, fail, fmt_rate, friendly
 
 
@@ -105,21 +106,28 @@ def eval_command(
     save_stats: Optional[Path] = typer.Option(None, "--save-stats", show_default=False,
                                               help="Write the reference statistics to this .npz (then use it as "
                                                    "--ref)."),
+    gpus: int = typer.Option(0, "--gpus", min=0, help="Spread the sampling of a checkpoint over N GPUs of this "
+                             "machine (torchrun); the images, and so the scores, are those of one."),
 ) -> None:
     """Score samples with FID and KID against a reference; print one JSON line."""
     if input is None and save_stats is None:
         fail("nothing to score: pass a checkpoint or samples, or --save-stats FILE to precompute the reference "
              "statistics", code=2)
 
-    from ddpm_cli.engine.evaluate import EvalRequest, evaluate
+    from ddpm_cli.engine.evaluate import EvalRequest, check_request, evaluate
 
     req = EvalRequest(ref=ref, input=input, n=n, batch_size=batch_size, device=device, seed=seed, sampler=sampler,
                       steps=steps, guidance=guidance, kid_subsets=kid_subsets, kid_subset_size=kid_subset_size,
                       inception_weights=inception_weights, data_root=data_root, cache_dir=cache_dir,
                       use_cache=cache, save_stats=save_stats)
-    display = EvalDisplay()
+    if gpus > 1 and not under_torchrun() and check_request(req):  # refuse bad arguments once, before N processes
+        return relaunch_with_torchrun(gpus)
+    main = is_main_process()
+    display = EvalDisplay() if main else None
     try:
         result = evaluate(req, callbacks=display)
     finally:
-        display.close()
-    typer.echo(json.dumps(result))
+        if display is not None:
+            display.close()
+    if main:
+        typer.echo(json.dumps(result))

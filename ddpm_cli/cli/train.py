@@ -87,7 +87,8 @@ def train_command(
     if trainer.main:
         why = {"steps": "reached train.steps", "time": "reached train.max_time",
                "early_stopping": "early stopping"}.get(result.stop_reason, result.stop_reason)
+        compiled = f", {result.compile_s:.1f} s of it compiling" if trainer.compiled and result.compile_s else ""
         console.print(f"done: step {result.step}, {result.images_seen:,} images seen in {result.elapsed_s:.1f} s "
-                      f"({why}); checkpoint {result.checkpoint}", markup=False, soft_wrap=True)
+                      f"({why}{compiled}); checkpoint {result.checkpoint}", markup=False, soft_wrap=True)
         console.print(f"sample with: ddpm sample {result.checkpoint} -n 64 --grid grid.png", markup=False,
                       soft_wrap=True)

@@ -67,6 +67,29 @@ class DistInfo:
         for p, v in zip(params, flat.views):
             p.grad = v
 
+    def gather_batches(self, kept: list[tuple[int, torch.Tensor]], n: int, batch_size: int,
+                       item_shape: tuple[int, ...]) -> torch.Tensor | None:
+        """The `n` uint8 images of all ranks, in index order, on rank 0 (None elsewhere). Batch b (images
+        b * batch_size ...) was made by rank b % world; `kept` holds this rank's (first index, images) pairs."""
+        if self.world == 1:
+            return torch.cat([t for _, t in sorted(kept, key=lambda kv: kv[0])])
+        num_batches = -(-n // batch_size)
+        per_rank = -(-num_batches // self.world)
+        buf = torch.zeros(per_rank * batch_size, *item_shape, dtype=torch.uint8, device=self.device)
+        for start, images in kept:
+            j = (start // batch_size) // self.world  # this rank's j-th batch
+            buf[j * batch_size:j * batch_size + images.shape[0]] = images.to(self.device)
+        out = torch.empty(self.world * buf.shape[0], *item_shape, dtype=torch.uint8, device=self.device)
+        dist.all_gather_into_tensor(out, buf)
+        if self.rank != 0:
+            return None
+        out = out.view(self.world, per_rank * batch_size, *item_shape)
+        pieces = []
+        for b in range(num_batches):
+            j, size = b // self.world, min(batch_size, n - b * batch_size)
+            pieces.append(out[b % self.world, j * batch_size:j * batch_size + size])
+        return torch.cat(pieces).cpu()
+
     def agree(self, flag: int, step: int, every: int = 10) -> int:
         """The largest `flag` over all ranks (checked every `every` steps, 0 in between); `flag` alone when single."""
         if self.world == 1:

@@ -27,6 +27,7 @@ import torch
 
 from ddpm_cli import __version__
 from ddpm_cli.engine.data import IMAGE_EXTENSIONS
+from ddpm_cli.engine.distributed import DistInfo
 from ddpm_cli.engine.header import atomic_write_bytes
 from ddpm_cli.errors import DataError, DdpmError
 
@@ -692,30 +693,43 @@ def _generate_default(name: str) -> Any:
     return inspect.signature(generate).parameters[name].default
 
 
-def model_source(model: torch.nn.Module, diffusion, n: int, *, image_shape: tuple[int, int, int],
-                 num_classes: int | None = None, sampler: str | None = None, steps: int | None = None,
-                 guidance: float = 1.0, variance: str = "beta", seed: int = 0,
-                 device: torch.device | str = "cpu", bf16: bool = False,
-                 on_step: Callable[[int, int], None] | None = None, name: str = "samples") -> ImageSource:
-    """`n` fresh samples of a model, made batch by batch as they are consumed (engine.generate). A conditional
-    model (num_classes set) gets its labels evenly over the classes; `None` options mean generate's defaults."""
+def model_batches(model: torch.nn.Module, diffusion, n: int, batch_size: int, *, image_shape: tuple[int, int, int],
+                  num_classes: int | None = None, sampler: str | None = None, steps: int | None = None,
+                  guidance: float = 1.0, variance: str = "beta", seed: int = 0, device: torch.device | str = "cpu",
+                  bf16: bool = False, batches: range | None = None,
+                  on_step: Callable[[int, int], None] | None = None) -> Iterator[tuple[int, torch.Tensor]]:
+    """(first index, uint8 images) of `n` fresh samples, batch by batch (engine.generate; `batches` picks a rank's
+    share). A conditional model (num_classes set) gets its labels evenly over the classes; `None` options mean
+    generate's defaults."""
     from ddpm_cli.engine.generate import generate
 
-    if n < 1:
-        raise DdpmError(f"-n must be at least 1 (got {n})")
+    _check_sampling(n, num_classes, guidance)
     labels = balanced_labels(n, num_classes) if num_classes else None
-    if guidance != 1.0 and labels is None:
-        raise DdpmError("--guidance needs a class-conditional model, and this one is unconditional; drop --guidance")
     opts: dict[str, Any] = {"variance": variance}
     if sampler is not None:
         opts["sampler"] = sampler
     if steps is not None:
         opts["steps"] = steps
+    for start, images, _ in generate(model, diffusion, n, image_shape=image_shape, labels=labels,
+                                     batch_size=batch_size, guidance=guidance, null_class=num_classes, seed=seed,
+                                     device=device, bf16=bf16, batches=batches, on_step=on_step, **opts):
+        yield start, images
+
+
+def _check_sampling(n: int, num_classes: int | None, guidance: float) -> None:
+    if n < 1:
+        raise DdpmError(f"-n must be at least 1 (got {n})")
+    if guidance != 1.0 and not num_classes:
+        raise DdpmError("--guidance needs a class-conditional model, and this one is unconditional; drop --guidance")
+
+
+def model_source(model: torch.nn.Module, diffusion, n: int, *, name: str = "samples", **kwargs) -> ImageSource:
+    """`n` fresh samples of a model as an ImageSource, made batch by batch as they are consumed (the keyword
+    arguments are model_batches')."""
+    _check_sampling(n, kwargs.get("num_classes"), kwargs.get("guidance", 1.0))
 
     def batches(bs: int) -> Iterator[torch.Tensor]:
-        for _, images, _ in generate(model, diffusion, n, image_shape=image_shape, labels=labels, batch_size=bs,
-                                     guidance=guidance, null_class=num_classes, seed=seed, device=device,
-                                     bf16=bf16, on_step=on_step, **opts):
+        for _, images in model_batches(model, diffusion, n, bs, **kwargs):
             yield images
 
     return ImageSource(name, n, batches, None)
@@ -897,9 +911,21 @@ def _first(src: ImageSource, n: int) -> ImageSource:
 
 def evaluate(req: EvalRequest, callbacks: EvalCallbacks | None = None) -> dict:
     """`ddpm eval`: reference statistics (cached), optionally saved; then, with an input, its statistics (sampling
-    a checkpoint first) and the scores. Returns the JSON-ready result. Inputs are checked before any heavy work."""
-    from ddpm_cli.engine.build import resolve_device
+    a checkpoint first) and the scores. Returns the JSON-ready result. Inputs are checked before any heavy work.
 
+    Under torchrun the sampling of a checkpoint is spread over the ranks (the same images as one process); rank 0
+    does the rest and gets the result, the other ranks get {}."""
+    check_request(req)
+    dist_info = DistInfo.from_env()
+    try:
+        return _evaluate(req, dist_info, callbacks)
+    finally:
+        dist_info.close()
+
+
+def check_request(req: EvalRequest) -> bool:
+    """The cheap checks of `ddpm eval`'s arguments, paths and reference (once, before any process or heavy work
+    starts); returns whether the input is a checkpoint to sample."""
     if req.n is not None and req.n < 1:
         raise DdpmError(f"-n must be at least 1 (got {req.n})")
     if req.input is None and req.save_stats is None:
@@ -907,7 +933,29 @@ def evaluate(req: EvalRequest, callbacks: EvalCallbacks | None = None) -> dict:
                         "the reference statistics")
     if req.kid_subsets < 1 or req.kid_subset_size < 2:
         raise DdpmError("--kid-subsets must be at least 1 and --kid-subset-size at least 2")
-    device = resolve_device(req.device)
+    checkpoint = req.input is not None and is_checkpoint(req.input)
+    if checkpoint:
+        from ddpm_cli.diffusion.samplers import SAMPLERS
+
+        if req.sampler is not None and req.sampler not in SAMPLERS:
+            raise DdpmError(f"unknown sampler {req.sampler!r}; choose one of {', '.join(SAMPLERS)}")
+        if req.steps is not None and req.steps < 1:
+            raise DdpmError(f"--steps must be at least 1 (got {req.steps})")
+    elif req.input is not None:
+        if req.sampler is not None or req.steps is not None or req.guidance != 1.0:
+            raise DdpmError(f"--sampler, --steps and --guidance apply when a checkpoint is sampled, but {req.input} "
+                            f"is not a checkpoint; drop them")
+        if not Path(req.input).exists():
+            raise DataError(f"{req.input} not found; pass a checkpoint (.safetensors or a run directory), or samples "
+                            f"(.npz, a folder or .zip of images)")
+    open_images_or_stats(req.ref, data_root=req.data_root)
+    return checkpoint
+
+
+def _evaluate(req: EvalRequest, dist_info: DistInfo, callbacks: EvalCallbacks | None) -> dict:
+    from ddpm_cli.engine.build import resolve_device
+
+    device = dist_info.device if dist_info.world > 1 else resolve_device(req.device)
     batch_size = req.batch_size or (250 if device.type == "cuda" else 50)
     t0 = time.perf_counter()
 
@@ -917,13 +965,8 @@ def evaluate(req: EvalRequest, callbacks: EvalCallbacks | None = None) -> dict:
     samples: ImageSource | FeatureStats | None = None
     if req.input is not None:
         if is_checkpoint(req.input):
-            from ddpm_cli.diffusion.samplers import SAMPLERS
             from ddpm_cli.engine.checkpoint import load_model
 
-            if req.sampler is not None and req.sampler not in SAMPLERS:
-                raise DdpmError(f"unknown sampler {req.sampler!r}; choose one of {', '.join(SAMPLERS)}")
-            if req.steps is not None and req.steps < 1:
-                raise DdpmError(f"--steps must be at least 1 (got {req.steps})")
             model, diffusion, cfg, ckpt = load_model(req.input, device)
             m = cfg.model
             if req.guidance != 1.0 and not m.conditional:
@@ -932,19 +975,32 @@ def evaluate(req: EvalRequest, callbacks: EvalCallbacks | None = None) -> dict:
             sampler = req.sampler or _generate_default("sampler")
             sample_info = {"checkpoint": str(ckpt.path), "step": ckpt.step, "sampler": sampler,
                            "steps": req.steps, "guidance": req.guidance, "seed": req.seed}
-        elif req.sampler is not None or req.steps is not None or req.guidance != 1.0:
-            raise DdpmError(f"--sampler, --steps and --guidance apply when a checkpoint is sampled, but {req.input} "
-                            f"is not a checkpoint; drop them")
-        elif not Path(req.input).exists():
-            raise DataError(f"{req.input} not found; pass a checkpoint (.safetensors or a run directory), or samples "
-                            f"(.npz, a folder or .zip of images)")
         else:
             samples = open_images_or_stats(req.input, data_root=req.data_root, role="samples")
             if isinstance(samples, ImageSource) and req.n is not None:
                 samples = _first(samples, req.n)
     ref = open_images_or_stats(req.ref, data_root=req.data_root)
+    if dist_info.world > 1 and model is None and dist_info.rank != 0:
+        return {}  # nothing to spread: rank 0 scores the images alone
 
     inception = load_inception(req.inception_weights, device)
+    spread: torch.Tensor | None = None
+    if model is not None and dist_info.world > 1:  # sample first, each rank its batches; rank 0 then scores
+        n, shape = req.n or DEFAULT_SAMPLES, (m.in_channels, m.image_size, m.image_size)
+        num_batches = -(-n // batch_size)
+        mine = range(dist_info.rank, num_batches, dist_info.world)
+        _cb(callbacks, "on_phase", f"sampling ({dist_info.world} ranks)", n)
+        kept = []
+        for start, images in model_batches(model, diffusion, n, batch_size, image_shape=shape,
+                                           num_classes=m.num_classes if m.conditional else None,
+                                           sampler=req.sampler, steps=req.steps, guidance=req.guidance,
+                                           variance=cfg.diffusion.variance, seed=req.seed, device=device,
+                                           batches=mine):
+            kept.append((start, images))
+            _cb(callbacks, "on_advance", min(n, sum(t.shape[0] for _, t in kept) * dist_info.world))
+        spread = dist_info.gather_batches(kept, n, batch_size, shape)
+        if dist_info.rank != 0:
+            return {}
     ref_stats = reference_stats(ref, inception, cache_dir=req.cache_dir, use_cache=req.use_cache,
                                 batch_size=batch_size, callbacks=callbacks)
     out: dict[str, Any] = {}
@@ -955,7 +1011,10 @@ def evaluate(req: EvalRequest, callbacks: EvalCallbacks | None = None) -> dict:
         out.update({"ref": req.ref, "ref_n": ref_stats.n, "seconds": round(time.perf_counter() - t0, 2)})
         return out
 
-    if model is not None:
+    if spread is not None:
+        sample_stats = compute_stats(tensor_source(spread, f"samples of {ckpt.path}"), inception,
+                                     batch_size=batch_size, callbacks=callbacks, phase="samples")
+    elif model is not None:
         n = req.n or DEFAULT_SAMPLES
         src = model_source(model, diffusion, n, image_shape=(m.in_channels, m.image_size, m.image_size),
                            num_classes=m.num_classes if m.conditional else None, sampler=req.sampler,

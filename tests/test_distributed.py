@@ -97,11 +97,16 @@ GRAD_SCRIPT = textwrap.dedent('''
 ''')
 
 
-def test_all_reduce_grads_averages_over_ranks(tmp_path):
-    script = tmp_path / "grads.py"
-    script.write_text(GRAD_SCRIPT)
+def _run_on_two_ranks(tmp_path, source: str) -> None:
+    """Run a script's asserts on 2 gloo ranks; both must pass."""
+    script = tmp_path / "check.py"
+    script.write_text(source)
     r = _torchrun(str(script))
     assert r.returncode == 0, r.stderr[-3000:]
+
+
+def test_all_reduce_grads_averages_over_ranks(tmp_path):
+    _run_on_two_ranks(tmp_path, GRAD_SCRIPT)
 
 
 GATHER_SCRIPT = textwrap.dedent('''
@@ -122,10 +127,7 @@ GATHER_SCRIPT = textwrap.dedent('''
 
 
 def test_gather_batches_puts_every_rank_s_images_in_order(tmp_path):
-    script = tmp_path / "gather.py"
-    script.write_text(GATHER_SCRIPT)
-    r = _torchrun(str(script))
-    assert r.returncode == 0, r.stderr[-3000:]
+    _run_on_two_ranks(tmp_path, GATHER_SCRIPT)
 
 
 def test_gpus_flag_launches_torchrun(tmp_path):

@@ -135,7 +135,7 @@ def test_gpus_flag_launches_torchrun(tmp_path):
                                                              logging__log_every=2))
     r = run_cli("train", "--config", str(cfg), "--gpus", "2", env={"OMP_NUM_THREADS": "1"})
     assert r.returncode == 0, r.stderr[-3000:]
-    assert "x2" in r.stdout and "global batch 32" in r.stdout
+    assert "x2" in r.stdout and "global batch 32" in r.stdout and "grad sync ddp" in r.stdout  # eager: DDP
     assert (tmp_path / "runs" / "tiny" / "checkpoints" / "ckpt-00000004.safetensors").exists()
 
 

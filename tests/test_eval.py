@@ -369,7 +369,7 @@ def _one_clear_line(r, code: int, *phrases: str) -> None:
         assert p in r.stderr, (p, r.stderr)
 
 
-def test_cli_bad_inputs_give_one_clear_line(cli_files, tmp_path, monkeypatch):
+def test_cli_bad_inputs_give_one_clear_line(cli_files, tmp_path, monkeypatch, trained_run):
     f = cli_files
     common = f["common"]
     r = runner.invoke(app, ["eval", str(f["samples"]), "--ref", str(tmp_path / "nowhere"), *common])
@@ -407,6 +407,9 @@ def test_cli_bad_inputs_give_one_clear_line(cli_files, tmp_path, monkeypatch):
     assert not marker.exists()  # checked without unpickling, so torch-fidelity never loaded it
     r = runner.invoke(app, ["eval", str(f["samples"]), "--ref", str(f["ref"]), "--sampler", "ddim", *common])
     _one_clear_line(r, 1, "not a checkpoint")
+    r = runner.invoke(app, ["eval", str(trained_run), "--sampler", "nope", "--ref", str(f["ref"]), "--gpus", "2",
+                            *common])
+    _one_clear_line(r, 1, "unknown sampler")  # refused once, before torchrun starts N processes
     from urllib.error import URLError
 
     from torchvision.datasets import CIFAR10

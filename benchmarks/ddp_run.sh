@@ -3,7 +3,7 @@
 # Needs .carry_data/train.zip and .whl carried. Prints each run's median img/s after warm-up and its ratio to
 # the first run. Each RUN is "NAME GPUS [--set ARGS...]"; the first is the 1-GPU baseline.
 #   bash benchmarks/ddp_run.sh STEPS "g1 1" "g2 2" "g2-ddp 2 --set train.grad_sync=ddp"
-set -u
+set -u -o pipefail
 steps=${1:-300}; shift
 export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1  # never NVLink multicast here
 mkdir -p "$HOME/data" && cp .carry_data/train.zip "$HOME/data/train.zip"
@@ -19,6 +19,7 @@ names=()
 for spec in "$@"; do
     read -r name gpus extra <<< "$spec"
     names+=("$name")
+    rm -rf "${HOME:?}/runs/$name"  # a name reused on a warm machine must not report the old run
     timeout 420 python3 -m ddpm_cli train "${common[@]}" --set logging.run_name="$name" $extra --gpus "$gpus" 2>&1 \
         | grep -E "^run|^done|rror|compil"
 done
@@ -27,8 +28,15 @@ import json, statistics, sys
 runs, names = sys.argv[1], sys.argv[2:]
 rates = {}
 for name in names:
-    recs = [json.loads(l) for l in open(f"{runs}/{name}/metrics.jsonl") if '"img_per_s"' in l]
-    rates[name] = statistics.median(r["img_per_s"] for r in recs[3:])
-    print(f"DDP {name}: {rates[name]:,.0f} img/s (median of {len(recs) - 3} intervals after warm-up), "
-          f"{rates[name] / rates[names[0]]:.3f}x {names[0]}")
+    try:
+        recs = [json.loads(l) for l in open(f"{runs}/{name}/metrics.jsonl") if '"img_per_s"' in l][3:]
+    except OSError:
+        recs = []
+    if not recs:
+        print(f"DDP {name}: no steady-state intervals (the run failed or was too short)")
+        continue
+    rates[name] = statistics.median(r["img_per_s"] for r in recs)
+    base = rates.get(names[0])
+    print(f"DDP {name}: {rates[name]:,.0f} img/s (median of {len(recs)} intervals after warm-up)"
+          + (f", {rates[name] / base:.3f}x {names[0]}" if base else ""))
 PY

@@ -122,6 +122,9 @@ GATHER_SCRIPT = textwrap.dedent('''
         assert out.shape == (n, 2, 1, 1) and torch.equal(out[:, 0, 0, 0], torch.arange(n, dtype=torch.uint8)), out
     else:
         assert out is None
+    kept = [(0, torch.full((2, 2, 1, 1), 7, dtype=torch.uint8))] if d.rank == 0 else []  # rank 1 makes nothing
+    out = d.gather_batches(kept, 2, bs, (2, 1, 1))
+    assert out is None if d.rank else torch.equal(out, torch.full((2, 2, 1, 1), 7, dtype=torch.uint8))
     d.close()
 ''')
 

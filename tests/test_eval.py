@@ -487,5 +487,6 @@ def test_eval_on_two_ranks_scores_the_images_of_one(clean, weights, trained_run,
     assert two.returncode == 0, two.stderr[-3000:]
     a, b = (json.loads(r.stdout.strip().splitlines()[-1]) for r in (one, two))
     assert len(two.stdout.strip().splitlines()) == 1  # rank 0 alone prints
+    assert "sampling (2 ranks)" in two.stderr  # and the work was spread
     assert a["n"] == b["n"] == 7 and a["fid"] == pytest.approx(b["fid"], rel=1e-9, abs=1e-9)
     assert a["kid_mean"] == pytest.approx(b["kid_mean"], rel=1e-9, abs=1e-12)

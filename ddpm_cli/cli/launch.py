@@ -14,6 +14,7 @@ def is_main_process() -> bool:
 
 
 def relaunch_with_torchrun(gpus: int) -> None:
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.run import main as torchrun_main
 
     argv = list(sys.argv[1:])
@@ -21,4 +22,8 @@ def relaunch_with_torchrun(gpus: int) -> None:
         i = argv.index("--gpus")
         del argv[i:i + 2]
     argv = [a for a in argv if not a.startswith("--gpus=")]
-    torchrun_main(["--standalone", f"--nproc_per_node={gpus}", "-m", "ddpm_cli", *argv])
+    try:
+        torchrun_main(["--standalone", f"--nproc_per_node={gpus}", "-m", "ddpm_cli", *argv])
+    except ChildFailedError as e:  # the ranks have said why on stderr; no launcher traceback on top
+        codes = [f.exitcode for f in e.failures.values()]
+        raise SystemExit(next((c for c in codes if c > 0), 1)) from None

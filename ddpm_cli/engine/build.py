@@ -68,7 +68,7 @@ def grad_sync(cfg: RunConfig, mode: str | None) -> str:
     g = cfg.train.grad_sync
     if g != "auto":
         return g
-    return "flat" if mode == "reduce-overhead" else "ddp"
+    return "flat" if mode in ("reduce-overhead", "max-autotune") else "ddp"  # both capture CUDA graphs
 
 
 def force_channels_last_graph() -> None:

@@ -74,21 +74,23 @@ class DistInfo:
         if self.world == 1:
             return torch.cat([t for _, t in sorted(kept, key=lambda kv: kv[0])])
         num_batches = -(-n // batch_size)
-        per_rank = -(-num_batches // self.world)
-        buf = torch.zeros(per_rank * batch_size, *item_shape, dtype=torch.uint8, device=self.device)
-        for start, images in kept:
-            j = (start // batch_size) // self.world  # this rank's j-th batch
-            buf[j * batch_size:j * batch_size + images.shape[0]] = images.to(self.device)
-        out = torch.empty(self.world * buf.shape[0], *item_shape, dtype=torch.uint8, device=self.device)
-        dist.all_gather_into_tensor(out, buf)
-        if self.rank != 0:
-            return None
-        out = out.view(self.world, per_rank * batch_size, *item_shape)
-        pieces = []
-        for b in range(num_batches):
-            j, size = b // self.world, min(batch_size, n - b * batch_size)
-            pieces.append(out[b % self.world, j * batch_size:j * batch_size + size])
-        return torch.cat(pieces).cpu()
+        out = torch.empty(n, *item_shape, dtype=torch.uint8) if self.rank == 0 else None
+        mine = {start // batch_size: images for start, images in kept}
+        buf = torch.zeros(batch_size, *item_shape, dtype=torch.uint8, device=self.device)
+        flat = torch.empty(self.world * batch_size, *item_shape, dtype=torch.uint8, device=self.device)
+        got = flat.view(self.world, *buf.shape)
+        for first in range(0, num_batches, self.world):  # round by round: one batch per rank on the device
+            b = first + self.rank
+            if b in mine:
+                buf[:mine[b].shape[0]] = mine[b].to(self.device)
+            dist.all_gather_into_tensor(flat, buf)
+            if out is not None:
+                for r in range(min(self.world, num_batches - first)):
+                    lo = (first + r) * batch_size
+                    out[lo:min(n, lo + batch_size)] = got[r, :min(n, lo + batch_size) - lo].cpu()
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)  # no rank tears the group down under a queued collective
+        return out
 
     def agree(self, flag: int, step: int, every: int = 10) -> int:
         """The largest `flag` over all ranks (checked every `every` steps, 0 in between); `flag` alone when single."""

@@ -170,6 +170,14 @@ def check_state_dict_file(blob: bytes, path: Path) -> None:
         raise DdpmError(f"{what} ({_short(e)})") from None
 
 
+def check_inception_path(weights: str | Path) -> Path:
+    path = Path(weights).expanduser()
+    if not path.is_file():
+        raise DdpmError(f"Inception weights {path} not found; pass a .pth state dict in torch-fidelity's format "
+                        f"to --inception-weights, or leave it out to download torch-fidelity's own")
+    return path
+
+
 def load_inception(weights: str | Path | None = None, device: torch.device | str = "cpu") -> Inception:
     """torch-fidelity's FeatureExtractorInceptionV3 on `device`.
 
@@ -186,10 +194,7 @@ def load_inception(weights: str | Path | None = None, device: torch.device | str
     if weights is None:
         weights_id = "torch-fidelity:" + URL_INCEPTION_V3.rsplit("/", 1)[-1]
     else:
-        path = Path(weights).expanduser()
-        if not path.is_file():
-            raise DdpmError(f"Inception weights {path} not found; pass a .pth state dict in torch-fidelity's format "
-                            f"to --inception-weights, or leave it out to download torch-fidelity's own")
+        path = check_inception_path(weights)
         try:
             blob = path.read_bytes()
         except OSError as e:
@@ -933,14 +938,20 @@ def check_request(req: EvalRequest) -> bool:
                         "the reference statistics")
     if req.kid_subsets < 1 or req.kid_subset_size < 2:
         raise DdpmError("--kid-subsets must be at least 1 and --kid-subset-size at least 2")
+    if req.inception_weights is not None:
+        check_inception_path(req.inception_weights)
     checkpoint = req.input is not None and is_checkpoint(req.input)
     if checkpoint:
         from ddpm_cli.diffusion.samplers import SAMPLERS
+        from ddpm_cli.engine.header import read_checkpoint_config
 
         if req.sampler is not None and req.sampler not in SAMPLERS:
             raise DdpmError(f"unknown sampler {req.sampler!r}; choose one of {', '.join(SAMPLERS)}")
         if req.steps is not None and req.steps < 1:
             raise DdpmError(f"--steps must be at least 1 (got {req.steps})")
+        if req.guidance != 1.0 and not read_checkpoint_config(req.input)[2].model.conditional:
+            raise DdpmError("--guidance needs a class-conditional checkpoint, and this one is unconditional; "
+                            "drop --guidance")
     elif req.input is not None:
         if req.sampler is not None or req.steps is not None or req.guidance != 1.0:
             raise DdpmError(f"--sampler, --steps and --guidance apply when a checkpoint is sampled, but {req.input} "
@@ -983,7 +994,6 @@ def _evaluate(req: EvalRequest, dist_info: DistInfo, callbacks: EvalCallbacks | 
     if dist_info.world > 1 and model is None and dist_info.rank != 0:
         return {}  # nothing to spread: rank 0 scores the images alone
 
-    inception = load_inception(req.inception_weights, device)
     spread: torch.Tensor | None = None
     if model is not None and dist_info.world > 1:  # sample first, each rank its batches; rank 0 then scores
         n, shape = req.n or DEFAULT_SAMPLES, (m.in_channels, m.image_size, m.image_size)
@@ -1001,6 +1011,8 @@ def _evaluate(req: EvalRequest, dist_info: DistInfo, callbacks: EvalCallbacks | 
         spread = dist_info.gather_batches(kept, n, batch_size, shape)
         if dist_info.rank != 0:
             return {}
+
+    inception = load_inception(req.inception_weights, device)  # rank 0 alone under torchrun
     ref_stats = reference_stats(ref, inception, cache_dir=req.cache_dir, use_cache=req.use_cache,
                                 batch_size=batch_size, callbacks=callbacks)
     out: dict[str, Any] = {}

@@ -142,3 +142,20 @@ def test_help_does_not_import_torch():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "False"
     assert run_cli("--version").stdout.startswith("ddpm ")
+
+
+def test_speed_switches_resolve_to_the_measured_defaults(tmp_path):
+    """auto means: on CUDA bf16, channels-last and CUDA graphs, with the flat gradient sync under torchrun; on the
+    CPU none of them. Explicit choices win. (BENCHMARKS.md has the measurements behind each default.)"""
+    from ddpm_cli.engine.build import compile_mode, grad_sync, use_bf16, use_channels_last
+
+    cuda, cpu = torch.device("cuda"), torch.device("cpu")
+    auto = tiny_config(tmp_path)
+    assert compile_mode(auto, cuda) == "reduce-overhead" and compile_mode(auto, cpu) is None
+    assert use_channels_last(auto, cuda) and not use_channels_last(auto, cpu)
+    assert use_bf16(auto, cuda) and not use_bf16(auto, cpu)
+    assert grad_sync(auto, "reduce-overhead") == grad_sync(auto, "max-autotune") == "flat"
+    assert grad_sync(auto, "default") == grad_sync(auto, None) == "ddp"
+    chosen = tiny_config(tmp_path, train__compile="on", train__channels_last="off", train__grad_sync="ddp")
+    assert compile_mode(chosen, cuda) == compile_mode(chosen, cpu) == "default"
+    assert not use_channels_last(chosen, cuda) and grad_sync(chosen, "reduce-overhead") == "ddp"

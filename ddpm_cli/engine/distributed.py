@@ -1,5 +1,6 @@
-"""torch.distributed plumbing for `torchrun` (or `ddpm train --gpus N`): one process per GPU, DDP, rank 0 does
-the I/O. With no torchrun environment it is a single process and every method is a cheap no-op."""
+"""torch.distributed plumbing for `torchrun` (or `--gpus N`): one process per GPU, gradients averaged by DDP or by
+one flat all-reduce (CUDA-graph steps), sampled images gathered to rank 0, which does the I/O. With no torchrun
+environment it is a single process and every method is a cheap no-op."""
 from __future__ import annotations
 
 import os

@@ -325,7 +325,7 @@ def test_cli_samples_a_checkpoint_and_scores_it(cli_files, clean_stats, trained_
     assert r.exit_code == 0, r.output
     out = _json_line(r)
     assert out["n"] == 6 and out["sampler"] and out["steps"] == 2 and out["checkpoint"].endswith(".safetensors")
-    assert np.isfinite(out["fid"]) and out["kid_subset_size"] == 6
+    assert np.isfinite(out["fid"]) and out["kid_subset_size"] == 6 and out["precision"] == "fp32"  # CPU
     r = runner.invoke(app, ["eval", str(trained_conditional_run), "-n", "10", "--steps", "2", "--guidance", "2",
                             "--sampler", "ddim", "--ref", str(stats), *f["common"]])
     assert r.exit_code == 0, r.output

@@ -698,7 +698,7 @@ def _generate_default(name: str) -> Any:
     return inspect.signature(generate).parameters[name].default
 
 
-def model_batches(model: torch.nn.Module, diffusion, n: int, batch_size: int, *, image_shape: tuple[int, int, int],
+def model_batches(model: Callable, diffusion, n: int, batch_size: int, *, image_shape: tuple[int, int, int],
                   num_classes: int | None = None, sampler: str | None = None, steps: int | None = None,
                   guidance: float = 1.0, variance: str = "beta", seed: int = 0, device: torch.device | str = "cpu",
                   bf16: bool = False, batches: range | None = None,
@@ -995,17 +995,21 @@ def _evaluate(req: EvalRequest, dist_info: DistInfo, callbacks: EvalCallbacks | 
         return {}  # nothing to spread: rank 0 scores the images alone
 
     spread: torch.Tensor | None = None
-    if model is not None and dist_info.world > 1:  # sample first, each rank its batches; rank 0 then scores
+    if model is not None:  # sampled as `ddpm sample` samples (bf16, channels-last, compiled when it pays on CUDA)
+        from ddpm_cli.engine.generate import job_nfe, sampling_net
+
         n, shape = req.n or DEFAULT_SAMPLES, (m.in_channels, m.image_size, m.image_size)
+        net = sampling_net(model, device, job_nfe(n, sampler, req.steps, cfg.diffusion.num_timesteps))
+        gen = dict(image_shape=shape, num_classes=m.num_classes if m.conditional else None, sampler=req.sampler,
+                   steps=req.steps, guidance=req.guidance, variance=cfg.diffusion.variance, seed=req.seed,
+                   device=device, bf16=device.type == "cuda")
+        sample_info["precision"] = "bf16" if gen["bf16"] else "fp32"
+    if model is not None and dist_info.world > 1:  # sample first, each rank its batches; rank 0 then scores
         num_batches = -(-n // batch_size)
         mine = range(dist_info.rank, num_batches, dist_info.world)
         _cb(callbacks, "on_phase", f"sampling ({dist_info.world} ranks)", n)
         kept = []
-        for start, images in model_batches(model, diffusion, n, batch_size, image_shape=shape,
-                                           num_classes=m.num_classes if m.conditional else None,
-                                           sampler=req.sampler, steps=req.steps, guidance=req.guidance,
-                                           variance=cfg.diffusion.variance, seed=req.seed, device=device,
-                                           batches=mine):
+        for start, images in model_batches(net, diffusion, n, batch_size, batches=mine, **gen):
             kept.append((start, images))
             _cb(callbacks, "on_advance", min(n, sum(t.shape[0] for _, t in kept) * dist_info.world))
         spread = dist_info.gather_batches(kept, n, batch_size, shape)
@@ -1027,11 +1031,7 @@ def _evaluate(req: EvalRequest, dist_info: DistInfo, callbacks: EvalCallbacks | 
         sample_stats = compute_stats(tensor_source(spread, f"samples of {ckpt.path}"), inception,
                                      batch_size=batch_size, callbacks=callbacks, phase="samples")
     elif model is not None:
-        n = req.n or DEFAULT_SAMPLES
-        src = model_source(model, diffusion, n, image_shape=(m.in_channels, m.image_size, m.image_size),
-                           num_classes=m.num_classes if m.conditional else None, sampler=req.sampler,
-                           steps=req.steps, guidance=req.guidance, variance=cfg.diffusion.variance, seed=req.seed,
-                           device=device, name=f"samples of {ckpt.path}")  # fp32, as `ddpm sample` draws them
+        src = model_source(net, diffusion, n, name=f"samples of {ckpt.path}", **gen)
         sample_stats = compute_stats(src, inception, batch_size=batch_size, callbacks=callbacks, phase="samples")
     elif isinstance(samples, FeatureStats):
         check_compatible(samples, inception, callbacks)

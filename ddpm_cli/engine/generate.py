@@ -32,6 +32,22 @@ def inference_net(model: torch.nn.Module, *, channels_last: bool = False, compil
     return fn
 
 
+COMPILE_MIN_NFE = 200_000  # torch.compile costs ~25 s on an H100; below this many image-NFEs it does not pay
+
+
+def job_nfe(n: int, sampler: str | None, steps: int | None, num_timesteps: int) -> int:
+    """About how many network evaluations sampling `n` images takes (to decide whether compiling pays)."""
+    return n * (steps or (num_timesteps if sampler == "ddpm" else 100))
+
+
+def sampling_net(model: torch.nn.Module, device: torch.device, nfe: int, compile: str = "auto"):
+    """The network as `ddpm sample` and `ddpm eval` run it (with generate's bf16 on CUDA), so that both draw the
+    same images: on CUDA channels-last, and compiled (auto) for jobs of at least COMPILE_MIN_NFE evaluations."""
+    cuda = device.type == "cuda"
+    on = compile == "on" or (compile == "auto" and cuda and nfe >= COMPILE_MIN_NFE)
+    return inference_net(model, channels_last=cuda, compile="default" if on else None)
+
+
 def initial_noise(indices: range, shape: tuple[int, ...], seed: int) -> torch.Tensor:
     g = torch.Generator()
     return torch.stack([torch.randn(shape, generator=g.manual_seed(seed * 1_000_003 + i)) for i in indices])

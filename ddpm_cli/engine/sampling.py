@@ -43,7 +43,7 @@ class SampleRequest:
     variance: str | None = None  # None: the checkpoint's diffusion.variance
     guidance: float = 1.0
     overwrite: bool = False
-    compile: Literal["auto", "on", "off"] = "auto"  # auto: on CUDA for jobs of at least COMPILE_MIN_NFE
+    compile: Literal["auto", "on", "off"] = "auto"  # auto: on CUDA for jobs of at least generate.COMPILE_MIN_NFE
 
 
 @dataclass
@@ -233,7 +233,6 @@ def write_npz(path: Path, images, labels) -> None:
         raise DdpmError(f"cannot write {path}: {e.strerror or e}") from None
 
 
-COMPILE_MIN_NFE = 200_000  # torch.compile costs ~25 s on an H100; below this many image-NFEs it does not pay
 
 
 def run_sampling(plan: SamplePlan, req: SampleRequest, *, on_start: Callable[[str], None] | None = None,
@@ -248,7 +247,7 @@ def run_sampling(plan: SamplePlan, req: SampleRequest, *, on_start: Callable[[st
 
     from ddpm_cli.engine.build import resolve_device
     from ddpm_cli.engine.checkpoint import load_model
-    from ddpm_cli.engine.generate import generate, inference_net
+    from ddpm_cli.engine.generate import generate, job_nfe, sampling_net
 
     from ddpm_cli.engine.distributed import DistInfo
 
@@ -261,9 +260,8 @@ def run_sampling(plan: SamplePlan, req: SampleRequest, *, on_start: Callable[[st
     model, diffusion, cfg, _ = load_model(plan.checkpoint, device, use_ema=plan.use_ema)
     m = cfg.model
     cuda = device.type == "cuda"
-    nfe = req.n * (req.steps or (cfg.diffusion.num_timesteps if req.sampler == "ddpm" else 100))
-    compile_on = req.compile == "on" or (req.compile == "auto" and cuda and nfe >= COMPILE_MIN_NFE)
-    net = inference_net(model, channels_last=cuda, compile="default" if compile_on else None)
+    nfe = job_nfe(req.n, req.sampler, req.steps, cfg.diffusion.num_timesteps)
+    net = sampling_net(model, device, nfe, req.compile)
     labels = torch.tensor(plan.labels, dtype=torch.long) if plan.labels is not None else None
     for d in {p.parent for p in plan.files} | {p.parent for p in (plan.npz, plan.grid) if p is not None}:
         try:

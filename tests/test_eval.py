@@ -490,3 +490,23 @@ def test_eval_on_two_ranks_scores_the_images_of_one(clean, weights, trained_run,
     assert "sampling (2 ranks)" in two.stderr  # and the work was spread
     assert a["n"] == b["n"] == 7 and a["fid"] == pytest.approx(b["fid"], rel=1e-9, abs=1e-9)
     assert a["kid_mean"] == pytest.approx(b["kid_mean"], rel=1e-9, abs=1e-12)
+
+
+def test_eval_of_a_checkpoint_scores_the_images_ddpm_sample_draws(cli_files, trained_conditional_run, tmp_path):
+    """Both routes to a checkpoint's FID see the same images (labels in turn, guidance, seeds, precision): the
+    samples that `ddpm sample` writes, used as the reference, score 0 against `ddpm eval CKPT`'s own."""
+    f = cli_files
+    drawn = tmp_path / "drawn.npz"
+    r = runner.invoke(app, ["sample", str(trained_conditional_run), "-n", "10", "--steps", "3", "--guidance", "2",
+                            "--format", "npz", "--out", str(drawn), "--seed", "5", "--device", "cpu"])
+    assert r.exit_code == 0, r.output
+    r = runner.invoke(app, ["eval", str(trained_conditional_run), "-n", "10", "--steps", "3", "--guidance", "2",
+                            "--seed", "5", "--ref", str(drawn), "--no-cache", *f["common"][:2], "--device", "cpu",
+                            "--kid-subsets", "3", "--kid-subset-size", "5"])
+    assert r.exit_code == 0, r.output
+    out = _json_line(r)
+    other = runner.invoke(app, ["eval", str(trained_conditional_run), "-n", "10", "--steps", "3", "--guidance", "2",
+                                "--seed", "6", "--ref", str(drawn), "--no-cache", *f["common"][:2], "--device",
+                                "cpu", "--kid-subsets", "3", "--kid-subset-size", "5"])
+    assert other.exit_code == 0, other.output
+    assert abs(out["fid"]) < 1e-6 * _json_line(other)["fid"]  # another seed: other images, a clearly larger FID

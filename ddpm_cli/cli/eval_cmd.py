@@ -120,7 +120,7 @@ def eval_command(
                       steps=steps, guidance=guidance, kid_subsets=kid_subsets, kid_subset_size=kid_subset_size,
                       inception_weights=inception_weights, data_root=data_root, cache_dir=cache_dir,
                       use_cache=cache, save_stats=save_stats)
-    if gpus > 1 and not under_torchrun() and check_request(req):  # refuse bad arguments once, before N processes
+    if gpus > 1 and not under_torchrun() and check_request(req)[0]:  # refuse bad arguments once, before N processes
         return relaunch_with_torchrun(gpus)
     main = is_main_process()
     display = EvalDisplay() if main else None

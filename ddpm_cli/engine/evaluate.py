@@ -920,17 +920,17 @@ def evaluate(req: EvalRequest, callbacks: EvalCallbacks | None = None) -> dict:
 
     Under torchrun the sampling of a checkpoint is spread over the ranks (the same images as one process); rank 0
     does the rest and gets the result, the other ranks get {}."""
-    check_request(req)
+    _, ref = check_request(req)
     dist_info = DistInfo.from_env()
     try:
-        return _evaluate(req, dist_info, callbacks)
+        return _evaluate(req, ref, dist_info, callbacks)
     finally:
         dist_info.close()
 
 
-def check_request(req: EvalRequest) -> bool:
+def check_request(req: EvalRequest) -> tuple[bool, ImageSource | FeatureStats]:
     """The cheap checks of `ddpm eval`'s arguments, paths and reference (once, before any process or heavy work
-    starts); returns whether the input is a checkpoint to sample."""
+    starts); returns whether the input is a checkpoint to sample, and the opened reference."""
     if req.n is not None and req.n < 1:
         raise DdpmError(f"-n must be at least 1 (got {req.n})")
     if req.input is None and req.save_stats is None:
@@ -959,18 +959,17 @@ def check_request(req: EvalRequest) -> bool:
         if not Path(req.input).exists():
             raise DataError(f"{req.input} not found; pass a checkpoint (.safetensors or a run directory), or samples "
                             f"(.npz, a folder or .zip of images)")
-    open_images_or_stats(req.ref, data_root=req.data_root)
-    return checkpoint
+    return checkpoint, open_images_or_stats(req.ref, data_root=req.data_root)
 
 
-def _evaluate(req: EvalRequest, dist_info: DistInfo, callbacks: EvalCallbacks | None) -> dict:
+def _evaluate(req: EvalRequest, ref: ImageSource | FeatureStats, dist_info: DistInfo,
+              callbacks: EvalCallbacks | None) -> dict:
     from ddpm_cli.engine.build import resolve_device
 
     device = dist_info.device if dist_info.world > 1 else resolve_device(req.device)
     batch_size = req.batch_size or (250 if device.type == "cuda" else 50)
     t0 = time.perf_counter()
 
-    # Cheap checks first: the input and the reference exist and are what they claim to be.
     model = None
     sample_info: dict = {}
     samples: ImageSource | FeatureStats | None = None
@@ -979,10 +978,7 @@ def _evaluate(req: EvalRequest, dist_info: DistInfo, callbacks: EvalCallbacks | 
             from ddpm_cli.engine.checkpoint import load_model
 
             model, diffusion, cfg, ckpt = load_model(req.input, device)
-            m = cfg.model
-            if req.guidance != 1.0 and not m.conditional:
-                raise DdpmError("--guidance needs a class-conditional checkpoint, and this one is unconditional; "
-                                "drop --guidance")
+            m = cfg.model  # check_request refused --guidance on an unconditional checkpoint already
             sampler = req.sampler or _generate_default("sampler")
             sample_info = {"checkpoint": str(ckpt.path), "step": ckpt.step, "sampler": sampler,
                            "steps": req.steps, "guidance": req.guidance, "seed": req.seed}
@@ -990,7 +986,6 @@ def _evaluate(req: EvalRequest, dist_info: DistInfo, callbacks: EvalCallbacks | 
             samples = open_images_or_stats(req.input, data_root=req.data_root, role="samples")
             if isinstance(samples, ImageSource) and req.n is not None:
                 samples = _first(samples, req.n)
-    ref = open_images_or_stats(req.ref, data_root=req.data_root)
     if dist_info.world > 1 and model is None and dist_info.rank != 0:
         return {}  # nothing to spread: rank 0 scores the images alone
 

@@ -83,6 +83,11 @@ class DiffusionConfig(Section):
     """Offset of the dns schedule; equal to num_timesteps gives the seed's "DNST" variant."""
     loss: Literal["l2", "l1"] = "l2"
     """Loss between predicted and true noise."""
+    loss_weight: Literal["uniform", "min-snr"] = "uniform"
+    """Weight of each timestep's loss: uniform is the paper's L_simple; min-snr is Min-SNR-gamma (Hang et al.
+    2023), min(SNR_t, gamma) / SNR_t, which stops the nearly noise-free steps from dominating the gradient."""
+    min_snr_gamma: float = Field(5.0, gt=0.0)
+    """The gamma of loss_weight min-snr."""
     variance: Literal["beta", "posterior"] = "beta"
     """Variance of the ancestral sampler: sigma^2 = beta_t or the posterior variance beta-tilde_t."""
 

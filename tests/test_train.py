@@ -72,7 +72,8 @@ def test_ema_differs_from_raw_weights_and_follows_them(trained_run):
 def test_every_train_option_reaches_the_loop(tmp_path):
     cfg = tiny_config(tmp_path, train__steps=4, train__optimizer="adamw", train__weight_decay=0.1,
                       train__grad_clip=0.0, train__ema_every=2, train__ema_start=2, diffusion__loss="l1",
-                      diffusion__schedule="dns", logging__log_every=2)
+                      diffusion__schedule="dns", diffusion__loss_weight="min-snr",
+                      logging__log_every=2)
     res = train(cfg)
     assert res.step == 4 and all(r["loss"] > 0 for r in res.metrics if "loss" in r)
     # warmup over 5 steps: the step with index i runs at lr * (i + 1) / 5

@@ -1,0 +1,52 @@
+"""The training objective of diffusion/gaussian.py: L_simple and its Min-SNR-gamma weighting."""
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from ddpm_cli.config import DiffusionConfig
+from ddpm_cli.engine.build import build_diffusion
+
+
+def _fixed_model(x, t, y):
+    return 0.5 * x + 0.01 * t.view(-1, 1, 1, 1).float()
+
+
+def _inputs(n=6):
+    g = torch.Generator().manual_seed(0)
+    x0 = torch.rand(n, 3, 8, 8, generator=g) * 2 - 1
+    noise = torch.randn(n, 3, 8, 8, generator=g)
+    t = torch.tensor([0, 10, 100, 400, 800, 999][:n])
+    return x0, noise, t
+
+
+def test_uniform_weighting_is_the_papers_l_simple():
+    d = build_diffusion(DiffusionConfig())
+    x0, noise, t = _inputs()
+    got = d.loss(_fixed_model, x0, t=t, noise=noise)
+    want = F.mse_loss(_fixed_model(d.q_sample(x0, t, noise), t, None), noise)
+    assert d.loss_weight is None and torch.allclose(got, want)
+
+
+@pytest.mark.parametrize("loss", ["l2", "l1"])
+def test_min_snr_weights_each_sample_by_min_snr_gamma_over_snr(loss):
+    gamma = 5.0
+    d = build_diffusion(DiffusionConfig(loss=loss, loss_weight="min-snr", min_snr_gamma=gamma))
+    ab = d.alpha_bar.double()
+    snr = ab / (1 - ab)
+    w = d.loss_weight.double()
+    noisy = snr <= gamma
+    assert noisy.any() and (~noisy).any()
+    assert torch.allclose(w[noisy], torch.ones_like(w[noisy]))  # the noisy steps keep their weight
+    # the clean ones are scaled down (SNR recomputed from the float32 alpha_bar: 1 - alpha_bar loses digits)
+    assert torch.allclose(w[~noisy], gamma / snr[~noisy], rtol=2e-3)
+    assert w[0] < 0.01  # t = 1: SNR ~ 1e4
+
+    x0, noise, t = _inputs()
+    err = _fixed_model(d.q_sample(x0, t, noise), t, None) - noise
+    per_sample = (err.abs() if loss == "l1" else err.square()).mean(dim=(1, 2, 3))
+    got = d.loss(_fixed_model, x0, t=t, noise=noise)
+    assert torch.allclose(got, (per_sample * d.loss_weight[t]).mean())
+    uniform = build_diffusion(DiffusionConfig(loss=loss)).loss(_fixed_model, x0, t=t, noise=noise)
+    assert got < uniform  # every weight is at most 1, the first samples' far below

@@ -29,6 +29,29 @@ SCRIPT = textwrap.dedent('''
     trainer.dist.close()
 ''')
 
+STOP_SCRIPT = textwrap.dedent('''
+    import sys
+    from ddpm_cli.config import load_config
+    from ddpm_cli.engine.train import StopFlag, Trainer, TrainingAborted
+
+    stop = StopFlag()
+    trainer = Trainer(load_config(sys.argv[1], []), stop=stop)
+    next_batch, calls = trainer.batcher.next, []
+
+    def next_then_signal():
+        calls.append(1)
+        if trainer.dist.rank == 1 and len(calls) == 4:
+            stop.request(15)  # what the CLI's SIGTERM handler does, here on rank 1 only, during step 4
+        return next_batch()
+
+    trainer.batcher.next = next_then_signal
+    try:
+        trainer.run()
+    except TrainingAborted as e:
+        print(f"RANK {trainer.dist.rank} code {e.exit_code} step {trainer.step}: {e}")
+    trainer.dist.close()
+''')
+
 pytestmark = pytest.mark.skipif(not torch.distributed.is_available() or not torch.distributed.is_gloo_available(),
                                 reason="needs torch.distributed with gloo")
 
@@ -60,6 +83,20 @@ def test_two_ranks_train_identically_and_resume(tmp_path):
     w0, w1 = load_file(runs / "rank0.safetensors"), load_file(runs / "rank1.safetensors")
     assert all(torch.equal(w0[k], w1[k]) for k in w0)
     assert list_checkpoints(run)[-1].name == "ckpt-00000010.safetensors"
+
+
+def test_a_signal_on_one_rank_stops_every_rank_at_the_same_step_with_a_checkpoint(tmp_path):
+    runs = tmp_path / "runs"
+    cfg = write_yaml(tmp_path / "tiny.yaml", tiny_overrides(runs, train__steps=40, logging__checkpoint_every=100))
+    script = tmp_path / "stop_check.py"
+    script.write_text(STOP_SCRIPT)
+    r = _torchrun(str(script), str(cfg))
+    assert r.returncode == 0, r.stderr[-3000:]
+    # The ranks compare flags every 10 steps, so both leave the loop after step 10 (not rank 1 alone at 4).
+    lines = sorted(line for line in r.stdout.splitlines() if line.startswith("RANK"))
+    assert [line.split(":")[0] for line in lines] == ["RANK 0 code 143 step 10", "RANK 1 code 143 step 10"]
+    assert "stopped by signal 15 at step 10" in lines[0]  # rank 0, which reports, names rank 1's signal
+    assert [p.name for p in list_checkpoints(runs / "tiny")] == ["ckpt-00000010.safetensors"]
 
 
 def test_flat_gradient_sync_averages_like_ddp(tmp_path):

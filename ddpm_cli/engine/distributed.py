@@ -18,6 +18,7 @@ class DistInfo:
     local_rank: int = 0
     device: torch.device = torch.device("cpu")
     _flat: "FlatGrads | None" = None
+    _cpu_group: "dist.ProcessGroup | None" = None
 
     @classmethod
     def from_env(cls) -> "DistInfo":
@@ -33,7 +34,9 @@ class DistInfo:
             device, backend = torch.device("cpu"), "gloo"
         if not dist.is_initialized():
             dist.init_process_group(backend, device_id=device if backend == "nccl" else None)
-        return cls(rank, world, local, device)
+        # Host-side flags (stop now?) travel over gloo between the CPUs: the same exchange over NCCL would make
+        # each rank's CPU wait for its GPU to drain the queued steps, leaving the GPU idle until it refills.
+        return cls(rank, world, local, device, _cpu_group=dist.new_group(backend="gloo"))
 
     def wrap(self, model: torch.nn.Module, grad_sync: str = "ddp") -> torch.nn.Module:
         """DDP around `model`, or (grad_sync == "flat") the model itself with rank 0's weights broadcast: the loop
@@ -94,13 +97,14 @@ class DistInfo:
         return out
 
     def agree(self, flag: int, step: int, every: int = 10) -> int:
-        """The largest `flag` over all ranks (checked every `every` steps, 0 in between); `flag` alone when single."""
+        """The largest `flag` over all ranks (checked every `every` steps, 0 in between); `flag` alone when single.
+        The ranks' CPUs meet; their GPUs keep working."""
         if self.world == 1:
             return flag
         if step % every:
             return 0
-        t = torch.tensor([flag], device=self.device, dtype=torch.int32)
-        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+        t = torch.tensor([flag], dtype=torch.int32)
+        dist.all_reduce(t, op=dist.ReduceOp.MAX, group=self._cpu_group)
         return int(t.item())
 
     def broadcast_path(self, path: Path) -> Path:

@@ -92,6 +92,9 @@ def make_run_dir(cfg: RunConfig, name_hint: str | None) -> Path:
     return run_dir
 
 
+_SIGNALLED = 100  # a stop flag above this carries the signal's number
+
+
 def _lr_at(cfg: RunConfig, step: int) -> float:
     warm = cfg.train.warmup_steps
     return cfg.train.lr * (min(1.0, (step + 1) / warm) if warm else 1.0)
@@ -367,12 +370,15 @@ class Trainer:
             self.cb.on_message("compiling the training step (torch.compile; the first step takes a while)")
 
         while self.step < tc.steps:
-            # 2 = a signal, 1 = out of time; with several ranks they agree on it (every 10 steps) so that no rank
-            # leaves the loop while the others wait in an all-reduce.
+            # _SIGNALLED + signum = a signal, 1 = out of time; with several ranks they agree on it (every 10 steps)
+            # so that no rank leaves the loop while the others wait in an all-reduce.
             time_up = tc.max_time is not None and time.monotonic() - self.t0 >= tc.max_time
-            flag = self.dist.agree(2 if self.stop.signum else 1 if time_up else 0, self.step)
+            flag = self.dist.agree(_SIGNALLED + self.stop.signum if self.stop.signum else 1 if time_up else 0,
+                                   self.step)
             if flag:
-                stop_reason = "signal" if flag == 2 else "time"
+                stop_reason = "signal" if flag > _SIGNALLED else "time"
+                if flag > _SIGNALLED and not self.stop.signum:  # another rank got the signal: report it here too
+                    self.stop.signum = flag - _SIGNALLED
                 break
             t_step = time.monotonic()
             x, y = self.batcher.next()

@@ -3,9 +3,11 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
 import textwrap
+import time
 
 import pytest
 import torch
@@ -177,6 +179,25 @@ def test_gpus_flag_launches_torchrun(tmp_path):
     assert r.returncode == 0, r.stderr[-3000:]
     assert "x2" in r.stdout and "global batch 32" in r.stdout and "grad sync ddp" in r.stdout  # eager: DDP
     assert (tmp_path / "runs" / "tiny" / "checkpoints" / "ckpt-00000004.safetensors").exists()
+
+
+def test_sigterm_to_the_gpus_launcher_stops_the_ranks_with_a_checkpoint_and_no_traceback(tmp_path):
+    runs = tmp_path / "runs"
+    cfg = write_yaml(tmp_path / "tiny.yaml", tiny_overrides(runs, train__steps=100_000, logging__log_every=2,
+                                                             logging__checkpoint_every=100_000))
+    p = subprocess.Popen([sys.executable, "-m", "ddpm_cli", "train", "--config", str(cfg), "--gpus", "2"],
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                         env={**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"})
+    metrics = runs / "tiny" / "metrics.jsonl"
+    deadline = time.monotonic() + 240
+    while not (metrics.exists() and metrics.read_text().count("\n") >= 2) and p.poll() is None:
+        assert time.monotonic() < deadline, "the ranks never started training"
+        time.sleep(0.2)
+    p.send_signal(signal.SIGTERM)
+    out, err = p.communicate(timeout=240)
+    assert p.returncode == 143, err[-3000:]
+    assert "Traceback" not in err and "stopped by signal 15" in err + out
+    assert list_checkpoints(runs / "tiny"), "the ranks should checkpoint before they stop"
 
 
 def test_sampling_on_two_ranks_gives_the_images_of_one(trained_run, tmp_path):

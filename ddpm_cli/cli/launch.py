@@ -14,6 +14,7 @@ def is_main_process() -> bool:
 
 
 def relaunch_with_torchrun(gpus: int) -> None:
+    from torch.distributed.elastic.multiprocessing.api import SignalException
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.run import main as torchrun_main
 
@@ -27,3 +28,5 @@ def relaunch_with_torchrun(gpus: int) -> None:
     except ChildFailedError as e:  # the ranks have said why on stderr; no launcher traceback on top
         codes = [f.exitcode for f in e.failures.values()]
         raise SystemExit(next((c for c in codes if c > 0), 1)) from None
+    except SignalException as e:  # torchrun passed the signal on to the ranks, which checkpointed and said so
+        raise SystemExit(128 + int(e.sigval)) from None

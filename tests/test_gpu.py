@@ -47,3 +47,16 @@ def test_bf16_sampling_on_cuda_is_deterministic_by_seed(tmp_path):
     a, b, c = draw(1), draw(1), draw(2)
     assert a.dtype == torch.uint8 and a.shape == (6, 3, m.image_size, m.image_size)
     assert torch.equal(a, b) and not torch.equal(a, c)
+
+
+@pytest.mark.parametrize("n1,n2", [(40, 300), (300, 200), (40, 50)])  # the three routes of _trace_sqrt_product
+def test_fid_on_the_gpu_equals_the_cpu(n1, n2):
+    import numpy as np
+
+    from ddpm_cli.engine import evaluate as ev
+
+    rng = np.random.default_rng(1)
+    a = rng.standard_normal((n1, 64)) @ rng.standard_normal((64, 64)) * 0.3 + 0.5
+    b = rng.standard_normal((n2, 64)) * 1.2 + 0.1
+    sa, sb = (ev.FeatureStats(x.mean(0), np.cov(x, rowvar=False), len(x), x.astype(np.float32)) for x in (a, b))
+    assert ev.frechet_distance(sa, sb, "cuda") == pytest.approx(ev.frechet_distance(sa, sb), rel=1e-9)

@@ -381,16 +381,18 @@ def load_stats(path: str | Path) -> FeatureStats:
 # FID and KID
 
 
-def _trace_sqrt_product(a: FeatureStats, b: FeatureStats) -> float:
+def _trace_sqrt_product(a: FeatureStats, b: FeatureStats, device: torch.device | str = "cpu") -> float:
     """tr sqrt(S_a S_b). The eigenvalues of S_a S_b are real and >= 0 (a product of PSD matrices); they are taken
-    from a symmetric PSD matrix with the same nonzero spectrum, which is exact and well conditioned."""
+    from a symmetric PSD matrix with the same nonzero spectrum, which is exact and well conditioned. float64
+    throughout, on `device` (a GPU's solver takes a fraction of a second for d = 2048)."""
+    as64 = lambda arr: torch.from_numpy(np.asarray(arr)).to(device=device, dtype=torch.float64)  # noqa: E731
     for x, y in ((a, b), (b, a)):
         if x.complete and x.n <= x.dim:  # S_x = C^T C / (n - 1): spectrum of C S_y C^T / (n - 1), (n, n)
-            f = torch.from_numpy(x.features).double()
+            f = as64(x.features)
             c = f - f.mean(0)
-            m = c @ torch.from_numpy(y.sigma) @ c.T / (x.n - 1)
+            m = c @ as64(y.sigma) @ c.T / (x.n - 1)
             return float(torch.linalg.eigvalsh((m + m.T) / 2).clamp(min=0).sqrt().sum())
-    sa, sb = torch.from_numpy(a.sigma), torch.from_numpy(b.sigma)
+    sa, sb = as64(a.sigma), as64(b.sigma)
     for x, y in ((sa, sb), (sb, sa)):
         chol, info = torch.linalg.cholesky_ex(x)  # S_x = L L^T: spectrum of L^T S_y L
         if int(info) == 0:
@@ -402,13 +404,13 @@ def _trace_sqrt_product(a: FeatureStats, b: FeatureStats) -> float:
     return float(torch.linalg.eigvalsh((m + m.T) / 2).clamp(min=0).sqrt().sum())
 
 
-def frechet_distance(a: FeatureStats, b: FeatureStats) -> float:
+def frechet_distance(a: FeatureStats, b: FeatureStats, device: torch.device | str = "cpu") -> float:
     """FID = |mu_a - mu_b|^2 + tr(S_a) + tr(S_b) - 2 tr sqrt(S_a S_b) (Heusel et al. 2017)."""
     if a.dim != b.dim:
         raise DataError(f"the two statistics have {a.dim}- and {b.dim}-dimensional features; compute both with "
                         f"the same Inception")
     diff = a.mu - b.mu
-    return float(diff @ diff + np.trace(a.sigma) + np.trace(b.sigma) - 2 * _trace_sqrt_product(a, b))
+    return float(diff @ diff + np.trace(a.sigma) + np.trace(b.sigma) - 2 * _trace_sqrt_product(a, b, device))
 
 
 def kernel_inception_distance(f1: np.ndarray, f2: np.ndarray, *, subsets: int = 100, subset_size: int = 1000,
@@ -454,7 +456,7 @@ def score(samples: FeatureStats, ref: FeatureStats, *, kid: bool = True, kid_sub
           kid_subset_size: int = 1000, kid_seed: int = KID_SEED, device: torch.device | str = "cpu",
           callbacks: EvalCallbacks | None = None) -> EvalResult:
     """FID of two statistics, and KID when both hold feature rows (the subset size shrinks to fit small sets)."""
-    fid = frechet_distance(samples, ref)
+    fid = frechet_distance(samples, ref, device)
     kid_mean = kid_std = size = subsets = None
     if kid:
         if samples.features is None or ref.features is None:

@@ -42,6 +42,14 @@ def test_npz_holds_uint8_images_and_the_per_class_labels(trained_conditional_run
     assert d["arr_0"].std() > 0  # real images, not a blank array
 
 
+def test_the_summary_prints_the_output_path_verbatim(trained_run, tmp_path):
+    out = tmp_path / "sweep-ddim:100:1.npz"  # rich would turn :100: into an emoji
+    r = run_cli("sample", str(trained_run), "-n", "2", "--format", "npz", "--out", str(out), *FAST,
+                env={"OMP_NUM_THREADS": "1"})
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert out.exists() and str(out) in r.stdout + r.stderr
+
+
 def test_npz_into_a_folder_and_no_labels_for_an_unconditional_model(trained_run, tmp_path):
     ok("sample", trained_run, "-n", 3, "--format", "npz", "--out", tmp_path, *FAST)
     d = npz(tmp_path / "samples.npz")

@@ -10,8 +10,8 @@ from typing import Any, Callable
 import typer
 from rich.console import Console
 
-console = Console(highlight=False)
-err_console = Console(stderr=True, highlight=False)
+console = Console(highlight=False, emoji=False)  # paths like runs/a:100:b print as they are
+err_console = Console(stderr=True, highlight=False, emoji=False)
 
 
 def fail(message: str, problems: list[str] | None = None, code: int = 1) -> None:

@@ -20,3 +20,20 @@ def test_bench_speed_runs_the_trainer_and_the_sampler(tmp_path):
     assert [(x["kind"], x["variant"]) for x in results] == [("train", "fp32"), ("sample", "fp32")]
     assert results[0]["img_per_s"] > 0 and len(results[0]["loss_curve"]) == 2 and results[1]["nfe_per_s"] > 0
     assert "| train | fp32 | 128 |" in r.stdout  # the table
+
+
+def test_fid_summary_tables_each_run_and_its_scores(tmp_path):
+    (tmp_path / "a.log").write_text(
+        "step 16500/1000000 (2%)  loss 0.0144  lr 6.00e-04  5,276 img/s  grad-norm 0.039\n"
+        "done: step 16949, 2,169,472 images seen in 506.3 s (reached train.max_time, 65.8 s of it compiling); x\n"
+        "FID-DONE\n")
+    (tmp_path / "a.jsonl").write_text('MAIN --sampler ddim --steps 100\n{"fid": 14.7725, "kid_mean": 0.00926}\n'
+                                      'SWEEP dpm++2m 20  \n{"fid": 14.75, "kid_mean": null}\n')
+    (tmp_path / "b.log").write_text("compiling the training step\n")
+    r = subprocess.run([sys.executable, "benchmarks/fid_summary.py", str(tmp_path)], cwd=ROOT, capture_output=True,
+                       text=True, timeout=60)
+    assert r.returncode == 0, r.stderr
+    rows = r.stdout.splitlines()[2:]
+    assert rows[0] == ("| a | done | 2,169,472 | 16949 | 65.8 | 5,276 | --sampler ddim --steps 100 | 14.77 | 9.3 |")
+    assert rows[1] == "|  |  |  |  |  |  | dpm++2m 20 | 14.75 |  |"
+    assert rows[2].startswith("| b | running |")

@@ -101,6 +101,20 @@ def test_a_signal_on_one_rank_stops_every_rank_at_the_same_step_with_a_checkpoin
     assert [p.name for p in list_checkpoints(runs / "tiny")] == ["ckpt-00000010.safetensors"]
 
 
+def test_early_stopping_stops_every_rank_at_the_same_step(tmp_path):
+    runs = tmp_path / "runs"
+    cfg = write_yaml(tmp_path / "tiny.yaml", tiny_overrides(
+        runs, train__steps=40, train__early_stopping={"enabled": True, "holdout": 32, "eval_every": 2,
+                                                      "patience": 1, "min_delta": 10.0}))
+    script = tmp_path / "stop_check.py"
+    script.write_text(STOP_SCRIPT.replace("len(calls) == 4", "False"))
+    r = _torchrun(str(script), str(cfg))
+    assert r.returncode == 0, r.stderr[-3000:]
+    metrics = [json.loads(x) for x in (runs / "tiny" / "metrics.jsonl").read_text().splitlines()]
+    assert [m["step"] for m in metrics if "val_loss" in m] == [2, 4]  # the second evaluation did not improve by 10
+    assert list_checkpoints(runs / "tiny")[-1].name == "ckpt-00000004.safetensors"
+
+
 def test_flat_gradient_sync_averages_like_ddp(tmp_path):
     """grad_sync=flat (one all-reduce after the backward, for CUDA-graph steps) keeps the ranks identical and
     lands where DDP's bucketed all-reduce does."""

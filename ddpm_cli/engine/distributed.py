@@ -34,9 +34,7 @@ class DistInfo:
             device, backend = torch.device("cpu"), "gloo"
         if not dist.is_initialized():
             dist.init_process_group(backend, device_id=device if backend == "nccl" else None)
-        # Host-side flags (stop now?) travel over gloo between the CPUs: the same exchange over NCCL would make
-        # each rank's CPU wait for its GPU to drain the queued steps, leaving the GPU idle until it refills.
-        return cls(rank, world, local, device, _cpu_group=dist.new_group(backend="gloo"))
+        return cls(rank, world, local, device)
 
     def wrap(self, model: torch.nn.Module, grad_sync: str = "ddp") -> torch.nn.Module:
         """DDP around `model`, or (grad_sync == "flat") the model itself with rank 0's weights broadcast: the loop
@@ -103,6 +101,12 @@ class DistInfo:
             return flag
         if step % every:
             return 0
+        if self._cpu_group is None:
+            # Host-side flags travel over gloo between the CPUs: the same exchange over NCCL would make each
+            # rank's CPU wait for its GPU to drain the queued steps, and the GPU would idle until it refilled.
+            # Made on first use (every rank's first check is at the same step), so sampling and evaluation
+            # never open gloo sockets; across nodes gloo may need GLOO_SOCKET_IFNAME (README).
+            self._cpu_group = dist.new_group(backend="gloo")
         t = torch.tensor([flag], dtype=torch.int32)
         dist.all_reduce(t, op=dist.ReduceOp.MAX, group=self._cpu_group)
         return int(t.item())
@@ -122,8 +126,17 @@ class DistInfo:
         if self.world > 1:
             dist.barrier()
 
+    def average(self, t: torch.Tensor) -> torch.Tensor:
+        """`t` averaged over the ranks, in place (the same value on every rank afterwards)."""
+        if self.world > 1:
+            dist.all_reduce(t, op=dist.ReduceOp.SUM)
+            t /= self.world
+        return t
+
     def close(self) -> None:
         if self.world > 1 and dist.is_initialized():
+            if self.device.type == "cuda":  # no collective still queued when the group goes
+                torch.cuda.synchronize(self.device)
             dist.destroy_process_group()
 
 

@@ -340,7 +340,7 @@ class Trainer:
             total += loss.float() * x0.shape[0]
             count += x0.shape[0]
         self.model.train()
-        return float(total / count)
+        return float(self.dist.average(total / count))  # one value on every rank: they stop early together
 
     # -- the loop ------------------------------------------------------------------------------------------
 
@@ -377,7 +377,7 @@ class Trainer:
                                    self.step)
             if flag:
                 stop_reason = "signal" if flag > _SIGNALLED else "time"
-                if flag > _SIGNALLED and not self.stop.signum:  # another rank got the signal: report it here too
+                if flag > _SIGNALLED:  # every rank reports (and exits with) the same signal, whichever got it
                     self.stop.signum = flag - _SIGNALLED
                 break
             t_step = time.monotonic()

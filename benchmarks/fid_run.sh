@@ -12,7 +12,8 @@ if [ "${1:-}" != inner ]; then
     export NAME=$1 CONFIG=$2 EXTRA=${3:-} SAMPLE=${4:-} SWEEP=${5:-}
     mkdir -p "$HOME/data" "$HOME/fid" "$HOME/runs"
     # Several runs may share the machine (CUDA_VISIBLE_DEVICES=i each): never rewrite what a running one reads.
-    [ -f "$HOME/data/train.zip" ] || cp .carry_data/train.zip "$HOME/data/train.zip"
+    cmp -s .carry_data/train.zip "$HOME/data/train.zip" || { cp .carry_data/train.zip "$HOME/data/train.zip.part" &&
+        mv "$HOME/data/train.zip.part" "$HOME/data/train.zip"; }  # a reader keeps the old file; none sees half
     [ -d /tmp/site/pydantic ] || python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir \
         --upgrade --target /tmp/site .whl/*.whl
     export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1 TORCHINDUCTOR_CACHE_DIR=$HOME/inductor-$NAME

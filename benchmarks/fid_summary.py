@@ -10,7 +10,7 @@ import re
 import sys
 from pathlib import Path
 
-DONE = re.compile(r"^done: step (\d+), ([\d,]+) images seen in ([\d.]+) s .*?([\d.]+) s of it compiling")
+DONE = re.compile(r"^done: step (\d+), ([\d,]+) images seen in ([\d.]+) s(?: .*?([\d.]+) s of it compiling)?")
 RATE = re.compile(r"([\d,]+) img/s")
 
 
@@ -23,7 +23,7 @@ def summarize(folder: Path) -> list[str]:
         seen = steps = comp = rate = ""
         for line in text.splitlines():
             if m := DONE.match(line):
-                steps, seen, comp = m.group(1), m.group(2), m.group(4)
+                steps, seen, comp = m.group(1), m.group(2), m.group(4) or ""
             elif line.startswith("step ") and (r := RATE.search(line)):
                 rate = r.group(1)
         results, label = [], None

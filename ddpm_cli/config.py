@@ -174,6 +174,9 @@ class TrainConfig(Section):
     ema_warmup: bool = False
     """Ramp the EMA decay as min(ema_decay, (1 + n) / (10 + n)) over the n-th update, so short runs are not
     dominated by the initial weights."""
+    ema_extra: tuple[float, ...] = Field((), max_length=4)
+    """More EMA decays to keep beside ema_decay (each a full copy of the weights, updated with it), to choose the
+    averaging length after training: `ddpm sample|eval --ema-decay D`."""
     label_dropout: float = Field(0.0, ge=0.0, lt=1.0)
     """Fraction of labels replaced by the 'no label' class (classifier-free guidance training)."""
     precision: Literal["auto", "fp32", "bf16"] = "auto"
@@ -198,6 +201,15 @@ class TrainConfig(Section):
     """Stop when this many steps in a row have a non-finite loss or gradient (each is skipped)."""
     early_stopping: EarlyStoppingConfig = EarlyStoppingConfig()
     """Early stopping on a held-out loss."""
+
+    @model_validator(mode="after")
+    def _check_ema_extra(self) -> "TrainConfig":
+        for d in self.ema_extra:
+            if not 0.0 <= d < 1.0:
+                raise ValueError(f"ema_extra decays must be in [0, 1) (got {d})")
+        if len({*self.ema_extra, self.ema_decay}) != len(self.ema_extra) + 1:
+            raise ValueError("ema_extra must not repeat a decay or ema_decay itself")
+        return self
 
 
 class LoggingConfig(Section):

@@ -333,6 +333,9 @@ def test_cli_samples_a_checkpoint_and_scores_it(cli_files, clean_stats, trained_
     r = runner.invoke(app, ["eval", str(trained_run), "-n", "4", "--guidance", "2", "--ref", str(stats),
                             *f["common"]])
     assert r.exit_code == 1 and "class-conditional" in r.stderr
+    r = runner.invoke(app, ["eval", str(trained_run), "-n", "4", "--ema-decay", "0.5", "--ref", str(stats),
+                            *f["common"]])
+    assert r.exit_code == 1 and "holds no EMA weights with decay 0.5" in r.stderr
 
 
 def test_fid_of_model_for_the_training_loop(trained_conditional_run, clean_stats, inception):
@@ -505,6 +508,11 @@ def test_eval_of_a_checkpoint_scores_the_images_ddpm_sample_draws(cli_files, tra
                             "--kid-subsets", "3", "--kid-subset-size", "5"])
     assert r.exit_code == 0, r.output
     out = _json_line(r)
+    assert out["ema_decay"] == 0.9  # the tiny runs' train.ema_decay
+    named = runner.invoke(app, ["eval", str(trained_conditional_run), "-n", "10", "--steps", "3", "--guidance", "2",
+                                "--seed", "5", "--ref", str(drawn), "--no-cache", *f["common"][:2], "--device",
+                                "cpu", "--kid-subsets", "3", "--kid-subset-size", "5", "--ema-decay", "0.9"])
+    assert named.exit_code == 0 and abs(_json_line(named)["fid"]) < 1e-6  # naming the default: the same images
     other = runner.invoke(app, ["eval", str(trained_conditional_run), "-n", "10", "--steps", "3", "--guidance", "2",
                                 "--seed", "6", "--ref", str(drawn), "--no-cache", *f["common"][:2], "--device",
                                 "cpu", "--kid-subsets", "3", "--kid-subset-size", "5"])

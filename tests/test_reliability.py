@@ -166,7 +166,7 @@ def test_exact_resume_gives_identical_losses_and_weights(tmp_path, variant):
     extra = dict(EXACT)
     if variant != "unconditional":
         extra.update(model__conditional=True, train__label_dropout=0.3, train__ema_warmup=True,
-                     train__optimizer="adamw", train__weight_decay=0.01)
+                     train__optimizer="adamw", train__weight_decay=0.01, train__ema_extra=[0.5])
     full = train(tiny_config(tmp_path / "a", **extra))
     # 64 images / batch 16: 4 steps an epoch, so step 6 stops mid-epoch and the resumed part crosses epochs
     first = train(tiny_config(tmp_path / "b", **{**extra, "train__steps": 6}))
@@ -184,6 +184,9 @@ def test_exact_resume_gives_identical_losses_and_weights(tmp_path, variant):
     _assert_same_tensors(a.model_state, b.model_state, "model weights")
     assert a.ema_state is not None and b.ema_state is not None
     _assert_same_tensors(a.ema_state, b.ema_state, "EMA weights")
+    if variant != "unconditional":  # train.ema_extra's averages resume exactly too
+        assert list(a.extra_ema) == list(b.extra_ema) == [0.5]
+        _assert_same_tensors(a.extra_ema[0.5], b.extra_ema[0.5], "extra EMA weights")
     # the training state too: optimizer moments, step counts and the RNG stream
     ta, sa, ga = load_state(a.path)
     tb, sb, gb = load_state(b.path)

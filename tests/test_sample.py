@@ -42,6 +42,39 @@ def test_npz_holds_uint8_images_and_the_per_class_labels(trained_conditional_run
     assert d["arr_0"].std() > 0  # real images, not a blank array
 
 
+@pytest.fixture(scope="module")
+def run_with_two_emas(tmp_path_factory):
+    from ddpm_cli.engine.train import train
+
+    from conftest import tiny_config
+
+    cfg = tiny_config(tmp_path_factory.mktemp("emas"), train__steps=8, train__ema_decay=0.9,
+                      train__ema_extra=[0.3], logging__checkpoint_every=8, logging__sample_every=100)
+    return train(cfg).run_dir
+
+
+def test_ema_decay_picks_the_extra_average_and_refuses_one_it_lacks(run_with_two_emas, tmp_path):
+    from ddpm_cli.engine.checkpoint import load_checkpoint
+
+    ck = load_checkpoint(latest_checkpoint(run_with_two_emas))
+    key = "down.0.0.conv1.weight"
+    raw, slow, fast = ck.model_state[key], ck.ema_state[key], ck.extra_ema[0.3][key]
+    assert (fast - raw).norm() < (slow - raw).norm()  # decay 0.3 follows the weights more closely than 0.9
+
+    def draw(name, *extra):
+        ok("sample", run_with_two_emas, "-n", 2, "--format", "npz", "--out", tmp_path / name, *FAST, *extra)
+        return np.load(tmp_path / name)["arr_0"]
+
+    default, main, other = draw("d.npz"), draw("m.npz", "--ema-decay", 0.9), draw("o.npz", "--ema-decay", 0.3)
+    assert np.array_equal(default, main) and not np.array_equal(default, other)
+    r = cli("sample", run_with_two_emas, "-n", 2, "--out", tmp_path / "x", "--ema-decay", 0.7)
+    assert r.exit_code == 1
+    assert one_line_error(r).endswith("holds no EMA weights with decay 0.7; it holds 0.9, 0.3 (train.ema_extra "
+                                      "keeps more)")
+    shown = cli("inspect", latest_checkpoint(run_with_two_emas))
+    assert shown.exit_code == 0 and "0.9, 0.3" in shown.output
+
+
 def test_the_summary_prints_the_output_path_verbatim(trained_run, tmp_path):
     out = tmp_path / "sweep-ddim:100:1.npz"  # rich would turn :100: into an emoji
     r = run_cli("sample", str(trained_run), "-n", "2", "--format", "npz", "--out", str(out), *FAST,

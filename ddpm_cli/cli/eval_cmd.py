@@ -90,6 +90,9 @@ def eval_command(
     guidance: float = typer.Option(1.0, "--guidance",
                                    help="Classifier-free guidance scale for class-conditional checkpoints "
                                         "(1: none); labels are spread evenly over the classes."),
+    ema_decay: Optional[float] = typer.Option(None, "--ema-decay", show_default=False,
+                                              help="Sample the checkpoint's EMA weights of this decay "
+                                                   "(train.ema_decay or one of train.ema_extra)."),
     kid_subsets: int = typer.Option(100, "--kid-subsets", min=1, help="KID: number of random subsets."),
     kid_subset_size: int = typer.Option(1000, "--kid-subset-size", min=2,
                                         help="KID: images per subset (lowered to fit smaller sets)."),
@@ -117,7 +120,8 @@ def eval_command(
     from ddpm_cli.engine.evaluate import EvalRequest, check_request, evaluate
 
     req = EvalRequest(ref=ref, input=input, n=n, batch_size=batch_size, device=device, seed=seed, sampler=sampler,
-                      steps=steps, guidance=guidance, kid_subsets=kid_subsets, kid_subset_size=kid_subset_size,
+                      steps=steps, guidance=guidance, ema_decay=ema_decay, kid_subsets=kid_subsets,
+                      kid_subset_size=kid_subset_size,
                       inception_weights=inception_weights, data_root=data_root, cache_dir=cache_dir,
                       use_cache=cache, save_stats=save_stats)
     if gpus > 1 and not under_torchrun() and check_request(req)[0]:  # refuse bad arguments once, before N processes

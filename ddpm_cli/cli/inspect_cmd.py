@@ -20,6 +20,8 @@ def _int(text: str | None) -> int | None:
 
 def describe(header, sha256: bool = False) -> dict:
     """A checkpoint header -> a JSON-ready summary (the `--json` output; the table shows the same)."""
+    from ddpm_cli.engine.header import extra_ema_decays
+
     meta = header.metadata
     try:
         cfg = json.loads(meta.get("config", "")) if meta.get("config") else {}
@@ -44,6 +46,8 @@ def describe(header, sha256: bool = False) -> dict:
                 count *= int(d)
             model_params += count
     num_params = _int(meta.get("num_params"))
+    has_ema = meta.get("has_ema") == "true" and any(k.startswith("ema.") for k in header.tensors)
+    train = cfg.get("train", {}) if isinstance(cfg.get("train"), dict) else {}
     info = {
         "path": str(header.path),
         "file_size": header.file_size,
@@ -55,7 +59,8 @@ def describe(header, sha256: bool = False) -> dict:
         "step": _int(meta.get("step")),
         "images_seen": _int(meta.get("images_seen")),
         "num_params": num_params if num_params is not None else (model_params or None),
-        "has_ema": meta.get("has_ema") == "true" and any(k.startswith("ema.") for k in header.tensors),
+        "has_ema": has_ema,
+        "ema_decays": ([train.get("ema_decay")] if has_ema and "ema_decay" in train else []) + extra_ema_decays(meta),
         "dtype": meta.get("dtype"),
         "model": cfg.get("model", {}),
         "diffusion": cfg.get("diffusion", {}),
@@ -117,7 +122,7 @@ def _rows(info: dict) -> list[tuple[str, str]]:
              + f" ({m.get('num_heads', 1)} head(s))"),
             ("classes", cls),
         ]
-    rows += [("parameters", opt(info["num_params"])), ("EMA weights", "yes" if info["has_ema"] else "no")]
+    rows += [("parameters", opt(info["num_params"])), ("EMA weights", ", ".join(map(str, info["ema_decays"])) or ("yes" if info["has_ema"] else "no"))]
     if "source_weights" in info:
         rows.append(("exported from", f"{info.get('exported_from', '?')} ({info['source_weights']} weights)"))
     if d:

@@ -91,6 +91,9 @@ def sample_command(
     seed: int = typer.Option(0, "--seed", help="Seed: the same seed and arguments give the same images."),
     ema: Optional[bool] = typer.Option(None, "--ema/--no-ema", help="Use the EMA weights (default: when the "
                                                                      "checkpoint has them).", show_default=False),
+    ema_decay: Optional[float] = typer.Option(None, "--ema-decay", help="Draw from the EMA weights of this decay "
+                                              "(train.ema_decay or one of train.ema_extra; `ddpm inspect` lists "
+                                              "them).", show_default=False),
     device: str = typer.Option("auto", "--device", help="auto, cpu, cuda or cuda:N."),
     out: Optional[Path] = typer.Option(None, "--out", "-o", help="Folder for the images (created if missing); an "
                                        "NPZ path with --format npz. Default: samples/ unless only --grid is asked.",
@@ -133,7 +136,8 @@ def sample_command(
     if out is None and grid is None:
         out = Path("samples.npz") if fmt == Format.npz else Path("samples")
     req = SampleRequest(checkpoint=checkpoint, n=n, per_class=per_class, class_index=class_index,
-                        batch_size=batch_size, seed=seed, ema=ema, device=device, out=out, fmt=fmt.value, grid=grid,
+                        batch_size=batch_size, seed=seed, ema=ema, ema_decay=ema_decay, device=device, out=out,
+                        fmt=fmt.value, grid=grid,
                         sampler=sampler.value, steps=steps, eta=eta, spacing=spacing.value if spacing else None,
                         variance=variance.value if variance else None, guidance=guidance, overwrite=overwrite,
                         compile=compile.value)

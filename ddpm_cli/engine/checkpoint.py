@@ -1,6 +1,7 @@
 """Checkpoints in safetensors, never pickle.
 
-- weights: `model.*` and `ema.*` tensors, with metadata (format, version, the resolved config as JSON, step,
+- weights: `model.*` and `ema.*` tensors (and `ema1.*`, `ema2.*`... for train.ema_extra, whose decays the
+  metadata's `ema_extra` lists in order), with metadata (format, version, the resolved config as JSON, step,
   images seen, creation time, ddpm version, parameter count, classes). Alone, it rebuilds the model.
 - training state (beside it, `*.state.safetensors`): optimizer tensors and RNG states as tensors, everything
   else (step, data position, param groups, counters) as JSON metadata.
@@ -10,7 +11,7 @@ from __future__ import annotations
 import errno
 import json
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -20,8 +21,8 @@ from safetensors.torch import save as st_save
 from ddpm_cli import __version__
 from ddpm_cli.config import RunConfig, config_to_dict
 from ddpm_cli.engine.build import build_diffusion, build_unet
-from ddpm_cli.engine.header import (FORMAT, FORMAT_VERSION, atomic_write_bytes, read_checkpoint_config, read_header,
-                                    state_path)
+from ddpm_cli.engine.header import (FORMAT, FORMAT_VERSION, atomic_write_bytes, ema_decays, extra_ema_decays,
+                                    read_checkpoint_config, read_header, state_path)
 from ddpm_cli.errors import CheckpointError, DdpmError
 
 
@@ -43,10 +44,15 @@ def weights_metadata(cfg: RunConfig, step: int, images_seen: int, num_params: in
 
 
 def save_weights(path: Path, model: torch.nn.Module, ema_model: torch.nn.Module | None,
-                 metadata: dict[str, str]) -> None:
+                 metadata: dict[str, str], extra: dict[float, torch.nn.Module] | None = None) -> None:
+    """`extra`: the train.ema_extra averages by decay, stored as ema1.*, ema2.* in the metadata's order."""
     tensors = {f"model.{k}": v for k, v in model.state_dict().items()}
     if ema_model is not None:
         tensors.update({f"ema.{k}": v for k, v in ema_model.state_dict().items()})
+    if extra:
+        metadata = {**metadata, "ema_extra": json.dumps(list(extra))}
+        for i, m in enumerate(extra.values(), 1):
+            tensors.update({f"ema{i}.{k}": v for k, v in m.state_dict().items()})
     _write(path, tensors, metadata)
 
 
@@ -73,6 +79,7 @@ class Checkpoint:
     config: RunConfig
     model_state: dict[str, torch.Tensor]
     ema_state: dict[str, torch.Tensor] | None
+    extra_ema: dict[float, dict[str, torch.Tensor]] = field(default_factory=dict)  # decay -> weights
 
     @property
     def step(self) -> int:
@@ -102,7 +109,11 @@ def load_checkpoint(path: str | Path) -> Checkpoint:
     ema = {k[4:]: v for k, v in tensors.items() if k.startswith("ema.")} or None
     if not model:
         raise CheckpointError(f"{p} holds no model weights")
-    return Checkpoint(p, header.metadata, cfg, model, ema)
+    extra = {}
+    for i, decay in enumerate(extra_ema_decays(header.metadata), 1):
+        prefix = f"ema{i}."
+        extra[decay] = {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
+    return Checkpoint(p, header.metadata, cfg, model, ema, {d: w for d, w in extra.items() if w})
 
 
 def load_into(module: torch.nn.Module, state: dict[str, torch.Tensor], what: str) -> None:
@@ -152,11 +163,19 @@ def optimizer_state_dict(tensors: dict[str, torch.Tensor], param_groups: list) -
     return {"state": state, "param_groups": param_groups}
 
 
-def load_model(path: str | Path, device: torch.device | str = "cpu", use_ema: bool = True):
-    """Rebuild (model in eval mode, diffusion, config, checkpoint) from a checkpoint alone."""
+def load_model(path: str | Path, device: torch.device | str = "cpu", use_ema: bool = True,
+               ema_decay: float | None = None):
+    """Rebuild (model in eval mode, diffusion, config, checkpoint) from a checkpoint alone. `ema_decay` picks one
+    of the checkpoint's EMA weights by its decay (train.ema_decay or one of train.ema_extra)."""
     ckpt = load_checkpoint(path)
     model = build_unet(ckpt.config.model)
     state = ckpt.ema_state if (use_ema and ckpt.ema_state is not None) else ckpt.model_state
+    if ema_decay is not None:
+        if ema_decay in ckpt.extra_ema:
+            state = ckpt.extra_ema[ema_decay]
+        elif not (ckpt.ema_state is not None and ema_decay == ckpt.config.train.ema_decay):
+            held = ", ".join(map(str, ema_decays(read_header(ckpt.path), ckpt.config))) or "none"
+            raise CheckpointError(f"{ckpt.path} holds no EMA weights with decay {ema_decay}; it holds {held}")
     load_into(model, state, str(ckpt.path))
     diffusion = build_diffusion(ckpt.config.diffusion)
     return model.to(device).eval(), diffusion.to(device), ckpt.config, ckpt

@@ -885,6 +885,7 @@ class EvalRequest:
     sampler: str | None = None  # None: generate's default
     steps: int | None = None
     guidance: float = 1.0
+    ema_decay: float | None = None  # checkpoint: which EMA weights (None: train.ema_decay's)
     kid_subsets: int = 100
     kid_subset_size: int = 1000
     inception_weights: Path | None = None  # None: torch-fidelity downloads its own
@@ -945,19 +946,23 @@ def check_request(req: EvalRequest) -> tuple[bool, ImageSource | FeatureStats]:
     checkpoint = req.input is not None and is_checkpoint(req.input)
     if checkpoint:
         from ddpm_cli.diffusion.samplers import SAMPLERS
-        from ddpm_cli.engine.header import read_checkpoint_config
+        from ddpm_cli.engine.header import ema_decays, read_checkpoint_config
 
         if req.sampler is not None and req.sampler not in SAMPLERS:
             raise DdpmError(f"unknown sampler {req.sampler!r}; choose one of {', '.join(SAMPLERS)}")
         if req.steps is not None and req.steps < 1:
             raise DdpmError(f"--steps must be at least 1 (got {req.steps})")
-        if req.guidance != 1.0 and not read_checkpoint_config(req.input)[2].model.conditional:
+        path, header, cfg = read_checkpoint_config(req.input)
+        if req.guidance != 1.0 and not cfg.model.conditional:
             raise DdpmError("--guidance needs a class-conditional checkpoint, and this one is unconditional; "
                             "drop --guidance")
+        if req.ema_decay is not None and req.ema_decay not in ema_decays(header, cfg):
+            raise DdpmError(f"{path} holds no EMA weights with decay {req.ema_decay}; it holds "
+                            f"{', '.join(map(str, ema_decays(header, cfg))) or 'none'}")
     elif req.input is not None:
-        if req.sampler is not None or req.steps is not None or req.guidance != 1.0:
-            raise DdpmError(f"--sampler, --steps and --guidance apply when a checkpoint is sampled, but {req.input} "
-                            f"is not a checkpoint; drop them")
+        if req.sampler is not None or req.steps is not None or req.guidance != 1.0 or req.ema_decay is not None:
+            raise DdpmError(f"--sampler, --steps, --guidance and --ema-decay apply when a checkpoint is sampled, but "
+                            f"{req.input} is not a checkpoint; drop them")
         if not Path(req.input).exists():
             raise DataError(f"{req.input} not found; pass a checkpoint (.safetensors or a run directory), or samples "
                             f"(.npz, a folder or .zip of images)")
@@ -979,11 +984,13 @@ def _evaluate(req: EvalRequest, ref: ImageSource | FeatureStats, dist_info: Dist
         if is_checkpoint(req.input):
             from ddpm_cli.engine.checkpoint import load_model
 
-            model, diffusion, cfg, ckpt = load_model(req.input, device)
+            model, diffusion, cfg, ckpt = load_model(req.input, device, ema_decay=req.ema_decay)
             m = cfg.model  # check_request refused --guidance on an unconditional checkpoint already
             sampler = req.sampler or _generate_default("sampler")
             sample_info = {"checkpoint": str(ckpt.path), "step": ckpt.step, "sampler": sampler,
-                           "steps": req.steps, "guidance": req.guidance, "seed": req.seed}
+                           "steps": req.steps, "guidance": req.guidance, "seed": req.seed,
+                           "ema_decay": req.ema_decay if req.ema_decay is not None else (
+                               cfg.train.ema_decay if ckpt.ema_state is not None else None)}
         else:
             samples = open_images_or_stats(req.input, data_root=req.data_root, role="samples")
             if isinstance(samples, ImageSource) and req.n is not None:

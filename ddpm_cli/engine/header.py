@@ -134,6 +134,22 @@ def resolve_checkpoint(path: str | Path) -> Path:
     return p
 
 
+def extra_ema_decays(metadata: dict[str, str]) -> list[float]:
+    """The decays of a checkpoint's train.ema_extra weights (tensors ema1.*, ema2.*, ...), in order; [] if none."""
+    try:
+        decays = json.loads(metadata.get("ema_extra", "[]"))
+        return [float(d) for d in decays] if isinstance(decays, list) else []
+    except (ValueError, TypeError):
+        return []
+
+
+def ema_decays(header: Header, config: RunConfig) -> list[float]:
+    """Every EMA decay a checkpoint holds weights for: train.ema_decay's (if it has EMA weights), then the extra
+    ones."""
+    has_ema = header.metadata.get("has_ema") == "true" and any(k.startswith("ema.") for k in header.tensors)
+    return ([config.train.ema_decay] if has_ema else []) + extra_ema_decays(header.metadata)
+
+
 def state_path(weights: Path) -> Path:
     """The training-state file that sits beside a weights checkpoint."""
     return weights.with_name(weights.name.replace(".safetensors", ".state.safetensors"))

@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Callable, Literal
 
 from ddpm_cli.config import RunConfig
-from ddpm_cli.engine.header import Header, atomic_write_bytes, read_checkpoint_config
+from ddpm_cli.engine.header import Header, atomic_write_bytes, ema_decays, read_checkpoint_config
 from ddpm_cli.errors import DdpmError
 
 SAMPLERS = ("ddpm", "ddim", "dpm++2m")  # mirrors diffusion.samplers.SAMPLERS without importing torch
@@ -32,6 +32,7 @@ class SampleRequest:
     batch_size: int = 256
     seed: int = 0
     ema: bool | None = None  # None: the EMA weights when the checkpoint has them
+    ema_decay: float | None = None  # one of the checkpoint's EMA weights by decay (train.ema_decay or ema_extra)
     device: str = "auto"
     out: Path | None = None  # None: no per-image files (only a grid, if asked for)
     fmt: Literal["png", "npz"] = "png"
@@ -59,10 +60,13 @@ class SamplePlan:
     grid: Path | None
     use_ema: bool
     warnings: list[str] = field(default_factory=list)
+    ema_decay: float | None = None
 
     @property
     def weights(self) -> str:
         """Which weights are drawn from, in words (an export says what it was made of)."""
+        if self.ema_decay is not None:
+            return f"EMA {self.ema_decay}"
         if self.use_ema:
             return "EMA"
         source = self.header.metadata.get("source_weights")
@@ -159,6 +163,14 @@ def plan_sampling(req: SampleRequest) -> SamplePlan:
     if req.ema and not has_ema:
         raise DdpmError(f"{path} has no EMA weights; drop --ema (or pass --no-ema)")
     use_ema = has_ema if req.ema is None else req.ema
+    if req.ema_decay is not None:
+        held = ema_decays(header, cfg)
+        if req.ema is False:
+            raise DdpmError("--ema-decay picks EMA weights; drop --no-ema")
+        if req.ema_decay not in held:
+            raise DdpmError(f"{path} holds no EMA weights with decay {req.ema_decay}; it holds "
+                            f"{', '.join(map(str, held)) or 'none'} (train.ema_extra keeps more)")
+        use_ema = True
 
     files: list[Path] = []
     npz = None
@@ -173,7 +185,7 @@ def plan_sampling(req: SampleRequest) -> SamplePlan:
             raise DdpmError(f"--out {req.out} is a file; pass a directory for the PNG files")
     if int(os.environ.get("RANK", "0")) == 0:  # under torchrun rank 0 checks, before any rank writes
         _check_free(files + [p for p in (npz, req.grid) if p is not None], req.overwrite)
-    return SamplePlan(path, header, cfg, labels, files, npz, req.grid, use_ema, warnings)
+    return SamplePlan(path, header, cfg, labels, files, npz, req.grid, use_ema, warnings, req.ema_decay)
 
 
 def grid_layout(labels: list[int] | None, n: int, per_class: bool, num_classes: int) -> list[list[int]]:
@@ -257,7 +269,7 @@ def run_sampling(plan: SamplePlan, req: SampleRequest, *, on_start: Callable[[st
     device = dist_info.device if dist_info.world > 1 else resolve_device(req.device)
     num_batches = (req.n + req.batch_size - 1) // req.batch_size
     my_batches = range(dist_info.rank, num_batches, dist_info.world)
-    model, diffusion, cfg, _ = load_model(plan.checkpoint, device, use_ema=plan.use_ema)
+    model, diffusion, cfg, _ = load_model(plan.checkpoint, device, use_ema=plan.use_ema, ema_decay=plan.ema_decay)
     m = cfg.model
     cuda = device.type == "cuda"
     nfe = job_nfe(req.n, req.sampler, req.steps, cfg.diffusion.num_timesteps)

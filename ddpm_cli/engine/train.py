@@ -153,6 +153,8 @@ class Trainer:
         if self.channels_last:
             self.model = self.model.to(memory_format=torch.channels_last)
         self.ema = EMA(self.model, tc.ema_decay, tc.ema_warmup) if (tc.ema and self.main) else None
+        # train.ema_extra: more averaging lengths to choose from after training, updated with the main one
+        self.extra_emas = {d: EMA(self.model, d, tc.ema_warmup) for d in tc.ema_extra} if self.ema else {}
         self.diffusion = build_diffusion(cfg.diffusion).to(self.device)
         self.fused = self.device.type in ("cuda", "cpu")
         opt_cls = torch.optim.AdamW if tc.optimizer == "adamw" else torch.optim.Adam
@@ -215,6 +217,9 @@ class Trainer:
         if self.ema is not None:
             ckpt_io.load_into(self.ema.model, ck.ema_state or ck.model_state, str(ck.path))
             self.ema.num_updates = int(state.get("ema_updates", 0))
+            for d, extra in self.extra_emas.items():  # a decay new at this resume starts from the main EMA
+                ckpt_io.load_into(extra.model, ck.extra_ema.get(d) or ck.ema_state or ck.model_state, str(ck.path))
+                extra.num_updates = self.ema.num_updates
         try:
             self.opt.load_state_dict(ckpt_io.optimizer_state_dict(tensors, groups))
         except (ValueError, KeyError, RuntimeError) as e:
@@ -246,7 +251,8 @@ class Trainer:
         path = self.run_dir / "checkpoints" / name
         meta = ckpt_io.weights_metadata(cfg, self.step, self.images_seen, count_params(self.model),
                                         self.ema is not None, self.classes)
-        ckpt_io.save_weights(path, self.model, self.ema.model if self.ema else None, meta)
+        ckpt_io.save_weights(path, self.model, self.ema.model if self.ema else None, meta,
+                             {d: e.model for d, e in self.extra_emas.items()})
         early = {"bad": self.bad_evals, **({"best": self.best_val} if math.isfinite(self.best_val) else {})}
         state = {"step": self.step, "images_seen": self.images_seen, "data": self.batcher.state_dict(),
                  "ema_updates": self.ema.num_updates if self.ema else 0, "nonfinite_total": self.nonfinite_total,
@@ -400,10 +406,11 @@ class Trainer:
             self.step += 1
             self.images_seen += global_batch
             if self.ema is not None:
-                if self.step <= tc.ema_start:
-                    self.ema.copy_from(self.model)
-                elif self.step % tc.ema_every == 0:
-                    self.ema.update(self.model)
+                for ema in (self.ema, *self.extra_emas.values()):
+                    if self.step <= tc.ema_start:
+                        ema.copy_from(self.model)
+                    elif self.step % tc.ema_every == 0:
+                        ema.update(self.model)
             acc_loss += torch.where(bad, 0.0, loss.detach().float())
             acc_good += (~bad).float()
             bad_run = (bad_run + 1) * bad.float()

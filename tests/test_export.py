@@ -63,6 +63,24 @@ def test_raw_weights_export_matches_no_ema_sampling(trained_run, tmp_path):
                           sample_npz(tmp_path / "raw.safetensors", tmp_path / "b.npz"))
 
 
+def test_an_extra_ema_average_exports_and_samples_as_it_does_in_place(tmp_path):
+    from conftest import tiny_config
+    from ddpm_cli.engine.train import train
+
+    run = train(tiny_config(tmp_path / "runs", train__steps=6, train__ema_decay=0.9, train__ema_extra=[0.3],
+                            logging__checkpoint_every=6, logging__sample_every=100)).run_dir
+    src = latest_checkpoint(run)
+    r = ok("export", src, "--ema-decay", 0.3, "--out", tmp_path / "fast.safetensors")
+    assert "ema 0.3 weights" in r.stdout
+    assert read_header(tmp_path / "fast.safetensors").metadata["source_weights"] == "ema 0.3"
+    assert np.array_equal(sample_npz(src, tmp_path / "a.npz", "--ema-decay", "0.3"),
+                          sample_npz(tmp_path / "fast.safetensors", tmp_path / "b.npz"))
+    assert not np.array_equal(sample_npz(src, tmp_path / "c.npz"), sample_npz(tmp_path / "fast.safetensors",
+                                                                              tmp_path / "d.npz"))
+    bad = cli("export", src, "--ema-decay", 0.5, "--out", tmp_path / "x.safetensors")
+    assert "holds no EMA weights with decay 0.5" in one_line_error(bad)
+
+
 def test_default_output_name_and_overwrite(trained_run, tmp_path):
     import shutil
 

@@ -36,6 +36,8 @@ def export_command(
     ema: Optional[bool] = typer.Option(None, "--ema/--no-ema", help="Export the EMA weights (default: when "
                                                                      "present) or the raw ones.",
                                        show_default=False),
+    ema_decay: Optional[float] = typer.Option(None, "--ema-decay", help="Export the EMA weights of this decay "
+                                              "(train.ema_decay or one of train.ema_extra).", show_default=False),
     dtype: Dtype = typer.Option(Dtype.fp32, "--dtype", help="Weight precision of a safetensors export."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing output file."),
 ) -> None:
@@ -45,7 +47,8 @@ def export_command(
     from ddpm_cli.engine.header import read_header, resolve_checkpoint
 
     read_header(resolve_checkpoint(checkpoint))  # a bad file fails here, before torch is imported
-    r = export_checkpoint(checkpoint, out, fmt.value, ema=ema, dtype=dtype.value, overwrite=overwrite)
+    r = export_checkpoint(checkpoint, out, fmt.value, ema=ema, ema_decay=ema_decay, dtype=dtype.value,
+                          overwrite=overwrite)
     console.print(f"wrote {r.path} ({human_size(r.file_size)}; {r.weights} weights, {r.dtype})", markup=False,
                   soft_wrap=True)
     console.print(f"check: relative error {r.rel_error:.2e} against PyTorch (limit {r.tolerance:g}), "

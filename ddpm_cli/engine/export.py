@@ -86,7 +86,8 @@ def _check(path: Path, err: float, tol: float, what: str) -> None:
                         f"`ddpm inspect --json`")
 
 
-def _prepare(src: str | Path, dst: Path | None, fmt: str, dtype: str, overwrite: bool, ema: bool | None):
+def _prepare(src: str | Path, dst: Path | None, fmt: str, dtype: str, overwrite: bool, ema: bool | None,
+             ema_decay: float | None = None):
     if fmt not in FORMATS:
         raise DdpmError(f"unknown export format {fmt!r}; choose one of {', '.join(FORMATS)}")
     if dtype not in DTYPES:
@@ -97,6 +98,14 @@ def _prepare(src: str | Path, dst: Path | None, fmt: str, dtype: str, overwrite:
     if ema and ckpt.ema_state is None:
         raise CheckpointError(f"{ckpt.path} has no EMA weights; drop --ema (or pass --no-ema)")
     use_ema = ckpt.ema_state is not None if ema is None else ema
+    if ema_decay is not None:  # one of the EMA averages by decay: it stands in for the main one from here on
+        if ema is False:
+            raise DdpmError("--ema-decay picks EMA weights; drop --no-ema")
+        if ema_decay in ckpt.extra_ema:
+            ckpt.ema_state = ckpt.extra_ema[ema_decay]
+        elif not (ckpt.ema_state is not None and ema_decay == ckpt.config.train.ema_decay):
+            load_model(ckpt.path, ema_decay=ema_decay)  # raises the one-line "holds no EMA weights" error
+        use_ema = True
     dst = Path(dst) if dst is not None else default_output(ckpt.path, fmt, dtype)
     if dst.resolve() == ckpt.path.resolve():
         raise DdpmError(f"the export would replace its own source {dst}; pass another --out")
@@ -111,7 +120,7 @@ def _prepare(src: str | Path, dst: Path | None, fmt: str, dtype: str, overwrite:
     return ckpt, use_ema, dst
 
 
-def export_safetensors(ckpt, use_ema: bool, dst: Path, dtype: str) -> ExportResult:
+def export_safetensors(ckpt, use_ema: bool, dst: Path, dtype: str, ema_decay: float | None = None) -> ExportResult:
     from safetensors.torch import save as st_save
 
     state = ckpt.ema_state if use_ema else ckpt.model_state
@@ -120,28 +129,33 @@ def export_safetensors(ckpt, use_ema: bool, dst: Path, dtype: str) -> ExportResu
     num_params = sum(v.numel() for v in state.values())
     meta = weights_metadata(ckpt.config, ckpt.step, int(ckpt.metadata.get("images_seen", 0)), num_params,
                             has_ema=False, classes=ckpt.classes, kind="export", dtype=DTYPE_NAMES[dtype])
-    meta.update(source_weights="ema" if use_ema else "model", exported_from=ckpt.path.name,
+    meta.update(source_weights=_weights(use_ema, ema_decay), exported_from=ckpt.path.name,
                 source_created=ckpt.metadata.get("created", ""))
     try:
         atomic_write_bytes(dst, st_save(tensors, metadata=meta))
     except OSError as e:
         raise DdpmError(f"cannot write {dst}: {e.strerror or e}") from None
     # Check: the exported file, loaded as `ddpm sample` loads it, against the source weights in fp32.
-    ref, _, cfg, _ = load_model(ckpt.path, "cpu", use_ema=use_ema)
+    ref, _, cfg, _ = load_model(ckpt.path, "cpu", use_ema=use_ema, ema_decay=ema_decay)
     got, _, _, _ = load_model(dst, "cpu", use_ema=False)
     inputs = random_inputs(cfg, CHECK_BATCH)
     with torch.no_grad():
         err = relative_error(Denoiser(got, cfg.model.conditional)(*inputs),
                              Denoiser(ref, cfg.model.conditional)(*inputs))
     _check(dst, err, TOLERANCE[dtype], f"the {dtype} weights")
-    return ExportResult(dst, "safetensors", "ema" if use_ema else "model", dtype, dst.stat().st_size, err,
+    return ExportResult(dst, "safetensors", _weights(use_ema, ema_decay), dtype, dst.stat().st_size, err,
                         TOLERANCE[dtype], "PyTorch (weights loaded back)")
 
 
-def _onnx_metadata(ckpt, use_ema: bool, inputs: list[str]) -> dict[str, str]:
+def _weights(use_ema: bool, ema_decay: float | None) -> str:
+    """Which weights an export holds, in words: "model", "ema", or "ema 0.9999" for a chosen average."""
+    return "model" if not use_ema else "ema" if ema_decay is None else f"ema {ema_decay}"
+
+
+def _onnx_metadata(ckpt, weights: str, inputs: list[str]) -> dict[str, str]:
     keep = ("format", "format_version", "ddpm_version", "step", "images_seen", "num_params", "classes", "config")
     meta = {k: ckpt.metadata[k] for k in keep if k in ckpt.metadata}
-    meta.update(kind="export", source_weights="ema" if use_ema else "model", exported_from=ckpt.path.name,
+    meta.update(kind="export", source_weights=weights, exported_from=ckpt.path.name,
                 inputs=json.dumps(inputs), output="eps")
     return meta
 
@@ -171,21 +185,21 @@ def _torch_onnx_export(net: torch.nn.Module, args: tuple, path: Path, names: lis
     raise DdpmError(f"ONNX export failed ({'; '.join(errors)})")
 
 
-def export_onnx(ckpt, use_ema: bool, dst: Path) -> ExportResult:
+def export_onnx(ckpt, use_ema: bool, dst: Path, ema_decay: float | None = None) -> ExportResult:
     try:
         import onnx
         import onnxruntime as ort
     except ImportError as e:
         raise DdpmError(f"ONNX export needs onnx and onnxruntime ({e.name} is missing); "
                         f"pip install 'ddpm-cli[export]'") from None
-    model, _, cfg, _ = load_model(ckpt.path, "cpu", use_ema=use_ema)
+    model, _, cfg, _ = load_model(ckpt.path, "cpu", use_ema=use_ema, ema_decay=ema_decay)
     net = Denoiser(model, cfg.model.conditional).eval()
     names = ["x_t", "t", "y"] if cfg.model.conditional else ["x_t", "t"]
     tmp = dst.with_name(f".{dst.name}.tmp-{os.getpid()}")
     try:
         exporter = _torch_onnx_export(net, random_inputs(cfg, 2, seed=1), tmp, names)
         proto = onnx.load(str(tmp))
-        onnx.helper.set_model_props(proto, _onnx_metadata(ckpt, use_ema, names))
+        onnx.helper.set_model_props(proto, _onnx_metadata(ckpt, _weights(use_ema, ema_decay), names))
         onnx.save(proto, str(tmp))
         os.replace(tmp, dst)
     except OSError as e:
@@ -203,12 +217,12 @@ def export_onnx(ckpt, use_ema: bool, dst: Path) -> ExportResult:
     with torch.no_grad():
         err = relative_error(torch.from_numpy(got), net(*inputs))
     _check(dst, err, TOLERANCE["fp32"], "onnxruntime's output")
-    return ExportResult(dst, "onnx", "ema" if use_ema else "model", "fp32", dst.stat().st_size, err,
+    return ExportResult(dst, "onnx", _weights(use_ema, ema_decay), "fp32", dst.stat().st_size, err,
                         TOLERANCE["fp32"], f"onnxruntime (batch {CHECK_BATCH}; {exporter})")
 
 
-def export_pt2(ckpt, use_ema: bool, dst: Path) -> ExportResult:
-    model, _, cfg, _ = load_model(ckpt.path, "cpu", use_ema=use_ema)
+def export_pt2(ckpt, use_ema: bool, dst: Path, ema_decay: float | None = None) -> ExportResult:
+    model, _, cfg, _ = load_model(ckpt.path, "cpu", use_ema=use_ema, ema_decay=ema_decay)
     net = Denoiser(model, cfg.model.conditional).eval()
     args = random_inputs(cfg, 2, seed=1)
     batch = torch.export.Dim("batch", min=1, max=65536)
@@ -231,16 +245,17 @@ def export_pt2(ckpt, use_ema: bool, dst: Path) -> ExportResult:
         got = torch.export.load(str(dst)).module()(*inputs)
         err = relative_error(got, net(*inputs))
     _check(dst, err, TOLERANCE["fp32"], "the torch.export program")
-    return ExportResult(dst, "pt2", "ema" if use_ema else "model", "fp32", dst.stat().st_size, err,
+    return ExportResult(dst, "pt2", _weights(use_ema, ema_decay), "fp32", dst.stat().st_size, err,
                         TOLERANCE["fp32"], f"torch.export.load (batch {CHECK_BATCH})")
 
 
 def export_checkpoint(src: str | Path, dst: str | Path | None = None, fmt: str = "safetensors", *,
-                      ema: bool | None = None, dtype: str = "fp32", overwrite: bool = False) -> ExportResult:
+                      ema: bool | None = None, ema_decay: float | None = None, dtype: str = "fp32",
+                      overwrite: bool = False) -> ExportResult:
     """Export a checkpoint (or a run directory's latest) and check the result; see the module docstring."""
-    ckpt, use_ema, out = _prepare(src, Path(dst) if dst is not None else None, fmt, dtype, overwrite, ema)
+    ckpt, use_ema, out = _prepare(src, Path(dst) if dst is not None else None, fmt, dtype, overwrite, ema, ema_decay)
     if fmt == "safetensors":
-        return export_safetensors(ckpt, use_ema, out, dtype)
+        return export_safetensors(ckpt, use_ema, out, dtype, ema_decay)
     if fmt == "onnx":
-        return export_onnx(ckpt, use_ema, out)
-    return export_pt2(ckpt, use_ema, out)
+        return export_onnx(ckpt, use_ema, out, ema_decay)
+    return export_pt2(ckpt, use_ema, out, ema_decay)

@@ -70,7 +70,7 @@ class SamplePlan:
         if self.use_ema:
             return "EMA"
         source = self.header.metadata.get("source_weights")
-        return f"exported {'EMA' if source == 'ema' else 'raw'}" if source else "raw"
+        return f"exported {'raw' if source == 'model' else source.replace('ema', 'EMA', 1)}" if source else "raw"
 
 
 @dataclass

@@ -39,6 +39,12 @@ TRAIN_VARIANTS = {
     "bf16-cudagraphs-clgraph": {"precision": "bf16", "compile": "reduce-overhead", "channels_last": "off",
                              "_force_layout": True},  # NCHW weights, channels-last graph
     "bf16-cl-autotune": {"precision": "bf16", "compile": "max-autotune", "channels_last": "on"},
+    # a lever under test, not a product switch yet: GroupNorm on bf16 activations (fp32 statistics inside the
+    # kernel) instead of autocast's fp32 GroupNorm, whose fp32 outputs and saved tensors may double the traffic
+    "bf16-cl-cudagraphs-gnbf16": {"precision": "bf16", "compile": "reduce-overhead", "channels_last": "on",
+                                  "_norm_in_input_dtype": True},
+    "bf16-cl-compile-gnbf16": {"precision": "bf16", "compile": "on", "channels_last": "on",
+                               "_norm_in_input_dtype": True},
     "bf16-cl-compile-nobench": {"precision": "bf16", "compile": "on", "channels_last": "on",
                                 "cudnn_benchmark": False},
 }
@@ -117,10 +123,31 @@ TINY = {"image_size": 32, "base_channels": 16, "channel_mults": [1, 2], "num_res
         "attention_resolutions": [16], "norm_groups": 4}
 
 
+def group_norm_in_input_dtype(self: torch.nn.GroupNorm, x: torch.Tensor) -> torch.Tensor:
+    """nn.GroupNorm.forward that keeps bf16/fp16 inputs in their dtype under autocast (the kernels accumulate the
+    statistics in fp32 either way); fp32 inputs as before."""
+    if x.dtype in (torch.bfloat16, torch.float16):
+        with torch.autocast(x.device.type, enabled=False):
+            return torch.nn.functional.group_norm(x, self.num_groups, self.weight.to(x.dtype),
+                                                  self.bias.to(x.dtype), self.eps)
+    return torch.nn.functional.group_norm(x, self.num_groups, self.weight, self.bias, self.eps)
+
+
 def bench_train(name: str, sets: dict, batch: int, steps: int, log_every: int, images: ImageSet,
                 model: dict, profile: bool = False) -> dict:
     sets = dict(sets)
     inductor_config.force_layout_optimization = sets.pop("_force_layout", False)  # the Trainer may set it again
+    gn_forward = torch.nn.GroupNorm.forward
+    if sets.pop("_norm_in_input_dtype", False):
+        torch.nn.GroupNorm.forward = group_norm_in_input_dtype
+    try:
+        return _bench_train(name, sets, batch, steps, log_every, images, model, profile)
+    finally:
+        torch.nn.GroupNorm.forward = gn_forward
+
+
+def _bench_train(name: str, sets: dict, batch: int, steps: int, log_every: int, images: ImageSet,
+                 model: dict, profile: bool) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         cfg = validate_config({
             "model": model,

@@ -144,6 +144,7 @@ def bench_train(name: str, sets: dict, batch: int, steps: int, log_every: int, i
         return _bench_train(name, sets, batch, steps, log_every, images, model, profile)
     finally:
         torch.nn.GroupNorm.forward = gn_forward
+        torch._dynamo.reset()  # no later variant may reuse a graph traced with the other GroupNorm
 
 
 def _bench_train(name: str, sets: dict, batch: int, steps: int, log_every: int, images: ImageSet,

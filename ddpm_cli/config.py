@@ -176,7 +176,7 @@ class TrainConfig(Section):
     dominated by the initial weights."""
     ema_extra: tuple[float, ...] = Field((), max_length=4)
     """More EMA decays to keep beside ema_decay (each a full copy of the weights, updated with it), to choose the
-    averaging length after training: `ddpm sample|eval --ema-decay D`."""
+    averaging length after training with `ddpm sample --ema-decay D` (also eval and export)."""
     label_dropout: float = Field(0.0, ge=0.0, lt=1.0)
     """Fraction of labels replaced by the 'no label' class (classifier-free guidance training)."""
     precision: Literal["auto", "fp32", "bf16"] = "auto"
@@ -209,6 +209,8 @@ class TrainConfig(Section):
                 raise ValueError(f"ema_extra decays must be in [0, 1) (got {d})")
         if len({*self.ema_extra, self.ema_decay}) != len(self.ema_extra) + 1:
             raise ValueError("ema_extra must not repeat a decay or ema_decay itself")
+        if self.ema_extra and not self.ema:
+            raise ValueError("ema_extra needs ema: true (the extra averages are kept beside the main one)")
         return self
 
 

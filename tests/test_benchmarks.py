@@ -47,6 +47,7 @@ def test_the_bf16_group_norm_lever_matches_group_norm():
     sys.path.insert(0, str(ROOT / "benchmarks"))
     from bench_speed import group_norm_in_input_dtype
 
+    torch.manual_seed(0)
     gn = torch.nn.GroupNorm(4, 16)
     with torch.no_grad():
         gn.weight.uniform_(0.5, 1.5), gn.bias.uniform_(-0.5, 0.5)

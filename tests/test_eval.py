@@ -495,6 +495,25 @@ def test_eval_on_two_ranks_scores_the_images_of_one(clean, weights, trained_run,
     assert a["kid_mean"] == pytest.approx(b["kid_mean"], rel=1e-9, abs=1e-12)
 
 
+def test_eval_ema_decay_scores_the_images_of_that_average(cli_files, tmp_path):
+    from conftest import tiny_config
+    from ddpm_cli.engine.train import train
+
+    run = train(tiny_config(tmp_path / "runs", train__steps=6, train__ema_decay=0.9, train__ema_extra=[0.3],
+                            logging__checkpoint_every=6, logging__sample_every=100)).run_dir
+    drawn = tmp_path / "drawn.npz"
+    r = runner.invoke(app, ["sample", str(run), "-n", "10", "--steps", "3", "--ema-decay", "0.3", "--format", "npz",
+                            "--out", str(drawn), "--seed", "5", "--device", "cpu"])
+    assert r.exit_code == 0, r.output
+    common = ["-n", "10", "--steps", "3", "--seed", "5", "--ref", str(drawn), "--no-cache", *cli_files["common"][:2],
+              "--device", "cpu", "--kid-subsets", "3", "--kid-subset-size", "5"]
+    same = runner.invoke(app, ["eval", str(run), "--ema-decay", "0.3", *common])
+    main = runner.invoke(app, ["eval", str(run), *common])
+    assert same.exit_code == 0 and main.exit_code == 0, same.output + main.output
+    assert _json_line(same)["ema_decay"] == 0.3 and _json_line(main)["ema_decay"] == 0.9
+    assert abs(_json_line(same)["fid"]) < 1e-6 * _json_line(main)["fid"]  # the main average draws other images
+
+
 def test_eval_of_a_checkpoint_scores_the_images_ddpm_sample_draws(cli_files, trained_conditional_run, tmp_path):
     """Both routes to a checkpoint's FID see the same images (labels in turn, guidance, seeds, precision): the
     samples that `ddpm sample` writes, used as the reference, score 0 against `ddpm eval CKPT`'s own."""

@@ -194,6 +194,18 @@ def test_exact_resume_gives_identical_losses_and_weights(tmp_path, variant):
     assert sa == sb and ga == gb
 
 
+def test_resume_matches_ema_averages_by_decay_when_their_roles_swap(tmp_path):
+    extra = dict(EXACT, train__ema_decay=0.9, train__ema_extra=[0.3])
+    full = train(tiny_config(tmp_path / "a", **extra))
+    first = train(tiny_config(tmp_path / "b", **{**extra, "train__steps": 6}))
+    swapped = dict(extra, train__ema_decay=0.3, train__ema_extra=[0.9])  # 0.3 is now the main average
+    resumed = train(tiny_config(tmp_path / "b", **swapped), resume=list_checkpoints(first.run_dir)[-1])
+    a = load_checkpoint(full.run_dir / "checkpoints" / "ckpt-00000012.safetensors")
+    b = load_checkpoint(resumed.run_dir / "checkpoints" / "ckpt-00000012.safetensors")
+    _assert_same_tensors(a.extra_ema[0.3], b.ema_state, "the 0.3 average")
+    _assert_same_tensors(a.ema_state, b.extra_ema[0.9], "the 0.9 average")
+
+
 def test_exact_resume_after_a_real_sigterm(tmp_path, procs):
     cfg = _sub_cfg(tmp_path, train__steps=30)  # checkpoint_every is huge: the only checkpoint is the signal's
     p = TrainProcess(tmp_path, cfg)

@@ -75,6 +75,22 @@ def test_ema_decay_picks_the_extra_average_and_refuses_one_it_lacks(run_with_two
     assert shown.exit_code == 0 and "0.9, 0.3" in shown.output
 
 
+def test_ema_extra_needs_ema_and_bad_metadata_lists_no_decay(tmp_path):
+    from conftest import tiny_config
+    from ddpm_cli.engine.header import Header, ema_decays, extra_ema_decays
+    from ddpm_cli.errors import ConfigError
+
+    with pytest.raises(ConfigError) as err:
+        tiny_config(tmp_path, train__ema=False, train__ema_extra=[0.5])
+    assert any("ema_extra needs ema: true" in p for p in err.value.problems)
+    for bad in ("[1e999]", "[NaN]", "[2.0]", "[" * 5000, "not json", "{}"):
+        assert extra_ema_decays({"ema_extra": bad}) == []
+    cfg = tiny_config(tmp_path, train__ema_decay=0.9)
+    listed_only = Header(tmp_path / "x", {"has_ema": "true", "ema_extra": "[0.3, 0.5]"},
+                         {"ema.w": {}, "ema2.w": {}}, 0)  # ema1.* is missing from the file
+    assert ema_decays(listed_only, cfg) == [0.9, 0.5]
+
+
 def test_the_summary_prints_the_output_path_verbatim(trained_run, tmp_path):
     out = tmp_path / "sweep-ddim:100:1.npz"  # rich would turn :100: into an emoji
     r = run_cli("sample", str(trained_run), "-n", "2", "--format", "npz", "--out", str(out), *FAST,

@@ -20,7 +20,7 @@ def _int(text: str | None) -> int | None:
 
 def describe(header, sha256: bool = False) -> dict:
     """A checkpoint header -> a JSON-ready summary (the `--json` output; the table shows the same)."""
-    from ddpm_cli.engine.header import extra_ema_decays
+    from ddpm_cli.engine.header import held_extra_ema_decays
 
     meta = header.metadata
     try:
@@ -60,7 +60,8 @@ def describe(header, sha256: bool = False) -> dict:
         "images_seen": _int(meta.get("images_seen")),
         "num_params": num_params if num_params is not None else (model_params or None),
         "has_ema": has_ema,
-        "ema_decays": ([train.get("ema_decay")] if has_ema and "ema_decay" in train else []) + extra_ema_decays(meta),
+        "ema_decays": (([train["ema_decay"]] if has_ema and "ema_decay" in train else [])
+                       + held_extra_ema_decays(header)),
         "dtype": meta.get("dtype"),
         "model": cfg.get("model", {}),
         "diffusion": cfg.get("diffusion", {}),

@@ -34,7 +34,7 @@ CHECK_BATCH = 3  # differs from the tracing batch (2), so the check also proves 
 class ExportResult:
     path: Path
     format: str
-    weights: str  # "ema" or "model"
+    weights: str  # "model", "ema", or "ema 0.9999" for one of train.ema_extra
     dtype: str
     file_size: int
     rel_error: float  # of the check against PyTorch (fp32, source weights)

@@ -138,16 +138,23 @@ def extra_ema_decays(metadata: dict[str, str]) -> list[float]:
     """The decays of a checkpoint's train.ema_extra weights (tensors ema1.*, ema2.*, ...), in order; [] if none."""
     try:
         decays = json.loads(metadata.get("ema_extra", "[]"))
-        return [float(d) for d in decays] if isinstance(decays, list) else []
-    except (ValueError, TypeError):
+        decays = [float(d) for d in decays] if isinstance(decays, list) else []
+    except (ValueError, TypeError, OverflowError, RecursionError):
         return []
+    return decays if all(0.0 <= d < 1.0 for d in decays) else []  # NaN, inf and nonsense: none
 
 
 def ema_decays(header: Header, config: RunConfig) -> list[float]:
     """Every EMA decay a checkpoint holds weights for: train.ema_decay's (if it has EMA weights), then the extra
-    ones."""
+    ones whose tensors are there."""
     has_ema = header.metadata.get("has_ema") == "true" and any(k.startswith("ema.") for k in header.tensors)
-    return ([config.train.ema_decay] if has_ema else []) + extra_ema_decays(header.metadata)
+    return ([config.train.ema_decay] if has_ema else []) + held_extra_ema_decays(header)
+
+
+def held_extra_ema_decays(header: Header) -> list[float]:
+    """The extra decays the metadata lists whose ema{i}.* tensors the file holds."""
+    return [d for i, d in enumerate(extra_ema_decays(header.metadata), 1)
+            if any(k.startswith(f"ema{i}.") for k in header.tensors)]
 
 
 def state_path(weights: Path) -> Path:

@@ -215,11 +215,12 @@ class Trainer:
         tensors, state, groups = ckpt_io.load_state(ck.path)
         ckpt_io.load_into(self.model, ck.model_state, str(ck.path))
         if self.ema is not None:
-            ckpt_io.load_into(self.ema.model, ck.ema_state or ck.model_state, str(ck.path))
-            self.ema.num_updates = int(state.get("ema_updates", 0))
-            for d, extra in self.extra_emas.items():  # a decay new at this resume starts from the main EMA
-                ckpt_io.load_into(extra.model, ck.extra_ema.get(d) or ck.ema_state or ck.model_state, str(ck.path))
-                extra.num_updates = self.ema.num_updates
+            # Each average resumes from the stored one of the same decay (ema_decay and ema_extra may have been
+            # changed at this resume); a decay new here starts from the stored main EMA, or the weights.
+            stored = {**({ck.config.train.ema_decay: ck.ema_state} if ck.ema_state else {}), **ck.extra_ema}
+            for ema in (self.ema, *self.extra_emas.values()):
+                ckpt_io.load_into(ema.model, stored.get(ema.decay) or ck.ema_state or ck.model_state, str(ck.path))
+                ema.num_updates = int(state.get("ema_updates", 0))
         try:
             self.opt.load_state_dict(ckpt_io.optimizer_state_dict(tensors, groups))
         except (ValueError, KeyError, RuntimeError) as e:

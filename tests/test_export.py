@@ -72,6 +72,8 @@ def test_an_extra_ema_average_exports_and_samples_as_it_does_in_place(tmp_path):
     src = latest_checkpoint(run)
     r = ok("export", src, "--ema-decay", 0.3, "--out", tmp_path / "fast.safetensors")
     assert "ema 0.3 weights" in r.stdout
+    ok("export", src, "--ema-decay", 0.3, "--format", "pt2")
+    assert (src.parent / f"{src.name.removesuffix('.safetensors')}-ema0.3.pt2").exists()
     assert read_header(tmp_path / "fast.safetensors").metadata["source_weights"] == "ema 0.3"
     assert np.array_equal(sample_npz(src, tmp_path / "a.npz", "--ema-decay", "0.3"),
                           sample_npz(tmp_path / "fast.safetensors", tmp_path / "b.npz"))
@@ -93,6 +95,9 @@ def test_default_output_name_and_overwrite(trained_run, tmp_path):
     assert "already exists" in one_line_error(cli("export", src, "--dtype", "fp16"))
     assert out.read_bytes() == before
     ok("export", src, "--dtype", "fp16", "--overwrite")
+    before = out.read_bytes()
+    ok("export", src, "--dtype", "fp16", "--no-ema")  # another choice of weights, another default name
+    assert (tmp_path / "ckpt-00000020-raw-export-fp16.safetensors").exists() and out.read_bytes() == before
 
 
 def _onnx_vs_torch(path, run, batch=5):

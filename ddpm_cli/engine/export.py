@@ -42,9 +42,12 @@ class ExportResult:
     checked_with: str  # what ran the export in the check
 
 
-def default_output(checkpoint: Path, fmt: str, dtype: str = "fp32") -> Path:
-    """Beside the checkpoint: ckpt-00000020-export-fp16.safetensors, ckpt-00000020.onnx, ckpt-00000020.pt2."""
+def default_output(checkpoint: Path, fmt: str, dtype: str = "fp32", weights: str = "ema") -> Path:
+    """Beside the checkpoint: ckpt-00000020-export-fp16.safetensors, ckpt-00000020.onnx, ckpt-00000020.pt2; a
+    non-default choice of weights is named: ckpt-00000020-raw.onnx, ckpt-00000020-ema0.9999-export-fp32...."""
     stem = checkpoint.name.removesuffix(".safetensors")
+    if weights != "ema":
+        stem += "-raw" if weights == "model" else "-" + weights.replace(" ", "")
     if fmt == "safetensors":
         return checkpoint.with_name(f"{stem}-export-{dtype}.safetensors")
     return checkpoint.with_name(f"{stem}.{fmt}")
@@ -106,7 +109,8 @@ def _prepare(src: str | Path, dst: Path | None, fmt: str, dtype: str, overwrite:
         elif not (ckpt.ema_state is not None and ema_decay == ckpt.config.train.ema_decay):
             load_model(ckpt.path, ema_decay=ema_decay)  # raises the one-line "holds no EMA weights" error
         use_ema = True
-    dst = Path(dst) if dst is not None else default_output(ckpt.path, fmt, dtype)
+    chosen = _weights(use_ema, ema_decay) if use_ema or ckpt.ema_state is not None else "ema"  # raw-only: as is
+    dst = Path(dst) if dst is not None else default_output(ckpt.path, fmt, dtype, chosen)
     if dst.resolve() == ckpt.path.resolve():
         raise DdpmError(f"the export would replace its own source {dst}; pass another --out")
     if dst.exists() and not overwrite:

@@ -88,7 +88,7 @@ def test_ema_extra_needs_ema_and_bad_metadata_lists_no_decay(tmp_path):
     cfg = tiny_config(tmp_path, train__ema_decay=0.9)
     listed_only = Header(tmp_path / "x", {"has_ema": "true", "ema_extra": "[0.3, 0.5]"},
                          {"ema.w": {}, "ema2.w": {}}, 0)  # ema1.* is missing from the file
-    assert ema_decays(listed_only, cfg) == [0.9, 0.5]
+    assert ema_decays(listed_only, cfg.train.ema_decay) == [0.9, 0.5]
 
 
 def test_the_summary_prints_the_output_path_verbatim(trained_run, tmp_path):

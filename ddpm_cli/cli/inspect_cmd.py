@@ -20,7 +20,7 @@ def _int(text: str | None) -> int | None:
 
 def describe(header, sha256: bool = False) -> dict:
     """A checkpoint header -> a JSON-ready summary (the `--json` output; the table shows the same)."""
-    from ddpm_cli.engine.header import held_extra_ema_decays
+    from ddpm_cli.engine.header import ema_decays, has_ema_weights
 
     meta = header.metadata
     try:
@@ -46,8 +46,8 @@ def describe(header, sha256: bool = False) -> dict:
                 count *= int(d)
             model_params += count
     num_params = _int(meta.get("num_params"))
-    has_ema = meta.get("has_ema") == "true" and any(k.startswith("ema.") for k in header.tensors)
     train = cfg.get("train", {}) if isinstance(cfg.get("train"), dict) else {}
+    main_decay = train.get("ema_decay") if isinstance(train.get("ema_decay"), (int, float)) else None
     info = {
         "path": str(header.path),
         "file_size": header.file_size,
@@ -59,9 +59,8 @@ def describe(header, sha256: bool = False) -> dict:
         "step": _int(meta.get("step")),
         "images_seen": _int(meta.get("images_seen")),
         "num_params": num_params if num_params is not None else (model_params or None),
-        "has_ema": has_ema,
-        "ema_decays": (([train["ema_decay"]] if has_ema and "ema_decay" in train else [])
-                       + held_extra_ema_decays(header)),
+        "has_ema": has_ema_weights(header),
+        "ema_decays": ema_decays(header, main_decay),
         "dtype": meta.get("dtype"),
         "model": cfg.get("model", {}),
         "diffusion": cfg.get("diffusion", {}),
@@ -123,7 +122,8 @@ def _rows(info: dict) -> list[tuple[str, str]]:
              + f" ({m.get('num_heads', 1)} head(s))"),
             ("classes", cls),
         ]
-    rows += [("parameters", opt(info["num_params"])), ("EMA weights", ", ".join(map(str, info["ema_decays"])) or ("yes" if info["has_ema"] else "no"))]
+    ema = ", ".join(map(str, info["ema_decays"])) or ("yes" if info["has_ema"] else "no")
+    rows += [("parameters", opt(info["num_params"])), ("EMA weights", ema)]
     if "source_weights" in info:
         rows.append(("exported from", f"{info.get('exported_from', '?')} ({info['source_weights']} weights)"))
     if d:

@@ -21,8 +21,8 @@ from safetensors.torch import save as st_save
 from ddpm_cli import __version__
 from ddpm_cli.config import RunConfig, config_to_dict
 from ddpm_cli.engine.build import build_diffusion, build_unet
-from ddpm_cli.engine.header import (FORMAT, FORMAT_VERSION, atomic_write_bytes, ema_decays, extra_ema_decays,
-                                    read_checkpoint_config, read_header, state_path)
+from ddpm_cli.engine.header import (FORMAT, FORMAT_VERSION, atomic_write_bytes, extra_ema_decays,
+                                    read_checkpoint_config, read_header, require_ema_decay, state_path)
 from ddpm_cli.errors import CheckpointError, DdpmError
 
 
@@ -171,11 +171,8 @@ def load_model(path: str | Path, device: torch.device | str = "cpu", use_ema: bo
     model = build_unet(ckpt.config.model)
     state = ckpt.ema_state if (use_ema and ckpt.ema_state is not None) else ckpt.model_state
     if ema_decay is not None:
-        if ema_decay in ckpt.extra_ema:
-            state = ckpt.extra_ema[ema_decay]
-        elif not (ckpt.ema_state is not None and ema_decay == ckpt.config.train.ema_decay):
-            held = ", ".join(map(str, ema_decays(read_header(ckpt.path), ckpt.config))) or "none"
-            raise CheckpointError(f"{ckpt.path} holds no EMA weights with decay {ema_decay}; it holds {held}")
+        require_ema_decay(read_header(ckpt.path), ckpt.config.train.ema_decay, ema_decay)
+        state = ckpt.extra_ema.get(ema_decay, ckpt.ema_state)
     load_into(model, state, str(ckpt.path))
     diffusion = build_diffusion(ckpt.config.diffusion)
     return model.to(device).eval(), diffusion.to(device), ckpt.config, ckpt

@@ -946,19 +946,18 @@ def check_request(req: EvalRequest) -> tuple[bool, ImageSource | FeatureStats]:
     checkpoint = req.input is not None and is_checkpoint(req.input)
     if checkpoint:
         from ddpm_cli.diffusion.samplers import SAMPLERS
-        from ddpm_cli.engine.header import ema_decays, read_checkpoint_config
+        from ddpm_cli.engine.header import read_checkpoint_config, require_ema_decay
 
         if req.sampler is not None and req.sampler not in SAMPLERS:
             raise DdpmError(f"unknown sampler {req.sampler!r}; choose one of {', '.join(SAMPLERS)}")
         if req.steps is not None and req.steps < 1:
             raise DdpmError(f"--steps must be at least 1 (got {req.steps})")
-        path, header, cfg = read_checkpoint_config(req.input)
+        _, header, cfg = read_checkpoint_config(req.input)
         if req.guidance != 1.0 and not cfg.model.conditional:
             raise DdpmError("--guidance needs a class-conditional checkpoint, and this one is unconditional; "
                             "drop --guidance")
-        if req.ema_decay is not None and req.ema_decay not in ema_decays(header, cfg):
-            raise DdpmError(f"{path} holds no EMA weights with decay {req.ema_decay}; it holds "
-                            f"{', '.join(map(str, ema_decays(header, cfg))) or 'none'}")
+        if req.ema_decay is not None:
+            require_ema_decay(header, cfg.train.ema_decay, req.ema_decay)
     elif req.input is not None:
         if req.sampler is not None or req.steps is not None or req.guidance != 1.0 or req.ema_decay is not None:
             raise DdpmError(f"--sampler, --steps, --guidance and --ema-decay apply when a checkpoint is sampled, but "

@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 
 from ddpm_cli.engine.checkpoint import load_checkpoint, load_model, weights_metadata
-from ddpm_cli.engine.header import atomic_write_bytes
+from ddpm_cli.engine.header import atomic_write_bytes, read_header, require_ema_decay
 from ddpm_cli.errors import CheckpointError, DdpmError
 
 FORMATS = ("safetensors", "onnx", "pt2")
@@ -104,10 +104,8 @@ def _prepare(src: str | Path, dst: Path | None, fmt: str, dtype: str, overwrite:
     if ema_decay is not None:  # one of the EMA averages by decay: it stands in for the main one from here on
         if ema is False:
             raise DdpmError("--ema-decay picks EMA weights; drop --no-ema")
-        if ema_decay in ckpt.extra_ema:
-            ckpt.ema_state = ckpt.extra_ema[ema_decay]
-        elif not (ckpt.ema_state is not None and ema_decay == ckpt.config.train.ema_decay):
-            load_model(ckpt.path, ema_decay=ema_decay)  # raises the one-line "holds no EMA weights" error
+        require_ema_decay(read_header(ckpt.path), ckpt.config.train.ema_decay, ema_decay)
+        ckpt.ema_state = ckpt.extra_ema.get(ema_decay, ckpt.ema_state)
         use_ema = True
     chosen = _weights(use_ema, ema_decay) if use_ema or ckpt.ema_state is not None else "ema"  # raw-only: as is
     dst = Path(dst) if dst is not None else default_output(ckpt.path, fmt, dtype, chosen)

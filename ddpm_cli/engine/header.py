@@ -144,17 +144,25 @@ def extra_ema_decays(metadata: dict[str, str]) -> list[float]:
     return decays if all(0.0 <= d < 1.0 for d in decays) else []  # NaN, inf and nonsense: none
 
 
-def ema_decays(header: Header, config: RunConfig) -> list[float]:
-    """Every EMA decay a checkpoint holds weights for: train.ema_decay's (if it has EMA weights), then the extra
-    ones whose tensors are there."""
-    has_ema = header.metadata.get("has_ema") == "true" and any(k.startswith("ema.") for k in header.tensors)
-    return ([config.train.ema_decay] if has_ema else []) + held_extra_ema_decays(header)
+def has_ema_weights(header: Header) -> bool:
+    """Whether the file holds the main EMA weights (`ema.*`, train.ema_decay's)."""
+    return header.metadata.get("has_ema") == "true" and any(k.startswith("ema.") for k in header.tensors)
 
 
-def held_extra_ema_decays(header: Header) -> list[float]:
-    """The extra decays the metadata lists whose ema{i}.* tensors the file holds."""
-    return [d for i, d in enumerate(extra_ema_decays(header.metadata), 1)
-            if any(k.startswith(f"ema{i}.") for k in header.tensors)]
+def ema_decays(header: Header, main_decay: float | None) -> list[float]:
+    """Every EMA decay a checkpoint holds weights for: the main one (train.ema_decay, if its weights are there),
+    then the train.ema_extra ones whose ema{i}.* tensors are there."""
+    extra = [d for i, d in enumerate(extra_ema_decays(header.metadata), 1)
+             if any(k.startswith(f"ema{i}.") for k in header.tensors)]
+    return ([main_decay] if main_decay is not None and has_ema_weights(header) else []) + extra
+
+
+def require_ema_decay(header: Header, main_decay: float | None, decay: float) -> None:
+    """The one-line refusal of `--ema-decay D` for a checkpoint without EMA weights of that decay."""
+    held = ema_decays(header, main_decay)
+    if decay not in held:
+        raise CheckpointError(f"{header.path} holds no EMA weights with decay {decay}; it holds "
+                              f"{', '.join(map(str, held)) or 'none'} (train.ema_extra keeps more)")
 
 
 def state_path(weights: Path) -> Path:

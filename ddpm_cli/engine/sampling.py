@@ -13,7 +13,8 @@ from pathlib import Path
 from typing import Callable, Literal
 
 from ddpm_cli.config import RunConfig
-from ddpm_cli.engine.header import Header, atomic_write_bytes, ema_decays, read_checkpoint_config
+from ddpm_cli.engine.header import (Header, atomic_write_bytes, has_ema_weights, read_checkpoint_config,
+                                    require_ema_decay)
 from ddpm_cli.errors import DdpmError
 
 SAMPLERS = ("ddpm", "ddim", "dpm++2m")  # mirrors diffusion.samplers.SAMPLERS without importing torch
@@ -159,17 +160,14 @@ def plan_sampling(req: SampleRequest) -> SamplePlan:
                         f"is ignored (use --sampler ddim or dpm++2m for fewer)")
     if req.sampler == "ddpm" and req.eta != 0.0:
         warnings.append("--eta applies to ddim only; ignored")
-    has_ema = header.metadata.get("has_ema") == "true" and any(k.startswith("ema.") for k in header.tensors)
+    has_ema = has_ema_weights(header)
     if req.ema and not has_ema:
         raise DdpmError(f"{path} has no EMA weights; drop --ema (or pass --no-ema)")
     use_ema = has_ema if req.ema is None else req.ema
     if req.ema_decay is not None:
-        held = ema_decays(header, cfg)
         if req.ema is False:
             raise DdpmError("--ema-decay picks EMA weights; drop --no-ema")
-        if req.ema_decay not in held:
-            raise DdpmError(f"{path} holds no EMA weights with decay {req.ema_decay}; it holds "
-                            f"{', '.join(map(str, held)) or 'none'} (train.ema_extra keeps more)")
+        require_ema_decay(header, cfg.train.ema_decay, req.ema_decay)
         use_ema = True
 
     files: list[Path] = []
@@ -243,8 +241,6 @@ def write_npz(path: Path, images, labels) -> None:
         atomic_write_bytes(path, buf.getvalue())
     except OSError as e:
         raise DdpmError(f"cannot write {path}: {e.strerror or e}") from None
-
-
 
 
 def run_sampling(plan: SamplePlan, req: SampleRequest, *, on_start: Callable[[str], None] | None = None,

@@ -25,12 +25,12 @@ class GaussianDiffusion(nn.Module):
         self.register_buffer("alpha_bar_prev", buf(alpha_bar_prev), persistent=False)
         self.register_buffer("sqrt_alpha_bar", buf(np.sqrt(alpha_bar)), persistent=False)
         self.register_buffer("sqrt_one_minus_alpha_bar", buf(np.sqrt(1.0 - alpha_bar)), persistent=False)
-        # posterior variance beta-tilde_t = beta_t (1 - alpha_bar_{t-1}) / (1 - alpha_bar_t)   (eq. 7)
         # Min-SNR-gamma (Hang et al. 2023) for epsilon prediction: w_t = min(SNR_t, gamma) / SNR_t, SNR_t =
         # alpha_bar_t / (1 - alpha_bar_t); None keeps L_simple's uniform weights.
         snr = alpha_bar / (1.0 - alpha_bar)
         self.register_buffer("loss_weight", None if min_snr_gamma is None else
                              buf(np.minimum(snr, min_snr_gamma) / snr), persistent=False)
+        # posterior variance beta-tilde_t = beta_t (1 - alpha_bar_{t-1}) / (1 - alpha_bar_t)   (eq. 7)
         self.register_buffer("posterior_variance", buf(betas * (1.0 - alpha_bar_prev) / (1.0 - alpha_bar)),
                              persistent=False)
 

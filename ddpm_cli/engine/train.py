@@ -382,10 +382,11 @@ class Trainer:
             time_up = tc.max_time is not None and time.monotonic() - self.t0 >= tc.max_time
             flag = self.dist.agree(_SIGNALLED + self.stop.signum if self.stop.signum else 1 if time_up else 0,
                                    self.step)
+            if flag > _SIGNALLED:  # every rank reports (and exits with) the same signal, whichever got it
+                stop_reason, self.stop.signum = "signal", flag - _SIGNALLED
+                break
             if flag:
-                stop_reason = "signal" if flag > _SIGNALLED else "time"
-                if flag > _SIGNALLED:  # every rank reports (and exits with) the same signal, whichever got it
-                    self.stop.signum = flag - _SIGNALLED
+                stop_reason = "time"
                 break
             t_step = time.monotonic()
             x, y = self.batcher.next()

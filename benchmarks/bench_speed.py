@@ -27,6 +27,7 @@ from ddpm_cli.engine.build import build_diffusion, build_unet, count_params
 from ddpm_cli.engine.data import ImageSet
 from ddpm_cli.engine.generate import generate, inference_net
 from ddpm_cli.engine.train import TrainCallbacks, Trainer
+from ddpm_cli.nn.unet import channel_stats
 
 TRAIN_VARIANTS = {
     "fp32": {"precision": "fp32", "compile": "off", "channels_last": "off"},
@@ -45,6 +46,11 @@ TRAIN_VARIANTS = {
                                   "_norm_in_input_dtype": True},
     "bf16-cl-compile-gnbf16": {"precision": "bf16", "compile": "on", "channels_last": "on",
                                "_norm_in_input_dtype": True},
+    # GroupNorm from per-channel statistics (nn/unet.py GroupNorm.channel_stats): reads channels-last memory in
+    # order, where a per-group reduction strides over it; bf16 output like gnbf16
+    "bf16-cl-cudagraphs-gncs": {"precision": "bf16", "compile": "reduce-overhead", "channels_last": "on",
+                                "_channel_stats": True},
+    "bf16-cl-compile-gncs": {"precision": "bf16", "compile": "on", "channels_last": "on", "_channel_stats": True},
     "bf16-cl-compile-nobench": {"precision": "bf16", "compile": "on", "channels_last": "on",
                                 "cudnn_benchmark": False},
 }
@@ -59,6 +65,8 @@ SAMPLE_VARIANTS = {
     "bf16-cl-autotune": dict(bf16=True, channels_last=True, compile="max-autotune"),
     "bf16-cl-compile-force": dict(bf16=True, channels_last=True, compile="default", force_layout=True),
     "bf16-cl-cudagraphs-force": dict(bf16=True, channels_last=True, compile="reduce-overhead", force_layout=True),
+    "bf16-cl-compile-gncs": dict(bf16=True, channels_last=True, compile="default", channel_stats=True),
+    "bf16-cl-cudagraphs-gncs": dict(bf16=True, channels_last=True, compile="reduce-overhead", channel_stats=True),
 }
 PEAK_TFLOPS = 790.0      # measured bf16 matmul peak of an H100 here (KINDS.md)
 TRAIN_GFLOP = 37.5       # forward + backward per image, DDPM CIFAR-10 UNet
@@ -138,17 +146,18 @@ def bench_train(name: str, sets: dict, batch: int, steps: int, log_every: int, i
     sets = dict(sets)
     inductor_config.force_layout_optimization = sets.pop("_force_layout", False)  # the Trainer may set it again
     gn_forward = torch.nn.GroupNorm.forward
+    cs = sets.pop("_channel_stats", False)
     if sets.pop("_norm_in_input_dtype", False):
         torch.nn.GroupNorm.forward = group_norm_in_input_dtype
     try:
-        return _bench_train(name, sets, batch, steps, log_every, images, model, profile)
+        return _bench_train(name, sets, batch, steps, log_every, images, model, profile, cs)
     finally:
         torch.nn.GroupNorm.forward = gn_forward
         torch._dynamo.reset()  # no later variant may reuse a graph traced with the other GroupNorm
 
 
 def _bench_train(name: str, sets: dict, batch: int, steps: int, log_every: int, images: ImageSet,
-                 model: dict, profile: bool) -> dict:
+                 model: dict, profile: bool, cs: bool = False) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         cfg = validate_config({
             "model": model,
@@ -160,6 +169,7 @@ def _bench_train(name: str, sets: dict, batch: int, steps: int, log_every: int, 
         cb = Collect(profile_at=steps - 20 if profile else 0)
         t0 = time.perf_counter()
         trainer = Trainer(cfg, callbacks=cb, dataset=images)
+        channel_stats(trainer.model, cs)  # before the first step: torch.compile traces lazily
         res = trainer.run()
         total = time.perf_counter() - t0
         peak = torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else 0.0
@@ -188,6 +198,7 @@ def bench_sample(name: str, opts: dict, batch: int, steps: int, e2e: bool, model
     diffusion = build_diffusion(cfg.diffusion).to(device)
     sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
     inductor_config.force_layout_optimization = opts.get("force_layout", False)
+    channel_stats(model, opts.get("channel_stats", False))
     net = inference_net(model, channels_last=opts["channels_last"], compile=opts["compile"])
     shape = (3, 32, 32)
 

@@ -3,7 +3,9 @@
 # train for train.max_time, sample 10,000 images with the default sampler, FID against the 50,000 training
 # images, then an FID-vs-NFE sweep. Needs .carry_data/train.zip carried by this call and the Inception weights
 # at $HOME/inception.pth (copied by the next call). Results go to $HOME/fid/NAME.jsonl, the log to NAME.log.
-#   bash benchmarks/fid_run.sh NAME CONFIG "TRAIN --set ARGS" "SAMPLE ARGS" "SWEEP: sampler:steps[:guidance[:eta[:ema_decay]]] ..."
+#   bash benchmarks/fid_run.sh NAME CONFIG "TRAIN --set ARGS" "SAMPLE ARGS" \
+#       "SWEEP: sampler:steps[:guidance[:eta[:ema_decay[:guide_step]]]] ..."
+# guide_step: autoguidance by the run's own checkpoint of that step (keep it: logging.checkpoint_every/keep_last).
 # torch.compile starts cold (a fresh inductor cache per run), as on a fresh machine: compilation counts.
 # Keep a call in flight until FID-DONE (e.g. `sleep 520` calls back to back): the device machine goes back after
 # 30 s without a call, background job or not; a first run here was lost that way (2026-11-26).
@@ -33,11 +35,12 @@ ev=(--ref "$HOME/data/train.zip" --inception-weights "$HOME/inception.pth" --bat
 echo "MAIN $SAMPLE" >> "$out.jsonl"
 ddpm eval "$out-main.npz" "${ev[@]}" | tee -a "$out.jsonl"
 for s in $SWEEP; do
-    IFS=: read -r smp st w e d <<< "$s"
+    IFS=: read -r smp st w e d g <<< "$s"
     ddpm sample "$ckpt" -n 10000 --batch-size 1000 --format npz --out "$out-$s.npz" --sampler "$smp" \
         --steps "$st" ${w:+--guidance "$w"} ${e:+--eta "$e"} ${d:+--ema-decay "$d"} \
+        ${g:+--guide-model "$ckpt/checkpoints/ckpt-$(printf %08d "$g").safetensors"} \
         $(echo "$SAMPLE" | grep -o -- '--per-class')
-    echo "SWEEP $smp $st ${w:-} ${e:+eta $e} ${d:+ema $d}" >> "$out.jsonl"
+    echo "SWEEP $smp $st ${w:-} ${e:+eta $e} ${d:+ema $d} ${g:+guide $g}" >> "$out.jsonl"
     ddpm eval "$out-$s.npz" "${ev[@]}" | tee -a "$out.jsonl"
 done
 echo FID-DONE

@@ -537,3 +537,21 @@ def test_eval_of_a_checkpoint_scores_the_images_ddpm_sample_draws(cli_files, tra
                                 "cpu", "--kid-subsets", "3", "--kid-subset-size", "5"])
     assert other.exit_code == 0, other.output
     assert abs(out["fid"]) < 1e-6 * _json_line(other)["fid"]  # another seed: other images, a clearly larger FID
+
+
+def test_eval_with_autoguidance_scores_what_ddpm_sample_draws_with_it(cli_files, trained_run, tmp_path):
+    f = cli_files
+    early = trained_run / "checkpoints" / "ckpt-00000010.safetensors"
+    drawn = tmp_path / "drawn.npz"
+    guided = ["--steps", "3", "--guidance", "2", "--guide-model", str(early), "--seed", "5", "--device", "cpu"]
+    r = runner.invoke(app, ["sample", str(trained_run), "-n", "10", "--format", "npz", "--out", str(drawn), *guided])
+    assert r.exit_code == 0, r.output
+    score = ["--ref", str(drawn), "--no-cache", *f["common"][:2], "--kid-subsets", "3", "--kid-subset-size", "5"]
+    r = runner.invoke(app, ["eval", str(trained_run), "-n", "10", *guided, *score])
+    assert r.exit_code == 0, r.output
+    out = _json_line(r)
+    assert out["guide"] == str(early) and out["guidance"] == 2.0 and abs(out["fid"]) < 1e-6
+    plain = runner.invoke(app, ["eval", str(trained_run), "-n", "10", *guided[:2], *guided[6:], *score])
+    assert plain.exit_code == 0 and _json_line(plain)["fid"] > 1e-3  # unguided: other images
+    r = runner.invoke(app, ["eval", str(drawn), "--guide-model", str(early), *score])
+    assert r.exit_code == 1 and "--guide-model" in r.stderr and "not a checkpoint" in r.stderr

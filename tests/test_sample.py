@@ -289,3 +289,44 @@ def test_copy_of_a_checkpoint_elsewhere_still_samples(trained_run, tmp_path):
     shutil.copy(latest_checkpoint(trained_run), lone)
     ok("sample", lone, "-n", 1, "--out", tmp_path / "o", *FAST)
     assert (tmp_path / "o" / "000000.png").exists()
+
+
+# -- autoguidance: --guidance W --guide-model WEAKER ---------------------------------------------------------
+
+
+def test_autoguided_is_the_guide_plus_w_times_the_difference():
+    import torch
+
+    from ddpm_cli.diffusion.samplers import autoguided
+
+    x, t = torch.randn(2, 3, 4, 4), torch.tensor([5, 9])
+    main = lambda x, t, y: 2 * x + t[:, None, None, None]  # noqa: E731
+    guide = lambda x, t, y: x  # noqa: E731
+    out = autoguided(main, guide, 2.5)(x, t, None)
+    assert torch.allclose(out, x + 2.5 * (x + t[:, None, None, None]))
+
+
+def test_autoguidance_of_an_unconditional_model_by_an_earlier_checkpoint(trained_run, tmp_path):
+    early = trained_run / "checkpoints" / "ckpt-00000010.safetensors"
+    assert early.exists()
+    ok("sample", trained_run, "-n", 3, "--format", "npz", "--out", tmp_path / "plain.npz", *FAST)
+    r = ok("sample", trained_run, "-n", 3, "--format", "npz", "--out", tmp_path / "auto.npz", "--guidance", 2,
+           "--guide-model", early, *FAST)
+    assert f"guided by {early} at 2" in r.stdout
+    plain, auto = npz(tmp_path / "plain.npz")["arr_0"], npz(tmp_path / "auto.npz")["arr_0"]
+    assert auto.shape == plain.shape and not np.array_equal(auto, plain)
+    # a model guided by itself is the model alone: eps + w * (eps - eps) = eps, at any weight
+    ok("sample", trained_run, "-n", 3, "--format", "npz", "--out", tmp_path / "self.npz", "--guidance", 3,
+       "--guide-model", trained_run, *FAST)
+    assert np.array_equal(npz(tmp_path / "self.npz")["arr_0"], plain)
+
+
+def test_autoguidance_bad_inputs(trained_run, trained_conditional_run, tmp_path):
+    early = trained_run / "checkpoints" / "ckpt-00000010.safetensors"
+    out = ["-n", 2, "--out", tmp_path / "o", *FAST]
+    assert "no effect at --guidance 1" in one_line_error(cli("sample", trained_run, "--guide-model", early, *out))
+    msg = one_line_error(cli("sample", trained_run, "--guidance", 2, "--guide-model", trained_conditional_run, *out))
+    assert "differs from the checkpoint in its classes" in msg and "earlier checkpoint of the same run" in msg
+    assert "not found" in one_line_error(cli("sample", trained_run, "--guidance", 2, "--guide-model",
+                                             tmp_path / "nope.safetensors", *out))
+    assert not (tmp_path / "o").exists()  # refused before anything was written

@@ -61,3 +61,48 @@ def test_behaviour_fields_change_the_output(field, value):
         torch.manual_seed(1)
         outs.append(m(torch.randn(2, 3, 16, 16), torch.tensor([3, 50])))
     assert not torch.allclose(outs[0], outs[1])
+
+
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_group_norm_from_channel_statistics_matches_torchs(channels_last):
+    """GroupNorm.channel_stats (per-channel statistics, then per group) is the same function as nn.GroupNorm,
+    in its output and in every parameter's gradient, for either memory layout."""
+    from ddpm_cli.nn.unet import channel_stats
+
+    torch.manual_seed(0)
+    model = UNet(image_size=16, base_channels=16, channel_mults=(1, 2), num_res_blocks=1, attention_resolutions=(8,),
+                 norm_groups=4, dropout=0.0)
+    with torch.no_grad():
+        for p in model.parameters():  # zero-initialised layers and unit norms would hide mistakes
+            p.add_(0.05 * torch.randn_like(p))
+    x, t = torch.randn(3, 3, 16, 16) * 3 + 1, torch.tensor([3, 500, 999])
+    if channels_last:
+        model, x = model.to(memory_format=torch.channels_last), x.contiguous(memory_format=torch.channels_last)
+
+    def run():
+        model.zero_grad()
+        out = model(x, t)
+        (out * torch.linspace(-1, 1, out.numel()).view_as(out)).sum().backward()
+        return out.detach(), [p.grad.clone() for p in model.parameters()]
+
+    ref, ref_grads = run()
+    channel_stats(model)
+    out, grads = run()
+    assert torch.allclose(out, ref, atol=1e-5, rtol=1e-4)
+    for g, r in zip(grads, ref_grads):
+        assert torch.allclose(g, r, atol=1e-5 * r.abs().max().item() + 1e-8, rtol=1e-3)
+    channel_stats(model, False)
+    assert torch.equal(run()[0], ref)  # and back
+
+
+def test_group_norm_from_channel_statistics_keeps_bf16_under_autocast():
+    from ddpm_cli.nn.unet import GroupNorm
+
+    norm = GroupNorm(4, 16)
+    norm.channel_stats = True
+    x = torch.randn(2, 16, 8, 8).to(torch.bfloat16)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = norm(x)
+    assert y.dtype == torch.bfloat16  # autocast's own GroupNorm would return fp32 (and move twice the bytes)
+    ref = torch.nn.functional.group_norm(x.float(), 4, norm.weight, norm.bias, norm.eps)
+    assert (y.float() - ref).abs().max() < 0.05

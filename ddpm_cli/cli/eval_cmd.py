@@ -88,8 +88,12 @@ def eval_command(
     steps: Optional[int] = typer.Option(None, "--steps", min=1, show_default=False,
                                         help="Sampler steps (default: the sampler's default)."),
     guidance: float = typer.Option(1.0, "--guidance",
-                                   help="Classifier-free guidance scale for class-conditional checkpoints "
-                                        "(1: none); labels are spread evenly over the classes."),
+                                   help="Guidance weight (1: none): classifier-free for class-conditional "
+                                        "checkpoints (labels spread evenly over the classes), or autoguidance "
+                                        "with --guide-model."),
+    guide_model: Optional[Path] = typer.Option(None, "--guide-model", show_default=False,
+                                               help="Autoguidance: guide the checkpoint with this weaker one (an "
+                                                    "earlier checkpoint of the same run)."),
     ema_decay: Optional[float] = typer.Option(None, "--ema-decay", show_default=False,
                                               help="Sample the checkpoint's EMA weights of this decay "
                                                    "(train.ema_decay or one of train.ema_extra)."),
@@ -120,7 +124,8 @@ def eval_command(
     from ddpm_cli.engine.evaluate import EvalRequest, check_request, evaluate
 
     req = EvalRequest(ref=ref, input=input, n=n, batch_size=batch_size, device=device, seed=seed, sampler=sampler,
-                      steps=steps, guidance=guidance, ema_decay=ema_decay, kid_subsets=kid_subsets,
+                      steps=steps, guidance=guidance, guide=guide_model, ema_decay=ema_decay,
+                      kid_subsets=kid_subsets,
                       kid_subset_size=kid_subset_size,
                       inception_weights=inception_weights, data_root=data_root, cache_dir=cache_dir,
                       use_cache=cache, save_stats=save_stats)

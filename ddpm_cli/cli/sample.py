@@ -111,8 +111,12 @@ def sample_command(
                                               "(default: ddim uniform, dpm++2m logsnr).", show_default=False),
     variance: Optional[Variance] = typer.Option(None, "--variance", help="ddpm sampler's sigma^2: beta or "
                                                 "posterior (default: the checkpoint's).", show_default=False),
-    guidance: float = typer.Option(1.0, "--guidance", "-w", help="Classifier-free guidance scale (conditional "
-                                                                 "models; 1 = off, 0 = unconditional)."),
+    guidance: float = typer.Option(1.0, "--guidance", "-w", help="Guidance weight (1 = off): classifier-free for "
+                                   "conditional models (0 = unconditional), or autoguidance with --guide-model."),
+    guide_model: Optional[Path] = typer.Option(None, "--guide-model", help="Autoguidance: guide with this weaker "
+                                               "checkpoint (an earlier one of the same run, or a smaller model of "
+                                               "the same data and schedule) instead of the null class.",
+                                               show_default=False),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace existing output files."),
     gpus: int = typer.Option(0, "--gpus", min=0, help="Spread the batches over N GPUs of this machine (torchrun); "
                              "the images are the same as on one."),
@@ -139,7 +143,8 @@ def sample_command(
                         batch_size=batch_size, seed=seed, ema=ema, ema_decay=ema_decay, device=device, out=out,
                         fmt=fmt.value, grid=grid,
                         sampler=sampler.value, steps=steps, eta=eta, spacing=spacing.value if spacing else None,
-                        variance=variance.value if variance else None, guidance=guidance, overwrite=overwrite,
+                        variance=variance.value if variance else None, guidance=guidance, guide=guide_model,
+                        overwrite=overwrite,
                         compile=compile.value)
     if gpus > 1 and not under_torchrun():
         plan_sampling(req)  # refuse bad arguments here, once, before starting N processes
@@ -154,9 +159,10 @@ def sample_command(
 
     def on_start(device_name: str) -> None:
         if main:
+            guided = f"guided by {plan.guide} at {guidance:g}  |  " if plan.guide else ""
             console.print(f"sampling {n:,} image{'s' if n != 1 else ''} ({what}) from {plan.checkpoint}  |  "
-                      f"{sampler.value}{f' {steps} steps' if steps else ''}  |  {plan.weights} weights  |  "
-                          f"seed {seed}  |  {device_name}", markup=False, soft_wrap=True)
+                          f"{sampler.value}{f' {steps} steps' if steps else ''}  |  {plan.weights} weights  |  "
+                          f"{guided}seed {seed}  |  {device_name}", markup=False, soft_wrap=True)
 
     with SampleDisplay(n, live=None if main else False, quiet=not main) as display:
         result = run_sampling(plan, req, on_start=on_start, on_step=display.on_step, on_batch=display.on_batch)

@@ -34,6 +34,18 @@ def guided(model: ModelFn, scale: float, null_class: int) -> ModelFn:
     return fn
 
 
+def autoguided(model: ModelFn, guide: ModelFn, scale: float) -> ModelFn:
+    """Autoguidance (Karras et al. 2024): eps_g + scale * (eps - eps_g), where the guide is a weaker version of the
+    same model (less trained, or smaller). Both make the same kind of errors, the guide more of them, so pushing
+    away from it moves samples toward where the model is sure. Works for unconditional models too."""
+
+    def fn(x: torch.Tensor, t: torch.Tensor, y: torch.Tensor | None) -> torch.Tensor:
+        eps, eps_g = model(x, t, y).float(), guide(x, t, y).float()
+        return eps_g + scale * (eps - eps_g)
+
+    return fn
+
+
 def timesteps(diffusion: GaussianDiffusion, steps: int, spacing: str = "uniform") -> list[int]:
     """Descending 0-based timestep indices at which a few-step sampler calls the network (first T-1, last 0)."""
     T = diffusion.num_timesteps

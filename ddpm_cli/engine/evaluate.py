@@ -702,15 +702,15 @@ def _generate_default(name: str) -> Any:
 
 def model_batches(model: Callable, diffusion, n: int, batch_size: int, *, image_shape: tuple[int, int, int],
                   num_classes: int | None = None, sampler: str | None = None, steps: int | None = None,
-                  guidance: float = 1.0, variance: str = "beta", seed: int = 0, device: torch.device | str = "cpu",
-                  bf16: bool = False, batches: range | None = None,
+                  guidance: float = 1.0, guide: Callable | None = None, variance: str = "beta", seed: int = 0,
+                  device: torch.device | str = "cpu", bf16: bool = False, batches: range | None = None,
                   on_step: Callable[[int, int], None] | None = None) -> Iterator[tuple[int, torch.Tensor]]:
     """(first index, uint8 images) of `n` fresh samples, batch by batch (engine.generate; `batches` picks a rank's
     share). A conditional model (num_classes set) gets its labels evenly over the classes; `None` options mean
-    generate's defaults."""
+    generate's defaults; `guide` a weaker network for autoguidance."""
     from ddpm_cli.engine.generate import generate
 
-    _check_sampling(n, num_classes, guidance)
+    _check_sampling(n, num_classes, guidance, guide)
     labels = balanced_labels(n, num_classes) if num_classes else None
     opts: dict[str, Any] = {"variance": variance}
     if sampler is not None:
@@ -718,22 +718,23 @@ def model_batches(model: Callable, diffusion, n: int, batch_size: int, *, image_
     if steps is not None:
         opts["steps"] = steps
     for start, images, _ in generate(model, diffusion, n, image_shape=image_shape, labels=labels,
-                                     batch_size=batch_size, guidance=guidance, null_class=num_classes, seed=seed,
+                                     batch_size=batch_size, guidance=guidance, null_class=num_classes, guide=guide,
+                                     seed=seed,
                                      device=device, bf16=bf16, batches=batches, on_step=on_step, **opts):
         yield start, images
 
 
-def _check_sampling(n: int, num_classes: int | None, guidance: float) -> None:
+def _check_sampling(n: int, num_classes: int | None, guidance: float, guide: Callable | None = None) -> None:
     if n < 1:
         raise DdpmError(f"-n must be at least 1 (got {n})")
-    if guidance != 1.0 and not num_classes:
+    if guidance != 1.0 and not num_classes and guide is None:
         raise DdpmError("--guidance needs a class-conditional model, and this one is unconditional; drop --guidance")
 
 
 def model_source(model: torch.nn.Module, diffusion, n: int, *, name: str = "samples", **kwargs) -> ImageSource:
     """`n` fresh samples of a model as an ImageSource, made batch by batch as they are consumed (the keyword
     arguments are model_batches')."""
-    _check_sampling(n, kwargs.get("num_classes"), kwargs.get("guidance", 1.0))
+    _check_sampling(n, kwargs.get("num_classes"), kwargs.get("guidance", 1.0), kwargs.get("guide"))
 
     def batches(bs: int) -> Iterator[torch.Tensor]:
         for _, images in model_batches(model, diffusion, n, bs, **kwargs):
@@ -885,6 +886,7 @@ class EvalRequest:
     sampler: str | None = None  # None: generate's default
     steps: int | None = None
     guidance: float = 1.0
+    guide: Path | None = None  # checkpoint: a weaker one for autoguidance
     ema_decay: float | None = None  # checkpoint: which EMA weights (None: train.ema_decay's)
     kid_subsets: int = 100
     kid_subset_size: int = 1000
@@ -946,22 +948,21 @@ def check_request(req: EvalRequest) -> tuple[bool, ImageSource | FeatureStats]:
     checkpoint = req.input is not None and is_checkpoint(req.input)
     if checkpoint:
         from ddpm_cli.diffusion.samplers import SAMPLERS
-        from ddpm_cli.engine.header import read_checkpoint_config, require_ema_decay
+        from ddpm_cli.engine.header import check_guidance, read_checkpoint_config, require_ema_decay
 
         if req.sampler is not None and req.sampler not in SAMPLERS:
             raise DdpmError(f"unknown sampler {req.sampler!r}; choose one of {', '.join(SAMPLERS)}")
         if req.steps is not None and req.steps < 1:
             raise DdpmError(f"--steps must be at least 1 (got {req.steps})")
         _, header, cfg = read_checkpoint_config(req.input)
-        if req.guidance != 1.0 and not cfg.model.conditional:
-            raise DdpmError("--guidance needs a class-conditional checkpoint, and this one is unconditional; "
-                            "drop --guidance")
+        check_guidance(cfg, req.guidance, req.guide)
         if req.ema_decay is not None:
             require_ema_decay(header, cfg.train.ema_decay, req.ema_decay)
     elif req.input is not None:
-        if req.sampler is not None or req.steps is not None or req.guidance != 1.0 or req.ema_decay is not None:
-            raise DdpmError(f"--sampler, --steps, --guidance and --ema-decay apply when a checkpoint is sampled, but "
-                            f"{req.input} is not a checkpoint; drop them")
+        if (req.sampler is not None or req.steps is not None or req.guidance != 1.0 or req.ema_decay is not None
+                or req.guide is not None):
+            raise DdpmError(f"--sampler, --steps, --guidance, --guide-model and --ema-decay apply when a checkpoint "
+                            f"is sampled, but {req.input} is not a checkpoint; drop them")
         if not Path(req.input).exists():
             raise DataError(f"{req.input} not found; pass a checkpoint (.safetensors or a run directory), or samples "
                             f"(.npz, a folder or .zip of images)")
@@ -984,12 +985,15 @@ def _evaluate(req: EvalRequest, ref: ImageSource | FeatureStats, dist_info: Dist
             from ddpm_cli.engine.checkpoint import load_model
 
             model, diffusion, cfg, ckpt = load_model(req.input, device, ema_decay=req.ema_decay)
-            m = cfg.model  # check_request refused --guidance on an unconditional checkpoint already
+            m = cfg.model  # check_request refused --guidance on an unconditional checkpoint without a guide
+            guide_model, _, _, guide_ckpt = load_model(req.guide, device) if req.guide is not None else (None,) * 4
             sampler = req.sampler or _generate_default("sampler")
             sample_info = {"checkpoint": str(ckpt.path), "step": ckpt.step, "sampler": sampler,
                            "steps": req.steps, "guidance": req.guidance, "seed": req.seed,
                            "ema_decay": req.ema_decay if req.ema_decay is not None else (
                                cfg.train.ema_decay if ckpt.ema_state is not None else None)}
+            if guide_model is not None:
+                sample_info["guide"] = str(guide_ckpt.path)
         else:
             samples = open_images_or_stats(req.input, data_root=req.data_root, role="samples")
             if isinstance(samples, ImageSource) and req.n is not None:
@@ -1002,10 +1006,12 @@ def _evaluate(req: EvalRequest, ref: ImageSource | FeatureStats, dist_info: Dist
         from ddpm_cli.engine.generate import job_nfe, sampling_net
 
         n, shape = req.n or DEFAULT_SAMPLES, (m.in_channels, m.image_size, m.image_size)
-        net = sampling_net(model, device, job_nfe(n, sampler, req.steps, cfg.diffusion.num_timesteps))
+        nfe = job_nfe(n, sampler, req.steps, cfg.diffusion.num_timesteps)
+        net = sampling_net(model, device, nfe)
+        guide = sampling_net(guide_model, device, nfe) if guide_model is not None else None
         gen = dict(image_shape=shape, num_classes=m.num_classes if m.conditional else None, sampler=req.sampler,
-                   steps=req.steps, guidance=req.guidance, variance=cfg.diffusion.variance, seed=req.seed,
-                   device=device, bf16=device.type == "cuda")
+                   steps=req.steps, guidance=req.guidance, guide=guide, variance=cfg.diffusion.variance,
+                   seed=req.seed, device=device, bf16=device.type == "cuda")
         sample_info["precision"] = "bf16" if gen["bf16"] else "fp32"
     if model is not None and dist_info.world > 1:  # sample first, each rank its batches; rank 0 then scores
         num_batches = -(-n // batch_size)

@@ -11,7 +11,7 @@ from typing import Callable, Iterator
 import torch
 
 from ddpm_cli.diffusion.gaussian import GaussianDiffusion
-from ddpm_cli.diffusion.samplers import guided, sample
+from ddpm_cli.diffusion.samplers import autoguided, guided, sample
 
 
 def inference_net(model: torch.nn.Module, *, channels_last: bool = False, compile: str | None = None):
@@ -62,16 +62,20 @@ def to_uint8(x: torch.Tensor) -> torch.Tensor:
 def generate(model: Callable, diffusion: GaussianDiffusion, n: int, *, image_shape: tuple[int, int, int],
              labels: torch.Tensor | None = None, batch_size: int = 256, sampler: str = "ddim",
              steps: int | None = None, eta: float = 0.0, spacing: str | None = None, variance: str = "beta",
-             guidance: float = 1.0, null_class: int | None = None, seed: int = 0,
+             guidance: float = 1.0, null_class: int | None = None, guide: Callable | None = None, seed: int = 0,
              device: torch.device | str = "cpu", bf16: bool = False, batches: range | None = None,
              on_step: Callable[[int, int], None] | None = None,
              ) -> Iterator[tuple[int, torch.Tensor, torch.Tensor | None]]:
     """Yield (first index, uint8 images (b, C, H, W) on the CPU, labels or None) batch by batch.
 
-    `batches` picks which batch numbers to make (multi-GPU: each rank a slice); default all."""
+    `guidance` W is classifier-free (against the null class) for a conditional model, or autoguidance against
+    `guide`, a weaker network, when one is given. `batches` picks which batch numbers to make (multi-GPU: each
+    rank a slice); default all."""
     device = torch.device(device)
     net = model
-    if labels is not None and guidance != 1.0:
+    if guide is not None:
+        net = autoguided(model, guide, guidance)
+    elif labels is not None and guidance != 1.0:
         if null_class is None:
             raise ValueError("classifier-free guidance needs null_class (the model's num_classes)")
         net = guided(model, guidance, null_class)

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ddpm_cli.config import RunConfig, config_from_json
-from ddpm_cli.errors import CheckpointError, ConfigError
+from ddpm_cli.errors import CheckpointError, ConfigError, DdpmError
 
 FORMAT = "ddpm-cli"
 FORMAT_VERSION = 1
@@ -213,3 +213,33 @@ def read_checkpoint_config(path: str | Path) -> tuple[Path, Header, RunConfig]:
         raise CheckpointError(f"{p}: its stored config is not valid for this ddpm ({'; '.join(e.problems) or e})") \
             from None
     return p, header, cfg
+
+
+def check_guidance(cfg: RunConfig, guidance: float, guide: str | Path | None) -> Path | None:
+    """The one check of `--guidance W [--guide-model G]` against a checkpoint's config (sample and eval).
+
+    Without a guide, W is classifier-free guidance, which needs a class-conditional model. With one, W is
+    autoguidance: the guide must draw the same kind of images from the same noise levels (image shape, classes,
+    noise schedule); its size and training may differ, that is the point. Returns the guide's checkpoint file."""
+    if guide is None:
+        if guidance != 1.0 and not cfg.model.conditional:
+            raise DdpmError("--guidance needs a class-conditional checkpoint, or a weaker model to guide with "
+                            "(--guide-model, e.g. an earlier checkpoint of the same run); this one is "
+                            "unconditional")
+        return None
+    if guidance == 1.0:
+        raise DdpmError("--guide-model has no effect at --guidance 1; pass a guidance weight above 1 (e.g. "
+                        "--guidance 2)")
+    path, _, g = read_checkpoint_config(guide)
+    m, gm, d, gd = cfg.model, g.model, cfg.diffusion, g.diffusion
+    differ = [what for what, a, b in (
+        ("image size", (m.image_size, m.in_channels), (gm.image_size, gm.in_channels)),
+        ("classes", (m.conditional, m.conditional and m.num_classes),
+         (gm.conditional, gm.conditional and gm.num_classes)),
+        ("noise schedule", (d.schedule, d.num_timesteps, d.schedule_low, d.schedule_high, d.dns_offset),
+         (gd.schedule, gd.num_timesteps, gd.schedule_low, gd.schedule_high, gd.dns_offset))) if a != b]
+    if differ:
+        raise CheckpointError(f"the guide model {path} differs from the checkpoint in its {' and '.join(differ)}; "
+                              f"guide with an earlier checkpoint of the same run, or a model trained on the same "
+                              f"data and schedule")
+    return path

@@ -13,8 +13,8 @@ from pathlib import Path
 from typing import Callable, Literal
 
 from ddpm_cli.config import RunConfig
-from ddpm_cli.engine.header import (Header, atomic_write_bytes, has_ema_weights, read_checkpoint_config,
-                                    require_ema_decay)
+from ddpm_cli.engine.header import (Header, atomic_write_bytes, check_guidance, has_ema_weights,
+                                    read_checkpoint_config, require_ema_decay)
 from ddpm_cli.errors import DdpmError
 
 SAMPLERS = ("ddpm", "ddim", "dpm++2m")  # mirrors diffusion.samplers.SAMPLERS without importing torch
@@ -44,6 +44,7 @@ class SampleRequest:
     spacing: str | None = None  # None: the sampler's default
     variance: str | None = None  # None: the checkpoint's diffusion.variance
     guidance: float = 1.0
+    guide: Path | None = None  # autoguidance: a weaker checkpoint to guide with (its EMA weights if it has them)
     overwrite: bool = False
     compile: Literal["auto", "on", "off"] = "auto"  # auto: on CUDA for jobs of at least generate.COMPILE_MIN_NFE
 
@@ -62,6 +63,7 @@ class SamplePlan:
     use_ema: bool
     warnings: list[str] = field(default_factory=list)
     ema_decay: float | None = None
+    guide: Path | None = None  # the guide's checkpoint file (autoguidance)
 
     @property
     def weights(self) -> str:
@@ -148,10 +150,8 @@ def plan_sampling(req: SampleRequest) -> SamplePlan:
     labels = plan_labels(req.n, conditional=m.conditional, num_classes=m.num_classes, per_class=req.per_class,
                          class_index=req.class_index)
     warnings: list[str] = []
-    if req.guidance != 1.0:
-        if not m.conditional:
-            raise DdpmError("--guidance needs a class-conditional model, and this checkpoint is unconditional; "
-                            "drop --guidance")
+    guide = check_guidance(cfg, req.guidance, req.guide)
+    if req.guidance != 1.0 and guide is None:
         if cfg.train.label_dropout == 0.0:
             warnings.append("this model was trained without label dropout (train.label_dropout = 0), so its "
                             "'no label' input is untrained and --guidance will give poor images")
@@ -183,7 +183,7 @@ def plan_sampling(req: SampleRequest) -> SamplePlan:
             raise DdpmError(f"--out {req.out} is a file; pass a directory for the PNG files")
     if int(os.environ.get("RANK", "0")) == 0:  # under torchrun rank 0 checks, before any rank writes
         _check_free(files + [p for p in (npz, req.grid) if p is not None], req.overwrite)
-    return SamplePlan(path, header, cfg, labels, files, npz, req.grid, use_ema, warnings, req.ema_decay)
+    return SamplePlan(path, header, cfg, labels, files, npz, req.grid, use_ema, warnings, req.ema_decay, guide)
 
 
 def grid_layout(labels: list[int] | None, n: int, per_class: bool, num_classes: int) -> list[list[int]]:
@@ -270,6 +270,9 @@ def run_sampling(plan: SamplePlan, req: SampleRequest, *, on_start: Callable[[st
     cuda = device.type == "cuda"
     nfe = job_nfe(req.n, req.sampler, req.steps, cfg.diffusion.num_timesteps)
     net = sampling_net(model, device, nfe, req.compile)
+    guide = None
+    if plan.guide is not None:
+        guide = sampling_net(load_model(plan.guide, device)[0], device, nfe, req.compile)
     labels = torch.tensor(plan.labels, dtype=torch.long) if plan.labels is not None else None
     for d in {p.parent for p in plan.files} | {p.parent for p in (plan.npz, plan.grid) if p is not None}:
         try:
@@ -287,7 +290,7 @@ def run_sampling(plan: SamplePlan, req: SampleRequest, *, on_start: Callable[[st
                                     labels=labels, batch_size=req.batch_size, sampler=req.sampler,
                                     steps=req.steps, eta=req.eta, spacing=req.spacing,
                                     variance=req.variance or cfg.diffusion.variance, guidance=req.guidance,
-                                    null_class=m.num_classes if m.conditional else None, seed=req.seed,
+                                    null_class=m.num_classes if m.conditional else None, guide=guide, seed=req.seed,
                                     device=device, bf16=cuda, batches=my_batches, on_step=on_step):
         arr = batch.numpy()  # (b, C, H, W) uint8
         for j in range(arr.shape[0]) if plan.files else ():

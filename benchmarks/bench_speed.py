@@ -27,7 +27,6 @@ from ddpm_cli.engine.build import build_diffusion, build_unet, count_params
 from ddpm_cli.engine.data import ImageSet
 from ddpm_cli.engine.generate import generate, inference_net
 from ddpm_cli.engine.train import TrainCallbacks, Trainer
-from ddpm_cli.nn.unet import channel_stats
 
 TRAIN_VARIANTS = {
     "fp32": {"precision": "fp32", "compile": "off", "channels_last": "off"},
@@ -40,17 +39,10 @@ TRAIN_VARIANTS = {
     "bf16-cudagraphs-clgraph": {"precision": "bf16", "compile": "reduce-overhead", "channels_last": "off",
                              "_force_layout": True},  # NCHW weights, channels-last graph
     "bf16-cl-autotune": {"precision": "bf16", "compile": "max-autotune", "channels_last": "on"},
-    # a lever under test, not a product switch yet: GroupNorm on bf16 activations (fp32 statistics inside the
-    # kernel) instead of autocast's fp32 GroupNorm, whose fp32 outputs and saved tensors may double the traffic
-    "bf16-cl-cudagraphs-gnbf16": {"precision": "bf16", "compile": "reduce-overhead", "channels_last": "on",
-                                  "_norm_in_input_dtype": True},
-    "bf16-cl-compile-gnbf16": {"precision": "bf16", "compile": "on", "channels_last": "on",
-                               "_norm_in_input_dtype": True},
-    # GroupNorm from per-channel statistics (nn/unet.py GroupNorm.channel_stats): reads channels-last memory in
-    # order, where a per-group reduction strides over it; bf16 output like gnbf16
-    "bf16-cl-cudagraphs-gncs": {"precision": "bf16", "compile": "reduce-overhead", "channels_last": "on",
-                                "_channel_stats": True},
-    "bf16-cl-compile-gncs": {"precision": "bf16", "compile": "on", "channels_last": "on", "_channel_stats": True},
+    # the previous default: torch's GroupNorm (autocast runs it in fp32) instead of per-channel statistics
+    "bf16-cl-cudagraphs-gngroup": {"precision": "bf16", "compile": "reduce-overhead", "channels_last": "on",
+                                   "norm_stats": "group"},
+    "bf16-cl-compile-gngroup": {"precision": "bf16", "compile": "on", "channels_last": "on", "norm_stats": "group"},
     "bf16-cl-compile-nobench": {"precision": "bf16", "compile": "on", "channels_last": "on",
                                 "cudnn_benchmark": False},
 }
@@ -65,8 +57,7 @@ SAMPLE_VARIANTS = {
     "bf16-cl-autotune": dict(bf16=True, channels_last=True, compile="max-autotune"),
     "bf16-cl-compile-force": dict(bf16=True, channels_last=True, compile="default", force_layout=True),
     "bf16-cl-cudagraphs-force": dict(bf16=True, channels_last=True, compile="reduce-overhead", force_layout=True),
-    "bf16-cl-compile-gncs": dict(bf16=True, channels_last=True, compile="default", channel_stats=True),
-    "bf16-cl-cudagraphs-gncs": dict(bf16=True, channels_last=True, compile="reduce-overhead", channel_stats=True),
+    "bf16-cl-compile-gngroup": dict(bf16=True, channels_last=True, compile="default", norm_stats=False),
 }
 PEAK_TFLOPS = 790.0      # measured bf16 matmul peak of an H100 here (KINDS.md)
 TRAIN_GFLOP = 37.5       # forward + backward per image, DDPM CIFAR-10 UNet
@@ -131,33 +122,18 @@ TINY = {"image_size": 32, "base_channels": 16, "channel_mults": [1, 2], "num_res
         "attention_resolutions": [16], "norm_groups": 4}
 
 
-def group_norm_in_input_dtype(self: torch.nn.GroupNorm, x: torch.Tensor) -> torch.Tensor:
-    """nn.GroupNorm.forward that keeps bf16/fp16 inputs in their dtype under autocast (the kernels accumulate the
-    statistics in fp32 either way); fp32 inputs as before."""
-    if x.dtype in (torch.bfloat16, torch.float16):
-        with torch.autocast(x.device.type, enabled=False):
-            return torch.nn.functional.group_norm(x, self.num_groups, self.weight.to(x.dtype),
-                                                  self.bias.to(x.dtype), self.eps)
-    return torch.nn.functional.group_norm(x, self.num_groups, self.weight, self.bias, self.eps)
-
-
 def bench_train(name: str, sets: dict, batch: int, steps: int, log_every: int, images: ImageSet,
                 model: dict, profile: bool = False) -> dict:
     sets = dict(sets)
     inductor_config.force_layout_optimization = sets.pop("_force_layout", False)  # the Trainer may set it again
-    gn_forward = torch.nn.GroupNorm.forward
-    cs = sets.pop("_channel_stats", False)
-    if sets.pop("_norm_in_input_dtype", False):
-        torch.nn.GroupNorm.forward = group_norm_in_input_dtype
     try:
-        return _bench_train(name, sets, batch, steps, log_every, images, model, profile, cs)
+        return _bench_train(name, sets, batch, steps, log_every, images, model, profile)
     finally:
-        torch.nn.GroupNorm.forward = gn_forward
-        torch._dynamo.reset()  # no later variant may reuse a graph traced with the other GroupNorm
+        torch._dynamo.reset()  # no later variant may reuse a graph traced with other switches
 
 
 def _bench_train(name: str, sets: dict, batch: int, steps: int, log_every: int, images: ImageSet,
-                 model: dict, profile: bool, cs: bool = False) -> dict:
+                 model: dict, profile: bool) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         cfg = validate_config({
             "model": model,
@@ -169,7 +145,6 @@ def _bench_train(name: str, sets: dict, batch: int, steps: int, log_every: int, 
         cb = Collect(profile_at=steps - 20 if profile else 0)
         t0 = time.perf_counter()
         trainer = Trainer(cfg, callbacks=cb, dataset=images)
-        channel_stats(trainer.model, cs)  # before the first step: torch.compile traces lazily
         res = trainer.run()
         total = time.perf_counter() - t0
         peak = torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else 0.0
@@ -198,8 +173,8 @@ def bench_sample(name: str, opts: dict, batch: int, steps: int, e2e: bool, model
     diffusion = build_diffusion(cfg.diffusion).to(device)
     sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
     inductor_config.force_layout_optimization = opts.get("force_layout", False)
-    channel_stats(model, opts.get("channel_stats", False))
-    net = inference_net(model, channels_last=opts["channels_last"], compile=opts["compile"])
+    net = inference_net(model, channels_last=opts["channels_last"], compile=opts["compile"],
+                        norm_stats=opts.get("norm_stats"))
     shape = (3, 32, 32)
 
     def run(n: int, s: int) -> float:

@@ -187,6 +187,10 @@ class TrainConfig(Section):
     channels_last: Literal["auto", "on", "off"] = "auto"
     """Channels-last memory layout: on also makes torch.compile keep the whole graph channels-last; auto means
     on for CUDA, off elsewhere."""
+    norm_stats: Literal["auto", "group", "channel"] = "auto"
+    """How GroupNorm computes its statistics (the same function either way): group = torch's kernel; channel =
+    per channel first, then per group, which reads channels-last memory in order and keeps bf16 activations in
+    bf16 (H100: +11% training img/s); auto = channel when the layout is channels-last, group otherwise."""
     grad_sync: Literal["auto", "ddp", "flat"] = "auto"
     """How ranks average gradients under torchrun: ddp = DistributedDataParallel's bucketed all-reduce, overlapped
     with the backward; flat = one all-reduce of all gradients after the backward, which keeps a CUDA-graph step

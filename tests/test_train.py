@@ -148,7 +148,7 @@ def test_help_does_not_import_torch():
 def test_speed_switches_resolve_to_the_measured_defaults(tmp_path):
     """auto means: on CUDA bf16, channels-last and CUDA graphs, with the flat gradient sync under torchrun; on the
     CPU none of them. Explicit choices win. (BENCHMARKS.md has the measurements behind each default.)"""
-    from ddpm_cli.engine.build import compile_mode, grad_sync, use_bf16, use_channels_last
+    from ddpm_cli.engine.build import compile_mode, grad_sync, use_bf16, use_channel_stats, use_channels_last
 
     cuda, cpu = torch.device("cuda"), torch.device("cpu")
     auto = tiny_config(tmp_path)
@@ -160,3 +160,23 @@ def test_speed_switches_resolve_to_the_measured_defaults(tmp_path):
     chosen = tiny_config(tmp_path, train__compile="on", train__channels_last="off", train__grad_sync="ddp")
     assert compile_mode(chosen, cuda) == compile_mode(chosen, cpu) == "default"
     assert not use_channels_last(chosen, cuda) and grad_sync(chosen, "reduce-overhead") == "ddp"
+    assert use_channel_stats(auto, True) and not use_channel_stats(auto, False)
+    assert use_channel_stats(tiny_config(tmp_path, train__norm_stats="channel"), False)
+    assert not use_channel_stats(tiny_config(tmp_path, train__norm_stats="group"), True)
+
+
+def test_training_with_channel_statistics_norms_follows_the_default_path(tmp_path):
+    """train.norm_stats: channel is the same function as torch's GroupNorm: a few steps land on the same loss and
+    weights (within float rounding), and the switch reaches every GroupNorm of the trained model."""
+    from ddpm_cli.engine.train import Trainer
+    from ddpm_cli.nn.unet import GroupNorm
+
+    results = {}
+    for stats in ("group", "channel"):
+        trainer = Trainer(tiny_config(tmp_path / stats, train__steps=6, train__norm_stats=stats))
+        res = trainer.run()
+        norms = [m for m in trainer.model.modules() if isinstance(m, GroupNorm)]
+        assert norms and all(m.channel_stats == (stats == "channel") for m in norms)
+        results[stats] = (res.last_loss, torch.cat([p.detach().flatten() for p in trainer.model.parameters()]))
+    (loss_g, w_g), (loss_c, w_c) = results["group"], results["channel"]
+    assert abs(loss_g - loss_c) < 1e-4 * abs(loss_g) and torch.allclose(w_g, w_c, atol=1e-5)

@@ -12,12 +12,15 @@ import torch
 
 from ddpm_cli.diffusion.gaussian import GaussianDiffusion
 from ddpm_cli.diffusion.samplers import autoguided, guided, sample
+from ddpm_cli.nn.unet import channel_stats
 
 
-def inference_net(model: torch.nn.Module, *, channels_last: bool = False, compile: str | None = None):
-    """The network as a sampler calls it, with the speed switches applied: channels-last layout and
-    torch.compile (mode "default", "max-autotune" or "reduce-overhead" for CUDA graphs)."""
-    model = model.eval()
+def inference_net(model: torch.nn.Module, *, channels_last: bool = False, compile: str | None = None,
+                  norm_stats: bool | None = None):
+    """The network as a sampler calls it, with the speed switches applied: channels-last layout, GroupNorm from
+    per-channel statistics (`norm_stats`, default: with channels-last, which it reads in order) and torch.compile
+    (mode "default", "max-autotune" or "reduce-overhead" for CUDA graphs)."""
+    model = channel_stats(model.eval(), channels_last if norm_stats is None else norm_stats)
     if next(model.parameters()).is_cuda:
         torch.backends.cudnn.benchmark = True  # one batch shape, many calls: timing algorithms once pays
     if channels_last:

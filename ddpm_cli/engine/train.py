@@ -18,7 +18,8 @@ import torch
 from ddpm_cli.config import RunConfig, config_to_dict
 from ddpm_cli.engine import checkpoint as ckpt_io
 from ddpm_cli.engine.build import (build_diffusion, build_unet, compile_mode, count_params,
-                                   force_channels_last_graph, grad_sync, resolve_device, use_bf16, use_channels_last)
+                                   force_channels_last_graph, grad_sync, resolve_device, use_bf16, use_channel_stats,
+                                   use_channels_last)
 from ddpm_cli.engine.data import Batcher, ImageSet, load_dataset, split_holdout, to_model_range
 from ddpm_cli.engine.distributed import DistInfo
 from ddpm_cli.engine.ema import EMA
@@ -26,6 +27,7 @@ from ddpm_cli.engine.generate import generate
 from ddpm_cli.engine.header import atomic_write_bytes, list_checkpoints, state_path
 from ddpm_cli.engine.metrics import MetricsLog, WandbSink, plot_loss_curve, read_metrics
 from ddpm_cli.errors import DdpmError, TrainingAborted
+from ddpm_cli.nn.unet import channel_stats
 
 EXIT_SIGINT = 130
 EXIT_SIGTERM = 143
@@ -152,6 +154,7 @@ class Trainer:
         self.channels_last = use_channels_last(cfg, self.device)
         if self.channels_last:
             self.model = self.model.to(memory_format=torch.channels_last)
+        channel_stats(self.model, use_channel_stats(cfg, self.channels_last))
         self.ema = EMA(self.model, tc.ema_decay, tc.ema_warmup) if (tc.ema and self.main) else None
         # train.ema_extra: more averaging lengths to choose from after training, updated with the main one
         self.extra_emas = {d: EMA(self.model, d, tc.ema_warmup) for d in tc.ema_extra} if self.ema else {}

@@ -177,6 +177,12 @@ class TrainConfig(Section):
     ema_extra: tuple[float, ...] = Field((), max_length=4)
     """More EMA decays to keep beside ema_decay (each a full copy of the weights, updated with it), to choose the
     averaging length after training with `ddpm sample --ema-decay D` (also eval and export)."""
+    guide_step: int | None = Field(None, ge=1)
+    """Keep the EMA weights of this step (the raw ones without EMA) in every later checkpoint as its autoguidance
+    guide: `ddpm sample` and `ddpm eval` then guide by them by default (DPM-Solver++(2M)-20, weight
+    guide_weight). About a third of the run is best (BENCHMARKS.md); unset: no guide."""
+    guide_weight: float = Field(2.0, gt=1.0)
+    """Default autoguidance weight for the stored guide (`--guidance W` overrides, `--guidance 1` turns it off)."""
     label_dropout: float = Field(0.0, ge=0.0, lt=1.0)
     """Fraction of labels replaced by the 'no label' class (classifier-free guidance training)."""
     precision: Literal["auto", "fp32", "bf16"] = "auto"

@@ -555,3 +555,22 @@ def test_eval_with_autoguidance_scores_what_ddpm_sample_draws_with_it(cli_files,
     assert plain.exit_code == 0 and _json_line(plain)["fid"] > 1e-3  # unguided: other images
     r = runner.invoke(app, ["eval", str(drawn), "--guide-model", str(early), *score])
     assert r.exit_code == 1 and "--guide-model" in r.stderr and "not a checkpoint" in r.stderr
+
+
+def test_eval_of_a_checkpoint_with_a_stored_guide_scores_the_default_sample(cli_files, tmp_path):
+    """`ddpm eval RUN` draws what `ddpm sample RUN` draws: autoguided by the stored guide, with DPM-Solver++(2M)."""
+    from conftest import tiny_config
+    from ddpm_cli.engine.train import train
+
+    run = train(tiny_config(tmp_path / "runs", train__guide_step=10)).run_dir
+    drawn = tmp_path / "drawn.npz"
+    r = runner.invoke(app, ["sample", str(run), "-n", "10", "--format", "npz", "--out", str(drawn), "--steps", "3",
+                            "--device", "cpu"])
+    assert r.exit_code == 0, r.output
+    r = runner.invoke(app, ["eval", str(run), "-n", "10", "--steps", "3", "--ref", str(drawn), "--no-cache",
+                            *cli_files["common"][:2], "--device", "cpu", "--kid-subsets", "3", "--kid-subset-size",
+                            "5"])
+    assert r.exit_code == 0, r.output
+    out = _json_line(r)
+    assert out["sampler"] == "dpm++2m" and out["guidance"] == 2.0 and out["guide_step"] == 10
+    assert abs(out["fid"]) < 1e-6

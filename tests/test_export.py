@@ -83,6 +83,20 @@ def test_an_extra_ema_average_exports_and_samples_as_it_does_in_place(tmp_path):
     assert "holds no EMA weights with decay 0.5" in one_line_error(bad)
 
 
+def test_a_slim_export_keeps_the_autoguidance_guide_and_samples_as_the_source(tmp_path):
+    from conftest import tiny_config
+    from ddpm_cli.engine.train import train
+
+    run = train(tiny_config(tmp_path / "runs", train__guide_step=10)).run_dir
+    src = latest_checkpoint(run)
+    ok("export", src, "--out", tmp_path / "slim.safetensors")
+    h = read_header(tmp_path / "slim.safetensors")
+    assert h.metadata["guide_step"] == "10" and any(k.startswith("guide.") for k in h.tensors)
+    default = sample_npz(src, tmp_path / "a.npz")  # autoguided by the stored guide, in both
+    assert np.array_equal(default, sample_npz(tmp_path / "slim.safetensors", tmp_path / "b.npz"))
+    assert not np.array_equal(default, sample_npz(src, tmp_path / "c.npz", "--guidance", "1"))
+
+
 def test_default_output_name_and_overwrite(trained_run, tmp_path):
     import shutil
 

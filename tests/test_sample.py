@@ -310,9 +310,9 @@ def test_autoguidance_of_an_unconditional_model_by_an_earlier_checkpoint(trained
     early = trained_run / "checkpoints" / "ckpt-00000010.safetensors"
     assert early.exists()
     ok("sample", trained_run, "-n", 3, "--format", "npz", "--out", tmp_path / "plain.npz", *FAST)
-    r = ok("sample", trained_run, "-n", 3, "--format", "npz", "--out", tmp_path / "auto.npz", "--guidance", 2,
-           "--guide-model", early, *FAST)
-    assert f"guided by {early} at 2" in r.stdout
+    r = ok("sample", trained_run, "-n", 3, "--format", "npz", "--out", tmp_path / "auto.npz", "--guide-model", early,
+           *FAST)  # the weight defaults to train.guide_weight, 2
+    assert f"autoguided by {early} at 2" in r.stdout
     plain, auto = npz(tmp_path / "plain.npz")["arr_0"], npz(tmp_path / "auto.npz")["arr_0"]
     assert auto.shape == plain.shape and not np.array_equal(auto, plain)
     # a model guided by itself is the model alone: eps + w * (eps - eps) = eps, at any weight
@@ -324,9 +324,39 @@ def test_autoguidance_of_an_unconditional_model_by_an_earlier_checkpoint(trained
 def test_autoguidance_bad_inputs(trained_run, trained_conditional_run, tmp_path):
     early = trained_run / "checkpoints" / "ckpt-00000010.safetensors"
     out = ["-n", 2, "--out", tmp_path / "o", *FAST]
-    assert "no effect at --guidance 1" in one_line_error(cli("sample", trained_run, "--guide-model", early, *out))
+    assert "no effect at --guidance 1" in one_line_error(cli("sample", trained_run, "--guidance", 1, "--guide-model",
+                                                             early, *out))
     msg = one_line_error(cli("sample", trained_run, "--guidance", 2, "--guide-model", trained_conditional_run, *out))
     assert "differs from the checkpoint in its classes" in msg and "earlier checkpoint of the same run" in msg
     assert "not found" in one_line_error(cli("sample", trained_run, "--guidance", 2, "--guide-model",
                                              tmp_path / "nope.safetensors", *out))
     assert not (tmp_path / "o").exists()  # refused before anything was written
+
+
+@pytest.fixture(scope="module")
+def guided_run(tmp_path_factory):
+    """A tiny unconditional run whose checkpoints carry their step-10 EMA weights as the autoguidance guide."""
+    from conftest import tiny_config
+    from ddpm_cli.engine.train import train
+
+    return train(tiny_config(tmp_path_factory.mktemp("guided"), train__guide_step=10, train__guide_weight=2.5)).run_dir
+
+
+def test_a_checkpoint_with_a_stored_guide_is_autoguided_by_default(guided_run, tmp_path):
+    """`ddpm sample RUN` of a run trained with train.guide_step: DPM-Solver++(2M) autoguided by the stored weights at
+    train.guide_weight, exactly the images of the explicit --guide-model path to that step's checkpoint (whose EMA
+    weights the guide is); --guidance 1 and --guide-model none sample it unguided with DDIM."""
+    r = ok("sample", guided_run, "-n", 3, "--format", "npz", "--out", tmp_path / "d.npz")
+    assert "dpm++2m" in r.stdout and "autoguided by its step-10 weights at 2.5" in r.stdout
+    explicit = guided_run / "checkpoints" / "ckpt-00000010.safetensors"
+    assert explicit.exists()
+    ok("sample", guided_run, "-n", 3, "--format", "npz", "--out", tmp_path / "e.npz", "--sampler", "dpm++2m",
+       "--steps", 20, "--guidance", 2.5, "--guide-model", explicit)
+    default = npz(tmp_path / "d.npz")["arr_0"]
+    assert np.array_equal(default, npz(tmp_path / "e.npz")["arr_0"])
+    for off in (["--guidance", "1"], ["--guide-model", "none"]):
+        r = ok("sample", guided_run, "-n", 3, "--format", "npz", "--out", tmp_path / "u.npz", "--overwrite", *off)
+        assert "ddim" in r.stdout and "autoguided" not in r.stdout
+        assert not np.array_equal(npz(tmp_path / "u.npz")["arr_0"], default)
+    r = ok("sample", guided_run, "-n", 3, "--format", "npz", "--out", tmp_path / "w.npz", "--guidance", 4, *FAST)
+    assert "autoguided by its step-10 weights at 4" in r.stdout

@@ -180,3 +180,39 @@ def test_training_with_channel_statistics_norms_follows_the_default_path(tmp_pat
         results[stats] = (res.last_loss, torch.cat([p.detach().flatten() for p in trainer.model.parameters()]))
     (loss_g, w_g), (loss_c, w_c) = results["group"], results["channel"]
     assert abs(loss_g - loss_c) < 1e-4 * abs(loss_g) and torch.allclose(w_g, w_c, atol=1e-5)
+
+
+def test_guide_step_keeps_that_steps_ema_weights_as_the_checkpoints_guide(tmp_path):
+    """train.guide_step: every checkpoint from that step on carries the EMA weights of that step as guide.*,
+    also across a resume; `ddpm inspect` lists it."""
+    from safetensors.torch import load_file
+
+    from conftest import ok
+
+    first = train(tiny_config(tmp_path, train__steps=15, train__guide_step=10))
+    ck10, ck15 = list_checkpoints(first.run_dir)[-2:]
+    assert ck10.name == "ckpt-00000010.safetensors"
+    at10, at15 = load_file(ck10), load_file(ck15)
+    guide = {k[6:]: v for k, v in at15.items() if k.startswith("guide.")}
+    ema10 = {k[4:]: v for k, v in at10.items() if k.startswith("ema.")}
+    assert guide.keys() == ema10.keys() and all(torch.equal(guide[k], ema10[k]) for k in guide)
+    assert not all(torch.equal(guide[k], at15[f"ema.{k}"]) for k in guide)  # the EMA moved on; the guide did not
+    res = train(tiny_config(tmp_path, train__steps=20, train__guide_step=10), resume=ck15)
+    at20 = load_file(res.checkpoint)
+    assert all(torch.equal(at20[f"guide.{k}"], ema10[k]) for k in guide)  # kept across the resume
+    r = ok("inspect", res.checkpoint)
+    assert "autoguidance guide" in r.stdout and "step 10, weight 2" in r.stdout
+
+
+def test_a_guide_step_the_run_does_not_reach_warns_and_stores_nothing(tmp_path):
+    from safetensors.torch import load_file
+
+    msgs = []
+
+    class Cb(TrainCallbacks):
+        def on_message(self, text):
+            msgs.append(text)
+
+    res = train(tiny_config(tmp_path, train__steps=6, train__guide_step=50), callbacks=Cb())
+    assert any("before train.guide_step 50" in m for m in msgs)
+    assert not any(k.startswith("guide.") for k in load_file(res.checkpoint))

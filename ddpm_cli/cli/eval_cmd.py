@@ -83,17 +83,18 @@ def eval_command(
     device: str = typer.Option("auto", "--device", help="auto (CUDA when available), cpu, cuda, cuda:N."),
     seed: int = typer.Option(0, "--seed", help="Seed of the sampler's noise (checkpoints)."),
     sampler: Optional[str] = typer.Option(None, "--sampler", show_default=False,
-                                          help="Sampler for a checkpoint: ddpm, ddim or dpm++2m "
-                                               "(default: the project's default sampler)."),
+                                          help="Sampler for a checkpoint: ddpm, ddim or dpm++2m (default: ddim, or "
+                                               "dpm++2m for a checkpoint with a stored guide, as `ddpm sample`)."),
     steps: Optional[int] = typer.Option(None, "--steps", min=1, show_default=False,
                                         help="Sampler steps (default: the sampler's default)."),
-    guidance: float = typer.Option(1.0, "--guidance",
-                                   help="Guidance weight (1: none): classifier-free for class-conditional "
-                                        "checkpoints (labels spread evenly over the classes), or autoguidance "
-                                        "with --guide-model."),
-    guide_model: Optional[Path] = typer.Option(None, "--guide-model", show_default=False,
-                                               help="Autoguidance: guide the checkpoint with this weaker one (an "
-                                                    "earlier checkpoint of the same run)."),
+    guidance: Optional[float] = typer.Option(None, "--guidance", show_default=False,
+                                             help="Guidance weight (1: none): autoguidance by the checkpoint's "
+                                                  "stored guide (its default when it has one) or by --guide-model; "
+                                                  "else classifier-free for class-conditional checkpoints (labels "
+                                                  "spread evenly over the classes)."),
+    guide_model: Optional[str] = typer.Option(None, "--guide-model", show_default=False,
+                                              help="Autoguidance by this weaker checkpoint (an earlier one of the "
+                                                   "same run); `none`: not by the checkpoint's stored guide."),
     ema_decay: Optional[float] = typer.Option(None, "--ema-decay", show_default=False,
                                               help="Sample the checkpoint's EMA weights of this decay "
                                                    "(train.ema_decay or one of train.ema_extra)."),

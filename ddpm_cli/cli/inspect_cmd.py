@@ -20,7 +20,7 @@ def _int(text: str | None) -> int | None:
 
 def describe(header, sha256: bool = False) -> dict:
     """A checkpoint header -> a JSON-ready summary (the `--json` output; the table shows the same)."""
-    from ddpm_cli.engine.header import ema_decays, has_ema_weights
+    from ddpm_cli.engine.header import ema_decays, has_ema_weights, stored_guide_step
 
     meta = header.metadata
     try:
@@ -61,6 +61,8 @@ def describe(header, sha256: bool = False) -> dict:
         "num_params": num_params if num_params is not None else (model_params or None),
         "has_ema": has_ema_weights(header),
         "ema_decays": ema_decays(header, main_decay),
+        "guide_step": stored_guide_step(header),
+        "guide_weight": train.get("guide_weight") if isinstance(train.get("guide_weight"), (int, float)) else None,
         "dtype": meta.get("dtype"),
         "model": cfg.get("model", {}),
         "diffusion": cfg.get("diffusion", {}),
@@ -124,6 +126,9 @@ def _rows(info: dict) -> list[tuple[str, str]]:
         ]
     ema = ", ".join(map(str, info["ema_decays"])) or ("yes" if info["has_ema"] else "no")
     rows += [("parameters", opt(info["num_params"])), ("EMA weights", ema)]
+    if info["guide_step"] is not None:
+        rows.append(("autoguidance guide", f"the weights of step {info['guide_step']:,}, weight "
+                                           f"{opt(info['guide_weight'])} (sample/eval default)"))
     if "source_weights" in info:
         rows.append(("exported from", f"{info.get('exported_from', '?')} ({info['source_weights']} weights)"))
     if d:

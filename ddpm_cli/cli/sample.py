@@ -102,8 +102,10 @@ def sample_command(
                                                             "array `arr_0` and `labels`, as FID tools read it."),
     grid: Optional[Path] = typer.Option(None, "--grid", help="Also write one PNG grid of the images (at most "
                                                              "1,024).", show_default=False),
-    sampler: Sampler = typer.Option(Sampler.ddim, "--sampler", help="ddpm: ancestral over all T steps; ddim: few "
-                                                                    "steps, --eta; dpm++2m: DPM-Solver++ (2M)."),
+    sampler: Optional[Sampler] = typer.Option(None, "--sampler", help="ddpm: ancestral over all T steps; ddim: few "
+                                              "steps, --eta; dpm++2m: DPM-Solver++ (2M). Default: ddim, or dpm++2m "
+                                              "for a checkpoint with a stored guide (train.guide_step).",
+                                              show_default=False),
     steps: Optional[int] = typer.Option(None, "--steps", help="Sampler steps (default: ddim 100, dpm++2m 20; ddpm "
                                                               "always T).", show_default=False),
     eta: float = typer.Option(0.0, "--eta", help="DDIM noise: 0 deterministic, 1 like DDPM."),
@@ -111,12 +113,14 @@ def sample_command(
                                               "(default: ddim uniform, dpm++2m logsnr).", show_default=False),
     variance: Optional[Variance] = typer.Option(None, "--variance", help="ddpm sampler's sigma^2: beta or "
                                                 "posterior (default: the checkpoint's).", show_default=False),
-    guidance: float = typer.Option(1.0, "--guidance", "-w", help="Guidance weight (1 = off): classifier-free for "
-                                   "conditional models (0 = unconditional), or autoguidance with --guide-model."),
-    guide_model: Optional[Path] = typer.Option(None, "--guide-model", help="Autoguidance: guide with this weaker "
-                                               "checkpoint (an earlier one of the same run, or a smaller model of "
-                                               "the same data and schedule) instead of the null class.",
-                                               show_default=False),
+    guidance: Optional[float] = typer.Option(None, "--guidance", "-w", help="Guidance weight (1 = off): "
+                                             "autoguidance by the checkpoint's stored guide (the default when it "
+                                             "has one: train.guide_weight) or by --guide-model; else classifier-free "
+                                             "for conditional models (0 = unconditional).", show_default=False),
+    guide_model: Optional[str] = typer.Option(None, "--guide-model", help="Autoguidance by this weaker checkpoint "
+                                              "(an earlier one of the same run, or a smaller model of the same data "
+                                              "and schedule); `none`: not by the checkpoint's stored guide.",
+                                              show_default=False),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace existing output files."),
     gpus: int = typer.Option(0, "--gpus", min=0, help="Spread the batches over N GPUs of this machine (torchrun); "
                              "the images are the same as on one."),
@@ -141,11 +145,9 @@ def sample_command(
         out = Path("samples.npz") if fmt == Format.npz else Path("samples")
     req = SampleRequest(checkpoint=checkpoint, n=n, per_class=per_class, class_index=class_index,
                         batch_size=batch_size, seed=seed, ema=ema, ema_decay=ema_decay, device=device, out=out,
-                        fmt=fmt.value, grid=grid,
-                        sampler=sampler.value, steps=steps, eta=eta, spacing=spacing.value if spacing else None,
-                        variance=variance.value if variance else None, guidance=guidance, guide=guide_model,
-                        overwrite=overwrite,
-                        compile=compile.value)
+                        fmt=fmt.value, grid=grid, sampler=sampler.value if sampler else None, steps=steps, eta=eta,
+                        spacing=spacing.value if spacing else None, variance=variance.value if variance else None,
+                        guidance=guidance, guide=guide_model, overwrite=overwrite, compile=compile.value)
     if gpus > 1 and not under_torchrun():
         plan_sampling(req)  # refuse bad arguments here, once, before starting N processes
         return relaunch_with_torchrun(gpus)
@@ -159,10 +161,11 @@ def sample_command(
 
     def on_start(device_name: str) -> None:
         if main:
-            guided = f"guided by {plan.guide} at {guidance:g}  |  " if plan.guide else ""
+            guided = plan.guidance.describe()
             console.print(f"sampling {n:,} image{'s' if n != 1 else ''} ({what}) from {plan.checkpoint}  |  "
-                          f"{sampler.value}{f' {steps} steps' if steps else ''}  |  {plan.weights} weights  |  "
-                          f"{guided}seed {seed}  |  {device_name}", markup=False, soft_wrap=True)
+                          f"{plan.sampler}{f' {steps} steps' if steps else ''}  |  {plan.weights} weights  |  "
+                          f"{guided + '  |  ' if guided else ''}seed {seed}  |  {device_name}", markup=False,
+                          soft_wrap=True)
 
     with SampleDisplay(n, live=None if main else False, quiet=not main) as display:
         result = run_sampling(plan, req, on_start=on_start, on_step=display.on_step, on_batch=display.on_batch)

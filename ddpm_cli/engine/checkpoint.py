@@ -1,8 +1,9 @@
 """Checkpoints in safetensors, never pickle.
 
 - weights: `model.*` and `ema.*` tensors (and `ema1.*`, `ema2.*`... for train.ema_extra, whose decays the
-  metadata's `ema_extra` lists in order), with metadata (format, version, the resolved config as JSON, step,
-  images seen, creation time, ddpm version, parameter count, classes). Alone, it rebuilds the model.
+  metadata's `ema_extra` lists in order; `guide.*` for train.guide_step, its step in `guide_step`), with
+  metadata (format, version, the resolved config as JSON, step, images seen, creation time, ddpm version,
+  parameter count, classes). Alone, it rebuilds the model.
 - training state (beside it, `*.state.safetensors`): optimizer tensors and RNG states as tensors, everything
   else (step, data position, param groups, counters) as JSON metadata.
 Both are written atomically (engine.header.atomic_write_bytes)."""
@@ -22,7 +23,8 @@ from ddpm_cli import __version__
 from ddpm_cli.config import RunConfig, config_to_dict
 from ddpm_cli.engine.build import build_diffusion, build_unet
 from ddpm_cli.engine.header import (FORMAT, FORMAT_VERSION, atomic_write_bytes, extra_ema_decays,
-                                    read_checkpoint_config, read_header, require_ema_decay, state_path)
+                                    read_checkpoint_config, read_header, require_ema_decay, state_path,
+                                    stored_guide_step)
 from ddpm_cli.errors import CheckpointError, DdpmError
 
 
@@ -44,8 +46,10 @@ def weights_metadata(cfg: RunConfig, step: int, images_seen: int, num_params: in
 
 
 def save_weights(path: Path, model: torch.nn.Module, ema_model: torch.nn.Module | None,
-                 metadata: dict[str, str], extra: dict[float, torch.nn.Module] | None = None) -> None:
-    """`extra`: the train.ema_extra averages by decay, stored as ema1.*, ema2.* in the metadata's order."""
+                 metadata: dict[str, str], extra: dict[float, torch.nn.Module] | None = None,
+                 guide: tuple[int, dict[str, torch.Tensor]] | None = None) -> None:
+    """`extra`: the train.ema_extra averages by decay, stored as ema1.*, ema2.* in the metadata's order;
+    `guide`: (step, weights) of the autoguidance guide (train.guide_step), stored as guide.*."""
     tensors = {f"model.{k}": v for k, v in model.state_dict().items()}
     if ema_model is not None:
         tensors.update({f"ema.{k}": v for k, v in ema_model.state_dict().items()})
@@ -53,6 +57,9 @@ def save_weights(path: Path, model: torch.nn.Module, ema_model: torch.nn.Module 
         metadata = {**metadata, "ema_extra": json.dumps(list(extra))}
         for i, m in enumerate(extra.values(), 1):
             tensors.update({f"ema{i}.{k}": v for k, v in m.state_dict().items()})
+    if guide is not None:
+        metadata = {**metadata, "guide_step": str(guide[0])}
+        tensors.update({f"guide.{k}": v for k, v in guide[1].items()})
     _write(path, tensors, metadata)
 
 
@@ -80,10 +87,15 @@ class Checkpoint:
     model_state: dict[str, torch.Tensor]
     ema_state: dict[str, torch.Tensor] | None
     extra_ema: dict[float, dict[str, torch.Tensor]] = field(default_factory=dict)  # decay -> weights
+    guide_state: dict[str, torch.Tensor] | None = None  # train.guide_step's weights (autoguidance)
 
     @property
     def step(self) -> int:
         return int(self.metadata.get("step", 0))
+
+    @property
+    def guide_step(self) -> int:
+        return int(self.metadata.get("guide_step", 0))
 
     @property
     def classes(self) -> list[str]:
@@ -113,7 +125,10 @@ def load_checkpoint(path: str | Path) -> Checkpoint:
     for i, decay in enumerate(extra_ema_decays(header.metadata), 1):
         prefix = f"ema{i}."
         extra[decay] = {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
-    return Checkpoint(p, header.metadata, cfg, model, ema, {d: w for d, w in extra.items() if w})
+    guide = {k[6:]: v for k, v in tensors.items() if k.startswith("guide.")} or None
+    if guide is not None and stored_guide_step(header) is None:
+        raise CheckpointError(f"{p} holds guide weights without a valid guide_step in its metadata")
+    return Checkpoint(p, header.metadata, cfg, model, ema, {d: w for d, w in extra.items() if w}, guide)
 
 
 def load_into(module: torch.nn.Module, state: dict[str, torch.Tensor], what: str) -> None:
@@ -164,15 +179,21 @@ def optimizer_state_dict(tensors: dict[str, torch.Tensor], param_groups: list) -
 
 
 def load_model(path: str | Path, device: torch.device | str = "cpu", use_ema: bool = True,
-               ema_decay: float | None = None):
+               ema_decay: float | None = None, guide: bool = False):
     """Rebuild (model in eval mode, diffusion, config, checkpoint) from a checkpoint alone. `ema_decay` picks one
-    of the checkpoint's EMA weights by its decay (train.ema_decay or one of train.ema_extra)."""
+    of the checkpoint's EMA weights by its decay (train.ema_decay or one of train.ema_extra); `guide` its stored
+    autoguidance guide (train.guide_step) instead."""
     ckpt = load_checkpoint(path)
     model = build_unet(ckpt.config.model)
     state = ckpt.ema_state if (use_ema and ckpt.ema_state is not None) else ckpt.model_state
     if ema_decay is not None:
         require_ema_decay(read_header(ckpt.path), ckpt.config.train.ema_decay, ema_decay)
         state = ckpt.extra_ema.get(ema_decay, ckpt.ema_state)
+    if guide:
+        if ckpt.guide_state is None:
+            raise CheckpointError(f"{ckpt.path} carries no autoguidance guide (train.guide_step); pass "
+                                  f"--guide-model PATH")
+        state = ckpt.guide_state
     load_into(model, state, str(ckpt.path))
     diffusion = build_diffusion(ckpt.config.diffusion)
     return model.to(device).eval(), diffusion.to(device), ckpt.config, ckpt

@@ -7,7 +7,6 @@ the rows KID needs) -> FID (Frechet distance of two Gaussians) and KID (unbiased
 from __future__ import annotations
 
 import hashlib
-import inspect
 import io
 import json
 import os
@@ -694,12 +693,6 @@ def balanced_labels(n: int, num_classes: int) -> torch.Tensor:
     return torch.arange(n) % num_classes
 
 
-def _generate_default(name: str) -> Any:
-    from ddpm_cli.engine.generate import generate
-
-    return inspect.signature(generate).parameters[name].default
-
-
 def model_batches(model: Callable, diffusion, n: int, batch_size: int, *, image_shape: tuple[int, int, int],
                   num_classes: int | None = None, sampler: str | None = None, steps: int | None = None,
                   guidance: float = 1.0, guide: Callable | None = None, variance: str = "beta", seed: int = 0,
@@ -883,10 +876,10 @@ class EvalRequest:
     batch_size: int | None = None  # None: 250 on CUDA, 50 on the CPU
     device: str = "auto"
     seed: int = 0
-    sampler: str | None = None  # None: generate's default
+    sampler: str | None = None  # None: ddim, or dpm++2m for a checkpoint autoguided by its stored guide
     steps: int | None = None
-    guidance: float = 1.0
-    guide: Path | None = None  # checkpoint: a weaker one for autoguidance
+    guidance: float | None = None  # None: the stored guide's weight if the checkpoint carries one, else 1 (off)
+    guide: Path | str | None = None  # checkpoint: a weaker one for autoguidance; "none": not the stored guide
     ema_decay: float | None = None  # checkpoint: which EMA weights (None: train.ema_decay's)
     kid_subsets: int = 100
     kid_subset_size: int = 1000
@@ -954,13 +947,13 @@ def check_request(req: EvalRequest) -> tuple[bool, ImageSource | FeatureStats]:
             raise DdpmError(f"unknown sampler {req.sampler!r}; choose one of {', '.join(SAMPLERS)}")
         if req.steps is not None and req.steps < 1:
             raise DdpmError(f"--steps must be at least 1 (got {req.steps})")
-        _, header, cfg = read_checkpoint_config(req.input)
-        check_guidance(cfg, req.guidance, req.guide)
+        path, header, cfg = read_checkpoint_config(req.input)
+        check_guidance(path, header, cfg, req.guidance, req.guide)
         if req.ema_decay is not None:
             require_ema_decay(header, cfg.train.ema_decay, req.ema_decay)
     elif req.input is not None:
-        if (req.sampler is not None or req.steps is not None or req.guidance != 1.0 or req.ema_decay is not None
-                or req.guide is not None):
+        if (req.sampler is not None or req.steps is not None or req.guidance is not None
+                or req.ema_decay is not None or req.guide is not None):
             raise DdpmError(f"--sampler, --steps, --guidance, --guide-model and --ema-decay apply when a checkpoint "
                             f"is sampled, but {req.input} is not a checkpoint; drop them")
         if not Path(req.input).exists():
@@ -983,17 +976,21 @@ def _evaluate(req: EvalRequest, ref: ImageSource | FeatureStats, dist_info: Dist
     if req.input is not None:
         if is_checkpoint(req.input):
             from ddpm_cli.engine.checkpoint import load_model
+            from ddpm_cli.engine.header import check_guidance, read_checkpoint_config
 
+            g = check_guidance(*read_checkpoint_config(req.input), req.guidance, req.guide)  # checked already
             model, diffusion, cfg, ckpt = load_model(req.input, device, ema_decay=req.ema_decay)
-            m = cfg.model  # check_request refused --guidance on an unconditional checkpoint without a guide
-            guide_model, _, _, guide_ckpt = load_model(req.guide, device) if req.guide is not None else (None,) * 4
-            sampler = req.sampler or _generate_default("sampler")
+            m = cfg.model
+            guide_model = load_model(g.guide, device, guide=g.stored_step is not None)[0] if g.guide else None
+            sampler = req.sampler or g.default_sampler
             sample_info = {"checkpoint": str(ckpt.path), "step": ckpt.step, "sampler": sampler,
-                           "steps": req.steps, "guidance": req.guidance, "seed": req.seed,
+                           "steps": req.steps, "guidance": g.weight, "seed": req.seed,
                            "ema_decay": req.ema_decay if req.ema_decay is not None else (
                                cfg.train.ema_decay if ckpt.ema_state is not None else None)}
-            if guide_model is not None:
-                sample_info["guide"] = str(guide_ckpt.path)
+            if g.guide is not None:
+                sample_info["guide"] = str(g.guide)
+                if g.stored_step is not None:
+                    sample_info["guide_step"] = g.stored_step
         else:
             samples = open_images_or_stats(req.input, data_root=req.data_root, role="samples")
             if isinstance(samples, ImageSource) and req.n is not None:
@@ -1009,8 +1006,8 @@ def _evaluate(req: EvalRequest, ref: ImageSource | FeatureStats, dist_info: Dist
         nfe = job_nfe(n, sampler, req.steps, cfg.diffusion.num_timesteps)
         net = sampling_net(model, device, nfe)
         guide = sampling_net(guide_model, device, nfe) if guide_model is not None else None
-        gen = dict(image_shape=shape, num_classes=m.num_classes if m.conditional else None, sampler=req.sampler,
-                   steps=req.steps, guidance=req.guidance, guide=guide, variance=cfg.diffusion.variance,
+        gen = dict(image_shape=shape, num_classes=m.num_classes if m.conditional else None, sampler=sampler,
+                   steps=req.steps, guidance=g.weight, guide=guide, variance=cfg.diffusion.variance,
                    seed=req.seed, device=device, bf16=device.type == "cuda")
         sample_info["precision"] = "bf16" if gen["bf16"] else "fp32"
     if model is not None and dist_info.world > 1:  # sample first, each rank its batches; rank 0 then scores

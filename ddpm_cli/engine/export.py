@@ -1,9 +1,9 @@
 """Exporting a checkpoint for inference, each export checked against the PyTorch model right after it is written:
 
 - safetensors: one set of weights (EMA or raw) in fp32, fp16 or bf16, the metadata kept (kind "export"), so
-  `ddpm sample` loads it like any checkpoint;
+  `ddpm sample` loads it like any checkpoint (with its autoguidance guide, train.guide_step, when it has one);
 - onnx: the denoiser (x_t, t, y) -> epsilon (no y for an unconditional model) with a dynamic batch, run in
-  onnxruntime on random inputs;
+  onnxruntime on random inputs (the main weights only: a stored guide is not part of it);
 - pt2: the same denoiser as a torch.export program (torch.export.load(path).module()).
 
 A check beyond the tolerance deletes the file and raises: a wrong export must never be left behind."""
@@ -133,6 +133,10 @@ def export_safetensors(ckpt, use_ema: bool, dst: Path, dtype: str, ema_decay: fl
                             has_ema=False, classes=ckpt.classes, kind="export", dtype=DTYPE_NAMES[dtype])
     meta.update(source_weights=_weights(use_ema, ema_decay), exported_from=ckpt.path.name,
                 source_created=ckpt.metadata.get("created", ""))
+    if ckpt.guide_state is not None:  # the autoguidance guide travels too, so the export samples as the source
+        meta["guide_step"] = str(ckpt.guide_step)
+        tensors.update({f"guide.{k}": (v.to(DTYPES[dtype]) if v.is_floating_point() else v).contiguous()
+                        for k, v in ckpt.guide_state.items()})
     try:
         atomic_write_bytes(dst, st_save(tensors, metadata=meta))
     except OSError as e:

@@ -40,7 +40,7 @@ COMPILE_MIN_NFE = 200_000  # torch.compile costs ~25 s on an H100; below this ma
 
 def job_nfe(n: int, sampler: str | None, steps: int | None, num_timesteps: int) -> int:
     """About how many network evaluations sampling `n` images takes (to decide whether compiling pays)."""
-    return n * (steps or (num_timesteps if sampler == "ddpm" else 100))
+    return n * (steps or {"ddpm": num_timesteps, "dpm++2m": 20}.get(sampler or "ddim", 100))
 
 
 def sampling_net(model: torch.nn.Module, device: torch.device, nfe: int, compile: str = "auto"):

@@ -215,22 +215,63 @@ def read_checkpoint_config(path: str | Path) -> tuple[Path, Header, RunConfig]:
     return p, header, cfg
 
 
-def check_guidance(cfg: RunConfig, guidance: float, guide: str | Path | None) -> Path | None:
-    """The one check of `--guidance W [--guide-model G]` against a checkpoint's config (sample and eval).
+def stored_guide_step(header: Header) -> int | None:
+    """The step whose weights a checkpoint carries as its autoguidance guide (train.guide_step), or None."""
+    try:
+        step = int(header.metadata.get("guide_step", ""))
+    except ValueError:
+        return None
+    return step if any(k.startswith("guide.") for k in header.tensors) else None
 
-    Without a guide, W is classifier-free guidance, which needs a class-conditional model. With one, W is
-    autoguidance: the guide must draw the same kind of images from the same noise levels (image shape, classes,
-    noise schedule); its size and training may differ, that is the point. Returns the guide's checkpoint file."""
-    if guide is None:
-        if guidance != 1.0 and not cfg.model.conditional:
+
+@dataclass
+class Guidance:
+    """How a checkpoint will be guided: `weight` (1 = not at all); autoguidance when `guide` names the file that
+    holds the guide's weights (`stored_step`: the checkpoint's own guide.* weights, of that step), else
+    classifier-free."""
+
+    weight: float = 1.0
+    guide: Path | None = None
+    stored_step: int | None = None
+
+    @property
+    def default_sampler(self) -> str:
+        """DPM-Solver++(2M) (20 steps) with a stored guide, as measured (BENCHMARKS.md); DDIM (100) otherwise."""
+        return "dpm++2m" if self.stored_step is not None else "ddim"
+
+    def describe(self) -> str:
+        """A few words for the command's header line ("" when unguided)."""
+        if self.weight == 1.0:
+            return ""
+        if self.guide is None:
+            return f"classifier-free guidance {self.weight:g}"
+        by = f"its step-{self.stored_step} weights" if self.stored_step is not None else str(self.guide)
+        return f"autoguided by {by} at {self.weight:g}"
+
+
+def check_guidance(path: Path, header: Header, cfg: RunConfig, guidance: float | None,
+                   guide: str | Path | None) -> Guidance:
+    """The one check of `--guidance W` and `--guide-model G|none` against a checkpoint (sample and eval).
+
+    A checkpoint that carries a guide (train.guide_step) is autoguided by it at train.guide_weight unless told
+    otherwise; `--guide-model none` turns that off, `--guidance 1` too. With `--guide-model G`, W is autoguidance
+    by G, which must draw the same kind of images from the same noise levels (image shape, classes, noise
+    schedule); its size and training may differ, that is the point. Otherwise W is classifier-free guidance,
+    which needs a class-conditional model."""
+    stored = stored_guide_step(header)
+    if guide is None and guidance != 1.0 and stored is not None:
+        return Guidance(cfg.train.guide_weight if guidance is None else guidance, path, stored)
+    if guide is None or str(guide) == "none":
+        weight = 1.0 if guidance is None else guidance
+        if weight != 1.0 and not cfg.model.conditional:
             raise DdpmError("--guidance needs a class-conditional checkpoint, or a weaker model to guide with "
                             "(--guide-model, e.g. an earlier checkpoint of the same run); this one is "
                             "unconditional")
-        return None
+        return Guidance(weight)
     if guidance == 1.0:
         raise DdpmError("--guide-model has no effect at --guidance 1; pass a guidance weight above 1 (e.g. "
                         "--guidance 2)")
-    path, _, g = read_checkpoint_config(guide)
+    guide_path, _, g = read_checkpoint_config(guide)
     m, gm, d, gd = cfg.model, g.model, cfg.diffusion, g.diffusion
     differ = [what for what, a, b in (
         ("image size", (m.image_size, m.in_channels), (gm.image_size, gm.in_channels)),
@@ -239,7 +280,7 @@ def check_guidance(cfg: RunConfig, guidance: float, guide: str | Path | None) ->
         ("noise schedule", (d.schedule, d.num_timesteps, d.schedule_low, d.schedule_high, d.dns_offset),
          (gd.schedule, gd.num_timesteps, gd.schedule_low, gd.schedule_high, gd.dns_offset))) if a != b]
     if differ:
-        raise CheckpointError(f"the guide model {path} differs from the checkpoint in its {' and '.join(differ)}; "
-                              f"guide with an earlier checkpoint of the same run, or a model trained on the same "
-                              f"data and schedule")
-    return path
+        raise CheckpointError(f"the guide model {guide_path} differs from the checkpoint in its "
+                              f"{' and '.join(differ)}; guide with an earlier checkpoint of the same run, or a model "
+                              f"trained on the same data and schedule")
+    return Guidance(cfg.train.guide_weight if guidance is None else guidance, guide_path)

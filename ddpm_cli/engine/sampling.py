@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Callable, Literal
 
 from ddpm_cli.config import RunConfig
-from ddpm_cli.engine.header import (Header, atomic_write_bytes, check_guidance, has_ema_weights,
+from ddpm_cli.engine.header import (Guidance, Header, atomic_write_bytes, check_guidance, has_ema_weights,
                                     read_checkpoint_config, require_ema_decay)
 from ddpm_cli.errors import DdpmError
 
@@ -38,13 +38,13 @@ class SampleRequest:
     out: Path | None = None  # None: no per-image files (only a grid, if asked for)
     fmt: Literal["png", "npz"] = "png"
     grid: Path | None = None
-    sampler: str = "ddim"
+    sampler: str | None = None  # None: ddim, or dpm++2m for a checkpoint autoguided by its stored guide
     steps: int | None = None  # None: the sampler's default (all T for ddpm)
     eta: float = 0.0
     spacing: str | None = None  # None: the sampler's default
     variance: str | None = None  # None: the checkpoint's diffusion.variance
-    guidance: float = 1.0
-    guide: Path | None = None  # autoguidance: a weaker checkpoint to guide with (its EMA weights if it has them)
+    guidance: float | None = None  # None: the stored guide's weight if the checkpoint carries one, else 1 (off)
+    guide: Path | str | None = None  # autoguidance by this weaker checkpoint (its EMA weights); "none": no guide
     overwrite: bool = False
     compile: Literal["auto", "on", "off"] = "auto"  # auto: on CUDA for jobs of at least generate.COMPILE_MIN_NFE
 
@@ -63,7 +63,8 @@ class SamplePlan:
     use_ema: bool
     warnings: list[str] = field(default_factory=list)
     ema_decay: float | None = None
-    guide: Path | None = None  # the guide's checkpoint file (autoguidance)
+    guidance: Guidance = field(default_factory=Guidance)
+    sampler: str = "ddim"
 
     @property
     def weights(self) -> str:
@@ -135,7 +136,7 @@ def plan_sampling(req: SampleRequest) -> SamplePlan:
     """Check every option against the checkpoint's header and the output paths; import no torch."""
     if req.batch_size < 1:
         raise DdpmError(f"--batch-size must be at least 1 (got {req.batch_size})")
-    if req.sampler not in SAMPLERS:
+    if req.sampler is not None and req.sampler not in SAMPLERS:
         raise DdpmError(f"unknown sampler {req.sampler!r}; choose one of {', '.join(SAMPLERS)}")
     if req.steps is not None and req.steps < 1:
         raise DdpmError(f"--steps must be at least 1 (got {req.steps})")
@@ -150,15 +151,16 @@ def plan_sampling(req: SampleRequest) -> SamplePlan:
     labels = plan_labels(req.n, conditional=m.conditional, num_classes=m.num_classes, per_class=req.per_class,
                          class_index=req.class_index)
     warnings: list[str] = []
-    guide = check_guidance(cfg, req.guidance, req.guide)
-    if req.guidance != 1.0 and guide is None:
+    guidance = check_guidance(path, header, cfg, req.guidance, req.guide)
+    sampler = req.sampler or guidance.default_sampler
+    if guidance.weight != 1.0 and guidance.guide is None:
         if cfg.train.label_dropout == 0.0:
             warnings.append("this model was trained without label dropout (train.label_dropout = 0), so its "
                             "'no label' input is untrained and --guidance will give poor images")
-    if req.sampler == "ddpm" and req.steps is not None and req.steps != cfg.diffusion.num_timesteps:
+    if sampler == "ddpm" and req.steps is not None and req.steps != cfg.diffusion.num_timesteps:
         warnings.append(f"the ddpm sampler always takes all T = {cfg.diffusion.num_timesteps} steps; --steps "
                         f"is ignored (use --sampler ddim or dpm++2m for fewer)")
-    if req.sampler == "ddpm" and req.eta != 0.0:
+    if sampler == "ddpm" and req.eta != 0.0:
         warnings.append("--eta applies to ddim only; ignored")
     has_ema = has_ema_weights(header)
     if req.ema and not has_ema:
@@ -183,7 +185,8 @@ def plan_sampling(req: SampleRequest) -> SamplePlan:
             raise DdpmError(f"--out {req.out} is a file; pass a directory for the PNG files")
     if int(os.environ.get("RANK", "0")) == 0:  # under torchrun rank 0 checks, before any rank writes
         _check_free(files + [p for p in (npz, req.grid) if p is not None], req.overwrite)
-    return SamplePlan(path, header, cfg, labels, files, npz, req.grid, use_ema, warnings, req.ema_decay, guide)
+    return SamplePlan(path, header, cfg, labels, files, npz, req.grid, use_ema, warnings, req.ema_decay, guidance,
+                      sampler)
 
 
 def grid_layout(labels: list[int] | None, n: int, per_class: bool, num_classes: int) -> list[list[int]]:
@@ -268,11 +271,13 @@ def run_sampling(plan: SamplePlan, req: SampleRequest, *, on_start: Callable[[st
     model, diffusion, cfg, _ = load_model(plan.checkpoint, device, use_ema=plan.use_ema, ema_decay=plan.ema_decay)
     m = cfg.model
     cuda = device.type == "cuda"
-    nfe = job_nfe(req.n, req.sampler, req.steps, cfg.diffusion.num_timesteps)
+    nfe = job_nfe(req.n, plan.sampler, req.steps, cfg.diffusion.num_timesteps)
     net = sampling_net(model, device, nfe, req.compile)
+    g = plan.guidance
     guide = None
-    if plan.guide is not None:
-        guide = sampling_net(load_model(plan.guide, device)[0], device, nfe, req.compile)
+    if g.guide is not None:
+        guide_model = load_model(g.guide, device, guide=g.stored_step is not None)[0]
+        guide = sampling_net(guide_model, device, nfe, req.compile)
     labels = torch.tensor(plan.labels, dtype=torch.long) if plan.labels is not None else None
     for d in {p.parent for p in plan.files} | {p.parent for p in (plan.npz, plan.grid) if p is not None}:
         try:
@@ -287,9 +292,9 @@ def run_sampling(plan: SamplePlan, req: SampleRequest, *, on_start: Callable[[st
     t0 = time.perf_counter()
     done = 0
     for start, batch, _ in generate(net, diffusion, req.n, image_shape=(m.in_channels, m.image_size, m.image_size),
-                                    labels=labels, batch_size=req.batch_size, sampler=req.sampler,
+                                    labels=labels, batch_size=req.batch_size, sampler=plan.sampler,
                                     steps=req.steps, eta=req.eta, spacing=req.spacing,
-                                    variance=req.variance or cfg.diffusion.variance, guidance=req.guidance,
+                                    variance=req.variance or cfg.diffusion.variance, guidance=g.weight,
                                     null_class=m.num_classes if m.conditional else None, guide=guide, seed=req.seed,
                                     device=device, bf16=cuda, batches=my_batches, on_step=on_step):
         arr = batch.numpy()  # (b, C, H, W) uint8

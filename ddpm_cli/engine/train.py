@@ -176,6 +176,7 @@ class Trainer:
         self.step, self.images_seen = 0, 0
         self.best_val, self.bad_evals = math.inf, 0
         self.nonfinite_total = 0
+        self.guide: tuple[int, dict[str, torch.Tensor]] | None = None  # train.guide_step: (step, weights on CPU)
         self.resumed_from: Path | None = None
         if resume is not None:
             self._load_resume(resume)
@@ -235,6 +236,8 @@ class Trainer:
         self.best_val = float(es.get("best", math.inf))
         self.bad_evals = int(es.get("bad", 0))
         self.nonfinite_total = int(state.get("nonfinite_total", 0))
+        if ck.guide_state is not None:
+            self.guide = (ck.guide_step, ck.guide_state)
         if self.dist.world == 1:
             torch.set_rng_state(tensors["rng.cpu"])
             cuda_states = [tensors[k] for k in sorted(tensors) if k.startswith("rng.cuda.")]
@@ -256,7 +259,7 @@ class Trainer:
         meta = ckpt_io.weights_metadata(cfg, self.step, self.images_seen, count_params(self.model),
                                         self.ema is not None, self.classes)
         ckpt_io.save_weights(path, self.model, self.ema.model if self.ema else None, meta,
-                             {d: e.model for d, e in self.extra_emas.items()})
+                             {d: e.model for d, e in self.extra_emas.items()}, self.guide)
         early = {"bad": self.bad_evals, **({"best": self.best_val} if math.isfinite(self.best_val) else {})}
         state = {"step": self.step, "images_seen": self.images_seen, "data": self.batcher.state_dict(),
                  "ema_updates": self.ema.num_updates if self.ema else 0, "nonfinite_total": self.nonfinite_total,
@@ -427,6 +430,9 @@ class Trainer:
                     torch.cuda.synchronize(dev)
                 compile_s, first_step = time.monotonic() - t_step, False
             self.cb.on_step(self.step)
+            if self.main and self.step == tc.guide_step:  # the autoguidance guide: these weights, kept from now on
+                net = self.ema.model if self.ema is not None else self.model
+                self.guide = (self.step, {k: v.detach().to("cpu", copy=True) for k, v in net.state_dict().items()})
 
             final = self.step >= tc.steps
             if self.step % lc.log_every == 0 or final:
@@ -470,6 +476,9 @@ class Trainer:
             if lc.fid_every and self.main and self.step % lc.fid_every == 0:
                 self._emit({"step": self.step, "fid": self.in_training_fid()}, records)
 
+        if self.main and tc.guide_step is not None and self.guide is None and stop_reason != "signal":
+            self.cb.on_message(f"warning: the run ended at step {self.step}, before train.guide_step "
+                               f"{tc.guide_step}; its checkpoints carry no autoguidance guide (lower guide_step)")
         if stop_reason == "signal":
             self.cb.on_message(f"stopping at step {self.step} on signal {self.stop.signum}: writing a checkpoint")
         if self.step > 0 and (self.resumed_from is None or self.step > int(self.resumed_from.stem.split("-")[1])):

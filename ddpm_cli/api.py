@@ -82,17 +82,22 @@ class Diffusion(nn.Module):
 
     @torch.no_grad()
     def sample(self, n: int, y: torch.Tensor | None = None, *, sampler: str = "ddim", steps: int | None = None,
-               guidance: float = 1.0, seed: int = 0, use_ema: bool = True) -> torch.Tensor:
-        """n images in [-1, 1], (n, C, H, W); `y` gives class labels for conditional models."""
+               guidance: float = 1.0, guide: "Diffusion | None" = None, seed: int = 0,
+               use_ema: bool = True) -> torch.Tensor:
+        """n images in [-1, 1], (n, C, H, W); `y` gives class labels for conditional models. `guidance` is
+        classifier-free, or autoguidance by `guide` (a weaker Diffusion, e.g. a copy saved earlier in training:
+        `Diffusion.from_checkpoint`); the API keeps no guide by itself (train.guide_step is the CLI's)."""
         m = self.cfg.model
-        net = self.ema.model if (use_ema and self.ema is not None) else self.model
+        pick = lambda d: d.ema.model if (use_ema and d.ema is not None) else d.model  # noqa: E731
+        net = pick(self)
+        guide_net = pick(guide).eval() if guide is not None else None
         was_training = net.training
         net.eval()
         labels = y.long().cpu() if (y is not None and m.conditional) else None
         out = [batch for _, batch, _ in generate(
             net, self.process, n, image_shape=(m.in_channels, m.image_size, m.image_size), labels=labels,
             batch_size=min(n, 256), sampler=sampler, steps=steps, guidance=guidance, null_class=m.num_classes,
-            variance=self.cfg.diffusion.variance, seed=seed, device=self.device)]
+            guide=guide_net, variance=self.cfg.diffusion.variance, seed=seed, device=self.device)]
         net.train(was_training)
         return torch.cat(out).float() / 127.5 - 1.0
 

@@ -213,7 +213,7 @@ class TrainConfig(Section):
     """Early stopping on a held-out loss."""
 
     @model_validator(mode="after")
-    def _check_ema_extra(self) -> "TrainConfig":
+    def _check_related_fields(self) -> "TrainConfig":
         for d in self.ema_extra:
             if not 0.0 <= d < 1.0:
                 raise ValueError(f"ema_extra decays must be in [0, 1) (got {d})")
@@ -221,6 +221,9 @@ class TrainConfig(Section):
             raise ValueError("ema_extra must not repeat a decay or ema_decay itself")
         if self.ema_extra and not self.ema:
             raise ValueError("ema_extra needs ema: true (the extra averages are kept beside the main one)")
+        if self.guide_step is not None and self.guide_step > self.steps:
+            raise ValueError(f"guide_step ({self.guide_step}) must not exceed steps ({self.steps}); about a third "
+                             f"of the run is best")
         return self
 
 

@@ -145,3 +145,18 @@ def test_bare_on_off_are_read_as_the_choices(tmp_path):
     assert cfg.data.on_device == "off" and cfg.train.compile == "on"
     with pytest.raises(ConfigError):
         load_config(None, ["train.ema=maybe"])  # real bool fields are untouched
+
+
+def test_a_guide_step_past_the_run_is_refused(tmp_path):
+    from conftest import tiny_overrides
+    from ddpm_cli.config import validate_config
+    from ddpm_cli.errors import ConfigError
+
+    cfg = tiny_overrides(tmp_path)
+    cfg["train"].update(steps=20, guide_step=30)
+    with pytest.raises(ConfigError) as e:
+        validate_config(cfg)
+    assert any("guide_step (30) must not exceed steps (20)" in p for p in e.value.problems)
+    cfg["train"].update(guide_step=20, guide_weight=1.0)
+    with pytest.raises(ConfigError):  # a weight of 1 would not guide at all
+        validate_config(cfg)

@@ -315,10 +315,20 @@ def test_autoguidance_of_an_unconditional_model_by_an_earlier_checkpoint(trained
     assert f"autoguided by {early} at 2" in r.stdout
     plain, auto = npz(tmp_path / "plain.npz")["arr_0"], npz(tmp_path / "auto.npz")["arr_0"]
     assert auto.shape == plain.shape and not np.array_equal(auto, plain)
-    # a model guided by itself is the model alone: eps + w * (eps - eps) = eps, at any weight
-    ok("sample", trained_run, "-n", 3, "--format", "npz", "--out", tmp_path / "self.npz", "--guidance", 3,
-       "--guide-model", trained_run, *FAST)
-    assert np.array_equal(npz(tmp_path / "self.npz")["arr_0"], plain)
+
+
+def test_a_model_guided_by_itself_is_the_model_alone(trained_run):
+    """eps_g + w (eps - eps_g) = eps when the guide is the model, at any weight: the same images as unguided."""
+    import torch
+
+    from ddpm_cli.engine.checkpoint import load_model
+    from ddpm_cli.engine.generate import generate
+
+    model, diffusion, _, _ = load_model(trained_run)
+    draw = lambda **kw: torch.cat([b for _, b, _ in generate(model, diffusion, 3, image_shape=(3, 16, 16),  # noqa
+                                                               steps=3, seed=1, **kw)])
+    assert torch.equal(draw(guidance=3.0, guide=model), draw())
+    assert not torch.equal(draw(guidance=3.0, guide=lambda x, t, y: model(x, t, y) * 0.5), draw())
 
 
 def test_autoguidance_bad_inputs(trained_run, trained_conditional_run, tmp_path):
@@ -328,9 +338,41 @@ def test_autoguidance_bad_inputs(trained_run, trained_conditional_run, tmp_path)
                                                              early, *out))
     msg = one_line_error(cli("sample", trained_run, "--guidance", 2, "--guide-model", trained_conditional_run, *out))
     assert "differs from the checkpoint in its classes" in msg and "earlier checkpoint of the same run" in msg
-    assert "not found" in one_line_error(cli("sample", trained_run, "--guidance", 2, "--guide-model",
-                                             tmp_path / "nope.safetensors", *out))
+    msg = one_line_error(cli("sample", trained_run, "--guidance", 2, "--guide-model", tmp_path / "nope.safetensors",
+                             *out))
+    assert msg.startswith("error: --guide-model: checkpoint") and "not found" in msg
+    assert "is the checkpoint itself" in one_line_error(cli("sample", trained_run, "--guide-model", trained_run, *out))
+    assert "finite" in one_line_error(cli("sample", trained_run, "--guidance", "nan", "--guide-model", early, *out))
     assert not (tmp_path / "o").exists()  # refused before anything was written
+
+
+def test_a_broken_stored_guide_is_refused_before_any_work(guided_run, tmp_path):
+    """guide.* tensors without a usable guide_step: one line, also before --gpus would start any process; inspect
+    shows the file and says why its guide is unusable."""
+    import json
+
+    from safetensors.torch import load_file, save_file
+
+    from ddpm_cli.engine.header import latest_checkpoint, read_header
+
+    src = latest_checkpoint(guided_run)
+    meta = read_header(src).metadata
+    tensors = load_file(src)
+    for name, bad_meta in (("nostep", {k: v for k, v in meta.items() if k != "guide_step"}),
+                           ("future", {**meta, "guide_step": "999"})):
+        bad = tmp_path / f"{name}.safetensors"
+        save_file(tensors, bad, metadata=bad_meta)
+        for extra in ([], ["--gpus", "2"], ["--guide-model", "none"]):
+            msg = one_line_error(cli("sample", bad, "-n", 2, "--out", tmp_path / "o", *extra))
+            assert "without a valid guide_step" in msg
+        info = json.loads(ok("inspect", bad, "--json").stdout)
+        assert info["guide_step"].startswith("unusable")
+    assert not (tmp_path / "o").exists()
+
+
+def test_eta_with_the_stored_guides_default_sampler_warns(guided_run, tmp_path):
+    r = ok("sample", guided_run, "-n", 2, "--out", tmp_path / "o", "--eta", 1, *FAST)
+    assert "--eta applies to ddim only" in r.stderr and "pass --sampler ddim" in r.stderr
 
 
 @pytest.fixture(scope="module")
@@ -360,3 +402,16 @@ def test_a_checkpoint_with_a_stored_guide_is_autoguided_by_default(guided_run, t
         assert not np.array_equal(npz(tmp_path / "u.npz")["arr_0"], default)
     r = ok("sample", guided_run, "-n", 3, "--format", "npz", "--out", tmp_path / "w.npz", "--guidance", 4, *FAST)
     assert "autoguided by its step-10 weights at 4" in r.stdout
+
+
+def test_the_python_api_autoguides_too(trained_run):
+    import torch
+
+    from ddpm_cli.api import Diffusion
+
+    d = Diffusion.from_checkpoint(trained_run, device="cpu")
+    early = Diffusion.from_checkpoint(trained_run / "checkpoints" / "ckpt-00000010.safetensors", device="cpu")
+    plain = d.sample(2, steps=3, seed=4)
+    assert torch.equal(d.sample(2, steps=3, seed=4, guidance=2.0, guide=d), plain)  # guided by itself: unchanged
+    guided = d.sample(2, steps=3, seed=4, guidance=2.0, guide=early)
+    assert guided.shape == plain.shape and not torch.equal(guided, plain)

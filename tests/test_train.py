@@ -213,6 +213,23 @@ def test_a_guide_step_the_run_does_not_reach_warns_and_stores_nothing(tmp_path):
         def on_message(self, text):
             msgs.append(text)
 
-    res = train(tiny_config(tmp_path, train__steps=6, train__guide_step=50), callbacks=Cb())
-    assert any("before train.guide_step 50" in m for m in msgs)
+    cfg = tiny_config(tmp_path, train__steps=1000, train__lr=1e-9, train__warmup_steps=0, train__guide_step=50,
+                      train__early_stopping={"enabled": True, "holdout": 32, "eval_every": 2, "patience": 2,
+                                             "min_delta": 0.5})
+    res = train(cfg, callbacks=Cb())  # early stopping ends it at step 6
+    assert res.step == 6 and any("ended at step 6, before train.guide_step 50" in m for m in msgs)
     assert not any(k.startswith("guide.") for k in load_file(res.checkpoint))
+
+
+def test_resuming_past_the_guide_step_without_a_guide_says_so(tmp_path):
+    msgs = []
+
+    class Cb(TrainCallbacks):
+        def on_message(self, text):
+            msgs.append(text)
+
+    first = train(tiny_config(tmp_path, train__steps=15))
+    train(tiny_config(tmp_path, train__steps=20, train__guide_step=5), resume=list_checkpoints(first.run_dir)[-1],
+          callbacks=Cb())
+    assert any("past train.guide_step 5, from a checkpoint without a guide" in m for m in msgs)
+    assert not any("before train.guide_step" in m for m in msgs)

@@ -18,9 +18,20 @@ def _int(text: str | None) -> int | None:
         return None
 
 
+def _guide_step(header) -> int | str | None:
+    """The stored guide's step, or why it cannot be used (inspect shows a broken file, it does not refuse it)."""
+    from ddpm_cli.engine.header import stored_guide_step
+    from ddpm_cli.errors import CheckpointError
+
+    try:
+        return stored_guide_step(header)
+    except CheckpointError as e:
+        return f"unusable ({e})"
+
+
 def describe(header, sha256: bool = False) -> dict:
     """A checkpoint header -> a JSON-ready summary (the `--json` output; the table shows the same)."""
-    from ddpm_cli.engine.header import ema_decays, has_ema_weights, stored_guide_step
+    from ddpm_cli.engine.header import ema_decays, has_ema_weights
 
     meta = header.metadata
     try:
@@ -61,7 +72,7 @@ def describe(header, sha256: bool = False) -> dict:
         "num_params": num_params if num_params is not None else (model_params or None),
         "has_ema": has_ema_weights(header),
         "ema_decays": ema_decays(header, main_decay),
-        "guide_step": stored_guide_step(header),
+        "guide_step": _guide_step(header),
         "guide_weight": train.get("guide_weight") if isinstance(train.get("guide_weight"), (int, float)) else None,
         "dtype": meta.get("dtype"),
         "model": cfg.get("model", {}),
@@ -126,9 +137,11 @@ def _rows(info: dict) -> list[tuple[str, str]]:
         ]
     ema = ", ".join(map(str, info["ema_decays"])) or ("yes" if info["has_ema"] else "no")
     rows += [("parameters", opt(info["num_params"])), ("EMA weights", ema)]
-    if info["guide_step"] is not None:
+    if isinstance(info["guide_step"], int):
         rows.append(("autoguidance guide", f"the weights of step {info['guide_step']:,}, weight "
                                            f"{opt(info['guide_weight'])} (sample/eval default)"))
+    elif info["guide_step"] is not None:
+        rows.append(("autoguidance guide", info["guide_step"]))
     if "source_weights" in info:
         rows.append(("exported from", f"{info.get('exported_from', '?')} ({info['source_weights']} weights)"))
     if d:

@@ -125,9 +125,8 @@ def load_checkpoint(path: str | Path) -> Checkpoint:
     for i, decay in enumerate(extra_ema_decays(header.metadata), 1):
         prefix = f"ema{i}."
         extra[decay] = {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
+    stored_guide_step(header)  # refuses a guide it could not use
     guide = {k[6:]: v for k, v in tensors.items() if k.startswith("guide.")} or None
-    if guide is not None and stored_guide_step(header) is None:
-        raise CheckpointError(f"{p} holds guide weights without a valid guide_step in its metadata")
     return Checkpoint(p, header.metadata, cfg, model, ema, {d: w for d, w in extra.items() if w}, guide)
 
 

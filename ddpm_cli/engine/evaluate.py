@@ -952,7 +952,7 @@ def check_request(req: EvalRequest) -> tuple[bool, ImageSource | FeatureStats]:
         if req.ema_decay is not None:
             require_ema_decay(header, cfg.train.ema_decay, req.ema_decay)
     elif req.input is not None:
-        if (req.sampler is not None or req.steps is not None or req.guidance is not None
+        if (req.sampler is not None or req.steps is not None or req.guidance not in (None, 1.0)
                 or req.ema_decay is not None or req.guide is not None):
             raise DdpmError(f"--sampler, --steps, --guidance, --guide-model and --ema-decay apply when a checkpoint "
                             f"is sampled, but {req.input} is not a checkpoint; drop them")
@@ -1003,7 +1003,7 @@ def _evaluate(req: EvalRequest, ref: ImageSource | FeatureStats, dist_info: Dist
         from ddpm_cli.engine.generate import job_nfe, sampling_net
 
         n, shape = req.n or DEFAULT_SAMPLES, (m.in_channels, m.image_size, m.image_size)
-        nfe = job_nfe(n, sampler, req.steps, cfg.diffusion.num_timesteps)
+        nfe = job_nfe(n, sampler, req.steps, cfg.diffusion.num_timesteps) * (2 if g.weight != 1.0 else 1)
         net = sampling_net(model, device, nfe)
         guide = sampling_net(guide_model, device, nfe) if guide_model is not None else None
         gen = dict(image_shape=shape, num_classes=m.num_classes if m.conditional else None, sampler=sampler,

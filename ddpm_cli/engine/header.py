@@ -5,6 +5,7 @@ A safetensors file is: 8 bytes little-endian header length N, N bytes of JSON, t
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
 import struct
@@ -216,12 +217,23 @@ def read_checkpoint_config(path: str | Path) -> tuple[Path, Header, RunConfig]:
 
 
 def stored_guide_step(header: Header) -> int | None:
-    """The step whose weights a checkpoint carries as its autoguidance guide (train.guide_step), or None."""
+    """The step whose weights a checkpoint carries as its autoguidance guide (train.guide_step), or None; a guide
+    that cannot be used (no valid step, or not the model's tensors) is a CheckpointError."""
+    guide = {k[6:]: v["shape"] for k, v in header.tensors.items() if k.startswith("guide.")}
+    if not guide:
+        return None
+    model = {k[6:]: v["shape"] for k, v in header.tensors.items() if k.startswith("model.")}
     try:
         step = int(header.metadata.get("guide_step", ""))
+        if not 1 <= step <= int(header.metadata.get("step", step)):
+            raise ValueError
     except ValueError:
-        return None
-    return step if any(k.startswith("guide.") for k in header.tensors) else None
+        raise CheckpointError(f"{header.path} holds autoguidance guide weights without a valid guide_step in its "
+                              f"metadata; use an earlier checkpoint, or export it without the guide") from None
+    if guide != model:
+        raise CheckpointError(f"{header.path}: its autoguidance guide weights do not match its model weights; use an "
+                              f"earlier checkpoint")
+    return step
 
 
 @dataclass
@@ -261,6 +273,8 @@ def check_guidance(path: Path, header: Header, cfg: RunConfig, guidance: float |
     stored = stored_guide_step(header)
     if guide is None and guidance != 1.0 and stored is not None:
         return Guidance(cfg.train.guide_weight if guidance is None else guidance, path, stored)
+    if guidance is not None and not math.isfinite(guidance):
+        raise DdpmError(f"--guidance must be a finite number (got {guidance})")
     if guide is None or str(guide) == "none":
         weight = 1.0 if guidance is None else guidance
         if weight != 1.0 and not cfg.model.conditional:
@@ -271,7 +285,13 @@ def check_guidance(path: Path, header: Header, cfg: RunConfig, guidance: float |
     if guidance == 1.0:
         raise DdpmError("--guide-model has no effect at --guidance 1; pass a guidance weight above 1 (e.g. "
                         "--guidance 2)")
-    guide_path, _, g = read_checkpoint_config(guide)
+    try:
+        guide_path, _, g = read_checkpoint_config(guide)
+    except CheckpointError as e:
+        raise CheckpointError(f"--guide-model: {e}") from None
+    if guide_path.resolve() == path.resolve():
+        raise DdpmError(f"--guide-model {guide} is the checkpoint itself ({guide_path.name}), which guides nothing; "
+                        f"pass an earlier checkpoint of the run (its checkpoints/ckpt-*.safetensors)")
     m, gm, d, gd = cfg.model, g.model, cfg.diffusion, g.diffusion
     differ = [what for what, a, b in (
         ("image size", (m.image_size, m.in_channels), (gm.image_size, gm.in_channels)),

@@ -160,8 +160,10 @@ def plan_sampling(req: SampleRequest) -> SamplePlan:
     if sampler == "ddpm" and req.steps is not None and req.steps != cfg.diffusion.num_timesteps:
         warnings.append(f"the ddpm sampler always takes all T = {cfg.diffusion.num_timesteps} steps; --steps "
                         f"is ignored (use --sampler ddim or dpm++2m for fewer)")
-    if sampler == "ddpm" and req.eta != 0.0:
-        warnings.append("--eta applies to ddim only; ignored")
+    if sampler != "ddim" and req.eta != 0.0:
+        why = (" (the default sampler of a checkpoint with a stored guide; pass --sampler ddim)"
+               if req.sampler is None else "")
+        warnings.append(f"--eta applies to ddim only, and this samples with {sampler}{why}; ignored")
     has_ema = has_ema_weights(header)
     if req.ema and not has_ema:
         raise DdpmError(f"{path} has no EMA weights; drop --ema (or pass --no-ema)")
@@ -271,9 +273,9 @@ def run_sampling(plan: SamplePlan, req: SampleRequest, *, on_start: Callable[[st
     model, diffusion, cfg, _ = load_model(plan.checkpoint, device, use_ema=plan.use_ema, ema_decay=plan.ema_decay)
     m = cfg.model
     cuda = device.type == "cuda"
-    nfe = job_nfe(req.n, plan.sampler, req.steps, cfg.diffusion.num_timesteps)
-    net = sampling_net(model, device, nfe, req.compile)
     g = plan.guidance
+    nfe = job_nfe(req.n, plan.sampler, req.steps, cfg.diffusion.num_timesteps) * (2 if g.weight != 1.0 else 1)
+    net = sampling_net(model, device, nfe, req.compile)
     guide = None
     if g.guide is not None:
         guide_model = load_model(g.guide, device, guide=g.stored_step is not None)[0]

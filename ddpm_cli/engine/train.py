@@ -238,6 +238,10 @@ class Trainer:
         self.nonfinite_total = int(state.get("nonfinite_total", 0))
         if ck.guide_state is not None:
             self.guide = (ck.guide_step, ck.guide_state)
+        elif self.cfg.train.guide_step is not None and self.step >= self.cfg.train.guide_step:
+            self.cb.on_message(f"warning: resuming at step {self.step}, past train.guide_step "
+                               f"{self.cfg.train.guide_step}, from a checkpoint without a guide; this run's "
+                               f"checkpoints will carry no autoguidance guide")
         if self.dist.world == 1:
             torch.set_rng_state(tensors["rng.cpu"])
             cuda_states = [tensors[k] for k in sorted(tensors) if k.startswith("rng.cuda.")]
@@ -476,7 +480,8 @@ class Trainer:
             if lc.fid_every and self.main and self.step % lc.fid_every == 0:
                 self._emit({"step": self.step, "fid": self.in_training_fid()}, records)
 
-        if self.main and tc.guide_step is not None and self.guide is None and stop_reason != "signal":
+        if (self.main and tc.guide_step is not None and self.step < tc.guide_step and self.guide is None
+                and stop_reason != "signal"):
             self.cb.on_message(f"warning: the run ended at step {self.step}, before train.guide_step "
                                f"{tc.guide_step}; its checkpoints carry no autoguidance guide (lower guide_step)")
         if stop_reason == "signal":

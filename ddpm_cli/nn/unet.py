@@ -41,13 +41,14 @@ class GroupNorm(nn.GroupNorm):
         if not self.channel_stats:
             return super().forward(x)
         N, C, G = x.shape[0], x.shape[1], self.num_groups
-        var_c, mean_c = torch.var_mean(x.float(), dim=(2, 3), correction=0)  # (N, C)
+        xf = x.float()  # one fp32 view of the input for both uses (eager autograd then saves it once)
+        var_c, mean_c = torch.var_mean(xf, dim=(2, 3), correction=0)  # (N, C)
         var_c, mean_c = var_c.view(N, G, C // G), mean_c.view(N, G, C // G)
         mean_g = mean_c.mean(-1, keepdim=True)
         var_g = var_c.mean(-1, keepdim=True) + (mean_c - mean_g).square().mean(-1, keepdim=True)
         scale = torch.rsqrt(var_g + self.eps) * self.weight.float().view(1, G, C // G)
         shift = self.bias.float().view(1, G, C // G) - mean_g * scale
-        return (x.float() * scale.view(N, C, 1, 1) + shift.view(N, C, 1, 1)).to(x.dtype)
+        return (xf * scale.view(N, C, 1, 1) + shift.view(N, C, 1, 1)).to(x.dtype)
 
 
 def channel_stats(model: nn.Module, on: bool = True) -> nn.Module:

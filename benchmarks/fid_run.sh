@@ -32,7 +32,7 @@ ddpm sample "$ckpt" -n 10000 --batch-size 1000 --format npz --out "$out-main.npz
 while [ ! -f "$HOME/inception.pth" ]; do sleep 2; done
 ev=(--ref "$HOME/data/train.zip" --inception-weights "$HOME/inception.pth" --batch-size 500
     --cache-dir "$HOME/fidcache")
-echo "MAIN $SAMPLE" >> "$out.jsonl"
+echo "MAIN ${SAMPLE:-default sampler and guidance}" >> "$out.jsonl"
 ddpm eval "$out-main.npz" "${ev[@]}" | tee -a "$out.jsonl"
 for s in $SWEEP; do
     IFS=: read -r smp st w e d g <<< "$s"
@@ -40,7 +40,7 @@ for s in $SWEEP; do
         --steps "$st" ${w:+--guidance "$w"} ${e:+--eta "$e"} ${d:+--ema-decay "$d"} \
         ${g:+--guide-model "$ckpt/checkpoints/ckpt-$(printf %08d "$g").safetensors"} \
         $(echo "$SAMPLE" | grep -o -- '--per-class')
-    echo "SWEEP $smp $st ${w:-} ${e:+eta $e} ${d:+ema $d} ${g:+guide $g}" >> "$out.jsonl"
+    echo "SWEEP $smp $st ${w:-default-guidance} ${e:+eta $e} ${d:+ema $d} ${g:+guide $g}" >> "$out.jsonl"
     ddpm eval "$out-$s.npz" "${ev[@]}" | tee -a "$out.jsonl"
 done
 echo FID-DONE

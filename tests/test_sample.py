@@ -415,3 +415,21 @@ def test_the_python_api_autoguides_too(trained_run):
     assert torch.equal(d.sample(2, steps=3, seed=4, guidance=2.0, guide=d), plain)  # guided by itself: unchanged
     guided = d.sample(2, steps=3, seed=4, guidance=2.0, guide=early)
     assert guided.shape == plain.shape and not torch.equal(guided, plain)
+
+
+def test_a_guide_must_share_the_noise_schedule_itself_not_its_unused_fields(tmp_path):
+    """Cosine ignores schedule_low/high: guides that differ only there are accepted; another schedule is refused."""
+    from conftest import tiny_config
+    from ddpm_cli.engine.train import train
+
+    def run(name, **diffusion):
+        extra = {f"diffusion__{k}": v for k, v in diffusion.items()}
+        return train(tiny_config(tmp_path / name, train__steps=2, logging__checkpoint_every=2,
+                                 logging__sample_every=100, **extra)).run_dir
+
+    main = run("main", schedule="cosine")
+    same = run("same", schedule="cosine", schedule_low=2e-4)
+    other = run("other", schedule="linear")
+    out = ["-n", 1, "--out", tmp_path / "o", "--guidance", 2, *FAST]
+    ok("sample", main, "--guide-model", same, *out)
+    assert "noise schedule" in one_line_error(cli("sample", main, "--guide-model", other, *out, "--overwrite"))

@@ -261,6 +261,14 @@ class Guidance:
         return f"autoguided by {by} at {self.weight:g}"
 
 
+def _betas(cfg: RunConfig) -> tuple[float, ...]:
+    """The noise schedule itself (whatever fields produced it): what two models must share to guide each other."""
+    from ddpm_cli.diffusion.schedules import make_betas
+
+    d = cfg.diffusion
+    return tuple(make_betas(d.schedule, d.num_timesteps, d.schedule_low, d.schedule_high, d.dns_offset).tolist())
+
+
 def check_guidance(path: Path, header: Header, cfg: RunConfig, guidance: float | None,
                    guide: str | Path | None) -> Guidance:
     """The one check of `--guidance W` and `--guide-model G|none` against a checkpoint (sample and eval).
@@ -292,13 +300,12 @@ def check_guidance(path: Path, header: Header, cfg: RunConfig, guidance: float |
     if guide_path.resolve() == path.resolve():
         raise DdpmError(f"--guide-model {guide} is the checkpoint itself ({guide_path.name}), which guides nothing; "
                         f"pass an earlier checkpoint of the run (its checkpoints/ckpt-*.safetensors)")
-    m, gm, d, gd = cfg.model, g.model, cfg.diffusion, g.diffusion
+    m, gm = cfg.model, g.model
     differ = [what for what, a, b in (
         ("image size", (m.image_size, m.in_channels), (gm.image_size, gm.in_channels)),
         ("classes", (m.conditional, m.conditional and m.num_classes),
          (gm.conditional, gm.conditional and gm.num_classes)),
-        ("noise schedule", (d.schedule, d.num_timesteps, d.schedule_low, d.schedule_high, d.dns_offset),
-         (gd.schedule, gd.num_timesteps, gd.schedule_low, gd.schedule_high, gd.dns_offset))) if a != b]
+        ("noise schedule", _betas(cfg), _betas(g))) if a != b]
     if differ:
         raise CheckpointError(f"the guide model {guide_path} differs from the checkpoint in its "
                               f"{' and '.join(differ)}; guide with an earlier checkpoint of the same run, or a model "

@@ -74,18 +74,22 @@ class Collect(TrainCallbacks):
     def on_step(self, step: int) -> None:
         if not self.profile_at:
             return
+        cuda = torch.cuda.is_available()
+        sync = torch.cuda.synchronize if cuda else (lambda: None)
         if step == self.profile_at:
             from torch.profiler import ProfilerActivity, profile
 
-            torch.cuda.synchronize()
-            self.prof = profile(activities=[ProfilerActivity.CUDA, ProfilerActivity.CPU])
+            sync()
+            kinds = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+            self.prof = profile(activities=kinds, record_shapes=True)
             self.prof.__enter__()
         elif step == self.profile_at + 10 and self.prof is not None:
-            torch.cuda.synchronize()
+            sync()
             self.prof.__exit__(None, None, None)
-            print(self.prof.key_averages().table(sort_by="cuda_time_total", row_limit=30, max_name_column_width=70),
-                  flush=True)
+            print(self.prof.key_averages().table(sort_by="cuda_time_total" if cuda else "cpu_time_total",
+                                                 row_limit=30, max_name_column_width=70), flush=True)
             print("BENCH profile " + json.dumps(kernel_breakdown(self.prof)), flush=True)
+            print("BENCH copies " + json.dumps(copy_shapes(self.prof)), flush=True)
             self.prof = None
 
     def on_log(self, rec: dict) -> None:
@@ -116,6 +120,20 @@ def kernel_breakdown(prof) -> dict:
         kind = next((k for k, keys in KERNEL_KINDS if any(x.lower() in name for x in keys)), "other")
         out[kind] = out.get(kind, 0.0) + us / 1000
     return {k: round(v, 2) for k, v in sorted(out.items(), key=lambda kv: -kv[1])}
+
+
+def copy_shapes(prof, top: int = 12) -> list[dict]:
+    """The eager copies of the profiled window by input shape (which tensors get converted or made contiguous:
+    where the ~2 ms a step of copies come from), largest time first (GPU time on CUDA, CPU time elsewhere)."""
+    rows = []
+    for e in prof.key_averages(group_by_input_shape=True):
+        if e.key not in ("aten::_to_copy", "aten::clone", "aten::copy_", "aten::contiguous"):
+            continue
+        us = getattr(e, "device_time_total", 0) or getattr(e, "cuda_time_total", 0) or e.cpu_time_total
+        if us:
+            rows.append({"op": e.key, "calls": e.count, "ms": round(us / 1000, 2),
+                         "shapes": str(e.input_shapes)[:160]})
+    return sorted(rows, key=lambda r: -r["ms"])[:top]
 
 
 TINY = {"image_size": 32, "base_channels": 16, "channel_mults": [1, 2], "num_res_blocks": 1,

@@ -115,6 +115,11 @@ def test_cli_trains_the_quickstart_style_config(tmp_path):
     assert r.returncode == 0, r.stderr
     assert "step 6/6" in r.stdout and "done: step 6" in r.stdout  # plain lines when not a TTY
     assert (tmp_path / "runs" / "tiny" / "checkpoints" / "ckpt-00000006.safetensors").exists()
+    assert "autoguided" not in r.stdout
+    r = run_cli("train", "--config", str(cfg), "--set", "train.steps=6", "--set", "train.guide_step=3",
+                "--set", "logging.run_name=guided")
+    assert r.returncode == 0, r.stderr
+    assert "(autoguided by its step-3 weights by default; --guidance 1 for none)" in r.stdout
 
 
 def test_wandb_offline_writes_its_files(tmp_path, monkeypatch):

@@ -90,5 +90,7 @@ def train_command(
         compiled = f", {result.compile_s:.1f} s of it compiling" if trainer.compiled and result.compile_s else ""
         console.print(f"done: step {result.step}, {result.images_seen:,} images seen in {result.elapsed_s:.1f} s "
                       f"({why}{compiled}); checkpoint {result.checkpoint}", markup=False, soft_wrap=True)
-        console.print(f"sample with: ddpm sample {result.checkpoint} -n 64 --grid grid.png", markup=False,
+        guided = (f" (autoguided by its step-{trainer.guide[0]} weights by default; --guidance 1 for none)"
+                  if trainer.guide is not None else "")
+        console.print(f"sample with: ddpm sample {result.checkpoint} -n 64 --grid grid.png{guided}", markup=False,
                       soft_wrap=True)

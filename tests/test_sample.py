@@ -370,6 +370,11 @@ def test_a_broken_stored_guide_is_refused_before_any_work(guided_run, tmp_path):
     assert not (tmp_path / "o").exists()
 
 
+def test_a_non_finite_weight_is_refused_for_a_stored_guide_too(guided_run, tmp_path):
+    for w in ("nan", "inf"):
+        assert "finite" in one_line_error(cli("sample", guided_run, "-n", 1, "--guidance", w, "--out", tmp_path))
+
+
 def test_eta_with_the_stored_guides_default_sampler_warns(guided_run, tmp_path):
     r = ok("sample", guided_run, "-n", 2, "--out", tmp_path / "o", "--eta", 1, *FAST)
     assert "--eta applies to ddim only" in r.stderr and "pass --sampler ddim" in r.stderr

@@ -278,11 +278,11 @@ def check_guidance(path: Path, header: Header, cfg: RunConfig, guidance: float |
     by G, which must draw the same kind of images from the same noise levels (image shape, classes, noise
     schedule); its size and training may differ, that is the point. Otherwise W is classifier-free guidance,
     which needs a class-conditional model."""
+    if guidance is not None and not math.isfinite(guidance):
+        raise DdpmError(f"--guidance must be a finite number (got {guidance})")
     stored = stored_guide_step(header)
     if guide is None and guidance != 1.0 and stored is not None:
         return Guidance(cfg.train.guide_weight if guidance is None else guidance, path, stored)
-    if guidance is not None and not math.isfinite(guidance):
-        raise DdpmError(f"--guidance must be a finite number (got {guidance})")
     if guide is None or str(guide) == "none":
         weight = 1.0 if guidance is None else guidance
         if weight != 1.0 and not cfg.model.conditional:

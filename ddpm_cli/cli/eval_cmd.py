@@ -84,7 +84,7 @@ def eval_command(
     seed: int = typer.Option(0, "--seed", help="Seed of the sampler's noise (checkpoints)."),
     sampler: Optional[str] = typer.Option(None, "--sampler", show_default=False,
                                           help="Sampler for a checkpoint: ddpm, ddim or dpm++2m (default: ddim, or "
-                                               "dpm++2m for a checkpoint with a stored guide, as `ddpm sample`)."),
+                                               "dpm++2m when autoguided by the checkpoint's stored guide)."),
     steps: Optional[int] = typer.Option(None, "--steps", min=1, show_default=False,
                                         help="Sampler steps (default: the sampler's default)."),
     guidance: Optional[float] = typer.Option(None, "--guidance", show_default=False,

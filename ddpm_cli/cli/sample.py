@@ -104,7 +104,7 @@ def sample_command(
                                                              "1,024).", show_default=False),
     sampler: Optional[Sampler] = typer.Option(None, "--sampler", help="ddpm: ancestral over all T steps; ddim: few "
                                               "steps, --eta; dpm++2m: DPM-Solver++ (2M). Default: ddim, or dpm++2m "
-                                              "for a checkpoint with a stored guide (train.guide_step).",
+                                              "when autoguided by the checkpoint's stored guide (train.guide_step).",
                                               show_default=False),
     steps: Optional[int] = typer.Option(None, "--steps", help="Sampler steps (default: ddim 100, dpm++2m 20; ddpm "
                                                               "always T).", show_default=False),

@@ -22,7 +22,7 @@ from safetensors.torch import save as st_save
 from ddpm_cli import __version__
 from ddpm_cli.config import RunConfig, config_to_dict
 from ddpm_cli.engine.build import build_diffusion, build_unet
-from ddpm_cli.engine.header import (FORMAT, FORMAT_VERSION, atomic_write_bytes, extra_ema_decays,
+from ddpm_cli.engine.header import (FORMAT, FORMAT_VERSION, Guidance, atomic_write_bytes, extra_ema_decays,
                                     read_checkpoint_config, read_header, require_ema_decay, state_path,
                                     stored_guide_step)
 from ddpm_cli.errors import CheckpointError, DdpmError
@@ -177,22 +177,27 @@ def optimizer_state_dict(tensors: dict[str, torch.Tensor], param_groups: list) -
     return {"state": state, "param_groups": param_groups}
 
 
-def load_model(path: str | Path, device: torch.device | str = "cpu", use_ema: bool = True,
-               ema_decay: float | None = None, guide: bool = False):
-    """Rebuild (model in eval mode, diffusion, config, checkpoint) from a checkpoint alone. `ema_decay` picks one
-    of the checkpoint's EMA weights by its decay (train.ema_decay or one of train.ema_extra); `guide` its stored
-    autoguidance guide (train.guide_step) instead."""
-    ckpt = load_checkpoint(path)
+def _network(ckpt: Checkpoint, state: dict[str, torch.Tensor], device: torch.device | str) -> torch.nn.Module:
     model = build_unet(ckpt.config.model)
+    load_into(model, state, str(ckpt.path))
+    return model.to(device).eval()
+
+
+def load_model(path: str | Path, device: torch.device | str = "cpu", use_ema: bool = True,
+               ema_decay: float | None = None):
+    """Rebuild (model in eval mode, diffusion, config, checkpoint) from a checkpoint alone. `ema_decay` picks one
+    of the checkpoint's EMA weights by its decay (train.ema_decay or one of train.ema_extra)."""
+    ckpt = load_checkpoint(path)
     state = ckpt.ema_state if (use_ema and ckpt.ema_state is not None) else ckpt.model_state
     if ema_decay is not None:
         require_ema_decay(read_header(ckpt.path), ckpt.config.train.ema_decay, ema_decay)
         state = ckpt.extra_ema.get(ema_decay, ckpt.ema_state)
-    if guide:
-        if ckpt.guide_state is None:
-            raise CheckpointError(f"{ckpt.path} carries no autoguidance guide (train.guide_step); pass "
-                                  f"--guide-model PATH")
-        state = ckpt.guide_state
-    load_into(model, state, str(ckpt.path))
-    diffusion = build_diffusion(ckpt.config.diffusion)
-    return model.to(device).eval(), diffusion.to(device), ckpt.config, ckpt
+    return _network(ckpt, state, device), build_diffusion(ckpt.config.diffusion).to(device), ckpt.config, ckpt
+
+
+def load_guide(guidance: Guidance, loaded: Checkpoint, device: torch.device | str) -> torch.nn.Module:
+    """Autoguidance's weaker network: the stored guide of `loaded` (the checkpoint being sampled, already read),
+    or the EMA weights of the checkpoint that --guide-model names."""
+    if guidance.stored_step is None:
+        return load_model(guidance.guide, device)[0]
+    return _network(loaded, loaded.guide_state, device)  # stored_step comes from its guide.* tensors

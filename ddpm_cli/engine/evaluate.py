@@ -975,13 +975,13 @@ def _evaluate(req: EvalRequest, ref: ImageSource | FeatureStats, dist_info: Dist
     samples: ImageSource | FeatureStats | None = None
     if req.input is not None:
         if is_checkpoint(req.input):
-            from ddpm_cli.engine.checkpoint import load_model
+            from ddpm_cli.engine.checkpoint import load_guide, load_model
             from ddpm_cli.engine.header import check_guidance, read_checkpoint_config
 
             g = check_guidance(*read_checkpoint_config(req.input), req.guidance, req.guide)  # checked already
             model, diffusion, cfg, ckpt = load_model(req.input, device, ema_decay=req.ema_decay)
             m = cfg.model
-            guide_model = load_model(g.guide, device, guide=g.stored_step is not None)[0] if g.guide else None
+            guide_model = load_guide(g, ckpt, device) if g.guide is not None else None
             sampler = req.sampler or g.default_sampler
             sample_info = {"checkpoint": str(ckpt.path), "step": ckpt.step, "sampler": sampler,
                            "steps": req.steps, "guidance": g.weight, "seed": req.seed,

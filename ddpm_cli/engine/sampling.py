@@ -259,7 +259,7 @@ def run_sampling(plan: SamplePlan, req: SampleRequest, *, on_start: Callable[[st
     import torch
 
     from ddpm_cli.engine.build import resolve_device
-    from ddpm_cli.engine.checkpoint import load_model
+    from ddpm_cli.engine.checkpoint import load_guide, load_model
     from ddpm_cli.engine.generate import generate, job_nfe, sampling_net
 
     from ddpm_cli.engine.distributed import DistInfo
@@ -270,7 +270,8 @@ def run_sampling(plan: SamplePlan, req: SampleRequest, *, on_start: Callable[[st
     device = dist_info.device if dist_info.world > 1 else resolve_device(req.device)
     num_batches = (req.n + req.batch_size - 1) // req.batch_size
     my_batches = range(dist_info.rank, num_batches, dist_info.world)
-    model, diffusion, cfg, _ = load_model(plan.checkpoint, device, use_ema=plan.use_ema, ema_decay=plan.ema_decay)
+    model, diffusion, cfg, ckpt = load_model(plan.checkpoint, device, use_ema=plan.use_ema,
+                                             ema_decay=plan.ema_decay)
     m = cfg.model
     cuda = device.type == "cuda"
     g = plan.guidance
@@ -278,8 +279,7 @@ def run_sampling(plan: SamplePlan, req: SampleRequest, *, on_start: Callable[[st
     net = sampling_net(model, device, nfe, req.compile)
     guide = None
     if g.guide is not None:
-        guide_model = load_model(g.guide, device, guide=g.stored_step is not None)[0]
-        guide = sampling_net(guide_model, device, nfe, req.compile)
+        guide = sampling_net(load_guide(g, ckpt, device), device, nfe, req.compile)
     labels = torch.tensor(plan.labels, dtype=torch.long) if plan.labels is not None else None
     for d in {p.parent for p in plan.files} | {p.parent for p in (plan.npz, plan.grid) if p is not None}:
         try:

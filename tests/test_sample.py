@@ -438,3 +438,12 @@ def test_a_guide_must_share_the_noise_schedule_itself_not_its_unused_fields(tmp_
     out = ["-n", 1, "--out", tmp_path / "o", "--guidance", 2, *FAST]
     ok("sample", main, "--guide-model", same, *out)
     assert "noise schedule" in one_line_error(cli("sample", main, "--guide-model", other, *out, "--overwrite"))
+
+
+def test_the_compile_decision_counts_the_evaluations_each_sampler_and_guidance_make():
+    from ddpm_cli.engine.generate import COMPILE_MIN_NFE, job_nfe
+
+    assert job_nfe(10, None, None, 1000) == 1000 and job_nfe(10, "ddim", 50, 1000) == 500  # DDIM-100 default
+    assert job_nfe(10, "ddpm", None, 1000) == 10_000 and job_nfe(10, "dpm++2m", None, 1000) == 200
+    assert job_nfe(10, "dpm++2m", None, 1000, guided=True) == 400  # two networks (or a doubled batch) a step
+    assert job_nfe(5_000, "dpm++2m", None, 1000) < COMPILE_MIN_NFE <= job_nfe(5_000, "dpm++2m", None, 1000, True)

@@ -1003,7 +1003,7 @@ def _evaluate(req: EvalRequest, ref: ImageSource | FeatureStats, dist_info: Dist
         from ddpm_cli.engine.generate import job_nfe, sampling_net
 
         n, shape = req.n or DEFAULT_SAMPLES, (m.in_channels, m.image_size, m.image_size)
-        nfe = job_nfe(n, sampler, req.steps, cfg.diffusion.num_timesteps) * (2 if g.weight != 1.0 else 1)
+        nfe = job_nfe(n, sampler, req.steps, cfg.diffusion.num_timesteps, guided=g.weight != 1.0)
         net = sampling_net(model, device, nfe)
         guide = sampling_net(guide_model, device, nfe) if guide_model is not None else None
         gen = dict(image_shape=shape, num_classes=m.num_classes if m.conditional else None, sampler=sampler,

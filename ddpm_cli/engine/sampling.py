@@ -275,7 +275,7 @@ def run_sampling(plan: SamplePlan, req: SampleRequest, *, on_start: Callable[[st
     m = cfg.model
     cuda = device.type == "cuda"
     g = plan.guidance
-    nfe = job_nfe(req.n, plan.sampler, req.steps, cfg.diffusion.num_timesteps) * (2 if g.weight != 1.0 else 1)
+    nfe = job_nfe(req.n, plan.sampler, req.steps, cfg.diffusion.num_timesteps, guided=g.weight != 1.0)
     net = sampling_net(model, device, nfe, req.compile)
     guide = None
     if g.guide is not None:

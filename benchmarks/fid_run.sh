@@ -4,8 +4,13 @@
 # images, then an FID-vs-NFE sweep. Needs .carry_data/train.zip carried by this call and the Inception weights
 # at $HOME/inception.pth (copied by the next call). Results go to $HOME/fid/NAME.jsonl, the log to NAME.log.
 #   bash benchmarks/fid_run.sh NAME CONFIG "TRAIN --set ARGS" "SAMPLE ARGS" \
-#       "SWEEP: sampler:steps[:guidance[:eta[:ema_decay[:guide_step]]]] ..."
+#       "SWEEP: [RUN@]sampler:steps[:guidance[:eta[:ema_decay[:guide_step]]]] ..."
+# guidance: empty takes the checkpoint's default (its stored guide, if any); 1 samples unguided.
 # guide_step: autoguidance by the run's own checkpoint of that step (keep it: logging.checkpoint_every/keep_last).
+# RUN@: sample another run of this host instead (after it has trained), so that several GPUs share one model's
+# sweep; its results go to RUN.jsonl. Empty SAMPLE ARGS: the main score is `ddpm eval RUN -n 10000`, the
+# command a user runs (default sampler and guidance).
+# FID_N=200 shrinks the sample counts for a smoke test of this script.
 # torch.compile starts cold (a fresh inductor cache per run), as on a fresh machine: compilation counts.
 # Keep a call in flight until FID-DONE (e.g. `sleep 520` calls back to back): the device machine goes back after
 # 30 s without a call, background job or not; a first run here was lost that way (2026-11-26).
@@ -16,10 +21,14 @@ if [ "${1:-}" != inner ]; then
     # Several runs may share the machine (CUDA_VISIBLE_DEVICES=i each): never rewrite what a running one reads.
     cmp -s .carry_data/train.zip "$HOME/data/train.zip" || { cp .carry_data/train.zip "$HOME/data/train.zip.part" &&
         mv "$HOME/data/train.zip.part" "$HOME/data/train.zip"; }  # a reader keeps the old file; none sees half
-    [ -d /tmp/site/pydantic ] || python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir \
+    rm -f "$HOME/fid/$NAME.trained" "$HOME/fid/$NAME.jsonl"
+    PYTHONPATH=/tmp/site python3 -c 'import pydantic, torch_fidelity' 2> /dev/null || python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir \
         --upgrade --target /tmp/site .whl/*.whl
-    export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1 TORCHINDUCTOR_CACHE_DIR=$HOME/inductor-$NAME
-    setsid nohup bash "$0" inner > "$HOME/fid/$NAME.log" 2>&1 < /dev/null &
+    # A private copy of the code: later calls sync the working tree again, and a run must not change mid-way.
+    src=$HOME/src-$NAME; rm -rf "$src"; mkdir -p "$src"; cp -r ddpm_cli benchmarks examples "$src/"
+    [ -f "$CONFIG" ] && cp "$CONFIG" "$src/config.yaml" && CONFIG=$src/config.yaml
+    export PYTHONPATH=/tmp/site:$src PYTHONUNBUFFERED=1 TORCHINDUCTOR_CACHE_DIR=$HOME/inductor-$NAME
+    (cd "$src" && setsid nohup bash benchmarks/fid_run.sh inner > "$HOME/fid/$NAME.log" 2>&1 < /dev/null &)
     exit 0
 fi
 set -x
@@ -27,20 +36,34 @@ out=$HOME/fid/$NAME
 ddpm() { python3 -m ddpm_cli "$@"; }
 ddpm train -c "$CONFIG" --set data.root="$HOME/data/train.zip" --set logging.run_dir="$HOME/runs" \
     --set logging.run_name="$NAME" $EXTRA
+touch "$out.trained"
 ckpt=$HOME/runs/$NAME
-ddpm sample "$ckpt" -n 10000 --batch-size 1000 --format npz --out "$out-main.npz" $SAMPLE
-while [ ! -f "$HOME/inception.pth" ]; do sleep 2; done
-ev=(--ref "$HOME/data/train.zip" --inception-weights "$HOME/inception.pth" --batch-size 500
-    --cache-dir "$HOME/fidcache")
-echo "MAIN ${SAMPLE:-default sampler and guidance}" >> "$out.jsonl"
-ddpm eval "$out-main.npz" "${ev[@]}" | tee -a "$out.jsonl"
+ev=(--ref "$HOME/data/train.zip" --inception-weights "$HOME/inception.pth" --cache-dir "$HOME/fidcache")
+# The label and the result in one write: runs of other GPUs append to the same file.
+record() { local r; r=$(tail -n 1 "$3"); [[ $r == "{"* ]] && printf '%s\n%s\n' "$1" "$r" >> "$2"; }
+if [ -z "$SAMPLE" ]; then
+    while [ ! -f "$HOME/inception.pth" ]; do sleep 2; done
+    ddpm eval "$ckpt" -n "${FID_N:-10000}" --batch-size 1000 "${ev[@]}" | tee "$out-main.json"
+    record "MAIN ddpm eval RUN -n 10000 (default sampler and guidance)" "$out.jsonl" "$out-main.json"
+else
+    ddpm sample "$ckpt" -n "${FID_N:-10000}" --batch-size 1000 --format npz --out "$out-main.npz" $SAMPLE
+    while [ ! -f "$HOME/inception.pth" ]; do sleep 2; done
+    ddpm eval "$out-main.npz" "${ev[@]}" --batch-size 500 | tee "$out-main.json"
+    record "MAIN $SAMPLE" "$out.jsonl" "$out-main.json"
+fi
 for s in $SWEEP; do
-    IFS=: read -r smp st w e d g <<< "$s"
-    ddpm sample "$ckpt" -n 10000 --batch-size 1000 --format npz --out "$out-$s.npz" --sampler "$smp" \
+    run=$NAME; spec=$s
+    [[ $s == *@* ]] && { run=${s%%@*}; spec=${s#*@}; }
+    while [ ! -f "$HOME/fid/$run.trained" ]; do sleep 5; done
+    IFS=: read -r smp st w e d g <<< "$spec"
+    c=$HOME/runs/$run; o=$HOME/fid/$run-$spec
+    ddpm sample "$c" -n "${FID_N:-10000}" --batch-size 1000 --format npz --out "$o.npz" --sampler "$smp" \
         --steps "$st" ${w:+--guidance "$w"} ${e:+--eta "$e"} ${d:+--ema-decay "$d"} \
-        ${g:+--guide-model "$ckpt/checkpoints/ckpt-$(printf %08d "$g").safetensors"} \
+        ${g:+--guide-model "$c/checkpoints/ckpt-$(printf %08d "$g").safetensors"} \
         $(echo "$SAMPLE" | grep -o -- '--per-class')
-    echo "SWEEP $smp $st ${w:-default-guidance} ${e:+eta $e} ${d:+ema $d} ${g:+guide $g}" >> "$out.jsonl"
-    ddpm eval "$out-$s.npz" "${ev[@]}" | tee -a "$out.jsonl"
+    ddpm eval "$o.npz" "${ev[@]}" --batch-size 500 | tee "$o.json"
+    record "SWEEP $smp $st ${w:-default-guidance} ${e:+eta $e} ${d:+ema $d} ${g:+guide $g} (on $NAME's GPU)" \
+        "$HOME/fid/$run.jsonl" "$o.json"
+    rm -f "$o.npz"
 done
 echo FID-DONE

@@ -329,7 +329,13 @@ def test_cli_samples_a_checkpoint_and_scores_it(cli_files, clean_stats, trained_
     r = runner.invoke(app, ["eval", str(trained_conditional_run), "-n", "10", "--steps", "2", "--guidance", "2",
                             "--sampler", "ddim", "--ref", str(stats), *f["common"]])
     assert r.exit_code == 0, r.output
-    assert _json_line(r)["guidance"] == 2.0
+    out = _json_line(r)  # the JSON says what was run: guidance evaluates twice a step
+    assert out["guidance"] == 2.0 and out["steps"] == 2 and out["nfe_per_image"] == 4
+    r = runner.invoke(app, ["eval", str(trained_run), "-n", "2", "--sampler", "dpm++2m", "--ref", str(stats),
+                            *f["common"]])
+    assert r.exit_code == 0, r.output
+    out = _json_line(r)  # no --steps: the sampler's default, not null
+    assert out["steps"] == 20 and out["nfe_per_image"] == 20
     r = runner.invoke(app, ["eval", str(trained_run), "-n", "4", "--guidance", "2", "--ref", str(stats),
                             *f["common"]])
     assert r.exit_code == 1 and "class-conditional" in r.stderr

@@ -445,5 +445,6 @@ def test_the_compile_decision_counts_the_evaluations_each_sampler_and_guidance_m
 
     assert job_nfe(10, None, None, 1000) == 1000 and job_nfe(10, "ddim", 50, 1000) == 500  # DDIM-100 default
     assert job_nfe(10, "ddpm", None, 1000) == 10_000 and job_nfe(10, "dpm++2m", None, 1000) == 200
+    assert job_nfe(10, "ddpm", 50, 1000) == 10_000  # ddpm ignores --steps (and warns): all T steps
     assert job_nfe(10, "dpm++2m", None, 1000, guided=True) == 400  # two networks (or a doubled batch) a step
     assert job_nfe(5_000, "dpm++2m", None, 1000) < COMPILE_MIN_NFE <= job_nfe(5_000, "dpm++2m", None, 1000, True)

@@ -976,6 +976,7 @@ def _evaluate(req: EvalRequest, ref: ImageSource | FeatureStats, dist_info: Dist
     if req.input is not None:
         if is_checkpoint(req.input):
             from ddpm_cli.engine.checkpoint import load_guide, load_model
+            from ddpm_cli.engine.generate import sampler_steps
             from ddpm_cli.engine.header import check_guidance, read_checkpoint_config
 
             g = check_guidance(*read_checkpoint_config(req.input), req.guidance, req.guide)  # checked already
@@ -983,8 +984,10 @@ def _evaluate(req: EvalRequest, ref: ImageSource | FeatureStats, dist_info: Dist
             m = cfg.model
             guide_model = load_guide(g, ckpt, device) if g.guide is not None else None
             sampler = req.sampler or g.default_sampler
-            sample_info = {"checkpoint": str(ckpt.path), "step": ckpt.step, "sampler": sampler,
-                           "steps": req.steps, "guidance": g.weight, "seed": req.seed,
+            steps = sampler_steps(sampler, req.steps, cfg.diffusion.num_timesteps)
+            sample_info = {"checkpoint": str(ckpt.path), "step": ckpt.step, "sampler": sampler, "steps": steps,
+                           "nfe_per_image": steps * (2 if g.weight != 1.0 else 1), "guidance": g.weight,
+                           "seed": req.seed,
                            "ema_decay": req.ema_decay if req.ema_decay is not None else (
                                cfg.train.ema_decay if ckpt.ema_state is not None else None)}
             if g.guide is not None:

@@ -90,6 +90,7 @@ class Collect(TrainCallbacks):
                                                  row_limit=30, max_name_column_width=70), flush=True)
             print("BENCH profile " + json.dumps(kernel_breakdown(self.prof)), flush=True)
             print("BENCH copies " + json.dumps(copy_shapes(self.prof)), flush=True)
+            print_copy_sources(self.prof)
             self.prof = None
 
     def on_log(self, rec: dict) -> None:
@@ -134,6 +135,37 @@ def copy_shapes(prof, top: int = 12) -> list[dict]:
             rows.append({"op": e.key, "calls": e.count, "ms": round(us / 1000, 2),
                          "shapes": str(e.input_shapes)[:160]})
     return sorted(rows, key=lambda r: -r["ms"])[:top]
+
+
+def _tensor_meta(v) -> str | None:
+    if hasattr(v, "sizes") and hasattr(v, "strides"):
+        return f"{str(v.dtype).replace('torch.', '')}{list(v.sizes)}s{list(v.strides)}"
+    return None
+
+
+def print_copy_sources(prof, top: int = 15) -> None:
+    """Which op makes the eager copies of the profiled window, and of what: each copy with its input's dtype,
+    shape and strides, under its parent op with the parent's tensor inputs (e.g. a convolution backward making
+    its grad_output contiguous), counted over the window."""
+    def walk(nodes):
+        for n in nodes:
+            yield n
+            yield from walk(n.children)
+
+    def metas(n) -> list[str]:
+        return [m for v in getattr(n.extra_fields, "inputs", []) if (m := _tensor_meta(v))]
+
+    seen: dict[tuple, int] = {}
+    for n in walk(prof.profiler.kineto_results.experimental_event_tree()):
+        if n.name not in ("aten::contiguous", "aten::_to_copy"):  # clone/copy_ sit under these
+            continue
+        par = n.parent
+        while par is not None and par.name in ("aten::to", "aten::contiguous"):
+            par = par.parent
+        key = (n.name, tuple(metas(n)), par.name if par is not None else "-", tuple(metas(par)) if par else ())
+        seen[key] = seen.get(key, 0) + 1
+    for (name, ins, parent, pins), count in sorted(seen.items(), key=lambda kv: -kv[1])[:top]:
+        print(f"BENCH copy-source {count}x {name} {list(ins)} <- {parent} {list(pins)[:4]}", flush=True)
 
 
 TINY = {"image_size": 32, "base_channels": 16, "channel_mults": [1, 2], "num_res_blocks": 1,
@@ -181,7 +213,7 @@ def _bench_train(name: str, sets: dict, batch: int, steps: int, log_every: int, 
 
 
 def bench_sample(name: str, opts: dict, batch: int, steps: int, e2e: bool, model_cfg: dict,
-                 device: str) -> list[dict]:
+                 device: str, profile: bool = False) -> list[dict]:
     cfg = validate_config({"model": model_cfg})
     torch.manual_seed(0)
     model = build_unet(cfg.model).to(device)
@@ -211,6 +243,16 @@ def bench_sample(name: str, opts: dict, batch: int, steps: int, e2e: bool, model
     outs = [{"kind": "sample", "variant": name, "batch": batch, "nfe_per_s": nfe, "first_call_s": t_first,
              "share_of_peak": nfe * FWD_GFLOP / 1000 / PEAK_TFLOPS}]
     print("BENCH " + json.dumps(outs[-1]), flush=True)
+    if profile:  # where one forward's time goes: 2 sampler steps = 2 UNet evaluations of the batch
+        from torch.profiler import ProfilerActivity, profile as torch_profile
+
+        kinds = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device == "cuda" else [])
+        with torch_profile(activities=kinds) as prof:
+            run(batch, 2)
+        per_fwd = {k: round(v / 2, 2) for k, v in kernel_breakdown(prof).items()}
+        print(prof.key_averages().table(sort_by="cuda_time_total" if device == "cuda" else "cpu_time_total",
+                                        row_limit=25, max_name_column_width=70), flush=True)
+        print(f"BENCH sample-profile {name} per forward of {batch} (ms) " + json.dumps(per_fwd), flush=True)
     if e2e:
         dt = run(10_000, 100)
         outs.append({"kind": "sample-e2e", "variant": name, "batch": batch, "images": 10_000, "steps": 100,
@@ -230,7 +272,8 @@ def main() -> None:
     p.add_argument("--sample-steps", type=int, default=20)
     p.add_argument("--e2e", action="store_true", help="also time 10,000 images with DDIM-100 (fastest variant)")
     p.add_argument("--json", type=Path, help="write all results here")
-    p.add_argument("--profile", action="store_true", help="print the top CUDA kernels of 10 training steps")
+    p.add_argument("--profile", action="store_true", help="print the top CUDA kernels of 10 training steps and of 2 sampler "
+                   "steps, and where the training step's eager copies come from")
     p.add_argument("--tiny", action="store_true", help="a tiny model on the CPU: checks the script, times nothing")
     a = p.parse_args()
     if a.train is None and a.sample is None:
@@ -260,7 +303,7 @@ def main() -> None:
     for name in a.sample:
         try:
             sampled += bench_sample(name, SAMPLE_VARIANTS[name], a.sample_batch, a.sample_steps, False,
-                                    model_cfg, device)
+                                    model_cfg, device, a.profile)
         except Exception as e:
             print(f"BENCH sample {name} failed: {type(e).__name__}: {e}", flush=True)
     results += sampled

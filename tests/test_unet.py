@@ -106,3 +106,64 @@ def test_group_norm_from_channel_statistics_keeps_bf16_under_autocast():
     assert y.dtype == torch.bfloat16  # autocast's own GroupNorm would return fp32 (and move twice the bytes)
     ref = torch.nn.functional.group_norm(x.float(), 4, norm.weight, norm.bias, norm.eps)
     assert (y.float() - ref).abs().max() < 0.05
+
+
+def _attention_by_convolutions(a, x):
+    """The attention block as 1x1 convolutions on NCHW tensors (its form before the token-layout rewrite)."""
+    import torch.nn.functional as F
+
+    B, C, H, W = x.shape
+    qkv = a.qkv(a.norm(x)).reshape(B, 3, a.num_heads, C // a.num_heads, H * W)
+    q, k, v = qkv.transpose(-1, -2).unbind(1)
+    h = F.scaled_dot_product_attention(q, k, v).transpose(-1, -2).reshape(B, C, H, W)
+    return x + a.proj(h)
+
+
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_attention_computes_what_its_convolutions_would(channels_last):
+    from ddpm_cli.nn.unet import Attention, GroupNorm
+
+    torch.manual_seed(0)
+    a = Attention(16, 2, lambda c: GroupNorm(4, c)).double()
+    torch.nn.init.normal_(a.proj.weight, std=0.2)  # zero-initialised: the block would be the identity
+    x = torch.randn(2, 16, 4, 4, dtype=torch.float64)
+    if channels_last:
+        a, x = a.to(memory_format=torch.channels_last), x.contiguous(memory_format=torch.channels_last)
+    x.requires_grad_()
+    y = a(x)
+    ref = _attention_by_convolutions(a, x)
+    assert torch.allclose(y, ref, atol=1e-12)
+    assert y.is_contiguous(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
+    g = torch.randn_like(y)
+    grads = torch.autograd.grad(y, [x, *a.parameters()], g)
+    ref_grads = torch.autograd.grad(ref, [x, *a.parameters()], g)
+    for got, want in zip(grads, ref_grads):
+        assert torch.allclose(got, want, atol=1e-10)
+
+
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_concatenated_tensor_gets_a_dense_gradient(channels_last):
+    from ddpm_cli.nn.unet import dense_grad
+
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    h = torch.randn(2, 8, 4, 4).contiguous(memory_format=fmt).requires_grad_()
+    skip = torch.randn(2, 4, 4, 4).contiguous(memory_format=fmt)
+    seen = {}
+    conv = torch.nn.Conv2d(12, 8, 1).to(memory_format=fmt)
+
+    def keep(name):
+        return lambda g: seen.__setitem__(name, g)
+
+    plain = h * 1.0
+    plain.register_hook(keep("plain"))
+    conv(torch.cat([plain, skip], 1)).sum().backward()
+    before = h * 1.0
+    before.register_hook(keep("dense"))  # the gradient that dense_grad hands on to the layers before it
+    dense = dense_grad(before)
+    assert torch.equal(dense, h)  # the identity forward
+    conv(torch.cat([dense, skip], 1)).sum().backward()
+    # without it: a channel slice of the concatenation's gradient (12 channels apart); with it: dense memory
+    assert not seen["plain"].is_contiguous(memory_format=fmt)
+    assert seen["dense"].is_contiguous(memory_format=fmt) and torch.equal(seen["dense"], seen["plain"])
+    with torch.no_grad():
+        assert dense_grad(h) is h  # inference and export never see the autograd function

@@ -115,7 +115,7 @@ def kernel_breakdown(prof) -> dict:
         if str(getattr(e, "device_type", "")).endswith("CPU"):
             continue
         us = getattr(e, "self_device_time_total", 0) or getattr(e, "self_cuda_time_total", 0)
-        if not us:
+        if not us or "#" in e.key:  # "## Call CompiledFxGraph ...", "Optimizer.step#...": ranges, not kernels
             continue
         name = e.key.lower()
         kind = next((k for k, keys in KERNEL_KINDS if any(x.lower() in name for x in keys)), "other")

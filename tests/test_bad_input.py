@@ -505,3 +505,20 @@ def test_a_pickle_state_file_is_refused(tmp_path, ckpt_copy):
     r = _resume(ckpt_copy)
     assert not marker.exists()
     assert_refused(r, "pickle", codes=(1,))
+
+
+@pytest.mark.parametrize("command", ["sample", "inspect"])
+def test_checkpoint_of_a_newer_ddpm_with_unknown_settings_says_upgrade(tmp_path, ckpt_copy, command):
+    from ddpm_cli.engine.header import read_header
+
+    cfg = json.loads(read_header(ckpt_copy).metadata["config"])
+    cfg["train"]["some_future_setting"] = 1
+    f = _forge(tmp_path / "new" / "checkpoints" / "ckpt-00000020.safetensors", ckpt_copy, config=json.dumps(cfg),
+               ddpm_version="99.0.0")
+    args = ["-n", "1", "--out", tmp_path / "out", "--device", "cpu"] if command == "sample" else []
+    r = invoke(command, f, *args)
+    if command == "inspect" and r.exit_code == 0:  # inspect may show what it can read: the writer's version
+        assert "99.0.0" in r.stdout, r.output
+        return
+    assert_refused(r, "ddpm 99.0.0", "train.some_future_setting", "upgrade", codes=(1,))
+    assert not (tmp_path / "out").exists()

@@ -12,6 +12,7 @@ import struct
 from dataclasses import dataclass
 from pathlib import Path
 
+from ddpm_cli import __version__
 from ddpm_cli.config import RunConfig, config_from_json
 from ddpm_cli.errors import CheckpointError, ConfigError, DdpmError
 
@@ -211,6 +212,12 @@ def read_checkpoint_config(path: str | Path) -> tuple[Path, Header, RunConfig]:
     try:
         cfg = config_from_json(header.metadata.get("config", ""))
     except ConfigError as e:
+        unknown = [x.split(":")[0] for x in e.problems if "unknown field" in x]
+        written_by = header.metadata.get("ddpm_version")
+        if unknown and written_by and written_by != __version__:  # settings of another (newer) ddpm
+            raise CheckpointError(f"{p} was written by ddpm {written_by}, whose config has settings this ddpm "
+                                  f"{__version__} does not know ({', '.join(unknown)}); upgrade ddpm to read it") \
+                from None
         raise CheckpointError(f"{p}: its stored config is not valid for this ddpm ({'; '.join(e.problems) or e})") \
             from None
     return p, header, cfg

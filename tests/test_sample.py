@@ -448,3 +448,27 @@ def test_the_compile_decision_counts_the_evaluations_each_sampler_and_guidance_m
     assert job_nfe(10, "ddpm", 50, 1000) == 10_000  # ddpm ignores --steps (and warns): all T steps
     assert job_nfe(10, "dpm++2m", None, 1000, guided=True) == 400  # two networks (or a doubled batch) a step
     assert job_nfe(5_000, "dpm++2m", None, 1000) < COMPILE_MIN_NFE <= job_nfe(5_000, "dpm++2m", None, 1000, True)
+
+
+def test_autoguidance_refuses_a_guide_whose_labels_mean_other_classes(trained_conditional_run, tmp_path):
+    import json
+
+    from safetensors.torch import load_file, save_file
+
+    from ddpm_cli.engine.header import read_header
+
+    early = trained_conditional_run / "checkpoints" / "ckpt-00000010.safetensors"
+    meta = dict(read_header(early).metadata)
+    names = json.loads(meta["classes"])
+    assert len(names) > 1
+    out = ["-n", 2, "--out", tmp_path / "o", *FAST]
+
+    def guide_with(classes: list[str], name: str):
+        path = tmp_path / name
+        save_file(load_file(str(early)), str(path), metadata={**meta, "classes": json.dumps(classes)})
+        return cli("sample", trained_conditional_run, "--guidance", 2, "--guide-model", path, *out)
+
+    msg = one_line_error(guide_with(names[::-1], "shuffled.safetensors"))  # same count, label i another class
+    assert "differs from the checkpoint in its class names" in msg
+    r = guide_with(names, "same.safetensors")
+    assert r.exit_code == 0, r.output

@@ -276,6 +276,16 @@ def _betas(cfg: RunConfig) -> tuple[float, ...]:
     return tuple(make_betas(d.schedule, d.num_timesteps, d.schedule_low, d.schedule_high, d.dns_offset).tolist())
 
 
+def _class_names(header: Header) -> list[str] | None:
+    """The class names a checkpoint was trained on (None when it does not say): label i must mean the same class
+    to a model and its guide."""
+    try:
+        names = json.loads(header.metadata.get("classes") or "null")
+    except ValueError:
+        return None
+    return names if isinstance(names, list) and names else None
+
+
 def check_guidance(path: Path, header: Header, cfg: RunConfig, guidance: float | None,
                    guide: str | Path | None) -> Guidance:
     """The one check of `--guidance W` and `--guide-model G|none` against a checkpoint (sample and eval).
@@ -301,7 +311,7 @@ def check_guidance(path: Path, header: Header, cfg: RunConfig, guidance: float |
         raise DdpmError("--guide-model has no effect at --guidance 1; pass a guidance weight above 1 (e.g. "
                         "--guidance 2)")
     try:
-        guide_path, _, g = read_checkpoint_config(guide)
+        guide_path, guide_header, g = read_checkpoint_config(guide)
     except CheckpointError as e:
         raise CheckpointError(f"--guide-model: {e}") from None
     if guide_path.resolve() == path.resolve():
@@ -313,6 +323,9 @@ def check_guidance(path: Path, header: Header, cfg: RunConfig, guidance: float |
         ("classes", (m.conditional, m.conditional and m.num_classes),
          (gm.conditional, gm.conditional and gm.num_classes)),
         ("noise schedule", _betas(cfg), _betas(g))) if a != b]
+    names, guide_names = _class_names(header), _class_names(guide_header)
+    if m.conditional and gm.conditional and names and guide_names and names != guide_names:
+        differ.append("class names")  # the same number of classes, but label i is another class
     if differ:
         raise CheckpointError(f"the guide model {guide_path} differs from the checkpoint in its "
                               f"{' and '.join(differ)}; guide with an earlier checkpoint of the same run, or a model "

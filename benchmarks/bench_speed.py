@@ -247,12 +247,13 @@ def bench_sample(name: str, opts: dict, batch: int, steps: int, e2e: bool, model
         from torch.profiler import ProfilerActivity, profile as torch_profile
 
         kinds = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device == "cuda" else [])
-        with torch_profile(activities=kinds) as prof:
+        with torch_profile(activities=kinds, record_shapes=True) as prof:
             run(batch, 2)
         per_fwd = {k: round(v / 2, 2) for k, v in kernel_breakdown(prof).items()}
         print(prof.key_averages().table(sort_by="cuda_time_total" if device == "cuda" else "cpu_time_total",
                                         row_limit=25, max_name_column_width=70), flush=True)
         print(f"BENCH sample-profile {name} per forward of {batch} (ms) " + json.dumps(per_fwd), flush=True)
+        print(f"BENCH sample-copies {name} " + json.dumps(copy_shapes(prof)), flush=True)  # ~0.7 ms a forward
     if e2e:
         dt = run(10_000, 100)
         outs.append({"kind": "sample-e2e", "variant": name, "batch": batch, "images": 10_000, "steps": 100,

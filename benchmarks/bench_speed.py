@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import statistics
 import sys
 import tempfile
@@ -115,8 +116,9 @@ def kernel_breakdown(prof) -> dict:
         if str(getattr(e, "device_type", "")).endswith("CPU"):
             continue
         us = getattr(e, "self_device_time_total", 0) or getattr(e, "self_cuda_time_total", 0)
-        if not us or "#" in e.key:  # "## Call CompiledFxGraph ...", "Optimizer.step#...": ranges, not kernels
-            continue
+        ranges = ("Torch-Compiled Region", "CompiledFunction")  # and "## Call CompiledFxGraph", "Optimizer.step#"
+        if not us or getattr(e, "is_user_annotation", False) or "#" in e.key or e.key.startswith(ranges):
+            continue  # a range around kernels, not a kernel: counting it would count its kernels twice
         name = e.key.lower()
         kind = next((k for k, keys in KERNEL_KINDS if any(x.lower() in name for x in keys)), "other")
         out[kind] = out.get(kind, 0.0) + us / 1000
@@ -155,16 +157,24 @@ def print_copy_sources(prof, top: int = 15) -> None:
     def metas(n) -> list[str]:
         return [m for v in getattr(n.extra_fields, "inputs", []) if (m := _tensor_meta(v))]
 
-    seen: dict[tuple, int] = {}
+    def numel(v) -> int:
+        return math.prod(v.sizes) if hasattr(v, "sizes") else 0
+
+    seen: dict[tuple, list[int]] = {}  # -> [count, elements copied]
     for n in walk(prof.profiler.kineto_results.experimental_event_tree()):
         if n.name not in ("aten::contiguous", "aten::_to_copy"):  # clone/copy_ sit under these
+            continue
+        size = sum(numel(v) for v in getattr(n.extra_fields, "inputs", [])[:1])
+        if size < 2:  # scalars (step counters, flags): not the activation-sized copies this hunts
             continue
         par = n.parent
         while par is not None and par.name in ("aten::to", "aten::contiguous"):
             par = par.parent
         key = (n.name, tuple(metas(n)), par.name if par is not None else "-", tuple(metas(par)) if par else ())
-        seen[key] = seen.get(key, 0) + 1
-    for (name, ins, parent, pins), count in sorted(seen.items(), key=lambda kv: -kv[1])[:top]:
+        entry = seen.setdefault(key, [0, 0])
+        entry[0] += 1
+        entry[1] += size
+    for (name, ins, parent, pins), (count, size) in sorted(seen.items(), key=lambda kv: -kv[1][1])[:top]:
         print(f"BENCH copy-source {count}x {name} {list(ins)} <- {parent} {list(pins)[:4]}", flush=True)
 
 

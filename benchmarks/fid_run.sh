@@ -9,7 +9,8 @@
 # guide_step: autoguidance by the run's own checkpoint of that step (keep it: logging.checkpoint_every/keep_last).
 # RUN@: sample another run of this host instead (after it has trained), so that several GPUs share one model's
 # sweep; its results go to RUN.jsonl. Empty SAMPLE ARGS: the main score is `ddpm eval RUN -n 10000`, the
-# command a user runs (default sampler and guidance).
+# command a user runs (default sampler and guidance). `--per-class` in this run's SAMPLE ARGS applies to its
+# whole sweep, RUN@ entries included.
 # FID_N=200 shrinks the sample counts for a smoke test of this script.
 # torch.compile starts cold (a fresh inductor cache per run), as on a fresh machine: compilation counts.
 # Keep a call in flight until FID-DONE (e.g. `sleep 520` calls back to back): the device machine goes back after
@@ -21,7 +22,9 @@ if [ "${1:-}" != inner ]; then
     # Several runs may share the machine (CUDA_VISIBLE_DEVICES=i each): never rewrite what a running one reads.
     cmp -s .carry_data/train.zip "$HOME/data/train.zip" || { cp .carry_data/train.zip "$HOME/data/train.zip.part" &&
         mv "$HOME/data/train.zip.part" "$HOME/data/train.zip"; }  # a reader keeps the old file; none sees half
-    rm -f "$HOME/fid/$NAME.trained" "$HOME/fid/$NAME.jsonl"
+    # A fresh run each time: no checkpoints of an earlier run of this name, a cold compile, no stale marks.
+    rm -rf "$HOME/fid/$NAME.trained" "$HOME/fid/$NAME.failed" "$HOME/fid/$NAME.jsonl" "$HOME/runs/$NAME" \
+        "$HOME/inductor-$NAME"
     PYTHONPATH=/tmp/site python3 -c 'import pydantic, torch_fidelity' 2> /dev/null || python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir \
         --upgrade --target /tmp/site .whl/*.whl
     # A private copy of the code: later calls sync the working tree again, and a run must not change mid-way.
@@ -35,16 +38,20 @@ set -x
 out=$HOME/fid/$NAME
 ddpm() { python3 -m ddpm_cli "$@"; }
 ddpm train -c "$CONFIG" --set data.root="$HOME/data/train.zip" --set logging.run_dir="$HOME/runs" \
-    --set logging.run_name="$NAME" $EXTRA
+    --set logging.run_name="$NAME" $EXTRA || { touch "$out.failed"; echo TRAIN-FAILED; echo FID-DONE; exit 1; }
 touch "$out.trained"
 ckpt=$HOME/runs/$NAME
 ev=(--ref "$HOME/data/train.zip" --inception-weights "$HOME/inception.pth" --cache-dir "$HOME/fidcache")
-# The label and the result in one write: runs of other GPUs append to the same file.
-record() { local r; r=$(tail -n 1 "$3"); [[ $r == "{"* ]] && printf '%s\n%s\n' "$1" "$r" >> "$2"; }
+# The label and the result in one write: runs of other GPUs append to the same file. A failed score says so.
+record() {
+    local r; r=$(tail -n 1 "$3" 2> /dev/null)
+    [[ $r == "{"* ]] || r='{"fid": null, "failed": true}'
+    printf '%s\n%s\n' "$1" "$r" >> "$2"
+}
 if [ -z "$SAMPLE" ]; then
     while [ ! -f "$HOME/inception.pth" ]; do sleep 2; done
     ddpm eval "$ckpt" -n "${FID_N:-10000}" --batch-size 1000 "${ev[@]}" | tee "$out-main.json"
-    record "MAIN ddpm eval RUN -n 10000 (default sampler and guidance)" "$out.jsonl" "$out-main.json"
+    record "MAIN ddpm eval RUN -n ${FID_N:-10000} (default sampler and guidance)" "$out.jsonl" "$out-main.json"
 else
     ddpm sample "$ckpt" -n "${FID_N:-10000}" --batch-size 1000 --format npz --out "$out-main.npz" $SAMPLE
     while [ ! -f "$HOME/inception.pth" ]; do sleep 2; done
@@ -54,9 +61,13 @@ fi
 for s in $SWEEP; do
     run=$NAME; spec=$s
     [[ $s == *@* ]] && { run=${s%%@*}; spec=${s#*@}; }
-    while [ ! -f "$HOME/fid/$run.trained" ]; do sleep 5; done
+    waited=0  # until that run has trained (or failed: then skip; or never started: give up after an hour)
+    while [ ! -f "$HOME/fid/$run.trained" ] && [ ! -f "$HOME/fid/$run.failed" ] && [ $waited -lt 3600 ]; do
+        sleep 5; waited=$((waited + 5))
+    done
+    [ -f "$HOME/fid/$run.trained" ] || { echo "SKIPPED $s: run $run did not train"; continue; }
     IFS=: read -r smp st w e d g <<< "$spec"
-    c=$HOME/runs/$run; o=$HOME/fid/$run-$spec
+    c=$HOME/runs/$run; o=$HOME/fid/$run-$spec-by-$NAME
     ddpm sample "$c" -n "${FID_N:-10000}" --batch-size 1000 --format npz --out "$o.npz" --sampler "$smp" \
         --steps "$st" ${w:+--guidance "$w"} ${e:+--eta "$e"} ${d:+--ema-decay "$d"} \
         ${g:+--guide-model "$c/checkpoints/ckpt-$(printf %08d "$g").safetensors"} \

@@ -31,8 +31,9 @@ def summarize(folder: Path) -> list[str]:
         for line in jsonl.read_text().splitlines() if jsonl.exists() else []:
             if line.startswith("{"):
                 rec = json.loads(line)
-                kid = rec.get("kid_mean")
-                results.append((label or "?", f"{rec['fid']:.2f}", "" if kid is None else f"{kid * 1e3:.1f}"))
+                kid, fid = rec.get("kid_mean"), rec.get("fid")
+                results.append((label or "?", "failed" if fid is None else f"{fid:.2f}",
+                                "" if kid is None else f"{kid * 1e3:.1f}"))
                 label = None
             elif line.strip():
                 label = " ".join(line.split()[1:]) or line.strip()

@@ -522,3 +522,15 @@ def test_checkpoint_of_a_newer_ddpm_with_unknown_settings_says_upgrade(tmp_path,
         return
     assert_refused(r, "ddpm 99.0.0", "train.some_future_setting", "upgrade", codes=(1,))
     assert not (tmp_path / "out").exists()
+
+
+def test_checkpoint_of_an_older_ddpm_with_removed_settings_names_its_version(tmp_path, ckpt_copy):
+    from ddpm_cli.engine.header import read_header
+
+    cfg = json.loads(read_header(ckpt_copy).metadata["config"])
+    cfg["model"]["some_removed_setting"] = 1
+    f = _forge(tmp_path / "old" / "checkpoints" / "ckpt-00000020.safetensors", ckpt_copy, config=json.dumps(cfg),
+               ddpm_version="0.0.1")
+    r = invoke("sample", f, "-n", "1", "--out", tmp_path / "out", "--device", "cpu")
+    lines = assert_refused(r, "ddpm 0.0.1", "model.some_removed_setting", "no longer has", codes=(1,))
+    assert "upgrade" not in lines[0]

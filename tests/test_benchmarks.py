@@ -30,7 +30,8 @@ def test_fid_summary_tables_each_run_and_its_scores(tmp_path):
         "done: step 16949, 2,169,472 images seen in 506.3 s (reached train.max_time, 65.8 s of it compiling); x\n"
         "FID-DONE\n")
     (tmp_path / "a.jsonl").write_text('MAIN --sampler ddim --steps 100\n{"fid": 14.7725, "kid_mean": 0.00926}\n'
-                                      'SWEEP dpm++2m 20  \n{"fid": 14.75, "kid_mean": null}\n')
+                                      'SWEEP dpm++2m 20  \n{"fid": 14.75, "kid_mean": null}\n'
+                                      'SWEEP ddim 10 1\n{"fid": null, "failed": true}\n')
     (tmp_path / "b.log").write_text("compiling the training step\n")
     (tmp_path / "c.log").write_text("done: step 300, 38,400 images seen in 120.5 s (reached train.steps); x\n")
     r = subprocess.run([sys.executable, "benchmarks/fid_summary.py", str(tmp_path)], cwd=ROOT, capture_output=True,
@@ -39,5 +40,6 @@ def test_fid_summary_tables_each_run_and_its_scores(tmp_path):
     rows = r.stdout.splitlines()[2:]
     assert rows[0] == ("| a | done | 2,169,472 | 16949 | 65.8 | 5,276 | --sampler ddim --steps 100 | 14.77 | 9.3 |")
     assert rows[1] == "|  |  |  |  |  |  | dpm++2m 20 | 14.75 |  |"
-    assert rows[2].startswith("| b | running |")
-    assert rows[3].startswith("| c | running | 38,400 | 300 |  |")  # no compilation: no compile column
+    assert rows[2] == "|  |  |  |  |  |  | ddim 10 1 | failed |  |"  # fid_run.sh records a failed score so
+    assert rows[3].startswith("| b | running |")
+    assert rows[4].startswith("| c | running | 38,400 | 300 |  |")  # no compilation: no compile column

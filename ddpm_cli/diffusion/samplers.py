@@ -153,6 +153,19 @@ def dpmpp_2m_sample(model: ModelFn, diffusion: GaussianDiffusion, x: torch.Tenso
     return x
 
 
+DEFAULTS = {"ddim": (100, "uniform"), "dpm++2m": (20, "logsnr")}  # steps and spacing when not given
+
+
+def network_evaluations(diffusion: GaussianDiffusion, sampler: str, steps: int | None = None,
+                        spacing: str | None = None) -> int:
+    """How many times `sample` calls the network per image: all T for ddpm, else one per distinct timestep (steps
+    above T, or rounding onto the same timestep, give fewer than asked: logSNR spacing of 100 steps is 94)."""
+    if sampler == "ddpm":
+        return diffusion.num_timesteps
+    default_steps, default_spacing = DEFAULTS[sampler]
+    return len(timesteps(diffusion, steps or default_steps, spacing or default_spacing))
+
+
 def sample(model: ModelFn, diffusion: GaussianDiffusion, x: torch.Tensor, y: torch.Tensor | None = None, *,
            sampler: str = "ddim", steps: int | None = None, eta: float = 0.0, spacing: str | None = None,
            variance: str = "beta", generator: torch.Generator | None = None,
@@ -160,10 +173,11 @@ def sample(model: ModelFn, diffusion: GaussianDiffusion, x: torch.Tensor, y: tor
     """Dispatch to one sampler; `steps` None means its default (all T for ddpm)."""
     if sampler == "ddpm":
         return ddpm_sample(model, diffusion, x, y, variance=variance, generator=generator, on_step=on_step)
+    if sampler in DEFAULTS:
+        steps, spacing = steps or DEFAULTS[sampler][0], spacing or DEFAULTS[sampler][1]
     if sampler == "ddim":
-        return ddim_sample(model, diffusion, x, y, steps=steps or 100, eta=eta, spacing=spacing or "uniform",
-                           generator=generator, on_step=on_step)
+        return ddim_sample(model, diffusion, x, y, steps=steps, eta=eta, spacing=spacing, generator=generator,
+                           on_step=on_step)
     if sampler == "dpm++2m":
-        return dpmpp_2m_sample(model, diffusion, x, y, steps=steps or 20, spacing=spacing or "logsnr",
-                               on_step=on_step)
+        return dpmpp_2m_sample(model, diffusion, x, y, steps=steps, spacing=spacing, on_step=on_step)
     raise ValueError(f"unknown sampler {sampler!r}; choose one of {', '.join(SAMPLERS)}")

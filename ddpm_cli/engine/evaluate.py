@@ -976,7 +976,7 @@ def _evaluate(req: EvalRequest, ref: ImageSource | FeatureStats, dist_info: Dist
     if req.input is not None:
         if is_checkpoint(req.input):
             from ddpm_cli.engine.checkpoint import load_guide, load_model
-            from ddpm_cli.engine.generate import sampler_steps
+            from ddpm_cli.diffusion.samplers import network_evaluations
             from ddpm_cli.engine.header import check_guidance, read_checkpoint_config
 
             g = check_guidance(*read_checkpoint_config(req.input), req.guidance, req.guide)  # checked already
@@ -984,7 +984,7 @@ def _evaluate(req: EvalRequest, ref: ImageSource | FeatureStats, dist_info: Dist
             m = cfg.model
             guide_model = load_guide(g, ckpt, device) if g.guide is not None else None
             sampler = req.sampler or g.default_sampler
-            steps = sampler_steps(sampler, req.steps, cfg.diffusion.num_timesteps)
+            steps = network_evaluations(diffusion, sampler, req.steps)  # what runs: distinct timesteps
             sample_info = {"checkpoint": str(ckpt.path), "step": ckpt.step, "sampler": sampler, "steps": steps,
                            "nfe_per_image": steps * (2 if g.weight != 1.0 else 1), "guidance": g.weight,
                            "seed": req.seed,

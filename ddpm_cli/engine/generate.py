@@ -11,7 +11,7 @@ from typing import Callable, Iterator
 import torch
 
 from ddpm_cli.diffusion.gaussian import GaussianDiffusion
-from ddpm_cli.diffusion.samplers import autoguided, guided, sample
+from ddpm_cli.diffusion.samplers import DEFAULTS, autoguided, guided, sample
 from ddpm_cli.nn.unet import channel_stats
 
 
@@ -38,17 +38,11 @@ def inference_net(model: torch.nn.Module, *, channels_last: bool = False, compil
 COMPILE_MIN_NFE = 200_000  # torch.compile costs ~25 s on an H100; below this many image-NFEs it does not pay
 
 
-def sampler_steps(sampler: str | None, steps: int | None, num_timesteps: int) -> int:
-    """The steps a sampler takes: `steps`, else its default (ddim 100, dpm++2m 20); ddpm always takes all T."""
-    if sampler == "ddpm":
-        return num_timesteps
-    return steps or {"dpm++2m": 20}.get(sampler or "ddim", 100)
-
-
 def job_nfe(n: int, sampler: str | None, steps: int | None, num_timesteps: int, guided: bool = False) -> int:
-    """How many network evaluations sampling `n` images takes (to decide whether compiling pays); guidance of
-    either kind evaluates twice a step."""
-    return n * sampler_steps(sampler, steps, num_timesteps) * (2 if guided else 1)
+    """About how many network evaluations sampling `n` images takes (to decide whether compiling pays; the exact
+    count is samplers.network_evaluations); guidance of either kind evaluates twice a step."""
+    per_image = num_timesteps if sampler == "ddpm" else min(steps or DEFAULTS[sampler or "ddim"][0], num_timesteps)
+    return n * per_image * (2 if guided else 1)
 
 
 def sampling_net(model: torch.nn.Module, device: torch.device, nfe: int, compile: str = "auto"):

@@ -203,6 +203,11 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
     fsync_dir(path.parent)
 
 
+def _version(text: str) -> tuple[int, ...]:
+    """'1.2.3rc1' -> (1, 2, 3): the numeric release, enough to tell which of two ddpm versions is newer."""
+    return tuple(int(m.group()) for part in text.split(".")[:3] if (m := re.match(r"\d+", part)))
+
+
 def read_checkpoint_config(path: str | Path) -> tuple[Path, Header, RunConfig]:
     """A checkpoint (or a run directory's latest) -> (file, header, stored config), without torch."""
     p = resolve_checkpoint(path)
@@ -213,11 +218,14 @@ def read_checkpoint_config(path: str | Path) -> tuple[Path, Header, RunConfig]:
         cfg = config_from_json(header.metadata.get("config", ""))
     except ConfigError as e:
         unknown = [x.split(":")[0] for x in e.problems if "unknown field" in x]
-        written_by = header.metadata.get("ddpm_version")
-        if unknown and written_by and written_by != __version__:  # settings of another (newer) ddpm
+        written_by = header.metadata.get("ddpm_version", "")
+        if unknown and _version(written_by) > _version(__version__):  # settings of a newer ddpm
             raise CheckpointError(f"{p} was written by ddpm {written_by}, whose config has settings this ddpm "
                                   f"{__version__} does not know ({', '.join(unknown)}); upgrade ddpm to read it") \
                 from None
+        if unknown and written_by and written_by != __version__:  # settings an older ddpm had, since removed
+            raise CheckpointError(f"{p} was written by ddpm {written_by}, with settings this ddpm {__version__} no "
+                                  f"longer has ({', '.join(unknown)}); read it with ddpm {written_by}") from None
         raise CheckpointError(f"{p}: its stored config is not valid for this ddpm ({'; '.join(e.problems) or e})") \
             from None
     return p, header, cfg

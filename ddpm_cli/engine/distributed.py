@@ -126,6 +126,14 @@ class DistInfo:
         if self.world > 1:
             dist.barrier()
 
+    def finish_together(self) -> None:
+        """Wait until every rank has finished its run (ranks in step only: the end of a run, not an error path).
+        A rank that tore its groups down and exited while another still used them aborted at exit (gloo, torch
+        2.14: "terminate called without an active exception", 1 run in 3 of the tests that stop early, where rank
+        0 still wrote the checkpoint and the loss plot)."""
+        if self.world > 1:
+            dist.barrier(group=self._cpu_group)  # the host-side gloo group when made; else the default group
+
     def average(self, t: torch.Tensor) -> torch.Tensor:
         """`t` averaged over the ranks, in place (the same value on every rank afterwards)."""
         if self.world > 1:

@@ -498,6 +498,7 @@ class Trainer:
             plot_loss_curve(read_metrics(self.run_dir / "metrics.jsonl"), self.run_dir / "loss.png")
             if self.wandb:
                 self.wandb.close()
+        self.dist.finish_together()
         result = TrainResult(self.run_dir, self.step, self.images_seen, stop_reason, checkpoint, elapsed, compile_s,
                              last_loss, first_loss, records)
         if stop_reason == "signal":

@@ -31,7 +31,7 @@ def _guide_step(header) -> int | str | None:
 
 def describe(header, sha256: bool = False) -> dict:
     """A checkpoint header -> a JSON-ready summary (the `--json` output; the table shows the same)."""
-    from ddpm_cli.engine.header import ema_decays, has_ema_weights
+    from ddpm_cli.engine.header import class_names, ema_decays, has_ema_weights
 
     meta = header.metadata
     try:
@@ -43,10 +43,7 @@ def describe(header, sha256: bool = False) -> dict:
     for section in ("model", "diffusion"):
         if not isinstance(cfg.get(section, {}), dict):
             cfg[section] = {}
-    try:
-        classes = json.loads(meta.get("classes", "[]"))
-    except ValueError:
-        classes = []
+    classes = class_names(meta)
     dtypes: dict[str, int] = {}
     model_params = 0
     for name, info in header.tensors.items():

@@ -22,9 +22,9 @@ from safetensors.torch import save as st_save
 from ddpm_cli import __version__
 from ddpm_cli.config import RunConfig, config_to_dict
 from ddpm_cli.engine.build import build_diffusion, build_unet
-from ddpm_cli.engine.header import (FORMAT, FORMAT_VERSION, Guidance, atomic_write_bytes, extra_ema_decays,
-                                    read_checkpoint_config, read_header, require_ema_decay, state_path,
-                                    stored_guide_step)
+from ddpm_cli.engine.header import (FORMAT, FORMAT_VERSION, Guidance, atomic_write_bytes, class_names,
+                                    extra_ema_decays, read_checkpoint_config, read_header, require_ema_decay,
+                                    state_path, stored_guide_step)
 from ddpm_cli.errors import CheckpointError, DdpmError
 
 
@@ -99,10 +99,7 @@ class Checkpoint:
 
     @property
     def classes(self) -> list[str]:
-        try:
-            return list(json.loads(self.metadata.get("classes", "[]")))
-        except ValueError:
-            return []
+        return class_names(self.metadata)
 
 
 def _read_tensors(path: Path) -> dict[str, torch.Tensor]:

@@ -34,6 +34,15 @@ class Header:
         return int(self.metadata.get("format_version", "0"))
 
 
+def class_names(metadata: dict[str, str]) -> list[str]:
+    """The class names a checkpoint's metadata lists (label i is class i); [] when it lists none or is unreadable."""
+    try:
+        names = json.loads(metadata.get("classes") or "[]")
+    except ValueError:
+        return []
+    return list(names) if isinstance(names, list) else []
+
+
 def _looks_like_pickle(head: bytes) -> bool:
     # torch.save writes a zip (PK..) holding a pickle; legacy torch.save and pickle.dump start with 0x80 PROTO.
     return head[:2] == b"PK" or (len(head) > 1 and head[0] == 0x80 and head[1] <= 5)
@@ -284,16 +293,6 @@ def _betas(cfg: RunConfig) -> tuple[float, ...]:
     return tuple(make_betas(d.schedule, d.num_timesteps, d.schedule_low, d.schedule_high, d.dns_offset).tolist())
 
 
-def _class_names(header: Header) -> list[str] | None:
-    """The class names a checkpoint was trained on (None when it does not say): label i must mean the same class
-    to a model and its guide."""
-    try:
-        names = json.loads(header.metadata.get("classes") or "null")
-    except ValueError:
-        return None
-    return names if isinstance(names, list) and names else None
-
-
 def check_guidance(path: Path, header: Header, cfg: RunConfig, guidance: float | None,
                    guide: str | Path | None) -> Guidance:
     """The one check of `--guidance W` and `--guide-model G|none` against a checkpoint (sample and eval).
@@ -331,7 +330,7 @@ def check_guidance(path: Path, header: Header, cfg: RunConfig, guidance: float |
         ("classes", (m.conditional, m.conditional and m.num_classes),
          (gm.conditional, gm.conditional and gm.num_classes)),
         ("noise schedule", _betas(cfg), _betas(g))) if a != b]
-    names, guide_names = _class_names(header), _class_names(guide_header)
+    names, guide_names = class_names(header.metadata), class_names(guide_header.metadata)
     if m.conditional and gm.conditional and names and guide_names and names != guide_names:
         differ.append("class names")  # the same number of classes, but label i is another class
     if differ:

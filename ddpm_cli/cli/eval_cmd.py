@@ -130,7 +130,8 @@ def eval_command(
                       kid_subset_size=kid_subset_size,
                       inception_weights=inception_weights, data_root=data_root, cache_dir=cache_dir,
                       use_cache=cache, save_stats=save_stats)
-    if gpus > 1 and not under_torchrun() and check_request(req)[0]:  # refuse bad arguments once, before N processes
+    # refuse bad arguments once, before N processes; only sampling a checkpoint is spread over them
+    if gpus > 1 and not under_torchrun() and check_request(req)[0] is not None:
         return relaunch_with_torchrun(gpus)
     main = is_main_process()
     display = EvalDisplay() if main else None

@@ -27,7 +27,7 @@ import torch
 from ddpm_cli import __version__
 from ddpm_cli.engine.data import IMAGE_EXTENSIONS
 from ddpm_cli.engine.distributed import DistInfo
-from ddpm_cli.engine.header import atomic_write_bytes
+from ddpm_cli.engine.header import Guidance, atomic_write_bytes
 from ddpm_cli.errors import DataError, DdpmError
 
 FEATURE_LAYER = "2048"  # torch-fidelity's name for the 2048-d pool3 features that FID and KID use
@@ -918,17 +918,18 @@ def evaluate(req: EvalRequest, callbacks: EvalCallbacks | None = None) -> dict:
 
     Under torchrun the sampling of a checkpoint is spread over the ranks (the same images as one process); rank 0
     does the rest and gets the result, the other ranks get {}."""
-    _, ref = check_request(req)
+    guidance, ref = check_request(req)
     dist_info = DistInfo.from_env()
     try:
-        return _evaluate(req, ref, dist_info, callbacks)
+        return _evaluate(req, ref, guidance, dist_info, callbacks)
     finally:
         dist_info.close()
 
 
-def check_request(req: EvalRequest) -> tuple[bool, ImageSource | FeatureStats]:
+def check_request(req: EvalRequest) -> tuple[Guidance | None, ImageSource | FeatureStats]:
     """The cheap checks of `ddpm eval`'s arguments, paths and reference (once, before any process or heavy work
-    starts); returns whether the input is a checkpoint to sample, and the opened reference."""
+    starts); returns how a checkpoint input will be guided (None: the input is not a checkpoint to sample), and
+    the opened reference."""
     if req.n is not None and req.n < 1:
         raise DdpmError(f"-n must be at least 1 (got {req.n})")
     if req.input is None and req.save_stats is None:
@@ -938,8 +939,8 @@ def check_request(req: EvalRequest) -> tuple[bool, ImageSource | FeatureStats]:
         raise DdpmError("--kid-subsets must be at least 1 and --kid-subset-size at least 2")
     if req.inception_weights is not None:
         check_inception_path(req.inception_weights)
-    checkpoint = req.input is not None and is_checkpoint(req.input)
-    if checkpoint:
+    guidance = None
+    if req.input is not None and is_checkpoint(req.input):
         from ddpm_cli.diffusion.samplers import SAMPLERS
         from ddpm_cli.engine.header import check_guidance, read_checkpoint_config, require_ema_decay
 
@@ -948,7 +949,7 @@ def check_request(req: EvalRequest) -> tuple[bool, ImageSource | FeatureStats]:
         if req.steps is not None and req.steps < 1:
             raise DdpmError(f"--steps must be at least 1 (got {req.steps})")
         path, header, cfg = read_checkpoint_config(req.input)
-        check_guidance(path, header, cfg, req.guidance, req.guide)
+        guidance = check_guidance(path, header, cfg, req.guidance, req.guide)
         if req.ema_decay is not None:
             require_ema_decay(header, cfg.train.ema_decay, req.ema_decay)
     elif req.input is not None:
@@ -959,10 +960,10 @@ def check_request(req: EvalRequest) -> tuple[bool, ImageSource | FeatureStats]:
         if not Path(req.input).exists():
             raise DataError(f"{req.input} not found; pass a checkpoint (.safetensors or a run directory), or samples "
                             f"(.npz, a folder or .zip of images)")
-    return checkpoint, open_images_or_stats(req.ref, data_root=req.data_root)
+    return guidance, open_images_or_stats(req.ref, data_root=req.data_root)
 
 
-def _evaluate(req: EvalRequest, ref: ImageSource | FeatureStats, dist_info: DistInfo,
+def _evaluate(req: EvalRequest, ref: ImageSource | FeatureStats, g: Guidance | None, dist_info: DistInfo,
               callbacks: EvalCallbacks | None) -> dict:
     from ddpm_cli.engine.build import resolve_device
 
@@ -974,12 +975,10 @@ def _evaluate(req: EvalRequest, ref: ImageSource | FeatureStats, dist_info: Dist
     sample_info: dict = {}
     samples: ImageSource | FeatureStats | None = None
     if req.input is not None:
-        if is_checkpoint(req.input):
-            from ddpm_cli.engine.checkpoint import load_guide, load_model
+        if g is not None:  # a checkpoint to sample
             from ddpm_cli.diffusion.samplers import network_evaluations
-            from ddpm_cli.engine.header import check_guidance, read_checkpoint_config
+            from ddpm_cli.engine.checkpoint import load_guide, load_model
 
-            g = check_guidance(*read_checkpoint_config(req.input), req.guidance, req.guide)  # checked already
             model, diffusion, cfg, ckpt = load_model(req.input, device, ema_decay=req.ema_decay)
             m = cfg.model
             guide_model = load_guide(g, ckpt, device) if g.guide is not None else None

@@ -167,3 +167,18 @@ def test_concatenated_tensor_gets_a_dense_gradient(channels_last):
     assert seen["dense"].is_contiguous(memory_format=fmt) and torch.equal(seen["dense"], seen["plain"])
     with torch.no_grad():
         assert dense_grad(h) is h  # inference and export never see the autograd function
+
+
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_upsampling_matches_interpolate_and_keeps_the_layout(channels_last):
+    from ddpm_cli.nn.unet import upsample_nearest2x
+
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    x = torch.randn(2, 6, 3, 5, dtype=torch.float64).contiguous(memory_format=fmt).requires_grad_()
+    y = upsample_nearest2x(x)
+    ref = torch.nn.functional.interpolate(x, scale_factor=2.0, mode="nearest")
+    assert y.shape == (2, 6, 6, 10) and torch.equal(y, ref)
+    assert y.is_contiguous(memory_format=fmt)  # a layout change here would cost a copy before the convolution
+    g = torch.randn_like(y)
+    (got,), (want,) = torch.autograd.grad(y, x, g), torch.autograd.grad(ref, x, g)
+    assert torch.allclose(got, want, atol=1e-12)

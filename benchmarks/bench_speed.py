@@ -28,6 +28,7 @@ from ddpm_cli.engine.build import build_diffusion, build_unet, count_params
 from ddpm_cli.engine.data import ImageSet
 from ddpm_cli.engine.generate import generate, inference_net
 from ddpm_cli.engine.train import TrainCallbacks, Trainer
+from ddpm_cli.nn import unet
 
 TRAIN_VARIANTS = {
     "fp32": {"precision": "fp32", "compile": "off", "channels_last": "off"},
@@ -44,6 +45,9 @@ TRAIN_VARIANTS = {
     "bf16-cl-cudagraphs-gngroup": {"precision": "bf16", "compile": "reduce-overhead", "channels_last": "on",
                                    "norm_stats": "group"},
     "bf16-cl-compile-gngroup": {"precision": "bf16", "compile": "on", "channels_last": "on", "norm_stats": "group"},
+    # before upsample_nearest2x: F.interpolate, whose backward is a scatter-add
+    "bf16-cl-cudagraphs-interp": {"precision": "bf16", "compile": "reduce-overhead", "channels_last": "on",
+                                  "_interpolate": True},
     "bf16-cl-compile-nobench": {"precision": "bf16", "compile": "on", "channels_last": "on",
                                 "cudnn_benchmark": False},
 }
@@ -91,6 +95,7 @@ class Collect(TrainCallbacks):
                                                  row_limit=30, max_name_column_width=70), flush=True)
             print("BENCH profile " + json.dumps(kernel_breakdown(self.prof)), flush=True)
             print("BENCH copies " + json.dumps(copy_shapes(self.prof)), flush=True)
+            triton_kernels(self.prof, 10, "train-step")
             print_copy_sources(self.prof)
             self.prof = None
 
@@ -100,11 +105,15 @@ class Collect(TrainCallbacks):
             self.losses.append(round(rec["loss"], 5) if rec.get("loss") is not None else None)
 
 
+# First match wins. Triton kernels come before convolutions: inductor names a fused kernel after the ops it
+# fuses (`triton_poi_fused_add_convolution_...` adds a convolution's bias); cuDNN's attention kernels
+# (`cudnn_generated_..._sdpa_...`) come before the convolutions' "cudnn". Before 2026-11-27 the order was
+# convolution first, which counted both as convolution time.
 KERNEL_KINDS = (("layout transposes", ("nchwToNhwc", "nhwcToNchw")),
-                ("convolution", ("conv", "xmma", "cudnn", "implicit_gemm", "dgrad", "wgrad", "fprop", "cutlass")),
-                ("attention", ("flash", "fmha", "attention")),
-                ("gemm", ("gemm", "sm90", "nvjet")),
                 ("fused triton", ("triton",)),
+                ("attention", ("flash", "fmha", "attention", "sdpa")),
+                ("convolution", ("conv", "xmma", "cudnn", "implicit_gemm", "dgrad", "wgrad", "fprop", "cutlass")),
+                ("gemm", ("gemm", "sm90", "nvjet")),
                 ("optimizer / EMA", ("adam", "foreach", "multi_tensor", "lerp")),
                 ("copies", ("copy", "memcpy", "memset", "fill")))
 
@@ -123,6 +132,53 @@ def kernel_breakdown(prof) -> dict:
         kind = next((k for k, keys in KERNEL_KINDS if any(x.lower() in name for x in keys)), "other")
         out[kind] = out.get(kind, 0.0) + us / 1000
     return {k: round(v, 2) for k, v in sorted(out.items(), key=lambda kv: -kv[1])}
+
+
+def kernel_bytes() -> dict[str, float]:
+    """GB each compiled Triton kernel moves per call, as inductor estimates it (recorded only when
+    `inductor_config.benchmark_kernel` was on while compiling: `--kernels`), by kernel name."""
+    from torch._inductor.codecache import PyCodeCache
+    from torch._inductor.runtime.triton_heuristics import CachingAutotuner
+
+    out = {}
+    for mod in list(PyCodeCache.modules):
+        for name, k in vars(mod).items():
+            if name.startswith("triton_") and isinstance(k, CachingAutotuner):
+                gb = (getattr(k, "inductor_meta", None) or {}).get("kernel_num_gb")
+                if gb:
+                    out[name] = gb
+    return out
+
+
+def triton_kernels(prof, per: int, label: str, top: int = 30) -> None:
+    """The fused Triton kernels of the profiled window, per step (or forward): how many, how long, and the
+    bandwidth each reached from the bytes inductor says it moves. Kernels far below the ~3 TB/s a copy reaches
+    are the ones worth rewriting; many short calls mean time lost to kernel tails, not to bytes."""
+    try:
+        gb = kernel_bytes()
+    except (ImportError, AttributeError) as e:  # inductor internals: a table without bytes beats no table
+        print(f"BENCH triton {label}: no byte counts ({type(e).__name__}: {e})", flush=True)
+        gb = {}
+    rows = []
+    for e in prof.key_averages():
+        us = getattr(e, "self_device_time_total", 0) or getattr(e, "self_cuda_time_total", 0)
+        if e.key.startswith("triton_") and us and not str(getattr(e, "device_type", "")).endswith("CPU"):
+            rows.append({"name": e.key, "calls": e.count / per, "us": us / per, "us_per_call": us / e.count,
+                         "gb": gb.get(e.key)})
+    rows.sort(key=lambda r: -r["us"])
+    known = [r for r in rows if r["gb"]]
+    moved = sum(r["gb"] * r["calls"] for r in known)
+    summary = {"kernels": len(rows), "calls": round(sum(r["calls"] for r in rows), 1),
+               "ms": round(sum(r["us"] for r in rows) / 1000, 2),
+               "ms_in_calls_under_10us": round(sum(r["us"] for r in rows if r["us_per_call"] < 10) / 1000, 2),
+               "gb_moved": round(moved, 2), "with_bytes": len(known),
+               "tb_per_s": round(moved / max(sum(r["us"] for r in known), 1e-9) * 1e3, 2) if known else None}
+    print(f"BENCH triton-summary {label} " + json.dumps(summary), flush=True)
+    for r in rows[:top]:
+        bw = f"{r['gb'] / r['us_per_call'] * 1e3:6.2f} TB/s" if r["gb"] else "   ?"
+        gbs = f"{r['gb'] * 1e3:7.1f} MB" if r["gb"] else "      ?"
+        print(f"BENCH triton {label} {r['us']:7.1f} us {r['calls']:5.1f}x {r['us_per_call']:7.1f} us/call {gbs} "
+              f"{bw}  {r['name'][:90]}", flush=True)
 
 
 def copy_shapes(prof, top: int = 12) -> list[dict]:
@@ -186,9 +242,13 @@ def bench_train(name: str, sets: dict, batch: int, steps: int, log_every: int, i
                 model: dict, profile: bool = False) -> dict:
     sets = dict(sets)
     inductor_config.force_layout_optimization = sets.pop("_force_layout", False)  # the Trainer may set it again
+    upsample = unet.Upsample.forward
+    if sets.pop("_interpolate", False):
+        unet.Upsample.forward = lambda self, x: self.conv(torch.nn.functional.interpolate(x, scale_factor=2.0))
     try:
         return _bench_train(name, sets, batch, steps, log_every, images, model, profile)
     finally:
+        unet.Upsample.forward = upsample
         torch._dynamo.reset()  # no later variant may reuse a graph traced with other switches
 
 
@@ -264,6 +324,7 @@ def bench_sample(name: str, opts: dict, batch: int, steps: int, e2e: bool, model
                                         row_limit=25, max_name_column_width=70), flush=True)
         print(f"BENCH sample-profile {name} per forward of {batch} (ms) " + json.dumps(per_fwd), flush=True)
         print(f"BENCH sample-copies {name} " + json.dumps(copy_shapes(prof)), flush=True)  # ~0.7 ms a forward
+        triton_kernels(prof, 2, f"sample-forward-{name}")
     if e2e:
         dt = run(10_000, 100)
         outs.append({"kind": "sample-e2e", "variant": name, "batch": batch, "images": 10_000, "steps": 100,
@@ -285,8 +346,24 @@ def main() -> None:
     p.add_argument("--json", type=Path, help="write all results here")
     p.add_argument("--profile", action="store_true", help="print the top CUDA kernels of 10 training steps and of 2 sampler "
                    "steps, and where the training step's eager copies come from")
+    p.add_argument("--kernels", action="store_true", help="with --profile: also list the fused Triton kernels "
+                   "with the bandwidth each reaches (compiles with inductor's benchmark_kernel, so not from the cache "
+                   "of a run without it)")
+    p.add_argument("--inductor", nargs="*", default=[], metavar="KEY=VALUE",
+                   help="inductor config for every variant of this run, e.g. coordinate_descent_tuning=True")
+    p.add_argument("--cudnn-limit", type=int, help="torch.backends.cudnn.benchmark_limit: how many cuDNN "
+                   "algorithms cudnn.benchmark tries (0 = all; torch's default is 10)")
     p.add_argument("--tiny", action="store_true", help="a tiny model on the CPU: checks the script, times nothing")
     a = p.parse_args()
+    for kv in a.inductor:
+        key, _, value = kv.partition("=")
+        setattr(inductor_config, key, json.loads(value.lower()) if value.lower() in ("true", "false")
+                or value.lstrip("-").isdigit() else value)
+        print(f"BENCH inductor {key}={getattr(inductor_config, key)!r}", flush=True)
+    inductor_config.benchmark_kernel = inductor_config.benchmark_kernel or a.kernels
+    if a.cudnn_limit is not None:
+        torch.backends.cudnn.benchmark_limit = a.cudnn_limit
+        print(f"BENCH cudnn.benchmark_limit={a.cudnn_limit}", flush=True)
     if a.train is None and a.sample is None:
         a.train, a.sample = list(TRAIN_VARIANTS), list(SAMPLE_VARIANTS)
     a.train, a.sample = a.train or [], a.sample or []  # naming one kind alone times only that kind

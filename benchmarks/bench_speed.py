@@ -45,6 +45,9 @@ TRAIN_VARIANTS = {
     "bf16-cl-cudagraphs-gngroup": {"precision": "bf16", "compile": "reduce-overhead", "channels_last": "on",
                                    "norm_stats": "group"},
     "bf16-cl-compile-gngroup": {"precision": "bf16", "compile": "on", "channels_last": "on", "norm_stats": "group"},
+    # the default without combo kernels (train.combo_kernels, on by default since 2026-11-27)
+    "bf16-cl-cudagraphs-nocombo": {"precision": "bf16", "compile": "reduce-overhead", "channels_last": "on",
+                                   "combo_kernels": "off"},
     # before upsample_nearest2x: F.interpolate, whose backward is a scatter-add
     "bf16-cl-cudagraphs-interp": {"precision": "bf16", "compile": "reduce-overhead", "channels_last": "on",
                                   "_interpolate": True},

@@ -189,7 +189,12 @@ class TrainConfig(Section):
     """Autocast precision: auto means bf16 on CUDA, fp32 elsewhere."""
     compile: Literal["auto", "off", "on", "max-autotune", "reduce-overhead"] = "auto"
     """torch.compile the training step (forward and backward): on = the default mode, reduce-overhead adds
-    CUDA graphs, max-autotune also tunes kernels; auto means reduce-overhead on CUDA, off elsewhere."""
+    CUDA graphs, max-autotune also tunes kernels (block sizes alone: +3.2% img/s on an H100, for a first step
+    that compiles ~2.7x longer); auto means reduce-overhead on CUDA, off elsewhere."""
+    combo_kernels: Literal["auto", "on", "off"] = "auto"
+    """Let torch.compile launch independent small kernels together as one (inductor's combo kernels: a step
+    makes ~800 kernel calls, many of them tiny reductions at 8x8 and 4x4); auto means on when the step is
+    compiled on CUDA (H100, batch 128: +5.0% training img/s)."""
     channels_last: Literal["auto", "on", "off"] = "auto"
     """Channels-last memory layout: on also makes torch.compile keep the whole graph channels-last; auto means
     on for CUDA, off elsewhere."""

@@ -168,6 +168,26 @@ def test_speed_switches_resolve_to_the_measured_defaults(tmp_path):
     assert use_channel_stats(auto, True) and not use_channel_stats(auto, False)
     assert use_channel_stats(tiny_config(tmp_path, train__norm_stats="channel"), False)
     assert not use_channel_stats(tiny_config(tmp_path, train__norm_stats="group"), True)
+    from ddpm_cli.engine.build import compile_options
+
+    assert compile_options(auto, cuda, "reduce-overhead") == {"triton.cudagraphs": True, "combo_kernels": True}
+    assert compile_options(auto, cpu, "default") == {}
+    assert compile_options(tiny_config(tmp_path, train__combo_kernels="on"), cpu, "default") == {"combo_kernels": True}
+    off = compile_options(tiny_config(tmp_path, train__combo_kernels="off"), cuda, "max-autotune")
+    assert "combo_kernels" not in off and off["max_autotune"] and off["coordinate_descent_tuning"]
+
+
+def test_compiled_step_gets_the_modes_options_and_combo_kernels(tmp_path, monkeypatch):
+    """The trainer hands torch.compile the inductor options of its mode plus the combo-kernel switch (mode and
+    options cannot both be given to torch.compile, so the mode travels as its options)."""
+    from ddpm_cli.engine.train import Trainer
+
+    seen = []
+    monkeypatch.setattr(torch, "compile", lambda fn, **kw: seen.append(kw) or fn)
+    Trainer(tiny_config(tmp_path, train__compile="on", train__combo_kernels="on"))
+    Trainer(tiny_config(tmp_path / "b", train__compile="reduce-overhead"))  # auto: no combo kernels on the CPU
+    Trainer(tiny_config(tmp_path / "c"))  # auto: not compiled on the CPU
+    assert seen == [{"options": {"combo_kernels": True}}, {"options": {"triton.cudagraphs": True}}]
 
 
 def test_training_with_channel_statistics_norms_follows_the_default_path(tmp_path):

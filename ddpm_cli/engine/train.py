@@ -17,7 +17,7 @@ import torch
 
 from ddpm_cli.config import RunConfig, config_to_dict
 from ddpm_cli.engine import checkpoint as ckpt_io
-from ddpm_cli.engine.build import (build_diffusion, build_unet, compile_mode, count_params,
+from ddpm_cli.engine.build import (build_diffusion, build_unet, compile_mode, compile_options, count_params,
                                    force_channels_last_graph, grad_sync, resolve_device, use_bf16, use_channel_stats,
                                    use_channels_last)
 from ddpm_cli.engine.data import Batcher, ImageSet, load_dataset, split_holdout, to_model_range
@@ -170,7 +170,8 @@ class Trainer:
             force_channels_last_graph()
         self.grad_sync = grad_sync(cfg, mode) if self.dist.world > 1 else "none"
         self.net = self.dist.wrap(self.model, self.grad_sync)
-        self.loss_fn = torch.compile(self._loss, mode=mode) if self.compiled else self._loss
+        self.loss_fn = (torch.compile(self._loss, options=compile_options(cfg, self.device, mode))
+                        if self.compiled else self._loss)
 
         # State
         self.step, self.images_seen = 0, 0

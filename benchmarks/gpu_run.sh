@@ -9,7 +9,10 @@ set -u
 mkdir -p "$HOME/bench"
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
 python3 -m pip install -q --no-index --no-deps --no-compile --target "$HOME/peer" .carry/diffusers-*.whl
-export PYTHONPATH=/tmp/site:$PWD
+# A private copy of the code and the peer: the next call syncs the working tree again, and drops the carried
+# .carry if that call does not name it (2026-11-27: the peer's measured run found no script).
+src=$HOME/bench-src; rm -rf "$src"; mkdir -p "$src"; cp -r ddpm_cli benchmarks .carry "$src/"; cd "$src" || exit 1
+export PYTHONPATH=/tmp/site:$src
 setsid nohup bash -c "
   nvidia-smi --query-gpu=name,memory.total,clocks.max.sm --format=csv
   if [ -n \"${WARM:-}\" ]; then

@@ -43,3 +43,28 @@ def test_fid_summary_tables_each_run_and_its_scores(tmp_path):
     assert rows[2] == "|  |  |  |  |  |  | ddim 10 1 | failed |  |"  # fid_run.sh records a failed score so
     assert rows[3].startswith("| b | running |")
     assert rows[4].startswith("| c | running | 38,400 | 300 |  |")  # no compilation: no compile column
+
+
+def test_kernel_breakdown_tells_fused_kernels_from_convolutions():
+    """inductor names a fused kernel after the ops it fuses, a convolution's bias add among them, and cuDNN names
+    its attention kernels 'cudnn_...': counted by the first word that matches, both went into the convolutions'
+    share (until 2026-11-27), which hid where a sampler forward's time goes."""
+    import importlib.util
+    from types import SimpleNamespace
+
+    spec = importlib.util.spec_from_file_location("bench_speed", ROOT / "benchmarks" / "bench_speed.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+
+    def ev(key, us, device="DeviceType.CUDA"):
+        return SimpleNamespace(key=key, self_device_time_total=us, device_type=device, is_user_annotation=False)
+
+    prof = SimpleNamespace(key_averages=lambda: [
+        ev("triton_poi_fused__to_copy_add_convolution_mean_mul_rsqrt_silu_sub_16", 3000),
+        ev("sm90_xmma_fprop_implicit_gemm_bf16bf16_bf16f32_f32_nhwckrsc_nhwc", 5000),
+        ev("cudnn_generated_fort_native_sdpa_sm90_flash_fprop_wgmma_f16_knob_7", 1000),
+        ev("nvjet_sm90_tst_192x192_64x4_2x1_v_bz_coopB_bias_TNN", 700),
+        ev("Torch-Compiled Region: 0/0", 9000),  # a range around kernels, not a kernel
+        ev("aten::cudnn_convolution", 4000, device="DeviceType.CPU"),
+    ])
+    assert bench.kernel_breakdown(prof) == {"convolution": 5.0, "fused triton": 3.0, "attention": 1.0, "gemm": 0.7}

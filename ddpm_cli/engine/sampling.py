@@ -323,6 +323,7 @@ def run_sampling(plan: SamplePlan, req: SampleRequest, *, on_start: Callable[[st
                 atomic_write_bytes(plan.grid, _png_bytes(grid))
             except OSError as e:
                 raise DdpmError(f"cannot write {plan.grid}: {e.strerror or e}") from None
+    dist_info.finish_together()  # no rank tears the group down while rank 0 still writes (see finish_together)
     dist_info.close()
     return SampleResult(req.n, seconds, plan.files, plan.npz, plan.grid, str(device))
 

@@ -137,9 +137,9 @@ def kernel_breakdown(prof) -> dict:
     return {k: round(v, 2) for k, v in sorted(out.items(), key=lambda kv: -kv[1])}
 
 
-def kernel_bytes() -> dict[str, float]:
-    """GB each compiled Triton kernel moves per call, as inductor estimates it (recorded only when
-    `inductor_config.benchmark_kernel` was on while compiling: `--kernels`), by kernel name."""
+def kernel_meta() -> dict[str, tuple[float | None, str | None]]:
+    """Each compiled Triton kernel by name: the GB it moves per call as inductor estimates it (recorded only when
+    `inductor_config.benchmark_kernel` was on while compiling: `--kernels`) and the file of its source."""
     from torch._inductor.codecache import PyCodeCache
     from torch._inductor.runtime.triton_heuristics import CachingAutotuner
 
@@ -147,10 +147,25 @@ def kernel_bytes() -> dict[str, float]:
     for mod in list(PyCodeCache.modules):
         for name, k in vars(mod).items():
             if name.startswith("triton_") and isinstance(k, CachingAutotuner):
-                gb = (getattr(k, "inductor_meta", None) or {}).get("kernel_num_gb")
-                if gb:
-                    out[name] = gb
+                out[name] = ((getattr(k, "inductor_meta", None) or {}).get("kernel_num_gb"),
+                             getattr(mod, "__file__", None))
     return out
+
+
+def print_slow_kernel_sources(rows: list[dict], label: str, most: int = 3) -> None:
+    """The generated source of the slowest-per-byte kernels that cost a step real time (over 1 TB/s short of
+    the ~3 TB/s the others reach, and over 0.1 ms a step): its load and store index expressions show which
+    input is read across the grain."""
+    slow = [r for r in rows if r["gb"] and r["us"] > 100 and r["gb"] / r["us_per_call"] * 1e3 < 1.0]
+    for r in slow[:most]:
+        print(f"BENCH kernel-source {label} {r['name']} ({r['us']:.0f} us a step):", flush=True)
+        try:
+            lines = Path(r["file"]).read_text().splitlines()
+        except (OSError, TypeError) as e:
+            print(f"BENCH kernel-source unreadable: {e}", flush=True)
+            continue
+        start = next((i for i, line in enumerate(lines) if line.startswith("@triton")), 0)
+        print("\n".join(lines[start:start + 150]), flush=True)
 
 
 def triton_kernels(prof, per: int, label: str, top: int = 30) -> None:
@@ -158,16 +173,17 @@ def triton_kernels(prof, per: int, label: str, top: int = 30) -> None:
     bandwidth each reached from the bytes inductor says it moves. Kernels far below the ~3 TB/s a copy reaches
     are the ones worth rewriting; many short calls mean time lost to kernel tails, not to bytes."""
     try:
-        gb = kernel_bytes()
+        meta = kernel_meta()
     except (ImportError, AttributeError) as e:  # inductor internals: a table without bytes beats no table
         print(f"BENCH triton {label}: no byte counts ({type(e).__name__}: {e})", flush=True)
-        gb = {}
+        meta = {}
     rows = []
     for e in prof.key_averages():
         us = getattr(e, "self_device_time_total", 0) or getattr(e, "self_cuda_time_total", 0)
         if e.key.startswith("triton_") and us and not str(getattr(e, "device_type", "")).endswith("CPU"):
+            gb, file = meta.get(e.key, (None, None))
             rows.append({"name": e.key, "calls": e.count / per, "us": us / per, "us_per_call": us / e.count,
-                         "gb": gb.get(e.key)})
+                         "gb": gb, "file": file})
     rows.sort(key=lambda r: -r["us"])
     known = [r for r in rows if r["gb"]]
     moved = sum(r["gb"] * r["calls"] for r in known)
@@ -182,6 +198,7 @@ def triton_kernels(prof, per: int, label: str, top: int = 30) -> None:
         gbs = f"{r['gb'] * 1e3:7.1f} MB" if r["gb"] else "      ?"
         print(f"BENCH triton {label} {r['us']:7.1f} us {r['calls']:5.1f}x {r['us_per_call']:7.1f} us/call {gbs} "
               f"{bw}  {r['name'][:90]}", flush=True)
+    print_slow_kernel_sources(rows, label)
 
 
 def copy_shapes(prof, top: int = 12) -> list[dict]:

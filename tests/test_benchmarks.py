@@ -45,16 +45,39 @@ def test_fid_summary_tables_each_run_and_its_scores(tmp_path):
     assert rows[4].startswith("| c | running | 38,400 | 300 |  |")  # no compilation: no compile column
 
 
-def test_kernel_breakdown_tells_fused_kernels_from_convolutions():
-    """inductor names a fused kernel after the ops it fuses, a convolution's bias add among them, and cuDNN names
-    its attention kernels 'cudnn_...': counted by the first word that matches, both went into the convolutions'
-    share (until 2026-11-27), which hid where a sampler forward's time goes."""
+def _bench_speed_module():
     import importlib.util
-    from types import SimpleNamespace
 
     spec = importlib.util.spec_from_file_location("bench_speed", ROOT / "benchmarks" / "bench_speed.py")
     bench = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(bench)
+    return bench
+
+
+def test_the_slow_kernels_sources_are_printed(tmp_path, capsys):
+    """--kernels prints the generated source of a kernel that costs a step real time at a fraction of the memory
+    bandwidth (so a GPU call brings back which input it reads across the grain), not of the fast ones."""
+    bench = _bench_speed_module()
+    slow, fast = tmp_path / "slow.py", tmp_path / "fast.py"
+    slow.write_text("import triton\n\n@triton.jit\ndef triton_poi_slow(in_ptr0):\n    x = tl.load(in_ptr0 + 384 * x1)\n")
+    fast.write_text("@triton.jit\ndef triton_poi_fast(in_ptr0):\n    pass\n")
+    rows = [{"name": "triton_poi_slow", "us": 1010.0, "us_per_call": 1010.0, "gb": 0.604, "file": str(slow)},
+            {"name": "triton_poi_fast", "us": 400.0, "us_per_call": 130.0, "gb": 0.403, "file": str(fast)},
+            {"name": "triton_red_tiny", "us": 60.0, "us_per_call": 12.0, "gb": 0.0003, "file": str(fast)}]
+    bench.print_slow_kernel_sources(rows, "train-step")
+    out = capsys.readouterr().out
+    assert "BENCH kernel-source train-step triton_poi_slow (1010 us a step):" in out
+    assert "@triton.jit\ndef triton_poi_slow" in out and "384 * x1" in out and "import triton" not in out
+    assert "triton_poi_fast" not in out and "triton_red_tiny" not in out  # 3.1 TB/s; 60 us a step
+
+
+def test_kernel_breakdown_tells_fused_kernels_from_convolutions():
+    """inductor names a fused kernel after the ops it fuses, a convolution's bias add among them, and cuDNN names
+    its attention kernels 'cudnn_...': counted by the first word that matches, both went into the convolutions'
+    share (until 2026-11-27), which hid where a sampler forward's time goes."""
+    from types import SimpleNamespace
+
+    bench = _bench_speed_module()
 
     def ev(key, us, device="DeviceType.CUDA"):
         return SimpleNamespace(key=key, self_device_time_total=us, device_type=device, is_user_annotation=False)

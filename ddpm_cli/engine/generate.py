@@ -86,23 +86,19 @@ def generate(model: Callable, diffusion: GaussianDiffusion, n: int, *, image_sha
         net = guided(model, guidance, null_class)
     amp = torch.autocast(device.type, dtype=torch.bfloat16) if bf16 else nullcontext()
     num_batches = (n + batch_size - 1) // batch_size
-    order = list(batches if batches is not None else range(num_batches))
-
-    def noise(i: int) -> torch.Tensor | None:  # batch order[i]'s starting noise, on the CPU
-        if i >= len(order):
-            return None
-        return initial_noise(range(order[i] * batch_size, min(n, (order[i] + 1) * batch_size)), image_shape, seed)
-
-    upcoming = noise(0)
-    for i, b in enumerate(order):
-        start, stop = b * batch_size, min(n, (b + 1) * batch_size)
+    spans = [range(b * batch_size, min(n, (b + 1) * batch_size))
+             for b in (batches if batches is not None else range(num_batches))]  # image indices of each batch
+    upcoming = initial_noise(spans[0], image_shape, seed) if spans else None
+    for i, span in enumerate(spans):
+        start = span.start
         x = upcoming.to(device)
-        y = labels[start:stop].to(device) if labels is not None else None
+        y = labels[start:span.stop].to(device) if labels is not None else None
         gen = torch.Generator(device=device).manual_seed(seed * 1_000_003 + 7919 * start + 1)
         with amp:
             out = sample(net, diffusion, x, y, sampler=sampler, steps=steps, eta=eta, spacing=spacing,
                          variance=variance, generator=gen, on_step=on_step)
         # On a GPU the sampling steps are only queued so far: draw the next batch's noise (~20 ms for 1,000
         # images, image by image) while they run, not after the images come back with the GPU idle.
-        upcoming = noise(i + 1)
+        if i + 1 < len(spans):
+            upcoming = initial_noise(spans[i + 1], image_shape, seed)
         yield start, to_uint8(out).cpu(), (y.cpu() if y is not None else None)

@@ -59,7 +59,8 @@ def test_the_slow_kernels_sources_are_printed(tmp_path, capsys):
     bandwidth (so a GPU call brings back which input it reads across the grain), not of the fast ones."""
     bench = _bench_speed_module()
     slow, fast = tmp_path / "slow.py", tmp_path / "fast.py"
-    slow.write_text("import triton\n\n@triton.jit\ndef triton_poi_slow(in_ptr0):\n    x = tl.load(in_ptr0 + 384 * x1)\n")
+    slow.write_text("import triton\n\n@triton.jit\ndef triton_poi_slow(in_ptr0):\n"
+                    "    x = tl.load(in_ptr0 + 384 * x1)\n")
     fast.write_text("@triton.jit\ndef triton_poi_fast(in_ptr0):\n    pass\n")
     rows = [{"name": "triton_poi_slow", "us": 1010.0, "us_per_call": 1010.0, "gb": 0.604, "file": str(slow)},
             {"name": "triton_poi_fast", "us": 400.0, "us_per_call": 130.0, "gb": 0.403, "file": str(fast)},

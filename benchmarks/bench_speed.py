@@ -51,6 +51,15 @@ TRAIN_VARIANTS = {
     # before upsample_nearest2x: F.interpolate, whose backward is a scatter-add
     "bf16-cl-cudagraphs-interp": {"precision": "bf16", "compile": "reduce-overhead", "channels_last": "on",
                                   "_interpolate": True},
+    # nearest upsampling + 3x3 convolution folded into one transposed convolution (Upsample.folded)
+    "bf16-cl-cudagraphs-foldup": {"precision": "bf16", "compile": "reduce-overhead", "channels_last": "on",
+                                  "_foldup": True},
+    "bf16-cl-compile-foldup": {"precision": "bf16", "compile": "on", "channels_last": "on", "_foldup": True},
+    # dropout masks hashed from the element index (nn.unet.hashed_dropout) instead of Philox numbers
+    "bf16-cl-cudagraphs-hashdrop": {"precision": "bf16", "compile": "reduce-overhead", "channels_last": "on",
+                                    "_hashdrop": True},
+    "bf16-cl-cudagraphs-foldup-hashdrop": {"precision": "bf16", "compile": "reduce-overhead", "channels_last": "on",
+                                           "_foldup": True, "_hashdrop": True},
     "bf16-cl-compile-nobench": {"precision": "bf16", "compile": "on", "channels_last": "on",
                                 "cudnn_benchmark": False},
 }
@@ -66,6 +75,8 @@ SAMPLE_VARIANTS = {
     "bf16-cl-compile-force": dict(bf16=True, channels_last=True, compile="default", force_layout=True),
     "bf16-cl-cudagraphs-force": dict(bf16=True, channels_last=True, compile="reduce-overhead", force_layout=True),
     "bf16-cl-compile-gngroup": dict(bf16=True, channels_last=True, compile="default", norm_stats=False),
+    "bf16-cl-compile-foldup": dict(bf16=True, channels_last=True, compile="default", foldup=True),
+    "bf16-cl-cudagraphs-foldup": dict(bf16=True, channels_last=True, compile="reduce-overhead", foldup=True),
 }
 PEAK_TFLOPS = 790.0      # measured bf16 matmul peak of an H100 here (KINDS.md)
 TRAIN_GFLOP = 37.5       # forward + backward per image, DDPM CIFAR-10 UNet
@@ -262,13 +273,16 @@ def bench_train(name: str, sets: dict, batch: int, steps: int, log_every: int, i
                 model: dict, profile: bool = False) -> dict:
     sets = dict(sets)
     inductor_config.force_layout_optimization = sets.pop("_force_layout", False)  # the Trainer may set it again
-    upsample = unet.Upsample.forward
+    upsample, folded = unet.Upsample.forward, unet.Upsample.folded
+    unet.Upsample.folded = sets.pop("_foldup", folded)
+    hashed = unet.Dropout.hashed
+    unet.Dropout.hashed = sets.pop("_hashdrop", hashed)
     if sets.pop("_interpolate", False):
         unet.Upsample.forward = lambda self, x: self.conv(torch.nn.functional.interpolate(x, scale_factor=2.0))
     try:
         return _bench_train(name, sets, batch, steps, log_every, images, model, profile)
     finally:
-        unet.Upsample.forward = upsample
+        unet.Upsample.forward, unet.Upsample.folded, unet.Dropout.hashed = upsample, folded, hashed
         torch._dynamo.reset()  # no later variant may reuse a graph traced with other switches
 
 
@@ -310,6 +324,8 @@ def bench_sample(name: str, opts: dict, batch: int, steps: int, e2e: bool, model
     with torch.no_grad():  # zero-initialised output layers would make the work trivial to skip; perturb them
         for p in model.parameters():
             p.add_(0.01 * torch.randn_like(p))
+    if "foldup" in opts:
+        unet.fold_upsampling(model, opts["foldup"])
     diffusion = build_diffusion(cfg.diffusion).to(device)
     sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
     inductor_config.force_layout_optimization = opts.get("force_layout", False)
@@ -377,8 +393,12 @@ def main() -> None:
     a = p.parse_args()
     for kv in a.inductor:
         key, _, value = kv.partition("=")
-        setattr(inductor_config, key, json.loads(value.lower()) if value.lower() in ("true", "false")
-                or value.lstrip("-").isdigit() else value)
+        try:
+            setattr(inductor_config, key, json.loads(value.lower()) if value.lower() in ("true", "false")
+                    or value.lstrip("-").isdigit() else value)
+        except AttributeError:  # an option of a newer torch: say so, and measure without it
+            print(f"BENCH inductor has no option {key} in torch {torch.__version__}; running without it", flush=True)
+            continue
         print(f"BENCH inductor {key}={getattr(inductor_config, key)!r}", flush=True)
     inductor_config.benchmark_kernel = inductor_config.benchmark_kernel or a.kernels
     if a.cudnn_limit is not None:

@@ -182,3 +182,42 @@ def test_upsampling_matches_interpolate_and_keeps_the_layout(channels_last):
     g = torch.randn_like(y)
     (got,), (want,) = torch.autograd.grad(y, x, g), torch.autograd.grad(ref, x, g)
     assert torch.allclose(got, want, atol=1e-12)
+
+
+@pytest.mark.parametrize("size", [(4, 4), (3, 5), (1, 1)])
+def test_folded_upsampling_is_the_same_function_and_gradient(size):
+    """Upsample.folded (one stride-2 transposed convolution of the folded kernel) equals nearest 2x upsampling
+    then the 3x3 convolution, at the edges too, for the output and for both gradients."""
+    from ddpm_cli.nn.unet import Upsample, fold_upsampling
+
+    torch.manual_seed(0)
+    up = Upsample(6).double()
+    x = torch.randn(2, 6, *size, dtype=torch.float64, requires_grad=True)
+    outs = {}
+    for folded in (False, True):
+        fold_upsampling(up, folded)
+        y = up(x)
+        g = torch.autograd.grad(y, [x, up.conv.weight, up.conv.bias], torch.ones_like(y) + y.detach())
+        outs[folded] = (y, *g)
+    assert outs[True][0].shape == (2, 6, 2 * size[0], 2 * size[1])
+    for a, b in zip(outs[False], outs[True]):
+        assert torch.allclose(a, b, atol=1e-12)
+    assert Upsample.folded is False  # the switch was per module, the class default untouched
+
+
+def test_fold_upsampling_switches_every_upsample_and_keeps_the_parameters():
+    from ddpm_cli.nn.unet import UNet, Upsample, fold_upsampling
+
+    model = UNet(image_size=8, base_channels=8, channel_mults=(1, 2, 2), num_res_blocks=1, attention_resolutions=(),
+                 norm_groups=4).eval()  # eval: no dropout
+    keys = set(model.state_dict())
+    ups = [m for m in model.modules() if isinstance(m, Upsample)]
+    assert len(ups) == 2 and not any(m.folded for m in ups)
+    x, t = torch.randn(2, 3, 8, 8), torch.tensor([3, 700])
+    with torch.no_grad():
+        for p in model.parameters():  # zero-initialised output layers would hide any difference
+            p.add_(0.05 * torch.randn_like(p))
+        ref = model(x, t)
+        fold_upsampling(model)
+        assert all(m.folded for m in ups) and set(model.state_dict()) == keys
+        assert torch.allclose(model(x, t), ref, atol=1e-5)

@@ -51,15 +51,11 @@ TRAIN_VARIANTS = {
     # before upsample_nearest2x: F.interpolate, whose backward is a scatter-add
     "bf16-cl-cudagraphs-interp": {"precision": "bf16", "compile": "reduce-overhead", "channels_last": "on",
                                   "_interpolate": True},
-    # nearest upsampling + 3x3 convolution folded into one transposed convolution (Upsample.folded)
+    # nearest upsampling + 3x3 convolution folded into one transposed convolution (Upsample.folded): the
+    # sampler's default; in training 10% slower (H100, 2026-11-27)
     "bf16-cl-cudagraphs-foldup": {"precision": "bf16", "compile": "reduce-overhead", "channels_last": "on",
                                   "_foldup": True},
     "bf16-cl-compile-foldup": {"precision": "bf16", "compile": "on", "channels_last": "on", "_foldup": True},
-    # dropout masks hashed from the element index (nn.unet.hashed_dropout) instead of Philox numbers
-    "bf16-cl-cudagraphs-hashdrop": {"precision": "bf16", "compile": "reduce-overhead", "channels_last": "on",
-                                    "_hashdrop": True},
-    "bf16-cl-cudagraphs-foldup-hashdrop": {"precision": "bf16", "compile": "reduce-overhead", "channels_last": "on",
-                                           "_foldup": True, "_hashdrop": True},
     "bf16-cl-compile-nobench": {"precision": "bf16", "compile": "on", "channels_last": "on",
                                 "cudnn_benchmark": False},
 }
@@ -75,8 +71,11 @@ SAMPLE_VARIANTS = {
     "bf16-cl-compile-force": dict(bf16=True, channels_last=True, compile="default", force_layout=True),
     "bf16-cl-cudagraphs-force": dict(bf16=True, channels_last=True, compile="reduce-overhead", force_layout=True),
     "bf16-cl-compile-gngroup": dict(bf16=True, channels_last=True, compile="default", norm_stats=False),
-    "bf16-cl-compile-foldup": dict(bf16=True, channels_last=True, compile="default", foldup=True),
-    "bf16-cl-cudagraphs-foldup": dict(bf16=True, channels_last=True, compile="reduce-overhead", foldup=True),
+    # the default folds each upsampling into a transposed convolution and compiles with PDL on Hopper (since
+    # 2026-11-27); these take one or both back
+    "bf16-cl-compile-nofold": dict(bf16=True, channels_last=True, compile="default", fold=False),
+    "bf16-cl-compile-nopdl": dict(bf16=True, channels_last=True, compile="default", pdl=False),
+    "bf16-cl-compile-before": dict(bf16=True, channels_last=True, compile="default", fold=False, pdl=False),
 }
 PEAK_TFLOPS = 790.0      # measured bf16 matmul peak of an H100 here (KINDS.md)
 TRAIN_GFLOP = 37.5       # forward + backward per image, DDPM CIFAR-10 UNet
@@ -275,14 +274,12 @@ def bench_train(name: str, sets: dict, batch: int, steps: int, log_every: int, i
     inductor_config.force_layout_optimization = sets.pop("_force_layout", False)  # the Trainer may set it again
     upsample, folded = unet.Upsample.forward, unet.Upsample.folded
     unet.Upsample.folded = sets.pop("_foldup", folded)
-    hashed = unet.Dropout.hashed
-    unet.Dropout.hashed = sets.pop("_hashdrop", hashed)
     if sets.pop("_interpolate", False):
         unet.Upsample.forward = lambda self, x: self.conv(torch.nn.functional.interpolate(x, scale_factor=2.0))
     try:
         return _bench_train(name, sets, batch, steps, log_every, images, model, profile)
     finally:
-        unet.Upsample.forward, unet.Upsample.folded, unet.Dropout.hashed = upsample, folded, hashed
+        unet.Upsample.forward, unet.Upsample.folded = upsample, folded
         torch._dynamo.reset()  # no later variant may reuse a graph traced with other switches
 
 
@@ -324,13 +321,11 @@ def bench_sample(name: str, opts: dict, batch: int, steps: int, e2e: bool, model
     with torch.no_grad():  # zero-initialised output layers would make the work trivial to skip; perturb them
         for p in model.parameters():
             p.add_(0.01 * torch.randn_like(p))
-    if "foldup" in opts:
-        unet.fold_upsampling(model, opts["foldup"])
     diffusion = build_diffusion(cfg.diffusion).to(device)
     sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
     inductor_config.force_layout_optimization = opts.get("force_layout", False)
     net = inference_net(model, channels_last=opts["channels_last"], compile=opts["compile"],
-                        norm_stats=opts.get("norm_stats"))
+                        norm_stats=opts.get("norm_stats"), fold=opts.get("fold", True), pdl=opts.get("pdl", True))
     shape = (3, 32, 32)
 
     def run(n: int, s: int) -> float:

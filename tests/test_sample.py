@@ -472,3 +472,39 @@ def test_autoguidance_refuses_a_guide_whose_labels_mean_other_classes(trained_co
     assert "differs from the checkpoint in its class names" in msg
     r = guide_with(names, "same.safetensors")
     assert r.exit_code == 0, r.output
+
+
+def test_the_sampling_network_folds_each_upsampling_and_computes_the_same_function():
+    import torch
+
+    from ddpm_cli.engine.generate import inference_net
+    from ddpm_cli.nn.unet import UNet, Upsample
+
+    torch.manual_seed(0)
+    model = UNet(image_size=8, base_channels=8, channel_mults=(1, 2), num_res_blocks=1, attention_resolutions=(4,),
+                 norm_groups=4)
+    with torch.no_grad():
+        for p in model.parameters():  # zero-initialised output layers would hide any difference
+            p.add_(0.05 * torch.randn_like(p))
+    x, t = torch.randn(3, 3, 8, 8), torch.tensor([1, 500, 999])
+    with torch.no_grad():
+        ref = model.eval()(x, t)
+        net = inference_net(model)
+        assert all(m.folded for m in model.modules() if isinstance(m, Upsample))
+        assert torch.allclose(net(x, t, None), ref, atol=1e-5)
+        inference_net(model, fold=False)
+        assert not any(m.folded for m in model.modules() if isinstance(m, Upsample))
+
+
+def test_programmatic_dependent_launch_only_for_compiled_cuda_code_on_hopper(monkeypatch):
+    import torch
+
+    from ddpm_cli.engine.build import sampler_compile_options
+
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    assert "triton.enable_pdl" not in sampler_compile_options("default", cpu)
+    assert sampler_compile_options("reduce-overhead", cpu)["triton.cudagraphs"]  # the mode's own options stay
+    for capability, expect in (((8, 0), False), ((9, 0), True)):  # A100: no PDL; H100: PDL
+        monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None, c=capability: c)
+        assert ("triton.enable_pdl" in sampler_compile_options("default", cuda)) is expect
+    assert "triton.enable_pdl" not in sampler_compile_options("default", cuda, pdl=False)

@@ -80,42 +80,6 @@ def dense_grad(x: torch.Tensor) -> torch.Tensor:
     return _DenseGrad.apply(x) if x.requires_grad and torch.is_grad_enabled() else x
 
 
-def _mix32(h: torch.Tensor) -> torch.Tensor:
-    """A 32-bit integer hash (xor-shift-multiply rounds; int32 arithmetic wraps), on int32 tensors."""
-    h = (h ^ ((h >> 16) & 0xFFFF)) * 0x7FEB352D
-    h = (h ^ ((h >> 15) & 0x1FFFF)) * -0x7B14EA3D  # 0x846CA68B as int32
-    return h ^ ((h >> 16) & 0xFFFF)
-
-
-def hashed_dropout(x: torch.Tensor, p: float, salt: int) -> torch.Tensor:
-    """Dropout whose mask is a hash of each element's index, the layer's `salt` and one random seed a call
-    (drawn from torch's generator), instead of a Philox random number per element. Compiled, the mask costs
-    a few integer operations in the kernel that applies it, and the backward recomputes it instead of saving
-    it. Keeps each element with probability 1 - p (to 2^-24) and scales it by 1 / (1 - p), as nn.Dropout."""
-    seed = torch.randint(-2**31, 2**31 - 1, (), device=x.device, dtype=torch.int32)
-    idx = torch.arange(x.numel(), device=x.device, dtype=torch.int32)
-    if x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous():
-        idx = idx.view(x.shape[0], x.shape[2], x.shape[3], x.shape[1]).permute(0, 3, 1, 2)  # x's memory order
-    else:
-        idx = idx.view(x.shape)
-    h = _mix32(_mix32(idx ^ (seed + salt * 0x3C6EF372)) + seed)
-    keep = (h & 0xFFFFFF) >= round(p * 2**24)
-    return torch.where(keep, x * (1.0 / (1.0 - p)), torch.zeros((), dtype=x.dtype, device=x.device))
-
-
-class Dropout(nn.Dropout):
-    """nn.Dropout, or with `hashed` on (in training only) hashed_dropout. `salt` tells one layer's masks from
-    another's; UNet numbers its dropout layers."""
-
-    hashed = False
-    salt = 0
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.hashed and self.training and self.p > 0:
-            return hashed_dropout(x, self.p, self.salt)
-        return super().forward(x)
-
-
 class ResBlock(nn.Module):
     def __init__(self, in_ch: int, out_ch: int, emb_dim: int, dropout: float, norm, act):
         super().__init__()
@@ -123,7 +87,7 @@ class ResBlock(nn.Module):
         self.conv1 = nn.Conv2d(in_ch, out_ch, 3, padding=1)
         self.emb = nn.Sequential(act(), nn.Linear(emb_dim, out_ch))
         self.norm2, self.act2 = norm(out_ch), act()
-        self.dropout = Dropout(dropout)
+        self.dropout = nn.Dropout(dropout)
         self.conv2 = zero_(nn.Conv2d(out_ch, out_ch, 3, padding=1))
         self.skip = nn.Conv2d(in_ch, out_ch, 1) if in_ch != out_ch else nn.Identity()
 
@@ -274,8 +238,6 @@ class UNet(nn.Module):
                 res *= 2
 
         self.out = nn.Sequential(norm_layer(ch), act(), zero_(nn.Conv2d(ch, in_channels, 3, padding=1)))
-        for i, m in enumerate(m for m in self.modules() if isinstance(m, Dropout)):
-            m.salt = i
 
     def forward(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
         emb = self.time_mlp(timestep_embedding(t, self.base_channels))

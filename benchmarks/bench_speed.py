@@ -56,6 +56,9 @@ TRAIN_VARIANTS = {
     "bf16-cl-cudagraphs-foldup": {"precision": "bf16", "compile": "reduce-overhead", "channels_last": "on",
                                   "_foldup": True},
     "bf16-cl-compile-foldup": {"precision": "bf16", "compile": "on", "channels_last": "on", "_foldup": True},
+    # is the 1.2 ms kernel of the folded training step a combo kernel? (BENCHMARKS.md, 2026-11-27)
+    "bf16-cl-cudagraphs-foldup-nocombo": {"precision": "bf16", "compile": "reduce-overhead", "channels_last": "on",
+                                          "_foldup": True, "combo_kernels": "off"},
     "bf16-cl-compile-nobench": {"precision": "bf16", "compile": "on", "channels_last": "on",
                                 "cudnn_benchmark": False},
 }

@@ -162,7 +162,8 @@ class Upsample(nn.Module):
     """Nearest 2x upsampling, then a 3x3 convolution; `folded` computes the same function as one transposed
     convolution on the small input (fold_nearest2x): each output pixel then costs 4 taps, not 9, so the
     layer does 2.25x fewer multiply-adds, and the 4x larger upsampled tensor (and its gradient) is never
-    written. The parameters stay those of the 3x3 convolution, so checkpoints do not change."""
+    written. The parameters stay those of the 3x3 convolution, so checkpoints do not change. The sampler turns
+    it on (engine.generate.inference_net: H100 +4.3%); training leaves it off (H100: -10%, BENCHMARKS.md)."""
 
     folded = False
 

@@ -49,6 +49,30 @@ def test_bf16_sampling_on_cuda_is_deterministic_by_seed(tmp_path):
     assert torch.equal(a, b) and not torch.equal(a, c)
 
 
+@pytest.mark.parametrize("compile", [None, "default"])
+def test_the_folded_sampling_network_matches_the_unfolded_one_on_cuda(compile):
+    """The sampler's network as shipped (bf16, channels-last, folded upsampling, compiled with PDL on Hopper)
+    against the same weights unfolded and eager, on a model with random (non-zero) output layers."""
+    import copy
+
+    from ddpm_cli.engine.generate import inference_net
+    from ddpm_cli.nn.unet import UNet
+
+    torch.manual_seed(0)
+    model = UNet(image_size=16, base_channels=32, channel_mults=(1, 2, 2), num_res_blocks=1,
+                 attention_resolutions=(8,), norm_groups=8).cuda()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    ref_net = inference_net(copy.deepcopy(model), channels_last=True, fold=False, pdl=False)
+    net = inference_net(model, channels_last=True, compile=compile)
+    x, t = torch.randn(8, 3, 16, 16, device="cuda"), torch.randint(0, 1000, (8,), device="cuda")
+    with torch.no_grad(), torch.autocast("cuda", dtype=torch.bfloat16):
+        want, got = ref_net(x, t, None).float(), net(x, t, None).float()
+    assert torch.isfinite(got).all()
+    assert (got - want).abs().max() < 0.05 * want.abs().max(), (got - want).abs().max()
+
+
 # the three routes of _trace_sqrt_product: low rank with feature rows, Cholesky, both singular without rows (eigh)
 @pytest.mark.parametrize("n1,n2,rows", [(40, 300, True), (300, 200, False), (40, 50, False)])
 def test_fid_on_the_gpu_equals_the_cpu(n1, n2, rows):

@@ -258,3 +258,33 @@ def test_resuming_past_the_guide_step_without_a_guide_says_so(tmp_path):
           callbacks=Cb())
     assert any("past train.guide_step 5, from a checkpoint without a guide" in m for m in msgs)
     assert not any("before train.guide_step" in m for m in msgs)
+
+
+def test_lr_scaling_scales_the_peak_lr_with_the_global_batch(tmp_path):
+    from ddpm_cli.engine.train import peak_lr
+
+    def cfg(mode: str, batch: int = 64):
+        return tiny_config(tmp_path, train__lr=2e-4, train__batch_size=batch, train__lr_scaling=mode,
+                           train__lr_batch=16)
+
+    assert peak_lr(cfg("none")) == pytest.approx(2e-4)
+    assert peak_lr(cfg("linear")) == pytest.approx(8e-4) and peak_lr(cfg("sqrt")) == pytest.approx(4e-4)
+    assert peak_lr(cfg("linear"), world=2) == pytest.approx(16e-4)  # the global batch: 64 x 2 ranks
+    assert peak_lr(cfg("sqrt", batch=4)) == pytest.approx(1e-4)  # smaller batches scale down
+
+
+def test_ddpm_train_with_lr_scaling_says_so_and_logs_the_scaled_lr(tmp_path):
+    r = run_cli("train", "--set", f"logging.run_dir={tmp_path}", "--set", "data.dataset=shapes", "--set",
+                "data.shapes_count=64", "--set", "model.image_size=16", "--set", "model.base_channels=16",
+                "--set", "model.channel_mults=[1,2]", "--set", "model.num_res_blocks=1", "--set",
+                "model.attention_resolutions=[8]", "--set", "model.norm_groups=4", "--set", "train.device=cpu",
+                "--set", "train.steps=4", "--set", "train.batch_size=8", "--set", "train.lr=1e-4", "--set",
+                "train.warmup_steps=0", "--set", "train.lr_scaling=linear", "--set", "train.lr_batch=2", "--set",
+                "logging.log_every=2", "--set", "logging.sample_every=1000", "--set", "logging.checkpoint_every=1000",
+                "--set", "logging.run_name=scaled")
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "peak lr 0.0004 (linear-scaled)" in r.stdout
+    lines = [json.loads(x) for x in (tmp_path / "scaled" / "metrics.jsonl").read_text().splitlines()]
+    assert [x["lr"] for x in lines if "lr" in x] == [pytest.approx(4e-4)] * 2
+    bad = run_cli("train", "--set", f"logging.run_dir={tmp_path}", "--set", "train.lr_scaling=cubic")
+    assert bad.returncode == 1 and "lr_scaling" in bad.stderr and "Traceback" not in bad.stderr

@@ -69,6 +69,8 @@ class TrainDisplay:
         flags = ", ".join(k for k in ("bf16", "compile", "channels_last") if info.get(k)) or "fp32"
         if info["world"] > 1:
             flags += f", grad sync {info['grad_sync']}"
+        if info.get("lr_scaling", "none") != "none":
+            flags += f", peak lr {info['peak_lr']:.3g} ({info['lr_scaling']}-scaled)"
         console.print(f"run {info['run_dir']}  |  {info['device']} x{info['world']}  |  {info['params']:,} params  |  "
                       f"{info['images']:,} images  |  global batch {info['global_batch']}  |  {flags}",
                       markup=False, soft_wrap=True)

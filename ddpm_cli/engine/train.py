@@ -97,9 +97,16 @@ def make_run_dir(cfg: RunConfig, name_hint: str | None) -> Path:
 _SIGNALLED = 100  # a stop flag above this carries the signal's number
 
 
-def _lr_at(cfg: RunConfig, step: int) -> float:
+def peak_lr(cfg: RunConfig, world: int = 1) -> float:
+    """train.lr, scaled by train.lr_scaling for the global batch (batch_size x ranks) against train.lr_batch."""
+    tc = cfg.train
+    ratio = tc.batch_size * world / tc.lr_batch
+    return tc.lr * {"none": 1.0, "linear": ratio, "sqrt": math.sqrt(ratio)}[tc.lr_scaling]
+
+
+def _lr_at(cfg: RunConfig, step: int, peak: float) -> float:
     warm = cfg.train.warmup_steps
-    return cfg.train.lr * (min(1.0, (step + 1) / warm) if warm else 1.0)
+    return peak * (min(1.0, (step + 1) / warm) if warm else 1.0)
 
 
 class Trainer:
@@ -161,7 +168,8 @@ class Trainer:
         self.diffusion = build_diffusion(cfg.diffusion).to(self.device)
         self.fused = self.device.type in ("cuda", "cpu")
         opt_cls = torch.optim.AdamW if tc.optimizer == "adamw" else torch.optim.Adam
-        self.opt = opt_cls(self.model.parameters(), lr=tc.lr, betas=tuple(tc.adam_betas),
+        self.peak_lr = peak_lr(cfg, self.dist.world)
+        self.opt = opt_cls(self.model.parameters(), lr=self.peak_lr, betas=tuple(tc.adam_betas),
                            weight_decay=tc.weight_decay, **({"fused": True} if self.fused else {"foreach": True}))
         self.bf16 = use_bf16(cfg, self.device)
         mode = compile_mode(cfg, self.device)
@@ -369,6 +377,7 @@ class Trainer:
         self.cb.on_start({"run_dir": str(self.run_dir), "device": str(dev), "params": count_params(self.model),
                           "images": self.num_train, "start_step": self.step, "total_steps": tc.steps,
                           "global_batch": tc.batch_size * self.dist.world, "world": self.dist.world,
+                          "peak_lr": self.peak_lr, "lr_scaling": tc.lr_scaling,
                           "grad_sync": self.grad_sync,
                           "bf16": self.bf16, "compile": self.compiled, "channels_last": self.channels_last,
                           "classes": self.classes if cfg.model.conditional else []})
@@ -401,7 +410,7 @@ class Trainer:
                 break
             t_step = time.monotonic()
             x, y = self.batcher.next()
-            lr = _lr_at(cfg, self.step)
+            lr = _lr_at(cfg, self.step, self.peak_lr)
             for group in self.opt.param_groups:
                 group["lr"] = lr
             loss = self.loss_fn(x, self._labels(y))

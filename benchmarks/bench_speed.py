@@ -56,6 +56,9 @@ TRAIN_VARIANTS = {
     "bf16-cl-cudagraphs-foldup": {"precision": "bf16", "compile": "reduce-overhead", "channels_last": "on",
                                   "_foldup": True},
     "bf16-cl-compile-foldup": {"precision": "bf16", "compile": "on", "channels_last": "on", "_foldup": True},
+    # the fold as one small matrix product (fold_nearest2x_matmul), not inductor-fused stacks and adds
+    "bf16-cl-cudagraphs-foldmm": {"precision": "bf16", "compile": "reduce-overhead", "channels_last": "on",
+                                  "_foldup": True, "_foldmm": True},
     # is the 1.2 ms kernel of the folded training step a combo kernel? (BENCHMARKS.md, 2026-11-27)
     "bf16-cl-cudagraphs-foldup-nocombo": {"precision": "bf16", "compile": "reduce-overhead", "channels_last": "on",
                                           "_foldup": True, "combo_kernels": "off"},
@@ -83,6 +86,15 @@ SAMPLE_VARIANTS = {
 PEAK_TFLOPS = 790.0      # measured bf16 matmul peak of an H100 here (KINDS.md)
 TRAIN_GFLOP = 37.5       # forward + backward per image, DDPM CIFAR-10 UNet
 FWD_GFLOP = 12.5         # forward per image
+
+
+def fold_nearest2x_matmul(w: torch.Tensor) -> torch.Tensor:
+    """unet.fold_nearest2x as one (Cout*Cin, 9) x (9, 16) matrix product: an extern GEMM that inductor leaves
+    alone, where the stacks and adds of the shipped fold become a Triton kernel (in training, with combo
+    kernels, the folded step had one of 1.2 ms a call; BENCHMARKS.md 2026-11-27)."""
+    taps = w.new_tensor([[0, 0, 1], [0, 1, 1], [1, 1, 0], [1, 0, 0]])  # tap of the 4x4 kernel <- rows of the 3x3
+    cout, cin = w.shape[:2]
+    return (w.reshape(cout * cin, 9) @ torch.kron(taps, taps).T).reshape(cout, cin, 4, 4).transpose(0, 1)
 
 
 class Collect(TrainCallbacks):
@@ -277,12 +289,15 @@ def bench_train(name: str, sets: dict, batch: int, steps: int, log_every: int, i
     inductor_config.force_layout_optimization = sets.pop("_force_layout", False)  # the Trainer may set it again
     upsample, folded = unet.Upsample.forward, unet.Upsample.folded
     unet.Upsample.folded = sets.pop("_foldup", folded)
+    fold = unet.fold_nearest2x
+    if sets.pop("_foldmm", False):
+        unet.fold_nearest2x = fold_nearest2x_matmul
     if sets.pop("_interpolate", False):
         unet.Upsample.forward = lambda self, x: self.conv(torch.nn.functional.interpolate(x, scale_factor=2.0))
     try:
         return _bench_train(name, sets, batch, steps, log_every, images, model, profile)
     finally:
-        unet.Upsample.forward, unet.Upsample.folded = upsample, folded
+        unet.Upsample.forward, unet.Upsample.folded, unet.fold_nearest2x = upsample, folded, fold
         torch._dynamo.reset()  # no later variant may reuse a graph traced with other switches
 
 

@@ -92,3 +92,14 @@ def test_kernel_breakdown_tells_fused_kernels_from_convolutions():
         ev("aten::cudnn_convolution", 4000, device="DeviceType.CPU"),
     ])
     assert bench.kernel_breakdown(prof) == {"convolution": 5.0, "fused triton": 3.0, "attention": 1.0, "gemm": 0.7}
+
+
+def test_the_benchmarks_matmul_fold_is_the_shipped_fold():
+    """bench_speed's fold_nearest2x_matmul (a variant to time) builds the same kernel as nn.unet.fold_nearest2x."""
+    import torch
+
+    from ddpm_cli.nn.unet import fold_nearest2x
+
+    w = torch.randn(5, 7, 3, 3, dtype=torch.float64)
+    got, want = _bench_speed_module().fold_nearest2x_matmul(w), fold_nearest2x(w)
+    assert got.shape == want.shape == (7, 5, 4, 4) and torch.allclose(got, want, atol=1e-12)

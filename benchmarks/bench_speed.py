@@ -94,7 +94,9 @@ def fold_nearest2x_matmul(w: torch.Tensor) -> torch.Tensor:
     kernels, the folded step had one of 1.2 ms a call; BENCHMARKS.md 2026-11-27)."""
     taps = w.new_tensor([[0, 0, 1], [0, 1, 1], [1, 1, 0], [1, 0, 0]])  # tap of the 4x4 kernel <- rows of the 3x3
     cout, cin = w.shape[:2]
-    return (w.reshape(cout * cin, 9) @ torch.kron(taps, taps).T).reshape(cout, cin, 4, 4).transpose(0, 1)
+    with torch.autocast(w.device.type, enabled=False):  # fp32 sums, as the shipped fold's plain adds
+        k = w.reshape(cout * cin, 9) @ torch.kron(taps, taps).T
+    return k.reshape(cout, cin, 4, 4).transpose(0, 1)
 
 
 class Collect(TrainCallbacks):

@@ -150,13 +150,14 @@ class TrainConfig(Section):
     max_time: float | None = Field(None, gt=0)
     """Stop after this many seconds of wall time (start-up and compilation included), whichever comes first."""
     batch_size: int = Field(128, ge=1)
-    """Images per optimizer step."""
+    """Images per optimizer step on each GPU (the global batch is batch_size x GPUs)."""
     lr: float = Field(2e-4, gt=0.0)
     """Peak learning rate (for a global batch of lr_batch images when lr_scaling scales it)."""
     lr_scaling: Literal["none", "linear", "sqrt"] = "none"
     """Scale lr with the global batch B (batch_size x GPUs): linear = lr x B / lr_batch (Goyal et al. 2017,
     with warmup), sqrt = lr x sqrt(B / lr_batch) (a common choice for Adam); none = lr as given. For larger
-    batches, which train faster per image on a GPU (H100: batch 512 is 1.18x batch 128's img/s)."""
+    batches, which train faster per image on a GPU (H100: batch 512 is 1.18x batch 128's img/s). A run resumed
+    on another number of GPUs gets the rate of its new global batch."""
     lr_batch: int = Field(128, ge=1)
     """The global batch that lr is tuned for (the DDPM paper's CIFAR-10 recipe: 128), when lr_scaling is on."""
     optimizer: Literal["adam", "adamw"] = "adam"

@@ -140,7 +140,11 @@ def test_onnx_export_matches_pytorch(trained_conditional_run, tmp_path):
     # the tiny model's one upsampling runs as a single transposed convolution (2.25x fewer multiply-adds)
     import onnx
 
-    assert [n.op_type for n in onnx.load(str(tmp_path / "m.onnx")).graph.node].count("ConvTranspose") == 1
+    graph = onnx.load(str(tmp_path / "m.onnx")).graph
+    convt = [n for n in graph.node if n.op_type == "ConvTranspose"]
+    stored = {i.name for i in graph.initializer} | {o for n in graph.node if n.op_type == "Constant" for o in n.output}
+    assert len(convt) == 1 and convt[0].input[1] in stored  # a stored 4x4 kernel, not ops that build it per call
+    assert "frozen_kernel" not in load_model(trained_conditional_run, "cpu")[0].state_dict()
     assert props["kind"] == "export" and json.loads(props["config"])["model"]["conditional"] is True
     assert json.loads(props["inputs"]) == names
 

@@ -221,3 +221,8 @@ def test_fold_upsampling_switches_every_upsample_and_keeps_the_parameters():
         fold_upsampling(model)
         assert all(m.folded for m in ups) and set(model.state_dict()) == keys
         assert torch.allclose(model(x, t), ref, atol=1e-5)
+        fold_upsampling(model, frozen=True)  # the kernels built once, as unsaved buffers (for exports)
+        assert all(m.frozen_kernel is not None for m in ups) and set(model.state_dict()) == keys
+        assert torch.allclose(model(x, t), ref, atol=1e-5)
+        fold_upsampling(model, False)
+        assert not any(m.folded or m.frozen_kernel is not None for m in ups)

@@ -6,10 +6,12 @@
   onnxruntime on random inputs (the main weights only: a stored guide is not part of it);
 - pt2: the same denoiser as a torch.export program (torch.export.load(path).module()).
 
-ONNX and pt2 hold each upsampling folded into one transposed convolution (nn.unet.fold_nearest2x: the same
-function, 2.25x fewer multiply-adds there) and are checked against the model as trained, unfolded.
+ONNX and pt2 hold each upsampling folded into one transposed convolution with a stored 4x4 kernel
+(nn.unet.fold_nearest2x: the same function, 2.25x fewer multiply-adds there) and are checked against the model
+as trained, unfolded.
 
-A check beyond the tolerance deletes the file and raises: a wrong export must never be left behind."""
+Each export is checked under a temporary name and only then moved into place, so a check beyond the
+tolerance (or any failure) leaves no wrong file behind and replaces no earlier one."""
 from __future__ import annotations
 
 import json
@@ -21,7 +23,7 @@ from pathlib import Path
 import torch
 
 from ddpm_cli.engine.checkpoint import load_checkpoint, load_model, weights_metadata
-from ddpm_cli.engine.header import atomic_write_bytes, read_header, require_ema_decay
+from ddpm_cli.engine.header import atomic_write_bytes, fsync_dir, read_header, require_ema_decay
 from ddpm_cli.errors import CheckpointError, DdpmError
 from ddpm_cli.nn.unet import fold_upsampling
 
@@ -93,12 +95,21 @@ def _unfolded_output(net: torch.nn.Module, inputs: tuple[torch.Tensor, ...]) -> 
         return net(*inputs)
 
 
-def _check(path: Path, err: float, tol: float, what: str) -> None:
+def _check(dst: Path, err: float, tol: float, what: str) -> None:
+    """Raise if the written-but-not-yet-placed export misses the tolerance (the caller removes its temporary)."""
     if not err <= tol:  # also catches NaN
-        path.unlink(missing_ok=True)
         raise DdpmError(f"export check failed: {what} differs from PyTorch by a relative error of {err:.3g} "
-                        f"(limit {tol:g}); {path.name} was not kept. Please report this with the checkpoint's "
+                        f"(limit {tol:g}); {dst.name} was not written. Please report this with the checkpoint's "
                         f"`ddpm inspect --json`")
+
+
+def _place(tmp: Path, dst: Path) -> None:
+    """Move a checked export into place: only now does it replace an earlier file of that name."""
+    try:
+        os.replace(tmp, dst)
+        fsync_dir(dst.parent)
+    except OSError as e:
+        raise DdpmError(f"cannot write {dst}: {e.strerror or e}") from None
 
 
 def _prepare(src: str | Path, dst: Path | None, fmt: str, dtype: str, overwrite: bool, ema: bool | None,
@@ -149,18 +160,23 @@ def export_safetensors(ckpt, use_ema: bool, dst: Path, dtype: str, ema_decay: fl
         meta["guide_step"] = str(ckpt.guide_step)
         tensors.update({f"guide.{k}": (v.to(DTYPES[dtype]) if v.is_floating_point() else v).contiguous()
                         for k, v in ckpt.guide_state.items()})
+    tmp = dst.with_name(f".{dst.stem}.tmp-{os.getpid()}.safetensors")
     try:
-        atomic_write_bytes(dst, st_save(tensors, metadata=meta))
-    except OSError as e:
-        raise DdpmError(f"cannot write {dst}: {e.strerror or e}") from None
-    # Check: the exported file, loaded as `ddpm sample` loads it, against the source weights in fp32.
-    ref, _, cfg, _ = load_model(ckpt.path, "cpu", use_ema=use_ema, ema_decay=ema_decay)
-    got, _, _, _ = load_model(dst, "cpu", use_ema=False)
-    inputs = random_inputs(cfg, CHECK_BATCH)
-    with torch.no_grad():
-        err = relative_error(Denoiser(got, cfg.model.conditional)(*inputs),
-                             Denoiser(ref, cfg.model.conditional)(*inputs))
-    _check(dst, err, TOLERANCE[dtype], f"the {dtype} weights")
+        try:
+            atomic_write_bytes(tmp, st_save(tensors, metadata=meta))
+        except OSError as e:
+            raise DdpmError(f"cannot write {dst}: {e.strerror or e}") from None
+        # Check: the exported file, loaded as `ddpm sample` loads it, against the source weights in fp32.
+        ref, _, cfg, _ = load_model(ckpt.path, "cpu", use_ema=use_ema, ema_decay=ema_decay)
+        got, _, _, _ = load_model(tmp, "cpu", use_ema=False)
+        inputs = random_inputs(cfg, CHECK_BATCH)
+        with torch.no_grad():
+            err = relative_error(Denoiser(got, cfg.model.conditional)(*inputs),
+                                 Denoiser(ref, cfg.model.conditional)(*inputs))
+        _check(dst, err, TOLERANCE[dtype], f"the {dtype} weights")
+        _place(tmp, dst)
+    finally:
+        tmp.unlink(missing_ok=True)
     return ExportResult(dst, "safetensors", _weights(use_ema, ema_decay), dtype, dst.stat().st_size, err,
                         TOLERANCE[dtype], "PyTorch (weights loaded back)")
 
@@ -211,57 +227,58 @@ def export_onnx(ckpt, use_ema: bool, dst: Path, ema_decay: float | None = None) 
         raise DdpmError(f"ONNX export needs onnx and onnxruntime ({e.name} is missing); "
                         f"pip install 'ddpm-cli[export]'") from None
     model, _, cfg, _ = load_model(ckpt.path, "cpu", use_ema=use_ema, ema_decay=ema_decay)
-    net = fold_upsampling(Denoiser(model, cfg.model.conditional).eval())
+    net = fold_upsampling(Denoiser(model, cfg.model.conditional).eval(), frozen=True)
     names = ["x_t", "t", "y"] if cfg.model.conditional else ["x_t", "t"]
     tmp = dst.with_name(f".{dst.name}.tmp-{os.getpid()}")
     try:
-        exporter = _torch_onnx_export(net, random_inputs(cfg, 2, seed=1), tmp, names)
-        proto = onnx.load(str(tmp))
-        onnx.helper.set_model_props(proto, _onnx_metadata(ckpt, _weights(use_ema, ema_decay), names))
-        onnx.save(proto, str(tmp))
-        os.replace(tmp, dst)
-    except OSError as e:
-        raise DdpmError(f"cannot write {dst}: {e.strerror or e}") from None
+        try:
+            exporter = _torch_onnx_export(net, random_inputs(cfg, 2, seed=1), tmp, names)
+            proto = onnx.load(str(tmp))
+            onnx.helper.set_model_props(proto, _onnx_metadata(ckpt, _weights(use_ema, ema_decay), names))
+            onnx.save(proto, str(tmp))
+        except OSError as e:
+            raise DdpmError(f"cannot write {dst}: {e.strerror or e}") from None
+        inputs = random_inputs(cfg, CHECK_BATCH)
+        try:
+            session = ort.InferenceSession(str(tmp), providers=["CPUExecutionProvider"])
+            got = session.run(["eps"], {n: v.numpy() for n, v in zip(names, inputs)})[0]
+        except Exception as e:  # noqa: BLE001 - onnxruntime raises its own types
+            raise DdpmError(f"the exported ONNX model does not run in onnxruntime ({type(e).__name__}: "
+                            f"{str(e).splitlines()[0] if str(e) else ''}); {dst.name} was not written") from None
+        err = relative_error(torch.from_numpy(got), _unfolded_output(net, inputs))
+        _check(dst, err, TOLERANCE["fp32"], "onnxruntime's output")
+        _place(tmp, dst)
     finally:
         tmp.unlink(missing_ok=True)
-    inputs = random_inputs(cfg, CHECK_BATCH)
-    try:
-        session = ort.InferenceSession(str(dst), providers=["CPUExecutionProvider"])
-        got = session.run(["eps"], {n: v.numpy() for n, v in zip(names, inputs)})[0]
-    except Exception as e:  # noqa: BLE001 - onnxruntime raises its own types
-        dst.unlink(missing_ok=True)
-        raise DdpmError(f"the exported ONNX model does not run in onnxruntime ({type(e).__name__}: "
-                        f"{str(e).splitlines()[0] if str(e) else ''}); {dst.name} was not kept") from None
-    err = relative_error(torch.from_numpy(got), _unfolded_output(net, inputs))
-    _check(dst, err, TOLERANCE["fp32"], "onnxruntime's output")
     return ExportResult(dst, "onnx", _weights(use_ema, ema_decay), "fp32", dst.stat().st_size, err,
                         TOLERANCE["fp32"], f"onnxruntime (batch {CHECK_BATCH}; {exporter})")
 
 
 def export_pt2(ckpt, use_ema: bool, dst: Path, ema_decay: float | None = None) -> ExportResult:
     model, _, cfg, _ = load_model(ckpt.path, "cpu", use_ema=use_ema, ema_decay=ema_decay)
-    net = fold_upsampling(Denoiser(model, cfg.model.conditional).eval())
+    net = fold_upsampling(Denoiser(model, cfg.model.conditional).eval(), frozen=True)
     args = random_inputs(cfg, 2, seed=1)
     batch = torch.export.Dim("batch", min=1, max=65536)
     tmp = dst.with_name(f".{dst.stem}.tmp-{os.getpid()}.pt2")  # torch.export.save wants the .pt2 suffix
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            program = torch.export.export(net, args, dynamic_shapes=tuple({0: batch} for _ in args))
-            torch.export.save(program, str(tmp))
-        os.replace(tmp, dst)
-    except OSError as e:
-        raise DdpmError(f"cannot write {dst}: {e.strerror or e}") from None
-    except Exception as e:  # noqa: BLE001 - torch.export raises many types
-        raise DdpmError(f"torch.export failed ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})") \
-            from None
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                program = torch.export.export(net, args, dynamic_shapes=tuple({0: batch} for _ in args))
+                torch.export.save(program, str(tmp))
+            inputs = random_inputs(cfg, CHECK_BATCH)
+            with torch.no_grad():
+                got = torch.export.load(str(tmp)).module()(*inputs)
+        except OSError as e:
+            raise DdpmError(f"cannot write {dst}: {e.strerror or e}") from None
+        except Exception as e:  # noqa: BLE001 - torch.export raises many types
+            raise DdpmError(f"torch.export failed ({type(e).__name__}: "
+                            f"{str(e).splitlines()[0] if str(e) else ''}); {dst.name} was not written") from None
+        err = relative_error(got, _unfolded_output(net, inputs))
+        _check(dst, err, TOLERANCE["fp32"], "the torch.export program")
+        _place(tmp, dst)
     finally:
         tmp.unlink(missing_ok=True)
-    inputs = random_inputs(cfg, CHECK_BATCH)
-    with torch.no_grad():
-        got = torch.export.load(str(dst)).module()(*inputs)
-    err = relative_error(got, _unfolded_output(net, inputs))
-    _check(dst, err, TOLERANCE["fp32"], "the torch.export program")
     return ExportResult(dst, "pt2", _weights(use_ema, ema_decay), "fp32", dst.stat().st_size, err,
                         TOLERANCE["fp32"], f"torch.export.load (batch {CHECK_BATCH})")
 

@@ -23,7 +23,8 @@ def inference_net(model: torch.nn.Module, *, channels_last: bool = False, compil
     folded into one transposed convolution (`fold`; the same function, 2.25x fewer multiply-adds there) and
     torch.compile (mode "default", "max-autotune" or "reduce-overhead" for CUDA graphs; with `pdl`, programmatic
     dependent launch where the GPU has it). H100, batch 1000: 28,200 -> 29,426 UNet evaluations/s folded,
-    28,763 with PDL alone (BENCHMARKS.md)."""
+    28,763 with PDL alone (BENCHMARKS.md). Changes `model` itself (eval mode, the GroupNorm and upsampling
+    switches, channels-last): pass a model that only samples from here on."""
     model = channel_stats(model.eval(), channels_last if norm_stats is None else norm_stats)
     fold_upsampling(model, fold)
     cuda = next(model.parameters()).is_cuda

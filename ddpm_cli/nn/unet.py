@@ -151,7 +151,8 @@ def fold_nearest2x(w: torch.Tensor) -> torch.Tensor:
     An even output row 2i sees input rows i-1 (through w's row 0) and i (rows 1 and 2, which both land on it);
     an odd row 2i+1 sees rows i (rows 0 and 1) and i+1 (row 2). A transposed convolution with stride 2 and
     padding 1 reaches rows i-1 and i through its taps 3 and 1, and rows i and i+1 through taps 2 and 0; the same
-    holds for columns, and the edges get the same zero padding. Sums in fp32 (plain adds: autocast leaves them)."""
+    holds for columns, and the edges get the same zero padding. Sums in `w`'s dtype (plain adds, which autocast
+    leaves alone: fp32 for fp32 parameters)."""
     r0, r1, r2 = w.unbind(2)
     rows = torch.stack([r2, r1 + r2, r0 + r1, r0], dim=2)  # (Cout, Cin, 4, 3)
     c0, c1, c2 = rows.unbind(3)
@@ -162,26 +163,32 @@ class Upsample(nn.Module):
     """Nearest 2x upsampling, then a 3x3 convolution; `folded` computes the same function as one transposed
     convolution on the small input (fold_nearest2x): each output pixel then costs 4 taps, not 9, so the
     layer does 2.25x fewer multiply-adds, and the 4x larger upsampled tensor (and its gradient) is never
-    written. The parameters stay those of the 3x3 convolution, so checkpoints do not change. The sampler turns
-    it on (engine.generate.inference_net: H100 +4.3%); training leaves it off (H100: -10%, BENCHMARKS.md)."""
+    written. The parameters stay those of the 3x3 convolution, so checkpoints do not change. `ddpm sample`,
+    `ddpm eval` (engine.generate.inference_net: H100 +4.3%) and the ONNX and pt2 exports turn it on; training,
+    its sample grids and the Python API leave it off (training on an H100: -10%, BENCHMARKS.md)."""
 
     folded = False
 
     def __init__(self, ch: int):
         super().__init__()
         self.conv = nn.Conv2d(ch, ch, 3, padding=1)
+        self.register_buffer("frozen_kernel", None, persistent=False)  # fold_upsampling(frozen=True); not saved
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.folded:
-            return F.conv_transpose2d(x, fold_nearest2x(self.conv.weight), self.conv.bias, stride=2, padding=1)
+            kernel = self.frozen_kernel if self.frozen_kernel is not None else fold_nearest2x(self.conv.weight)
+            return F.conv_transpose2d(x, kernel, self.conv.bias, stride=2, padding=1)
         return self.conv(upsample_nearest2x(x))
 
 
-def fold_upsampling(model: nn.Module, on: bool = True) -> nn.Module:
-    """Switch every Upsample of `model` to the folded transposed convolution (or back); returns the model."""
+def fold_upsampling(model: nn.Module, on: bool = True, *, frozen: bool = False) -> nn.Module:
+    """Switch every Upsample of `model` to the folded transposed convolution (or back); returns the model.
+    `frozen` builds each 4x4 kernel once, now, as a buffer (not saved in state dicts), so an export holds a
+    plain weight instead of the ops that build it; it does not follow later changes of the 3x3 weights."""
     for m in model.modules():
         if isinstance(m, Upsample):
             m.folded = on
+            m.frozen_kernel = fold_nearest2x(m.conv.weight).detach().contiguous() if on and frozen else None
     return model
 
 

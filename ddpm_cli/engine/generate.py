@@ -27,16 +27,12 @@ def inference_net(model: torch.nn.Module, *, channels_last: bool = False, compil
     switches, channels-last): pass a model that only samples from here on."""
     model = channel_stats(model.eval(), channels_last if norm_stats is None else norm_stats)
     fold_upsampling(model, fold)
-    cuda = next(model.parameters()).is_cuda
-    if cuda:
+    device = next(model.parameters()).device
+    if device.type == "cuda":
         torch.backends.cudnn.benchmark = True  # one batch shape, many calls: timing algorithms once pays
     if channels_last:
         model = model.to(memory_format=torch.channels_last)
-    if compile:
-        device = next(model.parameters()).device
-        net = torch.compile(model, options=sampler_compile_options(compile, device, pdl))
-    else:
-        net = model
+    net = torch.compile(model, options=sampler_compile_options(compile, device, pdl)) if compile else model
 
     def fn(x: torch.Tensor, t: torch.Tensor, y: torch.Tensor | None) -> torch.Tensor:
         if channels_last:

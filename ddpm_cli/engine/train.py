@@ -469,7 +469,8 @@ class Trainer:
                     raise TrainingAborted(
                         f"{int(vals[4])} steps in a row had a non-finite loss or gradient (last at step "
                         f"{int(vals[5])}); stopped without saving them. The last good checkpoint is "
-                        f"{self._latest_name()}; lower train.lr (or drop train.lr_scaling) or train.grad_clip, or check the data")
+                        f"{self._latest_name()}; lower train.lr (or drop train.lr_scaling) or train.grad_clip, or "
+                        f"check the data")
                 max_bad_run.zero_()
             es = tc.early_stopping
             if self.val is not None and self.step % es.eval_every == 0:

@@ -73,6 +73,33 @@ def test_the_folded_sampling_network_matches_the_unfolded_one_on_cuda(compile):
     assert (got - want).abs().max() < 0.05 * want.abs().max(), (got - want).abs().max()
 
 
+def test_a_compiled_sampler_is_compiled_once_whatever_the_last_batch(monkeypatch):
+    """7 images at most 3 a batch: the short last batch is padded, so torch.compile never sees a second shape
+    (a recompile would raise), and the images are those of the eager network."""
+    import torch._dynamo
+
+    from ddpm_cli.diffusion.gaussian import GaussianDiffusion
+    from ddpm_cli.diffusion.schedules import make_betas
+    from ddpm_cli.engine.generate import inference_net
+    from ddpm_cli.nn.unet import UNet
+
+    torch.manual_seed(0)
+    model = UNet(image_size=16, base_channels=32, channel_mults=(1, 2), num_res_blocks=1, attention_resolutions=(8,),
+                 norm_groups=8).cuda()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    diffusion = GaussianDiffusion(make_betas("linear", 1000)).cuda()
+    draw = lambda net: torch.cat([b for _, b, _ in generate(net, diffusion, 7, image_shape=(3, 16, 16),  # noqa: E731
+                                                            batch_size=3, steps=4, seed=2, device="cuda", bf16=True)])
+    eager = draw(inference_net(model, channels_last=True))
+    torch._dynamo.reset()
+    monkeypatch.setattr(torch._dynamo.config, "error_on_recompile", True)
+    compiled = draw(inference_net(model, channels_last=True, compile="default"))
+    assert compiled.shape == (7, 3, 16, 16)
+    assert (compiled.int() - eager.int()).abs().float().mean() < 2.0  # bf16: the same images up to rounding
+
+
 # the three routes of _trace_sqrt_product: low rank with feature rows, Cholesky, both singular without rows (eigh)
 @pytest.mark.parametrize("n1,n2,rows", [(40, 300, True), (300, 200, False), (40, 50, False)])
 def test_fid_on_the_gpu_equals_the_cpu(n1, n2, rows):

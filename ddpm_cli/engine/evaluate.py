@@ -1013,14 +1013,16 @@ def _evaluate(req: EvalRequest, ref: ImageSource | FeatureStats, g: Guidance | N
                    seed=req.seed, device=device, bf16=device.type == "cuda")
         sample_info["precision"] = "bf16" if gen["bf16"] else "fp32"
     if model is not None and dist_info.world > 1:  # sample first, each rank its batches; rank 0 then scores
-        num_batches = -(-n // batch_size)
-        mine = range(dist_info.rank, num_batches, dist_info.world)
+        from ddpm_cli.engine.generate import even_batch
+
+        per = even_batch(n, batch_size)  # the batches generate makes: batch b is images b * per ...
+        mine = range(dist_info.rank, -(-n // per), dist_info.world)
         _cb(callbacks, "on_phase", f"sampling ({dist_info.world} ranks)", n)
         kept = []
-        for start, images in model_batches(net, diffusion, n, batch_size, batches=mine, **gen):
+        for start, images in model_batches(net, diffusion, n, per, batches=mine, **gen):
             kept.append((start, images))
             _cb(callbacks, "on_advance", min(n, sum(t.shape[0] for _, t in kept) * dist_info.world))
-        spread = dist_info.gather_batches(kept, n, batch_size, shape)
+        spread = dist_info.gather_batches(kept, n, per, shape)
         if dist_info.rank != 0:
             return {}
 

@@ -2,7 +2,11 @@
 
 Image i starts from noise drawn with seed (seed, i), so deterministic samplers (DDIM with eta 0, DPM-Solver++)
 give the same image i for any batch size or number of GPUs; stochastic samplers also draw per-step noise
-from a generator seeded by (seed, first index of the batch), so they repeat exactly for the same batch size."""
+from a generator seeded by (seed, first index of the batch), so they repeat exactly for the same batch size.
+
+Batches are evened out (`even_batch`), and a compiled network (`static_batch`) gets its short last batch padded
+to the full size: torch.compile specialises on the batch size, and a second size would compile the network again
+(tens of seconds on a GPU)."""
 from __future__ import annotations
 
 from contextlib import nullcontext
@@ -39,6 +43,7 @@ def inference_net(model: torch.nn.Module, *, channels_last: bool = False, compil
             x = x.contiguous(memory_format=torch.channels_last)
         return net(x, t, y)
 
+    fn.static_batch = bool(compile)  # generate() pads a short last batch rather than compile a second shape
     return fn
 
 
@@ -58,6 +63,14 @@ def sampling_net(model: torch.nn.Module, device: torch.device, nfe: int, compile
     cuda = device.type == "cuda"
     on = compile == "on" or (compile == "auto" and cuda and nfe >= COMPILE_MIN_NFE)
     return inference_net(model, channels_last=cuda, compile="default" if on else None)
+
+
+def even_batch(n: int, batch_size: int) -> int:
+    """The batch size generate() uses for `n` images and at most `batch_size` a batch: the same number of batches,
+    evened out (10,000 images at 256: 40 batches of 250, not 39 of 256 and one of 16). even_batch of its own
+    result is that result, so callers that plan batches themselves (ranks under torchrun) agree with generate."""
+    batches = -(-n // max(1, batch_size))
+    return -(-n // batches) if n > 0 else batch_size
 
 
 def initial_noise(indices: range, shape: tuple[int, ...], seed: int) -> torch.Tensor:
@@ -82,8 +95,11 @@ def generate(model: Callable, diffusion: GaussianDiffusion, n: int, *, image_sha
 
     `guidance` W is classifier-free (against the null class) for a conditional model, or autoguidance against
     `guide`, a weaker network, when one is given. `batches` picks which batch numbers to make (multi-GPU: each
-    rank a slice); default all."""
+    rank a slice); default all. A network marked `static_batch` (inference_net's, when compiled) gets every
+    batch at the full size: a short last one is padded with the next indices' noise, and those images dropped."""
     device = torch.device(device)
+    static = getattr(model, "static_batch", False) or getattr(guide, "static_batch", False)
+    batch_size = even_batch(n, batch_size)
     net = model
     if guide is not None:
         net = autoguided(model, guide, guidance)
@@ -95,11 +111,15 @@ def generate(model: Callable, diffusion: GaussianDiffusion, n: int, *, image_sha
     num_batches = (n + batch_size - 1) // batch_size
     spans = [range(b * batch_size, min(n, (b + 1) * batch_size))
              for b in (batches if batches is not None else range(num_batches))]  # image indices of each batch
-    upcoming = initial_noise(spans[0], image_shape, seed) if spans else None
+    drawn = lambda span: range(span.start, span.start + batch_size) if static else span  # noqa: E731
+    upcoming = initial_noise(drawn(spans[0]), image_shape, seed) if spans else None
     for i, span in enumerate(spans):
-        start = span.start
+        start, size = span.start, len(span)
         x = upcoming.to(device)
-        y = labels[start:span.stop].to(device) if labels is not None else None
+        y = None
+        if labels is not None:
+            y = labels[start:span.stop]
+            y = torch.cat([y, y[-1:].expand(x.shape[0] - size)]).to(device)  # padded images take the last label
         gen = torch.Generator(device=device).manual_seed(seed * 1_000_003 + 7919 * start + 1)
         with amp:
             out = sample(net, diffusion, x, y, sampler=sampler, steps=steps, eta=eta, spacing=spacing,
@@ -107,5 +127,5 @@ def generate(model: Callable, diffusion: GaussianDiffusion, n: int, *, image_sha
         # On a GPU the sampling steps are only queued so far: draw the next batch's noise (~20 ms for 1,000
         # images, image by image) while they run, not after the images come back with the GPU idle.
         if i + 1 < len(spans):
-            upcoming = initial_noise(spans[i + 1], image_shape, seed)
-        yield start, to_uint8(out).cpu(), (y.cpu() if y is not None else None)
+            upcoming = initial_noise(drawn(spans[i + 1]), image_shape, seed)
+        yield start, to_uint8(out[:size]).cpu(), (y[:size].cpu() if y is not None else None)

@@ -512,3 +512,72 @@ def test_programmatic_dependent_launch_only_for_compiled_cuda_code_on_hopper(mon
         monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None, c=capability: c)
         assert ("triton.enable_pdl" in sampler_compile_options("default", cuda)) is expect
     assert "triton.enable_pdl" not in sampler_compile_options("default", cuda, pdl=False)
+
+
+def test_batches_are_evened_out_and_keep_their_count():
+    from ddpm_cli.engine.generate import even_batch
+
+    assert even_batch(10_000, 256) == 250 and even_batch(10_000, 1000) == 1000 and even_batch(1500, 1000) == 750
+    for n in range(1, 300):
+        for b in range(1, 40):
+            e = even_batch(n, b)
+            assert e <= b and -(-n // e) == -(-n // b)  # never larger, never more batches
+            assert even_batch(n, e) == e  # a rank planning with the result meets generate's batches
+            assert n - (-(-n // e) - 1) * e >= 1  # the last batch is not empty
+
+
+def test_a_compiled_network_meets_one_batch_shape_and_the_images_stay_the_same(trained_conditional_run):
+    """torch.compile specialises on the batch size: a short last batch is padded (and its extra images dropped),
+    so the network is not compiled twice. Labels and DDIM images are those of the unpadded run."""
+    import torch
+
+    from ddpm_cli.engine.checkpoint import load_model
+    from ddpm_cli.engine.generate import generate
+
+    model, diffusion, cfg, _ = load_model(trained_conditional_run)
+    seen: list[int] = []
+
+    def net(x, t, y):
+        seen.append(x.shape[0])
+        assert y is not None and y.shape[0] == x.shape[0]
+        return model(x, t, y)
+
+    labels = torch.arange(7) % cfg.model.num_classes
+    draw = lambda fn, **kw: list(generate(fn, diffusion, 7, image_shape=(3, 16, 16), labels=labels,  # noqa: E731
+                                          batch_size=3, steps=2, seed=4, **kw))
+    plain = draw(model)
+    net.static_batch = True
+    padded = draw(net)
+    assert set(seen) == {3} and len(seen) == 3 * 2  # 7 images at most 3 a batch: 3 batches of 3, 2 steps each
+    assert [s for s, _, _ in padded] == [s for s, _, _ in plain] == [0, 3, 6]
+    assert [b.shape[0] for _, b, _ in padded] == [3, 3, 1]
+    assert torch.equal(torch.cat([y for _, _, y in padded]), labels)
+    got, want = torch.cat([b for _, b, _ in padded]).int(), torch.cat([b for _, b, _ in plain]).int()
+    assert (got - want).abs().max() <= 1  # the same images (a batch of 3 may round differently from one of 1)
+
+
+def test_png_writer_writes_in_threads_and_raises_a_failed_write(tmp_path):
+    from ddpm_cli.engine.sampling import PngWriter
+
+    images = np.random.default_rng(0).integers(0, 256, (6, 3, 4, 4), dtype=np.uint8)
+    paths = [tmp_path / f"{i}.png" for i in range(6)]
+    with PngWriter(3) as w:
+        w.submit(paths[:4], images[:4])
+        w.submit(paths[4:], images[4:])
+    for p, img in zip(paths, images):
+        assert np.array_equal(np.asarray(Image.open(p)), img.transpose(1, 2, 0))
+    with pytest.raises(DdpmError, match="cannot write"):
+        with PngWriter(2) as w:
+            w.submit([tmp_path / "missing-folder" / "x.png"], images[:1])
+
+
+def test_compiled_sampling_from_the_cli_pads_the_last_batch_and_says_so(trained_run, tmp_path):
+    """--compile on (as on a GPU for large jobs): 5 images at most 2 a batch run as 3 batches of 2, the last
+    padded, and give the eager run's images; the summary says the first batch included compiling."""
+    ok("sample", trained_run, "-n", 5, "--batch-size", 2, "--format", "npz", "--out", tmp_path / "e.npz", *FAST)
+    r = ok("sample", trained_run, "-n", 5, "--batch-size", 2, "--format", "npz", "--out", tmp_path / "c.npz",
+           "--compile", "on", *FAST)
+    assert "compiled: the first batch took" in r.output
+    eager, compiled = npz(tmp_path / "e.npz")["arr_0"], npz(tmp_path / "c.npz")["arr_0"]
+    assert compiled.shape == eager.shape == (5, 16, 16, 3)
+    assert np.abs(compiled.astype(int) - eager.astype(int)).max() <= 2  # the same images, up to compiled rounding

@@ -20,6 +20,10 @@ from ddpm_cli.errors import DdpmError
 SAMPLERS = ("ddpm", "ddim", "dpm++2m")  # mirrors diffusion.samplers.SAMPLERS without importing torch
 SPACINGS = ("uniform", "quadratic", "logsnr")
 GRID_MAX = 1024  # a grid shows at most this many images (a 32x32 grid is already 1,100 px wide)
+# --batch-size's default: on a GPU the batch the speed figures use (an H100 makes ~29,400 UNet evaluations/s at
+# 1,000; BENCHMARKS.md); on the CPU larger batches gain nothing and hold more memory.
+BATCH_CUDA, BATCH_CPU = 1000, 256
+PNG_WRITERS = 4  # threads encoding PNGs while the GPU samples the next batch (zlib releases the GIL)
 
 
 @dataclass
@@ -30,7 +34,7 @@ class SampleRequest:
     n: int
     per_class: bool = False
     class_index: int | None = None
-    batch_size: int = 256
+    batch_size: int | None = None  # None: BATCH_CUDA on a GPU, BATCH_CPU on the CPU
     seed: int = 0
     ema: bool | None = None  # None: the EMA weights when the checkpoint has them
     ema_decay: float | None = None  # one of the checkpoint's EMA weights by decay (train.ema_decay or ema_extra)
@@ -85,6 +89,8 @@ class SampleResult:
     npz: Path | None
     grid: Path | None
     device: str
+    compiled: bool = False
+    first_batch_s: float = 0.0  # with `compiled`, it includes compiling (or loading from torch's cache)
 
     @property
     def images_per_s(self) -> float:
@@ -134,7 +140,7 @@ def _check_free(paths: list[Path], overwrite: bool) -> None:
 
 def plan_sampling(req: SampleRequest) -> SamplePlan:
     """Check every option against the checkpoint's header and the output paths; import no torch."""
-    if req.batch_size < 1:
+    if req.batch_size is not None and req.batch_size < 1:
         raise DdpmError(f"--batch-size must be at least 1 (got {req.batch_size})")
     if req.sampler is not None and req.sampler not in SAMPLERS:
         raise DdpmError(f"unknown sampler {req.sampler!r}; choose one of {', '.join(SAMPLERS)}")
@@ -233,6 +239,51 @@ def write_png(path: Path, hwc) -> None:
         raise DdpmError(f"cannot write {path}: {e.strerror or e}") from None
 
 
+class PngWriter:
+    """Writes batches of PNGs on `threads` threads (none: at once, on the caller's). The first failed write is
+    raised by the next submit() or on leaving the `with` block, which waits for every write."""
+
+    def __init__(self, threads: int):
+        from concurrent.futures import ThreadPoolExecutor
+
+        self.pool = ThreadPoolExecutor(threads, thread_name_prefix="png") if threads > 0 else None
+        self.pending: list = []
+
+    def submit(self, paths: list[Path], images) -> None:
+        """images: uint8 (b, C, H, W), one per path."""
+        self._raise_failed(done_only=True)
+        if self.pool is None:
+            _write_pngs(paths, images)
+        else:
+            self.pending.append(self.pool.submit(_write_pngs, paths, images))
+
+    def _raise_failed(self, done_only: bool) -> None:
+        waiting = []
+        for f in self.pending:
+            if done_only and not f.done():
+                waiting.append(f)
+            else:
+                f.result()  # re-raises the write's DdpmError
+        self.pending = waiting
+
+    def __enter__(self) -> "PngWriter":
+        return self
+
+    def __exit__(self, exc_type, *exc) -> None:
+        if self.pool is None:
+            return
+        try:
+            if exc_type is None:
+                self._raise_failed(done_only=False)
+        finally:
+            self.pool.shutdown(wait=True, cancel_futures=True)
+
+
+def _write_pngs(paths: list[Path], images) -> None:
+    for path, chw in zip(paths, images):
+        write_png(path, chw.transpose(1, 2, 0))
+
+
 def write_npz(path: Path, images, labels) -> None:
     """`arr_0`: uint8 (N, H, W, C) as FID tools read it; `labels`: int64 (N,) for a conditional model."""
     import numpy as np
@@ -268,7 +319,8 @@ def run_sampling(plan: SamplePlan, req: SampleRequest, *, on_start: Callable[[st
     # exactly the images one GPU makes with the same seed and batch size.
     dist_info = DistInfo.from_env()
     device = dist_info.device if dist_info.world > 1 else resolve_device(req.device)
-    num_batches = (req.n + req.batch_size - 1) // req.batch_size
+    batch_size = req.batch_size or (BATCH_CUDA if device.type == "cuda" else BATCH_CPU)
+    num_batches = (req.n + batch_size - 1) // batch_size
     my_batches = range(dist_info.rank, num_batches, dist_info.world)
     model, diffusion, cfg, ckpt = load_model(plan.checkpoint, device, use_ema=plan.use_ema,
                                              ema_decay=plan.ema_decay)
@@ -292,21 +344,25 @@ def run_sampling(plan: SamplePlan, req: SampleRequest, *, on_start: Callable[[st
     keep_all = plan.npz is not None or plan.grid is not None
     kept: list = []
     t0 = time.perf_counter()
-    done = 0
-    for start, batch, _ in generate(net, diffusion, req.n, image_shape=(m.in_channels, m.image_size, m.image_size),
-                                    labels=labels, batch_size=req.batch_size, sampler=plan.sampler,
-                                    steps=req.steps, eta=req.eta, spacing=req.spacing,
-                                    variance=req.variance or cfg.diffusion.variance, guidance=g.weight,
-                                    null_class=m.num_classes if m.conditional else None, guide=guide, seed=req.seed,
-                                    device=device, bf16=cuda, batches=my_batches, on_step=on_step):
-        arr = batch.numpy()  # (b, C, H, W) uint8
-        for j in range(arr.shape[0]) if plan.files else ():
-            write_png(plan.files[start + j], arr[j].transpose(1, 2, 0))
-        if keep_all:
-            kept.append((start, arr))
-        done += arr.shape[0]
-        if on_batch:
-            on_batch(done, req.n)
+    done, first_batch_s = 0, 0.0
+    # PNGs are written by threads while the GPU samples the next batch (10,000 PNGs take seconds to encode)
+    with PngWriter(PNG_WRITERS if plan.files else 0) as pngs:
+        for start, batch, _ in generate(net, diffusion, req.n,
+                                        image_shape=(m.in_channels, m.image_size, m.image_size), labels=labels,
+                                        batch_size=batch_size, sampler=plan.sampler, steps=req.steps, eta=req.eta,
+                                        spacing=req.spacing, variance=req.variance or cfg.diffusion.variance,
+                                        guidance=g.weight, null_class=m.num_classes if m.conditional else None,
+                                        guide=guide, seed=req.seed, device=device, bf16=cuda, batches=my_batches,
+                                        on_step=on_step):
+            arr = batch.numpy()  # (b, C, H, W) uint8
+            if plan.files:
+                pngs.submit(plan.files[start:start + arr.shape[0]], arr)
+            if keep_all:
+                kept.append((start, arr))
+            done += arr.shape[0]
+            if on_batch:
+                on_batch(done, req.n)
+            first_batch_s = first_batch_s or time.perf_counter() - t0
     seconds = time.perf_counter() - t0
     dist_info.barrier()  # every rank's PNGs are written
     if keep_all and dist_info.world > 1:
@@ -325,7 +381,8 @@ def run_sampling(plan: SamplePlan, req: SampleRequest, *, on_start: Callable[[st
                 raise DdpmError(f"cannot write {plan.grid}: {e.strerror or e}") from None
     dist_info.finish_together()  # no rank tears the group down while rank 0 still writes (see finish_together)
     dist_info.close()
-    return SampleResult(req.n, seconds, plan.files, plan.npz, plan.grid, str(device))
+    return SampleResult(req.n, seconds, plan.files, plan.npz, plan.grid, str(device),
+                        compiled=getattr(net, "static_batch", False), first_batch_s=first_batch_s)
 
 
 def _gather_parts(plan: SamplePlan, kept: list, dist_info) -> list:

@@ -226,3 +226,29 @@ def test_fold_upsampling_switches_every_upsample_and_keeps_the_parameters():
         assert torch.allclose(model(x, t), ref, atol=1e-5)
         fold_upsampling(model, False)
         assert not any(m.folded or m.frozen_kernel is not None for m in ups)
+
+
+@pytest.mark.parametrize("offset", [0.0, 1e3, -2e3])
+def test_group_norm_from_channel_statistics_does_not_cancel_under_a_large_mean(offset):
+    """Plain sums of x and x^2 in fp32 (~7 digits) lose the variance when the mean is large against the spread; the
+    per-channel statistics must not. Output and input gradient against float64, on the input as fp32 holds it."""
+    from ddpm_cli.nn.unet import GroupNorm
+
+    torch.manual_seed(0)
+    x = (torch.randn(2, 8, 6, 6, dtype=torch.float64) * 0.5 + offset + torch.arange(8.0).view(1, 8, 1, 1))
+    x = x.float().double()  # what is left to lose is the statistics' own rounding
+    ref_norm = torch.nn.GroupNorm(2, 8).double()
+    with torch.no_grad():
+        ref_norm.weight.uniform_(0.5, 1.5), ref_norm.bias.uniform_(-0.5, 0.5)
+    xr = x.clone().requires_grad_()
+    ref = ref_norm(xr)
+    w = torch.linspace(-1, 1, ref.numel(), dtype=torch.float64).view_as(ref)
+    (ref * w).sum().backward()
+    norm = GroupNorm(2, 8)
+    norm.load_state_dict({k: v.float() for k, v in ref_norm.state_dict().items()})
+    norm.channel_stats = True
+    xf = x.float().requires_grad_()
+    out = norm(xf)
+    (out * w.float()).sum().backward()
+    assert (out.double() - ref).abs().max() < 2e-3, (out.double() - ref).abs().max()
+    assert (xf.grad.double() - xr.grad).abs().max() < 2e-2 * xr.grad.abs().max()

@@ -33,7 +33,10 @@ class GroupNorm(nn.GroupNorm):
     """nn.GroupNorm (same parameters, same result) with a second way to compute it, for channels-last tensors on
     a GPU: statistics per channel first (a reduction over H*W, which reads memory in order when channels are
     innermost), then per group by the law of total variance, then one fused scale-and-shift. The output keeps
-    the input's dtype (bf16 under autocast), while the statistics are fp32. Turned on by `channel_stats(model)`."""
+    the input's dtype (bf16 under autocast), while the statistics are fp32. Turned on by `channel_stats(model)`.
+    The per-channel statistics are torch.var_mean's (Welford): plain sums of x and x^2 would be cheaper, but lose
+    the variance when the mean is large against the spread; sums shifted by one of the channel's own values keep
+    it, yet made the compiled sampler 7% slower (H100, 2026-11-27; BENCHMARKS.md)."""
 
     channel_stats = False
 

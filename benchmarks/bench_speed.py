@@ -82,6 +82,8 @@ SAMPLE_VARIANTS = {
     "bf16-cl-compile-nofold": dict(bf16=True, channels_last=True, compile="default", fold=False),
     "bf16-cl-compile-nopdl": dict(bf16=True, channels_last=True, compile="default", pdl=False),
     "bf16-cl-compile-before": dict(bf16=True, channels_last=True, compile="default", fold=False, pdl=False),
+    # each 4x4 kernel built once, before compiling (as exports do), not in every forward
+    "bf16-cl-compile-frozen": dict(bf16=True, channels_last=True, compile="default", frozen=True),
 }
 PEAK_TFLOPS = 790.0      # measured bf16 matmul peak of an H100 here (KINDS.md)
 TRAIN_GFLOP = 37.5       # forward + backward per image, DDPM CIFAR-10 UNet
@@ -191,8 +193,17 @@ def print_slow_kernel_sources(rows: list[dict], label: str, most: int = 3) -> No
         except (OSError, TypeError) as e:
             print(f"BENCH kernel-source unreadable: {e}", flush=True)
             continue
-        start = next((i for i, line in enumerate(lines) if line.startswith("@triton")), 0)
-        print("\n".join(lines[start:start + 150]), flush=True)
+        # the file may be a graph's whole wrapper, holding every kernel's source: start at this one's decorators
+        at = next((i for i, line in enumerate(lines) if line.startswith(f"def {r['name']}(")), None)
+        if at is None:
+            print(f"BENCH kernel-source: no def {r['name']} in {r['file']}", flush=True)
+            continue
+        start = at
+        while start > 0 and (lines[start - 1].startswith(("@", " ", ")")) or not lines[start - 1].strip()):
+            start -= 1  # back over the decorators and their arguments
+            if lines[start].startswith("@triton_heuristics"):
+                break
+        print("\n".join(lines[start:at + 120]), flush=True)
 
 
 def triton_kernels(prof, per: int, label: str, top: int = 30) -> None:
@@ -346,6 +357,8 @@ def bench_sample(name: str, opts: dict, batch: int, steps: int, e2e: bool, model
     inductor_config.force_layout_optimization = opts.get("force_layout", False)
     net = inference_net(model, channels_last=opts["channels_last"], compile=opts["compile"],
                         norm_stats=opts.get("norm_stats"), fold=opts.get("fold", True), pdl=opts.get("pdl", True))
+    if opts.get("frozen"):  # before the first call, which traces the graph
+        unet.fold_upsampling(model, True, frozen=True)
     shape = (3, 32, 32)
 
     def run(n: int, s: int) -> float:
@@ -357,12 +370,15 @@ def bench_sample(name: str, opts: dict, batch: int, steps: int, e2e: bool, model
         sync()
         return time.perf_counter() - t
 
+    if device == "cuda":
+        torch.cuda.reset_peak_memory_stats()
     t_first = run(batch, 2)  # compiles
     times = [run(batch, steps) for _ in range(3)]
     dt = statistics.median(times)
     nfe = batch * steps / dt
+    peak = torch.cuda.max_memory_allocated() / 2**30 if device == "cuda" else 0.0
     outs = [{"kind": "sample", "variant": name, "batch": batch, "nfe_per_s": nfe, "first_call_s": t_first,
-             "share_of_peak": nfe * FWD_GFLOP / 1000 / PEAK_TFLOPS}]
+             "share_of_peak": nfe * FWD_GFLOP / 1000 / PEAK_TFLOPS, "peak_mem_gib": round(peak, 2)}]
     print("BENCH " + json.dumps(outs[-1]), flush=True)
     if profile:  # where one forward's time goes: 2 sampler steps = 2 UNet evaluations of the batch
         from torch.profiler import ProfilerActivity, profile as torch_profile
@@ -391,7 +407,7 @@ def main() -> None:
     p.add_argument("--batch", type=int, nargs="*", default=[128], help="training batch sizes")
     p.add_argument("--steps", type=int, default=300, help="training steps per variant")
     p.add_argument("--log-every", type=int, default=25)
-    p.add_argument("--sample-batch", type=int, default=1000)
+    p.add_argument("--sample-batch", type=int, nargs="+", default=[1000], help="sampler batch sizes")
     p.add_argument("--sample-steps", type=int, default=20)
     p.add_argument("--e2e", action="store_true", help="also time 10,000 images with DDIM-100 (fastest variant)")
     p.add_argument("--json", type=Path, help="write all results here")
@@ -444,16 +460,17 @@ def main() -> None:
                 print(f"BENCH train {name} batch {b} failed: {type(e).__name__}: {e}", flush=True)
     sampled = []
     for name in a.sample:
-        try:
-            sampled += bench_sample(name, SAMPLE_VARIANTS[name], a.sample_batch, a.sample_steps, False,
-                                    model_cfg, device, a.profile)
-        except Exception as e:
-            print(f"BENCH sample {name} failed: {type(e).__name__}: {e}", flush=True)
+        for b in a.sample_batch:
+            try:
+                sampled += bench_sample(name, SAMPLE_VARIANTS[name], b, a.sample_steps, False, model_cfg, device,
+                                        a.profile)
+            except Exception as e:
+                print(f"BENCH sample {name} batch {b} failed: {type(e).__name__}: {e}", flush=True)
     results += sampled
     if a.e2e and sampled:  # 10,000 images end to end with the fastest variant (compiles again, from the cache)
-        best = max(sampled, key=lambda r: r["nfe_per_s"])["variant"]
-        results += bench_sample(best, SAMPLE_VARIANTS[best], a.sample_batch, a.sample_steps, True, model_cfg,
-                                device)[1:]
+        best = max(sampled, key=lambda r: r["nfe_per_s"])
+        results += bench_sample(best["variant"], SAMPLE_VARIANTS[best["variant"]], best["batch"], a.sample_steps,
+                                True, model_cfg, device)[1:]
     print("\n| kind | variant | batch | rate | share of bf16 peak | first call s |")
     print("| --- | --- | --- | --- | --- | --- |")
     for r in results:

@@ -1,6 +1,9 @@
 #!/usr/bin/env bash
 # One device call: install the carried wheels, then run the peer and our benchmark in the background (setsid,
-# so it outlives the call), logging under $HOME/bench. Usage: [NOPEER=1] [WARM=1] bash benchmarks/gpu_run.sh "<bench args>" ["<more bench args>" ...]
+# so it outlives the call), logging under $HOME/bench. Usage:
+#   [NOPEER=1] [WARM=1] [CLI="<bench_sample_cli.py args>"] [GPUTEST=1] bash benchmarks/gpu_run.sh "<bench args>" ...
+# CLI: afterwards `ddpm sample` end to end (benchmarks/bench_sample_cli.py); GPUTEST: then `pytest -m gpu` (put
+# pytest, pluggy, iniconfig and packaging wheels among the carried .whl).
 # WARM=1 first runs every argument set (and the peer) at once, briefly, to fill inductor's on-disk cache with
 # all their graphs in parallel (timings discarded, logs in warm*.log); the measured runs then follow one after
 # another, loading their graphs from the cache, so their "first step" is a warm start, not a cold compile.
@@ -11,7 +14,8 @@ python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upg
 python3 -m pip install -q --no-index --no-deps --no-compile --target "$HOME/peer" .carry/diffusers-*.whl
 # A private copy of the code and the peer: the next call syncs the working tree again, and drops the carried
 # .carry if that call does not name it (2026-11-27: the peer's measured run found no script).
-src=$HOME/bench-src; rm -rf "$src"; mkdir -p "$src"; cp -r ddpm_cli benchmarks .carry "$src/"; cd "$src" || exit 1
+src=$HOME/bench-src; rm -rf "$src"; mkdir -p "$src"
+cp -r ddpm_cli benchmarks tests examples pyproject.toml .carry "$src/"; cd "$src" || exit 1
 export PYTHONPATH=/tmp/site:$src
 setsid nohup bash -c "
   nvidia-smi --query-gpu=name,memory.total,clocks.max.sm --format=csv
@@ -24,5 +28,7 @@ setsid nohup bash -c "
   fi
   [ -n \"${NOPEER:-}\" ] || PYTHONPATH=\$HOME/peer:/tmp/site python3 .carry/peer_diffusers.py --compile
   i=0; for args in ${*@Q}; do i=\$((i+1)); eval python3 benchmarks/bench_speed.py \$args --json \$HOME/bench/ours\$i.json; done
+  [ -z \"${CLI+x}\" ] || python3 benchmarks/bench_sample_cli.py ${CLI:-}
+  [ -z \"${GPUTEST:-}\" ] || python3 -m pytest -q -m gpu tests/test_gpu.py -p no:cacheprovider 2>&1 | tail -9
   echo BENCH-DONE
 " > "$HOME/bench/log" 2>&1 < /dev/null &

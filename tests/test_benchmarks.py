@@ -24,6 +24,15 @@ def test_bench_speed_runs_the_trainer_and_the_sampler(tmp_path):
     assert copies and all({"op", "calls", "ms", "shapes"} <= set(c) for c in copies)
 
 
+def test_bench_sample_cli_times_the_command_and_counts_its_files():
+    r = subprocess.run([sys.executable, "benchmarks/bench_sample_cli.py", "--tiny", "-n", "5", "--steps", "2",
+                        "--runs", "1", "--args", "--batch-size", "2"], cwd=ROOT, capture_output=True, text=True,
+                       timeout=300, env={**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"})
+    assert r.returncode == 0, r.stderr[-3000:]
+    res = json.loads(r.stdout.split("BENCH ", 1)[1].splitlines()[0])
+    assert res["pngs"] == 5 and res["wall_s"] >= res["sampling_s"] > 0 and res["summary"].startswith("5 images in")
+
+
 def test_fid_summary_tables_each_run_and_its_scores(tmp_path):
     (tmp_path / "a.log").write_text(
         "step 16500/1000000 (2%)  loss 0.0144  lr 6.00e-04  5,276 img/s  grad-norm 0.039\n"
@@ -59,8 +68,10 @@ def test_the_slow_kernels_sources_are_printed(tmp_path, capsys):
     bandwidth (so a GPU call brings back which input it reads across the grain), not of the fast ones."""
     bench = _bench_speed_module()
     slow, fast = tmp_path / "slow.py", tmp_path / "fast.py"
-    slow.write_text("import triton\n\n@triton.jit\ndef triton_poi_slow(in_ptr0):\n"
-                    "    x = tl.load(in_ptr0 + 384 * x1)\n")
+    slow.write_text("import triton\n\n@triton_heuristics.pointwise(\n    size_hints={'x': 64},\n)\n@triton.jit\n"
+                    "def triton_poi_other(in_ptr0):\n    y = tl.load(in_ptr0 + 7 * x0)\n\n"  # a wrapper's first kernel
+                    "@triton_heuristics.pointwise(\n    size_hints={'x': 4096},\n)\n@triton.jit\n"
+                    "def triton_poi_slow(in_ptr0):\n    x = tl.load(in_ptr0 + 384 * x1)\n")
     fast.write_text("@triton.jit\ndef triton_poi_fast(in_ptr0):\n    pass\n")
     rows = [{"name": "triton_poi_slow", "us": 1010.0, "us_per_call": 1010.0, "gb": 0.604, "file": str(slow)},
             {"name": "triton_poi_fast", "us": 400.0, "us_per_call": 130.0, "gb": 0.403, "file": str(fast)},
@@ -69,6 +80,7 @@ def test_the_slow_kernels_sources_are_printed(tmp_path, capsys):
     out = capsys.readouterr().out
     assert "BENCH kernel-source train-step triton_poi_slow (1010 us a step):" in out
     assert "@triton.jit\ndef triton_poi_slow" in out and "384 * x1" in out and "import triton" not in out
+    assert "size_hints={'x': 4096}" in out and "triton_poi_other" not in out  # its own decorators, not the first
     assert "triton_poi_fast" not in out and "triton_red_tiny" not in out  # 3.1 TB/s; 60 us a step
 
 

@@ -1,0 +1,76 @@
+"""End to end as a user runs it: `ddpm sample CKPT -n 10000 --steps 100` (DDIM-100, the default batch), timed from
+process start to exit, twice: the first run compiles the network (or loads it from inductor's on-disk cache if
+an earlier run left it there), the second finds the cache warm.
+
+    PYTHONPATH=. python benchmarks/bench_sample_cli.py                  # DDPM CIFAR-10 model (35.7M), GPU
+    PYTHONPATH=. python benchmarks/bench_sample_cli.py --tiny -n 64     # a tiny model on the CPU: checks the script
+
+The checkpoint holds the DDPM CIFAR-10 architecture with random weights (the time does not depend on what
+the weights are). Prints one BENCH line per run with the wall time and the command's own summary line."""
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from ddpm_cli.api import Diffusion
+from ddpm_cli.config import load_config
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = ["model.base_channels=16", "model.channel_mults=[1,2]", "model.num_res_blocks=1", "model.norm_groups=4"]
+
+
+def make_checkpoint(path: Path, tiny: bool) -> None:
+    cfg = load_config(ROOT / "examples" / "cifar10.yaml", TINY if tiny else [])
+    torch.manual_seed(0)
+    d = Diffusion.from_config(cfg, device="cpu")
+    with torch.no_grad():  # zero-initialised output layers: perturb them, as a trained model would be
+        for p in d.model.parameters():
+            p.add_(0.01 * torch.randn_like(p))
+    d.ema.copy_from(d.model)
+    d.save(path)
+
+
+def run(ckpt: Path, out: Path, n: int, steps: int, extra: list[str]) -> dict:
+    cmd = [sys.executable, "-m", "ddpm_cli", "sample", str(ckpt), "-n", str(n), "--steps", str(steps),
+           "--out", str(out), *extra]
+    t = time.perf_counter()
+    p = subprocess.run(cmd, capture_output=True, text=True)
+    wall = time.perf_counter() - t
+    if p.returncode != 0:
+        sys.exit(f"ddpm sample failed ({p.returncode}):\n{p.stdout}\n{p.stderr}")
+    summary = p.stdout.strip().splitlines()[-1]
+    m = re.search(r"in ([\d.]+) s", summary)
+    first = re.search(r"first batch took ([\d.]+) s", summary)  # compiled: includes compiling or loading it
+    files = len(list(out.glob("*.png"))) if out.is_dir() else 0
+    return {"kind": "sample-cli", "images": n, "steps": steps, "args": extra, "wall_s": round(wall, 2),
+            "sampling_s": float(m.group(1)) if m else None, "first_batch_s": float(first.group(1)) if first else None,
+            "pngs": files, "summary": summary}
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("-n", type=int, default=10_000)
+    p.add_argument("--steps", type=int, default=100)
+    p.add_argument("--runs", type=int, default=2)
+    p.add_argument("--args", nargs=argparse.REMAINDER, default=[], help="more `ddpm sample` options (last)")
+    p.add_argument("--tiny", action="store_true", help="a tiny model (CPU smoke run)")
+    a = p.parse_args()
+    with tempfile.TemporaryDirectory() as tmp:
+        ckpt = Path(tmp) / "model.safetensors"
+        make_checkpoint(ckpt, a.tiny)
+        for i in range(a.runs):
+            res = run(ckpt, Path(tmp) / f"out{i}", a.n, a.steps, a.args)
+            res["run"] = i + 1
+            print("BENCH " + json.dumps(res), flush=True)
+
+
+if __name__ == "__main__":
+    main()

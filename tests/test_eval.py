@@ -165,6 +165,27 @@ def test_balanced_labels_cover_the_classes_evenly():
 # Through Inception (random weights, small resize)
 
 
+def test_a_model_source_samples_in_its_own_batches_and_hands_out_the_consumers():
+    """ddpm eval samples 1,000 a batch on a GPU (twice 250's rate) while Inception takes 250: the network sees
+    the sampling batches, the consumer gets its own size, and the images are the same either way."""
+    from ddpm_cli.diffusion.gaussian import GaussianDiffusion
+    from ddpm_cli.diffusion.schedules import make_betas
+
+    seen: list[int] = []
+
+    def net(x, t, y):
+        seen.append(x.shape[0])
+        return 0.1 * x
+
+    diffusion = GaussianDiffusion(make_betas("linear", 1000))
+    opts = dict(image_shape=(3, 4, 4), steps=2, seed=3)
+    src = ev.model_source(net, diffusion, 10, sample_batch=5, **opts)
+    got = list(src.batches(3))
+    assert set(seen) == {5} and [b.shape[0] for b in got] == [3, 2, 3, 2]  # two network batches, each cut to 3s
+    same = torch.cat(list(ev.model_source(net, diffusion, 10, **opts).batches(3)))
+    assert torch.equal(torch.cat(got), same) and set(seen[4:]) == {3, 1}  # default: the consumer's size
+
+
 def test_a_set_against_itself_scores_zero(clean_stats, noisy_stats):
     assert clean_stats.n == N_REF and clean_stats.features.shape == (N_REF, 2048)
     assert np.isfinite(clean_stats.features).all() and clean_stats.features.std() > 1e-3  # not vanished

@@ -79,7 +79,7 @@ def eval_command(
                                          "score the first N (default: all)."),
     batch_size: Optional[int] = typer.Option(None, "--batch-size", min=1, show_default=False,
                                              help="Images per batch for sampling and Inception "
-                                                  "(default: 250 on CUDA, 50 on the CPU)."),
+                                                  "(default: sampling 1000 on CUDA, Inception 250; 50 on the CPU)."),
     device: str = typer.Option("auto", "--device", help="auto (CUDA when available), cpu, cuda, cuda:N."),
     seed: int = typer.Option(0, "--seed", help="Seed of the sampler's noise (checkpoints)."),
     sampler: Optional[str] = typer.Option(None, "--sampler", show_default=False,

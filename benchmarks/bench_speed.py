@@ -198,11 +198,9 @@ def print_slow_kernel_sources(rows: list[dict], label: str, most: int = 3) -> No
         if at is None:
             print(f"BENCH kernel-source: no def {r['name']} in {r['file']}", flush=True)
             continue
-        start = at
-        while start > 0 and (lines[start - 1].startswith(("@", " ", ")")) or not lines[start - 1].strip()):
-            start -= 1  # back over the decorators and their arguments
-            if lines[start].startswith("@triton_heuristics"):
-                break
+        start = at  # back over the decorators and their arguments, up to the blank line before them
+        while start > 0 and lines[start - 1].strip() and lines[start - 1].startswith(("@", " ", ")")):
+            start -= 1
         print("\n".join(lines[start:at + 120]), flush=True)
 
 

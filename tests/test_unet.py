@@ -239,7 +239,8 @@ def test_group_norm_from_channel_statistics_does_not_cancel_under_a_large_mean(o
     x = x.float().double()  # what is left to lose is the statistics' own rounding
     ref_norm = torch.nn.GroupNorm(2, 8).double()
     with torch.no_grad():
-        ref_norm.weight.uniform_(0.5, 1.5), ref_norm.bias.uniform_(-0.5, 0.5)
+        ref_norm.weight.uniform_(0.5, 1.5)
+        ref_norm.bias.uniform_(-0.5, 0.5)
     xr = x.clone().requires_grad_()
     ref = ref_norm(xr)
     w = torch.linspace(-1, 1, ref.numel(), dtype=torch.float64).view_as(ref)

@@ -88,8 +88,8 @@ def sample_command(
     class_index: Optional[int] = typer.Option(None, "--class", help="Draw every image of class K (conditional "
                                                                       "models).", show_default=False),
     batch_size: Optional[int] = typer.Option(None, "--batch-size", "-b", help="Images per network batch, at most "
-                                             "(batches are evened out). Default: 1000 on a GPU, 256 on the CPU.",
-                                             show_default=False),
+                                             "(batches are evened out). Default: 1000 on a GPU for 32x32 images "
+                                             "(fewer for larger ones), 256 on the CPU.", show_default=False),
     seed: int = typer.Option(0, "--seed", help="Seed: the same seed and arguments give the same images."),
     ema: Optional[bool] = typer.Option(None, "--ema/--no-ema", help="Use the EMA weights (default: when the "
                                                                      "checkpoint has them).", show_default=False),

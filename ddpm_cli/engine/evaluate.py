@@ -28,7 +28,6 @@ from ddpm_cli import __version__
 from ddpm_cli.engine.data import IMAGE_EXTENSIONS
 from ddpm_cli.engine.distributed import DistInfo
 from ddpm_cli.engine.header import Guidance, atomic_write_bytes
-from ddpm_cli.engine.sampling import BATCH_CUDA
 from ddpm_cli.errors import DataError, DdpmError
 
 FEATURE_LAYER = "2048"  # torch-fidelity's name for the 2048-d pool3 features that FID and KID use
@@ -725,17 +724,22 @@ def _check_sampling(n: int, num_classes: int | None, guidance: float, guide: Cal
         raise DdpmError("--guidance needs a class-conditional model, and this one is unconditional; drop --guidance")
 
 
-def model_source(model: torch.nn.Module, diffusion, n: int, *, name: str = "samples", sample_batch: int | None = None,
-                 **kwargs) -> ImageSource:
+def model_source(model: torch.nn.Module, diffusion, n: int, *, name: str = "samples",
+                 sample_batch: int | None = None, **kwargs) -> ImageSource:
     """`n` fresh samples of a model as an ImageSource, made batch by batch as they are consumed (the keyword
     arguments are model_batches'). `sample_batch`: images per network batch, cut into the consumer's batches
     (a GPU samples twice as fast at 1,000 as at 256, and Inception needs no such batch); default the consumer's."""
     _check_sampling(n, kwargs.get("num_classes"), kwargs.get("guidance", 1.0), kwargs.get("guide"))
 
     def batches(bs: int) -> Iterator[torch.Tensor]:
+        held = torch.empty(0, dtype=torch.uint8)  # images of a network batch not yet handed out
         for _, images in model_batches(model, diffusion, n, sample_batch or bs, **kwargs):
-            for i in range(0, images.shape[0], bs):
-                yield images[i:i + bs]
+            held = torch.cat([held, images]) if len(held) else images
+            while len(held) >= bs:  # full batches whatever the network's, as from images already in memory
+                out, held = held[:bs], held[bs:]
+                yield out
+        if len(held):
+            yield held
 
     return ImageSource(name, n, batches, None)
 
@@ -877,7 +881,7 @@ class EvalRequest:
     ref: str
     input: Path | None = None  # a checkpoint or run directory to sample, or images/statistics to score
     n: int | None = None  # checkpoint: samples to draw (default 10,000); images: the first n (default all)
-    batch_size: int | None = None  # None: Inception 250 on CUDA (sampling BATCH_CUDA), 50 on the CPU
+    batch_size: int | None = None  # None: Inception 250 on CUDA (sampling: generate.default_batch), 50 on the CPU
     device: str = "auto"
     seed: int = 0
     sampler: str | None = None  # None: ddim, or dpm++2m for a checkpoint autoguided by its stored guide
@@ -973,8 +977,6 @@ def _evaluate(req: EvalRequest, ref: ImageSource | FeatureStats, g: Guidance | N
 
     device = dist_info.device if dist_info.world > 1 else resolve_device(req.device)
     batch_size = req.batch_size or (250 if device.type == "cuda" else 50)
-    # sampling, unless --batch-size says otherwise, at `ddpm sample`'s GPU batch (BATCH_CUDA), twice 250's rate
-    sample_batch = req.batch_size or (BATCH_CUDA if device.type == "cuda" else batch_size)
     t0 = time.perf_counter()
 
     model = None
@@ -1008,9 +1010,12 @@ def _evaluate(req: EvalRequest, ref: ImageSource | FeatureStats, g: Guidance | N
 
     spread: torch.Tensor | None = None
     if model is not None:  # sampled as `ddpm sample` samples (bf16, channels-last, compiled when it pays on CUDA)
-        from ddpm_cli.engine.generate import job_nfe, sampling_net
+        from ddpm_cli.engine.generate import default_batch, job_nfe, sampling_net
 
         n, shape = req.n or DEFAULT_SAMPLES, (m.in_channels, m.image_size, m.image_size)
+        # unless --batch-size says otherwise, sampled in `ddpm sample`'s batches (on a GPU twice 250's rate)
+        cuda = device.type == "cuda"
+        sample_batch = req.batch_size or (default_batch(m.image_size, cuda=True) if cuda else batch_size)
         nfe = job_nfe(n, sampler, req.steps, cfg.diffusion.num_timesteps, guided=g.weight != 1.0)
         net = sampling_net(model, device, nfe)
         guide = sampling_net(guide_model, device, nfe) if guide_model is not None else None

@@ -6,7 +6,8 @@ from a generator seeded by (seed, first index of the batch), so they repeat exac
 
 Batches are evened out (`even_batch`), and a compiled network (`static_batch`) gets its short last batch padded
 to the full size: torch.compile specialises on the batch size, and a second size would compile the network again
-(tens of seconds on a GPU)."""
+(tens of seconds on a GPU). A stochastic sampler's per-step noise is then drawn for the padded batch, so its last
+batch differs between a compiled and an eager run (each repeats exactly)."""
 from __future__ import annotations
 
 from contextlib import nullcontext
@@ -43,7 +44,7 @@ def inference_net(model: torch.nn.Module, *, channels_last: bool = False, compil
             x = x.contiguous(memory_format=torch.channels_last)
         return net(x, t, y)
 
-    fn.static_batch = bool(compile)  # generate() pads a short last batch rather than compile a second shape
+    fn.compiled = fn.static_batch = bool(compile)  # static: generate() pads a short last batch, not compile again
     return fn
 
 
@@ -63,6 +64,18 @@ def sampling_net(model: torch.nn.Module, device: torch.device, nfe: int, compile
     cuda = device.type == "cuda"
     on = compile == "on" or (compile == "auto" and cuda and nfe >= COMPILE_MIN_NFE)
     return inference_net(model, channels_last=cuda, compile="default" if on else None)
+
+
+# The sampling batch when none is given: on a GPU the one the speed figures use for 32x32 images (H100: 29,000
+# UNet evaluations/s at 1,000, 14,800 at 256; BENCHMARKS.md), fewer for larger images so that memory stays about
+# the same; on the CPU larger batches gain nothing and hold more memory.
+BATCH_CUDA, BATCH_CPU = 1000, 256
+
+
+def default_batch(image_size: int, cuda: bool) -> int:
+    """Images per sampling batch by default: BATCH_CUDA at 32x32 on a GPU, scaled by the pixels of an image."""
+    base = BATCH_CUDA if cuda else BATCH_CPU
+    return max(1, base * 32 * 32 // max(32 * 32, image_size * image_size))
 
 
 def even_batch(n: int, batch_size: int) -> int:

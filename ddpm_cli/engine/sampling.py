@@ -8,6 +8,7 @@ import io
 import math
 import os
 import time
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Literal
@@ -20,10 +21,7 @@ from ddpm_cli.errors import DdpmError
 SAMPLERS = ("ddpm", "ddim", "dpm++2m")  # mirrors diffusion.samplers.SAMPLERS without importing torch
 SPACINGS = ("uniform", "quadratic", "logsnr")
 GRID_MAX = 1024  # a grid shows at most this many images (a 32x32 grid is already 1,100 px wide)
-# --batch-size's default: on a GPU the batch the speed figures use (an H100 makes ~29,400 UNet evaluations/s at
-# 1,000; BENCHMARKS.md); on the CPU larger batches gain nothing and hold more memory.
-BATCH_CUDA, BATCH_CPU = 1000, 256
-PNG_WRITERS = 4  # threads encoding PNGs while the GPU samples the next batch (zlib releases the GIL)
+PNG_WRITERS = 4  # threads encoding PNGs while a GPU samples the next batch (zlib releases the GIL); 1 on the CPU
 
 
 @dataclass
@@ -34,7 +32,7 @@ class SampleRequest:
     n: int
     per_class: bool = False
     class_index: int | None = None
-    batch_size: int | None = None  # None: BATCH_CUDA on a GPU, BATCH_CPU on the CPU
+    batch_size: int | None = None  # None: generate.default_batch (1000 at 32x32 on a GPU, 256 on the CPU)
     seed: int = 0
     ema: bool | None = None  # None: the EMA weights when the checkpoint has them
     ema_decay: float | None = None  # one of the checkpoint's EMA weights by decay (train.ema_decay or ema_extra)
@@ -240,22 +238,19 @@ def write_png(path: Path, hwc) -> None:
 
 
 class PngWriter:
-    """Writes batches of PNGs on `threads` threads (none: at once, on the caller's). The first failed write is
-    raised by the next submit() or on leaving the `with` block, which waits for every write."""
+    """Writes batches of PNGs on `threads` threads. The first failed write is raised by a later submit() or on
+    leaving the `with` block, which waits for every write."""
 
     def __init__(self, threads: int):
         from concurrent.futures import ThreadPoolExecutor
 
-        self.pool = ThreadPoolExecutor(threads, thread_name_prefix="png") if threads > 0 else None
+        self.pool = ThreadPoolExecutor(threads, thread_name_prefix="png")
         self.pending: list = []
 
     def submit(self, paths: list[Path], images) -> None:
         """images: uint8 (b, C, H, W), one per path."""
         self._raise_failed(done_only=True)
-        if self.pool is None:
-            _write_pngs(paths, images)
-        else:
-            self.pending.append(self.pool.submit(_write_pngs, paths, images))
+        self.pending.append(self.pool.submit(_write_pngs, paths, images))
 
     def _raise_failed(self, done_only: bool) -> None:
         waiting = []
@@ -270,8 +265,6 @@ class PngWriter:
         return self
 
     def __exit__(self, exc_type, *exc) -> None:
-        if self.pool is None:
-            return
         try:
             if exc_type is None:
                 self._raise_failed(done_only=False)
@@ -302,7 +295,8 @@ def write_npz(path: Path, images, labels) -> None:
 def run_sampling(plan: SamplePlan, req: SampleRequest, *, on_start: Callable[[str], None] | None = None,
                  on_step: Callable[[int, int], None] | None = None,
                  on_batch: Callable[[int, int], None] | None = None) -> SampleResult:
-    """Load the model, generate `req.n` images in batches of `req.batch_size`, write the outputs.
+    """Load the model, generate `req.n` images in batches of at most `req.batch_size` (evened out; default
+    generate.default_batch), write the outputs.
 
     `on_start(device)` once the model is loaded; `on_step(i, steps)` after each network step of a batch;
     `on_batch(done, n)` after each batch."""
@@ -311,7 +305,7 @@ def run_sampling(plan: SamplePlan, req: SampleRequest, *, on_start: Callable[[st
 
     from ddpm_cli.engine.build import resolve_device
     from ddpm_cli.engine.checkpoint import load_guide, load_model
-    from ddpm_cli.engine.generate import generate, job_nfe, sampling_net
+    from ddpm_cli.engine.generate import default_batch, even_batch, generate, job_nfe, sampling_net
 
     from ddpm_cli.engine.distributed import DistInfo
 
@@ -319,8 +313,9 @@ def run_sampling(plan: SamplePlan, req: SampleRequest, *, on_start: Callable[[st
     # exactly the images one GPU makes with the same seed and batch size.
     dist_info = DistInfo.from_env()
     device = dist_info.device if dist_info.world > 1 else resolve_device(req.device)
-    batch_size = req.batch_size or (BATCH_CUDA if device.type == "cuda" else BATCH_CPU)
-    num_batches = (req.n + batch_size - 1) // batch_size
+    image_size = plan.config.model.image_size
+    batch_size = even_batch(req.n, req.batch_size or default_batch(image_size, device.type == "cuda"))
+    num_batches = (req.n + batch_size - 1) // batch_size  # generate's batches: b is images b * batch_size ...
     my_batches = range(dist_info.rank, num_batches, dist_info.world)
     model, diffusion, cfg, ckpt = load_model(plan.checkpoint, device, use_ema=plan.use_ema,
                                              ema_decay=plan.ema_decay)
@@ -346,7 +341,7 @@ def run_sampling(plan: SamplePlan, req: SampleRequest, *, on_start: Callable[[st
     t0 = time.perf_counter()
     done, first_batch_s = 0, 0.0
     # PNGs are written by threads while the GPU samples the next batch (10,000 PNGs take seconds to encode)
-    with PngWriter(PNG_WRITERS if plan.files else 0) as pngs:
+    with PngWriter(PNG_WRITERS if cuda else 1) if plan.files else nullcontext() as pngs:
         for start, batch, _ in generate(net, diffusion, req.n,
                                         image_shape=(m.in_channels, m.image_size, m.image_size), labels=labels,
                                         batch_size=batch_size, sampler=plan.sampler, steps=req.steps, eta=req.eta,
@@ -382,7 +377,7 @@ def run_sampling(plan: SamplePlan, req: SampleRequest, *, on_start: Callable[[st
     dist_info.finish_together()  # no rank tears the group down while rank 0 still writes (see finish_together)
     dist_info.close()
     return SampleResult(req.n, seconds, plan.files, plan.npz, plan.grid, str(device),
-                        compiled=getattr(net, "static_batch", False), first_batch_s=first_batch_s)
+                        compiled=getattr(net, "compiled", False), first_batch_s=first_batch_s)
 
 
 def _gather_parts(plan: SamplePlan, kept: list, dist_info) -> list:

@@ -55,6 +55,43 @@ def run(ckpt: Path, out: Path, n: int, steps: int, extra: list[str]) -> dict:
             "pngs": files, "summary": summary}
 
 
+# Where a run's time goes, timed in a fresh process as run_sampling does it (a GPU host took 5.0 s for torch and
+# CUDA, 8.2 s for sampling_net, 12.9 s for the first batch; BENCHMARKS.md 2026-11-27).
+PHASES = """
+import json, sys, time
+T = time.perf_counter
+t = {"start": T()}
+import torch
+torch.zeros(1, device=sys.argv[2])
+t["torch and the device"] = T()
+from ddpm_cli.engine.checkpoint import load_model
+from ddpm_cli.engine.generate import default_batch, generate, sampling_net
+device = torch.device(sys.argv[2])
+model, diffusion, cfg, _ = load_model(sys.argv[1], device)
+t["checkpoint"] = T()
+n, steps = int(sys.argv[3]), int(sys.argv[4])
+net = sampling_net(model, device, n * steps)
+t["sampling_net"] = T()
+m = cfg.model
+ends = [T() for _ in generate(net, diffusion, n, image_shape=(m.in_channels, m.image_size, m.image_size),
+                              batch_size=default_batch(m.image_size, device.type == "cuda"), steps=steps,
+                              device=device, bf16=device.type == "cuda")]
+t["first batch"] = ends[0]
+names = list(t)
+out = {b: round(t[b] - t[a], 2) for a, b in zip(names, names[1:])}
+out["each later batch"] = [round(b - a, 2) for a, b in zip(ends, ends[1:])]
+print("BENCH " + json.dumps({"kind": "sample-phases", "images": n, "steps": steps, "seconds": out}))
+"""
+
+
+def phases(ckpt: Path, n: int, steps: int, device: str) -> None:
+    p = subprocess.run([sys.executable, "-c", PHASES, str(ckpt), device, str(n), str(steps)], capture_output=True,
+                       text=True)
+    if p.returncode != 0:
+        sys.exit(f"the phase run failed ({p.returncode}):\n{p.stderr[-3000:]}")
+    print(p.stdout.strip().splitlines()[-1], flush=True)
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("-n", type=int, default=10_000)
@@ -62,6 +99,8 @@ def main() -> None:
     p.add_argument("--runs", type=int, default=2)
     p.add_argument("--args", nargs=argparse.REMAINDER, default=[], help="more `ddpm sample` options (last)")
     p.add_argument("--tiny", action="store_true", help="a tiny model (CPU smoke run)")
+    p.add_argument("--phases", action="store_true", help="then time start-up, checkpoint, network set-up and each "
+                   "batch in one fresh process (the default batch, no files written)")
     a = p.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         ckpt = Path(tmp) / "model.safetensors"
@@ -70,6 +109,8 @@ def main() -> None:
             res = run(ckpt, Path(tmp) / f"out{i}", a.n, a.steps, a.args)
             res["run"] = i + 1
             print("BENCH " + json.dumps(res), flush=True)
+        if a.phases:
+            phases(ckpt, a.n, a.steps, "cuda" if torch.cuda.is_available() else "cpu")
 
 
 if __name__ == "__main__":

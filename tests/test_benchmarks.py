@@ -26,11 +26,15 @@ def test_bench_speed_runs_the_trainer_and_the_sampler(tmp_path):
 
 def test_bench_sample_cli_times_the_command_and_counts_its_files():
     r = subprocess.run([sys.executable, "benchmarks/bench_sample_cli.py", "--tiny", "-n", "5", "--steps", "2",
-                        "--runs", "1", "--args", "--batch-size", "2"], cwd=ROOT, capture_output=True, text=True,
+                        "--runs", "1", "--phases", "--args", "--batch-size", "2"], cwd=ROOT, capture_output=True,
+                       text=True,
                        timeout=300, env={**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"})
     assert r.returncode == 0, r.stderr[-3000:]
     res = json.loads(r.stdout.split("BENCH ", 1)[1].splitlines()[0])
     assert res["pngs"] == 5 and res["wall_s"] >= res["sampling_s"] > 0 and res["summary"].startswith("5 images in")
+    phases = json.loads(r.stdout.split("BENCH ")[2].splitlines()[0])["seconds"]
+    assert list(phases) == ["torch and the device", "checkpoint", "sampling_net", "first batch", "each later batch"]
+    assert len(phases["each later batch"]) == 0 and all(phases[k] >= 0 for k in list(phases)[:4])  # 5 at 256: one
 
 
 def test_fid_summary_tables_each_run_and_its_scores(tmp_path):

@@ -12,8 +12,8 @@ from conftest import ROOT
 def test_bench_speed_runs_the_trainer_and_the_sampler(tmp_path):
     out = tmp_path / "bench.json"
     r = subprocess.run([sys.executable, "benchmarks/bench_speed.py", "--tiny", "--train", "fp32", "--steps", "30",
-                        "--log-every", "5", "--profile", "--sample", "fp32", "--sample-batch", "2", "--sample-steps", "2",
-                        "--json", str(out)], cwd=ROOT, capture_output=True, text=True, timeout=300,
+                        "--log-every", "5", "--profile", "--sample", "fp32", "--sample-batch", "2",
+                        "--sample-steps", "2", "--json", str(out)], cwd=ROOT, capture_output=True, text=True, timeout=300,
                        env={**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"})
     assert r.returncode == 0, r.stderr[-3000:]
     results = json.loads(out.read_text())

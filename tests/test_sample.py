@@ -548,7 +548,7 @@ def test_a_compiled_network_meets_one_batch_shape_and_the_images_stay_the_same(t
     draw = lambda fn, **kw: list(generate(fn, diffusion, 7, image_shape=(3, 16, 16), labels=labels,  # noqa: E731
                                           batch_size=3, steps=2, seed=4, **kw))
     plain = draw(model)
-    net.static_batch = True
+    net.compiled = True
     padded = draw(net)
     assert set(seen) == {3} and len(seen) == 3 * 2  # 7 images at most 3 a batch: 3 batches of 3, 2 steps each
     assert [s for s, _, _ in padded] == [s for s, _, _ in plain] == [0, 3, 6]

@@ -4,7 +4,7 @@ Image i starts from noise drawn with seed (seed, i), so deterministic samplers (
 give the same image i for any batch size or number of GPUs; stochastic samplers also draw per-step noise
 from a generator seeded by (seed, first index of the batch), so they repeat exactly for the same batch size.
 
-Batches are evened out (`even_batch`), and a compiled network (`static_batch`) gets its short last batch padded
+Batches are evened out (`even_batch`), and a compiled network (`compiled`) gets its short last batch padded
 to the full size: torch.compile specialises on the batch size, and a second size would compile the network again
 (tens of seconds on a GPU). A stochastic sampler's per-step noise is then drawn for the padded batch, so its last
 batch differs between a compiled and an eager run (each repeats exactly)."""
@@ -44,7 +44,7 @@ def inference_net(model: torch.nn.Module, *, channels_last: bool = False, compil
             x = x.contiguous(memory_format=torch.channels_last)
         return net(x, t, y)
 
-    fn.compiled = fn.static_batch = bool(compile)  # static: generate() pads a short last batch, not compile again
+    fn.compiled = bool(compile)  # generate() then pads a short last batch rather than compile a second shape
     return fn
 
 
@@ -108,10 +108,10 @@ def generate(model: Callable, diffusion: GaussianDiffusion, n: int, *, image_sha
 
     `guidance` W is classifier-free (against the null class) for a conditional model, or autoguidance against
     `guide`, a weaker network, when one is given. `batches` picks which batch numbers to make (multi-GPU: each
-    rank a slice); default all. A network marked `static_batch` (inference_net's, when compiled) gets every
+    rank a slice); default all. A network marked `compiled` (inference_net's, when it compiles) gets every
     batch at the full size: a short last one is padded with the next indices' noise, and those images dropped."""
     device = torch.device(device)
-    static = getattr(model, "static_batch", False) or getattr(guide, "static_batch", False)
+    static = getattr(model, "compiled", False) or getattr(guide, "compiled", False)
     batch_size = even_batch(n, batch_size)
     net = model
     if guide is not None:

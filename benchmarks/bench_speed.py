@@ -84,9 +84,6 @@ SAMPLE_VARIANTS = {
     "bf16-cl-compile-before": dict(bf16=True, channels_last=True, compile="default", fold=False, pdl=False),
     # each 4x4 kernel built once, before compiling (as exports do), not in every forward
     "bf16-cl-compile-frozen": dict(bf16=True, channels_last=True, compile="default", frozen=True),
-    # GroupNorm+SiLU as inductor compiles it, not as one Triton kernel of ours (the default since 2026-11-27)
-    "bf16-cl-compile-nofuse": dict(bf16=True, channels_last=True, compile="default", fuse=False),
-    "bf16-cl-cudagraphs-nofuse": dict(bf16=True, channels_last=True, compile="reduce-overhead", fuse=False),
 }
 PEAK_TFLOPS = 790.0      # measured bf16 matmul peak of an H100 here (KINDS.md)
 TRAIN_GFLOP = 37.5       # forward + backward per image, DDPM CIFAR-10 UNet
@@ -357,8 +354,7 @@ def bench_sample(name: str, opts: dict, batch: int, steps: int, e2e: bool, model
     sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
     inductor_config.force_layout_optimization = opts.get("force_layout", False)
     net = inference_net(model, channels_last=opts["channels_last"], compile=opts["compile"],
-                        norm_stats=opts.get("norm_stats"), fold=opts.get("fold", True), pdl=opts.get("pdl", True),
-                        fuse=opts.get("fuse"))
+                        norm_stats=opts.get("norm_stats"), fold=opts.get("fold", True), pdl=opts.get("pdl", True))
     if opts.get("frozen"):  # before the first call, which traces the graph
         unet.fold_upsampling(model, True, frozen=True)
     shape = (3, 32, 32)

@@ -18,12 +18,11 @@ import torch
 from ddpm_cli.diffusion.gaussian import GaussianDiffusion
 from ddpm_cli.diffusion.samplers import DEFAULTS, autoguided, guided, sample
 from ddpm_cli.engine.build import sampler_compile_options
-from ddpm_cli.nn.group_norm_act import available as fused_norm_available
-from ddpm_cli.nn.unet import channel_stats, fold_upsampling, fuse_norm_act
+from ddpm_cli.nn.unet import channel_stats, fold_upsampling
 
 
 def inference_net(model: torch.nn.Module, *, channels_last: bool = False, compile: str | None = None,
-                  norm_stats: bool | None = None, fold: bool = True, pdl: bool = True, fuse: bool | None = None):
+                  norm_stats: bool | None = None, fold: bool = True, pdl: bool = True):
     """The network as a sampler calls it, with the speed switches applied: channels-last layout, GroupNorm from
     per-channel statistics (`norm_stats`, default: with channels-last, which it reads in order), each upsampling
     folded into one transposed convolution (`fold`; the same function, 2.25x fewer multiply-adds there) and
@@ -34,7 +33,6 @@ def inference_net(model: torch.nn.Module, *, channels_last: bool = False, compil
     model = channel_stats(model.eval(), channels_last if norm_stats is None else norm_stats)
     fold_upsampling(model, fold)
     device = next(model.parameters()).device
-    fuse_norm_act(model, channels_last and fused_norm_available(device) if fuse is None else fuse)
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True  # one batch shape, many calls: timing algorithms once pays
     if channels_last:

@@ -10,8 +10,6 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ddpm_cli.nn.group_norm_act import group_norm_act, supported
-
 ACTIVATIONS = {"silu": nn.SiLU, "relu": nn.ReLU, "mish": nn.Mish}
 
 
@@ -64,27 +62,6 @@ def channel_stats(model: nn.Module, on: bool = True) -> nn.Module:
     return model
 
 
-def norm_act(x: torch.Tensor, norm: nn.GroupNorm, *, add: torch.Tensor | None = None,
-             silu: bool = True) -> torch.Tensor:
-    """silu(norm(x + add[:, :, None, None])) (`silu=False`: without it) by one Triton kernel where the groups fit
-    one (group_norm_act), by the module otherwise."""
-    if supported(x, norm.num_groups):
-        return group_norm_act(x, norm, add=add, silu=silu)
-    y = norm(x if add is None else x + add[:, :, None, None])
-    return F.silu(y) if silu else y
-
-
-def fuse_norm_act(model: nn.Module, on: bool = True) -> nn.Module:
-    """Switch `model`'s GroupNorm+SiLU pairs to the fused Triton kernel (group_norm_act) for inference, or
-    back; returns the model. For channels-last CUDA tensors with Triton: the caller checks. Models with another
-    activation than SiLU stay as they are."""
-    silu = all(isinstance(m.act1, nn.SiLU) for m in model.modules() if isinstance(m, ResBlock))
-    for m in model.modules():
-        if isinstance(m, (ResBlock, Attention, UNet)):
-            m.fused = on and silu
-    return model
-
-
 class _DenseGrad(torch.autograd.Function):
     """Identity whose gradient is made contiguous in the input's layout. The gradient of a `torch.cat` input is
     a channel slice of the concatenation's gradient; handed on as such, every convolution behind it copies the
@@ -107,8 +84,6 @@ def dense_grad(x: torch.Tensor) -> torch.Tensor:
 
 
 class ResBlock(nn.Module):
-    fused = False  # fuse_norm_act(): each GroupNorm with its adds and SiLU as one kernel (inference, CUDA)
-
     def __init__(self, in_ch: int, out_ch: int, emb_dim: int, dropout: float, norm, act):
         super().__init__()
         self.norm1, self.act1 = norm(in_ch), act()
@@ -120,10 +95,6 @@ class ResBlock(nn.Module):
         self.skip = nn.Conv2d(in_ch, out_ch, 1) if in_ch != out_ch else nn.Identity()
 
     def forward(self, x: torch.Tensor, emb: torch.Tensor) -> torch.Tensor:
-        if self.fused and not self.training:  # dropout is the identity; conv1's bias joins the embedding
-            h = F.conv2d(norm_act(x, self.norm1), self.conv1.weight, None, padding=1)
-            h = norm_act(h, self.norm2, add=self.conv1.bias + self.emb(emb))
-            return self.skip(x) + self.conv2(h)
         h = self.conv1(self.act1(self.norm1(x)))
         h = h + self.emb(emb)[:, :, None, None]
         h = self.conv2(self.dropout(self.act2(self.norm2(h))))
@@ -138,8 +109,6 @@ class Attention(nn.Module):
     backward converts layouts (through NCHW-ordered reshapes the backward paid ~1 ms a training step on an H100
     for eager copies of the q/k/v gradient). Same parameters and the same function as the convolutions."""
 
-    fused = False
-
     def __init__(self, ch: int, num_heads: int, norm):
         super().__init__()
         self.num_heads = num_heads
@@ -149,8 +118,7 @@ class Attention(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         B, C, H, W = x.shape
-        normed = norm_act(x, self.norm, silu=False) if self.fused and not self.training else self.norm(x)
-        tokens = normed.flatten(2).transpose(1, 2)  # (B, HW, C)
+        tokens = self.norm(x).flatten(2).transpose(1, 2)  # (B, HW, C)
         qkv = F.linear(tokens, self.qkv.weight.flatten(1), self.qkv.bias)  # (B, HW, 3C): channels (3, heads, d)
         q, k, v = qkv.unflatten(-1, (3, self.num_heads, C // self.num_heads)).permute(2, 0, 3, 1, 4).unbind(0)
         h = F.scaled_dot_product_attention(q, k, v)  # (B, heads, HW, d)
@@ -228,8 +196,6 @@ def fold_upsampling(model: nn.Module, on: bool = True, *, frozen: bool = False) 
 
 
 class UNet(nn.Module):
-    fused = False
-
     def __init__(self, image_size: int = 32, in_channels: int = 3, base_channels: int = 128,
                  channel_mults: tuple[int, ...] = (1, 2, 2, 2), num_res_blocks: int = 2,
                  attention_resolutions: tuple[int, ...] = (16,), dropout: float = 0.1, num_heads: int = 1,
@@ -304,6 +270,4 @@ class UNet(nn.Module):
                 h = torch.cat([dense_grad(h), skips.pop()], dim=1)
             for layer in layers:
                 h = layer(h, emb) if isinstance(layer, ResBlock) else layer(h)
-        if self.fused and not self.training:
-            return self.out[2](norm_act(h, self.out[0]))
         return self.out(h)

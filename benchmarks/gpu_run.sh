@@ -8,6 +8,9 @@
 # all their graphs in parallel (timings discarded, logs in warm*.log); the measured runs then follow one after
 # another, loading their graphs from the cache, so their "first step" is a warm start, not a cold compile.
 # Autotuning (coordinate descent, max-autotune) then picks its configs while the GPU is shared.
+# The run outlives the call, not the machine: the device tool hands an idle machine back ~30 s after a call ends,
+# and the run with it. Follow with polling calls (`sleep 60; tail $HOME/bench/log`) back to back until BENCH-DONE
+# (2026-11-27: a run lost this way, with its warm-up and peer).
 set -u
 mkdir -p "$HOME/bench"
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl

@@ -62,6 +62,9 @@ TRAIN_VARIANTS = {
     # is the 1.2 ms kernel of the folded training step a combo kernel? (BENCHMARKS.md, 2026-11-27)
     "bf16-cl-cudagraphs-foldup-nocombo": {"precision": "bf16", "compile": "reduce-overhead", "channels_last": "on",
                                           "_foldup": True, "combo_kernels": "off"},
+    # one embedding projection a residual block (66 small GEMMs a step), as before UNet.stacked_emb (2026-11-27)
+    "bf16-cl-cudagraphs-nostack": {"precision": "bf16", "compile": "reduce-overhead", "channels_last": "on",
+                                   "_nostack": True},
     "bf16-cl-compile-nobench": {"precision": "bf16", "compile": "on", "channels_last": "on",
                                 "cudnn_benchmark": False},
 }
@@ -84,6 +87,9 @@ SAMPLE_VARIANTS = {
     "bf16-cl-compile-before": dict(bf16=True, channels_last=True, compile="default", fold=False, pdl=False),
     # each 4x4 kernel built once, before compiling (as exports do), not in every forward
     "bf16-cl-compile-frozen": dict(bf16=True, channels_last=True, compile="default", frozen=True),
+    # one embedding projection a residual block, as before UNet.stacked_emb (2026-11-27)
+    "bf16-cl-compile-nostack": dict(bf16=True, channels_last=True, compile="default", stack=False),
+    "bf16-cl-cudagraphs-nostack": dict(bf16=True, channels_last=True, compile="reduce-overhead", stack=False),
 }
 PEAK_TFLOPS = 790.0      # measured bf16 matmul peak of an H100 here (KINDS.md)
 TRAIN_GFLOP = 37.5       # forward + backward per image, DDPM CIFAR-10 UNet
@@ -298,8 +304,9 @@ def bench_train(name: str, sets: dict, batch: int, steps: int, log_every: int, i
                 model: dict, profile: bool = False) -> dict:
     sets = dict(sets)
     inductor_config.force_layout_optimization = sets.pop("_force_layout", False)  # the Trainer may set it again
-    upsample, folded = unet.Upsample.forward, unet.Upsample.folded
+    upsample, folded, stacked = unet.Upsample.forward, unet.Upsample.folded, unet.UNet.stacked_emb
     unet.Upsample.folded = sets.pop("_foldup", folded)
+    unet.UNet.stacked_emb = not sets.pop("_nostack", False)
     fold = unet.fold_nearest2x
     if sets.pop("_foldmm", False):
         unet.fold_nearest2x = fold_nearest2x_matmul
@@ -309,6 +316,7 @@ def bench_train(name: str, sets: dict, batch: int, steps: int, log_every: int, i
         return _bench_train(name, sets, batch, steps, log_every, images, model, profile)
     finally:
         unet.Upsample.forward, unet.Upsample.folded, unet.fold_nearest2x = upsample, folded, fold
+        unet.UNet.stacked_emb = stacked
         torch._dynamo.reset()  # no later variant may reuse a graph traced with other switches
 
 
@@ -350,6 +358,7 @@ def bench_sample(name: str, opts: dict, batch: int, steps: int, e2e: bool, model
     with torch.no_grad():  # zero-initialised output layers would make the work trivial to skip; perturb them
         for p in model.parameters():
             p.add_(0.01 * torch.randn_like(p))
+    model.stacked_emb = opts.get("stack", True)
     diffusion = build_diffusion(cfg.diffusion).to(device)
     sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
     inductor_config.force_layout_optimization = opts.get("force_layout", False)

@@ -253,3 +253,39 @@ def test_group_norm_from_channel_statistics_does_not_cancel_under_a_large_mean(o
     (out * w.float()).sum().backward()
     assert (out.double() - ref).abs().max() < 2e-3, (out.double() - ref).abs().max()
     assert (xf.grad.double() - xr.grad).abs().max() < 2e-2 * xr.grad.abs().max()
+
+
+def test_stacked_embeddings_are_the_blocks_own_projections():
+    """UNet.stacked_emb (every block's embedding projection as one GEMM over their stacked weights) computes the
+    same output and the same gradient for every parameter as one projection a block, with the same parameter
+    names; a deep copy (how EMA copies the model) projects with its own weights, not the original's."""
+    import copy
+
+    torch.manual_seed(0)
+    model = UNet(image_size=8, base_channels=8, channel_mults=(1, 2), num_res_blocks=1, attention_resolutions=(4,),
+                 norm_groups=4, num_classes=3).eval()
+    with torch.no_grad():
+        for p in model.parameters():  # zero-initialised output layers would hide any difference
+            p.add_(0.05 * torch.randn_like(p))
+    assert len(model.res_blocks) == 2 * 1 + 2 + 2 * 2  # down (2 levels x 1), mid, up (one more a level)
+    assert not any(".res_blocks." in k for k in model.state_dict())
+    x, t, y = torch.randn(2, 3, 8, 8), torch.tensor([3, 700]), torch.tensor([0, 2])
+    results = {}
+    for stacked in (True, False):
+        model.stacked_emb = stacked
+        model.zero_grad()
+        out = model(x, t, y)
+        (out * out.detach().sign()).sum().backward()
+        results[stacked] = (out.detach(), [p.grad.clone() for p in model.parameters()])
+    assert torch.allclose(results[True][0], results[False][0], atol=1e-6)
+    emb_grads = [p.grad for n, p in model.named_parameters() if ".emb.1." in n]
+    assert emb_grads and all(g.abs().sum() > 0 for g in emb_grads)  # the projections do get gradients
+    for a, b in zip(results[True][1], results[False][1]):
+        assert torch.allclose(a, b, rtol=1e-4, atol=1e-6)
+
+    twin = copy.deepcopy(model)
+    assert all(a is not b for a, b in zip(twin.res_blocks, model.res_blocks))
+    with torch.no_grad():
+        for blk in twin.res_blocks:
+            blk.emb[1].bias.add_(1.0)
+        assert not torch.allclose(twin(x, t, y), model(x, t, y))

@@ -194,6 +194,34 @@ def test_exact_resume_gives_identical_losses_and_weights(tmp_path, variant):
     assert sa == sb and ga == gb
 
 
+def _assert_moments_follow_their_parameters(opt: torch.optim.Optimizer) -> int:
+    """Every restored optimizer tensor shaped like its parameter has that parameter's dtype, device and strides
+    (CUDA's fused Adam refuses anything else); returns how many were checked."""
+    checked = 0
+    for group in opt.param_groups:
+        for p in group["params"]:
+            for name, v in opt.state[p].items():
+                if torch.is_tensor(v) and v.shape == p.shape:
+                    assert (v.dtype, v.device, v.stride()) == (p.dtype, p.device, p.stride()), \
+                        f"{name} of a {tuple(p.shape)} parameter: {v.dtype} {v.stride()} vs {p.dtype} {p.stride()}"
+                    checked += 1
+    return checked
+
+
+@pytest.mark.parametrize("optimizer", ["adam", "adamw"])
+def test_resume_restores_optimizer_state_in_each_parameters_layout(tmp_path, optimizer):
+    """The CUDA default is channels-last: a resume must hand the fused optimizer moments laid out like their
+    (channels-last) parameters. The CPU's fused Adam tolerates a mismatch, so check the layouts themselves."""
+    extra = dict(EXACT, train__channels_last="on", train__optimizer=optimizer, train__ema_extra=[0.5],
+                 train__guide_step=3)
+    first = train(tiny_config(tmp_path, **{**extra, "train__steps": 6}))
+    trainer = Trainer(tiny_config(tmp_path, **extra), resume=list_checkpoints(first.run_dir)[-1])
+    assert trainer.channels_last and trainer.model.conv_in.weight.is_contiguous(memory_format=torch.channels_last)
+    assert _assert_moments_follow_their_parameters(trainer.opt) == 2 * len(list(trainer.model.parameters()))
+    res = trainer.run()
+    assert res.step == 12 and _assert_moments_follow_their_parameters(trainer.opt)
+
+
 def test_resume_matches_ema_averages_by_decay_when_their_roles_swap(tmp_path):
     extra = dict(EXACT, train__ema_decay=0.9, train__ema_extra=[0.3])
     full = train(tiny_config(tmp_path / "a", **extra))

@@ -109,6 +109,19 @@ def _lr_at(cfg: RunConfig, step: int, peak: float) -> float:
     return peak * (min(1.0, (step + 1) / warm) if warm else 1.0)
 
 
+def load_optimizer_state(opt: torch.optim.Optimizer, state_dict: dict) -> None:
+    """Optimizer.load_state_dict, then each moment laid out like its parameter. Checkpoints store tensors
+    contiguous, and torch restores a moment's dtype and device but not its strides; CUDA's fused Adam refuses
+    moments whose layout differs from a channels-last parameter's."""
+    opt.load_state_dict(state_dict)
+    for group in opt.param_groups:
+        for p in group["params"]:
+            state = opt.state.get(p, {})
+            for name, value in state.items():
+                if torch.is_tensor(value) and value.shape == p.shape and value.stride() != p.stride():
+                    state[name] = torch.empty_like(p, dtype=value.dtype).copy_(value)
+
+
 class Trainer:
     def __init__(self, cfg: RunConfig, *, run_dir: Path | None = None, resume: Path | None = None,
                  callbacks: TrainCallbacks | None = None, stop: StopFlag | None = None,
@@ -235,7 +248,7 @@ class Trainer:
                 ckpt_io.load_into(ema.model, stored.get(ema.decay) or ck.ema_state or ck.model_state, str(ck.path))
                 ema.num_updates = int(state.get("ema_updates", 0))
         try:
-            self.opt.load_state_dict(ckpt_io.optimizer_state_dict(tensors, groups))
+            load_optimizer_state(self.opt, ckpt_io.optimizer_state_dict(tensors, groups))
         except (ValueError, KeyError, RuntimeError) as e:
             raise DdpmError(f"{ck.path}: the optimizer state does not fit this run ({e}); resume with the "
                             f"same train.optimizer") from None

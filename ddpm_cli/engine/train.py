@@ -109,6 +109,53 @@ def _lr_at(cfg: RunConfig, step: int, peak: float) -> float:
     return peak * (min(1.0, (step + 1) / warm) if warm else 1.0)
 
 
+class TimeBudget:
+    """When `train.max_time` ends the run: before a step that would finish past the budget, the closing
+    checkpoint and sample grid counted in, so the whole run ends within about one step of it (the first,
+    compiling step included: it cannot be cut, and the run stops right after it when it overran).
+
+    On CUDA the host would otherwise queue steps far ahead of the device (a CUDA-graph step is one launch), so
+    its clock would say nothing of the work still queued: at most two steps are left in flight, which keeps the
+    device fed and the host's clock within a step of the device's."""
+
+    IN_FLIGHT = 2
+
+    def __init__(self, t0: float, max_time: float | None, device: torch.device):
+        self.deadline = None if max_time is None else t0 + max_time
+        self.cuda = device.type == "cuda"
+        self.step_s = 0.0  # a step's duration, smoothed; 0 until one step after the first has finished
+        self.grid_s = self.checkpoint_s = 0.0  # the run's closing work: its last sample grid and checkpoint
+        self._events: list = []
+        self._last: float | None = None
+
+    def step_done(self, first: bool) -> None:
+        """Call after each step: bounds the queue and measures the step time."""
+        if self.deadline is None:
+            return
+        if self.cuda:
+            event = torch.cuda.Event()
+            event.record()
+            self._events.append(event)
+            if len(self._events) > self.IN_FLIGHT:
+                self._events.pop(0).synchronize()
+        now = time.monotonic()
+        if self._last is not None and not first:
+            took = now - self._last
+            self.step_s = took if not self.step_s else 0.8 * self.step_s + 0.2 * took
+        self._last = now
+
+    def pause(self) -> None:
+        """The next interval holds other work (a checkpoint, a grid, an evaluation): not a step's time."""
+        self._last = None
+
+    def up(self, lookahead_steps: int = 1) -> bool:
+        """Whether starting `lookahead_steps` more steps would end the run past its budget."""
+        if self.deadline is None:
+            return False
+        closing = self.grid_s + self.checkpoint_s
+        return time.monotonic() + lookahead_steps * self.step_s + closing >= self.deadline
+
+
 def load_optimizer_state(opt: torch.optim.Optimizer, state_dict: dict) -> None:
     """Optimizer.load_state_dict, then each moment laid out like its parameter. Checkpoints store tensors
     contiguous, and torch restores a moment's dtype and device but not its strides; CUDA's fused Adam refuses
@@ -321,13 +368,7 @@ class Trainer:
         net = self.ema.model if self.ema else self.model
         was_training = net.training
         net.eval()
-        n = cfg.logging.sample_count
-        labels, nrow = None, max(1, int(math.sqrt(n)))
-        if m.conditional:
-            per = max(1, n // m.num_classes)
-            labels = torch.arange(m.num_classes).repeat_interleave(per)
-            n, nrow = len(labels), per
-        full = cfg.logging.sample_steps >= cfg.diffusion.num_timesteps
+        n, labels, nrow, full = self._grid_plan()
         images = []
         for _, batch, _ in generate(net, self.diffusion, n, image_shape=(m.in_channels, m.image_size, m.image_size),
                                     labels=labels, batch_size=max(n, 1), sampler="ddpm" if full else "ddim",
@@ -340,6 +381,45 @@ class Trainer:
         if self.wandb:
             self.wandb.log_image("samples", path, self.step)
         return path
+
+    def _grid_plan(self) -> tuple[int, torch.Tensor | None, int, bool]:
+        """The sample grid: (images, labels or None, images a row, whether it runs the full ancestral sampler)."""
+        m, n = self.cfg.model, self.cfg.logging.sample_count
+        labels, nrow = None, max(1, int(math.sqrt(n)))
+        if m.conditional:
+            per = max(1, n // m.num_classes)
+            labels = torch.arange(m.num_classes).repeat_interleave(per)
+            n, nrow = len(labels), per
+        return n, labels, nrow, self.cfg.logging.sample_steps >= self.cfg.diffusion.num_timesteps
+
+    @torch.no_grad()
+    def _closing_cost(self) -> tuple[float, float]:
+        """Seconds the end of a run takes on rank 0 (the other ranks wait for it): (the sample grid, timed as one
+        network evaluation of its batch times the sampler's steps; the final checkpoint, estimated at 1 GB/s
+        until one is written and timed)."""
+        n, labels, _, full = self._grid_plan()
+        m, dev = self.cfg.model, self.device
+        net = self.ema.model if self.ema else self.model
+        was_training = net.training
+        net.eval()
+        x = torch.randn(n, m.in_channels, m.image_size, m.image_size, device=dev)
+        t = torch.full((n,), self.diffusion.num_timesteps - 1, device=dev)
+        y = labels.to(dev) if labels is not None else None
+        amp = torch.autocast(dev.type, dtype=torch.bfloat16) if self.bf16 else nullcontext()
+        sync = (lambda: torch.cuda.synchronize(dev)) if dev.type == "cuda" else (lambda: None)
+        with amp:
+            net(x, t, y)  # the first call pays for cuDNN's algorithm search
+            sync()
+            t_fwd = time.monotonic()
+            for _ in range(2):
+                net(x, t, y)
+            sync()
+        net.train(was_training)
+        forward_s = (time.monotonic() - t_fwd) / 2
+        steps = self.cfg.diffusion.num_timesteps if full else self.cfg.logging.sample_steps
+        copies = 3 + (1 + len(self.extra_emas) if self.ema else 0) + 1  # weights, Adam's two moments, EMAs, guide
+        # the sampler's own arithmetic and the PNG come on top of the network evaluations: a tenth more
+        return 1.1 * forward_s * steps, 4 * count_params(self.model) * copies / 1e9
 
     def in_training_fid(self) -> float:
         """FID of `logging.fid_samples` EMA samples (DPM-Solver++, fid_steps) against the reference, on this device."""
@@ -408,11 +488,13 @@ class Trainer:
         global_batch = tc.batch_size * self.dist.world
         if self.compiled and self.step < tc.steps:
             self.cb.on_message("compiling the training step (torch.compile; the first step takes a while)")
+        budget = TimeBudget(self.t0, tc.max_time, dev)
+        lookahead = 1 if self.dist.world == 1 else 10  # ranks agree on stopping every 10 steps (dist.agree)
 
         while self.step < tc.steps:
             # _SIGNALLED + signum = a signal, 1 = out of time; with several ranks they agree on it (every 10 steps)
             # so that no rank leaves the loop while the others wait in an all-reduce.
-            time_up = tc.max_time is not None and time.monotonic() - self.t0 >= tc.max_time
+            time_up = budget.up(lookahead)
             flag = self.dist.agree(_SIGNALLED + self.stop.signum if self.stop.signum else 1 if time_up else 0,
                                    self.step)
             if flag > _SIGNALLED:  # every rank reports (and exits with) the same signal, whichever got it
@@ -452,10 +534,14 @@ class Trainer:
             max_bad_run = torch.maximum(max_bad_run, bad_run)
             nonfinite += bad.float()
             last_bad = torch.where(bad, float(self.step), last_bad)
+            budget.step_done(first_step)
             if first_step:  # with torch.compile, the first step is the compilation
                 if dev.type == "cuda":
                     torch.cuda.synchronize(dev)
                 compile_s, first_step = time.monotonic() - t_step, False
+                if budget.deadline is not None and self.main:
+                    budget.grid_s, budget.checkpoint_s = self._closing_cost()
+                    budget.pause()
             self.cb.on_step(self.step)
             if self.main and self.step == tc.guide_step:  # the autoguidance guide: these weights, kept from now on
                 net = self.ema.model if self.ema is not None else self.model
@@ -488,6 +574,7 @@ class Trainer:
             es = tc.early_stopping
             if self.val is not None and self.step % es.eval_every == 0:
                 val = self.held_out_loss()
+                budget.pause()
                 improved = val < self.best_val - es.min_delta
                 self.best_val, self.bad_evals = (val, 0) if improved else (self.best_val, self.bad_evals + 1)
                 self._emit({"step": self.step, "val_loss": val, "best_val_loss": self.best_val}, records)
@@ -498,11 +585,17 @@ class Trainer:
                     stop_reason = "early_stopping"
                     break
             if not final and self.step % lc.checkpoint_every == 0:
+                t_save = time.monotonic()
                 checkpoint = self.save_checkpoint()
+                if self.main:  # a measured write replaces the estimate
+                    budget.checkpoint_s = time.monotonic() - t_save
+                budget.pause()
             if not final and self.step % lc.sample_every == 0:
                 self.sample_grid()
+                budget.pause()
             if lc.fid_every and self.main and self.step % lc.fid_every == 0:
                 self._emit({"step": self.step, "fid": self.in_training_fid()}, records)
+                budget.pause()
 
         if (self.main and tc.guide_step is not None and self.step < tc.guide_step and self.guide is None
                 and stop_reason != "signal"):

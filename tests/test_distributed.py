@@ -197,6 +197,36 @@ def test_gpus_flag_launches_torchrun(tmp_path):
     assert (tmp_path / "runs" / "tiny" / "checkpoints" / "ckpt-00000004.safetensors").exists()
 
 
+RECORD_TORCHRUN = r"""
+import json, sys
+import torch.distributed.run as run
+real, record = run.main, sys.argv[1]
+def recorded(args=None):
+    with open(record, "a") as f:
+        f.write(json.dumps(args) + "\n")
+    return real(args)
+run.main = recorded
+sys.argv = [sys.argv[0]] + sys.argv[2:]
+from ddpm_cli.cli.app import main
+main()
+"""
+
+
+def test_gpus_1_goes_through_the_launcher_too(tmp_path):
+    """`--gpus 1` asks for the launcher (one process per GPU), as the GPU suite runs it; `--gpus 0` (the default)
+    trains in this process."""
+    cfg = write_yaml(tmp_path / "tiny.yaml", tiny_overrides(tmp_path / "runs", train__steps=4,
+                                                             logging__log_every=2))
+    calls = tmp_path / "torchrun.jsonl"
+    r = subprocess.run([sys.executable, "-c", RECORD_TORCHRUN, str(calls), "train", "--config", str(cfg), "--gpus",
+                        "1"], capture_output=True, text=True, timeout=300,
+                       env={**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"})
+    assert r.returncode == 0, r.stderr[-3000:]
+    launched = [json.loads(line) for line in calls.read_text().splitlines()]
+    assert len(launched) == 1 and "--nproc_per_node=1" in launched[0], launched
+    assert (tmp_path / "runs" / "tiny" / "checkpoints" / "ckpt-00000004.safetensors").exists()
+
+
 def test_sigterm_to_the_gpus_launcher_stops_the_ranks_with_a_checkpoint_and_no_traceback(tmp_path):
     runs = tmp_path / "runs"
     cfg = write_yaml(tmp_path / "tiny.yaml", tiny_overrides(runs, train__steps=100_000, logging__log_every=2,

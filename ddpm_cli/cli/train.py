@@ -65,7 +65,7 @@ def train_command(
         weights, cfg = _resolve_resume(resume, set_)
     else:
         weights, cfg = None, load_config(config, set_)
-    if gpus > 1 and not under_torchrun():
+    if gpus >= 1 and not under_torchrun():  # --gpus 1 too: one process through the same launcher
         return relaunch_with_torchrun(gpus)
 
     from ddpm_cli.engine.train import StopFlag, Trainer

@@ -642,3 +642,13 @@ def test_readme_documents_reliability_and_exit_codes():
     section = m.group(1)
     assert "143" in section and "130" in section, "document the exit codes of SIGTERM and Ctrl-C"
     assert "--resume" in section
+
+
+def test_every_test_the_readme_names_for_a_promise_exists():
+    """README's Reliability table maps each promise to tests; a renamed or deleted test must not leave it stale."""
+    section = re.search(r"^## Reliability\n(.*?)(?=^## )", (ROOT / "README.md").read_text(), re.M | re.S).group(1)
+    named = set(re.findall(r"`(test_\w+)`", section))
+    defined = set()
+    for path in (ROOT / "tests").glob("test_*.py"):
+        defined |= set(re.findall(r"^def (test_\w+)\(", path.read_text(), re.M))
+    assert len(named) >= 15 and named <= defined, sorted(named - defined)

@@ -44,7 +44,8 @@ class Diffusion(nn.Module):
         self.device = resolve_device(str(device))
         self.model = build_unet(cfg.model).to(self.device)
         self.process = build_diffusion(cfg.diffusion).to(self.device)
-        ema = EMA(self.model, cfg.train.ema_decay, cfg.train.ema_warmup) if cfg.train.ema else None
+        tc = cfg.train
+        ema = EMA(self.model, tc.ema_decay, tc.ema_warmup, tc.ema_start, tc.ema_every) if tc.ema else None
         self.__dict__["ema"] = ema  # not a submodule: its weights are not trained and not in parameters()
         self.step = 0
 
@@ -73,12 +74,8 @@ class Diffusion(nn.Module):
     def update_ema(self) -> None:
         """Call after each optimizer step: copies weights before train.ema_start, then averages."""
         self.step += 1
-        if self.ema is None:
-            return
-        if self.step <= self.cfg.train.ema_start:
-            self.ema.copy_from(self.model)
-        elif self.step % self.cfg.train.ema_every == 0:
-            self.ema.update(self.model)
+        if self.ema is not None:
+            self.ema.after_step(self.model, self.step)
 
     @torch.no_grad()
     def sample(self, n: int, y: torch.Tensor | None = None, *, sampler: str = "ddim", steps: int | None = None,

@@ -307,3 +307,18 @@ def test_ddpm_train_with_lr_scaling_says_so_and_logs_the_scaled_lr(tmp_path):
     assert [x["lr"] for x in lines if "lr" in x] == [pytest.approx(4e-4)] * 2
     bad = run_cli("train", "--set", f"logging.run_dir={tmp_path}", "--set", "train.lr_scaling=cubic")
     assert bad.returncode == 1 and "lr_scaling" in bad.stderr and "Traceback" not in bad.stderr
+
+
+def test_ema_owns_its_schedule_copy_until_start_then_every_k_steps():
+    from ddpm_cli.engine.ema import EMA
+
+    model = torch.nn.Linear(2, 2)
+    ema = EMA(model, decay=0.5, start=2, every=3)
+    seen = []
+    for step in range(1, 10):
+        with torch.no_grad():
+            model.weight.fill_(float(step))
+        ema.after_step(model, step)
+        seen.append(ema.model.weight[0, 0].item())
+    # copies at steps 1-2, then averages at steps 3, 6 and 9 only: 2 -> (2+3)/2 -> (2.5+6)/2 -> (4.25+9)/2
+    assert seen == [1.0, 2.0, 2.5, 2.5, 2.5, 4.25, 4.25, 4.25, 6.625] and ema.num_updates == 3

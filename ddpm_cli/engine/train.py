@@ -170,7 +170,7 @@ def load_optimizer_state(opt: torch.optim.Optimizer, state_dict: dict) -> None:
 
 
 class Trainer:
-    def __init__(self, cfg: RunConfig, *, run_dir: Path | None = None, resume: Path | None = None,
+    def __init__(self, cfg: RunConfig, *, resume: Path | None = None,
                  callbacks: TrainCallbacks | None = None, stop: StopFlag | None = None,
                  name_hint: str | None = None, dataset: ImageSet | None = None):
         self.t0 = time.monotonic()
@@ -187,8 +187,6 @@ class Trainer:
 
         if resume is not None:
             self.run_dir = resume.parent.parent
-        elif run_dir is not None:
-            self.run_dir = run_dir
         elif self.main:
             self.run_dir = make_run_dir(cfg, name_hint)
         else:
@@ -222,9 +220,10 @@ class Trainer:
         if self.channels_last:
             self.model = self.model.to(memory_format=torch.channels_last)
         channel_stats(self.model, use_channel_stats(cfg, self.channels_last))
-        self.ema = EMA(self.model, tc.ema_decay, tc.ema_warmup) if (tc.ema and self.main) else None
+        schedule = dict(warmup=tc.ema_warmup, start=tc.ema_start, every=tc.ema_every)
+        self.ema = EMA(self.model, tc.ema_decay, **schedule) if (tc.ema and self.main) else None
         # train.ema_extra: more averaging lengths to choose from after training, updated with the main one
-        self.extra_emas = {d: EMA(self.model, d, tc.ema_warmup) for d in tc.ema_extra} if self.ema else {}
+        self.extra_emas = {d: EMA(self.model, d, **schedule) for d in tc.ema_extra} if self.ema else {}
         self.diffusion = build_diffusion(cfg.diffusion).to(self.device)
         self.fused = self.device.type in ("cuda", "cpu")
         opt_cls = torch.optim.AdamW if tc.optimizer == "adamw" else torch.optim.Adam
@@ -524,10 +523,7 @@ class Trainer:
             self.images_seen += global_batch
             if self.ema is not None:
                 for ema in (self.ema, *self.extra_emas.values()):
-                    if self.step <= tc.ema_start:
-                        ema.copy_from(self.model)
-                    elif self.step % tc.ema_every == 0:
-                        ema.update(self.model)
+                    ema.after_step(self.model, self.step)
             acc_loss += torch.where(bad, 0.0, loss.detach().float())
             acc_good += (~bad).float()
             bad_run = (bad_run + 1) * bad.float()

@@ -1,0 +1,336 @@
+"""The GPU acceptance suite: every promise of README's Reliability section and every command, on CUDA with the
+shipped defaults (bf16, channels-last graph, torch.compile with CUDA graphs, fused Adam), through the CLI as a
+user runs it. Tiny models and short runs; `pytest -m gpu` runs it (skipped without a GPU).
+
+`DDPM_GPU_SUITE_ON_CPU=1 pytest -m gpu tests/test_gpu_acceptance.py` runs the same flows on the CPU (the CUDA-only
+assertions are skipped), to debug the suite itself without a GPU."""
+from __future__ import annotations
+
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import ROOT, tiny_overrides, write_yaml
+
+CUDA = torch.cuda.is_available()
+pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not CUDA and not os.environ.get("DDPM_GPU_SUITE_ON_CPU"),
+                                                  reason="needs a CUDA GPU")]
+TIMEOUT = 420  # one subprocess: torch's import, a cold compile of the tiny model's step, and its run
+
+
+# ----------------------------------------------------------------------------------------------------------
+# helpers
+
+
+def gpu_config(tmp: Path, name: str, **extra) -> Path:
+    """A tiny class-conditional config with the CUDA defaults (device, precision, compile, channels-last all
+    `auto`), written as YAML. Every run of the suite shares this network and batch, so after the first cold
+    compile the others load the step from torch's compile cache."""
+    base = dict(model__conditional=True, train__label_dropout=0.2, train__device="auto", train__steps=60,
+                train__ema_decay=0.9, train__ema_extra=[0.99], train__guide_step=30, data__shapes_count=512,
+                logging__run_name=name, logging__log_every=10, logging__checkpoint_every=30,
+                logging__sample_every=10**6, logging__keep_last=2)
+    return write_yaml(tmp / f"{name}.yaml", tiny_overrides(tmp, **{**base, **extra}))
+
+
+def ddpm(*args, timeout: float = TIMEOUT, check: bool = True) -> subprocess.CompletedProcess:
+    r = subprocess.run([sys.executable, "-m", "ddpm_cli", *map(str, args)], cwd=ROOT, capture_output=True,
+                       text=True, timeout=timeout, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    if check:
+        assert r.returncode == 0, f"ddpm {' '.join(map(str, args))} exited {r.returncode}:\n{r.stdout[-2000:]}\n" \
+                                  f"{r.stderr[-4000:]}"
+    assert "Traceback" not in r.stderr, r.stderr[-4000:]
+    return r
+
+
+def popen(tmp: Path, tag: str, *args) -> tuple[subprocess.Popen, Path]:
+    log = tmp / f"{tag}.log"
+    f = open(log, "w")
+    p = subprocess.Popen([sys.executable, "-m", "ddpm_cli", *map(str, args)], cwd=ROOT, stdout=f,
+                         stderr=subprocess.STDOUT, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    return p, log
+
+
+def losses(run: Path) -> dict[int, float]:
+    out = {}
+    for line in (run / "metrics.jsonl").read_text().splitlines():
+        rec = json.loads(line)
+        if rec.get("loss") is not None:
+            out[rec["step"]] = rec["loss"]
+    return out
+
+
+def last_step(run: Path) -> int:
+    path = run / "metrics.jsonl"
+    steps = [json.loads(x)["step"] for x in path.read_text().splitlines()] if path.exists() else []
+    return max(steps, default=0)
+
+
+def wait_until(pred, proc: subprocess.Popen, log: Path, what: str, timeout: float = TIMEOUT) -> None:
+    t0 = time.monotonic()
+    while not pred():
+        if proc.poll() is not None:
+            pytest.fail(f"exited {proc.returncode} before {what}:\n{log.read_text()[-3000:]}")
+        if time.monotonic() - t0 > timeout:
+            proc.kill()
+            pytest.fail(f"timed out waiting for {what}:\n{log.read_text()[-3000:]}")
+        time.sleep(0.1)
+
+
+def checkpoints(run: Path) -> list[int]:
+    return sorted(int(p.name[5:13]) for p in (run / "checkpoints").glob("ckpt-*.safetensors")
+                  if ".state." not in p.name)
+
+
+def pngs(folder: Path) -> list[Path]:
+    return sorted(folder.glob("*.png"))
+
+
+# ----------------------------------------------------------------------------------------------------------
+# training, stopping and resuming
+
+
+@pytest.fixture(scope="module")
+def cuda_run(tmp_path_factory) -> Path:
+    """`ddpm train` with the CUDA defaults: class-conditional with label dropout, an extra EMA, a stored guide."""
+    tmp = tmp_path_factory.mktemp("gpu")
+    r = ddpm("train", "--config", gpu_config(tmp, "main"))
+    run = tmp / "main"
+    if CUDA:
+        assert "bf16" in r.stdout and "compil" in r.stdout, r.stdout[-2000:]
+    assert "done: step 60" in r.stdout, r.stdout[-2000:]
+    assert checkpoints(run) == [30, 60]
+    return run
+
+
+def test_training_with_the_cuda_defaults_learns_and_keeps_its_extras(cuda_run):
+    from ddpm_cli.engine.checkpoint import load_checkpoint
+
+    ck = load_checkpoint(cuda_run / "checkpoints" / "ckpt-00000060.safetensors")
+    assert ck.config.model.conditional and ck.guide_step == 30 and list(ck.extra_ema) == [0.99]
+    for name, t in {**ck.model_state, **ck.ema_state, **ck.extra_ema[0.99], **ck.guide_state}.items():
+        assert torch.isfinite(t).all(), name
+    got = losses(cuda_run)
+    assert got[60] < 0.8 * got[10], got
+    assert (cuda_run / "samples" / "step_00000060.png").exists() and (cuda_run / "loss.png").exists()
+
+
+def test_resume_with_the_cuda_defaults_continues_the_loss_of_an_uninterrupted_run(cuda_run, tmp_path):
+    """The crash of issue 19 (fused Adam refused the restored moments of channels-last weights). The resumed run
+    draws the same data, noise and timesteps as one never stopped; CUDA kernels and bf16 are not bit-exact, so
+    each logged loss (a mean over 10 steps) must agree within 10%."""
+    ddpm("train", "--resume", cuda_run, "--set", "train.steps=90")
+    whole = tmp_path / "whole"
+    ddpm("train", "--config", gpu_config(tmp_path, "whole", train__steps=90))
+    want, got = losses(whole), losses(cuda_run)
+    for step in (70, 80, 90):
+        assert abs(got[step] - want[step]) <= 0.1 * want[step], (step, got[step], want[step])
+    # keep_last 2, and the checkpoint it resumed from is never deleted
+    assert checkpoints(cuda_run) == [60, 90], checkpoints(cuda_run)
+
+
+def test_sigterm_checkpoints_and_exits_143_then_kill_9_then_resume(tmp_path):
+    cfg = gpu_config(tmp_path, "stop", train__steps=10**6, logging__checkpoint_every=20, logging__log_every=5)
+    run = tmp_path / "stop"
+    p, log = popen(tmp_path, "first", "train", "--config", cfg)
+    wait_until(lambda: last_step(run) >= 10, p, log, "training past its compiled first steps")
+    p.send_signal(signal.SIGTERM)
+    assert p.wait(timeout=120) == 143, log.read_text()[-3000:]
+    stopped = checkpoints(run)[-1]
+    assert stopped >= 10 and "--resume" in log.read_text()
+
+    p, log = popen(tmp_path, "second", "train", "--resume", run)
+    wait_until(lambda: checkpoints(run)[-1] > stopped, p, log, "a checkpoint after the resume")
+    p.kill()  # kill -9
+    p.wait(timeout=60)
+    killed_at = checkpoints(run)[-1]
+    assert killed_at > stopped
+
+    r = ddpm("train", "--resume", run, "--set", f"train.steps={killed_at + 10}")
+    assert f"done: step {killed_at + 10}" in r.stdout, r.stdout[-2000:]
+    assert len(checkpoints(run)) <= 3  # keep_last 2, plus the one it resumed from
+
+
+def test_train_gpus_1_runs_through_the_launcher(tmp_path):
+    cfg = gpu_config(tmp_path, "launched", train__steps=20, train__guide_step=None)
+    r = ddpm("train", "--config", cfg, "--gpus", "1")
+    assert "done: step 20" in r.stdout, r.stdout[-2000:]
+    assert checkpoints(tmp_path / "launched")[-1] == 20
+
+
+def _trainer(tmp: Path, name: str, **extra):
+    from conftest import tiny_config
+    from ddpm_cli.engine.train import Trainer
+
+    opts = dict(model__conditional=True, train__label_dropout=0.2, train__ema_decay=0.9, logging__run_name=name,
+                logging__log_every=1, logging__checkpoint_every=10**6, logging__sample_every=10**6,
+                data__shapes_count=512, train__device="auto")
+    trainer = Trainer(tiny_config(tmp, **{**opts, **extra}))
+    if CUDA:
+        assert trainer.bf16 and trainer.compiled and trainer.channels_last and trainer.fused
+    return trainer
+
+
+def test_a_nonfinite_step_is_skipped_and_counted_under_cuda_graphs(tmp_path):
+    trainer = _trainer(tmp_path, "nan", train__steps=16)
+    compiled, params = trainer.loss_fn, list(trainer.model.parameters())
+    before: dict[int, list[torch.Tensor]] = {}
+
+    def poisoned(x, y):
+        step = trainer.step + 1
+        before[step] = [p.detach().clone() for p in params]
+        loss = compiled(x, y)
+        return loss * float("nan") if step == 8 else loss
+
+    trainer.loss_fn = poisoned
+    res = trainer.run()
+    recs = {r["step"]: r for r in res.metrics if "loss" in r}
+    assert res.step == 16 and recs[16]["nonfinite"] == 1 and recs[8]["loss"] is None
+    assert all(math.isfinite(recs[s]["loss"]) for s in recs if s != 8)
+    for a, b in zip(before[8], before[9]):
+        assert torch.equal(a, b), "the non-finite step changed the weights"
+    assert not all(torch.equal(a, b) for a, b in zip(before[9], before[10]))  # the next step did update them
+
+
+def test_early_stopping_on_cuda(tmp_path):
+    trainer = _trainer(tmp_path, "early", train__steps=1000, train__lr=1e-9, train__warmup_steps=0,
+                       train__early_stopping={"enabled": True, "holdout": 64, "eval_every": 2, "patience": 2,
+                                              "min_delta": 0.5})
+    res = trainer.run()
+    assert res.stop_reason == "early_stopping" and res.step == 6
+
+
+# ----------------------------------------------------------------------------------------------------------
+# every command on a checkpoint trained with the CUDA defaults
+
+
+@pytest.mark.parametrize("args", [
+    ["--sampler", "ddpm", "--per-class", "-n", "10"],
+    ["--sampler", "ddim", "--steps", "10", "--eta", "1", "--per-class", "-n", "20", "--guidance", "2",
+     "--guide-model", "none", "--ema-decay", "0.99"],
+    ["-n", "12", "--class", "3"],  # the stored guide's autoguidance with DPM-Solver++(2M), the default here
+    ["--sampler", "dpm++2m", "--steps", "8", "--spacing", "logsnr", "-n", "24", "--compile", "on", "--no-ema"],
+], ids=["ddpm-per-class", "ddim-cfg-ema-decay", "stored-guide-class", "dpm-compiled-raw"])
+def test_sample(cuda_run, tmp_path, args):
+    out = tmp_path / "out"
+    r = ddpm("sample", cuda_run, *args, "--out", out, "--grid", tmp_path / "grid.png", "--seed", "1")
+    n = int(args[args.index("-n") + 1])
+    files = pngs(out)
+    assert len(files) == n and (tmp_path / "grid.png").exists(), r.stdout
+    if "--per-class" in args:
+        assert {f.name.split("_")[0] for f in files} == {f"class{c}" for c in range(10)}
+    from PIL import Image
+
+    import numpy as np
+    arrays = np.stack([np.asarray(Image.open(f)) for f in files])
+    assert arrays.std() > 5, "blank images"
+
+
+def test_sample_npz_is_deterministic_by_seed(cuda_run, tmp_path):
+    import numpy as np
+
+    for name, seed in (("a", 4), ("b", 4), ("c", 5)):
+        ddpm("sample", cuda_run, "-n", "16", "--sampler", "ddim", "--steps", "10", "--format", "npz",
+             "--out", tmp_path / f"{name}.npz", "--seed", seed)
+    a, b, c = (np.load(tmp_path / f"{x}.npz")["arr_0"] for x in "abc")
+    assert a.shape == (16, 16, 16, 3) and a.dtype == np.uint8
+    assert (a == b).all() and not (a == c).all()
+
+
+def test_eval_scores_a_checkpoint(cuda_run, tmp_path):
+    fe = pytest.importorskip("torch_fidelity.feature_extractor_inceptionv3")
+    from test_eval import random_inception_weights
+
+    weights = random_inception_weights(tmp_path / "inception.pth")
+    ref = tmp_path / "ref.npz"
+    ddpm("sample", cuda_run, "-n", "40", "--sampler", "ddim", "--steps", "5", "--format", "npz", "--out", ref,
+         "--seed", "9")
+    r = ddpm("eval", cuda_run, "-n", "40", "--ref", ref, "--inception-weights", weights, "--cache-dir",
+             tmp_path / "cache")
+    result = json.loads(r.stdout.strip().splitlines()[-1])
+    assert math.isfinite(result["fid"]) and result["fid"] >= 0 and result["n"] == 40, result
+    if CUDA:
+        assert result["precision"] == "bf16", result
+    assert fe  # torch-fidelity is what scores
+
+
+def test_inspect(cuda_run):
+    r = ddpm("inspect", cuda_run / "checkpoints" / "ckpt-00000060.safetensors", "--json")
+    info = json.loads(r.stdout)
+    text = json.dumps(info)
+    assert "0.99" in text and '"step": 60' in text.replace("'", '"'), text[:2000]
+    r = ddpm("inspect", cuda_run)
+    assert "ckpt-00000060" in r.stdout
+
+
+@pytest.mark.parametrize("fmt,extra,suffix", [("onnx", [], ".onnx"), ("pt2", [], ".pt2"),
+                                              ("safetensors", ["--dtype", "fp16"], ".safetensors")])
+def test_export(cuda_run, tmp_path, fmt, extra, suffix):
+    if fmt == "onnx":
+        pytest.importorskip("onnxruntime")
+    out = tmp_path / f"model{suffix}"
+    ddpm("export", cuda_run / "checkpoints" / "ckpt-00000060.safetensors", "--format", fmt, *extra, "--out", out)
+    assert out.exists() and out.stat().st_size > 10_000
+    if fmt == "safetensors":  # the slim export samples as its source does, stored guide included
+        r = ddpm("sample", out, "-n", "10", "--per-class", "--out", tmp_path / "s")
+        assert len(pngs(tmp_path / "s")) == 10 and "autoguided" in r.stdout + r.stderr, r.stdout
+    if fmt == "pt2":
+        program = torch.export.load(str(out))
+        dev = "cuda" if CUDA else "cpu"
+        x, t, y = torch.randn(2, 3, 16, 16), torch.tensor([5, 50]), torch.tensor([1, 2])
+        eps = program.module()(x, t, y)
+        assert eps.shape == x.shape and torch.isfinite(eps).all()
+        assert dev  # the program runs where it was loaded
+
+
+# ----------------------------------------------------------------------------------------------------------
+# larger images: 64x64 and 256x256 (tiny widths), train, resume and sample; max_time with a compiling step
+
+
+SIZES = {
+    64: dict(model__image_size=64, model__channel_mults=[1, 2, 2], model__attention_resolutions=[16],
+             train__batch_size=16),
+    256: dict(model__image_size=256, model__channel_mults=[1, 1, 2, 2, 4], model__attention_resolutions=[16],
+              train__batch_size=8, data__shapes_count=64),
+}
+
+
+@pytest.mark.parametrize("size", [64, 256])
+def test_larger_images_train_resume_and_sample(tmp_path, size):
+    cfg = gpu_config(tmp_path, f"px{size}", train__steps=8, logging__checkpoint_every=4, train__guide_step=None,
+                     train__ema_extra=[], **SIZES[size])
+    run = tmp_path / f"px{size}"
+    ddpm("train", "--config", cfg)
+    ddpm("train", "--resume", run, "--set", "train.steps=12")
+    assert checkpoints(run)[-1] == 12
+    out = tmp_path / "s"
+    ddpm("sample", run, "-n", "4", "--steps", "5", "--out", out)
+    from PIL import Image
+
+    images = pngs(out)
+    assert len(images) == 4 and Image.open(images[0]).size == (size, size)
+
+
+def test_max_time_ends_the_run_within_a_step_of_its_budget_compiling_included(tmp_path):
+    """At 64x64 with a 30 s budget: the compiled first step and the closing grid count; the run ends within about
+    one step of the budget (or, when the compiling step alone overran it, right after that step)."""
+    budget = 30.0
+    trainer = _trainer(tmp_path, "budget", train__steps=10**6, train__max_time=budget, logging__log_every=5,
+                       logging__sample_count=16, logging__sample_steps=50,
+                       **{k: v for k, v in SIZES[64].items()})
+    res = trainer.run()
+    assert res.stop_reason == "time"
+    if res.compile_s >= budget:
+        assert res.step == 1
+        return
+    rates = [r["img_per_s"] for r in res.metrics if "img_per_s" in r][1:]
+    step_s = 16 / min(rates) if rates else res.compile_s
+    assert res.elapsed_s <= budget + 2 * step_s + 1.0, (res.elapsed_s, step_s, res.step)

@@ -14,7 +14,7 @@ import torch
 from typer.testing import CliRunner
 
 from conftest import ROOT, tiny_overrides, write_yaml
-from ddpm_cli.engine.header import list_checkpoints, state_path
+from ddpm_cli.engine.runs import list_checkpoints, state_path
 
 runner = CliRunner()
 
@@ -306,7 +306,7 @@ def _forge(path: Path, ckpt: Path, **meta_changes) -> Path:
     """A checkpoint with the real tensors and edited metadata (safetensors.torch.save_file)."""
     from safetensors.torch import load_file, save_file
 
-    from ddpm_cli.engine.header import read_header
+    from ddpm_cli.engine.checkpoint import read_header
 
     meta = dict(read_header(ckpt).metadata)
     meta.update(meta_changes)
@@ -358,7 +358,7 @@ def test_sample_of_a_checkpoint_with_a_broken_stored_config(tmp_path, ckpt_copy,
 def test_resume_with_garbage_training_state_metadata(tmp_path, ckpt_copy, state):
     from safetensors.torch import load_file, save_file
 
-    from ddpm_cli.engine.header import read_header
+    from ddpm_cli.engine.checkpoint import read_header
 
     sp = state_path(ckpt_copy)
     meta = dict(read_header(sp).metadata)
@@ -509,7 +509,7 @@ def test_a_pickle_state_file_is_refused(tmp_path, ckpt_copy):
 
 @pytest.mark.parametrize("command", ["sample", "inspect"])
 def test_checkpoint_of_a_newer_ddpm_with_unknown_settings_says_upgrade(tmp_path, ckpt_copy, command):
-    from ddpm_cli.engine.header import read_header
+    from ddpm_cli.engine.checkpoint import read_header
 
     cfg = json.loads(read_header(ckpt_copy).metadata["config"])
     cfg["train"]["some_future_setting"] = 1
@@ -525,7 +525,7 @@ def test_checkpoint_of_a_newer_ddpm_with_unknown_settings_says_upgrade(tmp_path,
 
 
 def test_checkpoint_of_an_older_ddpm_with_removed_settings_names_its_version(tmp_path, ckpt_copy):
-    from ddpm_cli.engine.header import read_header
+    from ddpm_cli.engine.checkpoint import read_header
 
     cfg = json.loads(read_header(ckpt_copy).metadata["config"])
     cfg["model"]["some_removed_setting"] = 1

@@ -15,7 +15,7 @@ import torch
 from safetensors.torch import load_file
 
 from conftest import ROOT, run_cli, tiny_overrides, write_yaml
-from ddpm_cli.engine.header import list_checkpoints
+from ddpm_cli.engine.runs import list_checkpoints
 
 SCRIPT = textwrap.dedent('''
     import sys

@@ -14,8 +14,8 @@ from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from ddpm_cli.config import RunConfig, load_config
-from ddpm_cli.engine.checkpoint import Checkpoint, load_checkpoint, load_state
-from ddpm_cli.engine.header import Header, list_checkpoints, read_header, state_path
+from ddpm_cli.engine.checkpoint import Checkpoint, Header, load_checkpoint, load_state, read_header
+from ddpm_cli.engine.runs import list_checkpoints, state_path
 from ddpm_cli.errors import DdpmError
 
 FUZZ = settings(max_examples=200, deadline=None, derandomize=False,

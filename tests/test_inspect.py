@@ -10,7 +10,8 @@ import numpy as np
 import pytest
 
 from conftest import cli, ok, one_line_error
-from ddpm_cli.engine.header import latest_checkpoint, list_checkpoints, read_header
+from ddpm_cli.engine.checkpoint import read_header
+from ddpm_cli.engine.runs import latest_checkpoint, list_checkpoints
 
 
 

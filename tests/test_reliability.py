@@ -19,8 +19,8 @@ import torch
 from typer.testing import CliRunner
 
 from conftest import ROOT, tiny_config, tiny_overrides, write_yaml
-from ddpm_cli.engine.checkpoint import load_checkpoint, load_state
-from ddpm_cli.engine.header import latest_checkpoint, list_checkpoints, read_header, state_path
+from ddpm_cli.engine.checkpoint import load_checkpoint, load_state, read_header
+from ddpm_cli.engine.runs import latest_checkpoint, list_checkpoints, state_path
 from ddpm_cli.engine.train import Trainer, train
 from ddpm_cli.errors import DdpmError, TrainingAborted
 

@@ -10,7 +10,7 @@ import pytest
 from PIL import Image
 
 from conftest import cli, ok, one_line_error, run_cli
-from ddpm_cli.engine.header import latest_checkpoint
+from ddpm_cli.engine.runs import latest_checkpoint
 from ddpm_cli.engine.sampling import grid_layout, plan_labels
 from ddpm_cli.errors import DdpmError
 
@@ -79,7 +79,7 @@ def test_ema_decay_picks_the_extra_average_and_refuses_one_it_lacks(run_with_two
 
 def test_ema_extra_needs_ema_and_bad_metadata_lists_no_decay(tmp_path):
     from conftest import tiny_config
-    from ddpm_cli.engine.header import Header, ema_decays, extra_ema_decays
+    from ddpm_cli.engine.checkpoint import Header, ema_decays, extra_ema_decays
     from ddpm_cli.errors import ConfigError
 
     with pytest.raises(ConfigError) as err:
@@ -355,7 +355,8 @@ def test_a_broken_stored_guide_is_refused_before_any_work(guided_run, tmp_path):
 
     from safetensors.torch import load_file, save_file
 
-    from ddpm_cli.engine.header import latest_checkpoint, read_header
+    from ddpm_cli.engine.checkpoint import read_header
+    from ddpm_cli.engine.runs import latest_checkpoint
 
     src = latest_checkpoint(guided_run)
     meta = read_header(src).metadata
@@ -457,7 +458,7 @@ def test_autoguidance_refuses_a_guide_whose_labels_mean_other_classes(trained_co
 
     from safetensors.torch import load_file, save_file
 
-    from ddpm_cli.engine.header import read_header
+    from ddpm_cli.engine.checkpoint import read_header
 
     early = trained_conditional_run / "checkpoints" / "ckpt-00000010.safetensors"
     meta = dict(read_header(early).metadata)

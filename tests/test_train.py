@@ -10,8 +10,8 @@ import pytest
 import torch
 
 from conftest import run_cli, tiny_config, tiny_overrides, write_yaml
-from ddpm_cli.engine.checkpoint import load_checkpoint
-from ddpm_cli.engine.header import list_checkpoints, read_header
+from ddpm_cli.engine.checkpoint import load_checkpoint, read_header
+from ddpm_cli.engine.runs import list_checkpoints
 from ddpm_cli.engine.train import TrainCallbacks, Trainer, train
 
 

@@ -43,8 +43,9 @@ def export_command(
 ) -> None:
     """Export a checkpoint for inference: slim safetensors, ONNX or torch.export."""
     from ddpm_cli.cli.inspect_cmd import human_size
+    from ddpm_cli.engine.checkpoint import read_header
     from ddpm_cli.engine.export import export_checkpoint
-    from ddpm_cli.engine.header import read_header, resolve_checkpoint
+    from ddpm_cli.engine.runs import resolve_checkpoint
 
     read_header(resolve_checkpoint(checkpoint))  # a bad file fails here, before torch is imported
     r = export_checkpoint(checkpoint, out, fmt.value, ema=ema, ema_decay=ema_decay, dtype=dtype.value,

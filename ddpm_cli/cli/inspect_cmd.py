@@ -20,7 +20,7 @@ def _int(text: str | None) -> int | None:
 
 def _guide_step(header) -> int | str | None:
     """The stored guide's step, or why it cannot be used (inspect shows a broken file, it does not refuse it)."""
-    from ddpm_cli.engine.header import stored_guide_step
+    from ddpm_cli.engine.checkpoint import stored_guide_step
     from ddpm_cli.errors import CheckpointError
 
     try:
@@ -31,7 +31,7 @@ def _guide_step(header) -> int | str | None:
 
 def describe(header, sha256: bool = False) -> dict:
     """A checkpoint header -> a JSON-ready summary (the `--json` output; the table shows the same)."""
-    from ddpm_cli.engine.header import class_names, ema_decays, has_ema_weights
+    from ddpm_cli.engine.checkpoint import class_names, ema_decays, has_ema_weights
 
     meta = header.metadata
     try:
@@ -156,7 +156,8 @@ def _rows(info: dict) -> list[tuple[str, str]]:
 
 
 def _list_run(run_dir: Path, as_json: bool, sha256: bool) -> None:
-    from ddpm_cli.engine.header import latest_checkpoint, list_checkpoints, read_header
+    from ddpm_cli.engine.checkpoint import read_header
+    from ddpm_cli.engine.runs import latest_checkpoint, list_checkpoints
     from ddpm_cli.errors import CheckpointError, DdpmError
 
     found = list_checkpoints(run_dir)
@@ -213,7 +214,7 @@ def inspect_command(
     sha256: bool = typer.Option(False, "--sha256", help="Also compute the file's SHA-256 (reads the whole file)."),
 ) -> None:
     """Show what a checkpoint holds, from its header alone (fast, no torch)."""
-    from ddpm_cli.engine.header import read_header
+    from ddpm_cli.engine.checkpoint import read_header
 
     if checkpoint.is_dir():
         return _list_run(checkpoint, as_json, sha256)

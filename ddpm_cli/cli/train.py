@@ -18,7 +18,8 @@ def _resolve_resume(resume: Path, overrides: list[str]):
     import json
 
     from ddpm_cli.config import apply_overrides, validate_config
-    from ddpm_cli.engine.header import read_header, resolve_checkpoint
+    from ddpm_cli.engine.checkpoint import read_header
+    from ddpm_cli.engine.runs import resolve_checkpoint
 
     weights = resolve_checkpoint(resume)
     header = read_header(weights)

@@ -1,4 +1,5 @@
-"""Checkpoints in safetensors, never pickle.
+"""The checkpoint file: ddpm's safetensors format, read without torch (fast `ddpm inspect`), written and loaded
+with it. Safetensors, never pickle.
 
 - weights: `model.*` and `ema.*` tensors (and `ema1.*`, `ema2.*`... for train.ema_extra, whose decays the
   metadata's `ema_extra` lists in order; `guide.*` for train.guide_step, its step in `guide_step`), with
@@ -6,29 +7,206 @@
   parameter count, classes). Alone, it rebuilds the model.
 - training state (beside it, `*.state.safetensors`): optimizer tensors and RNG states as tensors, everything
   else (step, data position, param groups, counters) as JSON metadata.
-Both are written atomically (engine.header.atomic_write_bytes)."""
+Both are written atomically (engine.files). A safetensors file is: 8 bytes little-endian header length N, N bytes
+of JSON, then the tensor bytes. Torch is imported inside the functions that need it, so importing this module
+stays torch-free."""
 from __future__ import annotations
 
 import errno
 import json
+import re
+import struct
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-
-import torch
-from safetensors.torch import load as st_load
-from safetensors.torch import save as st_save
+from typing import TYPE_CHECKING
 
 from ddpm_cli import __version__
-from ddpm_cli.config import RunConfig, config_to_dict
-from ddpm_cli.engine.build import build_diffusion, build_unet
-from ddpm_cli.engine.header import (FORMAT, FORMAT_VERSION, Guidance, atomic_write_bytes, class_names,
-                                    extra_ema_decays, read_checkpoint_config, read_header, require_ema_decay,
-                                    state_path, stored_guide_step)
-from ddpm_cli.errors import CheckpointError, DdpmError
+from ddpm_cli.config import RunConfig, config_from_json, config_to_dict
+from ddpm_cli.engine.files import atomic_write_bytes
+from ddpm_cli.engine.runs import resolve_checkpoint, state_path
+from ddpm_cli.errors import CheckpointError, ConfigError, DdpmError
+
+if TYPE_CHECKING:
+    import torch
+
+    from ddpm_cli.engine.guidance import Guidance
+
+FORMAT = "ddpm-cli"
+FORMAT_VERSION = 1
+MAX_HEADER = 100 * 1024 * 1024
+
+@dataclass
+class Header:
+    path: Path
+    metadata: dict[str, str]
+    tensors: dict[str, dict]  # name -> {"dtype", "shape", "data_offsets"}
+    file_size: int
+
+    @property
+    def format_version(self) -> int:
+        return int(self.metadata.get("format_version", "0"))
+
+
+def class_names(metadata: dict[str, str]) -> list[str]:
+    """The class names a checkpoint's metadata lists (label i is class i); [] when it lists none or is unreadable."""
+    try:
+        names = json.loads(metadata.get("classes") or "[]")
+    except ValueError:
+        return []
+    return list(names) if isinstance(names, list) else []
+
+
+def _looks_like_pickle(head: bytes) -> bool:
+    # torch.save writes a zip (PK..) holding a pickle; legacy torch.save and pickle.dump start with 0x80 PROTO.
+    return head[:2] == b"PK" or (len(head) > 1 and head[0] == 0x80 and head[1] <= 5)
+
+
+def _reject_constant(name: str):
+    raise ValueError(f"{name} is not valid in a safetensors header")
+
+
+def read_header(path: str | Path, require_ddpm: bool = True) -> Header:
+    """Parse and validate the header; raise CheckpointError with the reason and the fix on any problem."""
+    p = Path(path)
+    if not p.exists():
+        raise CheckpointError(f"checkpoint {p} not found; pass a .safetensors file written by ddpm or a run "
+                              f"directory")
+    if p.is_dir():
+        raise CheckpointError(f"{p} is a directory with no checkpoint in it; pass a .safetensors file")
+    size = p.stat().st_size
+    try:
+        with open(p, "rb") as f:
+            head = f.read(8)
+            if _looks_like_pickle(head):
+                raise CheckpointError(f"{p} is a pickle (PyTorch .pt/.pth); ddpm loads only safetensors files "
+                                      f"and never unpickles, for safety")
+            if len(head) < 8:
+                raise CheckpointError(f"{p} is not a safetensors file (only {size} bytes)")
+            (n,) = struct.unpack("<Q", head)
+            if n == 0 or n > MAX_HEADER or 8 + n > size:
+                raise CheckpointError(f"{p} is not a safetensors file, or it is truncated (header of {n} bytes "
+                                      f"in a {size}-byte file)")
+            raw = f.read(n)
+    except OSError as e:
+        raise CheckpointError(f"cannot read {p}: {e.strerror}") from None
+    try:
+        header = json.loads(raw.decode("utf-8"), parse_constant=_reject_constant)
+        if not isinstance(header, dict):
+            raise ValueError
+    except (UnicodeDecodeError, ValueError, RecursionError):
+        raise CheckpointError(f"{p} is not a safetensors file (its header is not JSON)") from None
+    metadata = header.pop("__metadata__", None) or {}
+    end = 0
+    for name, info in header.items():
+        try:
+            lo, hi = info["data_offsets"]
+            int(lo), int(hi), info["dtype"], list(info["shape"])
+        except (TypeError, KeyError, ValueError, OverflowError):
+            raise CheckpointError(f"{p} is not a valid safetensors file (bad entry for tensor {name!r})") from None
+        end = max(end, int(hi))
+    if 8 + n + end > size:
+        raise CheckpointError(f"{p} is truncated: its tensors need {8 + n + end} bytes but the file has {size}; "
+                              f"use an earlier checkpoint of the run")
+    if not isinstance(metadata, dict) or not all(isinstance(v, str) for v in metadata.values()):
+        raise CheckpointError(f"{p} has malformed safetensors metadata")
+    h = Header(p, metadata, header, size)
+    if require_ddpm:
+        if metadata.get("format") != FORMAT:
+            raise CheckpointError(f"{p} is a safetensors file without ddpm's metadata (not written by ddpm); "
+                                  f"use a checkpoint from `ddpm train` or `ddpm export`")
+        try:
+            version = h.format_version
+        except ValueError:
+            raise CheckpointError(f"{p} has an unreadable format_version") from None
+        if version > FORMAT_VERSION:
+            raise CheckpointError(f"{p} uses checkpoint format {version}, newer than this ddpm understands "
+                                  f"({FORMAT_VERSION}); upgrade ddpm")
+    return h
+
+
+def extra_ema_decays(metadata: dict[str, str]) -> list[float]:
+    """The decays of a checkpoint's train.ema_extra weights (tensors ema1.*, ema2.*, ...), in order; [] if none."""
+    try:
+        decays = json.loads(metadata.get("ema_extra", "[]"))
+        decays = [float(d) for d in decays] if isinstance(decays, list) else []
+    except (ValueError, TypeError, OverflowError, RecursionError):
+        return []
+    return decays if all(0.0 <= d < 1.0 for d in decays) else []  # NaN, inf and nonsense: none
+
+
+def has_ema_weights(header: Header) -> bool:
+    """Whether the file holds the main EMA weights (`ema.*`, train.ema_decay's)."""
+    return header.metadata.get("has_ema") == "true" and any(k.startswith("ema.") for k in header.tensors)
+
+
+def ema_decays(header: Header, main_decay: float | None) -> list[float]:
+    """Every EMA decay a checkpoint holds weights for: the main one (train.ema_decay, if its weights are there),
+    then the train.ema_extra ones whose ema{i}.* tensors are there."""
+    extra = [d for i, d in enumerate(extra_ema_decays(header.metadata), 1)
+             if any(k.startswith(f"ema{i}.") for k in header.tensors)]
+    return ([main_decay] if main_decay is not None and has_ema_weights(header) else []) + extra
+
+
+def require_ema_decay(header: Header, main_decay: float | None, decay: float) -> None:
+    """The one-line refusal of `--ema-decay D` for a checkpoint without EMA weights of that decay."""
+    held = ema_decays(header, main_decay)
+    if decay not in held:
+        raise CheckpointError(f"{header.path} holds no EMA weights with decay {decay}; it holds "
+                              f"{', '.join(map(str, held)) or 'none'} (train.ema_extra keeps more)")
+
+
+def _version(text: str) -> tuple[int, ...]:
+    """'1.2.3rc1' -> (1, 2, 3): the numeric release, enough to tell which of two ddpm versions is newer."""
+    return tuple(int(m.group()) for part in text.split(".")[:3] if (m := re.match(r"\d+", part)))
+
+
+def read_checkpoint_config(path: str | Path) -> tuple[Path, Header, RunConfig]:
+    """A checkpoint (or a run directory's latest) -> (file, header, stored config), without torch."""
+    p = resolve_checkpoint(path)
+    header = read_header(p)
+    if header.metadata.get("kind") == "train-state":
+        raise CheckpointError(f"{p} is a training-state file; pass the weights file beside it")
+    try:
+        cfg = config_from_json(header.metadata.get("config", ""))
+    except ConfigError as e:
+        unknown = [x.split(":")[0] for x in e.problems if "unknown field" in x]
+        written_by = header.metadata.get("ddpm_version", "")
+        if unknown and _version(written_by) > _version(__version__):  # settings of a newer ddpm
+            raise CheckpointError(f"{p} was written by ddpm {written_by}, whose config has settings this ddpm "
+                                  f"{__version__} does not know ({', '.join(unknown)}); upgrade ddpm to read it") \
+                from None
+        if unknown and written_by and written_by != __version__:  # settings an older ddpm had, since removed
+            raise CheckpointError(f"{p} was written by ddpm {written_by}, with settings this ddpm {__version__} no "
+                                  f"longer has ({', '.join(unknown)}); read it with ddpm {written_by}") from None
+        raise CheckpointError(f"{p}: its stored config is not valid for this ddpm ({'; '.join(e.problems) or e})") \
+            from None
+    return p, header, cfg
+
+
+def stored_guide_step(header: Header) -> int | None:
+    """The step whose weights a checkpoint carries as its autoguidance guide (train.guide_step), or None; a guide
+    that cannot be used (no valid step, or not the model's tensors) is a CheckpointError."""
+    guide = {k[6:]: v["shape"] for k, v in header.tensors.items() if k.startswith("guide.")}
+    if not guide:
+        return None
+    model = {k[6:]: v["shape"] for k, v in header.tensors.items() if k.startswith("model.")}
+    try:
+        step = int(header.metadata.get("guide_step", ""))
+        if not 1 <= step <= int(header.metadata.get("step", step)):
+            raise ValueError
+    except ValueError:
+        raise CheckpointError(f"{header.path} holds autoguidance guide weights without a valid guide_step in its "
+                              f"metadata; use an earlier checkpoint, or export it without the guide") from None
+    if guide != model:
+        raise CheckpointError(f"{header.path}: its autoguidance guide weights do not match its model weights; use an "
+                              f"earlier checkpoint")
+    return step
 
 
 def _write(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> None:
+    from safetensors.torch import save as st_save
+
     tensors = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
     try:
         atomic_write_bytes(path, st_save(tensors, metadata=metadata))
@@ -65,6 +243,8 @@ def save_weights(path: Path, model: torch.nn.Module, ema_model: torch.nn.Module 
 
 def save_state(path: Path, optimizer: torch.optim.Optimizer, state: dict) -> None:
     """Optimizer tensors + RNG states as tensors; `state` (plain JSON) as metadata."""
+    import torch
+
     sd = optimizer.state_dict()
     tensors: dict[str, torch.Tensor] = {}
     for idx, entry in sd["state"].items():
@@ -103,6 +283,8 @@ class Checkpoint:
 
 
 def _read_tensors(path: Path) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load as st_load
+
     try:
         return st_load(path.read_bytes())
     except OSError as e:
@@ -129,6 +311,8 @@ def load_checkpoint(path: str | Path) -> Checkpoint:
 
 def load_into(module: torch.nn.Module, state: dict[str, torch.Tensor], what: str) -> None:
     """load_state_dict with an architecture mismatch turned into a one-line error."""
+    import torch
+
     own = module.state_dict()
     missing = [k for k in own if k not in state]
     unexpected = [k for k in state if k not in own]
@@ -175,6 +359,8 @@ def optimizer_state_dict(tensors: dict[str, torch.Tensor], param_groups: list) -
 
 
 def _network(ckpt: Checkpoint, state: dict[str, torch.Tensor], device: torch.device | str) -> torch.nn.Module:
+    from ddpm_cli.engine.build import build_unet
+
     model = build_unet(ckpt.config.model)
     load_into(model, state, str(ckpt.path))
     return model.to(device).eval()
@@ -184,6 +370,8 @@ def load_model(path: str | Path, device: torch.device | str = "cpu", use_ema: bo
                ema_decay: float | None = None):
     """Rebuild (model in eval mode, diffusion, config, checkpoint) from a checkpoint alone. `ema_decay` picks one
     of the checkpoint's EMA weights by its decay (train.ema_decay or one of train.ema_extra)."""
+    from ddpm_cli.engine.build import build_diffusion
+
     ckpt = load_checkpoint(path)
     state = ckpt.ema_state if (use_ema and ckpt.ema_state is not None) else ckpt.model_state
     if ema_decay is not None:

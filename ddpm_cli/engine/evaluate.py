@@ -27,7 +27,8 @@ import torch
 from ddpm_cli import __version__
 from ddpm_cli.engine.data import IMAGE_EXTENSIONS
 from ddpm_cli.engine.distributed import DistInfo
-from ddpm_cli.engine.header import Guidance, atomic_write_bytes
+from ddpm_cli.engine.files import atomic_write_bytes
+from ddpm_cli.engine.guidance import Guidance
 from ddpm_cli.errors import DataError, DdpmError
 
 FEATURE_LAYER = "2048"  # torch-fidelity's name for the 2048-d pool3 features that FID and KID use
@@ -950,7 +951,8 @@ def check_request(req: EvalRequest) -> tuple[Guidance | None, ImageSource | Feat
     guidance = None
     if req.input is not None and is_checkpoint(req.input):
         from ddpm_cli.diffusion.samplers import SAMPLERS
-        from ddpm_cli.engine.header import check_guidance, read_checkpoint_config, require_ema_decay
+        from ddpm_cli.engine.checkpoint import read_checkpoint_config, require_ema_decay
+        from ddpm_cli.engine.guidance import check_guidance
 
         if req.sampler is not None and req.sampler not in SAMPLERS:
             raise DdpmError(f"unknown sampler {req.sampler!r}; choose one of {', '.join(SAMPLERS)}")

@@ -22,8 +22,8 @@ from pathlib import Path
 
 import torch
 
-from ddpm_cli.engine.checkpoint import load_checkpoint, load_model, weights_metadata
-from ddpm_cli.engine.header import atomic_write_bytes, fsync_dir, read_header, require_ema_decay
+from ddpm_cli.engine.checkpoint import load_checkpoint, load_model, read_header, require_ema_decay, weights_metadata
+from ddpm_cli.engine.files import atomic_write_bytes, fsync_dir
 from ddpm_cli.errors import CheckpointError, DdpmError
 from ddpm_cli.nn.unet import fold_upsampling
 

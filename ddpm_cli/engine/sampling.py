@@ -14,8 +14,9 @@ from pathlib import Path
 from typing import Callable, Literal
 
 from ddpm_cli.config import RunConfig
-from ddpm_cli.engine.header import (Guidance, Header, atomic_write_bytes, check_guidance, has_ema_weights,
-                                    read_checkpoint_config, require_ema_decay)
+from ddpm_cli.engine.checkpoint import Header, has_ema_weights, read_checkpoint_config, require_ema_decay
+from ddpm_cli.engine.files import atomic_write_bytes
+from ddpm_cli.engine.guidance import Guidance, check_guidance
 from ddpm_cli.errors import DdpmError
 
 SAMPLERS = ("ddpm", "ddim", "dpm++2m")  # mirrors diffusion.samplers.SAMPLERS without importing torch

@@ -24,7 +24,8 @@ from ddpm_cli.engine.data import Batcher, ImageSet, load_dataset, split_holdout,
 from ddpm_cli.engine.distributed import DistInfo
 from ddpm_cli.engine.ema import EMA
 from ddpm_cli.engine.generate import generate
-from ddpm_cli.engine.header import atomic_write_bytes, list_checkpoints, state_path
+from ddpm_cli.engine.files import atomic_write_bytes
+from ddpm_cli.engine.runs import list_checkpoints, state_path
 from ddpm_cli.engine.metrics import MetricsLog, WandbSink, plot_loss_curve, read_metrics
 from ddpm_cli.errors import DdpmError, TrainingAborted
 from ddpm_cli.nn.unet import channel_stats

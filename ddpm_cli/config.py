@@ -423,17 +423,6 @@ def config_to_dict(cfg: RunConfig) -> dict:
     return cfg.model_dump(mode="json")
 
 
-def config_from_json(text: str) -> RunConfig:
-    """Rebuild the config stored in a checkpoint's metadata."""
-    try:
-        data = json.loads(text)
-    except (TypeError, ValueError, RecursionError):
-        raise ConfigError("the checkpoint's stored config is not valid JSON") from None
-    if not isinstance(data, dict):
-        raise ConfigError(f"the checkpoint's stored config is a {type(data).__name__}, not a mapping")
-    return validate_config(data, "checkpoint config")
-
-
 def to_commented_yaml(cfg: RunConfig) -> str:
     """The resolved config as YAML with every field's help as a comment above it."""
     out: list[str] = []

@@ -367,6 +367,11 @@ def test_resume_with_garbage_training_state_metadata(tmp_path, ckpt_copy, state)
     assert_refused(_resume(ckpt_copy, "train.steps=25"), codes=(1,))
 
 
+def test_resume_with_a_bad_set_value_blames_the_set_not_the_checkpoint(ckpt_copy):
+    lines = assert_refused(_resume(ckpt_copy, "train.steps=-3"), "--set", "train.steps", codes=(1,))
+    assert "not valid for this ddpm" not in lines[0]
+
+
 def test_resume_of_a_training_state_file_instead_of_weights(ckpt_copy):
     assert_refused(_resume(state_path(ckpt_copy)), "cannot be resumed", codes=(1,))
 
@@ -507,7 +512,7 @@ def test_a_pickle_state_file_is_refused(tmp_path, ckpt_copy):
     assert_refused(r, "pickle", codes=(1,))
 
 
-@pytest.mark.parametrize("command", ["sample", "inspect"])
+@pytest.mark.parametrize("command", ["sample", "inspect", "resume"])
 def test_checkpoint_of_a_newer_ddpm_with_unknown_settings_says_upgrade(tmp_path, ckpt_copy, command):
     from ddpm_cli.engine.checkpoint import read_header
 
@@ -516,7 +521,7 @@ def test_checkpoint_of_a_newer_ddpm_with_unknown_settings_says_upgrade(tmp_path,
     f = _forge(tmp_path / "new" / "checkpoints" / "ckpt-00000020.safetensors", ckpt_copy, config=json.dumps(cfg),
                ddpm_version="99.0.0")
     args = ["-n", "1", "--out", tmp_path / "out", "--device", "cpu"] if command == "sample" else []
-    r = invoke(command, f, *args)
+    r = _resume(f, "train.steps=25") if command == "resume" else invoke(command, f, *args)
     if command == "inspect" and r.exit_code == 0:  # inspect may show what it can read: the writer's version
         assert "99.0.0" in r.stdout, r.output
         return

@@ -31,18 +31,10 @@ def _guide_step(header) -> int | str | None:
 
 def describe(header, sha256: bool = False) -> dict:
     """A checkpoint header -> a JSON-ready summary (the `--json` output; the table shows the same)."""
-    from ddpm_cli.engine.checkpoint import class_names, ema_decays, has_ema_weights
+    from ddpm_cli.engine.checkpoint import StoredConfig, class_names, ema_decays, has_ema_weights
 
     meta = header.metadata
-    try:
-        cfg = json.loads(meta.get("config", "")) if meta.get("config") else {}
-    except (ValueError, RecursionError):
-        cfg = {}
-    if not isinstance(cfg, dict):
-        cfg = {}
-    for section in ("model", "diffusion"):
-        if not isinstance(cfg.get(section, {}), dict):
-            cfg[section] = {}
+    cfg = StoredConfig.of(header).sections()  # lenient: inspect shows what it can read
     classes = class_names(meta)
     dtypes: dict[str, int] = {}
     model_params = 0
@@ -54,7 +46,7 @@ def describe(header, sha256: bool = False) -> dict:
                 count *= int(d)
             model_params += count
     num_params = _int(meta.get("num_params"))
-    train = cfg.get("train", {}) if isinstance(cfg.get("train"), dict) else {}
+    train = cfg["train"]
     main_decay = train.get("ema_decay") if isinstance(train.get("ema_decay"), (int, float)) else None
     info = {
         "path": str(header.path),

@@ -13,26 +13,6 @@ from ddpm_cli.cli.launch import relaunch_with_torchrun, under_torchrun
 from ddpm_cli.cli.ui import TrainDisplay, console, fail, friendly
 
 
-def _resolve_resume(resume: Path, overrides: list[str]):
-    """The checkpoint to resume and its stored config with --set applied (no torch needed)."""
-    import json
-
-    from ddpm_cli.config import apply_overrides, validate_config
-    from ddpm_cli.engine.checkpoint import read_header
-    from ddpm_cli.engine.runs import resolve_checkpoint
-
-    weights = resolve_checkpoint(resume)
-    header = read_header(weights)
-    try:
-        data = json.loads(header.metadata.get("config", ""))
-    except (ValueError, RecursionError):
-        data = None
-    if not isinstance(data, dict):
-        fail(f"{weights} has no readable stored config; it cannot be resumed")
-    data = apply_overrides(data, overrides)
-    return weights, validate_config(data, f"{weights} (stored config with --set)")
-
-
 def _install_signal_handlers(stop) -> dict:
     """Route SIGINT/SIGTERM to `stop`; returns the previous handlers so the command can put them back."""
     def handler(signum, frame):  # noqa: ARG001
@@ -63,7 +43,9 @@ def train_command(
         fail("pass either --config (a new run) or --resume (its stored config is used; change it with --set)",
              code=2)
     if resume is not None:
-        weights, cfg = _resolve_resume(resume, set_)
+        from ddpm_cli.engine.checkpoint import read_checkpoint_config
+
+        weights, _, cfg = read_checkpoint_config(resume, set_)  # the stored config, --set applied
     else:
         weights, cfg = None, load_config(config, set_)
     if gpus >= 1 and not under_torchrun():  # --gpus 1 too: one process through the same launcher

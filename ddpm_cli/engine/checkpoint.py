@@ -12,6 +12,7 @@ of JSON, then the tensor bytes. Torch is imported inside the functions that need
 stays torch-free."""
 from __future__ import annotations
 
+import copy
 import errno
 import json
 import re
@@ -22,7 +23,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from ddpm_cli import __version__
-from ddpm_cli.config import RunConfig, config_from_json, config_to_dict
+from ddpm_cli.config import RunConfig, apply_overrides, config_to_dict, validate_config
 from ddpm_cli.engine.files import atomic_write_bytes
 from ddpm_cli.engine.runs import resolve_checkpoint, state_path
 from ddpm_cli.errors import CheckpointError, ConfigError, DdpmError
@@ -161,27 +162,71 @@ def _version(text: str) -> tuple[int, ...]:
     return tuple(int(m.group()) for part in text.split(".")[:3] if (m := re.match(r"\d+", part)))
 
 
-def read_checkpoint_config(path: str | Path) -> tuple[Path, Header, RunConfig]:
-    """A checkpoint (or a run directory's latest) -> (file, header, stored config), without torch."""
+@dataclass
+class StoredConfig:
+    """The run config a checkpoint stores (JSON in its metadata), read the one way, two strengths: `validated()`
+    for what rebuilds a model (sample, export, eval, and `train --resume` with its --set overrides), `sections()`
+    for `ddpm inspect`, which shows what it can read of any file and refuses none."""
+
+    path: Path
+    metadata: dict[str, str]
+    data: dict | None  # the JSON object as written; None when it is missing or not a JSON object
+
+    @classmethod
+    def of(cls, header: Header) -> StoredConfig:
+        try:
+            data = json.loads(header.metadata.get("config") or "null")
+        except (ValueError, RecursionError):
+            data = None
+        return cls(header.path, header.metadata, data if isinstance(data, dict) else None)
+
+    def sections(self) -> dict[str, dict]:
+        """Lenient: the model, diffusion and train sections as written, each {} where missing or malformed."""
+        data = self.data or {}
+        return {k: data[k] if isinstance(data.get(k), dict) else {} for k in ("model", "diffusion", "train")}
+
+    def validated(self, overrides: list[str] | None = None) -> RunConfig:
+        """Strict: the config validated for this ddpm, with `overrides` (--set) applied first. A config this ddpm
+        cannot read is a CheckpointError naming the version that wrote it; a bad override is blamed on --set."""
+        if self.data is None:
+            raise CheckpointError(f"{self.path} has no readable stored config (its metadata's `config` is missing "
+                                  f"or not a JSON object), so the model cannot be rebuilt; use another checkpoint")
+        set_error = None
+        if overrides:
+            try:
+                return validate_config(apply_overrides(copy.deepcopy(self.data), list(overrides)),
+                                       f"{self.path} (stored config with --set)")
+            except ConfigError as e:  # the override's fault, unless the stored config is bad by itself
+                set_error = e
+        try:
+            cfg = validate_config(self.data, "checkpoint config")
+        except ConfigError as e:
+            raise self._unreadable(e) from None
+        if set_error is not None:
+            raise set_error
+        return cfg
+
+    def _unreadable(self, e: ConfigError) -> CheckpointError:
+        unknown = [x.split(":")[0] for x in e.problems if "unknown field" in x]
+        written_by, p = self.metadata.get("ddpm_version", ""), self.path
+        if unknown and _version(written_by) > _version(__version__):  # settings of a newer ddpm
+            return CheckpointError(f"{p} was written by ddpm {written_by}, whose config has settings this ddpm "
+                                   f"{__version__} does not know ({', '.join(unknown)}); upgrade ddpm to read it")
+        if unknown and written_by and written_by != __version__:  # settings an older ddpm had, since removed
+            return CheckpointError(f"{p} was written by ddpm {written_by}, with settings this ddpm {__version__} no "
+                                   f"longer has ({', '.join(unknown)}); read it with ddpm {written_by}")
+        return CheckpointError(f"{p}: its stored config is not valid for this ddpm ({'; '.join(e.problems) or e})")
+
+
+def read_checkpoint_config(path: str | Path, overrides: list[str] | None = None) -> tuple[Path, Header, RunConfig]:
+    """A checkpoint (or a run directory's latest) -> (file, header, stored config validated, `overrides` applied),
+    without torch."""
     p = resolve_checkpoint(path)
     header = read_header(p)
     if header.metadata.get("kind") == "train-state":
-        raise CheckpointError(f"{p} is a training-state file; pass the weights file beside it")
-    try:
-        cfg = config_from_json(header.metadata.get("config", ""))
-    except ConfigError as e:
-        unknown = [x.split(":")[0] for x in e.problems if "unknown field" in x]
-        written_by = header.metadata.get("ddpm_version", "")
-        if unknown and _version(written_by) > _version(__version__):  # settings of a newer ddpm
-            raise CheckpointError(f"{p} was written by ddpm {written_by}, whose config has settings this ddpm "
-                                  f"{__version__} does not know ({', '.join(unknown)}); upgrade ddpm to read it") \
-                from None
-        if unknown and written_by and written_by != __version__:  # settings an older ddpm had, since removed
-            raise CheckpointError(f"{p} was written by ddpm {written_by}, with settings this ddpm {__version__} no "
-                                  f"longer has ({', '.join(unknown)}); read it with ddpm {written_by}") from None
-        raise CheckpointError(f"{p}: its stored config is not valid for this ddpm ({'; '.join(e.problems) or e})") \
-            from None
-    return p, header, cfg
+        raise CheckpointError(f"{p} is a training-state file: it cannot be resumed or sampled by itself; pass the "
+                              f"weights file beside it ({p.name.replace('.state.safetensors', '.safetensors')})")
+    return p, header, StoredConfig.of(header).validated(overrides)
 
 
 def stored_guide_step(header: Header) -> int | None:
@@ -262,12 +307,16 @@ def save_state(path: Path, optimizer: torch.optim.Optimizer, state: dict) -> Non
 @dataclass
 class Checkpoint:
     path: Path
-    metadata: dict[str, str]
+    header: Header
     config: RunConfig
     model_state: dict[str, torch.Tensor]
     ema_state: dict[str, torch.Tensor] | None
     extra_ema: dict[float, dict[str, torch.Tensor]] = field(default_factory=dict)  # decay -> weights
     guide_state: dict[str, torch.Tensor] | None = None  # train.guide_step's weights (autoguidance)
+
+    @property
+    def metadata(self) -> dict[str, str]:
+        return self.header.metadata
 
     @property
     def step(self) -> int:
@@ -306,7 +355,7 @@ def load_checkpoint(path: str | Path) -> Checkpoint:
         extra[decay] = {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
     stored_guide_step(header)  # refuses a guide it could not use
     guide = {k[6:]: v for k, v in tensors.items() if k.startswith("guide.")} or None
-    return Checkpoint(p, header.metadata, cfg, model, ema, {d: w for d, w in extra.items() if w}, guide)
+    return Checkpoint(p, header, cfg, model, ema, {d: w for d, w in extra.items() if w}, guide)
 
 
 def load_into(module: torch.nn.Module, state: dict[str, torch.Tensor], what: str) -> None:
@@ -375,7 +424,7 @@ def load_model(path: str | Path, device: torch.device | str = "cpu", use_ema: bo
     ckpt = load_checkpoint(path)
     state = ckpt.ema_state if (use_ema and ckpt.ema_state is not None) else ckpt.model_state
     if ema_decay is not None:
-        require_ema_decay(read_header(ckpt.path), ckpt.config.train.ema_decay, ema_decay)
+        require_ema_decay(ckpt.header, ckpt.config.train.ema_decay, ema_decay)
         state = ckpt.extra_ema.get(ema_decay, ckpt.ema_state)
     return _network(ckpt, state, device), build_diffusion(ckpt.config.diffusion).to(device), ckpt.config, ckpt
 

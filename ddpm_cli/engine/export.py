@@ -22,7 +22,7 @@ from pathlib import Path
 
 import torch
 
-from ddpm_cli.engine.checkpoint import load_checkpoint, load_model, read_header, require_ema_decay, weights_metadata
+from ddpm_cli.engine.checkpoint import load_checkpoint, load_model, require_ema_decay, weights_metadata
 from ddpm_cli.engine.files import atomic_write_bytes, fsync_dir
 from ddpm_cli.errors import CheckpointError, DdpmError
 from ddpm_cli.nn.unet import fold_upsampling
@@ -127,7 +127,7 @@ def _prepare(src: str | Path, dst: Path | None, fmt: str, dtype: str, overwrite:
     if ema_decay is not None:  # one of the EMA averages by decay: it stands in for the main one from here on
         if ema is False:
             raise DdpmError("--ema-decay picks EMA weights; drop --no-ema")
-        require_ema_decay(read_header(ckpt.path), ckpt.config.train.ema_decay, ema_decay)
+        require_ema_decay(ckpt.header, ckpt.config.train.ema_decay, ema_decay)
         ckpt.ema_state = ckpt.extra_ema.get(ema_decay, ckpt.ema_state)
         use_ema = True
     chosen = _weights(use_ema, ema_decay) if use_ema or ckpt.ema_state is not None else "ema"  # raw-only: as is

@@ -1,0 +1,219 @@
+"""Writing and loading a checkpoint's tensors (torch, imported inside the functions that need it).
+
+- weights: `model.*` and `ema.*` tensors (and `ema1.*`, `ema2.*`... for train.ema_extra, whose decays the
+  metadata's `ema_extra` lists in order; `guide.*` for train.guide_step, its step in `guide_step`), with
+  metadata (format, version, the resolved config as JSON, step, images seen, creation time, ddpm version,
+  parameter count, classes). Alone, it rebuilds the model.
+- training state (beside it, `*.state.safetensors`): optimizer tensors and RNG states as tensors, everything
+  else (step, data position, param groups, counters) as JSON metadata.
+Both are written atomically (engine.files)."""
+from __future__ import annotations
+
+import errno
+import json
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from ddpm_cli import __version__
+from ddpm_cli.config import RunConfig, config_to_dict
+from ddpm_cli.engine.checkpoint.format import (FORMAT, FORMAT_VERSION, Header, class_names, extra_ema_decays,
+                                               read_checkpoint_config, read_header, require_ema_decay,
+                                               stored_guide_step)
+from ddpm_cli.engine.files import atomic_write_bytes
+from ddpm_cli.engine.runs import state_path
+from ddpm_cli.errors import CheckpointError, DdpmError
+
+if TYPE_CHECKING:
+    import torch
+
+    from ddpm_cli.engine.guidance import Guidance
+
+
+def _write(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> None:
+    from safetensors.torch import save as st_save
+
+    tensors = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
+    try:
+        atomic_write_bytes(path, st_save(tensors, metadata=metadata))
+    except OSError as e:
+        reason = "the disk is full" if e.errno == errno.ENOSPC else (e.strerror or str(e))
+        raise DdpmError(f"cannot write checkpoint {path}: {reason}; earlier checkpoints are intact") from None
+
+
+def weights_metadata(cfg: RunConfig, step: int, images_seen: int, num_params: int, has_ema: bool,
+                     classes: list[str], kind: str = "train", dtype: str = "float32") -> dict[str, str]:
+    return {"format": FORMAT, "format_version": str(FORMAT_VERSION), "ddpm_version": __version__,
+            "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "step": str(step), "images_seen": str(images_seen),
+            "num_params": str(num_params), "has_ema": "true" if has_ema else "false", "kind": kind,
+            "dtype": dtype, "classes": json.dumps(classes), "config": json.dumps(config_to_dict(cfg))}
+
+
+def save_weights(path: Path, model: torch.nn.Module, ema_model: torch.nn.Module | None,
+                 metadata: dict[str, str], extra: dict[float, torch.nn.Module] | None = None,
+                 guide: tuple[int, dict[str, torch.Tensor]] | None = None) -> None:
+    """`extra`: the train.ema_extra averages by decay, stored as ema1.*, ema2.* in the metadata's order;
+    `guide`: (step, weights) of the autoguidance guide (train.guide_step), stored as guide.*."""
+    tensors = {f"model.{k}": v for k, v in model.state_dict().items()}
+    if ema_model is not None:
+        tensors.update({f"ema.{k}": v for k, v in ema_model.state_dict().items()})
+    if extra:
+        metadata = {**metadata, "ema_extra": json.dumps(list(extra))}
+        for i, m in enumerate(extra.values(), 1):
+            tensors.update({f"ema{i}.{k}": v for k, v in m.state_dict().items()})
+    if guide is not None:
+        metadata = {**metadata, "guide_step": str(guide[0])}
+        tensors.update({f"guide.{k}": v for k, v in guide[1].items()})
+    _write(path, tensors, metadata)
+
+
+def save_state(path: Path, optimizer: torch.optim.Optimizer, state: dict) -> None:
+    """Optimizer tensors + RNG states as tensors; `state` (plain JSON) as metadata."""
+    import torch
+
+    sd = optimizer.state_dict()
+    tensors: dict[str, torch.Tensor] = {}
+    for idx, entry in sd["state"].items():
+        for key, value in entry.items():
+            tensors[f"optim.{idx}.{key}"] = value if torch.is_tensor(value) else torch.tensor(value)
+    tensors["rng.cpu"] = torch.get_rng_state()
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        for i, s in enumerate(torch.cuda.get_rng_state_all()):
+            tensors[f"rng.cuda.{i}"] = s
+    meta = {"format": FORMAT, "format_version": str(FORMAT_VERSION), "kind": "train-state",
+            "param_groups": json.dumps(sd["param_groups"]), "state": json.dumps(state)}
+    _write(path, tensors, meta)
+
+
+@dataclass
+class Checkpoint:
+    path: Path
+    header: Header
+    config: RunConfig
+    model_state: dict[str, torch.Tensor]
+    ema_state: dict[str, torch.Tensor] | None
+    extra_ema: dict[float, dict[str, torch.Tensor]] = field(default_factory=dict)  # decay -> weights
+    guide_state: dict[str, torch.Tensor] | None = None  # train.guide_step's weights (autoguidance)
+
+    @property
+    def metadata(self) -> dict[str, str]:
+        return self.header.metadata
+
+    @property
+    def step(self) -> int:
+        return int(self.metadata.get("step", 0))
+
+    @property
+    def guide_step(self) -> int:
+        return int(self.metadata.get("guide_step", 0))
+
+    @property
+    def classes(self) -> list[str]:
+        return class_names(self.metadata)
+
+
+def _read_tensors(path: Path) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load as st_load
+
+    try:
+        return st_load(path.read_bytes())
+    except OSError as e:
+        raise CheckpointError(f"cannot read {path}: {e.strerror}") from None
+    except Exception as e:  # safetensors raises its own SafetensorError for corrupt payloads
+        raise CheckpointError(f"{path} is corrupt ({e}); use an earlier checkpoint") from None
+
+
+def load_checkpoint(path: str | Path) -> Checkpoint:
+    p, header, cfg = read_checkpoint_config(path)
+    tensors = _read_tensors(p)
+    model = {k[6:]: v for k, v in tensors.items() if k.startswith("model.")}
+    ema = {k[4:]: v for k, v in tensors.items() if k.startswith("ema.")} or None
+    if not model:
+        raise CheckpointError(f"{p} holds no model weights")
+    extra = {}
+    for i, decay in enumerate(extra_ema_decays(header.metadata), 1):
+        prefix = f"ema{i}."
+        extra[decay] = {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
+    stored_guide_step(header)  # refuses a guide it could not use
+    guide = {k[6:]: v for k, v in tensors.items() if k.startswith("guide.")} or None
+    return Checkpoint(p, header, cfg, model, ema, {d: w for d, w in extra.items() if w}, guide)
+
+
+def load_into(module: torch.nn.Module, state: dict[str, torch.Tensor], what: str) -> None:
+    """load_state_dict with an architecture mismatch turned into a one-line error."""
+    import torch
+
+    own = module.state_dict()
+    missing = [k for k in own if k not in state]
+    unexpected = [k for k in state if k not in own]
+    wrong = [k for k in own if k in state and tuple(own[k].shape) != tuple(state[k].shape)]
+    if missing or unexpected or wrong:
+        detail = (f"{len(missing)} missing, {len(unexpected)} unexpected, {len(wrong)} of another shape"
+                  + (f" (e.g. {(wrong or missing or unexpected)[0]})"))
+        raise CheckpointError(f"{what} does not match this model's architecture: {detail}; use the config the "
+                              f"checkpoint was trained with")
+    with torch.no_grad():
+        module.load_state_dict({k: v.to(own[k].dtype) for k, v in state.items()})
+
+
+def load_state(weights_path: Path) -> tuple[dict[str, torch.Tensor], dict, list]:
+    """The training-state file beside a weights checkpoint: (tensors, state JSON, optimizer param groups)."""
+    sp = state_path(weights_path)
+    if not sp.exists():
+        raise CheckpointError(f"{weights_path} has no training state beside it ({sp.name}); it can be sampled "
+                              f"but not resumed (exported checkpoints carry no state)")
+    header = read_header(sp)
+    if header.metadata.get("kind") != "train-state":
+        raise CheckpointError(f"{sp} is not a training-state file")
+    tensors = _read_tensors(sp)
+    try:
+        state, groups = json.loads(header.metadata["state"]), json.loads(header.metadata["param_groups"])
+        if not isinstance(state, dict) or not isinstance(groups, list):
+            raise TypeError
+        int(state["step"]), int(state["images_seen"])
+        int(state["data"]["epoch"]), int(state["data"]["pos"])
+        if not isinstance(state.get("early_stopping", {}), dict):
+            raise TypeError
+    except (KeyError, ValueError, TypeError, RecursionError):
+        raise CheckpointError(f"{sp} has unreadable training state metadata") from None
+    return tensors, state, groups
+
+
+def optimizer_state_dict(tensors: dict[str, torch.Tensor], param_groups: list) -> dict:
+    state: dict[int, dict] = {}
+    for key, value in tensors.items():
+        if key.startswith("optim."):
+            _, idx, name = key.split(".", 2)
+            state.setdefault(int(idx), {})[name] = value
+    return {"state": state, "param_groups": param_groups}
+
+
+def _network(ckpt: Checkpoint, state: dict[str, torch.Tensor], device: torch.device | str) -> torch.nn.Module:
+    from ddpm_cli.engine.build import build_unet
+
+    model = build_unet(ckpt.config.model)
+    load_into(model, state, str(ckpt.path))
+    return model.to(device).eval()
+
+
+def load_model(path: str | Path, device: torch.device | str = "cpu", use_ema: bool = True,
+               ema_decay: float | None = None):
+    """Rebuild (model in eval mode, diffusion, config, checkpoint) from a checkpoint alone. `ema_decay` picks one
+    of the checkpoint's EMA weights by its decay (train.ema_decay or one of train.ema_extra)."""
+    from ddpm_cli.engine.build import build_diffusion
+
+    ckpt = load_checkpoint(path)
+    state = ckpt.ema_state if (use_ema and ckpt.ema_state is not None) else ckpt.model_state
+    if ema_decay is not None:
+        require_ema_decay(ckpt.header, ckpt.config.train.ema_decay, ema_decay)
+        state = ckpt.extra_ema.get(ema_decay, ckpt.ema_state)
+    return _network(ckpt, state, device), build_diffusion(ckpt.config.diffusion).to(device), ckpt.config, ckpt
+
+
+def load_guide(guidance: Guidance, loaded: Checkpoint, device: torch.device | str) -> torch.nn.Module:
+    """Autoguidance's weaker network: the stored guide of `loaded` (the checkpoint being sampled, already read),
+    or the EMA weights of the checkpoint that --guide-model names."""
+    if guidance.stored_step is None:
+        return load_model(guidance.guide, device)[0]
+    return _network(loaded, loaded.guide_state, device)  # stored_step comes from its guide.* tensors

@@ -197,3 +197,32 @@ def test_ema_requested_from_a_checkpoint_without_it(trained_run, tmp_path):
     slim = tmp_path / "slim.safetensors"
     ok("export", trained_run, "--out", slim)
     assert "no EMA weights" in one_line_error(cli("export", slim, "--ema", "--out", tmp_path / "x.safetensors"))
+
+
+@pytest.fixture(scope="module")
+def exported_programs(trained_run, tmp_path_factory):
+    """The tool's own ONNX and pt2 exports of a tiny run: files ddpm writes but cannot load (issue 26)."""
+    d = tmp_path_factory.mktemp("exports")
+    for fmt in ("onnx", "pt2"):
+        ok("export", trained_run, "--format", fmt, "--out", d / f"model.{fmt}")
+    return d
+
+
+@pytest.mark.parametrize("fmt,what", [("onnx", "an ONNX model"), ("pt2", "a torch.export program")])
+@pytest.mark.parametrize("command", ["sample", "inspect", "export", "resume"])
+def test_an_onnx_or_pt2_export_given_back_says_what_it_is_and_what_to_pass(exported_programs, tmp_path, fmt, what,
+                                                                           command):
+    f = exported_programs / f"model.{fmt}"
+    args = {"sample": ["sample", f, "-n", 1, "--out", tmp_path / "out"], "inspect": ["inspect", f],
+            "export": ["export", f, "--out", tmp_path / "o.safetensors"], "resume": ["train", "--resume", f]}[command]
+    msg = one_line_error(cli(*args))
+    assert what in msg and f"ddpm export --format {fmt}" in msg and ".safetensors" in msg, msg
+    assert "pickle" not in msg and "truncated" not in msg, msg
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("fmt,what", [("onnx", "an ONNX model"), ("pt2", "a torch.export program")])
+def test_an_export_is_recognised_by_its_content_not_its_name(exported_programs, tmp_path, fmt, what):
+    f = tmp_path / "renamed.safetensors"
+    f.write_bytes((exported_programs / f"model.{fmt}").read_bytes())
+    assert what in one_line_error(cli("inspect", f))

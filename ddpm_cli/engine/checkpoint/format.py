@@ -47,6 +47,28 @@ def _looks_like_pickle(head: bytes) -> bool:
     return head[:2] == b"PK" or (len(head) > 1 and head[0] == 0x80 and head[1] <= 5)
 
 
+def _is_pt2(p: Path) -> bool:
+    """A torch.export archive: a zip (like torch.save's) whose `archive_format` entry says pt2. Reads no pickle."""
+    import zipfile
+
+    try:
+        with zipfile.ZipFile(p) as z:
+            return any(n.endswith("/archive_format") and z.read(n).strip() == b"pt2" for n in z.namelist())
+    except (OSError, zipfile.BadZipFile, KeyError, RuntimeError):
+        return False
+
+
+def _looks_like_onnx(head: bytes) -> bool:
+    # An ONNX ModelProto (protobuf) opens with field 1, ir_version (tag 0x08, a one-byte varint), then another field.
+    return len(head) > 2 and head[0] == 0x08 and head[1] < 0x80 and head[2] in b"\x12\x1a\x22\x2a\x32\x3a\x42"
+
+
+def _not_a_checkpoint(p: Path, what: str, fmt: str, loader: str) -> CheckpointError:
+    return CheckpointError(f"{p} is {what} (what `ddpm export --format {fmt}` writes, for {loader}), not a "
+                           f"checkpoint; pass ddpm the .safetensors checkpoint it was exported from, or its run "
+                           f"directory")
+
+
 def _reject_constant(name: str):
     raise ValueError(f"{name} is not valid in a safetensors header")
 
@@ -63,6 +85,8 @@ def read_header(path: str | Path, require_ddpm: bool = True) -> Header:
     try:
         with open(p, "rb") as f:
             head = f.read(8)
+            if head[:2] == b"PK" and _is_pt2(p):
+                raise _not_a_checkpoint(p, "a torch.export program", "pt2", "torch.export.load")
             if _looks_like_pickle(head):
                 raise CheckpointError(f"{p} is a pickle (PyTorch .pt/.pth); ddpm loads only safetensors files "
                                       f"and never unpickles, for safety")
@@ -70,6 +94,8 @@ def read_header(path: str | Path, require_ddpm: bool = True) -> Header:
                 raise CheckpointError(f"{p} is not a safetensors file (only {size} bytes)")
             (n,) = struct.unpack("<Q", head)
             if n == 0 or n > MAX_HEADER or 8 + n > size:
+                if _looks_like_onnx(head):
+                    raise _not_a_checkpoint(p, "an ONNX model", "onnx", "onnxruntime")
                 raise CheckpointError(f"{p} is not a safetensors file, or it is truncated (header of {n} bytes "
                                       f"in a {size}-byte file)")
             raw = f.read(n)

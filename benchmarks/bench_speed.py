@@ -62,7 +62,7 @@ TRAIN_VARIANTS = {
     # is the 1.2 ms kernel of the folded training step a combo kernel? (BENCHMARKS.md, 2026-11-27)
     "bf16-cl-cudagraphs-foldup-nocombo": {"precision": "bf16", "compile": "reduce-overhead", "channels_last": "on",
                                           "_foldup": True, "combo_kernels": "off"},
-    # one embedding projection a residual block (66 small GEMMs a step), as before UNet.stacked_emb (2026-11-27)
+    # one embedding projection a residual block (66 small GEMMs a step), as before unet.stacked_embeddings (2026-11-27)
     "bf16-cl-cudagraphs-nostack": {"precision": "bf16", "compile": "reduce-overhead", "channels_last": "on",
                                    "_nostack": True},
     "bf16-cl-compile-nobench": {"precision": "bf16", "compile": "on", "channels_last": "on",
@@ -87,7 +87,7 @@ SAMPLE_VARIANTS = {
     "bf16-cl-compile-before": dict(bf16=True, channels_last=True, compile="default", fold=False, pdl=False),
     # each 4x4 kernel built once, before compiling (as exports do), not in every forward
     "bf16-cl-compile-frozen": dict(bf16=True, channels_last=True, compile="default", frozen=True),
-    # one embedding projection a residual block, as before UNet.stacked_emb (2026-11-27)
+    # one embedding projection a residual block, as before unet.stacked_embeddings (2026-11-27)
     "bf16-cl-compile-nostack": dict(bf16=True, channels_last=True, compile="default", stack=False),
     "bf16-cl-cudagraphs-nostack": dict(bf16=True, channels_last=True, compile="reduce-overhead", stack=False),
 }
@@ -105,6 +105,12 @@ def fold_nearest2x_matmul(w: torch.Tensor) -> torch.Tensor:
     with torch.autocast(w.device.type, enabled=False):  # fp32 sums, as the shipped fold's plain adds
         k = w.reshape(cout * cin, 9) @ torch.kron(taps, taps).T
     return k.reshape(cout, cin, 4, 4).transpose(0, 1)
+
+
+def per_block_embeddings(blocks: tuple[unet.ResBlock, ...], emb: torch.Tensor) -> list[torch.Tensor]:
+    """One embedding projection a residual block (66 small GEMMs a training step): what unet.stacked_embeddings
+    replaced, patched in for the -nostack variants. The package ships no switch for it."""
+    return [b.emb(emb) for b in blocks]
 
 
 class Collect(TrainCallbacks):
@@ -304,9 +310,10 @@ def bench_train(name: str, sets: dict, batch: int, steps: int, log_every: int, i
                 model: dict, profile: bool = False) -> dict:
     sets = dict(sets)
     inductor_config.force_layout_optimization = sets.pop("_force_layout", False)  # the Trainer may set it again
-    upsample, folded, stacked = unet.Upsample.forward, unet.Upsample.folded, unet.UNet.stacked_emb
+    upsample, folded, stacked = unet.Upsample.forward, unet.Upsample.folded, unet.stacked_embeddings
     unet.Upsample.folded = sets.pop("_foldup", folded)
-    unet.UNet.stacked_emb = not sets.pop("_nostack", False)
+    if sets.pop("_nostack", False):
+        unet.stacked_embeddings = per_block_embeddings
     fold = unet.fold_nearest2x
     if sets.pop("_foldmm", False):
         unet.fold_nearest2x = fold_nearest2x_matmul
@@ -316,7 +323,7 @@ def bench_train(name: str, sets: dict, batch: int, steps: int, log_every: int, i
         return _bench_train(name, sets, batch, steps, log_every, images, model, profile)
     finally:
         unet.Upsample.forward, unet.Upsample.folded, unet.fold_nearest2x = upsample, folded, fold
-        unet.UNet.stacked_emb = stacked
+        unet.stacked_embeddings = stacked
         torch._dynamo.reset()  # no later variant may reuse a graph traced with other switches
 
 
@@ -352,13 +359,23 @@ def _bench_train(name: str, sets: dict, batch: int, steps: int, log_every: int, 
 
 def bench_sample(name: str, opts: dict, batch: int, steps: int, e2e: bool, model_cfg: dict,
                  device: str, profile: bool = False) -> list[dict]:
+    stacked = unet.stacked_embeddings
+    if not opts.get("stack", True):
+        unet.stacked_embeddings = per_block_embeddings
+    try:
+        return _bench_sample(name, opts, batch, steps, e2e, model_cfg, device, profile)
+    finally:
+        unet.stacked_embeddings = stacked
+
+
+def _bench_sample(name: str, opts: dict, batch: int, steps: int, e2e: bool, model_cfg: dict,
+                  device: str, profile: bool) -> list[dict]:
     cfg = validate_config({"model": model_cfg})
     torch.manual_seed(0)
     model = build_unet(cfg.model).to(device)
     with torch.no_grad():  # zero-initialised output layers would make the work trivial to skip; perturb them
         for p in model.parameters():
             p.add_(0.01 * torch.randn_like(p))
-    model.stacked_emb = opts.get("stack", True)
     diffusion = build_diffusion(cfg.diffusion).to(device)
     sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
     inductor_config.force_layout_optimization = opts.get("force_layout", False)

@@ -255,11 +255,13 @@ def test_group_norm_from_channel_statistics_does_not_cancel_under_a_large_mean(o
     assert (xf.grad.double() - xr.grad).abs().max() < 2e-2 * xr.grad.abs().max()
 
 
-def test_stacked_embeddings_are_the_blocks_own_projections():
-    """UNet.stacked_emb (every block's embedding projection as one GEMM over their stacked weights) computes the
-    same output and the same gradient for every parameter as one projection a block, with the same parameter
-    names; a deep copy (how EMA copies the model) projects with its own weights, not the original's."""
+def test_stacked_embeddings_are_the_blocks_own_projections(monkeypatch):
+    """stacked_embeddings (every block's embedding projection as one GEMM over their stacked weights, as the UNet
+    computes them) gives the same output and the same gradient for every parameter as one projection a block,
+    with the same parameter names; a deep copy (how EMA copies the model) projects with its own weights."""
     import copy
+
+    from ddpm_cli.nn import unet
 
     torch.manual_seed(0)
     model = UNet(image_size=8, base_channels=8, channel_mults=(1, 2), num_res_blocks=1, attention_resolutions=(4,),
@@ -272,7 +274,8 @@ def test_stacked_embeddings_are_the_blocks_own_projections():
     x, t, y = torch.randn(2, 3, 8, 8), torch.tensor([3, 700]), torch.tensor([0, 2])
     results = {}
     for stacked in (True, False):
-        model.stacked_emb = stacked
+        if not stacked:  # one projection a block, in place of the UNet's stacked GEMM
+            monkeypatch.setattr(unet, "stacked_embeddings", lambda blocks, emb: [b.emb(emb) for b in blocks])
         model.zero_grad()
         out = model(x, t, y)
         (out * out.detach().sign()).sum().backward()
@@ -288,4 +291,5 @@ def test_stacked_embeddings_are_the_blocks_own_projections():
     with torch.no_grad():
         for blk in twin.res_blocks:
             blk.emb[1].bias.add_(1.0)
+        monkeypatch.undo()  # the UNet's own stacked projections again
         assert not torch.allclose(twin(x, t, y), model(x, t, y))

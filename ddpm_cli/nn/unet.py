@@ -208,8 +208,6 @@ def fold_upsampling(model: nn.Module, on: bool = True, *, frozen: bool = False) 
 
 
 class UNet(nn.Module):
-    stacked_emb = True  # the blocks' embedding projections as one GEMM (stacked_embeddings); False: one a block
-
     def __init__(self, image_size: int = 32, in_channels: int = 3, base_channels: int = 128,
                  channel_mults: tuple[int, ...] = (1, 2, 2, 2), num_res_blocks: int = 2,
                  attention_resolutions: tuple[int, ...] = (16,), dropout: float = 0.1, num_heads: int = 1,
@@ -274,8 +272,7 @@ class UNet(nn.Module):
                 y = torch.full((x.shape[0],), self.num_classes, device=x.device, dtype=torch.long)
             emb = emb + self.class_emb(y)
 
-        blocks = self.res_blocks
-        embs = iter(stacked_embeddings(blocks, emb) if self.stacked_emb else [b.emb(emb) for b in blocks])
+        embs = iter(stacked_embeddings(self.res_blocks, emb))  # each residual block's projection of emb
         h = self.conv_in(x)
         skips = [h]
         for layers in self.down:

@@ -26,6 +26,7 @@ import torch._inductor.config as inductor_config
 from ddpm_cli.config import validate_config
 from ddpm_cli.engine.build import build_diffusion, build_unet, count_params
 from ddpm_cli.engine.data import ImageSet
+from ddpm_cli.engine import generate as generate_mod
 from ddpm_cli.engine.generate import generate, inference_net
 from ddpm_cli.engine.train import TrainCallbacks, Trainer
 from ddpm_cli.nn import unet
@@ -111,6 +112,27 @@ def per_block_embeddings(blocks: tuple[unet.ResBlock, ...], emb: torch.Tensor) -
     """One embedding projection a residual block (66 small GEMMs a training step): what unet.stacked_embeddings
     replaced, patched in for the -nostack variants. The package ships no switch for it."""
     return [b.emb(emb) for b in blocks]
+
+
+def inference_net_variant(model: torch.nn.Module, *, channels_last: bool, compile: str | None,
+                          norm_stats: bool | None = None, fold: bool = True, pdl: bool = True):
+    """engine.generate.inference_net with one of its speed switches taken back, for the variants that measure
+    them (the package ships no switches for them): torch's GroupNorm (`norm_stats` False), no upsampling fold,
+    no programmatic dependent launch. inference_net sets the first two on the model itself and torch.compile
+    traces at the first call, so switching them back right after it is in time."""
+    options = generate_mod.sampler_compile_options
+    if not pdl:
+        generate_mod.sampler_compile_options = lambda mode, device: {
+            k: v for k, v in options(mode, device).items() if k != "triton.enable_pdl"}
+    try:
+        net = inference_net(model, channels_last=channels_last, compile=compile)
+    finally:
+        generate_mod.sampler_compile_options = options
+    if norm_stats is not None:
+        unet.channel_stats(model, norm_stats)
+    if not fold:
+        unet.fold_upsampling(model, False)
+    return net
 
 
 class Collect(TrainCallbacks):
@@ -379,8 +401,9 @@ def _bench_sample(name: str, opts: dict, batch: int, steps: int, e2e: bool, mode
     diffusion = build_diffusion(cfg.diffusion).to(device)
     sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
     inductor_config.force_layout_optimization = opts.get("force_layout", False)
-    net = inference_net(model, channels_last=opts["channels_last"], compile=opts["compile"],
-                        norm_stats=opts.get("norm_stats"), fold=opts.get("fold", True), pdl=opts.get("pdl", True))
+    net = inference_net_variant(model, channels_last=opts["channels_last"], compile=opts["compile"],
+                                norm_stats=opts.get("norm_stats"), fold=opts.get("fold", True),
+                                pdl=opts.get("pdl", True))
     if opts.get("frozen"):  # before the first call, which traces the graph
         unet.fold_upsampling(model, True, frozen=True)
     shape = (3, 32, 32)

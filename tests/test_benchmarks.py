@@ -119,3 +119,36 @@ def test_the_benchmarks_matmul_fold_is_the_shipped_fold():
     w = torch.randn(5, 7, 3, 3, dtype=torch.float64)
     got, want = _bench_speed_module().fold_nearest2x_matmul(w), fold_nearest2x(w)
     assert got.shape == want.shape == (7, 5, 4, 4) and torch.allclose(got, want, atol=1e-12)
+
+
+def test_the_benchmarks_rebuild_the_switches_the_package_does_not_ship():
+    """bench_speed's variants take back what the package always does (stacked embedding projections, the
+    upsampling fold, per-channel GroupNorm statistics, PDL) by patching, and compute the same function."""
+    import copy
+
+    import torch
+
+    from ddpm_cli.engine import build, generate
+    from ddpm_cli.nn.unet import GroupNorm, UNet, Upsample, stacked_embeddings
+
+    bench = _bench_speed_module()
+    torch.manual_seed(0)
+    model = UNet(image_size=8, base_channels=8, channel_mults=(1, 2), num_res_blocks=1, attention_resolutions=(4,),
+                 norm_groups=4)
+    with torch.no_grad():
+        for p in model.parameters():  # zero-initialised output layers would hide any difference
+            p.add_(0.05 * torch.randn_like(p))
+    x, t = torch.randn(3, 3, 8, 8), torch.tensor([1, 500, 999])
+    emb = torch.randn(3, 32)
+    with torch.no_grad():
+        ref = copy.deepcopy(model).eval()(x, t)
+        stacked = stacked_embeddings(model.res_blocks, emb)
+        per_block = bench.per_block_embeddings(model.res_blocks, emb)
+        assert len(stacked) == len(per_block) == len(model.res_blocks)
+        assert all(torch.allclose(a, b, atol=1e-6) for a, b in zip(stacked, per_block))
+        net = bench.inference_net_variant(model, channels_last=False, compile=None, norm_stats=True, fold=False,
+                                          pdl=False)
+        assert not any(m.folded for m in model.modules() if isinstance(m, Upsample))
+        assert all(m.channel_stats for m in model.modules() if isinstance(m, GroupNorm))
+        assert generate.sampler_compile_options is build.sampler_compile_options  # the patch is undone
+        assert torch.allclose(net(x, t, None), ref, atol=1e-5)

@@ -64,7 +64,7 @@ def test_the_folded_sampling_network_matches_the_unfolded_one_on_cuda(compile):
     with torch.no_grad():
         for p in model.parameters():
             p.add_(0.05 * torch.randn_like(p))
-    ref_net = inference_net(copy.deepcopy(model), channels_last=True, fold=False, pdl=False)
+    ref_net = copy.deepcopy(model).eval()  # the model as trained: unfolded, eager, NCHW, torch's GroupNorm
     net = inference_net(model, channels_last=True, compile=compile)
     x, t = torch.randn(8, 3, 16, 16, device="cuda"), torch.randint(0, 1000, (8,), device="cuda")
     with torch.no_grad(), torch.autocast("cuda", dtype=torch.bfloat16):

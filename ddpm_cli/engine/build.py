@@ -68,15 +68,15 @@ def compile_options(cfg: RunConfig, device: torch.device, mode: str) -> dict:
     return options
 
 
-def sampler_compile_options(mode: str, device: torch.device, pdl: bool = True) -> dict:
+def sampler_compile_options(mode: str, device: torch.device) -> dict:
     """Inductor's options for the sampler's network: those of torch.compile's `mode`, plus programmatic dependent
-    launch (`pdl`) on CUDA GPUs that have it (compute capability 9, Hopper, and later): a kernel starts while
-    the one before it finishes, which hides part of the gap between the forward's ~420 kernels. H100, batch
-    1000: 28,200 -> 28,763 UNet evaluations/s; for the training step +0.6%, within noise, so not there."""
+    launch on CUDA GPUs that have it (compute capability 9, Hopper, and later): a kernel starts while the one
+    before it finishes, which hides part of the gap between the forward's many small kernels. It speeds the
+    sampler up; for the training step it was within noise, so not there (BENCHMARKS.md)."""
     from torch._inductor import config as inductor_config, list_mode_options
 
     options = dict(list_mode_options(mode))
-    if (pdl and device.type == "cuda" and hasattr(inductor_config.triton, "enable_pdl")
+    if (device.type == "cuda" and hasattr(inductor_config.triton, "enable_pdl")
             and torch.cuda.get_device_capability(device)[0] >= 9):
         options["triton.enable_pdl"] = True
     return options

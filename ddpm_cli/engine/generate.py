@@ -21,23 +21,22 @@ from ddpm_cli.engine.build import sampler_compile_options
 from ddpm_cli.nn.unet import channel_stats, fold_upsampling
 
 
-def inference_net(model: torch.nn.Module, *, channels_last: bool = False, compile: str | None = None,
-                  norm_stats: bool | None = None, fold: bool = True, pdl: bool = True):
+def inference_net(model: torch.nn.Module, *, channels_last: bool = False, compile: str | None = None):
     """The network as a sampler calls it, with the speed switches applied: channels-last layout, GroupNorm from
-    per-channel statistics (`norm_stats`, default: with channels-last, which it reads in order), each upsampling
-    folded into one transposed convolution (`fold`; the same function, 2.25x fewer multiply-adds there) and
-    torch.compile (mode "default", "max-autotune" or "reduce-overhead" for CUDA graphs; with `pdl`, programmatic
-    dependent launch where the GPU has it). H100, batch 1000: 28,200 -> 29,426 UNet evaluations/s folded,
-    28,763 with PDL alone (BENCHMARKS.md). Changes `model` itself (eval mode, the GroupNorm and upsampling
-    switches, channels-last): pass a model that only samples from here on."""
-    model = channel_stats(model.eval(), channels_last if norm_stats is None else norm_stats)
-    fold_upsampling(model, fold)
+    per-channel statistics with it (which it reads in order), each upsampling folded into one transposed
+    convolution (the same function, 2.25x fewer multiply-adds there) and torch.compile (mode "default",
+    "max-autotune" or "reduce-overhead" for CUDA graphs; with programmatic dependent launch where the GPU has
+    it). BENCHMARKS.md has the figures. Changes `model` itself (eval mode, the GroupNorm and upsampling
+    switches, channels-last): pass a model that only samples from here on; the model as it was, unfolded and
+    eager, is the reference it is tested against."""
+    model = channel_stats(model.eval(), channels_last)
+    fold_upsampling(model, True)
     device = next(model.parameters()).device
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True  # one batch shape, many calls: timing algorithms once pays
     if channels_last:
         model = model.to(memory_format=torch.channels_last)
-    net = torch.compile(model, options=sampler_compile_options(compile, device, pdl)) if compile else model
+    net = torch.compile(model, options=sampler_compile_options(compile, device)) if compile else model
 
     def fn(x: torch.Tensor, t: torch.Tensor, y: torch.Tensor | None) -> torch.Tensor:
         if channels_last:

@@ -156,8 +156,8 @@ class TrainConfig(Section):
     lr_scaling: Literal["none", "linear", "sqrt"] = "none"
     """Scale lr with the global batch B (batch_size x GPUs): linear = lr x B / lr_batch (Goyal et al. 2017,
     with warmup), sqrt = lr x sqrt(B / lr_batch) (a common choice for Adam); none = lr as given. For larger
-    batches, which train faster per image on a GPU (H100: batch 512 is 1.16x and batch 1024 1.23x batch 128's
-    img/s). A run resumed on another number of GPUs gets the rate of its new global batch."""
+    batches, which train faster per image on a GPU (BENCHMARKS.md). A run resumed on another number of GPUs gets
+    the rate of its new global batch."""
     lr_batch: int = Field(128, ge=1)
     """The global batch that lr is tuned for (the DDPM paper's CIFAR-10 recipe: 128), when lr_scaling is on."""
     optimizer: Literal["adam", "adamw"] = "adam"
@@ -196,19 +196,19 @@ class TrainConfig(Section):
     """Autocast precision: auto means bf16 on CUDA, fp32 elsewhere."""
     compile: Literal["auto", "off", "on", "max-autotune", "reduce-overhead"] = "auto"
     """torch.compile the training step (forward and backward): on = the default mode, reduce-overhead adds
-    CUDA graphs, max-autotune also tunes kernels (block sizes alone: +3.2% img/s on an H100, for a first step
-    that compiles ~2.7x longer); auto means reduce-overhead on CUDA, off elsewhere."""
+    CUDA graphs, max-autotune also tunes kernels (a little faster, for a first step that compiles much longer;
+    BENCHMARKS.md); auto means reduce-overhead on CUDA, off elsewhere."""
     combo_kernels: Literal["auto", "on", "off"] = "auto"
     """Let torch.compile launch independent small kernels together as one (inductor's combo kernels: a step
-    makes ~800 kernel calls, many of them tiny reductions at 8x8 and 4x4); auto means on when the step is
-    compiled on CUDA (H100, batch 128: +5.0% training img/s)."""
+    makes many kernel calls, many of them tiny reductions at 8x8 and 4x4); auto means on when the step is
+    compiled on CUDA, where it is faster (BENCHMARKS.md)."""
     channels_last: Literal["auto", "on", "off"] = "auto"
     """Channels-last memory layout: on also makes torch.compile keep the whole graph channels-last; auto means
     on for CUDA, off elsewhere."""
     norm_stats: Literal["auto", "group", "channel"] = "auto"
     """How GroupNorm computes its statistics (the same function either way): group = torch's kernel; channel =
     per channel first, then per group, which reads channels-last memory in order and keeps bf16 activations in
-    bf16 (H100: +11% training img/s); auto = channel when the layout is channels-last, group otherwise."""
+    bf16, faster on a GPU (BENCHMARKS.md); auto = channel when the layout is channels-last, group otherwise."""
     grad_sync: Literal["auto", "ddp", "flat"] = "auto"
     """How ranks average gradients under torchrun: ddp = DistributedDataParallel's bucketed all-reduce, overlapped
     with the backward; flat = one all-reduce of all gradients after the backward, which keeps a CUDA-graph step

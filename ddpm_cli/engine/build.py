@@ -48,7 +48,7 @@ def use_bf16(cfg: RunConfig, device: torch.device) -> bool:
 
 def compile_mode(cfg: RunConfig, device: torch.device) -> str | None:
     """The torch.compile mode for the training step, or None for eager. auto = CUDA graphs on CUDA: the step is
-    launch-bound at batch 128 (H100: 2,433 img/s compiled, 4,442 with CUDA graphs; BENCHMARKS.md)."""
+    launch-bound at batch 128, which CUDA graphs relieve (BENCHMARKS.md has the figures)."""
     c = cfg.train.compile
     if c == "off" or (c == "auto" and device.type != "cuda"):
         return None
@@ -58,7 +58,7 @@ def compile_mode(cfg: RunConfig, device: torch.device) -> str | None:
 def compile_options(cfg: RunConfig, device: torch.device, mode: str) -> dict:
     """Inductor's options for the training step: those of torch.compile's `mode`, plus combo kernels (auto: on
     for CUDA), which launch independent kernels of a graph as one; the step has many small ones (per-channel
-    and per-group reductions at the 8x8 and 4x4 levels). H100, batch 128: 6,467 -> 6,791 img/s (BENCHMARKS.md)."""
+    and per-group reductions at the 8x8 and 4x4 levels), so it is faster (BENCHMARKS.md)."""
     from torch._inductor import list_mode_options
 
     options = dict(list_mode_options(mode))
@@ -85,15 +85,14 @@ def sampler_compile_options(mode: str, device: torch.device) -> dict:
 def use_channels_last(cfg: RunConfig, device: torch.device) -> bool:
     """auto: on for CUDA. Under torch.compile it also forces inductor's layout optimisation, which its heuristics
     refuse for this UNet (convolutions with more input than output channels), leaving cuDNN to transpose
-    NCHW<->NHWC around every convolution (22% of the step's GPU time; BENCHMARKS.md)."""
+    NCHW<->NHWC around every convolution (a large share of the step's GPU time; BENCHMARKS.md)."""
     c = cfg.train.channels_last
     return c == "on" or (c == "auto" and device.type == "cuda")
 
 
 def use_channel_stats(cfg: RunConfig, channels_last: bool) -> bool:
     """GroupNorm from per-channel statistics: auto = with a channels-last layout, where torch's per-group
-    reduction strides over memory (H100, batch 128: 5,122 -> 5,663 img/s training, 23,774 -> 27,183 UNet
-    evaluations/s sampling; BENCHMARKS.md)."""
+    reduction strides over memory; faster for training and sampling (BENCHMARKS.md)."""
     n = cfg.train.norm_stats
     return n == "channel" or (n == "auto" and channels_last)
 

@@ -36,7 +36,7 @@ class GroupNorm(nn.GroupNorm):
     the input's dtype (bf16 under autocast), while the statistics are fp32. Turned on by `channel_stats(model)`.
     The per-channel statistics are torch.var_mean's (Welford): plain sums of x and x^2 would be cheaper, but lose
     the variance when the mean is large against the spread; sums shifted by one of the channel's own values keep
-    it, yet made the compiled sampler 7% slower (H100, 2026-11-27; BENCHMARKS.md)."""
+    it, yet made the compiled sampler slower (BENCHMARKS.md)."""
 
     channel_stats = False
 
@@ -65,7 +65,7 @@ def channel_stats(model: nn.Module, on: bool = True) -> nn.Module:
 class _DenseGrad(torch.autograd.Function):
     """Identity whose gradient is made contiguous in the input's layout. The gradient of a `torch.cat` input is
     a channel slice of the concatenation's gradient; handed on as such, every convolution behind it copies the
-    slice to dense memory in its backward (eager copies, ~1 ms a training step on an H100). Asked for here,
+    slice to dense memory in its backward (eager copies, outside the compiled graph). Asked for here,
     inside the compiled graph, the dense gradient is written by the kernel that computes it."""
 
     @staticmethod
@@ -118,8 +118,8 @@ class Attention(nn.Module):
 
     The 1x1 convolutions q/k/v and out are applied as matrix products on a (B, H*W, C) view of the normalised
     input: for a channels-last tensor that view is free, and so is the way back, so neither the forward nor the
-    backward converts layouts (through NCHW-ordered reshapes the backward paid ~1 ms a training step on an H100
-    for eager copies of the q/k/v gradient). Same parameters and the same function as the convolutions."""
+    backward converts layouts (through NCHW-ordered reshapes the backward paid for eager copies of the q/k/v
+    gradient). Same parameters and the same function as the convolutions."""
 
     def __init__(self, ch: int, num_heads: int, norm):
         super().__init__()
@@ -150,8 +150,8 @@ class Downsample(nn.Module):
 def upsample_nearest2x(x: torch.Tensor) -> torch.Tensor:
     """Nearest-neighbour 2x upsampling, as F.interpolate(x, scale_factor=2, mode="nearest"), written as a
     broadcast: its gradient is then a sum over each 2x2 block, where interpolate's is a scatter-add into zeros
-    (H100, batch 128: 6,255 -> 6,467 training img/s). A channels-last input is expanded on its (B, H, W, C)
-    view, so the result stays channels-last and neither direction changes layout."""
+    (faster training; BENCHMARKS.md). A channels-last input is expanded on its (B, H, W, C) view, so the result
+    stays channels-last and neither direction changes layout."""
     B, C, H, W = x.shape
     if C > 1 and x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous():
         y = x.permute(0, 2, 3, 1)[:, :, None, :, None, :].expand(B, H, 2, W, 2, C)
@@ -179,8 +179,8 @@ class Upsample(nn.Module):
     convolution on the small input (fold_nearest2x): each output pixel then costs 4 taps, not 9, so the
     layer does 2.25x fewer multiply-adds, and the 4x larger upsampled tensor (and its gradient) is never
     written. The parameters stay those of the 3x3 convolution, so checkpoints do not change. `ddpm sample`,
-    `ddpm eval` (engine.generate.inference_net: H100 +4.3%) and the ONNX and pt2 exports turn it on; training,
-    its sample grids and the Python API leave it off (training on an H100: -10%, BENCHMARKS.md)."""
+    `ddpm eval` (engine.generate.inference_net) and the ONNX and pt2 exports turn it on, where it is faster;
+    training, its sample grids and the Python API leave it off, where it is slower (BENCHMARKS.md)."""
 
     folded = False
 

@@ -4,7 +4,6 @@ EMA decays, classes, the autoguidance guide) and the stored run config.
 A safetensors file is: 8 bytes little-endian header length N, N bytes of JSON, then the tensor bytes."""
 from __future__ import annotations
 
-import copy
 import json
 import re
 import struct
@@ -54,7 +53,7 @@ def _is_pt2(p: Path) -> bool:
     try:
         with zipfile.ZipFile(p) as z:
             return any(n.endswith("/archive_format") and z.read(n).strip() == b"pt2" for n in z.namelist())
-    except (OSError, zipfile.BadZipFile, KeyError, RuntimeError):
+    except Exception:  # noqa: BLE001 - any zip it cannot read (corrupt, odd compression) is no pt2 it knows
         return False
 
 
@@ -204,8 +203,8 @@ class StoredConfig:
         set_error = None
         if overrides:
             try:
-                return validate_config(apply_overrides(copy.deepcopy(self.data), list(overrides)),
-                                       f"{self.path} (stored config with --set)")
+                fresh = json.loads(self.metadata["config"])  # a copy to override (parsed once already)
+                return validate_config(apply_overrides(fresh, list(overrides)), f"{self.path} (stored config with --set)")
             except ConfigError as e:  # the override's fault, unless the stored config is bad by itself
                 set_error = e
         try:

@@ -19,7 +19,12 @@ from typer.testing import CliRunner
 
 from conftest import SHARED
 from ddpm_cli.cli.app import app
-from ddpm_cli.engine import evaluate as ev
+from ddpm_cli.engine.evaluation import inception as ev_inception
+from ddpm_cli.engine.evaluation import reference as ev_reference
+from ddpm_cli.engine.evaluation import run as ev_run
+from ddpm_cli.engine.evaluation import scores as ev_scores
+from ddpm_cli.engine.evaluation import sources as ev_sources
+from ddpm_cli.engine.evaluation import stats as ev_stats
 from ddpm_cli.engine.data import make_shapes
 
 fe = pytest.importorskip("torch_fidelity.feature_extractor_inceptionv3")
@@ -59,8 +64,8 @@ def weights(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def inception(weights, small_resize) -> ev.Inception:
-    return ev.load_inception(weights, "cpu")
+def inception(weights, small_resize) -> ev_inception.Inception:
+    return ev_inception.load_inception(weights, "cpu")
 
 
 def noisy(images: torch.Tensor, std: float, seed: int = 1) -> torch.Tensor:
@@ -74,14 +79,14 @@ def clean() -> torch.Tensor:
 
 
 @pytest.fixture(scope="module")
-def clean_stats(clean, inception) -> ev.FeatureStats:
-    return ev.compute_stats(ev.tensor_source(clean, "clean"), inception, batch_size=32)
+def clean_stats(clean, inception) -> ev_stats.FeatureStats:
+    return ev_stats.compute_stats(ev_sources.tensor_source(clean, "clean"), inception, batch_size=32)
 
 
 @pytest.fixture(scope="module")
-def noisy_stats(clean, inception) -> dict[int, ev.FeatureStats]:
+def noisy_stats(clean, inception) -> dict[int, ev_stats.FeatureStats]:
     """The reference images with Gaussian noise of each strength in NOISE."""
-    return {s: ev.compute_stats(ev.tensor_source(noisy(clean, s), f"noise {s}"), inception, batch_size=32)
+    return {s: ev_stats.compute_stats(ev_sources.tensor_source(noisy(clean, s), f"noise {s}"), inception, batch_size=32)
             for s in NOISE}
 
 
@@ -107,8 +112,8 @@ def zip_folder(root: Path, dest: Path) -> Path:
 # The math, against torch-fidelity's own functions (no Inception needed)
 
 
-def _stats_of(x: np.ndarray, keep_rows: bool = True) -> ev.FeatureStats:
-    return ev.FeatureStats(x.mean(0), np.cov(x, rowvar=False), len(x), x.astype(np.float32) if keep_rows else None)
+def _stats_of(x: np.ndarray, keep_rows: bool = True) -> ev_stats.FeatureStats:
+    return ev_stats.FeatureStats(x.mean(0), np.cov(x, rowvar=False), len(x), x.astype(np.float32) if keep_rows else None)
 
 
 # the low-rank route (n <= d, rows kept); Cholesky of the full-rank one; both singular (eigh)
@@ -124,12 +129,12 @@ def test_frechet_distance_equals_torch_fidelity(n1, n2):
     sa, sb = _stats_of(a), _stats_of(b)
     theirs = fid_statistics_to_metric({"mu": sa.mu, "sigma": sa.sigma}, {"mu": sb.mu, "sigma": sb.sigma},
                                       False)["frechet_inception_distance"]
-    ours_fast = ev.frechet_distance(sa, sb)
-    ours_full = ev.frechet_distance(_stats_of(a, False), _stats_of(b, False))
+    ours_fast = ev_scores.frechet_distance(sa, sb)
+    ours_full = ev_scores.frechet_distance(_stats_of(a, False), _stats_of(b, False))
     assert ours_fast == pytest.approx(theirs, rel=1e-6)
     assert ours_full == pytest.approx(theirs, rel=1e-6)
     for s in (sa, sb):  # a set against itself: 0 up to float64 rounding
-        assert abs(ev.frechet_distance(s, s)) < 1e-8 * np.trace(s.sigma)
+        assert abs(ev_scores.frechet_distance(s, s)) < 1e-8 * np.trace(s.sigma)
 
 
 def test_kid_equals_torch_fidelity():
@@ -139,8 +144,8 @@ def test_kid_equals_torch_fidelity():
     f1 = rng.random((120, 32)).astype(np.float32)
     f2 = (rng.random((90, 32)) * 1.1).astype(np.float32)
     theirs = kid_features_to_metric(torch.from_numpy(f1), torch.from_numpy(f2), kid_subsets=7, kid_subset_size=50,
-                                    verbose=False, rng_seed=ev.KID_SEED)
-    mean, std = ev.kernel_inception_distance(f1, f2, subsets=7, subset_size=50)
+                                    verbose=False, rng_seed=ev_scores.KID_SEED)
+    mean, std = ev_scores.kernel_inception_distance(f1, f2, subsets=7, subset_size=50)
     assert mean == pytest.approx(theirs["kernel_inception_distance_mean"], rel=1e-4, abs=1e-7)
     assert std == pytest.approx(theirs["kernel_inception_distance_std"], rel=1e-4, abs=1e-7)
 
@@ -148,7 +153,7 @@ def test_kid_equals_torch_fidelity():
 def test_streaming_statistics_equal_numpy(inception):
     rng = np.random.default_rng(2)
     x = (rng.random((37, 16)) * 3 + 100).astype(np.float32)  # a large mean: the shifted sums keep precision
-    m = ev._Moments()
+    m = ev_stats._Moments()
     for i in range(0, 37, 10):
         m.add(torch.from_numpy(x[i:i + 10]))
     mu, sigma = m.result()
@@ -157,7 +162,7 @@ def test_streaming_statistics_equal_numpy(inception):
 
 
 def test_balanced_labels_cover_the_classes_evenly():
-    counts = torch.bincount(ev.balanced_labels(25, 10), minlength=10)
+    counts = torch.bincount(ev_sources.balanced_labels(25, 10), minlength=10)
     assert counts.tolist() == [3] * 5 + [2] * 5
 
 
@@ -179,27 +184,27 @@ def test_a_model_source_samples_in_its_own_batches_and_hands_out_the_consumers()
 
     diffusion = GaussianDiffusion(make_betas("linear", 1000))
     opts = dict(image_shape=(3, 4, 4), steps=2, seed=3)
-    src = ev.model_source(net, diffusion, 10, sample_batch=5, **opts)
+    src = ev_sources.model_source(net, diffusion, 10, sample_batch=5, **opts)
     got = list(src.batches(3))
     assert set(seen) == {5} and [b.shape[0] for b in got] == [3, 3, 3, 1]  # two network batches, handed out in 3s
-    same = torch.cat(list(ev.model_source(net, diffusion, 10, **opts).batches(3)))
+    same = torch.cat(list(ev_sources.model_source(net, diffusion, 10, **opts).batches(3)))
     assert torch.equal(torch.cat(got), same) and set(seen[4:]) == {3, 1}  # default: the consumer's size
 
 
 def test_a_set_against_itself_scores_zero(clean_stats, noisy_stats):
     assert clean_stats.n == N_REF and clean_stats.features.shape == (N_REF, 2048)
     assert np.isfinite(clean_stats.features).all() and clean_stats.features.std() > 1e-3  # not vanished
-    assert abs(ev.frechet_distance(clean_stats, clean_stats)) < 1e-8 * np.trace(clean_stats.sigma)
+    assert abs(ev_scores.frechet_distance(clean_stats, clean_stats)) < 1e-8 * np.trace(clean_stats.sigma)
     # KID's subsets are drawn independently from each side, so a set against itself is only about 0
-    assert abs(ev.score(clean_stats, clean_stats, kid_subset_size=32).kid_mean) < 0.1 * \
-        ev.score(noisy_stats[NOISE[-1]], clean_stats, kid_subset_size=32).kid_mean
+    assert abs(ev_scores.score(clean_stats, clean_stats, kid_subset_size=32).kid_mean) < 0.1 * \
+        ev_scores.score(noisy_stats[NOISE[-1]], clean_stats, kid_subset_size=32).kid_mean
 
 
 def test_fid_grows_with_noise(clean_stats, noisy_stats):
-    fids = [ev.frechet_distance(clean_stats, clean_stats)] + \
-        [ev.frechet_distance(noisy_stats[s], clean_stats) for s in NOISE]
+    fids = [ev_scores.frechet_distance(clean_stats, clean_stats)] + \
+        [ev_scores.frechet_distance(noisy_stats[s], clean_stats) for s in NOISE]
     assert all(b > a for a, b in zip(fids, fids[1:])), fids
-    kids = [ev.score(noisy_stats[s], clean_stats, kid_subsets=20, kid_subset_size=32).kid_mean for s in NOISE]
+    kids = [ev_scores.score(noisy_stats[s], clean_stats, kid_subsets=20, kid_subset_size=32).kid_mean for s in NOISE]
     assert kids[-1] > kids[-2] > kids[0], kids  # KID is noisier: only the larger steps are asserted
 
 
@@ -221,18 +226,18 @@ def test_fid_and_kid_equal_torch_fidelity_calculate_metrics(clean, noisy_stats, 
     theirs = calculate_metrics(input1=_Images(noisy(clean, s)), input2=_Images(clean), fid=True, kid=True,
                                feature_extractor_weights_path=str(weights), cuda=False, batch_size=32,
                                kid_subsets=10, kid_subset_size=40, cache=False, verbose=False, save_cpu_ram=True)
-    ours = ev.score(noisy_stats[s], clean_stats, kid_subsets=10, kid_subset_size=40)
+    ours = ev_scores.score(noisy_stats[s], clean_stats, kid_subsets=10, kid_subset_size=40)
     assert ours.fid == pytest.approx(theirs["frechet_inception_distance"], rel=1e-4)
     assert ours.kid_mean == pytest.approx(theirs["kernel_inception_distance_mean"], rel=1e-3)
     assert ours.kid_std == pytest.approx(theirs["kernel_inception_distance_std"], rel=1e-2)
 
 
 def test_large_sets_keep_a_fixed_random_subset_of_rows_for_kid(clean, clean_stats, inception, tmp_path):
-    part = ev.compute_stats(ev.tensor_source(clean[:12], "12"), inception, batch_size=5, kid_features_max=5)
-    keep = ev._kid_rows(12, 5)
+    part = ev_stats.compute_stats(ev_sources.tensor_source(clean[:12], "12"), inception, batch_size=5, kid_features_max=5)
+    keep = ev_stats._kid_rows(12, 5)
     assert part.n == 12 and part.features.shape == (5, 2048) and not part.complete
     np.testing.assert_allclose(part.features, clean_stats.features[:12][keep], rtol=1e-5, atol=1e-6)
-    back = ev.load_stats(ev.save_stats(part, tmp_path / "sub" / "part.npz"))  # makes the folder
+    back = ev_stats.load_stats(ev_stats.save_stats(part, tmp_path / "sub" / "part.npz"))  # makes the folder
     assert back.n == 12 and np.array_equal(back.features, part.features) and np.array_equal(back.sigma, part.sigma)
     assert back.meta["inception"] == inception.identity
 
@@ -241,8 +246,8 @@ def test_folder_and_zip_sources_read_the_same_images(clean, tmp_path):
     folder = write_folder(clean[:10], tmp_path / "imgs", classes=3)
     (folder / "notes.txt").write_text("not an image")
     zipped = zip_folder(folder, tmp_path / "imgs.zip")
-    a = torch.cat(list(ev.files_source(folder).batches(4)))
-    b = torch.cat(list(ev.files_source(zipped).batches(3)))
+    a = torch.cat(list(ev_sources.files_source(folder).batches(4)))
+    b = torch.cat(list(ev_sources.files_source(zipped).batches(3)))
     order = sorted(range(10), key=lambda i: (f"class_{i % 3}", i))  # sorted path order
     assert torch.equal(a, clean[order]) and torch.equal(b, clean[order])
 
@@ -251,7 +256,7 @@ def test_reference_statistics_are_cached_and_invalidated(clean, inception, tmp_p
     folder = write_folder(clean[:6], tmp_path / "ref", classes=1)
     cache = tmp_path / "cache"
 
-    class Log(ev.EvalCallbacks):
+    class Log(ev_stats.EvalCallbacks):
         def __init__(self):
             self.phases, self.messages = [], []
 
@@ -262,13 +267,13 @@ def test_reference_statistics_are_cached_and_invalidated(clean, inception, tmp_p
             self.messages.append(text)
 
     first, second, third = Log(), Log(), Log()
-    s1 = ev.reference_stats(str(folder), inception, cache_dir=cache, callbacks=first)
+    s1 = ev_reference.reference_stats(str(folder), inception, cache_dir=cache, callbacks=first)
     assert first.phases == [("reference", 6)] and len(list(cache.glob("*.npz"))) == 1
-    s2 = ev.reference_stats(str(folder), inception, cache_dir=cache, callbacks=second)
+    s2 = ev_reference.reference_stats(str(folder), inception, cache_dir=cache, callbacks=second)
     assert second.phases == [] and any("cache" in m for m in second.messages)
     np.testing.assert_array_equal(s1.sigma, s2.sigma)
     write_folder(noisy(clean[:1], 30), folder / "extra")  # the folder changed: recomputed
-    ev.reference_stats(str(folder), inception, cache_dir=cache, callbacks=third)
+    ev_reference.reference_stats(str(folder), inception, cache_dir=cache, callbacks=third)
     assert third.phases == [("reference", 7)] and len(list(cache.glob("*.npz"))) == 2
 
 
@@ -314,7 +319,7 @@ def test_cli_save_stats_then_stats_ref_gives_the_folder_fid(cli_files, noisy_sta
     assert by_folder["n"] == N_REF and by_folder["ref"] == str(f["ref"])
     # PNG files and an NHWC npz carry the same pixels as the tensors the engine scored directly (KID is left out:
     # the folder is read in path order, so its subsets hold other images)
-    assert by_folder["fid"] == pytest.approx(ev.frechet_distance(noisy_stats[NOISE[1]], clean_stats), rel=1e-6)
+    assert by_folder["fid"] == pytest.approx(ev_scores.frechet_distance(noisy_stats[NOISE[1]], clean_stats), rel=1e-6)
 
 
 def test_cli_ref_from_a_run_config(cli_files, tmp_path, monkeypatch):
@@ -340,7 +345,7 @@ def test_cli_ref_from_a_run_config(cli_files, tmp_path, monkeypatch):
 
 def test_cli_samples_a_checkpoint_and_scores_it(cli_files, clean_stats, trained_run, trained_conditional_run):
     f = cli_files
-    stats = ev.save_stats(clean_stats, f["root"] / "clean_stats.npz")
+    stats = ev_stats.save_stats(clean_stats, f["root"] / "clean_stats.npz")
     r = runner.invoke(app, ["eval", str(trained_run), "-n", "6", "--steps", "2", "--ref", str(stats), "--seed", "3",
                             *f["common"]])
     assert r.exit_code == 0, r.output
@@ -371,7 +376,7 @@ def test_fid_of_model_for_the_training_loop(trained_conditional_run, clean_stats
     model, diffusion, cfg, _ = load_model(trained_conditional_run)
     model.train()
     m = cfg.model
-    res = ev.fid_of_model(model, diffusion, 5, clean_stats, inception, image_shape=(3, m.image_size, m.image_size),
+    res = ev_run.fid_of_model(model, diffusion, 5, clean_stats, inception, image_shape=(3, m.image_size, m.image_size),
                           num_classes=m.num_classes, steps=2, guidance=1.5, batch_size=5)
     assert model.training  # its mode is restored
     assert res.n == 5 and np.isfinite(res.fid) and res.fid > 0 and res.kid_mean is None
@@ -472,18 +477,18 @@ CIFAR_TEST = SHARED / "data" / "cifar10-jpeg" / "test.zip"
 @pytest.mark.skipif(not (REAL_WEIGHTS.is_file() and CIFAR_TEST.is_file()), reason="../shared assets absent")
 def test_real_weights_tell_cifar_from_noise(monkeypatch):
     monkeypatch.setattr(fe.FeatureExtractorInceptionV3, "INPUT_IMAGE_SIZE", 299)
-    inc = ev.load_inception(REAL_WEIGHTS, "cpu")
-    src = ev.files_source(CIFAR_TEST)
+    inc = ev_inception.load_inception(REAL_WEIGHTS, "cpu")
+    src = ev_sources.files_source(CIFAR_TEST)
     assert src.count == 10_000
     first = next(src.batches(16))  # (16, 3, 32, 32): airplanes, in path order
-    a = ev.compute_stats(ev.tensor_source(first[:8], "a"), inc, batch_size=8)
-    b = ev.compute_stats(ev.tensor_source(first[8:], "b"), inc, batch_size=8)
+    a = ev_stats.compute_stats(ev_sources.tensor_source(first[:8], "a"), inc, batch_size=8)
+    b = ev_stats.compute_stats(ev_sources.tensor_source(first[8:], "b"), inc, batch_size=8)
     g = torch.Generator().manual_seed(0)
     rand = torch.randint(0, 256, (8, 3, 32, 32), generator=g, dtype=torch.uint8)
-    c = ev.compute_stats(ev.tensor_source(rand, "noise"), inc, batch_size=8)
+    c = ev_stats.compute_stats(ev_sources.tensor_source(rand, "noise"), inc, batch_size=8)
     assert (a.features >= 0).all() and np.isfinite(a.features).all()
     # 8 images a side: FID is mostly small-sample bias, so the means tell the sets apart more sharply
-    assert ev.frechet_distance(a, b) < ev.frechet_distance(a, c)
+    assert ev_scores.frechet_distance(a, b) < ev_scores.frechet_distance(a, c)
     assert np.sum((a.mu - b.mu) ** 2) < 0.5 * np.sum((a.mu - c.mu) ** 2)
 
 

@@ -105,7 +105,7 @@ def test_a_compiled_sampler_is_compiled_once_whatever_the_last_batch(monkeypatch
 def test_fid_on_the_gpu_equals_the_cpu(n1, n2, rows):
     import numpy as np
 
-    from ddpm_cli.engine import evaluate as ev
+    from ddpm_cli.engine.evaluation import scores as ev
 
     rng = np.random.default_rng(1)
     a = rng.standard_normal((n1, 64)) @ rng.standard_normal((64, 64)) * 0.3 + 0.5

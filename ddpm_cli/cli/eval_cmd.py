@@ -122,7 +122,7 @@ def eval_command(
         fail("nothing to score: pass a checkpoint or samples, or --save-stats FILE to precompute the reference "
              "statistics", code=2)
 
-    from ddpm_cli.engine.evaluate import EvalRequest, check_request, evaluate
+    from ddpm_cli.engine.evaluation.run import EvalRequest, check_request, evaluate
 
     req = EvalRequest(ref=ref, input=input, n=n, batch_size=batch_size, device=device, seed=seed, sampler=sampler,
                       steps=steps, guidance=guidance, guide=guide_model, ema_decay=ema_decay,

@@ -10,6 +10,7 @@ import zipfile
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
+from typing import Iterator
 
 import numpy as np
 import torch
@@ -88,22 +89,44 @@ def make_shapes(count: int, image_size: int, channels: int = 3, seed: int = 0) -
 # CIFAR-10 through torchvision
 
 
-def load_cifar10(cfg: DataConfig, image_size: int, channels: int) -> ImageSet:
+def read_cifar10(root: Path, train: bool, download: bool, how_to: str) -> tuple[torch.Tensor, list[int], list[str]]:
+    """torchvision's CIFAR-10 under `root` as uint8 (N, 3, 32, 32), labels and class names; downloaded there when
+    missing and `download` is on (its progress goes to stderr, and a failed download leaves no empty folder)."""
+    import sys
+    from contextlib import redirect_stdout
+
     from torchvision.datasets import CIFAR10
 
-    root = Path(cfg.root).expanduser()
-    how_to = (f"put CIFAR-10's python archive under {root} (data.root), or train on a local copy of the images "
-              f"with data.dataset=folder and data.root=PATH (a folder or .zip, e.g. cifar10-jpeg/train.zip)")
     try:
-        ds = CIFAR10(str(root), train=cfg.split == "train", download=cfg.download)
+        ds = CIFAR10(str(root), train=train, download=False)
     except RuntimeError:
-        raise DataError(f"CIFAR-10 not found under {root} and download is off; set data.download=true or "
-                        + how_to) from None
-    except OSError as e:  # URLError and friends: offline, DNS, permissions
-        raise DataError(f"CIFAR-10 is not under {root} and could not be downloaded ({e}); " + how_to) from None
+        if not download:
+            raise DataError(f"CIFAR-10 not found under {root} and download is off; " + how_to) from None
+        existed = root.exists()
+        try:
+            with redirect_stdout(sys.stderr):  # torchvision prints its download to stdout
+                ds = CIFAR10(str(root), train=train, download=True)
+        except (OSError, RuntimeError) as e:  # URLError and friends: offline, DNS, permissions
+            if not existed:
+                try:
+                    root.rmdir()  # the failed download made it; leave no empty folder behind
+                except OSError:
+                    pass
+            reason = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
+            raise DataError(f"CIFAR-10 is not under {root} and could not be downloaded ({reason}); "
+                            + how_to) from None
     images = torch.from_numpy(ds.data).permute(0, 3, 1, 2).contiguous()  # (N, 3, 32, 32)
+    return images, list(ds.targets), list(ds.classes)
+
+
+def load_cifar10(cfg: DataConfig, image_size: int, channels: int) -> ImageSet:
+    root = Path(cfg.root).expanduser()
+    how_to = (f"set data.download=true, or put CIFAR-10's python archive under {root} (data.root), or train on a "
+              f"local copy of the images with data.dataset=folder and data.root=PATH (a folder or .zip, e.g. "
+              f"cifar10-jpeg/train.zip)")
+    images, targets, classes = read_cifar10(root, cfg.split == "train", cfg.download, how_to)
     images = _fit_tensor(images, image_size, channels)
-    return ImageSet(images, torch.tensor(ds.targets, dtype=torch.long), list(ds.classes))
+    return ImageSet(images, torch.tensor(targets, dtype=torch.long), classes)
 
 
 def _fit_tensor(images: torch.Tensor, image_size: int, channels: int) -> torch.Tensor:
@@ -118,7 +141,74 @@ def _fit_tensor(images: torch.Tensor, image_size: int, channels: int) -> torch.T
 
 
 # ----------------------------------------------------------------------------------------------------------
-# folder / zip: an ImageFolder tree (class subfolders become labels) or a flat folder (unlabelled)
+# folder / zip: an ImageFolder tree (class subfolders become labels) or a flat folder (unlabelled). ImageFiles
+# and decode_image are the one image-file reader: training decodes every file at once (load_folder), evaluation
+# streams them batch by batch at their own size (evaluation.sources.files_source).
+
+
+class ImageFiles:
+    """The image files of a folder (recursively) or a .zip, in sorted path order; hidden files are skipped and
+    files without an image extension counted (`others`). `what` names the path in messages (e.g. "data.root")."""
+
+    def __init__(self, root: str | Path, what: str = ""):
+        self.root = root = Path(root).expanduser()
+        label = f"{what} {root}" if what else str(root)
+        if not root.exists():
+            raise DataError(f"{label} does not exist; point it at a folder or .zip of images" if what else
+                            f"{root} not found; pass a folder or .zip of images")
+        self.is_zip = root.is_file()
+        if self.is_zip:
+            if not zipfile.is_zipfile(root):
+                raise DataError(f"{label} is a file but not a .zip; point it at a folder or .zip of images")
+            try:
+                with zipfile.ZipFile(root) as zf:
+                    names = sorted(n for n in zf.namelist() if not n.endswith("/")
+                                   and not PurePosixPath(n).name.startswith("."))
+            except (OSError, zipfile.BadZipFile) as e:
+                raise DataError(f"cannot read {label} ({e})") from None
+            self.entries: list = [n for n in names if n.lower().endswith(IMAGE_EXTENSIONS)]
+            self.rel = [PurePosixPath(n) for n in self.entries]
+        else:
+            files = sorted(p for p in root.rglob("*") if p.is_file() and not p.name.startswith("."))
+            self.entries = [p for p in files if p.suffix.lower() in IMAGE_EXTENSIONS]
+            names = files
+            self.rel = [PurePosixPath(p.relative_to(root).as_posix()) for p in self.entries]
+        self.others = len(names) - len(self.entries)
+        if not self.entries:
+            raise DataError(f"no images found in {root} (looked for {', '.join(IMAGE_EXTENSIONS)})")
+
+    def __len__(self) -> int:
+        return len(self.entries)
+
+    def blobs(self, chunk: int) -> Iterator[list[bytes]]:
+        """The files' bytes, `chunk` files at a time, in order."""
+        zf = zipfile.ZipFile(self.root) if self.is_zip else None
+        try:
+            for i in range(0, len(self.entries), chunk):
+                part = self.entries[i:i + chunk]
+                yield [zf.read(n) for n in part] if zf is not None else [p.read_bytes() for p in part]
+        finally:
+            if zf is not None:
+                zf.close()
+
+
+def decode_image(blob: bytes, size: tuple[int, int] | None = None,
+                 channels: int = 3) -> tuple[np.ndarray | None, bool]:
+    """An image file -> (uint8 (C, H, W), whether it was resized): converted to RGB (or L for one channel) and
+    center-cropped and resized to `size` (W, H) when its own size differs. (None, False) for a file that is not
+    a readable image."""
+    from PIL import Image, ImageOps
+
+    try:
+        with Image.open(io.BytesIO(blob)) as im:
+            im = im.convert("RGB" if channels == 3 else "L")
+            resized = size is not None and im.size != tuple(size)
+            if resized:
+                im = ImageOps.fit(im, tuple(size), method=Image.Resampling.BICUBIC)
+            arr = np.asarray(im, dtype=np.uint8)
+    except Exception:  # PIL raises many types for corrupt files; such a file is skipped with a warning
+        return None, False
+    return (arr[None] if arr.ndim == 2 else arr.transpose(2, 0, 1)), resized
 
 
 def _class_layout(paths: list[PurePosixPath]) -> tuple[list[str], list[int] | None]:
@@ -135,57 +225,24 @@ def _class_layout(paths: list[PurePosixPath]) -> tuple[list[str], list[int] | No
     return [], None
 
 
-def _decode(blob: bytes, image_size: int, channels: int) -> np.ndarray:
-    from PIL import Image, ImageOps
-
-    with Image.open(io.BytesIO(blob)) as im:
-        im = im.convert("RGB" if channels == 3 else "L")
-        if im.size != (image_size, image_size):
-            im = ImageOps.fit(im, (image_size, image_size), method=Image.Resampling.BICUBIC)
-        arr = np.asarray(im, dtype=np.uint8)
-    return arr[None] if arr.ndim == 2 else arr.transpose(2, 0, 1)
-
-
 def load_folder(cfg: DataConfig, image_size: int, channels: int) -> ImageSet:
-    root = Path(cfg.root).expanduser()
-    if not root.exists():
-        raise DataError(f"data.root {root} does not exist; point it at a folder or .zip of images")
+    files = ImageFiles(cfg.root, "data.root")
     warnings: list[str] = []
-    if root.is_file():
-        if not zipfile.is_zipfile(root):
-            raise DataError(f"data.root {root} is a file but not a .zip; point it at a folder or .zip of images")
-        with zipfile.ZipFile(root) as zf:
-            names = [n for n in zf.namelist() if not n.endswith("/") and not PurePosixPath(n).name.startswith(".")]
-            image_names = [n for n in names if n.lower().endswith(IMAGE_EXTENSIONS)]
-            others = len(names) - len(image_names)
-            blobs = [zf.read(n) for n in image_names]
-        rel = [PurePosixPath(n) for n in image_names]
-    else:
-        files = sorted(p for p in root.rglob("*") if p.is_file() and not p.name.startswith("."))
-        image_files = [p for p in files if p.suffix.lower() in IMAGE_EXTENSIONS]
-        others = len(files) - len(image_files)
-        blobs = [p.read_bytes() for p in image_files]
-        rel = [PurePosixPath(p.relative_to(root).as_posix()) for p in image_files]
-    if others:
-        warnings.append(f"skipped {others} file(s) in {root} without an image extension")
-    if not rel:
-        raise DataError(f"no images found in {root} (looked for {', '.join(IMAGE_EXTENSIONS)})")
-    classes, labels = _class_layout(rel)
-
-    def decode(blob: bytes) -> np.ndarray | None:
-        try:
-            return _decode(blob, image_size, channels)
-        except Exception:  # PIL raises many types for corrupt files; a bad file is skipped, not fatal
-            return None
-
+    if files.others:
+        warnings.append(f"skipped {files.others} file(s) in {files.root} without an image extension")
+    classes, labels = _class_layout(files.rel)
+    blobs = [b for chunk in files.blobs(len(files)) for b in chunk]
+    size = (image_size, image_size)
     with ThreadPoolExecutor(max_workers=min(16, os.cpu_count() or 1)) as pool:
-        arrays = list(pool.map(decode, blobs, chunksize=256))
+        arrays = [a for a, _ in pool.map(decode_image, blobs, [size] * len(blobs), [channels] * len(blobs),
+                                         chunksize=256)]
+    del blobs
     keep = [i for i, a in enumerate(arrays) if a is not None]
     if len(keep) < len(arrays):
-        bad = [str(rel[i]) for i, a in enumerate(arrays) if a is None]
+        bad = [str(files.rel[i]) for i, a in enumerate(arrays) if a is None]
         warnings.append(f"skipped {len(bad)} file(s) that are not readable images, e.g. {bad[0]}")
     if not keep:
-        raise DataError(f"none of the {len(arrays)} image files in {root} could be decoded")
+        raise DataError(f"none of the {len(arrays)} image files in {files.root} could be decoded")
     images = torch.from_numpy(np.stack([arrays[i] for i in keep]))
     label_t = torch.tensor([labels[i] for i in keep] if labels else [0] * len(keep), dtype=torch.long)
     return ImageSet(images, label_t, classes, warnings)

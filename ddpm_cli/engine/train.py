@@ -423,18 +423,18 @@ class Trainer:
 
     def in_training_fid(self) -> float:
         """FID of `logging.fid_samples` EMA samples (DPM-Solver++, fid_steps) against the reference, on this device."""
-        from ddpm_cli.engine import evaluate as ev
+        from ddpm_cli.engine.evaluation import inception as ev_inception, reference, run, sources
 
         lc, m = self.cfg.logging, self.cfg.model
         if self._fid_state is None:
-            inception = ev.load_inception(lc.fid_inception_weights, self.device)
-            ref = lc.fid_ref or ev.tensor_source(self._train_images, "the training images")
-            self._fid_state = (inception, ev.reference_stats(ref, inception, data_root=self.cfg.data.root,
-                                                             use_cache=lc.fid_ref is not None))
+            inception = ev_inception.load_inception(lc.fid_inception_weights, self.device)
+            ref = lc.fid_ref or sources.tensor_source(self._train_images, "the training images")
+            self._fid_state = (inception, reference.reference_stats(ref, inception, data_root=self.cfg.data.root,
+                                                                    use_cache=lc.fid_ref is not None))
         inception, ref_stats = self._fid_state
         net = self.ema.model if self.ema else self.model
-        result = ev.fid_of_model(net, self.diffusion, lc.fid_samples, ref_stats, inception,
-                                 image_shape=(m.in_channels, m.image_size, m.image_size),
+        result = run.fid_of_model(net, self.diffusion, lc.fid_samples, ref_stats, inception,
+                                  image_shape=(m.in_channels, m.image_size, m.image_size),
                                  num_classes=m.num_classes if m.conditional else None, sampler="dpm++2m",
                                  steps=lc.fid_steps, variance=self.cfg.diffusion.variance, seed=self.cfg.train.seed,
                                  bf16=self.bf16)

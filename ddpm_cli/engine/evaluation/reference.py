@@ -1,0 +1,82 @@
+"""Reference statistics: loaded from a statistics file, else read from the cache, else computed and cached; and
+the check that two statistics come from the same Inception."""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+from pathlib import Path
+
+from ddpm_cli.engine.evaluation.inception import FEATURE_DIM, Inception
+from ddpm_cli.engine.evaluation.sources import ImageSource, open_images_or_stats
+from ddpm_cli.engine.evaluation.stats import (KID_FEATURES_MAX, STATS_VERSION, EvalCallbacks, FeatureStats,
+                                               compute_stats, load_stats, notify, save_stats)
+from ddpm_cli.errors import DataError, DdpmError
+
+
+def default_cache_dir() -> Path:
+    """$DDPM_CACHE_DIR, else $XDG_CACHE_HOME/ddpm/fid-stats, else ~/.cache/ddpm/fid-stats."""
+    if os.environ.get("DDPM_CACHE_DIR"):
+        return Path(os.environ["DDPM_CACHE_DIR"]).expanduser()
+    base = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
+    return base / "ddpm" / "fid-stats"
+
+
+def _cache_file(cache_dir: Path, key: dict, name: str) -> Path:
+    digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:20]
+    slug = re.sub(r"[^A-Za-z0-9._-]+", "_", Path(name).name or name).strip("_")[-48:] or "ref"
+    return cache_dir / f"{slug}-{digest}.npz"
+
+
+def reference_stats(ref: str | Path | ImageSource | FeatureStats, inception: Inception, *,
+                    data_root: str | Path = "data", cache_dir: str | Path | None = None, use_cache: bool = True,
+                    batch_size: int = 64, callbacks: EvalCallbacks | None = None) -> FeatureStats:
+    """Statistics of a reference: loaded from a stats file, else read from the cache, else computed (and cached).
+
+    The cache file is named by a hash of the source's identity (path, sizes, modification times; a config's data
+    section), the Inception's identity (weights, resize, layer, torch-fidelity version) and the stats format."""
+    src = ref if isinstance(ref, (ImageSource, FeatureStats)) else open_images_or_stats(ref, data_root=data_root)
+    if isinstance(src, FeatureStats):
+        check_compatible(src, inception, callbacks)
+        return src
+    for w in src.warnings:
+        notify(callbacks, "on_message", w)
+    path = None
+    if use_cache and src.key is not None:
+        key = {"source": src.key, "inception": inception.identity, "format": STATS_VERSION,
+               "kid_features_max": KID_FEATURES_MAX}
+        path = _cache_file(Path(cache_dir) if cache_dir is not None else default_cache_dir(), key, src.name)
+        if path.is_file():
+            try:
+                stats = load_stats(path)
+            except DataError:
+                stats = None  # a damaged cache entry is recomputed
+            if stats is not None and stats.meta.get("cache_key") == key:
+                notify(callbacks, "on_message", f"reference statistics from the cache: {path}")
+                return stats
+    stats = compute_stats(src, inception, batch_size=batch_size, callbacks=callbacks, phase="reference")
+    if path is not None:
+        stats.meta["cache_key"] = key
+        try:
+            save_stats(stats, path)
+        except DdpmError as e:
+            notify(callbacks, "on_message", f"reference statistics not cached: {e}")
+    return stats
+
+
+def check_compatible(stats: FeatureStats, inception: Inception, callbacks: EvalCallbacks | None = None) -> None:
+    """Refuse statistics of other features; warn when they came from other Inception weights or another resize."""
+    if stats.dim != FEATURE_DIM:
+        raise DataError(f"the statistics have {stats.dim}-dimensional features, but Inception's pool features have "
+                        f"{FEATURE_DIM}; recompute them with `ddpm eval --ref IMAGES --save-stats FILE`")
+    theirs = stats.meta.get("inception")
+    if not isinstance(theirs, dict):
+        notify(callbacks, "on_message", "the reference statistics do not say which Inception made them; FID is only "
+                                     "comparable when it is the same one")
+        return
+    ours = inception.identity
+    for what, k in (("Inception weights", "weights"), ("resize", "input_size")):
+        if theirs.get(k) != ours.get(k):
+            notify(callbacks, "on_message", f"the reference statistics were made with other {what} ({theirs.get(k)}) "
+                                         f"than this run ({ours.get(k)}); the scores are not comparable")

@@ -1,0 +1,292 @@
+"""Image sources for evaluation: a stream of uint8 batches of known length, from a folder or .zip, an .npz, images
+in memory, CIFAR-10, a run config's dataset or a model's samples; and what a --ref or input path names."""
+from __future__ import annotations
+
+import hashlib
+import os
+import sys
+import zipfile
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import redirect_stdout
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+import numpy as np
+import torch
+
+from ddpm_cli.engine.data import ImageFiles, decode_image, read_cifar10
+from ddpm_cli.engine.evaluation.inception import short_reason
+from ddpm_cli.engine.evaluation.stats import FeatureStats, is_stats, load_stats, open_npz
+from ddpm_cli.errors import DataError, DdpmError
+
+CIFAR10_REFS = ("cifar10-train", "cifar10-test")
+NPZ_IMAGE_KEYS = ("images", "samples", "arr_0")
+
+
+@dataclass
+class ImageSource:
+    """A stream of uint8 image batches (B, C, H, W) of known length; `key` identifies it for the cache."""
+
+    name: str
+    count: int
+    batches: Callable[[int], Iterator[torch.Tensor]]
+    key: dict | None = None  # None: never cached
+    warnings: list[str] = field(default_factory=list)
+    prepare: Callable[[], None] | None = None  # fills count and batches when first needed (a cache hit skips it)
+
+    def ready(self) -> "ImageSource":
+        """Run `prepare` once (decode a dataset only when its images are needed)."""
+        if self.prepare is not None:
+            prepare, self.prepare = self.prepare, None
+            prepare()
+        return self
+
+
+
+
+def tensor_source(images: torch.Tensor | np.ndarray, name: str, key: dict | None = None) -> ImageSource:
+    """A source over images already in memory: uint8 (N, C, H, W)."""
+    images = torch.as_tensor(images)
+
+    def batches(bs: int) -> Iterator[torch.Tensor]:
+        for i in range(0, images.shape[0], bs):
+            yield images[i:i + bs]
+
+    return ImageSource(name, int(images.shape[0]), batches, key)
+
+
+def _signature(path: Path) -> list:
+    """What changes when a file or folder changes: its path, sizes and modification times."""
+    path = path.resolve()
+    if path.is_file():
+        st = path.stat()
+        return [str(path), st.st_size, st.st_mtime_ns]
+    h = hashlib.sha256()
+    count = 0
+    for p in sorted(path.rglob("*")):
+        if p.is_file():
+            st = p.stat()
+            h.update(f"{p.relative_to(path).as_posix()}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
+            count += 1
+    return [str(path), count, h.hexdigest()]
+
+
+def files_source(path: str | Path) -> ImageSource:
+    """Every image in a folder (recursively, any ImageFolder-like tree) or a .zip, in sorted path order, read by
+    the reader training uses (data.ImageFiles, data.decode_image) but streamed batch by batch.
+
+    Images are used at their own size (Inception resizes them as TensorFlow does); ones whose size differs from
+    the first image's are center-cropped and resized to it (a warning says how many)."""
+    root = Path(path)
+    if root.is_file() and not zipfile.is_zipfile(root):
+        raise DataError(f"{root} is neither a folder nor a .zip of images")
+    files = ImageFiles(root)
+    src = ImageSource(str(root), len(files), lambda bs: iter(()), {"kind": "files", "path": _signature(root)})
+
+    def batches(bs: int) -> Iterator[torch.Tensor]:
+        size: tuple[int, int] | None = None  # (W, H) of the first readable image; the others are fitted to it
+        bad = resized = 0
+        try:
+            with ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1)) as pool:
+                for blobs in files.blobs(bs):
+                    if size is None:
+                        for blob in blobs:
+                            first, _ = decode_image(blob)
+                            if first is not None:
+                                size = (first.shape[2], first.shape[1])
+                                break
+                    decoded = list(pool.map(decode_image, blobs, [size] * len(blobs)))
+                    good = [a for a, _ in decoded if a is not None]
+                    bad += len(decoded) - len(good)
+                    resized += sum(r for _, r in decoded)
+                    if good:
+                        yield torch.from_numpy(np.stack(good))  # (B, 3, H, W)
+        finally:
+            if bad:
+                src.warnings.append(f"skipped {bad} file(s) in {root} that are not readable images")
+            if resized:
+                src.warnings.append(f"{resized} image(s) in {root} differ in size from the first one and were "
+                                    f"center-cropped and resized to {size[0]}x{size[1]}")
+
+    src.batches = batches
+    return src
+
+
+def _npz_images(z, path: Path) -> np.ndarray:
+    keys = [k for k in NPZ_IMAGE_KEYS if k in z.files] or [k for k in z.files if z[k].ndim == 4]
+    if not keys:
+        raise DataError(f"{path} holds no images (looked for a 4-d uint8 array named {', '.join(NPZ_IMAGE_KEYS)})")
+    try:
+        arr = z[keys[0]]
+    except (ValueError, OSError, EOFError, zipfile.BadZipFile) as e:
+        raise DataError(f"cannot read array {keys[0]!r} of {path} ({short_reason(e)})") from None
+    if arr.ndim == 3:  # (N, H, W) grayscale
+        arr = arr[:, None]
+    if arr.ndim != 4 or arr.dtype != np.uint8:
+        raise DataError(f"{path}: {keys[0]!r} is {arr.dtype} {arr.shape}; expected uint8 images (N, H, W, C) or "
+                        f"(N, C, H, W) with values 0-255")
+    if arr.shape[-1] in (1, 3, 4) and arr.shape[1] not in (1, 3, 4):
+        arr = arr.transpose(0, 3, 1, 2)  # (N, H, W, C) -> (N, C, H, W)
+    elif arr.shape[1] not in (1, 3, 4):
+        raise DataError(f"{path}: cannot tell the channel axis of {keys[0]!r} {arr.shape}; expected (N, H, W, C) or "
+                        f"(N, C, H, W) with 1, 3 or 4 channels")
+    return np.ascontiguousarray(arr)
+
+
+def npz_source(path: str | Path) -> ImageSource:
+    """Images in an .npz (`ddpm sample --format npz` writes `arr_0` as (N, H, W, C) uint8)."""
+    path = Path(path)
+    with open_npz(path) as z:
+        arr = _npz_images(z, path)
+    return tensor_source(torch.from_numpy(arr), str(path), {"kind": "npz", "path": _signature(path)})
+
+
+def cifar10_source(split: str, data_root: str | Path) -> ImageSource:
+    """torchvision's CIFAR-10 (its python archive under `data_root`; downloaded there when missing and online),
+    read as training reads it (data.read_cifar10)."""
+    root = Path(data_root).expanduser()
+    how_to = (f"put CIFAR-10's python archive (cifar-10-batches-py) under {root} with --data-root, or pass --ref a "
+              f"folder or .zip of its images (e.g. cifar10-jpeg/{split}.zip)")
+    images, _, _ = read_cifar10(root, split == "train", True, how_to)
+    key = {"kind": "cifar10", "split": split, "path": _signature(root / "cifar-10-batches-py")}
+    return tensor_source(images, f"cifar10-{split}", key)
+
+
+def config_source(path: str | Path) -> ImageSource:
+    """The dataset a run config's data section names, as `ddpm train` loads it (resized to model.image_size)."""
+    from ddpm_cli.config import load_config
+    from ddpm_cli.engine.data import load_dataset
+
+    cfg = load_config(path)
+    model = cfg.model.model_copy(update={"conditional": False})  # labels play no part in FID
+    root = Path(cfg.data.root).expanduser()
+    data = cfg.data.model_dump(mode="json")
+    for k in ("random_flip", "on_device", "download"):
+        data.pop(k, None)
+    key = {"kind": "config", "data": data, "image_size": model.image_size, "channels": model.in_channels}
+    if cfg.data.dataset == "folder":
+        if not root.exists():
+            raise DataError(f"{path}: data.root {root} does not exist; point it at a folder or .zip of images")
+        key["path"] = _signature(root)
+    elif cfg.data.dataset == "cifar10":
+        key["path"] = _signature(root / "cifar-10-batches-py") if (root / "cifar-10-batches-py").exists() else None
+    src = ImageSource(f"{path} ({cfg.data.dataset} data)", 0, lambda bs: iter(()), key)
+
+    def prepare() -> None:  # decoding a large folder takes a while: only on a cache miss
+        with redirect_stdout(sys.stderr):  # a torchvision download prints to stdout, which holds our JSON
+            ds = load_dataset(cfg.data, model)
+        loaded = tensor_source(ds.images, src.name)
+        src.count, src.batches = loaded.count, loaded.batches
+        src.warnings.extend(ds.warnings)
+
+    src.prepare = prepare
+    return src
+
+
+def balanced_labels(n: int, num_classes: int) -> torch.Tensor:
+    """Classes in turn (0, 1, ..., K-1, 0, ...): every class gets n // K or n // K + 1 images."""
+    return torch.arange(n) % num_classes
+
+
+def model_batches(model: Callable, diffusion, n: int, batch_size: int, *, image_shape: tuple[int, int, int],
+                  num_classes: int | None = None, sampler: str | None = None, steps: int | None = None,
+                  guidance: float = 1.0, guide: Callable | None = None, variance: str = "beta", seed: int = 0,
+                  device: torch.device | str = "cpu", bf16: bool = False, batches: range | None = None,
+                  on_step: Callable[[int, int], None] | None = None) -> Iterator[tuple[int, torch.Tensor]]:
+    """(first index, uint8 images) of `n` fresh samples, batch by batch (engine.generate; `batches` picks a rank's
+    share). A conditional model (num_classes set) gets its labels evenly over the classes; `None` options mean
+    generate's defaults; `guide` a weaker network for autoguidance."""
+    from ddpm_cli.engine.generate import generate
+
+    _check_sampling(n, num_classes, guidance, guide)
+    labels = balanced_labels(n, num_classes) if num_classes else None
+    opts: dict[str, Any] = {"variance": variance}
+    if sampler is not None:
+        opts["sampler"] = sampler
+    if steps is not None:
+        opts["steps"] = steps
+    for start, images, _ in generate(model, diffusion, n, image_shape=image_shape, labels=labels,
+                                     batch_size=batch_size, guidance=guidance, null_class=num_classes, guide=guide,
+                                     seed=seed,
+                                     device=device, bf16=bf16, batches=batches, on_step=on_step, **opts):
+        yield start, images
+
+
+def _check_sampling(n: int, num_classes: int | None, guidance: float, guide: Callable | None = None) -> None:
+    if n < 1:
+        raise DdpmError(f"-n must be at least 1 (got {n})")
+    if guidance != 1.0 and not num_classes and guide is None:
+        raise DdpmError("--guidance needs a class-conditional model, and this one is unconditional; drop --guidance")
+
+
+def model_source(model: torch.nn.Module, diffusion, n: int, *, name: str = "samples",
+                 sample_batch: int | None = None, **kwargs) -> ImageSource:
+    """`n` fresh samples of a model as an ImageSource, made batch by batch as they are consumed (the keyword
+    arguments are model_batches'). `sample_batch`: images per network batch, cut into the consumer's batches
+    (a GPU samples twice as fast at 1,000 as at 256, and Inception needs no such batch); default the consumer's."""
+    _check_sampling(n, kwargs.get("num_classes"), kwargs.get("guidance", 1.0), kwargs.get("guide"))
+
+    def batches(bs: int) -> Iterator[torch.Tensor]:
+        held = torch.empty(0, dtype=torch.uint8)  # images of a network batch not yet handed out
+        for _, images in model_batches(model, diffusion, n, sample_batch or bs, **kwargs):
+            held = torch.cat([held, images]) if len(held) else images
+            while len(held) >= bs:  # full batches whatever the network's, as from images already in memory
+                out, held = held[:bs], held[bs:]
+                yield out
+        if len(held):
+            yield held
+
+    return ImageSource(name, n, batches, None)
+
+
+def is_checkpoint(path: str | Path) -> bool:
+    """A .safetensors file or a run directory (what `ddpm sample` takes), as opposed to images or statistics."""
+    p = Path(path)
+    if p.is_dir():
+        return (p / "checkpoints").is_dir() or (p / "latest.json").is_file()
+    return p.suffix == ".safetensors"
+
+
+def open_images_or_stats(spec: str | Path, *, data_root: str | Path = "data",
+                         role: str = "--ref") -> ImageSource | FeatureStats:
+    """What a --ref (or the samples argument) names: statistics, or a source of images (cheap: nothing decoded
+    or run through Inception yet, except an .npz or a dataset, which are read into memory)."""
+    text = str(spec)
+    p = Path(text).expanduser()
+    if text in CIFAR10_REFS and not p.exists():
+        return cifar10_source(text.split("-", 1)[1], data_root)
+    if not p.exists():
+        raise DataError(f"{role} {text} not found; pass a folder or .zip of images, an .npz of images or statistics "
+                        f"(--save-stats), {' or '.join(CIFAR10_REFS)}, or a run config YAML")
+    if p.is_dir():
+        return files_source(p)
+    suffix = p.suffix.lower()
+    if suffix in (".yaml", ".yml"):
+        return config_source(p)
+    if suffix == ".npz":
+        with open_npz(p) as z:
+            stats = is_stats(z)
+        return load_stats(p) if stats else npz_source(p)
+    if zipfile.is_zipfile(p):
+        return files_source(p)
+    raise DataError(f"{role} {text}: not a folder, .zip, .npz or .yaml; pass images, statistics or a run config")
+
+
+def first_n(src: ImageSource, n: int) -> ImageSource:
+    src.ready()
+    if n > src.count:
+        raise DataError(f"-n {n} but {src.name} holds {src.count} images; lower -n or leave it out to use all")
+    if n == src.count:
+        return src
+    inner = src.batches
+
+    def batches(bs: int) -> Iterator[torch.Tensor]:
+        left = n
+        for b in inner(bs):
+            if left <= 0:
+                break
+            yield b[:left]
+            left -= b.shape[0]
+
+    return ImageSource(src.name, n, batches, None, src.warnings)

@@ -65,6 +65,7 @@ import torch
 torch.zeros(1, device=sys.argv[2])
 t["torch and the device"] = T()
 from ddpm_cli.engine.checkpoint import load_model
+from ddpm_cli.diffusion.sampler_spec import SamplerSpec
 from ddpm_cli.engine.generate import default_batch, generate, sampling_net
 device = torch.device(sys.argv[2])
 model, diffusion, cfg, _ = load_model(sys.argv[1], device)
@@ -73,8 +74,9 @@ n, steps = int(sys.argv[3]), int(sys.argv[4])
 net = sampling_net(model, device, n * steps)
 t["sampling_net"] = T()
 m = cfg.model
-ends = [T() for _ in generate(net, diffusion, n, image_shape=(m.in_channels, m.image_size, m.image_size),
-                              batch_size=default_batch(m.image_size, device.type == "cuda"), steps=steps,
+ends = [T() for _ in generate(net, diffusion, n, SamplerSpec(steps=steps),
+                              image_shape=(m.in_channels, m.image_size, m.image_size),
+                              batch_size=default_batch(m.image_size, device.type == "cuda"),
                               device=device, bf16=device.type == "cuda")]
 t["first batch"] = ends[0]
 names = list(t)

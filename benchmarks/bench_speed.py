@@ -24,6 +24,7 @@ import torch
 import torch._inductor.config as inductor_config
 
 from ddpm_cli.config import validate_config
+from ddpm_cli.diffusion.sampler_spec import SamplerSpec
 from ddpm_cli.engine.build import build_diffusion, build_unet, count_params
 from ddpm_cli.engine.data import ImageSet
 from ddpm_cli.engine import generate as generate_mod
@@ -411,7 +412,7 @@ def _bench_sample(name: str, opts: dict, batch: int, steps: int, e2e: bool, mode
     def run(n: int, s: int) -> float:
         sync()
         t = time.perf_counter()
-        for _ in generate(net, diffusion, n, image_shape=shape, batch_size=batch, sampler="ddim", steps=s,
+        for _ in generate(net, diffusion, n, SamplerSpec("ddim", s), image_shape=shape, batch_size=batch,
                           seed=1, device=device, bf16=opts["bf16"]):
             pass
         sync()

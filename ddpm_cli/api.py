@@ -20,6 +20,7 @@ import torch
 from torch import nn
 
 from ddpm_cli.config import RunConfig, load_config
+from ddpm_cli.diffusion.sampler_spec import SamplerSpec
 from ddpm_cli.engine import checkpoint as ckpt_io
 from ddpm_cli.engine.build import build_diffusion, build_unet, count_params, resolve_device
 from ddpm_cli.engine.data import load_dataset, to_model_range
@@ -91,10 +92,11 @@ class Diffusion(nn.Module):
         was_training = net.training
         net.eval()
         labels = y.long().cpu() if (y is not None and m.conditional) else None
+        spec = SamplerSpec(sampler, steps, variance=self.cfg.diffusion.variance)
         out = [batch for _, batch, _ in generate(
-            net, self.process, n, image_shape=(m.in_channels, m.image_size, m.image_size), labels=labels,
-            batch_size=min(n, 256), sampler=sampler, steps=steps, guidance=guidance, null_class=m.num_classes,
-            guide=guide_net, variance=self.cfg.diffusion.variance, seed=seed, device=self.device)]
+            net, self.process, n, spec, image_shape=(m.in_channels, m.image_size, m.image_size), labels=labels,
+            batch_size=min(n, 256), guidance=guidance, null_class=m.num_classes, guide=guide_net, seed=seed,
+            device=self.device)]
         net.train(was_training)
         return torch.cat(out).float() / 127.5 - 1.0
 

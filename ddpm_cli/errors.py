@@ -9,6 +9,12 @@ class DdpmError(Exception):
     exit_code = 1
 
 
+class UsageError(DdpmError):
+    """A command-line option is out of range or contradicts another (exit 2, like click's own usage errors)."""
+
+    exit_code = 2
+
+
 class ConfigError(DdpmError):
     """The run config is missing, unreadable or invalid. `problems` lists every field-level problem."""
 

@@ -55,7 +55,8 @@ def test_min_snr_weights_each_sample_by_min_snr_gamma_over_snr(loss):
 @pytest.mark.parametrize("sampler,steps", [("ddpm", None), ("ddim", None), ("ddim", 7), ("ddim", 5000),
                                            ("dpm++2m", None), ("dpm++2m", 50), ("dpm++2m", 100)])
 def test_network_evaluations_counts_the_calls_a_sampler_makes(sampler, steps):
-    from ddpm_cli.diffusion.samplers import network_evaluations, sample
+    from ddpm_cli.diffusion.sampler_spec import SamplerSpec
+    from ddpm_cli.diffusion.samplers import sample
 
     d = build_diffusion(DiffusionConfig(schedule="linear", num_timesteps=1000))
     calls = []
@@ -64,7 +65,8 @@ def test_network_evaluations_counts_the_calls_a_sampler_makes(sampler, steps):
         calls.append(int(t[0]))
         return torch.zeros_like(x)
 
-    sample(model, d, torch.randn(1, 1, 2, 2), sampler=sampler, steps=steps)
-    assert network_evaluations(d, sampler, steps) == len(calls) == len(set(calls))
+    spec = SamplerSpec(sampler, steps)
+    sample(model, d, torch.randn(1, 1, 2, 2), spec=spec)
+    assert spec.evaluations(d.alpha_bar) == len(calls) == len(set(calls))
     if sampler == "dpm++2m" and steps == 100:  # logSNR spacing rounds some steps onto the same timestep
         assert len(calls) < 100

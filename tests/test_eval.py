@@ -7,6 +7,7 @@ valid input; the same code path, about 15x cheaper); one test uses the real weig
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 import zipfile
@@ -162,7 +163,9 @@ def test_streaming_statistics_equal_numpy(inception):
 
 
 def test_balanced_labels_cover_the_classes_evenly():
-    counts = torch.bincount(ev_sources.balanced_labels(25, 10), minlength=10)
+    from ddpm_cli.engine.draw import balanced_labels
+
+    counts = torch.bincount(balanced_labels(25, 10), minlength=10)
     assert counts.tolist() == [3] * 5 + [2] * 5
 
 
@@ -182,12 +185,14 @@ def test_a_model_source_samples_in_its_own_batches_and_hands_out_the_consumers()
         seen.append(x.shape[0])
         return 0.1 * x
 
-    diffusion = GaussianDiffusion(make_betas("linear", 1000))
-    opts = dict(image_shape=(3, 4, 4), steps=2, seed=3)
-    src = ev_sources.model_source(net, diffusion, 10, sample_batch=5, **opts)
+    from ddpm_cli.diffusion.sampler_spec import SamplerSpec
+    from ddpm_cli.engine.draw import Drawer
+
+    drawer = Drawer(net, GaussianDiffusion(make_betas("linear", 1000)), SamplerSpec(steps=2), (3, 4, 4))
+    src = ev_sources.samples_source(drawer, 10, seed=3, sample_batch=5)
     got = list(src.batches(3))
     assert set(seen) == {5} and [b.shape[0] for b in got] == [3, 3, 3, 1]  # two network batches, handed out in 3s
-    same = torch.cat(list(ev_sources.model_source(net, diffusion, 10, **opts).batches(3)))
+    same = torch.cat(list(ev_sources.samples_source(drawer, 10, seed=3).batches(3)))
     assert torch.equal(torch.cat(got), same) and set(seen[4:]) == {3, 1}  # default: the consumer's size
 
 
@@ -373,11 +378,15 @@ def test_cli_samples_a_checkpoint_and_scores_it(cli_files, clean_stats, trained_
 def test_fid_of_model_for_the_training_loop(trained_conditional_run, clean_stats, inception):
     from ddpm_cli.engine.checkpoint import load_model
 
+    from ddpm_cli.diffusion.sampler_spec import SamplerSpec
+    from ddpm_cli.engine.draw import Drawer
+
     model, diffusion, cfg, _ = load_model(trained_conditional_run)
     model.train()
     m = cfg.model
-    res = ev_run.fid_of_model(model, diffusion, 5, clean_stats, inception, image_shape=(3, m.image_size, m.image_size),
-                          num_classes=m.num_classes, steps=2, guidance=1.5, batch_size=5)
+    drawer = Drawer(model, diffusion, SamplerSpec(steps=2), (3, m.image_size, m.image_size), m.num_classes,
+                    guidance=1.5)
+    res = ev_run.fid_of_model(drawer, 5, clean_stats, inception, batch_size=5)
     assert model.training  # its mode is restored
     assert res.n == 5 and np.isfinite(res.fid) and res.fid > 0 and res.kid_mean is None
 
@@ -444,7 +453,7 @@ def test_cli_bad_inputs_give_one_clear_line(cli_files, tmp_path, monkeypatch, tr
     _one_clear_line(r, 1, "not a checkpoint")
     r = runner.invoke(app, ["eval", str(trained_run), "--sampler", "nope", "--ref", str(f["ref"]), "--gpus", "2",
                             *common])
-    _one_clear_line(r, 1, "unknown sampler")  # refused once, before torchrun starts N processes
+    _one_clear_line(r, 2, "--sampler", "nope")  # a usage error, before torchrun starts N processes
     from urllib.error import URLError
 
     from torchvision.datasets import CIFAR10
@@ -606,3 +615,121 @@ def test_eval_of_a_checkpoint_with_a_stored_guide_scores_the_default_sample(cli_
     out = _json_line(r)
     assert out["sampler"] == "dpm++2m" and out["guidance"] == 2.0 and out["guide_step"] == 10
     assert abs(out["fid"]) < 1e-6
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The sampling options `ddpm sample` has, and a newcomer's eval (issue 26)
+
+SAMPLE_ONLY = {"--out", "-o", "--format", "--grid", "--overwrite", "--per-class", "--class"}  # where images go
+
+
+def _options(command: str) -> set[str]:
+    import typer.main
+
+    cmd = typer.main.get_command(app).commands[command]
+    return {o for p in cmd.params for o in (*p.opts, *p.secondary_opts) if o.startswith("-")}
+
+
+def test_eval_offers_every_sampling_option_of_sample():
+    sample, evaluate = _options("sample"), _options("eval")
+    assert {"--eta", "--spacing", "--variance", "--ema", "--no-ema", "--ema-decay", "--compile"} <= sample
+    assert sample - SAMPLE_ONLY <= evaluate, sorted(sample - SAMPLE_ONLY - evaluate)
+    text = runner.invoke(app, ["eval", "--help"], terminal_width=200).output
+    assert all(o in text for o in ("--eta", "--spacing", "--variance", "--no-ema", "--ema-decay", "--ref-limit"))
+
+
+@pytest.fixture(scope="module")
+def run_with_two_emas(tmp_path_factory):
+    from conftest import tiny_config
+    from ddpm_cli.engine.train import train
+
+    cfg = tiny_config(tmp_path_factory.mktemp("emas"), train__steps=8, train__ema_decay=0.9, train__ema_extra=[0.3],
+                      logging__checkpoint_every=8, logging__sample_every=100)
+    return train(cfg).run_dir
+
+
+def test_eval_s_sampling_options_change_what_it_draws(cli_files, clean_stats, run_with_two_emas):
+    f = cli_files
+    stats = ev_stats.save_stats(clean_stats, f["root"] / "clean_stats_opts.npz")
+    base = ["eval", str(run_with_two_emas), "-n", "4", "--steps", "3", "--sampler", "ddim", "--ref", str(stats),
+            *f["common"]]
+
+    def fid(*extra: str) -> dict:
+        r = runner.invoke(app, [*base, *extra])
+        assert r.exit_code == 0, r.output
+        return _json_line(r)
+
+    plain = fid()
+    assert fid()["fid"] == plain["fid"]  # the same options draw the same images
+    noisy_ddim = fid("--eta", "1")
+    assert noisy_ddim["fid"] != plain["fid"] and noisy_ddim["eta"] == 1.0
+    assert fid("--spacing", "quadratic")["fid"] != plain["fid"]
+    other_ema = fid("--ema-decay", "0.3")
+    assert other_ema["fid"] != plain["fid"] and other_ema["ema_decay"] == 0.3 and plain["ema_decay"] == 0.9
+    raw = fid("--no-ema")
+    assert raw["fid"] != plain["fid"] and raw["ema_decay"] is None
+    r = runner.invoke(app, [*base, "--no-ema", "--ema-decay", "0.3"])
+    _one_clear_line(r, 2, "--no-ema")
+
+
+def test_eval_off_a_terminal_estimates_each_stage_and_says_how_far_it_is(cli_files, tmp_path):
+    f = cli_files
+    r = runner.invoke(app, ["eval", str(f["samples"]), "--ref", str(f["ref"]), "--no-cache", *f["common"]])
+    assert r.exit_code == 0, r.output
+    lines = r.stderr.splitlines()
+    start = lines.index(f"reference: {N_REF} images")
+    assert re.match(rf"reference: about \d+ s for {N_REF} images at [\d.,]+ images/s", lines[start + 1]), lines
+    assert any(re.match(rf"reference: {N_REF} images in [\d.]+ s", x) for x in lines[start + 2:]), lines
+
+    import io
+
+    from rich.console import Console
+
+    from ddpm_cli.cli.ui import PlainProgress
+
+    out = io.StringIO()
+    progress = PlainProgress(Console(file=out, width=200), every_s=0.0)
+    progress.start("reference", 10_000)
+    for done in range(50, 501, 50):
+        progress.advance(done)
+    progress.finish()
+    text = out.getvalue().splitlines()
+    assert len(text) == 1 + 1 + 9 + 1 and "about" in text[1]  # start, the estimate, a line a batch, the end
+    assert text[5].startswith("reference: 250/10,000 images (2%)") and "left" in text[5]
+
+
+def test_ref_limit_uses_the_first_images_of_the_reference(cli_files, clean, inception):
+    f = cli_files
+    r = runner.invoke(app, ["eval", str(f["samples"]), "--ref", str(f["ref"]), "--ref-limit", "40", *f["common"]])
+    assert r.exit_code == 0, r.output
+    out = _json_line(r)
+    assert out["ref_n"] == 40 and out["ref_limit"] == 40 and out["n"] == N_REF
+    first = torch.cat(list(ev_sources.files_source(f["ref"]).batches(64)))[:40]  # sorted path order
+    expect = ev_stats.compute_stats(ev_sources.tensor_source(first, "first 40"), inception, batch_size=32)
+    samples = torch.from_numpy(np.load(f["samples"])["arr_0"]).permute(0, 3, 1, 2)
+    got = ev_stats.compute_stats(ev_sources.tensor_source(samples, "samples"), inception, batch_size=32)
+    assert out["fid"] == pytest.approx(ev_scores.frechet_distance(got, expect), rel=1e-6)
+    r = runner.invoke(app, ["eval", str(f["samples"]), "--ref", str(f["ref"]), "--ref-limit", "40", *f["common"]])
+    assert "from the cache" in r.stderr and _json_line(r)["fid"] == out["fid"]  # cached apart from the whole
+    r = runner.invoke(app, ["eval", str(f["samples"]), "--ref", str(f["ref"]), "--ref-limit", "1000", *f["common"]])
+    assert r.exit_code == 0 and _json_line(r)["ref_n"] == N_REF  # a limit, not a demand
+    stats = ev_stats.save_stats(ev_stats.load_stats(next(f["cache"].glob("*.npz"))), f["root"] / "s.npz")
+    r = runner.invoke(app, ["eval", str(f["samples"]), "--ref", str(stats), "--ref-limit", "10", *f["common"]])
+    _one_clear_line(r, 2, "--ref-limit", "statistics")
+
+
+def test_kid_of_sets_no_larger_than_a_subset_reports_no_spread():
+    rng = np.random.default_rng(3)
+    a, b, big = (rng.standard_normal((n, 8)) for n in (12, 12, 40))
+    notes = []
+
+    class Log(ev_stats.EvalCallbacks):
+        def on_message(self, text):
+            notes.append(text)
+
+    whole = ev_scores.score(_stats_of(a), _stats_of(b), kid_subsets=10, kid_subset_size=1000, callbacks=Log())
+    assert whole.kid_mean is not None and whole.kid_std is None and whole.kid_subsets == 1  # not a std of 1e-16
+    assert any("no spread" in m for m in notes)
+    notes.clear()
+    part = ev_scores.score(_stats_of(a), _stats_of(big), kid_subsets=10, kid_subset_size=12, callbacks=Log())
+    assert part.kid_std > 0 and any("understates" in m for m in notes)

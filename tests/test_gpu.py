@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from conftest import tiny_config
+from ddpm_cli.diffusion.sampler_spec import SamplerSpec
 from ddpm_cli.engine.generate import generate
 from ddpm_cli.engine.train import Trainer
 
@@ -39,8 +40,8 @@ def test_bf16_sampling_on_cuda_is_deterministic_by_seed(tmp_path):
     m = trainer.cfg.model
 
     def draw(seed: int) -> torch.Tensor:
-        out = [b for _, b, _ in generate(trainer.ema.model, trainer.diffusion, 6, image_shape=(3, m.image_size,
-                                         m.image_size), batch_size=3, sampler="ddim", steps=5, seed=seed,
+        out = [b for _, b, _ in generate(trainer.ema.model, trainer.diffusion, 6, SamplerSpec("ddim", 5),
+                                         image_shape=(3, m.image_size, m.image_size), batch_size=3, seed=seed,
                                          device=trainer.device, bf16=True)]
         return torch.cat(out).cpu()
 
@@ -90,8 +91,8 @@ def test_a_compiled_sampler_is_compiled_once_whatever_the_last_batch(monkeypatch
         for p in model.parameters():
             p.add_(0.05 * torch.randn_like(p))
     diffusion = GaussianDiffusion(make_betas("linear", 1000)).cuda()
-    draw = lambda net: torch.cat([b for _, b, _ in generate(net, diffusion, 7, image_shape=(3, 16, 16),  # noqa: E731
-                                                            batch_size=3, steps=4, seed=2, device="cuda", bf16=True)])
+    draw = lambda net: torch.cat([b for _, b, _ in generate(net, diffusion, 7, SamplerSpec(steps=4),  # noqa: E731
+                                                            image_shape=(3, 16, 16), batch_size=3, seed=2, device="cuda", bf16=True)])
     eager = draw(inference_net(model, channels_last=True))
     torch._dynamo.reset()
     monkeypatch.setattr(torch._dynamo.config, "error_on_recompile", True)

@@ -12,7 +12,7 @@ from PIL import Image
 from conftest import cli, ok, one_line_error, run_cli
 from ddpm_cli.engine.runs import latest_checkpoint
 from ddpm_cli.engine.sampling import grid_layout, plan_labels
-from ddpm_cli.errors import DdpmError
+from ddpm_cli.errors import DdpmError, UsageError
 
 FAST = ["--steps", "3"]  # DDIM with 3 steps: a few hundred ms for the tiny models
 
@@ -183,18 +183,28 @@ def test_existing_files_are_kept_unless_overwrite(trained_run, tmp_path):
     assert (tmp_path / "000001.png").read_bytes().startswith(b"\x89PNG")
 
 
-def test_option_choices_match_the_samplers():
-    from ddpm_cli.cli.sample import Sampler, Spacing
-    from ddpm_cli.diffusion import samplers
-    from ddpm_cli.engine import sampling
+def test_option_choices_are_the_sampler_vocabulary_and_each_one_runs():
+    import torch
 
-    assert sampling.SAMPLERS == samplers.SAMPLERS == tuple(s.value for s in Sampler)
-    assert sampling.SPACINGS == samplers.SPACINGS == tuple(s.value for s in Spacing)
+    from ddpm_cli.cli.options import Sampler, Spacing, Variance
+    from ddpm_cli.diffusion import sampler_spec, samplers
+    from ddpm_cli.diffusion.gaussian import GaussianDiffusion
+    from ddpm_cli.diffusion.schedules import make_betas
+
+    assert tuple(s.value for s in Sampler) == sampler_spec.SAMPLERS
+    assert tuple(s.value for s in Spacing) == sampler_spec.SPACINGS
+    assert tuple(v.value for v in Variance) == sampler_spec.VARIANCES
+    d = GaussianDiffusion(make_betas("linear", 100))
+    for name in sampler_spec.SAMPLERS:  # every name the CLI offers is one the sampler runs
+        for spacing in sampler_spec.SPACINGS:
+            spec = sampler_spec.SamplerSpec(name, 3, spacing=spacing)
+            x = samplers.sample(lambda x, t, y: 0.1 * x, d, torch.randn(1, 1, 2, 2), spec=spec)
+            assert torch.isfinite(x).all()
 
 
 def test_plan_labels():
     assert plan_labels(3, conditional=False, num_classes=10) is None
-    assert plan_labels(13, conditional=True, num_classes=4, per_class=True) == [0] * 4 + [1] * 3 + [2] * 3 + [3] * 3
+    assert plan_labels(12, conditional=True, num_classes=4, per_class=True) == [0] * 3 + [1] * 3 + [2] * 3 + [3] * 3
     assert plan_labels(5, conditional=True, num_classes=3) == [0, 1, 2, 0, 1]
     assert plan_labels(2, conditional=True, num_classes=3, class_index=2) == [2, 2]
     with pytest.raises(DdpmError, match="unconditional"):
@@ -203,8 +213,11 @@ def test_plan_labels():
         plan_labels(2, conditional=True, num_classes=3, class_index=3)
     with pytest.raises(DdpmError, match="at least 1"):
         plan_labels(0, conditional=False, num_classes=3)
-    rows = grid_layout(plan_labels(7, conditional=True, num_classes=3, per_class=True), 7, True, 3)
-    assert rows == [[0, 1, 2], [3, 4], [5, 6]]
+    rows = grid_layout(plan_labels(6, conditional=True, num_classes=3, per_class=True), 6, True, 3)
+    assert rows == [[0, 1], [2, 3], [4, 5]]
+    for n, nearest in ((15, "-n 10 or -n 20"), (5, "-n 10")):  # per class: the same count for every class
+        with pytest.raises(UsageError, match=nearest):
+            plan_labels(n, conditional=True, num_classes=10, per_class=True)
 
 
 # -- errors: one line, exit 1 or 2, no traceback ------------------------------------------------------------
@@ -323,12 +336,13 @@ def test_a_model_guided_by_itself_is_the_model_alone(trained_run):
     """eps_g + w (eps - eps_g) = eps when the guide is the model, at any weight: the same images as unguided."""
     import torch
 
+    from ddpm_cli.diffusion.sampler_spec import SamplerSpec
     from ddpm_cli.engine.checkpoint import load_model
     from ddpm_cli.engine.generate import generate
 
     model, diffusion, _, _ = load_model(trained_run)
-    draw = lambda **kw: torch.cat([b for _, b, _ in generate(model, diffusion, 3, image_shape=(3, 16, 16),  # noqa
-                                                               steps=3, seed=1, **kw)])
+    draw = lambda **kw: torch.cat([b for _, b, _ in generate(model, diffusion, 3, SamplerSpec(steps=3),  # noqa
+                                                               image_shape=(3, 16, 16), seed=1, **kw)])
     assert torch.equal(draw(guidance=3.0, guide=model), draw())
     assert not torch.equal(draw(guidance=3.0, guide=lambda x, t, y: model(x, t, y) * 0.5), draw())
 
@@ -444,13 +458,16 @@ def test_a_guide_must_share_the_noise_schedule_itself_not_its_unused_fields(tmp_
 
 
 def test_the_compile_decision_counts_the_evaluations_each_sampler_and_guidance_make():
-    from ddpm_cli.engine.generate import COMPILE_MIN_NFE, job_nfe
+    from ddpm_cli.diffusion.sampler_spec import SamplerSpec as S
+    from ddpm_cli.diffusion.schedules import make_betas
+    from ddpm_cli.engine.generate import COMPILE_MIN_NFE
 
-    assert job_nfe(10, None, None, 1000) == 1000 and job_nfe(10, "ddim", 50, 1000) == 500  # DDIM-100 default
-    assert job_nfe(10, "ddpm", None, 1000) == 10_000 and job_nfe(10, "dpm++2m", None, 1000) == 200
-    assert job_nfe(10, "ddpm", 50, 1000) == 10_000  # ddpm ignores --steps (and warns): all T steps
-    assert job_nfe(10, "dpm++2m", None, 1000, guided=True) == 400  # two networks (or a doubled batch) a step
-    assert job_nfe(5_000, "dpm++2m", None, 1000) < COMPILE_MIN_NFE <= job_nfe(5_000, "dpm++2m", None, 1000, True)
+    ab = np.cumprod(1 - make_betas("linear", 1000))
+    assert S().evaluations(ab) == 100 and S("ddim", 50).evaluations(ab) == 50  # DDIM-100 default
+    assert S("ddpm").evaluations(ab) == 1000 and S("dpm++2m").evaluations(ab) == 20
+    assert S("ddpm", 50).evaluations(ab) == 1000  # ddpm ignores --steps (and warns): all T steps
+    assert S("dpm++2m").evaluations(ab, guided=True) == 40  # two networks (or a doubled batch) a step
+    assert 5_000 * S("dpm++2m").evaluations(ab) < COMPILE_MIN_NFE <= 5_000 * S("dpm++2m").evaluations(ab, True)
 
 
 def test_autoguidance_refuses_a_guide_whose_labels_mean_other_classes(trained_conditional_run, tmp_path):
@@ -531,6 +548,7 @@ def test_a_compiled_network_meets_one_batch_shape_and_the_images_stay_the_same(t
     so the network is not compiled twice. Labels and DDIM images are those of the unpadded run."""
     import torch
 
+    from ddpm_cli.diffusion.sampler_spec import SamplerSpec
     from ddpm_cli.engine.checkpoint import load_model
     from ddpm_cli.engine.generate import generate
 
@@ -543,8 +561,8 @@ def test_a_compiled_network_meets_one_batch_shape_and_the_images_stay_the_same(t
         return model(x, t, y)
 
     labels = torch.arange(7) % cfg.model.num_classes
-    draw = lambda fn, **kw: list(generate(fn, diffusion, 7, image_shape=(3, 16, 16), labels=labels,  # noqa: E731
-                                          batch_size=3, steps=2, seed=4, **kw))
+    draw = lambda fn, **kw: list(generate(fn, diffusion, 7, SamplerSpec(steps=2), image_shape=(3, 16, 16),  # noqa: E731
+                                          labels=labels, batch_size=3, seed=4, **kw))
     plain = draw(model)
     net.compiled = True
     padded = draw(net)
@@ -598,3 +616,15 @@ def test_compiled_sampling_from_the_cli_pads_the_last_batch_and_says_so(trained_
     eager, compiled = npz(tmp_path / "e.npz")["arr_0"], npz(tmp_path / "c.npz")["arr_0"]
     assert compiled.shape == eager.shape == (5, 16, 16, 3)
     assert np.abs(compiled.astype(int) - eager.astype(int)).max() <= 2  # the same images, up to compiled rounding
+
+
+def test_per_class_needs_the_same_count_for_every_class(trained_conditional_run, tmp_path):
+    """-n 15 over 10 classes gave 2 images to classes 0-4 and 1 to 5-9, and -n 5 only classes 0-4, silently."""
+    for n, nearest in ((15, "-n 10 or -n 20"), (5, "-n 10")):
+        msg = one_line_error(cli("sample", trained_conditional_run, "--per-class", "-n", n, "--out",
+                                 tmp_path / f"o{n}", *FAST), code=(2,))
+        assert nearest in msg and "multiple of 10" in msg
+        assert not (tmp_path / f"o{n}").exists()
+    ok("sample", trained_conditional_run, "--per-class", "-n", 20, "--out", tmp_path / "o", *FAST)
+    names = sorted(p.name.split("_")[0] for p in (tmp_path / "o").iterdir())
+    assert names == sorted(f"class{k}" for k in range(10) for _ in range(2))

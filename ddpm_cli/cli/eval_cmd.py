@@ -4,39 +4,30 @@ to stdout as one JSON line, so `ddpm eval ... > result.json` keeps only the numb
 from __future__ import annotations
 
 import json
-import time
 from pathlib import Path
 from typing import Optional
 
 import typer
+from rich.markup import escape
 
 from ddpm_cli.cli.launch import is_main_process, relaunch_with_torchrun, under_torchrun
-from ddpm_cli.cli.ui import err_console, fail, fmt_rate, friendly
+from ddpm_cli.cli.options import sampling_options
+from ddpm_cli.cli.ui import PlainProgress, err_console, fail, friendly
 
 
 class EvalDisplay:
-    """EvalCallbacks for the terminal: a live bar per stage on a terminal, one line per stage elsewhere."""
+    """EvalCallbacks for the terminal: a live bar per stage on a terminal; elsewhere (logs, pipes) plain lines: an
+    estimate of each stage's time after its first batch, then a line every `every_s` seconds."""
 
-    def __init__(self, live: bool | None = None):
+    def __init__(self, live: bool | None = None, every_s: float = 30.0):
         self.live = err_console.is_terminal if live is None else live
+        self.plain = None if self.live else PlainProgress(err_console, every_s)
         self.progress = None
         self.task = None
-        self.phase: str | None = None
-        self.total = 0
-        self.done = 0
-        self.t0 = time.monotonic()
-
-    def _finish_phase(self) -> None:
-        if self.phase is not None and not self.live:
-            dt = time.monotonic() - self.t0
-            err_console.print(f"{self.phase}: {self.done:,} images in {dt:.1f} s ({fmt_rate(self.done / max(dt, 1e-9))}"
-                              f" img/s)", markup=False, soft_wrap=True)
-        self.phase = None
 
     def on_phase(self, name: str, total: int) -> None:
-        self._finish_phase()
-        self.phase, self.total, self.done, self.t0 = name, total, 0, time.monotonic()
-        if not self.live:
+        if self.plain is not None:
+            self.plain.start(name, total)
             return
         if self.progress is None:
             from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn,
@@ -49,22 +40,26 @@ class EvalDisplay:
         self.task = self.progress.add_task(name, total=total)
 
     def on_advance(self, done: int) -> None:
-        self.done = done
-        if self.progress is not None and self.task is not None:
+        if self.plain is not None:
+            self.plain.advance(done)
+        elif self.progress is not None and self.task is not None:
             self.progress.update(self.task, completed=done)
 
     def on_message(self, text: str) -> None:
-        (self.progress.console if self.progress else err_console).print(f"[yellow]note:[/] {text}", markup=True,
-                                                                        soft_wrap=True, highlight=False)
+        (self.progress.console if self.progress else err_console).print(f"[yellow]note:[/] {escape(text)}",
+                                                                        markup=True, soft_wrap=True,
+                                                                        highlight=False)
 
     def close(self) -> None:
-        self._finish_phase()
+        if self.plain is not None:
+            self.plain.finish()
         if self.progress is not None:
             self.progress.stop()
             self.progress = None
 
 
 @friendly
+@sampling_options
 def eval_command(
     input: Optional[Path] = typer.Argument(
         None, show_default=False,
@@ -77,27 +72,13 @@ def eval_command(
     n: Optional[int] = typer.Option(None, "-n", "--num", min=1, show_default=False,
                                     help="Samples to draw from a checkpoint (default: 10000); for existing samples, "
                                          "score the first N (default: all)."),
-    batch_size: Optional[int] = typer.Option(None, "--batch-size", min=1, show_default=False,
+    batch_size: Optional[int] = typer.Option(None, "--batch-size", "-b", min=1, show_default=False,
                                              help="Images per batch for sampling and Inception "
                                                   "(default: sampling 1000 on CUDA, Inception 250; 50 on the CPU)."),
     device: str = typer.Option("auto", "--device", help="auto (CUDA when available), cpu, cuda, cuda:N."),
-    seed: int = typer.Option(0, "--seed", help="Seed of the sampler's noise (checkpoints)."),
-    sampler: Optional[str] = typer.Option(None, "--sampler", show_default=False,
-                                          help="Sampler for a checkpoint: ddpm, ddim or dpm++2m (default: ddim, or "
-                                               "dpm++2m when autoguided by the checkpoint's stored guide)."),
-    steps: Optional[int] = typer.Option(None, "--steps", min=1, show_default=False,
-                                        help="Sampler steps (default: the sampler's default)."),
-    guidance: Optional[float] = typer.Option(None, "--guidance", show_default=False,
-                                             help="Guidance weight (1: none): autoguidance by the checkpoint's "
-                                                  "stored guide (its default when it has one) or by --guide-model; "
-                                                  "else classifier-free for class-conditional checkpoints (labels "
-                                                  "spread evenly over the classes)."),
-    guide_model: Optional[str] = typer.Option(None, "--guide-model", show_default=False,
-                                              help="Autoguidance by this weaker checkpoint (an earlier one of the "
-                                                   "same run); `none`: not by the checkpoint's stored guide."),
-    ema_decay: Optional[float] = typer.Option(None, "--ema-decay", show_default=False,
-                                              help="Sample the checkpoint's EMA weights of this decay "
-                                                   "(train.ema_decay or one of train.ema_extra)."),
+    ref_limit: Optional[int] = typer.Option(None, "--ref-limit", min=2, show_default=False,
+                                            help="Use only the first N images of the reference (a quicker, rougher "
+                                                 "score; cached apart from the whole reference)."),
     kid_subsets: int = typer.Option(100, "--kid-subsets", min=1, help="KID: number of random subsets."),
     kid_subset_size: int = typer.Option(1000, "--kid-subset-size", min=2,
                                         help="KID: images per subset (lowered to fit smaller sets)."),
@@ -116,6 +97,7 @@ def eval_command(
                                                    "--ref)."),
     gpus: int = typer.Option(0, "--gpus", min=0, help="Spread the sampling of a checkpoint over N GPUs of this "
                              "machine (torchrun); the images, and so the scores, are those of one."),
+    draw=None,  # DrawOptions: the sampling options `ddpm sample` has (cli/options.py), for a checkpoint
 ) -> None:
     """Score samples with FID and KID against a reference; print one JSON line."""
     if input is None and save_stats is None:
@@ -124,10 +106,8 @@ def eval_command(
 
     from ddpm_cli.engine.evaluation.run import EvalRequest, check_request, evaluate
 
-    req = EvalRequest(ref=ref, input=input, n=n, batch_size=batch_size, device=device, seed=seed, sampler=sampler,
-                      steps=steps, guidance=guidance, guide=guide_model, ema_decay=ema_decay,
-                      kid_subsets=kid_subsets,
-                      kid_subset_size=kid_subset_size,
+    req = EvalRequest(ref=ref, input=input, n=n, draw=draw, batch_size=batch_size, device=device,
+                      ref_limit=ref_limit, kid_subsets=kid_subsets, kid_subset_size=kid_subset_size,
                       inception_weights=inception_weights, data_root=data_root, cache_dir=cache_dir,
                       use_cache=cache, save_stats=save_stats)
     # refuse bad arguments once, before N processes; only sampling a checkpoint is spread over them

@@ -8,31 +8,9 @@ from typing import Optional
 
 import typer
 
+from ddpm_cli.cli.options import sampling_options
 from ddpm_cli.cli.launch import is_main_process, relaunch_with_torchrun, under_torchrun
 from ddpm_cli.cli.ui import console, err_console, fail, fmt_rate, friendly
-
-
-class Sampler(str, Enum):
-    ddpm = "ddpm"
-    ddim = "ddim"
-    dpmpp2m = "dpm++2m"
-
-
-class Toggle(str, Enum):
-    auto = "auto"
-    on = "on"
-    off = "off"
-
-
-class Spacing(str, Enum):
-    uniform = "uniform"
-    quadratic = "quadratic"
-    logsnr = "logsnr"
-
-
-class Variance(str, Enum):
-    beta = "beta"
-    posterior = "posterior"
 
 
 class Format(str, Enum):
@@ -79,23 +57,19 @@ class SampleDisplay:
 
 
 @friendly
+@sampling_options
 def sample_command(
     checkpoint: Path = typer.Argument(..., help="A .safetensors checkpoint, or a run directory (its latest).",
                                       show_default=False),
     n: int = typer.Option(64, "-n", "--num", help="Number of images."),
-    per_class: bool = typer.Option(False, "--per-class", help="Split -n evenly over the classes (conditional "
-                                                                "models); the grid gets a row per class."),
+    per_class: bool = typer.Option(False, "--per-class", help="The same number of images for every class "
+                                   "(conditional models; -n must be a multiple of the classes); the grid gets a "
+                                   "row per class."),
     class_index: Optional[int] = typer.Option(None, "--class", help="Draw every image of class K (conditional "
                                                                       "models).", show_default=False),
     batch_size: Optional[int] = typer.Option(None, "--batch-size", "-b", help="Images per network batch, at most "
                                              "(batches are evened out). Default: 1000 on a GPU for 32x32 images "
                                              "(fewer for larger ones), 256 on the CPU.", show_default=False),
-    seed: int = typer.Option(0, "--seed", help="Seed: the same seed and arguments give the same images."),
-    ema: Optional[bool] = typer.Option(None, "--ema/--no-ema", help="Use the EMA weights (default: when the "
-                                                                     "checkpoint has them).", show_default=False),
-    ema_decay: Optional[float] = typer.Option(None, "--ema-decay", help="Draw from the EMA weights of this decay "
-                                              "(train.ema_decay or one of train.ema_extra; `ddpm inspect` lists "
-                                              "them).", show_default=False),
     device: str = typer.Option("auto", "--device", help="auto, cpu, cuda or cuda:N."),
     out: Optional[Path] = typer.Option(None, "--out", "-o", help="Folder for the images (created if missing); an "
                                        "NPZ path with --format npz. Default: samples/ unless only --grid is asked.",
@@ -104,69 +78,36 @@ def sample_command(
                                                             "array `arr_0` and `labels`, as FID tools read it."),
     grid: Optional[Path] = typer.Option(None, "--grid", help="Also write one PNG grid of the images (at most "
                                                              "1,024).", show_default=False),
-    sampler: Optional[Sampler] = typer.Option(None, "--sampler", help="ddpm: ancestral over all T steps; ddim: few "
-                                              "steps, --eta; dpm++2m: DPM-Solver++ (2M). Default: ddim, or dpm++2m "
-                                              "when autoguided by the checkpoint's stored guide (train.guide_step).",
-                                              show_default=False),
-    steps: Optional[int] = typer.Option(None, "--steps", help="Sampler steps (default: ddim 100, dpm++2m 20; ddpm "
-                                                              "always T).", show_default=False),
-    eta: float = typer.Option(0.0, "--eta", help="DDIM noise: 0 deterministic, 1 like DDPM."),
-    spacing: Optional[Spacing] = typer.Option(None, "--spacing", help="Timestep spacing of few-step samplers "
-                                              "(default: ddim uniform, dpm++2m logsnr).", show_default=False),
-    variance: Optional[Variance] = typer.Option(None, "--variance", help="ddpm sampler's sigma^2: beta or "
-                                                "posterior (default: the checkpoint's).", show_default=False),
-    guidance: Optional[float] = typer.Option(None, "--guidance", "-w", help="Guidance weight (1 = off): "
-                                             "autoguidance by the checkpoint's stored guide (the default when it "
-                                             "has one: train.guide_weight) or by --guide-model; else classifier-free "
-                                             "for conditional models (0 = unconditional).", show_default=False),
-    guide_model: Optional[str] = typer.Option(None, "--guide-model", help="Autoguidance by this weaker checkpoint "
-                                              "(an earlier one of the same run, or a smaller model of the same data "
-                                              "and schedule); `none`: not by the checkpoint's stored guide.",
-                                              show_default=False),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace existing output files."),
     gpus: int = typer.Option(0, "--gpus", min=0, help="Spread the batches over N GPUs of this machine (torchrun); "
                              "the images are the same as on one."),
-    compile: Toggle = typer.Option(Toggle.auto, "--compile", help="torch.compile the network: auto (on CUDA for large "
-                                "jobs), on, off."),
+    draw=None,  # DrawOptions: the sampling options (cli/options.py)
 ) -> None:
     """Draw images from a trained checkpoint."""
     from ddpm_cli.engine.sampling import SampleRequest, plan_sampling, run_sampling
 
-    # Usage errors first, before the checkpoint is even read (exit 2 like click's own).
-    if n < 1:
-        fail(f"-n must be at least 1 (got {n})", code=2)
-    if batch_size is not None and batch_size < 1:
-        fail(f"--batch-size must be at least 1 (got {batch_size})", code=2)
-    if steps is not None and steps < 1:
-        fail(f"--steps must be at least 1 (got {steps})", code=2)
-    if not 0.0 <= eta <= 1.0:
-        fail(f"--eta must be between 0 and 1 (got {eta})", code=2)
-    if per_class and class_index is not None:
-        fail("pass either --per-class or --class, not both", code=2)
     if out is None and grid is None:
         out = Path("samples.npz") if fmt == Format.npz else Path("samples")
-    req = SampleRequest(checkpoint=checkpoint, n=n, per_class=per_class, class_index=class_index,
-                        batch_size=batch_size, seed=seed, ema=ema, ema_decay=ema_decay, device=device, out=out,
-                        fmt=fmt.value, grid=grid, sampler=sampler.value if sampler else None, steps=steps, eta=eta,
-                        spacing=spacing.value if spacing else None, variance=variance.value if variance else None,
-                        guidance=guidance, guide=guide_model, overwrite=overwrite, compile=compile.value)
+    req = SampleRequest(checkpoint=checkpoint, n=n, draw=draw, per_class=per_class, class_index=class_index,
+                        batch_size=batch_size, device=device, out=out, fmt=fmt.value, grid=grid, overwrite=overwrite)
+    plan = plan_sampling(req)  # every check, once: before torchrun starts N processes, and before any torch import
     if gpus > 1 and not under_torchrun():
-        plan_sampling(req)  # refuse bad arguments here, once, before starting N processes
         return relaunch_with_torchrun(gpus)
-    plan = plan_sampling(req)
     main = is_main_process()
     for w in plan.warnings if main else []:
         err_console.print(f"[yellow]warning:[/] {w}", soft_wrap=True)
     m = plan.config.model
     what = ("per class" if per_class else f"class {class_index}" if class_index is not None
             else "classes in turn" if m.conditional else "unconditional")
+    spec = plan.draw.spec
+    steps = f" {spec.steps} steps" if spec.sampler != "ddpm" else ""
 
     def on_start(device_name: str) -> None:
         if main:
-            guided = plan.guidance.describe()
+            guided = plan.draw.guidance.describe()
             console.print(f"sampling {n:,} image{'s' if n != 1 else ''} ({what}) from {plan.checkpoint}  |  "
-                          f"{plan.sampler}{f' {steps} steps' if steps else ''}  |  {plan.weights} weights  |  "
-                          f"{guided + '  |  ' if guided else ''}seed {seed}  |  {device_name}", markup=False,
+                          f"{spec.sampler}{steps}  |  {plan.draw.weights} weights  |  "
+                          f"{guided + '  |  ' if guided else ''}seed {draw.seed}  |  {device_name}", markup=False,
                           soft_wrap=True)
 
     with SampleDisplay(n, live=None if main else False, quiet=not main) as display:

@@ -110,3 +110,55 @@ class TrainDisplay:
         if self.progress is not None:
             self.progress.stop()
             self.progress = None
+
+
+def fmt_duration(seconds: float) -> str:
+    """`45 s`, `12 min`, `2.3 h`."""
+    if seconds < 90:
+        return f"{seconds:.0f} s"
+    if seconds < 5400:
+        return f"{seconds / 60:.0f} min"
+    return f"{seconds / 3600:.1f} h"
+
+
+class PlainProgress:
+    """Progress as plain lines, for logs and pipes where a live bar cannot draw: a line when a stage starts, an
+    estimate of its time after its first batch, a line every `every_s` seconds, and one when it ends."""
+
+    def __init__(self, console: Console, every_s: float = 30.0, unit: str = "images"):
+        self.console, self.every_s, self.unit = console, every_s, unit
+        self.name: str | None = None
+        self.total = self.done = 0
+        self.t0 = self.last = 0.0
+
+    def _print(self, text: str) -> None:
+        self.console.print(text, markup=False, soft_wrap=True, highlight=False)
+
+    def start(self, name: str, total: int) -> None:
+        self.finish()
+        self.name, self.total, self.done = name, total, 0
+        self.t0 = self.last = time.monotonic()
+        self._print(f"{name}: {total:,} {self.unit}")
+
+    def advance(self, done: int) -> None:
+        if self.name is None:
+            return
+        first, self.done = self.done == 0, done
+        now = time.monotonic()
+        rate = done / max(now - self.t0, 1e-9)
+        left = max(self.total - done, 0) / max(rate, 1e-9)
+        if first and done < self.total:
+            self._print(f"{self.name}: about {fmt_duration(left + now - self.t0)} for {self.total:,} {self.unit} "
+                        f"at {fmt_rate(rate)} {self.unit}/s")
+            self.last = now
+        elif now - self.last >= self.every_s and done < self.total:
+            self._print(f"{self.name}: {done:,}/{self.total:,} {self.unit} ({done / max(self.total, 1):.0%}), "
+                        f"{fmt_rate(rate)} {self.unit}/s, about {fmt_duration(left)} left")
+            self.last = now
+
+    def finish(self) -> None:
+        if self.name is not None:
+            dt = time.monotonic() - self.t0
+            self._print(f"{self.name}: {self.done:,} {self.unit} in {dt:.1f} s ({fmt_rate(self.done / max(dt, 1e-9))}"
+                        f" {self.unit}/s)")
+        self.name = None

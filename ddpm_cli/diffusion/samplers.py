@@ -8,13 +8,12 @@ from __future__ import annotations
 
 from typing import Callable
 
-import numpy as np
 import torch
 
+from ddpm_cli.diffusion import sampler_spec
 from ddpm_cli.diffusion.gaussian import GaussianDiffusion
+from ddpm_cli.diffusion.sampler_spec import SAMPLERS, SamplerSpec
 
-SAMPLERS = ("ddpm", "ddim", "dpm++2m")
-SPACINGS = ("uniform", "quadratic", "logsnr")
 ModelFn = Callable[[torch.Tensor, torch.Tensor, "torch.Tensor | None"], torch.Tensor]
 
 
@@ -48,24 +47,7 @@ def autoguided(model: ModelFn, guide: ModelFn, scale: float) -> ModelFn:
 
 def timesteps(diffusion: GaussianDiffusion, steps: int, spacing: str = "uniform") -> list[int]:
     """Descending 0-based timestep indices at which a few-step sampler calls the network (first T-1, last 0)."""
-    T = diffusion.num_timesteps
-    steps = max(1, min(steps, T))
-    if spacing == "uniform":
-        ts = np.linspace(T - 1, 0, steps)
-    elif spacing == "quadratic":
-        ts = (T - 1) * np.linspace(1, 0, steps) ** 2
-    elif spacing == "logsnr":
-        ab = diffusion.alpha_bar.double().cpu().numpy()
-        lam = 0.5 * np.log(ab / (1 - ab))  # increasing as t decreases
-        targets = np.linspace(lam[-1], lam[0], steps)
-        ts = np.interp(targets, lam[::-1], np.arange(T)[::-1].astype(np.float64))
-    else:
-        raise ValueError(f"unknown spacing {spacing!r}; choose one of {', '.join(SPACINGS)}")
-    out: list[int] = []
-    for t in np.round(ts).astype(int).tolist():
-        if not out or t < out[-1]:
-            out.append(int(t))
-    return out
+    return sampler_spec.timesteps(diffusion.alpha_bar, steps, spacing)
 
 
 def _x0_from_eps(diffusion: GaussianDiffusion, x: torch.Tensor, t: int, eps: torch.Tensor) -> torch.Tensor:
@@ -153,31 +135,16 @@ def dpmpp_2m_sample(model: ModelFn, diffusion: GaussianDiffusion, x: torch.Tenso
     return x
 
 
-DEFAULTS = {"ddim": (100, "uniform"), "dpm++2m": (20, "logsnr")}  # steps and spacing when not given
-
-
-def network_evaluations(diffusion: GaussianDiffusion, sampler: str, steps: int | None = None,
-                        spacing: str | None = None) -> int:
-    """How many times `sample` calls the network per image: all T for ddpm, else one per distinct timestep (steps
-    above T, or rounding onto the same timestep, give fewer than asked: logSNR spacing of 100 steps is 94)."""
-    if sampler == "ddpm":
-        return diffusion.num_timesteps
-    default_steps, default_spacing = DEFAULTS[sampler]
-    return len(timesteps(diffusion, steps or default_steps, spacing or default_spacing))
-
-
-def sample(model: ModelFn, diffusion: GaussianDiffusion, x: torch.Tensor, y: torch.Tensor | None = None, *,
-           sampler: str = "ddim", steps: int | None = None, eta: float = 0.0, spacing: str | None = None,
-           variance: str = "beta", generator: torch.Generator | None = None,
+def sample(model: ModelFn, diffusion: GaussianDiffusion, x: torch.Tensor, y: torch.Tensor | None = None,
+           spec: SamplerSpec = SamplerSpec(), *, generator: torch.Generator | None = None,
            on_step: Callable[[int, int], None] | None = None) -> torch.Tensor:
-    """Dispatch to one sampler; `steps` None means its default (all T for ddpm)."""
-    if sampler == "ddpm":
-        return ddpm_sample(model, diffusion, x, y, variance=variance, generator=generator, on_step=on_step)
-    if sampler in DEFAULTS:
-        steps, spacing = steps or DEFAULTS[sampler][0], spacing or DEFAULTS[sampler][1]
-    if sampler == "ddim":
-        return ddim_sample(model, diffusion, x, y, steps=steps, eta=eta, spacing=spacing, generator=generator,
+    """Run the sampler `spec` names from x_T; its None fields mean the defaults (ddim; all T steps for ddpm)."""
+    s = spec.resolved()
+    if s.sampler == "ddpm":
+        return ddpm_sample(model, diffusion, x, y, variance=s.variance, generator=generator, on_step=on_step)
+    if s.sampler == "ddim":
+        return ddim_sample(model, diffusion, x, y, steps=s.steps, eta=s.eta, spacing=s.spacing, generator=generator,
                            on_step=on_step)
-    if sampler == "dpm++2m":
-        return dpmpp_2m_sample(model, diffusion, x, y, steps=steps, spacing=spacing, on_step=on_step)
-    raise ValueError(f"unknown sampler {sampler!r}; choose one of {', '.join(SAMPLERS)}")
+    if s.sampler == "dpm++2m":
+        return dpmpp_2m_sample(model, diffusion, x, y, steps=s.steps, spacing=s.spacing, on_step=on_step)
+    raise ValueError(f"unknown sampler {s.sampler!r}; choose one of {', '.join(SAMPLERS)}")

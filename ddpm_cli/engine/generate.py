@@ -16,7 +16,8 @@ from typing import Callable, Iterator
 import torch
 
 from ddpm_cli.diffusion.gaussian import GaussianDiffusion
-from ddpm_cli.diffusion.samplers import DEFAULTS, autoguided, guided, sample
+from ddpm_cli.diffusion.sampler_spec import SamplerSpec
+from ddpm_cli.diffusion.samplers import autoguided, guided, sample
 from ddpm_cli.engine.build import sampler_compile_options
 from ddpm_cli.nn.unet import channel_stats, fold_upsampling
 
@@ -47,14 +48,9 @@ def inference_net(model: torch.nn.Module, *, channels_last: bool = False, compil
     return fn
 
 
-COMPILE_MIN_NFE = 200_000  # torch.compile costs ~25 s on an H100; below this many image-NFEs it does not pay
-
-
-def job_nfe(n: int, sampler: str | None, steps: int | None, num_timesteps: int, guided: bool = False) -> int:
-    """About how many network evaluations sampling `n` images takes (to decide whether compiling pays; the exact
-    count is samplers.network_evaluations); guidance of either kind evaluates twice a step."""
-    per_image = num_timesteps if sampler == "ddpm" else min(steps or DEFAULTS[sampler or "ddim"][0], num_timesteps)
-    return n * per_image * (2 if guided else 1)
+# torch.compile takes tens of seconds on a GPU; below this many image-evaluations (SamplerSpec.evaluations times
+# the images) it does not pay for itself.
+COMPILE_MIN_NFE = 200_000
 
 
 def sampling_net(model: torch.nn.Module, device: torch.device, nfe: int, compile: str = "auto"):
@@ -65,8 +61,8 @@ def sampling_net(model: torch.nn.Module, device: torch.device, nfe: int, compile
     return inference_net(model, channels_last=cuda, compile="default" if on else None)
 
 
-# The sampling batch when none is given: on a GPU the one the speed figures use for 32x32 images (H100: 29,000
-# UNet evaluations/s at 1,000, 14,800 at 256; BENCHMARKS.md), fewer for larger images so that memory stays about
+# The sampling batch when none is given: on a GPU the one the speed figures use for 32x32 images (a GPU keeps
+# gaining throughput up to about this batch; BENCHMARKS.md), fewer for larger images so that memory stays about
 # the same; on the CPU larger batches gain nothing and hold more memory.
 BATCH_CUDA, BATCH_CPU = 1000, 256
 
@@ -96,14 +92,14 @@ def to_uint8(x: torch.Tensor) -> torch.Tensor:
 
 
 @torch.no_grad()
-def generate(model: Callable, diffusion: GaussianDiffusion, n: int, *, image_shape: tuple[int, int, int],
-             labels: torch.Tensor | None = None, batch_size: int = 256, sampler: str = "ddim",
-             steps: int | None = None, eta: float = 0.0, spacing: str | None = None, variance: str = "beta",
-             guidance: float = 1.0, null_class: int | None = None, guide: Callable | None = None, seed: int = 0,
+def generate(model: Callable, diffusion: GaussianDiffusion, n: int, spec: SamplerSpec = SamplerSpec(), *,
+             image_shape: tuple[int, int, int], labels: torch.Tensor | None = None, guidance: float = 1.0,
+             null_class: int | None = None, guide: Callable | None = None, batch_size: int = 256, seed: int = 0,
              device: torch.device | str = "cpu", bf16: bool = False, batches: range | None = None,
              on_step: Callable[[int, int], None] | None = None,
              ) -> Iterator[tuple[int, torch.Tensor, torch.Tensor | None]]:
-    """Yield (first index, uint8 images (b, C, H, W) on the CPU, labels or None) batch by batch.
+    """Yield (first index, uint8 images (b, C, H, W) on the CPU, labels or None) batch by batch, sampled as `spec`
+    says (passed straight to samplers.sample).
 
     `guidance` W is classifier-free (against the null class) for a conditional model, or autoguidance against
     `guide`, a weaker network, when one is given. `batches` picks which batch numbers to make (multi-GPU: each
@@ -134,10 +130,9 @@ def generate(model: Callable, diffusion: GaussianDiffusion, n: int, *, image_sha
             y = torch.cat([y, y[-1:].expand(x.shape[0] - size)]).to(device)  # padded images take the last label
         gen = torch.Generator(device=device).manual_seed(seed * 1_000_003 + 7919 * start + 1)
         with amp:
-            out = sample(net, diffusion, x, y, sampler=sampler, steps=steps, eta=eta, spacing=spacing,
-                         variance=variance, generator=gen, on_step=on_step)
-        # On a GPU the sampling steps are only queued so far: draw the next batch's noise (~20 ms for 1,000
-        # images, image by image) while they run, not after the images come back with the GPU idle.
+            out = sample(net, diffusion, x, y, spec, generator=gen, on_step=on_step)
+        # On a GPU the sampling steps are only queued so far: draw the next batch's noise (image by image) while
+        # they run, not after the images come back with the GPU idle.
         if i + 1 < len(spans):
             upcoming = initial_noise(drawn(spans[i + 1]), image_shape, seed)
         yield start, to_uint8(out[:size]).cpu(), (y[:size].cpu() if y is not None else None)

@@ -13,14 +13,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Literal
 
-from ddpm_cli.config import RunConfig
-from ddpm_cli.engine.checkpoint import Header, has_ema_weights, read_checkpoint_config, require_ema_decay
+from ddpm_cli.engine.draw import DrawOptions, DrawPlan, plan_draw
 from ddpm_cli.engine.files import atomic_write_bytes
-from ddpm_cli.engine.guidance import Guidance, check_guidance
-from ddpm_cli.errors import DdpmError
+from ddpm_cli.errors import DdpmError, UsageError
 
-SAMPLERS = ("ddpm", "ddim", "dpm++2m")  # mirrors diffusion.samplers.SAMPLERS without importing torch
-SPACINGS = ("uniform", "quadratic", "logsnr")
 GRID_MAX = 1024  # a grid shows at most this many images (a 32x32 grid is already 1,100 px wide)
 PNG_WRITERS = 4  # threads encoding PNGs while a GPU samples the next batch (zlib releases the GIL); 1 on the CPU
 
@@ -31,53 +27,38 @@ class SampleRequest:
 
     checkpoint: Path
     n: int
+    draw: DrawOptions = field(default_factory=DrawOptions)  # sampler, guidance, weights, seed, compile
     per_class: bool = False
     class_index: int | None = None
     batch_size: int | None = None  # None: generate.default_batch (1000 at 32x32 on a GPU, 256 on the CPU)
-    seed: int = 0
-    ema: bool | None = None  # None: the EMA weights when the checkpoint has them
-    ema_decay: float | None = None  # one of the checkpoint's EMA weights by decay (train.ema_decay or ema_extra)
     device: str = "auto"
     out: Path | None = None  # None: no per-image files (only a grid, if asked for)
     fmt: Literal["png", "npz"] = "png"
     grid: Path | None = None
-    sampler: str | None = None  # None: ddim, or dpm++2m for a checkpoint autoguided by its stored guide
-    steps: int | None = None  # None: the sampler's default (all T for ddpm)
-    eta: float = 0.0
-    spacing: str | None = None  # None: the sampler's default
-    variance: str | None = None  # None: the checkpoint's diffusion.variance
-    guidance: float | None = None  # None: the stored guide's weight if the checkpoint carries one, else 1 (off)
-    guide: Path | str | None = None  # autoguidance by this weaker checkpoint (its EMA weights); "none": no guide
     overwrite: bool = False
-    compile: Literal["auto", "on", "off"] = "auto"  # auto: on CUDA for jobs of at least generate.COMPILE_MIN_NFE
 
 
 @dataclass
 class SamplePlan:
     """What will be made and where, decided before any torch import."""
 
-    checkpoint: Path
-    header: Header
-    config: RunConfig
+    draw: DrawPlan
     labels: list[int] | None  # one class per image, or None for an unconditional model
     files: list[Path]  # one PNG per image (empty unless --out with png)
     npz: Path | None
     grid: Path | None
-    use_ema: bool
-    warnings: list[str] = field(default_factory=list)
-    ema_decay: float | None = None
-    guidance: Guidance = field(default_factory=Guidance)
-    sampler: str = "ddim"
 
     @property
-    def weights(self) -> str:
-        """Which weights are drawn from, in words (an export says what it was made of)."""
-        if self.ema_decay is not None:
-            return f"EMA {self.ema_decay}"
-        if self.use_ema:
-            return "EMA"
-        source = self.header.metadata.get("source_weights")
-        return f"exported {'raw' if source == 'model' else source.replace('ema', 'EMA', 1)}" if source else "raw"
+    def checkpoint(self) -> Path:
+        return self.draw.path
+
+    @property
+    def config(self):
+        return self.draw.config
+
+    @property
+    def warnings(self) -> list[str]:
+        return self.draw.warnings
 
 
 @dataclass
@@ -99,7 +80,7 @@ class SampleResult:
 def plan_labels(n: int, *, conditional: bool, num_classes: int, per_class: bool = False,
                 class_index: int | None = None) -> list[int] | None:
     """The class of each of the n images: None for an unconditional model; `class_index` for all; with
-    `per_class` contiguous blocks of n / num_classes (the remainder to the first classes); else classes in turn."""
+    `per_class` contiguous blocks of n / num_classes (n must be a multiple of num_classes); else classes in turn."""
     if n < 1:
         raise DdpmError(f"-n must be at least 1 (got {n})")
     if per_class and class_index is not None:
@@ -118,8 +99,14 @@ def plan_labels(n: int, *, conditional: bool, num_classes: int, per_class: bool 
                             f"(0 to {num_classes - 1})")
         return [class_index] * n
     if per_class:
-        base, extra = divmod(n, num_classes)
-        return [k for k in range(num_classes) for _ in range(base + (k < extra))]
+        per, extra = divmod(n, num_classes)
+        if extra:
+            lower, upper = per * num_classes, (per + 1) * num_classes
+            nearest = f"-n {upper}" if per == 0 else f"-n {lower} or -n {upper}"
+            raise UsageError(f"--per-class gives every class the same number of images, and -n {n} does not split "
+                             f"over this model's {num_classes} classes; pass a multiple of {num_classes} "
+                             f"({nearest})")
+        return [k for k in range(num_classes) for _ in range(per)]
     return [i % num_classes for i in range(n)]
 
 
@@ -139,46 +126,18 @@ def _check_free(paths: list[Path], overwrite: bool) -> None:
 
 def plan_sampling(req: SampleRequest) -> SamplePlan:
     """Check every option against the checkpoint's header and the output paths; import no torch."""
+    if req.n < 1:
+        raise UsageError(f"-n must be at least 1 (got {req.n})")
     if req.batch_size is not None and req.batch_size < 1:
-        raise DdpmError(f"--batch-size must be at least 1 (got {req.batch_size})")
-    if req.sampler is not None and req.sampler not in SAMPLERS:
-        raise DdpmError(f"unknown sampler {req.sampler!r}; choose one of {', '.join(SAMPLERS)}")
-    if req.steps is not None and req.steps < 1:
-        raise DdpmError(f"--steps must be at least 1 (got {req.steps})")
-    if req.spacing is not None and req.spacing not in SPACINGS:
-        raise DdpmError(f"unknown spacing {req.spacing!r}; choose one of {', '.join(SPACINGS)}")
-    if not 0.0 <= req.eta <= 1.0:
-        raise DdpmError(f"--eta must be between 0 and 1 (got {req.eta})")
+        raise UsageError(f"--batch-size must be at least 1 (got {req.batch_size})")
+    if req.per_class and req.class_index is not None:
+        raise UsageError("pass either --per-class or --class, not both")
     if req.fmt not in ("png", "npz"):
         raise DdpmError(f"unknown format {req.fmt!r}; choose png or npz")
-    path, header, cfg = read_checkpoint_config(req.checkpoint)
-    m = cfg.model
+    draw = plan_draw(req.checkpoint, req.draw)
+    m = draw.config.model
     labels = plan_labels(req.n, conditional=m.conditional, num_classes=m.num_classes, per_class=req.per_class,
                          class_index=req.class_index)
-    warnings: list[str] = []
-    guidance = check_guidance(path, header, cfg, req.guidance, req.guide)
-    sampler = req.sampler or guidance.default_sampler
-    if guidance.weight != 1.0 and guidance.guide is None:
-        if cfg.train.label_dropout == 0.0:
-            warnings.append("this model was trained without label dropout (train.label_dropout = 0), so its "
-                            "'no label' input is untrained and --guidance will give poor images")
-    if sampler == "ddpm" and req.steps is not None and req.steps != cfg.diffusion.num_timesteps:
-        warnings.append(f"the ddpm sampler always takes all T = {cfg.diffusion.num_timesteps} steps; --steps "
-                        f"is ignored (use --sampler ddim or dpm++2m for fewer)")
-    if sampler != "ddim" and req.eta != 0.0:
-        why = (" (the default sampler of a checkpoint with a stored guide; pass --sampler ddim)"
-               if req.sampler is None else "")
-        warnings.append(f"--eta applies to ddim only, and this samples with {sampler}{why}; ignored")
-    has_ema = has_ema_weights(header)
-    if req.ema and not has_ema:
-        raise DdpmError(f"{path} has no EMA weights; drop --ema (or pass --no-ema)")
-    use_ema = has_ema if req.ema is None else req.ema
-    if req.ema_decay is not None:
-        if req.ema is False:
-            raise DdpmError("--ema-decay picks EMA weights; drop --no-ema")
-        require_ema_decay(header, cfg.train.ema_decay, req.ema_decay)
-        use_ema = True
-
     files: list[Path] = []
     npz = None
     if req.out is not None:
@@ -192,8 +151,7 @@ def plan_sampling(req: SampleRequest) -> SamplePlan:
             raise DdpmError(f"--out {req.out} is a file; pass a directory for the PNG files")
     if int(os.environ.get("RANK", "0")) == 0:  # under torchrun rank 0 checks, before any rank writes
         _check_free(files + [p for p in (npz, req.grid) if p is not None], req.overwrite)
-    return SamplePlan(path, header, cfg, labels, files, npz, req.grid, use_ema, warnings, req.ema_decay, guidance,
-                      sampler)
+    return SamplePlan(draw, labels, files, npz, req.grid)
 
 
 def grid_layout(labels: list[int] | None, n: int, per_class: bool, num_classes: int) -> list[list[int]]:
@@ -296,38 +254,25 @@ def write_npz(path: Path, images, labels) -> None:
 def run_sampling(plan: SamplePlan, req: SampleRequest, *, on_start: Callable[[str], None] | None = None,
                  on_step: Callable[[int, int], None] | None = None,
                  on_batch: Callable[[int, int], None] | None = None) -> SampleResult:
-    """Load the model, generate `req.n` images in batches of at most `req.batch_size` (evened out; default
-    generate.default_batch), write the outputs.
+    """Load the model, draw `req.n` images in batches of at most `req.batch_size` (evened out; default
+    generate.default_batch), write the outputs. Under torchrun each rank draws its share of the batches (the
+    images one process makes) and writes its PNGs; rank 0 writes the NPZ and the grid.
 
     `on_start(device)` once the model is loaded; `on_step(i, steps)` after each network step of a batch;
     `on_batch(done, n)` after each batch."""
-    import numpy as np
     import torch
 
     from ddpm_cli.engine.build import resolve_device
-    from ddpm_cli.engine.checkpoint import load_guide, load_model
-    from ddpm_cli.engine.generate import default_batch, even_batch, generate, job_nfe, sampling_net
-
     from ddpm_cli.engine.distributed import DistInfo
+    from ddpm_cli.engine.draw import draw, load_drawer
+    from ddpm_cli.engine.generate import default_batch, even_batch
 
-    # Under torchrun each rank draws the batches b = rank, rank + world, ... of the same plan, so N GPUs make
-    # exactly the images one GPU makes with the same seed and batch size.
     dist_info = DistInfo.from_env()
     device = dist_info.device if dist_info.world > 1 else resolve_device(req.device)
-    image_size = plan.config.model.image_size
-    batch_size = even_batch(req.n, req.batch_size or default_batch(image_size, device.type == "cuda"))
-    num_batches = (req.n + batch_size - 1) // batch_size  # generate's batches: b is images b * batch_size ...
-    my_batches = range(dist_info.rank, num_batches, dist_info.world)
-    model, diffusion, cfg, ckpt = load_model(plan.checkpoint, device, use_ema=plan.use_ema,
-                                             ema_decay=plan.ema_decay)
-    m = cfg.model
+    m = plan.config.model
     cuda = device.type == "cuda"
-    g = plan.guidance
-    nfe = job_nfe(req.n, plan.sampler, req.steps, cfg.diffusion.num_timesteps, guided=g.weight != 1.0)
-    net = sampling_net(model, device, nfe, req.compile)
-    guide = None
-    if g.guide is not None:
-        guide = sampling_net(load_guide(g, ckpt, device), device, nfe, req.compile)
+    batch_size = even_batch(req.n, req.batch_size or default_batch(m.image_size, cuda))
+    drawer, _ = load_drawer(plan.draw, device, req.n, req.draw.compile)
     labels = torch.tensor(plan.labels, dtype=torch.long) if plan.labels is not None else None
     for d in {p.parent for p in plan.files} | {p.parent for p in (plan.npz, plan.grid) if p is not None}:
         try:
@@ -338,65 +283,32 @@ def run_sampling(plan: SamplePlan, req: SampleRequest, *, on_start: Callable[[st
     if on_start:
         on_start(str(device))
     keep_all = plan.npz is not None or plan.grid is not None
-    kept: list = []
     t0 = time.perf_counter()
-    done, first_batch_s = 0, 0.0
-    # PNGs are written by threads while the GPU samples the next batch (10,000 PNGs take seconds to encode)
+    first_batch_s = 0.0
+
+    def each(start: int, images) -> None:
+        nonlocal first_batch_s
+        if plan.files:
+            pngs.submit(plan.files[start:start + images.shape[0]], images.numpy())
+        first_batch_s = first_batch_s or time.perf_counter() - t0
+
+    # PNGs are written by threads while the GPU samples the next batch (encoding thousands of PNGs takes seconds)
     with PngWriter(PNG_WRITERS if cuda else 1) if plan.files else nullcontext() as pngs:
-        for start, batch, _ in generate(net, diffusion, req.n,
-                                        image_shape=(m.in_channels, m.image_size, m.image_size), labels=labels,
-                                        batch_size=batch_size, sampler=plan.sampler, steps=req.steps, eta=req.eta,
-                                        spacing=req.spacing, variance=req.variance or cfg.diffusion.variance,
-                                        guidance=g.weight, null_class=m.num_classes if m.conditional else None,
-                                        guide=guide, seed=req.seed, device=device, bf16=cuda, batches=my_batches,
-                                        on_step=on_step):
-            arr = batch.numpy()  # (b, C, H, W) uint8
-            if plan.files:
-                pngs.submit(plan.files[start:start + arr.shape[0]], arr)
-            if keep_all:
-                kept.append((start, arr))
-            done += arr.shape[0]
-            if on_batch:
-                on_batch(done, req.n)
-            first_batch_s = first_batch_s or time.perf_counter() - t0
+        images = draw(drawer, req.n, batch_size=batch_size, seed=req.draw.seed, labels=labels, dist=dist_info,
+                      each=each, gather=keep_all, on_step=on_step,
+                      on_batch=(lambda done: on_batch(done, req.n)) if on_batch else None)
     seconds = time.perf_counter() - t0
-    dist_info.barrier()  # every rank's PNGs are written
-    if keep_all and dist_info.world > 1:
-        kept = _gather_parts(plan, kept, dist_info)
-    if keep_all and dist_info.rank == 0:
-        kept.sort(key=lambda item: item[0])
-        images = np.concatenate([arr for _, arr in kept])  # (N, C, H, W)
+    if images is not None:  # rank 0 holds every rank's images
+        images = images.numpy()  # (N, C, H, W) uint8
         if plan.npz is not None:
             write_npz(plan.npz, images.transpose(0, 2, 3, 1), plan.labels)
         if plan.grid is not None:
             rows = grid_layout(plan.labels, req.n, req.per_class, m.num_classes)
-            grid = tile(images, rows)
             try:
-                atomic_write_bytes(plan.grid, _png_bytes(grid))
+                atomic_write_bytes(plan.grid, _png_bytes(tile(images, rows)))
             except OSError as e:
                 raise DdpmError(f"cannot write {plan.grid}: {e.strerror or e}") from None
     dist_info.finish_together()  # no rank tears the group down while rank 0 still writes (see finish_together)
     dist_info.close()
-    return SampleResult(req.n, seconds, plan.files, plan.npz, plan.grid, str(device),
-                        compiled=getattr(net, "compiled", False), first_batch_s=first_batch_s)
-
-
-def _gather_parts(plan: SamplePlan, kept: list, dist_info) -> list:
-    """Several ranks: each saves its batches to a part file beside the output (npz, no pickle); rank 0 reads
-    them all back, in index order, and removes them."""
-    import numpy as np
-
-    anchor = plan.npz or plan.grid
-    part = lambda r: anchor.with_name(f".{anchor.name}.part{r}.npz")  # noqa: E731
-    arrays = {f"s{start}": arr for start, arr in kept}
-    with open(part(dist_info.rank), "wb") as f:
-        np.savez(f, **arrays)
-    dist_info.barrier()
-    if dist_info.rank != 0:
-        return []
-    out = []
-    for r in range(dist_info.world):
-        with np.load(part(r), allow_pickle=False) as z:
-            out += [(int(k[1:]), z[k]) for k in z.files]
-        part(r).unlink()
-    return out
+    return SampleResult(req.n, seconds, plan.files, plan.npz, plan.grid, str(device), compiled=drawer.compiled,
+                        first_batch_s=first_batch_s)

@@ -16,6 +16,7 @@ from pathlib import Path
 import torch
 
 from ddpm_cli.config import RunConfig, config_to_dict
+from ddpm_cli.diffusion.sampler_spec import SamplerSpec
 from ddpm_cli.engine import checkpoint as ckpt_io
 from ddpm_cli.engine.build import (build_diffusion, build_unet, compile_mode, compile_options, count_params,
                                    force_channels_last_graph, grad_sync, resolve_device, use_bf16, use_channel_stats,
@@ -370,10 +371,10 @@ class Trainer:
         net.eval()
         n, labels, nrow, full = self._grid_plan()
         images = []
-        for _, batch, _ in generate(net, self.diffusion, n, image_shape=(m.in_channels, m.image_size, m.image_size),
-                                    labels=labels, batch_size=max(n, 1), sampler="ddpm" if full else "ddim",
-                                    steps=cfg.logging.sample_steps, variance=cfg.diffusion.variance,
-                                    seed=cfg.train.seed, device=self.device, bf16=self.bf16):
+        spec = SamplerSpec("ddpm" if full else "ddim", cfg.logging.sample_steps, variance=cfg.diffusion.variance)
+        for _, batch, _ in generate(net, self.diffusion, n, spec, image_shape=(m.in_channels, m.image_size,
+                                    m.image_size), labels=labels, batch_size=max(n, 1), seed=cfg.train.seed,
+                                    device=self.device, bf16=self.bf16):
             images.append(batch)
         net.train(was_training)
         path = self.run_dir / "samples" / f"step_{self.step:08d}.png"
@@ -423,6 +424,7 @@ class Trainer:
 
     def in_training_fid(self) -> float:
         """FID of `logging.fid_samples` EMA samples (DPM-Solver++, fid_steps) against the reference, on this device."""
+        from ddpm_cli.engine.draw import Drawer
         from ddpm_cli.engine.evaluation import inception as ev_inception, reference, run, sources
 
         lc, m = self.cfg.logging, self.cfg.model
@@ -433,11 +435,10 @@ class Trainer:
                                                                     use_cache=lc.fid_ref is not None))
         inception, ref_stats = self._fid_state
         net = self.ema.model if self.ema else self.model
-        result = run.fid_of_model(net, self.diffusion, lc.fid_samples, ref_stats, inception,
-                                  image_shape=(m.in_channels, m.image_size, m.image_size),
-                                 num_classes=m.num_classes if m.conditional else None, sampler="dpm++2m",
-                                 steps=lc.fid_steps, variance=self.cfg.diffusion.variance, seed=self.cfg.train.seed,
-                                 bf16=self.bf16)
+        spec = SamplerSpec("dpm++2m", lc.fid_steps, variance=self.cfg.diffusion.variance)
+        drawer = Drawer(net, self.diffusion, spec, (m.in_channels, m.image_size, m.image_size),
+                        m.num_classes if m.conditional else None, device=self.device, bf16=self.bf16)
+        result = run.fid_of_model(drawer, lc.fid_samples, ref_stats, inception, seed=self.cfg.train.seed)
         return float(result.fid)
 
     @torch.no_grad()

@@ -87,21 +87,35 @@ class EvalResult:
 def score(samples: FeatureStats, ref: FeatureStats, *, kid: bool = True, kid_subsets: int = 100,
           kid_subset_size: int = 1000, kid_seed: int = KID_SEED, device: torch.device | str = "cpu",
           callbacks: EvalCallbacks | None = None) -> EvalResult:
-    """FID of two statistics, and KID when both hold feature rows (the subset size shrinks to fit small sets)."""
+    """FID of two statistics, and KID when both hold feature rows (the subset size shrinks to fit small sets).
+
+    A subset as large as both sets is the same every time: KID is then computed once over the whole sets and
+    kid_std is None (a spread of zero would look like certainty); as large as one set, its spread comes from the
+    other set alone, and a note says it understates the uncertainty."""
     fid = frechet_distance(samples, ref, device)
     kid_mean = kid_std = size = subsets = None
     if kid:
         if samples.features is None or ref.features is None:
             notify(callbacks, "on_message", "KID skipped: the reference statistics hold no feature rows (FID only)")
         else:
-            size = min(kid_subset_size, len(samples.features), len(ref.features))
+            n1, n2 = len(samples.features), len(ref.features)
+            size = min(kid_subset_size, n1, n2)
             if size < kid_subset_size:
                 notify(callbacks, "on_message", f"KID subset size lowered from {kid_subset_size} to {size} to fit "
-                                             f"the sets' {len(samples.features)} and {len(ref.features)} rows")
+                                                f"the sets' {n1} and {n2} rows")
             if size >= 2:
-                subsets = kid_subsets
+                subsets = 1 if size == n1 == n2 else kid_subsets
                 kid_mean, kid_std = kernel_inception_distance(samples.features, ref.features, subsets=subsets,
                                                               subset_size=size, seed=kid_seed, device=device)
+                if subsets == 1:
+                    kid_std = None
+                    notify(callbacks, "on_message", f"KID over the whole sets ({size} rows each): one value, no "
+                                                    f"spread (kid_std null); use more images than "
+                                                    f"--kid-subset-size for subsets and a kid_std")
+                elif size == min(n1, n2):
+                    notify(callbacks, "on_message", f"KID subsets hold the whole smaller set ({size} rows), so "
+                                                    f"kid_std shows only the other set's spread and understates "
+                                                    f"the uncertainty; use more images than --kid-subset-size")
             else:
                 size = None
     return EvalResult(fid, kid_mean, kid_std, samples.n, ref.n, subsets, size)

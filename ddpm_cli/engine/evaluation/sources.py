@@ -18,7 +18,7 @@ import torch
 from ddpm_cli.engine.data import ImageFiles, decode_image, read_cifar10
 from ddpm_cli.engine.evaluation.inception import short_reason
 from ddpm_cli.engine.evaluation.stats import FeatureStats, is_stats, load_stats, open_npz
-from ddpm_cli.errors import DataError, DdpmError
+from ddpm_cli.errors import DataError
 
 CIFAR10_REFS = ("cifar10-train", "cifar10-test")
 NPZ_IMAGE_KEYS = ("images", "samples", "arr_0")
@@ -184,52 +184,15 @@ def config_source(path: str | Path) -> ImageSource:
     return src
 
 
-def balanced_labels(n: int, num_classes: int) -> torch.Tensor:
-    """Classes in turn (0, 1, ..., K-1, 0, ...): every class gets n // K or n // K + 1 images."""
-    return torch.arange(n) % num_classes
-
-
-def model_batches(model: Callable, diffusion, n: int, batch_size: int, *, image_shape: tuple[int, int, int],
-                  num_classes: int | None = None, sampler: str | None = None, steps: int | None = None,
-                  guidance: float = 1.0, guide: Callable | None = None, variance: str = "beta", seed: int = 0,
-                  device: torch.device | str = "cpu", bf16: bool = False, batches: range | None = None,
-                  on_step: Callable[[int, int], None] | None = None) -> Iterator[tuple[int, torch.Tensor]]:
-    """(first index, uint8 images) of `n` fresh samples, batch by batch (engine.generate; `batches` picks a rank's
-    share). A conditional model (num_classes set) gets its labels evenly over the classes; `None` options mean
-    generate's defaults; `guide` a weaker network for autoguidance."""
-    from ddpm_cli.engine.generate import generate
-
-    _check_sampling(n, num_classes, guidance, guide)
-    labels = balanced_labels(n, num_classes) if num_classes else None
-    opts: dict[str, Any] = {"variance": variance}
-    if sampler is not None:
-        opts["sampler"] = sampler
-    if steps is not None:
-        opts["steps"] = steps
-    for start, images, _ in generate(model, diffusion, n, image_shape=image_shape, labels=labels,
-                                     batch_size=batch_size, guidance=guidance, null_class=num_classes, guide=guide,
-                                     seed=seed,
-                                     device=device, bf16=bf16, batches=batches, on_step=on_step, **opts):
-        yield start, images
-
-
-def _check_sampling(n: int, num_classes: int | None, guidance: float, guide: Callable | None = None) -> None:
-    if n < 1:
-        raise DdpmError(f"-n must be at least 1 (got {n})")
-    if guidance != 1.0 and not num_classes and guide is None:
-        raise DdpmError("--guidance needs a class-conditional model, and this one is unconditional; drop --guidance")
-
-
-def model_source(model: torch.nn.Module, diffusion, n: int, *, name: str = "samples",
-                 sample_batch: int | None = None, **kwargs) -> ImageSource:
-    """`n` fresh samples of a model as an ImageSource, made batch by batch as they are consumed (the keyword
-    arguments are model_batches'). `sample_batch`: images per network batch, cut into the consumer's batches
-    (a GPU samples twice as fast at 1,000 as at 256, and Inception needs no such batch); default the consumer's."""
-    _check_sampling(n, kwargs.get("num_classes"), kwargs.get("guidance", 1.0), kwargs.get("guide"))
+def samples_source(drawer: Any, n: int, *, seed: int = 0, labels: torch.Tensor | None = None,
+                   name: str = "samples", sample_batch: int | None = None) -> ImageSource:
+    """`n` fresh samples of a draw.Drawer as an ImageSource, drawn batch by batch as they are consumed.
+    `sample_batch`: images per network batch, cut into the consumer's batches (a GPU samples faster at larger
+    batches than Inception needs); default the consumer's."""
 
     def batches(bs: int) -> Iterator[torch.Tensor]:
         held = torch.empty(0, dtype=torch.uint8)  # images of a network batch not yet handed out
-        for _, images in model_batches(model, diffusion, n, sample_batch or bs, **kwargs):
+        for _, images in drawer.batches(n, batch_size=sample_batch or bs, seed=seed, labels=labels):
             held = torch.cat([held, images]) if len(held) else images
             while len(held) >= bs:  # full batches whatever the network's, as from images already in memory
                 out, held = held[:bs], held[bs:]
@@ -273,20 +236,29 @@ def open_images_or_stats(spec: str | Path, *, data_root: str | Path = "data",
     raise DataError(f"{role} {text}: not a folder, .zip, .npz or .yaml; pass images, statistics or a run config")
 
 
-def first_n(src: ImageSource, n: int) -> ImageSource:
-    src.ready()
-    if n > src.count:
-        raise DataError(f"-n {n} but {src.name} holds {src.count} images; lower -n or leave it out to use all")
-    if n == src.count:
-        return src
-    inner = src.batches
+def first_n(src: ImageSource, n: int, option: str = "-n") -> ImageSource:
+    """The first `n` images of `src`. For `-n` (samples) a source with fewer is refused at once; for --ref-limit
+    (a reference) it is a limit: all of a smaller source are used, and a dataset is only decoded when its
+    statistics are not in the cache (the limit is part of the cache key)."""
+    inner = src
 
     def batches(bs: int) -> Iterator[torch.Tensor]:
-        left = n
-        for b in inner(bs):
+        left = out.count
+        for b in inner.batches(bs):
             if left <= 0:
                 break
             yield b[:left]
             left -= b.shape[0]
 
-    return ImageSource(src.name, n, batches, None, src.warnings)
+    def prepare() -> None:
+        inner.ready()
+        if option == "-n" and n > inner.count:
+            raise DataError(f"-n {n} but {inner.name} holds {inner.count} images; lower -n or leave it out to use "
+                            f"all")
+        out.count = min(n, inner.count)
+
+    key = {**src.key, "first": n} if src.key is not None else None
+    out = ImageSource(f"{src.name} (first {n:,})", n, batches, key, src.warnings, prepare)
+    if option == "-n":
+        out.ready()
+    return out

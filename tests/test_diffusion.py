@@ -54,7 +54,7 @@ def test_min_snr_weights_each_sample_by_min_snr_gamma_over_snr(loss):
 
 @pytest.mark.parametrize("sampler,steps", [("ddpm", None), ("ddim", None), ("ddim", 7), ("ddim", 5000),
                                            ("dpm++2m", None), ("dpm++2m", 50), ("dpm++2m", 100)])
-def test_network_evaluations_counts_the_calls_a_sampler_makes(sampler, steps):
+def test_the_spec_s_evaluation_count_is_the_calls_its_sampler_makes(sampler, steps):
     from ddpm_cli.diffusion.sampler_spec import SamplerSpec
     from ddpm_cli.diffusion.samplers import sample
 

@@ -143,7 +143,9 @@ def test_the_imported_checkpoint_samples_inspects_and_exports_like_any_other(tmp
     ckpt = tmp_path / "ddpm-tiny.safetensors"
     assert ckpt.exists() and str(ckpt.name) in r.stdout
     info = json.loads(ok("inspect", ckpt, "--json").stdout)
-    assert info["kind"] == "import"
+    assert info["kind"] == "import" and info["source"] == "diffusers" and info["source_path"] == str(folder.resolve())
+    table = ok("inspect", ckpt).stdout
+    assert "imported from" in table and "diffusers:" in table
     ok("sample", ckpt, "-n", 2, "--steps", 3, "--format", "npz", "--out", tmp_path / "s.npz", "--device", "cpu")
     with np.load(tmp_path / "s.npz") as d:
         assert d["arr_0"].shape[0] == 2
@@ -258,3 +260,67 @@ def test_pickled_weights_alone_are_refused(tmp_path):
 def test_an_export_diffusers_cannot_express_is_refused_in_one_line(trained_conditional_run, tmp_path):
     line = one_line_error(cli("export", trained_conditional_run, "--format", "diffusers", "--out", tmp_path / "p"))
     assert "class-conditional" in line and not (tmp_path / "p").exists()
+
+
+def test_the_defaults_ddpm_assumes_are_diffusers_own():
+    """A key that config.json leaves out takes UNet2DModel's (DDPMScheduler's) default: ddpm's copy must agree."""
+    import inspect
+
+    from ddpm_cli.engine.diffusers_format import SCHEDULER_DEFAULTS, UNET_DEFAULTS
+
+    def defaults(cls):
+        return {k: p.default for k, p in inspect.signature(cls.__init__).parameters.items()
+                if p.default is not inspect.Parameter.empty}
+
+    unet, scheduler = defaults(UNet2DModel), defaults(DDPMScheduler)
+    for key, value in UNET_DEFAULTS.items():
+        assert key in unet and (list(unet[key]) if isinstance(unet[key], tuple) else unet[key]) == value, key
+    for key, value in SCHEDULER_DEFAULTS.items():
+        assert scheduler[key] == value, key
+
+
+@pytest.mark.parametrize("model", [{}, {"channel_mults": [1, 2, 3], "num_res_blocks": 1, "image_size": 16,
+                                        "base_channels": 8, "norm_groups": 4, "attention_resolutions": [16, 4]}])
+def test_the_tensor_plan_names_every_tensor_of_the_network_once(model):
+    from ddpm_cli.config import validate_config
+    from ddpm_cli.engine.build import build_unet
+    from ddpm_cli.engine.diffusers_format import tensor_plan, unet_config_from_model
+
+    cfg = validate_config({"model": model}).model
+    plan = tensor_plan(cfg)
+    with torch.device("meta"):
+        assert [t.ddpm for t in plan] == list(build_unet(cfg).state_dict())
+        names = set(UNet2DModel(**unet_config_from_model(cfg)).state_dict())
+    ours = {n for t in plan for n in t.diffusers}
+    assert ours == {n for n in names if ".Conv2d_0." not in n}  # Conv2d_0: diffusers' alias of downsamplers' conv
+
+
+@pytest.mark.parametrize("model,message", [
+    ({"activation": "mish"}, "activation mish"),
+    ({"channel_mults": [2, 2]}, "a first multiplier of 1"),
+    ({"num_heads": 2, "base_channels": 64, "channel_mults": [1, 2], "attention_resolutions": [32, 16],
+      "image_size": 32}, "heads of different widths"),
+])
+def test_models_diffusers_cannot_express_are_refused_with_the_reason(model, message):
+    from ddpm_cli.config import validate_config
+    from ddpm_cli.engine.diffusers_format import unet_config_from_model
+    from ddpm_cli.errors import CheckpointError
+
+    with pytest.raises(CheckpointError, match=message):
+        unet_config_from_model(validate_config({"model": model}).model)
+
+
+def test_an_export_folder_is_replaced_only_when_asked_and_only_if_it_is_one(trained_run, tmp_path):
+    src = latest_checkpoint(trained_run)
+    ok("export", src, "--format", "diffusers", "--out", tmp_path / "pipe")
+    weights = tmp_path / "pipe" / "unet" / "diffusion_pytorch_model.safetensors"
+    before = weights.read_bytes()
+    assert "--overwrite" in one_line_error(cli("export", src, "--format", "diffusers", "--out", tmp_path / "pipe"))
+    assert weights.read_bytes() == before
+    ok("export", src, "--format", "diffusers", "--out", tmp_path / "pipe", "--overwrite", "--dtype", "fp16")
+    assert {t["dtype"] for t in read_header(weights, require_ddpm=False).tensors.values()} == {"F16"}
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "notes.txt").write_text("keep")
+    line = one_line_error(cli("export", src, "--format", "diffusers", "--out", tmp_path / "mine", "--overwrite"))
+    assert "not a diffusers pipeline folder" in line and (tmp_path / "mine" / "notes.txt").read_text() == "keep"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["mine", "pipe"]  # no temporary left behind

@@ -183,7 +183,7 @@ def import_diffusers(path: str | Path, out: str | Path | None = None, overwrite:
     state = to_ddpm(_load_tensors(folder.weights), cfg, str(folder.weights))
     num_params = sum(v.numel() for v in state.values())
     meta = weights_metadata(cfg, 0, 0, num_params, has_ema=False, classes=[], kind="import")
-    meta.update(source="diffusers", source_path=str(folder.root.resolve()), source_weights=folder.weights.name,
+    meta.update(source="diffusers", source_path=str(folder.root.resolve()), source_file=folder.weights.name,
                 source_config=folder.unet_config_text, source_scheduler_config=folder.scheduler_config_text)
     try:
         dst.parent.mkdir(parents=True, exist_ok=True)
@@ -222,7 +222,7 @@ def write_pipeline(state: dict[str, torch.Tensor], cfg: RunConfig, dst: Path, dt
     unet_config = unet_config_from_model(cfg.model)  # refuses what diffusers cannot express, before any writing
     scheduler_config = scheduler_config_from_diffusion(cfg.diffusion)
     if dst.exists() and not (overwrite and (dst / "model_index.json").is_file()):
-        raise DdpmError(f"{dst} already exists; pass another --out" if not overwrite else
+        raise DdpmError(f"{dst} already exists; pass --overwrite or another --out" if not overwrite else
                         f"{dst} exists and is not a diffusers pipeline folder; pass another --out")
     tmp = dst.with_name(f".{dst.name}.tmp-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)

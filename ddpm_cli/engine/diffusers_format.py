@@ -48,7 +48,8 @@ def _full_unet_config(cfg: dict) -> dict:
     if cfg.get("_class_name", "UNet2DModel") != "UNet2DModel":
         raise CheckpointError(f"config.json describes a {cfg['_class_name']}; ddpm imports UNet2DModel only "
                               f"(the DDPM models: google/ddpm-cifar10-32, ddpm-celebahq-256, ...)")
-    unknown = sorted(k for k in cfg if k not in UNET_DEFAULTS and not k.startswith("_"))
+    # A key ddpm does not know may be one of a newer diffusers: refused, unless null (unset, diffusers' "off").
+    unknown = sorted(k for k in cfg if k not in UNET_DEFAULTS and not k.startswith("_") and cfg[k] is not None)
     if unknown:
         raise _refuse(unknown[0], cfg[unknown[0]], "ddpm does not know this UNet2DModel field")
     return {**UNET_DEFAULTS, **cfg}

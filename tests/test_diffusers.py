@@ -219,6 +219,7 @@ def test_ddpmpipeline_samples_the_images_ddpm_samples(trained_run, tmp_path, var
     ({"time_embedding_type": "fourier"}, "time_embedding_type = 'fourier'"),
     ({"block_out_channels": [16, 24, 32, 32]}, "block_out_channels"),
     ({"some_new_field": 3}, "some_new_field"),
+    ({"num_class_embeds": 10}, "num_class_embeds = 10: ddpm imports unconditional models only"),
 ])
 def test_an_unsupported_configuration_is_refused_in_one_line(tmp_path, change, message):
     config = {**DDPM_UNET, **CONFIGS["ddpm-cifar10-32"]}

@@ -61,7 +61,9 @@ def model_config_from_diffusers(cfg: dict) -> dict:
     c = _full_unet_config(cfg)
     for key, allowed in UNET_REQUIRED.items():
         if c[key] not in allowed:
-            raise _refuse(key, c[key], f"ddpm's UNet supports {' or '.join(map(repr, allowed))}")
+            why = ("ddpm imports unconditional models only" if key in ("class_embed_type", "num_class_embeds") else
+                   f"ddpm's UNet supports {' or '.join(map(repr, allowed))} only")
+            raise _refuse(key, c[key], why)
     chans, down, up = list(c["block_out_channels"]), list(c["down_block_types"]), list(c["up_block_types"])
     if not chans or not all(isinstance(x, int) and x > 0 for x in chans) or len(down) != len(chans) \
             or len(up) != len(chans):

@@ -118,8 +118,12 @@ def test_files_with_pre_0_14_attention_names_import(tmp_path):
         tensors[k] = v
     assert any(".proj_attn." in k for k in tensors)
     save_file(tensors, weights)
-    ok("import", folder, "--out", tmp_path / "m.safetensors")
+    r = ok("import", folder, "--out", tmp_path / "m.safetensors")
     assert compare(unet, tmp_path / "m.safetensors") < 1e-5
+    assert "DDPMScheduler's defaults were assumed" not in r.stdout
+    (folder / "scheduler_config.json").unlink()
+    r = ok("import", folder, "--out", tmp_path / "m.safetensors", "--overwrite")
+    assert "DDPMScheduler's defaults were assumed" in r.stdout
 
 
 @pytest.mark.parametrize("scheduler", [SCHEDULER, {**SCHEDULER, "num_train_timesteps": 400, "beta_end": 0.04},

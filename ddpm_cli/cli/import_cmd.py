@@ -29,3 +29,6 @@ def import_command(
     console.print(f"model: {m.image_size}x{m.image_size}x{m.in_channels}, base {m.base_channels}, mults "
                   f"{list(m.channel_mults)}, attention at {list(m.attention_resolutions) or 'none'}; schedule: "
                   f"{d.schedule}, T = {d.num_timesteps}, variance {d.variance}", markup=False, soft_wrap=True)
+    if not r.scheduler_found:
+        console.print("note: the folder has no scheduler_config.json; DDPMScheduler's defaults were assumed (linear "
+                      "betas 1e-4 to 0.02, T = 1000, fixed_small variance)", markup=False, soft_wrap=True)

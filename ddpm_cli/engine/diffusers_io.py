@@ -158,6 +158,7 @@ class ImportResult:
     config: RunConfig
     num_params: int
     file_size: int
+    scheduler_found: bool  # False: no scheduler_config.json, DDPMScheduler's defaults assumed
 
 
 def default_import_output(folder: Path) -> Path:
@@ -199,7 +200,7 @@ def import_diffusers(path: str | Path, out: str | Path | None = None, overwrite:
         os.replace(tmp, dst)
     finally:
         tmp.unlink(missing_ok=True)
-    return ImportResult(dst, cfg, num_params, dst.stat().st_size)
+    return ImportResult(dst, cfg, num_params, dst.stat().st_size, folder.scheduler_config is not None)
 
 
 def default_export_folder(checkpoint: Path, weights: str = "ema") -> Path:

@@ -95,12 +95,15 @@ def test_diffusers_defaults_and_several_heads_map_too(tmp_path):
               "down_block_types": ["DownBlock2D", "AttnDownBlock2D", "AttnDownBlock2D"],
               "up_block_types": ["AttnUpBlock2D", "AttnUpBlock2D", "UpBlock2D"], "attention_head_dim": 4,
               "time_embedding_dim": 24, "norm_eps": 1e-4}  # flip_sin_to_cos, freq_shift, padding: the defaults
-    unet, folder = save_folder(tmp_path, "m", config, pipeline=True)
+    unet, folder = save_folder(tmp_path, "m", config, {**SCHEDULER, "num_train_timesteps": 200}, pipeline=True)
     ok("import", folder, "--out", tmp_path / "m.safetensors")
     m = json.loads(read_header(tmp_path / "m.safetensors").metadata["config"])["model"]
     assert (m["time_embedding_order"], m["time_freq_shift"], m["downsample_padding"], m["head_channels"]) == \
         ("cos-sin", 0.0, "symmetric", 4)
     assert compare(unet, tmp_path / "m.safetensors", batch=3) < 1e-5
+    ok("import", folder / "unet", "--out", tmp_path / "u.safetensors")  # the pipeline's unet/: scheduler/ beside it
+    configs = [json.loads(read_header(tmp_path / f).metadata["config"]) for f in ("m.safetensors", "u.safetensors")]
+    assert configs[0] == configs[1] and configs[0]["diffusion"]["num_timesteps"] == 200
 
 
 def test_files_with_pre_0_14_attention_names_import(tmp_path):

@@ -332,3 +332,30 @@ def test_an_export_folder_is_replaced_only_when_asked_and_only_if_it_is_one(trai
     line = one_line_error(cli("export", src, "--format", "diffusers", "--out", tmp_path / "mine", "--overwrite"))
     assert "not a diffusers pipeline folder" in line and (tmp_path / "mine" / "notes.txt").read_text() == "keep"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["mine", "pipe"]  # no temporary left behind
+
+
+@pytest.mark.parametrize("model,diffusion", [
+    ({"norm": "layer", "num_heads": 2, "channel_mults": [1, 1], "downsample_padding": "bottom-right"},
+     {"schedule": "cosine", "num_timesteps": 50}),
+    ({"head_channels": 4, "time_embedding_order": "cos-sin", "time_freq_shift": 0.0, "norm_eps": 1e-3},
+     {"schedule": "dns", "num_timesteps": 40, "variance": "posterior"}),
+])
+def test_other_architectures_and_schedules_export_to_the_same_network_and_betas(tmp_path, model, diffusion):
+    from conftest import tiny_overrides
+    from ddpm_cli.config import validate_config
+    from ddpm_cli.engine.build import build_diffusion, build_unet
+    from ddpm_cli.engine.checkpoint import save_weights, weights_metadata
+
+    data = tiny_overrides(tmp_path)
+    cfg = validate_config({"model": {**data["model"], **model}, "diffusion": diffusion})
+    torch.manual_seed(0)
+    net = build_unet(cfg.model)
+    with torch.no_grad():
+        for p in net.parameters():
+            p.add_(0.1 * torch.randn_like(p))
+    save_weights(tmp_path / "m.safetensors", net, None, weights_metadata(cfg, 1, 1, 1, False, []))
+    ok("export", tmp_path / "m.safetensors", "--format", "diffusers", "--out", tmp_path / "pipe")
+    unet = UNet2DModel.from_pretrained(tmp_path / "pipe", subfolder="unet").eval()
+    assert compare(unet, tmp_path / "m.safetensors") < 1e-5
+    scheduler = DDPMScheduler.from_pretrained(tmp_path / "pipe", subfolder="scheduler")
+    assert torch.allclose(scheduler.betas, build_diffusion(cfg.diffusion).betas, rtol=1e-5)

@@ -259,7 +259,7 @@ def _round_trip_error(state: dict[str, torch.Tensor], cfg: RunConfig, folder: Pa
     from ddpm_cli.engine.export import random_inputs, relative_error
 
     back = read_folder(folder)
-    try:
+    try:  # the model as an import reads it: equal in function, if not always in spelling (norm layer = 1 group)
         back_cfg = validate_config({"model": model_config_from_diffusers(back.unet_config)})
     except (ConfigError, CheckpointError):
         return float("inf")

@@ -107,19 +107,21 @@ def test_diffusers_defaults_and_several_heads_map_too(tmp_path):
 
 
 def test_files_with_pre_0_14_attention_names_import(tmp_path):
-    """The Hub's DDPM files predate diffusers' attention rename: query/key/value/proj_attn for to_q/to_k/to_v/to_out.0."""
+    """The Hub's DDPM files predate diffusers' attention rename (query/key/value/proj_attn for to_q/to_k/to_v/to_out.0)
+    and may name a downsampling convolution by its old alias, Conv2d_0."""
     from safetensors.torch import load_file, save_file
 
     config = {**DDPM_UNET, **CONFIGS["ddpm-cifar10-32"]}
     unet, folder = save_folder(tmp_path, "old", config)
     weights = folder / "diffusion_pytorch_model.safetensors"
-    renames = {".to_q.": ".query.", ".to_k.": ".key.", ".to_v.": ".value.", ".to_out.0.": ".proj_attn."}
+    renames = {".to_q.": ".query.", ".to_k.": ".key.", ".to_v.": ".value.", ".to_out.0.": ".proj_attn.",
+               "downsamplers.0.conv.": "downsamplers.0.Conv2d_0."}
     tensors = {}
     for k, v in load_file(weights).items():
         for new, old in renames.items():
             k = k.replace(new, old)
         tensors[k] = v
-    assert any(".proj_attn." in k for k in tensors)
+    assert any(".proj_attn." in k for k in tensors) and any(".Conv2d_0." in k for k in tensors)
     save_file(tensors, weights)
     r = ok("import", folder, "--out", tmp_path / "m.safetensors")
     assert compare(unet, tmp_path / "m.safetensors") < 1e-5

@@ -214,7 +214,7 @@ class Tensor:
     ddpm: str
     diffusers: tuple[str, ...]
     op: str = "same"  # same | conv1x1 | qkv
-    legacy: tuple[str, ...] = ()  # the same tensors' names in diffusers < 0.14 files (query, key, value, proj_attn)
+    legacy: tuple[str, ...] = ()  # the same tensors' names in older files (query, key, value, proj_attn, Conv2d_0)
 
 
 def _params(ddpm: str, diffusers: str, op: str = "same", legacy: str | None = None) -> list[Tensor]:
@@ -256,7 +256,8 @@ def tensor_plan(m: ModelConfig) -> list[Tensor]:
             skips.append(ch)
             k += 1
         if level != last:
-            plan += _params(f"down.{k}.0.conv", f"down_blocks.{level}.downsamplers.0.conv")
+            plan += _params(f"down.{k}.0.conv", f"down_blocks.{level}.downsamplers.0.conv", "same",
+                            f"down_blocks.{level}.downsamplers.0.Conv2d_0")  # an alias older files may keep alone
             skips.append(ch)
             k += 1
     plan += _resblock("mid.0", "mid_block.resnets.0", False) + _attention("mid.1", "mid_block.attentions.0")

@@ -361,3 +361,26 @@ def test_other_architectures_and_schedules_export_to_the_same_network_and_betas(
     assert compare(unet, tmp_path / "m.safetensors") < 1e-5
     scheduler = DDPMScheduler.from_pretrained(tmp_path / "pipe", subfolder="scheduler")
     assert torch.allclose(scheduler.betas, build_diffusion(cfg.diffusion).betas, rtol=1e-5)
+
+
+def test_any_value_of_any_field_is_mapped_or_refused_in_one_error():
+    """Every known field of both configs, set to values of every JSON kind: a config or a CheckpointError, never
+    another exception (there were 59 tracebacks here: lists where numbers belong, numbers where lists do)."""
+    from pathlib import Path
+
+    from ddpm_cli.engine.diffusers_format import SCHEDULER_DEFAULTS, UNET_DEFAULTS
+    from ddpm_cli.engine.diffusers_io import DiffusersFolder, run_config
+    from ddpm_cli.errors import CheckpointError
+
+    unet = {**DDPM_UNET, **CONFIGS["ddpm-cifar10-32"]}
+    odd = [None, "x", -1, 0, 2.5, 1e9, True, float("nan"), [], [0], [-5, 3], ["a"], {}]
+    cases = [({**unet, k: v}, SCHEDULER) for k in UNET_DEFAULTS for v in odd]
+    cases += [(unet, {**SCHEDULER, k: v}) for k in SCHEDULER_DEFAULTS for v in odd]
+    refused = 0
+    for u, s in cases:
+        try:
+            run_config(DiffusersFolder(Path("m"), u, "", s, "", Path("m/w.safetensors")))
+        except CheckpointError as e:
+            refused += 1
+            assert "\n" not in str(e)
+    assert refused > len(cases) // 2

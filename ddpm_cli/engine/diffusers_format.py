@@ -44,6 +44,19 @@ def _refuse(field: str, value, why: str) -> CheckpointError:
     return CheckpointError(f"unsupported diffusers setting {field} = {value!r}: {why}")
 
 
+def _number(c: dict, key: str) -> float:
+    value = c[key]
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise _refuse(key, value, "expected a number")
+    return float(value)
+
+
+def _list(c: dict, key: str) -> list:
+    if not isinstance(c[key], (list, tuple)):
+        raise _refuse(key, c[key], "expected a list")
+    return list(c[key])
+
+
 def _full_unet_config(cfg: dict) -> dict:
     if cfg.get("_class_name", "UNet2DModel") != "UNet2DModel":
         raise CheckpointError(f"config.json describes a {cfg['_class_name']}; ddpm imports UNet2DModel only "
@@ -64,7 +77,7 @@ def model_config_from_diffusers(cfg: dict) -> dict:
             why = ("ddpm imports unconditional models only" if key in ("class_embed_type", "num_class_embeds") else
                    f"ddpm's UNet supports {' or '.join(map(repr, allowed))} only")
             raise _refuse(key, c[key], why)
-    chans, down, up = list(c["block_out_channels"]), list(c["down_block_types"]), list(c["up_block_types"])
+    chans, down, up = _list(c, "block_out_channels"), _list(c, "down_block_types"), _list(c, "up_block_types")
     if not chans or not all(isinstance(x, int) and x > 0 for x in chans) or len(down) != len(chans) \
             or len(up) != len(chans):
         raise _refuse("block_out_channels", chans, "needs one positive width per down and up block type")
@@ -97,7 +110,7 @@ def model_config_from_diffusers(cfg: dict) -> dict:
         raise _refuse("attn_norm_num_groups", attn_groups, "ddpm's attention uses norm_num_groups")
     if c["in_channels"] != c["out_channels"]:
         raise _refuse("out_channels", c["out_channels"], "ddpm predicts noise of the input's channels")
-    if not isinstance(c["freq_shift"], (int, float)) or not 0 <= c["freq_shift"] <= 1:
+    if not 0 <= _number(c, "freq_shift") <= 1:
         raise _refuse("freq_shift", c["freq_shift"], "ddpm supports shifts from 0 to 1")
     if c["downsample_padding"] not in (0, 1):  # diffusers pads this much on every side, but 0: bottom-right by 1
         raise _refuse("downsample_padding", c["downsample_padding"], "ddpm supports 1 (every side) and 0 (bottom "
@@ -108,18 +121,18 @@ def model_config_from_diffusers(cfg: dict) -> dict:
     return {"image_size": size, "in_channels": c["in_channels"], "base_channels": base,
             "channel_mults": [x // base for x in chans], "num_res_blocks": c["layers_per_block"],
             "time_emb_dim": c["time_embedding_dim"] or 0, "norm": "group", "norm_groups": groups,
-            "dropout": float(c["dropout"]), "activation": "silu", "attention_resolutions": attention,
-            "num_heads": 1, "head_channels": head_dim or 0, "norm_eps": float(c["norm_eps"]),
+            "dropout": _number(c, "dropout"), "activation": "silu", "attention_resolutions": attention,
+            "num_heads": 1, "head_channels": head_dim or 0, "norm_eps": _number(c, "norm_eps"),
             "downsample_padding": "bottom-right" if c["downsample_padding"] == 0 else "symmetric",
             "time_embedding_order": "cos-sin" if c["flip_sin_to_cos"] else "sin-cos",
-            "time_freq_shift": float(c["freq_shift"]), "conditional": False}
+            "time_freq_shift": _number(c, "freq_shift"), "conditional": False}
 
 
 def diffusion_config_from_scheduler(cfg: dict | None) -> dict:
     """A DDPMScheduler scheduler_config.json (None: its defaults) -> ddpm's diffusion section (a dict)."""
     c = {**SCHEDULER_DEFAULTS, **(cfg or {})}
     T = c["num_train_timesteps"]
-    if not isinstance(T, int) or T < 1:
+    if isinstance(T, bool) or not isinstance(T, int) or T < 1:
         raise _refuse("num_train_timesteps", T, "needs a positive number of steps")
     for key, want, why in (("prediction_type", "epsilon", "ddpm's networks predict the noise epsilon"),
                            ("thresholding", False, "ddpm clips predicted images to [-1, 1] instead"),
@@ -129,13 +142,13 @@ def diffusion_config_from_scheduler(cfg: dict | None) -> dict:
                            ("trained_betas", None, "ddpm builds its betas from a named schedule")):
         if c[key] != want:
             raise _refuse(key, c[key], why)
-    if c["variance_type"] not in VARIANCE:
+    if not isinstance(c["variance_type"], str) or c["variance_type"] not in VARIANCE:
         raise _refuse("variance_type", c["variance_type"], "ddpm's ancestral sampler supports fixed_small "
                                                            "(posterior variance) and fixed_large (beta)")
     out = {"num_timesteps": T, "variance": VARIANCE[c["variance_type"]]}
     if c["beta_schedule"] == "linear":  # ddpm scales low/high by 1000/T; diffusers' betas are absolute
-        return {**out, "schedule": "linear", "schedule_low": c["beta_start"] * T / 1000,
-                "schedule_high": c["beta_end"] * T / 1000}
+        return {**out, "schedule": "linear", "schedule_low": _number(c, "beta_start") * T / 1000,
+                "schedule_high": _number(c, "beta_end") * T / 1000}
     if c["beta_schedule"] == "squaredcos_cap_v2":
         return {**out, "schedule": "cosine"}
     raise _refuse("beta_schedule", c["beta_schedule"], "ddpm supports linear and squaredcos_cap_v2 (cosine)")

@@ -112,17 +112,19 @@ def to_ddpm(tensors: dict[str, torch.Tensor], cfg: RunConfig, source: str) -> di
             value = value[:, :, None, None] if value.dim() == 2 else value
         else:
             value = parts[0][:, :, None, None] if t.op == "conv1x1" and parts[0].dim() == 2 else parts[0]
-        if tuple(value.shape) != shapes[t.ddpm]:
+        want = shapes[t.ddpm]
+        if tuple(value.shape) != want:
+            if t.op != "same":  # the diffusers shape: a linear layer's, each of q, k, v a third of ddpm's
+                want = ((want[0] // 3 if t.op == "qkv" else want[0]),) + want[1:2]
             raise CheckpointError(f"{source}: tensor {names[0]} has shape {list(parts[0].shape)}, but its "
-                                  f"config.json makes it {list(shapes[t.ddpm])}" if t.op != "qkv" else
-                                  f"{source}: tensors {', '.join(names)} have shape {list(parts[0].shape)}, but its "
-                                  f"config.json makes them {[shapes[t.ddpm][0] // 3, shapes[t.ddpm][1]]}")
+                                  f"config.json makes it {list(want)}")
         out[t.ddpm] = value.contiguous()
         used.update(names)
     extra = sorted(n for n in tensors if n not in used and ".Conv2d_0." not in n)  # Conv2d_0: an old alias
     if extra:
-        raise CheckpointError(f"{source} holds tensor {extra[0]} (and {len(extra) - 1} more) that its config.json "
-                              f"does not describe; ddpm cannot tell what it does")
+        more = f" (and {len(extra) - 1} more)" if len(extra) > 1 else ""
+        raise CheckpointError(f"{source} holds tensor {extra[0]}{more} that its config.json does not describe; ddpm "
+                              f"cannot tell what it does")
     return out
 
 

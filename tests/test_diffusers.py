@@ -255,6 +255,17 @@ def test_bad_folders_are_refused_in_one_line_and_nothing_is_written(tmp_path):
     (folder / "diffusion_pytorch_model.safetensors").write_bytes(
         (tmp_path / "narrow" / "diffusion_pytorch_model.safetensors").read_bytes())
     assert "has shape" in one_line_error(cli("import", folder, "--out", out))
+    from safetensors.torch import save_file
+
+    tensors = dict(random_unet(config).state_dict())
+    save_file({**tensors, "extra_block.weight": torch.zeros(2)}, folder / "diffusion_pytorch_model.safetensors")
+    assert "extra_block.weight that its config.json does not describe" in one_line_error(
+        cli("import", folder, "--out", out))
+    del tensors["conv_out.bias"]
+    save_file(tensors, folder / "diffusion_pytorch_model.safetensors")
+    assert "lacks tensor conv_out.bias" in one_line_error(cli("import", folder, "--out", out))
+    (folder / "diffusion_pytorch_model.safetensors").write_bytes(b"garbage")
+    assert "not a readable safetensors file" in one_line_error(cli("import", folder, "--out", out))
     (folder / "config.json").write_text("{not json")
     assert "not valid JSON" in one_line_error(cli("import", folder, "--out", out))
     assert not out.exists() and not list(tmp_path.glob(".x*"))

@@ -115,6 +115,8 @@ def model_config_from_diffusers(cfg: dict) -> dict:
     if c["downsample_padding"] not in (0, 1):  # diffusers pads this much on every side, but 0: bottom-right by 1
         raise _refuse("downsample_padding", c["downsample_padding"], "ddpm supports 1 (every side) and 0 (bottom "
                                                                      "and right)")
+    if not isinstance(c["flip_sin_to_cos"], bool):
+        raise _refuse("flip_sin_to_cos", c["flip_sin_to_cos"], "expected true or false")
     head_dim = c["attention_head_dim"]
     if isinstance(head_dim, (list, tuple)):
         raise _refuse("attention_head_dim", head_dim, "ddpm's UNet2DModel has one head width for all levels")

@@ -217,7 +217,7 @@ def test_ddpmpipeline_samples_the_images_ddpm_samples(trained_run, tmp_path, var
     if ours.shape != theirs.shape:
         ours = ours.transpose(0, 2, 3, 1)
     diff = np.abs(ours - theirs)
-    assert diff.mean() < 0.5 and (diff > 8).mean() < 0.01, (diff.mean(), diff.max())
+    assert diff.max() <= 2 and (diff > 0).mean() < 0.01, (diff.mean(), diff.max())  # float rounding, nothing more
     assert np.abs(ours - ours[::-1]).mean() > 5  # the images differ from each other: the test can fail
 
 

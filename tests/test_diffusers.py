@@ -340,11 +340,18 @@ def test_an_export_folder_is_replaced_only_when_asked_and_only_if_it_is_one(trai
     assert weights.read_bytes() == before
     ok("export", src, "--format", "diffusers", "--out", tmp_path / "pipe", "--overwrite", "--dtype", "fp16")
     assert {t["dtype"] for t in read_header(weights, require_ddpm=False).tensors.values()} == {"F16"}
+    import shutil
+
+    shutil.copy(src, tmp_path / "ckpt-00000020.safetensors")
+    r = ok("export", tmp_path / "ckpt-00000020.safetensors", "--format", "diffusers", "--no-ema")
+    assert (tmp_path / "ckpt-00000020-raw-diffusers" / "model_index.json").is_file()  # default: beside, named
+    assert "ckpt-00000020-raw-diffusers" in r.stdout
     (tmp_path / "mine").mkdir()
     (tmp_path / "mine" / "notes.txt").write_text("keep")
     line = one_line_error(cli("export", src, "--format", "diffusers", "--out", tmp_path / "mine", "--overwrite"))
     assert "not a diffusers pipeline folder" in line and (tmp_path / "mine" / "notes.txt").read_text() == "keep"
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["mine", "pipe"]  # no temporary left behind
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt-00000020-raw-diffusers", "ckpt-00000020.safetensors",
+                                                          "mine", "pipe"]  # no temporary left behind
 
 
 @pytest.mark.parametrize("model,diffusion", [

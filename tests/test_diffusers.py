@@ -271,6 +271,14 @@ def test_bad_folders_are_refused_in_one_line_and_nothing_is_written(tmp_path):
     assert not out.exists() and not list(tmp_path.glob(".x*"))
 
 
+def test_a_scheduler_without_betas_is_refused(tmp_path):
+    _, folder = save_folder(tmp_path, "m", {**DDPM_UNET, **CONFIGS["ddpm-cifar10-32"]})
+    (folder / "scheduler_config.json").write_text(json.dumps({"_class_name": "ScoreSdeVeScheduler",
+                                                              "sigma_max": 1348.0, "num_train_timesteps": 2000}))
+    line = one_line_error(cli("import", folder, "--out", tmp_path / "x.safetensors"))
+    assert "ScoreSdeVeScheduler without betas" in line and not (tmp_path / "x.safetensors").exists()
+
+
 def test_pickled_weights_alone_are_refused(tmp_path):
     config = {**DDPM_UNET, **CONFIGS["ddpm-cifar10-32"]}
     _, folder = save_folder(tmp_path, "m", config)

@@ -132,6 +132,9 @@ def model_config_from_diffusers(cfg: dict) -> dict:
 
 def diffusion_config_from_scheduler(cfg: dict | None) -> dict:
     """A DDPMScheduler scheduler_config.json (None: its defaults) -> ddpm's diffusion section (a dict)."""
+    if cfg is not None and not any(k in cfg for k in ("beta_schedule", "beta_start", "beta_end", "trained_betas")):
+        raise CheckpointError(f"scheduler_config.json describes a {cfg.get('_class_name', 'scheduler')} without "
+                              f"betas; ddpm imports models of a DDPM noise schedule (DDPMScheduler's)")
     c = {**SCHEDULER_DEFAULTS, **(cfg or {})}
     T = c["num_train_timesteps"]
     if isinstance(T, bool) or not isinstance(T, int) or T < 1:

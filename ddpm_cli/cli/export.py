@@ -33,9 +33,8 @@ def export_command(
                                           "the denoiser (x_t, t, y) -> eps, dynamic batch; pt2: a torch.export "
                                           "program; diffusers: a DDPMPipeline folder (unet/, scheduler/) for "
                                           "diffusers' from_pretrained."),
-    out: Optional[Path] = typer.Option(None, "--out", "-o", help="Output file, or folder for diffusers (default: beside the "
-                                                                "checkpoint).",
-                                       show_default=False),
+    out: Optional[Path] = typer.Option(None, "--out", "-o", help="Output file, or folder for diffusers (default: "
+                                                                "beside the checkpoint).", show_default=False),
     ema: Optional[bool] = typer.Option(None, "--ema/--no-ema", help="Export the EMA weights (default: when "
                                                                      "present) or the raw ones.",
                                        show_default=False),

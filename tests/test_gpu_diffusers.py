@@ -1,7 +1,10 @@
 """A diffusers-format model imported and sampled on CUDA with the CUDA defaults (bf16, channels-last, folded
 upsampling, compile where it applies), through the CLI. Needs no diffusers: the folder is written by ddpm's own
-mapping (tests/test_diffusers.py checks that mapping against diffusers on the CPU). Skipped without a GPU."""
+mapping (tests/test_diffusers.py checks that mapping against diffusers on the CPU). Skipped without a GPU;
+`DDPM_GPU_SUITE_ON_CPU=1` runs it on the CPU (both samplings then on the CPU), to debug the test itself."""
 from __future__ import annotations
+
+import os
 
 import numpy as np
 import pytest
@@ -9,7 +12,9 @@ import torch
 
 from conftest import ok
 
-pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
+pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available()
+                                                  and not os.environ.get("DDPM_GPU_SUITE_ON_CPU"),
+                                                  reason="needs a CUDA GPU")]
 
 
 def _diffusers_folder(tmp_path):

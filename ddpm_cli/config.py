@@ -59,6 +59,19 @@ class ModelConfig(Section):
     """Resolutions (in pixels) at which blocks get self-attention; each must be one the model has."""
     num_heads: int = Field(1, ge=1)
     """Attention heads (the DDPM paper uses one); must divide the channel count where attention is used."""
+    head_channels: int = Field(0, ge=0)
+    """Channels per attention head, so wider levels get more heads (diffusers' attention_head_dim); 0 means
+    num_heads heads at every level. Must divide the channel count where attention is used (and the middle's)."""
+    norm_eps: float = Field(1e-5, gt=0.0, le=1.0)
+    """Epsilon of every GroupNorm (the google/ddpm-* models imported from diffusers use 1e-6)."""
+    downsample_padding: Literal["symmetric", "bottom-right"] = "symmetric"
+    """Zero padding of the stride-2 downsampling convolution: one pixel on every side, or one on the bottom and
+    right only (TensorFlow's SAME, as in the DDPM paper's code and diffusers' downsample_padding 0)."""
+    time_embedding_order: Literal["sin-cos", "cos-sin"] = "sin-cos"
+    """Order of the halves of the sinusoidal timestep embedding (cos-sin is diffusers' flip_sin_to_cos)."""
+    time_freq_shift: float = Field(1.0, ge=0.0, le=1.0)
+    """Frequencies of the timestep embedding are 10000^(-i / (dim/2 - shift)): 1 as in the DDPM code, 0 as in
+    diffusers' default (its freq_shift)."""
     conditional: bool = False
     """Condition on class labels (the seed's --use_labels); the data must have labels."""
     num_classes: int = Field(10, ge=1)
@@ -306,6 +319,11 @@ class RunConfig(Section):
         if any(m.base_channels * m.channel_mults[have.index(r)] % m.num_heads
                for r in m.attention_resolutions if r in have):
             problems.append(f"num_heads {m.num_heads} must divide the channels where attention is used")
+        attention_widths = {m.base_channels * m.channel_mults[-1]} | {
+            m.base_channels * m.channel_mults[have.index(r)] for r in m.attention_resolutions if r in have}
+        if m.head_channels and any(w % m.head_channels for w in attention_widths):
+            problems.append(f"head_channels {m.head_channels} must divide the channels where attention is used "
+                            f"({sorted(attention_widths)}, the middle block's included)")
         if problems:
             raise ValueError("; ".join(problems))
         return self

@@ -62,6 +62,9 @@ def test_bad_value_exits_1_and_names_field_and_choices(tmp_path):
     ({"train": {"batch_size": 0}}, "train.batch_size"),
     ({"model": {"attention_resolutions": [7]}}, "attention at 7x7"),
     ({"model": {"norm_groups": 5}}, "norm_groups 5"),
+    ({"model": {"head_channels": 48}}, "head_channels 48"),  # attention at 128 and 256 channels
+    ({"model": {"time_freq_shift": 2}}, "model.time_freq_shift"),
+    ({"model": {"downsample_padding": "same"}}, "model.downsample_padding"),
 ])
 def test_out_of_range_values(tmp_path, data, field):
     with pytest.raises(ConfigError) as e:

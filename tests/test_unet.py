@@ -48,7 +48,9 @@ def test_architecture_fields_change_the_model(override):
 
 
 @pytest.mark.parametrize("field,value", [("activation", "mish"), ("norm", "layer"), ("dropout", 0.5),
-                                         ("num_heads", 4)])
+                                         ("num_heads", 4), ("head_channels", 8), ("norm_eps", 1e-2),
+                                         ("downsample_padding", "bottom-right"), ("time_embedding_order", "cos-sin"),
+                                         ("time_freq_shift", 0.0)])
 def test_behaviour_fields_change_the_output(field, value):
     base = {"image_size": 16, "base_channels": 16, "channel_mults": [1, 2], "num_res_blocks": 1,
             "attention_resolutions": [8], "norm_groups": 4, "dropout": 0.0}
@@ -293,3 +295,37 @@ def test_stacked_embeddings_are_the_blocks_own_projections(monkeypatch):
             blk.emb[1].bias.add_(1.0)
         monkeypatch.undo()  # the UNet's own stacked projections again
         assert not torch.allclose(twin(x, t, y), model(x, t, y))
+
+
+def test_the_default_time_embedding_and_downsampling_are_unchanged():
+    """The fields added for diffusers' models default to what every earlier checkpoint was trained with: the DDPM
+    code's [sin, cos] embedding with frequencies 10000^(-i / (half - 1)), and padding 1 all round."""
+    import math
+
+    from ddpm_cli.nn.unet import Downsample, timestep_embedding
+
+    t, dim = torch.tensor([0, 1, 17, 999]), 128
+    half = dim // 2
+    freqs = torch.exp(-math.log(10000) * torch.arange(half, dtype=torch.float32) / max(half - 1, 1))
+    args = t.float()[:, None] * freqs[None]
+    assert torch.equal(timestep_embedding(t, dim), torch.cat([torch.sin(args), torch.cos(args)], dim=1))
+    torch.manual_seed(0)
+    d = Downsample(4)
+    x = torch.randn(1, 4, 8, 8)
+    assert d.conv.padding == (1, 1) and torch.equal(d(x), torch.nn.functional.conv2d(x, d.conv.weight, d.conv.bias,
+                                                                                     stride=2, padding=1))
+
+
+
+def test_head_channels_gives_wider_levels_more_heads():
+    heads = build_unet(validate_config({"model": {"head_channels": 64, "attention_resolutions": [32, 16]}}).model)
+    assert [m.num_heads for m in heads.modules() if hasattr(m, "qkv")] == [2, 2, 4, 4, 4, 4, 4, 4, 2, 2, 2]
+
+
+def test_bottom_right_padding_pads_only_bottom_and_right():
+    from ddpm_cli.nn.unet import Downsample
+
+    d = Downsample(2, bottom_right=True)
+    x = torch.randn(1, 2, 6, 6)
+    want = torch.nn.functional.conv2d(torch.nn.functional.pad(x, (0, 1, 0, 1)), d.conv.weight, d.conv.bias, stride=2)
+    assert torch.equal(d(x), want) and d(x).shape == (1, 2, 3, 3)

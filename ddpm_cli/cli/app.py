@@ -9,6 +9,7 @@ from ddpm_cli import __version__
 from ddpm_cli.cli import config_cmd
 from ddpm_cli.cli.eval_cmd import eval_command
 from ddpm_cli.cli.export import export_command
+from ddpm_cli.cli.import_cmd import import_command
 from ddpm_cli.cli.inspect_cmd import inspect_command
 from ddpm_cli.cli.sample import sample_command
 from ddpm_cli.cli.train import train_command
@@ -35,6 +36,7 @@ app.command("eval")(eval_command)
 app.command("sample")(sample_command)
 app.command("inspect")(inspect_command)
 app.command("export")(export_command)
+app.command("import")(import_command)
 app.add_typer(config_cmd.app, name="config")
 
 

@@ -1,5 +1,5 @@
-"""`ddpm export CKPT`: a slim inference checkpoint (safetensors, fp32/fp16/bf16), an ONNX denoiser or a
-torch.export program, each checked against PyTorch right after it is written."""
+"""`ddpm export CKPT`: a slim inference checkpoint (safetensors, fp32/fp16/bf16), an ONNX denoiser, a
+torch.export program or a diffusers DDPMPipeline folder, each checked right after it is written."""
 from __future__ import annotations
 
 from enum import Enum
@@ -15,6 +15,7 @@ class ExportFormat(str, Enum):
     safetensors = "safetensors"
     onnx = "onnx"
     pt2 = "pt2"
+    diffusers = "diffusers"
 
 
 class Dtype(str, Enum):
@@ -30,18 +31,19 @@ def export_command(
     fmt: ExportFormat = typer.Option(ExportFormat.safetensors, "--format", "-f",
                                      help="safetensors: inference-only weights, loadable by `ddpm sample`; onnx: "
                                           "the denoiser (x_t, t, y) -> eps, dynamic batch; pt2: a torch.export "
-                                          "program."),
-    out: Optional[Path] = typer.Option(None, "--out", "-o", help="Output file (default: beside the checkpoint).",
-                                       show_default=False),
+                                          "program; diffusers: a DDPMPipeline folder (unet/, scheduler/) for "
+                                          "diffusers' from_pretrained."),
+    out: Optional[Path] = typer.Option(None, "--out", "-o", help="Output file, or folder for diffusers (default: "
+                                                                "beside the checkpoint).", show_default=False),
     ema: Optional[bool] = typer.Option(None, "--ema/--no-ema", help="Export the EMA weights (default: when "
                                                                      "present) or the raw ones.",
                                        show_default=False),
     ema_decay: Optional[float] = typer.Option(None, "--ema-decay", help="Export the EMA weights of this decay "
                                               "(train.ema_decay or one of train.ema_extra).", show_default=False),
-    dtype: Dtype = typer.Option(Dtype.fp32, "--dtype", help="Weight precision of a safetensors export."),
+    dtype: Dtype = typer.Option(Dtype.fp32, "--dtype", help="Weight precision of a safetensors or diffusers export."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing output file."),
 ) -> None:
-    """Export a checkpoint for inference: slim safetensors, ONNX or torch.export."""
+    """Export a checkpoint for inference: slim safetensors, ONNX, torch.export or a diffusers pipeline."""
     from ddpm_cli.cli.inspect_cmd import human_size
     from ddpm_cli.engine.checkpoint import read_header
     from ddpm_cli.engine.export import export_checkpoint

@@ -69,7 +69,7 @@ def describe(header, sha256: bool = False) -> dict:
         "classes": classes,
         "tensors": {"count": len(header.tensors), "dtypes": dict(sorted(dtypes.items()))},
     }
-    for key in ("source_weights", "exported_from"):
+    for key in ("source_weights", "exported_from", "source", "source_path"):
         if key in meta:
             info[key] = meta[key]
     if sha256:
@@ -121,7 +121,8 @@ def _rows(info: dict) -> list[tuple[str, str]]:
             ("channel multipliers", ", ".join(map(str, m.get("channel_mults", [])))),
             ("residual blocks", f"{m.get('num_res_blocks')} per level"),
             ("attention", (", ".join(f"{r}x{r}" for r in m.get("attention_resolutions", [])) or "mid only")
-             + f" ({m.get('num_heads', 1)} head(s))"),
+             + (f" ({m['head_channels']} channels a head)" if m.get("head_channels")
+                else f" ({m.get('num_heads', 1)} head(s))")),
             ("classes", cls),
         ]
     ema = ", ".join(map(str, info["ema_decays"])) or ("yes" if info["has_ema"] else "no")
@@ -133,6 +134,8 @@ def _rows(info: dict) -> list[tuple[str, str]]:
         rows.append(("autoguidance guide", info["guide_step"]))
     if "source_weights" in info:
         rows.append(("exported from", f"{info.get('exported_from', '?')} ({info['source_weights']} weights)"))
+    if "source" in info:
+        rows.append(("imported from", f"{info['source']}: {info.get('source_path', '?')}"))
     if d:
         sched = f"{d.get('schedule')}, T = {d.get('num_timesteps')}"
         if d.get("schedule") != "cosine":

@@ -33,7 +33,9 @@ def build_unet(m: ModelConfig) -> UNet:
                 channel_mults=tuple(m.channel_mults), num_res_blocks=m.num_res_blocks,
                 attention_resolutions=tuple(m.attention_resolutions), dropout=m.dropout, num_heads=m.num_heads,
                 time_emb_dim=m.time_emb_dim, norm=m.norm, norm_groups=m.norm_groups, activation=m.activation,
-                num_classes=m.num_classes if m.conditional else None)
+                num_classes=m.num_classes if m.conditional else None, head_channels=m.head_channels,
+                norm_eps=m.norm_eps, downsample_padding=m.downsample_padding,
+                time_embedding_order=m.time_embedding_order, time_freq_shift=m.time_freq_shift)
 
 
 def build_diffusion(d: DiffusionConfig) -> GaussianDiffusion:

@@ -27,7 +27,7 @@ from ddpm_cli.engine.files import atomic_write_bytes, fsync_dir
 from ddpm_cli.errors import CheckpointError, DdpmError
 from ddpm_cli.nn.unet import fold_upsampling
 
-FORMATS = ("safetensors", "onnx", "pt2")
+FORMATS = ("safetensors", "onnx", "pt2", "diffusers")
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 DTYPE_NAMES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}
 # Largest relative error (max |export - torch| / max |torch|) accepted by the check after an export.
@@ -118,8 +118,9 @@ def _prepare(src: str | Path, dst: Path | None, fmt: str, dtype: str, overwrite:
         raise DdpmError(f"unknown export format {fmt!r}; choose one of {', '.join(FORMATS)}")
     if dtype not in DTYPES:
         raise DdpmError(f"unknown dtype {dtype!r}; choose one of {', '.join(DTYPES)}")
-    if fmt != "safetensors" and dtype != "fp32":
-        raise DdpmError(f"--format {fmt} exports fp32 only; drop --dtype (fp16/bf16 are for safetensors)")
+    if fmt not in ("safetensors", "diffusers") and dtype != "fp32":
+        raise DdpmError(f"--format {fmt} exports fp32 only; drop --dtype (fp16/bf16 are for safetensors and "
+                        f"diffusers)")
     ckpt = load_checkpoint(src)
     if ema and ckpt.ema_state is None:
         raise CheckpointError(f"{ckpt.path} has no EMA weights; drop --ema (or pass --no-ema)")
@@ -131,6 +132,13 @@ def _prepare(src: str | Path, dst: Path | None, fmt: str, dtype: str, overwrite:
         ckpt.ema_state = ckpt.extra_ema.get(ema_decay, ckpt.ema_state)
         use_ema = True
     chosen = _weights(use_ema, ema_decay) if use_ema or ckpt.ema_state is not None else "ema"  # raw-only: as is
+    if fmt == "diffusers":  # a folder; engine.diffusers_io checks it
+        from ddpm_cli.engine.diffusers_io import default_export_folder
+
+        dst = Path(dst) if dst is not None else default_export_folder(ckpt.path, chosen)
+        if dst.resolve() == ckpt.path.resolve() or dst.resolve() in ckpt.path.resolve().parents:
+            raise DdpmError(f"the export would replace its own source {ckpt.path}; pass another --out")
+        return ckpt, use_ema, dst
     dst = Path(dst) if dst is not None else default_output(ckpt.path, fmt, dtype, chosen)
     if dst.resolve() == ckpt.path.resolve():
         raise DdpmError(f"the export would replace its own source {dst}; pass another --out")
@@ -283,6 +291,19 @@ def export_pt2(ckpt, use_ema: bool, dst: Path, ema_decay: float | None = None) -
                         TOLERANCE["fp32"], f"torch.export.load (batch {CHECK_BATCH})")
 
 
+def export_diffusers(ckpt, use_ema: bool, dst: Path, dtype: str, ema_decay: float | None,
+                     overwrite: bool) -> ExportResult:
+    """A DDPMPipeline folder (model_index.json, unet/, scheduler/): diffusers' UNet2DModel and DDPMScheduler
+    configs and weights for the same network and noise schedule; checked by reading it back."""
+    from ddpm_cli.engine.diffusers_io import write_pipeline
+
+    state = ckpt.ema_state if use_ema else ckpt.model_state
+    tolerance = 1e-6 if dtype == "fp32" else TOLERANCE[dtype]  # fp32: the same numbers, so the same function
+    size, err = write_pipeline(state, ckpt.config, dst, DTYPES[dtype], overwrite, tolerance)
+    return ExportResult(dst, "diffusers", _weights(use_ema, ema_decay), dtype, size, err, tolerance,
+                        "ddpm reading the folder back (the mapping both ways)")
+
+
 def export_checkpoint(src: str | Path, dst: str | Path | None = None, fmt: str = "safetensors", *,
                       ema: bool | None = None, ema_decay: float | None = None, dtype: str = "fp32",
                       overwrite: bool = False) -> ExportResult:
@@ -292,4 +313,6 @@ def export_checkpoint(src: str | Path, dst: str | Path | None = None, fmt: str =
         return export_safetensors(ckpt, use_ema, out, dtype, ema_decay)
     if fmt == "onnx":
         return export_onnx(ckpt, use_ema, out, ema_decay)
+    if fmt == "diffusers":
+        return export_diffusers(ckpt, use_ema, out, dtype, ema_decay, overwrite)
     return export_pt2(ckpt, use_ema, out, ema_decay)

@@ -13,12 +13,14 @@ from torch import nn
 ACTIVATIONS = {"silu": nn.SiLU, "relu": nn.ReLU, "mish": nn.Mish}
 
 
-def timestep_embedding(t: torch.Tensor, dim: int) -> torch.Tensor:
-    """Sinusoidal embedding of (B,) timesteps -> (B, dim), as in the DDPM code (Transformer positions)."""
+def timestep_embedding(t: torch.Tensor, dim: int, cos_first: bool = False, freq_shift: float = 1.0) -> torch.Tensor:
+    """Sinusoidal embedding of (B,) timesteps -> (B, dim), as in the DDPM code (Transformer positions):
+    [sin, cos] of t * 10000^(-i / (dim/2 - freq_shift)); `cos_first` swaps the halves (diffusers' flip_sin_to_cos)."""
     half = dim // 2
-    freqs = torch.exp(-math.log(10000) * torch.arange(half, device=t.device, dtype=torch.float32) / max(half - 1, 1))
+    freqs = torch.exp(-math.log(10000) * torch.arange(half, device=t.device, dtype=torch.float32)
+                      / max(half - freq_shift, 1))
     args = t.float()[:, None] * freqs[None]
-    emb = torch.cat([torch.sin(args), torch.cos(args)], dim=1)
+    emb = torch.cat([torch.cos(args), torch.sin(args)] if cos_first else [torch.sin(args), torch.cos(args)], dim=1)
     return F.pad(emb, (0, dim % 2))
 
 
@@ -139,12 +141,16 @@ class Attention(nn.Module):
 
 
 class Downsample(nn.Module):
-    def __init__(self, ch: int):
+    """A stride-2 3x3 convolution; `bottom_right` pads one pixel on the bottom and right only (TensorFlow's SAME,
+    as the DDPM paper's code did) instead of one on every side."""
+
+    def __init__(self, ch: int, bottom_right: bool = False):
         super().__init__()
-        self.conv = nn.Conv2d(ch, ch, 3, stride=2, padding=1)
+        self.bottom_right = bottom_right
+        self.conv = nn.Conv2d(ch, ch, 3, stride=2, padding=0 if bottom_right else 1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.conv(x)
+        return self.conv(F.pad(x, (0, 1, 0, 1)) if self.bottom_right else x)
 
 
 def upsample_nearest2x(x: torch.Tensor) -> torch.Tensor:
@@ -212,13 +218,21 @@ class UNet(nn.Module):
                  channel_mults: tuple[int, ...] = (1, 2, 2, 2), num_res_blocks: int = 2,
                  attention_resolutions: tuple[int, ...] = (16,), dropout: float = 0.1, num_heads: int = 1,
                  time_emb_dim: int = 0, norm: str = "group", norm_groups: int = 32, activation: str = "silu",
-                 num_classes: int | None = None):
+                 num_classes: int | None = None, head_channels: int = 0, norm_eps: float = 1e-5,
+                 downsample_padding: str = "symmetric", time_embedding_order: str = "sin-cos",
+                 time_freq_shift: float = 1.0):
         super().__init__()
         act = ACTIVATIONS[activation]
         groups = norm_groups if norm == "group" else 1
 
         def norm_layer(ch: int) -> nn.Module:
-            return GroupNorm(groups, ch)
+            return GroupNorm(groups, ch, eps=norm_eps)
+
+        def attention(ch: int) -> Attention:  # head_channels: as many heads as fit (wider levels get more)
+            return Attention(ch, ch // head_channels if head_channels else num_heads, norm_layer)
+
+        self.time_cos_first = time_embedding_order == "cos-sin"
+        self.time_freq_shift = time_freq_shift
 
         self.base_channels = base_channels
         self.num_classes = num_classes
@@ -237,15 +251,15 @@ class UNet(nn.Module):
                 layers = nn.ModuleList([ResBlock(ch, base_channels * mult, **block)])
                 ch = base_channels * mult
                 if res in attention_resolutions:
-                    layers.append(Attention(ch, num_heads, norm_layer))
+                    layers.append(attention(ch))
                 self.down.append(layers)
                 skip_chs.append(ch)
             if level != len(channel_mults) - 1:
-                self.down.append(nn.ModuleList([Downsample(ch)]))
+                self.down.append(nn.ModuleList([Downsample(ch, downsample_padding == "bottom-right")]))
                 skip_chs.append(ch)
                 res //= 2
 
-        self.mid = nn.ModuleList([ResBlock(ch, ch, **block), Attention(ch, num_heads, norm_layer),
+        self.mid = nn.ModuleList([ResBlock(ch, ch, **block), attention(ch),
                                   ResBlock(ch, ch, **block)])
 
         self.up = nn.ModuleList()
@@ -254,7 +268,7 @@ class UNet(nn.Module):
                 layers = nn.ModuleList([ResBlock(ch + skip_chs.pop(), base_channels * mult, **block)])
                 ch = base_channels * mult
                 if res in attention_resolutions:
-                    layers.append(Attention(ch, num_heads, norm_layer))
+                    layers.append(attention(ch))
                 self.up.append(layers)
             if level != 0:
                 self.up.append(nn.ModuleList([Upsample(ch)]))
@@ -266,7 +280,7 @@ class UNet(nn.Module):
         self.res_blocks = tuple(m for m in self.modules() if isinstance(m, ResBlock))
 
     def forward(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
-        emb = self.time_mlp(timestep_embedding(t, self.base_channels))
+        emb = self.time_mlp(timestep_embedding(t, self.base_channels, self.time_cos_first, self.time_freq_shift))
         if self.class_emb is not None:
             if y is None:
                 y = torch.full((x.shape[0],), self.num_classes, device=x.device, dtype=torch.long)

@@ -1,0 +1,34 @@
+"""`ddpm import PATH`: a diffusers model folder (the DDPM paper's google/ddpm-* models) as a ddpm checkpoint."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+from ddpm_cli.cli.ui import console, friendly
+
+
+@friendly
+def import_command(
+    path: Path = typer.Argument(..., help="A diffusers UNet2DModel folder (config.json, "
+                                          "diffusion_pytorch_model.safetensors, scheduler_config.json) or a "
+                                          "DDPMPipeline folder (unet/, scheduler/).", show_default=False),
+    out: Optional[Path] = typer.Option(None, "--out", "-o", help="Checkpoint to write (default: FOLDER.safetensors "
+                                                                 "beside the folder).", show_default=False),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing output file."),
+) -> None:
+    """Import a diffusers DDPM model (e.g. google/ddpm-cifar10-32) as a ddpm checkpoint."""
+    from ddpm_cli.cli.inspect_cmd import human_size
+    from ddpm_cli.engine.diffusers_io import import_diffusers
+
+    r = import_diffusers(path, out, overwrite)
+    m, d = r.config.model, r.config.diffusion
+    console.print(f"wrote {r.path} ({human_size(r.file_size)}; {r.num_params:,} parameters)", markup=False,
+                  soft_wrap=True)
+    console.print(f"model: {m.image_size}x{m.image_size}x{m.in_channels}, base {m.base_channels}, mults "
+                  f"{list(m.channel_mults)}, attention at {list(m.attention_resolutions) or 'none'}; schedule: "
+                  f"{d.schedule}, T = {d.num_timesteps}, variance {d.variance}", markup=False, soft_wrap=True)
+    if not r.scheduler_found:
+        console.print("note: the folder has no scheduler_config.json; DDPMScheduler's defaults were assumed (linear "
+                      "betas 1e-4 to 0.02, T = 1000, fixed_small variance)", markup=False, soft_wrap=True)

@@ -10,7 +10,8 @@ import torch
 
 from conftest import cli, ok, one_line_error
 from ddpm_cli.engine.checkpoint import load_model
-from ddpm_cli.engine.header import latest_checkpoint, read_header
+from ddpm_cli.engine.checkpoint import read_header
+from ddpm_cli.engine.runs import latest_checkpoint
 
 diffusers = pytest.importorskip("diffusers")
 from diffusers import DDPMPipeline, DDPMScheduler, UNet2DModel  # noqa: E402

@@ -174,7 +174,7 @@ def import_diffusers(path: str | Path, out: str | Path | None = None, overwrite:
     from safetensors.torch import save as st_save
 
     from ddpm_cli.engine.checkpoint import load_model, weights_metadata
-    from ddpm_cli.engine.header import atomic_write_bytes
+    from ddpm_cli.engine.files import atomic_write_bytes
 
     folder = read_folder(path)
     dst = Path(out) if out is not None else default_import_output(folder.root)

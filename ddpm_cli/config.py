@@ -12,7 +12,7 @@ from typing import Any, Literal, get_args
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from ddpm_cli.errors import ConfigError
+from ddpm_cli.errors import ConfigError, UsageError
 
 
 class Section(BaseModel):
@@ -271,6 +271,8 @@ class LoggingConfig(Section):
     """Images in a sample grid (a row per class when conditional)."""
     sample_steps: int = Field(100, ge=1)
     """Sampler steps for the grids (DDIM; equal to num_timesteps means the full ancestral sampler)."""
+    sample_guidance: float = Field(1.0, ge=1.0)
+    """Classifier-free guidance weight of the grids (1: off); needs model.conditional and train.label_dropout."""
     fid_every: int = Field(0, ge=0)
     """Steps between in-training FID evaluations (0: off); logged as `fid` in metrics.jsonl and wandb."""
     fid_samples: int = Field(1000, ge=2)
@@ -324,6 +326,10 @@ class RunConfig(Section):
         if m.head_channels and any(w % m.head_channels for w in attention_widths):
             problems.append(f"head_channels {m.head_channels} must divide the channels where attention is used "
                             f"({sorted(attention_widths)}, the middle block's included)")
+        if self.logging.sample_guidance != 1.0 and not (m.conditional and self.train.label_dropout > 0):
+            problems.append(f"logging.sample_guidance {self.logging.sample_guidance:g} needs a class-conditional model "
+                            f"trained with label dropout (model.conditional=true, train.label_dropout > 0); set "
+                            f"it to 1 or turn those on")
         if problems:
             raise ValueError("; ".join(problems))
         return self
@@ -337,7 +343,7 @@ def parse_override(text: str) -> tuple[list[str], Any]:
     """'a.b=v' -> (['a', 'b'], v), v parsed as a YAML scalar or list ('64' -> 64, '[1,2]' -> [1, 2])."""
     key, sep, raw = text.partition("=")
     if not sep or not key.strip() or any(not p for p in key.strip().split(".")):
-        raise ConfigError(f"--set {text!r}: expected KEY=VALUE with a dotted key, e.g. train.batch_size=64")
+        raise UsageError(f"--set {text!r}: expected KEY=VALUE with a dotted key, e.g. train.batch_size=64")
     try:
         value = yaml.safe_load(raw) if raw.strip() else ""
     except yaml.YAMLError:
@@ -354,7 +360,7 @@ def apply_overrides(data: dict, overrides: list[str]) -> dict:
         for part in path[:-1]:
             child = node.setdefault(part, {})
             if not isinstance(child, dict):
-                raise ConfigError(f"--set {text!r}: {part} is a value, not a section")
+                raise UsageError(f"--set {text!r}: {part} is a value, not a section")
             node = child
         node[path[-1]] = value
     return data
@@ -391,7 +397,21 @@ def format_validation_error(err: ValidationError) -> list[str]:
     return lines
 
 
-def validate_config(data: Any, source: str = "config") -> RunConfig:
+def _blame_overrides(problems: list[str], overrides: list[str]) -> tuple[list[str], int]:
+    """Mark each problem in a field that a --set wrote with that --set; returns the lines and how many."""
+    keys = {".".join(parse_override(o)[0]): o for o in overrides}
+    out, blamed = [], 0
+    for line in problems:
+        field = line.split(":", 1)[0]
+        hit = next((o for k, o in keys.items() if field == k or field.startswith(k + ".")), None)
+        blamed += hit is not None
+        out.append(f"{line} (from --set {hit})" if hit else line)
+    return out, blamed
+
+
+def validate_config(data: Any, source: str = "config", overrides: list[str] | None = None) -> RunConfig:
+    """Validate a config dict; `overrides` are the --set texts applied to it, so a problem in a field one of
+    them wrote is blamed on that --set rather than on `source`."""
     if data is None:
         data = {}
     if not isinstance(data, dict):
@@ -400,8 +420,9 @@ def validate_config(data: Any, source: str = "config") -> RunConfig:
     try:
         return RunConfig.model_validate(data)
     except ValidationError as err:
-        problems = format_validation_error(err)
-        raise ConfigError(f"{source}: {len(problems)} problem(s)", problems) from None
+        problems, blamed = _blame_overrides(format_validation_error(err), overrides or [])
+        where = source if not blamed else "--set" if blamed == len(problems) else f"{source} with --set"
+        raise ConfigError(f"{where}: {len(problems)} problem(s)", problems) from None
 
 
 def load_config(path: str | Path | None, overrides: list[str] | None = None) -> RunConfig:
@@ -434,7 +455,7 @@ def load_config(path: str | Path | None, overrides: list[str] | None = None) -> 
         raise ConfigError(f"{source}: the top level must be a mapping of sections (model, diffusion, data, "
                           f"train, logging), not {type(data).__name__}")
     data = apply_overrides(data, overrides or [])
-    return validate_config(data, source)
+    return validate_config(data, source, overrides)
 
 
 def config_to_dict(cfg: RunConfig) -> dict:

@@ -178,8 +178,9 @@ def _list_run(run_dir: Path, as_json: bool, sha256: bool) -> None:
                                "checkpoints": entries}, indent=2))
         return
     from rich.table import Table
+    from rich.text import Text
 
-    table = Table(title=f"checkpoints of {run_dir}", title_justify="left", box=None, pad_edge=False,
+    table = Table(title=Text(f"checkpoints of {run_dir}"), title_justify="left", box=None, pad_edge=False,
                   caption="* latest (what sample/export/--resume use)", caption_justify="left")
     for col in ("checkpoint", "step", "images", "created", "size"):
         table.add_column(col, justify="right" if col in ("step", "images", "size") else "left", no_wrap=True)
@@ -188,11 +189,11 @@ def _list_run(run_dir: Path, as_json: bool, sha256: bool) -> None:
     for e in entries:
         name = Path(e["path"]).name + ("*" if e["latest"] else " ")
         if "error" in e:
-            table.add_row(name, "-", "-", "unreadable", "-", *(["-"] if sha256 else []))
+            table.add_row(Text(name), "-", "-", "unreadable", "-", *(["-"] if sha256 else []))
             continue
-        table.add_row(name, f"{e['step']:,}" if e["step"] is not None else "-",
+        table.add_row(Text(name), f"{e['step']:,}" if e["step"] is not None else "-",
                       f"{e['images_seen']:,}" if e["images_seen"] is not None else "-",
-                      (e["created"] or "-")[:19].replace("T", " "), human_size(e["file_size"]),
+                      Text((e["created"] or "-")[:19].replace("T", " ")), human_size(e["file_size"]),
                       *([e["sha256"]] if sha256 else []))
     console.print(table)
     for e in entries:
@@ -218,13 +219,14 @@ def inspect_command(
         typer.echo(json.dumps(info, indent=2))  # plain: rich would wrap long strings
         return
     from rich.table import Table
+    from rich.text import Text
 
     table = Table(show_header=False, box=None, pad_edge=False)
     table.add_column(style="bold")
     table.add_column(overflow="fold")
     rows = _rows(info)
     for key, value in rows:
-        table.add_row(key, value)
+        table.add_row(key, Text(value))  # values come from the file (class names, paths): no markup
     console.print(table)
     if "sha256" in info:  # on its own unwrapped line, so it can be copied whole
         width = max(len(k) for k, _ in rows)

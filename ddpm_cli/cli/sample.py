@@ -10,7 +10,7 @@ import typer
 
 from ddpm_cli.cli.options import sampling_options
 from ddpm_cli.cli.launch import is_main_process, relaunch_with_torchrun, under_torchrun
-from ddpm_cli.cli.ui import console, err_console, fail, fmt_rate, friendly
+from ddpm_cli.cli.ui import console, fail, fmt_rate, friendly, warn
 
 
 class Format(str, Enum):
@@ -95,7 +95,7 @@ def sample_command(
         return relaunch_with_torchrun(gpus)
     main = is_main_process()
     for w in plan.warnings if main else []:
-        err_console.print(f"[yellow]warning:[/] {w}", soft_wrap=True)
+        warn(w)
     m = plan.config.model
     what = ("per class" if per_class else f"class {class_index}" if class_index is not None
             else "classes in turn" if m.conditional else "unconditional")

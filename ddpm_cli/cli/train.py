@@ -42,6 +42,9 @@ def train_command(
     if resume is not None and config is not None:
         fail("pass either --config (a new run) or --resume (its stored config is used; change it with --set)",
              code=2)
+    if resume is None and config is None and not set_:  # (the defaults with --set alone stay possible)
+        fail("pass --config FILE, a run config (start from examples/quickstart.yaml: a small model on built-in "
+             "data, no download), or --resume RUN to continue a run", code=2)
     if resume is not None:
         from ddpm_cli.engine.checkpoint import read_checkpoint_config
 

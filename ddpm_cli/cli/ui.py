@@ -9,16 +9,29 @@ from typing import Any, Callable
 
 import typer
 from rich.console import Console
+from rich.text import Text
 
 console = Console(highlight=False, emoji=False)  # paths like runs/a:100:b print as they are
 err_console = Console(stderr=True, highlight=False, emoji=False)
 
 
+def labelled(label: str, style: str, message: str) -> Text:
+    """`label` in `style`, then `message` exactly as written: rich markup is never read in a message, so paths
+    like runs[1]/model[v2].safetensors and install hints like 'ddpm-cli[export]' keep their brackets."""
+    return Text.assemble((label, style), " ", message)
+
+
 def fail(message: str, problems: list[str] | None = None, code: int = 1) -> None:
-    err_console.print(f"[bold red]error:[/] {message}", markup=True, soft_wrap=True)
+    err_console.print(labelled("error:", "bold red", message), soft_wrap=True)
     for line in problems or []:
         err_console.print(f"  {line}", markup=False, soft_wrap=True)
     raise typer.Exit(code)
+
+
+def warn(message: str) -> None:
+    """One `warning: ...` line on stderr, the message as written. (Under a live progress bar rich's Live has
+    sys.stderr redirected, and err_console writes to whatever sys.stderr is, so the line lands above the bar.)"""
+    err_console.print(labelled("warning:", "yellow", message), soft_wrap=True)
 
 
 def friendly(fn: Callable) -> Callable:
@@ -104,6 +117,10 @@ class TrainDisplay:
                           f"grad-norm {rec['grad_norm'] or float('nan'):.3f}", markup=False, soft_wrap=True)
 
     def on_message(self, text: str) -> None:
+        """Warnings go to stderr (as every command's do); other notes (resumed from ..., compiling) to stdout."""
+        if text.startswith("warning: "):
+            warn(text.removeprefix("warning: "))
+            return
         (self.progress.console if self.progress else console).print(text, markup=False, soft_wrap=True)
 
     def close(self) -> None:

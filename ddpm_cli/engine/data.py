@@ -102,16 +102,17 @@ def read_cifar10(root: Path, train: bool, download: bool, how_to: str) -> tuple[
     except RuntimeError:
         if not download:
             raise DataError(f"CIFAR-10 not found under {root} and download is off; " + how_to) from None
-        existed = root.exists()
+        made = [p for p in (root, *root.parents) if not p.exists()]  # outermost last
         try:
             with redirect_stdout(sys.stderr):  # torchvision prints its download to stdout
                 ds = CIFAR10(str(root), train=train, download=True)
-        except (OSError, RuntimeError) as e:  # URLError and friends: offline, DNS, permissions
-            if not existed:
-                try:
-                    root.rmdir()  # the failed download made it; leave no empty folder behind
-                except OSError:
-                    pass
+        except BaseException as e:
+            if made:  # the failed (or interrupted) download made these: leave neither them nor its partial file
+                import shutil
+
+                shutil.rmtree(made[-1], ignore_errors=True)
+            if not isinstance(e, (OSError, RuntimeError)):  # URLError and friends: offline, DNS, permissions
+                raise
             reason = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
             raise DataError(f"CIFAR-10 is not under {root} and could not be downloaded ({reason}); "
                             + how_to) from None

@@ -24,6 +24,38 @@ class MetricsLog:
         self._f.close()
 
 
+def keep_metrics_until(path: Path, step: int) -> None:
+    """Drop the records after `step` (and any line cut by a crash) from a run's metrics.jsonl: a run resumed
+    from its step-`step` checkpoint trains the later steps again, and logs them again, so that the file stays one
+    history, step by step. The file is replaced atomically: a crash here leaves the old one or the new one."""
+    import os
+    import tempfile
+
+    if not path.exists():
+        return
+    lines = path.read_text(encoding="utf-8").splitlines()
+    kept = []
+    for line in lines:
+        try:
+            rec = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(rec, dict) and isinstance(rec.get("step"), int) and rec["step"] <= step:
+            kept.append(line)
+    if kept == lines:
+        return
+    fd, tmp = tempfile.mkstemp(prefix=".metrics-", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write("".join(line + "\n" for line in kept))
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
 def read_metrics(path: Path) -> list[dict]:
     if not path.exists():
         return []

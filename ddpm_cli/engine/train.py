@@ -27,7 +27,7 @@ from ddpm_cli.engine.ema import EMA
 from ddpm_cli.engine.generate import generate
 from ddpm_cli.engine.files import atomic_write_bytes
 from ddpm_cli.engine.runs import list_checkpoints, state_path
-from ddpm_cli.engine.metrics import MetricsLog, WandbSink, plot_loss_curve, read_metrics
+from ddpm_cli.engine.metrics import MetricsLog, WandbSink, keep_metrics_until, plot_loss_curve, read_metrics
 from ddpm_cli.errors import DdpmError, TrainingAborted
 from ddpm_cli.nn.unet import channel_stats
 
@@ -73,7 +73,9 @@ def default_run_name(hint: str | None) -> str:
     return f"{hint or 'run'}-{time.strftime('%Y%m%d-%H%M%S')}"
 
 
-def make_run_dir(cfg: RunConfig, name_hint: str | None) -> Path:
+def make_run_dir(cfg: RunConfig, name_hint: str | None, created: list[Path] | None = None) -> Path:
+    """The new run's directory, made and checked writable; the folders it had to make are added to `created`
+    (outermost first), so that a start that fails after this can take them away again."""
     base = Path(cfg.logging.run_dir).expanduser()
     name = cfg.logging.run_name or default_run_name(name_hint)
     run_dir = base / name
@@ -84,6 +86,9 @@ def make_run_dir(cfg: RunConfig, name_hint: str | None) -> Path:
     while not cfg.logging.run_name and run_dir.exists():
         run_dir = base / f"{name}-{suffix}"
         suffix += 1
+    if created is not None:
+        missing = [p for p in (run_dir, *run_dir.parents) if not p.exists()]
+        created.extend(reversed(missing))
     try:
         (run_dir / "checkpoints").mkdir(parents=True, exist_ok=True)
         (run_dir / "samples").mkdir(exist_ok=True)
@@ -171,10 +176,37 @@ def load_optimizer_state(opt: torch.optim.Optimizer, state_dict: dict) -> None:
                     state[name] = torch.empty_like(p, dtype=value.dtype).copy_(value)
 
 
+def remove_new_dirs(created: list[Path]) -> None:
+    """Take away the folders a failed start made (outermost first in `created`): the run directory with what the
+    start wrote in it, and each parent it made that is empty after that. Nothing that was there before is touched."""
+    import shutil
+
+    if not created:
+        return
+    shutil.rmtree(created[-1], ignore_errors=True)
+    for d in reversed(created[:-1]):
+        try:
+            d.rmdir()
+        except OSError:
+            return  # not empty: someone else's files
+
+
 class Trainer:
-    def __init__(self, cfg: RunConfig, *, resume: Path | None = None,
-                 callbacks: TrainCallbacks | None = None, stop: StopFlag | None = None,
-                 name_hint: str | None = None, dataset: ImageSet | None = None):
+    def __init__(self, cfg: RunConfig, **kwargs):
+        """See _setup for the keyword arguments. A start that fails (bad data, no download, Ctrl-C while loading)
+        leaves no empty run directory behind."""
+        self._created_dirs: list[Path] = []
+        try:
+            self._setup(cfg, **kwargs)
+        except BaseException:
+            if getattr(self, "metrics", None) is not None:
+                self.metrics.close()
+            remove_new_dirs(self._created_dirs)
+            raise
+
+    def _setup(self, cfg: RunConfig, *, resume: Path | None = None,
+               callbacks: TrainCallbacks | None = None, stop: StopFlag | None = None,
+               name_hint: str | None = None, dataset: ImageSet | None = None):
         self.t0 = time.monotonic()
         self.cfg = cfg
         self.cb = callbacks or TrainCallbacks()
@@ -190,7 +222,7 @@ class Trainer:
         if resume is not None:
             self.run_dir = resume.parent.parent
         elif self.main:
-            self.run_dir = make_run_dir(cfg, name_hint)
+            self.run_dir = make_run_dir(cfg, name_hint, self._created_dirs)
         else:
             self.run_dir = Path(cfg.logging.run_dir)
         self.run_dir = self.dist.broadcast_path(self.run_dir)
@@ -252,6 +284,8 @@ class Trainer:
             self._load_resume(resume)
         if resume is None:
             torch.manual_seed(tc.seed + 1 + self.dist.rank)  # the training noise stream, distinct per rank
+        if resume is not None and self.main:  # the steps after the checkpoint are trained again: log them once
+            keep_metrics_until(self.run_dir / "metrics.jsonl", self.step)
         self.metrics = MetricsLog(self.run_dir / "metrics.jsonl") if self.main else None
         self.wandb = None
         if self.main and cfg.logging.wandb != "off":
@@ -374,7 +408,8 @@ class Trainer:
         spec = SamplerSpec("ddpm" if full else "ddim", cfg.logging.sample_steps, variance=cfg.diffusion.variance)
         for _, batch, _ in generate(net, self.diffusion, n, spec, image_shape=(m.in_channels, m.image_size,
                                     m.image_size), labels=labels, batch_size=max(n, 1), seed=cfg.train.seed,
-                                    device=self.device, bf16=self.bf16):
+                                    guidance=cfg.logging.sample_guidance if m.conditional else 1.0,
+                                    null_class=m.num_classes, device=self.device, bf16=self.bf16):
             images.append(batch)
         net.train(was_training)
         path = self.run_dir / "samples" / f"step_{self.step:08d}.png"

@@ -152,3 +152,19 @@ def test_the_benchmarks_rebuild_the_switches_the_package_does_not_ship():
         assert all(m.channel_stats for m in model.modules() if isinstance(m, GroupNorm))
         assert generate.sampler_compile_options is build.sampler_compile_options  # the patch is undone
         assert torch.allclose(net(x, t, None), ref, atol=1e-5)
+
+
+def test_bench_quickstart_trains_times_and_scores_the_grid(tmp_path):
+    tiny = ["model.base_channels=16", "model.norm_groups=4", "data.shapes_count=200", "train.steps=3",
+            "train.batch_size=8", "logging.sample_every=3", "logging.checkpoint_every=3", "logging.log_every=1",
+            "logging.sample_count=20", "logging.sample_steps=5", "diffusion.num_timesteps=50"]
+    out = tmp_path / "q.json"
+    r = subprocess.run([sys.executable, "benchmarks/bench_quickstart.py", "--scorer-count", "300", "--extra", "10",
+                        "--json", str(out), *[a for s in tiny for a in ("--set", s)]], cwd=ROOT, capture_output=True,
+                       text=True, timeout=300, env={**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"})
+    assert r.returncode == 0, r.stderr[-3000:]
+    res = json.loads(out.read_text())
+    assert res["steps"] == 3 and res["wall_s"] >= res["train_s"] > 0 and res["img_per_s"] > 0
+    assert res["conditional"] and res["grid"] == "step_00000003.png"
+    assert res["grid_score"]["n"] == 20 and 0 <= res["grid_score"]["accuracy"] <= 1
+    assert res["extra_score"]["n"] == 10

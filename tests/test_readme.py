@@ -22,7 +22,7 @@ def test_python_api_example_runs_as_written(tmp_path):
     code = re.search(r"```python\n(.*?)```", _section("Python API"), re.S).group(1)
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     # The example reads examples/quickstart.yaml relative to the project root, as a user would run it there;
-    # it writes my-model.safetensors, so run it in a copy of the root's examples inside tmp_path.
+    # it writes runs/my-model.safetensors, so run it in a copy of the root's examples inside tmp_path.
     (tmp_path / "examples").mkdir()
     (tmp_path / "examples" / "quickstart.yaml").write_text((ROOT / "examples" / "quickstart.yaml").read_text())
     r = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, env=env,
@@ -31,7 +31,8 @@ def test_python_api_example_runs_as_written(tmp_path):
     assert "images (16, 3, 16, 16)" in r.stdout
     from ddpm_cli.engine.checkpoint import load_checkpoint
 
-    ck = load_checkpoint(tmp_path / "my-model.safetensors")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["examples", "runs"]  # nothing left in the root
+    ck = load_checkpoint(tmp_path / "runs" / "my-model.safetensors")
     assert ck.config.model.conditional and ck.ema_state is not None
 
 

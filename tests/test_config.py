@@ -81,7 +81,9 @@ def test_overrides_coerce_types():
 
 
 def test_bad_override_is_a_config_error():
-    with pytest.raises(ConfigError, match="KEY=VALUE"):
+    from ddpm_cli.errors import UsageError
+
+    with pytest.raises(UsageError, match="KEY=VALUE"):  # a malformed --set is a usage error: exit 2 (issue 26)
         load_config(None, ["train.batch_size"])
     with pytest.raises(ConfigError) as e:
         load_config(None, ["train.nope=3"])

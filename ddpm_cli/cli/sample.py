@@ -10,7 +10,7 @@ import typer
 
 from ddpm_cli.cli.options import sampling_options
 from ddpm_cli.cli.launch import is_main_process, relaunch_with_torchrun, under_torchrun
-from ddpm_cli.cli.ui import console, fail, fmt_rate, friendly, warn
+from ddpm_cli.cli.ui import console, fmt_rate, friendly, warn
 
 
 class Format(str, Enum):

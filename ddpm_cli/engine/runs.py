@@ -1,11 +1,14 @@
-"""Run-directory discovery: a run's checkpoints, the latest one, and the training-state file beside each."""
+"""Run directories: making a new one (and taking it away again when the start fails), and finding a run's
+checkpoints, the latest one, and the training-state file beside each."""
 from __future__ import annotations
 
 import json
 import re
+import time
 from pathlib import Path
 
-from ddpm_cli.errors import CheckpointError
+from ddpm_cli.config import RunConfig
+from ddpm_cli.errors import CheckpointError, DdpmError
 
 CKPT_RE = re.compile(r"ckpt-(\d+)\.safetensors$")
 
@@ -47,3 +50,50 @@ def resolve_checkpoint(path: str | Path) -> Path:
 def state_path(weights: Path) -> Path:
     """The training-state file that sits beside a weights checkpoint."""
     return weights.with_name(weights.name.replace(".safetensors", ".state.safetensors"))
+
+
+def default_run_name(hint: str | None) -> str:
+    return f"{hint or 'run'}-{time.strftime('%Y%m%d-%H%M%S')}"
+
+
+def make_run_dir(cfg: RunConfig, name_hint: str | None, created: list[Path] | None = None) -> Path:
+    """The new run's directory, made and checked writable; the folders it had to make are added to `created`
+    (outermost first), so that a start that fails after this can take them away again."""
+    base = Path(cfg.logging.run_dir).expanduser()
+    name = cfg.logging.run_name or default_run_name(name_hint)
+    run_dir = base / name
+    if cfg.logging.run_name and list_checkpoints(run_dir):
+        raise DdpmError(f"run directory {run_dir} already holds checkpoints; continue it with --resume {run_dir} "
+                        f"or choose another logging.run_name")
+    suffix = 1
+    while not cfg.logging.run_name and run_dir.exists():
+        run_dir = base / f"{name}-{suffix}"
+        suffix += 1
+    if created is not None:
+        missing = [p for p in (run_dir, *run_dir.parents) if not p.exists()]
+        created.extend(reversed(missing))
+    try:
+        (run_dir / "checkpoints").mkdir(parents=True, exist_ok=True)
+        (run_dir / "samples").mkdir(exist_ok=True)
+        probe = run_dir / ".write-test"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as e:
+        raise DdpmError(f"cannot write to run directory {run_dir}: {e.strerror}; set logging.run_dir to a "
+                        f"writable folder") from None
+    return run_dir
+
+
+def remove_new_dirs(created: list[Path]) -> None:
+    """Take away the folders a failed start made (outermost first in `created`): the run directory with what the
+    start wrote in it, and each parent it made that is empty after that. Nothing that was there before is touched."""
+    import shutil
+
+    if not created:
+        return
+    shutil.rmtree(created[-1], ignore_errors=True)
+    for d in reversed(created[:-1]):
+        try:
+            d.rmdir()
+        except OSError:
+            return  # not empty: someone else's files

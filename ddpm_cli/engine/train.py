@@ -5,8 +5,6 @@ The step issues no host synchronisation: losses, gradient norms and non-finite c
 and are read once per `logging.log_every` steps."""
 from __future__ import annotations
 
-import errno
-import json
 import math
 import time
 from contextlib import nullcontext
@@ -16,19 +14,18 @@ from pathlib import Path
 import torch
 
 from ddpm_cli.config import RunConfig, config_to_dict
-from ddpm_cli.diffusion.sampler_spec import SamplerSpec
-from ddpm_cli.engine import checkpoint as ckpt_io
+from ddpm_cli.engine import monitor, train_state
 from ddpm_cli.engine.build import (build_diffusion, build_unet, compile_mode, compile_options, count_params,
                                    force_channels_last_graph, grad_sync, resolve_device, use_bf16, use_channel_stats,
                                    use_channels_last)
-from ddpm_cli.engine.data import Batcher, ImageSet, load_dataset, split_holdout, to_model_range
+from ddpm_cli.engine.data import Batcher, ImageSet, load_dataset, split_holdout
 from ddpm_cli.engine.distributed import DistInfo
 from ddpm_cli.engine.ema import EMA
-from ddpm_cli.engine.generate import generate
 from ddpm_cli.engine.files import atomic_write_bytes
-from ddpm_cli.engine.runs import list_checkpoints, state_path
+from ddpm_cli.engine.runs import list_checkpoints, make_run_dir, remove_new_dirs
 from ddpm_cli.engine.metrics import MetricsLog, WandbSink, keep_metrics_until, plot_loss_curve, read_metrics
-from ddpm_cli.errors import DdpmError, TrainingAborted
+from ddpm_cli.engine.time_budget import TimeBudget
+from ddpm_cli.errors import TrainingAborted
 from ddpm_cli.nn.unet import channel_stats
 
 EXIT_SIGINT = 130
@@ -69,38 +66,6 @@ class TrainResult:
     metrics: list = field(default_factory=list)
 
 
-def default_run_name(hint: str | None) -> str:
-    return f"{hint or 'run'}-{time.strftime('%Y%m%d-%H%M%S')}"
-
-
-def make_run_dir(cfg: RunConfig, name_hint: str | None, created: list[Path] | None = None) -> Path:
-    """The new run's directory, made and checked writable; the folders it had to make are added to `created`
-    (outermost first), so that a start that fails after this can take them away again."""
-    base = Path(cfg.logging.run_dir).expanduser()
-    name = cfg.logging.run_name or default_run_name(name_hint)
-    run_dir = base / name
-    if cfg.logging.run_name and list_checkpoints(run_dir):
-        raise DdpmError(f"run directory {run_dir} already holds checkpoints; continue it with --resume {run_dir} "
-                        f"or choose another logging.run_name")
-    suffix = 1
-    while not cfg.logging.run_name and run_dir.exists():
-        run_dir = base / f"{name}-{suffix}"
-        suffix += 1
-    if created is not None:
-        missing = [p for p in (run_dir, *run_dir.parents) if not p.exists()]
-        created.extend(reversed(missing))
-    try:
-        (run_dir / "checkpoints").mkdir(parents=True, exist_ok=True)
-        (run_dir / "samples").mkdir(exist_ok=True)
-        probe = run_dir / ".write-test"
-        probe.write_bytes(b"")
-        probe.unlink()
-    except OSError as e:
-        raise DdpmError(f"cannot write to run directory {run_dir}: {e.strerror}; set logging.run_dir to a "
-                        f"writable folder") from None
-    return run_dir
-
-
 _SIGNALLED = 100  # a stop flag above this carries the signal's number
 
 
@@ -114,81 +79,6 @@ def peak_lr(cfg: RunConfig, world: int = 1) -> float:
 def _lr_at(cfg: RunConfig, step: int, peak: float) -> float:
     warm = cfg.train.warmup_steps
     return peak * (min(1.0, (step + 1) / warm) if warm else 1.0)
-
-
-class TimeBudget:
-    """When `train.max_time` ends the run: before a step that would finish past the budget, the closing
-    checkpoint and sample grid counted in, so the whole run ends within about one step of it (the first,
-    compiling step included: it cannot be cut, and the run stops right after it when it overran).
-
-    On CUDA the host would otherwise queue steps far ahead of the device (a CUDA-graph step is one launch), so
-    its clock would say nothing of the work still queued: at most two steps are left in flight, which keeps the
-    device fed and the host's clock within a step of the device's."""
-
-    IN_FLIGHT = 2
-
-    def __init__(self, t0: float, max_time: float | None, device: torch.device):
-        self.deadline = None if max_time is None else t0 + max_time
-        self.cuda = device.type == "cuda"
-        self.step_s = 0.0  # a step's duration, smoothed; 0 until one step after the first has finished
-        self.grid_s = self.checkpoint_s = 0.0  # the run's closing work: its last sample grid and checkpoint
-        self._events: list = []
-        self._last: float | None = None
-
-    def step_done(self, first: bool) -> None:
-        """Call after each step: bounds the queue and measures the step time."""
-        if self.deadline is None:
-            return
-        if self.cuda:
-            event = torch.cuda.Event()
-            event.record()
-            self._events.append(event)
-            if len(self._events) > self.IN_FLIGHT:
-                self._events.pop(0).synchronize()
-        now = time.monotonic()
-        if self._last is not None and not first:
-            took = now - self._last
-            self.step_s = took if not self.step_s else 0.8 * self.step_s + 0.2 * took
-        self._last = now
-
-    def pause(self) -> None:
-        """The next interval holds other work (a checkpoint, a grid, an evaluation): not a step's time."""
-        self._last = None
-
-    def up(self, lookahead_steps: int = 1) -> bool:
-        """Whether starting `lookahead_steps` more steps would end the run past its budget."""
-        if self.deadline is None:
-            return False
-        closing = self.grid_s + self.checkpoint_s
-        return time.monotonic() + lookahead_steps * self.step_s + closing >= self.deadline
-
-
-def load_optimizer_state(opt: torch.optim.Optimizer, state_dict: dict) -> None:
-    """Optimizer.load_state_dict, then each moment laid out like its parameter. Checkpoints store tensors
-    contiguous, and torch restores a moment's dtype and device but not its strides; CUDA's fused Adam refuses
-    moments whose layout differs from a channels-last parameter's."""
-    opt.load_state_dict(state_dict)
-    for group in opt.param_groups:
-        for p in group["params"]:
-            state = opt.state.get(p, {})
-            for name, value in state.items():
-                if torch.is_tensor(value) and value.shape == p.shape and value.stride() != p.stride():
-                    state[name] = torch.empty_like(p, dtype=value.dtype).copy_(value)
-
-
-def remove_new_dirs(created: list[Path]) -> None:
-    """Take away the folders a failed start made (outermost first in `created`): the run directory with what the
-    start wrote in it, and each parent it made that is empty after that. Nothing that was there before is touched."""
-    import shutil
-
-    if not created:
-        return
-    shutil.rmtree(created[-1], ignore_errors=True)
-    for d in reversed(created[:-1]):
-        try:
-            d.rmdir()
-        except OSError:
-            return  # not empty: someone else's files
 
 
 class Trainer:
@@ -232,8 +122,7 @@ class Trainer:
         for w in ds.warnings:
             self.cb.on_message(f"warning: {w}")
         self.classes = ds.classes
-        self._fid_state = None  # (inception, reference statistics), built at the first in-training FID
-        self._train_images = ds.images  # the default in-training FID reference
+        fid_reference = ds.images  # the default in-training FID reference: every training image
         self.val: ImageSet | None = None
         if tc.early_stopping.enabled:
             ds, self.val = split_holdout(ds, tc.early_stopping.holdout, tc.seed)
@@ -259,12 +148,13 @@ class Trainer:
         # train.ema_extra: more averaging lengths to choose from after training, updated with the main one
         self.extra_emas = {d: EMA(self.model, d, **schedule) for d in tc.ema_extra} if self.ema else {}
         self.diffusion = build_diffusion(cfg.diffusion).to(self.device)
+        self.bf16 = use_bf16(cfg, self.device)
+        self.in_training_fid = monitor.InTrainingFid(cfg, self.diffusion, fid_reference, self.device, self.bf16)
         self.fused = self.device.type in ("cuda", "cpu")
         opt_cls = torch.optim.AdamW if tc.optimizer == "adamw" else torch.optim.Adam
         self.peak_lr = peak_lr(cfg, self.dist.world)
         self.opt = opt_cls(self.model.parameters(), lr=self.peak_lr, betas=tuple(tc.adam_betas),
                            weight_decay=tc.weight_decay, **({"fused": True} if self.fused else {"foreach": True}))
-        self.bf16 = use_bf16(cfg, self.device)
         mode = compile_mode(cfg, self.device)
         self.compiled = mode is not None
         if self.compiled and self.channels_last:
@@ -281,7 +171,7 @@ class Trainer:
         self.guide: tuple[int, dict[str, torch.Tensor]] | None = None  # train.guide_step: (step, weights on CPU)
         self.resumed_from: Path | None = None
         if resume is not None:
-            self._load_resume(resume)
+            train_state.restore(self, resume)
         if resume is None:
             torch.manual_seed(tc.seed + 1 + self.dist.rank)  # the training noise stream, distinct per rank
         if resume is not None and self.main:  # the steps after the checkpoint are trained again: log them once
@@ -316,186 +206,32 @@ class Trainer:
             y = torch.where(drop, torch.full_like(y, m.num_classes), y)
         return y
 
-    # -- resume --------------------------------------------------------------------------------------------
-
-    def _load_resume(self, weights: Path) -> None:
-        ck = ckpt_io.load_checkpoint(weights)
-        tensors, state, groups = ckpt_io.load_state(ck.path)
-        ckpt_io.load_into(self.model, ck.model_state, str(ck.path))
-        if self.ema is not None:
-            # Each average resumes from the stored one of the same decay (ema_decay and ema_extra may have been
-            # changed at this resume); a decay new here starts from the stored main EMA, or the weights.
-            stored = {**({ck.config.train.ema_decay: ck.ema_state} if ck.ema_state else {}), **ck.extra_ema}
-            for ema in (self.ema, *self.extra_emas.values()):
-                ckpt_io.load_into(ema.model, stored.get(ema.decay) or ck.ema_state or ck.model_state, str(ck.path))
-                ema.num_updates = int(state.get("ema_updates", 0))
-        try:
-            load_optimizer_state(self.opt, ckpt_io.optimizer_state_dict(tensors, groups))
-        except (ValueError, KeyError, RuntimeError) as e:
-            raise DdpmError(f"{ck.path}: the optimizer state does not fit this run ({e}); resume with the "
-                            f"same train.optimizer") from None
-        self.step, self.images_seen = int(state["step"]), int(state["images_seen"])
-        self.batcher.load_state_dict(state["data"])
-        es = state.get("early_stopping", {})
-        self.best_val = float(es.get("best", math.inf))
-        self.bad_evals = int(es.get("bad", 0))
-        self.nonfinite_total = int(state.get("nonfinite_total", 0))
-        if ck.guide_state is not None:
-            self.guide = (ck.guide_step, ck.guide_state)
-        elif self.cfg.train.guide_step is not None and self.step >= self.cfg.train.guide_step:
-            self.cb.on_message(f"warning: resuming at step {self.step}, past train.guide_step "
-                               f"{self.cfg.train.guide_step}, from a checkpoint without a guide; this run's "
-                               f"checkpoints will carry no autoguidance guide")
-        if self.dist.world == 1:
-            torch.set_rng_state(tensors["rng.cpu"])
-            cuda_states = [tensors[k] for k in sorted(tensors) if k.startswith("rng.cuda.")]
-            if cuda_states and self.device.type == "cuda":
-                torch.cuda.set_rng_state_all(cuda_states)
-        else:
-            torch.manual_seed(self.cfg.train.seed + 1 + self.dist.rank + 7919 * self.step)
-        self.resumed_from = ck.path
-        self.cb.on_message(f"resumed from {ck.path} at step {self.step}")
-
-    # -- outputs -------------------------------------------------------------------------------------------
+    # -- checkpoints: the weights and the training state (engine/train_state.py) -----------------------------
 
     def save_checkpoint(self) -> Path | None:
-        if not self.main:
-            return None
-        cfg = self.cfg
-        name = f"ckpt-{self.step:08d}.safetensors"
-        path = self.run_dir / "checkpoints" / name
-        meta = ckpt_io.weights_metadata(cfg, self.step, self.images_seen, count_params(self.model),
-                                        self.ema is not None, self.classes)
-        ckpt_io.save_weights(path, self.model, self.ema.model if self.ema else None, meta,
-                             {d: e.model for d, e in self.extra_emas.items()}, self.guide)
-        early = {"bad": self.bad_evals, **({"best": self.best_val} if math.isfinite(self.best_val) else {})}
-        state = {"step": self.step, "images_seen": self.images_seen, "data": self.batcher.state_dict(),
-                 "ema_updates": self.ema.num_updates if self.ema else 0, "nonfinite_total": self.nonfinite_total,
-                 "early_stopping": early}
-        ckpt_io.save_state(state_path(path), self.opt, state)
-        # The pointer goes last: it only ever names a checkpoint whose files are complete.
-        pointer = self.run_dir / "latest.json"
-        try:
-            atomic_write_bytes(pointer, json.dumps({"step": self.step, "weights": f"checkpoints/{name}",
-                                                    "state": f"checkpoints/{state_path(path).name}"}).encode())
-        except OSError as e:
-            reason = "the disk is full" if e.errno == errno.ENOSPC else (e.strerror or str(e))
-            raise DdpmError(f"cannot update {pointer}: {reason}; it still names the previous checkpoint, which is "
-                            f"intact") from None
-        self._prune()
-        return path
-
-    def _prune(self) -> None:
-        keep = self.cfg.logging.keep_last
-        found = list_checkpoints(self.run_dir)
-        for old in found[:-keep] if len(found) > keep else []:
-            if self.resumed_from is not None and old.resolve() == self.resumed_from.resolve():
-                continue
-            old.unlink(missing_ok=True)
-            state_path(old).unlink(missing_ok=True)
+        return train_state.save(self) if self.main else None
 
     def sample_grid(self) -> Path | None:
         if not self.main:
             return None
-        from torchvision.utils import save_image
-
-        cfg, m = self.cfg, self.cfg.model
-        net = self.ema.model if self.ema else self.model
-        was_training = net.training
-        net.eval()
-        n, labels, nrow, full = self._grid_plan()
-        images = []
-        spec = SamplerSpec("ddpm" if full else "ddim", cfg.logging.sample_steps, variance=cfg.diffusion.variance)
-        for _, batch, _ in generate(net, self.diffusion, n, spec, image_shape=(m.in_channels, m.image_size,
-                                    m.image_size), labels=labels, batch_size=max(n, 1), seed=cfg.train.seed,
-                                    guidance=cfg.logging.sample_guidance if m.conditional else 1.0,
-                                    null_class=m.num_classes, device=self.device, bf16=self.bf16):
-            images.append(batch)
-        net.train(was_training)
-        path = self.run_dir / "samples" / f"step_{self.step:08d}.png"
-        save_image(torch.cat(images).float() / 255.0, path, nrow=nrow, padding=2)
+        path = monitor.draw_grid(self.ema.model if self.ema else self.model, self.diffusion, self.cfg,
+                                 self.run_dir / "samples" / f"step_{self.step:08d}.png", self.device, self.bf16)
         if self.wandb:
             self.wandb.log_image("samples", path, self.step)
         return path
 
-    def _grid_plan(self) -> tuple[int, torch.Tensor | None, int, bool]:
-        """The sample grid: (images, labels or None, images a row, whether it runs the full ancestral sampler)."""
-        m, n = self.cfg.model, self.cfg.logging.sample_count
-        labels, nrow = None, max(1, int(math.sqrt(n)))
-        if m.conditional:
-            per = max(1, n // m.num_classes)
-            labels = torch.arange(m.num_classes).repeat_interleave(per)
-            n, nrow = len(labels), per
-        return n, labels, nrow, self.cfg.logging.sample_steps >= self.cfg.diffusion.num_timesteps
-
-    @torch.no_grad()
     def _closing_cost(self) -> tuple[float, float]:
-        """Seconds the end of a run takes on rank 0 (the other ranks wait for it): (the sample grid, timed as one
-        network evaluation of its batch times the sampler's steps; the final checkpoint, estimated at 1 GB/s
-        until one is written and timed)."""
-        n, labels, _, full = self._grid_plan()
-        m, dev = self.cfg.model, self.device
-        net = self.ema.model if self.ema else self.model
-        was_training = net.training
-        net.eval()
-        x = torch.randn(n, m.in_channels, m.image_size, m.image_size, device=dev)
-        t = torch.full((n,), self.diffusion.num_timesteps - 1, device=dev)
-        y = labels.to(dev) if labels is not None else None
-        amp = torch.autocast(dev.type, dtype=torch.bfloat16) if self.bf16 else nullcontext()
-        sync = (lambda: torch.cuda.synchronize(dev)) if dev.type == "cuda" else (lambda: None)
-        with amp:
-            net(x, t, y)  # the first call pays for cuDNN's algorithm search
-            sync()
-            t_fwd = time.monotonic()
-            for _ in range(2):
-                net(x, t, y)
-            sync()
-        net.train(was_training)
-        forward_s = (time.monotonic() - t_fwd) / 2
-        steps = self.cfg.diffusion.num_timesteps if full else self.cfg.logging.sample_steps
+        """Seconds the end of a run takes on rank 0 (the other ranks wait for it): (its sample grid; its
+        checkpoint, estimated at 1 GB/s until one is written and timed)."""
+        grid_s = monitor.grid_seconds(self.ema.model if self.ema else self.model, self.diffusion, self.cfg,
+                                      self.device, self.bf16)
         copies = 3 + (1 + len(self.extra_emas) if self.ema else 0) + 1  # weights, Adam's two moments, EMAs, guide
-        # the sampler's own arithmetic and the PNG come on top of the network evaluations: a tenth more
-        return 1.1 * forward_s * steps, 4 * count_params(self.model) * copies / 1e9
+        return grid_s, 4 * count_params(self.model) * copies / 1e9
 
-    def in_training_fid(self) -> float:
-        """FID of `logging.fid_samples` EMA samples (DPM-Solver++, fid_steps) against the reference, on this device."""
-        from ddpm_cli.engine.draw import Drawer
-        from ddpm_cli.engine.evaluation import inception as ev_inception, reference, run, sources
-
-        lc, m = self.cfg.logging, self.cfg.model
-        if self._fid_state is None:
-            inception = ev_inception.load_inception(lc.fid_inception_weights, self.device)
-            ref = lc.fid_ref or sources.tensor_source(self._train_images, "the training images")
-            self._fid_state = (inception, reference.reference_stats(ref, inception, data_root=self.cfg.data.root,
-                                                                    use_cache=lc.fid_ref is not None))
-        inception, ref_stats = self._fid_state
-        net = self.ema.model if self.ema else self.model
-        spec = SamplerSpec("dpm++2m", lc.fid_steps, variance=self.cfg.diffusion.variance)
-        drawer = Drawer(net, self.diffusion, spec, (m.in_channels, m.image_size, m.image_size),
-                        m.num_classes if m.conditional else None, device=self.device, bf16=self.bf16)
-        result = run.fid_of_model(drawer, lc.fid_samples, ref_stats, inception, seed=self.cfg.train.seed)
-        return float(result.fid)
-
-    @torch.no_grad()
     def held_out_loss(self) -> float:
-        """Loss on the held-out split with fixed t and noise, so evaluations are comparable."""
         assert self.val is not None
-        g = torch.Generator().manual_seed(self.cfg.train.seed + 999)
-        self.model.eval()
-        total, count = torch.zeros((), device=self.device), 0
-        bs = self.cfg.train.batch_size
-        for i in range(0, len(self.val), bs):
-            x0 = to_model_range(self.val.images[i:i + bs]).to(self.device)
-            y = self.val.labels[i:i + bs].to(self.device) if self.cfg.model.conditional else None
-            t = torch.randint(0, self.diffusion.num_timesteps, (x0.shape[0],), generator=g).to(self.device)
-            noise = torch.randn(x0.shape, generator=g).to(self.device)
-            amp = torch.autocast(self.device.type, dtype=torch.bfloat16) if self.bf16 else nullcontext()
-            with amp:
-                loss = self.diffusion.loss(self.model, x0, y, t=t, noise=noise)
-            total += loss.float() * x0.shape[0]
-            count += x0.shape[0]
-        self.model.train()
-        return float(self.dist.average(total / count))  # one value on every rank: they stop early together
+        loss = monitor.held_out_loss(self.model, self.diffusion, self.val, self.cfg, self.device, self.bf16)
+        return float(self.dist.average(loss))  # one value on every rank: they stop early together
 
     # -- the loop ------------------------------------------------------------------------------------------
 
@@ -627,7 +363,8 @@ class Trainer:
                 self.sample_grid()
                 budget.pause()
             if lc.fid_every and self.main and self.step % lc.fid_every == 0:
-                self._emit({"step": self.step, "fid": self.in_training_fid()}, records)
+                fid = self.in_training_fid(self.ema.model if self.ema else self.model)
+                self._emit({"step": self.step, "fid": fid}, records)
                 budget.pause()
 
         if (self.main and tc.guide_step is not None and self.step < tc.guide_step and self.guide is None

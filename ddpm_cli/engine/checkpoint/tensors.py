@@ -189,6 +189,21 @@ def optimizer_state_dict(tensors: dict[str, torch.Tensor], param_groups: list) -
     return {"state": state, "param_groups": param_groups}
 
 
+def load_optimizer_state(opt: torch.optim.Optimizer, state_dict: dict) -> None:
+    """Optimizer.load_state_dict, then each moment laid out like its parameter. Checkpoints store tensors
+    contiguous, and torch restores a moment's dtype and device but not its strides; CUDA's fused Adam refuses
+    moments whose layout differs from a channels-last parameter's."""
+    import torch
+
+    opt.load_state_dict(state_dict)
+    for group in opt.param_groups:
+        for p in group["params"]:
+            state = opt.state.get(p, {})
+            for name, value in state.items():
+                if torch.is_tensor(value) and value.shape == p.shape and value.stride() != p.stride():
+                    state[name] = torch.empty_like(p, dtype=value.dtype).copy_(value)
+
+
 def _network(ckpt: Checkpoint, state: dict[str, torch.Tensor], device: torch.device | str) -> torch.nn.Module:
     from ddpm_cli.engine.build import build_unet
 

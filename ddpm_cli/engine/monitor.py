@@ -1,0 +1,125 @@
+"""What a training run draws and measures of itself as it goes: its sample grids, the held-out loss of early
+stopping, the in-training FID, and the time its closing grid will take (for train.max_time)."""
+from __future__ import annotations
+
+import math
+import time
+from contextlib import nullcontext
+from pathlib import Path
+
+import torch
+
+from ddpm_cli.config import RunConfig
+from ddpm_cli.diffusion.gaussian import GaussianDiffusion
+from ddpm_cli.diffusion.sampler_spec import SamplerSpec
+from ddpm_cli.engine.data import ImageSet, to_model_range
+from ddpm_cli.engine.generate import generate
+
+
+def _amp(device: torch.device, bf16: bool):
+    return torch.autocast(device.type, dtype=torch.bfloat16) if bf16 else nullcontext()
+
+
+def grid_plan(cfg: RunConfig) -> tuple[int, torch.Tensor | None, int, bool]:
+    """The sample grid: (images, labels or None, images a row, whether it runs the full ancestral sampler)."""
+    m, n = cfg.model, cfg.logging.sample_count
+    labels, nrow = None, max(1, int(math.sqrt(n)))
+    if m.conditional:
+        per = max(1, n // m.num_classes)
+        labels = torch.arange(m.num_classes).repeat_interleave(per)
+        n, nrow = len(labels), per
+    return n, labels, nrow, cfg.logging.sample_steps >= cfg.diffusion.num_timesteps
+
+
+@torch.no_grad()
+def draw_grid(net: torch.nn.Module, diffusion: GaussianDiffusion, cfg: RunConfig, path: Path,
+              device: torch.device, bf16: bool) -> Path:
+    """The grid of `logging.sample_count` images (a row per class when conditional), drawn by `net` in eval mode."""
+    from torchvision.utils import save_image
+
+    m = cfg.model
+    was_training = net.training
+    net.eval()
+    n, labels, nrow, full = grid_plan(cfg)
+    spec = SamplerSpec("ddpm" if full else "ddim", cfg.logging.sample_steps, variance=cfg.diffusion.variance)
+    images = [batch for _, batch, _ in generate(
+        net, diffusion, n, spec, image_shape=(m.in_channels, m.image_size, m.image_size), labels=labels,
+        batch_size=max(n, 1), seed=cfg.train.seed, guidance=cfg.logging.sample_guidance if m.conditional else 1.0,
+        null_class=m.num_classes, device=device, bf16=bf16)]
+    net.train(was_training)
+    save_image(torch.cat(images).float() / 255.0, path, nrow=nrow, padding=2)
+    return path
+
+
+@torch.no_grad()
+def grid_seconds(net: torch.nn.Module, diffusion: GaussianDiffusion, cfg: RunConfig, device: torch.device,
+                 bf16: bool) -> float:
+    """How long draw_grid will take: one network evaluation of its batch, timed, times the sampler's steps."""
+    n, labels, _, full = grid_plan(cfg)
+    m = cfg.model
+    was_training = net.training
+    net.eval()
+    x = torch.randn(n, m.in_channels, m.image_size, m.image_size, device=device)
+    t = torch.full((n,), diffusion.num_timesteps - 1, device=device)
+    y = labels.to(device) if labels is not None else None
+    sync = (lambda: torch.cuda.synchronize(device)) if device.type == "cuda" else (lambda: None)
+    with _amp(device, bf16):
+        net(x, t, y)  # the first call pays for cuDNN's algorithm search
+        sync()
+        t_fwd = time.monotonic()
+        for _ in range(2):
+            net(x, t, y)
+        sync()
+    net.train(was_training)
+    forward_s = (time.monotonic() - t_fwd) / 2
+    steps = cfg.diffusion.num_timesteps if full else cfg.logging.sample_steps
+    # the sampler's own arithmetic and the PNG come on top of the network evaluations: a tenth more
+    return 1.1 * forward_s * steps
+
+
+@torch.no_grad()
+def held_out_loss(model: torch.nn.Module, diffusion: GaussianDiffusion, val: ImageSet, cfg: RunConfig,
+                  device: torch.device, bf16: bool) -> torch.Tensor:
+    """Loss on the held-out split with fixed t and noise, so evaluations are comparable (a tensor on `device`)."""
+    g = torch.Generator().manual_seed(cfg.train.seed + 999)
+    model.eval()
+    total, count = torch.zeros((), device=device), 0
+    bs = cfg.train.batch_size
+    for i in range(0, len(val), bs):
+        x0 = to_model_range(val.images[i:i + bs]).to(device)
+        y = val.labels[i:i + bs].to(device) if cfg.model.conditional else None
+        t = torch.randint(0, diffusion.num_timesteps, (x0.shape[0],), generator=g).to(device)
+        noise = torch.randn(x0.shape, generator=g).to(device)
+        with _amp(device, bf16):
+            loss = diffusion.loss(model, x0, y, t=t, noise=noise)
+        total += loss.float() * x0.shape[0]
+        count += x0.shape[0]
+    model.train()
+    return total / count
+
+
+class InTrainingFid:
+    """FID of `logging.fid_samples` samples (DPM-Solver++, fid_steps) against `logging.fid_ref` (default: the
+    training images), on the training device; Inception and the reference statistics are made at the first call."""
+
+    def __init__(self, cfg: RunConfig, diffusion: GaussianDiffusion, train_images: torch.Tensor,
+                 device: torch.device, bf16: bool):
+        self.cfg, self.diffusion, self.device, self.bf16 = cfg, diffusion, device, bf16
+        self._train_images = train_images
+        self._state = None  # (inception, reference statistics)
+
+    def __call__(self, net: torch.nn.Module) -> float:
+        from ddpm_cli.engine.draw import Drawer
+        from ddpm_cli.engine.evaluation import inception as ev_inception, reference, run, sources
+
+        lc, m = self.cfg.logging, self.cfg.model
+        if self._state is None:
+            inception = ev_inception.load_inception(lc.fid_inception_weights, self.device)
+            ref = lc.fid_ref or sources.tensor_source(self._train_images, "the training images")
+            self._state = (inception, reference.reference_stats(ref, inception, data_root=self.cfg.data.root,
+                                                                use_cache=lc.fid_ref is not None))
+        inception, ref_stats = self._state
+        spec = SamplerSpec("dpm++2m", lc.fid_steps, variance=self.cfg.diffusion.variance)
+        drawer = Drawer(net, self.diffusion, spec, (m.in_channels, m.image_size, m.image_size),
+                        m.num_classes if m.conditional else None, device=self.device, bf16=self.bf16)
+        return float(run.fid_of_model(drawer, lc.fid_samples, ref_stats, inception, seed=self.cfg.train.seed).fid)

@@ -1,0 +1,53 @@
+"""`train.max_time`: when a run must stop so that it ends, closing work included, within about a step of it."""
+from __future__ import annotations
+
+import time
+
+import torch
+
+
+class TimeBudget:
+    """When `train.max_time` ends the run: before a step that would finish past the budget, the closing
+    checkpoint and sample grid counted in, so the whole run ends within about one step of it (the first,
+    compiling step included: it cannot be cut, and the run stops right after it when it overran).
+
+    On CUDA the host would otherwise queue steps far ahead of the device (a CUDA-graph step is one launch), so
+    its clock would say nothing of the work still queued: at most two steps are left in flight, which keeps the
+    device fed and the host's clock within a step of the device's."""
+
+    IN_FLIGHT = 2
+
+    def __init__(self, t0: float, max_time: float | None, device: torch.device):
+        self.deadline = None if max_time is None else t0 + max_time
+        self.cuda = device.type == "cuda"
+        self.step_s = 0.0  # a step's duration, smoothed; 0 until one step after the first has finished
+        self.grid_s = self.checkpoint_s = 0.0  # the run's closing work: its last sample grid and checkpoint
+        self._events: list = []
+        self._last: float | None = None
+
+    def step_done(self, first: bool) -> None:
+        """Call after each step: bounds the queue and measures the step time."""
+        if self.deadline is None:
+            return
+        if self.cuda:
+            event = torch.cuda.Event()
+            event.record()
+            self._events.append(event)
+            if len(self._events) > self.IN_FLIGHT:
+                self._events.pop(0).synchronize()
+        now = time.monotonic()
+        if self._last is not None and not first:
+            took = now - self._last
+            self.step_s = took if not self.step_s else 0.8 * self.step_s + 0.2 * took
+        self._last = now
+
+    def pause(self) -> None:
+        """The next interval holds other work (a checkpoint, a grid, an evaluation): not a step's time."""
+        self._last = None
+
+    def up(self, lookahead_steps: int = 1) -> bool:
+        """Whether starting `lookahead_steps` more steps would end the run past its budget."""
+        if self.deadline is None:
+            return False
+        closing = self.grid_s + self.checkpoint_s
+        return time.monotonic() + lookahead_steps * self.step_s + closing >= self.deadline

@@ -1,0 +1,135 @@
+"""Loading a run config: YAML files, `--set a.b=v` overrides, validation, and errors that name the field
+and its source (the file or the --set)."""
+from __future__ import annotations
+
+import difflib
+import json
+from pathlib import Path
+from typing import Any
+
+import yaml
+from pydantic import BaseModel, ValidationError
+
+from ddpm_cli.config.schema import RunConfig
+from ddpm_cli.errors import ConfigError, UsageError
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """'a.b=v' -> (['a', 'b'], v), v parsed as a YAML scalar or list ('64' -> 64, '[1,2]' -> [1, 2])."""
+    key, sep, raw = text.partition("=")
+    if not sep or not key.strip() or any(not p for p in key.strip().split(".")):
+        raise UsageError(f"--set {text!r}: expected KEY=VALUE with a dotted key, e.g. train.batch_size=64")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError:
+        value = raw
+    return key.strip().split("."), value
+
+
+def apply_overrides(data: dict, overrides: list[str]) -> dict:
+    if overrides and not isinstance(data, dict):
+        raise ConfigError(f"cannot apply --set to a config that is a {type(data).__name__}, not a mapping")
+    for text in overrides:
+        path, value = parse_override(text)
+        node = data
+        for part in path[:-1]:
+            child = node.setdefault(part, {})
+            if not isinstance(child, dict):
+                raise UsageError(f"--set {text!r}: {part} is a value, not a section")
+            node = child
+        node[path[-1]] = value
+    return data
+
+
+def _known_fields(loc: tuple) -> list[str]:
+    model: type[BaseModel] = RunConfig
+    for part in loc[:-1]:
+        field = model.model_fields.get(str(part))
+        ann = field.annotation if field else None
+        if not (isinstance(ann, type) and issubclass(ann, BaseModel)):
+            return []
+        model = ann
+    return list(model.model_fields)
+
+
+def format_validation_error(err: ValidationError) -> list[str]:
+    """One line per problem: 'path: what is wrong (what is allowed)'."""
+    lines = []
+    for e in err.errors(include_url=False):
+        loc = tuple(p for p in e["loc"] if p not in ("function-after",))
+        path = ".".join(str(p) for p in loc) or "config"
+        msg = e["msg"].removeprefix("Value error, ")
+        if e["type"] == "extra_forbidden":
+            near = difflib.get_close_matches(str(loc[-1]), _known_fields(loc), n=1)
+            msg = "unknown field" + (f"; did you mean '{near[0]}'?" if near else
+                                     f"; allowed here: {', '.join(_known_fields(loc))}")
+        elif e["type"] not in ("value_error", "assertion_error") and "input" in e:
+            got = e["input"]
+            if not isinstance(got, dict):
+                shown = json.dumps(got, default=str)
+                msg += f" (got {shown if len(shown) <= 60 else shown[:57] + '...'})"
+        lines.append(f"{path}: {msg}")
+    return lines
+
+
+def _blame_overrides(problems: list[str], overrides: list[str]) -> tuple[list[str], int]:
+    """Mark each problem in a field that a --set wrote with that --set; returns the lines and how many."""
+    keys = {".".join(parse_override(o)[0]): o for o in overrides}
+    out, blamed = [], 0
+    for line in problems:
+        field = line.split(":", 1)[0]
+        hit = next((o for k, o in keys.items() if field == k or field.startswith(k + ".")), None)
+        blamed += hit is not None
+        out.append(f"{line} (from --set {hit})" if hit else line)
+    return out, blamed
+
+
+def validate_config(data: Any, source: str = "config", overrides: list[str] | None = None) -> RunConfig:
+    """Validate a config dict; `overrides` are the --set texts applied to it, so a problem in a field one of
+    them wrote is blamed on that --set rather than on `source`."""
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{source}: the top level must be a mapping of sections (model, diffusion, data, "
+                          f"train, logging), not {type(data).__name__}")
+    try:
+        return RunConfig.model_validate(data)
+    except ValidationError as err:
+        problems, blamed = _blame_overrides(format_validation_error(err), overrides or [])
+        where = source if not blamed else "--set" if blamed == len(problems) else f"{source} with --set"
+        raise ConfigError(f"{where}: {len(problems)} problem(s)", problems) from None
+
+
+def load_config(path: str | Path | None, overrides: list[str] | None = None) -> RunConfig:
+    """Read a YAML config (or start from the defaults when path is None), apply overrides, validate."""
+    data: Any = {}
+    source = "defaults"
+    if path is not None:
+        p = Path(path)
+        source = str(p)
+        if not p.exists():
+            raise ConfigError(f"config file {p} not found; pass an existing YAML file (see examples/)")
+        if p.is_dir():
+            raise ConfigError(f"config path {p} is a directory; pass a YAML file")
+        try:
+            text = p.read_text(encoding="utf-8")
+            data = yaml.safe_load(text)
+        except UnicodeDecodeError:
+            raise ConfigError(f"{p} is not a text file; pass a YAML config") from None
+        except RecursionError:
+            raise ConfigError(f"{p} is nested too deeply to be a run config") from None
+        except yaml.YAMLError as e:
+            mark = getattr(e, "problem_mark", None)
+            where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+            raise ConfigError(f"{p} is not valid YAML{where}: {getattr(e, 'problem', None) or e}") from None
+        except OSError as e:
+            raise ConfigError(f"cannot read {p}: {e.strerror}") from None
+        if data is None:
+            raise ConfigError(f"{p} is empty; start from one of the files in examples/")
+    if not isinstance(data, dict):
+        raise ConfigError(f"{source}: the top level must be a mapping of sections (model, diffusion, data, "
+                          f"train, logging), not {type(data).__name__}")
+    data = apply_overrides(data, overrides or [])
+    return validate_config(data, source, overrides)
+
+

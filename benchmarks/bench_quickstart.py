@@ -43,7 +43,8 @@ def extra_samples(checkpoint: Path, n: int, sampler: str | None = None, seed: in
         name, _, steps = sampler.partition(":")
         steps = int(steps) if steps else None
     y = torch.arange(n) % cfg.model.num_classes if cfg.model.conditional else None
-    x = d.sample(n, y=y, sampler=name, steps=steps, seed=seed)
+    guidance = cfg.logging.sample_guidance if cfg.model.conditional else 1.0  # as the grid is guided
+    x = d.sample(n, y=y, sampler=name, steps=steps, guidance=guidance, seed=seed)
     images = ((x + 1) * 127.5).round().clamp(0, 255).to(torch.uint8)
     return images, y
 

@@ -43,6 +43,22 @@ def tiny_overrides(run_dir: Path, **extra) -> dict:
     return cfg
 
 
+def perturbed_unet(seed: int = 0):
+    """A tiny UNet (8x8, two levels, attention at 4x4) with every weight perturbed: its zero-initialised output
+    layers would otherwise hide any difference between two ways of running it."""
+    import torch
+
+    from ddpm_cli.nn.unet import UNet
+
+    torch.manual_seed(seed)
+    model = UNet(image_size=8, base_channels=8, channel_mults=(1, 2), num_res_blocks=1, attention_resolutions=(4,),
+                 norm_groups=4)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    return model
+
+
 def tiny_config(run_dir: Path, **extra):
     from ddpm_cli.config import validate_config
 

@@ -6,7 +6,7 @@ import os
 import subprocess
 import sys
 
-from conftest import ROOT
+from conftest import ROOT, perturbed_unet
 
 
 def test_bench_speed_runs_the_trainer_and_the_sampler(tmp_path):
@@ -129,15 +129,10 @@ def test_the_benchmarks_rebuild_the_switches_the_package_does_not_ship():
     import torch
 
     from ddpm_cli.engine import build, generate
-    from ddpm_cli.nn.unet import GroupNorm, UNet, Upsample, stacked_embeddings
+    from ddpm_cli.nn.unet import GroupNorm, Upsample, stacked_embeddings
 
     bench = _bench_speed_module()
-    torch.manual_seed(0)
-    model = UNet(image_size=8, base_channels=8, channel_mults=(1, 2), num_res_blocks=1, attention_resolutions=(4,),
-                 norm_groups=4)
-    with torch.no_grad():
-        for p in model.parameters():  # zero-initialised output layers would hide any difference
-            p.add_(0.05 * torch.randn_like(p))
+    model = perturbed_unet()
     x, t = torch.randn(3, 3, 8, 8), torch.tensor([1, 500, 999])
     emb = torch.randn(3, 32)
     with torch.no_grad():

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from conftest import cli, ok, one_line_error, run_cli
+from conftest import cli, ok, one_line_error, perturbed_unet, run_cli
 from ddpm_cli.engine.runs import latest_checkpoint
 from ddpm_cli.engine.sampling import grid_layout, plan_labels
 from ddpm_cli.errors import DdpmError, UsageError
@@ -498,14 +498,9 @@ def test_the_sampling_network_folds_each_upsampling_and_computes_the_same_functi
     import torch
 
     from ddpm_cli.engine.generate import inference_net
-    from ddpm_cli.nn.unet import UNet, Upsample
+    from ddpm_cli.nn.unet import Upsample
 
-    torch.manual_seed(0)
-    model = UNet(image_size=8, base_channels=8, channel_mults=(1, 2), num_res_blocks=1, attention_resolutions=(4,),
-                 norm_groups=4)
-    with torch.no_grad():
-        for p in model.parameters():  # zero-initialised output layers would hide any difference
-            p.add_(0.05 * torch.randn_like(p))
+    model = perturbed_unet()
     x, t = torch.randn(3, 3, 8, 8), torch.tensor([1, 500, 999])
     with torch.no_grad():
         ref = model.eval()(x, t)

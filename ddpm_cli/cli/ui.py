@@ -117,11 +117,11 @@ class TrainDisplay:
                           f"grad-norm {rec['grad_norm'] or float('nan'):.3f}", markup=False, soft_wrap=True)
 
     def on_message(self, text: str) -> None:
-        """Warnings go to stderr (as every command's do); other notes (resumed from ..., compiling) to stdout."""
-        if text.startswith("warning: "):
-            warn(text.removeprefix("warning: "))
-            return
+        """Notes (resumed from ..., compiling) go to stdout; warnings (on_warning) to stderr, as every command's."""
         (self.progress.console if self.progress else console).print(text, markup=False, soft_wrap=True)
+
+    def on_warning(self, text: str) -> None:
+        warn(text)
 
     def close(self) -> None:
         if self.progress is not None:

@@ -39,6 +39,8 @@ class TrainCallbacks:
     def on_step(self, step: int) -> None: ...
     def on_log(self, record: dict) -> None: ...
     def on_message(self, text: str) -> None: ...
+    def on_warning(self, text: str) -> None:  # something the user should fix or know; a note by default
+        self.on_message(f"warning: {text}")
 
 
 @dataclass
@@ -120,7 +122,7 @@ class Trainer:
         # Data
         ds = dataset if dataset is not None else load_dataset(cfg.data, cfg.model)
         for w in ds.warnings:
-            self.cb.on_message(f"warning: {w}")
+            self.cb.on_warning(w)
         self.classes = ds.classes
         fid_reference = ds.images  # the default in-training FID reference: every training image
         self.val: ImageSet | None = None
@@ -369,7 +371,7 @@ class Trainer:
 
         if (self.main and tc.guide_step is not None and self.step < tc.guide_step and self.guide is None
                 and stop_reason != "signal"):
-            self.cb.on_message(f"warning: the run ended at step {self.step}, before train.guide_step "
+            self.cb.on_warning(f"the run ended at step {self.step}, before train.guide_step "
                                f"{tc.guide_step}; its checkpoints carry no autoguidance guide (lower guide_step)")
         if stop_reason == "signal":
             self.cb.on_message(f"stopping at step {self.step} on signal {self.stop.signum}: writing a checkpoint")

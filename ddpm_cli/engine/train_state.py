@@ -46,7 +46,7 @@ def restore(trainer: "Trainer", weights: Path) -> None:
     if ck.guide_state is not None:
         trainer.guide = (ck.guide_step, ck.guide_state)
     elif trainer.cfg.train.guide_step is not None and trainer.step >= trainer.cfg.train.guide_step:
-        trainer.cb.on_message(f"warning: resuming at step {trainer.step}, past train.guide_step "
+        trainer.cb.on_warning(f"resuming at step {trainer.step}, past train.guide_step "
                            f"{trainer.cfg.train.guide_step}, from a checkpoint without a guide; this run's "
                            f"checkpoints will carry no autoguidance guide")
     if trainer.dist.world == 1:

@@ -1,17 +1,27 @@
 #!/usr/bin/env bash
 # The GPU acceptance suite in one device call: install the carried wheels (.whl: pydantic and its three
-# companions, torch-fidelity), then `pytest -m gpu` with its time, per-test durations and a JUnit report under $OUT.
-#   bash benchmarks/gpu_suite.sh [pytest args...]
+# companions, torch-fidelity, diffusers), then `pytest -m gpu` with its time, per-test results and durations and a
+# JUnit report under $OUT. With pytest-xdist present it runs on WORKERS processes sharing the one GPU (default 4;
+# WORKERS=0 runs serially): the tests are tiny, so their time is compiling on the CPU, which parallelises; the
+# tests that share the trained checkpoint stay on one worker (tests/conftest.py).
+#   [WORKERS=N] bash benchmarks/gpu_suite.sh [pytest args...]
 set -u
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
   || exit 1
 export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1
 out=${OUT:-/tmp}
+workers=${WORKERS:-4}
+parallel=()
+if [ "$workers" -gt 0 ] && python3 -c "import xdist" 2>/dev/null; then
+  parallel=(-n "$workers" --dist loadgroup)
+  export TORCHINDUCTOR_COMPILE_THREADS=$(( $(nproc) / workers > 1 ? $(nproc) / workers : 1 ))
+fi
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
 python3 -c "import torch; print('torch', torch.__version__, torch.cuda.get_device_name())"
 t0=$(date +%s)
-python3 -m pytest -m gpu -q -p no:cacheprovider --durations=25 --junitxml="$out/gpu-junit.xml" "$@" 2>&1 \
-  | tee "$out/gpu-suite.log"
+python3 -m pytest -m gpu -v -p no:cacheprovider "${parallel[@]}" --durations=25 --junitxml="$out/gpu-junit.xml" \
+  "$@" 2>&1 | tee "$out/gpu-suite.log"
 status=${PIPESTATUS[0]}
-echo "GPU-SUITE exit $status in $(( $(date +%s) - t0 )) s on $(nvidia-smi --query-gpu=name --format=csv,noheader)"
+how=serial; [ ${#parallel[@]} -gt 0 ] && how="$workers workers"
+echo "GPU-SUITE exit $status in $(( $(date +%s) - t0 )) s on $(nvidia-smi --query-gpu=name --format=csv,noheader) ($how)"
 exit "$status"

@@ -121,3 +121,11 @@ def one_line_error(r, code=(1, 2)) -> str:
     assert len(lines) == 1 and lines[0].startswith("error: "), r.stderr
     assert "Traceback" not in r.stdout + r.stderr
     return lines[0]
+
+
+def pytest_collection_modifyitems(items):
+    """Under pytest-xdist (benchmarks/gpu_suite.sh runs the GPU suite on several workers), the tests that share
+    the GPU suite's trained checkpoint run on one worker, so that checkpoint is trained once."""
+    for item in items:
+        if "cuda_run" in getattr(item, "fixturenames", ()):
+            item.add_marker(pytest.mark.xdist_group("cuda_run"))

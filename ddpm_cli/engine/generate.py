@@ -37,7 +37,8 @@ def inference_net(model: torch.nn.Module, *, channels_last: bool = False, compil
         torch.backends.cudnn.benchmark = True  # one batch shape, many calls: timing algorithms once pays
     if channels_last:
         model = model.to(memory_format=torch.channels_last)
-    net = torch.compile(model, options=sampler_compile_options(compile, device)) if compile else model
+    # dynamic=False: a new batch size or image size compiles its own static graph, never a symbolic one
+    net = torch.compile(model, dynamic=False, options=sampler_compile_options(compile, device)) if compile else model
 
     def fn(x: torch.Tensor, t: torch.Tensor, y: torch.Tensor | None) -> torch.Tensor:
         if channels_last:

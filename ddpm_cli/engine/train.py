@@ -163,7 +163,10 @@ class Trainer:
             force_channels_last_graph()
         self.grad_sync = grad_sync(cfg, mode) if self.dist.world > 1 else "none"
         self.net = self.dist.wrap(self.model, self.grad_sync)
-        self.loss_fn = (torch.compile(self._loss, options=compile_options(cfg, self.device, mode))
+        # dynamic=False: a second Trainer in the same process (a notebook, the test suite) shares `_loss`'s code
+        # object, and a new shape there would otherwise recompile with symbolic sizes, which inductor's CUDA
+        # lowering of this network fails on (tests/test_gpu_newcomer.py caught it).
+        self.loss_fn = (torch.compile(self._loss, dynamic=False, options=compile_options(cfg, self.device, mode))
                         if self.compiled else self._loss)
 
         # State

@@ -1,19 +1,19 @@
 #!/usr/bin/env bash
 # The GPU acceptance suite in one device call: install the carried wheels (.whl: pydantic and its three
 # companions, torch-fidelity, diffusers), then `pytest -m gpu` with its time, per-test results and durations and a
-# JUnit report under $OUT. With pytest-xdist present it runs on WORKERS processes sharing the one GPU (default 4;
-# WORKERS=0 runs serially): the tests are tiny, so their time is compiling on the CPU, which parallelises; the
-# tests that share the trained checkpoint stay on one worker (tests/conftest.py).
+# JUnit report under $OUT. With pytest-xdist present it runs on WORKERS processes sharing the one GPU (default 6;
+# WORKERS=0 runs serially): the tests are tiny, so their time is compiling on the CPU, which parallelises. The
+# slow tests start first (tests/conftest.py); the shared trained checkpoint is trained once (its fixture's lock).
 #   [WORKERS=N] bash benchmarks/gpu_suite.sh [pytest args...]
 set -u
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
   || exit 1
 export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1
 out=${OUT:-/tmp}
-workers=${WORKERS:-4}
+workers=${WORKERS:-6}
 parallel=()
 if [ "$workers" -gt 0 ] && python3 -c "import xdist" 2>/dev/null; then
-  parallel=(-n "$workers" --dist loadgroup)
+  parallel=(-n "$workers" --dist load)
   export TORCHINDUCTOR_COMPILE_THREADS=$(( $(nproc) / workers > 1 ? $(nproc) / workers : 1 ))
 fi
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader

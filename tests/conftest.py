@@ -124,8 +124,6 @@ def one_line_error(r, code=(1, 2)) -> str:
 
 
 def pytest_collection_modifyitems(items):
-    """Under pytest-xdist (benchmarks/gpu_suite.sh runs the GPU suite on several workers), the tests that share
-    the GPU suite's trained checkpoint run on one worker, so that checkpoint is trained once."""
-    for item in items:
-        if "cuda_run" in getattr(item, "fixturenames", ()):
-            item.add_marker(pytest.mark.xdist_group("cuda_run"))
+    """GPU tests marked slow run first: when pytest-xdist spreads the GPU suite over workers
+    (benchmarks/gpu_suite.sh), the longest start at once and the short ones fill in around them."""
+    items.sort(key=lambda item: not (item.get_closest_marker("gpu") and item.get_closest_marker("slow")))

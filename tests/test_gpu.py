@@ -21,6 +21,7 @@ def _train(tmp_path, name: str, **extra):
     return trainer, trainer.run()
 
 
+@pytest.mark.slow
 def test_cuda_defaults_compile_and_learn_like_eager_fp32(tmp_path):
     fast, res_fast = _train(tmp_path, "fast")  # auto: bf16 + channels-last graph + reduce-overhead
     assert fast.bf16 and fast.compiled and fast.channels_last

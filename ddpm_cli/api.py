@@ -33,7 +33,8 @@ __all__ = ["Diffusion", "load_config", "load_data"]
 def load_data(cfg: RunConfig) -> torch.utils.data.TensorDataset:
     """The config's dataset as (images in [-1, 1], labels), ready for a DataLoader."""
     ds = load_dataset(cfg.data, cfg.model)
-    return torch.utils.data.TensorDataset(to_model_range(ds.images), ds.labels)
+    images = ds.images if isinstance(ds.images, torch.Tensor) else ds.images[:]  # a streamed folder: decode all
+    return torch.utils.data.TensorDataset(to_model_range(images), ds.labels)
 
 
 class Diffusion(nn.Module):

@@ -310,7 +310,8 @@ def test_export(cuda_run, tmp_path, fmt, extra, suffix):
 
 
 # ----------------------------------------------------------------------------------------------------------
-# larger images: 64x64 and 256x256 (tiny widths), train, resume and sample; max_time with a compiling step
+# larger images: 64x64 (streamed from a folder) and 256x256 (tiny widths), train, resume and sample; max_time
+# with a compiling step
 
 
 SIZES = {
@@ -324,8 +325,21 @@ SIZES = {
 @pytest.mark.slow
 @pytest.mark.parametrize("size", [256, 64])
 def test_larger_images_train_resume_and_sample(tmp_path, size):
+    """At 64 px the images come from a folder of PNGs, streamed (data.streaming: on) rather than decoded whole."""
+    data = {}
+    if size == 64:
+        from PIL import Image
+
+        from ddpm_cli.engine.data import SHAPE_CLASSES, make_shapes
+
+        shapes = make_shapes(40, 64)
+        for i, (image, label) in enumerate(zip(shapes.images, shapes.labels)):
+            path = tmp_path / "imgs" / SHAPE_CLASSES[label] / f"{i}.png"
+            path.parent.mkdir(parents=True, exist_ok=True)
+            Image.fromarray(image.permute(1, 2, 0).numpy()).save(path)
+        data = dict(data__dataset="folder", data__root=str(tmp_path / "imgs"), data__streaming="on")
     cfg = gpu_config(tmp_path, f"px{size}", train__steps=8, logging__checkpoint_every=4, train__guide_step=None,
-                     train__ema_extra=[], **SIZES[size])
+                     train__ema_extra=[], **SIZES[size], **data)
     run = tmp_path / f"px{size}"
     ddpm("train", "--config", cfg)
     ddpm("train", "--resume", run, "--set", "train.steps=12")

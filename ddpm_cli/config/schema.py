@@ -130,6 +130,10 @@ class DataConfig(Section):
     on_device: Literal["auto", "on", "off"] = "auto"
     """Keep the whole decoded dataset on the training device (auto: on CUDA when it takes under a quarter
     of the free memory); batches and flips are then made there with no host copies."""
+    streaming: Literal["auto", "on", "off"] = "auto"
+    """folder: decode the images batch by batch while training (in threads, the next batch ahead) instead of
+    all at once into memory; auto = when the decoded images would take over half the available memory. The
+    batches, their order and resume are the same either way."""
 
 
 class EarlyStoppingConfig(Section):

@@ -1,7 +1,8 @@
 """Training data: the built-in `shapes` set, CIFAR-10 through torchvision, and any folder or .zip of images.
 
-Every source is decoded once into one uint8 tensor (N, C, H, W) with int64 labels; `Batcher` then draws
-shuffled batches from it (on the GPU when it fits), with a resumable position in a seeded epoch order."""
+Every source is decoded once into one uint8 tensor (N, C, H, W) with int64 labels, except a folder too large for
+memory, which is decoded batch by batch (engine/streaming.py); `Batcher` then draws shuffled batches from it (on
+the GPU when it fits), with a resumable position in a seeded epoch order."""
 from __future__ import annotations
 
 import io
@@ -16,6 +17,7 @@ import numpy as np
 import torch
 
 from ddpm_cli.config import DataConfig, ModelConfig
+from ddpm_cli.engine.streaming import StreamedImages, readable_entries, should_stream
 from ddpm_cli.errors import DataError
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm")
@@ -232,8 +234,16 @@ def load_folder(cfg: DataConfig, image_size: int, channels: int) -> ImageSet:
     if files.others:
         warnings.append(f"skipped {files.others} file(s) in {files.root} without an image extension")
     classes, labels = _class_layout(files.rel)
-    blobs = [b for chunk in files.blobs(len(files)) for b in chunk]
     size = (image_size, image_size)
+    if should_stream(cfg.streaming, len(files), (channels, image_size, image_size)):
+        keep, bad = readable_entries(files)
+        if bad:
+            warnings.append(f"skipped {len(bad)} file(s) that are not readable images, e.g. {bad[0]}")
+        if not keep:
+            raise DataError(f"none of the {len(files)} image files in {files.root} could be read")
+        label_t = torch.tensor([labels[i] for i in keep] if labels else [0] * len(keep), dtype=torch.long)
+        return ImageSet(StreamedImages(files, keep, size, channels), label_t, classes, warnings)
+    blobs = [b for chunk in files.blobs(len(files)) for b in chunk]
     with ThreadPoolExecutor(max_workers=min(16, os.cpu_count() or 1)) as pool:
         arrays = [a for a, _ in pool.map(decode_image, blobs, [size] * len(blobs), [channels] * len(blobs),
                                          chunksize=256)]
@@ -273,7 +283,9 @@ def split_holdout(ds: ImageSet, holdout: int, seed: int) -> tuple[ImageSet, Imag
                         f"({len(ds)} images)")
     perm = torch.randperm(len(ds), generator=torch.Generator().manual_seed(seed + 12345))
     val, train = perm[:holdout], perm[holdout:]
-    return (ImageSet(ds.images[train], ds.labels[train], ds.classes, ds.warnings),
+    streamed = isinstance(ds.images, StreamedImages)  # the training part stays undecoded, the held-out decoded
+    return (ImageSet(ds.images.subset(train) if streamed else ds.images[train], ds.labels[train], ds.classes,
+                     ds.warnings),
             ImageSet(ds.images[val], ds.labels[val], ds.classes))
 
 
@@ -296,27 +308,35 @@ class Batcher:
                             f"({n} images); lower the batch size")
         self.device, self.flip = device, flip
         self.batch_size, self.seed, self.rank, self.world = batch_size, seed, rank, world
+        self.streamed = isinstance(ds.images, StreamedImages)
+        on_device = on_device and not self.streamed
         self.images = ds.images.to(device) if on_device else ds.images
         self.labels = ds.labels.to(device) if on_device else ds.labels
         if not on_device and device.type == "cuda":
             self.images, self.labels = self.images.pin_memory(), self.labels.pin_memory()
         self.n = n
         self.epoch, self.pos = 0, 0
-        self._perm: torch.Tensor | None = None
+        self._perms: dict[int, torch.Tensor] = {}  # epoch -> its order (this epoch's and, streaming, the next)
 
-    def _order(self) -> torch.Tensor:
-        if self._perm is None:
-            g = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
-            self._perm = torch.randperm(self.n, generator=g).to(self.images.device)
-        return self._perm
+    def _order(self, epoch: int) -> torch.Tensor:
+        if epoch not in self._perms:
+            g = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
+            self._perms = {e: p for e, p in self._perms.items() if e >= epoch - 1}
+            self._perms[epoch] = torch.randperm(self.n, generator=g).to(self.images.device)
+        return self._perms[epoch]
+
+    def _indices(self, epoch: int, pos: int) -> tuple[int, int, torch.Tensor]:
+        """This rank's images of the step at (epoch, pos), and the (epoch, pos) after it."""
+        step = self.batch_size * self.world
+        if pos + step > self.n:  # drop the ragged end of the epoch
+            epoch, pos = epoch + 1, 0
+        start = pos + self.rank * self.batch_size
+        return epoch, pos + step, self._order(epoch)[start:start + self.batch_size]
 
     def next(self) -> tuple[torch.Tensor, torch.Tensor]:
-        step = self.batch_size * self.world
-        if self.pos + step > self.n:  # drop the ragged end of the epoch
-            self.epoch, self.pos, self._perm = self.epoch + 1, 0, None
-        start = self.pos + self.rank * self.batch_size
-        idx = self._order()[start:start + self.batch_size]
-        self.pos += step
+        self.epoch, self.pos, idx = self._indices(self.epoch, self.pos)
+        if self.streamed:  # decode the next batch while this one trains
+            self.images.prefetch(self._indices(self.epoch, self.pos)[2])
         x = self.images[idx].to(self.device, non_blocking=True)
         y = self.labels[idx].to(self.device, non_blocking=True)
         x = to_model_range(x)
@@ -329,4 +349,4 @@ class Batcher:
         return {"epoch": self.epoch, "pos": self.pos}
 
     def load_state_dict(self, state: dict) -> None:
-        self.epoch, self.pos, self._perm = int(state["epoch"]), int(state["pos"]), None
+        self.epoch, self.pos = int(state["epoch"]), int(state["pos"])

@@ -46,8 +46,8 @@ class ImageSource:
 
 
 def tensor_source(images: torch.Tensor | np.ndarray, name: str, key: dict | None = None) -> ImageSource:
-    """A source over images already in memory: uint8 (N, C, H, W)."""
-    images = torch.as_tensor(images)
+    """A source over images already in memory, uint8 (N, C, H, W), or streamed from files (StreamedImages)."""
+    images = torch.from_numpy(images) if isinstance(images, np.ndarray) else images
 
     def batches(bs: int) -> Iterator[torch.Tensor]:
         for i in range(0, images.shape[0], bs):

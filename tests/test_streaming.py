@@ -1,0 +1,135 @@
+"""Folders larger than memory (data.streaming): decoded batch by batch, they give the batches, the training and
+the resume of the in-memory path."""
+from __future__ import annotations
+
+import json
+import zipfile
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from conftest import tiny_config
+from ddpm_cli.config import validate_config
+from ddpm_cli.engine import streaming
+from ddpm_cli.engine.data import Batcher, load_dataset, split_holdout
+from ddpm_cli.engine.streaming import StreamedImages
+
+CLASSES = ("a", "b", "c")
+
+
+@pytest.fixture(scope="module")
+def folder(tmp_path_factory):
+    """40 images over three class folders at mixed sizes (resized and cropped on reading), a corrupt .png, a
+    text file, and the same tree as a .zip."""
+    root = tmp_path_factory.mktemp("stream") / "tree"
+    rng = np.random.default_rng(0)
+    for i in range(40):
+        w, h = (16, 16) if i % 3 else (24, 20)
+        path = root / CLASSES[i % 3] / f"{i:03d}.{'png' if i % 2 else 'jpg'}"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(rng.integers(0, 255, (h, w, 3), dtype=np.uint8)).save(path)
+    (root / "b" / "broken.png").write_bytes(b"not really a png")
+    (root / "c" / "notes.txt").write_text("not an image")
+    zpath = root.parent / "tree.zip"
+    with zipfile.ZipFile(zpath, "w") as zf:
+        for p in sorted(root.rglob("*")):
+            if p.is_file():
+                zf.write(p, p.relative_to(root).as_posix())
+    return root, zpath
+
+
+def _data(root, streaming_mode: str):
+    cfg = validate_config({"model": {"image_size": 16, "conditional": True, "num_classes": 3,
+                                     "attention_resolutions": [], "channel_mults": [1, 2]},
+                           "data": {"dataset": "folder", "root": str(root), "streaming": streaming_mode}})
+    return load_dataset(cfg.data, cfg.model)
+
+
+@pytest.mark.parametrize("which", ["folder", "zip"])
+def test_streamed_batches_equal_the_in_memory_ones_across_epochs_and_a_resume(folder, which):
+    root = folder[0] if which == "folder" else folder[1]
+    mem, lazy = _data(root, "off"), _data(root, "on")
+    assert isinstance(lazy.images, StreamedImages) and isinstance(mem.images, torch.Tensor)
+    assert lazy.images.shape == mem.images.shape == (40, 3, 16, 16)  # the corrupt file skipped by both
+    assert torch.equal(lazy.labels, mem.labels) and lazy.classes == mem.classes == list(CLASSES)
+    assert any("not readable images" in w for w in lazy.warnings)
+    cpu = torch.device("cpu")
+    a = Batcher(mem, 12, seed=5, device=cpu, on_device=False, flip=True)
+    b = Batcher(lazy, 12, seed=5, device=cpu, on_device=True, flip=True)  # on_device is ignored when streaming
+    for step in range(8):  # three steps an epoch: crosses two epoch boundaries
+        torch.manual_seed(step)
+        xa, ya = a.next()
+        torch.manual_seed(step)
+        xb, yb = b.next()
+        assert torch.equal(xa, xb) and torch.equal(ya, yb), step
+    state = b.state_dict()
+    want = a.next()[0]
+    resumed = Batcher(_data(root, "on"), 12, seed=5, device=cpu, on_device=False, flip=False)
+    resumed.load_state_dict(state)
+    a2 = Batcher(mem, 12, seed=5, device=cpu, on_device=False, flip=False)
+    a2.load_state_dict(state)
+    assert torch.equal(resumed.next()[0], a2.next()[0])
+    assert want.shape == (12, 3, 16, 16)
+
+
+def test_a_holdout_split_keeps_the_training_part_streamed(folder):
+    lazy, mem = _data(folder[0], "on"), _data(folder[0], "off")
+    train_l, val_l = split_holdout(lazy, 8, seed=1)
+    train_m, val_m = split_holdout(mem, 8, seed=1)
+    assert isinstance(train_l.images, StreamedImages) and len(train_l.images) == 32
+    assert torch.equal(val_l.images, val_m.images) and torch.equal(train_l.images[:], train_m.images)
+
+
+def test_auto_streams_only_when_the_decoded_set_would_not_fit(monkeypatch, folder):
+    monkeypatch.setattr(streaming, "available_memory", lambda: 10**9)
+    assert not isinstance(_data(folder[0], "auto").images, StreamedImages)
+    monkeypatch.setattr(streaming, "available_memory", lambda: 2 * 40 * 3 * 16 * 16 - 1)  # half is too little
+    assert isinstance(_data(folder[0], "auto").images, StreamedImages)
+
+
+def test_a_file_that_fails_to_decode_while_streaming_is_one_clear_error(tmp_path):
+    from ddpm_cli.errors import DataError
+
+    root = tmp_path / "imgs"
+    root.mkdir()
+    for i in range(4):
+        Image.fromarray(np.full((16, 16, 3), 40 * i, dtype=np.uint8)).save(root / f"{i}.png")
+    ds = _data_flat(root)
+    (root / "2.png").write_bytes((root / "2.png").read_bytes()[:40])  # truncated after the check
+    with pytest.raises(DataError, match="2.png is not a readable image"):
+        ds.images[torch.arange(4)]
+
+
+def _data_flat(root):
+    cfg = validate_config({"model": {"image_size": 16, "attention_resolutions": [], "channel_mults": [1, 2]},
+                           "data": {"dataset": "folder", "root": str(root), "streaming": "on"}})
+    return load_dataset(cfg.data, cfg.model)
+
+
+def test_training_streamed_equals_training_in_memory_and_resumes_exactly(folder, tmp_path):
+    """On the CPU the whole run is bit-exact: the same losses whether the folder is streamed or decoded whole,
+    and a streamed run stopped at step 10 and resumed ends with the same weights."""
+    from ddpm_cli.engine.checkpoint import load_checkpoint
+    from ddpm_cli.engine.train import train
+
+    def run(name: str, mode: str, steps: int = 20, resume=None):
+        cfg = tiny_config(tmp_path, model__conditional=True, model__num_classes=3, model__attention_resolutions=[],
+                          data__dataset="folder", data__root=str(folder[1]), data__streaming=mode,
+                          train__batch_size=8, train__steps=steps, logging__run_name=name, logging__sample_every=10**6)
+        return train(cfg, resume=resume) if resume else train(cfg)
+
+    def losses(run_dir):
+        recs = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
+        return {r["step"]: r["loss"] for r in recs if r.get("loss") is not None}
+
+    mem, lazy = run("mem", "off"), run("lazy", "on")
+    assert losses(lazy.run_dir) == losses(mem.run_dir)
+    half = run("half", "on", steps=10)
+    from ddpm_cli.engine.runs import latest_checkpoint
+
+    resumed = run("half", "on", steps=20, resume=latest_checkpoint(half.run_dir))
+    a = load_checkpoint(latest_checkpoint(resumed.run_dir)).model_state
+    b = load_checkpoint(latest_checkpoint(lazy.run_dir)).model_state
+    assert all(torch.equal(a[k], b[k]) for k in a)

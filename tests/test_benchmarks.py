@@ -37,6 +37,15 @@ def test_bench_sample_cli_times_the_command_and_counts_its_files():
     assert len(phases["each later batch"]) == 0 and all(phases[k] >= 0 for k in list(phases)[:4])  # 5 at 256: one
 
 
+def test_bench_streaming_measures_both_paths_at_each_size():
+    r = subprocess.run([sys.executable, "benchmarks/bench_streaming.py", "--tiny"], cwd=ROOT, capture_output=True,
+                       text=True, timeout=300, env={**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"})
+    assert r.returncode == 0, r.stderr[-3000:]
+    rows = [json.loads(line) for line in r.stdout.splitlines()]
+    assert [x["size"] for x in rows] == [16, 32] and all(x["images"] == 64 for x in rows)
+    assert all(x["img_per_s_memory"] > 0 and x["img_per_s_streamed"] > 0 for x in rows)
+
+
 def test_fid_summary_tables_each_run_and_its_scores(tmp_path):
     (tmp_path / "a.log").write_text(
         "step 16500/1000000 (2%)  loss 0.0144  lr 6.00e-04  5,276 img/s  grad-norm 0.039\n"

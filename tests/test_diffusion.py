@@ -70,3 +70,21 @@ def test_the_spec_s_evaluation_count_is_the_calls_its_sampler_makes(sampler, ste
     assert spec.evaluations(d.alpha_bar) == len(calls) == len(set(calls))
     if sampler == "dpm++2m" and steps == 100:  # logSNR spacing rounds some steps onto the same timestep
         assert len(calls) < 100
+
+
+
+@pytest.mark.parametrize("schedule,T", [("linear", 50), ("linear", 1000), ("cosine", 50), ("zero-terminal", 50)])
+@pytest.mark.parametrize("spacing", ["uniform", "quadratic", "logsnr"])
+def test_every_spacing_gives_descending_timesteps_from_T_minus_1_to_0(schedule, T, spacing):
+    """A schedule whose alpha_bar ends at 0 (zero terminal SNR, as Lin et al. 2024 train with) has a logSNR of
+    -inf there: the logsnr spacing cast NaN to int and returned one garbage timestep."""
+    from ddpm_cli.diffusion.sampler_spec import timesteps
+
+    if schedule == "zero-terminal":
+        alpha_bar = torch.linspace(0.999, 0.0, T).double()
+    else:
+        alpha_bar = build_diffusion(DiffusionConfig(schedule=schedule, num_timesteps=T)).alpha_bar
+    for steps in (2, 5, 10, T):
+        ts = timesteps(alpha_bar, steps, spacing)
+        assert ts[0] == T - 1 and ts[-1] == 0, (steps, ts)
+        assert all(0 <= b < a for a, b in zip(ts, ts[1:])) and len(ts) <= steps, (steps, ts)

@@ -79,7 +79,8 @@ def timesteps(alpha_bar: Any, steps: int, spacing: str = "uniform") -> list[int]
     elif spacing == "quadratic":
         ts = (T - 1) * np.linspace(1, 0, steps) ** 2
     elif spacing == "logsnr":
-        ab = np.asarray(alpha_bar, dtype=np.float64)
+        # clipped: a zero-terminal-SNR schedule's alpha_bar ends at 0, whose logSNR is -inf
+        ab = np.clip(np.asarray(alpha_bar, dtype=np.float64), 1e-12, 1 - 1e-12)
         lam = 0.5 * np.log(ab / (1 - ab))  # increasing as t decreases
         targets = np.linspace(lam[-1], lam[0], steps)
         ts = np.interp(targets, lam[::-1], np.arange(T)[::-1].astype(np.float64))

@@ -167,6 +167,10 @@ def test_pt2_export_matches_pytorch(trained_conditional_run, tmp_path):
     model, _, cfg, _ = load_model(trained_conditional_run, "cpu")
     exported = torch.export.load(str(tmp_path / "m.pt2"))
     assert "conv_transpose" in str(exported.graph)  # the upsampling folded, as in the ONNX export
+    import zipfile
+
+    names = zipfile.ZipFile(tmp_path / "m.pt2").namelist()  # the archive's folder is named for the file
+    assert names and not any("tmp" in n for n in names), names[:3]
     program = exported.module()
     inputs = export_mod.random_inputs(cfg, 4, seed=5)
     with torch.no_grad():

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -267,8 +268,14 @@ def export_pt2(ckpt, use_ema: bool, dst: Path, ema_decay: float | None = None) -
     net = fold_upsampling(Denoiser(model, cfg.model.conditional).eval(), frozen=True)
     args = random_inputs(cfg, 2, seed=1)
     batch = torch.export.Dim("batch", min=1, max=65536)
-    tmp = dst.with_name(f".{dst.stem}.tmp-{os.getpid()}.pt2")  # torch.export.save wants the .pt2 suffix
+    # written under its own name in a temporary folder beside it: the archive's top folder is named for the file
+    tmp_dir = dst.with_name(f".{dst.name}.tmp-{os.getpid()}")
+    tmp = tmp_dir / dst.name
     try:
+        try:
+            tmp_dir.mkdir(exist_ok=True)
+        except OSError as e:
+            raise DdpmError(f"cannot write {dst}: {e.strerror or e}") from None
         try:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
@@ -286,7 +293,7 @@ def export_pt2(ckpt, use_ema: bool, dst: Path, ema_decay: float | None = None) -
         _check(dst, err, TOLERANCE["fp32"], "the torch.export program")
         _place(tmp, dst)
     finally:
-        tmp.unlink(missing_ok=True)
+        shutil.rmtree(tmp_dir, ignore_errors=True)
     return ExportResult(dst, "pt2", _weights(use_ema, ema_decay), "fp32", dst.stat().st_size, err,
                         TOLERANCE["fp32"], f"torch.export.load (batch {CHECK_BATCH})")
 

@@ -124,6 +124,10 @@ def one_line_error(r, code=(1, 2)) -> str:
 
 
 def pytest_collection_modifyitems(items):
-    """GPU tests marked slow run first: when pytest-xdist spreads the GPU suite over workers
-    (benchmarks/gpu_suite.sh), the longest start at once and the short ones fill in around them."""
-    items.sort(key=lambda item: not (item.get_closest_marker("gpu") and item.get_closest_marker("slow")))
+    """The GPU suite's slow tests start first, one per pytest-xdist worker (benchmarks/gpu_suite.sh): xdist hands
+    each worker two consecutive tests to begin with, so each slow test is followed by a short one."""
+    gpu = [item for item in items if item.get_closest_marker("gpu")]
+    slow = [item for item in gpu if item.get_closest_marker("slow")]
+    short = [item for item in gpu if not item.get_closest_marker("slow")]
+    paired = [x for pair in zip(slow, short) for x in pair] + slow[len(short):] + short[len(slow):]
+    items[:] = paired + [item for item in items if not item.get_closest_marker("gpu")]

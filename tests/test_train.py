@@ -206,7 +206,9 @@ def test_compiled_step_gets_the_modes_options_and_combo_kernels(tmp_path, monkey
     Trainer(tiny_config(tmp_path, train__compile="on", train__combo_kernels="on"))
     Trainer(tiny_config(tmp_path / "b", train__compile="reduce-overhead"))  # auto: no combo kernels on the CPU
     Trainer(tiny_config(tmp_path / "c"))  # auto: not compiled on the CPU
-    assert seen == [{"options": {"combo_kernels": True}}, {"options": {"triton.cudagraphs": True}}]
+    # dynamic=False: a second Trainer at another shape in one process must not recompile with symbolic sizes
+    assert seen == [{"dynamic": False, "options": {"combo_kernels": True}},
+                    {"dynamic": False, "options": {"triton.cudagraphs": True}}]
 
 
 def test_training_with_channel_statistics_norms_follows_the_default_path(tmp_path):

@@ -41,3 +41,8 @@ class TrainingAborted(DdpmError):
     def __init__(self, message: str, exit_code: int = 1):
         super().__init__(message)
         self.exit_code = exit_code
+
+
+class DdpmWarning(UserWarning):
+    """Something the user should know that the run survives (a damaged cache entry, say), raised by engine code
+    that has no callback to report through; the CLI prints each as one `warning: ...` line."""

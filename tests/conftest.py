@@ -1,9 +1,12 @@
 """Shared fixtures: tiny configs and a session-wide trained checkpoint, all on the CPU."""
 from __future__ import annotations
 
+import atexit
 import os
+import shutil
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 # Two busy cores: torch's default of one thread per core spins and slows tiny convolutions many times over.
@@ -18,6 +21,11 @@ import torch  # noqa: E402
 
 torch.set_num_threads(1)
 os.environ.setdefault("WANDB_SILENT", "true")
+# Compiled code the tests make goes to a folder of this session, not the user's ~/.cache/ddpm/compile (the tests'
+# subprocesses inherit it, so within a session they still share it).
+if "DDPM_COMPILE_CACHE_DIR" not in os.environ:
+    os.environ["DDPM_COMPILE_CACHE_DIR"] = tempfile.mkdtemp(prefix="ddpm-test-compile-cache-")
+    atexit.register(shutil.rmtree, os.environ["DDPM_COMPILE_CACHE_DIR"], True)
 os.environ.setdefault("WANDB_MODE", "offline")
 
 

@@ -172,3 +172,20 @@ def test_bench_quickstart_trains_times_and_scores_the_grid(tmp_path):
     assert res["conditional"] and res["grid"] == "step_00000003.png"
     assert res["grid_score"]["n"] == 20 and 0 <= res["grid_score"]["accuracy"] <= 1
     assert res["extra_score"]["n"] == 10
+
+
+def test_bench_startup_times_the_phases_of_fresh_train_and_sample_processes():
+    r = subprocess.run([sys.executable, "benchmarks/bench_startup.py", "--tiny", "--compile", "off", "--scenarios",
+                        "cold,warm"], cwd=ROOT, capture_output=True, text=True, timeout=300,
+                       env={**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"})
+    assert r.returncode == 0, r.stderr[-3000:]
+    runs = [json.loads(line[len("BENCH "):]) for line in r.stdout.splitlines() if line.startswith("BENCH ")]
+    assert [(x["command"], x["scenario"]) for x in runs] == [("train", "cold"), ("train", "warm"),
+                                                             ("sample", "cold"), ("sample", "warm")]
+    for x in runs:
+        phases = x["phases"]
+        assert list(phases) == ["import", "checkpoint", "network set-up", "compile", "first batch", "rest"]
+        assert (phases["checkpoint"] is None) == (x["command"] == "train") and phases["compile"] == 0
+        timed = [v for v in phases.values() if v is not None]
+        assert all(v >= 0 for v in timed) and 0 < sum(timed) <= x["wall_s"] + 0.05
+    assert runs[0]["summary"][0].startswith("done: step 3") and runs[2]["summary"][0].startswith("4 images in")

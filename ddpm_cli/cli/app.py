@@ -6,7 +6,7 @@ from typing import Optional
 import typer
 
 from ddpm_cli import __version__
-from ddpm_cli.cli import config_cmd
+from ddpm_cli.cli import cache_cmd, config_cmd
 from ddpm_cli.cli.eval_cmd import eval_command
 from ddpm_cli.cli.export import export_command
 from ddpm_cli.cli.import_cmd import import_command
@@ -38,6 +38,7 @@ app.command("inspect")(inspect_command)
 app.command("export")(export_command)
 app.command("import")(import_command)
 app.add_typer(config_cmd.app, name="config")
+app.add_typer(cache_cmd.app, name="cache")
 
 
 def main() -> None:

@@ -115,7 +115,8 @@ def sample_command(
     if not main:
         return
     where = [str(p) for p in ((out if plan.files else None), result.npz, result.grid) if p is not None]
-    compiled = f"; compiled: the first batch took {result.first_batch_s:.1f} s" if result.compiled else ""
+    cached = " (loaded from the compile cache)" if result.compile_cache == "hit" else ""
+    compiled = f"; compiled: the first batch took {result.first_batch_s:.1f} s{cached}" if result.compiled else ""
     console.print(f"{result.n:,} image{'s' if result.n != 1 else ''} in {result.seconds:.1f} s "
                   f"({fmt_rate(result.images_per_s)} images/s{compiled}) on {result.device} -> {', '.join(where)}",
                   markup=False, soft_wrap=True)

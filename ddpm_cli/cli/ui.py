@@ -2,9 +2,11 @@
 progress display (a live bar on a terminal, plain lines in logs)."""
 from __future__ import annotations
 
+import contextlib
 import functools
 import sys
 import time
+import warnings
 from typing import Any, Callable
 
 import typer
@@ -34,6 +36,26 @@ def warn(message: str) -> None:
     err_console.print(labelled("warning:", "yellow", message), soft_wrap=True)
 
 
+@contextlib.contextmanager
+def _warnings_as_lines():
+    """The engine's DdpmWarnings (raised where it has no callback) as `warning: ...` lines like every other warning,
+    each time it happens; other Python warnings as Python shows them."""
+    from ddpm_cli.errors import DdpmWarning
+
+    with warnings.catch_warnings():  # restores the filters and showwarning afterwards
+        warnings.simplefilter("always", DdpmWarning)
+        shown = warnings.showwarning
+
+        def show(message, category, *args, **kwargs):
+            if issubclass(category, DdpmWarning):
+                warn(str(message))
+            else:
+                shown(message, category, *args, **kwargs)
+
+        warnings.showwarning = show
+        yield
+
+
 def friendly(fn: Callable) -> Callable:
     """Run a command body; turn the project's errors into one clear line and an exit code, never a traceback."""
 
@@ -42,7 +64,8 @@ def friendly(fn: Callable) -> Callable:
         from ddpm_cli.errors import ConfigError, DdpmError
 
         try:
-            return fn(*args, **kwargs)
+            with _warnings_as_lines():
+                return fn(*args, **kwargs)
         except ConfigError as e:
             fail(str(e), e.problems, e.exit_code)
         except DdpmError as e:

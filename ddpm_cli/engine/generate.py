@@ -18,6 +18,7 @@ import torch
 from ddpm_cli.diffusion.gaussian import GaussianDiffusion
 from ddpm_cli.diffusion.sampler_spec import SamplerSpec
 from ddpm_cli.diffusion.samplers import autoguided, guided, sample
+from ddpm_cli.engine import compile_cache
 from ddpm_cli.engine.build import sampler_compile_options
 from ddpm_cli.nn.unet import channel_stats, fold_upsampling
 
@@ -37,8 +38,11 @@ def inference_net(model: torch.nn.Module, *, channels_last: bool = False, compil
         torch.backends.cudnn.benchmark = True  # one batch shape, many calls: timing algorithms once pays
     if channels_last:
         model = model.to(memory_format=torch.channels_last)
-    # dynamic=False: a new batch size or image size compiles its own static graph, never a symbolic one
-    net = torch.compile(model, dynamic=False, options=sampler_compile_options(compile, device)) if compile else model
+    net = model
+    if compile:  # dynamic=False: a new batch size or image size compiles its own static graph, never a symbolic one
+        options = sampler_compile_options(compile, device)
+        net = compile_cache.for_sampling(torch.compile(model, dynamic=False, options=options), model, compile, options,
+                                         device, channels_last)  # loads an earlier process's compile, saves this one
 
     def fn(x: torch.Tensor, t: torch.Tensor, y: torch.Tensor | None) -> torch.Tensor:
         if channels_last:
@@ -46,6 +50,7 @@ def inference_net(model: torch.nn.Module, *, channels_last: bool = False, compil
         return net(x, t, y)
 
     fn.compiled = bool(compile)  # generate() then pads a short last batch rather than compile a second shape
+    fn.compile_cache = net if compile else None
     return fn
 
 

@@ -71,6 +71,7 @@ class SampleResult:
     device: str
     compiled: bool = False
     first_batch_s: float = 0.0  # with `compiled`, it includes compiling (or loading from torch's cache)
+    compile_cache: str = ""  # with `compiled`: the compile cache's state (engine.compile_cache.CompileCache.state)
 
     @property
     def images_per_s(self) -> float:
@@ -263,6 +264,7 @@ def run_sampling(plan: SamplePlan, req: SampleRequest, *, on_start: Callable[[st
     import torch
 
     from ddpm_cli.engine.build import resolve_device
+    from ddpm_cli.engine.compile_cache import state_of
     from ddpm_cli.engine.distributed import DistInfo
     from ddpm_cli.engine.draw import draw, load_drawer
     from ddpm_cli.engine.generate import default_batch, even_batch
@@ -311,4 +313,4 @@ def run_sampling(plan: SamplePlan, req: SampleRequest, *, on_start: Callable[[st
     dist_info.finish_together()  # no rank tears the group down while rank 0 still writes (see finish_together)
     dist_info.close()
     return SampleResult(req.n, seconds, plan.files, plan.npz, plan.grid, str(device), compiled=drawer.compiled,
-                        first_batch_s=first_batch_s)
+                        first_batch_s=first_batch_s, compile_cache=state_of(drawer.net))

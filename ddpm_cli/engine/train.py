@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 
 from ddpm_cli.config import RunConfig, config_to_dict
-from ddpm_cli.engine import monitor, train_state
+from ddpm_cli.engine import compile_cache, monitor, train_state
 from ddpm_cli.engine.build import (build_diffusion, build_unet, compile_mode, compile_options, count_params,
                                    force_channels_last_graph, grad_sync, resolve_device, use_bf16, use_channel_stats,
                                    use_channels_last)
@@ -168,6 +168,8 @@ class Trainer:
         # lowering of this network fails on (tests/test_gpu_newcomer.py caught it).
         self.loss_fn = (torch.compile(self._loss, dynamic=False, options=compile_options(cfg, self.device, mode))
                         if self.compiled else self._loss)
+        if self.compiled:  # at the first call, loads an earlier process's compiled step before compiling it
+            self.loss_fn = self.step_cache = compile_cache.for_training(self, mode)
 
         # State
         self.step, self.images_seen = 0, 0
@@ -313,6 +315,8 @@ class Trainer:
                 if dev.type == "cuda":
                     torch.cuda.synchronize(dev)
                 compile_s, first_step = time.monotonic() - t_step, False
+                if self.compiled:  # forward and backward have compiled now: keep them for the next run
+                    self.step_cache.save()
                 if budget.deadline is not None and self.main:
                     budget.grid_s, budget.checkpoint_s = self._closing_cost()
                     budget.pause()

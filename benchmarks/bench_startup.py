@@ -1,0 +1,192 @@
+"""Start-up: where a fresh `ddpm train` (to its first step) and `ddpm sample` process spends its time, with the
+compile cache (engine/compile_cache.py) cold, warm, carried to a new machine, and off.
+
+    PYTHONPATH=. python benchmarks/bench_startup.py                       # examples/cifar10-fast.yaml's network, GPU
+    PYTHONPATH=. python benchmarks/bench_startup.py --tiny --compile off  # a tiny model on the CPU: checks the script
+
+Each run is the real command (the CLI's main() in a fresh Python process, timed by wrapping a few engine functions)
+under one scenario:
+  cold           an empty compile cache and an empty inductor/Triton cache (TORCHINDUCTOR_CACHE_DIR, TRITON_CACHE_DIR
+                 in a new folder)
+  warm           both as the cold run left them
+  portable       the compile cache as the cold run left it, an empty inductor cache (another machine or container)
+  inductor-only  DDPM_COMPILE_CACHE=off with inductor's cache warm (start-up as it was before the compile cache)
+Phases (seconds): import (torch and the CLI), checkpoint (sample: reading it), network set-up (train: config, data,
+network, optimizer; sample: the network and its guide prepared), compile (loading the cache entry and the first
+network call, plus the first backward when training: host time, which compiling dominates), first batch (the rest
+of the first step or sampling batch), rest (to the command's end); wall_s is start to exit as a user sees it.
+The training runs train `--train-steps` steps (data: the built-in shapes unless --set says otherwise), keep an
+autoguidance guide, and the sample runs draw from the cold training run's checkpoint. One BENCH JSON line per run."""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shlex
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+SCENARIOS = ("cold", "warm", "portable", "inductor-only")
+TINY = ["model.base_channels=16", "model.channel_mults=[1,2]", "model.num_res_blocks=1", "model.norm_groups=4",
+        "model.attention_resolutions=[]", "model.image_size=16", "train.batch_size=8", "data.shapes_count=64"]
+
+# Runs in the fresh process: the real CLI, with timestamps taken where the engine's phases end.
+DRIVER = r"""
+import json, sys, time
+T = time.perf_counter
+marks = {"start": T()}
+import torch
+import ddpm_cli.cli.app as cli_app
+from ddpm_cli.cli import ui
+from ddpm_cli.engine import checkpoint, compile_cache, generate, train
+marks["import"] = T()
+caches, backward, batches, steps = [], [], [], []
+
+_init = compile_cache.CompileCache.__init__
+def cache_init(self, *a, **k):
+    _init(self, *a, **k)
+    caches.append(self)
+compile_cache.CompileCache.__init__ = cache_init
+
+def mark_after(owner, name, mark, first):
+    fn = getattr(owner, name)
+    def wrapped(*a, **k):
+        out = fn(*a, **k)
+        if not (first and mark in marks):
+            marks[mark] = T()
+        return out
+    setattr(owner, name, wrapped)
+
+mark_after(checkpoint, "load_model", "checkpoint", first=True)  # draw.py imports these at call time: patched
+mark_after(generate, "sampling_net", "network set-up", first=False)  # the last: a guide's comes after the model's
+mark_after(train.Trainer, "__init__", "network set-up", first=True)
+
+_generate = generate.generate
+def timed_generate(*a, **k):
+    for item in _generate(*a, **k):  # each batch comes back on the CPU: the time is the batch's end
+        batches.append(T())
+        yield item
+generate.generate = timed_generate
+
+_on_step = ui.TrainDisplay.on_step
+def on_step(self, step):  # after the first step the trainer has synchronised the GPU
+    steps.append(T())
+    return _on_step(self, step)
+ui.TrainDisplay.on_step = on_step
+
+_backward = torch.Tensor.backward
+def timed_backward(self, *a, **k):
+    t = T()
+    out = _backward(self, *a, **k)
+    backward.append(T() - t)
+    return out
+torch.Tensor.backward = timed_backward
+
+code = 0
+sys.argv = ["ddpm", *json.loads(sys.argv[1])]
+try:
+    cli_app.main()
+except SystemExit as e:
+    code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
+marks["end"] = T()
+ends = steps or batches
+used = [c for c in caches if c.called]
+compile_s = sum(c.load_s + c.first_call_s for c in used) + (backward[0] if steps and used else 0.0)
+set_up = marks.get("network set-up", marks["import"])
+phases = {"import": marks["import"] - marks["start"],
+          "checkpoint": marks["checkpoint"] - marks["import"] if "checkpoint" in marks else None,
+          "network set-up": set_up - marks.get("checkpoint", marks["import"]),
+          "compile": compile_s,
+          "first batch": ends[0] - set_up - compile_s if ends else None,
+          "rest": marks["end"] - (ends[0] if ends else set_up)}
+print("PHASES " + json.dumps({"phases": {k: None if v is None else round(v, 2) for k, v in phases.items()},
+                              ("to_first_step_s" if steps else "to_first_batch_s"):
+                                  round(ends[0] - marks["start"], 2) if ends else None,
+                              "cache_load_s": round(sum(c.load_s for c in used), 2),
+                              "compile_cache": [c.state for c in used],
+                              "first_call_s": [round(c.first_call_s, 2) for c in used]}), flush=True)
+sys.exit(code)
+"""
+
+
+def scenario_env(scenario: str, ddpm_dir: Path, inductor_dir: Path) -> dict:
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "PYTHONUNBUFFERED": "1", "DDPM_COMPILE_CACHE_DIR": str(ddpm_dir),
+           "TORCHINDUCTOR_CACHE_DIR": str(inductor_dir), "TRITON_CACHE_DIR": str(inductor_dir / "triton")}
+    if scenario == "inductor-only":
+        env["DDPM_COMPILE_CACHE"] = "off"
+    return env
+
+
+def run_command(args: list[str], env: dict, cwd: Path) -> dict:
+    t = time.perf_counter()
+    p = subprocess.run([sys.executable, "-c", DRIVER, json.dumps(args)], capture_output=True, text=True, env=env,
+                       cwd=cwd)
+    wall = time.perf_counter() - t
+    lines = p.stdout.strip().splitlines()
+    found = [json.loads(x[len("PHASES "):]) for x in lines if x.startswith("PHASES ")]
+    if p.returncode != 0 or not found:
+        sys.exit(f"ddpm {shlex.join(args)} failed ({p.returncode}):\n{p.stdout[-3000:]}\n{p.stderr[-3000:]}")
+    summary = [x for x in lines if not x.startswith("PHASES ")]
+    return {"wall_s": round(wall, 2), **found[0], "summary": summary[-2 if args[0] == "train" else -1:]}
+
+
+def scenarios(tag: str, args: list[str], which: list[str], work: Path) -> None:
+    """Run `args` under each scenario in turn, each a fresh process with this job's own cache folders (they start
+    empty: the first scenario is the cold one); print a BENCH line per run."""
+    ddpm_dir, inductor_dir = work / f"{tag}-ddpm-cache", work / f"{tag}-inductor"
+    for scenario in which:
+        inductor = work / f"{tag}-inductor-portable" if scenario == "portable" else inductor_dir
+        res = run_command(args, scenario_env(scenario, ddpm_dir, inductor), work)
+        print("BENCH " + json.dumps({"kind": "startup", "command": args[0], "scenario": scenario, "args": args,
+                                     **res}), flush=True)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--config", default=str(ROOT / "examples" / "cifar10-fast.yaml"))
+    p.add_argument("--set", action="append", default=[], help="more config overrides for the training runs")
+    p.add_argument("--train-steps", type=int, default=20)
+    p.add_argument("--sample", action="append", default=None, help="`ddpm sample` options of one sampling job "
+                   "(repeatable; default: '-n 64 --grid g.png' and '-n 10000', the issue's two)")
+    p.add_argument("--scenarios", default=",".join(SCENARIOS), help=f"comma-separated, in order: {SCENARIOS}")
+    p.add_argument("--commands", default="train,sample")
+    p.add_argument("--compile", choices=["auto", "on", "off"], default="auto", help="train.compile and --compile")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--tiny", action="store_true", help="a tiny model on the CPU, 3 steps, 4 images (smoke run)")
+    a = p.parse_args()
+    which = [s for s in a.scenarios.split(",") if s]
+    if bad := [s for s in which if s not in SCENARIOS]:
+        sys.exit(f"unknown scenario(s) {bad}; choose from {SCENARIOS}")
+    if "cold" in which and which[0] != "cold":
+        sys.exit("cold must come first: the other scenarios reuse what it leaves")
+    steps = 3 if a.tiny else a.train_steps
+    device = "cpu" if a.tiny and a.device == "auto" else a.device
+    sample_jobs = a.sample or (["-n 4 --steps 2 --batch-size 2"] if a.tiny else ["-n 64 --grid g.png", "-n 10000"])
+    commands = a.commands.split(",")
+    with tempfile.TemporaryDirectory(prefix="bench-startup-") as tmp:
+        work = Path(tmp)
+        sets = [*(TINY if a.tiny else []), "data.dataset=shapes", f"train.steps={steps}", "train.max_time=null",
+                f"train.guide_step={max(1, steps // 2)}", f"train.device={device}", f"train.compile={a.compile}",
+                f"logging.run_dir={work / 'runs'}", "logging.sample_count=4", "logging.sample_steps=2",
+                f"logging.log_every={steps}", *a.set]
+        train_args = ["train", "--config", a.config, *[x for s in sets for x in ("--set", s)]]
+        if "train" in commands:
+            scenarios("train", train_args, which, work)
+        else:  # a checkpoint to sample from, not timed
+            subprocess.run([sys.executable, "-m", "ddpm_cli", *train_args, "--set", "train.compile=off"], check=True,
+                           capture_output=True, env={**os.environ, "PYTHONPATH": str(ROOT)}, cwd=work)
+        ckpt = sorted((work / "runs").glob("*/checkpoints/*.safetensors"))
+        ckpt = [c for c in ckpt if not c.name.endswith(".state.safetensors")][0]
+        if "sample" in commands:
+            for j, job in enumerate(sample_jobs):  # cwd is the temporary folder: outputs land there
+                args = ["sample", str(ckpt), *shlex.split(job), "--device", device, "--compile", a.compile,
+                        "--overwrite"]
+                scenarios(f"sample{j}", args, which, work)
+
+
+if __name__ == "__main__":
+    main()

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any, Literal, get_args
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
 
 
 class Section(BaseModel):
@@ -155,7 +155,12 @@ class TrainConfig(Section):
     max_time: float | None = Field(None, gt=0)
     """Stop after this many seconds of wall time (start-up and compilation included), whichever comes first."""
     batch_size: int = Field(128, ge=1)
-    """Images per optimizer step on each GPU (the global batch is batch_size x GPUs)."""
+    """Images per optimizer step on each GPU (the global batch is batch_size x GPUs), in grad_accum micro-batches."""
+    grad_accum: int = Field(1, ge=1)
+    """Micro-batches per optimizer step: each forward and backward sees batch_size / grad_accum images and their
+    gradients add up to the whole batch's before the step, so a batch too large for the device's memory trains as
+    one (the same update, up to float rounding). batch_size stays the step's batch (learning-rate scaling, EMA,
+    images_seen) and must be divisible by it. Under torchrun the gradients are averaged once per step."""
     lr: float = Field(2e-4, gt=0.0)
     """Peak learning rate (for a global batch of lr_batch images when lr_scaling scales it)."""
     lr_scaling: Literal["none", "linear", "sqrt"] = "none"
@@ -217,7 +222,8 @@ class TrainConfig(Section):
     grad_sync: Literal["auto", "ddp", "flat"] = "auto"
     """How ranks average gradients under torchrun: ddp = DistributedDataParallel's bucketed all-reduce, overlapped
     with the backward; flat = one all-reduce of all gradients after the backward, which keeps a CUDA-graph step
-    one graph; auto = flat when the step is CUDA-graphed, ddp otherwise."""
+    one graph; auto = flat when the step is CUDA-graphed or train.grad_accum > 1 (one all-reduce after the last
+    micro-batch), ddp otherwise."""
     cudnn_benchmark: bool = True
     """Let cuDNN time its convolution algorithms once at start (CUDA only; fixed input shapes make it pay)."""
     device: str = "auto"
@@ -228,6 +234,23 @@ class TrainConfig(Section):
     """Stop when this many steps in a row have a non-finite loss or gradient (each is skipped)."""
     early_stopping: EarlyStoppingConfig = EarlyStoppingConfig()
     """Early stopping on a held-out loss."""
+
+    @field_validator("grad_accum")
+    @classmethod
+    def _divides_the_batch(cls, k: int, info: ValidationInfo) -> int:
+        batch = info.data.get("batch_size")
+        if batch is not None and batch % k:
+            raise ValueError(f"batch_size {batch} is not divisible by grad_accum {k} (each micro-batch is "
+                             f"batch_size / grad_accum images); pick a grad_accum that divides it")
+        return k
+
+    @field_validator("grad_sync")
+    @classmethod
+    def _sync_once_per_step(cls, sync: str, info: ValidationInfo) -> str:
+        if sync == "ddp" and info.data.get("grad_accum", 1) > 1:
+            raise ValueError("ddp averages the gradients during every backward; with grad_accum > 1 they are "
+                             "averaged once per step, after the last micro-batch: use grad_sync auto or flat")
+        return sync
 
     @model_validator(mode="after")
     def _check_related_fields(self) -> "TrainConfig":

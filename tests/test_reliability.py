@@ -161,11 +161,14 @@ EXACT = dict(train__steps=12, logging__log_every=1, logging__checkpoint_every=10
              data__shapes_count=64, model__dropout=0.1)
 
 
-@pytest.mark.parametrize("variant", ["unconditional", "conditional-adamw-emawarmup", "grad-accum"])
+@pytest.mark.parametrize("variant", ["unconditional", "conditional-adamw-emawarmup", "grad-accum",
+                                     "checkpointing"])
 def test_exact_resume_gives_identical_losses_and_weights(tmp_path, variant):
     extra = dict(EXACT)
     if variant == "grad-accum":  # 4 micro-batches a step, each drawing its own dropout
         extra.update(train__grad_accum=4)
+    elif variant == "checkpointing":  # the recompute replays dropout's RNG, which must not shift the stream
+        extra.update(model__checkpointing=True, train__grad_accum=2)
     elif variant != "unconditional":
         extra.update(model__conditional=True, train__label_dropout=0.3, train__ema_warmup=True,
                      train__optimizer="adamw", train__weight_decay=0.01, train__ema_extra=[0.5])

@@ -58,7 +58,7 @@ def friendly(fn: Callable) -> Callable:
         except RuntimeError as e:
             if "out of memory" in str(e).lower():
                 fail("the device ran out of memory; lower the batch size (train.batch_size or --batch-size), or "
-                     "train it in micro-batches (train.grad_accum)")
+                     "train it in micro-batches (train.grad_accum) with activation checkpointing (model.checkpointing)")
             raise
 
     return wrapper
@@ -80,7 +80,7 @@ class TrainDisplay:
 
     def on_start(self, info: dict) -> None:
         self.total = info["total_steps"]
-        flags = ", ".join(k for k in ("bf16", "compile", "channels_last") if info.get(k)) or "fp32"
+        flags = ", ".join(k for k in ("bf16", "compile", "channels_last", "checkpointing") if info.get(k)) or "fp32"
         if info["world"] > 1:
             flags += f", grad sync {info['grad_sync']}"
         if info.get("lr_scaling", "none") != "none":

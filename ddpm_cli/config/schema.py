@@ -64,6 +64,10 @@ class ModelConfig(Section):
     time_freq_shift: float = Field(1.0, ge=0.0, le=1.0)
     """Frequencies of the timestep embedding are 10000^(-i / (dim/2 - shift)): 1 as in the DDPM code, 0 as in
     diffusers' default (its freq_shift)."""
+    checkpointing: bool = False
+    """Activation checkpointing while training: each group of blocks keeps only its input and runs its forward
+    again in the backward, for larger images or batches in the same memory at the cost of about one more forward
+    a step (the same gradients). Sampling, evaluation and export are unaffected."""
     conditional: bool = False
     """Condition on class labels (the seed's --use_labels); the data must have labels."""
     num_classes: int = Field(10, ge=1)

@@ -27,7 +27,7 @@ from ddpm_cli.engine.runs import list_checkpoints, make_run_dir, remove_new_dirs
 from ddpm_cli.engine.metrics import MetricsLog, WandbSink, keep_metrics_until, plot_loss_curve, read_metrics
 from ddpm_cli.engine.time_budget import TimeBudget
 from ddpm_cli.errors import TrainingAborted
-from ddpm_cli.nn.unet import channel_stats
+from ddpm_cli.nn.unet import activation_checkpointing, channel_stats
 
 EXIT_SIGINT = 130
 EXIT_SIGTERM = 143
@@ -146,6 +146,7 @@ class Trainer:
         if self.channels_last:
             self.model = self.model.to(memory_format=torch.channels_last)
         channel_stats(self.model, use_channel_stats(cfg, self.channels_last))
+        activation_checkpointing(self.model, cfg.model.checkpointing)  # training only: build_unet leaves it off
         schedule = dict(warmup=tc.ema_warmup, start=tc.ema_start, every=tc.ema_every)
         self.ema = EMA(self.model, tc.ema_decay, **schedule) if (tc.ema and self.main) else None
         # train.ema_extra: more averaging lengths to choose from after training, updated with the main one
@@ -256,6 +257,7 @@ class Trainer:
                           "peak_lr": self.peak_lr, "lr_scaling": tc.lr_scaling,
                           "grad_sync": self.grad_sync,
                           "bf16": self.bf16, "compile": self.compiled, "channels_last": self.channels_last,
+                          "checkpointing": cfg.model.checkpointing,
                           "classes": self.classes if cfg.model.conditional else []})
         clip = tc.grad_clip if tc.grad_clip > 0 else float("inf")
         zero = lambda: torch.zeros((), device=dev)  # noqa: E731

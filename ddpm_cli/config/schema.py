@@ -2,9 +2,12 @@
 `ddpm config show` and in docs/config.md."""
 from __future__ import annotations
 
-from typing import Any, Literal, get_args
+from typing import Annotated, Any, Literal, get_args
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
+from pydantic import (BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator,
+                      model_validator)
+
+Side = Annotated[int, Field(ge=8, le=1024)]  # an image side in pixels
 
 
 class Section(BaseModel):
@@ -27,8 +30,10 @@ class Section(BaseModel):
 class ModelConfig(Section):
     """The UNet denoiser (DDPM, Ho et al. 2020, appendix B)."""
 
-    image_size: int = Field(32, ge=8, le=1024)
-    """Side of the square images the model sees, in pixels; data is resized and center-cropped to it."""
+    image_size: Side | tuple[Side, Side] = 32
+    """Size of the images the model sees, in pixels: one side for square images, or [height, width]; data is
+    center-cropped to its shape and resized to it. Each side must halve once per channel_mults level after the
+    first."""
     in_channels: int = Field(3, ge=1, le=4)
     """Image channels: 3 for RGB, 1 for grayscale."""
     base_channels: int = Field(128, ge=1)
@@ -48,7 +53,8 @@ class ModelConfig(Section):
     activation: Literal["silu", "relu", "mish"] = "silu"
     """Nonlinearity used throughout the network."""
     attention_resolutions: tuple[int, ...] = (16,)
-    """Resolutions (in pixels) at which blocks get self-attention; each must be one the model has."""
+    """Resolutions (in pixels) at which blocks get self-attention; each must be one the model has (a level's
+    shorter side when the images are not square)."""
     num_heads: int = Field(1, ge=1)
     """Attention heads (the DDPM paper uses one); must divide the channel count where attention is used."""
     head_channels: int = Field(0, ge=0)
@@ -73,8 +79,39 @@ class ModelConfig(Section):
     num_classes: int = Field(10, ge=1)
     """Number of classes when conditional; the embedding has one extra 'no label' slot for guidance."""
 
+    @field_validator("image_size", mode="wrap")
+    @classmethod
+    def _one_side_or_two(cls, value: Any, handler) -> int | tuple[int, int]:
+        """One message for a bad size (not one per branch of the union); a square [h, h] is stored as h."""
+        try:
+            size = handler(value)
+        except ValidationError:
+            shown = repr(value) if len(repr(value)) <= 40 else repr(value)[:37] + "..."
+            raise ValueError(f"must be one side in pixels or [height, width], each 8 to 1024, e.g. 64 or [64, 96] "
+                             f"(got {shown})") from None
+        return size[0] if isinstance(size, tuple) and size[0] == size[1] else size
+
+    @property
+    def hw(self) -> tuple[int, int]:
+        """(height, width) of the images, in pixels."""
+        return (self.image_size, self.image_size) if isinstance(self.image_size, int) else tuple(self.image_size)
+
+    def image_shape(self) -> tuple[int, int, int]:
+        """(channels, height, width) of one image."""
+        return (self.in_channels, *self.hw)
+
+    def size_text(self) -> str:
+        """The image size as people write it: HxW."""
+        return "{}x{}".format(*self.hw)
+
+    def levels(self) -> list[tuple[int, int]]:
+        """(height, width) of each resolution level, the input's first."""
+        h, w = self.hw
+        return [(h // 2**i, w // 2**i) for i in range(len(self.channel_mults))]
+
     def resolutions(self) -> list[int]:
-        return [self.image_size // 2**i for i in range(len(self.channel_mults))]
+        """Each level's resolution as attention_resolutions names it: its side, the shorter one if not square."""
+        return [min(hw) for hw in self.levels()]
 
 
 class DiffusionConfig(Section):
@@ -325,13 +362,20 @@ class RunConfig(Section):
         m = self.model
         problems = []
         have = m.resolutions()
-        if m.image_size % 2 ** (len(m.channel_mults) - 1):
-            problems.append(f"image_size {m.image_size} cannot be halved {len(m.channel_mults) - 1} times "
-                            f"(one per channel_mults level after the first)")
+        halvings = len(m.channel_mults) - 1
+        if any(side % 2**halvings for side in m.hw):
+            size, sides = ((m.image_size, "it must be a multiple") if isinstance(m.image_size, int) else
+                           (m.size_text(), "both sides must be multiples"))
+            problems.append(f"image_size {size} cannot be halved {halvings} times (one per channel_mults level after "
+                            f"the first): {sides} of {2**halvings}, or the model needs fewer levels")
         for r in m.attention_resolutions:
-            if r not in have:
+            if r not in have and m.hw[0] == m.hw[1]:
                 problems.append(f"attention at {r}x{r} but the model's resolutions are "
                                 f"{', '.join(map(str, have))}; pick from those")
+            elif r not in have:
+                problems.append(f"attention at {r} (a level's shorter side) but the model's levels are "
+                                f"{', '.join(f'{h}x{w}' for h, w in m.levels())}; pick from "
+                                f"{', '.join(map(str, have))}")
         if any(c < 1 for c in m.channel_mults):
             problems.append("channel_mults must all be at least 1")
         widths = sorted({m.base_channels * c for c in m.channel_mults})

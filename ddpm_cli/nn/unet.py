@@ -230,7 +230,7 @@ class UNet(nn.Module):
     # rather than all of them: larger images or batches in the same memory for roughly one more forward.
     checkpointing = False
 
-    def __init__(self, image_size: int = 32, in_channels: int = 3, base_channels: int = 128,
+    def __init__(self, image_size: int | tuple[int, int] = 32, in_channels: int = 3, base_channels: int = 128,
                  channel_mults: tuple[int, ...] = (1, 2, 2, 2), num_res_blocks: int = 2,
                  attention_resolutions: tuple[int, ...] = (16,), dropout: float = 0.1, num_heads: int = 1,
                  time_emb_dim: int = 0, norm: str = "group", norm_groups: int = 32, activation: str = "silu",
@@ -261,7 +261,10 @@ class UNet(nn.Module):
         block = dict(emb_dim=emb_dim, dropout=dropout, norm=norm_layer, act=act)
 
         self.down = nn.ModuleList()
-        skip_chs, ch, res = [base_channels], base_channels, image_size
+        # `res` names a level for attention_resolutions: its side, the shorter one when (height, width) differ;
+        # the convolutions themselves take any height and width that halve as often as there are levels.
+        res = min(image_size) if isinstance(image_size, (tuple, list)) else image_size
+        skip_chs, ch = [base_channels], base_channels
         for level, mult in enumerate(channel_mults):
             for _ in range(num_res_blocks):
                 layers = nn.ModuleList([ResBlock(ch, base_channels * mult, **block)])

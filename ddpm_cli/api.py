@@ -95,7 +95,7 @@ class Diffusion(nn.Module):
         labels = y.long().cpu() if (y is not None and m.conditional) else None
         spec = SamplerSpec(sampler, steps, variance=self.cfg.diffusion.variance)
         out = [batch for _, batch, _ in generate(
-            net, self.process, n, spec, image_shape=(m.in_channels, m.image_size, m.image_size), labels=labels,
+            net, self.process, n, spec, image_shape=m.image_shape(), labels=labels,
             batch_size=min(n, 256), guidance=guidance, null_class=m.num_classes, guide=guide_net, seed=seed,
             device=self.device)]
         net.train(was_training)

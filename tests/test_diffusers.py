@@ -67,8 +67,7 @@ def relative_error(got: torch.Tensor, want: torch.Tensor) -> float:
 def compare(unet: UNet2DModel, ckpt, batch: int = 2, seed: int = 1) -> float:
     net, diffusion, cfg, _ = load_model(ckpt, "cpu", use_ema=False)
     g = torch.Generator().manual_seed(seed)
-    size, channels = cfg.model.image_size, cfg.model.in_channels
-    x = torch.randn(batch, channels, size, size, generator=g)
+    x = torch.randn(batch, *cfg.model.image_shape(), generator=g)
     t = torch.randint(0, diffusion.num_timesteps, (batch,), generator=g)
     with torch.no_grad():
         want = unet(x, t).sample
@@ -107,6 +106,26 @@ def test_diffusers_defaults_and_several_heads_map_too(tmp_path):
     ok("import", folder / "unet", "--out", tmp_path / "u.safetensors")  # the pipeline's unet/: scheduler/ beside it
     configs = [json.loads(read_header(tmp_path / f).metadata["config"]) for f in ("m.safetensors", "u.safetensors")]
     assert configs[0] == configs[1] and configs[0]["diffusion"]["num_timesteps"] == 200
+
+
+def test_a_non_square_sample_size_imports_and_exports_as_height_and_width(tmp_path):
+    """diffusers' sample_size may be [height, width]: the model keeps it (attention named by the shorter side),
+    computes diffusers' function, and goes back out with the same pair."""
+    config = {**DDPM_UNET, "sample_size": [16, 24], "block_out_channels": [8, 16], "layers_per_block": 1,
+              "down_block_types": ["DownBlock2D", "AttnDownBlock2D"], "up_block_types": ["AttnUpBlock2D", "UpBlock2D"]}
+    unet, folder = save_folder(tmp_path, "wide", config)
+    r = ok("import", folder, "--out", tmp_path / "m.safetensors")
+    assert "model: 16x24x3" in r.stdout
+    m = json.loads(read_header(tmp_path / "m.safetensors").metadata["config"])["model"]
+    assert m["image_size"] == [16, 24] and m["attention_resolutions"] == [8]
+    assert compare(unet, tmp_path / "m.safetensors", batch=2) < 1e-5
+    ok("export", tmp_path / "m.safetensors", "--format", "diffusers", "--out", tmp_path / "back")
+    assert json.loads((tmp_path / "back" / "unet" / "config.json").read_text())["sample_size"] == [16, 24]
+    config_file = folder / "config.json"
+    for bad in ([16, 24, 8], [16, 4], "16x24"):
+        config_file.write_text(json.dumps({**json.loads(config_file.read_text()), "sample_size": bad}))
+        line = one_line_error(cli("import", folder, "--out", tmp_path / "x.safetensors"))
+        assert "sample_size" in line and "[height, width]" in line
 
 
 def test_files_with_pre_0_14_attention_names_import(tmp_path):

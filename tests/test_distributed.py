@@ -136,6 +136,25 @@ def test_flat_gradient_sync_averages_like_ddp(tmp_path):
     assert all(torch.allclose(weights["ddp"][k], weights["flat"][k], atol=1e-5) for k in weights["ddp"]), moved
 
 
+def test_grad_accum_on_two_ranks_syncs_once_and_lands_where_one_batch_does(tmp_path):
+    """train.grad_accum under torchrun: each rank sums its micro-batches, then one flat all-reduce (auto resolves
+    to flat); the ranks stay identical and land where whole batches synced by DDP do (fp32, 1e-5)."""
+    script = tmp_path / "ddp_check.py"
+    script.write_text(SCRIPT)
+    weights = {}
+    for k in (1, 2):
+        runs = tmp_path / f"k{k}"
+        cfg = write_yaml(tmp_path / f"k{k}.yaml", tiny_overrides(runs, train__steps=4, train__grad_accum=k,
+                                                                  logging__log_every=2))
+        r = _torchrun(str(script), str(cfg), "-")
+        assert r.returncode == 0, r.stderr[-3000:]
+        w0, w1 = load_file(runs / "rank0.safetensors"), load_file(runs / "rank1.safetensors")
+        assert all(torch.equal(w0[k], w1[k]) for k in w0)
+        weights[k] = w0
+    for name in weights[1]:
+        torch.testing.assert_close(weights[2][name], weights[1][name], rtol=0, atol=1e-5, msg=name)
+
+
 GRAD_SCRIPT = textwrap.dedent('''
     import torch
     from ddpm_cli.engine.distributed import DistInfo

@@ -161,10 +161,15 @@ EXACT = dict(train__steps=12, logging__log_every=1, logging__checkpoint_every=10
              data__shapes_count=64, model__dropout=0.1)
 
 
-@pytest.mark.parametrize("variant", ["unconditional", "conditional-adamw-emawarmup"])
+@pytest.mark.parametrize("variant", ["unconditional", "conditional-adamw-emawarmup", "grad-accum",
+                                     "checkpointing"])
 def test_exact_resume_gives_identical_losses_and_weights(tmp_path, variant):
     extra = dict(EXACT)
-    if variant != "unconditional":
+    if variant == "grad-accum":  # 4 micro-batches a step, each drawing its own dropout
+        extra.update(train__grad_accum=4)
+    elif variant == "checkpointing":  # the recompute replays dropout's RNG, which must not shift the stream
+        extra.update(model__checkpointing=True, train__grad_accum=2)
+    elif variant != "unconditional":
         extra.update(model__conditional=True, train__label_dropout=0.3, train__ema_warmup=True,
                      train__optimizer="adamw", train__weight_decay=0.01, train__ema_extra=[0.5])
     full = train(tiny_config(tmp_path / "a", **extra))
@@ -184,7 +189,7 @@ def test_exact_resume_gives_identical_losses_and_weights(tmp_path, variant):
     _assert_same_tensors(a.model_state, b.model_state, "model weights")
     assert a.ema_state is not None and b.ema_state is not None
     _assert_same_tensors(a.ema_state, b.ema_state, "EMA weights")
-    if variant != "unconditional":  # train.ema_extra's averages resume exactly too
+    if variant.startswith("conditional"):  # train.ema_extra's averages resume exactly too
         assert list(a.extra_ema) == list(b.extra_ema) == [0.5]
         _assert_same_tensors(a.extra_ema[0.5], b.extra_ema[0.5], "extra EMA weights")
     # the training state too: optimizer moments, step counts and the RNG stream

@@ -329,3 +329,50 @@ def test_bottom_right_padding_pads_only_bottom_and_right():
     x = torch.randn(1, 2, 6, 6)
     want = torch.nn.functional.conv2d(torch.nn.functional.pad(x, (0, 1, 0, 1)), d.conv.weight, d.conv.bias, stride=2)
     assert torch.equal(d(x), want) and d(x).shape == (1, 2, 3, 3)
+
+
+def _forward_calls(model: UNet) -> list[int]:
+    calls = []
+    for m in model.modules():
+        if m.__class__.__name__ == "ResBlock":
+            m.register_forward_pre_hook(lambda *_: calls.append(1))
+    return calls
+
+
+def test_activation_checkpointing_gives_the_same_output_and_gradients():
+    """With dropout on (0.1: its masks must be replayed in the recompute). The recompute runs the same kernels on the
+    same inputs, so the result is expected bit for bit; the tolerance (1e-6 relative, 1e-7 absolute, fp32) only
+    allows for a kernel that picks another summation order on a second call."""
+    from conftest import perturbed_unet
+    from ddpm_cli.nn.unet import activation_checkpointing
+
+    x, t = torch.randn(3, 3, 8, 8), torch.tensor([1, 40, 99])
+    results = []
+    for on in (False, True):
+        model = activation_checkpointing(perturbed_unet().train(), on)
+        calls = _forward_calls(model)
+        torch.manual_seed(3)
+        out = model(x, t)
+        out.square().mean().backward()
+        blocks = sum(1 for m in model.modules() if m.__class__.__name__ == "ResBlock")
+        assert len(calls) == (2 if on else 1) * blocks  # each block ran again in the backward
+        results.append((out.detach(), {n: p.grad for n, p in model.named_parameters()}))
+    (out0, g0), (out1, g1) = results
+    torch.testing.assert_close(out1, out0, rtol=1e-6, atol=1e-7)
+    assert g0.keys() == g1.keys()
+    for name in g0:
+        torch.testing.assert_close(g1[name], g0[name], rtol=1e-6, atol=1e-7, msg=name)
+
+
+def test_activation_checkpointing_leaves_inference_alone():
+    from conftest import perturbed_unet
+    from ddpm_cli.nn.unet import activation_checkpointing
+
+    model = activation_checkpointing(perturbed_unet())
+    calls = _forward_calls(model)
+    x, t = torch.randn(2, 3, 8, 8), torch.tensor([1, 2])
+    with torch.no_grad():
+        model.train()(x, t)
+    model.eval()(x, t).sum().backward()
+    blocks = sum(1 for m in model.modules() if m.__class__.__name__ == "ResBlock")
+    assert len(calls) == 2 * blocks  # once each time: nothing was recomputed

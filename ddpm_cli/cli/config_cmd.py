@@ -30,7 +30,7 @@ def validate(config: Path = typer.Argument(..., help="YAML config to check."),
 
     cfg = load_config(config, set_)
     m = cfg.model
-    console.print(f"{config}: valid ({cfg.data.dataset} data, {m.image_size}x{m.image_size}, base {m.base_channels} "
+    console.print(f"{config}: valid ({cfg.data.dataset} data, {m.size_text()}, base {m.base_channels} "
                   f"x {list(m.channel_mults)}, {cfg.diffusion.schedule} schedule, T={cfg.diffusion.num_timesteps})",
                   markup=False, soft_wrap=True)
 

@@ -26,7 +26,7 @@ def import_command(
     m, d = r.config.model, r.config.diffusion
     console.print(f"wrote {r.path} ({human_size(r.file_size)}; {r.num_params:,} parameters)", markup=False,
                   soft_wrap=True)
-    console.print(f"model: {m.image_size}x{m.image_size}x{m.in_channels}, base {m.base_channels}, mults "
+    console.print(f"model: {m.size_text()}x{m.in_channels}, base {m.base_channels}, mults "
                   f"{list(m.channel_mults)}, attention at {list(m.attention_resolutions) or 'none'}; schedule: "
                   f"{d.schedule}, T = {d.num_timesteps}, variance {d.variance}", markup=False, soft_wrap=True)
     if not r.scheduler_found:

@@ -115,12 +115,17 @@ def _rows(info: dict) -> list[tuple[str, str]]:
             cls = f"{m.get('num_classes')} (conditional){names}"
         else:
             cls = "unconditional"
+        size = m.get("image_size")
+        h, w = size if isinstance(size, (list, tuple)) and len(size) == 2 else (size, size)
+        # an attention resolution names a level by its shorter side: show that level's height x width
+        level = ((lambda r: f"{h * r // min(h, w)}x{w * r // min(h, w)}")
+                 if isinstance(h, int) and isinstance(w, int) and h != w else (lambda r: f"{r}x{r}"))
         rows += [
-            ("image size", f"{m.get('image_size')}x{m.get('image_size')}, {m.get('in_channels')} channel(s)"),
+            ("image size", f"{h}x{w}, {m.get('in_channels')} channel(s)"),
             ("base channels", opt(m.get("base_channels"))),
             ("channel multipliers", ", ".join(map(str, m.get("channel_mults", [])))),
             ("residual blocks", f"{m.get('num_res_blocks')} per level"),
-            ("attention", (", ".join(f"{r}x{r}" for r in m.get("attention_resolutions", [])) or "mid only")
+            ("attention", (", ".join(map(level, m.get("attention_resolutions", []))) or "mid only")
              + (f" ({m['head_channels']} channels a head)" if m.get("head_channels")
                 else f" ({m.get('num_heads', 1)} head(s))")),
             ("classes", cls),

@@ -80,7 +80,8 @@ def friendly(fn: Callable) -> Callable:
             raise
         except RuntimeError as e:
             if "out of memory" in str(e).lower():
-                fail("the device ran out of memory; lower the batch size (train.batch_size or --batch-size)")
+                fail("the device ran out of memory; lower the batch size (train.batch_size or --batch-size), or "
+                     "train it in micro-batches (train.grad_accum) with activation checkpointing (model.checkpointing)")
             raise
 
     return wrapper
@@ -102,13 +103,17 @@ class TrainDisplay:
 
     def on_start(self, info: dict) -> None:
         self.total = info["total_steps"]
-        flags = ", ".join(k for k in ("bf16", "compile", "channels_last") if info.get(k)) or "fp32"
+        flags = ", ".join(k for k in ("bf16", "compile", "channels_last", "checkpointing") if info.get(k)) or "fp32"
         if info["world"] > 1:
             flags += f", grad sync {info['grad_sync']}"
         if info.get("lr_scaling", "none") != "none":
             flags += f", peak lr {info['peak_lr']:.3g} ({info['lr_scaling']}-scaled)"
+        batch = f"global batch {info['global_batch']}"
+        k = info.get("grad_accum", 1)
+        if k > 1:  # the memory a step needs is that of one micro-batch
+            batch += f" ({k} micro-batches of {info['global_batch'] // (info['world'] * k)} per device)"
         console.print(f"run {info['run_dir']}  |  {info['device']} x{info['world']}  |  {info['params']:,} params  |  "
-                      f"{info['images']:,} images  |  global batch {info['global_batch']}  |  {flags}",
+                      f"{info['images']:,} images  |  {batch}  |  {flags}",
                       markup=False, soft_wrap=True)
         if self.live:
             from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn,

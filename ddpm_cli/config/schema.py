@@ -2,9 +2,12 @@
 `ddpm config show` and in docs/config.md."""
 from __future__ import annotations
 
-from typing import Any, Literal, get_args
+from typing import Annotated, Any, Literal, get_args
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import (BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator,
+                      model_validator)
+
+Side = Annotated[int, Field(ge=8, le=1024)]  # an image side in pixels
 
 
 class Section(BaseModel):
@@ -27,8 +30,10 @@ class Section(BaseModel):
 class ModelConfig(Section):
     """The UNet denoiser (DDPM, Ho et al. 2020, appendix B)."""
 
-    image_size: int = Field(32, ge=8, le=1024)
-    """Side of the square images the model sees, in pixels; data is resized and center-cropped to it."""
+    image_size: Side | tuple[Side, Side] = 32
+    """Size of the images the model sees, in pixels: one side for square images, or [height, width]; data is
+    center-cropped to its shape and resized to it. Each side must halve once per channel_mults level after the
+    first."""
     in_channels: int = Field(3, ge=1, le=4)
     """Image channels: 3 for RGB, 1 for grayscale."""
     base_channels: int = Field(128, ge=1)
@@ -48,7 +53,8 @@ class ModelConfig(Section):
     activation: Literal["silu", "relu", "mish"] = "silu"
     """Nonlinearity used throughout the network."""
     attention_resolutions: tuple[int, ...] = (16,)
-    """Resolutions (in pixels) at which blocks get self-attention; each must be one the model has."""
+    """Resolutions (in pixels) at which blocks get self-attention; each must be one the model has (a level's
+    shorter side when the images are not square)."""
     num_heads: int = Field(1, ge=1)
     """Attention heads (the DDPM paper uses one); must divide the channel count where attention is used."""
     head_channels: int = Field(0, ge=0)
@@ -64,13 +70,48 @@ class ModelConfig(Section):
     time_freq_shift: float = Field(1.0, ge=0.0, le=1.0)
     """Frequencies of the timestep embedding are 10000^(-i / (dim/2 - shift)): 1 as in the DDPM code, 0 as in
     diffusers' default (its freq_shift)."""
+    checkpointing: bool = False
+    """Activation checkpointing while training: each group of blocks keeps only its input and runs its forward
+    again in the backward, for larger images or batches in the same memory at the cost of about one more forward
+    a step (the same gradients). Sampling, evaluation and export are unaffected."""
     conditional: bool = False
     """Condition on class labels (the seed's --use_labels); the data must have labels."""
     num_classes: int = Field(10, ge=1)
     """Number of classes when conditional; the embedding has one extra 'no label' slot for guidance."""
 
+    @field_validator("image_size", mode="wrap")
+    @classmethod
+    def _one_side_or_two(cls, value: Any, handler) -> int | tuple[int, int]:
+        """One message for a bad size (not one per branch of the union); a square [h, h] is stored as h."""
+        try:
+            size = handler(value)
+        except ValidationError:
+            shown = repr(value) if len(repr(value)) <= 40 else repr(value)[:37] + "..."
+            raise ValueError(f"must be one side in pixels or [height, width], each 8 to 1024, e.g. 64 or [64, 96] "
+                             f"(got {shown})") from None
+        return size[0] if isinstance(size, tuple) and size[0] == size[1] else size
+
+    @property
+    def hw(self) -> tuple[int, int]:
+        """(height, width) of the images, in pixels."""
+        return (self.image_size, self.image_size) if isinstance(self.image_size, int) else tuple(self.image_size)
+
+    def image_shape(self) -> tuple[int, int, int]:
+        """(channels, height, width) of one image."""
+        return (self.in_channels, *self.hw)
+
+    def size_text(self) -> str:
+        """The image size as people write it: HxW."""
+        return "{}x{}".format(*self.hw)
+
+    def levels(self) -> list[tuple[int, int]]:
+        """(height, width) of each resolution level, the input's first."""
+        h, w = self.hw
+        return [(h // 2**i, w // 2**i) for i in range(len(self.channel_mults))]
+
     def resolutions(self) -> list[int]:
-        return [self.image_size // 2**i for i in range(len(self.channel_mults))]
+        """Each level's resolution as attention_resolutions names it: its side, the shorter one if not square."""
+        return [min(hw) for hw in self.levels()]
 
 
 class DiffusionConfig(Section):
@@ -159,7 +200,12 @@ class TrainConfig(Section):
     max_time: float | None = Field(None, gt=0)
     """Stop after this many seconds of wall time (start-up and compilation included), whichever comes first."""
     batch_size: int = Field(128, ge=1)
-    """Images per optimizer step on each GPU (the global batch is batch_size x GPUs)."""
+    """Images per optimizer step on each GPU (the global batch is batch_size x GPUs), in grad_accum micro-batches."""
+    grad_accum: int = Field(1, ge=1)
+    """Micro-batches per optimizer step: each forward and backward sees batch_size / grad_accum images and their
+    gradients add up to the whole batch's before the step, so a batch too large for the device's memory trains as
+    one (the same update, up to float rounding). batch_size stays the step's batch (learning-rate scaling, EMA,
+    images_seen) and must be divisible by it. Under torchrun the gradients are averaged once per step."""
     lr: float = Field(2e-4, gt=0.0)
     """Peak learning rate (for a global batch of lr_batch images when lr_scaling scales it)."""
     lr_scaling: Literal["none", "linear", "sqrt"] = "none"
@@ -221,7 +267,8 @@ class TrainConfig(Section):
     grad_sync: Literal["auto", "ddp", "flat"] = "auto"
     """How ranks average gradients under torchrun: ddp = DistributedDataParallel's bucketed all-reduce, overlapped
     with the backward; flat = one all-reduce of all gradients after the backward, which keeps a CUDA-graph step
-    one graph; auto = flat when the step is CUDA-graphed, ddp otherwise."""
+    one graph; auto = flat when the step is CUDA-graphed or train.grad_accum > 1 (one all-reduce after the last
+    micro-batch), ddp otherwise."""
     cudnn_benchmark: bool = True
     """Let cuDNN time its convolution algorithms once at start (CUDA only; fixed input shapes make it pay)."""
     device: str = "auto"
@@ -232,6 +279,23 @@ class TrainConfig(Section):
     """Stop when this many steps in a row have a non-finite loss or gradient (each is skipped)."""
     early_stopping: EarlyStoppingConfig = EarlyStoppingConfig()
     """Early stopping on a held-out loss."""
+
+    @field_validator("grad_accum")
+    @classmethod
+    def _divides_the_batch(cls, k: int, info: ValidationInfo) -> int:
+        batch = info.data.get("batch_size")
+        if batch is not None and batch % k:
+            raise ValueError(f"batch_size {batch} is not divisible by grad_accum {k} (each micro-batch is "
+                             f"batch_size / grad_accum images); pick a grad_accum that divides it")
+        return k
+
+    @field_validator("grad_sync")
+    @classmethod
+    def _sync_once_per_step(cls, sync: str, info: ValidationInfo) -> str:
+        if sync == "ddp" and info.data.get("grad_accum", 1) > 1:
+            raise ValueError("ddp averages the gradients during every backward; with grad_accum > 1 they are "
+                             "averaged once per step, after the last micro-batch: use grad_sync auto or flat")
+        return sync
 
     @model_validator(mode="after")
     def _check_related_fields(self) -> "TrainConfig":
@@ -302,13 +366,20 @@ class RunConfig(Section):
         m = self.model
         problems = []
         have = m.resolutions()
-        if m.image_size % 2 ** (len(m.channel_mults) - 1):
-            problems.append(f"image_size {m.image_size} cannot be halved {len(m.channel_mults) - 1} times "
-                            f"(one per channel_mults level after the first)")
+        halvings = len(m.channel_mults) - 1
+        if any(side % 2**halvings for side in m.hw):
+            size, sides = ((m.image_size, "it must be a multiple") if isinstance(m.image_size, int) else
+                           (m.size_text(), "both sides must be multiples"))
+            problems.append(f"image_size {size} cannot be halved {halvings} times (one per channel_mults level after "
+                            f"the first): {sides} of {2**halvings}, or the model needs fewer levels")
         for r in m.attention_resolutions:
-            if r not in have:
+            if r not in have and m.hw[0] == m.hw[1]:
                 problems.append(f"attention at {r}x{r} but the model's resolutions are "
                                 f"{', '.join(map(str, have))}; pick from those")
+            elif r not in have:
+                problems.append(f"attention at {r} (a level's shorter side) but the model's levels are "
+                                f"{', '.join(f'{h}x{w}' for h, w in m.levels())}; pick from "
+                                f"{', '.join(map(str, have))}")
         if any(c < 1 for c in m.channel_mults):
             problems.append("channel_mults must all be at least 1")
         widths = sorted({m.base_channels * c for c in m.channel_mults})

@@ -105,6 +105,8 @@ def grad_sync(cfg: RunConfig, mode: str | None) -> str:
     g = cfg.train.grad_sync
     if g != "auto":
         return g
+    if cfg.train.grad_accum > 1:  # the micro-batches' gradients are summed first, then averaged once
+        return "flat"
     return "flat" if mode in ("reduce-overhead", "max-autotune") else "ddp"  # both capture CUDA graphs
 
 

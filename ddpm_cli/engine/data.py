@@ -40,10 +40,12 @@ class ImageSet:
 # shapes: a procedurally generated 10-class dataset, deterministic by seed, at any size
 
 
-def _shape_mask(kind: int, size: int, rng: np.random.Generator) -> np.ndarray:
-    ss = 2 * size  # draw at 2x and average down for soft edges
-    yy, xx = (np.mgrid[0:ss, 0:ss] + 0.5) / ss
-    cx, cy = rng.uniform(0.35, 0.65, 2)
+def _shape_mask(kind: int, height: int, width: int, rng: np.random.Generator) -> np.ndarray:
+    # Drawn at 2x and averaged down for soft edges. Coordinates are in units of the shorter side, so a circle
+    # stays round in a non-square image; its centre is drawn over the middle of each side.
+    side = min(height, width)
+    yy, xx = (np.mgrid[0:2 * height, 0:2 * width] + 0.5) / (2 * side)
+    cx, cy = rng.uniform(0.35, 0.65, 2) * (width / side, height / side)
     r = rng.uniform(0.18, 0.32)
     dx, dy = xx - cx, yy - cy
     period = rng.uniform(0.12, 0.25)
@@ -70,16 +72,18 @@ def _shape_mask(kind: int, size: int, rng: np.random.Generator) -> np.ndarray:
         m = (((xx / period).astype(int) + (yy / period).astype(int)) % 2) == 0
     else:
         m = np.abs(dx) + np.abs(dy) < r
-    return m.reshape(size, 2, size, 2).mean(axis=(1, 3))
+    return m.reshape(height, 2, width, 2).mean(axis=(1, 3))
 
 
-def make_shapes(count: int, image_size: int, channels: int = 3, seed: int = 0) -> ImageSet:
-    """`count` images, class i % 10 for image i; colours, positions, sizes and stripes drawn per image."""
-    out = np.empty((count, channels, image_size, image_size), dtype=np.uint8)
+def make_shapes(count: int, image_size: int | tuple[int, int], channels: int = 3, seed: int = 0) -> ImageSet:
+    """`count` images of image_size (a side, or (height, width)), class i % 10 for image i; colours, positions,
+    sizes and stripes drawn per image."""
+    height, width = _hw(image_size)
+    out = np.empty((count, channels, height, width), dtype=np.uint8)
     labels = np.arange(count) % len(SHAPE_CLASSES)
     for i in range(count):
         rng = np.random.default_rng([seed, i])
-        mask = _shape_mask(int(labels[i]), image_size, rng)[None]
+        mask = _shape_mask(int(labels[i]), height, width, rng)[None]
         bg = rng.uniform(0.0, 0.45, (channels, 1, 1))
         fg = rng.uniform(0.55, 1.0, (channels, 1, 1))
         img = bg + (fg - bg) * mask
@@ -122,7 +126,7 @@ def read_cifar10(root: Path, train: bool, download: bool, how_to: str) -> tuple[
     return images, list(ds.targets), list(ds.classes)
 
 
-def load_cifar10(cfg: DataConfig, image_size: int, channels: int) -> ImageSet:
+def load_cifar10(cfg: DataConfig, image_size: int | tuple[int, int], channels: int) -> ImageSet:
     root = Path(cfg.root).expanduser()
     how_to = (f"set data.download=true, or put CIFAR-10's python archive under {root} (data.root), or train on a "
               f"local copy of the images with data.dataset=folder and data.root=PATH (a folder or .zip, e.g. "
@@ -132,12 +136,24 @@ def load_cifar10(cfg: DataConfig, image_size: int, channels: int) -> ImageSet:
     return ImageSet(images, torch.tensor(targets, dtype=torch.long), classes)
 
 
-def _fit_tensor(images: torch.Tensor, image_size: int, channels: int) -> torch.Tensor:
+def _hw(image_size: int | tuple[int, int]) -> tuple[int, int]:
+    return (image_size, image_size) if isinstance(image_size, int) else (int(image_size[0]), int(image_size[1]))
+
+
+def _fit_tensor(images: torch.Tensor, image_size: int | tuple[int, int], channels: int) -> torch.Tensor:
+    """uint8 (N, C, H, W) -> (N, channels, height, width): center-cropped to the target's shape (as the folder
+    loader's ImageOps.fit does), then resized."""
     if channels == 1 and images.shape[1] == 3:
         w = torch.tensor([0.299, 0.587, 0.114]).view(1, 3, 1, 1)
         images = (images.float() * w).sum(1, keepdim=True).round().clamp(0, 255).to(torch.uint8)
-    if images.shape[-1] != image_size:
-        x = torch.nn.functional.interpolate(images.float(), size=(image_size, image_size), mode="bicubic",
+    height, width = _hw(image_size)
+    H, W = images.shape[-2:]
+    if H * width != W * height:  # another shape: keep the largest centred part of the target's shape
+        crop_h, crop_w = (round(W * height / width), W) if H * width > W * height else (H, round(H * width / height))
+        top, left = (H - crop_h) // 2, (W - crop_w) // 2
+        images = images[:, :, top:top + crop_h, left:left + crop_w]
+    if images.shape[-2:] != (height, width):
+        x = torch.nn.functional.interpolate(images.float(), size=(height, width), mode="bicubic",
                                             antialias=True, align_corners=False)
         images = x.round().clamp(0, 255).to(torch.uint8)
     return images
@@ -228,14 +244,15 @@ def _class_layout(paths: list[PurePosixPath]) -> tuple[list[str], list[int] | No
     return [], None
 
 
-def load_folder(cfg: DataConfig, image_size: int, channels: int) -> ImageSet:
+def load_folder(cfg: DataConfig, image_size: int | tuple[int, int], channels: int) -> ImageSet:
     files = ImageFiles(cfg.root, "data.root")
     warnings: list[str] = []
     if files.others:
         warnings.append(f"skipped {files.others} file(s) in {files.root} without an image extension")
     classes, labels = _class_layout(files.rel)
-    size = (image_size, image_size)
-    if should_stream(cfg.streaming, len(files), (channels, image_size, image_size)):
+    height, width = _hw(image_size)
+    size = (width, height)  # PIL's order
+    if should_stream(cfg.streaming, len(files), (channels, height, width)):
         keep, bad = readable_entries(files)
         if bad:
             warnings.append(f"skipped {len(bad)} file(s) that are not readable images, e.g. {bad[0]}")

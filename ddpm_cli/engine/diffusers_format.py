@@ -90,14 +90,12 @@ def model_config_from_diffusers(cfg: dict) -> dict:
     for i, kind in enumerate(up):
         if kind not in ("UpBlock2D", "AttnUpBlock2D"):
             raise _refuse(f"up_block_types[{i}]", kind, "ddpm supports UpBlock2D and AttnUpBlock2D")
-    size = c.get("sample_size")
-    if isinstance(size, (list, tuple)):
-        if len(set(size)) != 1:
-            raise _refuse("sample_size", size, "ddpm's images are square")
-        size = size[0]
-    if not isinstance(size, int) or size < 8:
-        raise _refuse("sample_size", size, "ddpm needs the image side in pixels")
-    resolutions = [size // 2**i for i in range(len(chans))]
+    size = c.get("sample_size")  # a side, or [height, width]
+    sides = list(size) if isinstance(size, (list, tuple)) else [size]
+    if len(sides) not in (1, 2) or not all(isinstance(x, int) and not isinstance(x, bool) and x >= 8 for x in sides):
+        raise _refuse("sample_size", size, "ddpm needs the image side, or [height, width], in pixels")
+    size = sides[0] if len(set(sides)) == 1 else sides
+    resolutions = [min(sides) // 2**i for i in range(len(chans))]  # a level's shorter side, as ddpm names it
     attention = [r for r, kind in zip(resolutions, down) if kind == "AttnDownBlock2D"]
     attention_up = [r for r, kind in zip(reversed(resolutions), up) if kind == "AttnUpBlock2D"]
     if sorted(attention) != sorted(attention_up):
@@ -183,8 +181,9 @@ def unet_config_from_model(m: ModelConfig) -> dict:
         raise CheckpointError(f"num_heads {m.num_heads} at widths {sorted(attn_widths)} gives heads of different "
                               f"widths; diffusers' UNet2DModel has one head width (set model.head_channels)")
     attn = set(m.attention_resolutions)
+    size = m.image_size if isinstance(m.image_size, int) else list(m.hw)  # diffusers takes [height, width] too
     return {
-        "_class_name": "UNet2DModel", "_diffusers_version": "0.30.0", "sample_size": m.image_size,
+        "_class_name": "UNet2DModel", "_diffusers_version": "0.30.0", "sample_size": size,
         "in_channels": m.in_channels, "out_channels": m.in_channels, "center_input_sample": False,
         "time_embedding_type": "positional", "time_embedding_dim": m.time_emb_dim or None,
         "freq_shift": m.time_freq_shift if m.time_freq_shift % 1 else int(m.time_freq_shift),

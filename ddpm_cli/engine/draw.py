@@ -145,7 +145,7 @@ def load_drawer(plan: DrawPlan, device: "torch.device", n: int, compile: str = "
     nfe = n * plan.spec.evaluations(diffusion.alpha_bar, guided=g.weight != 1.0)
     net = sampling_net(model, device, nfe, compile)
     guide = sampling_net(load_guide(g, ckpt, device), device, nfe, compile) if g.guide is not None else None
-    drawer = Drawer(net, diffusion, plan.spec, (m.in_channels, m.image_size, m.image_size),
+    drawer = Drawer(net, diffusion, plan.spec, m.image_shape(),
                     m.num_classes if m.conditional else None, g.weight, guide, device, bf16=device.type == "cuda")
     return drawer, ckpt
 

@@ -76,7 +76,7 @@ def random_inputs(cfg, batch: int, seed: int = 0) -> tuple[torch.Tensor, ...]:
     """Inputs like sampling's: x_t ~ N(0, 1), t in [0, T), y in [0, num_classes] (the last is 'no label')."""
     g = torch.Generator().manual_seed(seed)
     m = cfg.model
-    x = torch.randn(batch, m.in_channels, m.image_size, m.image_size, generator=g)
+    x = torch.randn(batch, *m.image_shape(), generator=g)
     t = torch.randint(0, cfg.diffusion.num_timesteps, (batch,), generator=g)
     if not m.conditional:
         return x, t

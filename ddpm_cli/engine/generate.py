@@ -73,10 +73,12 @@ def sampling_net(model: torch.nn.Module, device: torch.device, nfe: int, compile
 BATCH_CUDA, BATCH_CPU = 1000, 256
 
 
-def default_batch(image_size: int, cuda: bool) -> int:
-    """Images per sampling batch by default: BATCH_CUDA at 32x32 on a GPU, scaled by the pixels of an image."""
+def default_batch(image_size: int | tuple[int, int], cuda: bool) -> int:
+    """Images per sampling batch by default: BATCH_CUDA at 32x32 on a GPU, scaled by the pixels of an image
+    (image_size: a side, or (height, width))."""
     base = BATCH_CUDA if cuda else BATCH_CPU
-    return max(1, base * 32 * 32 // max(32 * 32, image_size * image_size))
+    height, width = (image_size, image_size) if isinstance(image_size, int) else image_size
+    return max(1, base * 32 * 32 // max(32 * 32, height * width))
 
 
 def even_batch(n: int, batch_size: int) -> int:

@@ -43,7 +43,7 @@ def draw_grid(net: torch.nn.Module, diffusion: GaussianDiffusion, cfg: RunConfig
     n, labels, nrow, full = grid_plan(cfg)
     spec = SamplerSpec("ddpm" if full else "ddim", cfg.logging.sample_steps, variance=cfg.diffusion.variance)
     images = [batch for _, batch, _ in generate(
-        net, diffusion, n, spec, image_shape=(m.in_channels, m.image_size, m.image_size), labels=labels,
+        net, diffusion, n, spec, image_shape=m.image_shape(), labels=labels,
         batch_size=max(n, 1), seed=cfg.train.seed, guidance=cfg.logging.sample_guidance if m.conditional else 1.0,
         null_class=m.num_classes, device=device, bf16=bf16)]
     net.train(was_training)
@@ -59,7 +59,7 @@ def grid_seconds(net: torch.nn.Module, diffusion: GaussianDiffusion, cfg: RunCon
     m = cfg.model
     was_training = net.training
     net.eval()
-    x = torch.randn(n, m.in_channels, m.image_size, m.image_size, device=device)
+    x = torch.randn(n, *m.image_shape(), device=device)
     t = torch.full((n,), diffusion.num_timesteps - 1, device=device)
     y = labels.to(device) if labels is not None else None
     sync = (lambda: torch.cuda.synchronize(device)) if device.type == "cuda" else (lambda: None)
@@ -120,6 +120,6 @@ class InTrainingFid:
                                                                 use_cache=lc.fid_ref is not None))
         inception, ref_stats = self._state
         spec = SamplerSpec("dpm++2m", lc.fid_steps, variance=self.cfg.diffusion.variance)
-        drawer = Drawer(net, self.diffusion, spec, (m.in_channels, m.image_size, m.image_size),
+        drawer = Drawer(net, self.diffusion, spec, m.image_shape(),
                         m.num_classes if m.conditional else None, device=self.device, bf16=self.bf16)
         return float(run.fid_of_model(drawer, lc.fid_samples, ref_stats, inception, seed=self.cfg.train.seed).fid)

@@ -21,12 +21,13 @@ from ddpm_cli.engine.build import (build_diffusion, build_unet, compile_mode, co
 from ddpm_cli.engine.data import Batcher, ImageSet, load_dataset, split_holdout
 from ddpm_cli.engine.distributed import DistInfo
 from ddpm_cli.engine.ema import EMA
+from ddpm_cli.engine.grad_accum import GradAccumulator
 from ddpm_cli.engine.files import atomic_write_bytes
 from ddpm_cli.engine.runs import list_checkpoints, make_run_dir, remove_new_dirs
 from ddpm_cli.engine.metrics import MetricsLog, WandbSink, keep_metrics_until, plot_loss_curve, read_metrics
 from ddpm_cli.engine.time_budget import TimeBudget
 from ddpm_cli.errors import TrainingAborted
-from ddpm_cli.nn.unet import channel_stats
+from ddpm_cli.nn.unet import activation_checkpointing, channel_stats
 
 EXIT_SIGINT = 130
 EXIT_SIGTERM = 143
@@ -145,6 +146,7 @@ class Trainer:
         if self.channels_last:
             self.model = self.model.to(memory_format=torch.channels_last)
         channel_stats(self.model, use_channel_stats(cfg, self.channels_last))
+        activation_checkpointing(self.model, cfg.model.checkpointing)  # training only: build_unet leaves it off
         schedule = dict(warmup=tc.ema_warmup, start=tc.ema_start, every=tc.ema_every)
         self.ema = EMA(self.model, tc.ema_decay, **schedule) if (tc.ema and self.main) else None
         # train.ema_extra: more averaging lengths to choose from after training, updated with the main one
@@ -170,6 +172,8 @@ class Trainer:
                         if self.compiled else self._loss)
         if self.compiled:  # at the first call, loads an earlier process's compiled step before compiling it
             self.loss_fn = self.step_cache = compile_cache.for_training(self, mode)
+        self.accumulate = (GradAccumulator(list(self.model.parameters()), tc.grad_accum, self.diffusion.num_timesteps)
+                           if tc.grad_accum > 1 else None)
 
         # State
         self.step, self.images_seen = 0, 0
@@ -196,12 +200,14 @@ class Trainer:
 
     # -- the step ------------------------------------------------------------------------------------------
 
-    def _loss(self, x: torch.Tensor, y: torch.Tensor | None) -> torch.Tensor:
+    def _loss(self, x: torch.Tensor, y: torch.Tensor | None, t: torch.Tensor | None = None,
+              noise: torch.Tensor | None = None) -> torch.Tensor:
+        """The mean loss of a batch; t and noise are drawn here unless given (grad_accum's micro-batches)."""
         if self.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
         amp = torch.autocast(self.device.type, dtype=torch.bfloat16) if self.bf16 else nullcontext()
         with amp:
-            return self.diffusion.loss(self.net, x, y)
+            return self.diffusion.loss(self.net, x, y, t, noise)
 
     def _labels(self, y: torch.Tensor) -> torch.Tensor | None:
         m = self.cfg.model
@@ -249,9 +255,11 @@ class Trainer:
         self.cb.on_start({"run_dir": str(self.run_dir), "device": str(dev), "params": count_params(self.model),
                           "images": self.num_train, "start_step": self.step, "total_steps": tc.steps,
                           "global_batch": tc.batch_size * self.dist.world, "world": self.dist.world,
+                          "grad_accum": tc.grad_accum,
                           "peak_lr": self.peak_lr, "lr_scaling": tc.lr_scaling,
                           "grad_sync": self.grad_sync,
                           "bf16": self.bf16, "compile": self.compiled, "channels_last": self.channels_last,
+                          "checkpointing": cfg.model.checkpointing,
                           "classes": self.classes if cfg.model.conditional else []})
         clip = tc.grad_clip if tc.grad_clip > 0 else float("inf")
         zero = lambda: torch.zeros((), device=dev)  # noqa: E731
@@ -287,8 +295,12 @@ class Trainer:
             lr = _lr_at(cfg, self.step, self.peak_lr)
             for group in self.opt.param_groups:
                 group["lr"] = lr
-            loss = self.loss_fn(x, self._labels(y))
-            loss.backward()
+            y = self._labels(y)
+            if self.accumulate is None:
+                loss = self.loss_fn(x, y)
+                loss.backward()
+            else:  # train.grad_accum micro-batches; their summed gradients are in .grad
+                loss = self.accumulate(self.loss_fn, x, y)
             if self.grad_sync == "flat":
                 self.dist.all_reduce_grads(params)
             gn = torch.nn.utils.clip_grad_norm_(params, clip, foreach=True)

@@ -9,6 +9,7 @@ import math
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 ACTIVATIONS = {"silu": nn.SiLU, "relu": nn.ReLU, "mish": nn.Mish}
 
@@ -213,8 +214,23 @@ def fold_upsampling(model: nn.Module, on: bool = True, *, frozen: bool = False) 
     return model
 
 
+def activation_checkpointing(model: nn.Module, on: bool = True) -> nn.Module:
+    """Make every UNet in `model` recompute its blocks' activations in the backward instead of keeping them (or
+    stop); returns the model. Only a forward that builds a graph for training pays for it: with the model in
+    eval mode or under no_grad (sampling, evaluation, export) nothing changes."""
+    for m in model.modules():
+        if isinstance(m, UNet):
+            m.checkpointing = on
+    return model
+
+
 class UNet(nn.Module):
-    def __init__(self, image_size: int = 32, in_channels: int = 3, base_channels: int = 128,
+    # Activation checkpointing (activation_checkpointing): each group of blocks keeps only its input for the
+    # backward, which runs its forward again, so a training step holds about one block's activations per group
+    # rather than all of them: larger images or batches in the same memory for roughly one more forward.
+    checkpointing = False
+
+    def __init__(self, image_size: int | tuple[int, int] = 32, in_channels: int = 3, base_channels: int = 128,
                  channel_mults: tuple[int, ...] = (1, 2, 2, 2), num_res_blocks: int = 2,
                  attention_resolutions: tuple[int, ...] = (16,), dropout: float = 0.1, num_heads: int = 1,
                  time_emb_dim: int = 0, norm: str = "group", norm_groups: int = 32, activation: str = "silu",
@@ -245,7 +261,10 @@ class UNet(nn.Module):
         block = dict(emb_dim=emb_dim, dropout=dropout, norm=norm_layer, act=act)
 
         self.down = nn.ModuleList()
-        skip_chs, ch, res = [base_channels], base_channels, image_size
+        # `res` names a level for attention_resolutions: its side, the shorter one when (height, width) differ;
+        # the convolutions themselves take any height and width that halve as often as there are levels.
+        res = min(image_size) if isinstance(image_size, (tuple, list)) else image_size
+        skip_chs, ch = [base_channels], base_channels
         for level, mult in enumerate(channel_mults):
             for _ in range(num_res_blocks):
                 layers = nn.ModuleList([ResBlock(ch, base_channels * mult, **block)])
@@ -287,17 +306,34 @@ class UNet(nn.Module):
             emb = emb + self.class_emb(y)
 
         embs = iter(stacked_embeddings(self.res_blocks, emb))  # each residual block's projection of emb
+        recompute = self.checkpointing and self.training and torch.is_grad_enabled()
         h = self.conv_in(x)
         skips = [h]
         for layers in self.down:
-            for layer in layers:
-                h = layer(h, next(embs)) if isinstance(layer, ResBlock) else layer(h)
+            h = self._group(layers, h, None, embs, recompute)
             skips.append(h)
-        for layer in self.mid:
-            h = layer(h, next(embs)) if isinstance(layer, ResBlock) else layer(h)
+        h = self._group(self.mid, h, None, embs, recompute)
         for layers in self.up:
-            if isinstance(layers[0], ResBlock):
-                h = torch.cat([dense_grad(h), skips.pop()], dim=1)
-            for layer in layers:
-                h = layer(h, next(embs)) if isinstance(layer, ResBlock) else layer(h)
+            h = self._group(layers, h, skips.pop() if isinstance(layers[0], ResBlock) else None, embs, recompute)
         return self.out(h)
+
+    def _group(self, layers: nn.ModuleList, h: torch.Tensor, skip: torch.Tensor | None, embs,
+               recompute: bool) -> torch.Tensor:
+        """One group of layers (a level's residual block with its attention, a down/upsampling, the middle);
+        `skip` is the down path's tensor an up block concatenates to its input."""
+        emb_outs = [next(embs) for layer in layers if isinstance(layer, ResBlock)]  # taken once, not on recompute
+        if recompute and emb_outs:  # a lone down/upsampling convolution keeps no more than its input anyway
+            # use_reentrant=False: the supported variant, which torch.compile traces; the recompute replays the
+            # forward's RNG state, so dropout draws the same masks and the gradients are those without it.
+            return checkpoint(_run_group, layers, h, skip, *emb_outs, use_reentrant=False)
+        return _run_group(layers, h, skip, *emb_outs)
+
+
+def _run_group(layers: nn.ModuleList, h: torch.Tensor, skip: torch.Tensor | None,
+               *emb_outs: torch.Tensor) -> torch.Tensor:
+    if skip is not None:  # inside the checkpointed function, so the concatenation is not kept either
+        h = torch.cat([dense_grad(h), skip], dim=1)
+    emb_outs_left = iter(emb_outs)
+    for layer in layers:
+        h = layer(h, next(emb_outs_left)) if isinstance(layer, ResBlock) else layer(h)
+    return h

@@ -11,7 +11,7 @@ import pytest
 import torch
 from PIL import Image
 
-from conftest import cli, ok, one_line_error, tiny_overrides, write_yaml
+from conftest import cli, ok, tiny_overrides, write_yaml
 from ddpm_cli.config import DataConfig, validate_config
 from ddpm_cli.engine.checkpoint import load_checkpoint, read_header
 from ddpm_cli.engine.data import _fit_tensor, load_folder, make_shapes
@@ -53,7 +53,7 @@ def test_sizes_the_network_cannot_halve_are_one_clear_error(tmp_path):
         r = cli("train", "--config", cfg, "--set", f"model.image_size={bad}")
         problems = r.stderr.strip().splitlines()[1:]
         assert r.exit_code == 1 and len(problems) == 1, r.stderr
-        assert f"model.image_size: must be one side in pixels or [height, width], each 8 to 1024" in problems[0]
+        assert "model.image_size: must be one side in pixels or [height, width], each 8 to 1024" in problems[0]
         assert f"(got {shown})" in problems[0]
 
 

@@ -1,6 +1,8 @@
 """Config -> objects: the device, the UNet, the diffusion process, and the speed switches' resolution."""
 from __future__ import annotations
 
+import math
+
 import torch
 
 from ddpm_cli.config import DiffusionConfig, ModelConfig, RunConfig
@@ -119,3 +121,25 @@ def force_channels_last_graph() -> None:
 
 def count_params(model: torch.nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
+
+
+def peak_lr(cfg: RunConfig, world: int = 1) -> float:
+    """train.lr, scaled by train.lr_scaling for the global batch (batch_size x ranks) against train.lr_batch."""
+    tc = cfg.train
+    ratio = tc.batch_size * world / tc.lr_batch
+    return tc.lr * {"none": 1.0, "linear": ratio, "sqrt": math.sqrt(ratio)}[tc.lr_scaling]
+
+
+def lr_at(cfg: RunConfig, step: int, peak: float) -> float:
+    """The learning rate of a step: the peak after a linear warm-up of train.warmup_steps."""
+    warm = cfg.train.warmup_steps
+    return peak * (min(1.0, (step + 1) / warm) if warm else 1.0)
+
+
+def build_optimizer(cfg: RunConfig, model: torch.nn.Module, lr: float, fused: bool) -> torch.optim.Optimizer:
+    """Adam or AdamW (train.optimizer) over the model's parameters: fused where torch has the kernel (CUDA, CPU),
+    else foreach."""
+    tc = cfg.train
+    opt_cls = torch.optim.AdamW if tc.optimizer == "adamw" else torch.optim.Adam
+    return opt_cls(model.parameters(), lr=lr, betas=tuple(tc.adam_betas), weight_decay=tc.weight_decay,
+                   **({"fused": True} if fused else {"foreach": True}))

@@ -306,6 +306,19 @@ def split_holdout(ds: ImageSet, holdout: int, seed: int) -> tuple[ImageSet, Imag
             ImageSet(ds.images[val], ds.labels[val], ds.classes))
 
 
+def training_batches(cfg, ds: ImageSet, device: torch.device, rank: int = 0,
+                     world: int = 1) -> tuple["Batcher", ImageSet | None]:
+    """The run's Batcher over `ds` less the held-out images of early stopping (returned second, else None); the
+    images live on the device when data.on_device says so (auto: on CUDA under a quarter of its free memory)."""
+    tc, val = cfg.train, None
+    if tc.early_stopping.enabled:
+        ds, val = split_holdout(ds, tc.early_stopping.holdout, tc.seed)
+    on_device = cfg.data.on_device == "on" or (
+        cfg.data.on_device == "auto" and device.type == "cuda"
+        and ds.images.numel() < 0.25 * torch.cuda.mem_get_info(device)[0])
+    return Batcher(ds, tc.batch_size, tc.seed, device, on_device, cfg.data.random_flip, rank, world), val
+
+
 def to_model_range(images: torch.Tensor) -> torch.Tensor:
     """uint8 [0, 255] -> float [-1, 1]."""
     return images.float().div_(127.5).sub_(1.0)

@@ -1,5 +1,6 @@
-"""What a training run draws and measures of itself as it goes: its sample grids, the held-out loss of early
-stopping, the in-training FID, and the time its closing grid will take (for train.max_time)."""
+"""What a training run draws and measures of itself as it goes: its loss and non-finite steps between log lines,
+its sample grids, the held-out loss of early stopping, the in-training FID, and the time its closing grid will
+take (for train.max_time)."""
 from __future__ import annotations
 
 import math
@@ -14,6 +15,32 @@ from ddpm_cli.diffusion.gaussian import GaussianDiffusion
 from ddpm_cli.diffusion.sampler_spec import SamplerSpec
 from ddpm_cli.engine.data import ImageSet, to_model_range
 from ddpm_cli.engine.generate import generate
+
+
+class StepStats:
+    """The steps since the last log line, counted on the device so that a step never waits for the GPU: the
+    summed loss of the finite steps, their number, the non-finite steps, the longest run of them in a row and
+    the last one. `read()` syncs once and starts the next interval."""
+
+    def __init__(self, device: torch.device):
+        zero = lambda: torch.zeros((), device=device)  # noqa: E731
+        self.loss, self.good, self.nonfinite, self.bad_run, self.max_bad_run, self.last_bad = (zero() for _ in range(6))
+
+    def add(self, loss: torch.Tensor, bad: torch.Tensor, step: int) -> None:
+        self.loss += torch.where(bad, 0.0, loss.detach().float())
+        self.good += (~bad).float()
+        self.bad_run = (self.bad_run + 1) * bad.float()
+        self.max_bad_run = torch.maximum(self.max_bad_run, self.bad_run)
+        self.nonfinite += bad.float()
+        self.last_bad = torch.where(bad, float(step), self.last_bad)
+
+    def read(self, grad_norm: torch.Tensor) -> tuple[float | None, float, int, int, int]:
+        """(mean finite loss or None, grad_norm, non-finite steps, longest run of them, the last one's step)."""
+        loss, good, gn, bad, run, last = torch.stack([self.loss, self.good, grad_norm.float(), self.nonfinite,
+                                                      self.max_bad_run, self.last_bad]).tolist()
+        for t in (self.loss, self.good, self.nonfinite, self.max_bad_run):
+            t.zero_()
+        return (loss / good if good else None), gn, int(bad), int(run), int(last)
 
 
 def _amp(device: torch.device, bf16: bool):

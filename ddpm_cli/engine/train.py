@@ -15,10 +15,10 @@ import torch
 
 from ddpm_cli.config import RunConfig, config_to_dict
 from ddpm_cli.engine import compile_cache, monitor, train_state
-from ddpm_cli.engine.build import (build_diffusion, build_unet, compile_mode, compile_options, count_params,
-                                   force_channels_last_graph, grad_sync, resolve_device, use_bf16, use_channel_stats,
-                                   use_channels_last)
-from ddpm_cli.engine.data import Batcher, ImageSet, load_dataset, split_holdout
+from ddpm_cli.engine.build import (build_diffusion, build_optimizer, build_unet, compile_mode, compile_options,
+                                   count_params, force_channels_last_graph, grad_sync, lr_at, peak_lr, resolve_device,
+                                   use_bf16, use_channel_stats, use_channels_last)
+from ddpm_cli.engine.data import ImageSet, load_dataset, training_batches
 from ddpm_cli.engine.distributed import DistInfo
 from ddpm_cli.engine.ema import EMA
 from ddpm_cli.engine.grad_accum import GradAccumulator
@@ -72,18 +72,6 @@ class TrainResult:
 _SIGNALLED = 100  # a stop flag above this carries the signal's number
 
 
-def peak_lr(cfg: RunConfig, world: int = 1) -> float:
-    """train.lr, scaled by train.lr_scaling for the global batch (batch_size x ranks) against train.lr_batch."""
-    tc = cfg.train
-    ratio = tc.batch_size * world / tc.lr_batch
-    return tc.lr * {"none": 1.0, "linear": ratio, "sqrt": math.sqrt(ratio)}[tc.lr_scaling]
-
-
-def _lr_at(cfg: RunConfig, step: int, peak: float) -> float:
-    warm = cfg.train.warmup_steps
-    return peak * (min(1.0, (step + 1) / warm) if warm else 1.0)
-
-
 class Trainer:
     def __init__(self, cfg: RunConfig, **kwargs):
         """See _setup for the keyword arguments. A start that fails (bad data, no download, Ctrl-C while loading)
@@ -126,15 +114,8 @@ class Trainer:
             self.cb.on_warning(w)
         self.classes = ds.classes
         fid_reference = ds.images  # the default in-training FID reference: every training image
-        self.val: ImageSet | None = None
-        if tc.early_stopping.enabled:
-            ds, self.val = split_holdout(ds, tc.early_stopping.holdout, tc.seed)
-        on_device = cfg.data.on_device == "on" or (
-            cfg.data.on_device == "auto" and self.device.type == "cuda"
-            and ds.images.numel() < 0.25 * torch.cuda.mem_get_info(self.device)[0])
-        self.batcher = Batcher(ds, tc.batch_size, tc.seed, self.device, on_device, cfg.data.random_flip,
-                               self.dist.rank, self.dist.world)
-        self.num_train = len(ds)
+        self.batcher, self.val = training_batches(cfg, ds, self.device, self.dist.rank, self.dist.world)
+        self.num_train = self.batcher.n
 
         # Model, EMA, diffusion, optimizer
         if self.device.type == "cuda":
@@ -155,10 +136,8 @@ class Trainer:
         self.bf16 = use_bf16(cfg, self.device)
         self.in_training_fid = monitor.InTrainingFid(cfg, self.diffusion, fid_reference, self.device, self.bf16)
         self.fused = self.device.type in ("cuda", "cpu")
-        opt_cls = torch.optim.AdamW if tc.optimizer == "adamw" else torch.optim.Adam
         self.peak_lr = peak_lr(cfg, self.dist.world)
-        self.opt = opt_cls(self.model.parameters(), lr=self.peak_lr, betas=tuple(tc.adam_betas),
-                           weight_decay=tc.weight_decay, **({"fused": True} if self.fused else {"foreach": True}))
+        self.opt = build_optimizer(cfg, self.model, self.peak_lr, self.fused)
         mode = compile_mode(cfg, self.device)
         self.compiled = mode is not None
         if self.compiled and self.channels_last:
@@ -262,9 +241,7 @@ class Trainer:
                           "checkpointing": cfg.model.checkpointing,
                           "classes": self.classes if cfg.model.conditional else []})
         clip = tc.grad_clip if tc.grad_clip > 0 else float("inf")
-        zero = lambda: torch.zeros((), device=dev)  # noqa: E731
-        acc_loss, acc_good, bad_run, max_bad_run, nonfinite, last_bad = zero(), zero(), zero(), zero(), zero(), zero()
-        gn = zero()
+        stats, gn = monitor.StepStats(dev), torch.zeros((), device=dev)
         stop_reason = "steps"
         last_log_t, last_log_step = time.monotonic(), self.step
         compile_s, first_step = 0.0, True
@@ -292,7 +269,7 @@ class Trainer:
                 break
             t_step = time.monotonic()
             x, y = self.batcher.next()
-            lr = _lr_at(cfg, self.step, self.peak_lr)
+            lr = lr_at(cfg, self.step, self.peak_lr)
             for group in self.opt.param_groups:
                 group["lr"] = lr
             y = self._labels(y)
@@ -316,12 +293,7 @@ class Trainer:
             if self.ema is not None:
                 for ema in (self.ema, *self.extra_emas.values()):
                     ema.after_step(self.model, self.step)
-            acc_loss += torch.where(bad, 0.0, loss.detach().float())
-            acc_good += (~bad).float()
-            bad_run = (bad_run + 1) * bad.float()
-            max_bad_run = torch.maximum(max_bad_run, bad_run)
-            nonfinite += bad.float()
-            last_bad = torch.where(bad, float(self.step), last_bad)
+            stats.add(loss, bad, self.step)
             budget.step_done(first_step)
             if first_step:  # with torch.compile, the first step is the compilation
                 if dev.type == "cuda":
@@ -339,28 +311,25 @@ class Trainer:
 
             final = self.step >= tc.steps
             if self.step % lc.log_every == 0 or final:
-                vals = torch.stack([acc_loss, acc_good, gn.float(), nonfinite, max_bad_run, last_bad]).tolist()
+                mean_loss, grad_norm, n_bad, bad_in_a_row, last_bad = stats.read(gn)
                 now = time.monotonic()
-                n_good = vals[1]
-                rec = {"step": self.step, "loss": vals[0] / n_good if n_good else None, "lr": lr,
-                       "grad_norm": vals[2] if math.isfinite(vals[2]) else None,
+                rec = {"step": self.step, "loss": mean_loss, "lr": lr,
+                       "grad_norm": grad_norm if math.isfinite(grad_norm) else None,
                        "img_per_s": (self.step - last_log_step) * global_batch / max(now - last_log_t, 1e-9),
                        "images_seen": self.images_seen, "time_s": round(now - self.t0, 3),
-                       "nonfinite": self.nonfinite_total + int(vals[3])}
+                       "nonfinite": self.nonfinite_total + n_bad}
                 if first_loss is None and rec["loss"] is not None:
                     first_loss = rec["loss"]
                 last_loss = rec["loss"] if rec["loss"] is not None else last_loss
                 self._emit(rec, records)
                 last_log_t, last_log_step = now, self.step
-                self.nonfinite_total += int(vals[3])
-                acc_loss.zero_(), acc_good.zero_(), nonfinite.zero_()
-                if vals[4] >= tc.max_nonfinite:
+                self.nonfinite_total += n_bad
+                if bad_in_a_row >= tc.max_nonfinite:
                     raise TrainingAborted(
-                        f"{int(vals[4])} steps in a row had a non-finite loss or gradient (last at step "
-                        f"{int(vals[5])}); stopped without saving them. The last good checkpoint is "
+                        f"{bad_in_a_row} steps in a row had a non-finite loss or gradient (last at step "
+                        f"{last_bad}); stopped without saving them. The last good checkpoint is "
                         f"{self._latest_name()}; lower train.lr (or drop train.lr_scaling) or train.grad_clip, or "
                         f"check the data")
-                max_bad_run.zero_()
             es = tc.early_stopping
             if self.val is not None and self.step % es.eval_every == 0:
                 val = self.held_out_loss()

@@ -117,21 +117,25 @@ def test_early_stopping_stops_every_rank_at_the_same_step(tmp_path):
     assert list_checkpoints(runs / "tiny")[-1].name == "ckpt-00000004.safetensors"
 
 
+def _two_rank_weights(tmp_path, name: str, **overrides) -> dict[str, torch.Tensor]:
+    """4 steps of the tiny config on two ranks (SCRIPT); checks the ranks end identical and returns rank 0's
+    weights."""
+    script = tmp_path / "ddp_check.py"
+    script.write_text(SCRIPT)
+    runs = tmp_path / name
+    cfg = write_yaml(tmp_path / f"{name}.yaml", tiny_overrides(runs, train__steps=4, logging__log_every=2,
+                                                               **overrides))
+    r = _torchrun(str(script), str(cfg), "-")
+    assert r.returncode == 0, r.stderr[-3000:]
+    w0, w1 = load_file(runs / "rank0.safetensors"), load_file(runs / "rank1.safetensors")
+    assert all(torch.equal(w0[k], w1[k]) for k in w0)
+    return w0
+
+
 def test_flat_gradient_sync_averages_like_ddp(tmp_path):
     """grad_sync=flat (one all-reduce after the backward, for CUDA-graph steps) keeps the ranks identical and
     lands where DDP's bucketed all-reduce does."""
-    script = tmp_path / "ddp_check.py"
-    script.write_text(SCRIPT)
-    weights = {}
-    for sync in ("ddp", "flat"):
-        runs = tmp_path / sync
-        cfg = write_yaml(tmp_path / f"{sync}.yaml", tiny_overrides(runs, train__steps=4, train__grad_sync=sync,
-                                                                    logging__log_every=2))
-        r = _torchrun(str(script), str(cfg), "-")
-        assert r.returncode == 0, r.stderr[-3000:]
-        w0, w1 = load_file(runs / "rank0.safetensors"), load_file(runs / "rank1.safetensors")
-        assert all(torch.equal(w0[k], w1[k]) for k in w0)
-        weights[sync] = w0
+    weights = {sync: _two_rank_weights(tmp_path, sync, train__grad_sync=sync) for sync in ("ddp", "flat")}
     moved = [k for k in weights["ddp"] if not torch.equal(weights["ddp"][k], weights["flat"][k])]
     assert all(torch.allclose(weights["ddp"][k], weights["flat"][k], atol=1e-5) for k in weights["ddp"]), moved
 
@@ -139,18 +143,7 @@ def test_flat_gradient_sync_averages_like_ddp(tmp_path):
 def test_grad_accum_on_two_ranks_syncs_once_and_lands_where_one_batch_does(tmp_path):
     """train.grad_accum under torchrun: each rank sums its micro-batches, then one flat all-reduce (auto resolves
     to flat); the ranks stay identical and land where whole batches synced by DDP do (fp32, 1e-5)."""
-    script = tmp_path / "ddp_check.py"
-    script.write_text(SCRIPT)
-    weights = {}
-    for k in (1, 2):
-        runs = tmp_path / f"k{k}"
-        cfg = write_yaml(tmp_path / f"k{k}.yaml", tiny_overrides(runs, train__steps=4, train__grad_accum=k,
-                                                                  logging__log_every=2))
-        r = _torchrun(str(script), str(cfg), "-")
-        assert r.returncode == 0, r.stderr[-3000:]
-        w0, w1 = load_file(runs / "rank0.safetensors"), load_file(runs / "rank1.safetensors")
-        assert all(torch.equal(w0[k], w1[k]) for k in w0)
-        weights[k] = w0
+    weights = {k: _two_rank_weights(tmp_path, f"k{k}", train__grad_accum=k) for k in (1, 2)}
     for name in weights[1]:
         torch.testing.assert_close(weights[2][name], weights[1][name], rtol=0, atol=1e-5, msg=name)
 

@@ -5,18 +5,11 @@ import json
 
 import typer
 
+from ddpm_cli.cli.inspect_cmd import human_size as _size
 from ddpm_cli.cli.ui import console, friendly
 
 app = typer.Typer(help="See or clear the compile cache: torch.compile's code kept between runs, so a later train, "
                        "sample or eval of the same network starts faster.", no_args_is_help=True)
-
-
-def _size(n: float) -> str:
-    for unit in ("B", "KB", "MB", "GB"):
-        if n < 1024 or unit == "GB":
-            return f"{n:,.0f} {unit}" if unit == "B" else f"{n:,.1f} {unit}"
-        n /= 1024
-    return str(n)
 
 
 def _count(n: int) -> str:

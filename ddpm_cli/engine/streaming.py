@@ -39,22 +39,32 @@ def should_stream(mode: str, count: int, shape: tuple[int, int, int]) -> bool:
     return count * int(np.prod(shape)) > available_memory() // 2
 
 
+class _Opener:
+    """Opens entry i of an `ImageFiles` for reading, from any thread: a zip handle per thread, since reads
+    through one shared handle would serialise."""
+
+    def __init__(self, files):
+        self.files, self._local = files, threading.local()
+
+    def __call__(self, i: int):
+        if not self.files.is_zip:
+            return open(self.files.entries[i], "rb")
+        zf = getattr(self._local, "zip", None)
+        if zf is None:
+            zf = self._local.zip = zipfile.ZipFile(self.files.root)
+        return zf.open(self.files.entries[i])
+
+
 def readable_entries(files) -> tuple[list[int], list[str]]:
     """The entries of an `ImageFiles` whose header PIL can read (reading a header, not decoding: a streamed set
     is checked in seconds), and the names of the others, which the in-memory path would skip too."""
     from PIL import Image
 
-    local = threading.local()
+    opener = _Opener(files)
 
     def ok(i: int) -> bool:
         try:
-            if files.is_zip:
-                zf = getattr(local, "zip", None)
-                if zf is None:
-                    zf = local.zip = zipfile.ZipFile(files.root)
-                with zf.open(files.entries[i]) as f, Image.open(f):
-                    return True
-            with Image.open(files.entries[i]):
+            with opener(i) as f, Image.open(f):
                 return True
         except Exception:  # PIL raises many types for what is not an image
             return False
@@ -72,7 +82,7 @@ class StreamedImages:
         self.files, self.size, self.channels = files, tuple(size), channels  # size: (W, H), as decode_image
         self.index = torch.as_tensor(index, dtype=torch.long)
         self.shape = torch.Size((len(self.index), channels, size[1], size[0]))
-        self.dtype, self.device = torch.uint8, torch.device("cpu")
+        self.device = torch.device("cpu")  # where Batcher keeps the epoch order
         self._decoder = pool or _Decoder(files)
 
     def __len__(self) -> int:
@@ -109,7 +119,7 @@ class _Decoder:
         self._pool: ThreadPoolExecutor | None = None    # decodes the files of a batch in parallel
         self._runner: ThreadPoolExecutor | None = None  # assembles the batch ahead while the caller trains
         self._ahead: tuple[tuple[int, ...], Future] | None = None
-        self._local = threading.local()  # a zip handle per thread: reads through one handle would serialise
+        self._open = _Opener(files)
 
     def _threads(self) -> ThreadPoolExecutor:
         if self._pool is None:
@@ -118,12 +128,8 @@ class _Decoder:
         return self._pool
 
     def _read(self, i: int) -> bytes:
-        if not self.files.is_zip:
-            return self.files.entries[i].read_bytes()
-        zf = getattr(self._local, "zip", None)
-        if zf is None:
-            zf = self._local.zip = zipfile.ZipFile(self.files.root)
-        return zf.read(self.files.entries[i])
+        with self._open(i) as f:
+            return f.read()
 
     def _decode(self, entries: list[int], size, channels: int) -> torch.Tensor:
         from ddpm_cli.engine.data import decode_image

@@ -11,7 +11,7 @@ from conftest import ROOT, perturbed_unet
 
 def test_bench_speed_runs_the_trainer_and_the_sampler(tmp_path):
     out = tmp_path / "bench.json"
-    r = subprocess.run([sys.executable, "benchmarks/bench_speed.py", "--tiny", "--train", "fp32", "--steps", "30",
+    r = subprocess.run([sys.executable, "benchmarks/bench_speed.py", "--tiny", "--train", "fp32", "--batch", "16", "--steps", "30",
                         "--log-every", "5", "--profile", "--sample", "fp32", "--sample-batch", "2",
                         "--sample-steps", "2", "--json", str(out)], cwd=ROOT, capture_output=True, text=True, timeout=300,
                        env={**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"})
@@ -19,7 +19,7 @@ def test_bench_speed_runs_the_trainer_and_the_sampler(tmp_path):
     results = json.loads(out.read_text())
     assert [(x["kind"], x["variant"]) for x in results] == [("train", "fp32"), ("sample", "fp32")]
     assert results[0]["img_per_s"] > 0 and len(results[0]["loss_curve"]) == 6 and results[1]["nfe_per_s"] > 0
-    assert "| train | fp32 | 128 |" in r.stdout  # the table
+    assert "| train | fp32 | 16 |" in r.stdout  # the table
     copies = json.loads(r.stdout.split("BENCH copies ", 1)[1].splitlines()[0])  # the profile's copies by shape
     assert copies and all({"op", "calls", "ms", "shapes"} <= set(c) for c in copies)
 

@@ -189,3 +189,23 @@ def test_bench_startup_times_the_phases_of_fresh_train_and_sample_processes():
         timed = [v for v in phases.values() if v is not None]
         assert all(v >= 0 for v in timed) and 0 < sum(timed) <= x["wall_s"] + 0.05
     assert runs[0]["summary"][0].startswith("done: step 3") and runs[2]["summary"][0].startswith("4 images in")
+
+
+def test_bench_bigimg_measures_ours_the_peer_and_a_streamed_folder(tmp_path):
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+
+    def bench(*args) -> dict:
+        r = subprocess.run([sys.executable, "benchmarks/bench_bigimg.py", *args], cwd=ROOT, capture_output=True,
+                           text=True, timeout=300, env=env)
+        assert r.returncode == 0, r.stderr[-3000:]
+        return json.loads(r.stdout.split("BENCH ", 1)[1].splitlines()[0])
+
+    ours, peer = bench("train", "--tiny"), bench("peer", "--tiny")
+    assert ours["image_size"] == peer["image_size"] == [16, 24]  # non-square, both
+    assert ours["params_m"] == peer["params_m"] and ours["train_gflop_per_image"] > 2 * ours["fwd_gflop_per_image"]
+    assert ours["img_per_s"] > 0 and peer["img_per_s"] > 0
+    folder = bench("folder", str(tmp_path / "imgs"), "--size", "24", "--count", "20")
+    assert len(list((tmp_path / "imgs").rglob("*.jpg"))) == folder["count"] == 20
+    streamed = bench("train", "--tiny", "--data", str(tmp_path / "imgs"), "--set", "data.streaming=on")
+    assert streamed["data"] == "folder, streaming on" and streamed["img_per_s"] > 0
+    assert bench("sample", "--tiny")["nfe_per_s"] > 0 and bench("sample", "--tiny", "--peer")["nfe_per_s"] > 0

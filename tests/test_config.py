@@ -165,3 +165,23 @@ def test_a_guide_step_past_the_run_is_refused(tmp_path):
     cfg["train"].update(guide_step=20, guide_weight=1.0)
     with pytest.raises(ConfigError):  # a weight of 1 would not guide at all
         validate_config(cfg)
+
+
+@pytest.mark.parametrize("name, size, params", [("ddpm-256.yaml", 256, 113_673_219), ("iddpm-64.yaml", 64, 115_938_691)])
+def test_the_large_image_examples_are_their_papers_networks_and_diffusers_holds_them(name, size, params):
+    """ddpm-256: the DDPM paper's CelebA-HQ/LSUN network (114M there); iddpm-64: Improved DDPM's ImageNet-64 size.
+    The same network as diffusers' UNet2DModel, so the benchmark's peer is the same model (counted on meta)."""
+    import torch
+    from diffusers import UNet2DModel
+
+    from ddpm_cli.engine.build import build_unet, count_params
+    from ddpm_cli.engine.diffusers_format import unet_config_from_model
+
+    cfg = load_config(ROOT / "examples" / name)
+    assert cfg.model.hw == (size, size) and cfg.data.dataset == "folder" and cfg.data.streaming == "auto"
+    peer_cfg = {k: v for k, v in unet_config_from_model(cfg.model).items() if not k.startswith("_")}
+    with torch.device("meta"):
+        assert count_params(build_unet(cfg.model)) == params
+        assert sum(p.numel() for p in UNet2DModel(**peer_cfg).parameters()) == params
+    wide = load_config(ROOT / "examples" / name, [f"model.image_size=[{size},{size * 3 // 2}]"])  # non-square:
+    assert wide.model.hw == (size, size * 3 // 2)  # attention keyed by the shorter side stays where it was

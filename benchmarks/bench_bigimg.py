@@ -1,0 +1,352 @@
+"""Larger images: training and sampling speed at 64-256 px with the shipped configs, the peer (diffusers'
+UNet2DModel built from the same model section, so the same network) beside it, peak memory and the largest batch
+that fits, with and without activation checkpointing, and the streamed data path against the in-memory one.
+
+Each subcommand measures one thing in this process and prints one `BENCH {json}` line; benchmarks/bigimg_run.sh
+runs the set on a GPU, each in a fresh process, with the peer in the same call.
+
+    PYTHONPATH=. python benchmarks/bench_bigimg.py train  -c examples/ddpm-256.yaml [--size 128] [--set k=v ...]
+    PYTHONPATH=. python benchmarks/bench_bigimg.py peer   -c examples/ddpm-256.yaml        # its compiled step
+    PYTHONPATH=. python benchmarks/bench_bigimg.py sample -c examples/ddpm-256.yaml [--peer]
+    PYTHONPATH=. python benchmarks/bench_bigimg.py largest -c examples/ddpm-256.yaml [--set model.checkpointing=true]
+    PYTHONPATH=. python benchmarks/bench_bigimg.py train  -c examples/iddpm-64.yaml --data DIR --set data.streaming=on
+    PYTHONPATH=. python benchmarks/bench_bigimg.py folder DIR --size 256 --count 4000     # JPEGs to stream from
+    PYTHONPATH=. python benchmarks/bench_bigimg.py train --tiny                           # CPU: checks the script
+
+train: `ddpm train`'s Trainer with the config as given (CUDA defaults: bf16, channels-last, compiled step with
+CUDA graphs) on random images resident on the GPU, or on the images of --data (in memory or streamed, as
+data.streaming says); img/s is the median of the logged intervals after the first two, the first step (compiling)
+apart. FLOPs per image are counted by torch's FlopCounterMode on one forward and backward (matrix products and
+convolutions, attention included), and the share of the card's bf16 peak is given against `--peak` TFLOP/s.
+peer: one plain epsilon-MSE step (AdamW, bf16 autocast, channels-last, torch.compile), as
+../shared/bench/peer_diffusers.py times the CIFAR-10 network. sample: DDIM steps through engine.generate (ours)
+or the compiled forward (the peer), in network evaluations per second. largest: one eager training step at
+growing batches: the peak memory at two batches gives the memory an image takes, the predicted largest batch is
+then run to confirm it (eager: compiled steps keep fewer activations, so a compiled run fits at least this much).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from ddpm_cli.config import load_config, validate_config  # noqa: E402
+from ddpm_cli.config.schema import RunConfig  # noqa: E402
+from ddpm_cli.engine.build import build_diffusion, build_unet, count_params  # noqa: E402
+from ddpm_cli.engine.data import ImageSet  # noqa: E402
+from ddpm_cli.engine.train import TrainCallbacks, Trainer  # noqa: E402
+
+H200_BF16_TFLOPS = 989.0  # the datasheet's dense bf16 rate of an H100/H200 SXM (device/H200.md)
+TINY = ["model.image_size=[16,24]", "model.base_channels=16", "model.channel_mults=[1,2]", "model.num_res_blocks=1",
+        "model.norm_groups=4", "model.attention_resolutions=[8]", "train.batch_size=8", "train.warmup_steps=1"]
+
+
+def emit(record: dict) -> dict:
+    print("BENCH " + json.dumps(record), flush=True)
+    return record
+
+
+def config(args) -> RunConfig:
+    sets = list(TINY if args.tiny else []) + list(args.set)
+    if args.size:
+        sets.append(f"model.image_size={args.size}")
+    if args.batch:
+        sets.append(f"train.batch_size={args.batch}")
+    return load_config(args.config, sets)
+
+
+def flops_per_image(cfg: RunConfig) -> tuple[float, float]:
+    """(forward + backward, forward) FLOPs for one image, counted on the meta device (no memory, no time)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    h, w = cfg.model.hw
+    with torch.device("meta"):
+        net = build_unet(cfg.model)
+        x, t = torch.randn(1, cfg.model.in_channels, h, w), torch.zeros(1, dtype=torch.long)
+        y = torch.zeros(1, dtype=torch.long) if cfg.model.conditional else None
+        with FlopCounterMode(display=False) as fwd:
+            net(x, t, y)
+        with FlopCounterMode(display=False) as both:
+            net(x, t, y).float().square().mean().backward()
+    return both.get_total_flops(), fwd.get_total_flops()
+
+
+def describe(cfg: RunConfig, args) -> dict:
+    train_flops, fwd_flops = flops_per_image(cfg)
+    return {"config": Path(args.config).name if args.config else None, "image_size": list(cfg.model.hw),
+            "params_m": round(count_params(build_unet(cfg.model)) / 1e6, 2),
+            "train_gflop_per_image": round(train_flops / 1e9, 3), "fwd_gflop_per_image": round(fwd_flops / 1e9, 3),
+            "card": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu", "torch": torch.__version__}
+
+
+class Rates(TrainCallbacks):
+    def __init__(self):
+        self.rates: list[float] = []
+
+    def on_log(self, rec: dict) -> None:
+        if "img_per_s" in rec:
+            self.rates.append(rec["img_per_s"])
+
+
+def cmd_train(args) -> dict:
+    cfg = config(args)
+    info = describe(cfg, args)
+    data = {}
+    if args.data:
+        data = {"dataset": "folder", "root": args.data}
+    with tempfile.TemporaryDirectory() as tmp:
+        raw = cfg.model_dump(mode="json")
+        raw["data"].update(data)
+        raw["train"].update(steps=args.steps)
+        raw["logging"].update(run_dir=tmp, run_name="bench", log_every=args.log_every, checkpoint_every=10**9,
+                              sample_every=10**9, sample_count=4, sample_steps=2)
+        cfg = validate_config(raw)
+        images = None
+        if not args.data:  # random images, as many as a few batches, resident like a small real set
+            h, w = cfg.model.hw
+            n = max(4 * cfg.train.batch_size, 64)
+            images = ImageSet(torch.randint(0, 256, (n, cfg.model.in_channels, h, w), dtype=torch.uint8),
+                              torch.zeros(n, dtype=torch.long), [])
+        cb = Rates()
+        if torch.cuda.is_available():
+            torch.cuda.reset_peak_memory_stats()
+        t0 = time.perf_counter()
+        res = Trainer(cfg, callbacks=cb, dataset=images).run()
+        total = time.perf_counter() - t0
+    steady = cb.rates[2:] if len(cb.rates) > 4 else cb.rates[1:] or cb.rates
+    rate = statistics.median(steady) if steady else float("nan")
+    return emit({"kind": "train", **info, "batch": cfg.train.batch_size, "grad_accum": cfg.train.grad_accum,
+                 "checkpointing": cfg.model.checkpointing, "data": args.data and f"folder, streaming "
+                 f"{cfg.data.streaming}", "img_per_s": round(rate, 1), "first_step_s": round(res.compile_s, 1),
+                 "run_s": round(total, 1), "peak_mem_gib": round(_peak_gib(), 2),
+                 "tflops": round(rate * info["train_gflop_per_image"] / 1000, 1),
+                 "share_of_peak": round(rate * info["train_gflop_per_image"] / 1000 / args.peak, 3)})
+
+
+def _peak_gib() -> float:
+    return torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else 0.0
+
+
+def peer_unet(cfg: RunConfig, device: str):
+    from diffusers import UNet2DModel
+
+    from ddpm_cli.engine.diffusers_format import unet_config_from_model
+
+    unet_cfg = {k: v for k, v in unet_config_from_model(cfg.model).items() if not k.startswith("_")}
+    torch.manual_seed(0)
+    return UNet2DModel(**unet_cfg).to(device)
+
+
+def timed(fn, items: int, warm: int, n: int, sync) -> tuple[float, float]:
+    """(items per second over n calls, seconds of the first `warm` calls)."""
+    t = time.perf_counter()
+    for _ in range(warm):
+        fn()
+    sync()
+    first = time.perf_counter() - t
+    t = time.perf_counter()
+    for _ in range(n):
+        fn()
+    sync()
+    return items * n / (time.perf_counter() - t), first
+
+
+def device_and_sync():
+    cuda = torch.cuda.is_available()
+    return ("cuda" if cuda else "cpu"), (torch.cuda.synchronize if cuda else (lambda: None))
+
+
+def cmd_peer(args) -> dict:
+    """The peer's compiled training step on the same network, batch and image size."""
+    import torch.nn.functional as F
+
+    cfg = config(args)
+    info = describe(cfg, args)
+    device, sync = device_and_sync()
+    m = peer_unet(cfg, device).train().to(memory_format=torch.channels_last)
+    net = torch.compile(m) if device == "cuda" else m
+    opt = torch.optim.AdamW(m.parameters(), lr=cfg.train.lr)
+    b, (h, w) = cfg.train.batch_size, cfg.model.hw
+    x0 = torch.randn(b, cfg.model.in_channels, h, w, device=device).to(memory_format=torch.channels_last)
+    abar = torch.cumprod(1 - torch.linspace(1e-4, 0.02, 1000, device=device), 0)
+
+    def step():
+        t = torch.randint(0, 1000, (b,), device=device)
+        noise = torch.randn_like(x0)
+        a = abar[t].view(-1, 1, 1, 1)
+        with torch.autocast(device, torch.bfloat16):
+            out = net(a.sqrt() * x0 + (1 - a).sqrt() * noise, t).sample
+        loss = F.mse_loss(out.float(), noise)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+
+    if device == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    rate, first = timed(step, b, warm=3, n=args.steps, sync=sync)
+    return emit({"kind": "peer-train", **info, "batch": b, "img_per_s": round(rate, 1), "first_steps_s":
+                 round(first, 1), "peak_mem_gib": round(_peak_gib(), 2),
+                 "share_of_peak": round(rate * info["train_gflop_per_image"] / 1000 / args.peak, 3)})
+
+
+def cmd_sample(args) -> dict:
+    """Network evaluations per second while sampling: ours through engine.generate (DDIM, compiled as `ddpm
+    sample` compiles), the peer's compiled forward alone (it does less: no sampler arithmetic)."""
+    from ddpm_cli.diffusion.sampler_spec import SamplerSpec
+    from ddpm_cli.engine.generate import generate, inference_net
+
+    cfg = config(args)
+    info = describe(cfg, args)
+    device, sync = device_and_sync()
+    b, (h, w) = args.sample_batch, cfg.model.hw
+    compile_mode = "default" if device == "cuda" else None
+    if args.peer:
+        m = peer_unet(cfg, device).eval().to(memory_format=torch.channels_last)
+        net = torch.compile(m) if compile_mode else m
+        xs = torch.randn(b, cfg.model.in_channels, h, w, device=device).to(memory_format=torch.channels_last)
+        ts = torch.full((b,), 500, device=device)
+
+        @torch.no_grad()
+        def fwd():
+            with torch.autocast(device, torch.bfloat16):
+                return net(xs, ts).sample
+        rate, first = timed(fwd, b, warm=3, n=args.steps, sync=sync)
+        return emit({"kind": "peer-sample", **info, "batch": b, "nfe_per_s": round(rate, 1),
+                     "first_calls_s": round(first, 1)})
+    torch.manual_seed(0)
+    model = build_unet(cfg.model).to(device)
+    with torch.no_grad():  # zero-initialised output layers: perturb them, so no work is trivially skippable
+        for p in model.parameters():
+            p.add_(0.01 * torch.randn_like(p))
+    diffusion = build_diffusion(cfg.diffusion).to(device)
+    net = inference_net(model, channels_last=device == "cuda", compile=compile_mode)
+
+    def run(steps: int) -> None:
+        for _ in generate(net, diffusion, b, SamplerSpec("ddim", steps), image_shape=(cfg.model.in_channels, h, w),
+                          batch_size=b, seed=1, device=device, bf16=device == "cuda"):
+            pass
+        sync()
+
+    t = time.perf_counter()
+    run(2)
+    first = time.perf_counter() - t
+    times = []
+    for _ in range(3):
+        t = time.perf_counter()
+        run(args.steps)
+        times.append(time.perf_counter() - t)
+    return emit({"kind": "sample", **info, "batch": b, "nfe_per_s": round(b * args.steps / statistics.median(times), 1),
+                 "first_call_s": round(first, 1), "peak_mem_gib": round(_peak_gib(), 2)})
+
+
+def cmd_largest(args) -> dict:
+    """The largest training batch that fits: an eager bf16 channels-last step (forward, backward, Adam) at two
+    batches gives fixed + per-image memory; the predicted largest (a multiple of 8) is run to confirm it, and
+    smaller ones while it does not fit."""
+    from ddpm_cli.nn.unet import activation_checkpointing
+
+    cfg = config(args)
+    info = describe(cfg, args)
+    device, _ = device_and_sync()
+    if device != "cuda":
+        raise SystemExit("largest: needs a CUDA GPU")
+    model = activation_checkpointing(build_unet(cfg.model), cfg.model.checkpointing).to(device).to(
+        memory_format=torch.channels_last)
+    opt = torch.optim.Adam(model.parameters(), lr=1e-4, fused=True)
+    (h, w), c = cfg.model.hw, cfg.model.in_channels
+
+    def peak(batch: int) -> float | None:
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+        try:
+            x = torch.randn(batch, c, h, w, device=device).to(memory_format=torch.channels_last)
+            t = torch.randint(0, 1000, (batch,), device=device)
+            with torch.autocast("cuda", torch.bfloat16):
+                loss = model(x, t).float().square().mean()
+            loss.backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            torch.cuda.synchronize()
+            return torch.cuda.max_memory_allocated()
+        except torch.OutOfMemoryError:
+            return None
+        finally:
+            x = t = loss = None  # noqa: F841 (frees the activations before the next try)
+
+    small, large = args.probe
+    peak(small)  # the first step allocates Adam's state and cuDNN's workspaces
+    m_small, m_large = peak(small), peak(large)
+    per_image = (m_large - m_small) / (large - small)
+    capacity = torch.cuda.get_device_properties(0).total_memory
+    fixed = m_small - small * per_image
+    batch = int((capacity * 0.98 - fixed) / per_image) // 8 * 8
+    tried = []
+    while batch > large:
+        got = peak(batch)
+        tried.append(batch)
+        if got is not None:
+            break
+        batch = int(batch * 0.9) // 8 * 8
+    return emit({"kind": "largest", **info, "checkpointing": cfg.model.checkpointing,
+                 "mib_per_image": round(per_image / 2**20, 1), "fixed_gib": round(fixed / 2**30, 2),
+                 "card_gib": round(capacity / 2**30, 1), "largest_batch": batch, "tried": tried,
+                 "peak_gib_at_largest": round((got or 0) / 2**30, 1)})
+
+
+def cmd_folder(args) -> None:
+    """`count` built-in shapes as JPEG files (quality 90) at `size`, in class folders: a set to stream from."""
+    from PIL import Image
+
+    from ddpm_cli.engine.data import SHAPE_CLASSES, make_shapes
+
+    root = Path(args.dir)
+    shapes = make_shapes(args.count, args.size)
+    for i, (image, label) in enumerate(zip(shapes.images, shapes.labels)):
+        path = root / SHAPE_CLASSES[label] / f"{i:06d}.jpg"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(image.permute(1, 2, 0).numpy()).save(path, quality=90)
+    print(f"BENCH {json.dumps({'kind': 'folder', 'dir': str(root), 'count': args.count, 'size': args.size})}")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = ap.add_subparsers(dest="cmd", required=True)
+    for name in ("train", "peer", "sample", "largest"):
+        p = sub.add_parser(name)
+        p.add_argument("-c", "--config", default=str(ROOT / "examples" / "ddpm-256.yaml"))
+        p.add_argument("--size", help="model.image_size instead of the config's (e.g. 128 or [192,256])")
+        p.add_argument("--batch", type=int, help="train.batch_size instead of the config's")
+        p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="a config override")
+        p.add_argument("--steps", type=int, default=60, help="steps timed (training) or sampler steps")
+        p.add_argument("--log-every", type=int, default=10)
+        p.add_argument("--peak", type=float, default=H200_BF16_TFLOPS, help="the card's bf16 TFLOP/s")
+        p.add_argument("--tiny", action="store_true", help="a tiny model on the CPU: checks the script")
+        p.add_argument("--data", help="train: a folder or .zip of images instead of random ones")
+        p.add_argument("--peer", action="store_true", help="sample: the peer's forward instead of ours")
+        p.add_argument("--sample-batch", type=int, default=64)
+        p.add_argument("--probe", type=int, nargs=2, default=[16, 48], help="largest: the two batches measured")
+    p = sub.add_parser("folder")
+    p.add_argument("dir")
+    p.add_argument("--size", type=int, default=256)
+    p.add_argument("--count", type=int, default=4000)
+    args = ap.parse_args()
+    if getattr(args, "tiny", False):
+        args.steps = min(args.steps, 6)
+        args.log_every = 2
+        args.sample_batch = 4
+        args.set = ["train.device=cpu", *args.set]
+    {"train": cmd_train, "peer": cmd_peer, "sample": cmd_sample, "largest": cmd_largest,
+     "folder": cmd_folder}[args.cmd](args)
+
+
+if __name__ == "__main__":
+    main()

@@ -733,3 +733,18 @@ def test_kid_of_sets_no_larger_than_a_subset_reports_no_spread():
     notes.clear()
     part = ev_scores.score(_stats_of(a), _stats_of(big), kid_subsets=10, kid_subset_size=12, callbacks=Log())
     assert part.kid_std > 0 and any("understates" in m for m in notes)
+
+
+def test_a_folder_of_mixed_sizes_is_fitted_to_the_first_image_named_height_by_width(tmp_path):
+    """The warning names the size as every other message does, height x width (it said width x height)."""
+    from PIL import Image
+
+    from ddpm_cli.engine.evaluation.sources import files_source
+
+    Image.new("RGB", (24, 16), (200, 0, 0)).save(tmp_path / "a.png")  # PIL takes (width, height): 16 high, 24 wide
+    Image.new("RGB", (30, 30), (0, 200, 0)).save(tmp_path / "b.png")
+    src = files_source(tmp_path)
+    batches = list(src.batches(8))
+    assert [tuple(b.shape) for b in batches] == [(2, 3, 16, 24)]
+    assert src.warnings == [f"1 image(s) in {tmp_path} differ in size from the first one and were center-cropped "
+                            f"and resized to 16x24 (height x width)"]

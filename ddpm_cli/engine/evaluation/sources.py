@@ -107,7 +107,7 @@ def files_source(path: str | Path) -> ImageSource:
                 src.warnings.append(f"skipped {bad} file(s) in {root} that are not readable images")
             if resized:
                 src.warnings.append(f"{resized} image(s) in {root} differ in size from the first one and were "
-                                    f"center-cropped and resized to {size[0]}x{size[1]}")
+                                    f"center-cropped and resized to {size[1]}x{size[0]} (height x width)")
 
     src.batches = batches
     return src

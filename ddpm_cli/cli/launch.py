@@ -24,8 +24,9 @@ def relaunch_with_torchrun(gpus: int) -> None:
         del argv[i:i + 2]
     argv = [a for a in argv if not a.startswith("--gpus=")]
     # On a signal torchrun passes it on and kills the ranks after this many seconds (its default is 30): enough
-    # for them to finish a cold compiled first step (~90 s) and write their checkpoint.
-    os.environ.setdefault("TORCH_ELASTIC_SHUTDOWN_TIMEOUT", "180")
+    # for them to finish a cold compiled first step, minutes for a large network (BENCHMARKS.md, first step), and
+    # write their checkpoint.
+    os.environ.setdefault("TORCH_ELASTIC_SHUTDOWN_TIMEOUT", "600")
     try:
         torchrun_main(["--standalone", f"--nproc_per_node={gpus}", "-m", "ddpm_cli", *argv])
     except ChildFailedError as e:  # the ranks have said why on stderr; no launcher traceback on top

@@ -38,12 +38,14 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "benchmarks"))
 
 from ddpm_cli.config import load_config, validate_config  # noqa: E402
 from ddpm_cli.config.schema import RunConfig  # noqa: E402
 from ddpm_cli.engine.build import build_diffusion, build_unet, count_params  # noqa: E402
 from ddpm_cli.engine.data import ImageSet  # noqa: E402
-from ddpm_cli.engine.train import TrainCallbacks, Trainer  # noqa: E402
+from ddpm_cli.engine.train import Trainer  # noqa: E402
+from bench_speed import Collect  # noqa: E402  (the logged img/s of a run)
 
 H200_BF16_TFLOPS = 989.0  # the datasheet's dense bf16 rate of an H100/H200 SXM (device/H200.md)
 TINY = ["model.image_size=[16,24]", "model.base_channels=16", "model.channel_mults=[1,2]", "model.num_res_blocks=1",
@@ -88,15 +90,6 @@ def describe(cfg: RunConfig, args) -> dict:
             "card": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu", "torch": torch.__version__}
 
 
-class Rates(TrainCallbacks):
-    def __init__(self):
-        self.rates: list[float] = []
-
-    def on_log(self, rec: dict) -> None:
-        if "img_per_s" in rec:
-            self.rates.append(rec["img_per_s"])
-
-
 def cmd_train(args) -> dict:
     cfg = config(args)
     info = describe(cfg, args)
@@ -116,7 +109,7 @@ def cmd_train(args) -> dict:
             n = max(4 * cfg.train.batch_size, 64)
             images = ImageSet(torch.randint(0, 256, (n, cfg.model.in_channels, h, w), dtype=torch.uint8),
                               torch.zeros(n, dtype=torch.long), [])
-        cb = Rates()
+        cb = Collect()
         if torch.cuda.is_available():
             torch.cuda.reset_peak_memory_stats()
         t0 = time.perf_counter()
@@ -303,18 +296,11 @@ def cmd_largest(args) -> dict:
 
 
 def cmd_folder(args) -> None:
-    """`count` built-in shapes as JPEG files (quality 90) at `size`, in class folders: a set to stream from."""
-    from PIL import Image
+    """`count` built-in shapes as JPEG files at `size`, in class folders: a set to stream from."""
+    from bench_streaming import make_folder
 
-    from ddpm_cli.engine.data import SHAPE_CLASSES, make_shapes
-
-    root = Path(args.dir)
-    shapes = make_shapes(args.count, args.size)
-    for i, (image, label) in enumerate(zip(shapes.images, shapes.labels)):
-        path = root / SHAPE_CLASSES[label] / f"{i:06d}.jpg"
-        path.parent.mkdir(parents=True, exist_ok=True)
-        Image.fromarray(image.permute(1, 2, 0).numpy()).save(path, quality=90)
-    print(f"BENCH {json.dumps({'kind': 'folder', 'dir': str(root), 'count': args.count, 'size': args.size})}")
+    make_folder(Path(args.dir), args.count, args.size, ext="jpg")
+    print(f"BENCH {json.dumps({'kind': 'folder', 'dir': args.dir, 'count': args.count, 'size': args.size})}")
 
 
 def main() -> None:

@@ -20,17 +20,17 @@ from pathlib import Path
 import torch
 
 
-def make_folder(root: Path, count: int, size: int) -> Path:
-    """`count` shapes as PNG files in class folders (when no real data is given)."""
+def make_folder(root: Path, count: int, size: int, ext: str = "png") -> Path:
+    """`count` shapes as image files in class folders (when no real data is given): PNG, or JPEG at quality 90."""
     from PIL import Image
 
     from ddpm_cli.engine.data import SHAPE_CLASSES, make_shapes
 
     shapes = make_shapes(count, size)
     for i, (image, label) in enumerate(zip(shapes.images, shapes.labels)):
-        path = root / SHAPE_CLASSES[label] / f"{i:06d}.png"
+        path = root / SHAPE_CLASSES[label] / f"{i:06d}.{ext}"
         path.parent.mkdir(parents=True, exist_ok=True)
-        Image.fromarray(image.permute(1, 2, 0).numpy()).save(path)
+        Image.fromarray(image.permute(1, 2, 0).numpy()).save(path, **({"quality": 90} if ext == "jpg" else {}))
     return root
 
 

@@ -23,10 +23,16 @@ peer: one plain epsilon-MSE step (AdamW, bf16 autocast, channels-last, torch.com
 or the compiled forward (the peer), in network evaluations per second. largest: one eager training step at
 growing batches: the peak memory at two batches gives the memory an image takes, the predicted largest batch is
 then run to confirm it (eager: compiled steps keep fewer activations, so a compiled run fits at least this much).
+
+--gpu-lock FILE lets several of these processes share one GPU: each compiles and warms up side by side with the
+others (compiling is CPU work), then takes an exclusive lock on FILE for its timed part, so only one is timed at a
+time. A rate is the median over windows (logged intervals, or groups of calls), which keeps the odd window in
+which another process ran its first steps out of the figure. `largest` needs the whole card: run it alone.
 """
 from __future__ import annotations
 
 import argparse
+import fcntl
 import json
 import statistics
 import sys
@@ -55,6 +61,48 @@ TINY = ["model.image_size=[16,24]", "model.base_channels=16", "model.channel_mul
 def emit(record: dict) -> dict:
     print("BENCH " + json.dumps(record), flush=True)
     return record
+
+
+class GpuTurn:
+    """The timed part's turn on a shared GPU: an exclusive flock on `path` from take() to give() (or exit)."""
+
+    def __init__(self, path: str | None):
+        self.path, self.file, self.waited_s = path, None, 0.0
+
+    def take(self) -> None:
+        if self.path and self.file is None:
+            sync()
+            t = time.perf_counter()
+            self.file = open(self.path, "a")
+            fcntl.flock(self.file, fcntl.LOCK_EX)
+            self.waited_s = time.perf_counter() - t
+
+    def give(self) -> None:
+        if self.file is not None:
+            sync()
+            fcntl.flock(self.file, fcntl.LOCK_UN)
+            self.file.close()
+            self.file = None
+
+
+def sync() -> None:
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
+class TurnTaking(Collect):
+    """Collects the logged rates; takes the GPU turn at the first log (the first interval, which holds the
+    compile, is dropped anyway) and gives it back after the last step, before the final checkpoint is written."""
+
+    def __init__(self, turn: GpuTurn, take_at: int, last: int):
+        super().__init__()
+        self.turn, self.take_at, self.last = turn, take_at, last
+
+    def on_step(self, step: int) -> None:
+        if step == self.take_at:
+            self.turn.take()
+        if step == self.last:
+            self.turn.give()
 
 
 def config(args) -> RunConfig:
@@ -109,7 +157,8 @@ def cmd_train(args) -> dict:
             n = max(4 * cfg.train.batch_size, 64)
             images = ImageSet(torch.randint(0, 256, (n, cfg.model.in_channels, h, w), dtype=torch.uint8),
                               torch.zeros(n, dtype=torch.long), [])
-        cb = Collect()
+        turn = GpuTurn(args.gpu_lock)
+        cb = TurnTaking(turn, take_at=args.log_every, last=args.steps)
         if torch.cuda.is_available():
             torch.cuda.reset_peak_memory_stats()
         t0 = time.perf_counter()
@@ -120,8 +169,8 @@ def cmd_train(args) -> dict:
     return emit({"kind": "train", **info, "batch": cfg.train.batch_size, "grad_accum": cfg.train.grad_accum,
                  "checkpointing": cfg.model.checkpointing, "data": args.data and f"folder, streaming "
                  f"{cfg.data.streaming}", "img_per_s": round(rate, 1), "first_step_s": round(res.compile_s, 1),
-                 "run_s": round(total, 1), "peak_mem_gib": round(_peak_gib(), 2),
-                 "tflops": round(rate * info["train_gflop_per_image"] / 1000, 1),
+                 "run_s": round(total, 1), "peak_mem_gib": round(_peak_gib(), 2), "windows": len(steady),
+                 "waited_s": round(turn.waited_s, 1), "tflops": round(rate * info["train_gflop_per_image"] / 1000, 1),
                  "share_of_peak": round(rate * info["train_gflop_per_image"] / 1000 / args.peak, 3)})
 
 
@@ -139,23 +188,29 @@ def peer_unet(cfg: RunConfig, device: str):
     return UNet2DModel(**unet_cfg).to(device)
 
 
-def timed(fn, items: int, warm: int, n: int, sync) -> tuple[float, float]:
-    """(items per second over n calls, seconds of the first `warm` calls)."""
+def timed(fn, items: int, warm: int, n: int, turn: GpuTurn, window: int = 10) -> tuple[float, float]:
+    """(items per second, the median over windows of `window` calls, n calls in all, timed in the GPU turn;
+    seconds of the first `warm` calls)."""
     t = time.perf_counter()
     for _ in range(warm):
         fn()
     sync()
     first = time.perf_counter() - t
-    t = time.perf_counter()
-    for _ in range(n):
-        fn()
-    sync()
-    return items * n / (time.perf_counter() - t), first
+    turn.take()
+    rates = []
+    for start in range(0, n, window):
+        calls = min(window, n - start)
+        t = time.perf_counter()
+        for _ in range(calls):
+            fn()
+        sync()
+        rates.append(items * calls / (time.perf_counter() - t))
+    turn.give()
+    return statistics.median(rates), first
 
 
-def device_and_sync():
-    cuda = torch.cuda.is_available()
-    return ("cuda" if cuda else "cpu"), (torch.cuda.synchronize if cuda else (lambda: None))
+def device_name() -> str:
+    return "cuda" if torch.cuda.is_available() else "cpu"
 
 
 def cmd_peer(args) -> dict:
@@ -164,7 +219,7 @@ def cmd_peer(args) -> dict:
 
     cfg = config(args)
     info = describe(cfg, args)
-    device, sync = device_and_sync()
+    device, turn = device_name(), GpuTurn(args.gpu_lock)
     m = peer_unet(cfg, device).train().to(memory_format=torch.channels_last)
     net = torch.compile(m) if device == "cuda" else m
     opt = torch.optim.AdamW(m.parameters(), lr=cfg.train.lr)
@@ -185,9 +240,9 @@ def cmd_peer(args) -> dict:
 
     if device == "cuda":
         torch.cuda.reset_peak_memory_stats()
-    rate, first = timed(step, b, warm=3, n=args.steps, sync=sync)
+    rate, first = timed(step, b, warm=3, n=args.steps, turn=turn)
     return emit({"kind": "peer-train", **info, "batch": b, "img_per_s": round(rate, 1), "first_steps_s":
-                 round(first, 1), "peak_mem_gib": round(_peak_gib(), 2),
+                 round(first, 1), "peak_mem_gib": round(_peak_gib(), 2), "waited_s": round(turn.waited_s, 1),
                  "share_of_peak": round(rate * info["train_gflop_per_image"] / 1000 / args.peak, 3)})
 
 
@@ -199,7 +254,7 @@ def cmd_sample(args) -> dict:
 
     cfg = config(args)
     info = describe(cfg, args)
-    device, sync = device_and_sync()
+    device, turn = device_name(), GpuTurn(args.gpu_lock)
     b, (h, w) = args.sample_batch, cfg.model.hw
     compile_mode = "default" if device == "cuda" else None
     if args.peer:
@@ -212,9 +267,9 @@ def cmd_sample(args) -> dict:
         def fwd():
             with torch.autocast(device, torch.bfloat16):
                 return net(xs, ts).sample
-        rate, first = timed(fwd, b, warm=3, n=args.steps, sync=sync)
+        rate, first = timed(fwd, b, warm=3, n=args.steps, turn=turn)
         return emit({"kind": "peer-sample", **info, "batch": b, "nfe_per_s": round(rate, 1),
-                     "first_calls_s": round(first, 1)})
+                     "first_calls_s": round(first, 1), "waited_s": round(turn.waited_s, 1)})
     torch.manual_seed(0)
     model = build_unet(cfg.model).to(device)
     with torch.no_grad():  # zero-initialised output layers: perturb them, so no work is trivially skippable
@@ -232,13 +287,16 @@ def cmd_sample(args) -> dict:
     t = time.perf_counter()
     run(2)
     first = time.perf_counter() - t
+    turn.take()
     times = []
     for _ in range(3):
         t = time.perf_counter()
         run(args.steps)
         times.append(time.perf_counter() - t)
+    turn.give()
     return emit({"kind": "sample", **info, "batch": b, "nfe_per_s": round(b * args.steps / statistics.median(times), 1),
-                 "first_call_s": round(first, 1), "peak_mem_gib": round(_peak_gib(), 2)})
+                 "first_call_s": round(first, 1), "peak_mem_gib": round(_peak_gib(), 2),
+                 "waited_s": round(turn.waited_s, 1)})
 
 
 def cmd_largest(args) -> dict:
@@ -249,7 +307,7 @@ def cmd_largest(args) -> dict:
 
     cfg = config(args)
     info = describe(cfg, args)
-    device, _ = device_and_sync()
+    device = device_name()
     if device != "cuda":
         raise SystemExit("largest: needs a CUDA GPU")
     model = activation_checkpointing(build_unet(cfg.model), cfg.model.checkpointing).to(device).to(
@@ -320,6 +378,8 @@ def main() -> None:
         p.add_argument("--peer", action="store_true", help="sample: the peer's forward instead of ours")
         p.add_argument("--sample-batch", type=int, default=64)
         p.add_argument("--probe", type=int, nargs=2, default=[16, 48], help="largest: the two batches measured")
+        p.add_argument("--gpu-lock", metavar="FILE", help="time only while holding an exclusive lock on FILE, so "
+                       "processes compiling side by side on one GPU are timed one at a time")
     p = sub.add_parser("folder")
     p.add_argument("dir")
     p.add_argument("--size", type=int, default=256)

@@ -1,44 +1,67 @@
 #!/usr/bin/env bash
-# Issue 21's measurements on one GPU, in the background (setsid: the run outlives the device call; follow it with
-# polling calls back to back, `sleep 300; grep BENCH $HOME/bench/bigimg.log`, until AFTER-DONE). Needs the
-# carried wheels in .whl (pydantic and companions, diffusers). Every figure is one fresh process of
-# benchmarks/bench_bigimg.py; the peer's runs are in the same call. Usage:
-#   bash benchmarks/bigimg_run.sh [AFTER]     # AFTER: a shell command run when it is done (e.g. another benchmark)
-# First every compiled variant runs once, briefly, ours at once and then the peer's, to fill inductor's cache in
-# parallel (the compiling is CPU work; logs in $HOME/bench/bigimg-warm*.log); the measured runs then follow one at
-# a time. The whole set takes longer than a device call: plan the polling calls (docs/lab-notes.md, 2026-12-03).
+# Issue 21's measurements on one GPU, in the foreground, a phase at a time, within one device call:
+#   bash benchmarks/bigimg_run.sh PHASE...        # phases: ours peer stream largest (in the order given)
+#   ours     our training step at 64, 128 and 256 px (256 also with activation checkpointing), our sampler at 256
+#   peer     the peer's compiled step at 64, 128 and 256 px and its compiled forward at 256 (diffusers, carried)
+#   stream   ours at 64 and 256 px streaming JPEG folders (made by the first phase, in the background)
+#   largest  the largest batch at 256 px, with and without checkpointing (alone on the card)
+# The jobs of a phase start together and compile side by side (CPU work); each takes the GPU for its timed part
+# only (bench_bigimg.py --gpu-lock), so one is timed at a time. Phases run one after another: two phases at once
+# ran out of the H200's memory (the peer takes 58 GiB at 256 px). Nothing outlives the call: a phase that would
+# end past DEADLINE_S (default 570 s after the start) is cut, and what finished is in the log.
+# Needs the carried wheels in .whl (pydantic and companions, diffusers). Caches stay in $HOME (TORCHINDUCTOR_CACHE_DIR
+# and DDPM_COMPILE_CACHE_DIR), so a call that follows within the machine's 30 s keeps them.
+# Output: $OUT/bigimg.log (BENCH lines, phase times) and $OUT/jobs.log (each job's last lines); $HOME/bench else.
 set -u
-mkdir -p "$HOME/bench"
+start=$(date +%s); deadline=$((start + ${DEADLINE_S:-570}))
+out=${OUT:-$HOME/bench}; mkdir -p "$out" "$HOME/bench"
+log=$out/bigimg.log; jobs_log=$out/jobs.log
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
-src=$HOME/bigimg-src; rm -rf "$src"; mkdir -p "$src"
-cp -r ddpm_cli benchmarks examples pyproject.toml "$src/"; cd "$src" || exit 1
-export PYTHONPATH=/tmp/site:$src PYTHONUNBUFFERED=1
-setsid nohup bash -c '
-  B="python3 benchmarks/bench_bigimg.py"
-  I64="-c examples/iddpm-64.yaml"; D256="-c examples/ddpm-256.yaml"
-  nvidia-smi --query-gpu=name,memory.total,clocks.max.sm --format=csv,noheader
-  date +"START %T"
-  ( $B folder $HOME/img64 --size 64 --count 4000; $B folder $HOME/img256 --size 256 --count 2000 ) \
-    > $HOME/bench/bigimg-folders.log 2>&1 &
-  # Two waves: all nine at once ran out of memory on an H200: the peer alone takes 58 GiB at 256 px (2026-12-03).
-  i=0
-  for wave in ours peer; do
-    if [ $wave = ours ]; then jobs=("train $I64" "train $D256 --size 128" "train $D256" \
-        "train $D256 --set model.checkpointing=true" "sample $D256")
-    else jobs=("peer $I64" "peer $D256 --size 128" "peer $D256" "sample $D256 --peer"); fi
-    for job in "${jobs[@]}"; do
-      i=$((i+1)); TORCHINDUCTOR_COMPILE_THREADS=3 $B $job --steps 4 > $HOME/bench/bigimg-warm$i.log 2>&1 &
-    done
-    wait; date +"WARM-$wave-DONE %T"
+export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1 TORCHINDUCTOR_CACHE_DIR=$HOME/inductor \
+  DDPM_COMPILE_CACHE_DIR=$HOME/ddpm-compile
+B="python3 benchmarks/bench_bigimg.py"; I64="-c examples/iddpm-64.yaml"; D256="-c examples/ddpm-256.yaml"
+LOCK=$HOME/bench/gpu.lock
+nvidia-smi --query-gpu=name,memory.total,clocks.max.sm --format=csv,noheader >> "$log"
+if [ ! -e "$HOME/img256/done" ]; then  # the folders to stream from, made while the first phase compiles
+  ( $B folder "$HOME/img64" --size 64 --count 4000 && $B folder "$HOME/img256" --size 256 --count 2000 \
+    && touch "$HOME/img256/done" ) > "$HOME/bench/folders.log" 2>&1 &
+fi
+
+phase() {  # phase NAME JOB...: the jobs together, each with the lock, cut at the deadline
+  local name=$1; shift
+  local left=$((deadline - $(date +%s)))
+  if [ $left -lt 60 ]; then echo "PHASE $name SKIPPED ($left s left)" >> "$log"; return; fi
+  echo "PHASE $name START $(date +%T) ($left s left)" >> "$log"
+  local pids=() i=0
+  for job in "$@"; do
+    i=$((i + 1))
+    ( echo "== $name/$i: $job"; TORCHINDUCTOR_COMPILE_THREADS=${THREADS:-3} timeout $left $B $job 2>&1 ) \
+      > "$HOME/bench/$name-$i.log" &
+    pids+=($!)
   done
-  $B peer $I64; $B train $I64
-  $B peer $D256 --size 128; $B train $D256 --size 128
-  $B peer $D256; $B train $D256; $B train $D256 --set model.checkpointing=true
-  $B train $I64 --data $HOME/img64 --set data.streaming=on
-  $B train $D256 --data $HOME/img256 --set data.streaming=on
-  $B sample $D256; $B sample $D256 --peer
-  $B largest $D256; $B largest $D256 --set model.checkpointing=true
-  date +"BIGIMG-DONE %T"
-  '"${1:-true}"'
-  date +"AFTER-DONE %T"
-' > "$HOME/bench/bigimg.log" 2>&1 < /dev/null &
+  wait "${pids[@]}"
+  for f in "$HOME/bench/$name"-*.log; do
+    grep -h '^BENCH' "$f" >> "$log" || echo "FAILED $(head -1 "$f")" >> "$log"
+    { head -1 "$f"; tail -n +2 "$f" | grep -v "^BENCH" | tail -n 15; } >> "$jobs_log"
+  done
+  echo "PHASE $name END $(date +%T)" >> "$log"
+}
+
+for p in "$@"; do
+  case $p in
+    ours) phase ours "train $I64 --steps 80 --gpu-lock $LOCK" "train $D256 --size 128 --steps 80 --gpu-lock $LOCK" \
+            "train $D256 --steps 80 --gpu-lock $LOCK" \
+            "train $D256 --steps 80 --set model.checkpointing=true --gpu-lock $LOCK" \
+            "sample $D256 --steps 20 --gpu-lock $LOCK" ;;
+    peer) phase peer "peer $I64 --steps 60 --gpu-lock $LOCK" "peer $D256 --size 128 --steps 60 --gpu-lock $LOCK" \
+            "peer $D256 --steps 60 --gpu-lock $LOCK" "sample $D256 --peer --steps 60 --gpu-lock $LOCK" ;;
+    stream) wait  # the folders
+      phase stream "train $I64 --steps 80 --data $HOME/img64 --set data.streaming=on --gpu-lock $LOCK" \
+        "train $D256 --steps 80 --data $HOME/img256 --set data.streaming=on --gpu-lock $LOCK" ;;
+    largest) phase largest "largest $D256"
+      phase largest-ckpt "largest $D256 --set model.checkpointing=true" ;;
+    *) echo "unknown phase $p (ours, peer, stream, largest)" >&2; exit 2 ;;
+  esac
+done
+echo "DONE $(date +%T), $(( $(date +%s) - start )) s" >> "$log"
+cat "$log"

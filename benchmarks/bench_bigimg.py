@@ -34,6 +34,7 @@ from __future__ import annotations
 import argparse
 import fcntl
 import json
+import os
 import statistics
 import sys
 import tempfile
@@ -64,15 +65,34 @@ def emit(record: dict) -> dict:
 
 
 class GpuTurn:
-    """The timed part's turn on a shared GPU: an exclusive flock on `path` from take() to give() (or exit)."""
+    """The timed part's turn on a shared GPU: an exclusive flock on `path` from take() to give() (or exit). With
+    `together` = N, take() first waits (at most `patience` s) until N processes of the phase are ready (a file each
+    in `path`.ready/) or have failed (`fail()`): then none is compiling while another is timed. The lock alone
+    was not enough: a step that is not a CUDA graph (the peer's) ran at half speed while the others compiled on
+    every core."""
 
-    def __init__(self, path: str | None):
+    def __init__(self, path: str | None, together: int = 0, patience: float = 600.0):
         self.path, self.file, self.waited_s = path, None, 0.0
+        self.together, self.patience = together, patience
+
+    def _mark(self, what: str) -> None:
+        if self.path and self.together:
+            ready = Path(self.path + ".ready")
+            ready.mkdir(parents=True, exist_ok=True)
+            (ready / f"{what}-{os.getpid()}").touch()
+
+    def fail(self) -> None:
+        self._mark("failed")
 
     def take(self) -> None:
         if self.path and self.file is None:
             sync()
             t = time.perf_counter()
+            if self.together:
+                self._mark("ready")
+                while (len(list(Path(self.path + ".ready").iterdir())) < self.together
+                       and time.perf_counter() - t < self.patience):
+                    time.sleep(1.0)
             self.file = open(self.path, "a")
             fcntl.flock(self.file, fcntl.LOCK_EX)
             self.waited_s = time.perf_counter() - t
@@ -83,6 +103,9 @@ class GpuTurn:
             fcntl.flock(self.file, fcntl.LOCK_UN)
             self.file.close()
             self.file = None
+
+
+TURN = GpuTurn(None)  # main() sets it from --gpu-lock and --together
 
 
 def sync() -> None:
@@ -157,7 +180,7 @@ def cmd_train(args) -> dict:
             n = max(4 * cfg.train.batch_size, 64)
             images = ImageSet(torch.randint(0, 256, (n, cfg.model.in_channels, h, w), dtype=torch.uint8),
                               torch.zeros(n, dtype=torch.long), [])
-        turn = GpuTurn(args.gpu_lock)
+        turn = TURN
         cb = TurnTaking(turn, take_at=args.log_every, last=args.steps)
         if torch.cuda.is_available():
             torch.cuda.reset_peak_memory_stats()
@@ -170,7 +193,8 @@ def cmd_train(args) -> dict:
                  "checkpointing": cfg.model.checkpointing, "data": args.data and f"folder, streaming "
                  f"{cfg.data.streaming}", "img_per_s": round(rate, 1), "first_step_s": round(res.compile_s, 1),
                  "run_s": round(total, 1), "peak_mem_gib": round(_peak_gib(), 2), "windows": len(steady),
-                 "waited_s": round(turn.waited_s, 1), "tflops": round(rate * info["train_gflop_per_image"] / 1000, 1),
+                 "waited_s": round(turn.waited_s, 1),
+                 "tflops": round(rate * info["train_gflop_per_image"] / 1000, 1),
                  "share_of_peak": round(rate * info["train_gflop_per_image"] / 1000 / args.peak, 3)})
 
 
@@ -219,7 +243,7 @@ def cmd_peer(args) -> dict:
 
     cfg = config(args)
     info = describe(cfg, args)
-    device, turn = device_name(), GpuTurn(args.gpu_lock)
+    device, turn = device_name(), TURN
     m = peer_unet(cfg, device).train().to(memory_format=torch.channels_last)
     net = torch.compile(m) if device == "cuda" else m
     opt = torch.optim.AdamW(m.parameters(), lr=cfg.train.lr)
@@ -254,7 +278,7 @@ def cmd_sample(args) -> dict:
 
     cfg = config(args)
     info = describe(cfg, args)
-    device, turn = device_name(), GpuTurn(args.gpu_lock)
+    device, turn = device_name(), TURN
     b, (h, w) = args.sample_batch, cfg.model.hw
     compile_mode = "default" if device == "cuda" else None
     if args.peer:
@@ -378,6 +402,8 @@ def main() -> None:
         p.add_argument("--peer", action="store_true", help="sample: the peer's forward instead of ours")
         p.add_argument("--sample-batch", type=int, default=64)
         p.add_argument("--probe", type=int, nargs=2, default=[16, 48], help="largest: the two batches measured")
+        p.add_argument("--together", type=int, default=0, metavar="N",
+                       help="with --gpu-lock: N processes share the GPU; time none until all are ready")
         p.add_argument("--gpu-lock", metavar="FILE", help="time only while holding an exclusive lock on FILE, so "
                        "processes compiling side by side on one GPU are timed one at a time")
     p = sub.add_parser("folder")
@@ -390,8 +416,14 @@ def main() -> None:
         args.log_every = 2
         args.sample_batch = 4
         args.set = ["train.device=cpu", *args.set]
-    {"train": cmd_train, "peer": cmd_peer, "sample": cmd_sample, "largest": cmd_largest,
-     "folder": cmd_folder}[args.cmd](args)
+    global TURN
+    TURN = GpuTurn(getattr(args, "gpu_lock", None), getattr(args, "together", 0))
+    try:
+        {"train": cmd_train, "peer": cmd_peer, "sample": cmd_sample, "largest": cmd_largest,
+         "folder": cmd_folder}[args.cmd](args)
+    except BaseException:
+        TURN.fail()  # the others stop waiting for this one
+        raise
 
 
 if __name__ == "__main__":

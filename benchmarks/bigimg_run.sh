@@ -1,14 +1,14 @@
 #!/usr/bin/env bash
 # Issue 21's measurements on one GPU, in the foreground, a phase at a time, within one device call:
-#   bash benchmarks/bigimg_run.sh PHASE...        # phases: ours peer stream largest (in the order given)
-#   ours     our training step at 64, 128 and 256 px (256 also with activation checkpointing), our sampler at 256
-#   peer     the peer's compiled step at 64, 128 and 256 px and its compiled forward at 256 (diffusers, carried)
-#   stream   ours at 64 and 256 px streaming JPEG folders (made by the first phase, in the background)
-#   largest  the largest batch at 256 px, with and without checkpointing (alone on the card)
-# The jobs of a phase start together and compile side by side (CPU work); each takes the GPU for its timed part
-# only (bench_bigimg.py --gpu-lock), so one is timed at a time. Phases run one after another: two phases at once
-# ran out of the H200's memory (the peer takes 58 GiB at 256 px). Nothing outlives the call: a phase that would
-# end past DEADLINE_S (default 570 s after the start) is cut, and what finished is in the log.
+#   bash benchmarks/bigimg_run.sh PHASE...        # in the order given; the phases are the `case` below
+#   (ours, ours256, peer, peer256: each side's runs; pairs, samples: ours and the peer side by side; stream: the
+#   streamed folders, made by the first phase in the background, and checkpointing at 256 px; largest: the largest
+#   batch at 256 px with and without checkpointing, alone on the card)
+# The jobs of a phase start together and compile side by side (CPU work); once all are ready, each takes the GPU
+# for its timed part in turn (bench_bigimg.py --gpu-lock --together), so one is timed at a time and none is
+# compiling meanwhile. Phases run one after another, and a phase's processes must fit the card together (five of
+# ours at once ran out of the H200's memory). Nothing outlives the call: a phase that would end past DEADLINE_S
+# (default 570 s after the start) is cut, and what finished is in the log.
 # Needs the carried wheels in .whl (pydantic and companions, diffusers). Caches stay in $HOME (TORCHINDUCTOR_CACHE_DIR
 # and DDPM_COMPILE_CACHE_DIR), so a call that follows within the machine's 30 s keeps them.
 # Output: $OUT/bigimg.log (BENCH lines, phase times) and $OUT/jobs.log (each job's last lines); $HOME/bench else.
@@ -32,10 +32,12 @@ phase() {  # phase NAME JOB...: the jobs together, each with the lock, cut at th
   local left=$((deadline - $(date +%s)))
   if [ $left -lt 60 ]; then echo "PHASE $name SKIPPED ($left s left)" >> "$log"; return; fi
   echo "PHASE $name START $(date +%T) ($left s left)" >> "$log"
-  local pids=() i=0
+  local pids=() i=0 lock=$HOME/bench/$name.lock
+  rm -rf "$lock.ready"
   for job in "$@"; do
     i=$((i + 1))
-    ( echo "== $name/$i: $job"; TORCHINDUCTOR_COMPILE_THREADS=${THREADS:-3} timeout $left $B $job 2>&1 ) \
+    case $job in largest*) turn="" ;; *) turn="--gpu-lock $lock --together $#" ;; esac
+    ( echo "== $name/$i: $job"; TORCHINDUCTOR_COMPILE_THREADS=${THREADS:-4} timeout $left $B $job $turn 2>&1 ) \
       > "$HOME/bench/$name-$i.log" &
     pids+=($!)
   done
@@ -47,20 +49,22 @@ phase() {  # phase NAME JOB...: the jobs together, each with the lock, cut at th
   echo "PHASE $name END $(date +%T)" >> "$log"
 }
 
+T80="--steps 80"
 for p in "$@"; do
-  case $p in
-    ours) phase ours "train $I64 --steps 80 --gpu-lock $LOCK" "train $D256 --size 128 --steps 80 --gpu-lock $LOCK" \
-            "train $D256 --steps 80 --gpu-lock $LOCK" \
-            "train $D256 --steps 80 --set model.checkpointing=true --gpu-lock $LOCK" \
-            "sample $D256 --steps 20 --gpu-lock $LOCK" ;;
-    peer) phase peer "peer $I64 --steps 60 --gpu-lock $LOCK" "peer $D256 --size 128 --steps 60 --gpu-lock $LOCK" \
-            "peer $D256 --steps 60 --gpu-lock $LOCK" "sample $D256 --peer --steps 60 --gpu-lock $LOCK" ;;
+  case $p in  # each phase's processes must fit the card together: ours at 256 px holds 74 GiB, the peer's ~60
+    ours) phase ours "train $I64 $T80" "train $D256 --size 128 $T80" "sample $D256 --steps 20" ;;
+    ours256) phase ours256 "train $D256 $T80" "train $D256 $T80 --set model.checkpointing=true" ;;
+    peer) phase peer "peer $I64 --steps 60" "peer $D256 --size 128 --steps 60" "sample $D256 --peer --steps 60" ;;
+    peer256) phase peer256 "peer $D256 --steps 60" ;;
+    pairs) phase pairs "peer $D256 --steps 60" "train $D256 --size 128 $T80" "peer $D256 --size 128 --steps 60" ;;
+    samples) phase samples "sample $D256 --steps 20" "sample $D256 --peer --steps 60" ;;
     stream) wait  # the folders
-      phase stream "train $I64 --steps 80 --data $HOME/img64 --set data.streaming=on --gpu-lock $LOCK" \
-        "train $D256 --steps 80 --data $HOME/img256 --set data.streaming=on --gpu-lock $LOCK" ;;
+      phase stream "train $I64 $T80 --data $HOME/img64 --set data.streaming=on" \
+        "train $D256 $T80 --data $HOME/img256 --set data.streaming=on" \
+        "train $D256 $T80 --set model.checkpointing=true" ;;
     largest) phase largest "largest $D256"
       phase largest-ckpt "largest $D256 --set model.checkpointing=true" ;;
-    *) echo "unknown phase $p (ours, peer, stream, largest)" >&2; exit 2 ;;
+    *) echo "unknown phase $p (ours ours256 peer peer256 pairs samples stream largest)" >&2; exit 2 ;;
   esac
 done
 echo "DONE $(date +%T), $(( $(date +%s) - start )) s" >> "$log"

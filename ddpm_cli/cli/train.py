@@ -10,7 +10,7 @@ from typing import Optional
 import typer
 
 from ddpm_cli.cli.launch import relaunch_with_torchrun, under_torchrun
-from ddpm_cli.cli.ui import TrainDisplay, console, fail, friendly
+from ddpm_cli.cli.ui import TrainDisplay, console, fail, friendly, warn
 
 
 def _install_signal_handlers(stop) -> dict:
@@ -49,6 +49,8 @@ def train_command(
         from ddpm_cli.engine.checkpoint import read_checkpoint_config
 
         weights, _, cfg = read_checkpoint_config(resume, set_)  # the stored config, --set applied
+        if set_:
+            _say_if_the_size_changed(read_checkpoint_config(weights)[2], cfg)
     else:
         weights, cfg = None, load_config(config, set_)
     if gpus >= 1 and not under_torchrun():  # --gpus 1 too: one process through the same launcher
@@ -80,3 +82,12 @@ def train_command(
                   if trainer.guide is not None else "")
         console.print(f"sample with: ddpm sample {result.checkpoint} -n 64 --grid grid.png{guided}", markup=False,
                       soft_wrap=True)
+
+
+def _say_if_the_size_changed(stored, cfg) -> None:
+    """A convolutional network's weights fit any image size, so `--resume --set model.image_size=...` trains on
+    at the new size (a fine-tune at a larger size, say): said once, never silently."""
+    if stored.model.hw != cfg.model.hw:
+        (h0, w0), (h1, w1) = stored.model.hw, cfg.model.hw
+        warn(f"the run was trained at {h0}x{w0} and continues at {h1}x{w1} (--set model.image_size): the same "
+             f"weights go on at the new size; to start a new network instead, use --config")

@@ -2,8 +2,9 @@
 # Issue 21's measurements on one GPU, in the foreground, a phase at a time, within one device call:
 #   bash benchmarks/bigimg_run.sh PHASE...        # in the order given; the phases are the `case` below
 #   (ours, ours256, peer, peer256: each side's runs; pairs, samples: ours and the peer side by side; stream: the
-#   streamed folders, made by the first phase in the background, and checkpointing at 256 px; largest: the largest
-#   batch at 256 px with and without checkpointing, alone on the card)
+#   streamed folders, made by the first phase in the background, and checkpointing at 256 px; stream64: streamed
+#   against in memory from the same 64 px folder; largest: the largest batch at 256 px with and without
+#   checkpointing, alone on the card)
 # The jobs of a phase start together and compile side by side (CPU work); once all are ready, each takes the GPU
 # for its timed part in turn (bench_bigimg.py --gpu-lock --together), so one is timed at a time and none is
 # compiling meanwhile. Phases run one after another, and a phase's processes must fit the card together (five of
@@ -62,9 +63,12 @@ for p in "$@"; do
       phase stream "train $I64 $T80 --data $HOME/img64 --set data.streaming=on" \
         "train $D256 $T80 --data $HOME/img256 --set data.streaming=on" \
         "train $D256 $T80 --set model.checkpointing=true" ;;
+    stream64) wait  # streamed against in memory, the same folder, side by side (17 GiB each)
+      phase stream64 "train $I64 $T80 --data $HOME/img64 --set data.streaming=on" \
+        "train $I64 $T80 --data $HOME/img64 --set data.streaming=off" ;;
     largest) phase largest "largest $D256"
       phase largest-ckpt "largest $D256 --set model.checkpointing=true" ;;
-    *) echo "unknown phase $p (ours ours256 peer peer256 pairs samples stream largest)" >&2; exit 2 ;;
+    *) echo "unknown phase $p (ours ours256 peer peer256 pairs samples stream stream64 largest)" >&2; exit 2 ;;
   esac
 done
 echo "DONE $(date +%T), $(( $(date +%s) - start )) s" >> "$log"

@@ -46,11 +46,11 @@ def train_command(
         fail("pass --config FILE, a run config (start from examples/quickstart.yaml: a small model on built-in "
              "data, no download), or --resume RUN to continue a run", code=2)
     if resume is not None:
-        from ddpm_cli.engine.checkpoint import read_checkpoint_config
+        from ddpm_cli.engine.checkpoint import StoredConfig, read_checkpoint_config
 
-        weights, _, cfg = read_checkpoint_config(resume, set_)  # the stored config, --set applied
+        weights, header, cfg = read_checkpoint_config(resume, set_)  # the stored config, --set applied
         if set_:
-            _say_if_the_size_changed(read_checkpoint_config(weights)[2], cfg)
+            _say_if_the_size_changed(StoredConfig.of(header).validated(), cfg)
     else:
         weights, cfg = None, load_config(config, set_)
     if gpus >= 1 and not under_torchrun():  # --gpus 1 too: one process through the same launcher

@@ -180,8 +180,7 @@ def cmd_train(args) -> dict:
             n = max(4 * cfg.train.batch_size, 64)
             images = ImageSet(torch.randint(0, 256, (n, cfg.model.in_channels, h, w), dtype=torch.uint8),
                               torch.zeros(n, dtype=torch.long), [])
-        turn = TURN
-        cb = TurnTaking(turn, take_at=args.log_every, last=args.steps)
+        cb = TurnTaking(TURN, take_at=args.log_every, last=args.steps)
         if torch.cuda.is_available():
             torch.cuda.reset_peak_memory_stats()
         t0 = time.perf_counter()
@@ -193,7 +192,7 @@ def cmd_train(args) -> dict:
                  "checkpointing": cfg.model.checkpointing, "data": args.data and f"folder, streaming "
                  f"{cfg.data.streaming}", "img_per_s": round(rate, 1), "first_step_s": round(res.compile_s, 1),
                  "run_s": round(total, 1), "peak_mem_gib": round(_peak_gib(), 2), "windows": len(steady),
-                 "waited_s": round(turn.waited_s, 1),
+                 "waited_s": round(TURN.waited_s, 1),
                  "tflops": round(rate * info["train_gflop_per_image"] / 1000, 1),
                  "share_of_peak": round(rate * info["train_gflop_per_image"] / 1000 / args.peak, 3)})
 
@@ -212,7 +211,7 @@ def peer_unet(cfg: RunConfig, device: str):
     return UNet2DModel(**unet_cfg).to(device)
 
 
-def timed(fn, items: int, warm: int, n: int, turn: GpuTurn, window: int = 10) -> tuple[float, float]:
+def timed(fn, items: int, warm: int, n: int, window: int = 10) -> tuple[float, float]:
     """(items per second, the median over windows of `window` calls, n calls in all, timed in the GPU turn;
     seconds of the first `warm` calls)."""
     t = time.perf_counter()
@@ -220,7 +219,7 @@ def timed(fn, items: int, warm: int, n: int, turn: GpuTurn, window: int = 10) ->
         fn()
     sync()
     first = time.perf_counter() - t
-    turn.take()
+    TURN.take()
     rates = []
     for start in range(0, n, window):
         calls = min(window, n - start)
@@ -229,7 +228,7 @@ def timed(fn, items: int, warm: int, n: int, turn: GpuTurn, window: int = 10) ->
             fn()
         sync()
         rates.append(items * calls / (time.perf_counter() - t))
-    turn.give()
+    TURN.give()
     return statistics.median(rates), first
 
 
@@ -243,7 +242,7 @@ def cmd_peer(args) -> dict:
 
     cfg = config(args)
     info = describe(cfg, args)
-    device, turn = device_name(), TURN
+    device = device_name()
     m = peer_unet(cfg, device).train().to(memory_format=torch.channels_last)
     net = torch.compile(m) if device == "cuda" else m
     opt = torch.optim.AdamW(m.parameters(), lr=cfg.train.lr)
@@ -264,9 +263,9 @@ def cmd_peer(args) -> dict:
 
     if device == "cuda":
         torch.cuda.reset_peak_memory_stats()
-    rate, first = timed(step, b, warm=3, n=args.steps, turn=turn)
+    rate, first = timed(step, b, warm=3, n=args.steps)
     return emit({"kind": "peer-train", **info, "batch": b, "img_per_s": round(rate, 1), "first_steps_s":
-                 round(first, 1), "peak_mem_gib": round(_peak_gib(), 2), "waited_s": round(turn.waited_s, 1),
+                 round(first, 1), "peak_mem_gib": round(_peak_gib(), 2), "waited_s": round(TURN.waited_s, 1),
                  "share_of_peak": round(rate * info["train_gflop_per_image"] / 1000 / args.peak, 3)})
 
 
@@ -278,7 +277,7 @@ def cmd_sample(args) -> dict:
 
     cfg = config(args)
     info = describe(cfg, args)
-    device, turn = device_name(), TURN
+    device = device_name()
     b, (h, w) = args.sample_batch, cfg.model.hw
     compile_mode = "default" if device == "cuda" else None
     if args.peer:
@@ -291,9 +290,9 @@ def cmd_sample(args) -> dict:
         def fwd():
             with torch.autocast(device, torch.bfloat16):
                 return net(xs, ts).sample
-        rate, first = timed(fwd, b, warm=3, n=args.steps, turn=turn)
+        rate, first = timed(fwd, b, warm=3, n=args.steps)
         return emit({"kind": "peer-sample", **info, "batch": b, "nfe_per_s": round(rate, 1),
-                     "first_calls_s": round(first, 1), "waited_s": round(turn.waited_s, 1)})
+                     "first_calls_s": round(first, 1), "waited_s": round(TURN.waited_s, 1)})
     torch.manual_seed(0)
     model = build_unet(cfg.model).to(device)
     with torch.no_grad():  # zero-initialised output layers: perturb them, so no work is trivially skippable
@@ -311,16 +310,16 @@ def cmd_sample(args) -> dict:
     t = time.perf_counter()
     run(2)
     first = time.perf_counter() - t
-    turn.take()
+    TURN.take()
     times = []
     for _ in range(3):
         t = time.perf_counter()
         run(args.steps)
         times.append(time.perf_counter() - t)
-    turn.give()
+    TURN.give()
     return emit({"kind": "sample", **info, "batch": b, "nfe_per_s": round(b * args.steps / statistics.median(times), 1),
                  "first_call_s": round(first, 1), "peak_mem_gib": round(_peak_gib(), 2),
-                 "waited_s": round(turn.waited_s, 1)})
+                 "waited_s": round(TURN.waited_s, 1)})
 
 
 def cmd_largest(args) -> dict:

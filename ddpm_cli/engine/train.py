@@ -206,8 +206,10 @@ class Trainer:
     def sample_grid(self) -> Path | None:
         if not self.main:
             return None
+        folder = self.run_dir / "samples"
+        folder.mkdir(exist_ok=True)  # a run copied or resumed from its checkpoint alone has none yet
         path = monitor.draw_grid(self.ema.model if self.ema else self.model, self.diffusion, self.cfg,
-                                 self.run_dir / "samples" / f"step_{self.step:08d}.png", self.device, self.bf16)
+                                 folder / f"step_{self.step:08d}.png", self.device, self.bf16)
         if self.wandb:
             self.wandb.log_image("samples", path, self.step)
         return path

@@ -133,3 +133,27 @@ def test_training_streamed_equals_training_in_memory_and_resumes_exactly(folder,
     a = load_checkpoint(latest_checkpoint(resumed.run_dir)).model_state
     b = load_checkpoint(latest_checkpoint(lazy.run_dir)).model_state
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("streaming_mode", ["on", "off"])
+def test_batches_reach_the_gpu_from_page_locked_memory_and_equal_the_cpu_ones(folder, monkeypatch, streaming_mode):
+    """From the host (streamed, or data.on_device off), each batch is copied from page-locked memory, so the copy
+    overlaps the step queued before it instead of waiting for it; the batches are the CPU's."""
+    copied = []
+    to = torch.Tensor.to
+
+    def spy(self, *args, **kwargs):
+        if self.device.type == "cpu" and kwargs.get("non_blocking"):
+            copied.append(self.is_pinned())
+        return to(self, *args, **kwargs)
+
+    data = _data(folder[0], streaming_mode)
+    gpu = Batcher(data, 12, seed=5, device=torch.device("cuda"), on_device=False, flip=False)
+    cpu = Batcher(data, 12, seed=5, device=torch.device("cpu"), on_device=False, flip=False)
+    monkeypatch.setattr(torch.Tensor, "to", spy)
+    for _ in range(4):
+        (xg, yg), (xc, yc) = gpu.next(), cpu.next()
+        assert torch.equal(xg.cpu(), xc) and torch.equal(yg.cpu(), yc)
+    assert copied and all(copied), copied

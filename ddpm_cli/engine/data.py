@@ -342,8 +342,11 @@ class Batcher:
         on_device = on_device and not self.streamed
         self.images = ds.images.to(device) if on_device else ds.images
         self.labels = ds.labels.to(device) if on_device else ds.labels
-        if not on_device and device.type == "cuda":
-            self.images, self.labels = self.images.pin_memory(), self.labels.pin_memory()
+        # From the host, each batch goes to the GPU from page-locked memory: from pageable memory the copy would
+        # wait for the step already queued. A streamed set decodes into it; a gathered batch is pinned itself.
+        self.pin = not on_device and device.type == "cuda"
+        if self.pin and self.streamed:
+            self.images = self.images.pin_memory()
         self.n = n
         self.epoch, self.pos = 0, 0
         self._perms: dict[int, torch.Tensor] = {}  # epoch -> its order (this epoch's and, streaming, the next)
@@ -367,8 +370,10 @@ class Batcher:
         self.epoch, self.pos, idx = self._indices(self.epoch, self.pos)
         if self.streamed:  # decode the next batch while this one trains
             self.images.prefetch(self._indices(self.epoch, self.pos)[2])
-        x = self.images[idx].to(self.device, non_blocking=True)
-        y = self.labels[idx].to(self.device, non_blocking=True)
+        x, y = self.images[idx], self.labels[idx]
+        if self.pin:
+            x, y = (x if x.is_pinned() else x.pin_memory()), y.pin_memory()
+        x, y = x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
         x = to_model_range(x)
         if self.flip:
             mask = torch.rand(x.shape[0], device=self.device) < 0.5

@@ -108,7 +108,10 @@ class StreamedImages:
         return self._decoder.take(self._entries(idx), self.size, self.channels)
 
     def pin_memory(self) -> "StreamedImages":
-        return self  # each decoded batch is its own small tensor; nothing large to pin
+        """Decode each batch into page-locked memory from now on (Batcher asks for it on CUDA): a copy to the GPU
+        from pageable memory waits for the work already queued there, so it would not overlap the step."""
+        self._decoder.pin = True
+        return self
 
 
 class _Decoder:
@@ -120,6 +123,7 @@ class _Decoder:
         self._runner: ThreadPoolExecutor | None = None  # assembles the batch ahead while the caller trains
         self._ahead: tuple[tuple[int, ...], Future] | None = None
         self._open = _Opener(files)
+        self.pin = False  # decode into page-locked memory (StreamedImages.pin_memory)
 
     def _threads(self) -> ThreadPoolExecutor:
         if self._pool is None:
@@ -141,7 +145,10 @@ class _Decoder:
                                 f"(or set data.streaming=off, which skips such files) and resume")
             return array
 
-        return torch.from_numpy(np.stack(list(self._threads().map(one, entries))))
+        # np.stack keeps the decoded arrays' layout (channels last), as the in-memory path's does: the batches
+        # and so the losses are the same, bit for bit
+        batch = torch.from_numpy(np.stack(list(self._threads().map(one, entries))))
+        return torch.empty_like(batch, pin_memory=True).copy_(batch) if self.pin else batch
 
     def start(self, entries: list[int], size, channels: int) -> None:
         key = tuple(entries)

@@ -23,6 +23,7 @@ import argparse
 import json
 import os
 import shlex
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -103,7 +104,16 @@ phases = {"import": marks["import"] - marks["start"],
           "compile": compile_s,
           "first batch": ends[0] - set_up - compile_s if ends else None,
           "rest": marks["end"] - (ends[0] if ends else set_up)}
+breakdown = {}
+try:  # where compiling went, by torch's own timers (seconds, summed over the process's compiles)
+    from torch._dynamo.utils import calculate_time_spent, compile_times
+    breakdown = {k: round(v, 2) for k, v in calculate_time_spent().items()}
+    names, rows = compile_times(repr="csv", aggregate=True)
+    breakdown["top"] = sorted(((n, round(float(v), 2)) for n, v in zip(names, rows)), key=lambda x: -x[1])[:12]
+except Exception as e:
+    breakdown = {"unavailable": repr(e)}
 print("PHASES " + json.dumps({"phases": {k: None if v is None else round(v, 2) for k, v in phases.items()},
+                              "torch_compile_s": breakdown,
                               ("to_first_step_s" if steps else "to_first_batch_s"):
                                   round(ends[0] - marks["start"], 2) if ends else None,
                               "cache_load_s": round(sum(c.load_s for c in used), 2),
@@ -138,6 +148,9 @@ def scenarios(tag: str, args: list[str], which: list[str], work: Path) -> None:
     """Run `args` under each scenario in turn, each a fresh process with this job's own cache folders (they start
     empty: the first scenario is the cold one); print a BENCH line per run."""
     ddpm_dir, inductor_dir = work / f"{tag}-ddpm-cache", work / f"{tag}-inductor"
+    if "cold" in which:  # a --work folder kept from an earlier call holds them
+        for d in (ddpm_dir, inductor_dir, work / f"{tag}-inductor-portable"):
+            shutil.rmtree(d, ignore_errors=True)
     for scenario in which:
         inductor = work / f"{tag}-inductor-portable" if scenario == "portable" else inductor_dir
         res = run_command(args, scenario_env(scenario, ddpm_dir, inductor), work)
@@ -157,26 +170,33 @@ def main() -> None:
     p.add_argument("--compile", choices=["auto", "on", "off"], default="auto", help="train.compile and --compile")
     p.add_argument("--device", default="auto")
     p.add_argument("--tiny", action="store_true", help="a tiny model on the CPU, 3 steps, 4 images (smoke run)")
+    p.add_argument("--work", type=Path, default=None, help="keep the caches, runs and outputs in this folder "
+                   "(default: a temporary one), so a later invocation can run the warm scenarios of the same jobs")
     a = p.parse_args()
     which = [s for s in a.scenarios.split(",") if s]
     if bad := [s for s in which if s not in SCENARIOS]:
         sys.exit(f"unknown scenario(s) {bad}; choose from {SCENARIOS}")
     if "cold" in which and which[0] != "cold":
         sys.exit("cold must come first: the other scenarios reuse what it leaves")
+    if "cold" not in which and a.work is None:
+        sys.exit("without cold, give --work: the folder of the invocation that ran it")
     steps = 3 if a.tiny else a.train_steps
     device = "cpu" if a.tiny and a.device == "auto" else a.device
     sample_jobs = a.sample or (["-n 4 --steps 2 --batch-size 2"] if a.tiny else ["-n 64 --grid g.png", "-n 10000"])
     commands = a.commands.split(",")
     with tempfile.TemporaryDirectory(prefix="bench-startup-") as tmp:
-        work = Path(tmp)
+        work = a.work.resolve() if a.work else Path(tmp)
+        work.mkdir(parents=True, exist_ok=True)
         sets = [*(TINY if a.tiny else []), "data.dataset=shapes", f"train.steps={steps}", "train.max_time=null",
                 f"train.guide_step={max(1, steps // 2)}", f"train.device={device}", f"train.compile={a.compile}",
                 f"logging.run_dir={work / 'runs'}", "logging.sample_count=4", "logging.sample_steps=2",
                 f"logging.log_every={steps}", *a.set]
         train_args = ["train", "--config", a.config, *[x for s in sets for x in ("--set", s)]]
+        ckpts = [c for c in sorted((work / "runs").glob("*/checkpoints/*.safetensors"))
+                 if not c.name.endswith(".state.safetensors")]
         if "train" in commands:
             scenarios("train", train_args, which, work)
-        else:  # a checkpoint to sample from, not timed
+        elif not ckpts:  # a checkpoint to sample from, not timed
             subprocess.run([sys.executable, "-m", "ddpm_cli", *train_args, "--set", "train.compile=off"], check=True,
                            capture_output=True, env={**os.environ, "PYTHONPATH": str(ROOT)}, cwd=work)
         ckpt = sorted((work / "runs").glob("*/checkpoints/*.safetensors"))

@@ -109,6 +109,9 @@ try:  # where compiling went, by torch's own timers (seconds, summed over the pr
     from torch._dynamo.utils import calculate_time_spent, compile_times
     breakdown = {k: round(v, 2) for k, v in calculate_time_spent().items()}
     names, rows = compile_times(repr="csv", aggregate=True)
+    from torch._dynamo.utils import counters  # AOTAutograd's cache: hits, misses, and why it was bypassed
+    breakdown["aot_autograd"] = {k: v for k, v in counters["aot_autograd"].items() if "cache" in k or "bypass" in k}
+    breakdown["inductor"] = {k: v for k, v in counters["inductor"].items() if "cache" in k}
     breakdown["top"] = sorted(((n, round(float(v), 2)) for n, v in zip(names, rows)), key=lambda x: -x[1])[:12]
 except Exception as e:
     breakdown = {"unavailable": repr(e)}
@@ -124,7 +127,8 @@ sys.exit(code)
 
 
 def scenario_env(scenario: str, ddpm_dir: Path, inductor_dir: Path) -> dict:
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "PYTHONUNBUFFERED": "1", "DDPM_COMPILE_CACHE_DIR": str(ddpm_dir),
+    path = os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))  # carried packages stay found
+    env = {**os.environ, "PYTHONPATH": path, "PYTHONUNBUFFERED": "1", "DDPM_COMPILE_CACHE_DIR": str(ddpm_dir),
            "TORCHINDUCTOR_CACHE_DIR": str(inductor_dir), "TRITON_CACHE_DIR": str(inductor_dir / "triton")}
     if scenario == "inductor-only":
         env["DDPM_COMPILE_CACHE"] = "off"
@@ -191,7 +195,7 @@ def main() -> None:
                 f"train.guide_step={max(1, steps // 2)}", f"train.device={device}", f"train.compile={a.compile}",
                 f"logging.run_dir={work / 'runs'}", "logging.sample_count=4", "logging.sample_steps=2",
                 f"logging.log_every={steps}", *a.set]
-        train_args = ["train", "--config", a.config, *[x for s in sets for x in ("--set", s)]]
+        train_args = ["train", "--config", str(Path(a.config).resolve()), *[x for s in sets for x in ("--set", s)]]
         ckpts = [c for c in sorted((work / "runs").glob("*/checkpoints/*.safetensors"))
                  if not c.name.endswith(".state.safetensors")]
         if "train" in commands:

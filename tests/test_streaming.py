@@ -145,7 +145,9 @@ def test_batches_reach_the_gpu_from_page_locked_memory_and_equal_the_cpu_ones(fo
     to = torch.Tensor.to
 
     def spy(self, *args, **kwargs):
-        if self.device.type == "cpu" and kwargs.get("non_blocking"):
+        target = args[0] if args else kwargs.get("device")
+        to_gpu = isinstance(target, (str, torch.device)) and torch.device(target).type == "cuda"
+        if self.device.type == "cpu" and to_gpu:
             copied.append(self.is_pinned())
         return to(self, *args, **kwargs)
 

@@ -106,10 +106,10 @@ phases = {"import": marks["import"] - marks["start"],
           "rest": marks["end"] - (ends[0] if ends else set_up)}
 breakdown = {}
 try:  # where compiling went, by torch's own timers (seconds, summed over the process's compiles)
-    from torch._dynamo.utils import calculate_time_spent, compile_times
+    from torch._dynamo.utils import calculate_time_spent, compile_times, counters
     breakdown = {k: round(v, 2) for k, v in calculate_time_spent().items()}
     names, rows = compile_times(repr="csv", aggregate=True)
-    from torch._dynamo.utils import counters  # AOTAutograd's cache: hits, misses, and why it was bypassed
+    # AOTAutograd's and inductor's caches: hits, misses, bypasses (the reason is in torch's log)
     breakdown["aot_autograd"] = {k: v for k, v in counters["aot_autograd"].items() if "cache" in k or "bypass" in k}
     breakdown["inductor"] = {k: v for k, v in counters["inductor"].items() if "cache" in k}
     breakdown["top"] = sorted(((n, round(float(v), 2)) for n, v in zip(names, rows)), key=lambda x: -x[1])[:12]
@@ -126,10 +126,23 @@ sys.exit(code)
 """
 
 
+def child_env(**extra: str) -> dict:
+    """This environment for a child process, with the project first on PYTHONPATH (carried packages stay found)."""
+    path = os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))
+    return {**os.environ, "PYTHONPATH": path, **extra}
+
+
+def first_checkpoint(work: Path) -> Path | None:
+    """The oldest checkpoint of the oldest run under `work` (the cold training run's, or the untimed one's)."""
+    from ddpm_cli.engine.runs import list_checkpoints
+
+    found = [c for run in sorted((work / "runs").glob("*/")) for c in list_checkpoints(run)]
+    return found[0] if found else None
+
+
 def scenario_env(scenario: str, ddpm_dir: Path, inductor_dir: Path) -> dict:
-    path = os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))  # carried packages stay found
-    env = {**os.environ, "PYTHONPATH": path, "PYTHONUNBUFFERED": "1", "DDPM_COMPILE_CACHE_DIR": str(ddpm_dir),
-           "TORCHINDUCTOR_CACHE_DIR": str(inductor_dir), "TRITON_CACHE_DIR": str(inductor_dir / "triton")}
+    env = child_env(PYTHONUNBUFFERED="1", DDPM_COMPILE_CACHE_DIR=str(ddpm_dir),
+                    TORCHINDUCTOR_CACHE_DIR=str(inductor_dir), TRITON_CACHE_DIR=str(inductor_dir / "triton"))
     if scenario == "inductor-only":
         env["DDPM_COMPILE_CACHE"] = "off"
     return env
@@ -196,15 +209,12 @@ def main() -> None:
                 f"logging.run_dir={work / 'runs'}", "logging.sample_count=4", "logging.sample_steps=2",
                 f"logging.log_every={steps}", *a.set]
         train_args = ["train", "--config", str(Path(a.config).resolve()), *[x for s in sets for x in ("--set", s)]]
-        ckpts = [c for c in sorted((work / "runs").glob("*/checkpoints/*.safetensors"))
-                 if not c.name.endswith(".state.safetensors")]
         if "train" in commands:
             scenarios("train", train_args, which, work)
-        elif not ckpts:  # a checkpoint to sample from, not timed
+        elif first_checkpoint(work) is None:  # a checkpoint to sample from, not timed
             subprocess.run([sys.executable, "-m", "ddpm_cli", *train_args, "--set", "train.compile=off"], check=True,
-                           capture_output=True, env={**os.environ, "PYTHONPATH": str(ROOT)}, cwd=work)
-        ckpt = sorted((work / "runs").glob("*/checkpoints/*.safetensors"))
-        ckpt = [c for c in ckpt if not c.name.endswith(".state.safetensors")][0]
+                           capture_output=True, env=child_env(), cwd=work)
+        ckpt = first_checkpoint(work)
         if "sample" in commands:
             for j, job in enumerate(sample_jobs):  # cwd is the temporary folder: outputs land there
                 args = ["sample", str(ckpt), *shlex.split(job), "--device", device, "--compile", a.compile,

@@ -4,14 +4,18 @@
 # images, then an FID-vs-NFE sweep. Needs .carry_data/train.zip carried by this call and the Inception weights
 # at $HOME/inception.pth (copied by the next call). Results go to $HOME/fid/NAME.jsonl, the log to NAME.log.
 #   bash benchmarks/fid_run.sh NAME CONFIG "TRAIN --set ARGS" "SAMPLE ARGS" \
-#       "SWEEP: [RUN@]sampler:steps[:guidance[:eta[:ema_decay[:guide_step]]]] ..."
+#       "SWEEP: [RUN@]sampler:steps[:guidance[:eta[:ema_decay[:guide_step[:n]]]]] ... [| ANOTHER LANE ...]"
 # guidance: empty takes the checkpoint's default (its stored guide, if any); 1 samples unguided.
 # guide_step: autoguidance by the run's own checkpoint of that step (keep it: logging.checkpoint_every/keep_last).
 # RUN@: sample another run of this host instead (after it has trained), so that several GPUs share one model's
 # sweep; its results go to RUN.jsonl. Empty SAMPLE ARGS: the main score is `ddpm eval RUN -n 10000`, the
 # command a user runs (default sampler and guidance). `--per-class` in this run's SAMPLE ARGS applies to its
 # whole sweep, RUN@ entries included.
-# FID_N=200 shrinks the sample counts for a smoke test of this script.
+# n: this entry's sample count (default FID_N). " | " splits the sweep into lanes that run side by side on the
+# GPU (one process's start-up, compile and Inception overlap another's sampling); an entry's lane is its order.
+# FLOOR=PATH (an images zip, e.g. cifar10-jpeg/test.zip, in place with the Inception weights): also score those
+# real images against the reference, the floor a model's samples are compared with. Each record's label ends with the command's wall time.
+# FID_N=200 shrinks the sample counts for a smoke test of this script; DDPM="CMD" replaces `python3 -m ddpm_cli`.
 # torch.compile starts cold (a fresh inductor cache per run), as on a fresh machine: compilation counts.
 # Keep a call in flight until FID-DONE (e.g. `sleep 520` calls back to back): the device machine goes back after
 # 30 s without a call, background job or not; a first run here was lost that way (2026-11-26).
@@ -36,29 +40,36 @@ if [ "${1:-}" != inner ]; then
 fi
 set -x
 out=$HOME/fid/$NAME
-ddpm() { python3 -m ddpm_cli "$@"; }
+ddpm() { ${DDPM:-python3 -m ddpm_cli} "$@"; }
 ddpm train -c "$CONFIG" --set data.root="$HOME/data/train.zip" --set logging.run_dir="$HOME/runs" \
     --set logging.run_name="$NAME" $EXTRA || { touch "$out.failed"; echo TRAIN-FAILED; echo FID-DONE; exit 1; }
 touch "$out.trained"
 ckpt=$HOME/runs/$NAME
 ev=(--ref "$HOME/data/train.zip" --inception-weights "$HOME/inception.pth" --cache-dir "$HOME/fidcache")
 # The label and the result in one write: runs of other GPUs append to the same file. A failed score says so.
+# $4: the second the command started (SECONDS), for its wall time.
 record() {
     local r; r=$(tail -n 1 "$3" 2> /dev/null)
     [[ $r == "{"* ]] || r='{"fid": null, "failed": true}'
-    printf '%s\n%s\n' "$1" "$r" >> "$2"
+    printf '%s (wall %d s)\n%s\n' "$1" $((SECONDS - $4)) "$r" >> "$2"
 }
+while [ ! -f "$HOME/inception.pth" ]; do sleep 2; done
+t0=$SECONDS
 if [ -z "$SAMPLE" ]; then
-    while [ ! -f "$HOME/inception.pth" ]; do sleep 2; done
     ddpm eval "$ckpt" -n "${FID_N:-10000}" --batch-size 1000 "${ev[@]}" | tee "$out-main.json"
-    record "MAIN ddpm eval RUN -n ${FID_N:-10000} (default sampler and guidance)" "$out.jsonl" "$out-main.json"
+    record "MAIN ddpm eval RUN -n ${FID_N:-10000} (default sampler and guidance)" "$out.jsonl" "$out-main.json" $t0
 else
     ddpm sample "$ckpt" -n "${FID_N:-10000}" --batch-size 1000 --format npz --out "$out-main.npz" $SAMPLE
-    while [ ! -f "$HOME/inception.pth" ]; do sleep 2; done
     ddpm eval "$out-main.npz" "${ev[@]}" --batch-size 500 | tee "$out-main.json"
-    record "MAIN $SAMPLE" "$out.jsonl" "$out-main.json"
+    record "MAIN $SAMPLE" "$out.jsonl" "$out-main.json" $t0
 fi
-for s in $SWEEP; do
+if [ -n "${FLOOR:-}" ]; then
+    t0=$SECONDS
+    ddpm eval "$FLOOR" "${ev[@]}" --batch-size 500 | tee "$out-floor.json"
+    record "FLOOR ddpm eval $(basename "$FLOOR") (real images against the reference)" "$out.jsonl" "$out-floor.json" $t0
+fi
+lane() {
+for s in "$@"; do
     run=$NAME; spec=$s
     [[ $s == *@* ]] && { run=${s%%@*}; spec=${s#*@}; }
     waited=0  # until that run has trained (or failed: then skip; or never started: give up after an hour)
@@ -66,15 +77,21 @@ for s in $SWEEP; do
         sleep 5; waited=$((waited + 5))
     done
     [ -f "$HOME/fid/$run.trained" ] || { echo "SKIPPED $s: run $run did not train"; continue; }
-    IFS=: read -r smp st w e d g <<< "$spec"
-    c=$HOME/runs/$run; o=$HOME/fid/$run-$spec-by-$NAME
-    ddpm sample "$c" -n "${FID_N:-10000}" --batch-size 1000 --format npz --out "$o.npz" --sampler "$smp" \
+    IFS=: read -r smp st w e d g n <<< "$spec"
+    c=$HOME/runs/$run; o=$HOME/fid/$run-$spec-by-$NAME; t0=$SECONDS
+    ddpm sample "$c" -n "${n:-${FID_N:-10000}}" --batch-size 1000 --format npz --out "$o.npz" --sampler "$smp" \
         --steps "$st" ${w:+--guidance "$w"} ${e:+--eta "$e"} ${d:+--ema-decay "$d"} \
         ${g:+--guide-model "$c/checkpoints/ckpt-$(printf %08d "$g").safetensors"} \
         $(echo "$SAMPLE" | grep -o -- '--per-class')
     ddpm eval "$o.npz" "${ev[@]}" --batch-size 500 | tee "$o.json"
-    record "SWEEP $smp $st ${w:-default-guidance} ${e:+eta $e} ${d:+ema $d} ${g:+guide $g} (on $NAME's GPU)" \
-        "$HOME/fid/$run.jsonl" "$o.json"
+    record "SWEEP $smp $st ${w:-default-guidance} ${e:+eta $e} ${d:+ema $d} ${g:+guide $g} n ${n:-${FID_N:-10000}} (on $NAME's GPU)" \
+        "$HOME/fid/$run.jsonl" "$o.json" $t0
     rm -f "$o.npz"
 done
+}
+IFS='|' read -ra lanes <<< "$SWEEP"
+for l in "${lanes[@]}"; do
+    lane $l &  # unquoted: a lane is its space-separated entries
+done
+wait
 echo FID-DONE

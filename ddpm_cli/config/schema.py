@@ -235,7 +235,8 @@ class TrainConfig(Section):
     """Step before which the EMA just copies the weights."""
     ema_warmup: bool = False
     """Ramp the EMA decay as min(ema_decay, (1 + n) / (10 + n)) over the n-th update, so short runs are not
-    dominated by the initial weights."""
+    dominated by the initial weights. The ramp caps every decay (ema_extra's too) until update 9 / (1 - decay)
+    - 10: 0.9999 only takes effect after 89,990 updates, and before that averages as the ramp does."""
     ema_extra: tuple[float, ...] = Field((), max_length=4)
     """More EMA decays to keep beside ema_decay (each a full copy of the weights, updated with it), to choose the
     averaging length after training with `ddpm sample --ema-decay D` (also eval and export)."""

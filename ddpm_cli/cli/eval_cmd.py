@@ -17,7 +17,7 @@ from ddpm_cli.cli.ui import PlainProgress, err_console, fail, friendly
 
 class EvalDisplay:
     """EvalCallbacks for the terminal: a live bar per stage on a terminal; elsewhere (logs, pipes) plain lines: an
-    estimate of each stage's time after its first batch, then a line every `every_s` seconds."""
+    estimate of each stage's time after its second batch, then a line every `every_s` seconds."""
 
     def __init__(self, live: bool | None = None, every_s: float = 30.0):
         self.live = err_console.is_terminal if live is None else live

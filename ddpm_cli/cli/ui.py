@@ -168,35 +168,45 @@ def fmt_duration(seconds: float) -> str:
 
 class PlainProgress:
     """Progress as plain lines, for logs and pipes where a live bar cannot draw: a line when a stage starts, an
-    estimate of its time after its first batch, a line every `every_s` seconds, and one when it ends."""
+    estimate of its time after its second batch, a line every `every_s` seconds, and one when it ends.
+
+    Rates and estimates leave the first batch out: on a GPU it carries the stage's one-off start (compiling the
+    sampler, loading Inception), so a rate that counted it would overstate the time left many times over."""
 
     def __init__(self, console: Console, every_s: float = 30.0, unit: str = "images"):
         self.console, self.every_s, self.unit = console, every_s, unit
         self.name: str | None = None
         self.total = self.done = 0
         self.t0 = self.last = 0.0
+        self.first: tuple[float, int] | None = None  # when the first batch ended, and its size
 
     def _print(self, text: str) -> None:
         self.console.print(text, markup=False, soft_wrap=True, highlight=False)
 
     def start(self, name: str, total: int) -> None:
         self.finish()
-        self.name, self.total, self.done = name, total, 0
+        self.name, self.total, self.done, self.first = name, total, 0, None
         self.t0 = self.last = time.monotonic()
         self._print(f"{name}: {total:,} {self.unit}")
 
     def advance(self, done: int) -> None:
         if self.name is None:
             return
-        first, self.done = self.done == 0, done
-        now = time.monotonic()
-        rate = done / max(now - self.t0, 1e-9)
-        left = max(self.total - done, 0) / max(rate, 1e-9)
-        if first and done < self.total:
-            self._print(f"{self.name}: about {fmt_duration(left + now - self.t0)} for {self.total:,} {self.unit} "
-                        f"at {fmt_rate(rate)} {self.unit}/s")
+        now, second, self.done = time.monotonic(), self.first is not None and self.done == self.first[1], done
+        if self.first is None:
+            self.first = (now, done)
             self.last = now
-        elif now - self.last >= self.every_s and done < self.total:
+            return
+        t1, d1 = self.first
+        rate = (done - d1) / max(now - t1, 1e-9)  # after the first batch
+        left = max(self.total - done, 0) / max(rate, 1e-9)
+        if done >= self.total:
+            return
+        if second:
+            self._print(f"{self.name}: about {fmt_duration(left + now - self.t0)} for {self.total:,} {self.unit} "
+                        f"at {fmt_rate(rate)} {self.unit}/s (the first batch took {t1 - self.t0:.1f} s)")
+            self.last = now
+        elif now - self.last >= self.every_s:
             self._print(f"{self.name}: {done:,}/{self.total:,} {self.unit} ({done / max(self.total, 1):.0%}), "
                         f"{fmt_rate(rate)} {self.unit}/s, about {fmt_duration(left)} left")
             self.last = now

@@ -106,6 +106,14 @@ def run_cli(*args: str, cwd: Path | None = None, timeout: float = 300, env: dict
                           timeout=timeout, env=full_env)
 
 
+def run_main_probing_teardown(*args: str, timeout: float = 300):
+    """Run the `ddpm` entry point (cli.app.main) in a subprocess whose exit handler prints TEARDOWN: it does when
+    Python tears the process down, and not when a command ended it right away (ui.exit_quickly_when_done)."""
+    probe = ("import atexit, sys; atexit.register(lambda: print('TEARDOWN', flush=True)); "
+             "from ddpm_cli.cli.app import main; sys.argv = ['ddpm', *sys.argv[1:]]; main()")
+    return subprocess.run([sys.executable, "-c", probe, *args], capture_output=True, text=True, timeout=timeout)
+
+
 def cli(*args):
     """Invoke the `ddpm` app in-process (CliRunner), stringifying the arguments."""
     from typer.testing import CliRunner

@@ -683,6 +683,15 @@ def test_eval_off_a_terminal_estimates_each_stage_and_says_how_far_it_is(cli_fil
     assert any(re.match(rf"reference: {N_REF} images in [\d.]+ s", x) for x in lines[start + 2:]), lines
 
 
+def test_an_eval_process_ends_without_the_teardown_and_prints_its_whole_json_line(cli_files):
+    from conftest import run_main_probing_teardown
+
+    f = cli_files
+    r = run_main_probing_teardown("eval", str(f["samples"]), "--ref", str(f["ref"]), *f["common"])
+    assert r.returncode == 0 and "TEARDOWN" not in r.stdout, r.stdout + r.stderr
+    assert json.loads(r.stdout.strip().splitlines()[-1])["n"] == N_REF
+
+
 def test_plain_progress_estimates_from_the_batches_after_the_first(monkeypatch):
     """The first batch of a stage holds its one-off start (on a GPU: compiling the sampler). A 50,000-image
     eval on an H200 printed "about 45 min" after a 54 s first batch and took 135 s; the estimate and the rates

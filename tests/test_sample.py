@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from conftest import cli, ok, one_line_error, perturbed_unet, run_cli
+from conftest import cli, ok, one_line_error, perturbed_unet, run_cli, run_main_probing_teardown
 from ddpm_cli.engine.runs import latest_checkpoint
 from ddpm_cli.engine.sampling import grid_layout, plan_labels
 from ddpm_cli.errors import DdpmError, UsageError
@@ -291,6 +291,22 @@ def test_errors_in_a_real_process_have_no_traceback(tmp_path):
     assert r.returncode == 1 and r.stderr.strip().splitlines() == [
         f"error: checkpoint {tmp_path / 'nope.safetensors'} not found; pass a .safetensors file written by ddpm "
         f"or a run directory"]
+
+
+def test_a_sample_process_ends_without_the_teardown_and_loses_no_output(trained_run, tmp_path):
+    """`ddpm sample` ends its process once its work is written, skipping Python's teardown (on a GPU seconds of
+    it); a command that did not ask for it still tears down (eval: tests/test_eval.py)."""
+    run = run_main_probing_teardown
+    out = tmp_path / "s.npz"
+    r = run("sample", str(trained_run), "-n", "5", "--steps", "3", "--format", "npz", "--out", str(out))
+    assert r.returncode == 0 and "TEARDOWN" not in r.stdout, r.stdout + r.stderr
+    assert "5 images" in r.stdout and np.load(out)["arr_0"].shape == (5, 16, 16, 3)  # printed and written whole
+    r = run("sample", str(tmp_path / "nope.safetensors"))
+    assert r.returncode == 1 and "TEARDOWN" not in r.stdout and "not found" in r.stderr  # its code kept
+    r = run("sample", str(trained_run), "--bogus")
+    assert r.returncode == 2 and "TEARDOWN" in r.stdout  # a usage error never reaches the command
+    r = run("config", "show", "--help")
+    assert r.returncode == 0 and "TEARDOWN" in r.stdout
 
 
 def test_run_directory_without_checkpoints(tmp_path):

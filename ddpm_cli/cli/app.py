@@ -6,7 +6,7 @@ from typing import Optional
 import typer
 
 from ddpm_cli import __version__
-from ddpm_cli.cli import cache_cmd, config_cmd
+from ddpm_cli.cli import cache_cmd, config_cmd, ui
 from ddpm_cli.cli.eval_cmd import eval_command
 from ddpm_cli.cli.export import export_command
 from ddpm_cli.cli.import_cmd import import_command
@@ -42,4 +42,11 @@ app.add_typer(cache_cmd.app, name="cache")
 
 
 def main() -> None:
-    app()
+    """The `ddpm` console script. A command that asked for it (ui.exit_quickly_when_done) ends the process as soon
+    as it returns."""
+    try:
+        app()
+    except SystemExit as done:
+        if ui.quick_exit_requested():
+            ui.end_process(done.code)
+        raise

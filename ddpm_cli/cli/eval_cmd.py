@@ -12,7 +12,7 @@ from rich.markup import escape
 
 from ddpm_cli.cli.launch import is_main_process, relaunch_with_torchrun, under_torchrun
 from ddpm_cli.cli.options import sampling_options
-from ddpm_cli.cli.ui import PlainProgress, err_console, fail, friendly
+from ddpm_cli.cli.ui import PlainProgress, err_console, exit_quickly_when_done, fail, friendly
 
 
 class EvalDisplay:
@@ -100,6 +100,8 @@ def eval_command(
     draw=None,  # DrawOptions: the sampling options `ddpm sample` has (cli/options.py), for a checkpoint
 ) -> None:
     """Score samples with FID and KID against a reference; print one JSON line."""
+    if not under_torchrun():  # its JSON line and caches are written when it returns; a rank leaves with its group
+        exit_quickly_when_done()
     if input is None and save_stats is None:
         fail("nothing to score: pass a checkpoint or samples, or --save-stats FILE to precompute the reference "
              "statistics", code=2)

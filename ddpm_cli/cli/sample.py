@@ -10,7 +10,7 @@ import typer
 
 from ddpm_cli.cli.options import sampling_options
 from ddpm_cli.cli.launch import is_main_process, relaunch_with_torchrun, under_torchrun
-from ddpm_cli.cli.ui import console, fmt_rate, friendly, warn
+from ddpm_cli.cli.ui import console, exit_quickly_when_done, fmt_rate, friendly, warn
 
 
 class Format(str, Enum):
@@ -84,6 +84,8 @@ def sample_command(
     draw=None,  # DrawOptions: the sampling options (cli/options.py)
 ) -> None:
     """Draw images from a trained checkpoint."""
+    if not under_torchrun():  # its files are complete when it returns; a rank leaves with its process group
+        exit_quickly_when_done()
     from ddpm_cli.engine.sampling import SampleRequest, plan_sampling, run_sampling
 
     if out is None and grid is None:

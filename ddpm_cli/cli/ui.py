@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import os
 import sys
 import time
 import warnings
@@ -54,6 +55,35 @@ def _warnings_as_lines():
 
         warnings.showwarning = show
         yield
+
+
+_quick_exit = False
+
+
+def exit_quickly_when_done() -> None:
+    """Ask the console entry point (`app.main`) to end the process as soon as this command returns, its output
+    flushed, without Python's teardown: with a CUDA context and torch.compile's modules loaded that teardown takes
+    seconds, and a command whose files are all written and closed (sample, eval) leaves it nothing to do. Commands
+    run in-process (tests, notebooks) never reach `main`, so nothing ends them."""
+    global _quick_exit
+    _quick_exit = True
+
+
+def quick_exit_requested() -> bool:
+    return _quick_exit
+
+
+def end_process(code: object) -> None:
+    """End the process now with a SystemExit's code (None: 0; a message: printed, then 1), output flushed."""
+    if code is not None and not isinstance(code, int):
+        print(code, file=sys.stderr)
+        code = 1
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (OSError, ValueError):  # a closed pipe: nothing left to save
+            pass
+    os._exit(code or 0)
 
 
 def friendly(fn: Callable) -> Callable:

@@ -14,7 +14,8 @@
 # n: this entry's sample count (default FID_N). " | " splits the sweep into lanes that run side by side on the
 # GPU (one process's start-up, compile and Inception overlap another's sampling); an entry's lane is its order.
 # FLOOR=PATH (an images zip, e.g. cifar10-jpeg/test.zip, in place with the Inception weights): also score those
-# real images against the reference, the floor a model's samples are compared with. Each record's label ends with the command's wall time.
+# real images against the reference, the floor a model's samples are compared with. Each record's label ends
+# with the command's wall time.
 # FID_N=200 shrinks the sample counts for a smoke test of this script; DDPM="CMD" replaces `python3 -m ddpm_cli`.
 # torch.compile starts cold (a fresh inductor cache per run), as on a fresh machine: compilation counts.
 # Keep a call in flight until FID-DONE (e.g. `sleep 520` calls back to back): the device machine goes back after

@@ -719,6 +719,7 @@ def test_plain_progress_estimates_from_the_batches_after_the_first(monkeypatch):
     assert text[2] == "samples: 3,000/10,000 images (30%), 1,000 images/s, about 7 s left"
     assert text[-1].startswith("samples: 10,000 images in 69.0 s")
 
+
 def test_ref_limit_uses_the_first_images_of_the_reference(cli_files, clean, inception):
     f = cli_files
     r = runner.invoke(app, ["eval", str(f["samples"]), "--ref", str(f["ref"]), "--ref-limit", "40", *f["common"]])

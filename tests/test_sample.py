@@ -295,7 +295,8 @@ def test_errors_in_a_real_process_have_no_traceback(tmp_path):
 
 def test_a_sample_process_ends_without_the_teardown_and_loses_no_output(trained_run, tmp_path):
     """`ddpm sample` ends its process once its work is written, skipping Python's teardown (on a GPU seconds of
-    it); a command that did not ask for it still tears down (eval: tests/test_eval.py)."""
+    it), and keeps its exit code; a usage error or a command that did not ask for it still tears down (eval's
+    own quick exit: tests/test_eval.py)."""
     run = run_main_probing_teardown
     out = tmp_path / "s.npz"
     r = run("sample", str(trained_run), "-n", "5", "--steps", "3", "--format", "npz", "--out", str(out))

@@ -100,8 +100,7 @@ def eval_command(
     draw=None,  # DrawOptions: the sampling options `ddpm sample` has (cli/options.py), for a checkpoint
 ) -> None:
     """Score samples with FID and KID against a reference; print one JSON line."""
-    if not under_torchrun():  # its JSON line and caches are written when it returns; a rank leaves with its group
-        exit_quickly_when_done()
+    exit_quickly_when_done()  # its JSON line and caches are written when it returns
     if input is None and save_stats is None:
         fail("nothing to score: pass a checkpoint or samples, or --save-stats FILE to precompute the reference "
              "statistics", code=2)

@@ -84,8 +84,7 @@ def sample_command(
     draw=None,  # DrawOptions: the sampling options (cli/options.py)
 ) -> None:
     """Draw images from a trained checkpoint."""
-    if not under_torchrun():  # its files are complete when it returns; a rank leaves with its process group
-        exit_quickly_when_done()
+    exit_quickly_when_done()  # its files are complete when it returns
     from ddpm_cli.engine.sampling import SampleRequest, plan_sampling, run_sampling
 
     if out is None and grid is None:

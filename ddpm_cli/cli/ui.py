@@ -64,9 +64,12 @@ def exit_quickly_when_done() -> None:
     """Ask the console entry point (`app.main`) to end the process as soon as this command returns, its output
     flushed, without Python's teardown: with a CUDA context and torch.compile's modules loaded that teardown takes
     seconds, and a command whose files are all written and closed (sample, eval) leaves it nothing to do. Commands
-    run in-process (tests, notebooks) never reach `main`, so nothing ends them."""
+    run in-process (tests, notebooks) never reach `main`, so nothing ends them; nor are torchrun's ranks, which
+    leave with their process group."""
+    from ddpm_cli.cli.launch import under_torchrun
+
     global _quick_exit
-    _quick_exit = True
+    _quick_exit = not under_torchrun()
 
 
 def quick_exit_requested() -> bool:

@@ -320,10 +320,6 @@ def test_a_second_process_loads_what_the_first_compiled(tmp_path):
     assert [e.meta["hits"] for e in cc.list_entries(tmp_path / "cc")] == [1]
 
 
-@pytest.mark.xfail(strict=True, reason="known, found 2026-12-04: nn/unet.py's _DenseGrad is an autograd.Function, "
-                   "which AOTAutograd's cache refuses, so every warm start traces the joint graph again "
-                   "(docs/lab-notes.md, 'Start-up'); the fix is nn code and waits for a session that can run "
-                   "the GPU suite")
 def test_the_training_graph_is_one_aotautograds_cache_can_keep(tmp_path):
     """torch's portable artifacts hold AOTAutograd's entries only for graphs its cache accepts; it bypasses any
     graph with an autograd.Function in it (seen as `autograd_function_apply`), and a warm start then traces and

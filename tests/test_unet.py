@@ -161,14 +161,15 @@ def test_concatenated_tensor_gets_a_dense_gradient(channels_last):
     conv(torch.cat([plain, skip], 1)).sum().backward()
     before = h * 1.0
     before.register_hook(keep("dense"))  # the gradient that dense_grad hands on to the layers before it
-    dense = dense_grad(before)
+    one = torch.ones(())
+    dense = dense_grad(before, one)
     assert torch.equal(dense, h)  # the identity forward
     conv(torch.cat([dense, skip], 1)).sum().backward()
     # without it: a channel slice of the concatenation's gradient (12 channels apart); with it: dense memory
     assert not seen["plain"].is_contiguous(memory_format=fmt)
     assert seen["dense"].is_contiguous(memory_format=fmt) and torch.equal(seen["dense"], seen["plain"])
     with torch.no_grad():
-        assert dense_grad(h) is h  # inference and export never see the autograd function
+        assert dense_grad(h, one) is h  # inference and export never see the product
 
 
 @pytest.mark.parametrize("channels_last", [False, True])

@@ -65,25 +65,16 @@ def channel_stats(model: nn.Module, on: bool = True) -> nn.Module:
     return model
 
 
-class _DenseGrad(torch.autograd.Function):
-    """Identity whose gradient is made contiguous in the input's layout. The gradient of a `torch.cat` input is
-    a channel slice of the concatenation's gradient; handed on as such, every convolution behind it copies the
-    slice to dense memory in its backward (eager copies, outside the compiled graph). Asked for here,
-    inside the compiled graph, the dense gradient is written by the kernel that computes it."""
+def dense_grad(x: torch.Tensor, one: torch.Tensor) -> torch.Tensor:
+    """`x`, with a dense gradient in training; `x` itself otherwise (inference, export).
 
-    @staticmethod
-    def forward(ctx, x: torch.Tensor) -> torch.Tensor:
-        ctx.channels_last = x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last)
-        return x.view_as(x)
-
-    @staticmethod
-    def backward(ctx, g: torch.Tensor) -> torch.Tensor:
-        return g.contiguous(memory_format=torch.channels_last if ctx.channels_last else torch.contiguous_format)
-
-
-def dense_grad(x: torch.Tensor) -> torch.Tensor:
-    """`x`, with a dense gradient in training (see _DenseGrad); `x` itself otherwise (inference, export)."""
-    return _DenseGrad.apply(x) if x.requires_grad and torch.is_grad_enabled() else x
+    The gradient of a `torch.cat` input is a channel slice of the concatenation's gradient; handed on as such,
+    every convolution behind it copies the slice to dense memory in its backward (eager copies, outside the
+    compiled graph). Multiplied by `one` (a 0-d tensor of 1), the gradient is that product's: written densely
+    by a pointwise kernel inside the compiled graph. `one` is a tensor, not the number 1, so that the compiler
+    cannot drop the product as a no-op; a product, not an autograd.Function, so that AOTAutograd's cache keeps
+    the training graph (it bypasses any graph with an autograd.Function in it)."""
+    return x * one if x.requires_grad and torch.is_grad_enabled() else x
 
 
 class ResBlock(nn.Module):
@@ -238,6 +229,7 @@ class UNet(nn.Module):
                  downsample_padding: str = "symmetric", time_embedding_order: str = "sin-cos",
                  time_freq_shift: float = 1.0):
         super().__init__()
+        self.register_buffer("one", torch.ones(()), persistent=False)  # dense_grad's 1; not in checkpoints
         act = ACTIVATIONS[activation]
         groups = norm_groups if norm == "group" else 1
 
@@ -325,14 +317,14 @@ class UNet(nn.Module):
         if recompute and emb_outs:  # a lone down/upsampling convolution keeps no more than its input anyway
             # use_reentrant=False: the supported variant, which torch.compile traces; the recompute replays the
             # forward's RNG state, so dropout draws the same masks and the gradients are those without it.
-            return checkpoint(_run_group, layers, h, skip, *emb_outs, use_reentrant=False)
-        return _run_group(layers, h, skip, *emb_outs)
+            return checkpoint(_run_group, layers, h, skip, self.one, *emb_outs, use_reentrant=False)
+        return _run_group(layers, h, skip, self.one, *emb_outs)
 
 
-def _run_group(layers: nn.ModuleList, h: torch.Tensor, skip: torch.Tensor | None,
+def _run_group(layers: nn.ModuleList, h: torch.Tensor, skip: torch.Tensor | None, one: torch.Tensor,
                *emb_outs: torch.Tensor) -> torch.Tensor:
     if skip is not None:  # inside the checkpointed function, so the concatenation is not kept either
-        h = torch.cat([dense_grad(h), skip], dim=1)
+        h = torch.cat([dense_grad(h, one), skip], dim=1)
     emb_outs_left = iter(emb_outs)
     for layer in layers:
         h = layer(h, next(emb_outs_left)) if isinstance(layer, ResBlock) else layer(h)

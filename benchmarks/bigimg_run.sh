@@ -3,7 +3,7 @@
 #   bash benchmarks/bigimg_run.sh PHASE...        # in the order given; the phases are the `case` below
 #   (ours, ours256, peer, peer256: each side's runs; pairs, samples: ours and the peer side by side; stream: the
 #   streamed folders, made by the first phase in the background, and checkpointing at 256 px; stream64: streamed
-#   against in memory from the same 64 px folder; largest: the largest batch at 256 px with and without
+#   by worker processes and by threads against in memory, from the same 64 px folder; largest: the largest batch at 256 px with and without
 #   checkpointing, alone on the card)
 # The jobs of a phase start together and compile side by side (CPU work); once all are ready, each takes the GPU
 # for its timed part in turn (bench_bigimg.py --gpu-lock --together), so one is timed at a time and none is
@@ -63,8 +63,9 @@ for p in "$@"; do
       phase stream "train $I64 $T80 --data $HOME/img64 --set data.streaming=on" \
         "train $D256 $T80 --data $HOME/img256 --set data.streaming=on" \
         "train $D256 $T80 --set model.checkpointing=true" ;;
-    stream64) wait  # streamed against in memory, the same folder, side by side (17 GiB each)
+    stream64) wait  # streamed (worker processes, then threads) against in memory, the same folder (17 GiB each)
       phase stream64 "train $I64 $T80 --data $HOME/img64 --set data.streaming=on" \
+        "train $I64 $T80 --data $HOME/img64 --set data.streaming=on --set data.stream_workers=0" \
         "train $I64 $T80 --data $HOME/img64 --set data.streaming=off" ;;
     largest) phase largest "largest $D256"
       phase largest-ckpt "largest $D256 --set model.checkpointing=true" ;;

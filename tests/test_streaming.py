@@ -40,17 +40,19 @@ def folder(tmp_path_factory):
     return root, zpath
 
 
-def _data(root, streaming_mode: str):
+def _data(root, streaming_mode: str, workers: int | None = None):
     cfg = validate_config({"model": {"image_size": 16, "conditional": True, "num_classes": 3,
                                      "attention_resolutions": [], "channel_mults": [1, 2]},
-                           "data": {"dataset": "folder", "root": str(root), "streaming": streaming_mode}})
+                           "data": {"dataset": "folder", "root": str(root), "streaming": streaming_mode,
+                                    "stream_workers": workers}})
     return load_dataset(cfg.data, cfg.model)
 
 
+@pytest.mark.parametrize("workers", [0, 2], ids=["threads", "processes"])
 @pytest.mark.parametrize("which", ["folder", "zip"])
-def test_streamed_batches_equal_the_in_memory_ones_across_epochs_and_a_resume(folder, which):
+def test_streamed_batches_equal_the_in_memory_ones_across_epochs_and_a_resume(folder, which, workers):
     root = folder[0] if which == "folder" else folder[1]
-    mem, lazy = _data(root, "off"), _data(root, "on")
+    mem, lazy = _data(root, "off"), _data(root, "on", workers)
     assert isinstance(lazy.images, StreamedImages) and isinstance(mem.images, torch.Tensor)
     assert lazy.images.shape == mem.images.shape == (40, 3, 16, 16)  # the corrupt file skipped by both
     assert torch.equal(lazy.labels, mem.labels) and lazy.classes == mem.classes == list(CLASSES)
@@ -64,14 +66,39 @@ def test_streamed_batches_equal_the_in_memory_ones_across_epochs_and_a_resume(fo
         torch.manual_seed(step)
         xb, yb = b.next()
         assert torch.equal(xa, xb) and torch.equal(ya, yb), step
+        assert xa.stride() == xb.stride(), step  # the same layout too, so the losses are the same bit for bit
     state = b.state_dict()
     want = a.next()[0]
-    resumed = Batcher(_data(root, "on"), 12, seed=5, device=cpu, on_device=False, flip=False)
+    b.close()
+    resumed = Batcher(_data(root, "on", workers), 12, seed=5, device=cpu, on_device=False, flip=False)
     resumed.load_state_dict(state)
     a2 = Batcher(mem, 12, seed=5, device=cpu, on_device=False, flip=False)
     a2.load_state_dict(state)
     assert torch.equal(resumed.next()[0], a2.next()[0])
     assert want.shape == (12, 3, 16, 16)
+    resumed.close()
+
+
+@pytest.mark.parametrize("workers", [0, 2], ids=["threads", "processes"])
+def test_each_batch_is_decoded_once_ahead_of_its_step(folder, monkeypatch, workers):
+    """Batcher asks for the next batches while a step trains (one per worker); each is decoded once, and the
+    step that needs it takes the decoded one instead of decoding it again."""
+    from ddpm_cli.engine.streaming import _Decoder
+
+    decoded = []
+    submit = _Decoder._submit
+
+    def spy(self, entries, size, channels):
+        decoded.append(tuple(entries))
+        return submit(self, entries, size, channels)
+
+    monkeypatch.setattr(_Decoder, "_submit", spy)
+    batcher = Batcher(_data(folder[1], "on", workers), 4, seed=5, device=torch.device("cpu"), on_device=False,
+                      flip=False)
+    for _ in range(12):  # 10 batches an epoch: crosses into the next
+        batcher.next()
+    batcher.close()
+    assert len(decoded) == len(set(decoded)) == 12 + max(1, workers), decoded
 
 
 def test_a_holdout_split_keeps_the_training_part_streamed(folder):
@@ -89,26 +116,52 @@ def test_auto_streams_only_when_the_decoded_set_would_not_fit(monkeypatch, folde
     assert isinstance(_data(folder[0], "auto").images, StreamedImages)
 
 
-def test_a_file_that_fails_to_decode_while_streaming_is_one_clear_error(tmp_path):
+@pytest.mark.parametrize("workers", [0, 1], ids=["threads", "processes"])
+def test_a_file_that_fails_to_decode_while_streaming_is_one_clear_error(tmp_path, workers):
     from ddpm_cli.errors import DataError
 
     root = tmp_path / "imgs"
     root.mkdir()
     for i in range(4):
         Image.fromarray(np.full((16, 16, 3), 40 * i, dtype=np.uint8)).save(root / f"{i}.png")
-    ds = _data_flat(root)
+    ds = _data_flat(root, workers)
     (root / "2.png").write_bytes((root / "2.png").read_bytes()[:40])  # truncated after the check
     with pytest.raises(DataError, match="2.png is not a readable image"):
         ds.images[torch.arange(4)]
+    ds.images.close()
 
 
-def _data_flat(root):
+def test_a_decoding_worker_that_dies_is_one_clear_error(tmp_path):
+    """A worker killed mid-run (the out-of-memory killer, say) ends the run with a line that says what to change,
+    not with concurrent.futures' traceback."""
+    import os
+    import signal
+
+    from ddpm_cli.errors import DataError
+
+    root = tmp_path / "imgs"
+    root.mkdir()
+    for i in range(4):
+        Image.fromarray(np.full((16, 16, 3), 40 * i, dtype=np.uint8)).save(root / f"{i}.png")
+    images = _data_flat(root, 1).images
+    assert images[torch.arange(2)].shape == (2, 3, 16, 16)  # the worker is up
+    for process in images._decoder._pool._processes.values():
+        os.kill(process.pid, signal.SIGKILL)
+    with pytest.raises(DataError, match="decoding worker process died.*data.stream_workers"):
+        for _ in range(50):  # the pool notices the death within a moment
+            images[torch.arange(2, 4)]
+    images.close()
+
+
+def _data_flat(root, workers: int | None = None):
     cfg = validate_config({"model": {"image_size": 16, "attention_resolutions": [], "channel_mults": [1, 2]},
-                           "data": {"dataset": "folder", "root": str(root), "streaming": "on"}})
+                           "data": {"dataset": "folder", "root": str(root), "streaming": "on",
+                                    "stream_workers": workers}})
     return load_dataset(cfg.data, cfg.model)
 
 
-def test_training_streamed_equals_training_in_memory_and_resumes_exactly(folder, tmp_path):
+@pytest.mark.parametrize("workers", [0, 2], ids=["threads", "processes"])
+def test_training_streamed_equals_training_in_memory_and_resumes_exactly(folder, tmp_path, workers):
     """On the CPU the whole run is bit-exact: the same losses whether the folder is streamed or decoded whole,
     and a streamed run stopped at step 10 and resumed ends with the same weights."""
     from ddpm_cli.engine.checkpoint import load_checkpoint
@@ -117,6 +170,7 @@ def test_training_streamed_equals_training_in_memory_and_resumes_exactly(folder,
     def run(name: str, mode: str, steps: int = 20, resume=None):
         cfg = tiny_config(tmp_path, model__conditional=True, model__num_classes=3, model__attention_resolutions=[],
                           data__dataset="folder", data__root=str(folder[1]), data__streaming=mode,
+                          data__stream_workers=workers,
                           train__batch_size=8, train__steps=steps, logging__run_name=name, logging__sample_every=10**6)
         return train(cfg, resume=resume) if resume else train(cfg)
 

@@ -172,9 +172,12 @@ class DataConfig(Section):
     """Keep the whole decoded dataset on the training device (auto: on CUDA when it takes under a quarter
     of the free memory); batches and flips are then made there with no host copies."""
     streaming: Literal["auto", "on", "off"] = "auto"
-    """folder: decode the images batch by batch while training (in threads, the next batch ahead) instead of
-    all at once into memory; auto = when the decoded images would take over half the available memory. The
-    batches, their order and resume are the same either way."""
+    """folder: decode the images batch by batch while training (in stream_workers processes, batches ahead)
+    instead of all at once into memory; auto = when the decoded images would take over half the available
+    memory. The batches, their order and resume are the same either way."""
+    stream_workers: int | None = Field(None, ge=0)
+    """Processes decoding a streamed folder, a batch each; 0 decodes in threads of the training process (where
+    decoding contends with the training loop for Python's lock); unset: one per two cores, at most 8."""
 
 
 class EarlyStoppingConfig(Section):

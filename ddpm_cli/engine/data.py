@@ -5,7 +5,6 @@ memory, which is decoded batch by batch (engine/streaming.py); `Batcher` then dr
 the GPU when it fits), with a resumable position in a seeded epoch order."""
 from __future__ import annotations
 
-import io
 import os
 import zipfile
 from concurrent.futures import ThreadPoolExecutor
@@ -17,7 +16,8 @@ import numpy as np
 import torch
 
 from ddpm_cli.config import DataConfig, ModelConfig
-from ddpm_cli.engine.streaming import StreamedImages, readable_entries, should_stream
+from ddpm_cli.engine.decode import decode_image, stack
+from ddpm_cli.engine.streaming import StreamedImages, readable_entries, should_stream, stream_workers
 from ddpm_cli.errors import DataError
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm")
@@ -161,7 +161,7 @@ def _fit_tensor(images: torch.Tensor, image_size: int | tuple[int, int], channel
 
 # ----------------------------------------------------------------------------------------------------------
 # folder / zip: an ImageFolder tree (class subfolders become labels) or a flat folder (unlabelled). ImageFiles
-# and decode_image are the one image-file reader: training decodes every file at once (load_folder), evaluation
+# and decode.decode_image are the one image-file reader: training decodes every file at once (load_folder), evaluation
 # streams them batch by batch at their own size (evaluation.sources.files_source).
 
 
@@ -211,25 +211,6 @@ class ImageFiles:
                 zf.close()
 
 
-def decode_image(blob: bytes, size: tuple[int, int] | None = None,
-                 channels: int = 3) -> tuple[np.ndarray | None, bool]:
-    """An image file -> (uint8 (C, H, W), whether it was resized): converted to RGB (or L for one channel) and
-    center-cropped and resized to `size` (W, H) when its own size differs. (None, False) for a file that is not
-    a readable image."""
-    from PIL import Image, ImageOps
-
-    try:
-        with Image.open(io.BytesIO(blob)) as im:
-            im = im.convert("RGB" if channels == 3 else "L")
-            resized = size is not None and im.size != tuple(size)
-            if resized:
-                im = ImageOps.fit(im, tuple(size), method=Image.Resampling.BICUBIC)
-            arr = np.asarray(im, dtype=np.uint8)
-    except Exception:  # PIL raises many types for corrupt files; such a file is skipped with a warning
-        return None, False
-    return (arr[None] if arr.ndim == 2 else arr.transpose(2, 0, 1)), resized
-
-
 def _class_layout(paths: list[PurePosixPath]) -> tuple[list[str], list[int] | None]:
     """Strip the common leading folders; if every image then sits in a subfolder, those are the classes."""
     parts = [p.parts for p in paths]
@@ -259,7 +240,8 @@ def load_folder(cfg: DataConfig, image_size: int | tuple[int, int], channels: in
         if not keep:
             raise DataError(f"none of the {len(files)} image files in {files.root} could be read")
         label_t = torch.tensor([labels[i] for i in keep] if labels else [0] * len(keep), dtype=torch.long)
-        return ImageSet(StreamedImages(files, keep, size, channels), label_t, classes, warnings)
+        images = StreamedImages(files, keep, size, channels, stream_workers(cfg.stream_workers))
+        return ImageSet(images, label_t, classes, warnings)
     blobs = [b for chunk in files.blobs(len(files)) for b in chunk]
     with ThreadPoolExecutor(max_workers=min(16, os.cpu_count() or 1)) as pool:
         arrays = [a for a, _ in pool.map(decode_image, blobs, [size] * len(blobs), [channels] * len(blobs),
@@ -271,7 +253,7 @@ def load_folder(cfg: DataConfig, image_size: int | tuple[int, int], channels: in
         warnings.append(f"skipped {len(bad)} file(s) that are not readable images, e.g. {bad[0]}")
     if not keep:
         raise DataError(f"none of the {len(arrays)} image files in {files.root} could be decoded")
-    images = torch.from_numpy(np.stack([arrays[i] for i in keep]))
+    images = torch.from_numpy(stack([arrays[i] for i in keep]))
     label_t = torch.tensor([labels[i] for i in keep] if labels else [0] * len(keep), dtype=torch.long)
     return ImageSet(images, label_t, classes, warnings)
 
@@ -368,8 +350,11 @@ class Batcher:
 
     def next(self) -> tuple[torch.Tensor, torch.Tensor]:
         self.epoch, self.pos, idx = self._indices(self.epoch, self.pos)
-        if self.streamed:  # decode the next batch while this one trains
-            self.images.prefetch(self._indices(self.epoch, self.pos)[2])
+        if self.streamed:  # decode the next batches while this one trains
+            epoch, pos = self.epoch, self.pos
+            for _ in range(self.images.lookahead):
+                epoch, pos, ahead = self._indices(epoch, pos)
+                self.images.prefetch(ahead)
         x, y = self.images[idx], self.labels[idx]
         if self.pin:
             x, y = (x if x.is_pinned() else x.pin_memory()), y.pin_memory()
@@ -379,6 +364,11 @@ class Batcher:
             mask = torch.rand(x.shape[0], device=self.device) < 0.5
             x = torch.where(mask[:, None, None, None], x.flip(3), x)
         return x, y
+
+    def close(self) -> None:
+        """Stop decoding ahead (a streamed set's workers); in-memory sets hold nothing to stop."""
+        if self.streamed:
+            self.images.close()
 
     def state_dict(self) -> dict:
         return {"epoch": self.epoch, "pos": self.pos}

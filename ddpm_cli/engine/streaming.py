@@ -1,15 +1,19 @@
 """Folders and zips larger than memory: images decoded from their files batch by batch while the GPU trains.
 
 `StreamedImages` stands where the in-memory path holds its uint8 tensor: indexing it with an index tensor or a
-slice decodes those files (in threads: PIL releases the GIL while it decodes), with the same decoder and size
-as the in-memory path, so `Batcher` draws the very same batches in the same seeded epoch order and resumes at
-the same point. `Batcher` asks for the next batch ahead (`prefetch`), so decoding overlaps the training step."""
+slice decodes those files, with the same decoder and size as the in-memory path, so `Batcher` draws the very
+same batches in the same seeded epoch order and resumes at the same point. `Batcher` asks for the next batches
+ahead (`prefetch`), so decoding overlaps the training step. The files are decoded in worker processes, a batch
+each (`data.stream_workers`), or with 0 workers in threads of the training process, where the decoding holds
+Python's lock against the training loop for its non-PIL parts."""
 from __future__ import annotations
 
+import multiprocessing
 import os
 import threading
 import zipfile
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import Future, ProcessPoolExecutor, ThreadPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 
 import numpy as np
 import torch
@@ -30,6 +34,11 @@ def available_memory() -> int:
         return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
     except (ValueError, OSError, AttributeError):
         return 1 << 62  # unknown: never stream by default
+
+
+def stream_workers(setting: int | None) -> int:
+    """data.stream_workers: as set, or auto (None) = one process per two cores, at most 8."""
+    return setting if setting is not None else max(1, min(8, (os.cpu_count() or 2) // 2))
 
 
 def should_stream(mode: str, count: int, shape: tuple[int, int, int]) -> bool:
@@ -75,15 +84,17 @@ def readable_entries(files) -> tuple[list[int], list[str]]:
 
 
 class StreamedImages:
-    """uint8 (N, C, H, W) images of an `ImageFiles` (entries `index` of it), decoded when indexed."""
+    """uint8 (N, C, H, W) images of an `ImageFiles` (entries `index` of it), decoded when indexed, by `workers`
+    processes (0: threads of this process)."""
 
     def __init__(self, files, index: list[int] | torch.Tensor, size: tuple[int, int], channels: int,
-                 pool: "_Decoder | None" = None):
+                 workers: int = 0, pool: "_Decoder | None" = None):
         self.files, self.size, self.channels = files, tuple(size), channels  # size: (W, H), as decode_image
         self.index = torch.as_tensor(index, dtype=torch.long)
         self.shape = torch.Size((len(self.index), channels, size[1], size[0]))
         self.device = torch.device("cpu")  # where Batcher keeps the epoch order
-        self._decoder = pool or _Decoder(files)
+        self._decoder = pool or _Decoder(files, workers)
+        self.lookahead = max(1, self._decoder.workers)  # batches worth asking for ahead: one per worker
 
     def __len__(self) -> int:
         return self.shape[0]
@@ -93,7 +104,7 @@ class StreamedImages:
 
     def subset(self, idx: torch.Tensor) -> "StreamedImages":
         """The images `idx` of this set, still undecoded."""
-        return StreamedImages(self.files, self.index[idx], self.size, self.channels, self._decoder)
+        return StreamedImages(self.files, self.index[idx], self.size, self.channels, pool=self._decoder)
 
     def _entries(self, idx) -> list[int]:
         if isinstance(idx, slice):
@@ -113,51 +124,102 @@ class StreamedImages:
         self._decoder.pin = True
         return self
 
+    def close(self) -> None:
+        """Stop the decoding workers (they also stop with the process)."""
+        self._decoder.close()
+
 
 class _Decoder:
-    """Reads and decodes files in a thread pool; one batch may be decoded ahead (`start`, then `take`)."""
+    """Decodes batches of files, several ahead (`start`, then `take` in the same order): each batch in one of
+    `workers` processes, or with 0 workers its files in parallel threads of this process."""
 
-    def __init__(self, files):
-        self.files = files
-        self._pool: ThreadPoolExecutor | None = None    # decodes the files of a batch in parallel
-        self._runner: ThreadPoolExecutor | None = None  # assembles the batch ahead while the caller trains
-        self._ahead: tuple[tuple[int, ...], Future] | None = None
+    def __init__(self, files, workers: int = 0):
+        self.files, self.workers = files, workers
+        self._pool: ThreadPoolExecutor | ProcessPoolExecutor | None = None
+        self._runner: ThreadPoolExecutor | None = None  # threads only: assembles a batch ahead while the caller trains
+        self._ahead: dict[tuple[int, ...], Future] = {}  # in the order asked for
         self._open = _Opener(files)
         self.pin = False  # decode into page-locked memory (StreamedImages.pin_memory)
 
-    def _threads(self) -> ThreadPoolExecutor:
+    def _executor(self) -> ThreadPoolExecutor | ProcessPoolExecutor:
         if self._pool is None:
-            self._pool = ThreadPoolExecutor(min(16, os.cpu_count() or 1), thread_name_prefix="ddpm-decode")
-            self._runner = ThreadPoolExecutor(1, thread_name_prefix="ddpm-prefetch")
+            if self.workers:
+                from ddpm_cli.engine import decode
+
+                # forkserver: the workers start from a fresh process that imports only engine.decode, never a
+                # copy of this one (its CUDA context and threads); spawn where there is no forkserver
+                methods = multiprocessing.get_all_start_methods()
+                context = multiprocessing.get_context("forkserver" if "forkserver" in methods else "spawn")
+                if context.get_start_method() == "forkserver":
+                    context.set_forkserver_preload(["ddpm_cli.engine.decode"])
+                self._pool = ProcessPoolExecutor(
+                    self.workers, mp_context=context, initializer=decode.start_worker,
+                    initargs=(str(self.files.root), self.files.is_zip, [str(e) for e in self.files.entries]))
+            else:
+                self._pool = ThreadPoolExecutor(min(16, os.cpu_count() or 1), thread_name_prefix="ddpm-decode")
+                self._runner = ThreadPoolExecutor(1, thread_name_prefix="ddpm-prefetch")
         return self._pool
 
     def _read(self, i: int) -> bytes:
         with self._open(i) as f:
             return f.read()
 
-    def _decode(self, entries: list[int], size, channels: int) -> torch.Tensor:
-        from ddpm_cli.engine.data import decode_image
+    def _unreadable(self, i: int) -> DataError:
+        return DataError(f"{self.files.root}: {self.files.rel[i]} is not a readable image; remove it (or set "
+                         f"data.streaming=off, which skips such files) and resume")
+
+    def _decode_here(self, entries: list[int], size, channels: int) -> torch.Tensor:
+        from ddpm_cli.engine.decode import decode_image, stack
 
         def one(i: int) -> np.ndarray:
             array, _ = decode_image(self._read(i), size, channels)
             if array is None:
-                raise DataError(f"{self.files.root}: {self.files.rel[i]} is not a readable image; remove it "
-                                f"(or set data.streaming=off, which skips such files) and resume")
+                raise self._unreadable(i)
             return array
 
-        # np.stack keeps the decoded arrays' layout (channels last), as the in-memory path's does: the batches
-        # and so the losses are the same, bit for bit
-        batch = torch.from_numpy(np.stack(list(self._threads().map(one, entries))))
+        return self._pinned(torch.from_numpy(stack(list(self._executor().map(one, entries)))))
+
+    def _pinned(self, batch: torch.Tensor) -> torch.Tensor:
         return torch.empty_like(batch, pin_memory=True).copy_(batch) if self.pin else batch
+
+    def _submit(self, entries: list[int], size, channels: int) -> Future:
+        pool = self._executor()
+        if self.workers:
+            from ddpm_cli.engine import decode
+
+            return pool.submit(decode.decode_batch, entries, size, channels)
+        return self._runner.submit(self._decode_here, entries, size, channels)
+
+    def _result(self, entries: list[int], future: Future) -> torch.Tensor:
+        try:
+            out = future.result()
+        except BrokenProcessPool:
+            raise DataError("a decoding worker process died (out of memory?); lower data.stream_workers, or set "
+                            "it to 0 to decode in threads, and resume") from None
+        if not self.workers:
+            return out
+        if isinstance(out, int):
+            raise self._unreadable(entries[out])
+        return self._pinned(torch.from_numpy(out.transpose(0, 3, 1, 2)))  # the worker's (N, H, W, C), as stack's
 
     def start(self, entries: list[int], size, channels: int) -> None:
         key = tuple(entries)
-        if self._ahead is None or self._ahead[0] != key:
-            self._threads()
-            self._ahead = (key, self._runner.submit(self._decode, entries, size, channels))
+        if key not in self._ahead:
+            self._ahead[key] = self._submit(entries, size, channels)
 
     def take(self, entries: list[int], size, channels: int) -> torch.Tensor:
-        if self._ahead is not None and self._ahead[0] == tuple(entries):
-            future, self._ahead = self._ahead[1], None
-            return future.result()
-        return self._decode(entries, size, channels)
+        key = tuple(entries)
+        if key not in self._ahead:  # not asked for ahead (the first batch, a held-out set): decode it now
+            return self._result(entries, self._submit(entries, size, channels))
+        while True:  # batches asked for before it and never taken are dropped
+            first = next(iter(self._ahead))
+            future = self._ahead.pop(first)
+            if first == key:
+                return self._result(entries, future)
+
+    def close(self) -> None:
+        for pool in (self._pool, self._runner):
+            if pool is not None:
+                pool.shutdown(wait=False, cancel_futures=True)
+        self._pool = self._runner = None
+        self._ahead.clear()

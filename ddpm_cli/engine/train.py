@@ -405,5 +405,6 @@ def train(cfg: RunConfig, **kwargs) -> TrainResult:
     try:
         return trainer.run()
     finally:
+        trainer.batcher.close()  # a streamed set's decoding workers, with the batches they decode ahead
         trainer.dist.close()
 

@@ -15,7 +15,8 @@ from typing import Any, Callable, Iterator
 import numpy as np
 import torch
 
-from ddpm_cli.engine.data import ImageFiles, decode_image, read_cifar10
+from ddpm_cli.engine.data import ImageFiles, read_cifar10
+from ddpm_cli.engine.decode import decode_image
 from ddpm_cli.engine.evaluation.inception import short_reason
 from ddpm_cli.engine.evaluation.stats import FeatureStats, is_stats, load_stats, open_npz
 from ddpm_cli.errors import DataError
@@ -74,7 +75,7 @@ def _signature(path: Path) -> list:
 
 def files_source(path: str | Path) -> ImageSource:
     """Every image in a folder (recursively, any ImageFolder-like tree) or a .zip, in sorted path order, read by
-    the reader training uses (data.ImageFiles, data.decode_image) but streamed batch by batch.
+    the reader training uses (data.ImageFiles, decode.decode_image) but streamed batch by batch.
 
     Images are used at their own size (Inception resizes them as TensorFlow does); ones whose size differs from
     the first image's are center-cropped and resized to it (a warning says how many)."""

@@ -71,7 +71,7 @@ def train_command(
         for signum, handler in previous_handlers.items():  # a caller (tests, notebooks) gets its own back
             signal.signal(signum, handler)
         if trainer is not None:
-            trainer.dist.close()
+            trainer.close()
     if trainer.main:
         why = {"steps": "reached train.steps", "time": "reached train.max_time",
                "early_stopping": "early stopping"}.get(result.stop_reason, result.stop_reason)

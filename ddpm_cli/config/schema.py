@@ -226,6 +226,11 @@ class TrainConfig(Section):
     """Adam's beta1 and beta2."""
     warmup_steps: int = Field(5000, ge=0)
     """Linear learning-rate warmup from 0 over this many steps."""
+    lr_cooldown: float = Field(0.0, ge=0.0, lt=1.0)
+    """Share of the run over which the learning rate decays linearly to zero at its end; 0: none (the peak to the
+    last step). When train.max_time ends the run, a share of the time: the decay starts when that share is left,
+    with its end projected from the step time then; the run ends where the decay does, or a little before it
+    when the time runs out first."""
     grad_clip: float = Field(1.0, ge=0.0)
     """Clip the global gradient norm to this value; 0 disables clipping."""
     ema: bool = True

@@ -130,12 +130,6 @@ def peak_lr(cfg: RunConfig, world: int = 1) -> float:
     return tc.lr * {"none": 1.0, "linear": ratio, "sqrt": math.sqrt(ratio)}[tc.lr_scaling]
 
 
-def lr_at(cfg: RunConfig, step: int, peak: float) -> float:
-    """The learning rate of a step: the peak after a linear warm-up of train.warmup_steps."""
-    warm = cfg.train.warmup_steps
-    return peak * (min(1.0, (step + 1) / warm) if warm else 1.0)
-
-
 def build_optimizer(cfg: RunConfig, model: torch.nn.Module, lr: float, fused: bool) -> torch.optim.Optimizer:
     """Adam or AdamW (train.optimizer) over the model's parameters: fused where torch has the kernel (CUDA, CPU),
     else foreach."""

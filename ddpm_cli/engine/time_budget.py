@@ -1,6 +1,7 @@
 """`train.max_time`: when a run must stop so that it ends, closing work included, within about a step of it."""
 from __future__ import annotations
 
+import math
 import time
 
 import torch
@@ -44,6 +45,12 @@ class TimeBudget:
     def pause(self) -> None:
         """The next interval holds other work (a checkpoint, a grid, an evaluation): not a step's time."""
         self._last = None
+
+    def steps_left(self) -> float:
+        """Steps that fit the time left, the closing work counted; inf without a budget or a measured step."""
+        if self.deadline is None or not self.step_s:
+            return math.inf
+        return max(0.0, (self.deadline - time.monotonic() - self.grid_s - self.checkpoint_s) / self.step_s)
 
     def up(self, lookahead_steps: int = 1) -> bool:
         """Whether starting `lookahead_steps` more steps would end the run past its budget."""

@@ -16,7 +16,7 @@ import torch
 from ddpm_cli.config import RunConfig, config_to_dict
 from ddpm_cli.engine import compile_cache, monitor, train_state
 from ddpm_cli.engine.build import (build_diffusion, build_optimizer, build_unet, compile_mode, compile_options,
-                                   count_params, force_channels_last_graph, grad_sync, lr_at, peak_lr, resolve_device,
+                                   count_params, force_channels_last_graph, grad_sync, peak_lr, resolve_device,
                                    use_bf16, use_channel_stats, use_channels_last)
 from ddpm_cli.engine.data import ImageSet, load_dataset, training_batches
 from ddpm_cli.engine.distributed import DistInfo
@@ -25,6 +25,7 @@ from ddpm_cli.engine.grad_accum import GradAccumulator
 from ddpm_cli.engine.files import atomic_write_bytes
 from ddpm_cli.engine.runs import list_checkpoints, make_run_dir, remove_new_dirs
 from ddpm_cli.engine.metrics import MetricsLog, WandbSink, keep_metrics_until, plot_loss_curve, read_metrics
+from ddpm_cli.engine.lr_schedule import LRSchedule
 from ddpm_cli.engine.time_budget import TimeBudget
 from ddpm_cli.errors import TrainingAborted
 from ddpm_cli.nn.unet import activation_checkpointing, channel_stats
@@ -137,6 +138,7 @@ class Trainer:
         self.in_training_fid = monitor.InTrainingFid(cfg, self.diffusion, fid_reference, self.device, self.bf16)
         self.fused = self.device.type in ("cuda", "cpu")
         self.peak_lr = peak_lr(cfg, self.dist.world)
+        self.lr_schedule = LRSchedule(self.peak_lr, tc.warmup_steps, tc.lr_cooldown, tc.steps, tc.max_time)
         self.opt = build_optimizer(cfg, self.model, self.peak_lr, self.fused)
         mode = compile_mode(cfg, self.device)
         self.compiled = mode is not None
@@ -266,12 +268,16 @@ class Trainer:
             if flag > _SIGNALLED:  # every rank reports (and exits with) the same signal, whichever got it
                 stop_reason, self.stop.signum = "signal", flag - _SIGNALLED
                 break
-            if flag:
+            if flag or self.lr_schedule.ended(self.step):  # the cool-down on the clock may end just before it
                 stop_reason = "time"
                 break
             t_step = time.monotonic()
             x, y = self.batcher.next()
-            lr = lr_at(cfg, self.step, self.peak_lr)
+            if self.lr_schedule.cooldown and self.lr_schedule.window is None and tc.max_time is not None:
+                # the cool-down on the clock starts at the same step on every rank, with the same end
+                proposal = self.lr_schedule.proposal(self.step, time.monotonic() - self.t0, budget.steps_left())
+                self.lr_schedule.settle(self.step, self.dist.agree(proposal, self.step))
+            lr = self.lr_schedule.at(self.step)
             for group in self.opt.param_groups:
                 group["lr"] = lr
             y = self._labels(y)
@@ -386,6 +392,11 @@ class Trainer:
                                   f"{checkpoint}; continue with `ddpm train --resume {self.run_dir}`", code)
         return result
 
+    def close(self) -> None:
+        """Release what the run holds beyond its objects: a streamed set's decoding workers, the process group."""
+        self.batcher.close()
+        self.dist.close()
+
     def _latest_name(self) -> str:
         found = list_checkpoints(self.run_dir)
         return str(found[-1]) if found else "none (no checkpoint was written yet)"
@@ -405,6 +416,5 @@ def train(cfg: RunConfig, **kwargs) -> TrainResult:
     try:
         return trainer.run()
     finally:
-        trainer.batcher.close()  # a streamed set's decoding workers, with the batches they decode ahead
-        trainer.dist.close()
+        trainer.close()
 

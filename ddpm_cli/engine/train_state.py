@@ -39,6 +39,7 @@ def restore(trainer: "Trainer", weights: Path) -> None:
                         f"same train.optimizer") from None
     trainer.step, trainer.images_seen = int(state["step"]), int(state["images_seen"])
     trainer.batcher.load_state_dict(state["data"])
+    trainer.lr_schedule.load_state_dict(state.get("lr_schedule", {}), trainer.step)
     es = state.get("early_stopping", {})
     trainer.best_val = float(es.get("best", math.inf))
     trainer.bad_evals = int(es.get("bad", 0))
@@ -71,7 +72,7 @@ def save(trainer: "Trainer") -> Path:
     early = {"bad": trainer.bad_evals, **({"best": trainer.best_val} if math.isfinite(trainer.best_val) else {})}
     state = {"step": trainer.step, "images_seen": trainer.images_seen, "data": trainer.batcher.state_dict(),
              "ema_updates": trainer.ema.num_updates if trainer.ema else 0, "nonfinite_total": trainer.nonfinite_total,
-             "early_stopping": early}
+             "early_stopping": early, "lr_schedule": trainer.lr_schedule.state_dict()}
     ckpt_io.save_state(state_path(path), trainer.opt, state)
     # The pointer goes last: it only ever names a checkpoint whose files are complete.
     pointer = trainer.run_dir / "latest.json"

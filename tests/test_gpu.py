@@ -115,3 +115,31 @@ def test_fid_on_the_gpu_equals_the_cpu(n1, n2, rows):
     sa, sb = (ev.FeatureStats(x.mean(0), np.cov(x, rowvar=False), len(x), x.astype(np.float32) if rows else None)
               for x in (a, b))
     assert ev.frechet_distance(sa, sb, "cuda") == pytest.approx(ev.frechet_distance(sa, sb), rel=1e-9)
+
+
+def test_the_cooldown_reaches_the_optimizer_under_the_cuda_defaults(tmp_path):
+    """train.lr_cooldown sets each step's rate in the optimizer beside the CUDA-graphed forward and backward: the
+    same run with and without it is the same until the decay starts, and its last update is the smaller by the
+    rate's ratio there (1/6: the last of 6 decaying steps)."""
+    def weights_after(trainer, step: int):
+        from ddpm_cli.engine.checkpoint import load_checkpoint
+
+        path = trainer.run_dir / "checkpoints" / f"ckpt-{step:08d}.safetensors"
+        state = load_checkpoint(path).model_state
+        return torch.cat([state[k].float().flatten() for k in sorted(state)])
+
+    runs = {}
+    for name, cooldown in (("flat", 0.0), ("cool", 0.5)):
+        trainer = Trainer(tiny_config(tmp_path, train__device="cuda", train__steps=12, train__seed=3,
+                                      train__warmup_steps=0, train__lr_cooldown=cooldown, train__ema=False,
+                                      logging__run_name=name, logging__checkpoint_every=1, logging__keep_last=20,
+                                      logging__sample_every=10**6, logging__log_every=1))
+        assert trainer.compiled and trainer.bf16
+        res = trainer.run()
+        runs[name] = (trainer, res)
+    flat, cool = runs["flat"][0], runs["cool"][0]
+    torch.testing.assert_close(weights_after(cool, 6), weights_after(flat, 6), rtol=0, atol=1e-6)
+    last = {k: (weights_after(t, 12) - weights_after(t, 11)).norm().item() for k, t in (("flat", flat),
+                                                                                      ("cool", cool))}
+    assert last["cool"] < 0.4 * last["flat"], last  # Adam's update scales with the rate: 1/6, with margin
+    assert [r["lr"] for r in runs["cool"][1].metrics][-1] == pytest.approx(flat.peak_lr / 6)

@@ -138,7 +138,9 @@ def test_the_cooldown_reaches_the_optimizer_under_the_cuda_defaults(tmp_path):
         res = trainer.run()
         runs[name] = (trainer, res)
     flat, cool = runs["flat"][0], runs["cool"][0]
-    torch.testing.assert_close(weights_after(cool, 6), weights_after(flat, 6), rtol=0, atol=1e-6)
+    # the same until the decay starts, up to the run-to-run noise of compiled bf16 kernels: far below one update
+    apart = (weights_after(cool, 6) - weights_after(flat, 6)).norm()
+    assert apart < 0.05 * (weights_after(flat, 6) - weights_after(flat, 5)).norm(), apart
     last = {k: (weights_after(t, 12) - weights_after(t, 11)).norm().item() for k, t in (("flat", flat),
                                                                                       ("cool", cool))}
     assert last["cool"] < 0.4 * last["flat"], last  # Adam's update scales with the rate: 1/6, with margin

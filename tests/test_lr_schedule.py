@@ -40,9 +40,36 @@ def test_on_the_clock_the_decay_starts_when_its_share_of_the_time_is_left_and_en
     past.load_state_dict(s.state_dict(), step=160)
     assert inside.window == (120, 160) and inside.at(150) == pytest.approx(0.25)
     assert past.window is None and past.at(170) == 1.0  # a finished decay: training longer starts from the peak
+    by_steps = LRSchedule(1.0, 0, 0.4, 10**6, None)  # resumed without max_time: no window on the clock
+    by_steps.load_state_dict(s.state_dict(), step=150)
+    assert by_steps.window is None
     short = LRSchedule(1.0, 0, 0.5, steps=200, max_time=100.0)  # the steps end the run first: their window wins
     short.settle(150, 400)
     assert short.window is None and short.at(150) == pytest.approx(0.5)
+
+
+def test_the_steps_left_come_from_the_wall_time_per_step_pauses_included(monkeypatch):
+    """The cool-down's end is projected from the wall time a step has taken since the first (checkpoints and
+    grids between them included), the closing work and the steps the stop check keeps in hand left out."""
+    import torch
+
+    from ddpm_cli.engine import time_budget
+
+    clock = [0.0]
+    monkeypatch.setattr(time_budget.time, "monotonic", lambda: clock[0])
+    budget = time_budget.TimeBudget(0.0, 100.0, torch.device("cpu"))
+    clock[0] = 10.0
+    budget.step_done(first=True)  # the compiling first step
+    assert budget.steps_left() == float("inf")
+    for _ in range(9):  # ten steps of 0.5 s and a 5 s checkpoint: 1 s a step, wall time
+        clock[0] += 0.5
+        budget.step_done(first=False)
+    clock[0] += 5.0
+    budget.pause()
+    clock[0] += 0.5
+    budget.step_done(first=False)
+    budget.checkpoint_s = 4.0
+    assert clock[0] == 20.0 and budget.steps_left(lookahead_steps=10) == pytest.approx((100 - 20 - 4) / 1 - 10)
 
 
 def test_a_timed_run_decays_and_its_resume_continues_the_same_decay(tmp_path):

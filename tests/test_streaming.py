@@ -116,8 +116,9 @@ def test_auto_streams_only_when_the_decoded_set_would_not_fit(monkeypatch, folde
     assert isinstance(_data(folder[0], "auto").images, StreamedImages)
 
 
+@pytest.mark.parametrize("damage", ["truncated", "deleted"])
 @pytest.mark.parametrize("workers", [0, 1], ids=["threads", "processes"])
-def test_a_file_that_fails_to_decode_while_streaming_is_one_clear_error(tmp_path, workers):
+def test_a_file_that_fails_to_decode_while_streaming_is_one_clear_error(tmp_path, workers, damage):
     from ddpm_cli.errors import DataError
 
     root = tmp_path / "imgs"
@@ -125,10 +126,37 @@ def test_a_file_that_fails_to_decode_while_streaming_is_one_clear_error(tmp_path
     for i in range(4):
         Image.fromarray(np.full((16, 16, 3), 40 * i, dtype=np.uint8)).save(root / f"{i}.png")
     ds = _data_flat(root, workers)
-    (root / "2.png").write_bytes((root / "2.png").read_bytes()[:40])  # truncated after the check
+    if damage == "truncated":  # after the check of its header
+        (root / "2.png").write_bytes((root / "2.png").read_bytes()[:40])
+    else:
+        (root / "2.png").unlink()
     with pytest.raises(DataError, match="2.png is not a readable image"):
         ds.images[torch.arange(4)]
     ds.images.close()
+
+
+@pytest.mark.parametrize("workers", [0, 2], ids=["threads", "processes"])
+def test_grayscale_batches_keep_the_in_memory_layout(tmp_path, workers):
+    """One channel: a worker's batch comes back with the in-memory path's strides too (a size-1 axis would
+    otherwise take other strides, which can make the same convolution run another kernel)."""
+    root = tmp_path / "gray"
+    root.mkdir()
+    rng = np.random.default_rng(1)
+    for i in range(12):
+        Image.fromarray(rng.integers(0, 255, (16, 16), dtype=np.uint8)).save(root / f"{i}.png")
+
+    def data(mode: str):
+        cfg = validate_config({"model": {"image_size": 16, "in_channels": 1, "attention_resolutions": [],
+                                         "channel_mults": [1, 2]},
+                               "data": {"dataset": "folder", "root": str(root), "streaming": mode,
+                                        "stream_workers": workers}})
+        return load_dataset(cfg.data, cfg.model)
+
+    mem, lazy = data("off"), data("on")
+    idx = torch.tensor([3, 0, 7, 11, 5])
+    got, want = lazy.images[idx], mem.images[idx]
+    assert got.shape == (5, 1, 16, 16) and torch.equal(got, want) and got.stride() == want.stride()
+    lazy.images.close()
 
 
 def test_a_decoding_worker_that_dies_is_one_clear_error(tmp_path):

@@ -177,7 +177,8 @@ class DataConfig(Section):
     memory. The batches, their order and resume are the same either way."""
     stream_workers: int | None = Field(None, ge=0)
     """Processes decoding a streamed folder, a batch each; 0 decodes in threads of the training process (where
-    decoding contends with the training loop for Python's lock); unset: one per two cores, at most 8."""
+    decoding contends with the training loop for Python's lock); unset: one per two cores, shared by the ranks
+    of the machine, at most 8 per rank."""
 
 
 class EarlyStoppingConfig(Section):
@@ -230,7 +231,8 @@ class TrainConfig(Section):
     """Share of the run over which the learning rate decays linearly to zero at its end; 0: none (the peak to the
     last step). When train.max_time ends the run, a share of the time: the decay starts when that share is left,
     with its end projected from the step time then; the run ends where the decay does, or a little before it
-    when the time runs out first."""
+    when the time runs out first. A run resumed inside the decay continues it; one resumed after it, to train
+    longer, goes back to the peak and decays again at the end of its new time."""
     grad_clip: float = Field(1.0, ge=0.0)
     """Clip the global gradient norm to this value; 0 disables clipping."""
     ema: bool = True

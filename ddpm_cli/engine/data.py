@@ -350,7 +350,8 @@ class Batcher:
 
     def next(self) -> tuple[torch.Tensor, torch.Tensor]:
         self.epoch, self.pos, idx = self._indices(self.epoch, self.pos)
-        if self.streamed:  # decode the next batches while this one trains
+        if self.streamed:  # decode the next batches while this one trains (this one first, if not yet asked for)
+            self.images.prefetch(idx)
             epoch, pos = self.epoch, self.pos
             for _ in range(self.images.lookahead):
                 epoch, pos, ahead = self._indices(epoch, pos)

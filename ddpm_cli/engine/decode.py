@@ -3,6 +3,7 @@ streamed path's worker processes, which import this module alone (numpy and PIL,
 from __future__ import annotations
 
 import io
+import signal
 import zipfile
 
 import numpy as np
@@ -33,32 +34,47 @@ def stack(arrays: list[np.ndarray]) -> np.ndarray:
     return np.stack(arrays)
 
 
-# A worker process's files: set once by start_worker, read by decode_batch.
-_root: str | None = None
-_entries: list[str] = []
+# A worker process's source: a zip's handle, opened once by start_worker (None: a folder's files are paths).
 _zip: zipfile.ZipFile | None = None
 
 
-def start_worker(root: str, is_zip: bool, entries: list[str]) -> None:
-    """Initialise a worker process of the streamed path with the files it reads (paths, or a zip's names)."""
-    global _root, _entries, _zip
-    _root, _entries = root, entries
-    _zip = zipfile.ZipFile(root) if is_zip else None
+def start_worker(zip_path: str | None) -> None:
+    """Initialise a worker process of the streamed path: the zip it reads names from, if any. Ctrl-C is the
+    training process's to handle (it finishes the step and checkpoints); the worker must outlive it meanwhile."""
+    global _zip
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    _zip = zipfile.ZipFile(zip_path) if zip_path else None
 
 
-def decode_batch(indices: list[int], size: tuple[int, int], channels: int) -> np.ndarray | int:
-    """In a worker: the files `indices` decoded into one batch, sent back channels-last and C-contiguous (N, H, W,
-    C), which pickles as it is (the parent's view of it as (N, C, H, W) is then `stack`'s very array); or the
-    position in `indices` of the first file that is not a readable image."""
+def read_file(source, name: str) -> bytes | None:
+    """The bytes of `name` (a path; with `source` a zip, an entry of it), or None when it cannot be read now: gone
+    or unreadable since the set was listed, or damaged inside the zip."""
+    try:
+        if source is not None:
+            return source.read(name)
+        with open(name, "rb") as f:
+            return f.read()
+    except (OSError, KeyError, zipfile.BadZipFile, EOFError):
+        return None
+
+
+def decode_batch(names: list[str], size: tuple[int, int], channels: int) -> np.ndarray | int:
+    """In a worker: the files `names` decoded into one batch, sent back C-contiguous as (N, H, W, C), which pickles
+    as it is (`batch_view` turns it back into `stack`'s very array); or the position in `names` of the first file
+    that cannot be read or decoded."""
     arrays = []
-    for k, i in enumerate(indices):
-        if _zip is not None:
-            blob = _zip.read(_entries[i])
-        else:
-            with open(_entries[i], "rb") as f:
-                blob = f.read()
-        array, _ = decode_image(blob, size, channels)
+    for k, name in enumerate(names):
+        blob = read_file(_zip, name)
+        array = None if blob is None else decode_image(blob, size, channels)[0]
         if array is None:
             return k
         arrays.append(array)
     return np.ascontiguousarray(stack(arrays).transpose(0, 2, 3, 1))
+
+
+def batch_view(hwc: np.ndarray) -> np.ndarray:
+    """(N, H, W, C) from decode_batch -> (N, C, H, W) with `stack`'s strides: a transpose for colour, a reshape for
+    one channel (whose size-1 axis a transpose would give other strides)."""
+    if hwc.shape[3] == 1:
+        return hwc.reshape(hwc.shape[0], 1, *hwc.shape[1:3])
+    return hwc.transpose(0, 3, 1, 2)

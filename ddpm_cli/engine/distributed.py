@@ -49,7 +49,10 @@ class DistInfo:
         from torch.nn.parallel import DistributedDataParallel
 
         ids = [self.device.index] if self.device.type == "cuda" else None
-        return DistributedDataParallel(model, device_ids=ids, gradient_as_bucket_view=True, static_graph=True)
+        # broadcast_buffers off: the UNet's buffers are constants (dense_grad's 1), the same on every rank, which
+        # DDP would otherwise send from rank 0 before every forward
+        return DistributedDataParallel(model, device_ids=ids, gradient_as_bucket_view=True, static_graph=True,
+                                       broadcast_buffers=False)
 
     def all_reduce_grads(self, params: list[torch.Tensor]) -> None:
         """Average the gradients of `params` over the ranks with one all-reduce of a flat buffer; afterwards each

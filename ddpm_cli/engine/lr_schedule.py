@@ -51,6 +51,8 @@ class LRSchedule:
         return {"window": list(self.window)} if self.window is not None else {}
 
     def load_state_dict(self, state: dict, step: int) -> None:
-        """Resume at `step`: inside a stored window, that window; at or past its end, none (a new one comes)."""
+        """Resume at `step`: inside a stored window, that window; at or past its end, none (a new one comes);
+        none either when this run has no cool-down on the clock (lr_cooldown 0, or no max_time)."""
         window = state.get("window")
-        self.window = (int(window[0]), int(window[1])) if window and step < int(window[1]) else None
+        on_clock = bool(self.cooldown) and self.max_time is not None
+        self.window = (int(window[0]), int(window[1])) if window and on_clock and step < int(window[1]) else None

@@ -37,8 +37,13 @@ def available_memory() -> int:
 
 
 def stream_workers(setting: int | None) -> int:
-    """data.stream_workers: as set, or auto (None) = one process per two cores, at most 8."""
-    return setting if setting is not None else max(1, min(8, (os.cpu_count() or 2) // 2))
+    """data.stream_workers: as set, or auto (None) = one process per two of the cores this process may use,
+    shared among the ranks of this machine (torchrun's LOCAL_WORLD_SIZE), at most 8."""
+    if setting is not None:
+        return setting
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 2)
+    ranks = max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1") or 1))
+    return max(1, min(8, cores // 2 // ranks))
 
 
 def should_stream(mode: str, count: int, shape: tuple[int, int, int]) -> bool:
@@ -55,13 +60,17 @@ class _Opener:
     def __init__(self, files):
         self.files, self._local = files, threading.local()
 
-    def __call__(self, i: int):
-        if not self.files.is_zip:
-            return open(self.files.entries[i], "rb")
+    def zip(self) -> zipfile.ZipFile:
+        """This thread's handle on the zip."""
         zf = getattr(self._local, "zip", None)
         if zf is None:
             zf = self._local.zip = zipfile.ZipFile(self.files.root)
-        return zf.open(self.files.entries[i])
+        return zf
+
+    def __call__(self, i: int):
+        if not self.files.is_zip:
+            return open(self.files.entries[i], "rb")
+        return self.zip().open(self.files.entries[i])
 
 
 def readable_entries(files) -> tuple[list[int], list[str]]:
@@ -152,27 +161,32 @@ class _Decoder:
                 context = multiprocessing.get_context("forkserver" if "forkserver" in methods else "spawn")
                 if context.get_start_method() == "forkserver":
                     context.set_forkserver_preload(["ddpm_cli.engine.decode"])
-                self._pool = ProcessPoolExecutor(
-                    self.workers, mp_context=context, initializer=decode.start_worker,
-                    initargs=(str(self.files.root), self.files.is_zip, [str(e) for e in self.files.entries]))
+                zip_path = str(self.files.root) if self.files.is_zip else None
+                self._pool = ProcessPoolExecutor(self.workers, mp_context=context, initializer=decode.start_worker,
+                                                 initargs=(zip_path,))
             else:
                 self._pool = ThreadPoolExecutor(min(16, os.cpu_count() or 1), thread_name_prefix="ddpm-decode")
                 self._runner = ThreadPoolExecutor(1, thread_name_prefix="ddpm-prefetch")
         return self._pool
 
-    def _read(self, i: int) -> bytes:
-        with self._open(i) as f:
-            return f.read()
+    def _name(self, i: int) -> str:
+        return str(self.files.entries[i])
 
     def _unreadable(self, i: int) -> DataError:
         return DataError(f"{self.files.root}: {self.files.rel[i]} is not a readable image; remove it (or set "
                          f"data.streaming=off, which skips such files) and resume")
 
+    @staticmethod
+    def _worker_died() -> DataError:
+        return DataError("a decoding worker process died (out of memory?); lower data.stream_workers, or set it to "
+                         "0 to decode in threads, and resume")
+
     def _decode_here(self, entries: list[int], size, channels: int) -> torch.Tensor:
-        from ddpm_cli.engine.decode import decode_image, stack
+        from ddpm_cli.engine.decode import decode_image, read_file, stack
 
         def one(i: int) -> np.ndarray:
-            array, _ = decode_image(self._read(i), size, channels)
+            blob = read_file(self._open.zip() if self.files.is_zip else None, self._name(i))
+            array = None if blob is None else decode_image(blob, size, channels)[0]
             if array is None:
                 raise self._unreadable(i)
             return array
@@ -182,25 +196,38 @@ class _Decoder:
     def _pinned(self, batch: torch.Tensor) -> torch.Tensor:
         return torch.empty_like(batch, pin_memory=True).copy_(batch) if self.pin else batch
 
-    def _submit(self, entries: list[int], size, channels: int) -> Future:
+    def _submit(self, entries: list[int], size, channels: int) -> list[Future]:
+        """Start decoding `entries`: one task, or for a set larger than two batches' worth (a held-out set) a
+        task per worker, so that all of them decode it."""
         pool = self._executor()
-        if self.workers:
-            from ddpm_cli.engine import decode
-
-            return pool.submit(decode.decode_batch, entries, size, channels)
-        return self._runner.submit(self._decode_here, entries, size, channels)
-
-    def _result(self, entries: list[int], future: Future) -> torch.Tensor:
-        try:
-            out = future.result()
-        except BrokenProcessPool:
-            raise DataError("a decoding worker process died (out of memory?); lower data.stream_workers, or set "
-                            "it to 0 to decode in threads, and resume") from None
         if not self.workers:
-            return out
-        if isinstance(out, int):
-            raise self._unreadable(entries[out])
-        return self._pinned(torch.from_numpy(out.transpose(0, 3, 1, 2)))  # the worker's (N, H, W, C), as stack's
+            return [self._runner.submit(self._decode_here, entries, size, channels)]
+        from ddpm_cli.engine import decode
+
+        parts = self.workers if len(entries) > 512 else 1
+        chunk = -(-len(entries) // parts)
+        try:
+            return [pool.submit(decode.decode_batch, [self._name(i) for i in entries[k:k + chunk]], size, channels)
+                    for k in range(0, len(entries), chunk)]
+        except BrokenProcessPool:
+            raise self._worker_died() from None
+
+    def _result(self, entries: list[int], futures: list[Future]) -> torch.Tensor:
+        from ddpm_cli.engine.decode import batch_view
+
+        try:
+            parts = [f.result() for f in futures]
+        except BrokenProcessPool:
+            raise self._worker_died() from None
+        if not self.workers:
+            return parts[0]
+        offset = 0
+        for part in parts:
+            if isinstance(part, int):
+                raise self._unreadable(entries[offset + part])
+            offset += len(part)
+        hwc = parts[0] if len(parts) == 1 else np.concatenate(parts)
+        return self._pinned(torch.from_numpy(batch_view(hwc)))  # the workers' (N, H, W, C), as stack's
 
     def start(self, entries: list[int], size, channels: int) -> None:
         key = tuple(entries)
@@ -209,17 +236,20 @@ class _Decoder:
 
     def take(self, entries: list[int], size, channels: int) -> torch.Tensor:
         key = tuple(entries)
-        if key not in self._ahead:  # not asked for ahead (the first batch, a held-out set): decode it now
+        if key not in self._ahead:  # not asked for ahead (a held-out set): decode it now
             return self._result(entries, self._submit(entries, size, channels))
         while True:  # batches asked for before it and never taken are dropped
             first = next(iter(self._ahead))
-            future = self._ahead.pop(first)
+            futures = self._ahead.pop(first)
             if first == key:
-                return self._result(entries, future)
+                return self._result(entries, futures)
+            for f in futures:
+                f.cancel()
 
     def close(self) -> None:
-        for pool in (self._pool, self._runner):
+        """Stop the workers (after the batch each is decoding) and drop what was asked for ahead."""
+        for pool in (self._runner, self._pool):
             if pool is not None:
-                pool.shutdown(wait=False, cancel_futures=True)
+                pool.shutdown(wait=True, cancel_futures=True)
         self._pool = self._runner = None
         self._ahead.clear()

@@ -25,6 +25,7 @@ class TimeBudget:
         self.grid_s = self.checkpoint_s = 0.0  # the run's closing work: its last sample grid and checkpoint
         self._events: list = []
         self._last: float | None = None
+        self._since: tuple[float, int] | None = None  # after the first step: (when, steps since), pauses and all
 
     def step_done(self, first: bool) -> None:
         """Call after each step: bounds the queue and measures the step time."""
@@ -37,6 +38,7 @@ class TimeBudget:
             if len(self._events) > self.IN_FLIGHT:
                 self._events.pop(0).synchronize()
         now = time.monotonic()
+        self._since = (now, 0) if first or self._since is None else (self._since[0], self._since[1] + 1)
         if self._last is not None and not first:
             took = now - self._last
             self.step_s = took if not self.step_s else 0.8 * self.step_s + 0.2 * took
@@ -46,11 +48,16 @@ class TimeBudget:
         """The next interval holds other work (a checkpoint, a grid, an evaluation): not a step's time."""
         self._last = None
 
-    def steps_left(self) -> float:
-        """Steps that fit the time left, the closing work counted; inf without a budget or a measured step."""
-        if self.deadline is None or not self.step_s:
+    def steps_left(self, lookahead_steps: int = 1) -> float:
+        """Steps that will run in the time left: at the wall time per step since the first (the checkpoints,
+        grids and evaluations between them included), the closing work counted, less the `lookahead_steps` that
+        `up` keeps in hand; inf without a budget or before a step after the first."""
+        if self.deadline is None or self._since is None or not self._since[1]:
             return math.inf
-        return max(0.0, (self.deadline - time.monotonic() - self.grid_s - self.checkpoint_s) / self.step_s)
+        now = time.monotonic()
+        per_step = (now - self._since[0]) / self._since[1]
+        left = (self.deadline - now - self.grid_s - self.checkpoint_s) / max(per_step, 1e-9)
+        return max(0.0, left - lookahead_steps)
 
     def up(self, lookahead_steps: int = 1) -> bool:
         """Whether starting `lookahead_steps` more steps would end the run past its budget."""

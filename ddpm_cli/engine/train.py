@@ -274,8 +274,10 @@ class Trainer:
             t_step = time.monotonic()
             x, y = self.batcher.next()
             if self.lr_schedule.cooldown and self.lr_schedule.window is None and tc.max_time is not None:
-                # the cool-down on the clock starts at the same step on every rank, with the same end
-                proposal = self.lr_schedule.proposal(self.step, time.monotonic() - self.t0, budget.steps_left())
+                # the cool-down on the clock starts at the same step on every rank, with rank 0's end (whose
+                # budget knows the closing checkpoint and grid)
+                proposal = (self.lr_schedule.proposal(self.step, time.monotonic() - self.t0,
+                                                      budget.steps_left(lookahead)) if self.main else 0)
                 self.lr_schedule.settle(self.step, self.dist.agree(proposal, self.step))
             lr = self.lr_schedule.at(self.step)
             for group in self.opt.param_groups:

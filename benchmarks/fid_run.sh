@@ -7,6 +7,7 @@
 #       "SWEEP: [RUN@]sampler:steps[:guidance[:eta[:ema_decay[:guide_step[:n]]]]] ... [| ANOTHER LANE ...]"
 # guidance: empty takes the checkpoint's default (its stored guide, if any); 1 samples unguided.
 # guide_step: autoguidance by the run's own checkpoint of that step (keep it: logging.checkpoint_every/keep_last).
+# ema_decay L0.08: the post-hoc EMA of relative length 0.08 (`ddpm ema`; the run trained with train.posthoc_ema).
 # RUN@: sample another run of this host instead (after it has trained), so that several GPUs share one model's
 # sweep; its results go to RUN.jsonl. Empty SAMPLE ARGS: the main score is `ddpm eval RUN -n 10000`, the
 # command a user runs (default sampler and guidance). `--per-class` in this run's SAMPLE ARGS applies to its
@@ -79,15 +80,18 @@ for s in "$@"; do
     done
     [ -f "$HOME/fid/$run.trained" ] || { echo "SKIPPED $s: run $run did not train"; continue; }
     IFS=: read -r smp st w e d g n <<< "$spec"
-    c=$HOME/runs/$run; o=$HOME/fid/$run-$spec-by-$NAME; t0=$SECONDS
-    ddpm sample "$c" -n "${n:-${FID_N:-10000}}" --batch-size 1000 --format npz --out "$o.npz" --sampler "$smp" \
-        --steps "$st" ${w:+--guidance "$w"} ${e:+--eta "$e"} ${d:+--ema-decay "$d"} \
+    c=$HOME/runs/$run; o=$HOME/fid/$run-$spec-by-$NAME; t0=$SECONDS; src=$c; decay=$d
+    if [[ $d == L* ]]; then  # a post-hoc EMA length: its checkpoint first, sampled in place of the run
+        ddpm ema "$c" --length "${d#L}" --out "$o.safetensors" --overwrite; src=$o.safetensors; decay=
+    fi
+    ddpm sample "$src" -n "${n:-${FID_N:-10000}}" --batch-size 1000 --format npz --out "$o.npz" --sampler "$smp" \
+        --steps "$st" ${w:+--guidance "$w"} ${e:+--eta "$e"} ${decay:+--ema-decay "$decay"} \
         ${g:+--guide-model "$c/checkpoints/ckpt-$(printf %08d "$g").safetensors"} \
         $(echo "$SAMPLE" | grep -o -- '--per-class')
     ddpm eval "$o.npz" "${ev[@]}" --batch-size 500 | tee "$o.json"
     record "SWEEP $smp $st ${w:-default-guidance} ${e:+eta $e} ${d:+ema $d} ${g:+guide $g} n ${n:-${FID_N:-10000}} (on $NAME's GPU)" \
         "$HOME/fid/$run.jsonl" "$o.json" $t0
-    rm -f "$o.npz"
+    rm -f "$o.npz" "$o.safetensors"
 done
 }
 IFS='|' read -ra lanes <<< "$SWEEP"

@@ -216,7 +216,8 @@ def test_bench_bigimg_measures_ours_the_peer_and_a_streamed_folder(tmp_path):
 def test_fid_run_turns_each_sweep_entry_into_its_flags_and_runs_the_lanes(tmp_path):
     """benchmarks/fid_run.sh's control flow, with a stand-in for `ddpm` that records its arguments: the run, the
     main score, the real-image floor, and each sweep entry (sampler:steps:guidance:eta:ema_decay:guide_step:n,
-    lanes split by " | ") as the flags of its `ddpm sample`, every score recorded with its label."""
+    lanes split by " | "; an ema_decay of L0.08 a post-hoc EMA length) as the flags of its `ddpm sample`, every
+    score recorded with its label."""
     import time
 
     work, home = tmp_path / "work", tmp_path / "home"
@@ -236,7 +237,7 @@ esac
 """)
     stub.chmod(0o755)
     env = {**os.environ, "HOME": str(home), "DDPM": str(stub), "FID_N": "50", "FLOOR": str(home / "test.zip")}
-    sweep = "ddim:5:1::::20 dpm++2m:10:::0.9998::30 | dpm++2m:20::::15:40"
+    sweep = "ddim:5:1::::20 dpm++2m:10:::0.9998::30 | dpm++2m:20::::15:40 dpm++2m:30:::L0.08::10"
     r = subprocess.run(["bash", str(ROOT / "benchmarks" / "fid_run.sh"), "q", "examples/cifar10-15min.yaml", "",
                         "", sweep], cwd=work, env=env, capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stderr
@@ -251,14 +252,17 @@ esac
     assert lines[1].startswith(f"eval {run} -n 50 ")
     assert lines[2].startswith(f"eval {home}/test.zip ")
     samples = sorted(x for x in lines if x.startswith("sample"))
-    assert len(samples) == 3 and len([x for x in lines if x.startswith("eval")]) == 2 + 3
+    assert len(samples) == 4 and len([x for x in lines if x.startswith("eval")]) == 2 + 4
     flags = {x.split("--sampler ")[1].split(" --steps ")[0] + x.split(" --steps ")[1].split()[0]: x for x in samples}
     assert " -n 20 " in flags["ddim5"] and "--guidance 1" in flags["ddim5"]
     assert " -n 30 " in flags["dpm++2m10"] and "--ema-decay 0.9998" in flags["dpm++2m10"]
     assert " -n 40 " in flags["dpm++2m20"] and f"--guide-model {run}/checkpoints/ckpt-00000015.safetensors" in \
         flags["dpm++2m20"]
+    posthoc = f"{home}/fid/q-dpm++2m:30:::L0.08::10-by-q.safetensors"
+    assert f"ema {run} --length 0.08 --out {posthoc} --overwrite" in lines
+    assert flags["dpm++2m30"].startswith(f"sample {posthoc} -n 10 ") and "--ema-decay" not in flags["dpm++2m30"]
     records = (home / "fid" / "q.jsonl").read_text().splitlines()
     labels = records[0::2]
-    assert len(records) == 2 * 5 and all(json.loads(x)["fid"] == 1.5 for x in records[1::2])
+    assert len(records) == 2 * 6 and all(json.loads(x)["fid"] == 1.5 for x in records[1::2])
     assert labels[0].startswith("MAIN ddpm eval RUN -n 50") and labels[1].startswith("FLOOR ddpm eval test.zip")
     assert all(x.rstrip().endswith(" s)") and "(wall " in x for x in labels)

@@ -145,3 +145,28 @@ def test_the_cooldown_reaches_the_optimizer_under_the_cuda_defaults(tmp_path):
                                                                                       ("cool", cool))}
     assert last["cool"] < 0.4 * last["flat"], last  # Adam's update scales with the rate: 1/6, with margin
     assert [r["lr"] for r in runs["cool"][1].metrics][-1] == pytest.approx(flat.peak_lr / 6)
+
+
+def test_posthoc_ema_follows_the_cuda_graphed_step_and_its_checkpoint_samples(tmp_path):
+    """train.posthoc_ema's averages track the weights the CUDA-graphed step updates in place (channels-last), their
+    snapshots load back, and `ddpm ema` makes a checkpoint that samples on the GPU."""
+    from conftest import ok
+    from ddpm_cli.engine.checkpoint import load_checkpoint
+
+    trainer, res = _train(tmp_path, "phema", train__steps=30, train__posthoc_ema=[0.05, 0.1],
+                          train__posthoc_ema_every=10)
+    assert trainer.compiled and trainer.channels_last
+    tracked = dict(zip([n for n, _ in trainer.model.named_parameters()], trainer.posthoc.averages[1]))
+    final = dict(trainer.model.named_parameters())
+    out = tmp_path / "l01.safetensors"
+    ok("ema", res.run_dir, "--length", "0.1", "--out", out)
+    state = load_checkpoint(out).model_state
+    moved = 0
+    for name, avg in tracked.items():
+        assert torch.isfinite(avg).all()
+        assert torch.allclose(state[name], avg.float().cpu(), atol=1e-5), name
+        moved += not torch.equal(avg, final[name].detach())  # an average of 30 steps, not the last weights
+    assert moved > len(tracked) // 2
+    grid = tmp_path / "g.png"
+    ok("sample", out, "-n", "4", "--steps", "3", "--grid", grid, "--device", "cuda")
+    assert grid.exists()

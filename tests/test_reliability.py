@@ -19,7 +19,8 @@ import torch
 from typer.testing import CliRunner
 
 from conftest import ROOT, tiny_config, tiny_overrides, write_yaml
-from ddpm_cli.engine.checkpoint import load_checkpoint, load_state, read_header
+from ddpm_cli.engine.checkpoint import load_checkpoint, load_state, read_header, read_tensors
+from ddpm_cli.engine.posthoc_ema import snapshot_path
 from ddpm_cli.engine.runs import latest_checkpoint, list_checkpoints, state_path
 from ddpm_cli.engine.train import Trainer, train
 from ddpm_cli.errors import DdpmError, TrainingAborted
@@ -171,7 +172,8 @@ def test_exact_resume_gives_identical_losses_and_weights(tmp_path, variant):
         extra.update(model__checkpointing=True, train__grad_accum=2)
     elif variant != "unconditional":
         extra.update(model__conditional=True, train__label_dropout=0.3, train__ema_warmup=True,
-                     train__optimizer="adamw", train__weight_decay=0.01, train__ema_extra=[0.5])
+                     train__optimizer="adamw", train__weight_decay=0.01, train__ema_extra=[0.5],
+                     train__posthoc_ema=[0.05, 0.2])
     full = train(tiny_config(tmp_path / "a", **extra))
     # 64 images / batch 16: 4 steps an epoch, so step 6 stops mid-epoch and the resumed part crosses epochs
     first = train(tiny_config(tmp_path / "b", **{**extra, "train__steps": 6}))
@@ -192,6 +194,9 @@ def test_exact_resume_gives_identical_losses_and_weights(tmp_path, variant):
     if variant.startswith("conditional"):  # train.ema_extra's averages resume exactly too
         assert list(a.extra_ema) == list(b.extra_ema) == [0.5]
         _assert_same_tensors(a.extra_ema[0.5], b.extra_ema[0.5], "extra EMA weights")
+        # and the post-hoc averages, whose snapshot at the resumed step they were read back from
+        _assert_same_tensors(read_tensors(snapshot_path(full.run_dir, 12)),
+                             read_tensors(snapshot_path(resumed.run_dir, 12)), "post-hoc EMA averages")
     # the training state too: optimizer moments, step counts and the RNG stream
     ta, sa, ga = load_state(a.path)
     tb, sb, gb = load_state(b.path)

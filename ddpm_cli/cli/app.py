@@ -7,6 +7,7 @@ import typer
 
 from ddpm_cli import __version__
 from ddpm_cli.cli import cache_cmd, config_cmd, ui
+from ddpm_cli.cli.ema_cmd import ema_command
 from ddpm_cli.cli.eval_cmd import eval_command
 from ddpm_cli.cli.export import export_command
 from ddpm_cli.cli.import_cmd import import_command
@@ -36,6 +37,7 @@ app.command("eval")(eval_command)
 app.command("sample")(sample_command)
 app.command("inspect")(inspect_command)
 app.command("export")(export_command)
+app.command("ema")(ema_command)
 app.command("import")(import_command)
 app.add_typer(config_cmd.app, name="config")
 app.add_typer(cache_cmd.app, name="cache")

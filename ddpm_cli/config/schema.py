@@ -8,6 +8,8 @@ from pydantic import (BaseModel, ConfigDict, Field, ValidationError, ValidationI
                       model_validator)
 
 Side = Annotated[int, Field(ge=8, le=1024)]  # an image side in pixels
+# train.posthoc_ema's relative lengths: the upper end is just under the plain mean's 0.2887 (exponent 0)
+POSTHOC_EMA_LENGTHS = (0.001, 0.28)
 
 
 class Section(BaseModel):
@@ -250,6 +252,15 @@ class TrainConfig(Section):
     ema_extra: tuple[float, ...] = Field((), max_length=4)
     """More EMA decays to keep beside ema_decay (each a full copy of the weights, updated with it), to choose the
     averaging length after training with `ddpm sample --ema-decay D` (also eval and export)."""
+    posthoc_ema: tuple[float, ...] = Field((), max_length=4)
+    """Post-hoc EMA (EDM2, Karras et al. 2024): relative lengths of power-function averages of the weights to
+    track, e.g. [0.05, 0.1] (an average's standard deviation over the steps it spans, as a share of the run so
+    far; each in [0.001, 0.28]). Each is a full copy of the weights, updated every step on rank 0 and written to
+    RUN/ema/ with every checkpoint and every posthoc_ema_every steps; after training, `ddpm ema RUN --length L`
+    makes a checkpoint of the average of any other length from them. Needs no warm-up. [] tracks none."""
+    posthoc_ema_every: int = Field(0, ge=0)
+    """Steps between post-hoc EMA snapshots besides those written with every checkpoint (0: with the checkpoints
+    only). More snapshots resolve more lengths; each holds one copy of the weights per tracked length."""
     guide_step: int | None = Field(None, ge=1)
     """Keep the EMA weights of this step (the raw ones without EMA) in every later checkpoint as its autoguidance
     guide: `ddpm sample` and `ddpm eval` then guide by them by default (DPM-Solver++(2M)-20, weight
@@ -317,6 +328,12 @@ class TrainConfig(Section):
             raise ValueError("ema_extra must not repeat a decay or ema_decay itself")
         if self.ema_extra and not self.ema:
             raise ValueError("ema_extra needs ema: true (the extra averages are kept beside the main one)")
+        for length in self.posthoc_ema:
+            if not POSTHOC_EMA_LENGTHS[0] <= length <= POSTHOC_EMA_LENGTHS[1]:
+                raise ValueError(f"posthoc_ema lengths must be in {list(POSTHOC_EMA_LENGTHS)} (got {length}); "
+                                 f"EDM2 tracks 0.05 and 0.1")
+        if len(set(self.posthoc_ema)) != len(self.posthoc_ema):
+            raise ValueError("posthoc_ema must not repeat a length")
         if self.guide_step is not None and self.guide_step > self.steps:
             raise ValueError(f"guide_step ({self.guide_step}) must not exceed steps ({self.steps}); about a third "
                              f"of the run is best")

@@ -26,6 +26,7 @@ from ddpm_cli.engine.files import atomic_write_bytes
 from ddpm_cli.engine.runs import list_checkpoints, make_run_dir, remove_new_dirs
 from ddpm_cli.engine.metrics import MetricsLog, WandbSink, keep_metrics_until, plot_loss_curve, read_metrics
 from ddpm_cli.engine.lr_schedule import LRSchedule
+from ddpm_cli.engine.posthoc_ema import PosthocEMA
 from ddpm_cli.engine.time_budget import TimeBudget
 from ddpm_cli.errors import TrainingAborted
 from ddpm_cli.nn.unet import activation_checkpointing, channel_stats
@@ -133,6 +134,8 @@ class Trainer:
         self.ema = EMA(self.model, tc.ema_decay, **schedule) if (tc.ema and self.main) else None
         # train.ema_extra: more averaging lengths to choose from after training, updated with the main one
         self.extra_emas = {d: EMA(self.model, d, **schedule) for d in tc.ema_extra} if self.ema else {}
+        # train.posthoc_ema: power-function averages, snapshotted under RUN/ema/ for `ddpm ema`
+        self.posthoc = PosthocEMA(self.model, tc.posthoc_ema) if (tc.posthoc_ema and self.main) else None
         self.diffusion = build_diffusion(cfg.diffusion).to(self.device)
         self.bf16 = use_bf16(cfg, self.device)
         self.in_training_fid = monitor.InTrainingFid(cfg, self.diffusion, fid_reference, self.device, self.bf16)
@@ -222,6 +225,7 @@ class Trainer:
         grid_s = monitor.grid_seconds(self.ema.model if self.ema else self.model, self.diffusion, self.cfg,
                                       self.device, self.bf16)
         copies = 3 + (1 + len(self.extra_emas) if self.ema else 0) + 1  # weights, Adam's two moments, EMAs, guide
+        copies += self.posthoc.copies if self.posthoc else 0  # the post-hoc EMA snapshot written with it
         return grid_s, 4 * count_params(self.model) * copies / 1e9
 
     def held_out_loss(self) -> float:
@@ -303,6 +307,8 @@ class Trainer:
             if self.ema is not None:
                 for ema in (self.ema, *self.extra_emas.values()):
                     ema.after_step(self.model, self.step)
+            if self.posthoc is not None:
+                self.posthoc.update(self.model, self.step)
             stats.add(loss, bad, self.step)
             budget.step_done(first_step)
             if first_step:  # with torch.compile, the first step is the compilation
@@ -358,6 +364,10 @@ class Trainer:
                 checkpoint = self.save_checkpoint()
                 if self.main:  # a measured write replaces the estimate
                     budget.checkpoint_s = time.monotonic() - t_save
+                budget.pause()
+            if (self.posthoc is not None and tc.posthoc_ema_every and not final
+                    and self.step % tc.posthoc_ema_every == 0 and self.step % lc.checkpoint_every != 0):
+                self.posthoc.save(self.run_dir, self.step, self.images_seen)  # a checkpoint writes its own
                 budget.pause()
             if not final and self.step % lc.sample_every == 0:
                 self.sample_grid()

@@ -21,7 +21,8 @@ if TYPE_CHECKING:
 
 
 def restore(trainer: "Trainer", weights: Path) -> None:
-    """Put a Trainer back to a checkpoint: weights, EMAs, optimizer, step, data position, counters, RNG."""
+    """Put a Trainer back to a checkpoint: weights, EMAs (post-hoc ones too), optimizer, step, data position,
+    counters, RNG."""
     ck = ckpt_io.load_checkpoint(weights)
     tensors, state, groups = ckpt_io.load_state(ck.path)
     ckpt_io.load_into(trainer.model, ck.model_state, str(ck.path))
@@ -38,6 +39,8 @@ def restore(trainer: "Trainer", weights: Path) -> None:
         raise DdpmError(f"{ck.path}: the optimizer state does not fit this run ({e}); resume with the "
                         f"same train.optimizer") from None
     trainer.step, trainer.images_seen = int(state["step"]), int(state["images_seen"])
+    if trainer.posthoc is not None:
+        trainer.posthoc.restore(trainer.run_dir, trainer.step)
     trainer.batcher.load_state_dict(state["data"])
     trainer.lr_schedule.load_state_dict(state.get("lr_schedule", {}), trainer.step)
     es = state.get("early_stopping", {})
@@ -65,6 +68,8 @@ def save(trainer: "Trainer") -> Path:
     cfg = trainer.cfg
     name = f"ckpt-{trainer.step:08d}.safetensors"
     path = trainer.run_dir / "checkpoints" / name
+    if trainer.posthoc is not None:  # first: a resume from this checkpoint reads the averages back from it
+        trainer.posthoc.save(trainer.run_dir, trainer.step, trainer.images_seen)
     meta = ckpt_io.weights_metadata(cfg, trainer.step, trainer.images_seen, count_params(trainer.model),
                                     trainer.ema is not None, trainer.classes)
     ckpt_io.save_weights(path, trainer.model, trainer.ema.model if trainer.ema else None, meta,

@@ -5,11 +5,11 @@ from ddpm_cli.engine.checkpoint.format import (FORMAT, FORMAT_VERSION, MAX_HEADE
                                                ema_decays, extra_ema_decays, has_ema_weights, read_checkpoint_config,
                                                read_header, require_ema_decay, stored_guide_step)
 from ddpm_cli.engine.checkpoint.tensors import (Checkpoint, load_checkpoint, load_guide, load_into, load_model,
-                                                load_optimizer_state, load_state, optimizer_state_dict, save_state,
-                                                save_weights, weights_metadata)
+                                                load_optimizer_state, load_state, optimizer_state_dict, read_tensors,
+                                                save_state, save_weights, weights_metadata, write_tensors)
 
 __all__ = ["FORMAT", "FORMAT_VERSION", "MAX_HEADER", "Header", "StoredConfig", "class_names", "ema_decays",
            "extra_ema_decays", "has_ema_weights", "read_checkpoint_config", "read_header", "require_ema_decay",
            "stored_guide_step", "Checkpoint", "load_checkpoint", "load_guide", "load_into", "load_model",
-           "load_optimizer_state", "load_state", "optimizer_state_dict", "save_state", "save_weights",
-           "weights_metadata"]
+           "load_optimizer_state", "load_state", "optimizer_state_dict", "read_tensors", "save_state", "save_weights",
+           "weights_metadata", "write_tensors"]

@@ -31,7 +31,8 @@ if TYPE_CHECKING:
     from ddpm_cli.engine.guidance import Guidance
 
 
-def _write(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> None:
+def write_tensors(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> None:
+    """One safetensors file, written atomically; a failed write is one line and leaves earlier files intact."""
     from safetensors.torch import save as st_save
 
     tensors = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
@@ -39,7 +40,7 @@ def _write(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str
         atomic_write_bytes(path, st_save(tensors, metadata=metadata))
     except OSError as e:
         reason = "the disk is full" if e.errno == errno.ENOSPC else (e.strerror or str(e))
-        raise DdpmError(f"cannot write checkpoint {path}: {reason}; earlier checkpoints are intact") from None
+        raise DdpmError(f"cannot write {path}: {reason}; earlier checkpoints are intact") from None
 
 
 def weights_metadata(cfg: RunConfig, step: int, images_seen: int, num_params: int, has_ema: bool,
@@ -65,7 +66,7 @@ def save_weights(path: Path, model: torch.nn.Module, ema_model: torch.nn.Module 
     if guide is not None:
         metadata = {**metadata, "guide_step": str(guide[0])}
         tensors.update({f"guide.{k}": v for k, v in guide[1].items()})
-    _write(path, tensors, metadata)
+    write_tensors(path, tensors, metadata)
 
 
 def save_state(path: Path, optimizer: torch.optim.Optimizer, state: dict) -> None:
@@ -83,7 +84,7 @@ def save_state(path: Path, optimizer: torch.optim.Optimizer, state: dict) -> Non
             tensors[f"rng.cuda.{i}"] = s
     meta = {"format": FORMAT, "format_version": str(FORMAT_VERSION), "kind": "train-state",
             "param_groups": json.dumps(sd["param_groups"]), "state": json.dumps(state)}
-    _write(path, tensors, meta)
+    write_tensors(path, tensors, meta)
 
 
 @dataclass
@@ -113,7 +114,7 @@ class Checkpoint:
         return class_names(self.metadata)
 
 
-def _read_tensors(path: Path) -> dict[str, torch.Tensor]:
+def read_tensors(path: Path) -> dict[str, torch.Tensor]:
     from safetensors.torch import load as st_load
 
     try:
@@ -126,7 +127,7 @@ def _read_tensors(path: Path) -> dict[str, torch.Tensor]:
 
 def load_checkpoint(path: str | Path) -> Checkpoint:
     p, header, cfg = read_checkpoint_config(path)
-    tensors = _read_tensors(p)
+    tensors = read_tensors(p)
     model = {k[6:]: v for k, v in tensors.items() if k.startswith("model.")}
     ema = {k[4:]: v for k, v in tensors.items() if k.startswith("ema.")} or None
     if not model:
@@ -166,7 +167,7 @@ def load_state(weights_path: Path) -> tuple[dict[str, torch.Tensor], dict, list]
     header = read_header(sp)
     if header.metadata.get("kind") != "train-state":
         raise CheckpointError(f"{sp} is not a training-state file")
-    tensors = _read_tensors(sp)
+    tensors = read_tensors(sp)
     try:
         state, groups = json.loads(header.metadata["state"]), json.loads(header.metadata["param_groups"])
         if not isinstance(state, dict) or not isinstance(groups, list):

@@ -1,0 +1,81 @@
+"""`ddpm ema RUN --length L`: the weights' average of any relative length, chosen after training, from the
+post-hoc EMA snapshots a run with train.posthoc_ema wrote (engine/posthoc_ema.py), as a checkpoint that `ddpm
+sample`, `eval` and `export` take. Without --length it lists what the run stored."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+from ddpm_cli.cli.ui import console, friendly, warn
+
+# a reconstruction whose profile misses the requested one by more than this is reported as imprecise
+FIT_WARNING = 0.05
+
+
+def _run_and_step(path: Path, step: int | None) -> tuple[Path, int | None]:
+    """A run directory, or one of its checkpoints (whose step is then the default)."""
+    from ddpm_cli.engine.runs import CKPT_RE
+    from ddpm_cli.errors import UsageError
+
+    if path.is_dir():
+        return path, step
+    match = CKPT_RE.search(path.name)
+    if path.is_file() and match and path.parent.name == "checkpoints":
+        return path.parent.parent, int(match.group(1)) if step is None else step
+    raise UsageError(f"{path} is neither a run directory nor one of its checkpoints (RUN/checkpoints/ckpt-*)")
+
+
+@friendly
+def ema_command(
+    run: Path = typer.Argument(..., help="A run directory of `ddpm train` (or one of its checkpoints: its step).",
+                               show_default=False),
+    lengths: Optional[list[float]] = typer.Option(None, "--length", "-l", help="Relative length of the average "
+                                                  "(its standard deviation as a share of the run; in [0.001, "
+                                                  "0.28]); repeat for several.", show_default=False),
+    step: Optional[int] = typer.Option(None, "--step", help="The snapshot step to average up to (default: the "
+                                       "last).", show_default=False),
+    out: Optional[Path] = typer.Option(None, "--out", "-o", help="Output checkpoint (one --length only; default: "
+                                       "RUN/ema/ckpt-STEP-lengthL.safetensors).", show_default=False),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing output file."),
+) -> None:
+    """Post-hoc EMA: a checkpoint of the weights averaged over any relative length, from the snapshots of a run
+    trained with train.posthoc_ema."""
+    from ddpm_cli.config.schema import POSTHOC_EMA_LENGTHS
+    from ddpm_cli.errors import UsageError
+
+    run, step = _run_and_step(run, step)
+    lengths = lengths or []
+    low, high = POSTHOC_EMA_LENGTHS
+    for length in lengths:
+        if not low <= length <= high:
+            raise UsageError(f"--length {length} is out of range: a relative length is in [{low}, {high}] (EDM2's "
+                             f"best were 0.05-0.15)")
+    if out is not None and len(lengths) != 1:
+        raise UsageError("--out names one file: give exactly one --length with it")
+
+    from ddpm_cli.engine import posthoc_ema
+
+    snaps = posthoc_ema.list_snapshots(run)
+    if not lengths:
+        if not snaps:
+            console.print(f"{run}: no post-hoc EMA snapshots (train with --set train.posthoc_ema='[0.05, 0.1]')",
+                          markup=False, soft_wrap=True)
+            return
+        tracked = ", ".join(f"{x:g}" for x in snaps[-1].lengths)
+        console.print(f"{run}: {len(snaps)} snapshots of the lengths {tracked}, steps {snaps[0].step} to "
+                      f"{snaps[-1].step}; `ddpm ema {run} --length L` makes a checkpoint of length L",
+                      markup=False, soft_wrap=True)
+        return
+    for length in lengths:
+        rec = posthoc_ema.reconstruct(run, length, step)
+        path = out or posthoc_ema.default_output(run, length, rec.step)
+        if path.exists() and not overwrite:
+            raise UsageError(f"{path} exists; pass --overwrite to replace it, or --out another path")
+        posthoc_ema.save_reconstruction(run, rec, path)
+        console.print(f"wrote {path} (length {length:g} at step {rec.step}, from {rec.averages} stored averages; "
+                      f"profile fit error {rec.fit_error:.2%})", markup=False, soft_wrap=True)
+        if rec.fit_error > FIT_WARNING:
+            warn(f"the snapshots resolve length {length:g} poorly (fit error {rec.fit_error:.1%}); choose one "
+                 f"nearer the tracked lengths, or train with snapshots more often (train.posthoc_ema_every)")

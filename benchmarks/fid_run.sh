@@ -82,7 +82,9 @@ for s in "$@"; do
     IFS=: read -r smp st w e d g n <<< "$spec"
     c=$HOME/runs/$run; o=$HOME/fid/$run-$spec-by-$NAME; t0=$SECONDS; src=$c; decay=$d
     if [[ $d == L* ]]; then  # a post-hoc EMA length: its checkpoint first, sampled in place of the run
-        ddpm ema "$c" --length "${d#L}" --out "$o.safetensors" --overwrite; src=$o.safetensors; decay=
+        rm -f "$o.safetensors" "$o.json"; src=$o.safetensors; decay=
+        ddpm ema "$c" --length "${d#L}" --out "$o.safetensors" ||
+            { record "SWEEP $s: ddpm ema failed" "$HOME/fid/$run.jsonl" "$o.json" $t0; continue; }
     fi
     ddpm sample "$src" -n "${n:-${FID_N:-10000}}" --batch-size 1000 --format npz --out "$o.npz" --sampler "$smp" \
         --steps "$st" ${w:+--guidance "$w"} ${e:+--eta "$e"} ${decay:+--ema-decay "$decay"} \

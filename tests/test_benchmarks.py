@@ -233,11 +233,12 @@ def test_fid_run_turns_each_sweep_entry_into_its_flags_and_runs_the_lanes(tmp_pa
 echo "$*" >> {calls}
 case $1 in
   eval) echo '{{"fid": 1.5, "kid_mean": 0.001}}' ;;
+  ema) case "$*" in *"--length 0.5 "*) exit 1 ;; esac ;;
 esac
 """)
     stub.chmod(0o755)
     env = {**os.environ, "HOME": str(home), "DDPM": str(stub), "FID_N": "50", "FLOOR": str(home / "test.zip")}
-    sweep = "ddim:5:1::::20 dpm++2m:10:::0.9998::30 | dpm++2m:20::::15:40 dpm++2m:30:::L0.08::10"
+    sweep = "ddim:5:1::::20 dpm++2m:10:::0.9998::30 | dpm++2m:20::::15:40 dpm++2m:30:::L0.08::10 ddim:9:::L0.5"
     r = subprocess.run(["bash", str(ROOT / "benchmarks" / "fid_run.sh"), "q", "examples/cifar10-15min.yaml", "",
                         "", sweep], cwd=work, env=env, capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stderr
@@ -259,10 +260,14 @@ esac
     assert " -n 40 " in flags["dpm++2m20"] and f"--guide-model {run}/checkpoints/ckpt-00000015.safetensors" in \
         flags["dpm++2m20"]
     posthoc = f"{home}/fid/q-dpm++2m:30:::L0.08::10-by-q.safetensors"
-    assert f"ema {run} --length 0.08 --out {posthoc} --overwrite" in lines
+    assert f"ema {run} --length 0.08 --out {posthoc}" in lines
     assert flags["dpm++2m30"].startswith(f"sample {posthoc} -n 10 ") and "--ema-decay" not in flags["dpm++2m30"]
     records = (home / "fid" / "q.jsonl").read_text().splitlines()
     labels = records[0::2]
-    assert len(records) == 2 * 6 and all(json.loads(x)["fid"] == 1.5 for x in records[1::2])
+    failed = [i for i, x in enumerate(labels) if "ddim:9:::L0.5: ddpm ema failed" in x]
+    assert len(failed) == 1 and json.loads(records[2 * failed[0] + 1]) == {"fid": None, "failed": True}
+    assert not any(" --steps 9 " in x for x in samples)  # a failed reconstruction samples nothing
+    assert len(records) == 2 * 7 and all(json.loads(x)["fid"] == 1.5 for i, x in enumerate(records[1::2])
+                                          if i != failed[0])
     assert labels[0].startswith("MAIN ddpm eval RUN -n 50") and labels[1].startswith("FLOOR ddpm eval test.zip")
     assert all(x.rstrip().endswith(" s)") and "(wall " in x for x in labels)

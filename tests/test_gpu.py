@@ -153,9 +153,13 @@ def test_posthoc_ema_follows_the_cuda_graphed_step_and_its_checkpoint_samples(tm
     from conftest import ok
     from ddpm_cli.engine.checkpoint import load_checkpoint
 
-    trainer, res = _train(tmp_path, "phema", train__steps=30, train__posthoc_ema=[0.05, 0.1],
-                          train__posthoc_ema_every=10)
+    trainer = Trainer(tiny_config(tmp_path, train__device="cuda", train__steps=30, train__seed=3,
+                                  train__posthoc_ema=[0.05, 0.1], train__posthoc_ema_every=10,
+                                  logging__run_name="phema", logging__checkpoint_every=10**6,
+                                  logging__sample_every=10**6))
     assert trainer.compiled and trainer.channels_last
+    initial = {n: p.detach().clone() for n, p in trainer.model.named_parameters()}
+    res = trainer.run()
     tracked = dict(zip([n for n, _ in trainer.model.named_parameters()], trainer.posthoc.averages[1]))
     final = dict(trainer.model.named_parameters())
     out = tmp_path / "l01.safetensors"
@@ -165,7 +169,8 @@ def test_posthoc_ema_follows_the_cuda_graphed_step_and_its_checkpoint_samples(tm
     for name, avg in tracked.items():
         assert torch.isfinite(avg).all()
         assert torch.allclose(state[name], avg.float().cpu(), atol=1e-5), name
-        moved += not torch.equal(avg, final[name].detach())  # an average of 30 steps, not the last weights
+        # an average of the 30 steps: neither the weights it started from nor the last ones
+        moved += not torch.equal(avg, final[name].detach()) and not torch.equal(avg, initial[name])
     assert moved > len(tracked) // 2
     grid = tmp_path / "g.png"
     ok("sample", out, "-n", "4", "--steps", "3", "--grid", grid, "--device", "cuda")

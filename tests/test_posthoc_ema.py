@@ -21,6 +21,17 @@ def test_the_exponent_gives_the_requested_relative_length(length):
     assert gamma >= 0 and relative_length(gamma) == pytest.approx(length, rel=1e-9)
 
 
+@pytest.mark.parametrize("length", [0.02, 0.1, 0.25])
+def test_the_length_is_the_spread_of_the_steps_the_average_weighs(length):
+    """Independently of the formula: the standard deviation of the step numbers under the average's own
+    discrete weights (see the next test), over a long run, is `length` times the run."""
+    t, g = 100_000, exponent(length)
+    s = torch.arange(1, t + 1, dtype=torch.float64)
+    w = (s ** (g + 1) - (s - 1) ** (g + 1)) / t ** (g + 1)
+    mean = (w * s).sum()
+    assert float(((w * (s - mean) ** 2).sum()).sqrt() / t) == pytest.approx(length, rel=1e-3)
+
+
 @pytest.mark.parametrize("length", [0.0, 0.0005, 0.29, 1.0])
 def test_lengths_out_of_range_are_refused(length):
     with pytest.raises(ValueError, match="must be in"):
@@ -94,7 +105,7 @@ def _posthoc_run(tmp_path, **extra):
     return train(tiny_config(tmp_path, **{**opts, **extra}))
 
 
-def test_training_writes_snapshots_and_ddpm_ema_makes_a_checkpoint_that_samples(tmp_path):
+def test_training_writes_snapshots_and_ddpm_ema_makes_a_checkpoint_that_samples(tmp_path, monkeypatch):
     res = _posthoc_run(tmp_path, train__steps=22)
     run = res.run_dir
     snaps = list_snapshots(run)
@@ -119,8 +130,11 @@ def test_training_writes_snapshots_and_ddpm_ema_makes_a_checkpoint_that_samples(
     assert grid.exists()
     assert "post-hoc EMA of relative length 0.1" in ok("inspect", out).stdout
 
-    # several lengths at once, at an earlier step given by its checkpoint, each to its default path
-    r = ok("ema", run / "checkpoints" / "ckpt-00000010.safetensors", "-l", "0.07", "-l", "0.12")
+    # several lengths at once (a repeated one made once), at an earlier step given by its checkpoint, named from
+    # inside its folder, each to its default path
+    monkeypatch.chdir(run / "checkpoints")
+    r = ok("ema", "ckpt-00000010.safetensors", "-l", "0.07", "-l", "0.12", "-l", "0.07")
+    assert r.stdout.count("wrote ") == 2
     for length in ("0.07", "0.12"):
         path = run / "ema" / f"ckpt-00000010-length{length}.safetensors"
         assert path.exists() and load_checkpoint(path).step == 10
@@ -135,10 +149,26 @@ def test_ema_refuses_bad_input_in_one_line(tmp_path):
     ok("ema", run, "-l", "0.1")
     assert "--overwrite" in one_line_error(cli("ema", run, "-l", "0.1"), code=(2,))
     ok("ema", run, "-l", "0.1", "--overwrite")
+    # every output is checked before any is written: 0.07's file does not appear when 0.1's is in the way
+    assert "--overwrite" in one_line_error(cli("ema", run, "-l", "0.07", "-l", "0.1"), code=(2,))
+    assert not (run / "ema" / "ckpt-00000010-length0.07.safetensors").exists()
     assert "neither a run directory" in one_line_error(cli("ema", tmp_path / "nothing"), code=(2,))
+    # a length the snapshots cannot resolve is written, with a warning that says so
+    assert "resolve length 0.002 poorly" in ok("ema", run, "-l", "0.002").stderr
     plain = train(tiny_config(tmp_path / "plain", train__steps=2))
     assert "holds no post-hoc EMA snapshots" in one_line_error(cli("ema", plain.run_dir, "-l", "0.1"))
     assert "no post-hoc EMA snapshots" in ok("ema", plain.run_dir).stdout
+
+
+def test_a_resume_from_an_earlier_checkpoint_drops_the_later_snapshots(tmp_path):
+    """A resume from step 10 of a run that went on to 22 replaces steps 11-22: their snapshots must not be mixed
+    into a reconstruction of the new continuation."""
+    res = _posthoc_run(tmp_path, train__steps=22)
+    again = train(tiny_config(tmp_path, train__steps=13, train__posthoc_ema=[0.05, 0.1], train__posthoc_ema_every=5,
+                              logging__checkpoint_every=10),
+                  resume=res.run_dir / "checkpoints" / "ckpt-00000010.safetensors")
+    assert again.step == 13 and [s.step for s in list_snapshots(res.run_dir)] == [5, 10, 13]
+    assert "at step 13," in ok("ema", res.run_dir, "-l", "0.08").stdout
 
 
 def test_a_resume_needs_the_same_lengths_and_its_snapshot(tmp_path):

@@ -10,8 +10,9 @@ import typer
 
 from ddpm_cli.cli.ui import console, friendly, warn
 
-# a reconstruction whose profile misses the requested one by more than this is reported as imprecise
-FIT_WARNING = 0.05
+# a reconstruction whose profile misses the requested one by more than this, or that amplifies the snapshots'
+# own rounding by more than GAIN_WARNING (the sum of its weights' magnitudes), is reported as imprecise
+FIT_WARNING, GAIN_WARNING = 0.05, 10.0
 
 
 def _run_and_step(path: Path, step: int | None) -> tuple[Path, int | None]:
@@ -19,6 +20,7 @@ def _run_and_step(path: Path, step: int | None) -> tuple[Path, int | None]:
     from ddpm_cli.engine.runs import CKPT_RE
     from ddpm_cli.errors import UsageError
 
+    path = path.resolve()  # a checkpoint named from inside its checkpoints/ folder still finds its run
     if path.is_dir():
         return path, step
     match = CKPT_RE.search(path.name)
@@ -46,7 +48,7 @@ def ema_command(
     from ddpm_cli.errors import UsageError
 
     run, step = _run_and_step(run, step)
-    lengths = lengths or []
+    lengths = list(dict.fromkeys(lengths or []))  # a length given twice is made once
     low, high = POSTHOC_EMA_LENGTHS
     for length in lengths:
         if not low <= length <= high:
@@ -68,14 +70,17 @@ def ema_command(
                       f"{snaps[-1].step}; `ddpm ema {run} --length L` makes a checkpoint of length L",
                       markup=False, soft_wrap=True)
         return
-    for length in lengths:
-        rec = posthoc_ema.reconstruct(run, length, step)
-        path = out or posthoc_ema.default_output(run, length, rec.step)
+    at = step if step is not None else (snaps[-1].step if snaps else 0)
+    paths = {length: out or posthoc_ema.default_output(run, length, at) for length in lengths}
+    for path in paths.values():  # every output is checked before any is written
         if path.exists() and not overwrite:
             raise UsageError(f"{path} exists; pass --overwrite to replace it, or --out another path")
+    for length, path in paths.items():
+        rec = posthoc_ema.reconstruct(run, length, step)
         posthoc_ema.save_reconstruction(run, rec, path)
         console.print(f"wrote {path} (length {length:g} at step {rec.step}, from {rec.averages} stored averages; "
                       f"profile fit error {rec.fit_error:.2%})", markup=False, soft_wrap=True)
-        if rec.fit_error > FIT_WARNING:
-            warn(f"the snapshots resolve length {length:g} poorly (fit error {rec.fit_error:.1%}); choose one "
-                 f"nearer the tracked lengths, or train with snapshots more often (train.posthoc_ema_every)")
+        if rec.fit_error > FIT_WARNING or rec.gain > GAIN_WARNING:
+            warn(f"the snapshots resolve length {length:g} poorly (fit error {rec.fit_error:.1%}, weights "
+                 f"{rec.gain:.0f}x amplified); choose one nearer the tracked lengths, or train with snapshots more "
+                 f"often (train.posthoc_ema_every)")

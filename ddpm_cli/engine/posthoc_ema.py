@@ -96,8 +96,10 @@ class PosthocEMA:
                                       "exponents": json.dumps(self.exponents)})
         return path
 
-    def restore(self, run_dir: Path, step: int) -> None:
-        """Put the averages back to the snapshot written with the checkpoint of `step` (an exact resume)."""
+    def restore(self, run_dir: Path, step: int) -> int:
+        """Put the averages back to the snapshot written with the checkpoint of `step` (an exact resume), and
+        remove the snapshots after it: they belong to the continuation this resume replaces, and a reconstruction
+        must not mix the two (metrics.jsonl is cut back the same way). Returns how many were removed."""
         path = snapshot_path(run_dir, step)
         if not path.exists():
             raise CheckpointError(f"{path} is missing: a run that tracks train.posthoc_ema resumes from the "
@@ -112,6 +114,10 @@ class PosthocEMA:
             for i, avg in enumerate(self.averages):
                 for name, t in zip(self._names, avg):
                     t.copy_(tensors[f"avg{i}.{name}"])
+        later = [s for s in list_snapshots(run_dir) if s.step > step]
+        for s in later:
+            s.path.unlink(missing_ok=True)
+        return len(later)
 
 
 # -- after training ----------------------------------------------------------------------------------------------
@@ -127,7 +133,11 @@ class Snapshot:
 
 def read_snapshot(path: Path) -> Snapshot:
     """A snapshot's metadata (header only)."""
-    meta = read_header(path).metadata
+    try:
+        meta = read_header(path).metadata
+    except CheckpointError as e:
+        raise CheckpointError(f"a post-hoc EMA snapshot is damaged ({e}); move {Path(path).name} out of "
+                              f"{Path(path).parent} (the others still reconstruct)") from None
     try:
         if meta.get("kind") != SNAPSHOT_KIND:
             raise ValueError
@@ -166,8 +176,9 @@ def _gram(a: list[tuple[float, float]], b: list[tuple[float, float]]):
 
 def combination(bases: list[tuple[float, float]], target: tuple[float, float]) -> tuple[list[float], float]:
     """Weights x of the bases' profiles whose sum best matches the target profile (least squares over the
-    steps), and the relative error of that match, ||sum x_i p_i - p|| / ||p||. Steps are scaled by the
-    target's, which keeps the numbers near 1."""
+    steps), scaled to sum to 1 so that the result is an average of the weights, not a shrunk one; and the
+    relative error of that match, ||sum x_i p_i - p|| / ||p||. Steps are scaled by the target's, which keeps the
+    numbers near 1."""
     import numpy as np
 
     scale = target[1]
@@ -176,6 +187,7 @@ def combination(bases: list[tuple[float, float]], target: tuple[float, float]) -
     a, b = _gram(bases, bases), _gram(bases, [target])[:, 0]
     c = _gram([target], [target])[0, 0]
     x = np.linalg.lstsq(a, b, rcond=1e-12)[0]
+    x = x / x.sum()
     err2 = float(x @ a @ x - 2 * x @ b + c)
     return [float(v) for v in x], math.sqrt(max(err2, 0.0) / c)
 
@@ -188,6 +200,7 @@ class Reconstruction:
     images_seen: int
     averages: int  # the stored averages it combines
     fit_error: float  # relative error of the profile match (see combination)
+    gain: float  # sum of |x|: how much the snapshots' own rounding is amplified (1 for a plain average)
 
 
 def reconstruct(run_dir: Path, length: float, step: int | None = None) -> Reconstruction:
@@ -222,7 +235,7 @@ def reconstruct(run_dir: Path, length: float, step: int | None = None) -> Recons
             k += 1
     weights = {name: t.to(torch.float32) for name, t in total.items()}
     return Reconstruction(weights, length, step, next(s.images_seen for s in used if s.step == step), len(bases),
-                          fit_error)
+                          fit_error, sum(abs(v) for v in x))
 
 
 def default_output(run_dir: Path, length: float, step: int) -> Path:
@@ -248,7 +261,7 @@ def save_reconstruction(run_dir: Path, rec: Reconstruction, out: Path) -> Path:
                             has_ema=False, classes=ck.classes, kind="posthoc-ema")
     meta.update(source_weights=f"post-hoc EMA of relative length {rec.length:g} at step {rec.step} "
                                f"({rec.averages} stored averages, fit error {rec.fit_error:.2%})",
-                exported_from=str(run_dir.name), posthoc_ema=json.dumps(
+                exported_from=Path(run_dir).resolve().name, posthoc_ema=json.dumps(
                     {"length": rec.length, "step": rec.step, "averages": rec.averages, "fit_error": rec.fit_error}))
     if ck.guide_state is not None and ck.guide_step <= rec.step:  # the guide of a later step is no guide here
         meta["guide_step"] = str(ck.guide_step)

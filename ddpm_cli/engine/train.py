@@ -365,9 +365,10 @@ class Trainer:
                 if self.main:  # a measured write replaces the estimate
                     budget.checkpoint_s = time.monotonic() - t_save
                 budget.pause()
-            if (self.posthoc is not None and tc.posthoc_ema_every and not final
-                    and self.step % tc.posthoc_ema_every == 0 and self.step % lc.checkpoint_every != 0):
-                self.posthoc.save(self.run_dir, self.step, self.images_seen)  # a checkpoint writes its own
+            if (tc.posthoc_ema and tc.posthoc_ema_every and not final and self.step % tc.posthoc_ema_every == 0
+                    and self.step % lc.checkpoint_every != 0):  # a checkpoint writes its own
+                if self.posthoc is not None:  # rank 0's; every rank pauses its step clock, as for a checkpoint
+                    self.posthoc.save(self.run_dir, self.step, self.images_seen)
                 budget.pause()
             if not final and self.step % lc.sample_every == 0:
                 self.sample_grid()

@@ -40,7 +40,10 @@ def restore(trainer: "Trainer", weights: Path) -> None:
                         f"same train.optimizer") from None
     trainer.step, trainer.images_seen = int(state["step"]), int(state["images_seen"])
     if trainer.posthoc is not None:
-        trainer.posthoc.restore(trainer.run_dir, trainer.step)
+        removed = trainer.posthoc.restore(trainer.run_dir, trainer.step)
+        if removed:
+            trainer.cb.on_message(f"removed {removed} post-hoc EMA snapshot{'s' if removed > 1 else ''} past step "
+                                  f"{trainer.step}: they belonged to the continuation this resume replaces")
     trainer.batcher.load_state_dict(state["data"])
     trainer.lr_schedule.load_state_dict(state.get("lr_schedule", {}), trainer.step)
     es = state.get("early_stopping", {})

@@ -128,7 +128,12 @@ def test_training_writes_snapshots_and_ddpm_ema_makes_a_checkpoint_that_samples(
     grid = tmp_path / "g.png"
     ok("sample", out, "-n", "4", "--steps", "3", "--grid", grid)
     assert grid.exists()
-    assert "post-hoc EMA of relative length 0.1" in ok("inspect", out).stdout
+    shown = ok("inspect", out).stdout
+    assert "relative length 0.1 at step 22, from 10 stored averages" in shown and "post-hoc EMA weights" in shown
+    listing = ok("inspect", run).stdout
+    assert "post-hoc EMA: 5 snapshots of the lengths 0.05, 0.1 (steps 5 to 22)" in listing
+    listed = json.loads(ok("inspect", run, "--json").stdout)["posthoc_ema_snapshots"]
+    assert [x["step"] for x in listed] == [5, 10, 15, 20, 22]
 
     # several lengths at once (a repeated one made once), at an earlier step given by its checkpoint, named from
     # inside its folder, each to its default path

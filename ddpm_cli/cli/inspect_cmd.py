@@ -72,6 +72,12 @@ def describe(header, sha256: bool = False) -> dict:
     for key in ("source_weights", "exported_from", "source", "source_path"):
         if key in meta:
             info[key] = meta[key]
+    try:  # `ddpm ema`'s output: which average it is
+        posthoc = json.loads(meta["posthoc_ema"]) if "posthoc_ema" in meta else None
+    except ValueError:
+        posthoc = None
+    if isinstance(posthoc, dict):
+        info["posthoc_ema"] = posthoc
     if sha256:
         info["sha256"] = file_sha256(header.path)
     return info
@@ -139,6 +145,12 @@ def _rows(info: dict) -> list[tuple[str, str]]:
         rows.append(("autoguidance guide", info["guide_step"]))
     if "source_weights" in info:
         rows.append(("exported from", f"{info.get('exported_from', '?')} ({info['source_weights']} weights)"))
+    ph = info.get("posthoc_ema")
+    if ph:
+        fit = ph.get("fit_error")
+        rows.append(("post-hoc EMA", f"relative length {ph.get('length')} at step {opt(ph.get('step'))}, from "
+                                     f"{ph.get('averages')} stored averages"
+                                     + (f" (profile fit error {fit:.2%})" if isinstance(fit, (int, float)) else "")))
     if "source" in info:
         rows.append(("imported from", f"{info['source']}: {info.get('source_path', '?')}"))
     if d:
@@ -157,6 +169,7 @@ def _rows(info: dict) -> list[tuple[str, str]]:
 
 def _list_run(run_dir: Path, as_json: bool, sha256: bool) -> None:
     from ddpm_cli.engine.checkpoint import read_header
+    from ddpm_cli.engine.posthoc_ema import list_snapshots
     from ddpm_cli.engine.runs import latest_checkpoint, list_checkpoints
     from ddpm_cli.errors import CheckpointError, DdpmError
 
@@ -165,6 +178,10 @@ def _list_run(run_dir: Path, as_json: bool, sha256: bool) -> None:
         raise CheckpointError(f"{run_dir} holds no checkpoints (looked for checkpoints/ckpt-*.safetensors); pass a "
                               f"run directory of `ddpm train` or a .safetensors file")
     latest = latest_checkpoint(run_dir)
+    try:
+        snaps = list_snapshots(run_dir)
+    except DdpmError:
+        snaps = []  # inspect shows what it can read; `ddpm ema` names the damaged snapshot
     entries = []
     for p in found:
         entry: dict = {"path": str(p), "latest": latest is not None and p.resolve() == latest.resolve()}
@@ -180,7 +197,9 @@ def _list_run(run_dir: Path, as_json: bool, sha256: bool) -> None:
         entries.append(entry)
     if as_json:
         typer.echo(json.dumps({"run_dir": str(run_dir), "latest": str(latest) if latest else None,
-                               "checkpoints": entries}, indent=2))
+                               "checkpoints": entries,
+                               "posthoc_ema_snapshots": [{"path": str(x.path), "step": x.step, "lengths": x.lengths}
+                                                         for x in snaps]}, indent=2))
         return
     from rich.table import Table
     from rich.text import Text
@@ -205,6 +224,11 @@ def _list_run(run_dir: Path, as_json: bool, sha256: bool) -> None:
         if "error" in e:
             console.print(f"{Path(e['path']).name}: {e['error']}", markup=False, soft_wrap=True)
     console.print(f"details of one: ddpm inspect {latest or found[-1]}", markup=False, soft_wrap=True)
+    if snaps:
+        console.print(f"post-hoc EMA: {len(snaps)} snapshots of the lengths "
+                      f"{', '.join(f'{x:g}' for x in snaps[-1].lengths)} (steps {snaps[0].step:,} to "
+                      f"{snaps[-1].step:,}); a checkpoint of any length: ddpm ema {run_dir} --length L",
+                      markup=False, soft_wrap=True)
 
 
 @friendly

@@ -259,9 +259,7 @@ def save_reconstruction(run_dir: Path, rec: Reconstruction, out: Path) -> Path:
     tensors = {f"model.{k}": v for k, v in state.items()}
     meta = weights_metadata(ck.config, rec.step, rec.images_seen, sum(v.numel() for v in rec.weights.values()),
                             has_ema=False, classes=ck.classes, kind="posthoc-ema")
-    meta.update(source_weights=f"post-hoc EMA of relative length {rec.length:g} at step {rec.step} "
-                               f"({rec.averages} stored averages, fit error {rec.fit_error:.2%})",
-                exported_from=Path(run_dir).resolve().name, posthoc_ema=json.dumps(
+    meta.update(source_weights="post-hoc EMA", exported_from=Path(run_dir).resolve().name, posthoc_ema=json.dumps(
                     {"length": rec.length, "step": rec.step, "averages": rec.averages, "fit_error": rec.fit_error}))
     if ck.guide_state is not None and ck.guide_step <= rec.step:  # the guide of a later step is no guide here
         meta["guide_step"] = str(ck.guide_step)

@@ -53,7 +53,8 @@ def test_min_snr_weights_each_sample_by_min_snr_gamma_over_snr(loss):
 
 
 @pytest.mark.parametrize("sampler,steps", [("ddpm", None), ("ddim", None), ("ddim", 7), ("ddim", 5000),
-                                           ("dpm++2m", None), ("dpm++2m", 50), ("dpm++2m", 100)])
+                                           ("dpm++2m", None), ("dpm++2m", 50), ("dpm++2m", 100), ("dpm++3m", None),
+                                           ("dpm++3m", 100)])
 def test_the_spec_s_evaluation_count_is_the_calls_its_sampler_makes(sampler, steps):
     from ddpm_cli.diffusion.sampler_spec import SamplerSpec
     from ddpm_cli.diffusion.samplers import sample
@@ -68,7 +69,7 @@ def test_the_spec_s_evaluation_count_is_the_calls_its_sampler_makes(sampler, ste
     spec = SamplerSpec(sampler, steps)
     sample(model, d, torch.randn(1, 1, 2, 2), spec=spec)
     assert spec.evaluations(d.alpha_bar) == len(calls) == len(set(calls))
-    if sampler == "dpm++2m" and steps == 100:  # logSNR spacing rounds some steps onto the same timestep
+    if sampler.startswith("dpm++") and steps == 100:  # logSNR spacing rounds some steps onto the same timestep
         assert len(calls) < 100
 
 
@@ -88,3 +89,43 @@ def test_every_spacing_gives_descending_timesteps_from_T_minus_1_to_0(schedule, 
         ts = timesteps(alpha_bar, steps, spacing)
         assert ts[0] == T - 1 and ts[-1] == 0, (steps, ts)
         assert all(0 <= b < a for a, b in zip(ts, ts[1:])) and len(ts) <= steps, (steps, ts)
+
+
+def _gaussian_problem(spread: float):
+    """Data N(0.1, spread^2) per pixel: the exact epsilon-prediction is linear in x_t, and the probability-flow
+    ODE's image of x_T, then the exact x_0 prediction at t = 0, is known in closed form, so a sampler's error
+    against it is its own discretisation error alone."""
+    d = build_diffusion(DiffusionConfig(schedule="linear", num_timesteps=1000))
+    ab, mu = d.alpha_bar.double(), 0.1
+
+    def model(x, t, y):
+        a, sg = ab[t].sqrt().view(-1, 1, 1, 1), (1 - ab[t]).sqrt().view(-1, 1, 1, 1)
+        x0 = mu + a * spread**2 / (a**2 * spread**2 + sg**2) * (x.double() - a * mu)
+        return ((x.double() - a * x0) / sg).float()
+
+    x_T = torch.randn(64, 1, 4, 4, generator=torch.Generator().manual_seed(0))
+    (a_T, s_T), (a_0, s_0) = [(ab[i].sqrt(), (1 - ab[i]).sqrt()) for i in (-1, 0)]
+    x_0 = a_0 * mu + (a_0**2 * spread**2 + s_0**2).sqrt() / (a_T**2 * spread**2 + s_T**2).sqrt() * (x_T - a_T * mu)
+    exact = mu + a_0 * spread**2 / (a_0**2 * spread**2 + s_0**2) * (x_0 - a_0 * mu)
+    return d, model, x_T, exact
+
+
+@pytest.mark.parametrize("spread", [0.2, 0.05])
+def test_each_deterministic_sampler_converges_at_its_order(spread):
+    """Doubling the steps from 20 to 40 divides DDIM's error by about 2 (first order), DPM-Solver++(2M)'s by more
+    (second order; at the narrow spread it meets the floor that the integer timesteps near t = 0 set) and
+    DPM-Solver++(3M)'s by at least 8 (third order), which at 40 steps is well below 2M's."""
+    from ddpm_cli.diffusion.sampler_spec import SamplerSpec
+    from ddpm_cli.diffusion.samplers import sample
+
+    d, model, x_T, exact = _gaussian_problem(spread)
+
+    def error(sampler: str, steps: int) -> float:
+        out = sample(model, d, x_T.clone(), spec=SamplerSpec(sampler, steps, spacing="logsnr"))
+        return float((out.double() - exact).pow(2).mean().sqrt())
+
+    e = {(s, n): error(s, n) for s in ("ddim", "dpm++2m", "dpm++3m") for n in (20, 40)}
+    assert 1.7 < e["ddim", 20] / e["ddim", 40] < 2.3, e
+    assert e["dpm++2m", 40] < 0.1 * e["ddim", 40] and e["dpm++2m", 20] / e["dpm++2m", 40] > 1.4, e
+    assert e["dpm++3m", 20] / e["dpm++3m", 40] > 8, e
+    assert e["dpm++3m", 40] < 0.2 * e["dpm++2m", 40], e

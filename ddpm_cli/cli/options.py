@@ -21,14 +21,15 @@ Toggle = Enum("Toggle", {name: name for name in ("auto", "on", "off")}, type=str
 def _declaration(
     sampler: Annotated[Optional[Sampler], typer.Option(
         "--sampler", show_default=False,
-        help="ddpm: ancestral over all T steps; ddim: few steps, --eta; dpm++2m: DPM-Solver++ (2M). Default: ddim, "
-             "or dpm++2m when autoguided by the checkpoint's stored guide (train.guide_step).")] = None,
+        help="ddpm: ancestral over all T steps; ddim: few steps, --eta; dpm++2m / dpm++3m: DPM-Solver++ of second "
+             "or third order (multistep). Default: ddim, or dpm++2m when autoguided by the checkpoint's stored "
+             "guide (train.guide_step).")] = None,
     steps: Annotated[Optional[int], typer.Option(
-        "--steps", show_default=False, help="Sampler steps (default: ddim 100, dpm++2m 20; ddpm always T).")] = None,
+        "--steps", show_default=False, help="Sampler steps (default: ddim 100, dpm++ 20; ddpm always T).")] = None,
     eta: Annotated[float, typer.Option("--eta", help="DDIM noise: 0 deterministic, 1 like DDPM.")] = 0.0,
     spacing: Annotated[Optional[Spacing], typer.Option(
         "--spacing", show_default=False,
-        help="Timestep spacing of few-step samplers (default: ddim uniform, dpm++2m logsnr).")] = None,
+        help="Timestep spacing of few-step samplers (default: ddim uniform, dpm++ logsnr).")] = None,
     variance: Annotated[Optional[Variance], typer.Option(
         "--variance", show_default=False,
         help="ddpm sampler's sigma^2: beta or posterior (default: the checkpoint's).")] = None,

@@ -3,6 +3,7 @@
 - ddpm: ancestral sampling over all T steps (Ho et al. 2020, Algorithm 2), sigma^2 = beta_t or beta-tilde_t.
 - ddim: any number of steps, eta in [0, 1] (Song et al. 2021, eq. 12).
 - dpm++2m: DPM-Solver++ multistep, second order, data prediction (Lu et al. 2022, Algorithm 2).
+- dpm++3m: the same, third order (Lu et al. 2022, appendix: the multistep third-order update).
 Each network call is one "NFE"; `on_step(i, n)` reports progress. Predicted x_0 is clipped to [-1, 1]."""
 from __future__ import annotations
 
@@ -135,6 +136,57 @@ def dpmpp_2m_sample(model: ModelFn, diffusion: GaussianDiffusion, x: torch.Tenso
     return x
 
 
+@torch.no_grad()
+def dpmpp_3m_sample(model: ModelFn, diffusion: GaussianDiffusion, x: torch.Tensor, y: torch.Tensor | None = None,
+                    steps: int = 20, spacing: str = "logsnr",
+                    on_step: Callable[[int, int], None] | None = None) -> torch.Tensor:
+    """DPM-Solver++(3M): the data prediction's first and second divided differences in logSNR over the last three
+    steps, integrated exactly against the exponential (phi_1 = e^{-h} - 1, phi_2 = phi_1 / h + 1,
+    phi_3 = phi_2 / h - 1/2):
+    x_i = (sigma_i / sigma_{i-1}) x_{i-1} - alpha_i phi_1 x0_{i-1} + alpha_i phi_2 D1 - alpha_i phi_3 D2.
+    The first two steps are first and second order (no history yet); the last goes to the clean image, as in
+    dpm++2m. Third order pays once the steps are small against the data prediction's changes (tests/
+    test_diffusion.py: on Gaussian data 26x below 2M's error at 20 steps for one spread, and 2.5x above it for
+    a narrower one); the paper advises 2M for guided sampling."""
+    ts = timesteps(diffusion, steps, spacing)
+    ab = diffusion.alpha_bar.double()
+    alpha = lambda t: ab[t].sqrt()  # noqa: E731
+    sigma = lambda t: (1 - ab[t]).sqrt()  # noqa: E731
+    lam = lambda t: torch.log(alpha(t) / sigma(t))  # noqa: E731
+    history: list[tuple[torch.Tensor, torch.Tensor]] = []  # (x0, lambda) of the latest steps, newest last
+    moves = len(ts) - 1
+    for i, t in enumerate(ts):
+        tt = torch.full((x.shape[0],), t, device=x.device, dtype=torch.long)
+        eps = model(x, tt, y).float()
+        x0 = _x0_from_eps(diffusion, x, t, eps)
+        history = (history + [(x0, lam(t))])[-3:]
+        if i == moves:
+            x = x0
+        else:
+            s = ts[i + 1]
+            h = lam(s) - lam(t)
+            order = min(3, len(history))
+            phi1 = torch.expm1(-h)
+            x = (sigma(s) / sigma(t)).float() * x - (alpha(s) * phi1).float() * x0
+            if order >= 2:
+                phi2 = phi1 / h + 1
+                (x0_1, l1), (x0_0, l0) = history[-2], history[-1]
+                d1_0 = (x0_0 - x0_1) / float(l0 - l1)  # first divided difference, per unit of logSNR
+                if order == 2:
+                    x = x + (alpha(s) * phi2 * h).float() * d1_0
+                else:
+                    phi3 = phi2 / h - 0.5
+                    x0_2, l2 = history[-3]
+                    d1_1 = (x0_1 - x0_2) / float(l1 - l2)
+                    d2 = (d1_0 - d1_1) / float(l0 - l2)  # second divided difference
+                    # the data prediction's slope and curvature at the current point, in units of h
+                    slope = d1_0 + float(l0 - l1) * d2
+                    x = x + (alpha(s) * phi2 * h).float() * slope - (alpha(s) * phi3 * h * h * 2).float() * d2
+        if on_step:
+            on_step(i + 1, len(ts))
+    return x
+
+
 def sample(model: ModelFn, diffusion: GaussianDiffusion, x: torch.Tensor, y: torch.Tensor | None = None,
            spec: SamplerSpec = SamplerSpec(), *, generator: torch.Generator | None = None,
            on_step: Callable[[int, int], None] | None = None) -> torch.Tensor:
@@ -147,4 +199,6 @@ def sample(model: ModelFn, diffusion: GaussianDiffusion, x: torch.Tensor, y: tor
                            on_step=on_step)
     if s.sampler == "dpm++2m":
         return dpmpp_2m_sample(model, diffusion, x, y, steps=s.steps, spacing=s.spacing, on_step=on_step)
+    if s.sampler == "dpm++3m":
+        return dpmpp_3m_sample(model, diffusion, x, y, steps=s.steps, spacing=s.spacing, on_step=on_step)
     raise ValueError(f"unknown sampler {s.sampler!r}; choose one of {', '.join(SAMPLERS)}")

@@ -68,7 +68,8 @@ def _torchrun(*args: str, env_extra: dict | None = None) -> subprocess.Completed
 def test_two_ranks_train_identically_and_resume(tmp_path):
     runs = tmp_path / "runs"
     cfg = write_yaml(tmp_path / "tiny.yaml", tiny_overrides(runs, train__steps=6, logging__log_every=2,
-                                                             logging__checkpoint_every=3))
+                                                             logging__checkpoint_every=3, train__posthoc_ema=[0.1],
+                                                             train__posthoc_ema_every=2))
     script = tmp_path / "ddp_check.py"
     script.write_text(SCRIPT)
     r = _torchrun(str(script), str(cfg), "-")
@@ -86,6 +87,10 @@ def test_two_ranks_train_identically_and_resume(tmp_path):
     w0, w1 = load_file(runs / "rank0.safetensors"), load_file(runs / "rank1.safetensors")
     assert all(torch.equal(w0[k], w1[k]) for k in w0)
     assert list_checkpoints(run)[-1].name == "ckpt-00000010.safetensors"
+    # rank 0 alone tracks train.posthoc_ema: its snapshots every 2 steps and with every checkpoint, across the resume
+    from ddpm_cli.engine.posthoc_ema import list_snapshots
+
+    assert [s.step for s in list_snapshots(run)] == [2, 3, 4, 6, 8, 9, 10]
 
 
 def test_a_signal_on_one_rank_stops_every_rank_at_the_same_step_with_a_checkpoint(tmp_path):

@@ -67,7 +67,8 @@ def restore(trainer: "Trainer", weights: Path) -> None:
     trainer.cb.on_message(f"resumed from {ck.path} at step {trainer.step}")
 
 def save(trainer: "Trainer") -> Path:
-    """Rank 0's checkpoint: weights (with EMAs and guide), then the training state, then latest.json."""
+    """Rank 0's checkpoint: the post-hoc EMA snapshot (if tracked), weights (with EMAs and guide), then the
+    training state, then latest.json."""
     cfg = trainer.cfg
     name = f"ckpt-{trainer.step:08d}.safetensors"
     path = trainer.run_dir / "checkpoints" / name

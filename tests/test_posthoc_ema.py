@@ -186,6 +186,8 @@ def test_a_resume_needs_the_same_lengths_and_its_snapshot(tmp_path):
     snapshot_path(res.run_dir, 10).unlink()
     with pytest.raises(CheckpointError, match="snapshot-00000010.safetensors is missing"):
         train(tiny_config(tmp_path, train__steps=12, train__posthoc_ema=[0.05, 0.1]), resume=last)
+    # the way out the message names: resume without tracking
+    assert train(tiny_config(tmp_path, train__steps=12, train__posthoc_ema=[]), resume=last).step == 12
 
 
 @pytest.mark.parametrize("value,problem", [("[0.5]", "must be in [0.001, 0.28]"),

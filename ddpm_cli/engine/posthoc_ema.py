@@ -10,7 +10,8 @@ shrinking as gamma grows. The update that keeps it is avg <- avg + (1 - beta_t) 
 beta_t = (1 - 1/t)^(gamma + 1); unlike a fixed decay it needs no warm-up, since the first step is a copy.
 
 The snapshot file (safetensors): tensors avg0.*, avg1.*, ... (one per tracked length, in the config's order);
-metadata format, kind "posthoc-ema-snapshot", step, images_seen, lengths and exponents (JSON lists)."""
+metadata format, kind "posthoc-ema-snapshot", step, images_seen, lengths and exponents (JSON lists). No torch import
+at module level: `ddpm inspect` lists a run's snapshots from their headers without it."""
 from __future__ import annotations
 
 import json
@@ -104,7 +105,7 @@ class PosthocEMA:
         if not path.exists():
             raise CheckpointError(f"{path} is missing: a run that tracks train.posthoc_ema resumes from the "
                                   f"snapshot written with its checkpoint; resume from a checkpoint that has one, "
-                                  f"or drop train.posthoc_ema")
+                                  f"or without it: --set train.posthoc_ema=[]")
         snap = read_snapshot(path)
         if tuple(snap.lengths) != self.lengths:
             raise CheckpointError(f"train.posthoc_ema is {list(self.lengths)} but the run tracked "

@@ -72,7 +72,7 @@ def _random_walk_run(tmp_path, steps=400, every=20):
 
 def test_a_reconstruction_matches_the_average_it_was_not_given(tmp_path):
     tracker, truth = _random_walk_run(tmp_path)
-    rec = reconstruct(tmp_path, 0.075)
+    rec, tracked_length = reconstruct(tmp_path, [0.075, 0.1])  # two lengths from one pass over the snapshots
     assert rec.step == 400 and rec.images_seen == 6400 and rec.averages == 40 and rec.fit_error < 0.01
     want = truth.averages[0][0]
     got = rec.weights["weight"]
@@ -80,17 +80,19 @@ def test_a_reconstruction_matches_the_average_it_was_not_given(tmp_path):
     spread = min((tracker.averages[i][0] - want).norm() for i in range(2))
     assert (got - want).norm() < 0.05 * spread, ((got - want).norm(), spread)
     # a tracked length comes back as itself
-    assert torch.allclose(reconstruct(tmp_path, 0.1).weights["weight"], truth.averages[1][0], atol=1e-4)
+    assert torch.allclose(tracked_length.weights["weight"], truth.averages[1][0], atol=1e-4)
+    # each as it comes alone
+    assert torch.equal(reconstruct(tmp_path, [0.075])[0].weights["weight"], rec.weights["weight"])
 
 
 def test_a_reconstruction_at_an_earlier_step_uses_the_snapshots_up_to_it(tmp_path):
     tracker, _ = _random_walk_run(tmp_path, steps=200)
-    rec = reconstruct(tmp_path, 0.05, step=100)
+    [rec] = reconstruct(tmp_path, [0.05], step=100)
     assert rec.step == 100 and rec.averages == 10
     stored = read_tensors(snapshot_path(tmp_path, 100))["avg0.weight"]
     assert torch.allclose(rec.weights["weight"], stored, atol=1e-4)
     with pytest.raises(CheckpointError, match="no post-hoc EMA snapshot at step 99"):
-        reconstruct(tmp_path, 0.05, step=99)
+        reconstruct(tmp_path, [0.05], step=99)
 
 
 def test_the_combination_of_one_exact_basis_is_that_basis():

@@ -75,9 +75,10 @@ def ema_command(
     for path in paths.values():  # every output is checked before any is written
         if path.exists() and not overwrite:
             raise UsageError(f"{path} exists; pass --overwrite to replace it, or --out another path")
-    for length, path in paths.items():
-        rec = posthoc_ema.reconstruct(run, length, step)
-        posthoc_ema.save_reconstruction(run, rec, path)
+    recs = posthoc_ema.reconstruct(run, lengths, step)  # every snapshot read once for all the lengths
+    posthoc_ema.save_reconstructions(run, [(rec, paths[rec.length]) for rec in recs])
+    for rec in recs:
+        length, path = rec.length, paths[rec.length]
         console.print(f"wrote {path} (length {length:g} at step {rec.step}, from {rec.averages} stored averages; "
                       f"profile fit error {rec.fit_error:.2%})", markup=False, soft_wrap=True)
         if rec.fit_error > FIT_WARNING or rec.gain > GAIN_WARNING:

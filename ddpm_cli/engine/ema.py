@@ -17,6 +17,8 @@ class EMA:
         self.decay, self.warmup, self.start, self.every = decay, warmup, start, every
         self.num_updates = 0
         self._shadow = [p for p in self.model.parameters()]
+        self._source: nn.Module | None = None  # the model _listed holds the parameters of
+        self._listed: list[nn.Parameter] = []
 
     def current_decay(self) -> float:
         if self.warmup:
@@ -30,12 +32,20 @@ class EMA:
         elif step % self.every == 0:
             self.update(model)
 
+    def _params(self, model: nn.Module) -> list[nn.Parameter]:
+        """`model`'s parameters, listed once per model: listing walks every module, the larger part of an update's
+        time on the host, which a CUDA-graphed step leaves little of. The Parameter objects themselves, read
+        under no_grad: they stay the same objects when .to() moves or re-lays out their data (a detached view
+        would keep the old storage)."""
+        if model is not self._source:
+            self._source, self._listed = model, list(model.parameters())
+        return self._listed
+
     @torch.no_grad()
     def update(self, model: nn.Module) -> None:
-        params = [p.detach() for p in model.parameters()]
-        torch._foreach_lerp_(self._shadow, params, 1.0 - self.current_decay())
+        torch._foreach_lerp_(self._shadow, self._params(model), 1.0 - self.current_decay())
         self.num_updates += 1
 
     @torch.no_grad()
     def copy_from(self, model: nn.Module) -> None:
-        torch._foreach_copy_(self._shadow, [p.detach() for p in model.parameters()])
+        torch._foreach_copy_(self._shadow, self._params(model))

@@ -73,6 +73,7 @@ class PosthocEMA:
         self.averages = [[p.detach().clone() for p in model.parameters()] for _ in self.lengths]
         self._names = [name for name, _ in model.named_parameters()]
         self._torch = torch
+        self._source, self._listed = None, []
 
     @property
     def copies(self) -> int:
@@ -80,8 +81,10 @@ class PosthocEMA:
 
     def update(self, model: torch.nn.Module, step: int) -> None:
         """Call after optimizer step number `step` (counting from 1)."""
+        if model is not self._source:  # listed once per model, as EMA._params does and for the same reason
+            self._source, self._listed = model, list(model.parameters())
+        params = self._listed
         with self._torch.no_grad():
-            params = [p.detach() for p in model.parameters()]
             for avg, gamma in zip(self.averages, self.exponents):
                 beta = (1.0 - 1.0 / step) ** (gamma + 1.0)
                 self._torch._foreach_lerp_(avg, params, 1.0 - beta)

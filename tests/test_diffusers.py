@@ -218,7 +218,30 @@ class _DdpmNoise(DDPMScheduler):
 
 @pytest.mark.parametrize("variance", ["beta", "posterior"])
 def test_ddpmpipeline_samples_the_images_ddpm_samples(trained_run, tmp_path, variance):
-    src = latest_checkpoint(trained_run)
+    _pipeline_samples_what_ddpm_samples(latest_checkpoint(trained_run), tmp_path, variance)
+
+
+@pytest.fixture(scope="module")
+def trained_v_run(tmp_path_factory):
+    from conftest import tiny_config
+    from ddpm_cli.engine.train import train
+
+    return train(tiny_config(tmp_path_factory.mktemp("runs"), diffusion__prediction="v")).run_dir
+
+
+def test_a_v_prediction_model_exports_samples_in_ddpmpipeline_and_imports_back(trained_v_run, tmp_path):
+    """diffusion.prediction v is diffusers' prediction_type v_prediction, both ways; DDPMPipeline then draws
+    the images `ddpm sample` draws."""
+    src = latest_checkpoint(trained_v_run)
+    _pipeline_samples_what_ddpm_samples(src, tmp_path, "posterior")
+    scheduler = json.loads((tmp_path / "pipe" / "scheduler" / "scheduler_config.json").read_text())
+    assert scheduler["prediction_type"] == "v_prediction"
+    ok("import", tmp_path / "pipe", "--out", tmp_path / "back.safetensors")
+    assert json.loads(read_header(tmp_path / "back.safetensors").metadata["config"])["diffusion"]["prediction"] == "v"
+    assert "the velocity (v)" in ok("inspect", tmp_path / "back.safetensors").stdout
+
+
+def _pipeline_samples_what_ddpm_samples(src, tmp_path, variance: str) -> None:
     ok("export", src, "--format", "diffusers", "--out", tmp_path / "pipe")
     seed, n = 5, 3
     ok("sample", src, "-n", n, "--batch-size", n, "--seed", seed, "--sampler", "ddpm", "--variance", variance,

@@ -151,8 +151,26 @@ def test_onnx_export_matches_pytorch(trained_conditional_run, tmp_path):
 
 def test_onnx_export_of_an_unconditional_model(trained_run, tmp_path):
     ok("export", trained_run, "--format", "onnx", "--out", tmp_path / "u.onnx")
-    names, _, err = _onnx_vs_torch(tmp_path / "u.onnx", trained_run, batch=1)
-    assert names == ["x_t", "t"] and err < 1e-4
+    names, props, err = _onnx_vs_torch(tmp_path / "u.onnx", trained_run, batch=1)
+    assert names == ["x_t", "t"] and err < 1e-4 and _onnx_output(tmp_path / "u.onnx") == props["output"] == "eps"
+
+
+def test_the_onnx_output_of_a_v_prediction_model_is_named_v(tmp_path):
+    """A consumer of the file reads what the network predicts from its output's name and metadata."""
+    from conftest import tiny_config
+    from ddpm_cli.engine.train import train
+
+    run = train(tiny_config(tmp_path, train__steps=4, diffusion__prediction="v")).run_dir
+    ok("export", run, "--format", "onnx", "--out", tmp_path / "v.onnx")
+    _, props, err = _onnx_vs_torch(tmp_path / "v.onnx", run, batch=2)
+    assert err < 1e-4 and _onnx_output(tmp_path / "v.onnx") == props["output"] == "v"
+
+
+def _onnx_output(path) -> str:
+    import onnx
+
+    (out,) = onnx.load(str(path)).graph.output
+    return out.name
 
 
 def test_a_failed_check_fails_loudly_and_keeps_no_file(trained_run, tmp_path, monkeypatch):

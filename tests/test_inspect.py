@@ -41,11 +41,12 @@ def test_table_shows_every_field(trained_run):
     out = ok("inspect", path).stdout
     for label in ("format", "ddpm version", "created", "step", "images seen", "image size", "base channels",
                   "channel multipliers", "residual blocks", "attention", "classes", "parameters", "EMA weights",
-                  "schedule", "tensors", "file size"):
+                  "schedule", "network predicts", "tensors", "file size"):
         assert label in out, label
     meta = read_header(path).metadata
     assert "ddpm-cli v1" in out and f"{int(meta['num_params']):,}" in out and "unconditional" in out
     assert "linear, T = 100, low 0.0001 / high 0.02" in out and "16x16, 3 channel(s)" in out
+    assert "the noise (eps)" in out
     assert f"{path.stat().st_size:,} bytes" in out and "sha256" not in out
 
 

@@ -371,6 +371,12 @@ def test_autoguidance_bad_inputs(trained_run, trained_conditional_run, tmp_path)
                                                              early, *out))
     msg = one_line_error(cli("sample", trained_run, "--guidance", 2, "--guide-model", trained_conditional_run, *out))
     assert "differs from the checkpoint in its classes" in msg and "earlier checkpoint of the same run" in msg
+    from conftest import tiny_config
+    from ddpm_cli.engine.train import train
+
+    v_run = train(tiny_config(tmp_path / "v", train__steps=2, diffusion__prediction="v")).run_dir  # else the same
+    msg = one_line_error(cli("sample", trained_run, "--guidance", 2, "--guide-model", v_run, *out))
+    assert "differs from the checkpoint in its prediction (diffusion.prediction)" in msg, msg
     msg = one_line_error(cli("sample", trained_run, "--guidance", 2, "--guide-model", tmp_path / "nope.safetensors",
                              *out))
     assert msg.startswith("error: --guide-model: checkpoint") and "not found" in msg

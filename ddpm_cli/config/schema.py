@@ -129,11 +129,16 @@ class DiffusionConfig(Section):
     """Last beta of linear/dns schedules (for T = 1000; scaled by 1000/T otherwise)."""
     dns_offset: float = Field(5.0, ge=0.0)
     """Offset of the dns schedule; equal to num_timesteps gives the seed's "DNST" variant."""
+    prediction: Literal["eps", "v"] = "eps"
+    """What the network predicts: eps, the noise (the DDPM paper); or v = sqrt(alpha_bar) eps - sqrt(1 - alpha_bar)
+    x_0 (Salimans & Ho 2022), whose scale stays near 1 at every noise level, so its errors are not amplified where
+    x_0 is recovered from nearly pure noise. Samplers, guidance and exports follow the checkpoint's choice."""
     loss: Literal["l2", "l1"] = "l2"
-    """Loss between predicted and true noise."""
+    """Loss between the network's output and its target (the noise, or v)."""
     loss_weight: Literal["uniform", "min-snr"] = "uniform"
     """Weight of each timestep's loss: uniform is the paper's L_simple; min-snr is Min-SNR-gamma (Hang et al.
-    2023), min(SNR_t, gamma) / SNR_t, which stops the nearly noise-free steps from dominating the gradient."""
+    2023), min(SNR_t, gamma) / SNR_t on the noise's error (min(SNR_t, gamma) / (SNR_t + 1) on v's: the same
+    objective), which stops the nearly noise-free steps from dominating the gradient."""
     min_snr_gamma: float = Field(5.0, gt=0.0)
     """The gamma of loss_weight min-snr."""
     variance: Literal["beta", "posterior"] = "beta"

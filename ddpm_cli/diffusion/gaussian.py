@@ -1,4 +1,9 @@
-"""The Gaussian forward process q(x_t | x_0) and the epsilon-prediction training loss (Ho et al. 2020).
+"""The Gaussian forward process q(x_t | x_0), the training loss (Ho et al. 2020), and what the network predicts.
+
+The network predicts the noise epsilon (the DDPM paper) or the velocity v = alpha_t eps - sigma_t x_0 (Salimans &
+Ho 2022, "Progressive Distillation", section 4), with alpha_t = sqrt(alpha_bar_t) and sigma_t = sqrt(1 - alpha_bar_t).
+Samplers see epsilon either way: `eps` turns the network's output into it, eps = alpha_t v + sigma_t x_t, a linear
+map for a given x_t, so guidance may combine outputs before or after it.
 
 Timesteps are 0-based indices: index i is the paper's t = i + 1."""
 from __future__ import annotations
@@ -12,8 +17,12 @@ from torch import nn
 class GaussianDiffusion(nn.Module):
     """Holds the schedule as float32 buffers (computed in float64) so it moves with `.to(device)`."""
 
-    def __init__(self, betas: np.ndarray, loss: str = "l2", min_snr_gamma: float | None = None):
+    def __init__(self, betas: np.ndarray, loss: str = "l2", min_snr_gamma: float | None = None,
+                 prediction: str = "eps"):
         super().__init__()
+        if prediction not in ("eps", "v"):
+            raise ValueError(f"prediction must be eps or v, not {prediction!r}")
+        self.prediction = prediction
         betas = np.asarray(betas, dtype=np.float64)
         alpha_bar = np.cumprod(1.0 - betas)
         alpha_bar_prev = np.append(1.0, alpha_bar[:-1])
@@ -25,11 +34,13 @@ class GaussianDiffusion(nn.Module):
         self.register_buffer("alpha_bar_prev", buf(alpha_bar_prev), persistent=False)
         self.register_buffer("sqrt_alpha_bar", buf(np.sqrt(alpha_bar)), persistent=False)
         self.register_buffer("sqrt_one_minus_alpha_bar", buf(np.sqrt(1.0 - alpha_bar)), persistent=False)
-        # Min-SNR-gamma (Hang et al. 2023) for epsilon prediction: w_t = min(SNR_t, gamma) / SNR_t, SNR_t =
-        # alpha_bar_t / (1 - alpha_bar_t); None keeps L_simple's uniform weights.
+        # Min-SNR-gamma (Hang et al. 2023), SNR_t = alpha_bar_t / (1 - alpha_bar_t): w_t = min(SNR_t, gamma) / SNR_t
+        # on the epsilon error, min(SNR_t, gamma) / (SNR_t + 1) on the v error. The two are one objective: the
+        # epsilon error is alpha_t times the v error, and alpha_t^2 = SNR_t / (SNR_t + 1). None keeps L_simple's
+        # uniform weights (on whichever error the network predicts).
         snr = alpha_bar / (1.0 - alpha_bar)
-        self.register_buffer("loss_weight", None if min_snr_gamma is None else
-                             buf(np.minimum(snr, min_snr_gamma) / snr), persistent=False)
+        weight = None if min_snr_gamma is None else np.minimum(snr, min_snr_gamma) / (snr + (prediction == "v"))
+        self.register_buffer("loss_weight", None if weight is None else buf(weight), persistent=False)
         # posterior variance beta-tilde_t = beta_t (1 - alpha_bar_{t-1}) / (1 - alpha_bar_t)   (eq. 7)
         self.register_buffer("posterior_variance", buf(betas * (1.0 - alpha_bar_prev) / (1.0 - alpha_bar)),
                              persistent=False)
@@ -40,16 +51,34 @@ class GaussianDiffusion(nn.Module):
         s = self.sqrt_one_minus_alpha_bar[t].view(-1, 1, 1, 1)
         return a * x0 + s * noise
 
+    def target(self, x0: torch.Tensor, t: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
+        """What the network is trained to output at x_t = q_sample(x0, t, noise): the noise, or v."""
+        if self.prediction == "eps":
+            return noise
+        a = self.sqrt_alpha_bar[t].view(-1, 1, 1, 1)
+        s = self.sqrt_one_minus_alpha_bar[t].view(-1, 1, 1, 1)
+        return a * noise - s * x0
+
+    def eps(self, out: torch.Tensor, x: torch.Tensor, t: int | torch.Tensor) -> torch.Tensor:
+        """The noise that the network's output `out` at (x_t = `x`, timestep `t`: one index or one per sample)
+        stands for."""
+        if self.prediction == "eps":
+            return out
+        t = torch.as_tensor(t, device=x.device)
+        shape = (-1, 1, 1, 1) if t.ndim else ()
+        return self.sqrt_alpha_bar[t].view(shape) * out + self.sqrt_one_minus_alpha_bar[t].view(shape) * x
+
     def loss(self, model: nn.Module, x0: torch.Tensor, y: torch.Tensor | None = None,
              t: torch.Tensor | None = None, noise: torch.Tensor | None = None) -> torch.Tensor:
-        """The simplified objective L_simple (eq. 14): || eps - eps_theta(x_t, t) ||, t uniform; each sample's
-        error times loss_weight[t] when a weighting is set."""
+        """The simplified objective L_simple (eq. 14): || target - model(x_t, t) || (target: eps, or v), t uniform;
+        each sample's error times loss_weight[t] when a weighting is set."""
         if t is None:
             t = torch.randint(0, self.num_timesteps, (x0.shape[0],), device=x0.device)
         if noise is None:
             noise = torch.randn_like(x0)
-        eps = model(self.q_sample(x0, t, noise), t, y).float()
+        out = model(self.q_sample(x0, t, noise), t, y).float()
+        target = self.target(x0, t, noise)
         if self.loss_weight is None:
-            return F.l1_loss(eps, noise) if self.loss_type == "l1" else F.mse_loss(eps, noise)
-        err = (eps - noise).abs() if self.loss_type == "l1" else (eps - noise).square()
+            return F.l1_loss(out, target) if self.loss_type == "l1" else F.mse_loss(out, target)
+        err = (out - target).abs() if self.loss_type == "l1" else (out - target).square()
         return (err.mean(dim=tuple(range(1, err.ndim))) * self.loss_weight[t]).mean()

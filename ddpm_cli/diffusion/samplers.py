@@ -1,4 +1,5 @@
-"""Samplers: free functions from noise x_T to images x_0, given `model(x_t, t, y) -> epsilon`.
+"""Samplers: free functions from noise x_T to images x_0, given the network `model(x_t, t, y)`, whose output
+`diffusion.eps` turns into the noise epsilon (the network may predict epsilon or v: diffusion/gaussian.py).
 
 - ddpm: ancestral sampling over all T steps (Ho et al. 2020, Algorithm 2), sigma^2 = beta_t or beta-tilde_t.
 - ddim: any number of steps, eta in [0, 1] (Song et al. 2021, eq. 12).
@@ -65,7 +66,7 @@ def ddpm_sample(model: ModelFn, diffusion: GaussianDiffusion, x: torch.Tensor, y
     var = diffusion.betas if variance == "beta" else diffusion.posterior_variance
     for i, t in enumerate(range(T - 1, -1, -1)):
         tt = torch.full((x.shape[0],), t, device=x.device, dtype=torch.long)
-        eps = model(x, tt, y).float()
+        eps = diffusion.eps(model(x, tt, y).float(), x, t)
         x0 = _x0_from_eps(diffusion, x, t, eps)
         ab, ab_prev, beta = diffusion.alpha_bar[t], diffusion.alpha_bar_prev[t], diffusion.betas[t]
         mean = (beta * ab_prev.sqrt() / (1 - ab)) * x0 + ((1 - ab_prev) * (1 - beta).sqrt() / (1 - ab)) * x
@@ -89,7 +90,7 @@ def ddim_sample(model: ModelFn, diffusion: GaussianDiffusion, x: torch.Tensor, y
     one = torch.ones((), device=x.device)
     for i, t in enumerate(ts):
         tt = torch.full((x.shape[0],), t, device=x.device, dtype=torch.long)
-        eps = model(x, tt, y).float()
+        eps = diffusion.eps(model(x, tt, y).float(), x, t)
         ab = diffusion.alpha_bar[t]
         x0 = _x0_from_eps(diffusion, x, t, eps)
         eps = (x - ab.sqrt() * x0) / (1 - ab).sqrt()  # consistent with the clipped x0
@@ -118,7 +119,7 @@ def dpmpp_2m_sample(model: ModelFn, diffusion: GaussianDiffusion, x: torch.Tenso
     x0_prev, h_prev = None, None
     for i, t in enumerate(ts):
         tt = torch.full((x.shape[0],), t, device=x.device, dtype=torch.long)
-        eps = model(x, tt, y).float()
+        eps = diffusion.eps(model(x, tt, y).float(), x, t)
         x0 = _x0_from_eps(diffusion, x, t, eps)
         if i + 1 == len(ts):
             x = x0
@@ -157,7 +158,7 @@ def dpmpp_3m_sample(model: ModelFn, diffusion: GaussianDiffusion, x: torch.Tenso
     moves = len(ts) - 1
     for i, t in enumerate(ts):
         tt = torch.full((x.shape[0],), t, device=x.device, dtype=torch.long)
-        eps = model(x, tt, y).float()
+        eps = diffusion.eps(model(x, tt, y).float(), x, t)
         x0 = _x0_from_eps(diffusion, x, t, eps)
         history = (history + [(x0, lam(t))])[-3:]
         if i == moves:

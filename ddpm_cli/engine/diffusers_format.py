@@ -38,6 +38,7 @@ SCHEDULER_DEFAULTS: dict = {
     "thresholding": False, "clip_sample_range": 1.0, "rescale_betas_zero_snr": False,
 }
 VARIANCE = {"fixed_small": "posterior", "fixed_large": "beta"}
+PREDICTION = {"epsilon": "eps", "v_prediction": "v"}  # diffusers' prediction_type -> diffusion.prediction
 
 
 def _refuse(field: str, value, why: str) -> CheckpointError:
@@ -137,8 +138,10 @@ def diffusion_config_from_scheduler(cfg: dict | None) -> dict:
     T = c["num_train_timesteps"]
     if isinstance(T, bool) or not isinstance(T, int) or T < 1:
         raise _refuse("num_train_timesteps", T, "needs a positive number of steps")
-    for key, want, why in (("prediction_type", "epsilon", "ddpm's networks predict the noise epsilon"),
-                           ("thresholding", False, "ddpm clips predicted images to [-1, 1] instead"),
+    if not isinstance(c["prediction_type"], str) or c["prediction_type"] not in PREDICTION:
+        raise _refuse("prediction_type", c["prediction_type"], "ddpm's networks predict the noise (epsilon) or "
+                                                               "the velocity (v_prediction)")
+    for key, want, why in (("thresholding", False, "ddpm clips predicted images to [-1, 1] instead"),
                            ("clip_sample", True, "ddpm's samplers always clip predicted images to [-1, 1]"),
                            ("clip_sample_range", 1.0, "ddpm clips predicted images to [-1, 1]"),
                            ("rescale_betas_zero_snr", False, "ddpm has no zero-terminal-SNR rescaling"),
@@ -148,7 +151,7 @@ def diffusion_config_from_scheduler(cfg: dict | None) -> dict:
     if not isinstance(c["variance_type"], str) or c["variance_type"] not in VARIANCE:
         raise _refuse("variance_type", c["variance_type"], "ddpm's ancestral sampler supports fixed_small "
                                                            "(posterior variance) and fixed_large (beta)")
-    out = {"num_timesteps": T, "variance": VARIANCE[c["variance_type"]]}
+    out = {"num_timesteps": T, "variance": VARIANCE[c["variance_type"]], "prediction": PREDICTION[c["prediction_type"]]}
     if c["beta_schedule"] == "linear":  # ddpm scales low/high by 1000/T; diffusers' betas are absolute
         return {**out, "schedule": "linear", "schedule_low": _number(c, "beta_start") * T / 1000,
                 "schedule_high": _number(c, "beta_end") * T / 1000}
@@ -210,7 +213,8 @@ def scheduler_config_from_diffusion(d: DiffusionConfig) -> dict:
            "beta_start": d.schedule_low * 1000 / T, "beta_end": d.schedule_high * 1000 / T,
            "beta_schedule": "linear", "trained_betas": None,
            "variance_type": {v: k for k, v in VARIANCE.items()}[d.variance], "clip_sample": True,
-           "clip_sample_range": 1.0, "prediction_type": "epsilon", "thresholding": False,
+           "clip_sample_range": 1.0, "prediction_type": {v: k for k, v in PREDICTION.items()}[d.prediction],
+           "thresholding": False,
            "timestep_spacing": "leading", "steps_offset": 0, "rescale_betas_zero_snr": False}
     if d.schedule == "cosine":
         out["beta_schedule"] = "squaredcos_cap_v2"

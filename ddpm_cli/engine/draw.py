@@ -104,7 +104,7 @@ def balanced_labels(n: int, num_classes: int) -> "torch.Tensor":
 class Drawer:
     """A network ready to draw from: the model (and autoguidance's guide), its diffusion, how to sample."""
 
-    net: Callable  # model(x_t, t, y) -> epsilon, as inference_net prepares it (or a module in training)
+    net: Callable  # model(x_t, t, y) -> epsilon or v, as inference_net prepares it (or a module in training)
     diffusion: Any
     spec: SamplerSpec
     image_shape: tuple[int, int, int]  # (C, H, W)

@@ -2,8 +2,9 @@
 
 - safetensors: one set of weights (EMA or raw) in fp32, fp16 or bf16, the metadata kept (kind "export"), so
   `ddpm sample` loads it like any checkpoint (with its autoguidance guide, train.guide_step, when it has one);
-- onnx: the denoiser (x_t, t, y) -> epsilon (no y for an unconditional model) with a dynamic batch, run in
-  onnxruntime on random inputs (the main weights only: a stored guide is not part of it);
+- onnx: the denoiser (x_t, t, y) -> the network's prediction (no y for an unconditional model) with a dynamic
+  batch, run in onnxruntime on random inputs (the main weights only: a stored guide is not part of it). Its
+  output is named for what the network predicts (diffusion.prediction): "eps", the noise, or "v";
 - pt2: the same denoiser as a torch.export program (torch.export.load(path).module()).
 
 ONNX and pt2 hold each upsampling folded into one transposed convolution with a stored 4x4 kernel
@@ -61,7 +62,8 @@ def default_output(checkpoint: Path, fmt: str, dtype: str = "fp32", weights: str
 
 
 class Denoiser(torch.nn.Module):
-    """The network with the exported signature: forward(x_t, t[, y]) -> epsilon, (B, C, H, W), (B,), (B,)."""
+    """The network with the exported signature: forward(x_t, t[, y]) -> its prediction (epsilon or v, as the
+    checkpoint's diffusion.prediction says), (B, C, H, W), (B,), (B,)."""
 
     def __init__(self, model: torch.nn.Module, conditional: bool):
         super().__init__()
@@ -195,30 +197,30 @@ def _weights(use_ema: bool, ema_decay: float | None) -> str:
     return "model" if not use_ema else "ema" if ema_decay is None else f"ema {ema_decay}"
 
 
-def _onnx_metadata(ckpt, weights: str, inputs: list[str]) -> dict[str, str]:
+def _onnx_metadata(ckpt, weights: str, inputs: list[str], output: str) -> dict[str, str]:
     keep = ("format", "format_version", "ddpm_version", "step", "images_seen", "num_params", "classes", "config")
     meta = {k: ckpt.metadata[k] for k in keep if k in ckpt.metadata}
     meta.update(kind="export", source_weights=weights, exported_from=ckpt.path.name,
-                inputs=json.dumps(inputs), output="eps")
+                inputs=json.dumps(inputs), output=output)
     return meta
 
 
-def _torch_onnx_export(net: torch.nn.Module, args: tuple, path: Path, names: list[str]) -> str:
+def _torch_onnx_export(net: torch.nn.Module, args: tuple, path: Path, names: list[str], output: str) -> str:
     """Export with the TorchScript-based exporter (fast, needs no onnxscript) and fall back to the dynamo one
     (torch.export + onnxscript) where the former is unavailable; returns which one ran."""
-    dynamic_axes = {name: {0: "batch"} for name in [*names, "eps"]}
+    dynamic_axes = {name: {0: "batch"} for name in [*names, output]}
     errors = []
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         try:
-            torch.onnx.export(net, args, str(path), input_names=names, output_names=["eps"],
+            torch.onnx.export(net, args, str(path), input_names=names, output_names=[output],
                               dynamic_axes=dynamic_axes, opset_version=ONNX_OPSET, dynamo=False)
             return "torchscript exporter"
         except Exception as e:  # noqa: BLE001 - removed or failing: try the other exporter
             errors.append(f"torchscript exporter: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}")
         try:
             batch = torch.export.Dim("batch", min=1, max=65536)
-            torch.onnx.export(net, args, str(path), input_names=names, output_names=["eps"],
+            torch.onnx.export(net, args, str(path), input_names=names, output_names=[output],
                               dynamic_shapes=tuple({0: batch} for _ in args), opset_version=ONNX_OPSET,
                               dynamo=True)
             return "dynamo exporter"
@@ -238,19 +240,20 @@ def export_onnx(ckpt, use_ema: bool, dst: Path, ema_decay: float | None = None) 
     model, _, cfg, _ = load_model(ckpt.path, "cpu", use_ema=use_ema, ema_decay=ema_decay)
     net = fold_upsampling(Denoiser(model, cfg.model.conditional).eval(), frozen=True)
     names = ["x_t", "t", "y"] if cfg.model.conditional else ["x_t", "t"]
+    output = cfg.diffusion.prediction  # "eps" or "v"
     tmp = dst.with_name(f".{dst.name}.tmp-{os.getpid()}")
     try:
         try:
-            exporter = _torch_onnx_export(net, random_inputs(cfg, 2, seed=1), tmp, names)
+            exporter = _torch_onnx_export(net, random_inputs(cfg, 2, seed=1), tmp, names, output)
             proto = onnx.load(str(tmp))
-            onnx.helper.set_model_props(proto, _onnx_metadata(ckpt, _weights(use_ema, ema_decay), names))
+            onnx.helper.set_model_props(proto, _onnx_metadata(ckpt, _weights(use_ema, ema_decay), names, output))
             onnx.save(proto, str(tmp))
         except OSError as e:
             raise DdpmError(f"cannot write {dst}: {e.strerror or e}") from None
         inputs = random_inputs(cfg, CHECK_BATCH)
         try:
             session = ort.InferenceSession(str(tmp), providers=["CPUExecutionProvider"])
-            got = session.run(["eps"], {n: v.numpy() for n, v in zip(names, inputs)})[0]
+            got = session.run([output], {n: v.numpy() for n, v in zip(names, inputs)})[0]
         except Exception as e:  # noqa: BLE001 - onnxruntime raises its own types
             raise DdpmError(f"the exported ONNX model does not run in onnxruntime ({type(e).__name__}: "
                             f"{str(e).splitlines()[0] if str(e) else ''}); {dst.name} was not written") from None

@@ -51,7 +51,8 @@ def check_guidance(path: Path, header: Header, cfg: RunConfig, guidance: float |
     A checkpoint that carries a guide (train.guide_step) is autoguided by it at train.guide_weight unless told
     otherwise; `--guide-model none` turns that off, `--guidance 1` too. With `--guide-model G`, W is autoguidance
     by G, which must draw the same kind of images from the same noise levels (image shape, classes, noise
-    schedule); its size and training may differ, that is the point. Otherwise W is classifier-free guidance,
+    schedule) and predict the same quantity (the two outputs are combined before either becomes noise); its
+    size and training may differ, that is the point. Otherwise W is classifier-free guidance,
     which needs a class-conditional model."""
     if guidance is not None and not math.isfinite(guidance):
         raise DdpmError(f"--guidance must be a finite number (got {guidance})")
@@ -80,7 +81,8 @@ def check_guidance(path: Path, header: Header, cfg: RunConfig, guidance: float |
         ("image size", m.image_shape(), gm.image_shape()),
         ("classes", (m.conditional, m.conditional and m.num_classes),
          (gm.conditional, gm.conditional and gm.num_classes)),
-        ("noise schedule", _betas(cfg), _betas(g))) if a != b]
+        ("noise schedule", _betas(cfg), _betas(g)),
+        ("prediction (diffusion.prediction)", cfg.diffusion.prediction, g.diffusion.prediction)) if a != b]
     names, guide_names = class_names(header.metadata), class_names(guide_header.metadata)
     if m.conditional and gm.conditional and names and guide_names and names != guide_names:
         differ.append("class names")  # the same number of classes, but label i is another class

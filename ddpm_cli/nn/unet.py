@@ -1,7 +1,7 @@
 """The DDPM UNet (Ho et al. 2020, appendix B): residual blocks with a timestep (and optional class) embedding,
 self-attention at chosen resolutions, GroupNorm, dropout and skip connections. Reads top to bottom.
 
-Knows nothing of diffusion or configs: `UNet(...)(x_t, t, y) -> epsilon`, shapes (B, C, H, W), (B,), (B,)."""
+Knows nothing of diffusion or configs: `UNet(...)(x_t, t, y) -> epsilon (or v)`, shapes (B, C, H, W), (B,), (B,)."""
 from __future__ import annotations
 
 import math

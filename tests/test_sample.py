@@ -77,6 +77,30 @@ def test_ema_decay_picks_the_extra_average_and_refuses_one_it_lacks(run_with_two
     assert shown.exit_code == 0 and "0.9, 0.3" in shown.output
 
 
+def test_sampling_reads_only_the_weights_it_uses(tmp_path, monkeypatch):
+    """A checkpoint holds the raw weights, every average and the guide; `ddpm sample` reads the average it draws
+    with and the guide it is guided by, nothing else (the file read whole was the checkpoint phase's time, and
+    twice its size in memory)."""
+    from ddpm_cli.engine.checkpoint import tensors
+    from ddpm_cli.engine.train import train
+
+    from conftest import tiny_config
+
+    run = train(tiny_config(tmp_path / "runs", train__steps=8, train__ema_decay=0.9, train__ema_extra=[0.3],
+                            train__guide_step=4, logging__checkpoint_every=8, logging__sample_every=100)).run_dir
+    read, original = [], tensors.read_tensors
+    monkeypatch.setattr(tensors, "read_tensors", lambda path, prefix=None: read.append(prefix) or original(path, prefix))
+
+    def prefixes(*extra):
+        read.clear()
+        ok("sample", run, "-n", 2, "--format", "npz", "--out", tmp_path / "o.npz", "--overwrite", *FAST, *extra)
+        return sorted(read)
+
+    assert prefixes() == ["ema.", "guide."]  # autoguided by the stored guide, by default
+    assert prefixes("--ema-decay", 0.3) == ["ema1.", "guide."]
+    assert prefixes("--guidance", 1) == ["ema."]
+
+
 def test_ema_extra_needs_ema_and_bad_metadata_lists_no_decay(tmp_path):
     from conftest import tiny_config
     from ddpm_cli.engine.checkpoint import Header, ema_decays, extra_ema_decays

@@ -125,16 +125,16 @@ def _prepare(src: str | Path, dst: Path | None, fmt: str, dtype: str, overwrite:
         raise DdpmError(f"--format {fmt} exports fp32 only; drop --dtype (fp16/bf16 are for safetensors and "
                         f"diffusers)")
     ckpt = load_checkpoint(src)
-    if ema and ckpt.ema_state is None:
+    if ema and not ckpt.has_ema:
         raise CheckpointError(f"{ckpt.path} has no EMA weights; drop --ema (or pass --no-ema)")
-    use_ema = ckpt.ema_state is not None if ema is None else ema
+    use_ema = ckpt.has_ema if ema is None else ema
     if ema_decay is not None:  # one of the EMA averages by decay: it stands in for the main one from here on
         if ema is False:
             raise DdpmError("--ema-decay picks EMA weights; drop --no-ema")
         require_ema_decay(ckpt.header, ckpt.config.train.ema_decay, ema_decay)
-        ckpt.ema_state = ckpt.extra_ema.get(ema_decay, ckpt.ema_state)
+        ckpt.ema_state = ckpt.average(ema_decay)
         use_ema = True
-    chosen = _weights(use_ema, ema_decay) if use_ema or ckpt.ema_state is not None else "ema"  # raw-only: as is
+    chosen = _weights(use_ema, ema_decay) if use_ema or ckpt.has_ema else "ema"  # raw-only: as is
     if fmt == "diffusers":  # a folder; engine.diffusers_io checks it
         from ddpm_cli.engine.diffusers_io import default_export_folder
 

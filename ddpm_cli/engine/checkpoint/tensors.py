@@ -12,7 +12,7 @@ from __future__ import annotations
 import errno
 import json
 import time
-from dataclasses import dataclass, field
+from functools import cached_property
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -87,15 +87,47 @@ def save_state(path: Path, optimizer: torch.optim.Optimizer, state: dict) -> Non
     write_tensors(path, tensors, meta)
 
 
-@dataclass
 class Checkpoint:
-    path: Path
-    header: Header
-    config: RunConfig
-    model_state: dict[str, torch.Tensor]
-    ema_state: dict[str, torch.Tensor] | None
-    extra_ema: dict[float, dict[str, torch.Tensor]] = field(default_factory=dict)  # decay -> weights
-    guide_state: dict[str, torch.Tensor] | None = None  # train.guide_step's weights (autoguidance)
+    """A weights checkpoint: its header and config, and its tensors by group, each group read from the file the
+    first time it is asked for. Sampling one set of weights (and a guide) so reads a fraction of a file that also
+    holds the raw weights and several averages, and holds no second copy of the whole file in memory. A state
+    may be replaced (export picks an average so)."""
+
+    def __init__(self, path: Path, header: Header, config: RunConfig):
+        self.path, self.header, self.config = path, header, config
+        self._prefixes = {name.split(".", 1)[0] + "." for name in header.tensors}
+
+    def _group(self, prefix: str) -> dict[str, torch.Tensor] | None:
+        """The tensors named `prefix`*, the prefix taken off; None when the file has none."""
+        return read_tensors(self.path, prefix) if prefix in self._prefixes else None
+
+    @cached_property
+    def model_state(self) -> dict[str, torch.Tensor]:
+        return self._group("model.")
+
+    @cached_property
+    def ema_state(self) -> dict[str, torch.Tensor] | None:
+        return self._group("ema.")
+
+    @cached_property
+    def extra_ema(self) -> dict[float, dict[str, torch.Tensor]]:
+        """train.ema_extra's averages by decay."""
+        found = {d: self._group(f"ema{i}.") for i, d in enumerate(extra_ema_decays(self.metadata), 1)}
+        return {d: w for d, w in found.items() if w}
+
+    @property
+    def has_ema(self) -> bool:
+        return "ema." in self._prefixes
+
+    def average(self, decay: float) -> dict[str, torch.Tensor] | None:
+        """The EMA weights of `decay`, read alone: one of train.ema_extra's (emaN.*), else train.ema_decay's."""
+        extras = extra_ema_decays(self.metadata)
+        return self._group(f"ema{extras.index(decay) + 1}.") if decay in extras else self.ema_state
+
+    @cached_property
+    def guide_state(self) -> dict[str, torch.Tensor] | None:
+        """train.guide_step's weights (autoguidance)."""
+        return self._group("guide.")
 
     @property
     def metadata(self) -> dict[str, str]:
@@ -114,11 +146,16 @@ class Checkpoint:
         return class_names(self.metadata)
 
 
-def read_tensors(path: Path) -> dict[str, torch.Tensor]:
+def read_tensors(path: Path, prefix: str | None = None) -> dict[str, torch.Tensor]:
+    """Every tensor of a safetensors file, or those named `prefix`* with the prefix taken off (read alone)."""
+    from safetensors import safe_open
     from safetensors.torch import load as st_load
 
     try:
-        return st_load(path.read_bytes())
+        if prefix is None:
+            return st_load(path.read_bytes())
+        with safe_open(str(path), framework="pt") as f:
+            return {k[len(prefix):]: f.get_tensor(k) for k in f.keys() if k.startswith(prefix)}
     except OSError as e:
         raise CheckpointError(f"cannot read {path}: {e.strerror}") from None
     except Exception as e:  # safetensors raises its own SafetensorError for corrupt payloads
@@ -126,19 +163,12 @@ def read_tensors(path: Path) -> dict[str, torch.Tensor]:
 
 
 def load_checkpoint(path: str | Path) -> Checkpoint:
+    """The checkpoint at `path` (a file, or a run directory's latest), its tensors read as they are used."""
     p, header, cfg = read_checkpoint_config(path)
-    tensors = read_tensors(p)
-    model = {k[6:]: v for k, v in tensors.items() if k.startswith("model.")}
-    ema = {k[4:]: v for k, v in tensors.items() if k.startswith("ema.")} or None
-    if not model:
+    if not any(name.startswith("model.") for name in header.tensors):
         raise CheckpointError(f"{p} holds no model weights")
-    extra = {}
-    for i, decay in enumerate(extra_ema_decays(header.metadata), 1):
-        prefix = f"ema{i}."
-        extra[decay] = {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
     stored_guide_step(header)  # refuses a guide it could not use
-    guide = {k[6:]: v for k, v in tensors.items() if k.startswith("guide.")} or None
-    return Checkpoint(p, header, cfg, model, ema, {d: w for d, w in extra.items() if w}, guide)
+    return Checkpoint(p, header, cfg)
 
 
 def load_into(module: torch.nn.Module, state: dict[str, torch.Tensor], what: str) -> None:
@@ -220,16 +250,17 @@ def load_model(path: str | Path, device: torch.device | str = "cpu", use_ema: bo
     from ddpm_cli.engine.build import build_diffusion
 
     ckpt = load_checkpoint(path)
-    state = ckpt.ema_state if (use_ema and ckpt.ema_state is not None) else ckpt.model_state
     if ema_decay is not None:
         require_ema_decay(ckpt.header, ckpt.config.train.ema_decay, ema_decay)
-        state = ckpt.extra_ema.get(ema_decay, ckpt.ema_state)
+        state = ckpt.average(ema_decay)
+    else:
+        state = ckpt.ema_state if (use_ema and ckpt.has_ema) else ckpt.model_state
     return _network(ckpt, state, device), build_diffusion(ckpt.config.diffusion).to(device), ckpt.config, ckpt
 
 
 def load_guide(guidance: Guidance, loaded: Checkpoint, device: torch.device | str) -> torch.nn.Module:
-    """Autoguidance's weaker network: the stored guide of `loaded` (the checkpoint being sampled, already read),
-    or the EMA weights of the checkpoint that --guide-model names."""
+    """Autoguidance's weaker network: the stored guide of `loaded` (the checkpoint being sampled), or the EMA
+    weights of the checkpoint that --guide-model names."""
     if guidance.stored_step is None:
         return load_model(guidance.guide, device)[0]
     return _network(loaded, loaded.guide_state, device)  # stored_step comes from its guide.* tensors

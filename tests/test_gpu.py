@@ -94,6 +94,19 @@ def test_the_folded_sampling_network_matches_the_unfolded_one_on_cuda(compile):
     assert (got - want).abs().max() < 0.05 * want.abs().max(), (got - want).abs().max()
 
 
+def test_only_a_job_large_enough_to_compile_has_cudnn_time_its_algorithms(monkeypatch):
+    from ddpm_cli.engine.generate import COMPILE_MIN_NFE, sampling_net
+    from ddpm_cli.nn.unet import UNet
+
+    monkeypatch.setattr(torch.backends.cudnn, "benchmark", False)
+    model = lambda: UNet(image_size=16, base_channels=32, channel_mults=(1, 2), num_res_blocks=1,  # noqa: E731
+                         attention_resolutions=(), norm_groups=8).cuda()
+    sampling_net(model(), torch.device("cuda"), nfe=64 * 40)  # a grid: eager
+    assert torch.backends.cudnn.benchmark is False
+    sampling_net(model(), torch.device("cuda"), nfe=COMPILE_MIN_NFE)  # compiled (at its first call)
+    assert torch.backends.cudnn.benchmark is True
+
+
 def test_a_compiled_sampler_is_compiled_once_whatever_the_last_batch(monkeypatch):
     """7 images at most 3 a batch: the short last batch is padded, so torch.compile never sees a second shape
     (a recompile would raise), and the images are those of the eager network."""

@@ -23,18 +23,20 @@ from ddpm_cli.engine.build import sampler_compile_options
 from ddpm_cli.nn.unet import channel_stats, fold_upsampling
 
 
-def inference_net(model: torch.nn.Module, *, channels_last: bool = False, compile: str | None = None):
+def inference_net(model: torch.nn.Module, *, channels_last: bool = False, compile: str | None = None,
+                  cudnn_benchmark: bool = True):
     """The network as a sampler calls it, with the speed switches applied: channels-last layout, GroupNorm from
     per-channel statistics with it (which it reads in order), each upsampling folded into one transposed
     convolution (the same function, 2.25x fewer multiply-adds there) and torch.compile (mode "default",
     "max-autotune" or "reduce-overhead" for CUDA graphs; with programmatic dependent launch where the GPU has
-    it). BENCHMARKS.md has the figures. Changes `model` itself (eval mode, the GroupNorm and upsampling
+    it). `cudnn_benchmark`: on CUDA, have cuDNN time its algorithms for each new convolution shape and keep the
+    fastest (it stays on for the process once set). BENCHMARKS.md has the figures. Changes `model` itself (eval mode, the GroupNorm and upsampling
     switches, channels-last): pass a model that only samples from here on; the model as it was, unfolded and
     eager, is the reference it is tested against."""
     model = channel_stats(model.eval(), channels_last)
     fold_upsampling(model, True)
     device = next(model.parameters()).device
-    if device.type == "cuda":
+    if device.type == "cuda" and cudnn_benchmark:
         torch.backends.cudnn.benchmark = True  # one batch shape, many calls: timing algorithms once pays
     if channels_last:
         model = model.to(memory_format=torch.channels_last)
@@ -61,10 +63,13 @@ COMPILE_MIN_NFE = 200_000
 
 def sampling_net(model: torch.nn.Module, device: torch.device, nfe: int, compile: str = "auto"):
     """The network as `ddpm sample` and `ddpm eval` run it (with generate's bf16 on CUDA), so that both draw the
-    same images: on CUDA channels-last, and compiled (auto) for jobs of at least COMPILE_MIN_NFE evaluations."""
+    same images: on CUDA channels-last, and compiled (auto) for jobs of at least COMPILE_MIN_NFE evaluations.
+    cuDNN times its algorithms only for those jobs too: a small one (a 64-image grid makes ~40 calls) is likely
+    to spend longer choosing than it saves (benchmarks/bench_startup.py times it), and without the timing every
+    process picks the same algorithms."""
     cuda = device.type == "cuda"
     on = compile == "on" or (compile == "auto" and cuda and nfe >= COMPILE_MIN_NFE)
-    return inference_net(model, channels_last=cuda, compile="default" if on else None)
+    return inference_net(model, channels_last=cuda, compile="default" if on else None, cudnn_benchmark=on)
 
 
 # The sampling batch when none is given: on a GPU the one the speed figures use for 32x32 images (a GPU keeps

@@ -302,6 +302,14 @@ def test_resume_of_another_architecture(ckpt_copy):
     assert_refused(_resume(ckpt_copy, "model.base_channels=32"), "architecture")
 
 
+def test_resume_cannot_change_what_the_network_predicts(ckpt_copy):
+    """The weights, their averages and the stored guide learned to predict the noise; a resume that called their
+    output v would mix the two in one checkpoint. Refused before anything is written."""
+    before = sorted(p.name for p in ckpt_copy.parent.parent.rglob("*"))
+    assert_refused(_resume(ckpt_copy, "diffusion.prediction=v"), "diffusion.prediction=eps")
+    assert sorted(p.name for p in ckpt_copy.parent.parent.rglob("*")) == before
+
+
 def test_resume_at_another_image_size_says_so(ckpt_copy):
     """The weights fit any size, so the run goes on at the new one (a fine-tune); it used to do so silently."""
     r = _resume(ckpt_copy, "model.image_size=[16,24]", "train.steps=21")

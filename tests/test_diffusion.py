@@ -142,11 +142,12 @@ def _v_network(d, eps_model):
     return model
 
 
-def test_v_prediction_trains_on_v_and_min_snr_keeps_the_epsilon_objective():
+@pytest.mark.parametrize("loss", ["l2", "l1"])
+def test_v_prediction_trains_on_v_and_min_snr_keeps_the_epsilon_objective(loss):
     """The v target is alpha_t eps - sigma_t x_0; under min-snr a v-network's loss is the loss of the
-    epsilon-network it stands for (the weighting is one objective in either parameterisation)."""
-    d_eps = build_diffusion(DiffusionConfig(loss_weight="min-snr"))
-    d_v = build_diffusion(DiffusionConfig(loss_weight="min-snr", prediction="v"))
+    epsilon-network it stands for (the weighting is one objective in either parameterisation, l2 or l1)."""
+    d_eps = build_diffusion(DiffusionConfig(loss_weight="min-snr", loss=loss))
+    d_v = build_diffusion(DiffusionConfig(loss_weight="min-snr", prediction="v", loss=loss))
     x0, noise, t = _inputs()
     a = d_v.sqrt_alpha_bar[t].view(-1, 1, 1, 1)
     s = d_v.sqrt_one_minus_alpha_bar[t].view(-1, 1, 1, 1)
@@ -156,10 +157,11 @@ def test_v_prediction_trains_on_v_and_min_snr_keeps_the_epsilon_objective():
     got, want = d_v.loss(v_net, x0, t=t, noise=noise), d_eps.loss(_fixed_model, x0, t=t, noise=noise)
     assert torch.allclose(got, want, rtol=1e-4), (got, want)
     # uniform weights are L_simple on each parameterisation's own error: not the same objective
-    uniform_v = build_diffusion(DiffusionConfig(prediction="v")).loss(v_net, x0, t=t, noise=noise)
-    assert torch.allclose(uniform_v, F.mse_loss(v_net(d_v.q_sample(x0, t, noise), t, None),
-                                                d_v.target(x0, t, noise)))
-    assert not torch.allclose(uniform_v, build_diffusion(DiffusionConfig()).loss(_fixed_model, x0, t=t, noise=noise))
+    uniform_v = build_diffusion(DiffusionConfig(prediction="v", loss=loss)).loss(v_net, x0, t=t, noise=noise)
+    error = F.mse_loss if loss == "l2" else F.l1_loss
+    assert torch.allclose(uniform_v, error(v_net(d_v.q_sample(x0, t, noise), t, None), d_v.target(x0, t, noise)))
+    uniform_eps = build_diffusion(DiffusionConfig(loss=loss)).loss(_fixed_model, x0, t=t, noise=noise)
+    assert not torch.allclose(uniform_v, uniform_eps)
 
 
 @pytest.mark.parametrize("sampler", ["ddpm", "ddim", "dpm++2m", "dpm++3m"])

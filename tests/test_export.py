@@ -155,7 +155,7 @@ def test_onnx_export_of_an_unconditional_model(trained_run, tmp_path):
     assert names == ["x_t", "t"] and err < 1e-4 and _onnx_output(tmp_path / "u.onnx") == props["output"] == "eps"
 
 
-def test_the_onnx_output_of_a_v_prediction_model_is_named_v(tmp_path):
+def test_the_exports_of_a_v_prediction_model_say_it_predicts_v(tmp_path):
     """A consumer of the file reads what the network predicts from its output's name and metadata."""
     from conftest import tiny_config
     from ddpm_cli.engine.train import train
@@ -164,6 +164,10 @@ def test_the_onnx_output_of_a_v_prediction_model_is_named_v(tmp_path):
     ok("export", run, "--format", "onnx", "--out", tmp_path / "v.onnx")
     _, props, err = _onnx_vs_torch(tmp_path / "v.onnx", run, batch=2)
     assert err < 1e-4 and _onnx_output(tmp_path / "v.onnx") == props["output"] == "v"
+    ok("export", run, "--format", "pt2", "--out", tmp_path / "v.pt2")
+    extra = {export_mod.PT2_METADATA: ""}
+    torch.export.load(str(tmp_path / "v.pt2"), extra_files=extra)
+    assert json.loads(extra[export_mod.PT2_METADATA])["output"] == "v"
 
 
 def _onnx_output(path) -> str:
@@ -183,8 +187,12 @@ def test_a_failed_check_fails_loudly_and_keeps_no_file(trained_run, tmp_path, mo
 def test_pt2_export_matches_pytorch(trained_conditional_run, tmp_path):
     ok("export", trained_conditional_run, "--format", "pt2", "--out", tmp_path / "m.pt2")
     model, _, cfg, _ = load_model(trained_conditional_run, "cpu")
-    exported = torch.export.load(str(tmp_path / "m.pt2"))
+    extra = {export_mod.PT2_METADATA: ""}
+    exported = torch.export.load(str(tmp_path / "m.pt2"), extra_files=extra)
     assert "conv_transpose" in str(exported.graph)  # the upsampling folded, as in the ONNX export
+    meta = json.loads(extra[export_mod.PT2_METADATA])  # what the program is, as the ONNX file says it
+    assert meta["output"] == "eps" and json.loads(meta["inputs"]) == ["x_t", "t", "y"]
+    assert json.loads(meta["config"])["model"]["conditional"] is True and meta["kind"] == "export"
     import zipfile
 
     names = zipfile.ZipFile(tmp_path / "m.pt2").namelist()  # the archive's folder is named for the file

@@ -138,11 +138,18 @@ def _st_file(header: object, tail: bytes = b"", length: int | None = None) -> by
     return struct.pack("<Q", len(raw) if length is None else length) + raw + tail
 
 
+def _every_group(path: Path) -> Checkpoint:
+    """load_checkpoint, then each group of tensors it reads when asked (sampling reads one or two)."""
+    ck = load_checkpoint(path)
+    ck.model_state, ck.ema_state, ck.extra_ema, ck.guide_state  # noqa: B018 - each reads its tensors
+    return ck
+
+
 def _read_all(path: Path) -> None:
     """The reader's entry points: the header alone, then the whole checkpoint, then its training state."""
     ours_or_success(read_header, path, ok_type=Header)
     ours_or_success(read_header, path, False, ok_type=Header)
-    ours_or_success(load_checkpoint, path, ok_type=Checkpoint)
+    ours_or_success(_every_group, path, ok_type=Checkpoint)
     if state_path(path).exists():
         ours_or_success(load_state, path, ok_type=tuple)
 

@@ -137,8 +137,8 @@ class DiffusionConfig(Section):
     """Loss between the network's output and its target (the noise, or v)."""
     loss_weight: Literal["uniform", "min-snr"] = "uniform"
     """Weight of each timestep's loss: uniform is the paper's L_simple; min-snr is Min-SNR-gamma (Hang et al.
-    2023), min(SNR_t, gamma) / SNR_t on the noise's error (min(SNR_t, gamma) / (SNR_t + 1) on v's: the same
-    objective), which stops the nearly noise-free steps from dominating the gradient."""
+    2023), min(SNR_t, gamma) / SNR_t on the noise's error (on v's, the weight that makes it the same objective),
+    which stops the nearly noise-free steps from dominating the gradient."""
     min_snr_gamma: float = Field(5.0, gt=0.0)
     """The gamma of loss_weight min-snr."""
     variance: Literal["beta", "posterior"] = "beta"

@@ -2,8 +2,8 @@
 
 The network predicts the noise epsilon (the DDPM paper) or the velocity v = alpha_t eps - sigma_t x_0 (Salimans &
 Ho 2022, "Progressive Distillation", section 4), with alpha_t = sqrt(alpha_bar_t) and sigma_t = sqrt(1 - alpha_bar_t).
-Samplers see epsilon either way: `eps` turns the network's output into it, eps = alpha_t v + sigma_t x_t, a linear
-map for a given x_t, so guidance may combine outputs before or after it.
+Samplers see the clean image either way: `x0` turns the network's output into it, a linear map for a given x_t,
+so guidance may combine outputs before or after it (its weights sum to 1).
 
 Timesteps are 0-based indices: index i is the paper's t = i + 1."""
 from __future__ import annotations
@@ -35,11 +35,13 @@ class GaussianDiffusion(nn.Module):
         self.register_buffer("sqrt_alpha_bar", buf(np.sqrt(alpha_bar)), persistent=False)
         self.register_buffer("sqrt_one_minus_alpha_bar", buf(np.sqrt(1.0 - alpha_bar)), persistent=False)
         # Min-SNR-gamma (Hang et al. 2023), SNR_t = alpha_bar_t / (1 - alpha_bar_t): w_t = min(SNR_t, gamma) / SNR_t
-        # on the epsilon error, min(SNR_t, gamma) / (SNR_t + 1) on the v error. The two are one objective: the
-        # epsilon error is alpha_t times the v error, and alpha_t^2 = SNR_t / (SNR_t + 1). None keeps L_simple's
-        # uniform weights (on whichever error the network predicts).
+        # on the epsilon error. For v the same objective: the epsilon error is alpha_t times the v error, with
+        # alpha_t^2 = SNR_t / (SNR_t + 1), so the weight on v's error is w_t alpha_t^2 (l2) or w_t alpha_t (l1).
+        # None keeps L_simple's uniform weights (on whichever error the network predicts).
         snr = alpha_bar / (1.0 - alpha_bar)
-        weight = None if min_snr_gamma is None else np.minimum(snr, min_snr_gamma) / (snr + (prediction == "v"))
+        weight = None if min_snr_gamma is None else np.minimum(snr, min_snr_gamma) / snr
+        if weight is not None and prediction == "v":
+            weight = weight * (alpha_bar if loss == "l2" else np.sqrt(alpha_bar))
         self.register_buffer("loss_weight", None if weight is None else buf(weight), persistent=False)
         # posterior variance beta-tilde_t = beta_t (1 - alpha_bar_{t-1}) / (1 - alpha_bar_t)   (eq. 7)
         self.register_buffer("posterior_variance", buf(betas * (1.0 - alpha_bar_prev) / (1.0 - alpha_bar)),
@@ -59,14 +61,14 @@ class GaussianDiffusion(nn.Module):
         s = self.sqrt_one_minus_alpha_bar[t].view(-1, 1, 1, 1)
         return a * noise - s * x0
 
-    def eps(self, out: torch.Tensor, x: torch.Tensor, t: int | torch.Tensor) -> torch.Tensor:
-        """The noise that the network's output `out` at (x_t = `x`, timestep `t`: one index or one per sample)
-        stands for."""
+    def x0(self, out: torch.Tensor, x: torch.Tensor, t: int) -> torch.Tensor:
+        """The clean image that the network's output `out` at (x_t = `x`, timestep `t`) stands for, clipped to
+        [-1, 1]: (x_t - sigma_t eps) / alpha_t, or alpha_t x_t - sigma_t v (direct, so that 1 / alpha_t does not
+        amplify the rounding at the noisiest steps)."""
+        ab = self.alpha_bar[t]  # an int index: a view on the device, no copy to it
         if self.prediction == "eps":
-            return out
-        t = torch.as_tensor(t, device=x.device)
-        shape = (-1, 1, 1, 1) if t.ndim else ()
-        return self.sqrt_alpha_bar[t].view(shape) * out + self.sqrt_one_minus_alpha_bar[t].view(shape) * x
+            return ((x - (1 - ab).sqrt() * out) / ab.sqrt()).clamp(-1, 1)
+        return (ab.sqrt() * x - (1 - ab).sqrt() * out).clamp(-1, 1)
 
     def loss(self, model: nn.Module, x0: torch.Tensor, y: torch.Tensor | None = None,
              t: torch.Tensor | None = None, noise: torch.Tensor | None = None) -> torch.Tensor:

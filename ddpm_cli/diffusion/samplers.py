@@ -1,5 +1,6 @@
 """Samplers: free functions from noise x_T to images x_0, given the network `model(x_t, t, y)`, whose output
-`diffusion.eps` turns into the noise epsilon (the network may predict epsilon or v: diffusion/gaussian.py).
+`diffusion.x0` turns into the clean image it stands for (the network may predict epsilon or v:
+diffusion/gaussian.py).
 
 - ddpm: ancestral sampling over all T steps (Ho et al. 2020, Algorithm 2), sigma^2 = beta_t or beta-tilde_t.
 - ddim: any number of steps, eta in [0, 1] (Song et al. 2021, eq. 12).
@@ -52,11 +53,6 @@ def timesteps(diffusion: GaussianDiffusion, steps: int, spacing: str = "uniform"
     return sampler_spec.timesteps(diffusion.alpha_bar, steps, spacing)
 
 
-def _x0_from_eps(diffusion: GaussianDiffusion, x: torch.Tensor, t: int, eps: torch.Tensor) -> torch.Tensor:
-    ab = diffusion.alpha_bar[t]
-    return ((x - (1 - ab).sqrt() * eps) / ab.sqrt()).clamp(-1, 1)
-
-
 @torch.no_grad()
 def ddpm_sample(model: ModelFn, diffusion: GaussianDiffusion, x: torch.Tensor, y: torch.Tensor | None = None,
                 variance: str = "beta", generator: torch.Generator | None = None,
@@ -66,8 +62,7 @@ def ddpm_sample(model: ModelFn, diffusion: GaussianDiffusion, x: torch.Tensor, y
     var = diffusion.betas if variance == "beta" else diffusion.posterior_variance
     for i, t in enumerate(range(T - 1, -1, -1)):
         tt = torch.full((x.shape[0],), t, device=x.device, dtype=torch.long)
-        eps = diffusion.eps(model(x, tt, y).float(), x, t)
-        x0 = _x0_from_eps(diffusion, x, t, eps)
+        x0 = diffusion.x0(model(x, tt, y).float(), x, t)
         ab, ab_prev, beta = diffusion.alpha_bar[t], diffusion.alpha_bar_prev[t], diffusion.betas[t]
         mean = (beta * ab_prev.sqrt() / (1 - ab)) * x0 + ((1 - ab_prev) * (1 - beta).sqrt() / (1 - ab)) * x
         if t > 0:
@@ -90,9 +85,8 @@ def ddim_sample(model: ModelFn, diffusion: GaussianDiffusion, x: torch.Tensor, y
     one = torch.ones((), device=x.device)
     for i, t in enumerate(ts):
         tt = torch.full((x.shape[0],), t, device=x.device, dtype=torch.long)
-        eps = diffusion.eps(model(x, tt, y).float(), x, t)
+        x0 = diffusion.x0(model(x, tt, y).float(), x, t)
         ab = diffusion.alpha_bar[t]
-        x0 = _x0_from_eps(diffusion, x, t, eps)
         eps = (x - ab.sqrt() * x0) / (1 - ab).sqrt()  # consistent with the clipped x0
         ab_next = diffusion.alpha_bar[ts[i + 1]] if i + 1 < len(ts) else one
         sigma = eta * ((1 - ab_next) / (1 - ab) * (1 - ab / ab_next)).clamp(min=0).sqrt()
@@ -119,8 +113,7 @@ def dpmpp_2m_sample(model: ModelFn, diffusion: GaussianDiffusion, x: torch.Tenso
     x0_prev, h_prev = None, None
     for i, t in enumerate(ts):
         tt = torch.full((x.shape[0],), t, device=x.device, dtype=torch.long)
-        eps = diffusion.eps(model(x, tt, y).float(), x, t)
-        x0 = _x0_from_eps(diffusion, x, t, eps)
+        x0 = diffusion.x0(model(x, tt, y).float(), x, t)
         if i + 1 == len(ts):
             x = x0
         else:
@@ -158,8 +151,7 @@ def dpmpp_3m_sample(model: ModelFn, diffusion: GaussianDiffusion, x: torch.Tenso
     moves = len(ts) - 1
     for i, t in enumerate(ts):
         tt = torch.full((x.shape[0],), t, device=x.device, dtype=torch.long)
-        eps = diffusion.eps(model(x, tt, y).float(), x, t)
-        x0 = _x0_from_eps(diffusion, x, t, eps)
+        x0 = diffusion.x0(model(x, tt, y).float(), x, t)
         history = (history + [(x0, lam(t))])[-3:]
         if i == moves:
             x = x0

@@ -5,7 +5,8 @@
 - onnx: the denoiser (x_t, t, y) -> the network's prediction (no y for an unconditional model) with a dynamic
   batch, run in onnxruntime on random inputs (the main weights only: a stored guide is not part of it). Its
   output is named for what the network predicts (diffusion.prediction): "eps", the noise, or "v";
-- pt2: the same denoiser as a torch.export program (torch.export.load(path).module()).
+- pt2: the same denoiser as a torch.export program (torch.export.load(path).module()), with the same metadata
+  as ONNX's in its extra file ddpm.json (torch.export.load(path, extra_files={"ddpm.json": ""})).
 
 ONNX and pt2 hold each upsampling folded into one transposed convolution with a stored 4x4 kernel
 (nn.unet.fold_nearest2x: the same function, 2.25x fewer multiply-adds there) and are checked against the model
@@ -35,6 +36,7 @@ DTYPE_NAMES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}
 # Largest relative error (max |export - torch| / max |torch|) accepted by the check after an export.
 TOLERANCE = {"fp32": 1e-3, "fp16": 1e-2, "bf16": 5e-2}
 ONNX_OPSET = 18
+PT2_METADATA = "ddpm.json"  # the pt2 archive's extra file holding the export's metadata
 CHECK_BATCH = 3  # differs from the tracing batch (2), so the check also proves the batch is dynamic
 
 
@@ -197,7 +199,10 @@ def _weights(use_ema: bool, ema_decay: float | None) -> str:
     return "model" if not use_ema else "ema" if ema_decay is None else f"ema {ema_decay}"
 
 
-def _onnx_metadata(ckpt, weights: str, inputs: list[str], output: str) -> dict[str, str]:
+def _metadata(ckpt, weights: str, inputs: list[str], output: str) -> dict[str, str]:
+    """What an ONNX file's properties and a pt2 archive's ddpm.json hold: the checkpoint's metadata (its config
+    among it), the weights exported, and the inputs and the output by name ("eps" or "v": what the network
+    predicts)."""
     keep = ("format", "format_version", "ddpm_version", "step", "images_seen", "num_params", "classes", "config")
     meta = {k: ckpt.metadata[k] for k in keep if k in ckpt.metadata}
     meta.update(kind="export", source_weights=weights, exported_from=ckpt.path.name,
@@ -246,7 +251,7 @@ def export_onnx(ckpt, use_ema: bool, dst: Path, ema_decay: float | None = None) 
         try:
             exporter = _torch_onnx_export(net, random_inputs(cfg, 2, seed=1), tmp, names, output)
             proto = onnx.load(str(tmp))
-            onnx.helper.set_model_props(proto, _onnx_metadata(ckpt, _weights(use_ema, ema_decay), names, output))
+            onnx.helper.set_model_props(proto, _metadata(ckpt, _weights(use_ema, ema_decay), names, output))
             onnx.save(proto, str(tmp))
         except OSError as e:
             raise DdpmError(f"cannot write {dst}: {e.strerror or e}") from None
@@ -283,7 +288,9 @@ def export_pt2(ckpt, use_ema: bool, dst: Path, ema_decay: float | None = None) -
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
                 program = torch.export.export(net, args, dynamic_shapes=tuple({0: batch} for _ in args))
-                torch.export.save(program, str(tmp))
+                names = ["x_t", "t", "y"] if cfg.model.conditional else ["x_t", "t"]
+                meta = _metadata(ckpt, _weights(use_ema, ema_decay), names, cfg.diffusion.prediction)
+                torch.export.save(program, str(tmp), extra_files={PT2_METADATA: json.dumps(meta)})
             inputs = random_inputs(cfg, CHECK_BATCH)
             with torch.no_grad():
                 got = torch.export.load(str(tmp)).module()(*inputs)

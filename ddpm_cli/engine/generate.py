@@ -64,12 +64,13 @@ COMPILE_MIN_NFE = 200_000
 def sampling_net(model: torch.nn.Module, device: torch.device, nfe: int, compile: str = "auto"):
     """The network as `ddpm sample` and `ddpm eval` run it (with generate's bf16 on CUDA), so that both draw the
     same images: on CUDA channels-last, and compiled (auto) for jobs of at least COMPILE_MIN_NFE evaluations.
-    cuDNN times its algorithms only for those jobs too: a small one (a 64-image grid makes ~40 calls) is likely
-    to spend longer choosing than it saves (benchmarks/bench_startup.py times it), and without the timing every
-    process picks the same algorithms."""
+    cuDNN times its algorithms only for jobs that large (or compiled) too: a small one (a 64-image grid makes ~40
+    calls) is likely to spend longer choosing than it saves (benchmarks/bench_startup.py times it), and without
+    the timing every process picks the same algorithms."""
     cuda = device.type == "cuda"
     on = compile == "on" or (compile == "auto" and cuda and nfe >= COMPILE_MIN_NFE)
-    return inference_net(model, channels_last=cuda, compile="default" if on else None, cudnn_benchmark=on)
+    return inference_net(model, channels_last=cuda, compile="default" if on else None,
+                         cudnn_benchmark=on or nfe >= COMPILE_MIN_NFE)
 
 
 # The sampling batch when none is given: on a GPU the one the speed figures use for 32x32 images (a GPU keeps

@@ -14,7 +14,7 @@ from ddpm_cli.engine import checkpoint as ckpt_io
 from ddpm_cli.engine.build import count_params
 from ddpm_cli.engine.files import atomic_write_bytes
 from ddpm_cli.engine.runs import list_checkpoints, state_path
-from ddpm_cli.errors import DdpmError
+from ddpm_cli.errors import CheckpointError, DdpmError
 
 if TYPE_CHECKING:
     from ddpm_cli.engine.train import Trainer
@@ -24,6 +24,11 @@ def restore(trainer: "Trainer", weights: Path) -> None:
     """Put a Trainer back to a checkpoint: weights, EMAs (post-hoc ones too), optimizer, step, data position,
     counters, RNG."""
     ck = ckpt_io.load_checkpoint(weights)
+    trained, now = ck.config.diffusion.prediction, trainer.cfg.diffusion.prediction
+    if trained != now:  # the weights, their averages and the stored guide all answer the question they learned
+        raise CheckpointError(f"{ck.path} was trained with diffusion.prediction={trained}; a resume cannot "
+                              f"change what the network predicts (--set diffusion.prediction={now}): resume "
+                              f"without it, or start a new run with --config")
     tensors, state, groups = ckpt_io.load_state(ck.path)
     ckpt_io.load_into(trainer.model, ck.model_state, str(ck.path))
     if trainer.ema is not None:

@@ -154,8 +154,9 @@ def read_tensors(path: Path, prefix: str | None = None) -> dict[str, torch.Tenso
     try:
         if prefix is None:
             return st_load(path.read_bytes())
-        with safe_open(str(path), framework="pt") as f:
-            return {k[len(prefix):]: f.get_tensor(k) for k in f.keys() if k.startswith(prefix)}
+        with safe_open(str(path), framework="pt") as f:  # its tensors map the file: copied, so that a file
+            # changed or cut short later (another program's copy over it) cannot change or crash what was read
+            return {k[len(prefix):]: f.get_tensor(k).clone() for k in f.keys() if k.startswith(prefix)}
     except OSError as e:
         raise CheckpointError(f"cannot read {path}: {e.strerror}") from None
     except Exception as e:  # safetensors raises its own SafetensorError for corrupt payloads

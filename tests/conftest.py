@@ -27,6 +27,12 @@ if "DDPM_COMPILE_CACHE_DIR" not in os.environ:
     os.environ["DDPM_COMPILE_CACHE_DIR"] = tempfile.mkdtemp(prefix="ddpm-test-compile-cache-")
     atexit.register(shutil.rmtree, os.environ["DDPM_COMPILE_CACHE_DIR"], True)
 os.environ.setdefault("WANDB_MODE", "offline")
+# Decoded training images are cached per user (engine/data_cache.py): off in the tests, which decode their own small
+# folders anew (tests/test_data_cache.py turns it on in a folder of its own); never the user's ~/.cache/ddpm/data.
+if "DDPM_DATA_CACHE_DIR" not in os.environ:
+    os.environ["DDPM_DATA_CACHE_DIR"] = tempfile.mkdtemp(prefix="ddpm-test-data-cache-")
+    atexit.register(shutil.rmtree, os.environ["DDPM_DATA_CACHE_DIR"], True)
+os.environ.setdefault("DDPM_DATA_CACHE", "off")
 
 
 def tiny_overrides(run_dir: Path, **extra) -> dict:

@@ -291,3 +291,18 @@ def test_bench_host_times_each_piece_of_the_loop_outside_the_graph():
     assert list(pieces) == ["clip_grad_norm_ (foreach)", "fused Adam", "3 EMA update(s)",
                             "post-hoc update (2 averages)", "sum"]
     assert abs(sum(list(pieces.values())[:-1]) - pieces["sum"]) <= 4 and all(v > 0 for v in pieces.values())
+
+
+def test_bench_data_cache_decodes_once_then_loads(tmp_path):
+    from PIL import Image
+
+    for i in range(6):
+        (tmp_path / "imgs").mkdir(exist_ok=True)
+        Image.new("RGB", (10, 12), (i * 40, 0, 0)).save(tmp_path / "imgs" / f"{i}.png")
+    r = subprocess.run([sys.executable, "benchmarks/bench_data_cache.py", "--data", str(tmp_path / "imgs"), "--size",
+                        "8"], cwd=ROOT, capture_output=True, text=True, timeout=300,
+                       env={**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"})
+    assert r.returncode == 0, r.stderr[-3000:]
+    runs = [json.loads(x) for x in r.stdout.split("BENCH ")[1:]]
+    assert [x["cache"] for x in runs] == ["empty", "filled"] and all(x["images"] == 6 for x in runs)
+    assert [x["entries"] for x in runs] == [1, 1] and all(x["seconds"] > 0 for x in runs)

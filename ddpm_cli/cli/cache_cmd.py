@@ -1,4 +1,5 @@
-"""`ddpm cache info | clear`: the compile cache (engine/compile_cache.py) seen and emptied; no torch import."""
+"""`ddpm cache info | clear`: the compile cache (engine/compile_cache.py) and the decoded-data cache
+(engine/data_cache.py) seen and emptied; no torch import."""
 from __future__ import annotations
 
 import json
@@ -8,8 +9,9 @@ import typer
 from ddpm_cli.cli.inspect_cmd import human_size as _size
 from ddpm_cli.cli.ui import console, friendly
 
-app = typer.Typer(help="See or clear the compile cache: torch.compile's code kept between runs, so a later train, "
-                       "sample or eval of the same network starts faster.", no_args_is_help=True)
+app = typer.Typer(help="See or clear the caches kept between runs: torch.compile's code (a later train, sample or "
+                       "eval of the same network starts faster) and decoded training images (a later run on the "
+                       "same folder or .zip skips decoding them).", no_args_is_help=True)
 
 
 def _count(n: int) -> str:
@@ -31,7 +33,27 @@ def describe() -> dict:
                      "created": e.meta.get("created"), "hits": e.meta.get("hits", 0),
                      "last_used": time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(e.last_used))})
     return {"path": str(cc.cache_dir()), "enabled": cc.enabled(), "entries": rows,
-            "bytes": sum(e.size for e in entries), "max_entries": cc.MAX_ENTRIES, "max_bytes": cc.MAX_BYTES}
+            "bytes": sum(e.size for e in entries), "max_entries": cc.MAX_ENTRIES, "max_bytes": cc.MAX_BYTES,
+            "data": describe_data()}
+
+
+def describe_data() -> dict:
+    """The decoded-data cache as describe() gives the compile cache: where, on or off, bounds, entries."""
+    import time
+
+    from ddpm_cli.engine import data_cache as dc
+
+    entries, rows = dc.list_entries(), []
+    for e in entries:
+        key = e.meta.get("key") if isinstance(e.meta.get("key"), dict) else {}
+        source = key.get("source") if isinstance(key.get("source"), dict) else {}
+        size = key.get("size") if isinstance(key.get("size"), list) else []
+        rows.append({"name": e.name, "bytes": e.size, "images": e.meta.get("count"),
+                     "source": source.get("zip") or source.get("folder"),
+                     "shape": [key.get("channels"), *size], "created": e.meta.get("created"),
+                     "last_used": time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(e.last_used))})
+    return {"path": str(dc.cache_dir()), "enabled": dc.enabled(), "entries": rows,
+            "bytes": sum(e.size for e in entries), "max_entries": dc.MAX_ENTRIES, "max_bytes": dc.MAX_BYTES}
 
 
 @app.command("info")
@@ -51,15 +73,30 @@ def info(as_json: bool = typer.Option(False, "--json", help="Print JSON instead 
     for e in d["entries"]:
         console.print(f"  {e['name']}  {_size(e['bytes'])}  torch {e['torch']}  {e['device']}  used {e['last_used']}"
                       f"  ({e['hits']} load{'s' if e['hits'] != 1 else ''})", markup=False, soft_wrap=True)
+    from ddpm_cli.engine.data_cache import ENV_DIR as DATA_DIR, ENV_SWITCH as DATA_SWITCH
+
+    data = d["data"]
+    state = "on" if data["enabled"] else f"off ({DATA_SWITCH}=off)"
+    console.print(f"data cache: {data['path']}  |  {state}  |  {_count(len(data['entries']))}, {_size(data['bytes'])} "
+                  f"(kept: the {data['max_entries']} most recently used, at most {_size(data['max_bytes'])}; move it "
+                  f"with {DATA_DIR})", markup=False, soft_wrap=True)
+    for e in data["entries"]:
+        shape = "x".join(str(v) for v in e["shape"])
+        console.print(f"  {e['name']}  {_size(e['bytes'])}  {e['images']} images of {shape}  from {e['source']}  "
+                      f"used {e['last_used']}", markup=False, soft_wrap=True)
 
 
 @app.command("clear")
 @friendly
 def clear() -> None:
-    """Delete every entry: each network compiles in full at its next run (torch's own inductor cache, under
-    TORCHINDUCTOR_CACHE_DIR, is left alone)."""
+    """Delete every entry of both caches: each network compiles in full, and each folder is decoded again, at its
+    next run (torch's own inductor cache, under TORCHINDUCTOR_CACHE_DIR, is left alone)."""
+    from ddpm_cli.engine import data_cache
     from ddpm_cli.engine.compile_cache import cache_dir, clear as clear_cache
 
     entries, freed = clear_cache()
     console.print(f"removed {_count(entries)} ({_size(freed)}) from {cache_dir()}",
+                  markup=False, soft_wrap=True)
+    entries, freed = data_cache.clear()
+    console.print(f"removed {_count(entries)} ({_size(freed)}) from {data_cache.cache_dir()}",
                   markup=False, soft_wrap=True)

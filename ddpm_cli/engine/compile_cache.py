@@ -17,11 +17,13 @@ import platform
 import sys
 import time
 import warnings
-from dataclasses import dataclass, fields
+from dataclasses import fields
 from pathlib import Path
 from typing import Any, Callable
 
 from ddpm_cli import __version__
+from ddpm_cli.engine import cache_entries
+from ddpm_cli.engine.cache_entries import Entry
 from ddpm_cli.engine.files import atomic_write_bytes
 from ddpm_cli.errors import DdpmWarning
 
@@ -32,7 +34,6 @@ MAX_ENTRIES = 32
 MAX_BYTES = 2 * 1024**3
 ENV_DIR, ENV_SWITCH = "DDPM_COMPILE_CACHE_DIR", "DDPM_COMPILE_CACHE"
 _OFF = {"off", "0", "false", "no"}
-_STALE_TMP_S = 3600  # a temporary file this old is a crashed writer's, not one being written
 # Entries this process loaded or saved, with their artifact keys: torch's caches hold them already, so a second
 # network of the same key (autoguidance's guide shares the model's architecture) does not load them again.
 _IN_PROCESS: dict[Path, dict[str, list[str]]] = {}
@@ -123,75 +124,19 @@ def call_signature(args: tuple, device) -> dict:
 # -- entries on disk ----------------------------------------------------------------------------------------------
 
 
-@dataclass
-class Entry:
-    name: str
-    meta: dict  # the JSON description
-    size: int  # bytes of NAME.bin
-    last_used: float  # the description's mtime: written when saved and on each load
-
-
 def list_entries(directory: Path | None = None) -> list[Entry]:
-    """The folder's complete entries (a description and its bytes), most recently used first; unreadable
-    descriptions are listed with an empty `meta`."""
-    directory = directory or cache_dir()
-    found = []
-    for desc in directory.glob("*.json") if directory.is_dir() else []:
-        blob = desc.with_suffix(".bin")
-        try:
-            size, used = blob.stat().st_size, desc.stat().st_mtime
-        except OSError:
-            continue
-        try:
-            meta = json.loads(desc.read_text())
-        except (OSError, ValueError):
-            meta = {}
-        found.append(Entry(desc.stem, meta if isinstance(meta, dict) else {}, size, used))
-    return sorted(found, key=lambda e: e.last_used, reverse=True)
-
-
-def _our_files(directory: Path) -> list[Path]:
-    """Every file the cache writes: entries, their descriptions, and temporary files of atomic writes."""
-    if not directory.is_dir():
-        return []
-    return [p for p in directory.iterdir()
-            if p.is_file() and (p.suffix in (".bin", ".json") or ".bin.tmp-" in p.name or ".json.tmp-" in p.name)]
+    """The compile cache's entries, most recently used first (engine/cache_entries.py)."""
+    return cache_entries.list_entries(directory or cache_dir())
 
 
 def clear(directory: Path | None = None) -> tuple[int, int]:
-    """Delete every entry; returns (entries, bytes) removed. Files the cache did not write stay."""
-    directory = directory or cache_dir()
-    entries, freed = 0, 0
-    for p in _our_files(directory):
-        try:
-            size = p.stat().st_size
-            p.unlink()
-        except OSError:
-            continue
-        entries += p.suffix == ".bin"
-        freed += size
-    return entries, freed
+    """Delete every entry of the compile cache; returns (entries, bytes) removed."""
+    return cache_entries.clear(directory or cache_dir())
 
 
 def prune(directory: Path, max_entries: int = MAX_ENTRIES, max_bytes: int = MAX_BYTES) -> int:
-    """Keep the most recently used entries within `max_entries` and `max_bytes`; delete the rest, and bytes whose
-    description is missing or temporary files left by a crashed writer, once they are old. Returns entries removed."""
-    removed, total = 0, 0
-    for i, e in enumerate(list_entries(directory)):
-        total += e.size
-        if i >= max_entries or total > max_bytes:
-            for suffix in (".json", ".bin"):  # the description first: a reader never finds it without its bytes
-                (directory / f"{e.name}{suffix}").unlink(missing_ok=True)
-            removed += 1
-    now = time.time()
-    for p in _our_files(directory):
-        orphan = p.suffix == ".bin" and not p.with_suffix(".json").exists()
-        try:
-            if (orphan or ".tmp-" in p.name) and now - p.stat().st_mtime > _STALE_TMP_S:
-                p.unlink()
-        except OSError:
-            pass
-    return removed
+    """Keep the most recently used entries within the bounds (engine/cache_entries.py)."""
+    return cache_entries.prune(directory, max_entries, max_bytes)
 
 
 def read_entry(directory: Path, key: dict) -> tuple[bytes | None, dict | None, str | None]:

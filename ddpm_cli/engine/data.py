@@ -1,8 +1,9 @@
 """Training data: the built-in `shapes` set, CIFAR-10 through torchvision, and any folder or .zip of images.
 
-Every source is decoded once into one uint8 tensor (N, C, H, W) with int64 labels, except a folder too large for
-memory, which is decoded batch by batch (engine/streaming.py); `Batcher` then draws shuffled batches from it (on
-the GPU when it fits), with a resumable position in a seeded epoch order."""
+Every source is decoded once into one uint8 tensor (N, C, H, W) with int64 labels (a folder's is kept for the next
+run on the same files: engine/data_cache.py), except a folder too large for memory, which is decoded batch by batch
+(engine/streaming.py); `Batcher` then draws shuffled batches from it (on the GPU when it fits), with a resumable
+position in a seeded epoch order."""
 from __future__ import annotations
 
 import os
@@ -16,6 +17,7 @@ import numpy as np
 import torch
 
 from ddpm_cli.config import DataConfig, ModelConfig
+from ddpm_cli.engine import data_cache
 from ddpm_cli.engine.decode import decode_image, stack
 from ddpm_cli.engine.streaming import StreamedImages, readable_entries, should_stream, stream_workers
 from ddpm_cli.errors import DataError
@@ -242,19 +244,33 @@ def load_folder(cfg: DataConfig, image_size: int | tuple[int, int], channels: in
         label_t = torch.tensor([labels[i] for i in keep] if labels else [0] * len(keep), dtype=torch.long)
         images = StreamedImages(files, keep, size, channels, stream_workers(cfg.stream_workers))
         return ImageSet(images, label_t, classes, warnings)
+    cache_key = data_cache.key(files, (height, width), channels) if data_cache.enabled() else None
+    if cache_key is not None:
+        hit, problem = data_cache.load(cache_key)
+        if hit is not None:
+            images, label_t, classes, unreadable = hit
+            return ImageSet(images, label_t, classes, warnings + unreadable)
+        if problem:
+            warnings.append(problem)
     blobs = [b for chunk in files.blobs(len(files)) for b in chunk]
     with ThreadPoolExecutor(max_workers=min(16, os.cpu_count() or 1)) as pool:
         arrays = [a for a, _ in pool.map(decode_image, blobs, [size] * len(blobs), [channels] * len(blobs),
                                          chunksize=256)]
     del blobs
     keep = [i for i, a in enumerate(arrays) if a is not None]
+    unreadable = []  # what decoding said: kept with the cache entry, said again when it is loaded
     if len(keep) < len(arrays):
         bad = [str(files.rel[i]) for i, a in enumerate(arrays) if a is None]
-        warnings.append(f"skipped {len(bad)} file(s) that are not readable images, e.g. {bad[0]}")
+        unreadable.append(f"skipped {len(bad)} file(s) that are not readable images, e.g. {bad[0]}")
+    warnings += unreadable
     if not keep:
         raise DataError(f"none of the {len(arrays)} image files in {files.root} could be decoded")
     images = torch.from_numpy(stack([arrays[i] for i in keep]))
     label_t = torch.tensor([labels[i] for i in keep] if labels else [0] * len(keep), dtype=torch.long)
+    if cache_key is not None:
+        problem = data_cache.save(cache_key, images, label_t, classes, unreadable)
+        if problem:
+            warnings.append(problem)
     return ImageSet(images, label_t, classes, warnings)
 
 

@@ -1,0 +1,80 @@
+"""A cache folder of entries, each `NAME.bin` (the bytes) with `NAME.json` (its description, whose mtime is its last
+use): listing, emptying and pruning to the most recently used. The compile cache (engine/compile_cache.py) and the
+decoded-data cache (engine/data_cache.py) keep their entries so; no torch import."""
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+STALE_TMP_S = 3600  # a temporary file this old is a crashed writer's, not one being written
+
+
+@dataclass
+class Entry:
+    name: str
+    meta: dict  # the JSON description
+    size: int  # bytes of NAME.bin
+    last_used: float  # the description's mtime: written when saved and on each load
+
+
+def list_entries(directory: Path) -> list[Entry]:
+    """The folder's complete entries (a description and its bytes), most recently used first; unreadable
+    descriptions are listed with an empty `meta`."""
+    found = []
+    for desc in directory.glob("*.json") if directory.is_dir() else []:
+        blob = desc.with_suffix(".bin")
+        try:
+            size, used = blob.stat().st_size, desc.stat().st_mtime
+        except OSError:
+            continue
+        try:
+            meta = json.loads(desc.read_text())
+        except (OSError, ValueError):
+            meta = {}
+        found.append(Entry(desc.stem, meta if isinstance(meta, dict) else {}, size, used))
+    return sorted(found, key=lambda e: e.last_used, reverse=True)
+
+
+def _our_files(directory: Path) -> list[Path]:
+    """Every file the cache writes: entries, their descriptions, and temporary files of atomic writes."""
+    if not directory.is_dir():
+        return []
+    return [p for p in directory.iterdir()
+            if p.is_file() and (p.suffix in (".bin", ".json") or ".bin.tmp-" in p.name or ".json.tmp-" in p.name)]
+
+
+def clear(directory: Path) -> tuple[int, int]:
+    """Delete every entry; returns (entries, bytes) removed. Files the cache did not write stay."""
+    entries, freed = 0, 0
+    for p in _our_files(directory):
+        try:
+            size = p.stat().st_size
+            p.unlink()
+        except OSError:
+            continue
+        entries += p.suffix == ".bin"
+        freed += size
+    return entries, freed
+
+
+def prune(directory: Path, max_entries: int, max_bytes: int) -> int:
+    """Keep the most recently used entries within `max_entries` and `max_bytes`; delete the rest, and bytes whose
+    description is missing or temporary files left by a crashed writer, once they are old. Returns entries removed."""
+    removed, total = 0, 0
+    for i, e in enumerate(list_entries(directory)):
+        total += e.size
+        if i >= max_entries or total > max_bytes:
+            for suffix in (".json", ".bin"):  # the description first: a reader never finds it without its bytes
+                (directory / f"{e.name}{suffix}").unlink(missing_ok=True)
+            removed += 1
+    now = time.time()
+    for p in _our_files(directory):
+        orphan = p.suffix == ".bin" and not p.with_suffix(".json").exists()
+        try:
+            if (orphan or ".tmp-" in p.name) and now - p.stat().st_mtime > STALE_TMP_S:
+                p.unlink()
+        except OSError:
+            pass
+    return removed

@@ -1,0 +1,135 @@
+"""The decoded-data cache (engine/data_cache.py): a folder or .zip decoded once at a size is loaded, not decoded, by
+the next run on the same files; a changed file, size or damaged entry decodes again; nothing it does stops a run;
+`ddpm cache` shows and clears it."""
+from __future__ import annotations
+
+import json
+import os
+import time
+import zipfile
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from conftest import ok
+from ddpm_cli.config import DataConfig, ModelConfig
+from ddpm_cli.engine import data, data_cache
+
+
+@pytest.fixture
+def cache(tmp_path, monkeypatch):
+    folder = tmp_path / "cache"
+    monkeypatch.setenv("DDPM_DATA_CACHE", "on")
+    monkeypatch.setenv("DDPM_DATA_CACHE_DIR", str(folder))
+    return folder
+
+
+def _images(root, n=12, bad=0):
+    """n PNGs of two classes (random pixels, so any decoding difference shows), and `bad` unreadable files."""
+    rng = np.random.default_rng(0)
+    for i in range(n):
+        path = root / ("cats" if i % 2 else "dogs") / f"{i:03d}.png"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(rng.integers(0, 255, (20, 24, 3), dtype=np.uint8)).save(path)
+    for i in range(bad):
+        (root / "cats" / f"broken{i}.png").write_bytes(b"not a png")
+    return root
+
+
+def _load(root, size=16):
+    return data.load_dataset(DataConfig(dataset="folder", root=str(root)), ModelConfig(image_size=size))
+
+
+def _no_decoding(monkeypatch):
+    def refuse(*a, **k):
+        raise AssertionError("decoded although the set is cached")
+
+    monkeypatch.setattr(data, "decode_image", refuse)
+
+
+def _same(a, b):
+    assert torch.equal(a.images, b.images) and torch.equal(a.labels, b.labels) and a.classes == b.classes
+
+
+def test_a_second_load_is_the_first_s_tensor_without_decoding(cache, tmp_path, monkeypatch):
+    root = _images(tmp_path / "imgs", bad=1)
+    first = _load(root)
+    assert first.images.shape == (12, 3, 16, 16) and first.classes == ["cats", "dogs"]
+    assert [e.name[:5] for e in data_cache.list_entries()] == ["data-"]
+    _no_decoding(monkeypatch)
+    second = _load(root)
+    _same(first, second)
+    assert second.warnings == first.warnings and "not readable" in second.warnings[0]  # said again from the entry
+
+
+def test_a_zip_is_cached_by_its_size_and_time(cache, tmp_path, monkeypatch):
+    root = _images(tmp_path / "imgs")
+    archive = tmp_path / "imgs.zip"
+    with zipfile.ZipFile(archive, "w") as zf:
+        for p in sorted(root.rglob("*.png")):
+            zf.write(p, p.relative_to(root).as_posix())
+    first = _load(archive)
+    real_decode = data.decode_image
+    _no_decoding(monkeypatch)
+    _same(first, _load(archive))
+    monkeypatch.setattr(data, "decode_image", real_decode)
+    os.utime(archive, ns=(time.time_ns(), time.time_ns() + 10**9))  # rewritten, say: decoded again
+    _same(first, _load(archive))
+    assert len(data_cache.list_entries()) == 2
+
+
+def test_a_changed_file_or_size_decodes_again(cache, tmp_path):
+    root = _images(tmp_path / "imgs")
+    first = _load(root)
+    Image.fromarray(np.zeros((20, 24, 3), dtype=np.uint8)).save(root / "dogs" / "000.png")  # new content
+    second = _load(root)
+    assert not torch.equal(first.images, second.images) and int(second.images[6].max()) == 0  # dogs/000, after cats
+    (root / "cats" / "001.png").unlink()  # a file gone
+    assert len(_load(root).images) == 11
+    assert _load(root, size=8).images.shape[-1] == 8  # another size is another entry
+    assert len(data_cache.list_entries()) == 4
+
+
+def test_a_damaged_entry_is_decoded_again_and_replaced(cache, tmp_path, monkeypatch):
+    root = _images(tmp_path / "imgs")
+    first = _load(root)
+    (entry,) = data_cache.list_entries()
+    blob = cache / f"{entry.name}.bin"
+    blob.write_bytes(blob.read_bytes()[:100])
+    again = _load(root)
+    _same(first, again)
+    assert len(again.warnings) == 1 and "is damaged" in again.warnings[0] and "decoding the images again" in \
+        again.warnings[0]
+    _no_decoding(monkeypatch)
+    assert _load(root).warnings == []  # replaced: a good entry again
+
+
+def test_off_too_large_or_unwritable_the_run_goes_on(cache, tmp_path, monkeypatch):
+    root = _images(tmp_path / "imgs")
+    monkeypatch.setenv("DDPM_DATA_CACHE", "off")
+    assert _load(root).warnings == [] and not cache.exists()
+    monkeypatch.setenv("DDPM_DATA_CACHE", "on")
+    monkeypatch.setattr(data_cache, "MAX_BYTES", 2 * 12 * 3 * 16 * 16)  # half of it is less than this set
+    assert _load(root).warnings == [] and data_cache.list_entries() == []
+    monkeypatch.undo()
+    blocked = tmp_path / "blocked"
+    blocked.write_text("a file where the cache folder would be")
+    monkeypatch.setenv("DDPM_DATA_CACHE", "on")
+    monkeypatch.setenv("DDPM_DATA_CACHE_DIR", str(blocked / "cache"))
+    ds = _load(root)
+    assert len(ds.images) == 12 and len(ds.warnings) == 1 and "could not keep the decoded images" in ds.warnings[0]
+
+
+def test_ddpm_cache_shows_and_clears_the_data_entries(cache, tmp_path):
+    _load(_images(tmp_path / "imgs"))
+    info = json.loads(ok("cache", "info", "--json").output)["data"]
+    assert info["path"] == str(cache) and info["enabled"] is True and info["bytes"] > 12 * 3 * 16 * 16
+    (row,) = info["entries"]
+    assert row["images"] == 12 and row["shape"] == [3, 16, 16] and row["source"] == str((tmp_path / "imgs").resolve())
+    text = ok("cache", "info").output
+    assert f"data cache: {cache}" in text and "12 images of 3x16x16" in text
+    out = ok("cache", "clear").output.splitlines()
+    assert out[1].startswith("removed 1 entry (") and str(cache) in out[1]
+    assert data_cache.list_entries() == []

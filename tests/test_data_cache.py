@@ -38,8 +38,9 @@ def _images(root, n=12, bad=0):
     return root
 
 
-def _load(root, size=16):
-    return data.load_dataset(DataConfig(dataset="folder", root=str(root)), ModelConfig(image_size=size))
+def _load(root, size=16, channels=3):
+    return data.load_dataset(DataConfig(dataset="folder", root=str(root)),
+                             ModelConfig(image_size=size, in_channels=channels))
 
 
 def _no_decoding(monkeypatch):
@@ -50,7 +51,9 @@ def _no_decoding(monkeypatch):
 
 
 def _same(a, b):
+    """The same set, laid out the same: training on it gives the same losses, bit for bit (test_streaming.py)."""
     assert torch.equal(a.images, b.images) and torch.equal(a.labels, b.labels) and a.classes == b.classes
+    assert a.images.stride() == b.images.stride(), (a.images.stride(), b.images.stride())
 
 
 def test_a_second_load_is_the_first_s_tensor_without_decoding(cache, tmp_path, monkeypatch):
@@ -64,7 +67,22 @@ def test_a_second_load_is_the_first_s_tensor_without_decoding(cache, tmp_path, m
     assert second.warnings == first.warnings and "not readable" in second.warnings[0]  # said again from the entry
 
 
-def test_a_zip_is_cached_by_its_size_and_time(cache, tmp_path, monkeypatch):
+@pytest.mark.parametrize("channels", [3, 1])
+def test_a_cached_set_trains_as_the_decoded_one(cache, tmp_path, channels):
+    """Same tensor and strides, so the same losses: a run's second start must not train differently."""
+    from conftest import tiny_config
+    from ddpm_cli.engine.train import train
+
+    root = _images(tmp_path / "imgs", n=40)
+    losses = []
+    for run in ("first", "cached"):
+        cfg = tiny_config(tmp_path / run, train__steps=6, logging__log_every=2, data__dataset="folder",
+                          data__root=str(root), model__in_channels=channels, model__conditional=False)
+        losses.append([r["loss"] for r in train(cfg).metrics if "loss" in r])
+    assert len(data_cache.list_entries()) == 1 and losses[0] == losses[1], losses
+
+
+def test_a_zip_is_cached_by_its_entries(cache, tmp_path, monkeypatch):
     root = _images(tmp_path / "imgs")
     archive = tmp_path / "imgs.zip"
     with zipfile.ZipFile(archive, "w") as zf:
@@ -75,21 +93,40 @@ def test_a_zip_is_cached_by_its_size_and_time(cache, tmp_path, monkeypatch):
     _no_decoding(monkeypatch)
     _same(first, _load(archive))
     monkeypatch.setattr(data, "decode_image", real_decode)
-    os.utime(archive, ns=(time.time_ns(), time.time_ns() + 10**9))  # rewritten, say: decoded again
+    os.utime(archive, ns=(time.time_ns(), time.time_ns() + 10**9))  # the same entries, touched: still a hit
     _same(first, _load(archive))
-    assert len(data_cache.list_entries()) == 2
+    assert len(data_cache.list_entries()) == 1
+    size, mtime = archive.stat().st_size, archive.stat().st_mtime_ns
+    with zipfile.ZipFile(archive, "w") as zf:  # other pixels in an archive of the same size and time
+        for p in sorted(root.rglob("*.png")):
+            zf.writestr(p.relative_to(root).as_posix(), _png(np.full((20, 24, 3), 7, dtype=np.uint8)))
+    os.utime(archive, ns=(mtime, mtime))
+    other = _load(archive)
+    assert int(other.images.max()) == 7 and len(data_cache.list_entries()) == 2, archive.stat().st_size == size
+
+
+def _png(pixels) -> bytes:
+    import io
+
+    out = io.BytesIO()
+    Image.fromarray(pixels).save(out, format="PNG")
+    return out.getvalue()
 
 
 def test_a_changed_file_or_size_decodes_again(cache, tmp_path):
     root = _images(tmp_path / "imgs")
     first = _load(root)
+    st = (root / "cats" / "003.png").stat()
+    (root / "cats" / "003.png").write_bytes(_png(np.full((20, 24, 3), 9, dtype=np.uint8)))
+    os.utime(root / "cats" / "003.png", ns=(st.st_atime_ns, st.st_mtime_ns))  # its time put back, as cp -p does
+    assert int(_load(root).images[1].max()) == 9  # cats/001, cats/003: the new pixels, not the cached ones
     Image.fromarray(np.zeros((20, 24, 3), dtype=np.uint8)).save(root / "dogs" / "000.png")  # new content
     second = _load(root)
     assert not torch.equal(first.images, second.images) and int(second.images[6].max()) == 0  # dogs/000, after cats
     (root / "cats" / "001.png").unlink()  # a file gone
     assert len(_load(root).images) == 11
     assert _load(root, size=8).images.shape[-1] == 8  # another size is another entry
-    assert len(data_cache.list_entries()) == 4
+    assert len(data_cache.list_entries()) == 5
 
 
 def test_a_damaged_entry_is_decoded_again_and_replaced(cache, tmp_path, monkeypatch):
@@ -104,6 +141,8 @@ def test_a_damaged_entry_is_decoded_again_and_replaced(cache, tmp_path, monkeypa
         again.warnings[0]
     _no_decoding(monkeypatch)
     assert _load(root).warnings == []  # replaced: a good entry again
+    monkeypatch.setattr(os, "utime", lambda *a, **k: (_ for _ in ()).throw(PermissionError(13, "read-only")))
+    _same(first, _load(root))  # a cache it cannot touch still serves
 
 
 def test_off_too_large_or_unwritable_the_run_goes_on(cache, tmp_path, monkeypatch):
@@ -120,6 +159,23 @@ def test_off_too_large_or_unwritable_the_run_goes_on(cache, tmp_path, monkeypatc
     monkeypatch.setenv("DDPM_DATA_CACHE_DIR", str(blocked / "cache"))
     ds = _load(root)
     assert len(ds.images) == 12 and len(ds.warnings) == 1 and "could not keep the decoded images" in ds.warnings[0]
+    from safetensors import SafetensorError
+
+    def full_disk(*a, **k):
+        raise SafetensorError("No space left on device (os error 28)")  # safetensors' own error, not an OSError
+
+    monkeypatch.setenv("DDPM_DATA_CACHE_DIR", str(tmp_path / "full"))
+    monkeypatch.setattr("safetensors.torch.save_file", full_disk)
+    ds = _load(root)
+    assert len(ds.images) == 12 and "No space left on device" in ds.warnings[0]
+    assert not [p for p in (tmp_path / "full").iterdir() if p.suffix != ".lock"]  # no temporary file left
+
+
+@pytest.mark.skipif(os.name != "posix", reason="a file name that is not UTF-8 needs a POSIX file system")
+def test_a_file_name_that_is_not_utf8_is_cached_too(cache, tmp_path):
+    root = _images(tmp_path / "imgs", n=3)
+    os.rename(root / "cats" / "001.png", os.path.join(os.fsencode(root / "cats"), b"\xff.png"))
+    assert len(_load(root).images) == 3 and len(data_cache.list_entries()) == 1
 
 
 def test_ddpm_cache_shows_and_clears_the_data_entries(cache, tmp_path):

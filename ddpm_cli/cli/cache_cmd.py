@@ -50,7 +50,7 @@ def describe_data() -> dict:
         size = key.get("size") if isinstance(key.get("size"), list) else []
         rows.append({"name": e.name, "bytes": e.size, "images": e.meta.get("count"),
                      "source": source.get("zip") or source.get("folder"),
-                     "shape": [key.get("channels"), *size], "created": e.meta.get("created"),
+                     "shape": e.meta.get("shape") or [key.get("channels"), *size], "created": e.meta.get("created"),
                      "last_used": time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(e.last_used))})
     return {"path": str(dc.cache_dir()), "enabled": dc.enabled(), "entries": rows,
             "bytes": sum(e.size for e in entries), "max_entries": dc.MAX_ENTRIES, "max_bytes": dc.MAX_BYTES}

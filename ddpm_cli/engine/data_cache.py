@@ -2,12 +2,14 @@
 later run on the same files at the same size loads it instead of decoding every image again (engine/data.py's
 load_folder; the streamed path, for sets too large for memory, never caches).
 
-An entry (engine/cache_entries.py) is `data-<hash>.bin`, safetensors with `images` (N, C, H, W) uint8 and `labels`
-int64, and `data-<hash>.json`, its key and what the decoding said (classes, skipped files). The key is what the
-decoded tensor depends on: the files (a .zip's path, size and modification time; a folder's paths, sizes and
-modification times, so an added, removed or rewritten image misses), the size and channels decoded to, and ddpm's
-version (its decoder). A damaged entry is decoded again and replaced, with a warning; nothing the cache does stops a
-run. No torch import at module level: `ddpm cache` lists it without."""
+An entry (engine/cache_entries.py) is `data-<hash>.bin`, safetensors with `images` (N, H, W, C) uint8, the memory
+of the decoded batch as engine/decode.py lays it out (so a loaded set has the first run's strides, and training
+on it the same losses, bit for bit), and `labels` int64; and `data-<hash>.json`, its key and what the decoding said
+(classes, skipped files). The key is what the decoded tensor depends on: the files (a .zip's entries by name, CRC
+and size; a folder's files by path, size, inode and modification and change times, the last of which no copy tool
+sets back), the size and channels decoded to, and the versions of ddpm and Pillow (the decoder). A damaged entry is
+decoded again and replaced, with a warning; nothing the cache does stops a run. No torch import at module level:
+`ddpm cache` lists it without."""
 from __future__ import annotations
 
 import hashlib
@@ -50,16 +52,26 @@ def enabled() -> bool:
 
 def key(files: ImageFiles, hw: tuple[int, int], channels: int) -> dict:
     """What the decoded tensor of `files` at `hw` and `channels` depends on (see the module's docstring)."""
+    import zipfile
+
+    import PIL
+
+    listing = hashlib.sha256()
     if files.is_zip:
-        st = files.root.stat()
-        source = {"zip": str(files.root.resolve()), "bytes": st.st_size, "mtime_ns": st.st_mtime_ns}
+        with zipfile.ZipFile(files.root) as zf:
+            for name in files.entries:
+                info = zf.getinfo(name)
+                listing.update(f"{name}\0{info.CRC}\0{info.file_size}\n".encode("utf-8", "surrogateescape"))
+        source = {"zip": str(files.root.resolve())}
     else:
-        listing = hashlib.sha256()
         for path, rel in zip(files.entries, files.rel):
             st = path.stat()
-            listing.update(f"{rel}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
-        source = {"folder": str(files.root.resolve()), "files": len(files), "listing": listing.hexdigest()}
-    return {"format": FORMAT, "ddpm": __version__, "source": source, "size": list(hw), "channels": channels}
+            listing.update(f"{rel}\0{st.st_size}\0{st.st_ino}\0{st.st_mtime_ns}\0{st.st_ctime_ns}\n"
+                           .encode("utf-8", "surrogateescape"))
+        source = {"folder": str(files.root.resolve())}
+    source.update(files=len(files), listing=listing.hexdigest())
+    return {"format": FORMAT, "ddpm": __version__, "pillow": PIL.__version__, "source": source, "size": list(hw),
+            "channels": channels}
 
 
 def entry_name(key: dict) -> str:
@@ -72,6 +84,8 @@ def load(key: dict, directory: Path | None = None) -> tuple[tuple | None, str | 
     import torch
     from safetensors import safe_open
 
+    from ddpm_cli.engine.decode import batch_view
+
     directory = directory or cache_dir()
     name = entry_name(key)
     desc, blob = directory / f"{name}.json", directory / f"{name}.bin"
@@ -82,17 +96,20 @@ def load(key: dict, directory: Path | None = None) -> tuple[tuple | None, str | 
         if not isinstance(meta, dict) or meta.get("key") != key:
             return None, None  # another version's entry, or a hash collision: a miss
         with safe_open(str(blob), framework="pt") as f:  # copied out of the file's mapping (it may be replaced)
-            images, labels = f.get_tensor("images").clone(), f.get_tensor("labels").clone()
-        h, w = key["size"]
-        count = meta["count"]
-        if (images.dtype != torch.uint8 or tuple(images.shape) != (count, key["channels"], h, w)
+            nhwc, labels = f.get_tensor("images").clone(), f.get_tensor("labels").clone()
+        count, shape = meta["count"], tuple(meta["shape"])  # (C, H, W) as decoded
+        if (nhwc.dtype != torch.uint8 or tuple(nhwc.shape) != (count, *shape[1:], shape[0])
                 or labels.dtype != torch.int64 or tuple(labels.shape) != (count,)):
-            raise ValueError(f"it holds {tuple(images.shape)} {images.dtype} images")
+            raise ValueError(f"it holds {tuple(nhwc.shape)} {nhwc.dtype} images")
+        images = torch.from_numpy(batch_view(nhwc.numpy()))  # decode.stack's layout, strides included
         classes, warned = list(meta["classes"]), list(meta["warnings"])
-        os.utime(desc)  # its last use, for pruning
     except Exception as e:  # noqa: BLE001 - safetensors raises its own errors for a damaged file
-        return None, f"data cache: {blob} is damaged ({str(e).splitlines()[0] if str(e) else type(e).__name__}); " \
-                     f"decoding the images again"
+        return None, f"data cache: the entry {name} in {directory} is damaged " \
+                     f"({str(e).splitlines()[0] if str(e) else type(e).__name__}); decoding the images again"
+    try:
+        os.utime(desc)  # its last use, for pruning (a read-only cache still serves)
+    except OSError:
+        pass
     return (images, labels, classes, warned), None
 
 
@@ -110,20 +127,22 @@ def save(key: dict, images: torch.Tensor, labels: torch.Tensor, classes: list[st
     tmp = directory / f".{name}.bin.tmp-{os.getpid()}"
     try:
         directory.mkdir(parents=True, exist_ok=True)
-        save_file({"images": images.contiguous(), "labels": labels.contiguous()}, str(tmp))  # no second copy
+        nhwc = images.permute(0, 2, 3, 1).contiguous()  # decode.stack's memory: no copy
+        save_file({"images": nhwc, "labels": labels.contiguous()}, str(tmp))
         os.replace(tmp, blob)
         fsync_dir(directory)
-        meta = {"format": FORMAT, "key": key, "count": len(images), "classes": classes, "warnings": warned,
-                "created": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+        meta = {"format": FORMAT, "key": key, "count": len(images), "shape": list(images.shape[1:]),
+                "classes": classes, "warnings": warned, "created": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
         atomic_write_bytes(directory / f"{name}.json", json.dumps(meta, indent=1).encode())
         cache_entries.prune(directory, MAX_ENTRIES, MAX_BYTES)
-    except OSError as e:
+    except Exception as e:  # noqa: BLE001 - OSError, or safetensors' own error for a full or read-only disk
         try:
             tmp.unlink(missing_ok=True)
         except OSError:  # its folder could not be made: there is no temporary file
             pass
-        return f"data cache: could not keep the decoded images in {directory} ({e.strerror or e}); the next run " \
-               f"decodes them again ({ENV_SWITCH}=off turns the cache off)"
+        why = getattr(e, "strerror", None) or (str(e).splitlines()[0] if str(e) else type(e).__name__)
+        return f"data cache: could not keep the decoded images in {directory} ({why}); the next run decodes " \
+               f"them again ({ENV_SWITCH}=off turns the cache off)"
     return None
 
 

@@ -8,8 +8,8 @@ import pytest
 import torch
 from PIL import Image
 
-from ddpm_cli.config import validate_config
-from ddpm_cli.engine.data import Batcher, load_dataset, make_shapes
+from ddpm_cli.config import DataConfig, validate_config
+from ddpm_cli.engine.data import Batcher, load_dataset, load_folder, make_shapes
 from ddpm_cli.errors import DataError
 
 
@@ -85,3 +85,48 @@ def test_batcher_covers_each_epoch_once_and_resumes_in_place():
     b2 = Batcher(ds, 8, seed=3, device=torch.device("cpu"), on_device=False, flip=False)
     b2.load_state_dict(state)
     assert torch.equal(b2.next()[0], nxt)
+
+
+@pytest.mark.parametrize("channels", [1, 2, 3, 4])
+def test_every_channel_count_decodes_to_that_many_channels_from_folders_and_cifar_tensors(tmp_path, channels):
+    """model.in_channels 2 (gray + alpha) and 4 (RGBA) used to decode to one channel, and the first step crashed
+    in the network's first convolution."""
+    from ddpm_cli.engine.data import _fit_tensor
+
+    folder = tmp_path / "imgs"
+    folder.mkdir()
+    rgba = np.random.default_rng(0).integers(0, 255, (8, 8, 4), dtype=np.uint8)
+    Image.fromarray(rgba, "RGBA").save(folder / "rgba.png")
+    Image.fromarray(rgba[:, :, :3], "RGB").save(folder / "rgb.png")
+    ds = load_folder(DataConfig(dataset="folder", root=str(folder)), (8, 8), channels)
+    assert ds.images.shape == (2, channels, 8, 8)
+    rgb_img, rgba_img = ds.images[0], ds.images[1]  # sorted by name: rgb.png, rgba.png
+    if channels in (2, 4):
+        assert torch.equal(rgba_img[-1], torch.from_numpy(rgba[:, :, 3]))  # alpha kept
+        assert bool((rgb_img[-1] == 255).all())  # none: an opaque one
+    if channels == 4:
+        assert torch.equal(rgba_img[:3], torch.from_numpy(rgba[:, :, :3]).permute(2, 0, 1))
+    cifar = torch.from_numpy(rgba[:, :, :3]).permute(2, 0, 1)[None]  # as read_cifar10 gives them
+    fitted = _fit_tensor(cifar, 8, channels)
+    assert fitted.shape == (1, channels, 8, 8)
+    assert torch.equal(fitted[0, :channels - (channels in (2, 4))], ds.images[0, :channels - (channels in (2, 4))])
+
+
+@pytest.mark.parametrize("channels, mode", [(4, "RGBA"), (2, "LA")])
+def test_a_folder_with_alpha_trains_and_samples_images_with_alpha(tmp_path, channels, mode):
+    from conftest import ok, tiny_overrides, write_yaml
+
+    folder = tmp_path / "imgs"
+    folder.mkdir()
+    rng = np.random.default_rng(0)
+    for i in range(8):
+        Image.fromarray(rng.integers(0, 255, (16, 16, 4), dtype=np.uint8), "RGBA").save(folder / f"{i}.png")
+    cfg = write_yaml(tmp_path / "c.yaml", tiny_overrides(tmp_path / "runs", model__in_channels=channels,
+                                                         data__dataset="folder", data__root=str(folder),
+                                                         train__steps=2, train__batch_size=4,
+                                                         logging__sample_every=2, logging__checkpoint_every=2))
+    ok("train", "--config", cfg)
+    run = tmp_path / "runs" / "tiny"
+    assert Image.open(run / "samples" / "step_00000002.png").mode == mode
+    ok("sample", run, "-n", 2, "--steps", 2, "--out", tmp_path / "s")
+    assert {Image.open(p).mode for p in (tmp_path / "s").glob("*.png")} == {mode}

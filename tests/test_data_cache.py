@@ -129,6 +129,21 @@ def test_a_changed_file_or_size_decodes_again(cache, tmp_path):
     assert len(data_cache.list_entries()) == 5
 
 
+def test_a_changed_decoder_decodes_again(cache, tmp_path, monkeypatch):
+    """A fix to engine/decode.py (4-channel sets once decoded to one channel) must not be hidden by entries the old
+    decoder wrote, though ddpm's version is the same."""
+    root = _images(tmp_path / "imgs")
+    _load(root)
+    edited = tmp_path / "decode.py"
+    edited.write_bytes(data_cache.DECODER.read_bytes() + b"\n# fixed\n")
+    monkeypatch.setattr(data_cache, "DECODER", edited)
+    calls = []
+    real = data.decode_image
+    monkeypatch.setattr(data, "decode_image", lambda *a, **k: calls.append(1) or real(*a, **k))
+    _load(root)
+    assert calls and len(data_cache.list_entries()) == 2
+
+
 def test_a_damaged_entry_is_decoded_again_and_replaced(cache, tmp_path, monkeypatch):
     root = _images(tmp_path / "imgs")
     first = _load(root)

@@ -162,6 +162,18 @@ def test_streaming_statistics_equal_numpy(inception):
     np.testing.assert_allclose(sigma, np.cov(x.astype(np.float64), rowvar=False), rtol=1e-9, atol=1e-12)
 
 
+def test_inception_sees_rgb_for_every_channel_count():
+    rgb = torch.randint(0, 256, (2, 3, 4, 4), dtype=torch.uint8)
+    gray = rgb[:, :1]
+    alpha = torch.full_like(gray, 7)
+    assert torch.equal(ev_inception.as_rgb_uint8(rgb), rgb)
+    assert torch.equal(ev_inception.as_rgb_uint8(torch.cat([rgb, alpha], 1)), rgb)
+    for images in (gray, torch.cat([gray, alpha], 1)):
+        assert torch.equal(ev_inception.as_rgb_uint8(images), gray.expand(-1, 3, -1, -1))
+    with pytest.raises(Exception, match="5 channels"):
+        ev_inception.as_rgb_uint8(torch.zeros(1, 5, 4, 4, dtype=torch.uint8))
+
+
 def test_balanced_labels_cover_the_classes_evenly():
     from ddpm_cli.engine.draw import balanced_labels
 

@@ -37,7 +37,8 @@ class ModelConfig(Section):
     center-cropped to its shape and resized to it. Each side must halve once per channel_mults level after the
     first."""
     in_channels: int = Field(3, ge=1, le=4)
-    """Image channels: 3 for RGB, 1 for grayscale."""
+    """Image channels: 3 for RGB, 1 for grayscale, 4 for RGBA, 2 for grayscale with alpha (images are converted
+    to it; an image without alpha gets an opaque one)."""
     base_channels: int = Field(128, ge=1)
     """Channels of the first resolution level; the paper's CIFAR-10 model uses 128."""
     channel_mults: tuple[int, ...] = Field((1, 2, 2, 2), min_length=1, max_length=8)

@@ -145,9 +145,11 @@ def _hw(image_size: int | tuple[int, int]) -> tuple[int, int]:
 def _fit_tensor(images: torch.Tensor, image_size: int | tuple[int, int], channels: int) -> torch.Tensor:
     """uint8 (N, C, H, W) -> (N, channels, height, width): center-cropped to the target's shape (as the folder
     loader's ImageOps.fit does), then resized."""
-    if channels == 1 and images.shape[1] == 3:
+    if channels in (1, 2) and images.shape[1] == 3:  # gray as PIL's "L" weighs it
         w = torch.tensor([0.299, 0.587, 0.114]).view(1, 3, 1, 1)
         images = (images.float() * w).sum(1, keepdim=True).round().clamp(0, 255).to(torch.uint8)
+    if channels in (2, 4) and images.shape[1] == channels - 1:  # an opaque alpha channel, as PIL's convert adds
+        images = torch.cat([images, torch.full_like(images[:, :1], 255)], 1)
     height, width = _hw(image_size)
     H, W = images.shape[-2:]
     if H * width != W * height:  # another shape: keep the largest centred part of the target's shape

@@ -7,9 +7,10 @@ of the decoded batch as engine/decode.py lays it out (so a loaded set has the fi
 on it the same losses, bit for bit), and `labels` int64; and `data-<hash>.json`, its key and what the decoding said
 (classes, skipped files). The key is what the decoded tensor depends on: the files (a .zip's entries by name, CRC
 and size; a folder's files by path, size, inode and modification and change times, the last of which no copy tool
-sets back), the size and channels decoded to, and the versions of ddpm and Pillow (the decoder). A damaged entry is
-decoded again and replaced, with a warning; nothing the cache does stops a run. No torch import at module level:
-`ddpm cache` lists it without."""
+sets back), the size and channels decoded to, the decoder (engine/decode.py's source: a fix to it reaches cached
+sets without a version bump) and the versions of ddpm and Pillow. A damaged entry is decoded again and replaced,
+with a warning; nothing the cache does stops a run. No torch import at module level: `ddpm cache` lists it
+without."""
 from __future__ import annotations
 
 import hashlib
@@ -30,6 +31,7 @@ if TYPE_CHECKING:
     from ddpm_cli.engine.data import ImageFiles
 
 FORMAT = 1
+DECODER = Path(__file__).with_name("decode.py")  # its source is part of the key
 # Kept: the most recently used entries, at most this many and this many bytes together; a set over half of it is
 # not kept (CIFAR-10 at 32 px is 154 MB; 10,000 images at 256 px, 2 GB).
 MAX_ENTRIES = 16
@@ -70,8 +72,9 @@ def key(files: ImageFiles, hw: tuple[int, int], channels: int) -> dict:
                            .encode("utf-8", "surrogateescape"))
         source = {"folder": str(files.root.resolve())}
     source.update(files=len(files), listing=listing.hexdigest())
-    return {"format": FORMAT, "ddpm": __version__, "pillow": PIL.__version__, "source": source, "size": list(hw),
-            "channels": channels}
+    decoder = hashlib.sha256(DECODER.read_bytes()).hexdigest()[:16]
+    return {"format": FORMAT, "ddpm": __version__, "decoder": decoder, "pillow": PIL.__version__, "source": source,
+            "size": list(hw), "channels": channels}
 
 
 def entry_name(key: dict) -> str:

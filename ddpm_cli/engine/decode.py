@@ -8,17 +8,20 @@ import zipfile
 
 import numpy as np
 
+# PIL's mode for each channel count the network can take (model.in_channels): gray, gray + alpha, RGB, RGBA.
+MODES = {1: "L", 2: "LA", 3: "RGB", 4: "RGBA"}
+
 
 def decode_image(blob: bytes, size: tuple[int, int] | None = None,
                  channels: int = 3) -> tuple[np.ndarray | None, bool]:
-    """An image file -> (uint8 (C, H, W), whether it was resized): converted to RGB (or L for one channel) and
+    """An image file -> (uint8 (C, H, W), whether it was resized): converted to `channels` (MODES) and
     center-cropped and resized to `size` (W, H) when its own size differs. (None, False) for a file that is not
     a readable image."""
     from PIL import Image, ImageOps
 
     try:
         with Image.open(io.BytesIO(blob)) as im:
-            im = im.convert("RGB" if channels == 3 else "L")
+            im = im.convert(MODES[channels])
             resized = size is not None and im.size != tuple(size)
             if resized:
                 im = ImageOps.fit(im, tuple(size), method=Image.Resampling.BICUBIC)

@@ -57,18 +57,19 @@ def _exact_fp32(device: torch.device):
 
 
 def as_rgb_uint8(images: torch.Tensor) -> torch.Tensor:
-    """(B, C, H, W) uint8 with C in 1, 3, 4 -> (B, 3, H, W): grayscale repeated, alpha dropped."""
+    """(B, C, H, W) uint8 with C in 1..4 (model.in_channels) -> (B, 3, H, W): alpha dropped, grayscale
+    repeated."""
     if not torch.is_tensor(images) or images.dtype != torch.uint8 or images.dim() != 4:
         got = f"{images.dtype} {tuple(images.shape)}" if torch.is_tensor(images) else type(images).__name__
         raise DataError(f"expected uint8 image batches (B, C, H, W), got {got}")
     c = images.shape[1]
+    if c in (2, 4):
+        images, c = images[:, :c - 1], c - 1
     if c == 3:
         return images
     if c == 1:
         return images.expand(-1, 3, -1, -1)
-    if c == 4:
-        return images[:, :3]
-    raise DataError(f"images have {c} channels; FID needs 1 (grayscale), 3 (RGB) or 4 (RGBA)")
+    raise DataError(f"images have {c} channels; FID needs 1 to 4 (gray, gray + alpha, RGB, RGBA)")
 
 
 class Inception:

@@ -175,6 +175,20 @@ def test_a_damaged_or_foreign_entry_is_ignored_with_one_warning_and_replaced(fol
     assert len(fake_torch.loaded) == 0  # none of them reached torch
 
 
+def test_under_torchrun_only_rank_0_saves_and_warns_for_the_sampler(folder, fake_torch, monkeypatch, recwarn):
+    key = sampler().key
+    (folder / f"{cc.entry_name(key)}.bin").write_bytes(b"damaged")
+    monkeypatch.setenv("RANK", "1")
+    cc._IN_PROCESS.clear()
+    c = cc.for_sampling(lambda x, t, y: x, perturbed_unet(), "default", {}, CPU, False)
+    with torch.no_grad():
+        c(torch.zeros(2, 3, 8, 8), torch.zeros(2, dtype=torch.long), None)
+    assert c.state == "miss" and not recwarn.list  # rank 0 says it, once for all ranks
+    assert fake_torch.saves == 1  # rank 0's first run's; none by this rank
+    monkeypatch.setenv("RANK", "0")
+    assert len(sampler().warnings) == 1
+
+
 def test_bytes_torch_cannot_load_are_one_warning_without_a_traceback(folder, capfd):
     """The real torch.compiler.load_cache_artifacts, given bytes that pass our checksum but are not its format."""
     c = CompileCache(lambda x: x + 1, {"kind": "sample"}, CPU, save=False, directory=folder)

@@ -186,6 +186,16 @@ def test_off_too_large_or_unwritable_the_run_goes_on(cache, tmp_path, monkeypatc
     assert not [p for p in (tmp_path / "full").iterdir() if p.suffix != ".lock"]  # no temporary file left
 
 
+def test_under_torchrun_a_host_s_first_process_keeps_the_set(cache, tmp_path, monkeypatch):
+    """Every process decodes the set; one writing it is enough (8 ranks wrote 8 copies of CIFAR-10 at once)."""
+    root = _images(tmp_path / "imgs")
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    assert len(_load(root).images) == 12 and data_cache.list_entries() == []
+    monkeypatch.setenv("LOCAL_RANK", "0")
+    _load(root)
+    assert len(data_cache.list_entries()) == 1
+
+
 @pytest.mark.skipif(os.name != "posix", reason="a file name that is not UTF-8 needs a POSIX file system")
 def test_a_file_name_that_is_not_utf8_is_cached_too(cache, tmp_path):
     root = _images(tmp_path / "imgs", n=3)

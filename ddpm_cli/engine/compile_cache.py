@@ -340,7 +340,8 @@ def for_training(trainer, mode: str) -> CompileCache:
 def for_sampling(net: Callable, model, mode: str, options: dict, device, channels_last: bool) -> CompileCache:
     """The sampler network's cache: wraps the compiled `net` of `model`, keyed by the network (its switches
     included), the first batch's shapes and autocast, the mode and options; saved right after that first call.
-    Under torchrun only rank 0 saves (every rank compiles the same graphs)."""
+    Under torchrun only rank 0 saves and warns (every rank compiles the same graphs, and reads the same entry)."""
     static = {"kind": "sample", "mode": mode, "options": options, "channels_last": channels_last}
-    return CompileCache(net, static, device, module=model, save=int(os.environ.get("RANK", "0")) == 0,
-                        save_after_first_call=True)
+    main = int(os.environ.get("RANK", "0")) == 0
+    return CompileCache(net, static, device, module=model, save=main, save_after_first_call=True,
+                        on_warning=None if main else lambda text: None)

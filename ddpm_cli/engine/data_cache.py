@@ -119,10 +119,11 @@ def load(key: dict, directory: Path | None = None) -> tuple[tuple | None, str | 
 def save(key: dict, images: torch.Tensor, labels: torch.Tensor, classes: list[str], warned: list[str],
          directory: Path | None = None) -> str | None:
     """Keep a decoded set under `key` (then prune to the bounds); returns a warning when it could not, else None.
-    A set over half of MAX_BYTES is not kept."""
+    A set over half of MAX_BYTES is not kept. Under torchrun a host's first process keeps it (every process
+    decodes the same set)."""
     from safetensors.torch import save_file
 
-    if images.numel() + 8 * labels.numel() > MAX_BYTES // 2:
+    if images.numel() + 8 * labels.numel() > MAX_BYTES // 2 or int(os.environ.get("LOCAL_RANK", "0")) != 0:
         return None
     directory = directory or cache_dir()
     name = entry_name(key)

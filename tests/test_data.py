@@ -130,3 +130,28 @@ def test_a_folder_with_alpha_trains_and_samples_images_with_alpha(tmp_path, chan
     assert Image.open(run / "samples" / "step_00000002.png").mode == mode
     ok("sample", run, "-n", 2, "--steps", 2, "--out", tmp_path / "s")
     assert {Image.open(p).mode for p in (tmp_path / "s").glob("*.png")} == {mode}
+
+
+def test_sixteen_bit_gray_and_exif_orientation_decode_as_they_look():
+    """convert() clipped 16-bit gray to white (mid-gray 32768 -> 255), and a photo stored sideways with an EXIF
+    orientation came out sideways: torchvision's ImageFolder loader does both."""
+    import io
+
+    from ddpm_cli.engine.decode import decode_image
+
+    def png(im, fmt="PNG", **kw) -> bytes:
+        out = io.BytesIO()
+        im.save(out, fmt, **kw)
+        return out.getvalue()
+
+    ramp = np.linspace(0, 65535, 64).astype(np.uint16).reshape(8, 8)
+    for channels in (1, 3):
+        arr, _ = decode_image(png(Image.fromarray(ramp)), None, channels)
+        assert arr.shape == (channels, 8, 8) and np.array_equal(arr[0], (ramp >> 8).astype(np.uint8))
+    left_white = np.zeros((4, 8, 3), np.uint8)
+    left_white[:, :4] = 255  # a wide image, white on the left
+    exif = Image.new("RGB", (1, 1)).getexif()
+    exif[0x0112] = 6  # "rotate 90 clockwise to view"
+    arr, _ = decode_image(png(Image.fromarray(left_white), "JPEG", exif=exif, quality=95), None, 3)
+    assert arr.shape == (3, 8, 4)  # tall, as a viewer shows it
+    assert arr[:, :3].mean() > 200 and arr[:, 5:].mean() < 50  # white on top

@@ -294,6 +294,16 @@ def test_reference_statistics_are_cached_and_invalidated(clean, inception, tmp_p
     assert third.phases == [("reference", 7)] and len(list(cache.glob("*.npz"))) == 2
 
 
+def test_reference_statistics_of_files_follow_the_decoder(clean, inception, tmp_path, monkeypatch):
+    """A fix to how images decode (16-bit gray once read as white) must not be hidden by statistics of the old
+    decoding."""
+    folder = write_folder(clean[:4], tmp_path / "ref", classes=1)
+    ev_reference.reference_stats(str(folder), inception, cache_dir=tmp_path / "cache")
+    monkeypatch.setattr(ev_sources, "fingerprint", lambda: "another decoder")
+    ev_reference.reference_stats(str(folder), inception, cache_dir=tmp_path / "cache")
+    assert len(list((tmp_path / "cache").glob("*.npz"))) == 2
+
+
 # ----------------------------------------------------------------------------------------------------------
 # The command
 

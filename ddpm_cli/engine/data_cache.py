@@ -31,7 +31,6 @@ if TYPE_CHECKING:
     from ddpm_cli.engine.data import ImageFiles
 
 FORMAT = 1
-DECODER = Path(__file__).with_name("decode.py")  # its source is part of the key
 # Kept: the most recently used entries, at most this many and this many bytes together; a set over half of it is
 # not kept (CIFAR-10 at 32 px is 154 MB; 10,000 images at 256 px, 2 GB).
 MAX_ENTRIES = 16
@@ -58,6 +57,8 @@ def key(files: ImageFiles, hw: tuple[int, int], channels: int) -> dict:
 
     import PIL
 
+    from ddpm_cli.engine import decode
+
     listing = hashlib.sha256()
     if files.is_zip:
         with zipfile.ZipFile(files.root) as zf:
@@ -72,9 +73,8 @@ def key(files: ImageFiles, hw: tuple[int, int], channels: int) -> dict:
                            .encode("utf-8", "surrogateescape"))
         source = {"folder": str(files.root.resolve())}
     source.update(files=len(files), listing=listing.hexdigest())
-    decoder = hashlib.sha256(DECODER.read_bytes()).hexdigest()[:16]
-    return {"format": FORMAT, "ddpm": __version__, "decoder": decoder, "pillow": PIL.__version__, "source": source,
-            "size": list(hw), "channels": channels}
+    return {"format": FORMAT, "ddpm": __version__, "decoder": decode.fingerprint(), "pillow": PIL.__version__,
+            "source": source, "size": list(hw), "channels": channels}
 
 
 def entry_name(key: dict) -> str:

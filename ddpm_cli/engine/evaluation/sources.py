@@ -16,7 +16,7 @@ import numpy as np
 import torch
 
 from ddpm_cli.engine.data import ImageFiles, read_cifar10
-from ddpm_cli.engine.decode import decode_image
+from ddpm_cli.engine.decode import decode_image, fingerprint
 from ddpm_cli.engine.evaluation.inception import short_reason
 from ddpm_cli.engine.evaluation.stats import FeatureStats, is_stats, load_stats, open_npz
 from ddpm_cli.errors import DataError
@@ -83,7 +83,8 @@ def files_source(path: str | Path) -> ImageSource:
     if root.is_file() and not zipfile.is_zipfile(root):
         raise DataError(f"{root} is neither a folder nor a .zip of images")
     files = ImageFiles(root)
-    src = ImageSource(str(root), len(files), lambda bs: iter(()), {"kind": "files", "path": _signature(root)})
+    src = ImageSource(str(root), len(files), lambda bs: iter(()),
+                      {"kind": "files", "path": _signature(root), "decoder": fingerprint()})
 
     def batches(bs: int) -> Iterator[torch.Tensor]:
         size: tuple[int, int] | None = None  # (W, H) of the first readable image; the others are fitted to it
@@ -169,7 +170,7 @@ def config_source(path: str | Path) -> ImageSource:
     if cfg.data.dataset == "folder":
         if not root.exists():
             raise DataError(f"{path}: data.root {root} does not exist; point it at a folder or .zip of images")
-        key["path"] = _signature(root)
+        key["path"], key["decoder"] = _signature(root), fingerprint()
     elif cfg.data.dataset == "cifar10":
         key["path"] = _signature(root / "cifar-10-batches-py") if (root / "cifar-10-batches-py").exists() else None
     src = ImageSource(f"{path} ({cfg.data.dataset} data)", 0, lambda bs: iter(()), key)

@@ -54,7 +54,7 @@ def test_min_snr_weights_each_sample_by_min_snr_gamma_over_snr(loss):
 
 @pytest.mark.parametrize("sampler,steps", [("ddpm", None), ("ddim", None), ("ddim", 7), ("ddim", 5000),
                                            ("dpm++2m", None), ("dpm++2m", 50), ("dpm++2m", 100), ("dpm++3m", None),
-                                           ("dpm++3m", 100)])
+                                           ("dpm++3m", 100), ("unipc", None), ("unipc", 5)])
 def test_the_spec_s_evaluation_count_is_the_calls_its_sampler_makes(sampler, steps):
     from ddpm_cli.diffusion.sampler_spec import SamplerSpec
     from ddpm_cli.diffusion.samplers import sample
@@ -131,6 +131,61 @@ def test_each_deterministic_sampler_converges_at_its_order(spread):
     assert e["dpm++3m", 40] < 0.2 * e["dpm++2m", 40], e
 
 
+def test_unipc_s_corrector_raises_dpm_solver_s_order_at_no_extra_evaluation():
+    """UniPC's predictor is the DPM-Solver++(2M) step; its corrector, fitted through the output the next step
+    needs anyway, makes it third order: doubling 20 steps to 40 divides its error by about 8 (2M's by about 4),
+    and at 40 steps it is well below 2M's, for the same number of network calls."""
+    from ddpm_cli.diffusion.sampler_spec import SamplerSpec
+    from ddpm_cli.diffusion.samplers import sample
+
+    d, model, x_T, exact = _gaussian_problem(0.2)
+    calls = []
+
+    def counted(x, t, y):
+        calls.append(1)
+        return model(x, t, y)
+
+    def error(sampler: str, steps: int) -> float:
+        calls.clear()
+        out = sample(counted, d, x_T.clone(), spec=SamplerSpec(sampler, steps, spacing="logsnr"))
+        assert len(calls) == SamplerSpec(sampler, steps, spacing="logsnr").evaluations(d.alpha_bar)
+        return float((out.double() - exact).pow(2).mean().sqrt())
+
+    e = {(s, n): error(s, n) for s in ("dpm++2m", "unipc") for n in (20, 40)}
+    assert e["unipc", 20] / e["unipc", 40] > 5 > e["dpm++2m", 20] / e["dpm++2m", 40], e
+    assert e["unipc", 40] < 0.5 * e["dpm++2m", 40], e
+
+
+def test_unipc_on_a_mixture_beats_dpm_solver_at_the_same_calls():
+    """On a mixture of Gaussians (the exact denoiser is a softmax over modes, so the ODE bends as real data's does)
+    UniPC lands closer to the ODE's exact end (DPM-Solver++(3M) over every timestep) than DPM-Solver++(2M) at 8
+    to 20 calls: the median image's error, which the few images that a coarse step sends to another mode do not
+    swamp (at 5 calls the two are even)."""
+    from ddpm_cli.diffusion.sampler_spec import SamplerSpec
+    from ddpm_cli.diffusion.samplers import sample
+
+    d = build_diffusion(DiffusionConfig(schedule="linear", num_timesteps=1000))
+    ab = d.alpha_bar.double()
+    means = torch.rand(16, 48, dtype=torch.float64, generator=torch.Generator().manual_seed(0)) * 1.4 - 0.7
+    tau = 0.08
+
+    def model(x, t, y):
+        flat = x.double().reshape(x.shape[0], -1)
+        a, s = ab[t].sqrt().view(-1, 1, 1), (1 - ab[t]).sqrt().view(-1, 1, 1)
+        var = a**2 * tau**2 + s**2
+        offset = flat[:, None] - a * means[None]  # (B, K, D)
+        w = torch.softmax(-offset.pow(2).sum(-1, keepdim=True) / (2 * var), dim=1)
+        x0 = (w * (means[None] + a * tau**2 / var * offset)).sum(1)
+        return ((flat - a[:, 0] * x0) / s[:, 0]).float().reshape(x.shape)
+
+    x_T = torch.randn(256, 3, 4, 4, generator=torch.Generator().manual_seed(1))
+    exact = sample(model, d, x_T.clone(), spec=SamplerSpec("dpm++3m", 1000, spacing="uniform")).double()
+    for steps in (8, 10, 20):
+        err = {s: float((sample(model, d, x_T.clone(), spec=SamplerSpec(s, steps)).double() - exact).pow(2)
+                        .flatten(1).mean(1).sqrt().median()) for s in ("dpm++2m", "unipc")}
+        assert err["unipc"] < 0.85 * err["dpm++2m"], (steps, err)
+
+
 def _v_network(d, eps_model):
     """The v-predicting network equivalent to `eps_model`: v = (eps - sigma_t x_t) / alpha_t."""
     ab = d.alpha_bar.double()
@@ -164,7 +219,7 @@ def test_v_prediction_trains_on_v_and_min_snr_keeps_the_epsilon_objective(loss):
     assert not torch.allclose(uniform_v, uniform_eps)
 
 
-@pytest.mark.parametrize("sampler", ["ddpm", "ddim", "dpm++2m", "dpm++3m"])
+@pytest.mark.parametrize("sampler", ["ddpm", "ddim", "dpm++2m", "dpm++3m", "unipc"])
 def test_every_sampler_draws_the_same_images_from_a_v_network_as_from_its_epsilon_twin(sampler):
     from ddpm_cli.diffusion.sampler_spec import SamplerSpec
     from ddpm_cli.diffusion.samplers import sample

@@ -234,7 +234,9 @@ def test_early_stopping_on_cuda(tmp_path):
     ["-n", "12", "--class", "3"],  # the stored guide's autoguidance with DPM-Solver++(2M), the default here
     ["--sampler", "dpm++2m", "--steps", "8", "--spacing", "logsnr", "-n", "24", "--compile", "on", "--no-ema"],
     ["--sampler", "dpm++3m", "--steps", "12", "-n", "10"],  # third order, autoguided by the stored guide
-], ids=["ddpm-per-class", "ddim-cfg-ema-decay", "stored-guide-class", "dpm-compiled-raw", "dpm3m-guided"])
+    ["--sampler", "unipc", "--steps", "8", "-n", "10", "--compile", "on"],  # predictor-corrector, compiled
+], ids=["ddpm-per-class", "ddim-cfg-ema-decay", "stored-guide-class", "dpm-compiled-raw", "dpm3m-guided",
+        "unipc-compiled-guided"])
 def test_sample(cuda_run, tmp_path, args):
     out = tmp_path / "out"
     r = ddpm("sample", cuda_run, *args, "--out", out, "--grid", tmp_path / "grid.png", "--seed", "1")

@@ -22,14 +22,14 @@ def _declaration(
     sampler: Annotated[Optional[Sampler], typer.Option(
         "--sampler", show_default=False,
         help="ddpm: ancestral over all T steps; ddim: few steps, --eta; dpm++2m / dpm++3m: DPM-Solver++ of second "
-             "or third order (multistep). Default: ddim, or dpm++2m when autoguided by the checkpoint's stored "
-             "guide (train.guide_step).")] = None,
+             "or third order (multistep); unipc: dpm++2m's step and a corrector at no extra cost, for 5-10 steps. "
+             "Default: ddim, or dpm++2m when autoguided by the checkpoint's stored guide (train.guide_step).")] = None,
     steps: Annotated[Optional[int], typer.Option(
-        "--steps", show_default=False, help="Sampler steps (default: ddim 100, dpm++ 20; ddpm always T).")] = None,
+        "--steps", show_default=False, help="Sampler steps (default: ddim 100, dpm++ and unipc 20; ddpm always T).")] = None,
     eta: Annotated[float, typer.Option("--eta", help="DDIM noise: 0 deterministic, 1 like DDPM.")] = 0.0,
     spacing: Annotated[Optional[Spacing], typer.Option(
         "--spacing", show_default=False,
-        help="Timestep spacing of few-step samplers (default: ddim uniform, dpm++ logsnr).")] = None,
+        help="Timestep spacing of few-step samplers (default: ddim uniform, dpm++ and unipc logsnr).")] = None,
     variance: Annotated[Optional[Variance], typer.Option(
         "--variance", show_default=False,
         help="ddpm sampler's sigma^2: beta or posterior (default: the checkpoint's).")] = None,

@@ -9,11 +9,11 @@ from typing import Any
 
 from ddpm_cli.errors import UsageError
 
-SAMPLERS = ("ddpm", "ddim", "dpm++2m", "dpm++3m")
+SAMPLERS = ("ddpm", "ddim", "dpm++2m", "dpm++3m", "unipc")
 SPACINGS = ("uniform", "quadratic", "logsnr")
 VARIANCES = ("beta", "posterior")  # the ddpm sampler's sigma^2: beta_t, or the posterior's beta-tilde_t
 # Steps and spacing of the few-step samplers when not given (ddpm always takes all T steps).
-DEFAULTS = {"ddim": (100, "uniform"), "dpm++2m": (20, "logsnr"), "dpm++3m": (20, "logsnr")}
+DEFAULTS = {"ddim": (100, "uniform"), "dpm++2m": (20, "logsnr"), "dpm++3m": (20, "logsnr"), "unipc": (20, "logsnr")}
 
 
 @dataclass(frozen=True)
@@ -21,7 +21,7 @@ class SamplerSpec:
     """How to sample. None means "the default": the checkpoint's guidance policy picks the sampler, the sampler
     its steps and spacing (DEFAULTS), the checkpoint its variance. Invalid values raise UsageError (exit 2)."""
 
-    sampler: str | None = None  # ddpm, ddim, dpm++2m or dpm++3m
+    sampler: str | None = None  # ddpm, ddim, dpm++2m, dpm++3m or unipc
     steps: int | None = None  # network steps of ddim and the dpm++ samplers (ddpm: always T)
     eta: float = 0.0  # DDIM noise: 0 deterministic, 1 like DDPM
     spacing: str | None = None  # timestep spacing of ddim and the dpm++ samplers

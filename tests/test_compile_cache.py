@@ -243,7 +243,8 @@ def test_pruning_keeps_the_most_recently_used_entries_within_the_bounds(folder):
     for i in range(5):
         write_entry(folder, {"kind": "sample", "i": i}, bytes(100 * (i + 1)), {})
         os.utime(folder / f"{cc.entry_name({'kind': 'sample', 'i': i})}.json", (now - 100 + i, now - 100 + i))
-    stale, fresh, orphan = folder / ".x.bin.tmp-1", folder / ".y.bin.tmp-2", folder / "sample-orphan.bin"
+    stale, fresh = folder / f".sample-{'a' * 24}.bin.tmp-1", folder / f".sample-{'b' * 24}.bin.tmp-2"
+    orphan = folder / f"sample-{'c' * 24}.bin"
     for p in (stale, fresh, orphan):
         p.write_bytes(b"?")
     for p in (stale, orphan):
@@ -275,6 +276,11 @@ def test_ddpm_cache_info_and_clear(folder, monkeypatch):
         write_entry(folder, {"kind": "train", "i": i, "env": {"torch": "2.11.0", "device": "cuda",
                                                               "capability": "sm90"}}, bytes(2048), {})
     (folder / "notes.txt").write_text("not ours")
+    # the user's files with the suffixes the cache writes (a cache folder pointed at a folder in use), one old
+    for name in ("settings.json", "pytorch_model.bin", ".model.bin.tmp-12"):
+        (folder / name).write_text("the user's")
+        os.utime(folder / name, (time.time() - 7200, time.time() - 7200))
+    cc.prune(folder)
     r = ok("cache", "info")
     assert str(folder) in r.output and "|  on  |" in r.output and "2 entries, 4.0 KB" in r.output
     assert r.output.count("train-") == 2 and "torch 2.11.0  cuda sm90" in r.output
@@ -282,7 +288,8 @@ def test_ddpm_cache_info_and_clear(folder, monkeypatch):
     assert info["bytes"] == 4096 and [e["kind"] for e in info["entries"]] == ["train", "train"]
     r = ok("cache", "clear")
     assert r.output.startswith("removed 2 entries (") and str(folder) in r.output
-    assert [p.name for p in folder.iterdir()] == ["notes.txt"]
+    assert sorted(p.name for p in folder.iterdir()) == [".model.bin.tmp-12", "notes.txt", "pytorch_model.bin",
+                                                         "settings.json"]
     assert "0 entries, 0 B" in ok("cache", "info").output
     monkeypatch.setenv("DDPM_COMPILE_CACHE", "off")
     assert "off (DDPM_COMPILE_CACHE=off)" in ok("cache", "info").output

@@ -4,11 +4,16 @@ decoded-data cache (engine/data_cache.py) keep their entries so; no torch import
 from __future__ import annotations
 
 import json
+import re
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
 STALE_TMP_S = 3600  # a temporary file this old is a crashed writer's, not one being written
+# What the caches write: `<kind>-<24 hex digits>.bin` and `.json` (kind: train, sample, data), and the temporary
+# `.<that name>.tmp-<pid>` of an atomic write. Nothing else in the folder is touched: a cache folder pointed at a
+# folder of the user's (DDPM_*_CACHE_DIR) must not lose its files.
+_OURS = re.compile(r"\.?[a-z]+-[0-9a-f]{24}\.(bin|json)(\.tmp-\d+)?")
 
 
 @dataclass
@@ -24,6 +29,8 @@ def list_entries(directory: Path) -> list[Entry]:
     descriptions are listed with an empty `meta`."""
     found = []
     for desc in directory.glob("*.json") if directory.is_dir() else []:
+        if not _OURS.fullmatch(desc.name):
+            continue
         blob = desc.with_suffix(".bin")
         try:
             size, used = blob.stat().st_size, desc.stat().st_mtime
@@ -41,8 +48,7 @@ def _our_files(directory: Path) -> list[Path]:
     """Every file the cache writes: entries, their descriptions, and temporary files of atomic writes."""
     if not directory.is_dir():
         return []
-    return [p for p in directory.iterdir()
-            if p.is_file() and (p.suffix in (".bin", ".json") or ".bin.tmp-" in p.name or ".json.tmp-" in p.name)]
+    return [p for p in directory.iterdir() if _OURS.fullmatch(p.name) and p.is_file()]
 
 
 def clear(directory: Path) -> tuple[int, int]:

@@ -333,6 +333,14 @@ def test_cli_save_stats_then_stats_ref_gives_the_folder_fid(cli_files, noisy_sta
     assert _json_line(r)["ref_n"] == N_REF and stats.exists()
     with np.load(stats, allow_pickle=False) as z:  # plain arrays, no pickle
         assert z["sigma"].shape == (2048, 2048) and z["features"].shape == (N_REF, 2048)
+    before = stats.read_bytes()
+    r = runner.invoke(app, ["eval", "--ref", str(f["ref"]), "--save-stats", str(stats), *f["common"]])
+    assert r.exit_code == 2 and "--overwrite" in r.output and stats.read_bytes() == before  # kept
+    r = runner.invoke(app, ["eval", "--ref", str(f["samples"]), "--save-stats", str(f["samples"]), "--overwrite",
+                            *f["common"]])
+    assert r.exit_code == 2 and "also the --ref" in r.output and "Traceback" not in r.output
+    r = runner.invoke(app, ["eval", "--ref", str(f["ref"]), "--save-stats", str(stats), "--overwrite", *f["common"]])
+    assert r.exit_code == 0, r.output
 
     r = runner.invoke(app, ["eval", str(f["samples"]), "--ref", str(f["ref"]), *f["common"]])
     assert r.exit_code == 0, r.output

@@ -160,6 +160,10 @@ def test_ema_refuses_bad_input_in_one_line(tmp_path):
     assert "--overwrite" in one_line_error(cli("ema", run, "-l", "0.07", "-l", "0.1"), code=(2,))
     assert not (run / "ema" / "ckpt-00000010-length0.07.safetensors").exists()
     assert "neither a run directory" in one_line_error(cli("ema", tmp_path / "nothing"), code=(2,))
+    ckpt = run / "checkpoints" / "ckpt-00000010.safetensors"  # a resume would go on from the average
+    before = ckpt.read_bytes()
+    assert "training checkpoint" in one_line_error(cli("ema", run, "-l", "0.1", "-o", ckpt, "--overwrite"), code=(2,))
+    assert ckpt.read_bytes() == before
     # a length the snapshots cannot resolve is written, with a warning that says so
     assert "resolve length 0.002 poorly" in ok("ema", run, "-l", "0.002").stderr
     plain = train(tiny_config(tmp_path / "plain", train__steps=2))

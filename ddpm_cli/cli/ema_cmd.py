@@ -72,7 +72,12 @@ def ema_command(
         return
     at = step if step is not None else (snaps[-1].step if snaps else 0)
     paths = {length: out or posthoc_ema.default_output(run, length, at) for length in lengths}
+    from ddpm_cli.engine.runs import state_path
+
     for path in paths.values():  # every output is checked before any is written
+        if state_path(path).exists():  # a resume would go on from the average, its optimizer state mismatched
+            raise UsageError(f"{path} is a training checkpoint (its training state is beside it); write the average "
+                             f"to another --out")
         if path.exists() and not overwrite:
             raise UsageError(f"{path} exists; pass --overwrite to replace it, or --out another path")
     recs = posthoc_ema.reconstruct(run, lengths, step)  # every snapshot read once for all the lengths

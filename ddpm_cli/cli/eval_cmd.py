@@ -95,6 +95,7 @@ def eval_command(
     save_stats: Optional[Path] = typer.Option(None, "--save-stats", show_default=False,
                                               help="Write the reference statistics to this .npz (then use it as "
                                                    "--ref)."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing --save-stats file."),
     gpus: int = typer.Option(0, "--gpus", min=0, help="Spread the sampling of a checkpoint over N GPUs of this "
                              "machine (torchrun); the images, and so the scores, are those of one."),
     draw=None,  # DrawOptions: the sampling options `ddpm sample` has (cli/options.py), for a checkpoint
@@ -110,7 +111,7 @@ def eval_command(
     req = EvalRequest(ref=ref, input=input, n=n, draw=draw, batch_size=batch_size, device=device,
                       ref_limit=ref_limit, kid_subsets=kid_subsets, kid_subset_size=kid_subset_size,
                       inception_weights=inception_weights, data_root=data_root, cache_dir=cache_dir,
-                      use_cache=cache, save_stats=save_stats)
+                      use_cache=cache, save_stats=save_stats, overwrite=overwrite)
     # refuse bad arguments once, before N processes; only sampling a checkpoint is spread over them
     if gpus > 1 and not under_torchrun() and check_request(req)[0] is not None:
         return relaunch_with_torchrun(gpus)

@@ -65,6 +65,7 @@ class EvalRequest:
     cache_dir: Path | None = None  # None: default_cache_dir()
     use_cache: bool = True
     save_stats: Path | None = None  # write the reference statistics here
+    overwrite: bool = False  # replace an existing save_stats file
 
 
 def evaluate(req: EvalRequest, callbacks: EvalCallbacks | None = None) -> dict:
@@ -94,6 +95,16 @@ def check_request(req: EvalRequest) -> tuple[DrawPlan | None, ImageSource | Feat
     if req.input is None and req.save_stats is None:
         raise UsageError("nothing to do: pass samples or a checkpoint to score, or --save-stats FILE to precompute "
                          "the reference statistics")
+    if req.save_stats is not None:
+        target = Path(req.save_stats).resolve()
+        for name, source in (("--ref", req.ref), ("input", req.input)):
+            if source is not None and Path(source).resolve() == target:
+                raise UsageError(f"--save-stats {req.save_stats} is also the {name}: writing the statistics there "
+                                 f"would replace it; pass another file")
+        if target.exists() and not req.overwrite:
+            raise UsageError(f"{req.save_stats} exists; pass --overwrite to replace it, or another --save-stats file")
+        if target.is_dir():
+            raise UsageError(f"--save-stats {req.save_stats} is a folder; pass a file name (.npz)")
     if req.kid_subsets < 1 or req.kid_subset_size < 2:
         raise UsageError("--kid-subsets must be at least 1 and --kid-subset-size at least 2")
     if req.inception_weights is not None:

@@ -370,3 +370,54 @@ def test_ema_owns_its_schedule_copy_until_start_then_every_k_steps():
         seen.append(ema.model.weight[0, 0].item())
     # copies at steps 1-2, then averages at steps 3, 6 and 9 only: 2 -> (2+3)/2 -> (2.5+6)/2 -> (4.25+9)/2
     assert seen == [1.0, 2.0, 2.5, 2.5, 2.5, 4.25, 4.25, 4.25, 6.625] and ema.num_updates == 3
+
+
+def test_a_resume_keeps_what_the_user_keeps(tmp_path):
+    """A checkpoint outside a run's checkpoints/ folder is refused before anything is written (the folder two levels
+    up was taken for the run: its config.yaml and metrics.jsonl replaced, and the final save failed); a config.yaml
+    edited since the run wrote it is kept, and what differs is named, instead of being replaced unseen."""
+    import shutil
+
+    from conftest import cli, ok, one_line_error
+
+    cfg = write_yaml(tmp_path / "tiny.yaml", tiny_overrides(tmp_path / "runs", train__steps=4))
+    ok("train", "--config", cfg)
+    run = tmp_path / "runs" / "tiny"
+    loose = tmp_path / "proj" / "weights"
+    loose.mkdir(parents=True)
+    (tmp_path / "proj" / "config.yaml").write_text("# mine\n")
+    for f in (run / "checkpoints").glob("ckpt-00000004*"):
+        shutil.copy(f, loose)
+    error = one_line_error(cli("train", "--resume", loose / "ckpt-00000004.safetensors", "--set", "train.steps=6"))
+    assert "not in a run's checkpoints/ folder" in error
+    assert (tmp_path / "proj" / "config.yaml").read_text() == "# mine\n"
+    assert sorted(p.name for p in (tmp_path / "proj").iterdir()) == ["config.yaml", "weights"]
+
+    r = ok("train", "--resume", run, "--set", "train.steps=6")  # a config.yaml the run wrote: resumed quietly
+    assert "differs" not in r.stderr and not (run / "config.edited.yaml").exists()
+    text = (run / "config.yaml").read_text()
+    (run / "config.yaml").write_text(text.replace("steps: 6", "steps: 9"))
+    r = ok("train", "--resume", run)
+    assert "train.steps: 9 there, 6 in the checkpoint" in r.stderr and "--set train.steps=9" in r.stderr
+    assert "steps: 9" in (run / "config.edited.yaml").read_text()
+    assert "done: step 6" in r.stdout  # the checkpoint's config, as said
+
+
+def test_a_run_that_ends_before_its_first_step_says_so(tmp_path):
+    cfg = write_yaml(tmp_path / "tiny.yaml", tiny_overrides(tmp_path / "runs", train__max_time=1e-9))
+    r = run_cli("train", "--config", str(cfg))
+    assert r.returncode == 0, r.stderr
+    assert "no checkpoint: the run ended before its first step" in r.stdout
+    assert "None" not in r.stdout and "sample with" not in r.stdout
+
+
+def test_a_signal_before_the_first_step_says_nothing_was_saved(tmp_path):
+    """It said "checkpoint None; continue with `ddpm train --resume RUN`", and that resume failed: no checkpoint."""
+    from ddpm_cli.engine.train import StopFlag
+    from ddpm_cli.errors import TrainingAborted
+
+    stop = StopFlag()
+    stop.request(2)  # Ctrl-C while the run was starting
+    with pytest.raises(TrainingAborted, match="before the first step; nothing was saved") as e:
+        train(tiny_config(tmp_path, train__steps=4), stop=stop)
+    assert "None" not in str(e.value) and e.value.exit_code == 130

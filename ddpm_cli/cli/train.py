@@ -9,7 +9,7 @@ from typing import Optional
 
 import typer
 
-from ddpm_cli.cli.launch import relaunch_with_torchrun, under_torchrun
+from ddpm_cli.cli.launch import is_main_process, relaunch_with_torchrun, under_torchrun
 from ddpm_cli.cli.ui import TrainDisplay, console, fail, friendly, warn
 
 
@@ -49,8 +49,15 @@ def train_command(
         from ddpm_cli.engine.checkpoint import StoredConfig, read_checkpoint_config
 
         weights, header, cfg = read_checkpoint_config(resume, set_)  # the stored config, --set applied
+        if weights.parent.name != "checkpoints":  # the run is the folder above checkpoints/: there is none here
+            fail(f"{weights} is not in a run's checkpoints/ folder, so there is no run to continue; --resume the run "
+                 f"directory it came from, or copy it with its .state.safetensors into RUN/checkpoints/ and --resume "
+                 f"RUN")
+        stored = StoredConfig.of(header).validated()
         if set_:
-            _say_if_the_size_changed(StoredConfig.of(header).validated(), cfg)
+            _say_if_the_size_changed(stored, cfg)
+        if is_main_process():
+            _keep_an_edited_config(weights.parent.parent, stored)
     else:
         weights, cfg = None, load_config(config, set_)
     if gpus >= 1 and not under_torchrun():  # --gpus 1 too: one process through the same launcher
@@ -76,12 +83,59 @@ def train_command(
         why = {"steps": "reached train.steps", "time": "reached train.max_time",
                "early_stopping": "early stopping"}.get(result.stop_reason, result.stop_reason)
         compiled = f", {result.compile_s:.1f} s of it compiling" if trainer.compiled and result.compile_s else ""
+        saved = (f"checkpoint {result.checkpoint}" if result.checkpoint is not None else
+                 "no checkpoint: the run ended before its first step (raise train.max_time)")
         console.print(f"done: step {result.step}, {result.images_seen:,} images seen in {result.elapsed_s:.1f} s "
-                      f"({why}{compiled}); checkpoint {result.checkpoint}", markup=False, soft_wrap=True)
+                      f"({why}{compiled}); {saved}", markup=False, soft_wrap=True)
+        if result.checkpoint is None:
+            return
         guided = (f" (autoguided by its step-{trainer.guide[0]} weights by default; --guidance 1 for none)"
                   if trainer.guide is not None else "")
         console.print(f"sample with: ddpm sample {result.checkpoint} -n 64 --grid grid.png{guided}", markup=False,
                       soft_wrap=True)
+
+
+def _keep_an_edited_config(run_dir: Path, stored) -> None:
+    """A resume trains with the checkpoint's config (and --set) and rewrites RUN/config.yaml with it. A config.yaml
+    edited since (to change the run's length, say) would be replaced unseen: it is kept as config.edited.yaml, and
+    what differs is named with the --set that applies it."""
+    import json
+
+    import yaml
+
+    from ddpm_cli.config import config_to_dict
+
+    def flat(d: dict, prefix: str = "") -> dict:
+        out = {}
+        for k, v in d.items():
+            out.update(flat(v, f"{prefix}{k}.") if isinstance(v, dict) else {f"{prefix}{k}": v})
+        return out
+
+    path = run_dir / "config.yaml"
+    try:
+        edited = yaml.safe_load(path.read_text())
+    except (OSError, ValueError, yaml.YAMLError):
+        return  # missing or unreadable: nothing of the user's to keep
+    if not isinstance(edited, dict):
+        return
+    edited, ours = flat(edited), flat(config_to_dict(stored))
+    changed = sorted(k for k in edited.keys() | ours.keys() if edited.get(k) != ours.get(k))
+    if not changed:
+        return
+    kept = path.with_name("config.edited.yaml")
+    try:
+        path.replace(kept)
+    except OSError:
+        kept = path
+    shown = ", ".join(f"{k}: {edited.get(k)!r} there, {ours.get(k)!r} in the checkpoint" for k in changed[:3])
+    more = f" and {len(changed) - 3} more" if len(changed) > 3 else ""
+    def as_set(key: str) -> str:
+        v = edited[key]
+        return f"--set {key}={json.dumps(v, separators=(',', ':')) if isinstance(v, (list, dict)) else v}"
+
+    sets = " ".join(as_set(k) for k in changed[:3] if k in edited)
+    warn(f"{path} differs from the checkpoint's config ({shown}{more}); a resume trains with the checkpoint's and "
+         f"--set, so the file is kept as {kept.name}: to apply its changes, resume with {sets or '--set'}")
 
 
 def _say_if_the_size_changed(stored, cfg) -> None:

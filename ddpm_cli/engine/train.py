@@ -401,6 +401,9 @@ class Trainer:
                              last_loss, first_loss, records)
         if stop_reason == "signal":
             code = EXIT_SIGINT if self.stop.signum == 2 else EXIT_SIGTERM
+            if checkpoint is None:
+                raise TrainingAborted(f"stopped by signal {self.stop.signum} before the first step; nothing was "
+                                      f"saved: start the run again with the same command", code)
             raise TrainingAborted(f"stopped by signal {self.stop.signum} at step {self.step}; checkpoint "
                                   f"{checkpoint}; continue with `ddpm train --resume {self.run_dir}`", code)
         return result

@@ -148,6 +148,11 @@ def test_sixteen_bit_gray_and_exif_orientation_decode_as_they_look():
     for channels in (1, 3):
         arr, _ = decode_image(png(Image.fromarray(ramp)), None, channels)
         assert arr.shape == (channels, 8, 8) and np.array_equal(arr[0], (ramp >> 8).astype(np.uint8))
+    # float and 32-bit images carry no range: [0, 1] floats and 0-255 integers (both were decoded black)
+    values = np.linspace(0, 1, 64).reshape(8, 8)
+    for pixels, mode in ((values.astype(np.float32), "F"), ((values * 255).round().astype(np.int32), "I")):
+        arr, _ = decode_image(png(Image.fromarray(pixels, mode), "TIFF"), None, 1)
+        assert np.array_equal(arr[0], (values * 255).round().astype(np.uint8)), mode
     left_white = np.zeros((4, 8, 3), np.uint8)
     left_white[:, :4] = 255  # a wide image, white on the left
     exif = Image.new("RGB", (1, 1)).getexif()
@@ -155,3 +160,46 @@ def test_sixteen_bit_gray_and_exif_orientation_decode_as_they_look():
     arr, _ = decode_image(png(Image.fromarray(left_white), "JPEG", exif=exif, quality=95), None, 3)
     assert arr.shape == (3, 8, 4)  # tall, as a viewer shows it
     assert arr[:, :3].mean() > 200 and arr[:, 5:].mean() < 50  # white on top
+
+
+def test_a_damaged_or_encrypted_zip_entry_is_skipped_with_a_warning(tmp_path):
+    """zipfile raised out of the loader (Bad CRC-32; 'password required'): a traceback from train and eval."""
+    import io
+
+    def png(value) -> bytes:
+        out = io.BytesIO()
+        Image.fromarray(np.full((8, 8, 3), value, np.uint8)).save(out, "PNG")
+        return out.getvalue()
+
+    archive = tmp_path / "set.zip"
+    with zipfile.ZipFile(archive, "w", zipfile.ZIP_STORED) as zf:
+        for i in range(4):
+            zf.writestr(f"{i}.png", png(40 * i))
+    raw = bytearray(archive.read_bytes())
+    with zipfile.ZipFile(archive) as zf:
+        infos = zf.infolist()
+    damaged, encrypted = infos[1], infos[2]
+    raw[damaged.header_offset + 30 + len(damaged.filename) + 20] ^= 0xFF  # a byte of its data: the CRC fails
+    raw[encrypted.header_offset + 6] |= 1  # the local header's "encrypted" flag
+    for pos in range(len(raw) - 46):
+        if raw[pos:pos + 4] == b"PK\x01\x02" and raw[pos + 46:pos + 46 + len(encrypted.filename)] == \
+                encrypted.filename.encode():
+            raw[pos + 8] |= 1  # and the central directory's
+    archive.write_bytes(bytes(raw))
+    ds = load_folder(DataConfig(dataset="folder", root=str(archive)), (8, 8), 3)
+    assert [int(x) for x in ds.images[:, 0, 0, 0]] == [0, 120]  # 0.png and 3.png
+    assert any("2 file(s) that are not readable" in w for w in ds.warnings), ds.warnings
+
+
+def test_folders_linked_in_are_data_and_hidden_folders_are_not(tmp_path):
+    """A class folder symlinked from elsewhere was skipped without a word (half the data gone), and a hidden
+    folder (.thumbs) became a class."""
+    import os
+
+    _write_images(tmp_path / "elsewhere", ["d1.png", "d2.png"])
+    root = tmp_path / "set"
+    _write_images(root, ["cats/c1.png", "cats/c2.png", ".thumbs/t.png"])
+    os.symlink(tmp_path / "elsewhere", root / "dogs")
+    os.symlink(root, root / "cats" / "loop")  # a link back up ends, each real folder read once
+    ds = load_folder(DataConfig(dataset="folder", root=str(root)), (8, 8), 3)
+    assert ds.classes == ["cats", "dogs"] and sorted(ds.labels.tolist()) == [0, 0, 1, 1]

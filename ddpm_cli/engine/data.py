@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import zipfile
+import zlib
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
@@ -169,9 +170,25 @@ def _fit_tensor(images: torch.Tensor, image_size: int | tuple[int, int], channel
 # streams them batch by batch at their own size (evaluation.sources.files_source).
 
 
+def folder_files(root: Path) -> list[Path]:
+    """Every file under `root`, following symlinked folders (a class folder linked from elsewhere is data), each
+    real folder once (a link loop ends); hidden files and folders (.thumbs, .ipynb_checkpoints) are left out."""
+    found, seen = [], set()
+    for folder, subfolders, names in os.walk(root, followlinks=True):
+        real = os.path.realpath(folder)
+        if real in seen:
+            subfolders[:] = []
+            continue
+        seen.add(real)
+        subfolders[:] = [d for d in subfolders if not d.startswith(".")]
+        found += [Path(folder) / n for n in names if not n.startswith(".") and os.path.isfile(os.path.join(folder, n))]
+    return found
+
+
 class ImageFiles:
-    """The image files of a folder (recursively) or a .zip, in sorted path order; hidden files are skipped and
-    files without an image extension counted (`others`). `what` names the path in messages (e.g. "data.root")."""
+    """The image files of a folder (recursively, through symlinked folders) or a .zip, in sorted path order;
+    hidden files and folders are skipped and files without an image extension counted (`others`). `what` names
+    the path in messages (e.g. "data.root")."""
 
     def __init__(self, root: str | Path, what: str = ""):
         self.root = root = Path(root).expanduser()
@@ -192,7 +209,7 @@ class ImageFiles:
             self.entries: list = [n for n in names if n.lower().endswith(IMAGE_EXTENSIONS)]
             self.rel = [PurePosixPath(n) for n in self.entries]
         else:
-            files = sorted(p for p in root.rglob("*") if p.is_file() and not p.name.startswith("."))
+            files = sorted(folder_files(root))
             self.entries = [p for p in files if p.suffix.lower() in IMAGE_EXTENSIONS]
             names = files
             self.rel = [PurePosixPath(p.relative_to(root).as_posix()) for p in self.entries]
@@ -203,13 +220,20 @@ class ImageFiles:
     def __len__(self) -> int:
         return len(self.entries)
 
-    def blobs(self, chunk: int) -> Iterator[list[bytes]]:
-        """The files' bytes, `chunk` files at a time, in order."""
+    def blobs(self, chunk: int) -> Iterator[list[bytes | None]]:
+        """The files' bytes, `chunk` files at a time, in order; None for one that cannot be read (a damaged or
+        encrypted .zip entry, a file without read permission), which decoding skips as unreadable."""
         zf = zipfile.ZipFile(self.root) if self.is_zip else None
+
+        def read(entry) -> bytes | None:
+            try:
+                return zf.read(entry) if zf is not None else entry.read_bytes()
+            except (OSError, zipfile.BadZipFile, RuntimeError, NotImplementedError, zlib.error):
+                return None  # RuntimeError: an encrypted entry; NotImplementedError: a compression zipfile lacks
+
         try:
             for i in range(0, len(self.entries), chunk):
-                part = self.entries[i:i + chunk]
-                yield [zf.read(n) for n in part] if zf is not None else [p.read_bytes() for p in part]
+                yield [read(e) for e in self.entries[i:i + chunk]]
         finally:
             if zf is not None:
                 zf.close()

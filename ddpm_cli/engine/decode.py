@@ -20,18 +20,39 @@ def fingerprint() -> str:
     return hashlib.sha256(Path(__file__).read_bytes()).hexdigest()[:16]
 
 
-def decode_image(blob: bytes, size: tuple[int, int] | None = None,
+def _wide_to_8_bits(a: np.ndarray, mode: str, fmt: str | None) -> np.ndarray:
+    """One channel of more than 8 bits -> uint8 gray. 16-bit (PIL's I;16 modes, and a PNG's I) keeps its high
+    byte. The range of other 32-bit integers and of floats is not in the file, so it is read off the values: a
+    float image within [0, 1] is scaled by 255 (the common convention), integers within 0-255 are taken as they
+    are, within 0-65535 as 16-bit, beyond by their maximum; anything else is clipped."""
+    if mode.startswith("I;16") or (mode == "I" and fmt == "PNG"):
+        return (a.astype(np.int64).clip(0, 65535) >> 8).astype(np.uint8)
+    a = np.nan_to_num(a.astype(np.float64))
+    top = float(a.max()) if a.size else 0.0
+    if mode == "F" and top <= 1.0:
+        a = a * 255.0
+    elif mode == "I" and 255 < top <= 65535:
+        a = a / 257.0
+    elif mode == "I" and top > 65535:
+        a = a * (255.0 / top)
+    return a.round().clip(0, 255).astype(np.uint8)
+
+
+def decode_image(blob: bytes | None, size: tuple[int, int] | None = None,
                  channels: int = 3) -> tuple[np.ndarray | None, bool]:
     """An image file -> (uint8 (C, H, W), whether it was resized): turned as its EXIF orientation says (a phone's
-    photo stored sideways), 16-bit gray scaled to 8 bits, converted to `channels` (MODES), and center-cropped and
-    resized to `size` (W, H) when its own size differs. (None, False) for a file that is not a readable image."""
+    photo stored sideways), gray of more than 8 bits scaled to 8 (_wide_to_8_bits), converted to `channels`
+    (MODES), and center-cropped and resized to `size` (W, H) when its own size differs. (None, False) for a file
+    that is not a readable image."""
     from PIL import Image, ImageOps
 
+    if blob is None:  # a file that could not be read (ImageFiles.blobs)
+        return None, False
     try:
         with Image.open(io.BytesIO(blob)) as im:
             im = ImageOps.exif_transpose(im)
-            if im.mode == "I" or im.mode.startswith("I;16"):  # convert() would clip every value over 255 to white
-                im = Image.fromarray((np.asarray(im, dtype=np.int64).clip(0, 65535) >> 8).astype(np.uint8))
+            if im.mode in ("I", "F") or im.mode.startswith("I;16"):  # convert() would clip or zero them
+                im = Image.fromarray(_wide_to_8_bits(np.asarray(im), im.mode, im.format))
             im = im.convert(MODES[channels])
             resized = size is not None and im.size != tuple(size)
             if resized:

@@ -15,7 +15,7 @@ from typing import Any, Callable, Iterator
 import numpy as np
 import torch
 
-from ddpm_cli.engine.data import ImageFiles, read_cifar10
+from ddpm_cli.engine.data import ImageFiles, folder_files, read_cifar10
 from ddpm_cli.engine.decode import decode_image, fingerprint
 from ddpm_cli.engine.evaluation.inception import short_reason
 from ddpm_cli.engine.evaluation.stats import FeatureStats, is_stats, load_stats, open_npz
@@ -65,11 +65,10 @@ def _signature(path: Path) -> list:
         return [str(path), st.st_size, st.st_mtime_ns]
     h = hashlib.sha256()
     count = 0
-    for p in sorted(path.rglob("*")):
-        if p.is_file():
-            st = p.stat()
-            h.update(f"{p.relative_to(path).as_posix()}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
-            count += 1
+    for p in sorted(folder_files(path)):  # the files ImageFiles reads, linked folders included
+        st = p.stat()
+        h.update(f"{p.relative_to(path).as_posix()}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
+        count += 1
     return [str(path), count, h.hexdigest()]
 
 

@@ -65,6 +65,16 @@ def test_bad_value_exits_1_and_names_field_and_choices(tmp_path):
     ({"model": {"head_channels": 48}}, "head_channels 48"),  # attention at 128 and 256 channels
     ({"model": {"time_freq_shift": 2}}, "model.time_freq_shift"),
     ({"model": {"downsample_padding": "same"}}, "model.downsample_padding"),
+    # found by a helper's sweep: each passed validation and then died in the engine with a traceback, or ran with
+    # a value the user did not mean
+    ({"model": {"attention_resolutions": [], "base_channels": 64, "num_heads": 3}}, "num_heads 3"),  # the middle
+    ({"train": {"adam_betas": [1.5, 0.9]}}, "train.adam_betas.0"),
+    ({"train": {"seed": -5}}, "train.seed"),
+    ({"train": {"seed": 2**63 - 1}}, "train.seed"),
+    ({"data": {"shapes_seed": -1}}, "data.shapes_seed"),
+    ({"train": {"batch_size": True}}, "train.batch_size"),  # true was read as 1
+    ({"model": {"in_channels": True}}, "model.in_channels"),
+    ({"train": {"max_time": False}}, "train.max_time"),
 ])
 def test_out_of_range_values(tmp_path, data, field):
     with pytest.raises(ConfigError) as e:
@@ -92,6 +102,8 @@ def test_bad_override_is_a_config_error():
 
 @pytest.mark.parametrize("text,needle", [
     ("", "empty"), ("- 1\n- 2\n", "mapping"), ("model: [unclosed\n", "not valid YAML"),
+    ("train:\n  steps: 100\ntrain:\n  batch_size: 8\n", "'train' is given twice"),  # YAML kept the last, whole
+    ("train:\n  steps: 100\n  steps: 5\n", "line 3.*'steps' is given twice"),
 ])
 def test_garbage_files(tmp_path, text, needle):
     p = tmp_path / "c.yaml"

@@ -545,6 +545,21 @@ def test_in_training_fid_is_logged(weights, small_resize, tmp_path):
     assert all(np.isfinite(r["fid"]) and r["fid"] > 0 for r in fids)
 
 
+def test_in_training_fid_settings_are_checked_before_the_run_and_named_as_the_config_names_them(tmp_path):
+    """A missing reference or weights file failed at the first FID, hours in, naming `ddpm eval`'s flags."""
+    from conftest import tiny_config
+    from ddpm_cli.engine.train import train
+    from ddpm_cli.errors import ConfigError
+
+    for field, value, named in (("fid_ref", tmp_path / "nope.zip", "logging.fid_ref"),
+                                ("fid_inception_weights", tmp_path / "nope.pth", "logging.fid_inception_weights")):
+        cfg = tiny_config(tmp_path / field, train__steps=4, logging__fid_every=2, **{f"logging__{field}": str(value)})
+        with pytest.raises(ConfigError, match=named) as e:
+            train(cfg)
+        assert "--ref" not in str(e.value) and "--inception-weights" not in str(e.value)
+        assert not list((tmp_path / field).glob("*/checkpoints"))  # nothing trained
+
+
 def test_eval_on_two_ranks_scores_the_images_of_one(clean, weights, trained_run, tmp_path):
     """`ddpm eval CKPT --gpus 2` (gloo here): each rank samples its batches, rank 0 gathers them in order and scores:
     the same images, so the same FID and KID, as one process; one JSON line."""

@@ -100,6 +100,22 @@ def validate_config(data: Any, source: str = "config", overrides: list[str] | No
         raise ConfigError(f"{where}: {len(problems)} problem(s)", problems) from None
 
 
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """YAML as safe_load reads it, except that a key given twice in one mapping is an error: YAML keeps the last,
+    so a second `train:` section silently replaced the first one whole."""
+
+    def construct_mapping(self, node, deep=False):
+        seen = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            if key in seen:
+                raise yaml.constructor.ConstructorError(None, None, f"{key!r} is given twice at one level; "
+                                                        f"keep one (YAML would keep only the last)",
+                                                        key_node.start_mark)
+            seen.add(key)
+        return super().construct_mapping(node, deep)
+
+
 def load_config(path: str | Path | None, overrides: list[str] | None = None) -> RunConfig:
     """Read a YAML config (or start from the defaults when path is None), apply overrides, validate."""
     data: Any = {}
@@ -113,7 +129,7 @@ def load_config(path: str | Path | None, overrides: list[str] | None = None) -> 
             raise ConfigError(f"config path {p} is a directory; pass a YAML file")
         try:
             text = p.read_text(encoding="utf-8")
-            data = yaml.safe_load(text)
+            data = yaml.load(text, Loader=_UniqueKeyLoader)  # noqa: S506 - a SafeLoader
         except UnicodeDecodeError:
             raise ConfigError(f"{p} is not a text file; pass a YAML config") from None
         except RecursionError:

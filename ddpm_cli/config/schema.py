@@ -19,13 +19,18 @@ class Section(BaseModel):
     @model_validator(mode="before")
     @classmethod
     def _on_off_from_yaml_bools(cls, data: Any) -> Any:
-        """YAML 1.1 reads a bare `on`/`off` as true/false; a field whose choices are "on"/"off" takes them back."""
+        """YAML 1.1 reads a bare `on`/`off` as true/false; a field whose choices are "on"/"off" takes them back.
+        A number field refuses true/false (pydantic would read true as 1: `--set train.batch_size=true`)."""
         if not isinstance(data, dict):
             return data
         out = dict(data)
         for name, field in cls.model_fields.items():
-            if isinstance(out.get(name), bool) and "on" in get_args(field.annotation):
+            if not isinstance(out.get(name), bool):
+                continue
+            if "on" in get_args(field.annotation):
                 out[name] = "on" if out[name] else "off"
+            elif set(get_args(field.annotation) or (field.annotation,)) - {type(None)} <= {int, float}:
+                out[name] = str(out[name]).lower()  # the field's own error then names it, and what set it
         return out
 
 
@@ -172,8 +177,8 @@ class DataConfig(Section):
     """cifar10: which split to train on."""
     shapes_count: int = Field(10000, ge=1)
     """shapes: number of generated images."""
-    shapes_seed: int = 0
-    """shapes: seed of the generator (the same seed gives the same images)."""
+    shapes_seed: int = Field(0, ge=0, lt=2**32)
+    """shapes: seed of the generator (the same seed gives the same images; 0 to 2^32 - 1)."""
     random_flip: bool = True
     """Flip images horizontally at random during training."""
     on_device: Literal["auto", "on", "off"] = "auto"
@@ -231,8 +236,8 @@ class TrainConfig(Section):
     """Adam (the paper) or AdamW (decoupled weight decay)."""
     weight_decay: float = Field(0.0, ge=0.0)
     """Weight decay (decoupled with adamw)."""
-    adam_betas: tuple[float, float] = (0.9, 0.999)
-    """Adam's beta1 and beta2."""
+    adam_betas: tuple[Annotated[float, Field(ge=0.0, lt=1.0)], Annotated[float, Field(ge=0.0, lt=1.0)]] = (0.9, 0.999)
+    """Adam's beta1 and beta2, each in [0, 1)."""
     warmup_steps: int = Field(5000, ge=0)
     """Linear learning-rate warmup from 0 over this many steps."""
     lr_cooldown: float = Field(0.0, ge=0.0, lt=1.0)
@@ -301,8 +306,8 @@ class TrainConfig(Section):
     """Let cuDNN time its convolution algorithms once at start (CUDA only; fixed input shapes make it pay)."""
     device: str = "auto"
     """Device: auto (CUDA when available, else CPU), cpu, cuda, cuda:N."""
-    seed: int = 0
-    """Seed of the weights, the data order and the noise."""
+    seed: int = Field(0, ge=0, lt=2**32)
+    """Seed of the weights, the data order and the noise (0 to 2^32 - 1)."""
     max_nonfinite: int = Field(10, ge=1)
     """Stop when this many steps in a row have a non-finite loss or gradient (each is skipped)."""
     early_stopping: EarlyStoppingConfig = EarlyStoppingConfig()
@@ -419,11 +424,11 @@ class RunConfig(Section):
         widths = sorted({m.base_channels * c for c in m.channel_mults})
         if m.norm == "group" and any(w % m.norm_groups for w in widths):
             problems.append(f"norm_groups {m.norm_groups} must divide every level's channels ({widths})")
-        if any(m.base_channels * m.channel_mults[have.index(r)] % m.num_heads
-               for r in m.attention_resolutions if r in have):
-            problems.append(f"num_heads {m.num_heads} must divide the channels where attention is used")
         attention_widths = {m.base_channels * m.channel_mults[-1]} | {
             m.base_channels * m.channel_mults[have.index(r)] for r in m.attention_resolutions if r in have}
+        if not m.head_channels and any(w % m.num_heads for w in attention_widths):
+            problems.append(f"num_heads {m.num_heads} must divide the channels where attention is used "
+                            f"({sorted(attention_widths)}, the middle block's included)")
         if m.head_channels and any(w % m.head_channels for w in attention_widths):
             problems.append(f"head_channels {m.head_channels} must divide the channels where attention is used "
                             f"({sorted(attention_widths)}, the middle block's included)")

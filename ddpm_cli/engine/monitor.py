@@ -135,6 +135,24 @@ class InTrainingFid:
         self._train_images = train_images
         self._state = None  # (inception, reference statistics)
 
+    def check(self) -> None:
+        """Refuse, before the run starts, what the first in-training FID would fail on hours later: an Inception
+        weights file or a reference that is not there. Named as the config names them, not as `ddpm eval` does."""
+        from ddpm_cli.engine.evaluation import inception as ev_inception, sources
+        from ddpm_cli.errors import ConfigError, DdpmError
+
+        lc = self.cfg.logging
+        try:
+            if lc.fid_inception_weights is not None:
+                ev_inception.check_inception_path(lc.fid_inception_weights)
+        except DdpmError as e:
+            raise ConfigError(str(e).replace("--inception-weights", "logging.fid_inception_weights")) from None
+        if lc.fid_ref is not None:
+            try:
+                sources.open_images_or_stats(lc.fid_ref, data_root=self.cfg.data.root, role="logging.fid_ref")
+            except DdpmError as e:
+                raise ConfigError(str(e).replace("(--save-stats)", "(`ddpm eval --save-stats`)")) from None
+
     def __call__(self, net: torch.nn.Module) -> float:
         from ddpm_cli.engine.draw import Drawer
         from ddpm_cli.engine.evaluation import inception as ev_inception, reference, run, sources

@@ -139,6 +139,8 @@ class Trainer:
         self.diffusion = build_diffusion(cfg.diffusion).to(self.device)
         self.bf16 = use_bf16(cfg, self.device)
         self.in_training_fid = monitor.InTrainingFid(cfg, self.diffusion, fid_reference, self.device, self.bf16)
+        if cfg.logging.fid_every and self.main:
+            self.in_training_fid.check()
         self.fused = self.device.type in ("cuda", "cpu")
         self.peak_lr = peak_lr(cfg, self.dist.world)
         self.lr_schedule = LRSchedule(self.peak_lr, tc.warmup_steps, tc.lr_cooldown, tc.steps, tc.max_time)

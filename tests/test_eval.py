@@ -325,6 +325,18 @@ def cli_files(clean, tmp_path_factory, weights):
                        "--kid-subsets", "10", "--kid-subset-size", "40", "--batch-size", "32"]}
 
 
+def test_sets_of_two_sizes_are_scored_with_a_warning(cli_files, clean):
+    f = cli_files
+    big = f["root"] / "big.npz"
+    np.savez(big, arr_0=clean.repeat_interleave(2, 2).repeat_interleave(2, 3).permute(0, 2, 3, 1).numpy())
+    r = runner.invoke(app, ["eval", str(big), "--ref", str(f["ref"]), "--no-cache", *f["common"]])
+    assert r.exit_code == 0, r.output
+    h, w = clean.shape[-2:]
+    assert f"the samples are {2 * h}x{2 * w} and the reference {h}x{w}" in r.stderr
+    r = runner.invoke(app, ["eval", str(f["samples"]), "--ref", str(f["ref"]), "--no-cache", *f["common"]])
+    assert r.exit_code == 0 and "warning: the samples are" not in r.stderr
+
+
 def test_cli_save_stats_then_stats_ref_gives_the_folder_fid(cli_files, noisy_stats, clean_stats):
     f = cli_files
     stats = f["root"] / "ref_stats.npz"

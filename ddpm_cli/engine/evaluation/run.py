@@ -202,6 +202,12 @@ def _evaluate(req: EvalRequest, ref: ImageSource | FeatureStats, plan: DrawPlan 
             notify(callbacks, "on_message", w)
         sample_stats = compute_stats(samples, inception, batch_size=batch_size, callbacks=callbacks,
                                      phase="samples")
+    sizes = [s.meta.get("image_size") for s in (sample_stats, ref_stats)]
+    if all(sizes) and sizes[0] != sizes[1]:  # statistics from before sizes were kept say nothing
+        (h, w), (rh, rw) = sizes
+        notify(callbacks, "on_message", f"warning: the samples are {h}x{w} and the reference {rh}x{rw}: Inception "
+                                        f"resizes both to 299x299, so the score also measures the difference in "
+                                        f"resolution; compare sets of one size")
     result = score(sample_stats, ref_stats, kid_subsets=req.kid_subsets, kid_subset_size=req.kid_subset_size,
                    device=device, callbacks=callbacks)
     out = {**result.as_dict(), "ref": req.ref, "input": str(req.input), **sample_info, **out,

@@ -109,9 +109,10 @@ def compute_stats(source: "ImageSource", inception: Inception, *, batch_size: in
     if keep is not None:
         mask = np.zeros(source.count, dtype=bool)
         mask[keep] = True
-    moments, rows, done = _Moments(), [], 0
+    moments, rows, done, size = _Moments(), [], 0, None
     notify(callbacks, "on_phase", phase, source.count)
     for batch in source.batches(batch_size):
+        size = size or list(batch.shape[-2:])  # (H, W) of the images as they came, before Inception's resize
         f = inception(batch)  # (B, 2048)
         moments.add(f)
         b = f.shape[0]
@@ -133,7 +134,7 @@ def compute_stats(source: "ImageSource", inception: Inception, *, batch_size: in
     mu, sigma = moments.result()
     features = torch.cat(rows).numpy()
     meta = {"source": source.name, "inception": inception.identity, "ddpm_version": __version__,
-            "created": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+            "image_size": size, "created": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
     return FeatureStats(mu, sigma, done, features, meta)
 
 

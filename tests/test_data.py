@@ -203,3 +203,31 @@ def test_folders_linked_in_are_data_and_hidden_folders_are_not(tmp_path):
     os.symlink(root, root / "cats" / "loop")  # a link back up ends, each real folder read once
     ds = load_folder(DataConfig(dataset="folder", root=str(root)), (8, 8), 3)
     assert ds.classes == ["cats", "dogs"] and sorted(ds.labels.tolist()) == [0, 0, 1, 1]
+
+
+def test_a_large_jpeg_decodes_at_a_reduced_scale_to_nearly_the_same_pixels():
+    """libjpeg's 1/2-1/8 scaling (PIL's draft) before the resize, for photos much larger than the model's size:
+    within a level or two of decoding every pixel, for any target shape and EXIF turn (too coarse a scale would
+    blur it past that)."""
+    import io
+
+    from ddpm_cli.engine.decode import decode_image
+
+    rng = np.random.default_rng(0)
+    photo = Image.fromarray(rng.integers(0, 255, (24, 32, 3), dtype=np.uint8)).resize((1024, 768),
+                                                                                      Image.Resampling.BICUBIC)
+    for exif_turn in (None, 6):
+        out = io.BytesIO()
+        exif = Image.new("RGB", (1, 1)).getexif()
+        if exif_turn:
+            exif[0x0112] = exif_turn
+        photo.save(out, "JPEG", quality=92, exif=exif)
+        for size in ((64, 64), (96, 48), (48, 96)):  # PIL's (W, H)
+            fast, resized = decode_image(out.getvalue(), size, 3)
+            with Image.open(io.BytesIO(out.getvalue())) as im:  # every pixel decoded, then fitted
+                from PIL import ImageOps
+
+                full = np.asarray(ImageOps.fit(ImageOps.exif_transpose(im).convert("RGB"), size,
+                                               method=Image.Resampling.BICUBIC)).transpose(2, 0, 1)
+            assert resized and fast.shape == full.shape == (3, size[1], size[0])
+            assert np.abs(fast.astype(int) - full).mean() < 2.5, (exif_turn, size)

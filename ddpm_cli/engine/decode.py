@@ -42,14 +42,18 @@ def decode_image(blob: bytes | None, size: tuple[int, int] | None = None,
                  channels: int = 3) -> tuple[np.ndarray | None, bool]:
     """An image file -> (uint8 (C, H, W), whether it was resized): turned as its EXIF orientation says (a phone's
     photo stored sideways), gray of more than 8 bits scaled to 8 (_wide_to_8_bits), converted to `channels`
-    (MODES), and center-cropped and resized to `size` (W, H) when its own size differs. (None, False) for a file
-    that is not a readable image."""
+    (MODES), and center-cropped and resized to `size` (W, H) when its own size differs; a JPEG much larger than
+    `size` is decoded at a reduced scale first. (None, False) for a file that is not a readable image."""
     from PIL import Image, ImageOps
 
     if blob is None:  # a file that could not be read (ImageFiles.blobs)
         return None, False
     try:
         with Image.open(io.BytesIO(blob)) as im:
+            if size is not None and im.format == "JPEG":
+                # libjpeg decodes at 1/2, 1/4 or 1/8 scale, each side kept at least the target's longer side (so
+                # any crop to the target's shape, after any EXIF turn, still has the target's pixels or more)
+                im.draft(None, (max(size), max(size)))
             im = ImageOps.exif_transpose(im)
             if im.mode in ("I", "F") or im.mode.startswith("I;16"):  # convert() would clip or zero them
                 im = Image.fromarray(_wide_to_8_bits(np.asarray(im), im.mode, im.format))

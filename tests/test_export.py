@@ -256,3 +256,16 @@ def test_an_export_is_recognised_by_its_content_not_its_name(exported_programs, 
     f = tmp_path / "renamed.safetensors"
     f.write_bytes((exported_programs / f"model.{fmt}").read_bytes())
     assert what in one_line_error(cli("inspect", f))
+
+
+def test_fp16_of_a_barely_trained_checkpoint_says_why_it_fails(tmp_path):
+    """Its outputs (the zero-initialised last layer hardly moved) are below fp16's range: the check failed with
+    "relative error 1 ... please report this"."""
+    from conftest import tiny_config
+    from ddpm_cli.engine.train import train
+
+    run = train(tiny_config(tmp_path / "runs", train__steps=1, train__warmup_steps=100)).run_dir
+    error = one_line_error(cli("export", run, "--dtype", "fp16", "-o", tmp_path / "h.safetensors"))
+    assert "near zero" in error and "bf16" in error and "report" not in error
+    assert not (tmp_path / "h.safetensors").exists()
+    ok("export", run, "--dtype", "bf16", "-o", tmp_path / "b.safetensors")  # bf16 has fp32's range

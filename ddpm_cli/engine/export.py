@@ -100,8 +100,13 @@ def _unfolded_output(net: torch.nn.Module, inputs: tuple[torch.Tensor, ...]) -> 
         return net(*inputs)
 
 
-def _check(dst: Path, err: float, tol: float, what: str) -> None:
-    """Raise if the written-but-not-yet-placed export misses the tolerance (the caller removes its temporary)."""
+def _check(dst: Path, err: float, tol: float, what: str, scale: float | None = None) -> None:
+    """Raise if the written-but-not-yet-placed export misses the tolerance (the caller removes its temporary).
+    `scale`: the largest output of the source in fp16 exports, whose tiny values fp16 cannot hold."""
+    if not err <= tol and scale is not None and scale < 1e-3:
+        raise DdpmError(f"export check failed: the network's outputs are all near zero (at most {scale:.1e}: a "
+                        f"barely trained checkpoint, its zero-initialised last layer hardly moved), which fp16 "
+                        f"rounds to zero; {dst.name} was not written. Export it as bf16 or fp32, or train longer")
     if not err <= tol:  # also catches NaN
         raise DdpmError(f"export check failed: {what} differs from PyTorch by a relative error of {err:.3g} "
                         f"(limit {tol:g}); {dst.name} was not written. Please report this with the checkpoint's "
@@ -184,9 +189,10 @@ def export_safetensors(ckpt, use_ema: bool, dst: Path, dtype: str, ema_decay: fl
         got, _, _, _ = load_model(tmp, "cpu", use_ema=False)
         inputs = random_inputs(cfg, CHECK_BATCH)
         with torch.no_grad():
-            err = relative_error(Denoiser(got, cfg.model.conditional)(*inputs),
-                                 Denoiser(ref, cfg.model.conditional)(*inputs))
-        _check(dst, err, TOLERANCE[dtype], f"the {dtype} weights")
+            want = Denoiser(ref, cfg.model.conditional)(*inputs)
+            err = relative_error(Denoiser(got, cfg.model.conditional)(*inputs), want)
+        _check(dst, err, TOLERANCE[dtype], f"the {dtype} weights",
+               float(want.abs().max()) if dtype == "fp16" else None)
         _place(tmp, dst)
     finally:
         tmp.unlink(missing_ok=True)

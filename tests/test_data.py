@@ -31,6 +31,21 @@ def test_cifar10_offline_and_absent_is_one_clear_error(tmp_path):
         load_dataset(cfg.data, cfg.model)
 
 
+def test_cifar10_that_cannot_download_does_not_ask_to_turn_download_on(tmp_path, monkeypatch):
+    import torchvision.datasets
+
+    def offline(root, train, download):
+        raise OSError("<urlopen error [Errno -3] Temporary failure in name resolution>") if download else \
+            RuntimeError("Dataset not found or corrupted.")
+
+    monkeypatch.setattr(torchvision.datasets, "CIFAR10", offline)
+    cfg = validate_config({"data": {"dataset": "cifar10", "root": str(tmp_path / "c"), "download": True}})
+    with pytest.raises(DataError) as e:
+        load_dataset(cfg.data, cfg.model)
+    assert "could not be downloaded" in str(e.value) and "set data.download=true" not in str(e.value)
+    assert "check the network" in str(e.value) and not (tmp_path / "c").exists()
+
+
 def _write_images(root, names, size=(20, 12)):
     for name in names:
         path = root / name

@@ -66,6 +66,8 @@ def test_run_directory_lists_its_checkpoints(trained_run):
     assert info["latest"] == str(latest_checkpoint(trained_run))
     table = ok("inspect", trained_run).stdout
     assert all(p.name in table for p in found) and f"{found[-1].name}*" in table
+    # its checkpoints/ folder (what tab completion gives) is the run: it said "holds no checkpoints"
+    assert json.loads(ok("inspect", trained_run / "checkpoints", "--json").stdout) == info
 
 
 def test_inspect_never_imports_torch(trained_run):

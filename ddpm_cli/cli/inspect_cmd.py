@@ -243,7 +243,9 @@ def inspect_command(
     from ddpm_cli.engine.checkpoint import read_header
 
     if checkpoint.is_dir():
-        return _list_run(checkpoint, as_json, sha256)
+        from ddpm_cli.engine.runs import run_folder
+
+        return _list_run(run_folder(checkpoint), as_json, sha256)
     info = describe(read_header(checkpoint), sha256=sha256)
     if as_json:
         typer.echo(json.dumps(info, indent=2))  # plain: rich would wrap long strings

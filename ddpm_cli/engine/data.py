@@ -131,9 +131,9 @@ def read_cifar10(root: Path, train: bool, download: bool, how_to: str) -> tuple[
 
 def load_cifar10(cfg: DataConfig, image_size: int | tuple[int, int], channels: int) -> ImageSet:
     root = Path(cfg.root).expanduser()
-    how_to = (f"set data.download=true, or put CIFAR-10's python archive under {root} (data.root), or train on a "
-              f"local copy of the images with data.dataset=folder and data.root=PATH (a folder or .zip, e.g. "
-              f"cifar10-jpeg/train.zip)")
+    how_to = (f"{'check the network, ' if cfg.download else 'set data.download=true, '}or put CIFAR-10's python "
+              f"archive under {root} (data.root), or train on a local copy of the images with data.dataset=folder "
+              f"and data.root=PATH (a folder or .zip, e.g. cifar10-jpeg/train.zip)")
     images, targets, classes = read_cifar10(root, cfg.split == "train", cfg.download, how_to)
     images = _fit_tensor(images, image_size, channels)
     return ImageSet(images, torch.tensor(targets, dtype=torch.long), classes)

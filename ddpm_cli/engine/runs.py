@@ -35,9 +35,15 @@ def latest_checkpoint(run_dir: str | Path) -> Path | None:
     return found[-1] if found else None
 
 
-def resolve_checkpoint(path: str | Path) -> Path:
-    """A checkpoint file, or a run directory -> its latest checkpoint."""
+def run_folder(path: str | Path) -> Path:
+    """A run directory as given, or the run of its checkpoints/ folder (given by tab completion, say)."""
     p = Path(path)
+    return p.parent if p.name == "checkpoints" and not list_checkpoints(p) and list_checkpoints(p.parent) else p
+
+
+def resolve_checkpoint(path: str | Path) -> Path:
+    """A checkpoint file, or a run directory (or its checkpoints/ folder) -> its latest checkpoint."""
+    p = run_folder(path)
     if p.is_dir():
         found = latest_checkpoint(p)
         if found is None:

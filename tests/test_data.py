@@ -246,3 +246,20 @@ def test_a_large_jpeg_decodes_at_a_reduced_scale_to_nearly_the_same_pixels():
                                                method=Image.Resampling.BICUBIC)).transpose(2, 0, 1)
             assert resized and fast.shape == full.shape == (3, size[1], size[0])
             assert np.abs(fast.astype(int) - full).mean() < 2.5, (exif_turn, size)
+
+
+def test_a_very_large_image_decodes_without_pil_s_warning(monkeypatch, recwarn):
+    """PIL printed its two-line DecompressionBombWarning for each image over 89M pixels: the user's own data."""
+    import io
+
+    from PIL import Image
+
+    from ddpm_cli.engine import decode
+
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1000)  # a 40x40 image counts as one over the limit
+    monkeypatch.setattr(decode, "_quiet", False)
+    blob = io.BytesIO()
+    Image.new("RGB", (40, 40), (9, 9, 9)).save(blob, "PNG")
+    out, resized = decode.decode_image(blob.getvalue(), (8, 8), 3)
+    assert out.shape == (3, 8, 8) and resized and int(out.max()) == 9
+    assert not [w for w in recwarn.list if issubclass(w.category, Image.DecompressionBombWarning)]

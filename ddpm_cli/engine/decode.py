@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import io
 import signal
+import warnings
 import zipfile
 from pathlib import Path
 
@@ -38,6 +39,9 @@ def _wide_to_8_bits(a: np.ndarray, mode: str, fmt: str | None) -> np.ndarray:
     return a.round().clip(0, 255).astype(np.uint8)
 
 
+_quiet = False  # PIL's DecompressionBombWarning silenced (decode_image, once per process)
+
+
 def decode_image(blob: bytes | None, size: tuple[int, int] | None = None,
                  channels: int = 3) -> tuple[np.ndarray | None, bool]:
     """An image file -> (uint8 (C, H, W), whether it was resized): turned as its EXIF orientation says (a phone's
@@ -48,6 +52,10 @@ def decode_image(blob: bytes | None, size: tuple[int, int] | None = None,
 
     if blob is None:  # a file that could not be read (ImageFiles.blobs)
         return None, False
+    global _quiet
+    if not _quiet:  # PIL's two-line advice on images over 89M pixels, printed per image: these are the user's own
+        warnings.filterwarnings("ignore", category=Image.DecompressionBombWarning)
+        _quiet = True
     try:
         with Image.open(io.BytesIO(blob)) as im:
             if size is not None and im.format == "JPEG":

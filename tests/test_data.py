@@ -204,6 +204,11 @@ def test_a_damaged_or_encrypted_zip_entry_is_skipped_with_a_warning(tmp_path):
     ds = load_folder(DataConfig(dataset="folder", root=str(archive)), (8, 8), 3)
     assert [int(x) for x in ds.images[:, 0, 0, 0]] == [0, 120]  # 0.png and 3.png
     assert any("2 file(s) that are not readable" in w for w in ds.warnings), ds.warnings
+    # the streamed path (decoding workers) reads through the same function: a clear error, no traceback
+    from ddpm_cli.engine import decode
+
+    with zipfile.ZipFile(archive) as zf:
+        assert [decode.read_file(zf, i.filename) is None for i in infos] == [False, True, True, False]
 
 
 def test_folders_linked_in_are_data_and_hidden_folders_are_not(tmp_path):

@@ -151,9 +151,10 @@ def test_unipc_s_corrector_raises_dpm_solver_s_order_at_no_extra_evaluation():
         assert len(calls) == SamplerSpec(sampler, steps, spacing="logsnr").evaluations(d.alpha_bar)
         return float((out.double() - exact).pow(2).mean().sqrt())
 
-    e = {(s, n): error(s, n) for s in ("dpm++2m", "unipc") for n in (20, 40)}
+    e = {(s, n): error(s, n) for s in ("dpm++2m", "unipc") for n in (1, 20, 40)}
     assert e["unipc", 20] / e["unipc", 40] > 5 > e["dpm++2m", 20] / e["dpm++2m", 40], e
     assert e["unipc", 40] < 0.5 * e["dpm++2m", 40], e
+    assert e["unipc", 1] == e["dpm++2m", 1], e  # one step is the clean image of the first call (was the noise)
 
 
 def test_unipc_on_a_mixture_beats_dpm_solver_at_the_same_calls():

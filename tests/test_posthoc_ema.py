@@ -162,8 +162,13 @@ def test_ema_refuses_bad_input_in_one_line(tmp_path):
     assert "neither a run directory" in one_line_error(cli("ema", tmp_path / "nothing"), code=(2,))
     ckpt = run / "checkpoints" / "ckpt-00000010.safetensors"  # a resume would go on from the average
     before = ckpt.read_bytes()
-    assert "training checkpoint" in one_line_error(cli("ema", run, "-l", "0.1", "-o", ckpt, "--overwrite"), code=(2,))
+    state = ckpt.with_name("ckpt-00000010.state.safetensors")
+    for target in (ckpt, state):
+        msg = one_line_error(cli("ema", run, "-l", "0.1", "-o", target, "--overwrite"), code=(2,))
+        assert "training checkpoint" in msg
     assert ckpt.read_bytes() == before
+    ok("ema", run, "-l", "0.1", "-o", tmp_path / "avg.pt")  # another name: written, and again with --overwrite
+    ok("ema", run, "-l", "0.1", "-o", tmp_path / "avg.pt", "--overwrite")
     # a length the snapshots cannot resolve is written, with a warning that says so
     assert "resolve length 0.002 poorly" in ok("ema", run, "-l", "0.002").stderr
     plain = train(tiny_config(tmp_path / "plain", train__steps=2))

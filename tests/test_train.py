@@ -394,13 +394,19 @@ def test_a_resume_keeps_what_the_user_keeps(tmp_path):
     assert sorted(p.name for p in (tmp_path / "proj").iterdir()) == ["config.yaml", "weights"]
 
     r = ok("train", "--resume", run, "--set", "train.steps=6")  # a config.yaml the run wrote: resumed quietly
-    assert "differs" not in r.stderr and not (run / "config.edited.yaml").exists()
-    text = (run / "config.yaml").read_text()
-    (run / "config.yaml").write_text(text.replace("steps: 6", "steps: 9"))
-    r = ok("train", "--resume", run)
-    assert "train.steps: 9 there, 6 in the checkpoint" in r.stderr and "--set train.steps=9" in r.stderr
+    assert "edited" not in r.stderr and not (run / "config.edited.yaml").exists()
+    # from the step-4 checkpoint, whose config (4 steps) is not the file's (6): still the run's own file
+    r = ok("train", "--resume", run / "checkpoints" / "ckpt-00000004.safetensors", "--set", "train.steps=5")
+    assert "edited" not in r.stderr and not (run / "config.edited.yaml").exists()
+    for n, name in ((9, "config.edited.yaml"), (11, "config.edited-1.yaml")):  # a second edit keeps the first
+        text = (run / "config.yaml").read_text()
+        (run / "config.yaml").write_text(text.replace("steps: 5\n", f"steps: {n}\n").replace("lr: ", "lr: 2.0e-05 #"))
+        r = ok("train", "--resume", run)
+        assert f"train.steps: {n} there, 5 in the checkpoint" in r.stderr, r.stderr
+        assert f"--set train.lr=2e-05 --set train.steps={n}" in r.stderr, r.stderr
+        assert f"steps: {n}" in (run / name).read_text()
+        assert "done: step 5" in r.stdout  # the checkpoint's config, as said
     assert "steps: 9" in (run / "config.edited.yaml").read_text()
-    assert "done: step 6" in r.stdout  # the checkpoint's config, as said
 
 
 def test_a_run_that_ends_before_its_first_step_says_so(tmp_path):

@@ -75,9 +75,11 @@ def ema_command(
     from ddpm_cli.engine.runs import state_path
 
     for path in paths.values():  # every output is checked before any is written
-        if state_path(path).exists():  # a resume would go on from the average, its optimizer state mismatched
-            raise UsageError(f"{path} is a training checkpoint (its training state is beside it); write the average "
-                             f"to another --out")
+        training = path.name.endswith(".state.safetensors") or (
+            path.name.endswith(".safetensors") and state_path(path).exists())
+        if training:  # a resume would go on from the average, or lose its optimizer state
+            raise UsageError(f"{path} is part of a training checkpoint (weights with their training state); write "
+                             f"the average to another --out")
         if path.exists() and not overwrite:
             raise UsageError(f"{path} exists; pass --overwrite to replace it, or --out another path")
     recs = posthoc_ema.reconstruct(run, lengths, step)  # every snapshot read once for all the lengths

@@ -49,7 +49,7 @@ def _declaration(
         "--ema-decay", show_default=False,
         help="Draw from the EMA weights of this decay (train.ema_decay or one of train.ema_extra; `ddpm inspect` "
              "lists them).")] = None,
-    seed: Annotated[int, typer.Option("--seed", min=0, max=2**32 - 1,
+    seed: Annotated[int, typer.Option("--seed", min=-(2**43), max=2**43,
                                       help="Seed: the same seed and options give the same images.")] = 0,
     compile: Annotated[Toggle, typer.Option(
         "--compile", help="torch.compile the network: auto (on CUDA for large jobs), on, off.")] = Toggle.auto,

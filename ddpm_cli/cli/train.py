@@ -97,13 +97,17 @@ def train_command(
 
 def _keep_an_edited_config(run_dir: Path, stored) -> None:
     """A resume trains with the checkpoint's config (and --set) and rewrites RUN/config.yaml with it. A config.yaml
-    edited since (to change the run's length, say) would be replaced unseen: it is kept as config.edited.yaml, and
-    what differs is named with the --set that applies it."""
+    edited since the run wrote it (to change the run's length, say) would be replaced unseen: it is kept, under a
+    name of its own, and what differs from the checkpoint's config is named with the --set that applies it."""
     import json
 
     import yaml
 
     from ddpm_cli.config import config_to_dict
+    from ddpm_cli.engine.runs import config_edited
+
+    if not config_edited(run_dir):  # as the run wrote it, or not known (a run of an older ddpm)
+        return
 
     def flat(d: dict, prefix: str = "") -> dict:
         out = {}
@@ -112,30 +116,31 @@ def _keep_an_edited_config(run_dir: Path, stored) -> None:
         return out
 
     path = run_dir / "config.yaml"
-    try:
-        edited = yaml.safe_load(path.read_text())
-    except (OSError, ValueError, yaml.YAMLError):
-        return  # missing or unreadable: nothing of the user's to keep
-    if not isinstance(edited, dict):
-        return
-    edited, ours = flat(edited), flat(config_to_dict(stored))
-    changed = sorted(k for k in edited.keys() | ours.keys() if edited.get(k) != ours.get(k))
-    if not changed:
-        return
-    kept = path.with_name("config.edited.yaml")
+    kept = next(p for p in (run_dir / f"config.edited{f'-{n}' if n else ''}.yaml" for n in range(10**6))
+                if not p.exists())
     try:
         path.replace(kept)
-    except OSError:
-        kept = path
-    shown = ", ".join(f"{k}: {edited.get(k)!r} there, {ours.get(k)!r} in the checkpoint" for k in changed[:3])
+    except OSError as e:  # the run would write over it: stop before anything is lost
+        fail(f"{path} was edited since the run wrote it, and it cannot be kept aside ({e.strerror or e}); copy it "
+             f"elsewhere and resume again")
+    try:
+        edited = yaml.safe_load(kept.read_text())
+    except (OSError, ValueError, yaml.YAMLError):
+        edited = None
+    edited = flat(edited) if isinstance(edited, dict) else {}
+    ours = flat(config_to_dict(stored))
+    changed = sorted(k for k in edited.keys() | ours.keys() if edited.get(k) != ours.get(k))
+    shown = ", ".join(f"{k}: {json.dumps(edited.get(k))} there, {json.dumps(ours.get(k))} in the checkpoint"
+                      for k in changed[:3])
     more = f" and {len(changed) - 3} more" if len(changed) > 3 else ""
-    def as_set(key: str) -> str:
+    def as_set(key: str) -> str:  # JSON is YAML: null, true, [1,2] and numbers read back as they were
         v = edited[key]
-        return f"--set {key}={json.dumps(v, separators=(',', ':')) if isinstance(v, (list, dict)) else v}"
+        return f"--set {key}={v if isinstance(v, str) else json.dumps(v, separators=(',', ':'))}"
 
     sets = " ".join(as_set(k) for k in changed[:3] if k in edited)
-    warn(f"{path} differs from the checkpoint's config ({shown}{more}); a resume trains with the checkpoint's and "
-         f"--set, so the file is kept as {kept.name}: to apply its changes, resume with {sets or '--set'}")
+    warn(f"{path} was edited since the run wrote it ({shown or 'no setting differs'}{more}); a resume trains with "
+         f"the checkpoint's config and --set, so the file is kept as {kept.name}"
+         + (f": to apply its changes, resume with {sets}" if sets else ""))
 
 
 def _say_if_the_size_changed(stored, cfg) -> None:

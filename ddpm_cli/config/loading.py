@@ -106,13 +106,16 @@ class _UniqueKeyLoader(yaml.SafeLoader):
 
     def construct_mapping(self, node, deep=False):
         seen = set()
-        for key_node, _ in node.value:
-            key = self.construct_object(key_node, deep=deep)
-            if key in seen:
-                raise yaml.constructor.ConstructorError(None, None, f"{key!r} is given twice at one level; "
-                                                        f"keep one (YAML would keep only the last)",
-                                                        key_node.start_mark)
-            seen.add(key)
+        for key_node, _ in node.value if isinstance(node, yaml.MappingNode) else []:
+            # plain keys only: a `<<: *anchor` merge may be overridden (SafeLoader merges it), and complex keys
+            # are SafeLoader's to judge
+            if isinstance(key_node, yaml.ScalarNode) and key_node.tag != "tag:yaml.org,2002:merge":
+                key = self.construct_object(key_node)
+                if key in seen:
+                    raise yaml.constructor.ConstructorError(None, None, f"{key!r} is given twice at one level; "
+                                                            f"keep one (YAML would keep only the last)",
+                                                            key_node.start_mark)
+                seen.add(key)
         return super().construct_mapping(node, deep)
 
 

@@ -177,8 +177,8 @@ class DataConfig(Section):
     """cifar10: which split to train on."""
     shapes_count: int = Field(10000, ge=1)
     """shapes: number of generated images."""
-    shapes_seed: int = Field(0, ge=0, lt=2**32)
-    """shapes: seed of the generator (the same seed gives the same images; 0 to 2^32 - 1)."""
+    shapes_seed: int = Field(0, ge=0)
+    """shapes: seed of the generator (the same seed gives the same images; 0 or more)."""
     random_flip: bool = True
     """Flip images horizontally at random during training."""
     on_device: Literal["auto", "on", "off"] = "auto"
@@ -306,8 +306,9 @@ class TrainConfig(Section):
     """Let cuDNN time its convolution algorithms once at start (CUDA only; fixed input shapes make it pay)."""
     device: str = "auto"
     """Device: auto (CUDA when available, else CPU), cpu, cuda, cuda:N."""
-    seed: int = Field(0, ge=0, lt=2**32)
-    """Seed of the weights, the data order and the noise (0 to 2^32 - 1)."""
+    seed: int = Field(0, ge=-(2**43), le=2**43)
+    """Seed of the weights, the data order and the noise (any integer within +-2^43, about 8.8e12: a millisecond
+    timestamp fits)."""
     max_nonfinite: int = Field(10, ge=1)
     """Stop when this many steps in a row have a non-finite loss or gradient (each is skipped)."""
     early_stopping: EarlyStoppingConfig = EarlyStoppingConfig()

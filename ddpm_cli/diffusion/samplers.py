@@ -194,7 +194,8 @@ def unipc_sample(model: ModelFn, diffusion: GaussianDiffusion, x: torch.Tensor, 
     the first steps; the last step, to t = 0, is predicted only: its output is the image, as in dpm++2m. The
     coefficients are worked out on the CPU, in float64, so the device never waits for them."""
     ts = timesteps(diffusion, steps, spacing)
-    ab = diffusion.alpha_bar.detach().double().cpu()
+    # clipped as the logSNR spacing clips it: a schedule's alpha_bar may reach 0 or round to 1 in float32
+    ab = diffusion.alpha_bar.detach().double().cpu().clamp(1e-12, 1 - 1e-12)
     alpha = lambda t: math.sqrt(ab[t])  # noqa: E731
     sigma = lambda t: math.sqrt(1 - ab[t])  # noqa: E731
     lam = lambda t: math.log(alpha(t) / sigma(t))  # noqa: E731
@@ -206,6 +207,8 @@ def unipc_sample(model: ModelFn, diffusion: GaussianDiffusion, x: torch.Tensor, 
     history = [(x0_at(x, ts[0]), lam(ts[0]))]  # (x0, lambda) of the points passed, newest last
     if on_step:
         on_step(1, len(ts))
+    if len(ts) == 1:  # one step: straight to the clean image, as dpm++2m's
+        return history[0][0]
     for i in range(1, len(ts)):
         s, t = ts[i - 1], ts[i]
         h = lam(t) - lam(s)

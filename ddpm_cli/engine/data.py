@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import os
 import zipfile
-import zlib
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
@@ -19,7 +18,7 @@ import torch
 
 from ddpm_cli.config import DataConfig, ModelConfig
 from ddpm_cli.engine import data_cache
-from ddpm_cli.engine.decode import decode_image, stack
+from ddpm_cli.engine.decode import decode_image, read_file, stack
 from ddpm_cli.engine.streaming import StreamedImages, readable_entries, should_stream, stream_workers
 from ddpm_cli.errors import DataError
 
@@ -224,16 +223,9 @@ class ImageFiles:
         """The files' bytes, `chunk` files at a time, in order; None for one that cannot be read (a damaged or
         encrypted .zip entry, a file without read permission), which decoding skips as unreadable."""
         zf = zipfile.ZipFile(self.root) if self.is_zip else None
-
-        def read(entry) -> bytes | None:
-            try:
-                return zf.read(entry) if zf is not None else entry.read_bytes()
-            except (OSError, zipfile.BadZipFile, RuntimeError, NotImplementedError, zlib.error):
-                return None  # RuntimeError: an encrypted entry; NotImplementedError: a compression zipfile lacks
-
         try:
             for i in range(0, len(self.entries), chunk):
-                yield [read(e) for e in self.entries[i:i + chunk]]
+                yield [read_file(zf, e) for e in self.entries[i:i + chunk]]
         finally:
             if zf is not None:
                 zf.close()

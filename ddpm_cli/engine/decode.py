@@ -7,6 +7,7 @@ import io
 import signal
 import warnings
 import zipfile
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -93,15 +94,16 @@ def start_worker(zip_path: str | None) -> None:
     _zip = zipfile.ZipFile(zip_path) if zip_path else None
 
 
-def read_file(source, name: str) -> bytes | None:
-    """The bytes of `name` (a path; with `source` a zip, an entry of it), or None when it cannot be read now: gone
-    or unreadable since the set was listed, or damaged inside the zip."""
+def read_file(source, name) -> bytes | None:
+    """The bytes of `name` (a path; with `source` a zip, an entry of it), or None when it cannot be read: gone or
+    unreadable since the set was listed, or damaged, encrypted (RuntimeError) or compressed in a way zipfile lacks
+    (NotImplementedError) inside the zip. The one reader of the in-memory, streamed and evaluation paths."""
     try:
         if source is not None:
             return source.read(name)
         with open(name, "rb") as f:
             return f.read()
-    except (OSError, KeyError, zipfile.BadZipFile, EOFError):
+    except (OSError, KeyError, zipfile.BadZipFile, EOFError, RuntimeError, NotImplementedError, zlib.error):
         return None
 
 

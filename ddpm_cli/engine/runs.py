@@ -2,6 +2,7 @@
 checkpoints, the latest one, and the training-state file beside each."""
 from __future__ import annotations
 
+import hashlib
 import json
 import re
 import time
@@ -12,6 +13,22 @@ from ddpm_cli.errors import CheckpointError, DdpmError
 
 CKPT_RE = re.compile(r"ckpt-(\d+)\.safetensors$")
 
+
+# Beside a run's config.yaml: the SHA-256 of the text the run wrote there, so that a resume tells a file edited since
+# from the run's own (config_edited).
+CONFIG_WRITTEN = ".config.sha256"
+
+
+def config_edited(run_dir: str | Path) -> bool | None:
+    """Whether RUN/config.yaml differs from what the run last wrote there; None when that is unknown (a run of an
+    older ddpm, or either file missing)."""
+    run_dir = Path(run_dir)
+    try:
+        written = (run_dir / CONFIG_WRITTEN).read_text().strip()
+        now = hashlib.sha256((run_dir / "config.yaml").read_bytes()).hexdigest()
+    except OSError:
+        return None
+    return now != written
 
 def list_checkpoints(run_dir: str | Path) -> list[Path]:
     """A run's weight checkpoints, oldest first."""

@@ -5,6 +5,7 @@ The step issues no host synchronisation: losses, gradient norms and non-finite c
 and are read once per `logging.log_every` steps."""
 from __future__ import annotations
 
+import hashlib
 import math
 import time
 from contextlib import nullcontext
@@ -23,7 +24,7 @@ from ddpm_cli.engine.distributed import DistInfo
 from ddpm_cli.engine.ema import EMA
 from ddpm_cli.engine.grad_accum import GradAccumulator
 from ddpm_cli.engine.files import atomic_write_bytes
-from ddpm_cli.engine.runs import list_checkpoints, make_run_dir, remove_new_dirs
+from ddpm_cli.engine.runs import CONFIG_WRITTEN, list_checkpoints, make_run_dir, remove_new_dirs
 from ddpm_cli.engine.metrics import MetricsLog, WandbSink, keep_metrics_until, plot_loss_curve, read_metrics
 from ddpm_cli.engine.lr_schedule import LRSchedule
 from ddpm_cli.engine.posthoc_ema import PosthocEMA
@@ -181,8 +182,10 @@ class Trainer:
         if self.main:
             import yaml
 
-            atomic_write_bytes(self.run_dir / "config.yaml",
-                               yaml.safe_dump(config_to_dict(cfg), sort_keys=False).encode())
+            text = yaml.safe_dump(config_to_dict(cfg), sort_keys=False).encode()
+            atomic_write_bytes(self.run_dir / "config.yaml", text)
+            # what this run wrote, so that a resume can tell a file edited since (cli/train.py) from its own
+            atomic_write_bytes(self.run_dir / CONFIG_WRITTEN, hashlib.sha256(text).hexdigest().encode())
 
     # -- the step ------------------------------------------------------------------------------------------
 
@@ -403,7 +406,7 @@ class Trainer:
                              last_loss, first_loss, records)
         if stop_reason == "signal":
             code = EXIT_SIGINT if self.stop.signum == 2 else EXIT_SIGTERM
-            if checkpoint is None:
+            if self.step == 0:  # (checkpoint is None on every rank but 0, which alone saves)
                 raise TrainingAborted(f"stopped by signal {self.stop.signum} before the first step; nothing was "
                                       f"saved: start the run again with the same command", code)
             raise TrainingAborted(f"stopped by signal {self.stop.signum} at step {self.step}; checkpoint "

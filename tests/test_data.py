@@ -251,6 +251,10 @@ def test_a_large_jpeg_decodes_at_a_reduced_scale_to_nearly_the_same_pixels():
                                                method=Image.Resampling.BICUBIC)).transpose(2, 0, 1)
             assert resized and fast.shape == full.shape == (3, size[1], size[0])
             assert np.abs(fast.astype(int) - full).mean() < 2.5, (exif_turn, size)
+    # exactly 8 times the size: libjpeg alone makes it, and it counts as resized (eval's warning says how many)
+    out = io.BytesIO()
+    photo.resize((512, 512)).save(out, "JPEG", quality=92)
+    assert decode_image(out.getvalue(), (64, 64), 3)[1] is True
 
 
 def test_a_very_large_image_decodes_without_pil_s_warning(monkeypatch, recwarn):
@@ -262,7 +266,6 @@ def test_a_very_large_image_decodes_without_pil_s_warning(monkeypatch, recwarn):
     from ddpm_cli.engine import decode
 
     monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1000)  # a 40x40 image counts as one over the limit
-    monkeypatch.setattr(decode, "_quiet", False)
     blob = io.BytesIO()
     Image.new("RGB", (40, 40), (9, 9, 9)).save(blob, "PNG")
     out, resized = decode.decode_image(blob.getvalue(), (8, 8), 3)

@@ -162,6 +162,17 @@ def test_streaming_statistics_equal_numpy(inception):
     np.testing.assert_allclose(sigma, np.cov(x.astype(np.float64), rowvar=False), rtol=1e-9, atol=1e-12)
 
 
+def test_an_npz_of_gray_and_alpha_images_is_read():
+    """`ddpm sample --format npz` of a model.in_channels=2 run writes (N, H, W, 2): it was refused as unreadable."""
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as d:
+        path = Path(d) / "la.npz"
+        np.savez(path, arr_0=np.zeros((3, 8, 8, 2), np.uint8))
+        src = ev_sources.npz_source(path)
+        assert src.count == 3 and next(iter(src.batches(3))).shape == (3, 2, 8, 8)
+
+
 def test_inception_sees_rgb_for_every_channel_count():
     rgb = torch.randint(0, 256, (2, 3, 4, 4), dtype=torch.uint8)
     gray = rgb[:, :1]
@@ -332,7 +343,7 @@ def test_sets_of_two_sizes_are_scored_with_a_warning(cli_files, clean):
     r = runner.invoke(app, ["eval", str(big), "--ref", str(f["ref"]), "--no-cache", *f["common"]])
     assert r.exit_code == 0, r.output
     h, w = clean.shape[-2:]
-    assert f"the samples are {2 * h}x{2 * w} and the reference {h}x{w}" in r.stderr
+    assert f"warning: the samples are {2 * h}x{2 * w} and the reference {h}x{w}" in r.stderr
     r = runner.invoke(app, ["eval", str(f["samples"]), "--ref", str(f["ref"]), "--no-cache", *f["common"]])
     assert r.exit_code == 0 and "warning: the samples are" not in r.stderr
 

@@ -266,6 +266,8 @@ def test_fp16_of_a_barely_trained_checkpoint_says_why_it_fails(tmp_path):
 
     run = train(tiny_config(tmp_path / "runs", train__steps=1, train__warmup_steps=100)).run_dir
     error = one_line_error(cli("export", run, "--dtype", "fp16", "-o", tmp_path / "h.safetensors"))
-    assert "near zero" in error and "bf16" in error and "report" not in error
+    assert "barely trained" in error and "bf16" in error and "report" not in error
     assert not (tmp_path / "h.safetensors").exists()
+    error = one_line_error(cli("export", run, "--format", "diffusers", "--dtype", "fp16", "-o", tmp_path / "d"))
+    assert "barely trained" in error and "report" not in error and not (tmp_path / "d").exists()
     ok("export", run, "--dtype", "bf16", "-o", tmp_path / "b.safetensors")  # bf16 has fp32's range

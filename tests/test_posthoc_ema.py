@@ -167,6 +167,7 @@ def test_ema_refuses_bad_input_in_one_line(tmp_path):
         msg = one_line_error(cli("ema", run, "-l", "0.1", "-o", target, "--overwrite"), code=(2,))
         assert "training checkpoint" in msg
     assert ckpt.read_bytes() == before
+    assert "snapshots of the lengths" in ok("ema", run / "checkpoints").stdout  # the folder stands for the run
     ok("ema", run, "-l", "0.1", "-o", tmp_path / "avg.pt")  # another name: written, and again with --overwrite
     ok("ema", run, "-l", "0.1", "-o", tmp_path / "avg.pt", "--overwrite")
     # a length the snapshots cannot resolve is written, with a warning that says so

@@ -20,7 +20,9 @@ def _run_and_step(path: Path, step: int | None) -> tuple[Path, int | None]:
     from ddpm_cli.engine.runs import CKPT_RE
     from ddpm_cli.errors import UsageError
 
-    path = path.resolve()  # a checkpoint named from inside its checkpoints/ folder still finds its run
+    from ddpm_cli.engine.runs import run_folder
+
+    path = run_folder(path).resolve()  # a checkpoint named from inside its checkpoints/ folder still finds its run
     if path.is_dir():
         return path, step
     match = CKPT_RE.search(path.name)

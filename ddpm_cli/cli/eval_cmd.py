@@ -45,10 +45,13 @@ class EvalDisplay:
         elif self.progress is not None and self.task is not None:
             self.progress.update(self.task, completed=done)
 
-    def on_message(self, text: str) -> None:
-        (self.progress.console if self.progress else err_console).print(f"[yellow]note:[/] {escape(text)}",
+    def on_message(self, text: str, label: str = "note") -> None:
+        (self.progress.console if self.progress else err_console).print(f"[yellow]{label}:[/] {escape(text)}",
                                                                         markup=True, soft_wrap=True,
                                                                         highlight=False)
+
+    def on_warning(self, text: str) -> None:
+        self.on_message(text, "warning")
 
     def close(self) -> None:
         if self.plain is not None:

@@ -179,7 +179,8 @@ def folder_files(root: Path) -> list[Path]:
             subfolders[:] = []
             continue
         seen.add(real)
-        subfolders[:] = [d for d in subfolders if not d.startswith(".")]
+        subfolders[:] = sorted(d for d in subfolders if not d.startswith("."))  # in order: two links to one
+        # folder give it the first name on every machine
         found += [Path(folder) / n for n in names if not n.startswith(".") and os.path.isfile(os.path.join(folder, n))]
     return found
 

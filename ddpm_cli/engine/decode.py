@@ -8,7 +8,6 @@ import signal
 import warnings
 import zipfile
 import zlib
-from pathlib import Path
 
 import numpy as np
 
@@ -17,9 +16,18 @@ MODES = {1: "L", 2: "LA", 3: "RGB", 4: "RGBA"}
 
 
 def fingerprint() -> str:
-    """This decoder's identity, for every cache of what it decoded (the data cache, FID reference statistics): its
-    source, so a change to how images decode reaches cached sets without a version bump."""
-    return hashlib.sha256(Path(__file__).read_bytes()).hexdigest()[:16]
+    """This decoder's identity, for every cache of what it decoded (the data cache, FID reference statistics): the
+    source of the functions that make pixels, and Pillow's version, so a change to how images decode reaches cached
+    sets without a version bump (and a change elsewhere in this file does not throw them away)."""
+    import inspect
+
+    import PIL
+
+    try:
+        source = "\n".join(inspect.getsource(f) for f in (decode_image, _wide_to_8_bits)) + repr(MODES)
+    except (OSError, TypeError):  # no source to read (a frozen install): the version stands in
+        from ddpm_cli import __version__ as source
+    return hashlib.sha256(f"{source}\n{PIL.__version__}".encode()).hexdigest()[:16]
 
 
 def _wide_to_8_bits(a: np.ndarray, mode: str, fmt: str | None) -> np.ndarray:
@@ -40,9 +48,6 @@ def _wide_to_8_bits(a: np.ndarray, mode: str, fmt: str | None) -> np.ndarray:
     return a.round().clip(0, 255).astype(np.uint8)
 
 
-_quiet = False  # PIL's DecompressionBombWarning silenced (decode_image, once per process)
-
-
 def decode_image(blob: bytes | None, size: tuple[int, int] | None = None,
                  channels: int = 3) -> tuple[np.ndarray | None, bool]:
     """An image file -> (uint8 (C, H, W), whether it was resized): turned as its EXIF orientation says (a phone's
@@ -51,24 +56,25 @@ def decode_image(blob: bytes | None, size: tuple[int, int] | None = None,
     `size` is decoded at a reduced scale first. (None, False) for a file that is not a readable image."""
     from PIL import Image, ImageOps
 
-    if blob is None:  # a file that could not be read (ImageFiles.blobs)
+    if blob is None:  # a file that could not be read (read_file)
         return None, False
-    global _quiet
-    if not _quiet:  # PIL's two-line advice on images over 89M pixels, printed per image: these are the user's own
-        warnings.filterwarnings("ignore", category=Image.DecompressionBombWarning)
-        _quiet = True
+    # PIL's two-line advice on images over 89M pixels, printed per image: these are the user's own. Set on every
+    # call (a no-op once there), as a caller's catch_warnings may have taken it away since.
+    warnings.filterwarnings("ignore", category=Image.DecompressionBombWarning)
     try:
         with Image.open(io.BytesIO(blob)) as im:
+            stored = im.size
             if size is not None and im.format == "JPEG":
                 # libjpeg decodes at 1/2, 1/4 or 1/8 scale, each side kept at least the target's longer side (so
                 # any crop to the target's shape, after any EXIF turn, still has the target's pixels or more)
                 im.draft(None, (max(size), max(size)))
+            drafted = im.size != stored
             im = ImageOps.exif_transpose(im)
             if im.mode in ("I", "F") or im.mode.startswith("I;16"):  # convert() would clip or zero them
                 im = Image.fromarray(_wide_to_8_bits(np.asarray(im), im.mode, im.format))
             im = im.convert(MODES[channels])
-            resized = size is not None and im.size != tuple(size)
-            if resized:
+            resized = size is not None and (im.size != tuple(size) or drafted)  # drafted: resized by libjpeg
+            if size is not None and im.size != tuple(size):
                 im = ImageOps.fit(im, tuple(size), method=Image.Resampling.BICUBIC)
             arr = np.asarray(im, dtype=np.uint8)
     except Exception:  # PIL raises many types for corrupt files; such a file is skipped with a warning

@@ -100,13 +100,14 @@ def _unfolded_output(net: torch.nn.Module, inputs: tuple[torch.Tensor, ...]) -> 
         return net(*inputs)
 
 
-def _check(dst: Path, err: float, tol: float, what: str, scale: float | None = None) -> None:
+def check_export(dst: Path, err: float, tol: float, what: str, scale: float | None = None) -> None:
     """Raise if the written-but-not-yet-placed export misses the tolerance (the caller removes its temporary).
-    `scale`: the largest output of the source in fp16 exports, whose tiny values fp16 cannot hold."""
+    `scale`: in fp16 exports, the source's largest output. A network whose outputs are all near zero is barely
+    trained: its zero-initialised layers have hardly moved, and weights that small fall below fp16's range."""
     if not err <= tol and scale is not None and scale < 1e-3:
-        raise DdpmError(f"export check failed: the network's outputs are all near zero (at most {scale:.1e}: a "
-                        f"barely trained checkpoint, its zero-initialised last layer hardly moved), which fp16 "
-                        f"rounds to zero; {dst.name} was not written. Export it as bf16 or fp32, or train longer")
+        raise DdpmError(f"export check failed: the checkpoint is barely trained (its outputs are at most "
+                        f"{scale:.1e}: its zero-initialised layers have hardly moved), and its weights are too small "
+                        f"for fp16; {dst.name} was not written. Export it as bf16 or fp32, or train longer")
     if not err <= tol:  # also catches NaN
         raise DdpmError(f"export check failed: {what} differs from PyTorch by a relative error of {err:.3g} "
                         f"(limit {tol:g}); {dst.name} was not written. Please report this with the checkpoint's "
@@ -191,7 +192,7 @@ def export_safetensors(ckpt, use_ema: bool, dst: Path, dtype: str, ema_decay: fl
         with torch.no_grad():
             want = Denoiser(ref, cfg.model.conditional)(*inputs)
             err = relative_error(Denoiser(got, cfg.model.conditional)(*inputs), want)
-        _check(dst, err, TOLERANCE[dtype], f"the {dtype} weights",
+        check_export(dst, err, TOLERANCE[dtype], f"the {dtype} weights",
                float(want.abs().max()) if dtype == "fp16" else None)
         _place(tmp, dst)
     finally:
@@ -269,7 +270,7 @@ def export_onnx(ckpt, use_ema: bool, dst: Path, ema_decay: float | None = None) 
             raise DdpmError(f"the exported ONNX model does not run in onnxruntime ({type(e).__name__}: "
                             f"{str(e).splitlines()[0] if str(e) else ''}); {dst.name} was not written") from None
         err = relative_error(torch.from_numpy(got), _unfolded_output(net, inputs))
-        _check(dst, err, TOLERANCE["fp32"], "onnxruntime's output")
+        check_export(dst, err, TOLERANCE["fp32"], "onnxruntime's output")
         _place(tmp, dst)
     finally:
         tmp.unlink(missing_ok=True)
@@ -306,7 +307,7 @@ def export_pt2(ckpt, use_ema: bool, dst: Path, ema_decay: float | None = None) -
             raise DdpmError(f"torch.export failed ({type(e).__name__}: "
                             f"{str(e).splitlines()[0] if str(e) else ''}); {dst.name} was not written") from None
         err = relative_error(got, _unfolded_output(net, inputs))
-        _check(dst, err, TOLERANCE["fp32"], "the torch.export program")
+        check_export(dst, err, TOLERANCE["fp32"], "the torch.export program")
         _place(tmp, dst)
     finally:
         shutil.rmtree(tmp_dir, ignore_errors=True)

@@ -147,11 +147,12 @@ class InTrainingFid:
                 ev_inception.check_inception_path(lc.fid_inception_weights)
         except DdpmError as e:
             raise ConfigError(str(e).replace("--inception-weights", "logging.fid_inception_weights")) from None
-        if lc.fid_ref is not None:
-            try:
-                sources.open_images_or_stats(lc.fid_ref, data_root=self.cfg.data.root, role="logging.fid_ref")
-            except DdpmError as e:
-                raise ConfigError(str(e).replace("(--save-stats)", "(`ddpm eval --save-stats`)")) from None
+        refs = sources.CIFAR10_REFS
+        if lc.fid_ref is not None and lc.fid_ref not in refs and not Path(lc.fid_ref).expanduser().exists():
+            # only that it is there: reading a reference (an .npz of 50,000 images, say) is the first FID's work
+            raise ConfigError(f"logging.fid_ref {lc.fid_ref} not found; point it at a folder or .zip of images, an "
+                              f".npz of images or statistics (`ddpm eval --save-stats`), {' or '.join(refs)}, or "
+                              f"a run config YAML")
 
     def __call__(self, net: torch.nn.Module) -> float:
         from ddpm_cli.engine.draw import Drawer

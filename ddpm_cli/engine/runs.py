@@ -53,9 +53,12 @@ def latest_checkpoint(run_dir: str | Path) -> Path | None:
 
 
 def run_folder(path: str | Path) -> Path:
-    """A run directory as given, or the run of its checkpoints/ folder (given by tab completion, say)."""
+    """A run directory as given, or the run of its checkpoints/ folder (given by tab completion, or `.` from in
+    it)."""
     p = Path(path)
-    return p.parent if p.name == "checkpoints" and not list_checkpoints(p) and list_checkpoints(p.parent) else p
+    real = p.resolve()
+    return real.parent if real.name == "checkpoints" and not list_checkpoints(real) and list_checkpoints(real.parent) \
+        else p
 
 
 def resolve_checkpoint(path: str | Path) -> Path:

@@ -101,10 +101,10 @@ def check_request(req: EvalRequest) -> tuple[DrawPlan | None, ImageSource | Feat
             if source is not None and Path(source).resolve() == target:
                 raise UsageError(f"--save-stats {req.save_stats} is also the {name}: writing the statistics there "
                                  f"would replace it; pass another file")
-        if target.exists() and not req.overwrite:
-            raise UsageError(f"{req.save_stats} exists; pass --overwrite to replace it, or another --save-stats file")
         if target.is_dir():
             raise UsageError(f"--save-stats {req.save_stats} is a folder; pass a file name (.npz)")
+        if target.exists() and not req.overwrite:
+            raise UsageError(f"{req.save_stats} exists; pass --overwrite to replace it, or another --save-stats file")
     if req.kid_subsets < 1 or req.kid_subset_size < 2:
         raise UsageError("--kid-subsets must be at least 1 and --kid-subset-size at least 2")
     if req.inception_weights is not None:
@@ -205,8 +205,8 @@ def _evaluate(req: EvalRequest, ref: ImageSource | FeatureStats, plan: DrawPlan 
     sizes = [s.meta.get("image_size") for s in (sample_stats, ref_stats)]
     if all(sizes) and sizes[0] != sizes[1]:  # statistics from before sizes were kept say nothing
         (h, w), (rh, rw) = sizes
-        notify(callbacks, "on_message", f"warning: the samples are {h}x{w} and the reference {rh}x{rw}: Inception "
-                                        f"resizes both to 299x299, so the score also measures the difference in "
+        notify(callbacks, "on_warning", f"the samples are {h}x{w} and the reference {rh}x{rw}: Inception resizes "
+                                        f"both to 299x299, so the score also measures the difference in "
                                         f"resolution; compare sets of one size")
     result = score(sample_stats, ref_stats, kid_subsets=req.kid_subsets, kid_subset_size=req.kid_subset_size,
                    device=device, callbacks=callbacks)

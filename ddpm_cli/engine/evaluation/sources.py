@@ -127,11 +127,11 @@ def _npz_images(z, path: Path) -> np.ndarray:
     if arr.ndim != 4 or arr.dtype != np.uint8:
         raise DataError(f"{path}: {keys[0]!r} is {arr.dtype} {arr.shape}; expected uint8 images (N, H, W, C) or "
                         f"(N, C, H, W) with values 0-255")
-    if arr.shape[-1] in (1, 3, 4) and arr.shape[1] not in (1, 3, 4):
+    if arr.shape[-1] in (1, 2, 3, 4) and arr.shape[1] not in (1, 2, 3, 4):
         arr = arr.transpose(0, 3, 1, 2)  # (N, H, W, C) -> (N, C, H, W)
-    elif arr.shape[1] not in (1, 3, 4):
+    elif arr.shape[1] not in (1, 2, 3, 4):
         raise DataError(f"{path}: cannot tell the channel axis of {keys[0]!r} {arr.shape}; expected (N, H, W, C) or "
-                        f"(N, C, H, W) with 1, 3 or 4 channels")
+                        f"(N, C, H, W) with 1 to 4 channels (gray, gray + alpha, RGB, RGBA)")
     return np.ascontiguousarray(arr)
 
 
@@ -206,7 +206,9 @@ def samples_source(drawer: Any, n: int, *, seed: int = 0, labels: torch.Tensor |
 
 def is_checkpoint(path: str | Path) -> bool:
     """A .safetensors file or a run directory (what `ddpm sample` takes), as opposed to images or statistics."""
-    p = Path(path)
+    from ddpm_cli.engine.runs import run_folder
+
+    p = run_folder(path)  # a run's checkpoints/ folder stands for the run
     if p.is_dir():
         return (p / "checkpoints").is_dir() or (p / "latest.json").is_file()
     return p.suffix == ".safetensors"

@@ -35,11 +35,14 @@ class EvalCallbacks:
 
     def on_phase(self, name: str, total: int) -> None: ...  # a new stage over `total` images begins
     def on_advance(self, done: int) -> None: ...  # images finished in the current stage
-    def on_message(self, text: str) -> None: ...  # a warning or a note for the user
+    def on_message(self, text: str) -> None: ...  # a note for the user
+    def on_warning(self, text: str) -> None: ...  # a warning (callbacks without it get it as a message)
 
 
 def notify(callbacks: Any, name: str, *args: Any) -> None:
     fn = getattr(callbacks, name, None) if callbacks is not None else None
+    if fn is None and name == "on_warning":
+        fn = getattr(callbacks, "on_message", None) if callbacks is not None else None
     if fn is not None:
         fn(*args)
 

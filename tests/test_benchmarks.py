@@ -306,3 +306,13 @@ def test_bench_data_cache_decodes_once_then_loads(tmp_path):
     runs = [json.loads(x) for x in r.stdout.split("BENCH ")[1:]]
     assert [x["cache"] for x in runs] == ["empty", "filled"] and all(x["images"] == 6 for x in runs)
     assert [x["entries"] for x in runs] == [1, 1] and all(x["seconds"] > 0 for x in runs)
+
+
+def test_sampler_accuracy_prints_each_sampler_s_error_by_calls():
+    r = subprocess.run([sys.executable, "benchmarks/sampler_accuracy.py", "--steps", "4", "8", "--images", "16",
+                        "--samplers", "dpm++2m", "unipc"], cwd=ROOT, capture_output=True, text=True, timeout=300,
+                       env={**os.environ, "PYTHONPATH": str(ROOT)})
+    assert r.returncode == 0, r.stderr[-3000:]
+    rows = [line for line in r.stdout.splitlines() if line.startswith("| dpm") or line.startswith("| unipc")]
+    assert [row.split(" | ")[0] for row in rows] == ["| dpm++2m", "| unipc"]
+    assert all(len(row.strip("| ").split(" | ")) == 3 for row in rows)  # the name and two step counts

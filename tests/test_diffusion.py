@@ -159,31 +159,19 @@ def test_unipc_s_corrector_raises_dpm_solver_s_order_at_no_extra_evaluation():
 
 def test_unipc_on_a_mixture_beats_dpm_solver_at_the_same_calls():
     """On a mixture of Gaussians (the exact denoiser is a softmax over modes, so the ODE bends as real data's does)
-    UniPC lands closer to the ODE's exact end (DPM-Solver++(3M) over every timestep) than DPM-Solver++(2M) at 8
-    to 20 calls: the median image's error, which the few images that a coarse step sends to another mode do not
-    swamp (at 5 calls the two are even)."""
-    from ddpm_cli.diffusion.sampler_spec import SamplerSpec
-    from ddpm_cli.diffusion.samplers import sample
+    UniPC lands closer to the ODE's exact end than DPM-Solver++(2M) at 8 to 20 calls: the median image's error,
+    which the few images that a coarse step sends to another mode do not swamp (at 5 calls the two are even).
+    benchmarks/sampler_accuracy.py prints the whole table."""
+    import sys
 
-    d = build_diffusion(DiffusionConfig(schedule="linear", num_timesteps=1000))
-    ab = d.alpha_bar.double()
-    means = torch.rand(16, 48, dtype=torch.float64, generator=torch.Generator().manual_seed(0)) * 1.4 - 0.7
-    tau = 0.08
+    from conftest import ROOT
 
-    def model(x, t, y):
-        flat = x.double().reshape(x.shape[0], -1)
-        a, s = ab[t].sqrt().view(-1, 1, 1), (1 - ab[t]).sqrt().view(-1, 1, 1)
-        var = a**2 * tau**2 + s**2
-        offset = flat[:, None] - a * means[None]  # (B, K, D)
-        w = torch.softmax(-offset.pow(2).sum(-1, keepdim=True) / (2 * var), dim=1)
-        x0 = (w * (means[None] + a * tau**2 / var * offset)).sum(1)
-        return ((flat - a[:, 0] * x0) / s[:, 0]).float().reshape(x.shape)
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    from sampler_accuracy import mixture_problem, per_image_error
 
-    x_T = torch.randn(256, 3, 4, 4, generator=torch.Generator().manual_seed(1))
-    exact = sample(model, d, x_T.clone(), spec=SamplerSpec("dpm++3m", 1000, spacing="uniform")).double()
+    problem = mixture_problem()
     for steps in (8, 10, 20):
-        err = {s: float((sample(model, d, x_T.clone(), spec=SamplerSpec(s, steps)).double() - exact).pow(2)
-                        .flatten(1).mean(1).sqrt().median()) for s in ("dpm++2m", "unipc")}
+        err = {s: float(per_image_error(problem, s, steps).median()) for s in ("dpm++2m", "unipc")}
         assert err["unipc"] < 0.85 * err["dpm++2m"], (steps, err)
 
 

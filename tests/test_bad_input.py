@@ -306,7 +306,17 @@ def test_resume_cannot_change_what_the_network_predicts(ckpt_copy):
     """The weights, their averages and the stored guide learned to predict the noise; a resume that called their
     output v would mix the two in one checkpoint. Refused before anything is written."""
     before = sorted(p.name for p in ckpt_copy.parent.parent.rglob("*"))
-    assert_refused(_resume(ckpt_copy, "diffusion.prediction=v"), "diffusion.prediction=eps")
+    assert_refused(_resume(ckpt_copy, "diffusion.prediction=v"), "diffusion.prediction=eps -> v")
+    assert sorted(p.name for p in ckpt_copy.parent.parent.rglob("*")) == before
+
+
+@pytest.mark.parametrize("change", ["model.num_heads=4", "model.norm_eps=0.1", "diffusion.schedule=cosine",
+                                    "diffusion.num_timesteps=500", "model.activation=relu"])
+def test_resume_cannot_change_what_the_weights_compute_or_their_noise(ckpt_copy, change):
+    """Each loaded into the same tensors, trained on, and the new checkpoint named a network or schedule its
+    weights were never trained as (a helper's sweep)."""
+    before = sorted(p.name for p in ckpt_copy.parent.parent.rglob("*"))
+    assert_refused(_resume(ckpt_copy, change), f"{change.split('=')[0]}=")
     assert sorted(p.name for p in ckpt_copy.parent.parent.rglob("*")) == before
 
 

@@ -306,6 +306,11 @@ def test_bad_folders_are_refused_in_one_line_and_nothing_is_written(tmp_path):
     save_file({**tensors, "extra_block.weight": torch.zeros(2)}, folder / "diffusion_pytorch_model.safetensors")
     assert "extra_block.weight that its config.json does not describe" in one_line_error(
         cli("import", folder, "--out", out))
+    poisoned = {**tensors, "conv_in.bias": torch.full_like(tensors["conv_in.bias"], float("nan"))}
+    save_file(poisoned, folder / "diffusion_pytorch_model.safetensors")  # it sampled black images, exit 0
+    assert "NaN or infinite" in one_line_error(cli("import", folder, "--out", out))
+    save_file({**tensors, "conv_in.bias": tensors["conv_in.bias"].long()}, folder / "diffusion_pytorch_model.safetensors")
+    assert "not weights" in one_line_error(cli("import", folder, "--out", out))
     del tensors["conv_out.bias"]
     save_file(tensors, folder / "diffusion_pytorch_model.safetensors")
     assert "lacks tensor conv_out.bias" in one_line_error(cli("import", folder, "--out", out))
@@ -322,6 +327,15 @@ def test_a_scheduler_without_betas_is_refused(tmp_path):
                                                               "sigma_max": 1348.0, "num_train_timesteps": 2000}))
     line = one_line_error(cli("import", folder, "--out", tmp_path / "x.safetensors"))
     assert "ScoreSdeVeScheduler without betas" in line and not (tmp_path / "x.safetensors").exists()
+    # a DDPM-family scheduler without betas has DDPMScheduler's default ones (it was refused, while a folder with
+    # no scheduler config at all took them); a network of continuous noise levels is refused (it was imported)
+    (folder / "scheduler_config.json").write_text(json.dumps({"_class_name": "DDPMScheduler",
+                                                              "num_train_timesteps": 1000}))
+    ok("import", folder, "--out", tmp_path / "defaults.safetensors")
+    (folder / "scheduler_config.json").write_text(json.dumps({"_class_name": "EulerDiscreteScheduler",
+                                                              "beta_schedule": "linear",
+                                                              "timestep_type": "continuous"}))
+    assert "timestep_type" in one_line_error(cli("import", folder, "--out", tmp_path / "y.safetensors"))
 
 
 def test_pickled_weights_alone_are_refused(tmp_path):
@@ -432,6 +446,13 @@ def test_other_architectures_and_schedules_export_to_the_same_network_and_betas(
     assert compare(unet, tmp_path / "m.safetensors") < 1e-5
     scheduler = DDPMScheduler.from_pretrained(tmp_path / "pipe", subfolder="scheduler")
     assert torch.allclose(scheduler.betas, build_diffusion(cfg.diffusion).betas, rtol=1e-5)
+    # and back: the same schedule (dns's betas were refused as unnamed, in a 22 KB line)
+    ok("import", tmp_path / "pipe", "--out", tmp_path / "back.safetensors")
+    from ddpm_cli.engine.checkpoint import load_checkpoint
+
+    back = load_checkpoint(tmp_path / "back.safetensors").config.diffusion
+    assert (back.schedule, back.num_timesteps) == (cfg.diffusion.schedule, cfg.diffusion.num_timesteps)
+    assert torch.allclose(build_diffusion(back).betas, build_diffusion(cfg.diffusion).betas)
 
 
 def test_any_value_of_any_field_is_mapped_or_refused_in_one_error():

@@ -42,7 +42,17 @@ PREDICTION = {"epsilon": "eps", "v_prediction": "v"}  # diffusers' prediction_ty
 
 
 def _refuse(field: str, value, why: str) -> CheckpointError:
-    return CheckpointError(f"unsupported diffusers setting {field} = {value!r}: {why}")
+    shown = repr(value)
+    shown = shown if len(shown) <= 80 else f"{shown[:60]}... ({len(value) if hasattr(value, '__len__') else '?'} values)"
+    return CheckpointError(f"unsupported diffusers setting {field} = {shown}: {why}")
+
+
+# Schedulers over the discrete DDPM timesteps of a beta schedule, whose betas default to DDPMScheduler's (linear,
+# 1e-4 to 0.02): a config of one without betas means those. Others (ScoreSdeVe, ...) have no betas at all.
+BETA_SCHEDULERS = {"DDPMScheduler", "DDIMScheduler", "PNDMScheduler", "DPMSolverMultistepScheduler",
+                   "DPMSolverSinglestepScheduler", "UniPCMultistepScheduler", "DEISMultistepScheduler",
+                   "EulerDiscreteScheduler", "EulerAncestralDiscreteScheduler", "HeunDiscreteScheduler",
+                   "LMSDiscreteScheduler", "KDPM2DiscreteScheduler", "KDPM2AncestralDiscreteScheduler"}
 
 
 def _number(c: dict, key: str) -> float:
@@ -131,9 +141,14 @@ def model_config_from_diffusers(cfg: dict) -> dict:
 
 def diffusion_config_from_scheduler(cfg: dict | None) -> dict:
     """A DDPMScheduler scheduler_config.json (None: its defaults) -> ddpm's diffusion section (a dict)."""
-    if cfg is not None and not any(k in cfg for k in ("beta_schedule", "beta_start", "beta_end", "trained_betas")):
+    betas_given = cfg is not None and any(k in cfg for k in ("beta_schedule", "beta_start", "beta_end",
+                                                              "trained_betas"))
+    if cfg is not None and not betas_given and cfg.get("_class_name", "DDPMScheduler") not in BETA_SCHEDULERS:
         raise CheckpointError(f"scheduler_config.json describes a {cfg.get('_class_name', 'scheduler')} without "
                               f"betas; ddpm imports models of a DDPM noise schedule (DDPMScheduler's)")
+    if cfg is not None and cfg.get("timestep_type", "discrete") != "discrete":
+        raise _refuse("timestep_type", cfg["timestep_type"], "the network takes noise levels, not ddpm's integer "
+                                                              "timesteps")
     c = {**SCHEDULER_DEFAULTS, **(cfg or {})}
     T = c["num_train_timesteps"]
     if isinstance(T, bool) or not isinstance(T, int) or T < 1:
@@ -141,17 +156,20 @@ def diffusion_config_from_scheduler(cfg: dict | None) -> dict:
     if not isinstance(c["prediction_type"], str) or c["prediction_type"] not in PREDICTION:
         raise _refuse("prediction_type", c["prediction_type"], "ddpm's networks predict the noise (epsilon) or "
                                                                "the velocity (v_prediction)")
+    named = _named_betas(c, T)  # trained_betas that ddpm's export wrote for a schedule diffusers has no name for
     for key, want, why in (("thresholding", False, "ddpm clips predicted images to [-1, 1] instead"),
                            ("clip_sample", True, "ddpm's samplers always clip predicted images to [-1, 1]"),
                            ("clip_sample_range", 1.0, "ddpm clips predicted images to [-1, 1]"),
                            ("rescale_betas_zero_snr", False, "ddpm has no zero-terminal-SNR rescaling"),
                            ("trained_betas", None, "ddpm builds its betas from a named schedule")):
-        if c[key] != want:
+        if c[key] != want and not (key == "trained_betas" and named):
             raise _refuse(key, c[key], why)
     if not isinstance(c["variance_type"], str) or c["variance_type"] not in VARIANCE:
         raise _refuse("variance_type", c["variance_type"], "ddpm's ancestral sampler supports fixed_small "
                                                            "(posterior variance) and fixed_large (beta)")
     out = {"num_timesteps": T, "variance": VARIANCE[c["variance_type"]], "prediction": PREDICTION[c["prediction_type"]]}
+    if named:
+        return {**out, **named}
     if c["beta_schedule"] == "linear":  # ddpm scales low/high by 1000/T; diffusers' betas are absolute
         return {**out, "schedule": "linear", "schedule_low": _number(c, "beta_start") * T / 1000,
                 "schedule_high": _number(c, "beta_end") * T / 1000}
@@ -203,6 +221,24 @@ def unet_config_from_model(m: ModelConfig) -> dict:
     }
 
 
+def _named_betas(c: dict, T: int) -> dict | None:
+    """The ddpm schedule (as diffusion fields) that a config's trained_betas are, when ddpm's export named it in
+    `ddpm_schedule` and the betas are its betas; else None."""
+    from ddpm_cli.diffusion.schedules import make_betas
+
+    named, betas = c.get("ddpm_schedule"), c.get("trained_betas")
+    if not isinstance(named, dict) or not isinstance(betas, list) or len(betas) != T:
+        return None
+    try:
+        fields = {k: named[k] for k in ("schedule", "schedule_low", "schedule_high", "dns_offset")}
+        rebuilt = make_betas(fields["schedule"], T, fields["schedule_low"], fields["schedule_high"],
+                             fields["dns_offset"])
+        same = all(abs(float(a) - float(b)) <= 1e-9 + 1e-6 * abs(float(b)) for a, b in zip(betas, rebuilt.tolist()))
+    except (KeyError, TypeError, ValueError):
+        return None
+    return fields if same else None
+
+
 def scheduler_config_from_diffusion(d: DiffusionConfig) -> dict:
     """ddpm's diffusion section -> a DDPMScheduler scheduler_config.json (a dict): the same betas and the same
     ancestral sampler (predicted x_0 clipped to [-1, 1], as ddpm's)."""
@@ -218,8 +254,10 @@ def scheduler_config_from_diffusion(d: DiffusionConfig) -> dict:
            "timestep_spacing": "leading", "steps_offset": 0, "rescale_betas_zero_snr": False}
     if d.schedule == "cosine":
         out["beta_schedule"] = "squaredcos_cap_v2"
-    elif d.schedule != "linear":  # dns: no named diffusers schedule; the betas themselves
+    elif d.schedule != "linear":  # dns: no named diffusers schedule; the betas themselves, named for ddpm's import
         out["trained_betas"] = make_betas(d.schedule, T, d.schedule_low, d.schedule_high, d.dns_offset).tolist()
+        out["ddpm_schedule"] = {"schedule": d.schedule, "schedule_low": d.schedule_low,
+                                "schedule_high": d.schedule_high, "dns_offset": d.dns_offset}
     return out
 
 

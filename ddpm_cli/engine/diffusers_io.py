@@ -104,7 +104,13 @@ def to_ddpm(tensors: dict[str, torch.Tensor], cfg: RunConfig, source: str) -> di
         names = t.diffusers if all(n in tensors for n in t.diffusers) else t.legacy
         if not names or not all(n in tensors for n in names):
             raise CheckpointError(f"{source} lacks tensor {t.diffusers[0]}; its weights do not match its config.json")
+        if not all(tensors[n].is_floating_point() for n in names):
+            raise CheckpointError(f"{source}: tensor {names[0]} holds {tensors[names[0]].dtype} values, not weights "
+                                  f"(floating point); the file is not a model's")
         parts = [tensors[n].float() for n in names]
+        if not all(bool(torch.isfinite(x).all()) for x in parts):
+            raise CheckpointError(f"{source}: tensor {names[0]} holds NaN or infinite values; the model would draw "
+                                  f"blank images: take the weights from an earlier or intact copy")
         if t.op == "qkv":
             if len({tuple(x.shape) for x in parts}) != 1:
                 raise CheckpointError(f"{source}: tensors {', '.join(names)} differ in shape")

@@ -583,6 +583,25 @@ def test_in_training_fid_settings_are_checked_before_the_run_and_named_as_the_co
         assert not list((tmp_path / field).glob("*/checkpoints"))  # nothing trained
 
 
+def test_inception_that_cannot_be_loaded_fails_before_any_sampling(trained_run, clean, tmp_path, monkeypatch):
+    """Under --gpus the images were drawn (eagerly, across ranks) and only then did the Inception download fail:
+    with -n 50000, hours lost (a helper's sweep)."""
+    from ddpm_cli.errors import DdpmError
+
+    def offline(*a, **k):
+        raise DdpmError("could not download torch-fidelity's Inception weights")
+
+    def must_not_sample(*a, **k):
+        raise AssertionError("sampled before Inception was ready")
+
+    monkeypatch.setattr(ev_run, "load_inception", offline)
+    monkeypatch.setattr(ev_run, "load_drawer", must_not_sample)
+    req = ev_run.EvalRequest(ref=str(write_folder(clean[:4], tmp_path / "ref")), input=trained_run, n=4,
+                             device="cpu")
+    with pytest.raises(DdpmError, match="Inception"):
+        ev_run.evaluate(req)
+
+
 def test_eval_on_two_ranks_scores_the_images_of_one(clean, weights, trained_run, tmp_path):
     """`ddpm eval CKPT --gpus 2` (gloo here): each rank samples its batches, rank 0 gathers them in order and scores:
     the same images, so the same FID and KID, as one process; one JSON line."""

@@ -154,6 +154,9 @@ def _evaluate(req: EvalRequest, ref: ImageSource | FeatureStats, plan: DrawPlan 
     batch_size = req.batch_size or (250 if device.type == "cuda" else 50)
     t0 = time.perf_counter()
 
+    # Inception first (rank 0 alone under torchrun): weights that cannot be read or downloaded are said before any
+    # sampling, not after hours of it
+    inception = load_inception(req.inception_weights, device) if dist_info.rank == 0 else None
     sample_info: dict = {}
     samples: ImageSource | FeatureStats | None = None
     if plan is not None:  # a checkpoint to sample, as `ddpm sample` samples (bf16, channels-last, compiled)
@@ -183,7 +186,6 @@ def _evaluate(req: EvalRequest, ref: ImageSource | FeatureStats, plan: DrawPlan 
     elif dist_info.rank != 0:
         return {}
 
-    inception = load_inception(req.inception_weights, device)  # rank 0 alone under torchrun
     ref_stats = reference_stats(ref, inception, cache_dir=req.cache_dir, use_cache=req.use_cache,
                                 batch_size=batch_size, callbacks=callbacks)
     out: dict[str, Any] = {}

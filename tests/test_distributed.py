@@ -212,6 +212,7 @@ def test_gpus_flag_launches_torchrun(tmp_path):
     assert r.returncode == 0, r.stderr[-3000:]
     assert "x2" in r.stdout and "global batch 32" in r.stdout and "grad sync ddp" in r.stdout  # eager: DDP
     assert (tmp_path / "runs" / "tiny" / "checkpoints" / "ckpt-00000004.safetensors").exists()
+    assert "warning: no CUDA GPU here: --gpus 2 runs 2 processes on the CPU" in r.stderr
 
 
 RECORD_TORCHRUN = r"""
@@ -278,3 +279,13 @@ def test_sampling_on_two_ranks_gives_the_images_of_one(trained_run, tmp_path):
     assert a["arr_0"].shape == (7, 16, 16, 3) and np.array_equal(a["arr_0"], b["arr_0"])
     assert not list(tmp_path.glob(".*part*"))  # the ranks' part files are gone
     assert two.stdout.count("images in") == 1  # one summary line: rank 0's
+
+
+def test_gpus_beyond_the_machine_are_refused_and_cpu_processes_are_said(tmp_path):
+    """On a machine without a GPU, --gpus 9 started 9 processes on 2 cores and printed each one's error; --gpus 2
+    ran two CPU processes without a word about GPUs (a helper's second sweep)."""
+    from conftest import cli, one_line_error
+
+    cfg = write_yaml(tmp_path / "tiny.yaml", tiny_overrides(tmp_path / "runs"))
+    msg = one_line_error(cli("train", "--config", cfg, "--gpus", str((os.cpu_count() or 1) + 1)), code=(2,))
+    assert "without a CUDA GPU" in msg and not (tmp_path / "runs").exists()

@@ -406,6 +406,11 @@ def test_autoguidance_bad_inputs(trained_run, trained_conditional_run, tmp_path)
     assert msg.startswith("error: --guide-model: checkpoint") and "not found" in msg
     assert "is the checkpoint itself" in one_line_error(cli("sample", trained_run, "--guide-model", trained_run, *out))
     assert "finite" in one_line_error(cli("sample", trained_run, "--guidance", "nan", "--guide-model", early, *out))
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a folder")
+    for where in (["--format", "npz", "--out", blocker / "x.npz"], ["--grid", blocker / "g.png", *out]):
+        msg = one_line_error(cli("sample", trained_run, "-n", 2, *where))  # before drawing, not after
+        assert "cannot write" in msg and "a-file" in msg
     r = cli("sample", trained_run, "--seed", 2**64, *out)  # an overflow in torch's generator was a traceback
     assert r.exit_code == 2 and "--seed" in r.output and "Traceback" not in r.output
     assert not (tmp_path / "o").exists()  # refused before anything was written

@@ -14,10 +14,23 @@ def is_main_process() -> bool:
 
 
 def relaunch_with_torchrun(gpus: int) -> None:
+    import torch
     from torch.distributed.elastic.multiprocessing.api import SignalException
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.run import main as torchrun_main
 
+    from ddpm_cli.cli.ui import fail, warn
+
+    have = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    if have and gpus > have:
+        fail(f"--gpus {gpus}, but this machine has {have} CUDA GPU(s); pass --gpus {have} or fewer", code=2)
+    if not have:
+        cores = os.cpu_count() or 1
+        if gpus > cores:
+            fail(f"--gpus {gpus} on a machine without a CUDA GPU would start {gpus} CPU processes on {cores} cores; "
+                 f"run without --gpus", code=2)
+        warn(f"no CUDA GPU here: --gpus {gpus} runs {gpus} processes on the CPU (gloo), as the tests do; run "
+             f"without --gpus for one")
     argv = list(sys.argv[1:])
     if "--gpus" in argv:
         i = argv.index("--gpus")

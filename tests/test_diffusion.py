@@ -220,3 +220,14 @@ def test_every_sampler_draws_the_same_images_from_a_v_network_as_from_its_epsilo
     want, got = draw(d_eps, eps_model), draw(d_v, _v_network(d_eps, eps_model))
     assert (want - x_T).abs().mean() > 0.1  # the sampler moved
     torch.testing.assert_close(got, want, rtol=0, atol=1e-4)
+
+
+def test_options_a_sampler_will_not_use_are_said():
+    """--steps beyond T and --spacing with ddpm were dropped without a word (a helper's second sweep); --steps with
+    ddpm and --eta off ddim were already said."""
+    from ddpm_cli.diffusion.sampler_spec import SamplerSpec
+
+    assert any("more than the model's T = 10" in w for w in SamplerSpec("ddim", 50).warnings(10))
+    assert SamplerSpec("ddim", 10).warnings(10) == []
+    assert any("--spacing is ignored" in w for w in SamplerSpec("ddpm", spacing="logsnr").warnings(10))
+    assert any("--steps is ignored" in w for w in SamplerSpec("ddpm", 5).warnings(10))

@@ -50,6 +50,11 @@ class SamplerSpec:
         if name == "ddpm" and self.steps is not None and self.steps != num_timesteps:
             out.append(f"the ddpm sampler always takes all T = {num_timesteps} steps; --steps is ignored (use "
                        f"--sampler ddim or dpm++2m for fewer)")
+        if name != "ddpm" and self.steps is not None and self.steps > num_timesteps:
+            out.append(f"--steps {self.steps} is more than the model's T = {num_timesteps} timesteps; {name} takes "
+                       f"{num_timesteps}")
+        if name == "ddpm" and self.spacing is not None:
+            out.append("the ddpm sampler always takes all T steps; --spacing is ignored")
         if name != "ddim" and self.eta != 0.0:
             why = (" (the default sampler of a checkpoint with a stored guide; pass --sampler ddim)"
                    if self.sampler is None else "")

@@ -78,7 +78,8 @@ def check_guidance(path: Path, header: Header, cfg: RunConfig, guidance: float |
                         f"pass an earlier checkpoint of the run (its checkpoints/ckpt-*.safetensors)")
     m, gm = cfg.model, g.model
     differ = [what for what, a, b in (
-        ("image size", m.image_shape(), gm.image_shape()),
+        ("image size", m.hw, gm.hw),
+        ("channels", m.in_channels, gm.in_channels),
         ("classes", (m.conditional, m.conditional and m.num_classes),
          (gm.conditional, gm.conditional and gm.num_classes)),
         ("noise schedule", _betas(cfg), _betas(g)),

@@ -314,6 +314,19 @@ def test_bad_folders_are_refused_in_one_line_and_nothing_is_written(tmp_path):
     del tensors["conv_out.bias"]
     save_file(tensors, folder / "diffusion_pytorch_model.safetensors")
     assert "lacks tensor conv_out.bias" in one_line_error(cli("import", folder, "--out", out))
+    # two variants and no plain file: which one is meant is not guessed (the first by name was taken); shards
+    weights = folder / "diffusion_pytorch_model.safetensors"
+    save_file(tensors, folder / "diffusion_pytorch_model.ema.safetensors")
+    weights.rename(folder / "diffusion_pytorch_model.non_ema.safetensors")
+    assert "cannot tell which is meant" in one_line_error(cli("import", folder, "--out", out))
+    for p in folder.glob("diffusion_pytorch_model.*.safetensors"):
+        p.unlink()
+    save_file(tensors, folder / "diffusion_pytorch_model-00001-of-00002.safetensors")
+    assert "in shards" in one_line_error(cli("import", folder, "--out", out))
+    (folder / "diffusion_pytorch_model-00001-of-00002.safetensors").unlink()
+    save_file(tensors, folder / "diffusion_pytorch_model.fp16.safetensors")  # one variant: taken
+    assert "lacks tensor conv_out.bias" in one_line_error(cli("import", folder, "--out", out))
+    (folder / "diffusion_pytorch_model.fp16.safetensors").unlink()
     (folder / "diffusion_pytorch_model.safetensors").write_bytes(b"garbage")
     assert "not a readable safetensors file" in one_line_error(cli("import", folder, "--out", out))
     (folder / "config.json").write_text("{not json")

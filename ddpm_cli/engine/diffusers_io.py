@@ -69,8 +69,16 @@ def read_folder(path: str | Path) -> DiffusersFolder:
     weights = unet / WEIGHTS
     if not weights.is_file():
         variants = sorted(unet.glob("diffusion_pytorch_model*.safetensors"))
+        if any("-of-" in v.name for v in variants) or (unet / f"{WEIGHTS}.index.json").is_file():
+            raise CheckpointError(f"{unet} holds its weights in shards ({variants[0].name}, ...), which ddpm does "
+                                  f"not join; save the model again as one {WEIGHTS} (diffusers: "
+                                  f"save_pretrained(..., max_shard_size='100GB'))")
+        if len(variants) > 1:
+            raise CheckpointError(f"{unet} holds {len(variants)} weight files ({', '.join(v.name for v in variants)}) "
+                                  f"and no {WEIGHTS}; ddpm cannot tell which is meant: remove the others or name "
+                                  f"the one you want {WEIGHTS}")
         if variants:
-            weights = variants[0]  # e.g. the fp16 variant
+            weights = variants[0]  # e.g. the one fp16 variant
         elif (unet / "diffusion_pytorch_model.bin").is_file():
             raise CheckpointError(f"{unet} holds its weights only as diffusion_pytorch_model.bin, a pickle, which ddpm "
                                   f"never loads; download the repository's {WEIGHTS} too")

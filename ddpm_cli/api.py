@@ -14,24 +14,60 @@
 The CLI runs on the same engine (ddpm_cli.engine)."""
 from __future__ import annotations
 
+import math
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
 
-from ddpm_cli.config import RunConfig, load_config
+from ddpm_cli.config import RunConfig, validate_config
+from ddpm_cli.config import load_config as _load_config_file
 from ddpm_cli.diffusion.sampler_spec import SamplerSpec
 from ddpm_cli.engine import checkpoint as ckpt_io
 from ddpm_cli.engine.build import build_diffusion, build_unet, count_params, resolve_device
 from ddpm_cli.engine.data import load_dataset, to_model_range
 from ddpm_cli.engine.ema import EMA
 from ddpm_cli.engine.generate import generate
+from ddpm_cli.errors import UsageError
 
 __all__ = ["Diffusion", "load_config", "load_data"]
 
 
-def load_data(cfg: RunConfig) -> torch.utils.data.TensorDataset:
+def load_config(cfg: RunConfig | dict | str | Path, overrides: list[str] | None = None) -> RunConfig:
+    """A run config from a YAML file, a dict of sections, or a RunConfig (returned as it is, without overrides)."""
+    if isinstance(cfg, RunConfig):
+        return cfg
+    if isinstance(cfg, dict):
+        return validate_config(cfg, "the config dict", overrides)
+    if isinstance(cfg, (str, Path)):
+        return _load_config_file(cfg, overrides)
+    raise UsageError(f"a config is a YAML file's path, a dict of sections or a RunConfig, not {type(cfg).__name__}")
+
+
+def _labels(y: Any, n: int, m, what: str) -> torch.Tensor:
+    """`y` (a tensor, array, list or one int) as n class indices in [0, num_classes), on the CPU."""
+    try:
+        labels = torch.as_tensor(y)
+    except (TypeError, ValueError, RuntimeError):
+        raise UsageError(f"{what}: class labels are integers (a tensor, array or list), not {type(y).__name__}") \
+            from None
+    if labels.is_floating_point() or labels.is_complex() or labels.dtype == torch.bool:
+        raise UsageError(f"{what}: class labels are integers, not {labels.dtype}")
+    labels = labels.long().cpu().reshape(-1)
+    if labels.numel() == 1:
+        labels = labels.expand(n)
+    if labels.numel() != n:
+        raise UsageError(f"{what}: {labels.numel()} labels for {n} images")
+    if n and not (0 <= int(labels.min()) and int(labels.max()) < m.num_classes):
+        raise UsageError(f"{what}: labels must lie in [0, {m.num_classes}) (the model's classes), got "
+                         f"{int(labels.min())} to {int(labels.max())}")
+    return labels
+
+
+def load_data(cfg: RunConfig | dict | str | Path) -> torch.utils.data.TensorDataset:
     """The config's dataset as (images in [-1, 1], labels), ready for a DataLoader."""
+    cfg = load_config(cfg)
     ds = load_dataset(cfg.data, cfg.model)
     images = ds.images if isinstance(ds.images, torch.Tensor) else ds.images[:]  # a streamed folder: decode all
     return torch.utils.data.TensorDataset(to_model_range(images), ds.labels)
@@ -52,8 +88,8 @@ class Diffusion(nn.Module):
         self.step = 0
 
     @classmethod
-    def from_config(cls, cfg: RunConfig | str | Path, device: str | torch.device = "auto") -> "Diffusion":
-        return cls(cfg if isinstance(cfg, RunConfig) else load_config(cfg), device)
+    def from_config(cls, cfg: RunConfig | dict | str | Path, device: str | torch.device = "auto") -> "Diffusion":
+        return cls(load_config(cfg), device)
 
     @classmethod
     def from_checkpoint(cls, path: str | Path, device: str | torch.device = "auto") -> "Diffusion":
@@ -67,8 +103,17 @@ class Diffusion(nn.Module):
 
     def loss(self, x: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
         """Training loss for a batch of images in [-1, 1] (labels ignored by unconditional models)."""
+        m = self.cfg.model
+        if not torch.is_tensor(x):
+            raise UsageError(f"loss: images are a float tensor (B, C, H, W) in [-1, 1], not {type(x).__name__}")
+        if not x.is_floating_point():
+            raise UsageError(f"loss: images are floats in [-1, 1], not {x.dtype} (load_data's are; uint8 pixels "
+                             f"p are p / 127.5 - 1)")
+        if x.dim() != 4 or tuple(x.shape[1:]) != tuple(m.image_shape()):
+            raise UsageError(f"loss: images of shape {tuple(x.shape)}; the model takes (B, "
+                             f"{', '.join(map(str, m.image_shape()))})")
         self.model.train()
-        y = y.to(self.device) if (y is not None and self.cfg.model.conditional) else None
+        y = _labels(y, x.shape[0], m, "loss").to(self.device) if (y is not None and m.conditional) else None
         return self.process.loss(self.model, x.to(self.device), y)
 
     forward = loss
@@ -87,12 +132,20 @@ class Diffusion(nn.Module):
         classifier-free, or autoguidance by `guide` (a weaker Diffusion, e.g. a copy saved earlier in training:
         `Diffusion.from_checkpoint`); the API keeps no guide by itself (train.guide_step is the CLI's)."""
         m = self.cfg.model
+        if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+            raise UsageError(f"sample: n is the number of images, a positive int, not {n!r}")
+        if steps is not None and (isinstance(steps, bool) or not isinstance(steps, int)):
+            raise UsageError(f"sample: steps is an int, not {steps!r}")
+        if isinstance(seed, bool) or not isinstance(seed, int) or abs(seed) > 2**43:
+            raise UsageError(f"sample: seed is an int within +-2^43, not {seed!r}")
+        if not isinstance(guidance, (int, float)) or not math.isfinite(guidance):
+            raise UsageError(f"sample: guidance is a finite number, not {guidance!r}")
         pick = lambda d: d.ema.model if (use_ema and d.ema is not None) else d.model  # noqa: E731
         net = pick(self)
         guide_net = pick(guide).eval() if guide is not None else None
         was_training = net.training
         net.eval()
-        labels = y.long().cpu() if (y is not None and m.conditional) else None
+        labels = _labels(y, n, m, "sample") if (y is not None and m.conditional) else None
         spec = SamplerSpec(sampler, steps, variance=self.cfg.diffusion.variance)
         out = [batch for _, batch, _ in generate(
             net, self.process, n, spec, image_shape=m.image_shape(), labels=labels,

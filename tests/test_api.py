@@ -1,0 +1,50 @@
+"""The Python API (ddpm_cli/api.py) refuses bad arguments with a DdpmError that names them, as the CLI does: a
+helper's sweep found zero, negative or fractional counts, out-of-range or float labels, uint8 images and NaN
+guidance raising deep tracebacks, and NaN guidance returning black images."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from conftest import tiny_overrides
+from ddpm_cli.api import Diffusion, load_config, load_data
+from ddpm_cli.errors import DdpmError
+
+
+@pytest.fixture(scope="module")
+def conditional(tmp_path_factory):
+    data = tiny_overrides(tmp_path_factory.mktemp("api"), model__conditional=True, model__num_classes=10)
+    return Diffusion.from_config(data, device="cpu")  # a dict of sections is a config too
+
+
+@pytest.mark.parametrize("call, needle", [
+    (lambda d: d.sample(0), "positive int"),
+    (lambda d: d.sample(-1), "positive int"),
+    (lambda d: d.sample(2.5), "positive int"),
+    (lambda d: d.sample(2, steps=2.5), "steps is an int"),
+    (lambda d: d.sample(2, seed=2**70), "seed"),
+    (lambda d: d.sample(2, guidance=float("nan")), "finite"),
+    (lambda d: d.sample(2, y=torch.tensor([10, 99])), "lie in [0, 10)"),
+    (lambda d: d.sample(2, y=torch.tensor([1, 2, 3])), "3 labels for 2 images"),
+    (lambda d: d.sample(2, y=torch.tensor([0.5, 1.0])), "integers"),
+    (lambda d: d.sample(2, y="cats"), "integers"),
+    (lambda d: d.loss(torch.zeros(2, 3, 16, 16, dtype=torch.uint8)), "floats in [-1, 1]"),
+    (lambda d: d.loss(torch.zeros(2, 1, 16, 16)), "the model takes (B, 3, 16, 16)"),
+    (lambda d: d.loss([[0.0]]), "float tensor"),
+    (lambda d: d.loss(torch.zeros(2, 3, 16, 16), y=[-5, 2]), "lie in [0, 10)"),
+])
+def test_bad_arguments_are_one_clear_error(conditional, call, needle):
+    with pytest.raises(DdpmError) as e:
+        call(conditional)
+    assert needle in str(e.value), str(e.value)
+
+
+def test_labels_may_be_lists_or_one_int_and_configs_dicts_or_paths(conditional, tmp_path):
+    assert conditional.sample(2, y=[1, 2], steps=2).shape == (2, 3, 16, 16)
+    assert conditional.sample(2, y=3, steps=2).shape == (2, 3, 16, 16)  # every image of class 3
+    loss = conditional.loss(torch.zeros(2, 3, 16, 16), y=[0, 9])
+    assert torch.isfinite(loss)
+    cfg = load_config(tiny_overrides(tmp_path))
+    assert len(load_data(cfg)) == cfg.data.shapes_count
+    with pytest.raises(DdpmError, match="not int"):
+        load_config(5)

@@ -127,7 +127,7 @@ def test_every_channel_count_decodes_to_that_many_channels_from_folders_and_cifa
     assert torch.equal(fitted[0, :channels - (channels in (2, 4))], ds.images[0, :channels - (channels in (2, 4))])
 
 
-@pytest.mark.parametrize("channels, mode", [(4, "RGBA"), (2, "LA")])
+@pytest.mark.parametrize("channels, mode", [(4, "RGBA"), (2, "LA"), (1, "L")])
 def test_a_folder_with_alpha_trains_and_samples_images_with_alpha(tmp_path, channels, mode):
     from conftest import ok, tiny_overrides, write_yaml
 

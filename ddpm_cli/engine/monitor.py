@@ -61,8 +61,9 @@ def grid_plan(cfg: RunConfig) -> tuple[int, torch.Tensor | None, int, bool]:
 @torch.no_grad()
 def draw_grid(net: torch.nn.Module, diffusion: GaussianDiffusion, cfg: RunConfig, path: Path,
               device: torch.device, bf16: bool) -> Path:
-    """The grid of `logging.sample_count` images (a row per class when conditional), drawn by `net` in eval mode."""
-    from torchvision.utils import save_image
+    """The grid of `logging.sample_count` images (a row per class when conditional), drawn by `net` in eval mode,
+    written as `ddpm sample --grid` writes one (gray stays gray, alpha stays)."""
+    from ddpm_cli.engine.sampling import tile, write_png
 
     m = cfg.model
     was_training = net.training
@@ -74,7 +75,8 @@ def draw_grid(net: torch.nn.Module, diffusion: GaussianDiffusion, cfg: RunConfig
         batch_size=max(n, 1), seed=cfg.train.seed, guidance=cfg.logging.sample_guidance if m.conditional else 1.0,
         null_class=m.num_classes, device=device, bf16=bf16)]
     net.train(was_training)
-    save_image(torch.cat(images).float() / 255.0, path, nrow=nrow, padding=2)
+    batch = torch.cat(images).numpy()
+    write_png(path, tile(batch, [list(range(i, min(len(batch), i + nrow))) for i in range(0, len(batch), nrow)]))
     return path
 
 

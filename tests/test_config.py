@@ -89,6 +89,17 @@ def test_overrides_coerce_types():
     assert cfg.model.channel_mults == (1, 2) and cfg.train.ema is False and cfg.train.lr == 1e-4
 
 
+def test_a_problem_across_fields_that_a_set_made_names_the_set(tmp_path):
+    """It was reported under the file (or "defaults") alone, though the file without the --set is valid."""
+    with pytest.raises(ConfigError) as e:
+        load_config(ROOT / "examples" / "cifar10-fast.yaml", ["diffusion.num_timesteps=10"])
+    assert str(e.value).startswith("--set:") and "(with --set diffusion.num_timesteps=10)" in e.value.problems[0]
+    bad = write_yaml(tmp_path / "bad.yaml", {"diffusion": {"num_timesteps": 10}})  # the file's own problem
+    with pytest.raises(ConfigError) as e:
+        load_config(bad, ["train.lr=1e-4"])
+    assert str(e.value).startswith(str(bad)) and "--set" not in e.value.problems[0]
+
+
 def test_bad_override_is_a_config_error():
     from ddpm_cli.errors import UsageError
 

@@ -2,6 +2,7 @@
 and its source (the file or the --set)."""
 from __future__ import annotations
 
+import copy
 import difflib
 import json
 from pathlib import Path
@@ -148,7 +149,29 @@ def load_config(path: str | Path | None, overrides: list[str] | None = None) -> 
     if not isinstance(data, dict):
         raise ConfigError(f"{source}: the top level must be a mapping of sections (model, diffusion, data, "
                           f"train, logging), not {type(data).__name__}")
+    base = copy.deepcopy(data) if overrides else None
     data = apply_overrides(data, overrides or [])
-    return validate_config(data, source, overrides)
+    try:
+        return validate_config(data, source, overrides)
+    except ConfigError as e:
+        if not overrides:
+            raise
+        raise _blame_cross_field(e, base, source, overrides) from None
+
+
+def _blame_cross_field(err: ConfigError, base: dict, source: str, overrides: list[str]) -> ConfigError:
+    """A problem across fields (the guide step past a run that --set shortened, say) names no field a --set wrote,
+    so it was reported under `source` alone; one that the config without the --set does not have is theirs."""
+    try:
+        validate_config(base, source)
+        before: set[str] = set()
+    except ConfigError as b:
+        before = set(b.problems)
+    problems = [p if "(from --set " in p or p in before else f"{p} (with --set {', '.join(overrides)})"
+                for p in err.problems]
+    if problems == err.problems:
+        return err
+    where = "--set" if all("--set " in p for p in problems) else f"{source} with --set"
+    return ConfigError(f"{where}: {len(problems)} problem(s)", problems)
 
 

@@ -184,15 +184,15 @@ def dpmpp_3m_sample(model: ModelFn, diffusion: GaussianDiffusion, x: torch.Tenso
 
 @torch.no_grad()
 def unipc_sample(model: ModelFn, diffusion: GaussianDiffusion, x: torch.Tensor, y: torch.Tensor | None = None,
-                 steps: int = 10, spacing: str = "logsnr", order: int = 2,
+                 steps: int = 10, spacing: str = "logsnr",
                  on_step: Callable[[int, int], None] | None = None) -> torch.Tensor:
-    """UniPC (Zhao et al. 2023), data prediction with B(h) = e^{-h} - 1 ("bh2"): a multistep predictor of `order`
-    (at order 2 the DPM-Solver++(2M) step), then a corrector that refits the step through the network's output at
-    the point just reached, which the next step needs anyway, raising the order by one at no extra evaluation.
-    Coefficients rho solve sum_k rho_k r_k^(j-1) = j! phi_{j+1}(h) / B(h) for j = 1..p, r_k being the earlier
-    outputs' logSNR offsets in units of h (the corrector's last one, r = 1, is the new point). Orders warm up over
-    the first steps; the last step, to t = 0, is predicted only: its output is the image, as in dpm++2m. The
-    coefficients are worked out on the CPU, in float64, so the device never waits for them."""
+    """UniPC-2 (Zhao et al. 2023), data prediction with B(h) = e^{-h} - 1 ("bh2"): the DPM-Solver++(2M) step as
+    predictor, then a corrector that refits the step through the network's output at the point just reached, which
+    the next step needs anyway, raising the order by one at no extra evaluation. The corrector's coefficients rho
+    solve sum_k rho_k r_k^(j-1) = j! phi_{j+1}(h) / B(h) for j = 1..p, r_k being the earlier output's logSNR offset
+    in units of h and r = 1 the new point's (the paper's rho = 1/2 on the first step, with no earlier output). The
+    last step, to t = 0, is predicted only: its output is the image, as in dpm++2m. The coefficients are worked
+    out on the CPU, in float64, so the device never waits for them."""
     ts = timesteps(diffusion, steps, spacing)
     # clipped as the logSNR spacing clips it: a schedule's alpha_bar may reach 0 or round to 1 in float32
     ab = diffusion.alpha_bar.detach().double().cpu().clamp(1e-12, 1 - 1e-12)
@@ -212,10 +212,10 @@ def unipc_sample(model: ModelFn, diffusion: GaussianDiffusion, x: torch.Tensor, 
     for i in range(1, len(ts)):
         s, t = ts[i - 1], ts[i]
         h = lam(t) - lam(s)
-        p = min(order, len(history))
+        p = len(history)  # 1 on the first step, then 2
         m0, l0 = history[-1]
-        rks = [(history[-1 - k][1] - l0) / h for k in range(1, p)]  # negative: earlier points
-        d1s = [(history[-1 - k][0] - m0) / r for k, r in zip(range(1, p), rks)]
+        rks = [(history[0][1] - l0) / h] if p == 2 else []  # negative: the earlier point
+        d1s = [(history[0][0] - m0) / rks[0]] if p == 2 else []
         # b_j = j! phi_{j+1}(-h) / B(h), j = 1..p, through phi_{j+1} = (phi_j - 1/j!) / (-h)
         b_h = math.expm1(-h)
         phi, factorial, b = b_h / -h - 1, 1.0, []
@@ -226,19 +226,14 @@ def unipc_sample(model: ModelFn, diffusion: GaussianDiffusion, x: torch.Tensor, 
         rows = torch.tensor([[r ** (j - 1) for r in rks + [1.0]] for j in range(1, p + 1)], dtype=torch.float64)
         base = (sigma(t) / sigma(s)) * x - (alpha(t) * b_h) * m0
         scale = alpha(t) * b_h
-        if p == 1:
-            x_pred = base
-        else:
-            rho_p = [0.5] if p == 2 else torch.linalg.solve(rows[:-1, :-1], torch.tensor(b[:-1],
-                                                                                       dtype=torch.float64)).tolist()
-            x_pred = base - scale * sum(r * d for r, d in zip(rho_p, d1s))
+        x_pred = base - scale * 0.5 * d1s[0] if p == 2 else base  # the DPM-Solver++(2M) step
         m_t = x0_at(x_pred, t)
         if i + 1 == len(ts):
             x = m_t
         else:
             rho_c = [0.5] if p == 1 else torch.linalg.solve(rows, torch.tensor(b, dtype=torch.float64)).tolist()
             x = base - scale * (sum(r * d for r, d in zip(rho_c[:-1], d1s)) + rho_c[-1] * (m_t - m0))
-        history = (history + [(m_t, lam(t))])[-order:]
+        history = (history + [(m_t, lam(t))])[-2:]
         if on_step:
             on_step(i + 1, len(ts))
     return x

@@ -407,6 +407,11 @@ def test_a_resume_keeps_what_the_user_keeps(tmp_path):
         assert f"steps: {n}" in (run / name).read_text()
         assert "done: step 5" in r.stdout  # the checkpoint's config, as said
     assert "steps: 9" in (run / "config.edited.yaml").read_text()
+    # a resume refused for its --set leaves an edited file where it is (it was moved aside before the refusal)
+    (run / "config.yaml").write_text((run / "config.yaml").read_text() + "# mine\n")
+    error = one_line_error(cli("train", "--resume", run, "--set", "diffusion.schedule=cosine"))
+    assert "diffusion.schedule=linear -> cosine" in error
+    assert (run / "config.yaml").read_text().endswith("# mine\n") and not (run / "config.edited-2.yaml").exists()
 
 
 def test_a_run_that_ends_before_its_first_step_says_so(tmp_path):

@@ -37,7 +37,7 @@ def train_command(
     gpus: int = typer.Option(0, "--gpus", min=0, help="Launch on N GPUs of this machine through torchrun."),
 ) -> None:
     """Train a diffusion model from a config file."""
-    from ddpm_cli.config import load_config
+    from ddpm_cli.config import load_config, refuse_identity_change
 
     if resume is not None and config is not None:
         fail("pass either --config (a new run) or --resume (its stored config is used; change it with --set)",
@@ -54,6 +54,7 @@ def train_command(
                  f"directory it came from, or copy it with its .state.safetensors into RUN/checkpoints/ and --resume "
                  f"RUN")
         stored = StoredConfig.of(header).validated()
+        refuse_identity_change(stored, cfg, weights)  # before anything in the run is touched (the engine checks too)
         if set_:
             _say_if_the_size_changed(stored, cfg)
         if is_main_process():
@@ -133,6 +134,7 @@ def _keep_an_edited_config(run_dir: Path, stored) -> None:
     shown = ", ".join(f"{k}: {json.dumps(edited.get(k))} there, {json.dumps(ours.get(k))} in the checkpoint"
                       for k in changed[:3])
     more = f" and {len(changed) - 3} more" if len(changed) > 3 else ""
+
     def as_set(key: str) -> str:  # JSON is YAML: null, true, [1,2] and numbers read back as they were
         v = edited[key]
         return f"--set {key}={v if isinstance(v, str) else json.dumps(v, separators=(',', ':'))}"

@@ -3,8 +3,8 @@ No torch here: `ddpm config validate` and `ddpm --help` must stay fast."""
 from ddpm_cli.config.docs import config_to_dict, reference_markdown, to_commented_yaml
 from ddpm_cli.config.loading import apply_overrides, load_config, parse_override, validate_config
 from ddpm_cli.config.schema import (DataConfig, DiffusionConfig, EarlyStoppingConfig, LoggingConfig, ModelConfig,
-                                    RunConfig, TrainConfig)
+                                    RunConfig, TrainConfig, refuse_identity_change)
 
 __all__ = ["config_to_dict", "reference_markdown", "to_commented_yaml", "apply_overrides", "load_config",
            "parse_override", "validate_config", "DataConfig", "DiffusionConfig", "EarlyStoppingConfig",
-           "LoggingConfig", "ModelConfig", "RunConfig", "TrainConfig"]
+           "LoggingConfig", "ModelConfig", "RunConfig", "TrainConfig", "refuse_identity_change"]

@@ -440,3 +440,29 @@ class RunConfig(Section):
         if problems:
             raise ValueError("; ".join(problems))
         return self
+
+
+# The settings a checkpoint's weights were trained as: the network's function and the noise process. A resume may
+# change the rest (the image size, with a warning; dropout, activation checkpointing, the loss weighting, ...).
+# A change of shape would fail to load anyway; these would load and silently compute another thing.
+RESUME_FIXED = {"model": ("in_channels", "base_channels", "channel_mults", "num_res_blocks", "time_emb_dim", "norm",
+                          "norm_groups", "activation", "attention_resolutions", "num_heads", "head_channels",
+                          "norm_eps", "downsample_padding", "time_embedding_order", "time_freq_shift", "conditional",
+                          "num_classes"),
+                "diffusion": ("schedule", "num_timesteps", "schedule_low", "schedule_high", "dns_offset",
+                              "prediction")}
+
+
+def refuse_identity_change(trained: RunConfig, now: RunConfig, path) -> None:
+    """CheckpointError when `now` (a resume's config) changes a RESUME_FIXED setting of `trained` (the checkpoint
+    at `path`): its weights, their averages and its stored guide are the function they were trained as."""
+    from ddpm_cli.errors import CheckpointError
+
+    changed = [(f"{section}.{name}", getattr(getattr(trained, section), name), getattr(getattr(now, section), name))
+               for section, names in RESUME_FIXED.items() for name in names]
+    changed = [(k, a, b) for k, a, b in changed if a != b]
+    if changed:
+        shown = ", ".join(f"{k}={a} -> {b}" for k, a, b in changed[:3])
+        raise CheckpointError(f"{path} was trained with another architecture or noise process than this resume "
+                              f"asks for ({shown}); a resume cannot change what the weights compute or the noise "
+                              f"they learned: resume without those --set, or start a new run with --config")

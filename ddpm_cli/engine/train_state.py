@@ -10,48 +10,22 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from ddpm_cli.config import refuse_identity_change
 from ddpm_cli.engine import checkpoint as ckpt_io
 from ddpm_cli.engine.build import count_params
 from ddpm_cli.engine.files import atomic_write_bytes
 from ddpm_cli.engine.runs import list_checkpoints, state_path
-from ddpm_cli.errors import CheckpointError, DdpmError
+from ddpm_cli.errors import DdpmError
 
 if TYPE_CHECKING:
     from ddpm_cli.engine.train import Trainer
-
-
-# The settings a checkpoint's weights were trained as: the network's function and the noise process. A resume may
-# change the rest (the image size, with a warning; dropout, activation checkpointing, the loss weighting, ...).
-# A change of shape is refused by the weights' loading anyway; these would load and silently compute another thing.
-RESUME_FIXED = {"model": ("in_channels", "base_channels", "channel_mults", "num_res_blocks", "time_emb_dim", "norm",
-                          "norm_groups", "activation", "attention_resolutions", "num_heads", "head_channels",
-                          "norm_eps", "downsample_padding", "time_embedding_order", "time_freq_shift", "conditional",
-                          "num_classes"),
-                "diffusion": ("schedule", "num_timesteps", "schedule_low", "schedule_high", "dns_offset",
-                              "prediction")}
-
-
-def identity_changes(trained, now) -> list[tuple[str, object, object]]:
-    """(dotted field, trained value, new value) for each RESUME_FIXED setting that `now` changes."""
-    out = []
-    for section, names in RESUME_FIXED.items():
-        for name in names:
-            a, b = getattr(getattr(trained, section), name), getattr(getattr(now, section), name)
-            if a != b:
-                out.append((f"{section}.{name}", a, b))
-    return out
 
 
 def restore(trainer: "Trainer", weights: Path) -> None:
     """Put a Trainer back to a checkpoint: weights, EMAs (post-hoc ones too), optimizer, step, data position,
     counters, RNG."""
     ck = ckpt_io.load_checkpoint(weights)
-    changed = identity_changes(ck.config, trainer.cfg)
-    if changed:  # the weights, their averages and the stored guide are the function they were trained as
-        shown = ", ".join(f"{k}={a} -> {b}" for k, a, b in changed[:3])
-        raise CheckpointError(f"{ck.path} was trained with another architecture or noise process than this resume "
-                              f"asks for ({shown}); a resume cannot change what the weights compute or the noise "
-                              f"they learned: resume without those --set, or start a new run with --config")
+    refuse_identity_change(ck.config, trainer.cfg, ck.path)
     tensors, state, groups = ckpt_io.load_state(ck.path)
     ckpt_io.load_into(trainer.model, ck.model_state, str(ck.path))
     if trainer.ema is not None:

@@ -3,6 +3,7 @@ use): listing, emptying and pruning to the most recently used. The compile cache
 decoded-data cache (engine/data_cache.py) keep their entries so; no torch import."""
 from __future__ import annotations
 
+import hashlib
 import json
 import re
 import time
@@ -14,6 +15,12 @@ STALE_TMP_S = 3600  # a temporary file this old is a crashed writer's, not one b
 # `.<that name>.tmp-<pid>` of an atomic write. Nothing else in the folder is touched: a cache folder pointed at a
 # folder of the user's (DDPM_*_CACHE_DIR) must not lose its files.
 _OURS = re.compile(r"\.?[a-z]+-[0-9a-f]{24}\.(bin|json)(\.tmp-\d+)?")
+
+
+def entry_name(kind: str, key: dict) -> str:
+    """`<kind>-<24 hex digits of the key's hash>`: the kind first, so a listing says what each entry is for."""
+    digest = hashlib.sha256(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()[:24]
+    return f"{kind}-{digest}"
 
 
 @dataclass

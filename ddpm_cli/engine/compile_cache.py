@@ -63,9 +63,8 @@ def supported() -> bool:
 
 
 def entry_name(key: dict) -> str:
-    """`train-<hash of the key>` or `sample-<hash>`: the kind first, so a listing says what each entry is for."""
-    digest = hashlib.sha256(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()[:24]
-    return f"{key.get('kind', 'entry')}-{digest}"
+    """`train-<hash of the key>` or `sample-<hash>` (cache_entries.entry_name)."""
+    return cache_entries.entry_name(key.get("kind", "entry"), key)
 
 
 def environment(device) -> dict:

@@ -7,9 +7,9 @@ of the decoded batch as engine/decode.py lays it out (so a loaded set has the fi
 on it the same losses, bit for bit), and `labels` int64; and `data-<hash>.json`, its key and what the decoding said
 (classes, skipped files). The key is what the decoded tensor depends on: the files (a .zip's entries by name, CRC
 and size; a folder's files by path, size, inode and modification and change times, the last of which no copy tool
-sets back), the size and channels decoded to, the decoder (engine/decode.py's source: a fix to it reaches cached
-sets without a version bump) and the versions of ddpm and Pillow. A damaged entry is decoded again and replaced,
-with a warning; nothing the cache does stops a run. No torch import at module level: `ddpm cache` lists it
+sets back), the size and channels decoded to, the decoder (decode.fingerprint: the source of its pixel functions
+and Pillow's version, so a fix reaches cached sets without a version bump) and ddpm's version. A damaged entry is
+decoded again and replaced, with a warning; nothing the cache does stops a run. No torch import at module level: `ddpm cache` lists it
 without."""
 from __future__ import annotations
 
@@ -55,8 +55,6 @@ def key(files: ImageFiles, hw: tuple[int, int], channels: int) -> dict:
     """What the decoded tensor of `files` at `hw` and `channels` depends on (see the module's docstring)."""
     import zipfile
 
-    import PIL
-
     from ddpm_cli.engine import decode
 
     listing = hashlib.sha256()
@@ -73,12 +71,12 @@ def key(files: ImageFiles, hw: tuple[int, int], channels: int) -> dict:
                            .encode("utf-8", "surrogateescape"))
         source = {"folder": str(files.root.resolve())}
     source.update(files=len(files), listing=listing.hexdigest())
-    return {"format": FORMAT, "ddpm": __version__, "decoder": decode.fingerprint(), "pillow": PIL.__version__,
-            "source": source, "size": list(hw), "channels": channels}
+    return {"format": FORMAT, "ddpm": __version__, "decoder": decode.fingerprint(), "source": source,
+            "size": list(hw), "channels": channels}  # the decoder's fingerprint holds Pillow's version
 
 
 def entry_name(key: dict) -> str:
-    return "data-" + hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:24]
+    return cache_entries.entry_name("data", key)
 
 
 def load(key: dict, directory: Path | None = None) -> tuple[tuple | None, str | None]:

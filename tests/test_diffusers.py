@@ -309,7 +309,8 @@ def test_bad_folders_are_refused_in_one_line_and_nothing_is_written(tmp_path):
     poisoned = {**tensors, "conv_in.bias": torch.full_like(tensors["conv_in.bias"], float("nan"))}
     save_file(poisoned, folder / "diffusion_pytorch_model.safetensors")  # it sampled black images, exit 0
     assert "NaN or infinite" in one_line_error(cli("import", folder, "--out", out))
-    save_file({**tensors, "conv_in.bias": tensors["conv_in.bias"].long()}, folder / "diffusion_pytorch_model.safetensors")
+    save_file({**tensors, "conv_in.bias": tensors["conv_in.bias"].long()},
+              folder / "diffusion_pytorch_model.safetensors")
     assert "not weights" in one_line_error(cli("import", folder, "--out", out))
     del tensors["conv_out.bias"]
     save_file(tensors, folder / "diffusion_pytorch_model.safetensors")

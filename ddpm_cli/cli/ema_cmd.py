@@ -17,10 +17,8 @@ FIT_WARNING, GAIN_WARNING = 0.05, 10.0
 
 def _run_and_step(path: Path, step: int | None) -> tuple[Path, int | None]:
     """A run directory, or one of its checkpoints (whose step is then the default)."""
-    from ddpm_cli.engine.runs import CKPT_RE
+    from ddpm_cli.engine.runs import CKPT_RE, run_folder
     from ddpm_cli.errors import UsageError
-
-    from ddpm_cli.engine.runs import run_folder
 
     path = run_folder(path).resolve()  # a checkpoint named from inside its checkpoints/ folder still finds its run
     if path.is_dir():

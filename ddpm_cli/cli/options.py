@@ -25,7 +25,8 @@ def _declaration(
              "or third order (multistep); unipc: dpm++2m's step and a corrector at no extra cost, for 5-10 steps. "
              "Default: ddim, or dpm++2m when autoguided by the checkpoint's stored guide (train.guide_step).")] = None,
     steps: Annotated[Optional[int], typer.Option(
-        "--steps", show_default=False, help="Sampler steps (default: ddim 100, dpm++ and unipc 20; ddpm always T).")] = None,
+        "--steps", show_default=False,
+        help="Sampler steps (default: ddim 100, dpm++ and unipc 20; ddpm always T).")] = None,
     eta: Annotated[float, typer.Option("--eta", help="DDIM noise: 0 deterministic, 1 like DDPM.")] = 0.0,
     spacing: Annotated[Optional[Spacing], typer.Option(
         "--spacing", show_default=False,

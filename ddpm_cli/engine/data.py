@@ -179,9 +179,9 @@ def folder_files(root: Path) -> list[Path]:
             subfolders[:] = []
             continue
         seen.add(real)
-        subfolders[:] = sorted(d for d in subfolders if not d.startswith("."))  # in order: two links to one
-        # folder give it the first name on every machine
-        found += [Path(folder) / n for n in names if not n.startswith(".") and os.path.isfile(os.path.join(folder, n))]
+        # in name order: two links to one folder give it the same (first) name on every machine
+        subfolders[:] = sorted(d for d in subfolders if not d.startswith("."))
+        found += [Path(folder, n) for n in names if not n.startswith(".") and os.path.isfile(os.path.join(folder, n))]
     return found
 
 

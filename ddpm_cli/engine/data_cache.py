@@ -9,8 +9,8 @@ on it the same losses, bit for bit), and `labels` int64; and `data-<hash>.json`,
 and size; a folder's files by path, size, inode and modification and change times, the last of which no copy tool
 sets back), the size and channels decoded to, the decoder (decode.fingerprint: the source of its pixel functions
 and Pillow's version, so a fix reaches cached sets without a version bump) and ddpm's version. A damaged entry is
-decoded again and replaced, with a warning; nothing the cache does stops a run. No torch import at module level: `ddpm cache` lists it
-without."""
+decoded again and replaced, with a warning; nothing the cache does stops a run. No torch import at module level:
+`ddpm cache` lists it without."""
 from __future__ import annotations
 
 import hashlib

@@ -43,7 +43,8 @@ PREDICTION = {"epsilon": "eps", "v_prediction": "v"}  # diffusers' prediction_ty
 
 def _refuse(field: str, value, why: str) -> CheckpointError:
     shown = repr(value)
-    shown = shown if len(shown) <= 80 else f"{shown[:60]}... ({len(value) if hasattr(value, '__len__') else '?'} values)"
+    if len(shown) > 80:  # trained_betas: a thousand floats on one line
+        shown = f"{shown[:60]}... ({len(value) if hasattr(value, '__len__') else '?'} values)"
     return CheckpointError(f"unsupported diffusers setting {field} = {shown}: {why}")
 
 

@@ -30,9 +30,9 @@ def inference_net(model: torch.nn.Module, *, channels_last: bool = False, compil
     convolution (the same function, 2.25x fewer multiply-adds there) and torch.compile (mode "default",
     "max-autotune" or "reduce-overhead" for CUDA graphs; with programmatic dependent launch where the GPU has
     it). `cudnn_benchmark`: on CUDA, have cuDNN time its algorithms for each new convolution shape and keep the
-    fastest (it stays on for the process once set). BENCHMARKS.md has the figures. Changes `model` itself (eval mode, the GroupNorm and upsampling
-    switches, channels-last): pass a model that only samples from here on; the model as it was, unfolded and
-    eager, is the reference it is tested against."""
+    fastest (it stays on for the process once set). BENCHMARKS.md has the figures. Changes `model` itself (eval
+    mode, the GroupNorm and upsampling switches, channels-last): pass a model that only samples from here on; the
+    model as it was, unfolded and eager, is the reference it is tested against."""
     model = channel_stats(model.eval(), channels_last)
     fold_upsampling(model, True)
     device = next(model.parameters()).device

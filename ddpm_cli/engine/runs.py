@@ -30,6 +30,7 @@ def config_edited(run_dir: str | Path) -> bool | None:
         return None
     return now != written
 
+
 def list_checkpoints(run_dir: str | Path) -> list[Path]:
     """A run's weight checkpoints, oldest first."""
     ckpt_dir = Path(run_dir) / "checkpoints"

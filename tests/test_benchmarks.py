@@ -316,3 +316,14 @@ def test_sampler_accuracy_prints_each_sampler_s_error_by_calls():
     rows = [line for line in r.stdout.splitlines() if line.startswith("| dpm") or line.startswith("| unipc")]
     assert [row.split(" | ")[0] for row in rows] == ["| dpm++2m", "| unipc"]
     assert all(len(row.strip("| ").split(" | ")) == 3 for row in rows)  # the name and two step counts
+
+
+def test_bench_decode_times_ddpm_the_full_decode_and_the_peer():
+    r = subprocess.run([sys.executable, "benchmarks/bench_decode.py", "--source", "320", "240", "--sizes", "32",
+                        "--count", "4"], cwd=ROOT, capture_output=True, text=True, timeout=300,
+                       env={**os.environ, "PYTHONPATH": str(ROOT)})
+    assert r.returncode == 0, r.stderr[-3000:]
+    row = json.loads(r.stdout.split("BENCH ", 1)[1].splitlines()[0])
+    assert row["size"] == 32 and row["count"] == 4
+    assert min(row["ddpm_img_per_s"], row["full_decode_img_per_s"], row["peer_img_per_s"]) > 0
+    assert row["mean_abs_diff_to_full"] < 3  # libjpeg's reduced scale stays close to decoding every pixel

@@ -74,6 +74,8 @@ def test_bad_value_exits_1_and_names_field_and_choices(tmp_path):
     ({"train": {"batch_size": True}}, "train.batch_size"),  # true was read as 1
     ({"model": {"in_channels": True}}, "model.in_channels"),
     ({"train": {"max_time": False}}, "train.max_time"),
+    ({"diffusion": {"timestep_sampling": "lognormal", "lognormal_mean": 9}}, "lognormal_mean 9"),
+    ({"diffusion": {"lognormal_std": 0}}, "diffusion.lognormal_std"),
 ])
 def test_out_of_range_values(tmp_path, data, field):
     with pytest.raises(ConfigError) as e:

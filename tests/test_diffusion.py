@@ -231,3 +231,38 @@ def test_options_a_sampler_will_not_use_are_said():
     assert SamplerSpec("ddim", 10).warnings(10) == []
     assert any("--spacing is ignored" in w for w in SamplerSpec("ddpm", spacing="logsnr").warnings(10))
     assert any("--steps is ignored" in w for w in SamplerSpec("ddpm", 5).warnings(10))
+
+
+def test_uniform_timesteps_are_drawn_as_before():
+    """The default draw is torch.randint's, the same numbers from the same seed: runs and their resumes do not
+    change under the default."""
+    d = build_diffusion(DiffusionConfig())
+    torch.manual_seed(1)
+    a = d.sample_timesteps(64, "cpu")
+    torch.manual_seed(1)
+    assert torch.equal(a, torch.randint(0, 1000, (64,)))
+
+
+@pytest.mark.parametrize("mean,std", [(-1.2, 1.2), (2.5, 0.5)])
+def test_lognormal_timesteps_draw_ln_sigma_from_the_normal_asked_for(mean, std):
+    """timestep_sampling lognormal: the drawn timesteps' ln sigma has the asked mean and spread (up to the
+    schedule's discrete levels), and each timestep comes up as often as timestep_probs says (400,000 draws;
+    5 standard errors)."""
+    import numpy as np
+
+    from ddpm_cli.diffusion.schedules import log_sigmas, make_betas, timestep_probs
+
+    d = build_diffusion(DiffusionConfig(timestep_sampling="lognormal", lognormal_mean=mean, lognormal_std=std))
+    alpha_bar = np.cumprod(1.0 - make_betas("linear", 1000))
+    ls, probs = log_sigmas(alpha_bar), timestep_probs(alpha_bar, mean, std)
+    torch.manual_seed(0)
+    n = 400_000
+    t = d.sample_timesteps(n, "cpu")
+    assert t.dtype == torch.int64 and 0 <= int(t.min()) and int(t.max()) <= 999
+    drawn = torch.from_numpy(ls)[t]
+    assert float(drawn.mean()) == pytest.approx(mean, abs=0.02)
+    assert float(drawn.std()) == pytest.approx(std, abs=0.03)
+    freq = torch.bincount(t, minlength=1000).double().numpy() / n
+    assert np.abs(freq - probs).max() < 5 * np.sqrt(probs.max() / n)
+    uniform = torch.from_numpy(ls)[torch.randint(0, 1000, (n,))]
+    assert abs(float(uniform.mean()) - mean) > 0.5  # the check tells the two draws apart

@@ -55,6 +55,23 @@ def test_v_prediction_under_the_cuda_defaults_learns_like_eager_fp32_and_samples
     assert images.dtype == torch.uint8 and images.float().std() > 5  # not a constant or saturated field
 
 
+@pytest.mark.slow
+def test_lognormal_timesteps_train_in_the_compiled_step_like_eager_fp32(tmp_path):
+    """diffusion.timestep_sampling lognormal (with v, EDM's objective): the compiled, CUDA-graphed step draws
+    its timesteps inside the graph (an inverse-CDF search, no host sync) and learns as eager fp32 does. A draw
+    that went wrong in the graph (every t at one end) would move the loss far from eager's."""
+    opts = dict(diffusion__prediction="v", diffusion__timestep_sampling="lognormal")
+    fast, res_fast = _train(tmp_path, "ln-fast", **opts)
+    slow, res_slow = _train(tmp_path, "ln-eager", train__precision="fp32", train__compile="off",
+                            train__channels_last="off", **opts)
+    assert fast.compiled and fast.bf16 and fast.diffusion.timestep_cdf is not None
+    assert res_fast.last_loss < 0.9 * res_fast.first_loss
+    assert abs(res_fast.last_loss - res_slow.last_loss) < 0.2 * res_slow.last_loss, (res_fast.last_loss,
+                                                                                      res_slow.last_loss)
+    t = fast.diffusion.sample_timesteps(100_000, fast.device)
+    assert t.device.type == "cuda" and 0 <= int(t.min()) and int(t.max()) < fast.diffusion.num_timesteps
+
+
 def test_bf16_sampling_on_cuda_is_deterministic_by_seed(tmp_path):
     trainer, _ = _train(tmp_path, "s", train__steps=20)
     m = trainer.cfg.model

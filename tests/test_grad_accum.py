@@ -16,13 +16,15 @@ def _step_losses(res) -> list[float]:
     return [r["loss"] for r in res.metrics if "loss" in r]
 
 
-@pytest.mark.parametrize("k", [2, 4])
-def test_micro_batches_give_the_update_of_one_batch(tmp_path, k):
-    """fp32 on the CPU: the same data, flips, timesteps and noise reach the network either way, so only the order
-    of the float sums differs. Tolerance: 1e-6 relative on the losses, 1e-5 on the weights (lr 1e-3; Adam's
-    first steps move each weight by about lr, so a rounding-level gradient difference stays far below it)."""
-    one = train(tiny_config(tmp_path / "one", train__steps=6, logging__log_every=1))
-    acc = train(tiny_config(tmp_path / "acc", train__steps=6, train__grad_accum=k, logging__log_every=1))
+@pytest.mark.parametrize("k,sampling", [(2, "uniform"), (4, "uniform"), (2, "lognormal")])
+def test_micro_batches_give_the_update_of_one_batch(tmp_path, k, sampling):
+    """fp32 on the CPU: the same data, flips, timesteps and noise reach the network either way (the timesteps by
+    the diffusion's own draw, diffusion.timestep_sampling's), so only the order of the float sums differs.
+    Tolerance: 1e-6 relative on the losses, 1e-5 on the weights (lr 1e-3; Adam's first steps move each weight by
+    about lr, so a rounding-level gradient difference stays far below it)."""
+    common = dict(train__steps=6, logging__log_every=1, diffusion__timestep_sampling=sampling)
+    one = train(tiny_config(tmp_path / "one", **common))
+    acc = train(tiny_config(tmp_path / "acc", train__grad_accum=k, **common))
     assert acc.images_seen == one.images_seen == 6 * 16  # batch_size stays the step's batch
     assert _step_losses(acc) == pytest.approx(_step_losses(one), rel=1e-6)
     a = load_checkpoint(one.run_dir / "checkpoints" / "ckpt-00000006.safetensors")
@@ -60,7 +62,7 @@ def test_accumulator_sums_into_its_own_buffers_not_autograd_s():
         seen.append((x.shape[0], t.shape[0], noise.shape))
         return (w * x.mean()).sum()
 
-    acc = GradAccumulator([w], 2, num_timesteps=10)
+    acc = GradAccumulator([w], 2, lambda n, device: torch.randint(0, 10, (n,), device=device))
     x = torch.arange(4.0).view(4, 1, 1, 1).expand(4, 3, 2, 2)
     acc(loss_fn, x, None)
     assert seen == [(2, 2, (2, 3, 2, 2))] * 2

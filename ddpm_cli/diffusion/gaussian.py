@@ -5,7 +5,8 @@ Ho 2022, "Progressive Distillation", section 4), with alpha_t = sqrt(alpha_bar_t
 Samplers see the clean image either way: `x0` turns the network's output into it, a linear map for a given x_t,
 so guidance may combine outputs before or after it (its weights sum to 1).
 
-Timesteps are 0-based indices: index i is the paper's t = i + 1."""
+Timesteps are 0-based indices: index i is the paper's t = i + 1. Training draws them uniformly (the paper), or
+log-normally in the noise level (`timestep_probs`)."""
 from __future__ import annotations
 
 import numpy as np
@@ -13,12 +14,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ddpm_cli.diffusion.schedules import timestep_probs
+
 
 class GaussianDiffusion(nn.Module):
     """Holds the schedule as float32 buffers (computed in float64) so it moves with `.to(device)`."""
 
     def __init__(self, betas: np.ndarray, loss: str = "l2", min_snr_gamma: float | None = None,
-                 prediction: str = "eps"):
+                 prediction: str = "eps", lognormal: tuple[float, float] | None = None):
         super().__init__()
         if prediction not in ("eps", "v"):
             raise ValueError(f"prediction must be eps or v, not {prediction!r}")
@@ -46,6 +49,17 @@ class GaussianDiffusion(nn.Module):
         # posterior variance beta-tilde_t = beta_t (1 - alpha_bar_{t-1}) / (1 - alpha_bar_t)   (eq. 7)
         self.register_buffer("posterior_variance", buf(betas * (1.0 - alpha_bar_prev) / (1.0 - alpha_bar)),
                              persistent=False)
+        # Training's timestep draw: uniform (None), or by inverse CDF over timestep_probs (a graph-safe draw: no
+        # host sync, so it stays inside a compiled, CUDA-graphed step).
+        cdf = None if lognormal is None else np.cumsum(timestep_probs(alpha_bar, *lognormal))
+        self.register_buffer("timestep_cdf", None if cdf is None else buf(cdf), persistent=False)
+
+    def sample_timesteps(self, n: int, device: torch.device | str) -> torch.Tensor:
+        """n training timesteps (int64 on `device`): uniform, or from the log-normal draw of timestep_probs."""
+        if self.timestep_cdf is None:
+            return torch.randint(0, self.num_timesteps, (n,), device=device)
+        u = torch.rand(n, device=device)
+        return torch.searchsorted(self.timestep_cdf, u, right=True).clamp_(max=self.num_timesteps - 1)
 
     def q_sample(self, x0: torch.Tensor, t: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
         """x_t = sqrt(alpha_bar_t) x_0 + sqrt(1 - alpha_bar_t) eps   (eq. 4)."""
@@ -72,10 +86,10 @@ class GaussianDiffusion(nn.Module):
 
     def loss(self, model: nn.Module, x0: torch.Tensor, y: torch.Tensor | None = None,
              t: torch.Tensor | None = None, noise: torch.Tensor | None = None) -> torch.Tensor:
-        """The simplified objective L_simple (eq. 14): || target - model(x_t, t) || (target: eps, or v), t uniform;
-        each sample's error times loss_weight[t] when a weighting is set."""
+        """The simplified objective L_simple (eq. 14): || target - model(x_t, t) || (target: eps, or v), t drawn
+        by sample_timesteps unless given; each sample's error times loss_weight[t] when a weighting is set."""
         if t is None:
-            t = torch.randint(0, self.num_timesteps, (x0.shape[0],), device=x0.device)
+            t = self.sample_timesteps(x0.shape[0], x0.device)
         if noise is None:
             noise = torch.randn_like(x0)
         out = model(self.q_sample(x0, t, noise), t, y).float()
@@ -84,3 +98,4 @@ class GaussianDiffusion(nn.Module):
             return F.l1_loss(out, target) if self.loss_type == "l1" else F.mse_loss(out, target)
         err = (out - target).abs() if self.loss_type == "l1" else (out - target).square()
         return (err.mean(dim=tuple(range(1, err.ndim))) * self.loss_weight[t]).mean()
+

@@ -43,3 +43,21 @@ def check_betas(betas: np.ndarray) -> str | None:
         return (f"beta_{i + 1} = {betas[i]:.4g} is outside (0, 1); with linear/dns schedules low/high are scaled by "
                 f"1000/T, so use more timesteps or smaller schedule_low/schedule_high")
     return None
+
+
+def log_sigmas(alpha_bar: np.ndarray) -> np.ndarray:
+    """ln sigma_t of each timestep, sigma_t = sqrt((1 - alpha_bar_t) / alpha_bar_t): the noise level in the
+    variance-exploding scale of EDM (Karras et al. 2022), x_t / alpha_t = x_0 + sigma_t eps; increasing in t."""
+    alpha_bar = np.asarray(alpha_bar, dtype=np.float64)
+    return 0.5 * (np.log1p(-alpha_bar) - np.log(alpha_bar))
+
+
+def timestep_probs(alpha_bar: np.ndarray, mean: float, std: float) -> np.ndarray:
+    """The probability of each timestep when ln sigma is drawn from N(mean, std^2) (EDM's training noise levels,
+    P_mean and P_std) and taken to the timestep whose ln sigma is nearest: each timestep gets the normal's mass
+    between the midpoints to its neighbours, the first and last also the tails beyond the schedule's range."""
+    ls = log_sigmas(alpha_bar)
+    edges = np.concatenate([[-np.inf], (ls[1:] + ls[:-1]) / 2, [np.inf]])
+    cdf = np.array([0.5 * math.erfc(-(e - mean) / (std * math.sqrt(2))) for e in edges])
+    probs = np.diff(cdf)
+    return probs / probs.sum()

@@ -44,7 +44,9 @@ def build_diffusion(d: DiffusionConfig) -> GaussianDiffusion:
     betas = make_betas(d.schedule, d.num_timesteps, d.schedule_low, d.schedule_high, d.dns_offset)
     return GaussianDiffusion(betas, loss=d.loss,
                              min_snr_gamma=d.min_snr_gamma if d.loss_weight == "min-snr" else None,
-                             prediction=d.prediction)
+                             prediction=d.prediction,
+                             lognormal=(d.lognormal_mean, d.lognormal_std) if d.timestep_sampling == "lognormal"
+                             else None)
 
 
 def use_bf16(cfg: RunConfig, device: torch.device) -> bool:

@@ -21,15 +21,16 @@ class GradAccumulator:
     reduce-overhead) hands out gradients in the graph's memory, which its next replay overwrites, so
     autograd's own accumulation into .grad across replays would add into a buffer that is then overwritten."""
 
-    def __init__(self, params: list[torch.Tensor], k: int, num_timesteps: int):
-        self.params, self.k, self.num_timesteps = params, k, num_timesteps
+    def __init__(self, params: list[torch.Tensor], k: int,
+                 draw_timesteps: Callable[[int, torch.device], torch.Tensor]):
+        self.params, self.k, self.draw_timesteps = params, k, draw_timesteps
         self.sums: list[torch.Tensor] | None = None
 
     def __call__(self, loss_fn: LossFn, x: torch.Tensor, y: torch.Tensor | None) -> torch.Tensor:
         """Forward and backward of every micro-batch of (x, y); returns the batch's mean loss, detached."""
         if self.sums is None:  # in each parameter's layout (channels-last too), as the fused optimizer needs
             self.sums = [torch.zeros_like(p) for p in self.params]
-        t = torch.randint(0, self.num_timesteps, (x.shape[0],), device=x.device)
+        t = self.draw_timesteps(x.shape[0], x.device)
         noise = torch.randn_like(x)
         ys = y.chunk(self.k) if y is not None else [None] * self.k
         total = torch.zeros((), device=x.device)

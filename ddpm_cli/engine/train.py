@@ -159,8 +159,8 @@ class Trainer:
                         if self.compiled else self._loss)
         if self.compiled:  # at the first call, loads an earlier process's compiled step before compiling it
             self.loss_fn = self.step_cache = compile_cache.for_training(self, mode)
-        self.accumulate = (GradAccumulator(list(self.model.parameters()), tc.grad_accum, self.diffusion.num_timesteps)
-                           if tc.grad_accum > 1 else None)
+        self.accumulate = (GradAccumulator(list(self.model.parameters()), tc.grad_accum,
+                                           self.diffusion.sample_timesteps) if tc.grad_accum > 1 else None)
 
         # State
         self.step, self.images_seen = 0, 0

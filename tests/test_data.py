@@ -271,3 +271,40 @@ def test_a_very_large_image_decodes_without_pil_s_warning(monkeypatch, recwarn):
     out, resized = decode.decode_image(blob.getvalue(), (8, 8), 3)
     assert out.shape == (3, 8, 8) and resized and int(out.max()) == 9
     assert not [w for w in recwarn.list if issubclass(w.category, Image.DecompressionBombWarning)]
+
+
+@pytest.mark.parametrize("as_zip", [False, True])
+def test_a_large_set_decodes_in_processes_to_the_very_arrays_of_threads(tmp_path, monkeypatch, as_zip):
+    """From data.PROCESS_DECODE_MIN files the in-memory path decodes in worker processes (threads of one process
+    wait on its lock for small images): the same images, strides, labels and warnings as the threads give, an
+    unreadable file skipped either way. Processes start only under ddpm's own main module, not pytest's."""
+    from ddpm_cli.engine import data
+
+    root = tmp_path / "imgs"
+    names = [f"{c}/{i:02d}.{'png' if i % 3 else 'jpg'}" for c in ("cat", "dog") for i in range(12)]
+    _write_images(root, names)
+    (root / "dog" / "broken.png").write_bytes(b"not an image")
+    src = root
+    if as_zip:
+        src = tmp_path / "imgs.zip"
+        with zipfile.ZipFile(src, "w") as z:
+            for p in sorted(root.rglob("*")):
+                if p.is_file():
+                    z.write(p, p.relative_to(root).as_posix())
+    monkeypatch.setenv("DDPM_DATA_CACHE", "off")
+    cfg = DataConfig(dataset="folder", root=str(src))
+    assert data._processes_allowed() is False
+    monkeypatch.setattr(data, "PROCESS_DECODE_MIN", 10**9)
+    threads = load_folder(cfg, (8, 10), 3)
+    monkeypatch.setattr(data, "PROCESS_DECODE_MIN", 4)
+    monkeypatch.setattr(data, "_processes_allowed", lambda: True)
+    monkeypatch.setattr(data.os, "sched_getaffinity", lambda pid: {0, 1}, raising=False)  # two workers anywhere
+    calls = []
+    real = data._decode_in_processes
+    monkeypatch.setattr(data, "_decode_in_processes", lambda *a: calls.append(a[3]) or real(*a))
+    procs = load_folder(cfg, (8, 10), 3)
+    assert calls == [2]
+    assert procs.images.shape == threads.images.shape == (24, 3, 8, 10)
+    assert torch.equal(procs.images, threads.images) and procs.images.stride() == threads.images.stride()
+    assert torch.equal(procs.labels, threads.labels) and procs.classes == threads.classes
+    assert procs.warnings == threads.warnings and "broken.png" in procs.warnings[0]

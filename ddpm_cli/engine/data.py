@@ -7,8 +7,10 @@ position in a seeded epoch order."""
 from __future__ import annotations
 
 import os
+import sys
 import zipfile
 from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 from typing import Iterator
@@ -18,8 +20,9 @@ import torch
 
 from ddpm_cli.config import DataConfig, ModelConfig
 from ddpm_cli.engine import data_cache
-from ddpm_cli.engine.decode import decode_image, read_file, stack
-from ddpm_cli.engine.streaming import StreamedImages, readable_entries, should_stream, stream_workers
+from ddpm_cli.engine.decode import batch_view, decode_files, decode_image, read_file, stack
+from ddpm_cli.engine.streaming import (StreamedImages, decoding_processes, readable_entries, should_stream,
+                                       stream_workers)
 from ddpm_cli.errors import DataError
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm")
@@ -246,6 +249,55 @@ def _class_layout(paths: list[PurePosixPath]) -> tuple[list[str], list[int] | No
     return [], None
 
 
+# From this many files a set is decoded by processes: decoding a small image is mostly Python, so threads of one
+# process wait on its lock (CIFAR-10's JPEGs decode slower on two threads than on one, docs/lab-notes.md).
+PROCESS_DECODE_MIN = 2048
+
+
+def _decode(files: ImageFiles, size: tuple[int, int], channels: int, warnings: list[str]) -> list[np.ndarray | None]:
+    """Every file of `files` decoded (decode.decode_image; None for one that cannot be read or decoded), in
+    order: by processes for a large set on a machine of several cores, else by threads of this process."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    workers = min(16, cores // max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1") or 1)))
+    if len(files) >= PROCESS_DECODE_MIN and workers >= 2 and _processes_allowed():
+        try:
+            return _decode_in_processes(files, size, channels, workers)
+        except (OSError, BrokenProcessPool) as e:  # no processes to be had here: threads do the same work
+            warnings.append(f"decoding in {workers} processes failed ({e}); decoded in threads instead")
+    blobs = [b for chunk in files.blobs(len(files)) for b in chunk]
+    with ThreadPoolExecutor(max_workers=min(16, os.cpu_count() or 1)) as pool:
+        return [a for a, _ in pool.map(decode_image, blobs, [size] * len(blobs), [channels] * len(blobs))]
+
+
+def _processes_allowed() -> bool:
+    """Whether this process may start decoding processes: when its main module is ddpm's own (the `ddpm` command,
+    `python -m ddpm_cli`, torchrun of either), whose import starts nothing. A new process imports the main module
+    first, and a user's script without an `if __name__ == "__main__":` guard would run again in each."""
+    main = sys.modules.get("__main__")
+    spec = getattr(main, "__spec__", None)
+    if spec is not None:
+        return spec.name.split(".")[0] == "ddpm_cli"
+    return Path(getattr(main, "__file__", "") or "").name == "ddpm"
+
+
+def _decode_in_processes(files: ImageFiles, size: tuple[int, int], channels: int,
+                         workers: int) -> list[np.ndarray | None]:
+    names = [str(e) for e in files.entries]
+    step = -(-len(names) // (8 * workers))  # eight parts a worker: an even load, few messages
+    pool = decoding_processes(files, workers)
+    try:
+        parts = list(pool.map(decode_files, *zip(*[(names[i:i + step], size, channels)
+                                                    for i in range(0, len(names), step)])))
+    finally:  # on Ctrl-C too: drop the parts not started rather than wait for them
+        pool.shutdown(wait=True, cancel_futures=True)
+    arrays: list[np.ndarray | None] = []
+    for hwc, bad in parts:
+        decoded, bad = iter(batch_view(hwc)) if hwc is not None else iter(()), set(bad)
+        count = (0 if hwc is None else len(hwc)) + len(bad)
+        arrays += [None if k in bad else next(decoded) for k in range(count)]
+    return arrays
+
+
 def load_folder(cfg: DataConfig, image_size: int | tuple[int, int], channels: int) -> ImageSet:
     files = ImageFiles(cfg.root, "data.root")
     warnings: list[str] = []
@@ -271,11 +323,7 @@ def load_folder(cfg: DataConfig, image_size: int | tuple[int, int], channels: in
             return ImageSet(images, label_t, classes, warnings + unreadable)
         if problem:
             warnings.append(problem)
-    blobs = [b for chunk in files.blobs(len(files)) for b in chunk]
-    with ThreadPoolExecutor(max_workers=min(16, os.cpu_count() or 1)) as pool:
-        arrays = [a for a, _ in pool.map(decode_image, blobs, [size] * len(blobs), [channels] * len(blobs),
-                                         chunksize=256)]
-    del blobs
+    arrays = _decode(files, size, channels, warnings)
     keep = [i for i, a in enumerate(arrays) if a is not None]
     unreadable = []  # what decoding said: kept with the cache entry, said again when it is loaded
     if len(keep) < len(arrays):

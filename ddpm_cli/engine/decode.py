@@ -113,18 +113,26 @@ def read_file(source, name) -> bytes | None:
         return None
 
 
-def decode_batch(names: list[str], size: tuple[int, int], channels: int) -> np.ndarray | int:
-    """In a worker: the files `names` decoded into one batch, sent back C-contiguous as (N, H, W, C), which pickles
-    as it is (`batch_view` turns it back into `stack`'s very array); or the position in `names` of the first file
-    that cannot be read or decoded."""
-    arrays = []
+def decode_files(names: list[str], size: tuple[int, int], channels: int) -> tuple[np.ndarray | None, list[int]]:
+    """In a worker: the files `names` that decode, as one batch sent back C-contiguous as (N, H, W, C), which
+    pickles as it is (`batch_view` turns it back into `stack`'s very array), or None when none does; and the
+    positions in `names` of those that cannot be read or decoded."""
+    arrays, bad = [], []
     for k, name in enumerate(names):
         blob = read_file(_zip, name)
         array = None if blob is None else decode_image(blob, size, channels)[0]
         if array is None:
-            return k
-        arrays.append(array)
-    return np.ascontiguousarray(stack(arrays).transpose(0, 2, 3, 1))
+            bad.append(k)
+        else:
+            arrays.append(array)
+    return (np.ascontiguousarray(stack(arrays).transpose(0, 2, 3, 1)) if arrays else None), bad
+
+
+def decode_batch(names: list[str], size: tuple[int, int], channels: int) -> np.ndarray | int:
+    """In a worker of the streamed path: decode_files' batch, or the position of the first file that cannot be
+    read or decoded (a batch must hold every image asked for)."""
+    hwc, bad = decode_files(names, size, channels)
+    return bad[0] if bad else hwc
 
 
 def batch_view(hwc: np.ndarray) -> np.ndarray:

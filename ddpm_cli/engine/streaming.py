@@ -46,6 +46,21 @@ def stream_workers(setting: int | None) -> int:
     return max(1, min(8, cores // 2 // ranks))
 
 
+def decoding_processes(files, workers: int) -> ProcessPoolExecutor:
+    """`workers` processes that decode `files` (an ImageFiles: a zip's entries or a folder's paths) with
+    engine.decode's worker functions (decode_batch, decode_files)."""
+    from ddpm_cli.engine import decode
+
+    # forkserver: the workers start from a fresh process that imports only engine.decode, never a copy of this
+    # one (its CUDA context and threads); spawn where there is no forkserver
+    methods = multiprocessing.get_all_start_methods()
+    context = multiprocessing.get_context("forkserver" if "forkserver" in methods else "spawn")
+    if context.get_start_method() == "forkserver":
+        context.set_forkserver_preload(["ddpm_cli.engine.decode"])
+    zip_path = str(files.root) if files.is_zip else None
+    return ProcessPoolExecutor(workers, mp_context=context, initializer=decode.start_worker, initargs=(zip_path,))
+
+
 def should_stream(mode: str, count: int, shape: tuple[int, int, int]) -> bool:
     """data.streaming: on, off, or auto = when the decoded images would take over half the available memory."""
     if mode != "auto":
@@ -153,17 +168,7 @@ class _Decoder:
     def _executor(self) -> ThreadPoolExecutor | ProcessPoolExecutor:
         if self._pool is None:
             if self.workers:
-                from ddpm_cli.engine import decode
-
-                # forkserver: the workers start from a fresh process that imports only engine.decode, never a
-                # copy of this one (its CUDA context and threads); spawn where there is no forkserver
-                methods = multiprocessing.get_all_start_methods()
-                context = multiprocessing.get_context("forkserver" if "forkserver" in methods else "spawn")
-                if context.get_start_method() == "forkserver":
-                    context.set_forkserver_preload(["ddpm_cli.engine.decode"])
-                zip_path = str(self.files.root) if self.files.is_zip else None
-                self._pool = ProcessPoolExecutor(self.workers, mp_context=context, initializer=decode.start_worker,
-                                                 initargs=(zip_path,))
+                self._pool = decoding_processes(self.files, self.workers)
             else:
                 self._pool = ThreadPoolExecutor(min(16, os.cpu_count() or 1), thread_name_prefix="ddpm-decode")
                 self._runner = ThreadPoolExecutor(1, thread_name_prefix="ddpm-prefetch")

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import zipfile
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -277,7 +278,7 @@ def test_a_very_large_image_decodes_without_pil_s_warning(monkeypatch, recwarn):
 def test_a_large_set_decodes_in_processes_to_the_very_arrays_of_threads(tmp_path, monkeypatch, as_zip):
     """From data.PROCESS_DECODE_MIN files the in-memory path decodes in worker processes (threads of one process
     wait on its lock for small images): the same images, strides, labels and warnings as the threads give, an
-    unreadable file skipped either way. Processes start only under ddpm's own main module, not pytest's."""
+    unreadable file skipped either way. (Where processes may start: the test after this one.)"""
     from ddpm_cli.engine import data
 
     root = tmp_path / "imgs"
@@ -293,7 +294,6 @@ def test_a_large_set_decodes_in_processes_to_the_very_arrays_of_threads(tmp_path
                     z.write(p, p.relative_to(root).as_posix())
     monkeypatch.setenv("DDPM_DATA_CACHE", "off")
     cfg = DataConfig(dataset="folder", root=str(src))
-    assert data._processes_allowed() is False
     monkeypatch.setattr(data, "PROCESS_DECODE_MIN", 10**9)
     threads = load_folder(cfg, (8, 10), 3)
     monkeypatch.setattr(data, "PROCESS_DECODE_MIN", 4)
@@ -308,3 +308,20 @@ def test_a_large_set_decodes_in_processes_to_the_very_arrays_of_threads(tmp_path
     assert torch.equal(procs.images, threads.images) and procs.images.stride() == threads.images.stride()
     assert torch.equal(procs.labels, threads.labels) and procs.classes == threads.classes
     assert procs.warnings == threads.warnings and "broken.png" in procs.warnings[0]
+
+
+def test_decoding_processes_start_only_where_the_main_module_is_safe_to_run_again(tmp_path):
+    """A new process runs the main module's file first: `python -c` (no file) and `python -m ddpm_cli` may start
+    decoding processes; a user's script (whose guard is unknown) may not, and decodes in threads."""
+    import os
+    import subprocess
+    import sys
+
+    probe = "from ddpm_cli.engine.data import _processes_allowed; print(_processes_allowed())"
+    script = tmp_path / "user_script.py"
+    script.write_text(probe + "\n")
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    runs = {"-c": [sys.executable, "-c", probe], "script": [sys.executable, str(script)]}
+    said = {k: subprocess.run(v, capture_output=True, text=True, env=env, timeout=120).stdout.strip()
+            for k, v in runs.items()}
+    assert said == {"-c": "True", "script": "False"}

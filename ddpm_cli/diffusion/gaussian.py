@@ -98,4 +98,3 @@ class GaussianDiffusion(nn.Module):
             return F.l1_loss(out, target) if self.loss_type == "l1" else F.mse_loss(out, target)
         err = (out - target).abs() if self.loss_type == "l1" else (out - target).square()
         return (err.mean(dim=tuple(range(1, err.ndim))) * self.loss_weight[t]).mean()
-

@@ -21,8 +21,8 @@ import torch
 from ddpm_cli.config import DataConfig, ModelConfig
 from ddpm_cli.engine import data_cache
 from ddpm_cli.engine.decode import batch_view, decode_files, decode_image, read_file, stack
-from ddpm_cli.engine.streaming import (StreamedImages, decoding_processes, readable_entries, should_stream,
-                                       stream_workers)
+from ddpm_cli.engine.streaming import (StreamedImages, cores_per_rank, decoding_processes, readable_entries,
+                                       should_stream, stream_workers)
 from ddpm_cli.errors import DataError
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm")
@@ -257,8 +257,7 @@ PROCESS_DECODE_MIN = 2048
 def _decode(files: ImageFiles, size: tuple[int, int], channels: int, warnings: list[str]) -> list[np.ndarray | None]:
     """Every file of `files` decoded (decode.decode_image; None for one that cannot be read or decoded), in
     order: by processes for a large set on a machine of several cores, else by threads of this process."""
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    workers = min(16, cores // max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1") or 1)))
+    workers = min(16, cores_per_rank())
     if len(files) >= PROCESS_DECODE_MIN and workers >= 2 and _processes_allowed():
         try:
             return _decode_in_processes(files, size, channels, workers)
@@ -270,14 +269,16 @@ def _decode(files: ImageFiles, size: tuple[int, int], channels: int, warnings: l
 
 
 def _processes_allowed() -> bool:
-    """Whether this process may start decoding processes: when its main module is ddpm's own (the `ddpm` command,
-    `python -m ddpm_cli`, torchrun of either), whose import starts nothing. A new process imports the main module
-    first, and a user's script without an `if __name__ == "__main__":` guard would run again in each."""
+    """Whether this process may start decoding processes. A new process runs the main module's file first, and a
+    user's script without an `if __name__ == "__main__":` guard would run again in each; so only where that is
+    safe: no file to run (`python -c`, a notebook, the REPL), or ddpm's own (the `ddpm` command, `python -m
+    ddpm_cli`, torchrun of either)."""
     main = sys.modules.get("__main__")
     spec = getattr(main, "__spec__", None)
     if spec is not None:
         return spec.name.split(".")[0] == "ddpm_cli"
-    return Path(getattr(main, "__file__", "") or "").name == "ddpm"
+    file = getattr(main, "__file__", None)
+    return file is None or Path(file).name == "ddpm"
 
 
 def _decode_in_processes(files: ImageFiles, size: tuple[int, int], channels: int,

@@ -36,14 +36,17 @@ def available_memory() -> int:
         return 1 << 62  # unknown: never stream by default
 
 
+def cores_per_rank() -> int:
+    """The cores this process may use, shared among the ranks of this machine (torchrun's LOCAL_WORLD_SIZE)."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 2)
+    return cores // max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1") or 1))
+
+
 def stream_workers(setting: int | None) -> int:
-    """data.stream_workers: as set, or auto (None) = one process per two of the cores this process may use,
-    shared among the ranks of this machine (torchrun's LOCAL_WORLD_SIZE), at most 8."""
+    """data.stream_workers: as set, or auto (None) = one process per two of this rank's cores, at most 8."""
     if setting is not None:
         return setting
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 2)
-    ranks = max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1") or 1))
-    return max(1, min(8, cores // 2 // ranks))
+    return max(1, min(8, cores_per_rank() // 2))
 
 
 def decoding_processes(files, workers: int) -> ProcessPoolExecutor:

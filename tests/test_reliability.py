@@ -483,6 +483,54 @@ def test_keep_last_keeps_exactly_k_and_never_the_resumed_one(tmp_path, keep):
     assert others == [f"ckpt-{s:08d}.safetensors" for s in range(15 - keep, 15)]
 
 
+def _cli_train(*args):
+    from ddpm_cli.cli.app import app
+
+    return CliRunner().invoke(app, ["train", *[str(a) for a in args]])
+
+
+def _files(run: Path) -> dict:
+    return {p.relative_to(run).as_posix(): _sha(p) for p in sorted(run.rglob("*")) if p.is_file()}
+
+
+def test_a_resume_from_an_earlier_checkpoint_is_refused_without_overwrite_and_touches_nothing(tmp_path):
+    """Resuming from a checkpoint that is not the run's latest replaces what the run trained after it (later
+    checkpoints, metrics, post-hoc EMA snapshots): one line that says so, exit 1, every file as it was; a
+    resume that would train nothing (train.steps at the checkpoint's step) too."""
+    cfg = write_yaml(tmp_path / "c.yaml", tiny_overrides(tmp_path / "runs", train__steps=12,
+                                                         train__posthoc_ema=[0.1], train__posthoc_ema_every=3,
+                                                         logging__checkpoint_every=6, logging__sample_every=1000))
+    assert _cli_train("--config", cfg).exit_code == 0
+    run = tmp_path / "runs" / "tiny"
+    before = _files(run)
+    for steps in (12, 6):
+        r = _cli_train("--resume", run / "checkpoints" / "ckpt-00000006.safetensors", "--set", f"train.steps={steps}")
+        lines = [x for x in r.stderr.splitlines() if x.strip()]
+        assert r.exit_code == 1 and len(lines) == 1, (r.exit_code, r.output)
+        assert "not the run's latest" in lines[0] and "ckpt-00000012" in lines[0] and "--overwrite" in lines[0]
+        assert _files(run) == before
+
+
+def test_a_resume_with_overwrite_replaces_the_later_checkpoints_and_keeps_the_one_it_writes(tmp_path):
+    """With --overwrite the later checkpoints go first: keep_last then keeps the new branch's newest, which the
+    closing line names and latest.json points at (it used to prune the checkpoint it had just written, as a
+    stale later one ranked above it), and the next resume continues the new branch."""
+    cfg = write_yaml(tmp_path / "c.yaml", tiny_overrides(tmp_path / "runs", train__steps=40, logging__keep_last=2,
+                                                         logging__checkpoint_every=10, logging__sample_every=1000))
+    assert _cli_train("--config", cfg).exit_code == 0
+    run = tmp_path / "runs" / "tiny"
+    r = _cli_train("--resume", run / "checkpoints" / "ckpt-00000030.safetensors", "--set", "train.steps=35",
+                   "--set", "logging.keep_last=1", "--overwrite")
+    assert r.exit_code == 0, r.output
+    assert "removed the 1 checkpoint after ckpt-00000030.safetensors" in r.stderr
+    assert [p.name for p in list_checkpoints(run)] == ["ckpt-00000030.safetensors", "ckpt-00000035.safetensors"]
+    assert "checkpoint " + str(run / "checkpoints" / "ckpt-00000035.safetensors") in r.stdout
+    assert latest_checkpoint(run).name == "ckpt-00000035.safetensors"
+    r = _cli_train("--resume", run, "--set", "train.steps=37")
+    assert r.exit_code == 0 and latest_checkpoint(run).name == "ckpt-00000037.safetensors", r.output
+    assert load_checkpoint(latest_checkpoint(run)).step == 37
+
+
 # ----------------------------------------------------------------------------------------------------------
 # 5. non-finite loss or gradient
 

@@ -35,6 +35,8 @@ def train_command(
     resume: Optional[Path] = typer.Option(None, "--resume", help="Continue a run: its directory or a checkpoint.",
                                           show_default=False),
     gpus: int = typer.Option(0, "--gpus", min=0, help="Launch on N GPUs of this machine through torchrun."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="With --resume from a checkpoint that is not the "
+                                   "run's latest: replace the checkpoints the run saved after it."),
 ) -> None:
     """Train a diffusion model from a config file."""
     from ddpm_cli.config import load_config, refuse_identity_change
@@ -55,12 +57,13 @@ def train_command(
                  f"RUN")
         stored = StoredConfig.of(header).validated()
         refuse_identity_change(stored, cfg, weights)  # before anything in the run is touched (the engine checks too)
+        later = _later_checkpoints(weights, overwrite)
         if set_:
             _say_if_the_size_changed(stored, cfg)
         if is_main_process():
             _keep_an_edited_config(weights.parent.parent, stored)
     else:
-        weights, cfg = None, load_config(config, set_)
+        weights, cfg, later = None, load_config(config, set_), []
     if gpus >= 1 and not under_torchrun():  # --gpus 1 too: one process through the same launcher
         return relaunch_with_torchrun(gpus)
 
@@ -70,6 +73,8 @@ def train_command(
     previous_handlers = _install_signal_handlers(stop)
     display = TrainDisplay(cfg.train.steps)
     trainer = None
+    if later and is_main_process():
+        _remove_later_checkpoints(weights, later)
     try:
         trainer = Trainer(cfg, resume=weights, callbacks=display, stop=stop,
                           name_hint=config.stem if config else None)
@@ -94,6 +99,36 @@ def train_command(
                   if trainer.guide is not None else "")
         console.print(f"sample with: ddpm sample {result.checkpoint} -n 64 --grid grid.png{guided}", markup=False,
                       soft_wrap=True)
+
+
+def _later_checkpoints(weights: Path, overwrite: bool) -> list[Path]:
+    """The run's checkpoints after `weights`, which a resume from it replaces (with the metrics, sample grids and
+    post-hoc EMA snapshots of those steps): refused unless --overwrite, since they are saved work."""
+    from ddpm_cli.engine.runs import list_checkpoints
+
+    found = list_checkpoints(weights.parent.parent)
+    names = [p.name for p in found]
+    later = found[names.index(weights.name) + 1:] if weights.name in names else []
+    if later and not overwrite:
+        run = weights.parent.parent
+        fail(f"{weights.name} is not the run's latest checkpoint: resuming from it would replace what {run} trained "
+             f"after it ({len(later)} later checkpoint{'s' if len(later) > 1 else ''}, up to {later[-1].name}, with "
+             f"their metrics and post-hoc EMA snapshots); resume from the latest with --resume {run}, or pass "
+             f"--overwrite to replace them")
+    return later
+
+
+def _remove_later_checkpoints(weights: Path, later: list[Path]) -> None:
+    """--overwrite: the run's checkpoints after `weights` go before it trains, so that none of them can pass for
+    the run's latest (latest.json first: without it the newest checkpoint left, `weights`, is the latest)."""
+    from ddpm_cli.engine.runs import state_path
+
+    (weights.parent.parent / "latest.json").unlink(missing_ok=True)
+    for old in reversed(later):
+        old.unlink(missing_ok=True)
+        state_path(old).unlink(missing_ok=True)
+    warn(f"--overwrite: removed the {len(later)} checkpoint{'s' if len(later) > 1 else ''} after {weights.name} "
+         f"(up to {later[-1].name}); the run continues from {weights.name}")
 
 
 def _keep_an_edited_config(run_dir: Path, stored) -> None:

@@ -167,6 +167,11 @@ def test_ema_refuses_bad_input_in_one_line(tmp_path):
         msg = one_line_error(cli("ema", run, "-l", "0.1", "-o", target, "--overwrite"), code=(2,))
         assert "training checkpoint" in msg
     assert ckpt.read_bytes() == before
+    # the run's own files, the command's input among them, are never an output, --overwrite or not
+    for target in (snapshot_path(run, 10), run / "config.yaml", run / "metrics.jsonl"):
+        before = target.read_bytes()
+        msg = one_line_error(cli("ema", run, "-l", "0.1", "-o", target, "--overwrite"), code=(2,))
+        assert "one of the run's own files" in msg and target.read_bytes() == before
     assert "snapshots of the lengths" in ok("ema", run / "checkpoints").stdout  # the folder stands for the run
     ok("ema", run, "-l", "0.1", "-o", tmp_path / "avg.pt")  # another name: written, and again with --overwrite
     ok("ema", run, "-l", "0.1", "-o", tmp_path / "avg.pt", "--overwrite")

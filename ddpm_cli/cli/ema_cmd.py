@@ -29,6 +29,17 @@ def _run_and_step(path: Path, step: int | None) -> tuple[Path, int | None]:
     raise UsageError(f"{path} is neither a run directory nor one of its checkpoints (RUN/checkpoints/ckpt-*)")
 
 
+def _run_file(run: Path, path: Path) -> bool:
+    """Whether `path` is a file of the run itself (anything in its folder but an average `ddpm ema` wrote to its
+    ema/ folder)."""
+    from ddpm_cli.engine.posthoc_ema import snapshot_folder
+
+    path, run = path.resolve(), run.resolve()
+    if run not in path.parents:
+        return False
+    return path.parent != snapshot_folder(run).resolve() or path.name.startswith("snapshot-")
+
+
 @friendly
 def ema_command(
     run: Path = typer.Argument(..., help="A run directory of `ddpm train` (or one of its checkpoints: its step).",
@@ -80,6 +91,9 @@ def ema_command(
         if training:  # a resume would go on from the average, or lose its optimizer state
             raise UsageError(f"{path} is part of a training checkpoint (weights with their training state); write "
                              f"the average to another --out")
+        if path.exists() and _run_file(run, path):  # e.g. its own snapshot, or config.yaml: this command's input
+            raise UsageError(f"{path} is one of the run's own files, which this command reads; write the average to "
+                             f"another --out")
         if path.exists() and not overwrite:
             raise UsageError(f"{path} exists; pass --overwrite to replace it, or --out another path")
     recs = posthoc_ema.reconstruct(run, lengths, step)  # every snapshot read once for all the lengths

@@ -277,8 +277,8 @@ def test_exact_resume_after_a_real_sigterm(tmp_path, procs):
 # 2. SIGTERM / SIGINT
 
 
-@pytest.mark.parametrize("signum,code", [(signal.SIGTERM, 143), (signal.SIGINT, 130)],
-                         ids=["SIGTERM", "SIGINT"])
+@pytest.mark.parametrize("signum,code", [(signal.SIGTERM, 143), (signal.SIGINT, 130), (signal.SIGHUP, 143)],
+                         ids=["SIGTERM", "SIGINT", "SIGHUP"])
 def test_signal_finishes_the_step_checkpoints_and_exits(tmp_path, procs, signum, code):
     p = TrainProcess(tmp_path, _sub_cfg(tmp_path))
     procs.append(p)
@@ -299,6 +299,43 @@ def test_signal_finishes_the_step_checkpoints_and_exits(tmp_path, procs, signum,
     assert weights.name == f"ckpt-{k:08d}.safetensors"
     _assert_loadable(weights)
     _no_tmp_is_a_checkpoint(p.run_dir)
+
+
+NOHUP = """
+import signal, sys
+signal.signal(signal.SIGHUP, signal.SIG_IGN)  # as nohup leaves it
+from ddpm_cli.cli.app import main
+main()
+"""
+
+
+def test_a_run_started_under_nohup_goes_on_through_sighup(tmp_path, procs):
+    p = TrainProcess(tmp_path, _sub_cfg(tmp_path), driver=NOHUP)
+    procs.append(p)
+    p.wait_for(lambda: len(_metrics(p.run_dir)) >= 1, "the first metrics line")
+    p.signal(signal.SIGHUP)
+    seen = len(_metrics(p.run_dir))
+    p.wait_for(lambda: len(_metrics(p.run_dir)) >= seen + 20, "steps after SIGHUP")
+    p.signal(signal.SIGTERM)
+    assert p.wait() == 143, p.output()
+
+
+def test_a_run_whose_stdout_reader_goes_away_trains_to_its_end(tmp_path):
+    """`ddpm train ... | head -1`: the output has nowhere to go, but the run finishes and saves its checkpoint."""
+    config = write_yaml(tmp_path / "cfg.yaml", _sub_cfg(tmp_path, train__steps=40))
+    proc = subprocess.Popen([sys.executable, "-m", "ddpm_cli", "train", "--config", str(config)], cwd=ROOT,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    try:
+        assert proc.stdout.readline()  # the first line, then the reader is gone
+        proc.stdout.close()
+        err = proc.stderr.read().decode()
+        assert proc.wait(timeout=SUBPROCESS_TIMEOUT) == 0, err
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert "Traceback" not in err and "Exception ignored" not in err, err
+    run = tmp_path / "runs" / "tiny"
+    assert latest_checkpoint(run).name == "ckpt-00000040.safetensors"
 
 
 # The driver makes writing the signal's checkpoint slow (as on a slow network disk), so the second Ctrl-C

@@ -14,14 +14,18 @@ from ddpm_cli.cli.ui import TrainDisplay, console, fail, friendly, warn
 
 
 def _install_signal_handlers(stop) -> dict:
-    """Route SIGINT/SIGTERM to `stop`; returns the previous handlers so the command can put them back."""
+    """Route SIGINT/SIGTERM to `stop`, and SIGHUP (the terminal or ssh session closed) unless it is ignored (as
+    under nohup); returns the previous handlers so the command can put them back."""
     def handler(signum, frame):  # noqa: ARG001
         if stop.count >= 1 and signum == signal.SIGINT:
             # Second Ctrl-C: leave at once. Checkpoints are written atomically, so the last good one is intact.
             os._exit(130)
         stop.request(signum)
 
-    previous = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+    signals = [signal.SIGINT, signal.SIGTERM]
+    if hasattr(signal, "SIGHUP") and signal.getsignal(signal.SIGHUP) is signal.SIG_DFL:
+        signals.append(signal.SIGHUP)
+    previous = {s: signal.getsignal(s) for s in signals}
     for s in previous:
         signal.signal(s, handler)
     return previous
@@ -86,19 +90,24 @@ def train_command(
         if trainer is not None:
             trainer.close()
     if trainer.main:
-        why = {"steps": "reached train.steps", "time": "reached train.max_time",
-               "early_stopping": "early stopping"}.get(result.stop_reason, result.stop_reason)
-        compiled = f", {result.compile_s:.1f} s of it compiling" if trainer.compiled and result.compile_s else ""
-        saved = (f"checkpoint {result.checkpoint}" if result.checkpoint is not None else
-                 "no checkpoint: the run ended before its first step (raise train.max_time)")
-        console.print(f"done: step {result.step}, {result.images_seen:,} images seen in {result.elapsed_s:.1f} s "
-                      f"({why}{compiled}); {saved}", markup=False, soft_wrap=True)
-        if result.checkpoint is None:
-            return
-        guided = (f" (autoguided by its step-{trainer.guide[0]} weights by default; --guidance 1 for none)"
-                  if trainer.guide is not None else "")
-        console.print(f"sample with: ddpm sample {result.checkpoint} -n 64 --grid grid.png{guided}", markup=False,
-                      soft_wrap=True)
+        _report(trainer, result)
+
+
+def _report(trainer, result) -> None:
+    """The closing lines: how the run ended, and how to sample from its checkpoint."""
+    why = {"steps": "reached train.steps", "time": "reached train.max_time",
+           "early_stopping": "early stopping"}.get(result.stop_reason, result.stop_reason)
+    compiled = f", {result.compile_s:.1f} s of it compiling" if trainer.compiled and result.compile_s else ""
+    saved = (f"checkpoint {result.checkpoint}" if result.checkpoint is not None else
+             "no checkpoint: the run ended before its first step (raise train.max_time)")
+    console.print(f"done: step {result.step}, {result.images_seen:,} images seen in {result.elapsed_s:.1f} s "
+                  f"({why}{compiled}); {saved}", markup=False, soft_wrap=True)
+    if result.checkpoint is None:
+        return
+    guided = (f" (autoguided by its step-{trainer.guide[0]} weights by default; --guidance 1 for none)"
+              if trainer.guide is not None else "")
+    console.print(f"sample with: ddpm sample {result.checkpoint} -n 64 --grid grid.png{guided}", markup=False,
+                  soft_wrap=True)
 
 
 def _later_checkpoints(weights: Path, overwrite: bool) -> list[Path]:

@@ -14,8 +14,16 @@ import typer
 from rich.console import Console
 from rich.text import Text
 
-console = Console(highlight=False, emoji=False)  # paths like runs/a:100:b print as they are
-err_console = Console(stderr=True, highlight=False, emoji=False)
+
+class _Console(Console):
+    def on_broken_pipe(self) -> None:
+        """The output's reader has gone (`ddpm train ... | head`, a closed terminal): send the rest nowhere and go
+        on, so that the work reaches its end and its files (rich's own answer is to exit at once)."""
+        os.dup2(os.open(os.devnull, os.O_WRONLY), (sys.stderr if self.stderr else sys.stdout).fileno())
+
+
+console = _Console(highlight=False, emoji=False)  # paths like runs/a:100:b print as they are
+err_console = _Console(stderr=True, highlight=False, emoji=False)
 
 
 def labelled(label: str, style: str, message: str) -> Text:

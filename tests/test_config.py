@@ -220,3 +220,21 @@ def test_the_large_image_examples_are_their_papers_networks_and_diffusers_holds_
         assert sum(p.numel() for p in UNet2DModel(**peer_cfg).parameters()) == params
     wide = load_config(ROOT / "examples" / name, [f"model.image_size=[{size},{size * 3 // 2}]"])  # non-square:
     assert wide.model.hw == (size, size * 3 // 2)  # attention keyed by the shorter side stays where it was
+
+
+def test_a_set_on_a_text_field_takes_the_text_as_written(tmp_path):
+    """YAML reads 2024 as a number, 001 as 1 and on as true; a text field (a run name, a data root) takes what
+    was typed, while other fields keep YAML's reading."""
+    cfg = load_config(None, ["logging.run_name=001", "data.root=123", "train.steps=5", "train.guide_step=null"])
+    assert cfg.logging.run_name == "001" and cfg.data.root == "123"
+    assert cfg.train.steps == 5 and cfg.train.guide_step is None
+    assert load_config(None, ["logging.run_name=2024"]).logging.run_name == "2024"
+    assert load_config(None, ["data.root=on"]).data.root == "on"
+
+
+@pytest.mark.parametrize("name", [".", "..", "../escape", "a/b", "/abs", ""])
+def test_a_run_name_is_a_folder_name(name):
+    """The run's folder goes under logging.run_dir: '.' wrote the run into run_dir itself, '../x' outside it."""
+    with pytest.raises(ConfigError) as e:
+        load_config(None, [f"logging.run_name={name}"])
+    assert "logging.run_name" in e.value.problems[0] and "not a folder name" in e.value.problems[0]

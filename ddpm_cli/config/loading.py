@@ -38,8 +38,24 @@ def apply_overrides(data: dict, overrides: list[str]) -> dict:
             if not isinstance(child, dict):
                 raise UsageError(f"--set {text!r}: {part} is a value, not a section")
             node = child
+        if isinstance(value, (bool, int, float)) and _is_text_field(path):  # run_name=2024, data.root=123
+            value = text.partition("=")[2].strip()
         node[path[-1]] = value
     return data
+
+
+def _is_text_field(path: list[str]) -> bool:
+    """Whether the field at `path` holds free text (str, or str or None), where a value YAML reads as a number
+    or a boolean is meant as the text it is written as."""
+    model: type[BaseModel] = RunConfig
+    for part in path[:-1]:
+        field = model.model_fields.get(part)
+        ann = field.annotation if field else None
+        if not (isinstance(ann, type) and issubclass(ann, BaseModel)):
+            return False
+        model = ann
+    field = model.model_fields.get(path[-1])
+    return field is not None and (field.annotation is str or field.annotation == (str | None))
 
 
 def _known_fields(loc: tuple) -> list[str]:

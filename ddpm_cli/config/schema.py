@@ -382,6 +382,14 @@ class LoggingConfig(Section):
     """Directory that holds the runs."""
     run_name: str | None = None
     """Name of this run's folder under run_dir; default: the config's name and a timestamp."""
+
+    @field_validator("run_name")
+    @classmethod
+    def _a_folder_name(cls, v: str | None) -> str | None:
+        if v is not None and (v.strip() in ("", ".", "..") or "/" in v or "\\" in v):
+            raise ValueError(f"{v!r} is not a folder name (a run is a folder under logging.run_dir: no '/', '.' "
+                             f"or '..'; put the path in logging.run_dir)")
+        return v
     log_every: int = Field(100, ge=1)
     """Steps between metrics lines (metrics.jsonl, progress, wandb)."""
     checkpoint_every: int = Field(10000, ge=1)

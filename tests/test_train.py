@@ -396,7 +396,8 @@ def test_a_resume_keeps_what_the_user_keeps(tmp_path):
     r = ok("train", "--resume", run, "--set", "train.steps=6")  # a config.yaml the run wrote: resumed quietly
     assert "edited" not in r.stderr and not (run / "config.edited.yaml").exists()
     # from the step-4 checkpoint, whose config (4 steps) is not the file's (6): still the run's own file
-    r = ok("train", "--resume", run / "checkpoints" / "ckpt-00000004.safetensors", "--set", "train.steps=5")
+    r = ok("train", "--resume", run / "checkpoints" / "ckpt-00000004.safetensors", "--set", "train.steps=5",
+           "--overwrite")  # (it replaces the step-6 checkpoint)
     assert "edited" not in r.stderr and not (run / "config.edited.yaml").exists()
     for n, name in ((9, "config.edited.yaml"), (11, "config.edited-1.yaml")):  # a second edit keeps the first
         text = (run / "config.yaml").read_text()

@@ -555,13 +555,16 @@ def test_real_weights_tell_cifar_from_noise(monkeypatch):
 
 
 def test_in_training_fid_is_logged(weights, small_resize, tmp_path):
-    """logging.fid_every: FID of EMA samples against the training images, in metrics.jsonl, every N steps."""
+    """logging.fid_every: FID of EMA samples against the training images, in metrics.jsonl, every N steps, and
+    on the display `ddpm train` shows (its record of its own was read as a metrics line: a KeyError, no
+    checkpoint)."""
     from conftest import tiny_config
+    from ddpm_cli.cli.ui import TrainDisplay
     from ddpm_cli.engine.train import train
 
     cfg = tiny_config(tmp_path, train__steps=6, data__shapes_count=48, logging__fid_every=3,
                       logging__fid_samples=8, logging__fid_steps=2, logging__fid_inception_weights=str(weights))
-    res = train(cfg)
+    res = train(cfg, callbacks=TrainDisplay(6, live=False))
     lines = [json.loads(x) for x in (res.run_dir / "metrics.jsonl").read_text().splitlines()]
     fids = [r for r in lines if "fid" in r]
     assert [r["step"] for r in fids] == [3, 6]

@@ -172,8 +172,9 @@ class TrainDisplay:
             self.progress.update(self.task, completed=step)
 
     def on_log(self, rec: dict) -> None:
-        if "val_loss" in rec:
-            line = f"step {rec['step']}: held-out loss {rec['val_loss']:.5f} (best {rec['best_val_loss']:.5f})"
+        if "val_loss" in rec or "fid" in rec:  # records of their own, beside the metrics lines
+            line = (f"step {rec['step']}: held-out loss {rec['val_loss']:.5f} (best {rec['best_val_loss']:.5f})"
+                    if "val_loss" in rec else f"step {rec['step']}: FID {rec['fid']:.2f}")
             (self.progress.console if self.progress else console).print(line, markup=False)
             return
         loss = f"{rec['loss']:.4f}" if rec.get("loss") is not None else "nan"

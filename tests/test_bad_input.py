@@ -572,3 +572,11 @@ def test_checkpoint_of_an_older_ddpm_with_removed_settings_names_its_version(tmp
     r = invoke("sample", f, "-n", "1", "--out", tmp_path / "out", "--device", "cpu")
     lines = assert_refused(r, "ddpm 0.0.1", "model.some_removed_setting", "no longer has", codes=(1,))
     assert "upgrade" not in lines[0]
+
+
+@pytest.mark.parametrize("setting", ["logging.run_name=newbranch", "logging.run_dir=other"])
+def test_a_resume_cannot_move_the_run(ckpt_copy, setting):
+    """The run went on in its own folder while its config.yaml and checkpoints said the new folder."""
+    before = sorted(p.name for p in ckpt_copy.parent.iterdir())
+    assert_refused(_resume(ckpt_copy, setting, "train.steps=21"), setting.split("=")[0], "copy", codes=(2,))
+    assert sorted(p.name for p in ckpt_copy.parent.iterdir()) == before

@@ -54,6 +54,11 @@ def train_command(
     if resume is not None:
         from ddpm_cli.engine.checkpoint import StoredConfig, read_checkpoint_config
 
+        moved = [s for s in set_ if s.split("=", 1)[0].strip() in ("logging.run_dir", "logging.run_name")]
+        if moved:  # the run goes on in its own folder: the stored config would name another one
+            fail(f"--set {moved[0]}: a resume continues the run in its own folder; copy the folder (with its "
+                 f"checkpoints/) to continue it elsewhere, and --resume the copy", code=2)
+
         weights, header, cfg = read_checkpoint_config(resume, set_)  # the stored config, --set applied
         if weights.parent.name != "checkpoints":  # the run is the folder above checkpoints/: there is none here
             fail(f"{weights} is not in a run's checkpoints/ folder, so there is no run to continue; --resume the run "

@@ -548,6 +548,22 @@ def test_a_resume_from_an_earlier_checkpoint_is_refused_without_overwrite_and_to
         assert _files(run) == before
 
 
+def test_a_resume_of_the_run_goes_on_past_a_save_that_kill_9_interrupted(tmp_path):
+    """kill -9 between a checkpoint's weights and latest.json leaves a file past the run's latest: the run's own
+    resume redoes that save (CI's kill -9 test landed there once and was refused as replacing later work)."""
+    import shutil
+
+    cfg = write_yaml(tmp_path / "c.yaml", tiny_overrides(tmp_path / "runs", train__steps=6,
+                                                         logging__checkpoint_every=6, logging__sample_every=1000))
+    assert _cli_train("--config", cfg).exit_code == 0
+    run = tmp_path / "runs" / "tiny"
+    shutil.copy(run / "checkpoints" / "ckpt-00000006.safetensors", run / "checkpoints" / "ckpt-00000007.safetensors")
+    r = _cli_train("--resume", run, "--set", "train.steps=8")
+    assert r.exit_code == 0, r.output
+    assert "ckpt-00000006.safetensors" in r.stdout and latest_checkpoint(run).name == "ckpt-00000008.safetensors"
+    assert load_checkpoint(latest_checkpoint(run)).step == 8
+
+
 def test_a_resume_with_overwrite_replaces_the_later_checkpoints_and_keeps_the_one_it_writes(tmp_path):
     """With --overwrite the later checkpoints go first: keep_last then keeps the new branch's newest, which the
     closing line names and latest.json points at (it used to prune the checkpoint it had just written, as a

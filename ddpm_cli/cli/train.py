@@ -118,8 +118,11 @@ def _report(trainer, result) -> None:
 def _later_checkpoints(weights: Path, overwrite: bool) -> list[Path]:
     """The run's checkpoints after `weights`, which a resume from it replaces (with the metrics, sample grids and
     post-hoc EMA snapshots of those steps): refused unless --overwrite, since they are saved work."""
-    from ddpm_cli.engine.runs import list_checkpoints
+    from ddpm_cli.engine.runs import latest_checkpoint, list_checkpoints
 
+    latest = latest_checkpoint(weights.parent.parent)
+    if latest is not None and latest.resolve() == weights.resolve():
+        return []  # the run's latest (latest.json's): a file past it is an interrupted save, which the run redoes
     found = list_checkpoints(weights.parent.parent)
     names = [p.name for p in found]
     later = found[names.index(weights.name) + 1:] if weights.name in names else []

@@ -677,3 +677,19 @@ def test_per_class_needs_the_same_count_for_every_class(trained_conditional_run,
     ok("sample", trained_conditional_run, "--per-class", "-n", 20, "--out", tmp_path / "o", *FAST)
     names = sorted(p.name.split("_")[0] for p in (tmp_path / "o").iterdir())
     assert names == sorted(f"class{k}" for k in range(10) for _ in range(2))
+
+
+def test_the_header_names_the_steps_that_run(trained_run, tmp_path):
+    """--steps above T ran T, after a warning that said so, while the header said the steps asked for; and one
+    step read '1 steps'."""
+    r = ok("sample", trained_run, "-n", 1, "--sampler", "ddim", "--steps", 150, "--out", tmp_path / "a")
+    assert "more than the model's T = 100" in r.stderr and "|  ddim 100 steps  |" in r.stdout, r.output
+    r = ok("sample", trained_run, "-n", 1, "--sampler", "ddim", "--steps", 1, "--out", tmp_path / "b")
+    assert "|  ddim 1 step  |" in r.stdout, r.stdout
+
+
+def test_a_slow_rate_reads_as_a_rate():
+    """The ddpm sampler on a CPU: '4 images in 102.4 s (0.0 images/s)'."""
+    from ddpm_cli.cli.ui import fmt_rate
+
+    assert [fmt_rate(x) for x in (0.039, 3.96, 1234.4)] == ["0.039", "4.0", "1,234"]

@@ -129,7 +129,7 @@ def friendly(fn: Callable) -> Callable:
 
 
 def fmt_rate(x: float) -> str:
-    return f"{x:,.0f}" if x >= 100 else f"{x:.1f}"
+    return f"{x:,.0f}" if x >= 100 else f"{x:.1f}" if x >= 1 else f"{x:.2g}"  # 0.039, not 0.0
 
 
 class TrainDisplay:

@@ -376,6 +376,9 @@ def test_inspect_of_a_checkpoint_with_a_broken_stored_config(tmp_path, ckpt_copy
         # showing what can be read (exit 0) or refusing in one line (exit 1) are both fine; a crash is not
         if r.exit_code != 0 or r.exception is not None:
             assert_refused(r, codes=(1,))
+        else:  # and what is shown says why the config's rows are empty ('-' everywhere, and no word why)
+            shown = json.loads(r.stdout)["config_problem"] if extra else r.stdout
+            assert "config" in shown and ("unusable" in shown or extra), shown
 
 
 @pytest.mark.parametrize("config", BROKEN_CONFIGS, ids=BROKEN_IDS)

@@ -32,6 +32,7 @@ def _guide_step(header) -> int | str | None:
 def describe(header, sha256: bool = False) -> dict:
     """A checkpoint header -> a JSON-ready summary (the `--json` output; the table shows the same)."""
     from ddpm_cli.engine.checkpoint import StoredConfig, class_names, ema_decays, has_ema_weights
+    from ddpm_cli.errors import DdpmError
 
     meta = header.metadata
     cfg = StoredConfig.of(header).sections()  # lenient: inspect shows what it can read
@@ -69,6 +70,10 @@ def describe(header, sha256: bool = False) -> dict:
         "classes": classes,
         "tensors": {"count": len(header.tensors), "dtypes": dict(sorted(dtypes.items()))},
     }
+    try:  # what sample, export and a resume would say of the stored config (inspect still shows what it can)
+        StoredConfig.of(header).validated()
+    except DdpmError as e:
+        info["config_problem"] = str(e)
     for key in ("source_weights", "exported_from", "source", "source_path"):
         if key in meta:
             info[key] = meta[key]
@@ -114,6 +119,8 @@ def _rows(info: dict) -> list[tuple[str, str]]:
         ("step", opt(info["step"])),
         ("images seen", opt(info["images_seen"])),
     ]
+    if info.get("config_problem"):  # every config row below reads '-': say why, once
+        rows.append(("stored config", f"unusable: {info['config_problem']}"))
     if m:
         classes = info["classes"]
         if m.get("conditional"):

@@ -101,8 +101,10 @@ def sample_command(
     what = ("per class" if per_class else f"class {class_index}" if class_index is not None
             else "classes in turn" if m.conditional else "unconditional")
     spec = plan.draw.spec
-    taken = min(spec.steps, plan.config.diffusion.num_timesteps)  # what runs: a warning above says so when fewer
-    steps = f" {taken} step{'s' if taken != 1 else ''}" if spec.sampler != "ddpm" else ""
+    steps = ""  # the ddpm sampler takes every step
+    if spec.sampler != "ddpm":
+        taken = min(spec.steps, plan.config.diffusion.num_timesteps)  # what runs: a warning says so when fewer
+        steps = f" {taken} step{'s' if taken != 1 else ''}"
 
     def on_start(device_name: str) -> None:
         if main:

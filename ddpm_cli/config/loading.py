@@ -44,29 +44,30 @@ def apply_overrides(data: dict, overrides: list[str]) -> dict:
     return data
 
 
+def _section_of(path) -> type[BaseModel] | None:
+    """The config section (a model class) that holds the field at `path` (a dotted key's parts), or None where a
+    part is no section."""
+    model: type[BaseModel] = RunConfig
+    for part in path[:-1]:
+        field = model.model_fields.get(str(part))
+        ann = field.annotation if field else None
+        if not (isinstance(ann, type) and issubclass(ann, BaseModel)):
+            return None
+        model = ann
+    return model
+
+
 def _is_text_field(path: list[str]) -> bool:
     """Whether the field at `path` holds free text (str, or str or None), where a value YAML reads as a number
     or a boolean is meant as the text it is written as."""
-    model: type[BaseModel] = RunConfig
-    for part in path[:-1]:
-        field = model.model_fields.get(part)
-        ann = field.annotation if field else None
-        if not (isinstance(ann, type) and issubclass(ann, BaseModel)):
-            return False
-        model = ann
-    field = model.model_fields.get(path[-1])
+    section = _section_of(path)
+    field = section.model_fields.get(path[-1]) if section is not None else None
     return field is not None and (field.annotation is str or field.annotation == (str | None))
 
 
 def _known_fields(loc: tuple) -> list[str]:
-    model: type[BaseModel] = RunConfig
-    for part in loc[:-1]:
-        field = model.model_fields.get(str(part))
-        ann = field.annotation if field else None
-        if not (isinstance(ann, type) and issubclass(ann, BaseModel)):
-            return []
-        model = ann
-    return list(model.model_fields)
+    section = _section_of(loc)
+    return list(section.model_fields) if section is not None else []
 
 
 def format_validation_error(err: ValidationError) -> list[str]:

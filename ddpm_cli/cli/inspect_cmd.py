@@ -35,7 +35,8 @@ def describe(header, sha256: bool = False) -> dict:
     from ddpm_cli.errors import DdpmError
 
     meta = header.metadata
-    cfg = StoredConfig.of(header).sections()  # lenient: inspect shows what it can read
+    stored = StoredConfig.of(header)
+    cfg = stored.sections()  # lenient: inspect shows what it can read
     classes = class_names(meta)
     dtypes: dict[str, int] = {}
     model_params = 0
@@ -71,7 +72,7 @@ def describe(header, sha256: bool = False) -> dict:
         "tensors": {"count": len(header.tensors), "dtypes": dict(sorted(dtypes.items()))},
     }
     try:  # what sample, export and a resume would say of the stored config (inspect still shows what it can)
-        StoredConfig.of(header).validated()
+        stored.validated()
     except DdpmError as e:
         info["config_problem"] = str(e)
     for key in ("source_weights", "exported_from", "source", "source_path"):

@@ -583,3 +583,39 @@ def test_a_resume_cannot_move_the_run(ckpt_copy, setting):
     before = sorted(p.name for p in ckpt_copy.parent.iterdir())
     assert_refused(_resume(ckpt_copy, setting, "train.steps=21"), setting.split("=")[0], "copy", codes=(2,))
     assert sorted(p.name for p in ckpt_copy.parent.iterdir()) == before
+
+
+# ----------------------------------------------------------------------------------------------------------
+# outputs never replace inputs, --overwrite or not (cli/outputs.py)
+
+
+def test_no_output_replaces_the_commands_input_even_with_overwrite(ckpt_copy, tmp_path):
+    before = ckpt_copy.read_bytes()
+    fast = ["--steps", "2", "--device", "cpu", "--overwrite"]
+    for args in (["sample", ckpt_copy, "-n", 2, "--grid", ckpt_copy],
+                 ["sample", tmp_path / "other.safetensors", "-n", 2, "--guide-model", ckpt_copy, "--grid", ckpt_copy]):
+        if args[1].name == "other.safetensors":
+            shutil.copy(ckpt_copy, args[1])
+        assert_refused(invoke(*args, *fast), "input", "--", codes=(2,))
+        assert ckpt_copy.read_bytes() == before
+    assert_refused(invoke("export", ckpt_copy, "-o", ckpt_copy, "--overwrite"), "--out", "input", codes=(2,))
+    assert ckpt_copy.read_bytes() == before
+    samples = tmp_path / "s.npz"
+    samples.write_bytes(b"mine")
+    assert_refused(invoke("eval", samples, "--ref", ckpt_copy, "--save-stats", samples, "--overwrite"),
+                   "--save-stats", "input", codes=(2,))
+    assert samples.read_bytes() == b"mine"
+    folder = tmp_path / "dm"
+    folder.mkdir()
+    (folder / "diffusion_pytorch_model.safetensors").write_bytes(b"weights")
+    assert_refused(invoke("import", folder, "-o", folder / "diffusion_pytorch_model.safetensors", "--overwrite"),
+                   "input", codes=(2,))
+    assert (folder / "diffusion_pytorch_model.safetensors").read_bytes() == b"weights"
+
+
+def test_the_grid_is_not_one_of_the_sampled_images(ckpt_copy, tmp_path):
+    out = tmp_path / "imgs"
+    r = invoke("sample", ckpt_copy, "-n", 2, "--steps", "2", "--device", "cpu", "--out", out, "--grid",
+               out / "000001.png")
+    assert_refused(r, "--grid", "one of the images", codes=(2,))
+    assert not (out / "000001.png").exists()

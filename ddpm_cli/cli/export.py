@@ -8,6 +8,7 @@ from typing import Optional
 
 import typer
 
+from ddpm_cli.cli.outputs import refuse_replacing_inputs
 from ddpm_cli.cli.ui import console, friendly
 
 
@@ -49,7 +50,9 @@ def export_command(
     from ddpm_cli.engine.export import export_checkpoint
     from ddpm_cli.engine.runs import resolve_checkpoint
 
-    read_header(resolve_checkpoint(checkpoint))  # a bad file fails here, before torch is imported
+    src = resolve_checkpoint(checkpoint)
+    read_header(src)  # a bad file fails here, before torch is imported
+    refuse_replacing_inputs({"--out": out}, [src])
     r = export_checkpoint(checkpoint, out, fmt.value, ema=ema, ema_decay=ema_decay, dtype=dtype.value,
                           overwrite=overwrite)
     console.print(f"wrote {r.path} ({human_size(r.file_size)}; {r.weights} weights, {r.dtype})", markup=False,

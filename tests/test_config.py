@@ -185,6 +185,12 @@ def test_bare_on_off_are_read_as_the_choices(tmp_path):
     assert cfg.data.on_device == "off" and cfg.train.compile == "on"
     with pytest.raises(ConfigError):
         load_config(None, ["train.ema=maybe"])  # real bool fields are untouched
+    # a choice of "off" without "on" (wandb: off, online, offline), from a file and from --set
+    p.write_text("logging:\n  wandb: off\n")
+    assert load_config(p).logging.wandb == "off"
+    assert load_config(None, ["logging.wandb=off"]).logging.wandb == "off"
+    with pytest.raises(ConfigError):
+        load_config(None, ["logging.wandb=on"])  # not a choice of its
 
 
 def test_a_guide_step_past_the_run_is_refused(tmp_path):
@@ -230,6 +236,15 @@ def test_a_set_on_a_text_field_takes_the_text_as_written(tmp_path):
     assert cfg.train.steps == 5 and cfg.train.guide_step is None
     assert load_config(None, ["logging.run_name=2024"]).logging.run_name == "2024"
     assert load_config(None, ["data.root=on"]).data.root == "on"
+    # dates, comments, lists and nulls as YAML reads them: the text, not a date, a cut value or an error
+    cfg = load_config(None, ["data.root=my photos #2", "logging.run_name=2026-01-01", "logging.fid_ref=[a]"])
+    assert (cfg.data.root, cfg.logging.run_name, cfg.logging.fid_ref) == ("my photos #2", "2026-01-01", "[a]")
+    assert load_config(None, ["data.root=2026-01-01"]).data.root == "2026-01-01"
+    assert load_config(None, ["data.root=~/data"]).data.root == "~/data"
+    assert load_config(None, ["data.root=a: b"]).data.root == "a: b"
+    # a quoted string is YAML's reading, unquoted; null clears a field that may be empty
+    assert load_config(None, ["data.root='x y'"]).data.root == "x y"
+    assert load_config(None, ["logging.run_name=abc", "logging.run_name=null"]).logging.run_name is None
 
 
 @pytest.mark.parametrize("name", [".", "..", "../escape", "a/b", "/abs", ""])

@@ -38,10 +38,20 @@ def apply_overrides(data: dict, overrides: list[str]) -> dict:
             if not isinstance(child, dict):
                 raise UsageError(f"--set {text!r}: {part} is a value, not a section")
             node = child
-        if isinstance(value, (bool, int, float)) and _is_text_field(path):  # run_name=2024, data.root=123
-            value = text.partition("=")[2].strip()
-        node[path[-1]] = value
+        node[path[-1]] = _as_text(path, text.partition("=")[2].strip(), value)
     return data
+
+
+def _as_text(path: list[str], raw: str, value: Any) -> Any:
+    """A text field's --set value is the text as written (`run_name=2024`, `data.root=2026-01-01`, `root=my photos
+    #2`, where YAML would read a number, a date or a comment), but for a quoted string (YAML's reading, unquoted)
+    and null or ~ on a field that may be None. Other fields keep YAML's reading."""
+    kind = _text_field(path)
+    if kind is None or (isinstance(value, str) and raw[:1] in ("\"", "'")):
+        return value
+    if value is None and kind == "optional" and raw in ("null", "~", "Null", "NULL"):
+        return None
+    return raw
 
 
 def _section_of(path) -> type[BaseModel] | None:
@@ -57,12 +67,13 @@ def _section_of(path) -> type[BaseModel] | None:
     return model
 
 
-def _is_text_field(path: list[str]) -> bool:
-    """Whether the field at `path` holds free text (str, or str or None), where a value YAML reads as a number
-    or a boolean is meant as the text it is written as."""
+def _text_field(path: list[str]) -> str | None:
+    """"text" or "optional" where the field at `path` holds free text (str, or str or None); else None."""
     section = _section_of(path)
     field = section.model_fields.get(path[-1]) if section is not None else None
-    return field is not None and (field.annotation is str or field.annotation == (str | None))
+    if field is None:
+        return None
+    return "text" if field.annotation is str else "optional" if field.annotation == (str | None) else None
 
 
 def _known_fields(loc: tuple) -> list[str]:

@@ -19,15 +19,17 @@ class Section(BaseModel):
     @model_validator(mode="before")
     @classmethod
     def _on_off_from_yaml_bools(cls, data: Any) -> Any:
-        """YAML 1.1 reads a bare `on`/`off` as true/false; a field whose choices are "on"/"off" takes them back.
-        A number field refuses true/false (pydantic would read true as 1: `--set train.batch_size=true`)."""
+        """YAML 1.1 reads a bare `on`/`off` as true/false; a field whose choices hold "on"/"off" takes them back
+        (`logging.wandb: off`, whose other choices are not "on", included). A number field refuses true/false
+        (pydantic would read true as 1: `--set train.batch_size=true`)."""
         if not isinstance(data, dict):
             return data
         out = dict(data)
         for name, field in cls.model_fields.items():
             if not isinstance(out.get(name), bool):
                 continue
-            if "on" in get_args(field.annotation):
+            choices = get_args(field.annotation)
+            if "on" in choices or ("off" in choices and not out[name]):
                 out[name] = "on" if out[name] else "off"
             elif set(get_args(field.annotation) or (field.annotation,)) - {type(None)} <= {int, float}:
                 out[name] = str(out[name]).lower()  # the field's own error then names it, and what set it

@@ -600,6 +600,20 @@ def test_no_output_replaces_the_commands_input_even_with_overwrite(ckpt_copy, tm
         assert ckpt_copy.read_bytes() == before
     assert_refused(invoke("export", ckpt_copy, "-o", ckpt_copy, "--overwrite"), "--out", "input", codes=(2,))
     assert ckpt_copy.read_bytes() == before
+    # nor a training checkpoint or a file the run wrote, the sampled checkpoint's run or not
+    run = ckpt_copy.parent.parent
+    other = ckpt_copy.with_name("ckpt-00000005.safetensors")
+    shutil.copy(ckpt_copy, other)
+    shutil.copy(state_path(ckpt_copy), state_path(other))
+    (run / "latest.json").write_text('{"weights": "checkpoints/%s"}' % ckpt_copy.name)
+    for target in (other, state_path(other), run / "latest.json"):
+        kept = target.read_bytes()
+        assert_refused(invoke("export", ckpt_copy, "-o", target, "--overwrite"), "--out", codes=(2,))
+        assert_refused(invoke("sample", ckpt_copy, "-n", 2, "--grid", target, *fast), "--grid", codes=(2,))
+        assert target.read_bytes() == kept
+    mine = run / "export.safetensors"  # a file of the user's in the run's folder: replaced when asked
+    assert invoke("export", ckpt_copy, "-o", mine).exit_code == 0
+    assert invoke("export", ckpt_copy, "-o", mine, "--overwrite").exit_code == 0
     samples = tmp_path / "s.npz"
     samples.write_bytes(b"mine")
     assert_refused(invoke("eval", samples, "--ref", ckpt_copy, "--save-stats", samples, "--overwrite"),

@@ -159,6 +159,9 @@ def test_ema_refuses_bad_input_in_one_line(tmp_path):
     # every output is checked before any is written: 0.07's file does not appear when 0.1's is in the way
     assert "--overwrite" in one_line_error(cli("ema", run, "-l", "0.07", "-l", "0.1"), code=(2,))
     assert not (run / "ema" / "ckpt-00000010-length0.07.safetensors").exists()
+    # two lengths whose default files have one name: the second average would replace the first unasked
+    msg = one_line_error(cli("ema", run, "-l", "0.06", "-l", "0.06000001"), code=(2,))
+    assert "would both write" in msg and not (run / "ema" / "ckpt-00000010-length0.06.safetensors").exists()
     assert "neither a run directory" in one_line_error(cli("ema", tmp_path / "nothing"), code=(2,))
     ckpt = run / "checkpoints" / "ckpt-00000010.safetensors"  # a resume would go on from the average
     before = ckpt.read_bytes()

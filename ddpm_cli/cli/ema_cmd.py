@@ -8,6 +8,7 @@ from typing import Optional
 
 import typer
 
+from ddpm_cli.cli.outputs import refuse_replacing
 from ddpm_cli.cli.ui import console, friendly, warn
 
 # a reconstruction whose profile misses the requested one by more than this, or that amplifies the snapshots'
@@ -27,17 +28,6 @@ def _run_and_step(path: Path, step: int | None) -> tuple[Path, int | None]:
     if path.is_file() and match and path.parent.name == "checkpoints":
         return path.parent.parent, int(match.group(1)) if step is None else step
     raise UsageError(f"{path} is neither a run directory nor one of its checkpoints (RUN/checkpoints/ckpt-*)")
-
-
-def _run_file(run: Path, path: Path) -> bool:
-    """Whether `path` is a file of the run itself (anything in its folder but an average `ddpm ema` wrote to its
-    ema/ folder)."""
-    from ddpm_cli.engine.posthoc_ema import snapshot_folder
-
-    path, run = path.resolve(), run.resolve()
-    if run not in path.parents:
-        return False
-    return path.parent != snapshot_folder(run).resolve() or path.name.startswith("snapshot-")
 
 
 @friendly
@@ -83,17 +73,12 @@ def ema_command(
         return
     at = step if step is not None else (snaps[-1].step if snaps else 0)
     paths = {length: out or posthoc_ema.default_output(run, length, at) for length in lengths}
-    from ddpm_cli.engine.runs import state_path
-
+    same = [length for length in lengths if list(paths.values()).count(paths[length]) > 1]
+    if same:  # default names keep 6 significant digits: the second average would replace the first
+        raise UsageError(f"--length {same[0]!r} and {same[1]!r} would both write {paths[same[0]]}; give lengths "
+                         f"that differ within 6 significant digits")
     for path in paths.values():  # every output is checked before any is written
-        training = path.name.endswith(".state.safetensors") or (
-            path.name.endswith(".safetensors") and state_path(path).exists())
-        if training:  # a resume would go on from the average, or lose its optimizer state
-            raise UsageError(f"{path} is part of a training checkpoint (weights with their training state); write "
-                             f"the average to another --out")
-        if path.exists() and _run_file(run, path):  # e.g. its own snapshot, or config.yaml: this command's input
-            raise UsageError(f"{path} is one of the run's own files, which this command reads; write the average to "
-                             f"another --out")
+        refuse_replacing({"--out": path}, run=run)  # a training checkpoint, a snapshot, config.yaml: its inputs
         if path.exists() and not overwrite:
             raise UsageError(f"{path} exists; pass --overwrite to replace it, or --out another path")
     recs = posthoc_ema.reconstruct(run, lengths, step)  # every snapshot read once for all the lengths

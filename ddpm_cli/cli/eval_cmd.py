@@ -12,7 +12,7 @@ from rich.markup import escape
 
 from ddpm_cli.cli.launch import is_main_process, relaunch_with_torchrun, under_torchrun
 from ddpm_cli.cli.options import sampling_options
-from ddpm_cli.cli.outputs import refuse_replacing_inputs
+from ddpm_cli.cli.outputs import refuse_replacing
 from ddpm_cli.cli.ui import PlainProgress, err_console, exit_quickly_when_done, fail, friendly
 
 
@@ -110,7 +110,7 @@ def eval_command(
         fail("nothing to score: pass a checkpoint or samples, or --save-stats FILE to precompute the reference "
              "statistics", code=2)
 
-    refuse_replacing_inputs({"--save-stats": save_stats}, [input, inception_weights])  # --ref: check_request
+    refuse_replacing({"--save-stats": save_stats}, [input, inception_weights])  # --ref: check_request
     from ddpm_cli.engine.evaluation.run import EvalRequest, check_request, evaluate
 
     req = EvalRequest(ref=ref, input=input, n=n, draw=draw, batch_size=batch_size, device=device,

@@ -8,7 +8,7 @@ from typing import Optional
 
 import typer
 
-from ddpm_cli.cli.outputs import refuse_replacing_inputs
+from ddpm_cli.cli.outputs import refuse_replacing, run_of
 from ddpm_cli.cli.ui import console, friendly
 
 
@@ -52,7 +52,7 @@ def export_command(
 
     src = resolve_checkpoint(checkpoint)
     read_header(src)  # a bad file fails here, before torch is imported
-    refuse_replacing_inputs({"--out": out}, [src])
+    refuse_replacing({"--out": out}, [src], run_of(src))
     r = export_checkpoint(checkpoint, out, fmt.value, ema=ema, ema_decay=ema_decay, dtype=dtype.value,
                           overwrite=overwrite)
     console.print(f"wrote {r.path} ({human_size(r.file_size)}; {r.weights} weights, {r.dtype})", markup=False,

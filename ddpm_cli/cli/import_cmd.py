@@ -6,7 +6,7 @@ from typing import Optional
 
 import typer
 
-from ddpm_cli.cli.outputs import refuse_replacing_inputs
+from ddpm_cli.cli.outputs import refuse_replacing
 from ddpm_cli.cli.ui import console, friendly
 
 
@@ -23,7 +23,7 @@ def import_command(
     from ddpm_cli.cli.inspect_cmd import human_size
     from ddpm_cli.engine.diffusers_io import import_diffusers
 
-    refuse_replacing_inputs({"--out": out}, [path, *(path.rglob("*") if path.is_dir() else ())])  # its files
+    refuse_replacing({"--out": out}, [path, *(path.rglob("*") if path.is_dir() else ())])  # its files
     r = import_diffusers(path, out, overwrite)
     m, d = r.config.model, r.config.diffusion
     console.print(f"wrote {r.path} ({human_size(r.file_size)}; {r.num_params:,} parameters)", markup=False,

@@ -1,6 +1,6 @@
-"""A command's outputs never replace its inputs, `--overwrite` or not: `ddpm sample CKPT --grid CKPT --overwrite`
-would otherwise write a PNG over the checkpoint it has just sampled, and `ddpm export CKPT -o CKPT --overwrite`
-a slimmer file over the training run's weights. --overwrite is for earlier outputs, never for the sources."""
+"""What a command may write over: its earlier outputs, with --overwrite; never its inputs, a training checkpoint
+or a run's own files, --overwrite or not. `ddpm sample CKPT --grid CKPT --overwrite` would otherwise write a PNG
+over the checkpoint it has just sampled, and `ddpm export RUN -o RUN/latest.json --overwrite` break the run."""
 from __future__ import annotations
 
 import os
@@ -16,9 +16,43 @@ def _same_file(a: Path, b: Path) -> bool:
         return False
 
 
-def refuse_replacing_inputs(outputs: dict[str, Path | None], inputs: list[str | Path | None]) -> None:
+def run_of(checkpoint: Path) -> Path | None:
+    """The run directory a checkpoint file sits in (RUN/checkpoints/ckpt-N.safetensors), else None."""
+    parent = checkpoint.resolve().parent
+    return parent.parent if parent.name == "checkpoints" else None
+
+
+def is_training_checkpoint(path: Path) -> bool:
+    """Whether `path` is half of a training checkpoint: weights with a training state beside them, or the state."""
+    from ddpm_cli.engine.runs import state_path
+
+    return path.name.endswith(".state.safetensors") or (
+        path.name.endswith(".safetensors") and state_path(path).exists())
+
+
+# What `ddpm train` writes in a run's folder, besides its checkpoints/ and samples/ folders and its post-hoc EMA
+# snapshots (ema/snapshot-*); any other file there (an export, a grid, an average of `ddpm ema`) is the user's.
+RUN_FILES = ("config.yaml", "config.edited.yaml", ".config.sha256", "latest.json", "metrics.jsonl", "loss.png")
+
+
+def is_run_file(run: Path, path: Path) -> bool:
+    """Whether `path` is a file that training wrote in `run` (a checkpoint, a training sample grid, a snapshot,
+    the run's config, metrics or pointer)."""
+    from ddpm_cli.engine.posthoc_ema import snapshot_folder
+
+    path, run = path.resolve(), run.resolve()
+    if run not in path.parents:
+        return False
+    parts = path.relative_to(run).parts
+    return (parts[0] in ("checkpoints", "samples") or (len(parts) == 1 and parts[0] in RUN_FILES)
+            or (path.parent == snapshot_folder(run).resolve() and path.name.startswith("snapshot-")))
+
+
+def refuse_replacing(outputs: dict[str, Path | None], inputs: list[str | Path | None] = (),
+                     run: Path | None = None) -> None:
     """UsageError (exit 2) when an output would be written over one of the inputs (the same file, links
-    followed). `outputs` maps each output's option (for the message) to its path; None entries are skipped."""
+    followed), a training checkpoint, or an existing file of `run`. `outputs` maps each output's option (for the
+    message) to its path; None entries are skipped."""
     sources = [Path(p) for p in inputs if p is not None]
     for option, out in outputs.items():
         if out is None:
@@ -27,3 +61,9 @@ def refuse_replacing_inputs(outputs: dict[str, Path | None], inputs: list[str | 
             if _same_file(out, src):
                 raise UsageError(f"{option} {out} is this command's input {src}: an output never replaces an "
                                  f"input, --overwrite or not; choose another {option}")
+        if is_training_checkpoint(out):  # a resume would go on from other weights, or lose its optimizer state
+            raise UsageError(f"{option} {out} is part of a training checkpoint (weights with their training "
+                             f"state), which no output replaces; choose another {option}")
+        if run is not None and out.exists() and is_run_file(run, out):  # a snapshot, latest.json, config.yaml
+            raise UsageError(f"{option} {out} is one of the run's own files, which no output replaces; choose "
+                             f"another {option}")

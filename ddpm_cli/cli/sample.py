@@ -10,7 +10,7 @@ import typer
 
 from ddpm_cli.cli.options import sampling_options
 from ddpm_cli.cli.launch import is_main_process, relaunch_with_torchrun, under_torchrun
-from ddpm_cli.cli.outputs import refuse_replacing_inputs
+from ddpm_cli.cli.outputs import refuse_replacing, run_of
 from ddpm_cli.cli.ui import console, exit_quickly_when_done, fmt_rate, friendly, warn
 from ddpm_cli.errors import UsageError
 
@@ -95,7 +95,7 @@ def sample_command(
                         batch_size=batch_size, device=device, out=out, fmt=fmt.value, grid=grid, overwrite=overwrite)
     plan = plan_sampling(req)  # every check, once: before torchrun starts N processes, and before any torch import
     guide = draw.guide if isinstance(draw.guide, Path) or draw.guide not in (None, "none") else None
-    refuse_replacing_inputs({"--grid": grid, "--out": plan.npz}, [plan.checkpoint, guide])
+    refuse_replacing({"--grid": grid, "--out": plan.npz}, [plan.checkpoint, guide], run_of(plan.checkpoint))
     if grid is not None and grid.resolve() in {f.resolve() for f in plan.files}:
         raise UsageError(f"--grid {grid} is one of the images --out writes; choose a path outside {out}")
     if gpus > 1 and not under_torchrun():

@@ -212,6 +212,11 @@ def test_ddpm_cache_shows_and_clears_the_data_entries(cache, tmp_path):
     assert row["images"] == 12 and row["shape"] == [3, 16, 16] and row["source"] == str((tmp_path / "imgs").resolve())
     text = ok("cache", "info").output
     assert f"data cache: {cache}" in text and "12 images of 3x16x16" in text
+    desc = cache / f"{row['name']}.json"  # a description damaged by hand or by another version: shown, not a crash
+    meta = json.loads(desc.read_text())
+    desc.write_text(json.dumps({**meta, "shape": 5, "count": None, "key": {"source": []}}))
+    assert "? images of ?  from ?" in ok("cache", "info").output
+    assert json.loads(ok("cache", "info", "--json").output)["data"]["entries"][0]["shape"] is None
     out = ok("cache", "clear").output.splitlines()
     assert out[1].startswith("removed 1 entry (") and str(cache) in out[1]
     assert data_cache.list_entries() == []

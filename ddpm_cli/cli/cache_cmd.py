@@ -50,7 +50,8 @@ def describe_data() -> dict:
         size = key.get("size") if isinstance(key.get("size"), list) else []
         rows.append({"name": e.name, "bytes": e.size, "images": e.meta.get("count"),
                      "source": source.get("zip") or source.get("folder"),
-                     "shape": e.meta.get("shape") or [key.get("channels"), *size], "created": e.meta.get("created"),
+                     "shape": shape if isinstance(shape := e.meta.get("shape") or [key.get("channels"), *size], list)
+                     else None, "created": e.meta.get("created"),
                      "last_used": time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(e.last_used))})
     return {"path": str(dc.cache_dir()), "enabled": dc.enabled(), "entries": rows,
             "bytes": sum(e.size for e in entries), "max_entries": dc.MAX_ENTRIES, "max_bytes": dc.MAX_BYTES}
@@ -80,10 +81,10 @@ def info(as_json: bool = typer.Option(False, "--json", help="Print JSON instead 
     console.print(f"data cache: {data['path']}  |  {state}  |  {_count(len(data['entries']))}, {_size(data['bytes'])} "
                   f"(kept: the {data['max_entries']} most recently used, at most {_size(data['max_bytes'])}; move it "
                   f"with {DATA_DIR})", markup=False, soft_wrap=True)
-    for e in data["entries"]:
-        shape = "x".join(str(v) for v in e["shape"])
-        console.print(f"  {e['name']}  {_size(e['bytes'])}  {e['images']} images of {shape}  from {e['source']}  "
-                      f"used {e['last_used']}", markup=False, soft_wrap=True)
+    for e in data["entries"]:  # a damaged description shows '?' where it says nothing readable
+        shape = "x".join(str(v) for v in e["shape"]) if e["shape"] else "?"
+        console.print(f"  {e['name']}  {_size(e['bytes'])}  {e['images'] if e['images'] is not None else '?'} images "
+                      f"of {shape}  from {e['source'] or '?'}  used {e['last_used']}", markup=False, soft_wrap=True)
 
 
 @app.command("clear")

@@ -4,11 +4,32 @@ checkpoints. `--json` for scripts."""
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import typer
 
 from ddpm_cli.cli.ui import console, friendly
+
+
+def _number(v) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
+def _listed(v) -> list:
+    """A stored list as a list; a damaged one (a number, a string) as its one item, so a row still shows it."""
+    return list(v) if isinstance(v, (list, tuple)) else [] if v is None else [v]
+
+
+def _json_safe(v):
+    """JSON has no NaN or infinity: a stored value that is one is shown as its text ("nan")."""
+    if isinstance(v, float) and not math.isfinite(v):
+        return str(v)
+    if isinstance(v, dict):
+        return {k: _json_safe(x) for k, x in v.items()}
+    if isinstance(v, (list, tuple)):
+        return [_json_safe(x) for x in v]
+    return v
 
 
 def _int(text: str | None) -> int | None:
@@ -41,12 +62,12 @@ def describe(header, sha256: bool = False) -> dict:
     dtypes: dict[str, int] = {}
     model_params = 0
     for name, info in header.tensors.items():
-        dtypes[info["dtype"]] = dtypes.get(info["dtype"], 0) + 1
-        if name.startswith("model."):
-            count = 1
-            for d in info["shape"]:
-                count *= int(d)
-            model_params += count
+        info = info if isinstance(info, dict) else {}  # a damaged entry is counted, not trusted
+        dtype = info.get("dtype") if isinstance(info.get("dtype"), str) else "?"
+        dtypes[dtype] = dtypes.get(dtype, 0) + 1
+        shape = info.get("shape")
+        if name.startswith("model.") and isinstance(shape, list) and all(type(d) is int and d >= 0 for d in shape):
+            model_params += math.prod(shape)
     num_params = _int(meta.get("num_params"))
     train = cfg["train"]
     main_decay = train.get("ema_decay") if isinstance(train.get("ema_decay"), (int, float)) else None
@@ -64,7 +85,7 @@ def describe(header, sha256: bool = False) -> dict:
         "has_ema": has_ema_weights(header),
         "ema_decays": ema_decays(header, main_decay),
         "guide_step": _guide_step(header),
-        "guide_weight": train.get("guide_weight") if isinstance(train.get("guide_weight"), (int, float)) else None,
+        "guide_weight": train.get("guide_weight") if _number(train.get("guide_weight")) else None,
         "dtype": meta.get("dtype"),
         "model": cfg.get("model", {}),
         "diffusion": cfg.get("diffusion", {}),
@@ -131,15 +152,19 @@ def _rows(info: dict) -> list[tuple[str, str]]:
             cls = "unconditional"
         size = m.get("image_size")
         h, w = size if isinstance(size, (list, tuple)) and len(size) == 2 else (size, size)
-        # an attention resolution names a level by its shorter side: show that level's height x width
-        level = ((lambda r: f"{h * r // min(h, w)}x{w * r // min(h, w)}")
-                 if isinstance(h, int) and isinstance(w, int) and h != w else (lambda r: f"{r}x{r}"))
+        sides = type(h) is int and type(w) is int and min(h, w) > 0
+
+        def level(r) -> str:  # an attention resolution names a level by its shorter side: its height x width
+            if sides and type(r) is int and h != w:
+                return f"{h * r // min(h, w)}x{w * r // min(h, w)}"
+            return f"{r}x{r}"
+
         rows += [
             ("image size", f"{h}x{w}, {m.get('in_channels')} channel(s)"),
             ("base channels", opt(m.get("base_channels"))),
-            ("channel multipliers", ", ".join(map(str, m.get("channel_mults", [])))),
+            ("channel multipliers", ", ".join(map(str, _listed(m.get("channel_mults"))))),
             ("residual blocks", f"{m.get('num_res_blocks')} per level"),
-            ("attention", (", ".join(map(level, m.get("attention_resolutions", []))) or "mid only")
+            ("attention", (", ".join(map(level, _listed(m.get("attention_resolutions")))) or "mid only")
              + (f" ({m['head_channels']} channels a head)" if m.get("head_channels")
                 else f" ({m.get('num_heads', 1)} head(s))")),
             ("classes", cls),
@@ -205,10 +230,10 @@ def _list_run(run_dir: Path, as_json: bool, sha256: bool) -> None:
             entry["error"] = str(e)
         entries.append(entry)
     if as_json:
-        typer.echo(json.dumps({"run_dir": str(run_dir), "latest": str(latest) if latest else None,
+        typer.echo(json.dumps(_json_safe({"run_dir": str(run_dir), "latest": str(latest) if latest else None,
                                "checkpoints": entries,
                                "posthoc_ema_snapshots": [{"path": str(x.path), "step": x.step, "lengths": x.lengths}
-                                                         for x in snaps]}, indent=2))
+                                                         for x in snaps]}), indent=2))
         return
     from rich.table import Table
     from rich.text import Text
@@ -256,7 +281,7 @@ def inspect_command(
         return _list_run(run_folder(checkpoint), as_json, sha256)
     info = describe(read_header(checkpoint), sha256=sha256)
     if as_json:
-        typer.echo(json.dumps(info, indent=2))  # plain: rich would wrap long strings
+        typer.echo(json.dumps(_json_safe(info), indent=2))  # plain: rich would wrap long strings
         return
     from rich.table import Table
     from rich.text import Text

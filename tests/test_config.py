@@ -170,6 +170,8 @@ def test_show_prints_help_comments_and_reference_lists_every_field():
     result = runner.invoke(app, ["config", "show", "--config", str(ROOT / "examples" / "cifar10.yaml"),
                                  "--set", "train.batch_size=64"])
     assert result.exit_code == 0 and "batch_size: 64" in result.output
+    result = runner.invoke(app, ["config", "show", "--set", "data.root=fötos/日本"])  # as typed, not \xF6 escapes
+    assert result.exit_code == 0 and "root: fötos/日本" in result.output
     table = reference_markdown()
     for field in ("model.norm_groups", "train.early_stopping.patience", "logging.wandb_entity", "data.root"):
         assert f"`{field}`" in table
@@ -253,3 +255,14 @@ def test_a_run_name_is_a_folder_name(name):
     with pytest.raises(ConfigError) as e:
         load_config(None, [f"logging.run_name={name}"])
     assert "logging.run_name" in e.value.problems[0] and "not a folder name" in e.value.problems[0]
+
+
+def test_a_schedule_that_overflows_is_one_problem_and_no_numpy_warning():
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # numpy's RuntimeWarning printed its source line above the error
+        with pytest.raises(ConfigError) as e:
+            load_config(None, ["diffusion.num_timesteps=100", "diffusion.schedule_low=1e308",
+                               "diffusion.schedule_high=1e308"])
+    assert len(e.value.problems) == 1 and "diffusion: linear schedule" in e.value.problems[0]

@@ -70,6 +70,16 @@ def test_run_directory_lists_its_checkpoints(trained_run):
     assert json.loads(ok("inspect", trained_run / "checkpoints", "--json").stdout) == info
 
 
+def test_the_commands_it_suggests_can_be_pasted(trained_run, tmp_path):
+    import shlex
+    import shutil
+
+    odd = tmp_path / "my runs [1]"  # a space and brackets: the suggested command quotes the path
+    shutil.copytree(trained_run, odd)
+    line = next(x for x in ok("inspect", odd).stdout.splitlines() if x.startswith("details of one:"))
+    assert shlex.split(line.removeprefix("details of one:"))[-1] == str(latest_checkpoint(odd))
+
+
 def test_inspect_never_imports_torch(trained_run):
     code = ("import sys\n"
             "from typer.testing import CliRunner\n"

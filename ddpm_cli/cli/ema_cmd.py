@@ -3,6 +3,7 @@ post-hoc EMA snapshots a run with train.posthoc_ema wrote (engine/posthoc_ema.py
 sample`, `eval` and `export` take. Without --length it lists what the run stored."""
 from __future__ import annotations
 
+import shlex
 from pathlib import Path
 from typing import Optional
 
@@ -68,7 +69,7 @@ def ema_command(
             return
         tracked = ", ".join(f"{x:g}" for x in snaps[-1].lengths)
         console.print(f"{run}: {len(snaps)} snapshots of the lengths {tracked}, steps {snaps[0].step} to "
-                      f"{snaps[-1].step}; `ddpm ema {run} --length L` makes a checkpoint of length L",
+                      f"{snaps[-1].step}; `ddpm ema {shlex.quote(str(run))} --length L` makes a checkpoint of length L",
                       markup=False, soft_wrap=True)
         return
     at = step if step is not None else (snaps[-1].step if snaps else 0)

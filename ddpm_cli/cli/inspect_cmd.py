@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+import shlex
 from pathlib import Path
 
 import typer
@@ -257,11 +258,11 @@ def _list_run(run_dir: Path, as_json: bool, sha256: bool) -> None:
     for e in entries:
         if "error" in e:
             console.print(f"{Path(e['path']).name}: {e['error']}", markup=False, soft_wrap=True)
-    console.print(f"details of one: ddpm inspect {latest or found[-1]}", markup=False, soft_wrap=True)
+    console.print(f"details of one: ddpm inspect {shlex.quote(str(latest or found[-1]))}", markup=False, soft_wrap=True)
     if snaps:
         console.print(f"post-hoc EMA: {len(snaps)} snapshots of the lengths "
                       f"{', '.join(f'{x:g}' for x in snaps[-1].lengths)} (steps {snaps[0].step:,} to "
-                      f"{snaps[-1].step:,}); a checkpoint of any length: ddpm ema {run_dir} --length L",
+                      f"{snaps[-1].step:,}); a checkpoint of any length: ddpm ema {shlex.quote(str(run_dir))} --length L",
                       markup=False, soft_wrap=True)
 
 

@@ -3,6 +3,7 @@ SIGINT/SIGTERM (checkpoint first), resume a run, or launch itself on several GPU
 from __future__ import annotations
 
 import os
+import shlex
 import signal
 from pathlib import Path
 from typing import Optional
@@ -111,7 +112,7 @@ def _report(trainer, result) -> None:
         return
     guided = (f" (autoguided by its step-{trainer.guide[0]} weights by default; --guidance 1 for none)"
               if trainer.guide is not None else "")
-    console.print(f"sample with: ddpm sample {result.checkpoint} -n 64 --grid grid.png{guided}", markup=False,
+    console.print(f"sample with: ddpm sample {shlex.quote(str(result.checkpoint))} -n 64 --grid grid.png{guided}", markup=False,
                   soft_wrap=True)
 
 

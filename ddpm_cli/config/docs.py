@@ -29,7 +29,7 @@ def to_commented_yaml(cfg: RunConfig) -> str:
                 emit(value, indent + 1)
             else:
                 dumped = yaml.safe_dump({name: json.loads(json.dumps(value))}, default_flow_style=True,
-                                        sort_keys=False, width=10_000).strip()
+                                        sort_keys=False, width=10_000, allow_unicode=True).strip()
                 out.append(pad + dumped.removeprefix("{").removesuffix("}"))
 
     for name in RunConfig.model_fields:

@@ -173,8 +173,10 @@ class DiffusionConfig(Section):
 
         if self.schedule != "cosine" and self.schedule_low > self.schedule_high:
             raise ValueError("schedule_low must not exceed schedule_high")
-        betas = make_betas(self.schedule, self.num_timesteps, self.schedule_low, self.schedule_high, self.dns_offset)
-        problem = check_betas(betas)
+        with np.errstate(all="ignore"):  # an overflow (schedule_high=1e308) is check_betas' to name, not numpy's
+            betas = make_betas(self.schedule, self.num_timesteps, self.schedule_low, self.schedule_high,
+                               self.dns_offset)
+            problem = check_betas(betas)
         if problem:
             raise ValueError(f"{self.schedule} schedule with T = {self.num_timesteps}: {problem}")
         if self.timestep_sampling == "lognormal":

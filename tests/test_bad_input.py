@@ -627,6 +627,18 @@ def test_no_output_replaces_the_commands_input_even_with_overwrite(ckpt_copy, tm
     assert (folder / "diffusion_pytorch_model.safetensors").read_bytes() == b"weights"
 
 
+def test_a_file_output_that_is_a_folder_is_refused_before_the_work(ckpt_copy, tmp_path):
+    """--overwrite skipped the existence check, and the folder was found only after every image was sampled."""
+    folder = tmp_path / "g.npz"
+    folder.mkdir()
+    for args in (["sample", ckpt_copy, "-n", 2, "--grid", folder], ["sample", ckpt_copy, "-n", 2, "--format", "npz",
+                 "--out", folder], ["export", ckpt_copy, "-o", folder], ["eval", ckpt_copy, "--ref", ckpt_copy,
+                 "--save-stats", folder]):
+        r = invoke(*args, "--overwrite")
+        assert_refused(r, "is a folder", codes=(2,))
+        assert "sampled" not in r.stdout
+
+
 def test_the_grid_is_not_one_of_the_sampled_images(ckpt_copy, tmp_path):
     out = tmp_path / "imgs"
     r = invoke("sample", ckpt_copy, "-n", 2, "--steps", "2", "--device", "cpu", "--out", out, "--grid",

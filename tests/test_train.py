@@ -415,6 +415,21 @@ def test_a_resume_keeps_what_the_user_keeps(tmp_path):
     assert (run / "config.yaml").read_text().endswith("# mine\n") and not (run / "config.edited-2.yaml").exists()
 
 
+def test_a_resume_below_or_at_the_runs_step_says_so_before_it_writes(tmp_path):
+    """train.steps below the run's step was a quiet "done" that left config.yaml disagreeing with the checkpoint."""
+    from conftest import cli, ok, one_line_error
+
+    cfg = write_yaml(tmp_path / "tiny.yaml", tiny_overrides(tmp_path / "runs", train__steps=4))
+    ok("train", "--config", cfg)
+    run = tmp_path / "runs" / "tiny"
+    before = (run / "config.yaml").read_text()
+    r = cli("train", "--resume", run, "--set", "train.steps=2")
+    assert r.exit_code == 2 and "below the run's step 4" in one_line_error(r, code=(2,))
+    assert (run / "config.yaml").read_text() == before
+    r = ok("train", "--resume", run)
+    assert "done: step 4" in r.stdout and "nothing to train" in r.stdout
+
+
 def test_a_run_that_ends_before_its_first_step_says_so(tmp_path):
     cfg = write_yaml(tmp_path / "tiny.yaml", tiny_overrides(tmp_path / "runs", train__max_time=1e-9))
     r = run_cli("train", "--config", str(cfg))

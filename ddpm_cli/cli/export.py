@@ -52,7 +52,7 @@ def export_command(
 
     src = resolve_checkpoint(checkpoint)
     read_header(src)  # a bad file fails here, before torch is imported
-    refuse_replacing({"--out": out}, [src], run_of(src))
+    refuse_replacing({"--out": out}, [src], run_of(src), files=fmt != ExportFormat.diffusers)
     r = export_checkpoint(checkpoint, out, fmt.value, ema=ema, ema_decay=ema_decay, dtype=dtype.value,
                           overwrite=overwrite)
     console.print(f"wrote {r.path} ({human_size(r.file_size)}; {r.weights} weights, {r.dtype})", markup=False,

@@ -49,14 +49,18 @@ def is_run_file(run: Path, path: Path) -> bool:
 
 
 def refuse_replacing(outputs: dict[str, Path | None], inputs: list[str | Path | None] = (),
-                     run: Path | None = None) -> None:
+                     run: Path | None = None, files: bool = True) -> None:
     """UsageError (exit 2) when an output would be written over one of the inputs (the same file, links
-    followed), a training checkpoint, or an existing file of `run`. `outputs` maps each output's option (for the
+    followed), a training checkpoint, or an existing file of `run`; or, for outputs that are `files`, when it is a
+    folder (found only at the end otherwise, after the work). `outputs` maps each output's option (for the
     message) to its path; None entries are skipped."""
     sources = [Path(p) for p in inputs if p is not None]
     for option, out in outputs.items():
         if out is None:
             continue
+        if files and out.is_dir():
+            raise UsageError(f"{option} {out} is a folder, where a file is to be written; give a file's path "
+                             f"(one inside it, say)")
         for src in sources:
             if _same_file(out, src):
                 raise UsageError(f"{option} {out} is this command's input {src}: an output never replaces an "

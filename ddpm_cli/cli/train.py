@@ -67,6 +67,7 @@ def train_command(
                  f"RUN")
         stored = StoredConfig.of(header).validated()
         refuse_identity_change(stored, cfg, weights)  # before anything in the run is touched (the engine checks too)
+        _refuse_going_back(header, cfg)
         later = _later_checkpoints(weights, overwrite)
         if set_:
             _say_if_the_size_changed(stored, cfg)
@@ -99,6 +100,18 @@ def train_command(
         _report(trainer, result)
 
 
+def _refuse_going_back(header, cfg) -> None:
+    """A resume whose train.steps the run has passed is refused: it trained nothing and said "done", and left the
+    run's config.yaml disagreeing with its checkpoints. (One that has reached it says so in its closing lines.)"""
+    try:
+        at = int(header.metadata.get("step", 0))
+    except ValueError:
+        return  # the engine names an unreadable step
+    if cfg.train.steps < at:
+        fail(f"train.steps = {cfg.train.steps:,} is below the run's step {at:,}: a resume only goes forward; set "
+             f"train.steps above {at:,} to continue, or --resume an earlier checkpoint with --overwrite", code=2)
+
+
 def _report(trainer, result) -> None:
     """The closing lines: how the run ended, and how to sample from its checkpoint."""
     why = {"steps": "reached train.steps", "time": "reached train.max_time",
@@ -108,12 +121,18 @@ def _report(trainer, result) -> None:
              "no checkpoint: the run ended before its first step (raise train.max_time)")
     console.print(f"done: step {result.step}, {result.images_seen:,} images seen in {result.elapsed_s:.1f} s "
                   f"({why}{compiled}); {saved}", markup=False, soft_wrap=True)
+    from ddpm_cli.engine.runs import CKPT_RE
+
+    start = CKPT_RE.search(trainer.resumed_from.name) if trainer.resumed_from is not None else None
+    if start and int(start.group(1)) == result.step and result.stop_reason == "steps":
+        console.print(f"nothing to train: the run was at train.steps = {result.step:,} already; raise it (--set "
+                      f"train.steps=N) to continue", markup=False, soft_wrap=True)
     if result.checkpoint is None:
         return
     guided = (f" (autoguided by its step-{trainer.guide[0]} weights by default; --guidance 1 for none)"
               if trainer.guide is not None else "")
-    console.print(f"sample with: ddpm sample {shlex.quote(str(result.checkpoint))} -n 64 --grid grid.png{guided}", markup=False,
-                  soft_wrap=True)
+    console.print(f"sample with: ddpm sample {shlex.quote(str(result.checkpoint))} -n 64 --grid grid.png{guided}",
+                  markup=False, soft_wrap=True)
 
 
 def _later_checkpoints(weights: Path, overwrite: bool) -> list[Path]:

@@ -637,6 +637,8 @@ def test_a_file_output_that_is_a_folder_is_refused_before_the_work(ckpt_copy, tm
         r = invoke(*args, "--overwrite")
         assert_refused(r, "is a folder", codes=(2,))
         assert "sampled" not in r.stdout
+    assert_refused(invoke("export", ckpt_copy, "-o", ckpt_copy / "slim.safetensors"),  # under a file
+                   "is a file, not a folder", codes=(2,))
 
 
 def test_the_grid_is_not_one_of_the_sampled_images(ckpt_copy, tmp_path):

@@ -61,6 +61,9 @@ def refuse_replacing(outputs: dict[str, Path | None], inputs: list[str | Path | 
         if files and out.is_dir():
             raise UsageError(f"{option} {out} is a folder, where a file is to be written; give a file's path "
                              f"(one inside it, say)")
+        above = next((p for p in out.parents if p.exists()), None)
+        if above is not None and not above.is_dir():
+            raise UsageError(f"{option} {out}: {above} is a file, not a folder; choose another {option}")
         for src in sources:
             if _same_file(out, src):
                 raise UsageError(f"{option} {out} is this command's input {src}: an output never replaces an "

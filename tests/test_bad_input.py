@@ -641,6 +641,22 @@ def test_a_file_output_that_is_a_folder_is_refused_before_the_work(ckpt_copy, tm
                    "is a file, not a folder", codes=(2,))
 
 
+def test_an_npz_larger_than_memory_is_refused_before_sampling(ckpt_copy, tmp_path, monkeypatch):
+    """It was sampled in full, then the array of every image ended the process. Here the machine has 4 MB."""
+    import os
+
+    pages = {"SC_PAGE_SIZE": 4096, "SC_PHYS_PAGES": 1024}
+    monkeypatch.setattr(os, "sysconf", lambda name: pages[name])
+    r = invoke("sample", ckpt_copy, "-n", 10_000, "--format", "npz", "--out", tmp_path / "s.npz", "--steps", 1)
+    assert_refused(r, "7.3 MB npz, held in memory", "--format png", codes=(2,))
+    assert "sampled" not in r.stdout and not (tmp_path / "s.npz").exists()
+    monkeypatch.undo()
+    for command in ("sample", "eval"):  # more than anyone samples: a typo, whose file names alone filled the memory
+        r = invoke(command, ckpt_copy, "-n", 10**12, "--ref", ckpt_copy) if command == "eval" else \
+            invoke(command, ckpt_copy, "-n", 10**12, "--out", tmp_path / "many")
+        assert r.exit_code == 2 and "10000000" in r.output and not (tmp_path / "many").exists()
+
+
 def test_the_grid_is_not_one_of_the_sampled_images(ckpt_copy, tmp_path):
     out = tmp_path / "imgs"
     r = invoke("sample", ckpt_copy, "-n", 2, "--steps", "2", "--device", "cpu", "--out", out, "--grid",

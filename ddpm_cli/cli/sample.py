@@ -15,6 +15,11 @@ from ddpm_cli.cli.ui import console, exit_quickly_when_done, fmt_rate, friendly,
 from ddpm_cli.errors import UsageError
 
 
+# More images than any score or dataset needs (FID takes 50,000): a larger -n is a typo, and planning its file names
+# alone would fill the memory.
+MAX_IMAGES = 10_000_000
+
+
 class Format(str, Enum):
     png = "png"
     npz = "npz"
@@ -58,12 +63,31 @@ class SampleDisplay:
             self.progress = None
 
 
+def _refuse_an_npz_larger_than_memory(n: int, model) -> None:
+    """An npz is held in memory until it is written: one larger than half the machine's memory would end the
+    process (or the machine) after all of the sampling, so it is refused before any."""
+    import os
+
+    from ddpm_cli.cli.inspect_cmd import human_size
+
+    try:
+        memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):  # not a POSIX system: unknown
+        return
+    channels, height, width = model.image_shape()
+    need = n * channels * height * width  # uint8
+    if need > memory // 2:
+        raise UsageError(f"-n {n:,} images of {model.size_text()} make a {human_size(need)} npz, held in memory "
+                         f"until it is written, and this machine has {human_size(memory)}; write PNG files "
+                         f"(--format png) or several npz files of fewer images (each its own --seed)")
+
+
 @friendly
 @sampling_options
 def sample_command(
     checkpoint: Path = typer.Argument(..., help="A .safetensors checkpoint, or a run directory (its latest).",
                                       show_default=False),
-    n: int = typer.Option(64, "-n", "--num", help="Number of images."),
+    n: int = typer.Option(64, "-n", "--num", min=1, max=MAX_IMAGES, help="Number of images."),
     per_class: bool = typer.Option(False, "--per-class", help="The same number of images for every class "
                                    "(conditional models; -n must be a multiple of the classes); the grid gets a "
                                    "row per class."),
@@ -98,6 +122,8 @@ def sample_command(
     refuse_replacing({"--grid": grid, "--out": plan.npz}, [plan.checkpoint, guide], run_of(plan.checkpoint))
     if grid is not None and grid.resolve() in {f.resolve() for f in plan.files}:
         raise UsageError(f"--grid {grid} is one of the images --out writes; choose a path outside {out}")
+    if plan.npz is not None:
+        _refuse_an_npz_larger_than_memory(n, plan.config.model)
     if gpus > 1 and not under_torchrun():
         return relaunch_with_torchrun(gpus)
     main = is_main_process()

@@ -13,7 +13,7 @@ from rich.markup import escape
 from ddpm_cli.cli.launch import is_main_process, relaunch_with_torchrun, under_torchrun
 from ddpm_cli.cli.options import sampling_options
 from ddpm_cli.cli.outputs import refuse_replacing
-from ddpm_cli.cli.sample import MAX_IMAGES
+from ddpm_cli.cli.sample import refuse_too_many
 from ddpm_cli.cli.ui import PlainProgress, err_console, exit_quickly_when_done, fail, friendly
 
 
@@ -74,7 +74,7 @@ def eval_command(
         ..., "--ref", show_default=False,
         help="Reference: a folder or .zip of images, a statistics .npz (--save-stats), cifar10-train or "
              "cifar10-test (torchvision, under --data-root), or a run config YAML (its data section)."),
-    n: Optional[int] = typer.Option(None, "-n", "--num", min=1, max=MAX_IMAGES, show_default=False,
+    n: Optional[int] = typer.Option(None, "-n", "--num", min=1, show_default=False,
                                     help="Samples to draw from a checkpoint (default: 10000); for existing samples, "
                                          "score the first N (default: all)."),
     batch_size: Optional[int] = typer.Option(None, "--batch-size", "-b", min=1, show_default=False,
@@ -111,6 +111,7 @@ def eval_command(
         fail("nothing to score: pass a checkpoint or samples, or --save-stats FILE to precompute the reference "
              "statistics", code=2)
 
+    refuse_too_many(n)
     refuse_replacing({"--save-stats": save_stats}, [input, inception_weights])  # --ref: check_request
     from ddpm_cli.engine.evaluation.run import EvalRequest, check_request, evaluate
 

@@ -63,6 +63,12 @@ class SampleDisplay:
             self.progress = None
 
 
+def refuse_too_many(n: int | None) -> None:
+    if n is not None and n > MAX_IMAGES:
+        raise UsageError(f"-n {n:,} is more than the {MAX_IMAGES:,} images one call draws; ask for fewer (FID takes "
+                         f"50,000)")
+
+
 def _refuse_an_npz_larger_than_memory(n: int, model) -> None:
     """An npz is held in memory until it is written: one larger than half the machine's memory would end the
     process (or the machine) after all of the sampling, so it is refused before any."""
@@ -87,7 +93,7 @@ def _refuse_an_npz_larger_than_memory(n: int, model) -> None:
 def sample_command(
     checkpoint: Path = typer.Argument(..., help="A .safetensors checkpoint, or a run directory (its latest).",
                                       show_default=False),
-    n: int = typer.Option(64, "-n", "--num", min=1, max=MAX_IMAGES, help="Number of images."),
+    n: int = typer.Option(64, "-n", "--num", help="Number of images (at most 10,000,000)."),
     per_class: bool = typer.Option(False, "--per-class", help="The same number of images for every class "
                                    "(conditional models; -n must be a multiple of the classes); the grid gets a "
                                    "row per class."),
@@ -113,6 +119,7 @@ def sample_command(
     exit_quickly_when_done()  # its files are complete when it returns
     from ddpm_cli.engine.sampling import SampleRequest, plan_sampling, run_sampling
 
+    refuse_too_many(n)
     if out is None and grid is None:
         out = Path("samples.npz") if fmt == Format.npz else Path("samples")
     req = SampleRequest(checkpoint=checkpoint, n=n, draw=draw, per_class=per_class, class_index=class_index,

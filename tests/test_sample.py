@@ -205,6 +205,16 @@ def test_existing_files_are_kept_unless_overwrite(trained_run, tmp_path):
     assert (tmp_path / "000001.png").read_bytes() == b"mine"
     ok("sample", trained_run, "-n", 2, "--out", tmp_path, "--overwrite", *FAST)
     assert (tmp_path / "000001.png").read_bytes().startswith(b"\x89PNG")
+    # fewer images into the same folder: the earlier ones stay, and would be scored with these; it says so
+    ok("sample", trained_run, "-n", 3, "--out", tmp_path, "--overwrite", *FAST)
+    r = ok("sample", trained_run, "-n", 1, "--out", tmp_path, "--overwrite", *FAST)
+    assert "holds 2 other images" in r.stderr
+    assert "other image" not in ok("sample", trained_run, "-n", 3, "--out", tmp_path, "--overwrite", *FAST).stderr
+
+
+def test_the_grid_is_a_png(trained_run, tmp_path):
+    msg = one_line_error(cli("sample", trained_run, "-n", 2, "--grid", tmp_path / "g.jpg", *FAST))
+    assert "name it .png" in msg and not (tmp_path / "g.jpg").exists()
 
 
 def test_option_choices_are_the_sampler_vocabulary_and_each_one_runs():

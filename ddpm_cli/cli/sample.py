@@ -63,6 +63,18 @@ class SampleDisplay:
             self.progress = None
 
 
+def _earlier_images(folder: Path, files: list[Path]) -> int:
+    """How many images in `folder` are named as sampling names them (000042.png, class3_000042.png) but are not
+    among `files`, this call's: left by an earlier call, they would be scored together with these."""
+    import re
+
+    if not folder.is_dir():
+        return 0
+    ours = re.compile(r"(class\d+_)?\d{6,}\.png")
+    these = {f.name for f in files}
+    return sum(1 for p in folder.iterdir() if ours.fullmatch(p.name) and p.name not in these)
+
+
 def refuse_too_many(n: int | None) -> None:
     if n is not None and n > MAX_IMAGES:
         raise UsageError(f"-n {n:,} is more than the {MAX_IMAGES:,} images one call draws; ask for fewer (FID takes "
@@ -131,11 +143,17 @@ def sample_command(
         raise UsageError(f"--grid {grid} is one of the images --out writes; choose a path outside {out}")
     if plan.npz is not None:
         _refuse_an_npz_larger_than_memory(n, plan.config.model)
+    if grid is not None and grid.suffix.lower() not in (".png", ""):
+        raise UsageError(f"--grid {grid}: the grid is a PNG file; name it .png")
     if gpus > 1 and not under_torchrun():
         return relaunch_with_torchrun(gpus)
     main = is_main_process()
     for w in plan.warnings if main else []:
         warn(w)
+    stale = _earlier_images(out, plan.files) if plan.files and main else 0
+    if stale:
+        warn(f"{out} holds {stale:,} other image{'s' if stale != 1 else ''} named as `ddpm sample` names them, from "
+             f"an earlier call: `ddpm eval {out}` would score them with these; use an empty folder to keep them apart")
     m = plan.config.model
     what = ("per class" if per_class else f"class {class_index}" if class_index is not None
             else "classes in turn" if m.conditional else "unconditional")

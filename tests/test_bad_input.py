@@ -611,9 +611,9 @@ def test_no_output_replaces_the_commands_input_even_with_overwrite(ckpt_copy, tm
         assert_refused(invoke("export", ckpt_copy, "-o", target, "--overwrite"), "--out", codes=(2,))
         assert_refused(invoke("sample", ckpt_copy, "-n", 2, "--grid", target, *fast), "--grid", codes=(2,))
         assert target.read_bytes() == kept
-    mine = run / "export.safetensors"  # a file of the user's in the run's folder: replaced when asked
-    assert invoke("export", ckpt_copy, "-o", mine).exit_code == 0
-    assert invoke("export", ckpt_copy, "-o", mine, "--overwrite").exit_code == 0
+    for mine in (run / "export.safetensors", ckpt_copy.with_name("slim.safetensors")):  # the user's: replaced
+        assert invoke("export", ckpt_copy, "-o", mine).exit_code == 0                   # when asked
+        assert invoke("export", ckpt_copy, "-o", mine, "--overwrite").exit_code == 0
     samples = tmp_path / "s.npz"
     samples.write_bytes(b"mine")
     assert_refused(invoke("eval", samples, "--ref", ckpt_copy, "--save-stats", samples, "--overwrite"),

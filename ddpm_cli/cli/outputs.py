@@ -4,6 +4,7 @@ over the checkpoint it has just sampled, and `ddpm export RUN -o RUN/latest.json
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
 
 from ddpm_cli.errors import UsageError
@@ -30,9 +31,11 @@ def is_training_checkpoint(path: Path) -> bool:
         path.name.endswith(".safetensors") and state_path(path).exists())
 
 
-# What `ddpm train` writes in a run's folder, besides its checkpoints/ and samples/ folders and its post-hoc EMA
-# snapshots (ema/snapshot-*); any other file there (an export, a grid, an average of `ddpm ema`) is the user's.
+# What `ddpm train` writes at the top of a run's folder, besides its checkpoints, its sample grids (samples/step_*)
+# and its post-hoc EMA snapshots (ema/snapshot-*); any other file there (an export beside a checkpoint, a grid, an
+# average of `ddpm ema`) is the user's.
 RUN_FILES = ("config.yaml", "config.edited.yaml", ".config.sha256", "latest.json", "metrics.jsonl", "loss.png")
+TRAINING_CHECKPOINT = re.compile(r"ckpt-\d+(\.state)?\.safetensors")  # an export beside one is the user's
 
 
 def is_run_file(run: Path, path: Path) -> bool:
@@ -43,9 +46,14 @@ def is_run_file(run: Path, path: Path) -> bool:
     path, run = path.resolve(), run.resolve()
     if run not in path.parents:
         return False
-    parts = path.relative_to(run).parts
-    return (parts[0] in ("checkpoints", "samples") or (len(parts) == 1 and parts[0] in RUN_FILES)
-            or (path.parent == snapshot_folder(run).resolve() and path.name.startswith("snapshot-")))
+    *folder, name = path.relative_to(run).parts
+    if not folder:
+        return name in RUN_FILES
+    if folder == ["checkpoints"]:
+        return TRAINING_CHECKPOINT.fullmatch(name) is not None
+    if folder == ["samples"]:
+        return name.startswith("step_")  # the grids training draws
+    return path.parent == snapshot_folder(run).resolve() and name.startswith("snapshot-")
 
 
 def refuse_replacing(outputs: dict[str, Path | None], inputs: list[str | Path | None] = (),

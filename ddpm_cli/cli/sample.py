@@ -81,6 +81,19 @@ def refuse_too_many(n: int | None) -> None:
                          f"50,000)")
 
 
+def _refuse_bad_outputs(plan, n: int, out: Path | None, grid: Path | None, guide) -> None:
+    """What the plan's own checks leave to the command line: no output over an input or the run's files (even with
+    --overwrite), the grid a PNG and not one of the images, an npz that fits in memory."""
+    refuse_replacing({"--grid": grid, "--out": plan.npz}, [plan.checkpoint, guide], run_of(plan.checkpoint))
+    if grid is not None and grid.suffix.lower() not in (".png", ""):
+        raise UsageError(f"--grid {grid}: the grid is a PNG file; name it .png")
+    if grid is not None and plan.files and grid.resolve().parent == out.resolve() and \
+            grid.name in {f.name for f in plan.files}:
+        raise UsageError(f"--grid {grid} is one of the images --out writes; choose a path outside {out}")
+    if plan.npz is not None:
+        _refuse_an_npz_larger_than_memory(n, plan.config.model)
+
+
 def _refuse_an_npz_larger_than_memory(n: int, model) -> None:
     """An npz is held in memory until it is written: one larger than half the machine's memory would end the
     process (or the machine) after all of the sampling, so it is refused before any."""
@@ -137,14 +150,7 @@ def sample_command(
     req = SampleRequest(checkpoint=checkpoint, n=n, draw=draw, per_class=per_class, class_index=class_index,
                         batch_size=batch_size, device=device, out=out, fmt=fmt.value, grid=grid, overwrite=overwrite)
     plan = plan_sampling(req)  # every check, once: before torchrun starts N processes, and before any torch import
-    guide = draw.guide if isinstance(draw.guide, Path) or draw.guide not in (None, "none") else None
-    refuse_replacing({"--grid": grid, "--out": plan.npz}, [plan.checkpoint, guide], run_of(plan.checkpoint))
-    if grid is not None and grid.resolve() in {f.resolve() for f in plan.files}:
-        raise UsageError(f"--grid {grid} is one of the images --out writes; choose a path outside {out}")
-    if plan.npz is not None:
-        _refuse_an_npz_larger_than_memory(n, plan.config.model)
-    if grid is not None and grid.suffix.lower() not in (".png", ""):
-        raise UsageError(f"--grid {grid}: the grid is a PNG file; name it .png")
+    _refuse_bad_outputs(plan, n, out, grid, None if draw.guide in (None, "none") else draw.guide)
     if gpus > 1 and not under_torchrun():
         return relaunch_with_torchrun(gpus)
     main = is_main_process()

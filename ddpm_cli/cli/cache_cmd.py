@@ -48,10 +48,10 @@ def describe_data() -> dict:
         key = e.meta.get("key") if isinstance(e.meta.get("key"), dict) else {}
         source = key.get("source") if isinstance(key.get("source"), dict) else {}
         size = key.get("size") if isinstance(key.get("size"), list) else []
+        shape = e.meta.get("shape") or [key.get("channels"), *size]
         rows.append({"name": e.name, "bytes": e.size, "images": e.meta.get("count"),
                      "source": source.get("zip") or source.get("folder"),
-                     "shape": shape if isinstance(shape := e.meta.get("shape") or [key.get("channels"), *size], list)
-                     else None, "created": e.meta.get("created"),
+                     "shape": shape if isinstance(shape, list) else None, "created": e.meta.get("created"),
                      "last_used": time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(e.last_used))})
     return {"path": str(dc.cache_dir()), "enabled": dc.enabled(), "entries": rows,
             "bytes": sum(e.size for e in entries), "max_entries": dc.MAX_ENTRIES, "max_bytes": dc.MAX_BYTES}

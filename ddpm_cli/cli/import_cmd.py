@@ -23,7 +23,9 @@ def import_command(
     from ddpm_cli.cli.inspect_cmd import human_size
     from ddpm_cli.engine.diffusers_io import import_diffusers
 
-    refuse_replacing({"--out": out}, [path, *(path.rglob("*") if path.is_dir() else ())])  # its files
+    # the files the import reads: the folder's own, or a pipeline's unet/ and scheduler/ (no walk of a wrong, big one)
+    read = [f for d in (path, path / "unet", path / "scheduler") if d.is_dir() for f in d.iterdir()]
+    refuse_replacing({"--out": out}, [path, *read])
     r = import_diffusers(path, out, overwrite)
     m, d = r.config.model, r.config.diffusion
     console.print(f"wrote {r.path} ({human_size(r.file_size)}; {r.num_params:,} parameters)", markup=False,

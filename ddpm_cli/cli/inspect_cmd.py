@@ -231,10 +231,10 @@ def _list_run(run_dir: Path, as_json: bool, sha256: bool) -> None:
             entry["error"] = str(e)
         entries.append(entry)
     if as_json:
-        typer.echo(json.dumps(_json_safe({"run_dir": str(run_dir), "latest": str(latest) if latest else None,
-                               "checkpoints": entries,
-                               "posthoc_ema_snapshots": [{"path": str(x.path), "step": x.step, "lengths": x.lengths}
-                                                         for x in snaps]}), indent=2))
+        listing = {"run_dir": str(run_dir), "latest": str(latest) if latest else None, "checkpoints": entries,
+                   "posthoc_ema_snapshots": [{"path": str(x.path), "step": x.step, "lengths": x.lengths}
+                                             for x in snaps]}
+        typer.echo(json.dumps(_json_safe(listing), indent=2))
         return
     from rich.table import Table
     from rich.text import Text
@@ -262,7 +262,8 @@ def _list_run(run_dir: Path, as_json: bool, sha256: bool) -> None:
     if snaps:
         console.print(f"post-hoc EMA: {len(snaps)} snapshots of the lengths "
                       f"{', '.join(f'{x:g}' for x in snaps[-1].lengths)} (steps {snaps[0].step:,} to "
-                      f"{snaps[-1].step:,}); a checkpoint of any length: ddpm ema {shlex.quote(str(run_dir))} --length L",
+                      f"{snaps[-1].step:,}); a checkpoint of any length: ddpm ema {shlex.quote(str(run_dir))} "
+                      f"--length L",
                       markup=False, soft_wrap=True)
 
 

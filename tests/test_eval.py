@@ -280,6 +280,38 @@ def test_folder_and_zip_sources_read_the_same_images(clean, tmp_path):
     assert torch.equal(a, clean[order]) and torch.equal(b, clean[order])
 
 
+def two_class_folder(root: Path, per_class: int = 6) -> Path:
+    """root/class_a: dark images (pixels 0-63), root/class_b: bright ones (192-255), `per_class` PNGs each."""
+    from PIL import Image
+
+    g = torch.Generator().manual_seed(4)
+    for cls, low in (("class_a", 0), ("class_b", 192)):
+        (root / cls).mkdir(parents=True)
+        for i in range(per_class):
+            pixels = torch.randint(low, low + 64, (16, 16, 3), generator=g, dtype=torch.uint8)
+            Image.fromarray(pixels.numpy()).save(root / cls / f"{i:03d}.png")
+    return root
+
+
+def _classes_of(images: torch.Tensor) -> list[str]:
+    return sorted("a" if img.float().mean() < 128 else "b" for img in images)
+
+
+def test_n_of_a_per_class_folder_or_zip_takes_each_class_its_share(tmp_path):
+    """-n N of a folder scored its first N files in path order: of a per-class folder the first classes only, a
+    biased FID. The N files are spread evenly over the sorted paths, so each class keeps its share."""
+    folder = two_class_folder(tmp_path / "imgs")
+    for path in (folder, zip_folder(folder, tmp_path / "imgs.zip")):
+        src = ev_sources.open_images_or_stats(path, role="samples", n=6)
+        assert src.count == 6
+        assert _classes_of(torch.cat(list(src.batches(4)))) == ["a"] * 3 + ["b"] * 3, path
+        whole = ev_sources.open_images_or_stats(path, role="samples", n=12)  # N = all of them: every file
+        assert whole.count == 12 and _classes_of(torch.cat(list(whole.batches(5)))) == ["a"] * 6 + ["b"] * 6
+    assert ev_sources.evenly_spread(12, 6) == [0, 2, 4, 6, 8, 10]
+    assert ev_sources.evenly_spread(10, 4) == [0, 2, 5, 7]
+    assert ev_sources.evenly_spread(3, 5) == [0, 1, 2]  # N >= total: all of them
+
+
 def test_reference_statistics_are_cached_and_invalidated(clean, inception, tmp_path):
     folder = write_folder(clean[:6], tmp_path / "ref", classes=1)
     cache = tmp_path / "cache"
@@ -464,6 +496,22 @@ def _one_clear_line(r, code: int, *phrases: str) -> None:
         assert len(lines) == 1 and lines[0].startswith("error: "), lines
     for p in phrases:
         assert p in r.stderr, (p, r.stderr)
+
+
+def test_cli_n_of_a_per_class_folder_scores_every_class(cli_files, tmp_path, monkeypatch):
+    folder = two_class_folder(tmp_path / "samples")
+    scored = []
+    real = ev_run.compute_stats
+
+    def spy(source, *args, **kwargs):
+        if kwargs.get("phase") == "samples":
+            scored.append(torch.cat(list(source.batches(64))))
+        return real(source, *args, **kwargs)
+
+    monkeypatch.setattr(ev_run, "compute_stats", spy)
+    r = runner.invoke(app, ["eval", str(folder), "--ref", str(cli_files["ref"]), "-n", "6", *cli_files["common"]])
+    assert r.exit_code == 0, r.output
+    assert _json_line(r)["n"] == 6 and _classes_of(scored[0]) == ["a"] * 3 + ["b"] * 3
 
 
 def test_cli_bad_inputs_give_one_clear_line(cli_files, tmp_path, monkeypatch, trained_run):

@@ -76,8 +76,9 @@ def eval_command(
              "cifar10-test (torchvision, under --data-root), or a run config YAML (its data section)."),
     n: Optional[int] = typer.Option(None, "-n", "--num", min=1, show_default=False,
                                     help="Samples to draw from a checkpoint (default: 10000); for existing samples, "
-                                         "score the first N (default: all): an npz's first N, a folder's first N "
-                                         "file names in sorted order (of a per-class folder, the first classes)."),
+                                         "score N of them (default: all): an npz's first N, a folder's or .zip's N "
+                                         "files spread evenly over the sorted file names (each class folder its "
+                                         "share)."),
     batch_size: Optional[int] = typer.Option(None, "--batch-size", "-b", min=1, show_default=False,
                                              help="Images per batch for sampling and Inception "
                                                   "(default: sampling 1000 on CUDA, Inception 250; 50 on the CPU)."),

@@ -223,6 +223,11 @@ class ImageFiles:
     def __len__(self) -> int:
         return len(self.entries)
 
+    def keep(self, indices: list[int]) -> None:
+        """Keep only the files at `indices` of the sorted list, in the order given."""
+        self.entries = [self.entries[i] for i in indices]
+        self.rel = [self.rel[i] for i in indices]
+
     def blobs(self, chunk: int) -> Iterator[list[bytes | None]]:
         """The files' bytes, `chunk` files at a time, in order; None for one that cannot be read (a damaged or
         encrypted .zip entry, a file without read permission), which decoding skips as unreadable."""

@@ -53,7 +53,7 @@ class EvalRequest:
 
     ref: str
     input: Path | None = None  # a checkpoint or run directory to sample, or images/statistics to score
-    n: int | None = None  # checkpoint: samples to draw (default 10,000); images: the first n (default all)
+    n: int | None = None  # checkpoint: samples to draw (default 10,000); images: n of them (default all)
     draw: DrawOptions = field(default_factory=DrawOptions)  # how a checkpoint is sampled, as `ddpm sample` takes it
     batch_size: int | None = None  # None: Inception 250 on CUDA (sampling: generate.default_batch), 50 on the CPU
     device: str = "auto"
@@ -180,9 +180,7 @@ def _evaluate(req: EvalRequest, ref: ImageSource | FeatureStats, plan: DrawPlan 
     elif req.input is not None:
         if dist_info.world > 1 and dist_info.rank != 0:
             return {}  # nothing to spread: rank 0 scores the images alone
-        samples = open_images_or_stats(req.input, data_root=req.data_root, role="samples")
-        if isinstance(samples, ImageSource) and req.n is not None:
-            samples = first_n(samples, req.n)
+        samples = open_images_or_stats(req.input, data_root=req.data_root, role="samples", n=req.n)
     elif dist_info.rank != 0:
         return {}
 

@@ -72,9 +72,19 @@ def _signature(path: Path) -> list:
     return [str(path), count, h.hexdigest()]
 
 
-def files_source(path: str | Path) -> ImageSource:
+def evenly_spread(total: int, n: int) -> list[int]:
+    """Indices of `n` of `total` items, spread evenly over them in order (floor(i * total / n) for i < n); all of
+    them when n >= total. Of files in sorted path order (a per-class folder's classes one after another) each class
+    keeps its share, where the first n would be the first classes alone."""
+    if n >= total:
+        return list(range(total))
+    return [i * total // n for i in range(n)]
+
+
+def files_source(path: str | Path, n: int | None = None) -> ImageSource:
     """Every image in a folder (recursively, any ImageFolder-like tree) or a .zip, in sorted path order, read by
-    the reader training uses (data.ImageFiles, decode.decode_image) but streamed batch by batch.
+    the reader training uses (data.ImageFiles, decode.decode_image) but streamed batch by batch. With `n` (-n), only
+    n of the files, spread evenly over the sorted paths (evenly_spread); more than it holds are refused.
 
     Images are used at their own size (Inception resizes them as TensorFlow does); ones whose size differs from
     the first image's are center-cropped and resized to it (a warning says how many)."""
@@ -82,8 +92,13 @@ def files_source(path: str | Path) -> ImageSource:
     if root.is_file() and not zipfile.is_zipfile(root):
         raise DataError(f"{root} is neither a folder nor a .zip of images")
     files = ImageFiles(root)
-    src = ImageSource(str(root), len(files), lambda bs: iter(()),
-                      {"kind": "files", "path": _signature(root), "decoder": fingerprint()})
+    name, key = str(root), {"kind": "files", "path": _signature(root), "decoder": fingerprint()}
+    if n is not None and n > len(files):
+        raise DataError(f"-n {n} but {root} holds {len(files)} images; lower -n or leave it out to use all")
+    if n is not None and n < len(files):
+        name, key["spread"] = f"{root} ({n:,} of {len(files):,} files, spread evenly)", n
+        files.keep(evenly_spread(len(files), n))
+    src = ImageSource(name, len(files), lambda bs: iter(()), key)
 
     def batches(bs: int) -> Iterator[torch.Tensor]:
         size: tuple[int, int] | None = None  # (W, H) of the first readable image; the others are fitted to it
@@ -214,29 +229,42 @@ def is_checkpoint(path: str | Path) -> bool:
     return p.suffix == ".safetensors"
 
 
-def open_images_or_stats(spec: str | Path, *, data_root: str | Path = "data",
-                         role: str = "--ref") -> ImageSource | FeatureStats:
+def is_stats_file(path: str | Path) -> bool:
+    """An .npz of statistics (`mu` and `sigma`, as --save-stats writes), as opposed to one of images."""
+    p = Path(path).expanduser()
+    if p.suffix.lower() != ".npz" or not p.is_file():
+        return False
+    with open_npz(p) as z:
+        return is_stats(z)
+
+
+def open_images_or_stats(spec: str | Path, *, data_root: str | Path = "data", role: str = "--ref",
+                         n: int | None = None) -> ImageSource | FeatureStats:
     """What a --ref (or the samples argument) names: statistics, or a source of images (cheap: nothing decoded
-    or run through Inception yet, except an .npz or a dataset, which are read into memory)."""
+    or run through Inception yet, except an .npz or a dataset, which are read into memory).
+
+    `n` (-n of the samples): only n of the images, a folder's or .zip's files spread evenly over the sorted paths,
+    an .npz's or a dataset's first n."""
     text = str(spec)
     p = Path(text).expanduser()
     if text in CIFAR10_REFS and not p.exists():
-        return cifar10_source(text.split("-", 1)[1], data_root)
-    if not p.exists():
+        src = cifar10_source(text.split("-", 1)[1], data_root)
+    elif not p.exists():
         raise DataError(f"{role} {text} not found; pass a folder or .zip of images, an .npz of images or statistics "
                         f"(--save-stats), {' or '.join(CIFAR10_REFS)}, or a run config YAML")
-    if p.is_dir():
-        return files_source(p)
-    suffix = p.suffix.lower()
-    if suffix in (".yaml", ".yml"):
-        return config_source(p)
-    if suffix == ".npz":
-        with open_npz(p) as z:
-            stats = is_stats(z)
-        return load_stats(p) if stats else npz_source(p)
-    if zipfile.is_zipfile(p):
-        return files_source(p)
-    raise DataError(f"{role} {text}: not a folder, .zip, .npz or .yaml; pass images, statistics or a run config")
+    elif p.is_dir():
+        return files_source(p, n)
+    elif p.suffix.lower() in (".yaml", ".yml"):
+        src = config_source(p)
+    elif p.suffix.lower() == ".npz":
+        if is_stats_file(p):
+            return load_stats(p)
+        src = npz_source(p)
+    elif zipfile.is_zipfile(p):
+        return files_source(p, n)
+    else:
+        raise DataError(f"{role} {text}: not a folder, .zip, .npz or .yaml; pass images, statistics or a run config")
+    return first_n(src, n) if n is not None else src
 
 
 def first_n(src: ImageSource, n: int, option: str = "-n") -> ImageSource:

@@ -514,6 +514,19 @@ def test_cli_n_of_a_per_class_folder_scores_every_class(cli_files, tmp_path, mon
     assert _json_line(r)["n"] == 6 and _classes_of(scored[0]) == ["a"] * 3 + ["b"] * 3
 
 
+def test_cli_n_with_statistics_to_score_is_a_usage_error_before_any_work(cli_files, clean_stats, monkeypatch):
+    """-n picks images, and statistics hold none: it was silently ignored, the whole set's statistics scored."""
+    stats = ev_stats.save_stats(clean_stats, cli_files["root"] / "stats_to_score.npz")
+
+    def no_inception(*args, **kwargs):
+        raise AssertionError("the usage error comes before Inception is loaded")
+
+    monkeypatch.setattr(ev_run, "load_inception", no_inception)
+    r = runner.invoke(app, ["eval", str(stats), "--ref", str(cli_files["ref"]), "-n", "10", *cli_files["common"]])
+    _one_clear_line(r, 2, "-n", "statistics", str(stats))
+    assert len([x for x in r.stderr.splitlines() if x.strip()]) == 1, r.stderr
+
+
 def test_cli_bad_inputs_give_one_clear_line(cli_files, tmp_path, monkeypatch, trained_run):
     f = cli_files
     common = f["common"]

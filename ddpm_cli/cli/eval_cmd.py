@@ -78,7 +78,7 @@ def eval_command(
                                     help="Samples to draw from a checkpoint (default: 10000); for existing samples, "
                                          "score N of them (default: all): an npz's first N, a folder's or .zip's N "
                                          "files spread evenly over the sorted file names (each class folder its "
-                                         "share)."),
+                                         "share); not with statistics."),
     batch_size: Optional[int] = typer.Option(None, "--batch-size", "-b", min=1, show_default=False,
                                              help="Images per batch for sampling and Inception "
                                                   "(default: sampling 1000 on CUDA, Inception 250; 50 on the CPU)."),

@@ -13,8 +13,8 @@ from ddpm_cli.engine.draw import DrawOptions, DrawPlan, Drawer, balanced_labels,
 from ddpm_cli.engine.evaluation.inception import Inception, check_inception_path, load_inception
 from ddpm_cli.engine.evaluation.reference import check_compatible, reference_stats
 from ddpm_cli.engine.evaluation.scores import EvalResult, score
-from ddpm_cli.engine.evaluation.sources import (ImageSource, first_n, is_checkpoint, open_images_or_stats,
-                                                samples_source, tensor_source)
+from ddpm_cli.engine.evaluation.sources import (ImageSource, first_n, is_checkpoint, is_stats_file,
+                                                open_images_or_stats, samples_source, tensor_source)
 from ddpm_cli.engine.evaluation.stats import EvalCallbacks, FeatureStats, compute_stats, notify, save_stats
 from ddpm_cli.errors import DataError, DdpmError, UsageError
 
@@ -120,6 +120,9 @@ def check_request(req: EvalRequest) -> tuple[DrawPlan | None, ImageSource | Feat
         if not Path(req.input).exists():
             raise DataError(f"{req.input} not found; pass a checkpoint (.safetensors or a run directory), or samples "
                             f"(.npz, a folder or .zip of images)")
+        if req.n is not None and is_stats_file(req.input):
+            raise UsageError(f"-n picks images to score, and {req.input} holds statistics, not images: drop -n to "
+                             f"score the statistics whole, or pass the images they were made from")
     ref = open_images_or_stats(req.ref, data_root=req.data_root)
     if req.ref_limit is not None:
         if isinstance(ref, FeatureStats):

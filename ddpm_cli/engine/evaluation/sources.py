@@ -244,7 +244,7 @@ def open_images_or_stats(spec: str | Path, *, data_root: str | Path = "data", ro
     or run through Inception yet, except an .npz or a dataset, which are read into memory).
 
     `n` (-n of the samples): only n of the images, a folder's or .zip's files spread evenly over the sorted paths,
-    an .npz's or a dataset's first n."""
+    an .npz's or a dataset's first n. Statistics hold no images to pick: check_request refuses -n with them."""
     text = str(spec)
     p = Path(text).expanduser()
     if text in CIFAR10_REFS and not p.exists():

@@ -664,3 +664,29 @@ def test_the_grid_is_not_one_of_the_sampled_images(ckpt_copy, tmp_path):
                out / "000001.png")
     assert_refused(r, "--grid", "one of the images", codes=(2,))
     assert not (out / "000001.png").exists()
+
+
+def test_a_file_output_named_with_a_trailing_separator_is_refused_before_the_work(ckpt_copy, tmp_path, monkeypatch):
+    """`--grid out/` for a folder not made yet wrote a FILE named out: Typer handed the option over as a Path, and
+    Path("out/") is Path("out"). A name that ends in a separator (or /. or /..) names a folder."""
+    here = tmp_path / "here"
+    here.mkdir()
+    monkeypatch.chdir(here)
+    fast = ["--steps", "2", "--device", "cpu"]
+    for args, bad, example in ((["sample", ckpt_copy, "-n", 2, *fast, "--grid"], "g/", "g/grid.png"),
+                               (["sample", ckpt_copy, "-n", 2, *fast, "--overwrite", "--grid"], "a/g/.",
+                                "a/g/./grid.png"),
+                               (["sample", ckpt_copy, "-n", 2, *fast, "--out", "s", "--grid"], "s/g/", "s/g/grid.png"),
+                               (["sample", ckpt_copy, "-n", 2, *fast, "--format", "npz", "--out"], "s.npz/",
+                                "s.npz/samples.npz"),
+                               (["export", ckpt_copy, "-o"], "e/", "e/model.safetensors"),
+                               (["export", ckpt_copy, "--format", "pt2", "--overwrite", "-o"], "e/", "e/model.pt2")):
+        r = invoke(*args, bad)
+        option = "--out" if args[-1] == "-o" else args[-1]
+        assert_refused(r, f"{option} {bad} names a folder", f"such as {example}", codes=(2,))
+        assert "sampled" not in r.stdout and list(here.iterdir()) == [], (args, list(here.iterdir()))
+    # a folder is still welcome where a folder is written: the PNGs, and an npz's folder (its samples.npz)
+    for args in (["--out", "p/"], ["--format", "npz", "--out", "n/"]):
+        r = invoke("sample", ckpt_copy, "-n", 1, *fast, *args)
+        assert r.exit_code == 0, r.output
+    assert (here / "p" / "000000.png").is_file() and (here / "n" / "samples.npz").is_file()

@@ -8,7 +8,7 @@ from typing import Optional
 
 import typer
 
-from ddpm_cli.cli.outputs import refuse_replacing, run_of
+from ddpm_cli.cli.outputs import PATH_METAVAR, output_path, refuse_replacing, run_of
 from ddpm_cli.cli.ui import console, friendly
 
 
@@ -34,8 +34,8 @@ def export_command(
                                           "the denoiser (x_t, t, y) -> eps, dynamic batch; pt2: a torch.export "
                                           "program; diffusers: a DDPMPipeline folder (unet/, scheduler/) for "
                                           "diffusers' from_pretrained."),
-    out: Optional[Path] = typer.Option(None, "--out", "-o", help="Output file, or folder for diffusers (default: "
-                                                                "beside the checkpoint).", show_default=False),
+    out: Optional[str] = typer.Option(None, "--out", "-o", metavar=PATH_METAVAR, show_default=False,
+                                      help="Output file, or folder for diffusers (default: beside the checkpoint)."),
     ema: Optional[bool] = typer.Option(None, "--ema/--no-ema", help="Export the EMA weights (default: when "
                                                                      "present) or the raw ones.",
                                        show_default=False),
@@ -50,6 +50,7 @@ def export_command(
     from ddpm_cli.engine.export import export_checkpoint
     from ddpm_cli.engine.runs import resolve_checkpoint
 
+    out = output_path("--out", out, None if fmt == ExportFormat.diffusers else f"model.{fmt.value}")
     src = resolve_checkpoint(checkpoint)
     read_header(src)  # a bad file fails here, before torch is imported
     refuse_replacing({"--out": out}, [src], run_of(src), files=fmt != ExportFormat.diffusers)

@@ -1,6 +1,7 @@
 """What a command may write over: its earlier outputs, with --overwrite; never its inputs, a training checkpoint
 or a run's own files, --overwrite or not. `ddpm sample CKPT --grid CKPT --overwrite` would otherwise write a PNG
-over the checkpoint it has just sampled, and `ddpm export RUN -o RUN/latest.json --overwrite` break the run."""
+over the checkpoint it has just sampled, and `ddpm export RUN -o RUN/latest.json --overwrite` break the run. And
+a file output is never given a folder's name (out/)."""
 from __future__ import annotations
 
 import os
@@ -15,6 +16,22 @@ def _same_file(a: Path, b: Path) -> bool:
         return os.path.samefile(a, b)
     except OSError:  # either is missing: nothing there to lose
         return False
+
+
+PATH_METAVAR = "<path>"  # how Typer shows a Path option, for the outputs taken as text (output_path)
+
+
+def output_path(option: str, text: str | None, file_named: str | None = None) -> Path | None:
+    """An output's path as typed, as a Path (None stays None). The option is taken as text, not as a Path, since
+    Path drops a trailing separator (Path("out/") is Path("out")): `--grid out/`, for a folder not made yet, wrote
+    a file named out. So a file output (`file_named`: an example of its name, for the message) that names a folder
+    (out/, out/., ..) is a UsageError (exit 2), found before any work."""
+    if text is None:
+        return None
+    if file_named is not None and os.path.basename(text) in ("", ".", ".."):
+        raise UsageError(f"{option} {text} names a folder, where a file is to be written; give a file name, such "
+                         f"as {os.path.join(text, file_named)}")
+    return Path(text)
 
 
 def run_of(checkpoint: Path) -> Path | None:

@@ -10,7 +10,7 @@ import typer
 
 from ddpm_cli.cli.options import sampling_options
 from ddpm_cli.cli.launch import is_main_process, relaunch_with_torchrun, under_torchrun
-from ddpm_cli.cli.outputs import refuse_replacing, run_of
+from ddpm_cli.cli.outputs import PATH_METAVAR, output_path, refuse_replacing, run_of
 from ddpm_cli.cli.ui import console, exit_quickly_when_done, fmt_rate, friendly, warn
 from ddpm_cli.errors import UsageError
 
@@ -128,13 +128,13 @@ def sample_command(
                                              "(batches are evened out). Default: 1000 on a GPU for 32x32 images "
                                              "(fewer for larger ones), 256 on the CPU.", show_default=False),
     device: str = typer.Option("auto", "--device", help="auto, cpu, cuda or cuda:N."),
-    out: Optional[Path] = typer.Option(None, "--out", "-o", help="Folder for the images (created if missing); an "
-                                       "NPZ path with --format npz. Default: samples/ unless only --grid is asked.",
-                                       show_default=False),
+    out: Optional[str] = typer.Option(None, "--out", "-o", metavar=PATH_METAVAR, show_default=False,
+                                      help="Folder for the images (created if missing); an NPZ path with --format "
+                                           "npz. Default: samples/ unless only --grid is asked."),
     fmt: Format = typer.Option(Format.png, "--format", help="png: one file per image; npz: one uint8 (N, H, W, C) "
                                                             "array `arr_0` and `labels`, as FID tools read it."),
-    grid: Optional[Path] = typer.Option(None, "--grid", help="Also write one PNG grid of the images (at most "
-                                                             "1,024).", show_default=False),
+    grid: Optional[str] = typer.Option(None, "--grid", metavar=PATH_METAVAR, show_default=False,
+                                       help="Also write one PNG grid of the images (at most 1,024)."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace existing output files."),
     gpus: int = typer.Option(0, "--gpus", min=0, help="Spread the batches over N GPUs of this machine (torchrun); "
                              "the images are the same as on one."),
@@ -145,6 +145,9 @@ def sample_command(
     from ddpm_cli.engine.sampling import SampleRequest, plan_sampling, run_sampling
 
     refuse_too_many(n)
+    grid = output_path("--grid", grid, "grid.png")
+    npz_file = fmt == Format.npz and out is not None and Path(out).suffix == ".npz"  # else a folder's samples.npz
+    out = output_path("--out", out, "samples.npz" if npz_file else None)
     if out is None and grid is None:
         out = Path("samples.npz") if fmt == Format.npz else Path("samples")
     req = SampleRequest(checkpoint=checkpoint, n=n, draw=draw, per_class=per_class, class_index=class_index,

@@ -233,6 +233,22 @@ def test_options_a_sampler_will_not_use_are_said():
     assert any("--steps is ignored" in w for w in SamplerSpec("ddpm", 5).warnings(10))
 
 
+def test_variance_off_the_ddpm_sampler_is_said():
+    """--variance is the ancestral ddpm sampler's sigma^2; with any other sampler (the default one included) it was
+    dropped without a word."""
+    from ddpm_cli.diffusion.sampler_spec import SAMPLERS, SamplerSpec
+
+    assert SamplerSpec("ddpm", variance="posterior").warnings(10) == []
+    for name in SAMPLERS[1:]:
+        said = SamplerSpec(name, variance="beta").warnings(10)
+        assert said == [f"--variance applies to the ddpm sampler only, and this samples with {name}; ignored"]
+    for default in ("ddim", "dpm++2m"):  # no --sampler: the checkpoint's default (dpm++2m with a stored guide)
+        said = SamplerSpec(variance="posterior").warnings(10, default)
+        assert len(said) == 1 and f"samples with {default} (the default sampler" in said[0]
+        assert "pass --sampler ddpm" in said[0]
+    assert SamplerSpec(variance="posterior").warnings(10, "ddpm") == []
+
+
 def test_uniform_timesteps_are_drawn_as_before():
     """The default draw is torch.randint's, the same numbers from the same seed: runs and their resumes do not
     change under the default."""

@@ -461,6 +461,19 @@ def test_eta_with_the_stored_guides_default_sampler_warns(guided_run, tmp_path):
     assert "--eta applies to ddim only" in r.stderr and "pass --sampler ddim" in r.stderr
 
 
+def test_variance_with_another_sampler_warns(trained_run, guided_run, tmp_path):
+    """--variance only sets the ddpm sampler's sigma^2; with ddim, or with no --sampler (ddim, or dpm++2m for a
+    checkpoint with a stored guide), it was ignored without a word."""
+    for i, (run, args, name) in enumerate(((trained_run, ["--sampler", "ddim"], "ddim"), (trained_run, [], "ddim"),
+                                           (guided_run, [], "dpm++2m"))):
+        r = ok("sample", run, "-n", 1, "--out", tmp_path / str(i), "--variance", "posterior", *FAST, *args)
+        warned = [line for line in r.stderr.splitlines() if "--variance" in line]
+        assert len(warned) == 1 and warned[0].startswith("warning: ") and f"samples with {name}" in warned[0], r.stderr
+        assert ("pass --sampler ddpm" in warned[0]) == (not args), warned
+    r = ok("sample", trained_run, "-n", 1, "--out", tmp_path / "ddpm", "--sampler", "ddpm", "--variance", "beta")
+    assert "--variance" not in r.stderr
+
+
 @pytest.fixture(scope="module")
 def guided_run(tmp_path_factory):
     """A tiny unconditional run whose checkpoints carry their step-10 EMA weights as the autoguidance guide."""

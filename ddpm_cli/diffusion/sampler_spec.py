@@ -59,6 +59,9 @@ class SamplerSpec:
             why = (" (the default sampler of a checkpoint with a stored guide; pass --sampler ddim)"
                    if self.sampler is None else "")
             out.append(f"--eta applies to ddim only, and this samples with {name}{why}; ignored")
+        if name != "ddpm" and self.variance is not None:  # the other samplers take no sigma^2
+            why = " (the default sampler; pass --sampler ddpm)" if self.sampler is None else ""
+            out.append(f"--variance applies to the ddpm sampler only, and this samples with {name}{why}; ignored")
         return out
 
     def evaluations(self, alpha_bar: Any, guided: bool = False) -> int:

@@ -218,9 +218,22 @@ def test_bad_checkpoints(tmp_path, trained_run, kind, expect):
     assert not (tmp_path / "o.safetensors").exists()
 
 
-def test_onnx_is_fp32_only(trained_run, tmp_path):
-    msg = one_line_error(cli("export", trained_run, "--format", "onnx", "--dtype", "fp16", "--out", tmp_path / "m"))
-    assert "fp32 only" in msg and not (tmp_path / "m").exists()
+@pytest.mark.parametrize("fmt", ["onnx", "pt2"])
+def test_onnx_and_pt2_are_fp32_only(trained_run, tmp_path, fmt):
+    """Options that cannot go together are a usage error (exit 2), as click's own are; they exited 1."""
+    msg = one_line_error(cli("export", trained_run, "--format", fmt, "--dtype", "fp16", "--out", tmp_path / "m"),
+                         code=(2,))
+    assert "fp32 only" in msg and "drop --dtype" in msg and not (tmp_path / "m").exists()
+
+
+def test_ema_decay_with_no_ema_is_a_usage_error_found_before_the_weights_are_read(trained_run, tmp_path,
+                                                                                   monkeypatch):
+    import ddpm_cli.engine.export as export
+
+    monkeypatch.setattr(export, "load_checkpoint", lambda *a, **k: pytest.fail("the checkpoint was loaded"))
+    msg = one_line_error(cli("export", trained_run, "--no-ema", "--ema-decay", 0.9, "--out", tmp_path / "x"),
+                         code=(2,))
+    assert "--ema-decay picks EMA weights; drop --no-ema" in msg and not (tmp_path / "x").exists()
 
 
 def test_ema_requested_from_a_checkpoint_without_it(trained_run, tmp_path):

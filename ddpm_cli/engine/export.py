@@ -27,7 +27,7 @@ import torch
 
 from ddpm_cli.engine.checkpoint import load_checkpoint, load_model, require_ema_decay, weights_metadata
 from ddpm_cli.engine.files import atomic_write_bytes, fsync_dir
-from ddpm_cli.errors import CheckpointError, DdpmError
+from ddpm_cli.errors import CheckpointError, DdpmError, UsageError
 from ddpm_cli.nn.unet import fold_upsampling
 
 FORMATS = ("safetensors", "onnx", "pt2", "diffusers")
@@ -129,16 +129,17 @@ def _prepare(src: str | Path, dst: Path | None, fmt: str, dtype: str, overwrite:
         raise DdpmError(f"unknown export format {fmt!r}; choose one of {', '.join(FORMATS)}")
     if dtype not in DTYPES:
         raise DdpmError(f"unknown dtype {dtype!r}; choose one of {', '.join(DTYPES)}")
+    # options that cannot go together: usage errors (exit 2), found before the checkpoint is read
     if fmt not in ("safetensors", "diffusers") and dtype != "fp32":
-        raise DdpmError(f"--format {fmt} exports fp32 only; drop --dtype (fp16/bf16 are for safetensors and "
-                        f"diffusers)")
+        raise UsageError(f"--format {fmt} exports fp32 only; drop --dtype (fp16/bf16 are for safetensors and "
+                         f"diffusers)")
+    if ema_decay is not None and ema is False:
+        raise UsageError("--ema-decay picks EMA weights; drop --no-ema")
     ckpt = load_checkpoint(src)
     if ema and not ckpt.has_ema:
         raise CheckpointError(f"{ckpt.path} has no EMA weights; drop --ema (or pass --no-ema)")
     use_ema = ckpt.has_ema if ema is None else ema
     if ema_decay is not None:  # one of the EMA averages by decay: it stands in for the main one from here on
-        if ema is False:
-            raise DdpmError("--ema-decay picks EMA weights; drop --no-ema")
         require_ema_decay(ckpt.header, ckpt.config.train.ema_decay, ema_decay)
         ckpt.ema_state = ckpt.average(ema_decay)
         use_ema = True

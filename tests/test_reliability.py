@@ -277,7 +277,8 @@ def test_exact_resume_after_a_real_sigterm(tmp_path, procs):
 # 2. SIGTERM / SIGINT
 
 
-@pytest.mark.parametrize("signum,code", [(signal.SIGTERM, 143), (signal.SIGINT, 130), (signal.SIGHUP, 143)],
+# 128 + the signal's number, the shell's convention for a process a signal stopped
+@pytest.mark.parametrize("signum,code", [(signal.SIGTERM, 143), (signal.SIGINT, 130), (signal.SIGHUP, 129)],
                          ids=["SIGTERM", "SIGINT", "SIGHUP"])
 def test_signal_finishes_the_step_checkpoints_and_exits(tmp_path, procs, signum, code):
     p = TrainProcess(tmp_path, _sub_cfg(tmp_path))

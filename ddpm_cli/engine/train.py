@@ -32,9 +32,6 @@ from ddpm_cli.engine.time_budget import TimeBudget
 from ddpm_cli.errors import TrainingAborted
 from ddpm_cli.nn.unet import activation_checkpointing, channel_stats
 
-EXIT_SIGINT = 130
-EXIT_SIGTERM = 143
-
 
 class TrainCallbacks:
     """Progress hooks; the CLI renders them. Every method may be left as the no-op."""
@@ -405,7 +402,7 @@ class Trainer:
         result = TrainResult(self.run_dir, self.step, self.images_seen, stop_reason, checkpoint, elapsed, compile_s,
                              last_loss, first_loss, records)
         if stop_reason == "signal":
-            code = EXIT_SIGINT if self.stop.signum == 2 else EXIT_SIGTERM
+            code = 128 + self.stop.signum  # the shell's convention: Ctrl-C 130, SIGTERM 143, SIGHUP 129
             if self.step == 0:  # (checkpoint is None on every rank but 0, which alone saves)
                 raise TrainingAborted(f"stopped by signal {self.stop.signum} before the first step; nothing was "
                                       f"saved: start the run again with the same command", code)

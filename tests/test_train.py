@@ -448,3 +448,37 @@ def test_a_signal_before_the_first_step_says_nothing_was_saved(tmp_path):
     with pytest.raises(TrainingAborted, match="before the first step; nothing was saved") as e:
         train(tiny_config(tmp_path, train__steps=4), stop=stop)
     assert "None" not in str(e.value) and e.value.exit_code == 130
+    assert list(tmp_path.iterdir()) == [], "the run folder it made holds nothing of value: it is taken away"
+
+
+def test_a_first_step_that_fails_leaves_no_run_folder(tmp_path, monkeypatch):
+    def fail(self, x, y):
+        raise RuntimeError("the first step failed")
+
+    monkeypatch.setattr(Trainer, "_loss", fail)
+    with pytest.raises(RuntimeError, match="the first step failed"):
+        train(tiny_config(tmp_path / "runs" / "a", train__steps=4))
+    assert list(tmp_path.iterdir()) == []  # runs/a/tiny and the parents it made for it
+
+
+def test_a_stop_before_the_first_step_keeps_a_folder_that_was_there(tmp_path):
+    """Conservative: a named run folder that existed (with a file of the user's) stays, and so does a new one that
+    holds anything the start did not write."""
+    from ddpm_cli.engine.train import StopFlag
+    from ddpm_cli.errors import TrainingAborted
+
+    (tmp_path / "tiny").mkdir()
+    (tmp_path / "tiny" / "notes.txt").write_text("mine")
+    stop = StopFlag()
+    stop.request(15)
+    with pytest.raises(TrainingAborted):
+        train(tiny_config(tmp_path, train__steps=4), stop=stop)
+    assert (tmp_path / "tiny" / "notes.txt").read_text() == "mine"
+
+    class Visitor(TrainCallbacks):  # a file that lands in the new run folder while the run starts
+        def on_start(self, info):
+            (tmp_path / "b" / "tiny" / "notes.txt").write_text("mine")
+
+    with pytest.raises(TrainingAborted):
+        train(tiny_config(tmp_path / "b", train__steps=4), stop=stop, callbacks=Visitor())
+    assert (tmp_path / "b" / "tiny" / "notes.txt").read_text() == "mine"

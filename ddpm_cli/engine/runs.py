@@ -119,8 +119,43 @@ def remove_new_dirs(created: list[Path]) -> None:
     if not created:
         return
     shutil.rmtree(created[-1], ignore_errors=True)
+    _remove_empty_parents(created)
+
+
+def _remove_empty_parents(created: list[Path]) -> None:
     for d in reversed(created[:-1]):
         try:
             d.rmdir()
         except OSError:
             return  # not empty: someone else's files
+
+
+def remove_unstarted_run(created: list[Path]) -> bool:
+    """Take away the run directory a new run made (and the parents it made, as remove_new_dirs does) when the run
+    stopped or failed before its first step, if it holds only what the start wrote: config.yaml as written (the
+    command that made it makes it again), an empty metrics.jsonl, empty checkpoints/ and samples/. Anything else in
+    it (a file of the user's, a wandb run) keeps the whole folder. Returns whether it was taken away."""
+    if not created:
+        return False
+    run_dir = created[-1]
+    try:
+        entries = list(run_dir.iterdir())
+        for p in entries:
+            if p.is_symlink():
+                return False
+            if p.name in ("checkpoints", "samples") and p.is_dir() and not any(p.iterdir()):
+                continue
+            if p.name == "metrics.jsonl" and p.is_file() and p.stat().st_size == 0:
+                continue
+            if p.name in ("config.yaml", CONFIG_WRITTEN) and p.is_file():
+                continue
+            return False
+        if config_edited(run_dir):
+            return False
+        for p in entries:
+            p.rmdir() if p.is_dir() else p.unlink()
+        run_dir.rmdir()  # (not rmtree: a file that came in meanwhile stays, and its folder with it)
+    except OSError:
+        return False
+    _remove_empty_parents(created)
+    return True

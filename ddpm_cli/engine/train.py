@@ -24,7 +24,8 @@ from ddpm_cli.engine.distributed import DistInfo
 from ddpm_cli.engine.ema import EMA
 from ddpm_cli.engine.grad_accum import GradAccumulator
 from ddpm_cli.engine.files import atomic_write_bytes
-from ddpm_cli.engine.runs import CONFIG_WRITTEN, list_checkpoints, make_run_dir, remove_new_dirs
+from ddpm_cli.engine.runs import (CONFIG_WRITTEN, list_checkpoints, make_run_dir, remove_new_dirs,
+                                  remove_unstarted_run)
 from ddpm_cli.engine.metrics import MetricsLog, WandbSink, keep_metrics_until, plot_loss_curve, read_metrics
 from ddpm_cli.engine.lr_schedule import LRSchedule
 from ddpm_cli.engine.posthoc_ema import PosthocEMA
@@ -238,6 +239,17 @@ class Trainer:
     # -- the loop ------------------------------------------------------------------------------------------
 
     def run(self) -> TrainResult:
+        """Train until train.steps, train.max_time, early stopping or a signal. A new run that stops or fails before
+        its first step takes its run directory away again: it holds only the config, and nothing to resume."""
+        try:
+            return self._run()
+        except BaseException:
+            if self.step == 0 and self.main:
+                self.metrics.close()
+                remove_unstarted_run(self._created_dirs)
+            raise
+
+    def _run(self) -> TrainResult:
         cfg, tc, lc = self.cfg, self.cfg.train, self.cfg.logging
         dev = self.device
         self.model.train()

@@ -548,6 +548,33 @@ def test_a_pickle_state_file_is_refused(tmp_path, ckpt_copy):
     assert_refused(r, "pickle", codes=(1,))
 
 
+def _zips(d: Path) -> dict[str, Path]:
+    """torch.save's zips (a pickle, data.pkl, beside the tensors), whole and cut short, and zips that are not."""
+    import zipfile
+
+    d.mkdir(parents=True)
+    torch.save({"w": torch.zeros(4)}, d / "model.pt")
+    (d / "cut.pt").write_bytes((d / "model.pt").read_bytes()[:200])  # no central directory: an interrupted copy
+    with zipfile.ZipFile(d / "images.zip", "w") as z:  # a dataset zip, given where a checkpoint goes
+        z.writestr("cat/0.png", b"\x89PNG\r\n\x1a\n")
+        z.writestr("notes/data.pkl.txt", b"")
+    zipfile.ZipFile(d / "empty.zip", "w").close()
+    return {name: d / name for name in ("model.pt", "cut.pt", "images.zip", "empty.zip")}
+
+
+@pytest.mark.parametrize("command", ["inspect", "sample", "train"])
+def test_a_torch_zip_is_called_a_pickle_and_any_other_zip_a_zip(tmp_path, command):
+    for name, f in _zips(tmp_path / "in").items():
+        args = {"inspect": ["inspect", f], "sample": ["sample", f, "-n", "1", "--out", tmp_path / "out"],
+                "train": ["train", "--resume", f]}[command]
+        line = assert_refused(invoke(*args), str(f), codes=(1,), max_lines=1)[0]
+        if name.endswith(".pt"):
+            assert "pickle" in line and "zip archive" not in line, line
+        else:
+            assert "zip archive" in line and "pickle" not in line and ".safetensors" in line, line
+    assert not (tmp_path / "out").exists()
+
+
 @pytest.mark.parametrize("command", ["sample", "inspect", "resume"])
 def test_checkpoint_of_a_newer_ddpm_with_unknown_settings_says_upgrade(tmp_path, ckpt_copy, command):
     from ddpm_cli.engine.checkpoint import read_header

@@ -42,19 +42,34 @@ def class_names(metadata: dict[str, str]) -> list[str]:
 
 
 def _looks_like_pickle(head: bytes) -> bool:
-    # torch.save writes a zip (PK..) holding a pickle; legacy torch.save and pickle.dump start with 0x80 PROTO.
-    return head[:2] == b"PK" or (len(head) > 1 and head[0] == 0x80 and head[1] <= 5)
+    # Legacy torch.save and pickle.dump start with 0x80 PROTO; torch.save's zip (PK..) is told apart by _zip_kind.
+    return len(head) > 1 and head[0] == 0x80 and head[1] <= 5
 
 
-def _is_pt2(p: Path) -> bool:
-    """A torch.export archive: a zip (like torch.save's) whose `archive_format` entry says pt2. Reads no pickle."""
+def _zip_kind(p: Path) -> str:
+    """What a zip (PK..) holds, by its member names, unpickling nothing: "pt2" (a torch.export archive, whose
+    `archive_format` entry says pt2), "torch" (torch.save's: its pickle, data.pkl, beside the tensors) or "zip"
+    (any other: a dataset's, say)."""
     import zipfile
 
     try:
         with zipfile.ZipFile(p) as z:
-            return any(n.endswith("/archive_format") and z.read(n).strip() == b"pt2" for n in z.namelist())
-    except Exception:  # noqa: BLE001 - any zip it cannot read (corrupt, odd compression) is no pt2 it knows
-        return False
+            names = z.namelist()
+            if any(n.endswith("/archive_format") and z.read(n).strip() == b"pt2" for n in names):
+                return "pt2"
+    except Exception:  # noqa: BLE001 - a zip it cannot read (cut short, odd compression): its first entry's name,
+        names = [_first_zip_entry(p)]  # which in torch.save's zip is data.pkl
+    return "torch" if any(n == "data.pkl" or n.endswith("/data.pkl") for n in names) else "zip"
+
+
+def _first_zip_entry(p: Path) -> str:
+    """The name in a zip's first local file header (its length at byte 26, the name from byte 30); "" if none."""
+    with open(p, "rb") as f:
+        local = f.read(30)
+        if len(local) < 30 or local[:4] != b"PK\x03\x04":
+            return ""
+        (n,) = struct.unpack("<H", local[26:28])
+        return f.read(n).decode("utf-8", "replace")
 
 
 def _looks_like_onnx(head: bytes) -> bool:
@@ -84,11 +99,19 @@ def read_header(path: str | Path, require_ddpm: bool = True) -> Header:
     try:
         with open(p, "rb") as f:
             head = f.read(8)
-            if head[:2] == b"PK" and _is_pt2(p):
-                raise _not_a_checkpoint(p, "a torch.export program", "pt2", "torch.export.load")
+            pickled = CheckpointError(f"{p} is a pickle (PyTorch .pt/.pth); ddpm loads only safetensors files and "
+                                      f"never unpickles, for safety")
+            if head[:2] == b"PK":
+                kind = _zip_kind(p)
+                if kind == "pt2":
+                    raise _not_a_checkpoint(p, "a torch.export program", "pt2", "torch.export.load")
+                if kind == "torch":
+                    raise pickled
+                raise CheckpointError(f"{p} is a zip archive, not a checkpoint; pass a .safetensors checkpoint "
+                                      f"written by ddpm, or its run directory (a .zip of images is training data: "
+                                      f"data.root, with data.dataset=folder)")
             if _looks_like_pickle(head):
-                raise CheckpointError(f"{p} is a pickle (PyTorch .pt/.pth); ddpm loads only safetensors files "
-                                      f"and never unpickles, for safety")
+                raise pickled
             if len(head) < 8:
                 raise CheckpointError(f"{p} is not a safetensors file (only {size} bytes)")
             (n,) = struct.unpack("<Q", head)

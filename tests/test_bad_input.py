@@ -562,6 +562,28 @@ def _zips(d: Path) -> dict[str, Path]:
     return {name: d / name for name in ("model.pt", "cut.pt", "images.zip", "empty.zip")}
 
 
+def test_a_checkpoint_whose_header_length_opens_like_a_pickle_is_read(ckpt_copy):
+    """The 8-byte header length of a safetensors file can open with 0x80 and a byte <= 5, as a pickle's PROTO does
+    (a header of 384 bytes: 80 01 00 ..): such a checkpoint of ddpm's own was refused as a pickle."""
+    import struct
+
+    from ddpm_cli.engine.checkpoint import load_checkpoint, read_header
+    from ddpm_cli.errors import CheckpointError
+
+    data = ckpt_copy.read_bytes()
+    (n,) = struct.unpack("<Q", data[:8])
+    padded = next(m for m in range(n, n + 2**16 + 1) if m % 256 == 0x80 and (m >> 8) % 256 <= 5)
+    header = data[8:8 + n] + b" " * (padded - n)  # safetensors pads its JSON header with spaces itself
+    ckpt_copy.write_bytes(struct.pack("<Q", padded) + header + data[8 + n:])
+    assert ckpt_copy.read_bytes()[0] == 0x80 and ckpt_copy.read_bytes()[1] <= 5
+    assert read_header(ckpt_copy).metadata["format"] == "ddpm-cli"
+    assert load_checkpoint(ckpt_copy).step > 0
+    for cut in (padded // 2, padded + 8 + 100):  # cut short in its header, in its tensors: truncated, no pickle
+        ckpt_copy.write_bytes(struct.pack("<Q", padded) + (header + data[8 + n:])[:cut])
+        with pytest.raises(CheckpointError, match="truncated"):
+            read_header(ckpt_copy)
+
+
 @pytest.mark.parametrize("command", ["inspect", "sample", "train"])
 def test_a_torch_zip_is_called_a_pickle_and_any_other_zip_a_zip(tmp_path, command):
     for name, f in _zips(tmp_path / "in").items():

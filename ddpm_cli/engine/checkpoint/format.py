@@ -42,8 +42,12 @@ def class_names(metadata: dict[str, str]) -> list[str]:
 
 
 def _looks_like_pickle(head: bytes) -> bool:
-    # Legacy torch.save and pickle.dump start with 0x80 PROTO; torch.save's zip (PK..) is told apart by _zip_kind.
-    return len(head) > 1 and head[0] == 0x80 and head[1] <= 5
+    """Legacy torch.save and pickle.dump start with 0x80 PROTO (torch.save's zip is told apart by _zip_kind). So can
+    a safetensors header length (384 is 80 01 00 ..): `head` is the file's first 9 bytes, and a header length of at
+    most MAX_HEADER followed by the JSON header's "{" is safetensors (whole, or cut short: read_header says which)."""
+    if not (len(head) > 1 and head[0] == 0x80 and head[1] <= 5):
+        return False
+    return len(head) < 9 or not (struct.unpack("<Q", head[:8])[0] <= MAX_HEADER and head[8:9] == b"{")
 
 
 def _zip_kind(p: Path) -> str:
@@ -98,7 +102,7 @@ def read_header(path: str | Path, require_ddpm: bool = True) -> Header:
     size = p.stat().st_size
     try:
         with open(p, "rb") as f:
-            head = f.read(8)
+            head = f.read(9)  # the header's length, and the "{" that opens it
             pickled = CheckpointError(f"{p} is a pickle (PyTorch .pt/.pth); ddpm loads only safetensors files and "
                                       f"never unpickles, for safety")
             if head[:2] == b"PK":
@@ -114,12 +118,13 @@ def read_header(path: str | Path, require_ddpm: bool = True) -> Header:
                 raise pickled
             if len(head) < 8:
                 raise CheckpointError(f"{p} is not a safetensors file (only {size} bytes)")
-            (n,) = struct.unpack("<Q", head)
+            (n,) = struct.unpack("<Q", head[:8])
             if n == 0 or n > MAX_HEADER or 8 + n > size:
                 if _looks_like_onnx(head):
                     raise _not_a_checkpoint(p, "an ONNX model", "onnx", "onnxruntime")
                 raise CheckpointError(f"{p} is not a safetensors file, or it is truncated (header of {n} bytes "
                                       f"in a {size}-byte file)")
+            f.seek(8)
             raw = f.read(n)
     except OSError as e:
         raise CheckpointError(f"cannot read {p}: {e.strerror}") from None

@@ -514,6 +514,24 @@ def test_cli_n_of_a_per_class_folder_scores_every_class(cli_files, tmp_path, mon
     assert _json_line(r)["n"] == 6 and _classes_of(scored[0]) == ["a"] * 3 + ["b"] * 3
 
 
+def test_cli_ref_limit_of_a_per_class_reference_takes_each_class_its_share(cli_files, tmp_path, monkeypatch):
+    """--ref-limit N took the reference's first N files: of a per-class folder (cifar10-jpeg's train.zip is one)
+    the first classes alone, a biased reference. Its N are spread evenly over the sorted paths, as -n's are."""
+    folder = two_class_folder(tmp_path / "ref")
+    seen = []
+    real = ev_reference.compute_stats
+
+    def spy(source, *args, **kwargs):
+        seen.append(torch.cat(list(source.batches(64))))
+        return real(source, *args, **kwargs)
+
+    monkeypatch.setattr(ev_reference, "compute_stats", spy)
+    r = runner.invoke(app, ["eval", str(cli_files["samples"]), "--ref", str(folder), "--ref-limit", "6",
+                            *cli_files["common"]])
+    assert r.exit_code == 0, r.output
+    assert _json_line(r)["ref_n"] == 6 and _classes_of(seen[0]) == ["a"] * 3 + ["b"] * 3
+
+
 def test_cli_n_with_statistics_to_score_is_a_usage_error_before_any_work(cli_files, clean_stats, monkeypatch):
     """-n picks images, and statistics hold none: it was silently ignored, the whole set's statistics scored."""
     stats = ev_stats.save_stats(clean_stats, cli_files["root"] / "stats_to_score.npz")
@@ -871,14 +889,15 @@ def test_plain_progress_estimates_from_the_batches_after_the_first(monkeypatch):
     assert text[-1].startswith("samples: 10,000 images in 69.0 s")
 
 
-def test_ref_limit_uses_the_first_images_of_the_reference(cli_files, clean, inception):
+def test_ref_limit_uses_n_images_of_the_reference_spread_evenly(cli_files, clean, inception):
     f = cli_files
     r = runner.invoke(app, ["eval", str(f["samples"]), "--ref", str(f["ref"]), "--ref-limit", "40", *f["common"]])
     assert r.exit_code == 0, r.output
     out = _json_line(r)
     assert out["ref_n"] == 40 and out["ref_limit"] == 40 and out["n"] == N_REF
-    first = torch.cat(list(ev_sources.files_source(f["ref"]).batches(64)))[:40]  # sorted path order
-    expect = ev_stats.compute_stats(ev_sources.tensor_source(first, "first 40"), inception, batch_size=32)
+    whole = torch.cat(list(ev_sources.files_source(f["ref"]).batches(64)))  # sorted path order
+    spread = whole[ev_sources.evenly_spread(len(whole), 40)]
+    expect = ev_stats.compute_stats(ev_sources.tensor_source(spread, "40 spread"), inception, batch_size=32)
     samples = torch.from_numpy(np.load(f["samples"])["arr_0"]).permute(0, 3, 1, 2)
     got = ev_stats.compute_stats(ev_sources.tensor_source(samples, "samples"), inception, batch_size=32)
     assert out["fid"] == pytest.approx(ev_scores.frechet_distance(got, expect), rel=1e-6)

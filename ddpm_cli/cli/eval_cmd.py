@@ -84,8 +84,8 @@ def eval_command(
                                                   "(default: sampling 1000 on CUDA, Inception 250; 50 on the CPU)."),
     device: str = typer.Option("auto", "--device", help="auto (CUDA when available), cpu, cuda, cuda:N."),
     ref_limit: Optional[int] = typer.Option(None, "--ref-limit", min=2, show_default=False,
-                                            help="Use only the first N images of the reference (a quicker, rougher "
-                                                 "score; cached apart from the whole reference)."),
+                                            help="Use only N images of the reference, picked as -n picks samples "
+                                                 "(a quicker, rougher score; cached apart from the whole reference)."),
     kid_subsets: int = typer.Option(100, "--kid-subsets", min=1, help="KID: number of random subsets."),
     kid_subset_size: int = typer.Option(1000, "--kid-subset-size", min=2,
                                         help="KID: images per subset (lowered to fit smaller sets)."),

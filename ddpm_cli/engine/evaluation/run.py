@@ -13,7 +13,7 @@ from ddpm_cli.engine.draw import DrawOptions, DrawPlan, Drawer, balanced_labels,
 from ddpm_cli.engine.evaluation.inception import Inception, check_inception_path, load_inception
 from ddpm_cli.engine.evaluation.reference import check_compatible, reference_stats
 from ddpm_cli.engine.evaluation.scores import EvalResult, score
-from ddpm_cli.engine.evaluation.sources import (ImageSource, first_n, is_checkpoint, is_stats_file,
+from ddpm_cli.engine.evaluation.sources import (ImageSource, is_checkpoint, is_stats_file,
                                                 open_images_or_stats, samples_source, tensor_source)
 from ddpm_cli.engine.evaluation.stats import EvalCallbacks, FeatureStats, compute_stats, notify, save_stats
 from ddpm_cli.errors import DataError, DdpmError, UsageError
@@ -57,7 +57,7 @@ class EvalRequest:
     draw: DrawOptions = field(default_factory=DrawOptions)  # how a checkpoint is sampled, as `ddpm sample` takes it
     batch_size: int | None = None  # None: Inception 250 on CUDA (sampling: generate.default_batch), 50 on the CPU
     device: str = "auto"
-    ref_limit: int | None = None  # use only the first N images of the reference
+    ref_limit: int | None = None  # use only N images of the reference (as -n picks them)
     kid_subsets: int = 100
     kid_subset_size: int = 1000
     inception_weights: Path | None = None  # None: torch-fidelity downloads its own
@@ -123,12 +123,10 @@ def check_request(req: EvalRequest) -> tuple[DrawPlan | None, ImageSource | Feat
         if req.n is not None and is_stats_file(req.input):
             raise UsageError(f"-n picks images to score, and {req.input} holds statistics, not images: drop -n to "
                              f"score the statistics whole, or pass the images they were made from")
-    ref = open_images_or_stats(req.ref, data_root=req.data_root)
-    if req.ref_limit is not None:
-        if isinstance(ref, FeatureStats):
-            raise UsageError(f"--ref-limit takes the first images of a reference, and {req.ref} holds statistics; "
-                             f"drop --ref-limit or pass the images")
-        ref = first_n(ref, req.ref_limit, option="--ref-limit")
+    ref = open_images_or_stats(req.ref, data_root=req.data_root, n=req.ref_limit, option="--ref-limit")
+    if req.ref_limit is not None and isinstance(ref, FeatureStats):
+        raise UsageError(f"--ref-limit picks images of a reference, and {req.ref} holds statistics; drop --ref-limit "
+                         f"or pass the images")
     return plan, ref
 
 

@@ -81,10 +81,11 @@ def evenly_spread(total: int, n: int) -> list[int]:
     return [i * total // n for i in range(n)]
 
 
-def files_source(path: str | Path, n: int | None = None) -> ImageSource:
+def files_source(path: str | Path, n: int | None = None, option: str = "-n") -> ImageSource:
     """Every image in a folder (recursively, any ImageFolder-like tree) or a .zip, in sorted path order, read by
-    the reader training uses (data.ImageFiles, decode.decode_image) but streamed batch by batch. With `n` (-n), only
-    n of the files, spread evenly over the sorted paths (evenly_spread); more than it holds are refused.
+    the reader training uses (data.ImageFiles, decode.decode_image) but streamed batch by batch. With `n`, only n
+    of the files, spread evenly over the sorted paths (evenly_spread); for -n more than it holds are refused, for
+    --ref-limit (a limit, not a demand) all of them are used.
 
     Images are used at their own size (Inception resizes them as TensorFlow does); ones whose size differs from
     the first image's are center-cropped and resized to it (a warning says how many)."""
@@ -93,7 +94,7 @@ def files_source(path: str | Path, n: int | None = None) -> ImageSource:
         raise DataError(f"{root} is neither a folder nor a .zip of images")
     files = ImageFiles(root)
     name, key = str(root), {"kind": "files", "path": _signature(root), "decoder": fingerprint()}
-    if n is not None and n > len(files):
+    if n is not None and n > len(files) and option == "-n":
         raise DataError(f"-n {n} but {root} holds {len(files)} images; lower -n or leave it out to use all")
     if n is not None and n < len(files):
         name, key["spread"] = f"{root} ({n:,} of {len(files):,} files, spread evenly)", n
@@ -239,12 +240,13 @@ def is_stats_file(path: str | Path) -> bool:
 
 
 def open_images_or_stats(spec: str | Path, *, data_root: str | Path = "data", role: str = "--ref",
-                         n: int | None = None) -> ImageSource | FeatureStats:
+                         n: int | None = None, option: str = "-n") -> ImageSource | FeatureStats:
     """What a --ref (or the samples argument) names: statistics, or a source of images (cheap: nothing decoded
     or run through Inception yet, except an .npz or a dataset, which are read into memory).
 
-    `n` (-n of the samples): only n of the images, a folder's or .zip's files spread evenly over the sorted paths,
-    an .npz's or a dataset's first n. Statistics hold no images to pick: check_request refuses -n with them."""
+    `n` (`option`: -n of the samples, or --ref-limit of a reference): only n of the images, a folder's or .zip's
+    files spread evenly over the sorted paths, an .npz's or a dataset's first n (first_n). Statistics hold no
+    images to pick: check_request refuses either option with them."""
     text = str(spec)
     p = Path(text).expanduser()
     if text in CIFAR10_REFS and not p.exists():
@@ -253,7 +255,7 @@ def open_images_or_stats(spec: str | Path, *, data_root: str | Path = "data", ro
         raise DataError(f"{role} {text} not found; pass a folder or .zip of images, an .npz of images or statistics "
                         f"(--save-stats), {' or '.join(CIFAR10_REFS)}, or a run config YAML")
     elif p.is_dir():
-        return files_source(p, n)
+        return files_source(p, n, option)
     elif p.suffix.lower() in (".yaml", ".yml"):
         src = config_source(p)
     elif p.suffix.lower() == ".npz":
@@ -261,10 +263,10 @@ def open_images_or_stats(spec: str | Path, *, data_root: str | Path = "data", ro
             return load_stats(p)
         src = npz_source(p)
     elif zipfile.is_zipfile(p):
-        return files_source(p, n)
+        return files_source(p, n, option)
     else:
         raise DataError(f"{role} {text}: not a folder, .zip, .npz or .yaml; pass images, statistics or a run config")
-    return first_n(src, n) if n is not None else src
+    return first_n(src, n, option) if n is not None else src
 
 
 def first_n(src: ImageSource, n: int, option: str = "-n") -> ImageSource:

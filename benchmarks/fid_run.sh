@@ -6,7 +6,9 @@
 #   bash benchmarks/fid_run.sh NAME CONFIG "TRAIN --set ARGS" "SAMPLE ARGS" \
 #       "SWEEP: [RUN@]sampler:steps[:guidance[:eta[:ema_decay[:guide_step[:n]]]]] ... [| ANOTHER LANE ...]"
 # guidance: empty takes the checkpoint's default (its stored guide, if any); 1 samples unguided.
-# guide_step: autoguidance by the run's own checkpoint of that step (keep it: logging.checkpoint_every/keep_last).
+# guide_step: autoguidance by the run's own checkpoint of that step (keep it: logging.checkpoint_every/keep_last);
+# a run's name instead (letters first): by that run's last checkpoint, once it has trained (a smaller guide
+# trained by another fid_run.sh on this machine, e.g. `fid_run.sh xs CONFIG "--set model.base_channels=64"`).
 # ema_decay L0.08: the post-hoc EMA of relative length 0.08 (`ddpm ema`; the run trained with train.posthoc_ema).
 # RUN@: sample another run of this host instead (after it has trained), so that several GPUs share one model's
 # sweep; its results go to RUN.jsonl. Empty SAMPLE ARGS: the main score is `ddpm eval RUN -n 10000`, the
@@ -73,17 +75,25 @@ if [ -n "${FLOOR:-}" ]; then
     ddpm eval "$FLOOR" "${ev[@]}" --batch-size 500 | tee "$out-floor.json"
     record "FLOOR ddpm eval $(basename "$FLOOR") (real images against the reference)" "$out.jsonl" "$out-floor.json" $t0
 fi
+trained() {  # wait until run $1 has trained (true), failed or never started within an hour (false)
+    local waited=0
+    while [ ! -f "$HOME/fid/$1.trained" ] && [ ! -f "$HOME/fid/$1.failed" ] && [ $waited -lt 3600 ]; do
+        sleep 5; waited=$((waited + 5))
+    done
+    [ -f "$HOME/fid/$1.trained" ]
+}
 lane() {
 for s in "$@"; do
     run=$NAME; spec=$s
     [[ $s == *@* ]] && { run=${s%%@*}; spec=${s#*@}; }
-    waited=0  # until that run has trained (or failed: then skip; or never started: give up after an hour)
-    while [ ! -f "$HOME/fid/$run.trained" ] && [ ! -f "$HOME/fid/$run.failed" ] && [ $waited -lt 3600 ]; do
-        sleep 5; waited=$((waited + 5))
-    done
-    [ -f "$HOME/fid/$run.trained" ] || { echo "SKIPPED $s: run $run did not train"; continue; }
+    trained "$run" || { echo "SKIPPED $s: run $run did not train"; continue; }
     IFS=: read -r smp st w e d g n <<< "$spec"
     c=$HOME/runs/$run; o=$HOME/fid/$run-$spec-by-$NAME; t0=$SECONDS; src=$c; decay=$d
+    guide=${g:+$c/checkpoints/ckpt-$(printf %08d "${g//[^0-9]/}").safetensors}
+    if [[ $g == [A-Za-z]* ]]; then  # another run's last checkpoint guides: wait for it as for the run itself
+        trained "$g" || { echo "SKIPPED $s: guide run $g did not train"; continue; }
+        guide=$HOME/runs/$g
+    fi
     if [[ $d == L* ]]; then  # a post-hoc EMA length: its checkpoint first, sampled in place of the run
         rm -f "$o.safetensors" "$o.json"; src=$o.safetensors; decay=
         ddpm ema "$c" --length "${d#L}" --out "$o.safetensors" ||
@@ -91,7 +101,7 @@ for s in "$@"; do
     fi
     ddpm sample "$src" -n "${n:-${FID_N:-10000}}" --batch-size 1000 --format npz --out "$o.npz" --sampler "$smp" \
         --steps "$st" ${w:+--guidance "$w"} ${e:+--eta "$e"} ${decay:+--ema-decay "$decay"} \
-        ${g:+--guide-model "$c/checkpoints/ckpt-$(printf %08d "$g").safetensors"} \
+        ${guide:+--guide-model "$guide"} \
         $(echo "$SAMPLE" | grep -o -- '--per-class')
     ddpm eval "$o.npz" "${ev[@]}" --batch-size 500 | tee "$o.json"
     record "SWEEP $smp $st ${w:-default-guidance} ${e:+eta $e} ${d:+ema $d} ${g:+guide $g} n ${n:-${FID_N:-10000}} (on $NAME's GPU)" \

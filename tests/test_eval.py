@@ -380,6 +380,16 @@ def test_sets_of_two_sizes_are_scored_with_a_warning(cli_files, clean):
     assert r.exit_code == 0 and "warning: the samples are" not in r.stderr
 
 
+def test_cli_save_stats_named_as_a_folder_is_refused_before_the_work(cli_files):
+    """--save-stats s/ for a folder not made yet wrote the statistics to a FILE named s (Path("s/") is Path("s"))."""
+    f = cli_files
+    bad = f"{f['root'] / 'new'}/"
+    r = runner.invoke(app, ["eval", "--ref", str(f["ref"]), "--save-stats", bad, *f["common"]])
+    assert r.exit_code == 2 and "Traceback" not in r.output, r.output
+    assert f"--save-stats {bad} names a folder" in r.stderr and f"such as {bad}stats.npz" in r.stderr, r.stderr
+    assert "reference:" not in r.stderr and not (f["root"] / "new").exists()  # refused before any image was read
+
+
 def test_cli_save_stats_then_stats_ref_gives_the_folder_fid(cli_files, noisy_stats, clean_stats):
     f = cli_files
     stats = f["root"] / "ref_stats.npz"

@@ -12,7 +12,7 @@ from rich.markup import escape
 
 from ddpm_cli.cli.launch import is_main_process, relaunch_with_torchrun, under_torchrun
 from ddpm_cli.cli.options import sampling_options
-from ddpm_cli.cli.outputs import refuse_replacing
+from ddpm_cli.cli.outputs import PATH_METAVAR, output_path, refuse_replacing
 from ddpm_cli.cli.sample import refuse_too_many
 from ddpm_cli.cli.ui import PlainProgress, err_console, exit_quickly_when_done, fail, friendly
 
@@ -99,9 +99,9 @@ def eval_command(
                                              help="Folder of cached reference statistics "
                                                   "(default: ~/.cache/ddpm/fid-stats)."),
     cache: bool = typer.Option(True, "--cache/--no-cache", help="Read and write cached reference statistics."),
-    save_stats: Optional[Path] = typer.Option(None, "--save-stats", show_default=False,
-                                              help="Write the reference statistics to this .npz (then use it as "
-                                                   "--ref)."),
+    save_stats: Optional[str] = typer.Option(None, "--save-stats", metavar=PATH_METAVAR, show_default=False,
+                                             help="Write the reference statistics to this .npz (then use it as "
+                                                  "--ref)."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing --save-stats file."),
     gpus: int = typer.Option(0, "--gpus", min=0, help="Spread the sampling of a checkpoint over N GPUs of this "
                              "machine (torchrun); the images, and so the scores, are those of one."),
@@ -114,6 +114,7 @@ def eval_command(
              "statistics", code=2)
 
     refuse_too_many(n)
+    save_stats = output_path("--save-stats", save_stats, "stats.npz")
     refuse_replacing({"--save-stats": save_stats}, [input, inception_weights])  # --ref: check_request
     from ddpm_cli.engine.evaluation.run import EvalRequest, check_request, evaluate
 

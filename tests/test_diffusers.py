@@ -3,6 +3,7 @@ against diffusers itself (a test extra; skipped without it). Tiny widths, the DD
 from __future__ import annotations
 
 import json
+import os
 
 import numpy as np
 import pytest
@@ -284,6 +285,17 @@ def test_an_unsupported_configuration_is_refused_in_one_line(tmp_path, change, m
     line = one_line_error(cli("import", folder, "--out", tmp_path / "x.safetensors"))
     assert message in line, line
     assert not (tmp_path / "x.safetensors").exists() and not list(tmp_path.glob(".x*"))
+
+
+def test_an_out_named_with_a_trailing_separator_is_refused_before_the_import(tmp_path):
+    """-o out/ for a folder not made yet wrote a FILE named out: Typer handed the option over as a Path, and
+    Path("out/") is Path("out")."""
+    _, folder = save_folder(tmp_path, "m", {**DDPM_UNET, **CONFIGS["ddpm-cifar10-32"]})
+    for bad in (f"{tmp_path / 'out'}/", f"{tmp_path / 'out'}/."):
+        line = one_line_error(cli("import", folder, "-o", bad), code=(2,))
+        assert f"--out {bad} names a folder" in line, line
+        assert f"such as {os.path.join(bad, 'model.safetensors')}" in line, line
+        assert not (tmp_path / "out").exists()
 
 
 def test_bad_folders_are_refused_in_one_line_and_nothing_is_written(tmp_path):

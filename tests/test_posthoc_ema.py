@@ -153,6 +153,10 @@ def test_ema_refuses_bad_input_in_one_line(tmp_path):
     assert "[0.001, 0.28]" in one_line_error(cli("ema", run, "--length", "0.5"), code=(2,))
     assert "no post-hoc EMA snapshot at step 7" in one_line_error(cli("ema", run, "-l", "0.1", "--step", "7"))
     assert "exactly one --length" in one_line_error(cli("ema", run, "-l", "0.1", "-l", "0.2", "-o", tmp_path / "x"))
+    # -o avgs/ for a folder not made yet wrote a FILE named avgs (Path("avgs/") is Path("avgs"))
+    msg = one_line_error(cli("ema", run, "-l", "0.1", "-o", f"{tmp_path / 'avgs'}/"), code=(2,))
+    assert "names a folder" in msg and f"such as {tmp_path / 'avgs' / 'ema.safetensors'}" in msg, msg
+    assert not (tmp_path / "avgs").exists()
     ok("ema", run, "-l", "0.1")
     assert "--overwrite" in one_line_error(cli("ema", run, "-l", "0.1"), code=(2,))
     ok("ema", run, "-l", "0.1", "--overwrite")

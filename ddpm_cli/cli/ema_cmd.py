@@ -9,7 +9,7 @@ from typing import Optional
 
 import typer
 
-from ddpm_cli.cli.outputs import refuse_replacing
+from ddpm_cli.cli.outputs import PATH_METAVAR, output_path, refuse_replacing
 from ddpm_cli.cli.ui import console, friendly, warn
 
 # a reconstruction whose profile misses the requested one by more than this, or that amplifies the snapshots'
@@ -40,8 +40,9 @@ def ema_command(
                                                   "0.28]); repeat for several.", show_default=False),
     step: Optional[int] = typer.Option(None, "--step", help="The snapshot step to average up to (default: the "
                                        "last).", show_default=False),
-    out: Optional[Path] = typer.Option(None, "--out", "-o", help="Output checkpoint (one --length only; default: "
-                                       "RUN/ema/ckpt-STEP-lengthL.safetensors).", show_default=False),
+    out: Optional[str] = typer.Option(None, "--out", "-o", metavar=PATH_METAVAR, show_default=False,
+                                      help="Output checkpoint (one --length only; default: "
+                                           "RUN/ema/ckpt-STEP-lengthL.safetensors)."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing output file."),
 ) -> None:
     """Post-hoc EMA: a checkpoint of the weights averaged over any relative length, from the snapshots of a run
@@ -49,6 +50,7 @@ def ema_command(
     from ddpm_cli.config.schema import POSTHOC_EMA_LENGTHS
     from ddpm_cli.errors import UsageError
 
+    out = output_path("--out", out, "ema.safetensors")
     run, step = _run_and_step(run, step)
     lengths = list(dict.fromkeys(lengths or []))  # a length given twice is made once
     low, high = POSTHOC_EMA_LENGTHS

@@ -3,6 +3,8 @@ torch.export programs, the check failing loudly, and bad inputs."""
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -216,6 +218,26 @@ def test_bad_checkpoints(tmp_path, trained_run, kind, expect):
         save_file({"w": np.zeros(4, np.float32)}, str(p))
     assert expect in one_line_error(cli("export", p, "--out", tmp_path / "o.safetensors"))
     assert not (tmp_path / "o.safetensors").exists()
+
+
+def test_a_file_that_is_no_checkpoint_is_refused_before_torch_is_imported(tmp_path):
+    """The header is read first (engine.checkpoint.format, no torch): a wrong file is refused at once, not after
+    the seconds that importing torch takes."""
+    junk = tmp_path / "junk.safetensors"
+    junk.write_bytes(b"\x00" * 3)
+    (tmp_path / "notes.txt").write_text("not weights\n")
+    code = ("import sys\n"
+            "from typer.testing import CliRunner\n"
+            "from ddpm_cli.cli.app import app\n"
+            "for path in sys.argv[1:]:\n"
+            "    r = CliRunner().invoke(app, ['export', path, '--out', path + '.exported'])\n"
+            "    assert r.exit_code == 1 and r.stderr.startswith('error: '), r.output\n"
+            "assert 'torch' not in sys.modules\n"
+            "print('ok')\n")
+    r = subprocess.run([sys.executable, "-c", code, str(junk), str(tmp_path / "notes.txt")],
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0 and r.stdout.startswith("ok"), r.stderr
+    assert not list(tmp_path.glob("*.exported"))
 
 
 @pytest.mark.parametrize("fmt", ["onnx", "pt2"])

@@ -47,13 +47,14 @@ def export_command(
     """Export a checkpoint for inference: slim safetensors, ONNX, torch.export or a diffusers pipeline."""
     from ddpm_cli.cli.inspect_cmd import human_size
     from ddpm_cli.engine.checkpoint import read_header
-    from ddpm_cli.engine.export import export_checkpoint
     from ddpm_cli.engine.runs import resolve_checkpoint
 
     out = output_path("--out", out, None if fmt == ExportFormat.diffusers else f"model.{fmt.value}")
     src = resolve_checkpoint(checkpoint)
-    read_header(src)  # a bad file fails here, before torch is imported
+    read_header(src)  # a bad file fails here, before torch is imported (engine.export imports it)
     refuse_replacing({"--out": out}, [src], run_of(src), files=fmt != ExportFormat.diffusers)
+    from ddpm_cli.engine.export import export_checkpoint
+
     r = export_checkpoint(checkpoint, out, fmt.value, ema=ema, ema_decay=ema_decay, dtype=dtype.value,
                           overwrite=overwrite)
     console.print(f"wrote {r.path} ({human_size(r.file_size)}; {r.weights} weights, {r.dtype})", markup=False,

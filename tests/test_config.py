@@ -266,3 +266,46 @@ def test_a_schedule_that_overflows_is_one_problem_and_no_numpy_warning():
             load_config(None, ["diffusion.num_timesteps=100", "diffusion.schedule_low=1e308",
                                "diffusion.schedule_high=1e308"])
     assert len(e.value.problems) == 1 and "diffusion: linear schedule" in e.value.problems[0]
+
+
+def test_a_number_with_an_exponent_and_no_point_is_a_number(tmp_path):
+    """YAML 1.1 reads 1e5 (no decimal point) as text, so `steps: 1e5` was refused as "a string" though a number was
+    written; it is read as the number, in a file and in a --set, and 1e-4 stays what it was."""
+    (tmp_path / "e.yaml").write_text("train:\n  steps: 1e5\n  lr: 2E-4\n  max_time: 5e+2\n")
+    cfg = load_config(tmp_path / "e.yaml")
+    assert cfg.train.steps == 100_000 and cfg.train.lr == 2e-4 and cfg.train.max_time == 500
+    cfg = load_config(None, ["train.steps=2e3", "train.lr=1e-4"])
+    assert cfg.train.steps == 2000 and cfg.train.lr == 1e-4
+    assert load_config(None, ["logging.run_name=1e5"]).logging.run_name == "1e5"  # text fields: as written
+    with pytest.raises(ConfigError) as e:  # not a whole number: still refused, as a number
+        load_config(None, ["train.steps=1.5e0"])
+    assert "train.steps" in e.value.problems[0] and "string" not in e.value.problems[0]
+
+
+def test_a_section_left_empty_takes_its_defaults(tmp_path):
+    """A section whose fields are all commented out is null to YAML; it was refused as "not a dictionary"."""
+    p = tmp_path / "c.yaml"
+    p.write_text("train:\n  # steps: 3\nmodel:\ndata:\n  dataset: shapes\n")
+    cfg = load_config(p)
+    assert cfg.train == RunConfig().train and cfg.model == RunConfig().model and cfg.data.dataset == "shapes"
+
+
+def test_a_text_field_that_yaml_reads_as_a_date_or_number_says_to_quote_it(tmp_path):
+    """`run_name: 2024-01-05` in a file is a date to YAML; the field said "should be a valid string" of what looks
+    like one. The problem line says to quote it."""
+    p = tmp_path / "c.yaml"
+    p.write_text("logging:\n  run_name: 2024-01-05\ndata:\n  root: 2024\n")
+    with pytest.raises(ConfigError) as e:
+        load_config(p)
+    lines = "\n".join(e.value.problems)
+    assert "logging.run_name" in lines and "data.root" in lines
+    assert all("quote it" in line for line in e.value.problems), lines
+
+
+def test_a_set_of_a_whole_section_changes_only_the_fields_it_names():
+    """`--set 'train={steps: 3}'` replaced the section, so every other train field of the file went back to its
+    default without a word; it merges, as a --set of each field would."""
+    base = load_config(ROOT / "examples" / "cifar10-fast.yaml")
+    cfg = load_config(ROOT / "examples" / "cifar10-fast.yaml", ["train={steps: 8000}"])
+    assert cfg.train.steps == 8000 and cfg.train.batch_size == base.train.batch_size and cfg.train.lr == base.train.lr
+    assert cfg.train.batch_size != RunConfig().train.batch_size or cfg.train.lr != RunConfig().train.lr

@@ -3,8 +3,10 @@ and its source (the file or the --set)."""
 from __future__ import annotations
 
 import copy
+import datetime
 import difflib
 import json
+import re
 from pathlib import Path
 from typing import Any
 
@@ -15,13 +17,22 @@ from ddpm_cli.config.schema import RunConfig
 from ddpm_cli.errors import ConfigError, UsageError
 
 
+class _Loader(yaml.SafeLoader):
+    """safe_load's YAML, but a number with an exponent and no decimal point (1e5, 2E-4) is a number: YAML 1.1 reads
+    it as text, so `steps: 1e5` was refused as a string. (YAML 1.2, and Python, read it as a float.)"""
+
+
+_Loader.add_implicit_resolver("tag:yaml.org,2002:float",
+                              re.compile(r"^[-+]?[0-9][0-9_]*(?:\.[0-9_]*)?[eE][-+]?[0-9]+$"), list("-+0123456789"))
+
+
 def parse_override(text: str) -> tuple[list[str], Any]:
     """'a.b=v' -> (['a', 'b'], v), v parsed as a YAML scalar or list ('64' -> 64, '[1,2]' -> [1, 2])."""
     key, sep, raw = text.partition("=")
     if not sep or not key.strip() or any(not p for p in key.strip().split(".")):
         raise UsageError(f"--set {text!r}: expected KEY=VALUE with a dotted key, e.g. train.batch_size=64")
     try:
-        value = yaml.safe_load(raw) if raw.strip() else ""
+        value = yaml.load(raw, Loader=_Loader) if raw.strip() else ""  # noqa: S506 - a SafeLoader
     except yaml.YAMLError:
         value = raw
     return key.strip().split("."), value
@@ -38,8 +49,21 @@ def apply_overrides(data: dict, overrides: list[str]) -> dict:
             if not isinstance(child, dict):
                 raise UsageError(f"--set {text!r}: {part} is a value, not a section")
             node = child
-        node[path[-1]] = _as_text(path, text.partition("=")[2].strip(), value)
+        value = _as_text(path, text.partition("=")[2].strip(), value)
+        if isinstance(value, dict) and isinstance(node.get(path[-1]), dict):
+            _merge(node[path[-1]], value)  # `train={steps: 3}` sets steps; the section's other fields stay
+        else:
+            node[path[-1]] = value
     return data
+
+
+def _merge(into: dict, new: dict) -> None:
+    """Write `new`'s keys into `into`, section by section (a mapping into a mapping merges)."""
+    for k, v in new.items():
+        if isinstance(v, dict) and isinstance(into.get(k), dict):
+            _merge(into[k], v)
+        else:
+            into[k] = v
 
 
 def _as_text(path: list[str], raw: str, value: Any) -> Any:
@@ -97,6 +121,10 @@ def format_validation_error(err: ValidationError) -> list[str]:
             if not isinstance(got, dict):
                 shown = json.dumps(got, default=str)
                 msg += f" (got {shown if len(shown) <= 60 else shown[:57] + '...'})"
+            if e["type"] == "string_type" and isinstance(got, (bool, int, float, datetime.date)):
+                read = "a date" if isinstance(got, datetime.date) else "true/false" if isinstance(got, bool) else \
+                    "a number"
+                msg += f"; YAML read it as {read}: quote it to keep it as text"
         lines.append(f"{path}: {msg}")
     return lines
 
@@ -121,6 +149,8 @@ def validate_config(data: Any, source: str = "config", overrides: list[str] | No
     if not isinstance(data, dict):
         raise ConfigError(f"{source}: the top level must be a mapping of sections (model, diffusion, data, "
                           f"train, logging), not {type(data).__name__}")
+    # a section left empty (its fields all commented out) is null to YAML: it takes its defaults
+    data = {k: {} if v is None and k in RunConfig.model_fields else v for k, v in data.items()}
     try:
         return RunConfig.model_validate(data)
     except ValidationError as err:
@@ -129,7 +159,7 @@ def validate_config(data: Any, source: str = "config", overrides: list[str] | No
         raise ConfigError(f"{where}: {len(problems)} problem(s)", problems) from None
 
 
-class _UniqueKeyLoader(yaml.SafeLoader):
+class _UniqueKeyLoader(_Loader):
     """YAML as safe_load reads it, except that a key given twice in one mapping is an error: YAML keeps the last,
     so a second `train:` section silently replaced the first one whole."""
 

@@ -739,3 +739,39 @@ def test_a_file_output_named_with_a_trailing_separator_is_refused_before_the_wor
         r = invoke("sample", ckpt_copy, "-n", 1, *fast, *args)
         assert r.exit_code == 0, r.output
     assert (here / "p" / "000000.png").is_file() and (here / "n" / "samples.npz").is_file()
+
+
+def test_wandb_that_cannot_start_is_one_line_and_leaves_no_run(tmp_path, monkeypatch):
+    """`logging.wandb: online` with no wandb login: wandb.init's own error escaped as a traceback."""
+    wandb = pytest.importorskip("wandb")
+
+    def no_login(*args, **kwargs):
+        raise wandb.errors.UsageError("No API key configured. Use `wandb login` to log in.")
+
+    monkeypatch.setattr(wandb, "init", no_login)
+    r = train_with(tmp_path, tiny(tmp_path), "logging.wandb=online")
+    assert_refused(r, "wandb", "No API key", "logging.wandb=off", codes=(1,))
+    assert not (tmp_path / "runs" / "tiny").exists()
+
+
+def test_a_cpu_allocation_that_fails_is_one_line(tmp_path, monkeypatch):
+    """The CPU allocator's error ("can't allocate memory") is not "out of memory", and escaped as a traceback."""
+    from ddpm_cli.engine import train as engine_train
+
+    def too_big(self):
+        raise RuntimeError("[enforce fail at alloc_cpu.cpp:127] data. DefaultCPUAllocator: can't allocate memory: "
+                           "you tried to allocate 360000000000 bytes. Error code 12 (Cannot allocate memory)")
+
+    monkeypatch.setattr(engine_train.Trainer, "run", too_big)
+    r = train_with(tmp_path, tiny(tmp_path))
+    assert_refused(r, "ran out of memory", "batch size", codes=(1,))
+
+
+def test_config_validate_takes_c_as_show_and_train_do(tmp_path):
+    """`ddpm config validate -c FILE` was "No such option: -c", where `show -c` and `train -c` take it."""
+    path = write_yaml(tmp_path / "c.yaml", tiny(tmp_path))
+    for args in (["-c", path], ["--config", path], [path]):
+        r = invoke("config", "validate", *args)
+        assert r.exit_code == 0 and "valid" in r.stdout, (args, r.output)
+    assert_refused(invoke("config", "validate"), "config", codes=(2,))
+    assert_refused(invoke("config", "validate", path, "-c", path), "once", codes=(2,))

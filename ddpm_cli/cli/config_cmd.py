@@ -23,11 +23,20 @@ def show(config: Optional[Path] = typer.Option(None, "--config", "-c", help="YAM
 
 @app.command("validate")
 @friendly
-def validate(config: Path = typer.Argument(..., help="YAML config to check."),
+def validate(path: Optional[Path] = typer.Argument(None, metavar="CONFIG", show_default=False,
+                                                   help="YAML config to check (or -c)."),
+             config: Optional[Path] = typer.Option(None, "--config", "-c", show_default=False,
+                                                   help="YAML config to check, as train and show take it."),
              set_: list[str] = typer.Option([], "--set", help="Override a field (repeatable).")) -> None:
     """Check a config; list every problem with its field path."""
     from ddpm_cli.config import load_config
+    from ddpm_cli.errors import UsageError
 
+    if path is not None and config is not None:
+        raise UsageError("give the config once: as the argument or with -c, not both")
+    config = path or config
+    if config is None:
+        raise UsageError("give a config to check: ddpm config validate FILE (or -c FILE)")
     cfg = load_config(config, set_)
     m = cfg.model
     console.print(f"{config}: valid ({cfg.data.dataset} data, {m.size_text()}, base {m.base_channels} "

@@ -120,9 +120,15 @@ def friendly(fn: Callable) -> Callable:
                 fail(f"{e.strerror or e}: {e.filename or ''}".rstrip(": "))
             raise
         except RuntimeError as e:
-            if "out of memory" in str(e).lower():
+            text = str(e).lower()
+            if "out of memory" in text or "can't allocate memory" in text:  # CUDA's words; the CPU allocator's
                 fail("the device ran out of memory; lower the batch size (train.batch_size or --batch-size), or "
                      "train it in micro-batches (train.grad_accum) with activation checkpointing (model.checkpointing)")
+            raise
+        except Exception as e:
+            if type(e).__module__.split(".")[0] == "wandb":  # logging.wandb: wandb's own errors (no login, no network)
+                first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+                fail(f"wandb: {first}; run `wandb login`, or set logging.wandb=offline (or logging.wandb=off)")
             raise
 
     return wrapper

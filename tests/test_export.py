@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+import zipfile
 
 import numpy as np
 import pytest
@@ -13,6 +14,7 @@ import torch
 from conftest import cli, ok, one_line_error
 from ddpm_cli.engine import export as export_mod
 from ddpm_cli.engine.checkpoint import load_model, read_header
+from ddpm_cli.engine.runs import latest_checkpoint
 from ddpm_cli.engine.runs import latest_checkpoint
 
 FAST = ["--steps", "4"]
@@ -306,3 +308,17 @@ def test_fp16_of_a_barely_trained_checkpoint_says_why_it_fails(tmp_path):
     error = one_line_error(cli("export", run, "--format", "diffusers", "--dtype", "fp16", "-o", tmp_path / "d"))
     assert "barely trained" in error and "report" not in error and not (tmp_path / "d").exists()
     ok("export", run, "--dtype", "bf16", "-o", tmp_path / "b.safetensors")  # bf16 has fp32's range
+
+
+def test_the_out_suffix_chooses_the_format_and_a_contrary_one_is_refused(trained_run, tmp_path):
+    """`export -o m.onnx` without -f wrote safetensors bytes into m.onnx (onnxruntime: "Protobuf parsing
+    failed"). Without -f the suffix chooses; with a -f that the suffix contradicts, one line, exit 2, nothing
+    written and torch not needed."""
+    ckpt = latest_checkpoint(trained_run)
+    for fmt, suffix in (("safetensors", ".onnx"), ("onnx", ".safetensors"), ("pt2", ".onnx"), ("diffusers", ".pt2")):
+        out = tmp_path / f"m{suffix}"
+        r = cli("export", ckpt, "-f", fmt, "-o", out)
+        line = one_line_error(r, code=(2,))
+        assert fmt in line and suffix in line and not out.exists(), line
+    ok("export", ckpt, "-o", tmp_path / "m.pt2")
+    assert zipfile.is_zipfile(tmp_path / "m.pt2")  # a torch.export archive; safetensors would be no zip

@@ -716,3 +716,23 @@ def test_a_slow_rate_reads_as_a_rate():
     from ddpm_cli.cli.ui import fmt_rate
 
     assert [fmt_rate(x) for x in (0.039, 3.96, 1234.4)] == ["0.039", "4.0", "1,234"]
+
+
+def test_an_out_named_npz_is_an_npz_file(trained_run, tmp_path):
+    """`-o samples.npz` without --format npz wrote a folder of PNGs named samples.npz (np.load then failed). The
+    name's suffix chooses npz; a --format png that says otherwise is refused before any sampling."""
+    ok("sample", trained_run, "-n", 2, "--out", tmp_path / "a.npz", *FAST)
+    assert (tmp_path / "a.npz").is_file() and np.load(tmp_path / "a.npz")["arr_0"].shape[0] == 2
+    line = one_line_error(cli("sample", trained_run, "-n", 2, "--format", "png", "--out", tmp_path / "c.npz", *FAST),
+                          code=(2,))
+    assert "--format png" in line and not (tmp_path / "c.npz").exists()
+    ok("sample", trained_run, "-n", 2, "--out", tmp_path / "pngs", *FAST)  # a folder of PNGs, as before
+    assert sorted(p.suffix for p in (tmp_path / "pngs").iterdir()) == [".png", ".png"]
+
+
+def test_a_grid_inside_the_out_folder_is_said_to_be_scored_with_the_images(trained_run, tmp_path):
+    """`-o s --grid s/grid.png`: `ddpm eval s` then scored the grid as one more sample, with no word at sampling."""
+    r = ok("sample", trained_run, "-n", 2, "--out", tmp_path / "s", "--grid", tmp_path / "s" / "grid.png", *FAST)
+    assert "grid" in r.stderr and "ddpm eval" in r.stderr, r.stderr
+    r = ok("sample", trained_run, "-n", 2, "--out", tmp_path / "t", "--grid", tmp_path / "grid.png", *FAST)
+    assert "warning" not in r.stderr, r.stderr

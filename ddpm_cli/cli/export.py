@@ -25,15 +25,30 @@ class Dtype(str, Enum):
     bf16 = "bf16"
 
 
+def _format_of(fmt: ExportFormat | None, out: str | None) -> ExportFormat:
+    """--format, or the one --out's suffix names (.safetensors, .onnx, .pt2); a --format that the suffix contradicts
+    is refused (m.onnx holding safetensors bytes fails in onnxruntime, far from its cause)."""
+    from ddpm_cli.errors import UsageError
+
+    suffix = Path(out).suffix.lower() if out else ""
+    named = next((f for f in ExportFormat if f != ExportFormat.diffusers and suffix == f".{f.value}"), None)
+    if fmt is not None and named is not None and fmt != named:
+        raise UsageError(f"--out {out} is named as a {named.value} file, and --format {fmt.value} writes "
+                         f"{'a folder' if fmt == ExportFormat.diffusers else f'a .{fmt.value} file'}; drop --format "
+                         f"to write {named.value}, or name the output for {fmt.value}")
+    return fmt or named or ExportFormat.safetensors
+
+
 @friendly
 def export_command(
     checkpoint: Path = typer.Argument(..., help="A .safetensors checkpoint, or a run directory (its latest).",
                                       show_default=False),
-    fmt: ExportFormat = typer.Option(ExportFormat.safetensors, "--format", "-f",
-                                     help="safetensors: inference-only weights, loadable by `ddpm sample`; onnx: "
-                                          "the denoiser (x_t, t, y) -> eps, dynamic batch; pt2: a torch.export "
-                                          "program; diffusers: a DDPMPipeline folder (unet/, scheduler/) for "
-                                          "diffusers' from_pretrained."),
+    fmt: Optional[ExportFormat] = typer.Option(None, "--format", "-f", show_default=False,
+                                               help="safetensors: inference-only weights, loadable by `ddpm "
+                                                    "sample`; onnx: the denoiser (x_t, t, y) -> eps, dynamic batch; "
+                                                    "pt2: a torch.export program; diffusers: a DDPMPipeline folder "
+                                                    "(unet/, scheduler/) for diffusers' from_pretrained. Default: "
+                                                    "--out's suffix (.onnx, .pt2), else safetensors."),
     out: Optional[str] = typer.Option(None, "--out", "-o", metavar=PATH_METAVAR, show_default=False,
                                       help="Output file, or folder for diffusers (default: beside the checkpoint)."),
     ema: Optional[bool] = typer.Option(None, "--ema/--no-ema", help="Export the EMA weights (default: when "
@@ -49,6 +64,7 @@ def export_command(
     from ddpm_cli.engine.checkpoint import read_header
     from ddpm_cli.engine.runs import resolve_checkpoint
 
+    fmt = _format_of(fmt, out)
     out = output_path("--out", out, None if fmt == ExportFormat.diffusers else f"model.{fmt.value}")
     src = resolve_checkpoint(checkpoint)
     read_header(src)  # a bad file fails here, before torch is imported (engine.export imports it)

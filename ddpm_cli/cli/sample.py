@@ -129,10 +129,12 @@ def sample_command(
                                              "(fewer for larger ones), 256 on the CPU.", show_default=False),
     device: str = typer.Option("auto", "--device", help="auto, cpu, cuda or cuda:N."),
     out: Optional[str] = typer.Option(None, "--out", "-o", metavar=PATH_METAVAR, show_default=False,
-                                      help="Folder for the images (created if missing); an NPZ path with --format "
-                                           "npz. Default: samples/ unless only --grid is asked."),
-    fmt: Format = typer.Option(Format.png, "--format", help="png: one file per image; npz: one uint8 (N, H, W, C) "
-                                                            "array `arr_0` and `labels`, as FID tools read it."),
+                                      help="Folder for the images (created if missing), or an .npz file. Default: "
+                                           "samples/ unless only --grid is asked."),
+    fmt: Optional[Format] = typer.Option(None, "--format", show_default=False,
+                                         help="png: one file per image; npz: one uint8 (N, H, W, C) array `arr_0` "
+                                              "and `labels`, as FID tools read it. Default: npz for an --out "
+                                              "named .npz, else png."),
     grid: Optional[str] = typer.Option(None, "--grid", metavar=PATH_METAVAR, show_default=False,
                                        help="Also write one PNG grid of the images (at most 1,024)."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace existing output files."),
@@ -146,8 +148,12 @@ def sample_command(
 
     refuse_too_many(n)
     grid = output_path("--grid", grid, "grid.png")
-    npz_file = fmt == Format.npz and out is not None and Path(out).suffix == ".npz"  # else a folder's samples.npz
-    out = output_path("--out", out, "samples.npz" if npz_file else None)
+    npz_named = out is not None and Path(out).suffix == ".npz"  # the plan's rule: x.npz is the file, else a folder
+    if fmt == Format.png and npz_named:
+        raise UsageError(f"--out {out} names an .npz file, and --format png writes a folder of PNG files; drop "
+                         f"--format png to write the npz, or name a folder")
+    fmt = fmt or (Format.npz if npz_named else Format.png)
+    out = output_path("--out", out, "samples.npz" if npz_named else None)  # npz to a folder: its samples.npz
     if out is None and grid is None:
         out = Path("samples.npz") if fmt == Format.npz else Path("samples")
     req = SampleRequest(checkpoint=checkpoint, n=n, draw=draw, per_class=per_class, class_index=class_index,
@@ -163,6 +169,9 @@ def sample_command(
     if stale:
         warn(f"{out} holds {stale:,} other image{'s' if stale != 1 else ''} named as `ddpm sample` names them, from "
              f"an earlier call: `ddpm eval {out}` would score them with these; use an empty folder to keep them apart")
+    if main and plan.files and grid is not None and out.resolve() in grid.resolve().parents:
+        warn(f"--grid {grid} is inside --out {out}: `ddpm eval {out}` would score the grid as one more image; write "
+             f"it outside the folder")
     m = plan.config.model
     what = ("per class" if per_class else f"class {class_index}" if class_index is not None
             else "classes in turn" if m.conditional else "unconditional")

@@ -736,3 +736,26 @@ def test_a_grid_inside_the_out_folder_is_said_to_be_scored_with_the_images(train
     assert "grid" in r.stderr and "ddpm eval" in r.stderr, r.stderr
     r = ok("sample", trained_run, "-n", 2, "--out", tmp_path / "t", "--grid", tmp_path / "grid.png", *FAST)
     assert "warning" not in r.stderr, r.stderr
+
+
+def test_class_takes_a_name_that_inspect_lists(trained_conditional_run, tmp_path):
+    """`--class circle` was "Input should be a valid integer", though `ddpm inspect` lists the classes by name."""
+    from ddpm_cli.engine.checkpoint import class_names, read_header
+
+    names = class_names(read_header(latest_checkpoint(trained_conditional_run)).metadata)
+    assert len(names) == 10
+    ok("sample", trained_conditional_run, "-n", 2, "--class", names[3], "--out", tmp_path / "by_name.npz", *FAST)
+    ok("sample", trained_conditional_run, "-n", 2, "--class", 3, "--out", tmp_path / "by_index.npz", *FAST)
+    a, b = npz(tmp_path / "by_name.npz"), npz(tmp_path / "by_index.npz")
+    assert a["labels"].tolist() == [3, 3] and np.array_equal(a["arr_0"], b["arr_0"])
+    msg = one_line_error(cli("sample", trained_conditional_run, "-n", 2, "--class", "unicorn", "--out", tmp_path),
+                         code=(2,))
+    assert "unicorn" in msg and names[0] in msg
+
+
+def test_guidance_0_on_a_conditional_model_says_the_images_are_unconditional(trained_conditional_run, tmp_path):
+    """`-w 0 --class 3` drew unconditional images and named them class3_*, with no word."""
+    r = ok("sample", trained_conditional_run, "-n", 2, "-w", 0, "--class", 3, "--out", tmp_path / "a", *FAST)
+    assert "unconditional" in r.stderr and "--guidance 0" in r.stderr, r.stderr
+    r = ok("sample", trained_conditional_run, "-n", 2, "-w", 2, "--class", 3, "--out", tmp_path / "b", *FAST)
+    assert "unconditional" not in r.stderr, r.stderr

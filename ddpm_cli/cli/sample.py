@@ -75,6 +75,26 @@ def _earlier_images(folder: Path, files: list[Path]) -> int:
     return sum(1 for p in folder.iterdir() if ours.fullmatch(p.name) and p.name not in these)
 
 
+def _class_index(text: str | None, checkpoint: Path) -> int | None:
+    """--class K: an index, or one of the class names the checkpoint lists (read from its header: no torch)."""
+    if text is None:
+        return None
+    try:
+        return int(text)
+    except ValueError:
+        pass
+    from ddpm_cli.engine.checkpoint import class_names, read_header
+    from ddpm_cli.engine.runs import resolve_checkpoint
+
+    names = class_names(read_header(resolve_checkpoint(checkpoint)).metadata)
+    if text in names:
+        return names.index(text)
+    if not names:
+        raise UsageError(f"--class {text}: this checkpoint lists no class names; give a class index")
+    listed = ", ".join(f"{i} {name}" for i, name in enumerate(names[:12])) + (", ..." if len(names) > 12 else "")
+    raise UsageError(f"--class {text} is not one of this checkpoint's classes ({listed}); give a name or an index")
+
+
 def refuse_too_many(n: int | None) -> None:
     if n is not None and n > MAX_IMAGES:
         raise UsageError(f"-n {n:,} is more than the {MAX_IMAGES:,} images one call draws; ask for fewer (FID takes "
@@ -122,8 +142,9 @@ def sample_command(
     per_class: bool = typer.Option(False, "--per-class", help="The same number of images for every class "
                                    "(conditional models; -n must be a multiple of the classes); the grid gets a "
                                    "row per class."),
-    class_index: Optional[int] = typer.Option(None, "--class", help="Draw every image of class K (conditional "
-                                                                      "models).", show_default=False),
+    class_index: Optional[str] = typer.Option(None, "--class", metavar="K", show_default=False,
+                                              help="Draw every image of class K: its index, or its name as `ddpm "
+                                                   "inspect` lists it (conditional models)."),
     batch_size: Optional[int] = typer.Option(None, "--batch-size", "-b", help="Images per network batch, at most "
                                              "(batches are evened out). Default: 1000 on a GPU for 32x32 images "
                                              "(fewer for larger ones), 256 on the CPU.", show_default=False),
@@ -147,6 +168,7 @@ def sample_command(
     from ddpm_cli.engine.sampling import SampleRequest, plan_sampling, run_sampling
 
     refuse_too_many(n)
+    class_index = _class_index(class_index, checkpoint)
     grid = output_path("--grid", grid, "grid.png")
     npz_named = out is not None and Path(out).suffix == ".npz"  # the plan's rule: x.npz is the file, else a folder
     if fmt == Format.png and npz_named:
@@ -169,6 +191,10 @@ def sample_command(
     if stale:
         warn(f"{out} holds {stale:,} other image{'s' if stale != 1 else ''} named as `ddpm sample` names them, from "
              f"an earlier call: `ddpm eval {out}` would score them with these; use an empty folder to keep them apart")
+    guidance = plan.draw.guidance
+    if main and plan.config.model.conditional and guidance.guide is None and guidance.weight == 0:
+        warn("--guidance 0 draws from the unconditional model (classifier-free guidance at 0 drops the label): the "
+             "images are not of the classes their names and labels give; use 1 for the conditional model alone")
     if main and plan.files and grid is not None and out.resolve() in grid.resolve().parents:
         warn(f"--grid {grid} is inside --out {out}: `ddpm eval {out}` would score the grid as one more image; write "
              f"it outside the folder")

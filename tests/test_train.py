@@ -413,6 +413,14 @@ def test_a_resume_keeps_what_the_user_keeps(tmp_path):
     error = one_line_error(cli("train", "--resume", run, "--set", "diffusion.schedule=cosine"))
     assert "diffusion.schedule=linear -> cosine" in error
     assert (run / "config.yaml").read_text().endswith("# mine\n") and not (run / "config.edited-2.yaml").exists()
+    # a resume that fails after keeping the edit aside (its data is missing) leaves config.yaml in place, and a
+    # second try keeps no second copy of the same edit
+    for _ in range(2):
+        r = cli("train", "--resume", run, "--set", "data.dataset=folder", "--set", f"data.root={tmp_path / 'nosuch'}")
+        assert r.exit_code == 1 and "error: data.root" in r.stderr, r.output
+        assert (run / "config.yaml").is_file() and (run / "config.yaml").read_text().endswith("# mine\n")
+    assert (run / "config.edited-2.yaml").read_text().endswith("# mine\n")
+    assert not (run / "config.edited-3.yaml").exists()
 
 
 def test_a_resume_below_or_at_the_runs_step_says_so_before_it_writes(tmp_path):

@@ -177,6 +177,7 @@ def _keep_an_edited_config(run_dir: Path, stored) -> None:
     import yaml
 
     from ddpm_cli.config import config_to_dict
+    from ddpm_cli.engine.files import atomic_write_bytes
     from ddpm_cli.engine.runs import config_edited
 
     if not config_edited(run_dir):  # as the run wrote it, or not known (a run of an older ddpm)
@@ -189,10 +190,14 @@ def _keep_an_edited_config(run_dir: Path, stored) -> None:
         return out
 
     path = run_dir / "config.yaml"
-    kept = next(p for p in (run_dir / f"config.edited{f'-{n}' if n else ''}.yaml" for n in range(10**6))
-                if not p.exists())
+    # Copied, not moved: a resume that then fails (its data missing, say) leaves the run its config.yaml; the
+    # copy of an edit already kept by an earlier try is that copy, not another.
     try:
-        path.replace(kept)
+        text = path.read_bytes()
+        names = (run_dir / f"config.edited{f'-{n}' if n else ''}.yaml" for n in range(10**6))
+        kept = next(p for p in names if not p.exists() or p.read_bytes() == text)
+        if not kept.exists():
+            atomic_write_bytes(kept, text)
     except OSError as e:  # the run would write over it: stop before anything is lost
         fail(f"{path} was edited since the run wrote it, and it cannot be kept aside ({e.strerror or e}); copy it "
              f"elsewhere and resume again")

@@ -215,6 +215,17 @@ def test_gpus_flag_launches_torchrun(tmp_path):
     assert "warning: no CUDA GPU here: --gpus 2 runs 2 processes on the CPU" in r.stderr
 
 
+def test_bad_input_under_gpus_is_one_line_not_one_per_rank(tmp_path):
+    """A data error under `--gpus 2` came once per rank, with torchrun's own log lines (W... Sending process ...
+    SIGTERM, E... failed (exitcode: 1)) around them."""
+    cfg = write_yaml(tmp_path / "tiny.yaml", tiny_overrides(tmp_path / "runs", train__steps=4))
+    r = run_cli("train", "--config", str(cfg), "--gpus", "2", "--set", "data.dataset=folder", "--set",
+                f"data.root={tmp_path / 'nosuch'}", env={"OMP_NUM_THREADS": "1"})
+    assert r.returncode == 1, r.stderr[-3000:]
+    lines = [x for x in r.stderr.splitlines() if x.strip() and not x.startswith("warning: no CUDA GPU here")]
+    assert len(lines) == 1 and lines[0].startswith("error: data.root"), r.stderr[-3000:]
+
+
 RECORD_TORCHRUN = r"""
 import json, sys
 import torch.distributed.run as run
@@ -289,3 +300,18 @@ def test_gpus_beyond_the_machine_are_refused_and_cpu_processes_are_said(tmp_path
     cfg = write_yaml(tmp_path / "tiny.yaml", tiny_overrides(tmp_path / "runs"))
     msg = one_line_error(cli("train", "--config", cfg, "--gpus", str((os.cpu_count() or 1) + 1)), code=(2,))
     assert "without a CUDA GPU" in msg and not (tmp_path / "runs").exists()
+
+
+def test_a_rank_says_an_error_rank_0_did_not(tmp_path, monkeypatch):
+    """Under --gpus only rank 0 says an error every rank met; a rank whose error differs from rank 0's says its
+    own, so a failure of one rank is never silent."""
+    from ddpm_cli.cli import ui
+
+    monkeypatch.setenv(ui.LAUNCH_DIR, str(tmp_path))
+    monkeypatch.setenv("RANK", "0")
+    assert not ui._said_by_rank_0("data.root x does not exist")  # rank 0 always says its own
+    monkeypatch.setenv("RANK", "1")
+    assert ui._said_by_rank_0("data.root x does not exist")
+    assert not ui._said_by_rank_0("a decoding worker process died")
+    monkeypatch.delenv(ui.LAUNCH_DIR)
+    assert not ui._said_by_rank_0("data.root x does not exist")  # not launched by --gpus: say it

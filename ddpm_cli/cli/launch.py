@@ -2,7 +2,9 @@
 from __future__ import annotations
 
 import os
+import shutil
 import sys
+import tempfile
 
 
 def under_torchrun() -> bool:
@@ -19,7 +21,7 @@ def relaunch_with_torchrun(gpus: int) -> None:
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.run import main as torchrun_main
 
-    from ddpm_cli.cli.ui import fail, warn
+    from ddpm_cli.cli.ui import LAUNCH_DIR, fail, warn
 
     have = torch.cuda.device_count() if torch.cuda.is_available() else 0
     if have and gpus > have:
@@ -40,6 +42,8 @@ def relaunch_with_torchrun(gpus: int) -> None:
     # for them to finish a cold compiled first step, minutes for a large network (BENCHMARKS.md, first step), and
     # write their checkpoint.
     os.environ.setdefault("TORCH_ELASTIC_SHUTDOWN_TIMEOUT", "600")
+    _quiet_torchrun_logs()
+    os.environ[LAUNCH_DIR] = tempfile.mkdtemp(prefix="ddpm-launch-")  # where rank 0 leaves its error (cli/ui.py)
     try:
         torchrun_main(["--standalone", f"--nproc_per_node={gpus}", "-m", "ddpm_cli", *argv])
     except ChildFailedError as e:  # the ranks have said why on stderr; no launcher traceback on top
@@ -47,3 +51,17 @@ def relaunch_with_torchrun(gpus: int) -> None:
         raise SystemExit(next((c for c in codes if c > 0), 1)) from None
     except SignalException as e:  # torchrun passed the signal on to the ranks, which checkpointed and said so
         raise SystemExit(128 + int(e.sigval)) from None
+    finally:
+        shutil.rmtree(os.environ.pop(LAUNCH_DIR), ignore_errors=True)
+
+
+def _quiet_torchrun_logs() -> None:
+    """torchrun logs its own lines around the ranks' (a warning on OMP_NUM_THREADS at each launch; on a failure
+    "Sending process ... SIGTERM" and "failed (exitcode: 1)" after the rank's own error line): its loggers, each
+    given its level when created, keep only what is critical. A failure still ends the launcher with the rank's
+    exit code (ChildFailedError, above), and what went wrong is the ranks' to say."""
+    import logging
+
+    for name in list(logging.root.manager.loggerDict):
+        if name.startswith(("torch.distributed.elastic", "torch.distributed.run", "torch.distributed.launcher")):
+            logging.getLogger(name).setLevel(logging.CRITICAL)

@@ -97,6 +97,35 @@ def end_process(code: object) -> None:
     os._exit(code or 0)
 
 
+LAUNCH_DIR = "DDPM_LAUNCH_DIR"  # set by `--gpus N`'s launcher (cli/launch.py): a folder its ranks share
+
+
+def _said_by_rank_0(message: str) -> bool:
+    """Under `--gpus N` every rank meets the same bad input (a missing data.root, say), and N copies of its line
+    would follow: rank 0 says it (and leaves it in the launcher's folder), a rank that met the same error says
+    nothing, and one that met an error of its own (waiting up to 2 s for rank 0's) says that."""
+    folder, rank = os.environ.get(LAUNCH_DIR), int(os.environ.get("RANK", "0"))
+    if not folder:
+        return False
+    said = os.path.join(folder, "rank0-error")
+    if rank == 0:
+        try:
+            with open(f"{said}.tmp", "w") as f:
+                f.write(message)
+            os.replace(f"{said}.tmp", said)  # whole or absent to a rank that reads it
+        except OSError:
+            pass
+        return False
+    deadline = time.monotonic() + 2.0
+    while time.monotonic() < deadline:
+        try:
+            with open(said) as f:
+                return f.read() == message
+        except OSError:
+            time.sleep(0.05)
+    return False
+
+
 def friendly(fn: Callable) -> Callable:
     """Run a command body; turn the project's errors into one clear line and an exit code, never a traceback."""
 
@@ -107,10 +136,10 @@ def friendly(fn: Callable) -> Callable:
         try:
             with _warnings_as_lines():
                 return fn(*args, **kwargs)
-        except ConfigError as e:
-            fail(str(e), e.problems, e.exit_code)
-        except DdpmError as e:
-            fail(str(e), code=e.exit_code)
+        except DdpmError as e:  # (a ConfigError too)
+            if _said_by_rank_0(str(e)):
+                raise SystemExit(e.exit_code) from None
+            fail(str(e), e.problems if isinstance(e, ConfigError) else None, e.exit_code)
         except KeyboardInterrupt:
             fail("interrupted", code=130)
         except MemoryError:

@@ -775,3 +775,13 @@ def test_config_validate_takes_c_as_show_and_train_do(tmp_path):
         assert r.exit_code == 0 and "valid" in r.stdout, (args, r.output)
     assert_refused(invoke("config", "validate"), "config", codes=(2,))
     assert_refused(invoke("config", "validate", path, "-c", path), "once", codes=(2,))
+
+
+def test_a_symlink_loop_as_the_checkpoint_is_one_line(tmp_path):
+    """Path.resolve() raised RuntimeError("Symlink loop from ...") through sample, export and ema: a traceback."""
+    (tmp_path / "loopA").symlink_to(tmp_path / "loopB")
+    (tmp_path / "loopB").symlink_to(tmp_path / "loopA")
+    for args in (["sample", tmp_path / "loopA", "-n", "1"], ["export", tmp_path / "loopA"]):
+        r = invoke(*args)
+        assert_refused(r, "loopA", codes=(1,))
+        assert "symlink loop" in r.stderr.lower() or "symbolic links" in r.stderr.lower(), r.stderr  # 3.13: OSError

@@ -153,6 +153,8 @@ def friendly(fn: Callable) -> Callable:
             if "out of memory" in text or "can't allocate memory" in text:  # CUDA's words; the CPU allocator's
                 fail("the device ran out of memory; lower the batch size (train.batch_size or --batch-size), or "
                      "train it in micro-batches (train.grad_accum) with activation checkpointing (model.checkpointing)")
+            if text.startswith("symlink loop"):  # Path.resolve() of links that point at each other (Python < 3.13)
+                fail(f"{e}: the links point at each other; give the file itself")
             raise
         except Exception as e:
             if type(e).__module__.split(".")[0] == "wandb":  # logging.wandb: wandb's own errors (no login, no network)

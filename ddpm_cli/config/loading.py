@@ -17,13 +17,9 @@ from ddpm_cli.config.schema import RunConfig
 from ddpm_cli.errors import ConfigError, UsageError
 
 
-class _Loader(yaml.SafeLoader):
-    """safe_load's YAML, but a number with an exponent and no decimal point (1e5, 2E-4) is a number: YAML 1.1 reads
-    it as text, so `steps: 1e5` was refused as a string. (YAML 1.2, and Python, read it as a float.)"""
-
-
-_Loader.add_implicit_resolver("tag:yaml.org,2002:float",
-                              re.compile(r"^[-+]?[0-9][0-9_]*(?:\.[0-9_]*)?[eE][-+]?[0-9]+$"), list("-+0123456789"))
+# A number with an exponent and no decimal point (1e5): YAML 1.1, which PyYAML reads and writes, takes it as text.
+# A float field parses that text; an integer field refuses it, and the problem line then says what to write.
+_EXPONENT = re.compile(r"[-+]?[0-9][0-9_]*(?:\.[0-9_]*)?[eE][-+]?[0-9]+")
 
 
 def parse_override(text: str) -> tuple[list[str], Any]:
@@ -32,7 +28,7 @@ def parse_override(text: str) -> tuple[list[str], Any]:
     if not sep or not key.strip() or any(not p for p in key.strip().split(".")):
         raise UsageError(f"--set {text!r}: expected KEY=VALUE with a dotted key, e.g. train.batch_size=64")
     try:
-        value = yaml.load(raw, Loader=_Loader) if raw.strip() else ""  # noqa: S506 - a SafeLoader
+        value = yaml.safe_load(raw) if raw.strip() else ""
     except yaml.YAMLError:
         value = raw
     return key.strip().split("."), value
@@ -121,6 +117,9 @@ def format_validation_error(err: ValidationError) -> list[str]:
             if not isinstance(got, dict):
                 shown = json.dumps(got, default=str)
                 msg += f" (got {shown if len(shown) <= 60 else shown[:57] + '...'})"
+            if e["type"] == "int_parsing" and isinstance(got, str) and _EXPONENT.fullmatch(got.strip()) and \
+                    float(got).is_integer():
+                msg += f"; write it as {int(float(got))} (YAML reads {got.strip()} as text)"
             if e["type"] == "string_type" and isinstance(got, (bool, int, float, datetime.date)):
                 read = "a date" if isinstance(got, datetime.date) else "true/false" if isinstance(got, bool) else \
                     "a number"
@@ -149,8 +148,6 @@ def validate_config(data: Any, source: str = "config", overrides: list[str] | No
     if not isinstance(data, dict):
         raise ConfigError(f"{source}: the top level must be a mapping of sections (model, diffusion, data, "
                           f"train, logging), not {type(data).__name__}")
-    # a section left empty (its fields all commented out) is null to YAML: it takes its defaults
-    data = {k: {} if v is None and k in RunConfig.model_fields else v for k, v in data.items()}
     try:
         return RunConfig.model_validate(data)
     except ValidationError as err:
@@ -159,7 +156,7 @@ def validate_config(data: Any, source: str = "config", overrides: list[str] | No
         raise ConfigError(f"{where}: {len(problems)} problem(s)", problems) from None
 
 
-class _UniqueKeyLoader(_Loader):
+class _UniqueKeyLoader(yaml.SafeLoader):
     """YAML as safe_load reads it, except that a key given twice in one mapping is an error: YAML keeps the last,
     so a second `train:` section silently replaced the first one whole."""
 
@@ -207,6 +204,8 @@ def load_config(path: str | Path | None, overrides: list[str] | None = None) -> 
     if not isinstance(data, dict):
         raise ConfigError(f"{source}: the top level must be a mapping of sections (model, diffusion, data, "
                           f"train, logging), not {type(data).__name__}")
+    # a section of the file left empty (its fields all commented out) is null to YAML: it takes its defaults
+    data = {k: {} if v is None and k in RunConfig.model_fields else v for k, v in data.items()}
     base = copy.deepcopy(data) if overrides else None
     data = apply_overrides(data, overrides or [])
     try:

@@ -310,8 +310,31 @@ def test_a_rank_says_an_error_rank_0_did_not(tmp_path, monkeypatch):
     monkeypatch.setenv(ui.LAUNCH_DIR, str(tmp_path))
     monkeypatch.setenv("RANK", "0")
     assert not ui._said_by_rank_0("data.root x does not exist")  # rank 0 always says its own
+    ui._leave_for_the_ranks("data.root x does not exist")
     monkeypatch.setenv("RANK", "1")
     assert ui._said_by_rank_0("data.root x does not exist")
     assert not ui._said_by_rank_0("a decoding worker process died")
     monkeypatch.delenv(ui.LAUNCH_DIR)
     assert not ui._said_by_rank_0("data.root x does not exist")  # not launched by --gpus: say it
+
+
+def test_a_rank_killed_by_a_signal_is_said(tmp_path, monkeypatch, capsys):
+    """torchrun's "failed (exitcode: -9)" line is kept quiet, and the launcher kept only positive exit codes: a rank
+    killed by the kernel (out of host memory) ended the command with 1 and no word."""
+    import torch.distributed.run as torchrun
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError, ProcessFailure
+
+    from ddpm_cli.cli import launch
+
+    def killed(args):
+        raise ChildFailedError("ddpm_cli", {1: ProcessFailure(local_rank=1, pid=1, exitcode=-9, error_file="")})
+
+    monkeypatch.setattr(torchrun, "main", killed)
+    monkeypatch.setattr(launch.sys, "argv", ["ddpm", "train", "--gpus", "2"])
+    import typer
+
+    with pytest.raises(typer.Exit) as e:  # (what ui.fail raises; the entry point exits with its code)
+        launch.relaunch_with_torchrun(2)
+    assert e.value.exit_code == 128 + 9
+    err = capsys.readouterr().err
+    assert "rank 1" in err and "SIGKILL" in err, err

@@ -46,13 +46,27 @@ def relaunch_with_torchrun(gpus: int) -> None:
     os.environ[LAUNCH_DIR] = tempfile.mkdtemp(prefix="ddpm-launch-")  # where rank 0 leaves its error (cli/ui.py)
     try:
         torchrun_main(["--standalone", f"--nproc_per_node={gpus}", "-m", "ddpm_cli", *argv])
-    except ChildFailedError as e:  # the ranks have said why on stderr; no launcher traceback on top
+    except ChildFailedError as e:  # a rank that failed has said why on stderr; no launcher traceback on top
         codes = [f.exitcode for f in e.failures.values()]
-        raise SystemExit(next((c for c in codes if c > 0), 1)) from None
+        if any(c > 0 for c in codes):  # (torchrun then ended the others with a signal)
+            raise SystemExit(next(c for c in codes if c > 0)) from None
+        # every failed rank was killed by a signal, and said nothing (the kernel's out-of-memory killer, a crash)
+        rank, signum = min((rank, -f.exitcode) for rank, f in e.failures.items())
+        fail(f"rank {rank} was killed by {_signal_name(signum)} (out of host memory, or a crash); run again with "
+             f"fewer --gpus or a smaller batch, or without --gpus to see its error", code=128 + signum)
     except SignalException as e:  # torchrun passed the signal on to the ranks, which checkpointed and said so
         raise SystemExit(128 + int(e.sigval)) from None
     finally:
         shutil.rmtree(os.environ.pop(LAUNCH_DIR), ignore_errors=True)
+
+
+def _signal_name(signum: int) -> str:
+    import signal
+
+    try:
+        return signal.Signals(signum).name
+    except ValueError:
+        return f"signal {signum}"
 
 
 def _quiet_torchrun_logs() -> None:

@@ -100,22 +100,29 @@ def end_process(code: object) -> None:
 LAUNCH_DIR = "DDPM_LAUNCH_DIR"  # set by `--gpus N`'s launcher (cli/launch.py): a folder its ranks share
 
 
+def _leave_for_the_ranks(message: str) -> None:
+    """Rank 0's error, left in the launcher's folder for the other ranks (_said_by_rank_0); nothing on other ranks
+    or without --gpus."""
+    folder = os.environ.get(LAUNCH_DIR)
+    if not folder or int(os.environ.get("RANK", "0")) != 0:
+        return
+    said = os.path.join(folder, "rank0-error")
+    try:
+        with open(f"{said}.tmp", "w") as f:
+            f.write(message)
+        os.replace(f"{said}.tmp", said)  # whole or absent to a rank that reads it
+    except OSError:
+        pass
+
+
 def _said_by_rank_0(message: str) -> bool:
     """Under `--gpus N` every rank meets the same bad input (a missing data.root, say), and N copies of its line
-    would follow: rank 0 says it (and leaves it in the launcher's folder), a rank that met the same error says
-    nothing, and one that met an error of its own (waiting up to 2 s for rank 0's) says that."""
-    folder, rank = os.environ.get(LAUNCH_DIR), int(os.environ.get("RANK", "0"))
-    if not folder:
+    would follow: rank 0 says it, a rank past 0 that met the same error says nothing, and one that met an error of
+    its own (waiting up to 2 s for rank 0's) says that. Not under --gpus: False."""
+    folder = os.environ.get(LAUNCH_DIR)
+    if not folder or int(os.environ.get("RANK", "0")) == 0:
         return False
     said = os.path.join(folder, "rank0-error")
-    if rank == 0:
-        try:
-            with open(f"{said}.tmp", "w") as f:
-                f.write(message)
-            os.replace(f"{said}.tmp", said)  # whole or absent to a rank that reads it
-        except OSError:
-            pass
-        return False
     deadline = time.monotonic() + 2.0
     while time.monotonic() < deadline:
         try:
@@ -139,7 +146,10 @@ def friendly(fn: Callable) -> Callable:
         except DdpmError as e:  # (a ConfigError too)
             if _said_by_rank_0(str(e)):
                 raise SystemExit(e.exit_code) from None
-            fail(str(e), e.problems if isinstance(e, ConfigError) else None, e.exit_code)
+            try:
+                fail(str(e), e.problems if isinstance(e, ConfigError) else None, e.exit_code)
+            finally:  # once said: a rank that reads it ends, and torchrun may then end this one
+                _leave_for_the_ranks(str(e))
         except KeyboardInterrupt:
             fail("interrupted", code=130)
         except MemoryError:

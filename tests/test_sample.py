@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import concurrent.futures
+import json
 import re
 import shutil
 
@@ -759,3 +760,21 @@ def test_guidance_0_on_a_conditional_model_says_the_images_are_unconditional(tra
     assert "unconditional" in r.stderr and "--guidance 0" in r.stderr, r.stderr
     r = ok("sample", trained_conditional_run, "-n", 2, "-w", 2, "--class", 3, "--out", tmp_path / "b", *FAST)
     assert "unconditional" not in r.stderr, r.stderr
+
+
+def test_a_class_that_is_a_number_and_another_class_s_name_is_refused(trained_conditional_run, tmp_path):
+    """Class folders named 1..10 sort as 1, 10, 2, ...: `--class 1` is index 1 (the class named "10") and the class
+    named "1" (index 0). Either reading would be a guess: both are named, exit 2."""
+    from safetensors.torch import load_file, save_file
+
+    from ddpm_cli.engine.checkpoint import read_header
+
+    src = latest_checkpoint(trained_conditional_run)
+    meta = dict(read_header(src).metadata)
+    meta["classes"] = json.dumps(sorted(str(k) for k in range(1, 11)))  # 1, 10, 2, 3, ...
+    forged = tmp_path / "ckpt.safetensors"
+    save_file(load_file(str(src)), str(forged), metadata=meta)
+    msg = one_line_error(cli("sample", forged, "-n", 1, "--class", "1", "--out", tmp_path / "o", *FAST), code=(2,))
+    assert "class 1 (10)" in msg and "named 1 (index 0)" in msg, msg
+    for k in ("5", "0"):  # index 5 is named 5; no class is named 0: one reading each
+        ok("sample", forged, "-n", 1, "--class", k, "--out", tmp_path / f"p{k}", *FAST)

@@ -2,6 +2,7 @@
 progress bar over images and sampler steps and a summary line."""
 from __future__ import annotations
 
+import re
 from enum import Enum
 from pathlib import Path
 from typing import Optional
@@ -66,8 +67,6 @@ class SampleDisplay:
 def _earlier_images(folder: Path, files: list[Path]) -> int:
     """How many images in `folder` are named as sampling names them (000042.png, class3_000042.png) but are not
     among `files`, this call's: left by an earlier call, they would be scored together with these."""
-    import re
-
     if not folder.is_dir():
         return 0
     ours = re.compile(r"(class\d+_)?\d{6,}\.png")
@@ -76,17 +75,22 @@ def _earlier_images(folder: Path, files: list[Path]) -> int:
 
 
 def _class_index(text: str | None, checkpoint: Path) -> int | None:
-    """--class K: an index, or one of the class names the checkpoint lists (read from its header: no torch)."""
+    """--class K: an index, or one of the class names the checkpoint lists (read from its header: no torch). Where
+    a name is a number too (class folders 1..12 sort as 1, 10, 11, 12, 2, ...), K that means two classes is
+    refused."""
     if text is None:
         return None
-    try:
-        return int(text)
-    except ValueError:
-        pass
+    index = int(text) if re.fullmatch(r"-?[0-9]+", text) else None
     from ddpm_cli.engine.checkpoint import class_names, read_header
     from ddpm_cli.engine.runs import resolve_checkpoint
 
     names = class_names(read_header(resolve_checkpoint(checkpoint)).metadata)
+    if text in names and index is not None and names.index(text) != index:
+        raise UsageError(f"--class {text} is both class {index} ({names[index] if 0 <= index < len(names) else '?'}) "
+                         f"and the class named {text} (index {names.index(text)}); give the index of the one you "
+                         f"mean")
+    if index is not None:
+        return index
     if text in names:
         return names.index(text)
     if not names:

@@ -89,7 +89,7 @@ for s in "$@"; do
     trained "$run" || { echo "SKIPPED $s: run $run did not train"; continue; }
     IFS=: read -r smp st w e d g n <<< "$spec"
     c=$HOME/runs/$run; o=$HOME/fid/$run-$spec-by-$NAME; t0=$SECONDS; src=$c; decay=$d
-    guide=${g:+$c/checkpoints/ckpt-$(printf %08d "${g//[^0-9]/}").safetensors}
+    digits=${g//[^0-9]/}; guide=${g:+$c/checkpoints/ckpt-$(printf %08d "$((10#${digits:-0}))").safetensors}
     if [[ $g == [A-Za-z]* ]]; then  # another run's last checkpoint guides: wait for it as for the run itself
         trained "$g" || { echo "SKIPPED $s: guide run $g did not train"; continue; }
         guide=$HOME/runs/$g

@@ -19,7 +19,7 @@ fi
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
 # What code ran: the device copies the working tree's files, but its .git may be an earlier call's (2026-12-05: `git
 # log` there named a commit two behind the files), so the files' own digest, to match with the same line run here.
-echo "code $(find ddpm_cli tests -name '*.py' | LC_ALL=C sort | xargs cat | sha256sum | cut -c1-16)"
+echo "code $(find ddpm_cli tests -name '*.py' -print0 | LC_ALL=C sort -z | xargs -0 sha256sum | sha256sum | cut -c1-16)"
 python3 -c "import torch; print('torch', torch.__version__, torch.cuda.get_device_name())"
 t0=$(date +%s)
 python3 -m pytest -m gpu -v -p no:cacheprovider "${parallel[@]}" --durations=25 --junitxml="$out/gpu-junit.xml" \

@@ -785,3 +785,9 @@ def test_a_symlink_loop_as_the_checkpoint_is_one_line(tmp_path):
         r = invoke(*args)
         assert_refused(r, "loopA", codes=(1,))
         assert "symlink loop" in r.stderr.lower() or "symbolic links" in r.stderr.lower(), r.stderr  # 3.13: OSError
+
+
+def test_an_empty_output_path_is_refused(ckpt_copy, tmp_path):
+    """`--grid ""` said "--grid  names a folder": an empty path names nothing."""
+    for args in (["sample", ckpt_copy, "-n", 1, "--grid", ""], ["export", ckpt_copy, "-o", " "]):
+        assert_refused(invoke(*args), "is empty", codes=(2,))

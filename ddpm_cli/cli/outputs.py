@@ -28,6 +28,8 @@ def output_path(option: str, text: str | None, file_named: str | None = None) ->
     (out/, out/., ..) is a UsageError (exit 2), found before any work."""
     if text is None:
         return None
+    if not text.strip():
+        raise UsageError(f"{option} is empty; give a path")
     if file_named is not None and os.path.basename(text) in ("", ".", ".."):
         raise UsageError(f"{option} {text} names a folder, where a file is to be written; give a file name, such "
                          f"as {os.path.join(text, file_named)}")

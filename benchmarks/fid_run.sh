@@ -20,6 +20,8 @@
 # real images against the reference, the floor a model's samples are compared with. Each record's label ends
 # with the command's wall time.
 # FID_N=200 shrinks the sample counts for a smoke test of this script; DDPM="CMD" replaces `python3 -m ddpm_cli`.
+# AFTER=RUN: train only once run RUN of this machine has ended (trained and scored: its NAME.done), so that two
+# runs started by one call take the GPU in turn (a small guide first, then the model it guides).
 # torch.compile starts cold (a fresh inductor cache per run), as on a fresh machine: compilation counts.
 # Keep a call in flight until FID-DONE (e.g. `sleep 520` calls back to back): the device machine goes back after
 # 30 s without a call, background job or not; a first run here was lost that way (2026-11-26).
@@ -31,8 +33,8 @@ if [ "${1:-}" != inner ]; then
     cmp -s .carry_data/train.zip "$HOME/data/train.zip" || { cp .carry_data/train.zip "$HOME/data/train.zip.part" &&
         mv "$HOME/data/train.zip.part" "$HOME/data/train.zip"; }  # a reader keeps the old file; none sees half
     # A fresh run each time: no checkpoints of an earlier run of this name, a cold compile, no stale marks.
-    rm -rf "$HOME/fid/$NAME.trained" "$HOME/fid/$NAME.failed" "$HOME/fid/$NAME.jsonl" "$HOME/runs/$NAME" \
-        "$HOME/inductor-$NAME"
+    rm -rf "$HOME/fid/$NAME.trained" "$HOME/fid/$NAME.failed" "$HOME/fid/$NAME.done" "$HOME/fid/$NAME.jsonl" \
+        "$HOME/runs/$NAME" "$HOME/inductor-$NAME"
     PYTHONPATH=/tmp/site python3 -c 'import pydantic, torch_fidelity' 2> /dev/null || python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir \
         --upgrade --target /tmp/site .whl/*.whl
     # A private copy of the code: later calls sync the working tree again, and a run must not change mid-way.
@@ -45,6 +47,9 @@ fi
 set -x
 out=$HOME/fid/$NAME
 ddpm() { ${DDPM:-python3 -m ddpm_cli} "$@"; }
+if [ -n "${AFTER:-}" ]; then  # the GPU to itself: once that run has ended
+    until [ -f "$HOME/fid/$AFTER.done" ] || [ -f "$HOME/fid/$AFTER.failed" ]; do sleep 5; done
+fi
 ddpm train -c "$CONFIG" --set data.root="$HOME/data/train.zip" --set logging.run_dir="$HOME/runs" \
     --set logging.run_name="$NAME" $EXTRA || { touch "$out.failed"; echo TRAIN-FAILED; echo FID-DONE; exit 1; }
 touch "$out.trained"
@@ -114,4 +119,5 @@ for l in "${lanes[@]}"; do
     lane $l &  # unquoted: a lane is its space-separated entries
 done
 wait
+touch "$out.done"
 echo FID-DONE

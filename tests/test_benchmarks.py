@@ -280,6 +280,56 @@ esac
     assert all(x.rstrip().endswith(" s)") and "(wall " in x for x in labels)
 
 
+def test_fid_run_guides_by_another_run_and_takes_the_gpu_after_it(tmp_path):
+    """A sweep entry's guide field may name another run of the machine (a smaller guide): its run directory is the
+    --guide-model. AFTER=RUN holds a run's training until RUN has ended, so one call can train the guide and then
+    the model on one GPU in turn. A guide step written with a leading zero is a step, not octal."""
+    import time
+
+    work, home = tmp_path / "work", tmp_path / "home"
+    (work / ".carry_data").mkdir(parents=True)
+    (work / ".carry_data" / "train.zip").write_bytes(b"zip")
+    for name in ("ddpm_cli", "benchmarks", "examples"):
+        (work / name).symlink_to(ROOT / name)
+    home.mkdir()
+    (home / "inception.pth").write_bytes(b"weights")
+    calls = tmp_path / "calls.txt"
+    stub = tmp_path / "ddpm"
+    stub.write_text(f"""#!/bin/sh
+echo "$*" >> {calls}
+case $1 in
+  train) sleep 1 ;;
+  eval) echo '{{"fid": 1.5, "kid_mean": 0.001}}' ;;
+esac
+""")
+    stub.chmod(0o755)
+    env = {**os.environ, "HOME": str(home), "DDPM": str(stub), "FID_N": "50"}
+    script = str(ROOT / "benchmarks" / "fid_run.sh")
+    # (output to files: the launching subshell keeps a pipe open until its run ends, and p's waits for xs)
+    with open(tmp_path / "p.out", "w") as out:
+        r = subprocess.run(["bash", script, "p", "examples/cifar10-fast.yaml", "", "",
+                            "dpm++2m:20:2:::xs:10 ddim:5:2:::0800:10"], cwd=work, env={**env, "AFTER": "xs"},
+                           stdout=out, stderr=subprocess.STDOUT, timeout=120)
+    assert r.returncode == 0, (tmp_path / "p.out").read_text()
+    time.sleep(2)
+    assert not calls.exists()  # p waits for xs, which has not started
+    r = subprocess.run(["bash", script, "xs", "examples/cifar10-fast.yaml", "--set model.base_channels=64", "", ""],
+                       cwd=work, env=env, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    deadline = time.monotonic() + 60
+    log = home / "fid" / "p.log"
+    while time.monotonic() < deadline and not (log.exists() and "FID-DONE" in log.read_text()):
+        time.sleep(0.2)
+    assert "FID-DONE" in log.read_text(), log.read_text()[-2000:]
+    lines = calls.read_text().splitlines()
+    trains = [i for i, x in enumerate(lines) if x.startswith("train ")]
+    assert len(trains) == 2 and "run_name=xs" in lines[trains[0]] and "run_name=p" in lines[trains[1]]
+    assert any(x.startswith(f"eval {home}/runs/xs ") for x in lines[trains[0]:trains[1]])  # xs scored first
+    samples = [x for x in lines if x.startswith("sample")]
+    assert any(f"--guide-model {home}/runs/xs" in x for x in samples)
+    assert any(f"--guide-model {home}/runs/p/checkpoints/ckpt-00000800.safetensors" in x for x in samples)
+
+
 def test_bench_host_times_each_piece_of_the_loop_outside_the_graph():
     """The recipe's three EMAs and a post-hoc pair each get a line, and the sum is theirs."""
     r = subprocess.run([sys.executable, "benchmarks/bench_host.py", "--repeats", "3",

@@ -5,6 +5,7 @@ import json
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 from conftest import ROOT, perturbed_unet
 
@@ -220,13 +221,9 @@ def test_bench_bigimg_measures_ours_the_peer_and_a_streamed_folder(tmp_path):
     assert bench("sample", "--tiny")["nfe_per_s"] > 0 and bench("sample", "--tiny", "--peer")["nfe_per_s"] > 0
 
 
-def test_fid_run_turns_each_sweep_entry_into_its_flags_and_runs_the_lanes(tmp_path):
-    """benchmarks/fid_run.sh's control flow, with a stand-in for `ddpm` that records its arguments: the run, the
-    main score, the real-image floor, and each sweep entry (sampler:steps:guidance:eta:ema_decay:guide_step:n,
-    lanes split by " | "; an ema_decay of L0.08 a post-hoc EMA length) as the flags of its `ddpm sample`, every
-    score recorded with its label."""
-    import time
-
+def _fid_run_workspace(tmp_path, cases: str):
+    """A checkout and a home for benchmarks/fid_run.sh on the CPU, with a stand-in for `ddpm` that appends its
+    arguments to calls.txt and then runs `cases` (the body of a `case $1 in ... esac`). -> (work, env, calls)."""
     work, home = tmp_path / "work", tmp_path / "home"
     (work / ".carry_data").mkdir(parents=True)
     (work / ".carry_data" / "train.zip").write_bytes(b"zip")
@@ -236,15 +233,22 @@ def test_fid_run_turns_each_sweep_entry_into_its_flags_and_runs_the_lanes(tmp_pa
     (home / "inception.pth").write_bytes(b"weights")
     calls = tmp_path / "calls.txt"
     stub = tmp_path / "ddpm"
-    stub.write_text(f"""#!/bin/sh
-echo "$*" >> {calls}
-case $1 in
-  eval) echo '{{"fid": 1.5, "kid_mean": 0.001}}' ;;
-  ema) case "$*" in *"--length 0.5 "*) exit 1 ;; esac ;;
-esac
-""")
+    stub.write_text(f"#!/bin/sh\necho \"$*\" >> {calls}\ncase $1 in\n{cases}\nesac\n")
     stub.chmod(0o755)
-    env = {**os.environ, "HOME": str(home), "DDPM": str(stub), "FID_N": "50", "FLOOR": str(home / "test.zip")}
+    return work, {**os.environ, "HOME": str(home), "DDPM": str(stub), "FID_N": "50"}, calls
+
+
+def test_fid_run_turns_each_sweep_entry_into_its_flags_and_runs_the_lanes(tmp_path):
+    """benchmarks/fid_run.sh's control flow, with a stand-in for `ddpm` that records its arguments: the run, the
+    main score, the real-image floor, and each sweep entry (sampler:steps:guidance:eta:ema_decay:guide_step:n,
+    lanes split by " | "; an ema_decay of L0.08 a post-hoc EMA length) as the flags of its `ddpm sample`, every
+    score recorded with its label."""
+    import time
+
+    work, env, calls = _fid_run_workspace(tmp_path, """  eval) echo '{"fid": 1.5, "kid_mean": 0.001}' ;;
+  ema) case "$*" in *"--length 0.5 "*) exit 1 ;; esac ;;""")
+    home = Path(env["HOME"])
+    env["FLOOR"] = str(home / "test.zip")
     sweep = "ddim:5:1::::20 dpm++2m:10:::0.9998::30 | dpm++2m:20::::15:40 dpm++2m:30:::L0.08::10 ddim:9:::L0.5"
     r = subprocess.run(["bash", str(ROOT / "benchmarks" / "fid_run.sh"), "q", "examples/cifar10-15min.yaml", "",
                         "", sweep], cwd=work, env=env, capture_output=True, text=True, timeout=120)
@@ -286,24 +290,9 @@ def test_fid_run_guides_by_another_run_and_takes_the_gpu_after_it(tmp_path):
     the model on one GPU in turn. A guide step written with a leading zero is a step, not octal."""
     import time
 
-    work, home = tmp_path / "work", tmp_path / "home"
-    (work / ".carry_data").mkdir(parents=True)
-    (work / ".carry_data" / "train.zip").write_bytes(b"zip")
-    for name in ("ddpm_cli", "benchmarks", "examples"):
-        (work / name).symlink_to(ROOT / name)
-    home.mkdir()
-    (home / "inception.pth").write_bytes(b"weights")
-    calls = tmp_path / "calls.txt"
-    stub = tmp_path / "ddpm"
-    stub.write_text(f"""#!/bin/sh
-echo "$*" >> {calls}
-case $1 in
-  train) sleep 1 ;;
-  eval) echo '{{"fid": 1.5, "kid_mean": 0.001}}' ;;
-esac
-""")
-    stub.chmod(0o755)
-    env = {**os.environ, "HOME": str(home), "DDPM": str(stub), "FID_N": "50"}
+    work, env, calls = _fid_run_workspace(tmp_path, """  train) sleep 1 ;;
+  eval) echo '{"fid": 1.5, "kid_mean": 0.001}' ;;""")
+    home = Path(env["HOME"])
     script = str(ROOT / "benchmarks" / "fid_run.sh")
     # (output to files: the launching subshell keeps a pipe open until its run ends, and p's waits for xs)
     with open(tmp_path / "p.out", "w") as out:

@@ -675,6 +675,44 @@ def test_in_training_fid_settings_are_checked_before_the_run_and_named_as_the_co
         assert not list((tmp_path / field).glob("*/checkpoints"))  # nothing trained
 
 
+def test_in_training_fid_that_fails_mid_run_keeps_the_steps_and_names_the_config_fields(weights, small_resize,
+                                                                                         tmp_path):
+    """A reference that is there but cannot be read (a damaged .zip) passed the start's check and failed at the
+    first FID: the run ended with the steps since its last checkpoint lost, naming `ddpm eval`'s --ref."""
+    from conftest import tiny_config
+    from ddpm_cli.engine.runs import list_checkpoints
+    from ddpm_cli.engine.train import train
+    from ddpm_cli.errors import DdpmError
+
+    bad = tmp_path / "ref.zip"
+    bad.write_bytes(b"PK\x03\x04 cut short")
+    cfg = tiny_config(tmp_path / "runs", train__steps=6, logging__fid_every=4, logging__checkpoint_every=100,
+                      logging__fid_samples=8, logging__fid_steps=2, logging__fid_ref=str(bad),
+                      logging__fid_inception_weights=str(weights))
+    with pytest.raises(DdpmError) as e:
+        train(cfg)
+    said = str(e.value)
+    assert "logging.fid_ref" in said and "--ref" not in said and "--resume" in said, said
+    (run_dir,) = [p for p in (tmp_path / "runs").iterdir() if p.is_dir()]
+    assert [int(p.stem.split("-")[1]) for p in list_checkpoints(run_dir)] == [4]  # the steps before the FID
+
+
+def test_in_training_fid_weights_that_cannot_be_loaded_are_refused_before_the_run(tmp_path):
+    """Weights that are there but are not torch-fidelity's (here a text file) passed the start's check (it looked
+    only for the file) and failed at the first FID, hours in."""
+    from conftest import tiny_config
+    from ddpm_cli.engine.train import train
+    from ddpm_cli.errors import ConfigError
+
+    bad = tmp_path / "inception.pth"
+    bad.write_text("not weights")
+    cfg = tiny_config(tmp_path / "runs", train__steps=4, logging__fid_every=2, logging__fid_inception_weights=str(bad))
+    with pytest.raises(ConfigError, match="logging.fid_inception_weights") as e:
+        train(cfg)
+    assert "--inception-weights" not in str(e.value)
+    assert not list((tmp_path / "runs").glob("*/checkpoints"))  # refused before it trained
+
+
 def test_inception_that_cannot_be_loaded_fails_before_any_sampling(trained_run, clean, tmp_path, monkeypatch):
     """Under --gpus the images were drawn (eagerly, across ranks) and only then did the Inception download fail:
     with -n 50000, hours lost (a helper's sweep)."""

@@ -4,6 +4,7 @@ take (for train.max_time)."""
 from __future__ import annotations
 
 import math
+import re
 import time
 from contextlib import nullcontext
 from pathlib import Path
@@ -127,34 +128,42 @@ def held_out_loss(model: torch.nn.Module, diffusion: GaussianDiffusion, val: Ima
     return total / count
 
 
+def config_names(message: str) -> str:
+    """An evaluation error as the run's config names its inputs: `ddpm eval`'s flags become logging's fields."""
+    message = message.replace("--inception-weights", "logging.fid_inception_weights")
+    return re.sub(r"--ref\b(?!-)", "logging.fid_ref", message)
+
+
 class InTrainingFid:
     """FID of `logging.fid_samples` samples (DPM-Solver++, fid_steps) against `logging.fid_ref` (default: the
-    training images), on the training device; Inception and the reference statistics are made at the first call."""
+    training images), on the training device; Inception is loaded by check(), before the run, and the reference
+    statistics are made at the first call."""
 
     def __init__(self, cfg: RunConfig, diffusion: GaussianDiffusion, train_images: torch.Tensor,
                  device: torch.device, bf16: bool):
         self.cfg, self.diffusion, self.device, self.bf16 = cfg, diffusion, device, bf16
         self._train_images = train_images
+        self._inception = None  # loaded by check(), before the run starts
         self._state = None  # (inception, reference statistics)
 
     def check(self) -> None:
-        """Refuse, before the run starts, what the first in-training FID would fail on hours later: an Inception
-        weights file or a reference that is not there. Named as the config names them, not as `ddpm eval` does."""
+        """Refuse, before the run starts, what the first in-training FID would fail on hours later: Inception that
+        cannot be loaded (a weights file that is not there or not torch-fidelity's, or a download offline) or a
+        reference that is not there. Named as the config names them, not as `ddpm eval` does."""
         from ddpm_cli.engine.evaluation import inception as ev_inception, sources
         from ddpm_cli.errors import ConfigError, DdpmError
 
         lc = self.cfg.logging
-        try:
-            if lc.fid_inception_weights is not None:
-                ev_inception.check_inception_path(lc.fid_inception_weights)
-        except DdpmError as e:
-            raise ConfigError(str(e).replace("--inception-weights", "logging.fid_inception_weights")) from None
         refs = sources.CIFAR10_REFS
         if lc.fid_ref is not None and lc.fid_ref not in refs and not Path(lc.fid_ref).expanduser().exists():
             # only that it is there: reading a reference (an .npz of 50,000 images, say) is the first FID's work
             raise ConfigError(f"logging.fid_ref {lc.fid_ref} not found; point it at a folder or .zip of images, an "
                               f".npz of images or statistics (`ddpm eval --save-stats`), {' or '.join(refs)}, or "
                               f"a run config YAML")
+        try:
+            self._inception = ev_inception.load_inception(lc.fid_inception_weights, self.device)
+        except DdpmError as e:
+            raise ConfigError(config_names(str(e))) from None
 
     def __call__(self, net: torch.nn.Module) -> float:
         from ddpm_cli.engine.draw import Drawer
@@ -162,7 +171,7 @@ class InTrainingFid:
 
         lc, m = self.cfg.logging, self.cfg.model
         if self._state is None:
-            inception = ev_inception.load_inception(lc.fid_inception_weights, self.device)
+            inception = self._inception or ev_inception.load_inception(lc.fid_inception_weights, self.device)
             ref = lc.fid_ref or sources.tensor_source(self._train_images, "the training images")
             self._state = (inception, reference.reference_stats(ref, inception, data_root=self.cfg.data.root,
                                                                 use_cache=lc.fid_ref is not None))

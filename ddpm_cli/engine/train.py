@@ -30,7 +30,7 @@ from ddpm_cli.engine.metrics import MetricsLog, WandbSink, keep_metrics_until, p
 from ddpm_cli.engine.lr_schedule import LRSchedule
 from ddpm_cli.engine.posthoc_ema import PosthocEMA
 from ddpm_cli.engine.time_budget import TimeBudget
-from ddpm_cli.errors import TrainingAborted
+from ddpm_cli.errors import DdpmError, TrainingAborted
 from ddpm_cli.nn.unet import activation_checkpointing, channel_stats
 
 
@@ -388,7 +388,7 @@ class Trainer:
                 self.sample_grid()
                 budget.pause()
             if lc.fid_every and self.main and self.step % lc.fid_every == 0:
-                fid = self.in_training_fid(self.ema.model if self.ema else self.model)
+                fid = self._in_training_fid()
                 self._emit({"step": self.step, "fid": fid}, records)
                 budget.pause()
 
@@ -421,6 +421,21 @@ class Trainer:
             raise TrainingAborted(f"stopped by signal {self.stop.signum} at step {self.step}; checkpoint "
                                   f"{checkpoint}; continue with `ddpm train --resume {self.run_dir}`", code)
         return result
+
+    def _in_training_fid(self) -> float:
+        """logging.fid_every's score. It fails only where the start's check could not look (a reference that is
+        there but cannot be read, the GPU's memory): then the steps since the last checkpoint are saved first, so
+        that fixing the setting and resuming loses nothing."""
+        try:
+            return self.in_training_fid(self.ema.model if self.ema else self.model)
+        except Exception as e:
+            checkpoint = self.save_checkpoint()
+            resume = f"checkpoint {checkpoint} holds the run so far; continue with `ddpm train --resume {self.run_dir}`"
+            if isinstance(e, DdpmError):
+                raise TrainingAborted(f"the in-training FID at step {self.step} failed: "
+                                      f"{monitor.config_names(str(e))}; {resume} (or set logging.fid_every 0)") from None
+            self.cb.on_warning(f"the in-training FID at step {self.step} failed; {resume}")
+            raise
 
     def close(self) -> None:
         """Release what the run holds beyond its objects: a streamed set's decoding workers, the process group."""

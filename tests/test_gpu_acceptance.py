@@ -174,6 +174,37 @@ def test_sigterm_checkpoints_and_exits_143_then_kill_9_then_resume(tmp_path):
     assert len(checkpoints(run)) <= 3  # keep_last 2, plus the one it resumed from
 
 
+@pytest.mark.slow
+def test_compile_ahead_trains_eagerly_then_loads_the_helpers_compiled_step(tmp_path):
+    """train.compile_ahead with cold caches: the first steps are eager, a helper process compiles the step (the run
+    holding while it times kernels), and the run goes on with the compiled step loaded from the helper's entry."""
+    cfg = gpu_config(tmp_path, "ahead", train__steps=10**6, train__compile_ahead=True, logging__log_every=5,
+                     logging__checkpoint_every=10**6, train__compile="auto" if CUDA else "on")
+    run, log = tmp_path / "ahead", tmp_path / "ahead.log"
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "DDPM_COMPILE_CACHE_DIR": str(tmp_path / "cc"),
+           "TORCHINDUCTOR_CACHE_DIR": str(tmp_path / "inductor"), "TRITON_CACHE_DIR": str(tmp_path / "triton")}
+    env.pop("DDPM_COMPILE_CACHE", None)
+    with open(log, "w") as f:
+        p = subprocess.Popen([sys.executable, "-m", "ddpm_cli", "train", "--config", str(cfg)], cwd=ROOT, stdout=f,
+                             stderr=subprocess.STDOUT, env=env)
+    wait_until(lambda: last_step(run) >= 5, p, log, "eager steps")
+    said = "compiled steps from step "
+    wait_until(lambda: said in log.read_text(), p, log, "the helper's compiled step")
+    text = log.read_text()
+    switch = int(text.split(said)[1].split()[0])
+    wait_until(lambda: last_step(run) >= switch + 20, p, log, "compiled steps")
+    p.send_signal(signal.SIGINT)
+    assert p.wait(timeout=120) == 130, log.read_text()[-3000:]
+    text = log.read_text()
+    assert switch > 5 and "helper failed" not in text and "Traceback" not in text, text[-3000:]
+    assert "compile cache: loaded" in text, text[-3000:]  # the helper's entry, not a compile of its own
+    held = float(text.split(" s held for its kernel timings")[0].rsplit("; ", 1)[1])
+    if CUDA:
+        assert held > 0, text[-3000:]  # inductor timed its kernels with the run waiting
+    after = {s: v for s, v in losses(run).items() if s > switch}
+    assert len(after) >= 4 and all(math.isfinite(v) for v in after.values()), after
+
+
 def test_train_gpus_1_runs_through_the_launcher(tmp_path):
     cfg = gpu_config(tmp_path, "launched", train__steps=20, train__guide_step=None)
     r = ddpm("train", "--config", cfg, "--gpus", "1")

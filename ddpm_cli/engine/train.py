@@ -70,6 +70,7 @@ class TrainResult:
     metrics: list = field(default_factory=list)
 
 
+COMPILING = "compiling the training step (torch.compile; the first step takes a while)"
 _SIGNALLED = 100  # a stop flag above this carries the signal's number
 
 
@@ -166,6 +167,7 @@ class Trainer:
         self.nonfinite_total = 0
         self.guide: tuple[int, dict[str, torch.Tensor]] | None = None  # train.guide_step: (step, weights on CPU)
         self.resumed_from: Path | None = None
+        self.ahead = None  # train.compile_ahead's helper while it compiles
         if resume is not None:
             train_state.restore(self, resume)
         if resume is None:
@@ -248,6 +250,10 @@ class Trainer:
                 self.metrics.close()
                 remove_unstarted_run(self._created_dirs)
             raise
+        finally:
+            if self.ahead is not None:  # the run ended before its helper had compiled: its work is not needed
+                self.ahead.stop()
+                self.ahead = None
 
     def _run(self) -> TrainResult:
         cfg, tc, lc = self.cfg, self.cfg.train, self.cfg.logging
@@ -272,9 +278,10 @@ class Trainer:
         records: list[dict] = []
         params = [p for p in self.model.parameters()]
         global_batch = tc.batch_size * self.dist.world
-        if self.compiled and self.step < tc.steps:
-            self.cb.on_message("compiling the training step (torch.compile; the first step takes a while)")
+        if self.compiled and self.step < tc.steps and not tc.compile_ahead:
+            self.cb.on_message(COMPILING)
         budget = TimeBudget(self.t0, tc.max_time, dev)
+        start_step = self.step
         lookahead = 1 if self.dist.world == 1 else 10  # ranks agree on stopping every 10 steps (dist.agree)
 
         while self.step < tc.steps:
@@ -301,11 +308,23 @@ class Trainer:
             for group in self.opt.param_groups:
                 group["lr"] = lr
             y = self._labels(y)
+            eager = False  # train.compile_ahead: the step runs eagerly until the helper has compiled it
+            if first_step and self.step == start_step:
+                self.ahead = self._start_compile_ahead(x, y)
+            if self.ahead is not None:
+                ready = self.ahead.done()
+                if ready is None:
+                    eager = True
+                    self.ahead.hold_if_asked(lambda: torch.cuda.synchronize(dev) if dev.type == "cuda" else None,
+                                             lambda: bool(self.stop.signum))
+                else:
+                    self._end_compile_ahead(ready)
+            step_fn = self._loss if eager else self.loss_fn
             if self.accumulate is None:
-                loss = self.loss_fn(x, y)
+                loss = step_fn(x, y)
                 loss.backward()
             else:  # train.grad_accum micro-batches; their summed gradients are in .grad
-                loss = self.accumulate(self.loss_fn, x, y)
+                loss = self.accumulate(step_fn, x, y)
             if self.grad_sync == "flat":
                 self.dist.all_reduce_grads(params)
             gn = torch.nn.utils.clip_grad_norm_(params, clip, foreach=True)
@@ -324,8 +343,8 @@ class Trainer:
             if self.posthoc is not None:
                 self.posthoc.update(self.model, self.step)
             stats.add(loss, bad, self.step)
-            budget.step_done(first_step)
-            if first_step:  # with torch.compile, the first step is the compilation
+            budget.step_done(first_step and not eager)
+            if first_step and not eager:  # with torch.compile, the first compiled step is the compilation
                 if dev.type == "cuda":
                     torch.cuda.synchronize(dev)
                 compile_s, first_step = time.monotonic() - t_step, False
@@ -421,6 +440,38 @@ class Trainer:
             raise TrainingAborted(f"stopped by signal {self.stop.signum} at step {self.step}; checkpoint "
                                   f"{checkpoint}; continue with `ddpm train --resume {self.run_dir}`", code)
         return result
+
+    def _start_compile_ahead(self, x: torch.Tensor, y: torch.Tensor | None):
+        """train.compile_ahead's helper (engine/compile_ahead.py), started at the first step when the step would
+        compile cold; None where it does not apply (and a warning where the config asked for it in vain)."""
+        tc = self.cfg.train
+        if not (tc.compile_ahead and self.compiled):
+            return None
+        self.cb.on_message(COMPILING)
+        why = ("under torchrun (each rank would start one)" if self.dist.world > 1 else
+               "with train.grad_accum" if self.accumulate is not None else
+               "with compile max-autotune (its tuning happens at compile time)" if tc.compile == "max-autotune"
+               else None)
+        if why:
+            self.cb.on_warning(f"train.compile_ahead does not apply {why}; the step compiles in the run")
+            return None
+        if self.step_cache.has_entry(x, y):  # compiled before: loading it is quicker than any helper
+            return None
+        from ddpm_cli.engine.compile_ahead import CompileAhead
+
+        self.cb.on_message("train.compile_ahead: in a helper process; training eagerly until it is ready")
+        return CompileAhead.start(config_to_dict(self.cfg), str(self.device), [x, y], self.cfg.model.num_classes + 1)
+
+    def _end_compile_ahead(self, ok: bool) -> None:
+        if ok:
+            self.cb.on_message(f"compile_ahead: the helper has compiled the step; compiled steps from step "
+                               f"{self.step + 1} ({time.monotonic() - self.t0:.1f} s into the run; "
+                               f"{self.ahead.held_s:.1f} s held for its kernel timings)")
+        else:
+            self.cb.on_warning(f"train.compile_ahead: the helper failed ({self.ahead.last_line()}); the step "
+                               f"compiles in the run")
+        self.ahead.stop()
+        self.ahead = None
 
     def _in_training_fid(self) -> float:
         """logging.fid_every's score. It fails only where the start's check could not look (a reference that is

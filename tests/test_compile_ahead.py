@@ -1,0 +1,176 @@
+"""train.compile_ahead (engine/compile_ahead.py) on the CPU: the hand-over of the GPU for kernel timings between a
+real helper process and the run, and the run's side (eager steps, the switch, a failed or unfinished helper) with
+a stand-in helper. The real helper compiling a real step is tests/test_gpu_compile_cache.py's."""
+from __future__ import annotations
+
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from conftest import ROOT, tiny_config
+
+
+def test_the_helper_times_kernels_only_while_the_run_holds(tmp_path):
+    """Every timing of the helper falls inside a window where the run had synchronised and was waiting; timings
+    that come in a run (less than 0.5 s apart) share one hold, and the run goes on once the helper lets go."""
+    from ddpm_cli.engine.compile_ahead import CompileAhead
+
+    helper = f"""
+import sys, time
+sys.path.insert(0, {str(ROOT)!r})
+from pathlib import Path
+from ddpm_cli.engine.compile_ahead import _Gate
+folder = Path(sys.argv[1])
+gate = _Gate(folder, lambda: True)
+def timing(i):
+    gate.acquire()
+    start = time.time()
+    time.sleep(0.1)
+    (folder / f"timed{{i}}").write_text(f"{{start}} {{time.time()}}")
+    gate.release_later()
+time.sleep(0.3)
+for i in range(3):  # three kernels in a row
+    timing(i)
+time.sleep(1.5)  # compiling the backward
+timing(3)
+time.sleep(1.0)
+"""
+    proc = subprocess.Popen([sys.executable, "-c", helper, str(tmp_path)])
+    ahead = CompileAhead(proc, tmp_path, open(tmp_path / "log", "w"))
+    holds, syncs, steps = [], [], []
+    t_end = time.time() + 30
+    while ahead.done() is None and time.time() < t_end:
+        before = ahead.holds
+        t = time.time()
+        ahead.hold_if_asked(lambda: syncs.append(time.time()))
+        if ahead.holds > before:
+            holds.append((t, time.time()))
+        steps.append(time.time())  # an eager step
+        time.sleep(0.01)
+    assert ahead.done() is True
+    timed = [tuple(map(float, (tmp_path / f"timed{i}").read_text().split())) for i in range(4)]
+    assert len(holds) == 2 == len(syncs), (holds, timed)
+    for start, end in timed:
+        assert any(a <= start and end <= b for a, b in holds), (start, end, holds)
+    for a, b in holds:  # the run took no step while it held
+        assert not [s for s in steps if a < s < b - 0.001]
+    assert holds[0][1] - holds[0][0] >= 0.3 + 0.5 - 0.05  # three timings, then the 0.5 s release
+    ahead.stop()
+    assert not tmp_path.exists()
+
+
+class _StandIn:
+    """Replaces CompileAhead.start: a helper process that runs `code` (it compiles nothing)."""
+
+    def __init__(self, monkeypatch, code: str):
+        from ddpm_cli.engine import compile_ahead
+
+        self.started = []
+        real = compile_ahead.CompileAhead
+
+        def start(cfg_dict, device, inputs, classes):
+            import tempfile
+
+            folder = Path(tempfile.mkdtemp(prefix="stand-in-"))
+            log = open(folder / compile_ahead.LOG, "w")
+            proc = subprocess.Popen([sys.executable, "-c", code], stdout=log, stderr=subprocess.STDOUT)
+            self.started.append((cfg_dict, device, [None if t is None else tuple(t.shape) for t in inputs], folder,
+                                 proc))
+            return real(proc, folder, log)
+
+        monkeypatch.setattr(real, "start", staticmethod(start))
+
+
+def _run(tmp_path, stop_after_switch: int | None, **extra):
+    """A tiny run with train.compile on whose compiled step is counted (and not compiled: the eager step stands
+    in for it), and its messages."""
+    from ddpm_cli.engine.train import StopFlag, TrainCallbacks, Trainer
+
+    stop, said, switch = StopFlag(), [], []
+
+    class Callbacks(TrainCallbacks):
+        def on_message(self, text):
+            said.append(text)
+            if "compiled steps from step" in text:
+                switch.append(int(text.split("from step ")[1].split()[0]))
+
+        def on_step(self, step):
+            if stop_after_switch is not None and switch and step >= switch[0] + stop_after_switch:
+                stop.request(15)
+
+    cfg = tiny_config(tmp_path, **{"train__compile": "on", "train__compile_ahead": True, "logging__log_every": 1,
+                                   "logging__checkpoint_every": 10**6, "logging__sample_every": 10**6, **extra})
+    trainer = Trainer(cfg, callbacks=Callbacks(), stop=stop)
+    compiled_calls = []
+
+    def counted(*args):
+        compiled_calls.append(trainer.step)
+        return trainer._loss(*args)
+
+    trainer.loss_fn = counted
+    return trainer, said, switch, compiled_calls
+
+
+def test_the_run_trains_eagerly_until_the_helper_is_done_then_takes_the_compiled_step(tmp_path, monkeypatch):
+    from ddpm_cli.errors import TrainingAborted
+
+    stand_in = _StandIn(monkeypatch, "import time; time.sleep(2)")
+    trainer, said, switch, compiled = _run(tmp_path, stop_after_switch=3, train__steps=10**6)
+    with pytest.raises(TrainingAborted):
+        trainer.run()
+    (cfg_dict, device, shapes, folder, proc), = stand_in.started
+    assert device == "cpu" and shapes[0] == (16, 3, 16, 16) and cfg_dict["train"]["compile_ahead"] is True
+    assert any("helper process" in m for m in said), said
+    k = switch[0]
+    assert k > 2  # eager steps came first
+    assert compiled == list(range(k - 1, trainer.step)), (k, compiled[:5])  # every step from k on, none before
+    assert proc.poll() is not None and not folder.exists()
+
+
+def test_a_helper_that_fails_is_one_warning_and_the_run_compiles_its_step_itself(tmp_path, monkeypatch):
+    _StandIn(monkeypatch, "import sys, time; time.sleep(0.5); print('CUDA out of memory in the helper'); sys.exit(1)")
+    trainer, said, switch, compiled = _run(tmp_path, stop_after_switch=None, train__steps=10**6,
+                                           train__max_time=4.0)
+    trainer.run()
+    warned = [m for m in said if "helper failed" in m]
+    assert len(warned) == 1 and "CUDA out of memory in the helper" in warned[0], said
+    assert not switch and compiled and compiled == list(range(compiled[0], trainer.step))
+
+
+def test_a_run_that_ends_before_its_helper_ends_the_helper(tmp_path, monkeypatch):
+    stand_in = _StandIn(monkeypatch, "import time; time.sleep(120)")
+    t = time.monotonic()
+    trainer, said, switch, compiled = _run(tmp_path, stop_after_switch=None, train__steps=4)
+    res = trainer.run()
+    (_, _, _, folder, proc), = stand_in.started
+    assert res.step == 4 and not compiled and not switch  # four eager steps
+    assert proc.poll() is not None and not folder.exists() and time.monotonic() - t < 60
+
+
+def test_no_helper_where_it_does_not_apply(tmp_path, monkeypatch):
+    """With grad_accum the micro-batches' step takes other arguments: the run says so and compiles itself; with
+    train.compile off there is nothing to compile ahead."""
+    stand_in = _StandIn(monkeypatch, "pass")
+    trainer, said, _, compiled = _run(tmp_path / "a", stop_after_switch=None, train__steps=2, train__grad_accum=2)
+    trainer.run()
+    assert any("compile_ahead does not apply with train.grad_accum" in m for m in said), said
+    assert compiled and not stand_in.started
+
+
+def test_the_stand_in_config_keeps_what_makes_the_step_and_drops_the_rest(tmp_path):
+    from ddpm_cli.config import config_to_dict, validate_config
+    from ddpm_cli.engine.compile_ahead import stand_in_config
+
+    cfg = tiny_config(tmp_path, train__compile_ahead=True, train__posthoc_ema=[0.1], train__guide_step=3,
+                      train__ema_extra=[0.99], logging__fid_every=5, model__conditional=True,
+                      train__early_stopping__enabled=True)
+    helper = validate_config(stand_in_config(config_to_dict(cfg), str(tmp_path / "h"), "cuda:0"))
+    assert helper.model == cfg.model and helper.diffusion == cfg.diffusion
+    assert (helper.train.compile, helper.train.precision, helper.train.channels_last, helper.train.batch_size) == \
+        (cfg.train.compile, cfg.train.precision, cfg.train.channels_last, cfg.train.batch_size)
+    assert not helper.train.compile_ahead and not helper.train.ema and not helper.train.posthoc_ema
+    assert helper.train.guide_step is None and not helper.logging.fid_every
+    assert not helper.train.early_stopping.enabled and helper.train.device == "cuda:0"

@@ -584,6 +584,45 @@ def test_a_checkpoint_whose_header_length_opens_like_a_pickle_is_read(ckpt_copy)
             read_header(ckpt_copy)
 
 
+def _save_with_header_length(path: Path, tensors: dict, metadata: dict, length: int) -> Path:
+    """safetensors.torch.save_file with a metadata entry padded so the JSON header is exactly `length` bytes (it pads
+    the header with spaces to a multiple of 8 itself: `length` must be one)."""
+    import struct
+
+    from safetensors.torch import save_file
+
+    def written(pad: int) -> int:
+        save_file(tensors, str(path), metadata={**metadata, "padding": "x" * pad})
+        return struct.unpack("<Q", path.read_bytes()[:8])[0]
+
+    base = written(0)
+    pad = next(p for p in range(length - base - 8, length - base + 1) if written(p) == length)
+    assert written(pad) == length, (base, length)
+    return path
+
+
+@pytest.mark.parametrize("extra_64k", [0, 1])
+def test_a_checkpoint_whose_header_length_opens_like_a_zip_is_read(ckpt_copy, extra_64k):
+    """A header length of 19,280 + k * 65,536 bytes (0x4B50) opens the file with "PK", as a zip does: such a
+    checkpoint of ddpm's own was refused as a zip archive."""
+    from safetensors.torch import load_file
+
+    from ddpm_cli.engine.checkpoint import load_checkpoint, read_header
+
+    meta = read_header(ckpt_copy).metadata
+    if extra_64k == 0:  # exactly 19,280: too small for a real run's config, so ddpm's format keys and one tensor
+        tensors, meta = {"model.w": torch.zeros(4)}, {k: meta[k] for k in ("format", "format_version")}
+    else:  # the trained checkpoint itself, its header grown to 19,280 + 65,536
+        tensors = load_file(str(ckpt_copy))
+    f = _save_with_header_length(ckpt_copy.with_name("pk.safetensors"), tensors, meta, 0x4B50 + extra_64k * 65536)
+    assert f.read_bytes()[:2] == b"PK"
+    assert read_header(f).metadata["format"] == "ddpm-cli"
+    r = invoke("inspect", f)
+    assert r.exit_code == 0 and "zip" not in r.output, r.output
+    if extra_64k:
+        assert load_checkpoint(f).step > 0
+
+
 @pytest.mark.parametrize("command", ["inspect", "sample", "train"])
 def test_a_torch_zip_is_called_a_pickle_and_any_other_zip_a_zip(tmp_path, command):
     for name, f in _zips(tmp_path / "in").items():

@@ -50,6 +50,16 @@ def _looks_like_pickle(head: bytes) -> bool:
     return len(head) < 9 or not (struct.unpack("<Q", head[:8])[0] <= MAX_HEADER and head[8:9] == b"{")
 
 
+def _looks_like_zip(head: bytes) -> bool:
+    """A zip opens with a local file header (PK 03 04), or, empty, with its end record (PK 05 06). So can a
+    safetensors header length (0x04034B50 is 67,324,752; "PK" alone is any length of 19,280 + k * 65,536): `head` is
+    the file's first 9 bytes, and a header length of at most MAX_HEADER followed by the JSON header's "{" is
+    safetensors (a zip's byte 8 is its compression method's low byte, never "{")."""
+    if head[:4] not in (b"PK\x03\x04", b"PK\x05\x06"):
+        return False
+    return len(head) < 9 or not (struct.unpack("<Q", head[:8])[0] <= MAX_HEADER and head[8:9] == b"{")
+
+
 def _zip_kind(p: Path) -> str:
     """What a zip (PK..) holds, by its member names, unpickling nothing: "pt2" (a torch.export archive, whose
     `archive_format` entry says pt2), "torch" (torch.save's: its pickle, data.pkl, beside the tensors) or "zip"
@@ -105,7 +115,7 @@ def read_header(path: str | Path, require_ddpm: bool = True) -> Header:
             head = f.read(9)  # the header's length, and the "{" that opens it
             pickled = CheckpointError(f"{p} is a pickle (PyTorch .pt/.pth); ddpm loads only safetensors files and "
                                       f"never unpickles, for safety")
-            if head[:2] == b"PK":
+            if _looks_like_zip(head):
                 kind = _zip_kind(p)
                 if kind == "pt2":
                     raise _not_a_checkpoint(p, "a torch.export program", "pt2", "torch.export.load")

@@ -290,6 +290,31 @@ def test_resume_of_a_file_that_is_not_safetensors(tmp_path, content):
     assert_refused(_resume(f), "safetensors")
 
 
+@pytest.mark.parametrize("name", ["config.yaml", "notes.txt", "ckpt-00000001.safetensors"])
+@pytest.mark.parametrize("command", ["resume", "sample", "export", "inspect", "guide", "eval"])
+def test_a_text_file_where_a_checkpoint_goes_says_it_is_text(tmp_path, trained_run, command, name):
+    """A config or any text file read as a checkpoint said "header of 2308721996212760429 bytes in a 1980-byte
+    file": its first 8 characters read as the header's length."""
+    f = tmp_path / name
+    if name == "config.yaml":
+        f.write_text((trained_run / "config.yaml").read_text())
+    else:
+        f.write_text("# notes on the run: señor, 1000 steps was enough\n")  # UTF-8 beyond ASCII is text too
+    out = tmp_path / "out"
+    args = {"resume": ["train", "--resume", f], "sample": ["sample", f, "-n", "1", "--out", out],
+            "export": ["export", f, "--out", out / "m.onnx"], "inspect": ["inspect", f],
+            "guide": ["sample", trained_run, "--guide-model", f, "-n", "1", "--out", out],
+            "eval": ["eval", f, "--ref", f, "-n", "1"]}[command]
+    if command == "eval" and not name.endswith(".safetensors"):
+        pytest.skip("eval scores images or a config's dataset: only a .safetensors is taken for a checkpoint")
+    line = assert_refused(invoke(*args), str(f.name), "text file", "not a safetensors checkpoint", codes=(1,),
+                          max_lines=1)[0]
+    assert "header of" not in line, line
+    if name.endswith(".yaml"):
+        assert "ddpm train -c" in line, line  # where a config goes
+    assert not out.exists()
+
+
 def test_resume_of_a_foreign_safetensors_file(tmp_path):
     from safetensors.torch import save_file
 

@@ -91,6 +91,20 @@ def _looks_like_onnx(head: bytes) -> bool:
     return len(head) > 2 and head[0] == 0x08 and head[1] < 0x80 and head[2] in b"\x12\x1a\x22\x2a\x32\x3a\x42"
 
 
+def _looks_like_text(f) -> bool:
+    """Whether the open file `f` starts with text (UTF-8, no control characters but whitespace): a config or notes
+    given where a checkpoint goes, whose first 8 characters would read as a header length of exabytes."""
+    import codecs
+
+    f.seek(0)
+    chunk = f.read(1024)
+    try:  # not final: a character cut at the chunk's end is not an error
+        text = codecs.getincrementaldecoder("utf-8")().decode(chunk, final=len(chunk) < 1024).removeprefix("\ufeff")
+    except UnicodeDecodeError:
+        return False
+    return bool(text) and all(c.isprintable() or c in "\t\n\r\f\v" for c in text)
+
+
 def _not_a_checkpoint(p: Path, what: str, fmt: str, loader: str) -> CheckpointError:
     return CheckpointError(f"{p} is {what} (what `ddpm export --format {fmt}` writes, for {loader}), not a "
                            f"checkpoint; pass ddpm the .safetensors checkpoint it was exported from, or its run "
@@ -126,9 +140,13 @@ def read_header(path: str | Path, require_ddpm: bool = True) -> Header:
                                       f"data.root, with data.dataset=folder)")
             if _looks_like_pickle(head):
                 raise pickled
+            n = struct.unpack("<Q", head[:8])[0] if len(head) >= 8 else 0
+            if (n == 0 or n > MAX_HEADER or 8 + n > size) and _looks_like_text(f):  # no length that fits is text
+                config = f" (a run config starts a run: ddpm train -c {p})" if p.suffix in (".yaml", ".yml") else ""
+                raise CheckpointError(f"{p} is a text file, not a safetensors checkpoint; pass a .safetensors "
+                                      f"checkpoint written by ddpm, or its run directory{config}")
             if len(head) < 8:
                 raise CheckpointError(f"{p} is not a safetensors file (only {size} bytes)")
-            (n,) = struct.unpack("<Q", head[:8])
             if n == 0 or n > MAX_HEADER or 8 + n > size:
                 if _looks_like_onnx(head):
                     raise _not_a_checkpoint(p, "an ONNX model", "onnx", "onnxruntime")

@@ -210,6 +210,43 @@ def test_data_root_that_is_a_plain_file_is_refused(tmp_path):
     assert_refused(train_with(tmp_path, _folder_cfg(tmp_path, f)), "not a .zip")
 
 
+def _cut_zips(d: Path) -> dict[str, Path]:
+    """A .zip of images and an .npz of them, each cut in half (an interrupted copy: no central directory)."""
+    import zipfile
+
+    import numpy as np
+
+    for i in range(8):
+        _png(d / "images" / f"{i}.png", (30 * i, 20, 20))
+    with zipfile.ZipFile(d / "whole.zip", "w") as z:
+        for f in sorted((d / "images").iterdir()):
+            z.write(f, f.name)
+    np.savez(d / "whole.npz", images=np.zeros((8, 3, 20, 20), np.uint8))
+    cut = {}
+    for name in ("images.zip", "images.npz"):
+        data = (d / f"whole{Path(name).suffix}").read_bytes()
+        cut[name] = d / name
+        cut[name].write_bytes(data[:len(data) // 2])
+    return cut
+
+
+def test_a_zip_cut_short_is_called_damaged_not_something_else(tmp_path):
+    """A .zip of images cut short (a copy interrupted) said "is a file but not a .zip" as data.root, and "not a
+    folder, .zip, .npz or .yaml" to eval: it is a .zip, and the fix is to copy it again."""
+    from ddpm_cli.engine.evaluation.sources import open_images_or_stats
+    from ddpm_cli.errors import DataError
+
+    cut = _cut_zips(tmp_path / "d")
+    ok = (tmp_path / "d" / "whole.zip", tmp_path / "d" / "whole.npz")
+    for r in (train_with(tmp_path, _folder_cfg(tmp_path, cut["images.zip"])),  # as training data
+              *(invoke("eval", ok[i], "--ref", cut[name]) for i, name in enumerate(cut))):  # as eval's reference
+        line = assert_refused(r, "damaged", "cut short", "copy it again", codes=(1,), max_lines=1)[0]
+        assert "not a .zip" not in line and "not a folder" not in line and "not an .npz" not in line, line
+    for name, f in cut.items():  # as the samples eval scores (opened after Inception is loaded, so here directly)
+        with pytest.raises(DataError, match=f"{f.name} is a damaged .*cut short.*copy it again"):
+            open_images_or_stats(f, role="samples")
+
+
 def test_non_images_among_images_are_skipped_with_a_warning(tmp_path):
     d = tmp_path / "mixed"
     for i in range(6):

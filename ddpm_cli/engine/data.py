@@ -21,6 +21,7 @@ import torch
 from ddpm_cli.config import DataConfig, ModelConfig
 from ddpm_cli.engine import data_cache
 from ddpm_cli.engine.decode import batch_view, decode_files, decode_image, read_file, stack
+from ddpm_cli.engine.files import cut_short_message, zip_cut_short
 from ddpm_cli.engine.streaming import (StreamedImages, cores_per_rank, decoding_processes, readable_entries,
                                        should_stream, stream_workers)
 from ddpm_cli.errors import DataError
@@ -201,6 +202,8 @@ class ImageFiles:
                             f"{root} not found; pass a folder or .zip of images")
         self.is_zip = root.is_file()
         if self.is_zip:
+            if zip_cut_short(root):
+                raise DataError(cut_short_message(label))
             if not zipfile.is_zipfile(root):
                 raise DataError(f"{label} is a file but not a .zip; point it at a folder or .zip of images")
             try:

@@ -1,4 +1,5 @@
-"""Atomic file writing: a crash at any moment leaves either the old file or the new one, never a half-written one."""
+"""Atomic file writing: a crash at any moment leaves either the old file or the new one, never a half-written one;
+and telling a file that was cut short (a copy or download interrupted) from one of another kind."""
 from __future__ import annotations
 
 import os
@@ -33,3 +34,23 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
         tmp.unlink(missing_ok=True)
         raise
     fsync_dir(path.parent)
+
+
+def zip_cut_short(path: Path) -> bool:
+    """A zip (a .zip of images, an .npz) cut short: it opens as a zip does (a local file header, PK 03 04) but its
+    end, the central directory zipfile reads first, is missing, so zipfile.is_zipfile calls it no zip at all."""
+    import zipfile
+
+    try:
+        with open(path, "rb") as f:
+            if f.read(4) != b"PK\x03\x04":
+                return False
+        return not zipfile.is_zipfile(path)
+    except OSError:
+        return False
+
+
+def cut_short_message(label: str) -> str:
+    """The one line for a zip_cut_short file, named `label` (e.g. "data.root images.zip")."""
+    return (f"{label} is a damaged zip: it was cut short (its end, the zip's table of contents, is missing); copy "
+            f"it again")

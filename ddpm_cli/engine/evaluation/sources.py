@@ -19,6 +19,7 @@ from ddpm_cli.engine.data import ImageFiles, folder_files, read_cifar10
 from ddpm_cli.engine.decode import decode_image, fingerprint
 from ddpm_cli.engine.evaluation.inception import short_reason
 from ddpm_cli.engine.evaluation.stats import FeatureStats, is_stats, load_stats, open_npz
+from ddpm_cli.engine.files import cut_short_message, zip_cut_short
 from ddpm_cli.errors import DataError
 
 CIFAR10_REFS = ("cifar10-train", "cifar10-test")
@@ -90,6 +91,8 @@ def files_source(path: str | Path, n: int | None = None, option: str = "-n") -> 
     Images are used at their own size (Inception resizes them as TensorFlow does); ones whose size differs from
     the first image's are center-cropped and resized to it (a warning says how many)."""
     root = Path(path)
+    if root.is_file() and zip_cut_short(root):
+        raise DataError(cut_short_message(str(root)))
     if root.is_file() and not zipfile.is_zipfile(root):
         raise DataError(f"{root} is neither a folder nor a .zip of images")
     files = ImageFiles(root)
@@ -262,7 +265,7 @@ def open_images_or_stats(spec: str | Path, *, data_root: str | Path = "data", ro
         if is_stats_file(p):
             return load_stats(p)
         src = npz_source(p)
-    elif zipfile.is_zipfile(p):
+    elif zipfile.is_zipfile(p) or zip_cut_short(p):  # files_source says that one is damaged
         return files_source(p, n, option)
     else:
         raise DataError(f"{role} {text}: not a folder, .zip, .npz or .yaml; pass images, statistics or a run config")

@@ -17,7 +17,7 @@ import torch
 
 from ddpm_cli import __version__
 from ddpm_cli.engine.evaluation.inception import Inception, short_reason
-from ddpm_cli.engine.files import atomic_write_bytes
+from ddpm_cli.engine.files import atomic_write_bytes, cut_short_message, zip_cut_short
 from ddpm_cli.errors import DataError, DdpmError
 
 if TYPE_CHECKING:
@@ -160,6 +160,8 @@ def save_stats(stats: FeatureStats, path: str | Path) -> Path:
 
 def open_npz(path: Path):
     try:
+        if zip_cut_short(path):
+            raise DataError(cut_short_message(str(path)))
         if not zipfile.is_zipfile(path):  # else numpy calls any non-.npy file "pickled data"
             with open(path, "rb") as f:
                 single = f.read(6) == b"\x93NUMPY"

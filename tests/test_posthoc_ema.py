@@ -223,3 +223,31 @@ def test_the_config_refuses_bad_lengths(tmp_path, value, problem):
     with pytest.raises(ConfigError) as e:
         load_config(None, [f"train.posthoc_ema={value}"])
     assert any(problem in p for p in e.value.problems) or problem in str(e.value)
+
+
+@pytest.mark.parametrize("target", ["snapshot", "folder"])
+def test_a_snapshot_where_a_checkpoint_goes_says_how_to_make_one(tmp_path, target):
+    """A snapshot (or the run's ema/ folder of them) given to sample, eval, export, a resume or --guide-model said it
+    "has no readable stored config ... use another checkpoint" (the folder: "holds no checkpoints"): `ddpm ema`
+    makes a checkpoint of them."""
+    run = _posthoc_run(tmp_path, train__steps=10).run_dir
+    given = snapshot_path(run, 10) if target == "snapshot" else run / "ema"
+    out = tmp_path / "out"
+    for args in (["sample", given, "-n", 1, "--out", out], ["eval", given, "--ref", given, "-n", 1],
+                 ["export", given, "--out", out / "m.onnx"], ["train", "--resume", given],
+                 ["sample", run, "--guide-model", given, "-n", 1, "--out", out]):
+        msg = one_line_error(cli(*args), code=(1,))
+        assert "post-hoc EMA snapshot" in msg and f"ddpm ema {run} --length L" in msg, (args, msg)
+        assert "use another checkpoint" not in msg and "holds no checkpoints" not in msg, msg
+    assert not out.exists()
+
+
+def test_ema_takes_the_snapshot_folder_or_a_snapshot_for_its_run(tmp_path):
+    """`ddpm ema RUN/ema` looked for RUN/ema/ema: it listed no snapshots, and with --length refused a run it took to
+    have none."""
+    run = _posthoc_run(tmp_path, train__steps=10).run_dir
+    assert "2 snapshots of the lengths 0.05, 0.1" in ok("ema", run / "ema").stdout
+    ok("ema", run / "ema", "-l", "0.08")
+    assert (run / "ema" / "ckpt-00000010-length0.08.safetensors").is_file() and not (run / "ema" / "ema").exists()
+    ok("ema", snapshot_path(run, 5), "-l", "0.08")  # a snapshot: its run, and its step as the default
+    assert load_checkpoint(run / "ema" / "ckpt-00000005-length0.08.safetensors").step == 5

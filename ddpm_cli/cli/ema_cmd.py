@@ -18,23 +18,27 @@ FIT_WARNING, GAIN_WARNING = 0.05, 10.0
 
 
 def _run_and_step(path: Path, step: int | None) -> tuple[Path, int | None]:
-    """A run directory, or one of its checkpoints (whose step is then the default)."""
-    from ddpm_cli.engine.runs import CKPT_RE, run_folder
+    """A run directory, or one of its checkpoints or post-hoc EMA snapshots (whose step is then the default), or
+    its ema/ folder of snapshots."""
+    from ddpm_cli.engine.posthoc_ema import SNAPSHOT_RE
+    from ddpm_cli.engine.runs import CKPT_RE, holds_snapshots, run_folder
     from ddpm_cli.errors import UsageError
 
     path = run_folder(path).resolve()  # a checkpoint named from inside its checkpoints/ folder still finds its run
-    if path.is_dir():
-        return path, step
-    match = CKPT_RE.search(path.name)
-    if path.is_file() and match and path.parent.name == "checkpoints":
+    if path.is_dir():  # RUN/ema (the folder the snapshots are seen in) was taken for a run, and RUN/ema/ema searched
+        return (path.parent if path.name == "ema" and holds_snapshots(path) else path), step
+    match = CKPT_RE.search(path.name) if path.parent.name == "checkpoints" else \
+        SNAPSHOT_RE.search(path.name) if path.parent.name == "ema" else None
+    if path.is_file() and match:
         return path.parent.parent, int(match.group(1)) if step is None else step
-    raise UsageError(f"{path} is neither a run directory nor one of its checkpoints (RUN/checkpoints/ckpt-*)")
+    raise UsageError(f"{path} is neither a run directory nor one of its checkpoints (RUN/checkpoints/ckpt-*) or "
+                     f"post-hoc EMA snapshots (RUN/ema/snapshot-*)")
 
 
 @friendly
 def ema_command(
-    run: Path = typer.Argument(..., help="A run directory of `ddpm train` (or one of its checkpoints: its step).",
-                               show_default=False),
+    run: Path = typer.Argument(..., help="A run directory of `ddpm train` (or one of its checkpoints or snapshots: "
+                                         "its step).", show_default=False),
     lengths: Optional[list[float]] = typer.Option(None, "--length", "-l", help="Relative length of the average "
                                                   "(its standard deviation as a share of the run; in [0.001, "
                                                   "0.28]); repeat for several.", show_default=False),

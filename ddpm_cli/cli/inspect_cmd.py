@@ -205,13 +205,12 @@ def _rows(info: dict) -> list[tuple[str, str]]:
 def _list_run(run_dir: Path, as_json: bool, sha256: bool) -> None:
     from ddpm_cli.engine.checkpoint import read_header
     from ddpm_cli.engine.posthoc_ema import list_snapshots
-    from ddpm_cli.engine.runs import latest_checkpoint, list_checkpoints
-    from ddpm_cli.errors import CheckpointError, DdpmError
+    from ddpm_cli.engine.runs import latest_checkpoint, list_checkpoints, no_checkpoints_error
+    from ddpm_cli.errors import DdpmError
 
     found = list_checkpoints(run_dir)
     if not found:
-        raise CheckpointError(f"{run_dir} holds no checkpoints (looked for checkpoints/ckpt-*.safetensors); pass a "
-                              f"run directory of `ddpm train` or a .safetensors file")
+        raise no_checkpoints_error(run_dir)
     latest = latest_checkpoint(run_dir)
     try:
         snaps = list_snapshots(run_dir)

@@ -30,7 +30,7 @@ if TYPE_CHECKING:
 
 MIN_LENGTH, MAX_LENGTH = POSTHOC_EMA_LENGTHS
 SNAPSHOT_KIND = "posthoc-ema-snapshot"
-_SNAPSHOT = re.compile(r"snapshot-(\d{8,})\.safetensors$")
+SNAPSHOT_RE = re.compile(r"snapshot-(\d{8,})\.safetensors$")
 
 
 def relative_length(gamma: float) -> float:
@@ -159,7 +159,7 @@ def read_snapshot(path: Path) -> Snapshot:
 def list_snapshots(run_dir: Path) -> list[Snapshot]:
     """The run's snapshots, by step."""
     folder = snapshot_folder(run_dir)
-    found = sorted(p for p in folder.glob("snapshot-*.safetensors") if _SNAPSHOT.search(p.name)) \
+    found = sorted(p for p in folder.glob("snapshot-*.safetensors") if SNAPSHOT_RE.search(p.name)) \
         if folder.is_dir() else []
     return sorted((read_snapshot(p) for p in found), key=lambda s: s.step)
 

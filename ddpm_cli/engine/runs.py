@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 import re
+import shlex
 import time
 from pathlib import Path
 
@@ -68,10 +69,34 @@ def resolve_checkpoint(path: str | Path) -> Path:
     if p.is_dir():
         found = latest_checkpoint(p)
         if found is None:
-            raise CheckpointError(f"{p} holds no checkpoints (looked for checkpoints/ckpt-*.safetensors); "
-                                  f"pass a run directory of `ddpm train` or a .safetensors file")
+            raise no_checkpoints_error(p)
         return found
     return p
+
+
+def holds_snapshots(folder: Path) -> bool:
+    """Whether `folder` holds post-hoc EMA snapshots (a run's ema/ folder: engine/posthoc_ema.py)."""
+    return any(Path(folder).glob("snapshot-*.safetensors"))
+
+
+def snapshot_error(p: Path, folder: bool = False) -> CheckpointError:
+    """The refusal of a post-hoc EMA snapshot (or the ema/ folder of them) where a checkpoint goes: snapshots are
+    running averages without the run's config, and `ddpm ema` makes a checkpoint of any length from them."""
+    ema = p if folder else p.parent
+    if ema.name != "ema":  # named from inside the folder ("." or "")
+        ema = ema.resolve()
+    run = shlex.quote(str(ema.parent)) if ema.name == "ema" else "RUN"
+    what = "a folder of post-hoc EMA snapshots" if folder else "a post-hoc EMA snapshot"
+    return CheckpointError(f"{p} is {what} (train.posthoc_ema's averages), not a checkpoint; make a checkpoint of "
+                           f"them with `ddpm ema {run} --length L -o out.safetensors` and pass that")
+
+
+def no_checkpoints_error(p: Path) -> CheckpointError:
+    """A folder given for a run that holds no checkpoints: what it holds instead, where ddpm can tell."""
+    if holds_snapshots(p):
+        return snapshot_error(p, folder=True)
+    return CheckpointError(f"{p} holds no checkpoints (looked for checkpoints/ckpt-*.safetensors); pass a run "
+                           f"directory of `ddpm train` or a .safetensors file")
 
 
 def state_path(weights: Path) -> Path:

@@ -12,7 +12,7 @@ from pathlib import Path
 
 from ddpm_cli import __version__
 from ddpm_cli.config import RunConfig, apply_overrides, validate_config
-from ddpm_cli.engine.runs import resolve_checkpoint
+from ddpm_cli.engine.runs import resolve_checkpoint, snapshot_error
 from ddpm_cli.errors import CheckpointError, ConfigError
 
 FORMAT = "ddpm-cli"
@@ -291,6 +291,8 @@ def read_checkpoint_config(path: str | Path, overrides: list[str] | None = None)
     if header.metadata.get("kind") == "train-state":
         raise CheckpointError(f"{p} is a training-state file: it cannot be resumed or sampled by itself; pass the "
                               f"weights file beside it ({p.name.replace('.state.safetensors', '.safetensors')})")
+    if header.metadata.get("kind") == "posthoc-ema-snapshot":  # posthoc_ema.SNAPSHOT_KIND: averages, no config
+        raise snapshot_error(p)
     return p, header, StoredConfig.of(header).validated(overrides)
 
 

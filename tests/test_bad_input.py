@@ -352,6 +352,41 @@ def test_a_text_file_where_a_checkpoint_goes_says_it_is_text(tmp_path, trained_r
     assert not out.exists()
 
 
+def _diffusers_folder(root: Path, pipeline: bool) -> Path:
+    """What `huggingface-cli download google/ddpm-cifar10-32` leaves (a DDPMPipeline: model_index.json, unet/,
+    scheduler/), or a UNet2DModel's folder alone; its weights a safetensors file of diffusers' (metadata format pt)."""
+    from safetensors.torch import save_file
+
+    unet = root / "unet" if pipeline else root
+    unet.mkdir(parents=True)
+    if pipeline:
+        (root / "model_index.json").write_text(json.dumps({"_class_name": "DDPMPipeline"}))
+        (root / "scheduler").mkdir()
+        (root / "scheduler" / "scheduler_config.json").write_text(json.dumps({"_class_name": "DDPMScheduler"}))
+    (unet / "config.json").write_text(json.dumps({"_class_name": "UNet2DModel", "sample_size": 32}))
+    save_file({"conv_in.weight": torch.zeros(4, 3, 3, 3)}, str(unet / "diffusion_pytorch_model.safetensors"),
+              metadata={"format": "pt"})
+    return root
+
+
+@pytest.mark.parametrize("layout", ["pipeline", "unet"])
+@pytest.mark.parametrize("command", ["sample", "eval", "export", "inspect", "resume", "guide"])
+def test_a_diffusers_model_where_a_checkpoint_goes_points_to_ddpm_import(tmp_path, trained_run, command, layout):
+    """A diffusers model folder given to sample said it "holds no checkpoints" (eval: "no images found"), and its
+    weights file that it is "not written by ddpm": `ddpm import` makes a checkpoint of it."""
+    folder = _diffusers_folder(tmp_path / "ddpm-cifar10-32", pipeline=layout == "pipeline")
+    weights = folder / ("unet" if layout == "pipeline" else "") / "diffusion_pytorch_model.safetensors"
+    out = tmp_path / "out"
+    for given in (folder, weights):
+        args = {"sample": ["sample", given, "-n", "1", "--out", out], "eval": ["eval", given, "--ref", given],
+                "export": ["export", given, "--out", out / "m.onnx"], "inspect": ["inspect", given],
+                "resume": ["train", "--resume", given],
+                "guide": ["sample", trained_run, "--guide-model", given, "-n", "1", "--out", out]}[command]
+        line = assert_refused(invoke(*args), "diffusers", f"ddpm import {folder}", codes=(1,), max_lines=1)[0]
+        assert "holds no checkpoints" not in line and "no images" not in line, line
+    assert not out.exists()
+
+
 def test_resume_of_a_foreign_safetensors_file(tmp_path):
     from safetensors.torch import save_file
 

@@ -91,10 +91,32 @@ def snapshot_error(p: Path, folder: bool = False) -> CheckpointError:
                            f"them with `ddpm ema {run} --length L -o out.safetensors` and pass that")
 
 
+def diffusers_model(p: Path) -> Path | None:
+    """The diffusers model folder (a DDPMPipeline's or a UNet2DModel's: what `ddpm import` reads) that `p` is, or
+    whose weights file (diffusion_pytorch_model*.safetensors) `p` is; None when it is neither."""
+    p = Path(p)
+    if p.is_dir():
+        unet = (p / "config.json").is_file() and any(p.glob("diffusion_pytorch_model*"))
+        return p if unet or (p / "model_index.json").is_file() or (p / "unet" / "config.json").is_file() else None
+    if not (p.name.startswith("diffusion_pytorch_model") and (p.parent / "config.json").is_file()):
+        return None
+    pipeline = p.parent.parent if p.parent.name == "unet" else None  # "unet" of "." names nothing: p.parent, as given
+    return pipeline if pipeline is not None and (pipeline / "model_index.json").is_file() else p.parent
+
+
+def diffusers_error(p: Path, folder: Path) -> CheckpointError:
+    """The refusal of a diffusers model (its folder, or its weights, `p`) where a ddpm checkpoint goes."""
+    what = "model folder" if p.is_dir() else "model's weights"
+    return CheckpointError(f"{p} is a diffusers {what}, not a ddpm checkpoint; make a checkpoint of it with `ddpm "
+                           f"import {shlex.quote(str(folder))}` and pass the .safetensors file it writes")
+
+
 def no_checkpoints_error(p: Path) -> CheckpointError:
     """A folder given for a run that holds no checkpoints: what it holds instead, where ddpm can tell."""
     if holds_snapshots(p):
         return snapshot_error(p, folder=True)
+    if (folder := diffusers_model(p)) is not None:
+        return diffusers_error(p, folder)
     return CheckpointError(f"{p} holds no checkpoints (looked for checkpoints/ckpt-*.safetensors); pass a run "
                            f"directory of `ddpm train` or a .safetensors file")
 

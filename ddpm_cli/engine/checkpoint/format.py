@@ -12,7 +12,7 @@ from pathlib import Path
 
 from ddpm_cli import __version__
 from ddpm_cli.config import RunConfig, apply_overrides, validate_config
-from ddpm_cli.engine.runs import resolve_checkpoint, snapshot_error
+from ddpm_cli.engine.runs import diffusers_error, diffusers_model, resolve_checkpoint, snapshot_error
 from ddpm_cli.errors import CheckpointError, ConfigError
 
 FORMAT = "ddpm-cli"
@@ -178,6 +178,8 @@ def read_header(path: str | Path, require_ddpm: bool = True) -> Header:
         raise CheckpointError(f"{p} has malformed safetensors metadata")
     h = Header(p, metadata, header, size)
     if require_ddpm:
+        if metadata.get("format") != FORMAT and (folder := diffusers_model(p)) is not None:
+            raise diffusers_error(p, folder)
         if metadata.get("format") != FORMAT:
             raise CheckpointError(f"{p} is a safetensors file without ddpm's metadata (not written by ddpm); "
                                   f"use a checkpoint from `ddpm train` or `ddpm export`")

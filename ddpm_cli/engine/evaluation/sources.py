@@ -225,12 +225,14 @@ def samples_source(drawer: Any, n: int, *, seed: int = 0, labels: torch.Tensor |
 
 def is_checkpoint(path: str | Path) -> bool:
     """A .safetensors file or a run directory (what `ddpm sample` takes), as opposed to images or statistics; and a
-    folder of what stands in for a checkpoint (post-hoc EMA snapshots), which sampling refuses with the fix."""
-    from ddpm_cli.engine.runs import holds_snapshots, run_folder
+    folder of what stands in for a checkpoint (post-hoc EMA snapshots, a diffusers model), which sampling refuses
+    with the fix."""
+    from ddpm_cli.engine.runs import diffusers_model, holds_snapshots, run_folder
 
     p = run_folder(path)  # a run's checkpoints/ folder stands for the run
     if p.is_dir():
-        return (p / "checkpoints").is_dir() or (p / "latest.json").is_file() or holds_snapshots(p)
+        return ((p / "checkpoints").is_dir() or (p / "latest.json").is_file() or holds_snapshots(p)
+                or diffusers_model(p) is not None)
     return p.suffix == ".safetensors"
 
 

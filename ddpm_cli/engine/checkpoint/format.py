@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import re
+import shlex
 import struct
 from dataclasses import dataclass
 from pathlib import Path
@@ -141,13 +142,15 @@ def read_header(path: str | Path, require_ddpm: bool = True) -> Header:
             if _looks_like_pickle(head):
                 raise pickled
             n = struct.unpack("<Q", head[:8])[0] if len(head) >= 8 else 0
-            if (n == 0 or n > MAX_HEADER or 8 + n > size) and _looks_like_text(f):  # no length that fits is text
-                config = f" (a run config starts a run: ddpm train -c {p})" if p.suffix in (".yaml", ".yml") else ""
+            fits = 0 < n <= MAX_HEADER and 8 + n <= size
+            if not fits and _looks_like_text(f):  # 8 bytes of text are a length of petabytes: never one that fits
+                config = f" (a run config starts a run: ddpm train -c {shlex.quote(str(p))})" \
+                    if p.suffix in (".yaml", ".yml") else ""
                 raise CheckpointError(f"{p} is a text file, not a safetensors checkpoint; pass a .safetensors "
                                       f"checkpoint written by ddpm, or its run directory{config}")
             if len(head) < 8:
                 raise CheckpointError(f"{p} is not a safetensors file (only {size} bytes)")
-            if n == 0 or n > MAX_HEADER or 8 + n > size:
+            if not fits:
                 if _looks_like_onnx(head):
                     raise _not_a_checkpoint(p, "an ONNX model", "onnx", "onnxruntime")
                 raise CheckpointError(f"{p} is not a safetensors file, or it is truncated (header of {n} bytes "

@@ -470,6 +470,25 @@ def test_cli_samples_a_checkpoint_and_scores_it(cli_files, clean_stats, trained_
     assert r.exit_code == 1 and "holds no EMA weights with decay 0.5" in r.stderr
 
 
+def test_an_upper_case_safetensors_suffix_is_a_checkpoint_to_sample(cli_files, trained_run, tmp_path):
+    """`ddpm sample M.SAFETENSORS` samples it, and `ddpm eval M.SAFETENSORS` said "not a folder, .zip, .npz or
+    .yaml": eval told a checkpoint from samples by a case-sensitive suffix."""
+    import shutil
+
+    from ddpm_cli.engine.runs import latest_checkpoint
+
+    f = cli_files
+    lower = latest_checkpoint(trained_run)
+    upper = shutil.copy(lower, tmp_path / "M.SAFETENSORS")
+    args = ["-n", "4", "--steps", "2", "--ref", str(f["samples"]), *f["common"]]
+    by_name = {}
+    for ckpt in (lower, upper):
+        r = runner.invoke(app, ["eval", str(ckpt), *args])
+        assert r.exit_code == 0, r.output
+        by_name[ckpt] = _json_line(r)
+    assert by_name[upper]["n"] == 4 and by_name[upper]["fid"] == by_name[lower]["fid"]
+
+
 def test_fid_of_model_for_the_training_loop(trained_conditional_run, clean_stats, inception):
     from ddpm_cli.engine.checkpoint import load_model
 

@@ -322,3 +322,15 @@ def test_the_out_suffix_chooses_the_format_and_a_contrary_one_is_refused(trained
         assert fmt in line and suffix in line and not out.exists(), line
     ok("export", ckpt, "-o", tmp_path / "m.pt2")
     assert zipfile.is_zipfile(tmp_path / "m.pt2")  # a torch.export archive; safetensors would be no zip
+
+
+def test_an_upper_case_pt2_suffix_exports_without_torch_s_warnings(trained_run, tmp_path):
+    """`-o m.PT2` chose pt2 (the suffix is read case-insensitively) but torch.export.save and load, which want a name
+    ending in lower-case .pt2, logged two warnings to the user's terminal about a temporary file of ours."""
+    out = tmp_path / "m.PT2"
+    r = subprocess.run([sys.executable, "-m", "ddpm_cli", "export", str(latest_checkpoint(trained_run)), "-o",
+                        str(out)], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert r.stderr == "" and "torch.export.load" in r.stdout, r.stderr
+    names = zipfile.ZipFile(out).namelist()  # a pt2 archive, its folder named for the file
+    assert names and all(n.startswith("m/") for n in names), names[:3]

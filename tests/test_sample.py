@@ -132,6 +132,18 @@ def test_npz_into_a_folder_and_no_labels_for_an_unconditional_model(trained_run,
     assert set(d) == {"arr_0"} and d["arr_0"].shape == (3, 16, 16, 3)
 
 
+def test_an_upper_case_npz_suffix_names_an_npz_file(trained_run, tmp_path):
+    """`-o x.NPZ` wrote a folder of PNGs named x.NPZ (and with --format npz, x.NPZ/samples.npz): the suffix that
+    picks the file over the folder was compared case-sensitively, as no other suffix check of the CLI is."""
+    ok("sample", trained_run, "-n", 2, "--out", tmp_path / "a.NPZ", *FAST)
+    ok("sample", trained_run, "-n", 2, "--format", "npz", "--out", tmp_path / "b.Npz", *FAST)
+    for name in ("a.NPZ", "b.Npz"):
+        assert (tmp_path / name).is_file(), list((tmp_path / name).iterdir())
+        assert npz(tmp_path / name)["arr_0"].shape == (2, 16, 16, 3)
+    msg = one_line_error(cli("sample", trained_run, "-n", 2, "--format", "png", "--out", tmp_path / "c.NPZ", *FAST))
+    assert "names an .npz file" in msg and not (tmp_path / "c.NPZ").exists()
+
+
 def test_per_class_png_names_show_the_class(trained_conditional_run, tmp_path):
     ok("sample", trained_conditional_run, "-n", 10, "--per-class", "--out", tmp_path, *FAST)
     assert sorted(p.name for p in tmp_path.iterdir()) == [f"class{k}_{k:06d}.png" for k in range(10)]

@@ -174,7 +174,8 @@ def sample_command(
     refuse_too_many(n)
     class_index = _class_index(class_index, checkpoint)
     grid = output_path("--grid", grid, "grid.png")
-    npz_named = out is not None and Path(out).suffix == ".npz"  # the plan's rule: x.npz is the file, else a folder
+    # the plan's rule: x.npz (or x.NPZ) is the file, else a folder
+    npz_named = out is not None and Path(out).suffix.lower() == ".npz"
     if fmt == Format.png and npz_named:
         raise UsageError(f"--out {out} names an .npz file, and --format png writes a folder of PNG files; drop "
                          f"--format png to write the npz, or name a folder")

@@ -284,9 +284,10 @@ def export_pt2(ckpt, use_ema: bool, dst: Path, ema_decay: float | None = None) -
     net = fold_upsampling(Denoiser(model, cfg.model.conditional).eval(), frozen=True)
     args = random_inputs(cfg, 2, seed=1)
     batch = torch.export.Dim("batch", min=1, max=65536)
-    # written under its own name in a temporary folder beside it: the archive's top folder is named for the file
+    # written under its own name in a temporary folder beside it: the archive's top folder is named for the file;
+    # its suffix lower-case, since torch.export.save and load log a warning for a name not ending in .pt2 (m.PT2)
     tmp_dir = dst.with_name(f".{dst.name}.tmp-{os.getpid()}")
-    tmp = tmp_dir / dst.name
+    tmp = tmp_dir / f"{dst.stem}.pt2"
     try:
         try:
             tmp_dir.mkdir(exist_ok=True)

@@ -161,7 +161,7 @@ def plan_sampling(req: SampleRequest) -> SamplePlan:
             labs = labels if labels is not None else [None] * req.n
             files = [req.out / image_name(i, labs[i], width) for i in range(req.n)]
         else:
-            npz = req.out if req.out.suffix == ".npz" else req.out / "samples.npz"
+            npz = req.out if req.out.suffix.lower() == ".npz" else req.out / "samples.npz"  # x.NPZ too, as the CLI
         if req.out.exists() and not req.out.is_dir() and req.fmt == "png":
             raise DdpmError(f"--out {req.out} is a file; pass a directory for the PNG files")
     if int(os.environ.get("RANK", "0")) == 0:  # under torchrun rank 0 checks, before any rank writes

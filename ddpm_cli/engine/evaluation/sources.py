@@ -233,7 +233,7 @@ def is_checkpoint(path: str | Path) -> bool:
     if p.is_dir():
         return ((p / "checkpoints").is_dir() or (p / "latest.json").is_file() or holds_snapshots(p)
                 or diffusers_model(p) is not None)
-    return p.suffix == ".safetensors"
+    return p.suffix.lower() == ".safetensors"  # M.SAFETENSORS too, as `ddpm sample` takes it
 
 
 def is_stats_file(path: str | Path) -> bool:

@@ -8,6 +8,7 @@ import time
 
 import pytest
 import torch
+from PIL import Image
 
 from conftest import run_cli, tiny_config, tiny_overrides, write_yaml
 from ddpm_cli.engine.checkpoint import load_checkpoint, read_header
@@ -201,6 +202,44 @@ def test_wandb_offline_writes_its_files(tmp_path, monkeypatch):
     for key in keys:
         assert key in log, key
     assert list(runs[0].rglob("media/images/samples_*.png"))
+
+
+def test_wandb_that_cannot_start_or_log_is_a_ddpm_error_naming_the_fix(tmp_path, monkeypatch):
+    """wandb's own errors (no login, no network) reached the engine's callers as wandb exceptions: only the CLI
+    turned them into a line with the fix, so a caller of the engine got a wandb traceback. The sink raises a
+    DdpmError with wandb's reason and the fix, when wandb starts and when it logs, and the run is not left."""
+    wandb = pytest.importorskip("wandb")
+    from ddpm_cli.engine.metrics import WandbSink
+    from ddpm_cli.errors import DdpmError
+
+    def no_login(*args, **kwargs):
+        raise wandb.errors.UsageError("No API key configured. Use `wandb login` to log in.")
+
+    monkeypatch.setattr(wandb, "init", no_login)
+    with pytest.raises(DdpmError) as e:
+        train(tiny_config(tmp_path, train__steps=2, logging__wandb="online"))
+    msg = str(e.value)
+    assert "No API key configured" in msg and "wandb login" in msg and "logging.wandb=off" in msg, msg
+    assert "\n" not in msg and not (tmp_path / "tiny").exists()
+
+    class LostConnection:  # a run that started, and whose service is gone by the time it logs
+        def log(self, *args, **kwargs):
+            raise wandb.errors.CommError("Network error (ConnectionError), entering retry loop.\nmore detail")
+
+        finish = log
+
+    monkeypatch.setattr(wandb, "init", lambda *args, **kwargs: LostConnection())
+    sink = WandbSink("online", "p", None, "run", {}, tmp_path)
+    grid = tmp_path / "g.png"
+    Image.new("RGB", (4, 4)).save(grid)
+    for call in (lambda: sink.log({"loss": 1.0}, 1), lambda: sink.log_image("samples", grid, 1),
+                 sink.close):
+        with pytest.raises(DdpmError, match=r"^wandb: Network error \(ConnectionError\), entering retry loop\.; "
+                                            r"run `wandb login`"):
+            call()
+    monkeypatch.setattr(wandb, "init", lambda *args, **kwargs: 1 / 0)  # not wandb's: a bug, left as it is
+    with pytest.raises(ZeroDivisionError):
+        WandbSink("online", "p", None, "run", {}, tmp_path)
 
 
 def test_help_does_not_import_torch():

@@ -166,11 +166,6 @@ def friendly(fn: Callable) -> Callable:
             if text.startswith("symlink loop"):  # Path.resolve() of links that point at each other (Python < 3.13)
                 fail(f"{e}: the links point at each other; give the file itself")
             raise
-        except Exception as e:
-            if type(e).__module__.split(".")[0] == "wandb":  # logging.wandb: wandb's own errors (no login, no network)
-                first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-                fail(f"wandb: {first}; run `wandb login`, or set logging.wandb=offline (or logging.wandb=off)")
-            raise
 
     return wrapper
 

@@ -1,6 +1,7 @@
 """Where a run's numbers go: metrics.jsonl, optional wandb, and the loss-curve PNG drawn at the end."""
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 from pathlib import Path
@@ -68,6 +69,20 @@ def read_metrics(path: Path) -> list[dict]:
     return out
 
 
+@contextlib.contextmanager
+def _wandb_errors():
+    """wandb's own errors (no login, no network, its service gone) as a DdpmError with its reason and the fix, so
+    that every caller of the engine, not only the CLI, gets the line; any other exception is left as it is."""
+    try:
+        yield
+    except Exception as e:
+        if type(e).__module__.split(".")[0] != "wandb":
+            raise
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise DdpmError(f"wandb: {first}; run `wandb login`, or set logging.wandb=offline (or "
+                        f"logging.wandb=off)") from e
+
+
 class WandbSink:
     """wandb, imported only when enabled; offline mode writes the run under the run directory."""
 
@@ -78,17 +93,21 @@ class WandbSink:
             raise DdpmError("logging.wandb is on but wandb is not installed; `pip install wandb` or set "
                             "logging.wandb=off") from None
         self._wandb = wandb
-        self.run = wandb.init(mode=mode, project=project, entity=entity, name=name, config=config,
-                              dir=str(run_dir), reinit="finish_previous")
+        with _wandb_errors():
+            self.run = wandb.init(mode=mode, project=project, entity=entity, name=name, config=config,
+                                  dir=str(run_dir), reinit="finish_previous")
 
     def log(self, record: dict, step: int) -> None:
-        self.run.log({k: v for k, v in record.items() if k != "step"}, step=step)
+        with _wandb_errors():
+            self.run.log({k: v for k, v in record.items() if k != "step"}, step=step)
 
     def log_image(self, key: str, path: Path, step: int) -> None:
-        self.run.log({key: self._wandb.Image(str(path))}, step=step)
+        with _wandb_errors():
+            self.run.log({key: self._wandb.Image(str(path))}, step=step)
 
     def close(self) -> None:
-        self.run.finish()
+        with _wandb_errors():
+            self.run.finish()
 
 
 def _nice_ticks(lo: float, hi: float, n: int = 5) -> list[float]:

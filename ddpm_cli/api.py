@@ -79,7 +79,7 @@ class Diffusion(nn.Module):
     def __init__(self, cfg: RunConfig, device: str | torch.device = "auto"):
         super().__init__()
         self.cfg = cfg
-        self.device = resolve_device(str(device))
+        self.device = resolve_device(str(device), "device")
         self.model = build_unet(cfg.model).to(self.device)
         self.process = build_diffusion(cfg.diffusion).to(self.device)
         tc = cfg.train

@@ -890,6 +890,19 @@ def test_wandb_that_cannot_start_is_one_line_and_leaves_no_run(tmp_path, monkeyp
     assert not (tmp_path / "runs" / "tiny").exists()
 
 
+def test_a_device_without_cuda_is_named_as_the_user_gave_it(tmp_path, monkeypatch, ckpt_copy):
+    """`train.device: cuda` on a machine without CUDA said "use --device cpu", a flag `ddpm train` does not have: the
+    message names train.device where the config gave it, and --device where the command line did."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    for data, sets in ((tiny(tmp_path, train__device="cuda"), ()), (tiny(tmp_path), ("train.device=cuda:0",))):
+        r = train_with(tmp_path, data, *sets)
+        assert_refused(r, "train.device cuda", "CUDA is not available", "set train.device=cpu", codes=(1,))
+        assert "--device" not in r.stderr and not (tmp_path / "runs" / "tiny").exists()
+    r = invoke("sample", ckpt_copy, "-n", 1, "--device", "cuda", "--out", tmp_path / "out")
+    assert_refused(r, "--device cuda", "CUDA is not available", "use --device cpu", codes=(1,))
+    assert "train.device" not in r.stderr and not (tmp_path / "out").exists()
+
+
 def test_a_cpu_allocation_that_fails_is_one_line(tmp_path, monkeypatch):
     """The CPU allocator's error ("can't allocate memory") is not "out of memory", and escaped as a traceback."""
     from ddpm_cli.engine import train as engine_train

@@ -257,6 +257,22 @@ def test_a_run_name_is_a_folder_name(name):
     assert "logging.run_name" in e.value.problems[0] and "not a folder name" in e.value.problems[0]
 
 
+@pytest.mark.parametrize("device,meant", [("gpu", "cuda"), ("gpu:1", "cuda:1"), ("CUDA", "cuda"), ("cuda:x", None),
+                                           ("cuda:01", None), ("tpu", None), ("", None)])
+def test_a_device_torch_would_not_take_is_refused_and_gpu_is_taken_for_cuda(tmp_path, device, meant):
+    """`train.device: gpu` passed validation (`ddpm config validate` said valid) and failed only when training
+    started; the device is refused with the config, and the device meant is named."""
+    with pytest.raises(ConfigError) as e:
+        load_config(write_yaml(tmp_path / "c.yaml", {"train": {"device": device}}))
+    problem = e.value.problems[0]
+    assert problem.startswith("train.device") and "use auto, cpu, cuda or cuda:N" in problem, problem
+    assert (f"did you mean {meant}?" in problem) if meant else "did you mean" not in problem, problem
+    result = runner.invoke(app, ["config", "validate", str(tmp_path / "c.yaml")])
+    assert result.exit_code == 1 and "train.device" in result.stderr
+    for good in ("auto", "cpu", "cuda", "cuda:1", "mps"):
+        assert load_config(None, [f"train.device={good}"]).train.device == good
+
+
 def test_a_schedule_that_overflows_is_one_problem_and_no_numpy_warning():
     import warnings
 

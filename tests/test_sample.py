@@ -321,7 +321,7 @@ def test_non_positive_n(trained_run, tmp_path, n):
 @pytest.mark.parametrize("args,expect", [(["--batch-size", "0"], "--batch-size"), (["--eta", "2"], "--eta"),
                                          (["--steps", "0"], "--steps"),
                                          (["--class", "1"], "unconditional"), (["--guidance", "2"], "unconditional"),
-                                         (["--device", "nonsense:7"], "unknown device")])
+                                         (["--device", "nonsense:7"], "--device 'nonsense:7' is not a device")])
 def test_other_bad_options(trained_run, tmp_path, args, expect):
     assert expect in one_line_error(cli("sample", trained_run, "-n", 2, "--out", tmp_path, *args))
 

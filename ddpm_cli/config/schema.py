@@ -2,6 +2,7 @@
 `ddpm config show` and in docs/config.md."""
 from __future__ import annotations
 
+import re
 from typing import Annotated, Any, Literal, get_args
 
 from pydantic import (BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator,
@@ -10,6 +11,20 @@ from pydantic import (BaseModel, ConfigDict, Field, ValidationError, ValidationI
 Side = Annotated[int, Field(ge=8, le=1024)]  # an image side in pixels
 # train.posthoc_ema's relative lengths: the upper end is just under the plain mean's 0.2887 (exponent 0)
 POSTHOC_EMA_LENGTHS = (0.001, 0.28)
+# the devices the engine can check and use (engine/build.py resolve_device), written as torch.device takes them
+# (it refuses cuda:01 and an index past 64 bits)
+DEVICE = re.compile(r"auto|(cpu|cuda|mps)(:(0|[1-9][0-9]{0,8}))?")
+
+
+def device_problem(name: str) -> str | None:
+    """Why `name` is not a device to run on (None: it is one). Said here, without torch, so that the config's
+    validation refuses `train.device: gpu`, which torch would refuse only once training starts; "gpu" (or "CUDA")
+    is taken for the cuda it means."""
+    if DEVICE.fullmatch(name):
+        return None
+    meant = re.sub(r"^gpu", "cuda", name.strip().lower())
+    return f"{name!r} is not a device; use auto, cpu, cuda or cuda:N" + (
+        f" (did you mean {meant}?)" if DEVICE.fullmatch(meant) else "")
 
 
 class Section(BaseModel):
@@ -362,6 +377,14 @@ class TrainConfig(Section):
             raise ValueError("ddp averages the gradients during every backward; with grad_accum > 1 they are "
                              "averaged once per step, after the last micro-batch: use grad_sync auto or flat")
         return sync
+
+    @field_validator("device")
+    @classmethod
+    def _a_device(cls, name: str) -> str:
+        problem = device_problem(name)
+        if problem:
+            raise ValueError(problem)
+        return name
 
     @model_validator(mode="after")
     def _check_related_fields(self) -> "TrainConfig":

@@ -6,27 +6,33 @@ import math
 import torch
 
 from ddpm_cli.config import DiffusionConfig, ModelConfig, RunConfig
+from ddpm_cli.config.schema import device_problem
 from ddpm_cli.diffusion.gaussian import GaussianDiffusion
 from ddpm_cli.diffusion.schedules import make_betas
 from ddpm_cli.errors import DeviceError
 from ddpm_cli.nn.unet import UNet
 
 
-def resolve_device(name: str = "auto") -> torch.device:
+def resolve_device(name: str = "auto", option: str = "train.device") -> torch.device:
+    """The device `name` names, checked to be here. `option` is where the name came from, as the user wrote it, for
+    the messages: the config's train.device (the default: the training loop's), a command's --device, or the API's
+    device argument; a config field's fix is said as a --set writes it."""
+    fix = (f"use {option} cpu" if option.startswith("-") else f"set {option}=cpu (or auto)" if "." in option
+           else f"pass {option}='cpu' (or 'auto')")
+    problem = device_problem(name)
+    if problem:
+        raise DeviceError(f"{option} {problem}")
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        device = torch.device(name)
-    except RuntimeError:
-        raise DeviceError(f"unknown device {name!r}; use auto, cpu, cuda or cuda:N") from None
+    device = torch.device(name)
     if device.type == "cuda":
         if not torch.cuda.is_available():
-            raise DeviceError(f"device {name} requested but CUDA is not available here; use --device cpu")
+            raise DeviceError(f"{option} {name} requested but CUDA is not available here; {fix}")
         if device.index is not None and device.index >= torch.cuda.device_count():
-            raise DeviceError(f"device {name} does not exist: this machine has {torch.cuda.device_count()} "
+            raise DeviceError(f"{option} {name} does not exist: this machine has {torch.cuda.device_count()} "
                               f"GPU(s)")
     elif device.type == "mps" and not torch.backends.mps.is_available():
-        raise DeviceError("device mps requested but it is not available here; use --device cpu")
+        raise DeviceError(f"{option} mps requested but it is not available here; {fix}")
     return device
 
 

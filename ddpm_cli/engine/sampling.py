@@ -285,7 +285,7 @@ def run_sampling(plan: SamplePlan, req: SampleRequest, *, on_start: Callable[[st
     from ddpm_cli.engine.generate import default_batch, even_batch
 
     dist_info = DistInfo.from_env()
-    device = dist_info.device if dist_info.world > 1 else resolve_device(req.device)
+    device = dist_info.device if dist_info.world > 1 else resolve_device(req.device, "--device")
     m = plan.config.model
     cuda = device.type == "cuda"
     batch_size = even_batch(req.n, req.batch_size or default_batch(m.image_size, cuda))

@@ -151,7 +151,7 @@ def _evaluate(req: EvalRequest, ref: ImageSource | FeatureStats, plan: DrawPlan 
     from ddpm_cli.engine.build import resolve_device
     from ddpm_cli.engine.generate import default_batch
 
-    device = dist_info.device if dist_info.world > 1 else resolve_device(req.device)
+    device = dist_info.device if dist_info.world > 1 else resolve_device(req.device, "--device")
     batch_size = req.batch_size or (250 if device.type == "cuda" else 50)
     t0 = time.perf_counter()
 

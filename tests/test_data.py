@@ -103,6 +103,27 @@ def test_batcher_covers_each_epoch_once_and_resumes_in_place():
     assert torch.equal(b2.next()[0], nxt)
 
 
+def test_a_holdout_that_leaves_less_than_a_batch_names_the_holdout_and_how_many_to_hold_out():
+    """The batcher, given the training part, said "train.batch_size 16 x 1 process(es) is larger than the dataset
+    (4 images); lower the batch size" of a dataset of 64: it was the held-out images that left too few."""
+    from ddpm_cli.engine.data import training_batches
+
+    ds = make_shapes(64, 16)
+    for holdout, world, most in ((60, 1, 48), (40, 2, 32)):
+        cfg = validate_config({"train": {"batch_size": 16, "early_stopping": {"enabled": True, "holdout": holdout}}})
+        with pytest.raises(DataError) as e:
+            training_batches(cfg, ds, torch.device("cpu"), world=world)
+        msg = str(e.value)
+        assert f"train.early_stopping.holdout {holdout} leaves {64 - holdout} of the dataset's 64 images" in msg, msg
+        assert f"train.batch_size 16 x {world} process(es)" in msg and f"hold out at most {most}" in msg, msg
+    cfg = validate_config({"train": {"batch_size": 16, "early_stopping": {"enabled": True, "holdout": 48}}})
+    batcher, val = training_batches(cfg, ds, torch.device("cpu"))  # exactly a batch left
+    assert len(val) == 48 and batcher.next()[0].shape[0] == 16
+    cfg = validate_config({"train": {"batch_size": 80, "early_stopping": {"enabled": True, "holdout": 8}}})
+    with pytest.raises(DataError, match=r"; lower train.batch_size \(the dataset itself holds no more than a batch"):
+        training_batches(cfg, ds, torch.device("cpu"))
+
+
 @pytest.mark.parametrize("channels", [1, 2, 3, 4])
 def test_every_channel_count_decodes_to_that_many_channels_from_folders_and_cifar_tensors(tmp_path, channels):
     """model.in_channels 2 (gray + alpha) and 4 (RGBA) used to decode to one channel, and the first step crashed

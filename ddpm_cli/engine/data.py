@@ -386,6 +386,13 @@ def training_batches(cfg, ds: ImageSet, device: torch.device, rank: int = 0,
     images live on the device when data.on_device says so (auto: on CUDA under a quarter of its free memory)."""
     tc, val = cfg.train, None
     if tc.early_stopping.enabled:
+        holdout, n, batch = tc.early_stopping.holdout, len(ds), tc.batch_size * world
+        if holdout < n and n - holdout < batch:  # said here: the Batcher sees only the rest, and calls it the dataset
+            fix = (f"hold out at most {n - batch} images (train.early_stopping.holdout) or lower train.batch_size"
+                   if n > batch else "lower train.batch_size (the dataset itself holds no more than a batch)")
+            raise DataError(f"train.early_stopping.holdout {holdout} leaves {n - holdout} of the dataset's {n} images "
+                            f"to train on, fewer than a batch (train.batch_size {tc.batch_size} x {world} "
+                            f"process(es)); {fix}")
         ds, val = split_holdout(ds, tc.early_stopping.holdout, tc.seed)
     on_device = cfg.data.on_device == "on" or (
         cfg.data.on_device == "auto" and device.type == "cuda"

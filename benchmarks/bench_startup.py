@@ -79,6 +79,13 @@ def on_step(self, step):  # after the first step the trainer has synchronised th
     return _on_step(self, step)
 ui.TrainDisplay.on_step = on_step
 
+ahead = {}
+_end_ahead = train.Trainer._end_compile_ahead
+def end_ahead(self, ok):  # train.compile_ahead: the step from which the run's steps are compiled
+    ahead.update(ok=ok, step=self.step + 1, held_s=round(self.ahead.held_s, 2), holds=self.ahead.holds)
+    return _end_ahead(self, ok)
+train.Trainer._end_compile_ahead = end_ahead
+
 _backward = torch.Tensor.backward
 def timed_backward(self, *a, **k):
     t = T()
@@ -129,6 +136,9 @@ print("PHASES " + json.dumps({"phases": {k: None if v is None else round(v, 2) f
                               "torch_compile_s": breakdown, "compiler_imported": compiler_imported,
                               ("to_first_step_s" if steps else "to_first_batch_s"):
                                   round(ends[0] - marks["start"], 2) if ends else None,
+                              "compile_ahead": {**ahead, "to_compiled_step_s": round(steps[ahead["step"] - 1]
+                                                                                       - marks["start"], 2)}
+                                  if ahead.get("ok") and len(steps) >= ahead["step"] else ahead or None,
                               "cache_load_s": round(sum(c.load_s for c in used), 2),
                               "compile_cache": [c.state for c in used],
                               "first_call_s": [round(c.first_call_s, 2) for c in used]}), flush=True)
@@ -198,6 +208,9 @@ def main() -> None:
     p.add_argument("--commands", default="train,sample")
     p.add_argument("--compile", choices=["auto", "on", "off"], default="auto", help="train.compile and --compile")
     p.add_argument("--device", default="auto")
+    p.add_argument("--compile-ahead", action="store_true", help="train.compile_ahead on: the training runs' first "
+                   "steps are eager while a helper compiles; give --train-steps and --set train.max_time=S so that a "
+                   "run goes on past its switch (its step and time are in the BENCH line's compile_ahead)")
     p.add_argument("--tiny", action="store_true", help="a tiny model on the CPU, 3 steps, 4 images (smoke run)")
     p.add_argument("--work", type=Path, default=None, help="keep the caches, runs and outputs in this folder "
                    "(default: a temporary one), so a later invocation can run the warm scenarios of the same jobs")
@@ -219,7 +232,7 @@ def main() -> None:
         sets = [*(TINY if a.tiny else []), "data.dataset=shapes", f"train.steps={steps}", "train.max_time=null",
                 f"train.guide_step={max(1, steps // 2)}", f"train.device={device}", f"train.compile={a.compile}",
                 f"logging.run_dir={work / 'runs'}", "logging.sample_count=4", "logging.sample_steps=2",
-                f"logging.log_every={steps}", *a.set]
+                f"logging.log_every={steps}", *(["train.compile_ahead=true"] if a.compile_ahead else []), *a.set]
         train_args = ["train", "--config", str(Path(a.config).resolve()), *[x for s in sets for x in ("--set", s)]]
         if "train" in commands:
             scenarios("train", train_args, which, work)

@@ -99,7 +99,7 @@ class Trainer:
         if not self.main:
             self.cb = TrainCallbacks()  # one progress display: rank 0's
         tc = cfg.train
-        self.device = self.dist.device if self.dist.world > 1 else resolve_device(tc.device)
+        self.device = self.dist.device if self.dist.world > 1 else resolve_device(tc.device, "train.device")
         self.resume = resume
 
         if resume is not None:

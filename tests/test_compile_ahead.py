@@ -110,7 +110,12 @@ def _run(tmp_path, stop_after_switch: int | None, **extra):
         compiled_calls.append(trainer.step)
         return trainer._loss(*args)
 
-    trainer.loss_fn = counted
+    def make_compiled_step():  # made once, when the helper has ended (or at once without compile_ahead)
+        assert trainer.loss_fn == trainer._loss
+        trainer.loss_fn = counted
+
+    assert trainer.loss_fn == trainer._loss  # not made yet: the set-up leaves the compiler alone
+    trainer._make_compiled_step = make_compiled_step
     return trainer, said, switch, compiled_calls
 
 
@@ -153,11 +158,21 @@ def test_a_run_that_ends_before_its_helper_ends_the_helper(tmp_path, monkeypatch
 def test_no_helper_where_it_does_not_apply(tmp_path, monkeypatch):
     """With grad_accum the micro-batches' step takes other arguments: the run says so and compiles itself; with
     train.compile off there is nothing to compile ahead."""
-    stand_in = _StandIn(monkeypatch, "pass")
-    trainer, said, _, compiled = _run(tmp_path / "a", stop_after_switch=None, train__steps=2, train__grad_accum=2)
-    trainer.run()
+    from ddpm_cli.engine.train import TrainCallbacks, Trainer
+
+    stand_in, said = _StandIn(monkeypatch, "pass"), []
+
+    class Callbacks(TrainCallbacks):
+        def on_message(self, text):
+            said.append(text)
+
+    trainer = Trainer(tiny_config(tmp_path / "a", train__steps=2, train__grad_accum=2, train__compile="on",
+                                  train__compile_ahead=True), callbacks=Callbacks())
     assert any("compile_ahead does not apply with train.grad_accum" in m for m in said), said
-    assert compiled and not stand_in.started
+    assert trainer.step_cache is not None and trainer.loss_fn is trainer.step_cache  # compiled in the run
+    trainer = Trainer(tiny_config(tmp_path / "b", train__steps=2, train__compile="off", train__compile_ahead=True))
+    trainer.run()
+    assert trainer.step_cache is None and not stand_in.started
 
 
 def test_the_stand_in_config_keeps_what_makes_the_step_and_drops_the_rest(tmp_path):

@@ -222,7 +222,9 @@ class CompileCache:
         self.called = True
         t = time.perf_counter()
         if self.state != "off":
-            self.key = self._key(args)
+            static = {**self.static, "network": network_fingerprint(self.module)} if self.module is not None \
+                else self.static
+            self.key = {**static, "inputs": call_signature(args, self.device), "env": environment(self.device)}
             self.load()
         self.load_s = time.perf_counter() - t
         out = self.fn(*args)
@@ -230,16 +232,6 @@ class CompileCache:
         if self.save_after_first_call:
             self.save()
         return out
-
-    def _key(self, args: tuple) -> dict:
-        static = {**self.static, "network": network_fingerprint(self.module)} if self.module is not None \
-            else self.static
-        return {**static, "inputs": call_signature(args, self.device), "env": environment(self.device)}
-
-    def has_entry(self, *args) -> bool:
-        """Whether the cache holds an entry for a first call with `args` (whether torch can load it is the first
-        call's to find out)."""
-        return self.state != "off" and (self.directory / f"{entry_name(self._key(args))}.json").exists()
 
     def _warn(self, text: str) -> None:
         text = f"compile cache: {text}"

@@ -70,7 +70,6 @@ class TrainResult:
     metrics: list = field(default_factory=list)
 
 
-COMPILING = "compiling the training step (torch.compile; the first step takes a while)"
 _SIGNALLED = 100  # a stop flag above this carries the signal's number
 
 
@@ -145,19 +144,16 @@ class Trainer:
         self.peak_lr = peak_lr(cfg, self.dist.world)
         self.lr_schedule = LRSchedule(self.peak_lr, tc.warmup_steps, tc.lr_cooldown, tc.steps, tc.max_time)
         self.opt = build_optimizer(cfg, self.model, self.peak_lr, self.fused)
-        mode = compile_mode(cfg, self.device)
-        self.compiled = mode is not None
-        if self.compiled and self.channels_last:
-            force_channels_last_graph()
-        self.grad_sync = grad_sync(cfg, mode) if self.dist.world > 1 else "none"
+        self.compile_mode = compile_mode(cfg, self.device)
+        self.compiled = self.compile_mode is not None
+        self.grad_sync = grad_sync(cfg, self.compile_mode) if self.dist.world > 1 else "none"
         self.net = self.dist.wrap(self.model, self.grad_sync)
-        # dynamic=False: a second Trainer in the same process (a notebook, the test suite) shares `_loss`'s code
-        # object, and a new shape there would otherwise recompile with symbolic sizes, which inductor's CUDA
-        # lowering of this network fails on (tests/test_gpu_newcomer.py caught it).
-        self.loss_fn = (torch.compile(self._loss, dynamic=False, options=compile_options(cfg, self.device, mode))
-                        if self.compiled else self._loss)
-        if self.compiled:  # at the first call, loads an earlier process's compiled step before compiling it
-            self.loss_fn = self.step_cache = compile_cache.for_training(self, mode)
+        self.loss_fn, self.step_cache = self._loss, None  # the eager step, until the compiled one is made
+        # train.compile_ahead: a helper compiles the step; the run makes its own compiled step (loading the helper's
+        # work) when the helper is done, so the set-up does not even import the compiler
+        self.compile_ahead = self._compile_ahead_applies()
+        if self.compiled and not self.compile_ahead:
+            self._make_compiled_step()
         self.accumulate = (GradAccumulator(list(self.model.parameters()), tc.grad_accum,
                                            self.diffusion.sample_timesteps) if tc.grad_accum > 1 else None)
 
@@ -278,8 +274,8 @@ class Trainer:
         records: list[dict] = []
         params = [p for p in self.model.parameters()]
         global_batch = tc.batch_size * self.dist.world
-        if self.compiled and self.step < tc.steps and not tc.compile_ahead:
-            self.cb.on_message(COMPILING)
+        if self.compiled and self.step < tc.steps and not self.compile_ahead:
+            self.cb.on_message("compiling the training step (torch.compile; the first step takes a while)")
         budget = TimeBudget(self.t0, tc.max_time, dev)
         start_step = self.step
         lookahead = 1 if self.dist.world == 1 else 10  # ranks agree on stopping every 10 steps (dist.agree)
@@ -309,7 +305,7 @@ class Trainer:
                 group["lr"] = lr
             y = self._labels(y)
             eager = False  # train.compile_ahead: the step runs eagerly until the helper has compiled it
-            if first_step and self.step == start_step:
+            if self.compile_ahead and self.step == start_step:
                 self.ahead = self._start_compile_ahead(x, y)
             if self.ahead is not None:
                 ready = self.ahead.done()
@@ -348,7 +344,7 @@ class Trainer:
                 if dev.type == "cuda":
                     torch.cuda.synchronize(dev)
                 compile_s, first_step = time.monotonic() - t_step, False
-                if self.compiled:  # forward and backward have compiled now: keep them for the next run
+                if self.step_cache is not None:  # forward and backward have compiled now: keep them for the next run
                     self.step_cache.save()
                 if budget.deadline is not None and self.main:
                     budget.grid_s, budget.checkpoint_s = self._closing_cost()
@@ -441,28 +437,42 @@ class Trainer:
                                   f"{checkpoint}; continue with `ddpm train --resume {self.run_dir}`", code)
         return result
 
-    def _start_compile_ahead(self, x: torch.Tensor, y: torch.Tensor | None):
-        """train.compile_ahead's helper (engine/compile_ahead.py), started at the first step when the step would
-        compile cold; None where it does not apply (and a warning where the config asked for it in vain)."""
+    def _make_compiled_step(self) -> None:
+        """torch.compile the step, wrapped in the compile cache: at its first call it loads an earlier process's
+        compiled step (or the compile_ahead helper's) before compiling."""
+        if self.channels_last:
+            force_channels_last_graph()
+        # dynamic=False: a second Trainer in the same process (a notebook, the test suite) shares `_loss`'s code
+        # object, and a new shape there would otherwise recompile with symbolic sizes, which inductor's CUDA
+        # lowering of this network fails on (tests/test_gpu_newcomer.py caught it).
+        self.loss_fn = torch.compile(self._loss, dynamic=False,
+                                     options=compile_options(self.cfg, self.device, self.compile_mode))
+        self.loss_fn = self.step_cache = compile_cache.for_training(self, self.compile_mode)
+
+    def _compile_ahead_applies(self) -> bool:
+        """train.compile_ahead, where it can work; a warning where the config asked for it in vain."""
         tc = self.cfg.train
         if not (tc.compile_ahead and self.compiled):
-            return None
-        self.cb.on_message(COMPILING)
+            return False
         why = ("under torchrun (each rank would start one)" if self.dist.world > 1 else
-               "with train.grad_accum" if self.accumulate is not None else
-               "with compile max-autotune (its tuning happens at compile time)" if tc.compile == "max-autotune"
+               "with train.grad_accum (its micro-batches' step takes other arguments)" if tc.grad_accum > 1 else
+               "with compile max-autotune (it tunes while compiling)" if self.compile_mode == "max-autotune"
                else None)
         if why:
             self.cb.on_warning(f"train.compile_ahead does not apply {why}; the step compiles in the run")
-            return None
-        if self.step_cache.has_entry(x, y):  # compiled before: loading it is quicker than any helper
-            return None
+        return why is None
+
+    def _start_compile_ahead(self, x: torch.Tensor, y: torch.Tensor | None):
+        """train.compile_ahead's helper (engine/compile_ahead.py), given the first step's inputs."""
         from ddpm_cli.engine.compile_ahead import CompileAhead
 
-        self.cb.on_message("train.compile_ahead: in a helper process; training eagerly until it is ready")
+        self.cb.on_message("train.compile_ahead: compiling the training step in a helper process; training "
+                           "eagerly until it is ready")
         return CompileAhead.start(config_to_dict(self.cfg), str(self.device), [x, y], self.cfg.model.num_classes + 1)
 
     def _end_compile_ahead(self, ok: bool) -> None:
+        """The helper has ended: the run makes its compiled step, which loads the helper's work (or, if the
+        helper failed, compiles)."""
         if ok:
             self.cb.on_message(f"compile_ahead: the helper has compiled the step; compiled steps from step "
                                f"{self.step + 1} ({time.monotonic() - self.t0:.1f} s into the run; "
@@ -472,6 +482,7 @@ class Trainer:
                                f"compiles in the run")
         self.ahead.stop()
         self.ahead = None
+        self._make_compiled_step()
 
     def _in_training_fid(self) -> float:
         """logging.fid_every's score. It fails only where the start's check could not look (a reference that is

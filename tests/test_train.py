@@ -508,19 +508,60 @@ def test_a_first_step_that_fails_leaves_no_run_folder(tmp_path, monkeypatch):
     assert list(tmp_path.iterdir()) == []  # runs/a/tiny and the parents it made for it
 
 
+def test_a_named_run_folder_that_holds_files_but_no_checkpoint_is_refused(tmp_path):
+    """A new run whose logging.run_name named an existing folder without checkpoints wrote into it: its metrics
+    went on after an old run's in metrics.jsonl, its config.yaml replaced a file of the user's. It is refused, as a
+    folder with checkpoints is, and nothing in it changes; a folder holding nothing of value (an empty one the user
+    made, or what a start that stopped before its first step left there) is used."""
+    from conftest import cli, one_line_error
+    from ddpm_cli.engine.train import StopFlag
+    from ddpm_cli.errors import DdpmError, TrainingAborted
+
+    old = tmp_path / "tiny"
+    (old / "samples").mkdir(parents=True)
+    (old / "metrics.jsonl").write_text('{"step": 5, "loss": 0.5}\n')  # a run killed before its first checkpoint
+    (old / "config.yaml").write_text("# mine\n")
+
+    def files():
+        return {p.relative_to(tmp_path): p.read_bytes() for p in sorted(tmp_path.rglob("*")) if p.is_file()}
+
+    before = files()
+    with pytest.raises(DdpmError) as e:
+        train(tiny_config(tmp_path, train__steps=2))
+    assert str(old) in str(e.value) and "logging.run_name" in str(e.value), e.value
+    cfg = write_yaml(tmp_path / "tiny.yaml", tiny_overrides(tmp_path, train__steps=2))
+    error = one_line_error(cli("train", "--config", cfg))
+    assert str(old) in error
+    (tmp_path / "tiny.yaml").unlink()
+    assert files() == before and sorted(p.name for p in old.iterdir()) == ["config.yaml", "metrics.jsonl", "samples"]
+    (old / "metrics.jsonl").unlink()  # a config.yaml alone, but not one a run wrote
+    with pytest.raises(DdpmError, match="already holds files"):
+        train(tiny_config(tmp_path, train__steps=2))
+    assert (old / "config.yaml").read_text() == "# mine\n"
+
+    mine = tmp_path / "b" / "tiny"
+    mine.mkdir(parents=True)
+    stop = StopFlag()
+    stop.request(15)
+    with pytest.raises(TrainingAborted):
+        train(tiny_config(tmp_path / "b", train__steps=2), stop=stop)
+    res = train(tiny_config(tmp_path / "b", train__steps=2))  # into what that start left
+    assert res.run_dir == mine and [p.name for p in list_checkpoints(mine)] == ["ckpt-00000002.safetensors"]
+    assert [json.loads(x)["step"] for x in (mine / "metrics.jsonl").read_text().splitlines()] == [2]
+
+
 def test_a_stop_before_the_first_step_keeps_a_folder_that_was_there(tmp_path):
-    """Conservative: a named run folder that existed (with a file of the user's) stays, and so does a new one that
-    holds anything the start did not write."""
+    """Conservative: a named run folder that existed (empty: one with files is refused) stays, and so does a new one
+    that holds anything the start did not write."""
     from ddpm_cli.engine.train import StopFlag
     from ddpm_cli.errors import TrainingAborted
 
     (tmp_path / "tiny").mkdir()
-    (tmp_path / "tiny" / "notes.txt").write_text("mine")
     stop = StopFlag()
     stop.request(15)
     with pytest.raises(TrainingAborted):
         train(tiny_config(tmp_path, train__steps=4), stop=stop)
-    assert (tmp_path / "tiny" / "notes.txt").read_text() == "mine"
+    assert (tmp_path / "tiny").is_dir()
 
     class Visitor(TrainCallbacks):  # a file that lands in the new run folder while the run starts
         def on_start(self, info):

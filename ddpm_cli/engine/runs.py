@@ -136,9 +136,21 @@ def make_run_dir(cfg: RunConfig, name_hint: str | None, created: list[Path] | No
     base = Path(cfg.logging.run_dir).expanduser()
     name = cfg.logging.run_name or default_run_name(name_hint)
     run_dir = base / name
-    if cfg.logging.run_name and list_checkpoints(run_dir):
-        raise DdpmError(f"run directory {run_dir} already holds checkpoints; continue it with --resume {run_dir} "
-                        f"or choose another logging.run_name")
+    if cfg.logging.run_name and run_dir.is_dir():
+        if list_checkpoints(run_dir):
+            raise DdpmError(f"run directory {run_dir} already holds checkpoints; continue it with --resume {run_dir} "
+                            f"or choose another logging.run_name")
+        # A new run would write among what is there (after an old run's metrics.jsonl, over a config.yaml of the
+        # user's): only an empty folder, or one that holds what a start that stopped before its first step wrote, is
+        # used.
+        try:
+            only_a_start = _holds_only_a_start(run_dir)
+        except OSError as e:
+            raise DdpmError(f"cannot read run directory {run_dir}: {e.strerror}; choose another "
+                            f"logging.run_name") from None
+        if not only_a_start:
+            raise DdpmError(f"run directory {run_dir} already holds files but no checkpoint; remove them (or the "
+                            f"folder) to start the run there, or choose another logging.run_name")
     suffix = 1
     while not cfg.logging.run_name and run_dir.exists():
         run_dir = base / f"{name}-{suffix}"
@@ -177,6 +189,23 @@ def _remove_empty_parents(created: list[Path]) -> None:
             return  # not empty: someone else's files
 
 
+def _holds_only_a_start(run_dir: Path) -> bool:
+    """Whether RUN holds no more than a start writes before the first step: config.yaml as written, an empty
+    metrics.jsonl, empty checkpoints/ and samples/ (raises OSError where RUN cannot be read)."""
+    for p in run_dir.iterdir():
+        if p.is_symlink():
+            return False
+        if p.name in ("checkpoints", "samples") and p.is_dir() and not any(p.iterdir()):
+            continue
+        if p.name == "metrics.jsonl" and p.is_file() and p.stat().st_size == 0:
+            continue
+        if p.name in ("config.yaml", CONFIG_WRITTEN) and p.is_file():
+            continue
+        return False
+    # a config.yaml without the digest a run writes beside it is someone else's
+    return config_edited(run_dir) is False or not (run_dir / "config.yaml").exists()
+
+
 def remove_unstarted_run(created: list[Path]) -> bool:
     """Take away the run directory a new run made (and the parents it made, as remove_new_dirs does) when the run
     stopped or failed before its first step, if it holds only what the start wrote: config.yaml as written (the
@@ -187,17 +216,7 @@ def remove_unstarted_run(created: list[Path]) -> bool:
     run_dir = created[-1]
     try:
         entries = list(run_dir.iterdir())
-        for p in entries:
-            if p.is_symlink():
-                return False
-            if p.name in ("checkpoints", "samples") and p.is_dir() and not any(p.iterdir()):
-                continue
-            if p.name == "metrics.jsonl" and p.is_file() and p.stat().st_size == 0:
-                continue
-            if p.name in ("config.yaml", CONFIG_WRITTEN) and p.is_file():
-                continue
-            return False
-        if config_edited(run_dir):
+        if not _holds_only_a_start(run_dir):
             return False
         for p in entries:
             p.rmdir() if p.is_dir() else p.unlink()

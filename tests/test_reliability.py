@@ -434,6 +434,63 @@ def test_kill_9_at_several_points_then_resume(tmp_path, procs):
     assert ck2.step == k + 3
 
 
+def test_a_second_train_into_a_running_run_is_refused_naming_its_pid(tmp_path, procs):
+    """Two processes in one run folder mixed their checkpoints: a second `ddpm train` with the run's name, or a
+    --resume of the run (--overwrite too) while it trains, is refused before it touches the folder, naming the first
+    process; once that one is gone, even by kill -9, the run resumes (the lock dies with its process)."""
+    from conftest import cli, ok, one_line_error
+
+    cfg = _sub_cfg(tmp_path, logging__checkpoint_every=5, logging__keep_last=10**6)
+    p = TrainProcess(tmp_path, cfg)
+    procs.append(p)
+    run = p.run_dir
+    p.wait_for(lambda: _latest_step(run) >= 5, "the first checkpoint")
+    first = run / "checkpoints" / "ckpt-00000005.safetensors"
+    # (train.max_time: a second run that is let in ends soon, and the test fails instead of waiting for it)
+    for args in (("--config", tmp_path / "cfg.yaml", "--set", "train.max_time=1"),
+                 ("--resume", run, "--set", "train.max_time=1"),
+                 ("--resume", first, "--overwrite", "--set", "train.max_time=1")):
+        before = set(list_checkpoints(run))
+        error = one_line_error(cli("train", *args))
+        assert f"pid {p.proc.pid}" in error and str(run) in error, error
+        # the fix: another name for a new run; a resume continues this run or none
+        assert ("logging.run_name" in error) == (args[0] == "--config"), error
+        assert before <= set(list_checkpoints(run)), "a refused --overwrite removed the running run's checkpoints"
+    assert sorted(x.name for x in run.parent.iterdir()) == ["tiny"], "the second run went to a folder of its own"
+    assert p.proc.poll() is None, p.output()
+    p.proc.send_signal(signal.SIGKILL)
+    p.proc.wait(timeout=30)
+    k = _latest_step(run)
+    r = ok("train", "--resume", run, "--set", f"train.steps={k + 2}")
+    assert f"done: step {k + 2}" in r.stdout
+
+
+def test_the_api_holds_the_runs_lock_as_ddpm_train_does(tmp_path):
+    """train() and Trainer lock the run as the command does: while another process holds the lock (here another open
+    file of it, as that process has), a resume and a new run of the run's name are refused, naming its pid, and write
+    nothing; close() releases it."""
+    fcntl = pytest.importorskip("fcntl")
+    from ddpm_cli.engine.runs import RUN_LOCK
+
+    run = train(tiny_config(tmp_path, train__steps=2)).run_dir
+
+    def files():
+        return {p: p.read_bytes() for p in sorted(run.rglob("*")) if p.is_file() and p.name != RUN_LOCK}
+
+    with open(run / RUN_LOCK, "a+") as other:
+        fcntl.flock(other, fcntl.LOCK_EX | fcntl.LOCK_NB)  # (raises if train() had kept it)
+        other.truncate(0)
+        other.write("4242\n")
+        other.flush()
+        before = files()
+        with pytest.raises(DdpmError, match=rf"pid 4242\) is training in {re.escape(str(run))}; wait for it"):
+            train(tiny_config(tmp_path, train__steps=4), resume=latest_checkpoint(run))
+        with pytest.raises(DdpmError, match=r"pid 4242\).*another logging.run_name"):
+            train(tiny_config(tmp_path, train__steps=4))
+        assert files() == before and sorted(x.name for x in tmp_path.iterdir()) == ["tiny"]
+    assert train(tiny_config(tmp_path, train__steps=4), resume=latest_checkpoint(run)).step == 4
+
+
 # Pause at the N-th rename of one kind of file and leave a marker, so kill -9 lands exactly there.
 PAUSE_AT_RENAME = r"""
 import os, re, sys, time

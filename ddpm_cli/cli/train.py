@@ -65,6 +65,10 @@ def train_command(
             fail(f"{weights} is not in a run's checkpoints/ folder, so there is no run to continue; --resume the run "
                  f"directory it came from, or copy it with its .state.safetensors into RUN/checkpoints/ and --resume "
                  f"RUN")
+        if is_main_process():  # while another process trains the run, refused first (the trainer then locks it)
+            from ddpm_cli.engine.runs import check_run_free
+
+            check_run_free(weights.parent.parent, resume=True)
         stored = StoredConfig.of(header).validated()
         refuse_identity_change(stored, cfg, weights)  # before anything in the run is touched (the engine checks too)
         _refuse_going_back(header, cfg)

@@ -1,9 +1,10 @@
-"""Run directories: making a new one (and taking it away again when the start fails), and finding a run's
-checkpoints, the latest one, and the training-state file beside each."""
+"""Run directories: making a new one (and taking it away again when the start fails), the lock one training process
+holds on its run, and finding a run's checkpoints, the latest one, and the training-state file beside each."""
 from __future__ import annotations
 
 import hashlib
 import json
+import os
 import re
 import shlex
 import time
@@ -18,6 +19,54 @@ CKPT_RE = re.compile(r"ckpt-(\d+)\.safetensors$")
 # Beside a run's config.yaml: the SHA-256 of the text the run wrote there, so that a resume tells a file edited since
 # from the run's own (config_edited).
 CONFIG_WRITTEN = ".config.sha256"
+
+
+# In a run directory: the file whose lock (flock) the process training the run holds, with its pid in it. The OS
+# drops the lock when that process ends, however it ends, so a killed run leaves none behind; the file stays.
+RUN_LOCK = ".lock"
+
+
+def lock_run(run_dir: Path, resume: bool = False):
+    """Hold RUN's lock for this process, so that no second process trains into the run (a second `ddpm train` with
+    its run_name, or a --resume of it, would mix their checkpoints); release it with release_run. Raises DdpmError
+    naming the process that holds it. Returns the open lock file, or None where the OS has no flock (no lock)."""
+    try:
+        import fcntl
+    except ImportError:
+        return None
+    try:
+        f = open(Path(run_dir) / RUN_LOCK, "a+")
+    except OSError as e:
+        raise DdpmError(f"cannot write to run directory {run_dir}: {e.strerror}; "
+                        + ("resume a copy of the run in a writable folder" if resume else
+                           "set logging.run_dir to a writable folder")) from None
+    try:
+        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        f.seek(0)
+        pid = f.read().strip()
+        f.close()
+        holder = f"another process (pid {pid})" if pid.isdigit() else "another process"
+        raise DdpmError(f"{holder} is training in {run_dir}; "
+                        + ("wait for it to end or stop it, then resume" if resume else
+                           "choose another logging.run_name, or wait for it to end or stop it")) from None
+    f.seek(0)
+    f.truncate()
+    f.write(f"{os.getpid()}\n")
+    f.flush()
+    return f
+
+
+def release_run(lock) -> None:
+    if lock is not None:
+        lock.close()
+
+
+def check_run_free(run_dir: Path, resume: bool = False) -> None:
+    """Refuse as lock_run does while another process trains in RUN, holding nothing (the trainer locks it); a
+    folder without the lock file (no run of this ddpm has trained there) is left without one."""
+    if (Path(run_dir) / RUN_LOCK).is_file():
+        release_run(lock_run(run_dir, resume))
 
 
 def config_edited(run_dir: str | Path) -> bool | None:
@@ -137,6 +186,7 @@ def make_run_dir(cfg: RunConfig, name_hint: str | None, created: list[Path] | No
     name = cfg.logging.run_name or default_run_name(name_hint)
     run_dir = base / name
     if cfg.logging.run_name and run_dir.is_dir():
+        check_run_free(run_dir)  # first: while another process trains there, that is what to say
         if list_checkpoints(run_dir):
             raise DdpmError(f"run directory {run_dir} already holds checkpoints; continue it with --resume {run_dir} "
                             f"or choose another logging.run_name")
@@ -191,7 +241,7 @@ def _remove_empty_parents(created: list[Path]) -> None:
 
 def _holds_only_a_start(run_dir: Path) -> bool:
     """Whether RUN holds no more than a start writes before the first step: config.yaml as written, an empty
-    metrics.jsonl, empty checkpoints/ and samples/ (raises OSError where RUN cannot be read)."""
+    metrics.jsonl, empty checkpoints/ and samples/, the lock file (raises OSError where RUN cannot be read)."""
     for p in run_dir.iterdir():
         if p.is_symlink():
             return False
@@ -199,7 +249,7 @@ def _holds_only_a_start(run_dir: Path) -> bool:
             continue
         if p.name == "metrics.jsonl" and p.is_file() and p.stat().st_size == 0:
             continue
-        if p.name in ("config.yaml", CONFIG_WRITTEN) and p.is_file():
+        if p.name in ("config.yaml", CONFIG_WRITTEN, RUN_LOCK) and p.is_file():
             continue
         return False
     # a config.yaml without the digest a run writes beside it is someone else's
@@ -209,8 +259,9 @@ def _holds_only_a_start(run_dir: Path) -> bool:
 def remove_unstarted_run(created: list[Path]) -> bool:
     """Take away the run directory a new run made (and the parents it made, as remove_new_dirs does) when the run
     stopped or failed before its first step, if it holds only what the start wrote: config.yaml as written (the
-    command that made it makes it again), an empty metrics.jsonl, empty checkpoints/ and samples/. Anything else in
-    it (a file of the user's, a wandb run) keeps the whole folder. Returns whether it was taken away."""
+    command that made it makes it again), an empty metrics.jsonl, empty checkpoints/ and samples/, the lock file.
+    Anything else in it (a file of the user's, a wandb run) keeps the whole folder. Returns whether it was taken
+    away."""
     if not created:
         return False
     run_dir = created[-1]

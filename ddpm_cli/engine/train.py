@@ -24,8 +24,8 @@ from ddpm_cli.engine.distributed import DistInfo
 from ddpm_cli.engine.ema import EMA
 from ddpm_cli.engine.grad_accum import GradAccumulator
 from ddpm_cli.engine.files import atomic_write_bytes
-from ddpm_cli.engine.runs import (CONFIG_WRITTEN, list_checkpoints, make_run_dir, remove_new_dirs,
-                                  remove_unstarted_run)
+from ddpm_cli.engine.runs import (CONFIG_WRITTEN, list_checkpoints, lock_run, make_run_dir, release_run,
+                                  remove_new_dirs, remove_unstarted_run)
 from ddpm_cli.engine.metrics import MetricsLog, WandbSink, keep_metrics_until, plot_loss_curve, read_metrics
 from ddpm_cli.engine.lr_schedule import LRSchedule
 from ddpm_cli.engine.posthoc_ema import PosthocEMA
@@ -78,12 +78,14 @@ class Trainer:
         """See _setup for the keyword arguments. A start that fails (bad data, no download, Ctrl-C while loading)
         leaves no empty run directory behind."""
         self._created_dirs: list[Path] = []
+        self._run_lock = None
         try:
             self._setup(cfg, **kwargs)
         except BaseException:
             if getattr(self, "metrics", None) is not None:
                 self.metrics.close()
             remove_new_dirs(self._created_dirs)
+            release_run(self._run_lock)
             raise
 
     def _setup(self, cfg: RunConfig, *, resume: Path | None = None,
@@ -107,6 +109,8 @@ class Trainer:
             self.run_dir = make_run_dir(cfg, name_hint, self._created_dirs)
         else:
             self.run_dir = Path(cfg.logging.run_dir)
+        if self.main:  # held until close(): a second process that would train into this run is refused
+            self._run_lock = lock_run(self.run_dir, resume is not None)
         self.run_dir = self.dist.broadcast_path(self.run_dir)
 
         # Data
@@ -500,9 +504,11 @@ class Trainer:
             raise
 
     def close(self) -> None:
-        """Release what the run holds beyond its objects: a streamed set's decoding workers, the process group."""
+        """Release what the run holds beyond its objects: a streamed set's decoding workers, the process group, the
+        run's lock."""
         self.batcher.close()
         self.dist.close()
+        release_run(self._run_lock)
 
     def _latest_name(self) -> str:
         found = list_checkpoints(self.run_dir)

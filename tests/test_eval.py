@@ -696,22 +696,22 @@ def test_in_training_fid_settings_are_checked_before_the_run_and_named_as_the_co
 
 def test_in_training_fid_that_fails_mid_run_keeps_the_steps_and_names_the_config_fields(weights, small_resize,
                                                                                          tmp_path):
-    """A reference that is there but cannot be read (a damaged .zip) passed the start's check and failed at the
+    """A reference that is there but cannot be read (here a text file) passed the start's check and failed at the
     first FID: the run ended with the steps since its last checkpoint lost, naming `ddpm eval`'s --ref."""
     from conftest import tiny_config
     from ddpm_cli.engine.runs import list_checkpoints
     from ddpm_cli.engine.train import train
     from ddpm_cli.errors import DdpmError
 
-    bad = tmp_path / "ref.zip"
-    bad.write_bytes(b"PK\x03\x04 cut short")
+    bad = tmp_path / "ref.txt"
+    bad.write_text("not images")
     cfg = tiny_config(tmp_path / "runs", train__steps=6, logging__fid_every=4, logging__checkpoint_every=100,
                       logging__fid_samples=8, logging__fid_steps=2, logging__fid_ref=str(bad),
                       logging__fid_inception_weights=str(weights))
     with pytest.raises(DdpmError) as e:
         train(cfg)
     said = str(e.value)
-    assert "logging.fid_ref" in said and "--ref" not in said and "--resume" in said, said
+    assert "logging.fid_ref" in said and str(bad) in said and "--ref" not in said and "--resume" in said, said
     (run_dir,) = [p for p in (tmp_path / "runs").iterdir() if p.is_dir()]
     assert [int(p.stem.split("-")[1]) for p in list_checkpoints(run_dir)] == [4]  # the steps before the FID
 

@@ -329,10 +329,11 @@ class TrainConfig(Section):
     CUDA graphs, max-autotune also tunes kernels (a little faster, for a first step that compiles much longer;
     BENCHMARKS.md); auto means reduce-overhead on CUDA, off elsewhere."""
     compile_ahead: bool = False
-    """When the step compiles and the compile cache has no entry for it: train eagerly from the first step while
-    a helper process compiles the step, then switch to the compiled step (it loads the helper's entry). The run
-    holds a second copy of the network on the device meanwhile. One process only (not under --gpus), not with
-    max-autotune or grad_accum."""
+    """When the step compiles: train eagerly from the first step while a helper process compiles the step (or
+    loads it from the compile cache), then switch to the compiled step, which loads the helper's work. The first
+    step comes in seconds; on a warm cache the compiled steps begin somewhat later than without it. The device
+    holds a second copy of the network meanwhile. One process only (not under --gpus), not with max-autotune or
+    grad_accum."""
     combo_kernels: Literal["auto", "on", "off"] = "auto"
     """Let torch.compile launch independent small kernels together as one (inductor's combo kernels: a step
     makes many kernel calls, many of them tiny reductions at 8x8 and 4x4); auto means on when the step is

@@ -269,7 +269,7 @@ def test_a_device_torch_would_not_take_is_refused_and_gpu_is_taken_for_cuda(tmp_
     assert (f"did you mean {meant}?" in problem) if meant else "did you mean" not in problem, problem
     result = runner.invoke(app, ["config", "validate", str(tmp_path / "c.yaml")])
     assert result.exit_code == 1 and "train.device" in result.stderr
-    for good in ("auto", "cpu", "cuda", "cuda:1", "mps"):
+    for good in ("auto", "cpu", "cuda", "cuda:1", "mps", "xpu", "xpu:0"):
         assert load_config(None, [f"train.device={good}"]).train.device == good
 
 

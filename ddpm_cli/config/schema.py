@@ -13,7 +13,7 @@ Side = Annotated[int, Field(ge=8, le=1024)]  # an image side in pixels
 POSTHOC_EMA_LENGTHS = (0.001, 0.28)
 # the devices the engine can check and use (engine/build.py resolve_device), written as torch.device takes them
 # (it refuses cuda:01 and an index past 64 bits)
-DEVICE = re.compile(r"auto|(cpu|cuda|mps)(:(0|[1-9][0-9]{0,8}))?")
+DEVICE = re.compile(r"auto|(cpu|cuda|mps|xpu)(:(0|[1-9][0-9]{0,8}))?")
 
 
 def device_problem(name: str) -> str | None:

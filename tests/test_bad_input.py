@@ -940,3 +940,27 @@ def test_an_empty_output_path_is_refused(ckpt_copy, tmp_path):
     """`--grid ""` said "--grid  names a folder": an empty path names nothing."""
     for args in (["sample", ckpt_copy, "-n", 1, "--grid", ""], ["export", ckpt_copy, "-o", " "]):
         assert_refused(invoke(*args), "is empty", codes=(2,))
+
+
+def test_train_arguments_written_as_another_tool_would_say_what_ddpm_train_takes(trained_run):
+    """A newcomer's first tries: the config as a positional argument, a config field as an option (as in
+    diffusers' training script). Click said "Got unexpected extra argument(s)" and "No such option: --steps
+    (Possible options: --gpus, --help, --set)", which does not say what to write."""
+    from conftest import cli
+
+    config = ROOT / "examples" / "quickstart.yaml"
+    had_runs = (ROOT / "runs").exists()  # the quickstart's run folder, had any of these started training
+    cases = [
+        (["train", str(config)], f"ddpm train -c {config}"),
+        (["train", "-c", str(config), "--steps", "5"], "--set train.steps=5"),
+        (["train", "-c", str(config), "--batch-size=8"], "--set train.batch_size=8"),
+        (["train", "-c", str(config), "--image-size", "64"], "--set model.image_size=64"),
+        (["train", str(trained_run)], f"ddpm train --resume {trained_run}"),
+        (["train", "-c", str(config), "--bogus"], "ddpm train -h"),
+    ]
+    for args, named in cases:
+        r = cli(*args)
+        said = r.stderr.strip()
+        assert r.exit_code == 2 and named in said, (args, r.exit_code, r.stdout, said)
+        assert len(said.splitlines()) == 1 and "Traceback" not in said, said
+    assert (ROOT / "runs").exists() == had_runs

@@ -32,7 +32,8 @@ def root(version: Optional[bool] = typer.Option(None, "--version", callback=_ver
     """Train, sample and evaluate denoising diffusion models (DDPM)."""
 
 
-app.command("train")(train_command)
+# train takes arguments it does not know, to say what to write instead (a config without -c, a field as an option)
+app.command("train", context_settings={"allow_extra_args": True, "ignore_unknown_options": True})(train_command)
 app.command("eval")(eval_command)
 app.command("sample")(sample_command)
 app.command("inspect")(inspect_command)

@@ -32,8 +32,32 @@ def _install_signal_handlers(stop) -> dict:
     return previous
 
 
+def _extra_arguments(args: list[str]) -> str:
+    """What to write instead of arguments `ddpm train` does not take (another tool's habits): a config given
+    without -c, a run without --resume, a config field as an option of its own."""
+    first = args[0]
+    if not first.startswith("-"):
+        if Path(first).suffix.lower() in (".yaml", ".yml"):
+            return f"a config is given with -c: ddpm train -c {shlex.quote(first)}"
+        if Path(first).is_dir() or Path(first).suffix.lower() == ".safetensors":
+            return f"to continue a run: ddpm train --resume {shlex.quote(first)}"
+        return f"unexpected argument {first!r}: ddpm train takes -c CONFIG (a new run) or --resume RUN"
+    option, _, value = first.partition("=")
+    if not value and len(args) > 1 and not args[1].startswith("-"):
+        value = args[1]
+    from ddpm_cli.config import RunConfig
+
+    name = option.lstrip("-").replace("-", "_")
+    fields = [f"{section}.{name}" for section, info in RunConfig.model_fields.items()
+              if name in info.annotation.model_fields]
+    if fields:
+        return f"no option {option}; config fields are set with --set: --set {fields[0]}={value or 'VALUE'}"
+    return f"no option {option}; see ddpm train -h (config fields are set with --set section.field=VALUE)"
+
+
 @friendly
 def train_command(
+    ctx: typer.Context,
     config: Optional[Path] = typer.Option(None, "--config", "-c", help="YAML run config (see examples/).",
                                           show_default=False),
     set_: list[str] = typer.Option([], "--set", help="Override a field: --set train.batch_size=64 (repeatable)."),
@@ -44,6 +68,8 @@ def train_command(
                                    "run's latest: replace the checkpoints the run saved after it."),
 ) -> None:
     """Train a diffusion model from a config file."""
+    if ctx.args:  # taken (context_settings in cli/app.py) only to say what to write instead
+        fail(_extra_arguments(ctx.args), code=2)
     from ddpm_cli.config import load_config, refuse_identity_change
 
     if resume is not None and config is not None:

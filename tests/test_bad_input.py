@@ -957,6 +957,7 @@ def test_train_arguments_written_as_another_tool_would_say_what_ddpm_train_takes
         (["train", "-c", str(config), "--image-size", "64"], "--set model.image_size=64"),
         (["train", str(trained_run)], f"ddpm train --resume {trained_run}"),
         (["train", "-c", str(config), "--bogus"], "ddpm train -h"),
+        (["train", "--confg", str(config)], "did you mean --config?"),  # click's own suggestion, kept
     ]
     for args, named in cases:
         r = cli(*args)

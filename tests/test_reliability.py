@@ -491,6 +491,31 @@ def test_the_api_holds_the_runs_lock_as_ddpm_train_does(tmp_path):
     assert train(tiny_config(tmp_path, train__steps=4), resume=latest_checkpoint(run)).step == 4
 
 
+
+def test_a_start_the_lock_refuses_leaves_the_folder_another_start_made_at_the_same_moment(tmp_path, monkeypatch):
+    """Two starts into one new named folder within milliseconds: both see it missing and count it as theirs; the one
+    the lock refuses must not take away the folder of the run that holds the lock."""
+    from ddpm_cli.engine import runs, train as train_module
+
+    fcntl = pytest.importorskip("fcntl")
+    real, held = runs.make_run_dir, []
+
+    def and_the_other_start_locks_it(cfg, name_hint, created=None):
+        run_dir = real(cfg, name_hint, created)  # this start made it (it is in `created`)...
+        other = open(run_dir / runs.RUN_LOCK, "a+")  # ...and the other start took the lock first
+        fcntl.flock(other, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        (run_dir / "checkpoints" / "the-other-runs-file").write_text("x")
+        held.append(other)
+        return run_dir
+
+    monkeypatch.setattr(train_module, "make_run_dir", and_the_other_start_locks_it)
+    cfg = tiny_config(tmp_path, train__steps=2, logging__run_name="both")
+    with pytest.raises(DdpmError, match="is training in"):
+        train(cfg)
+    assert (tmp_path / "both" / "checkpoints" / "the-other-runs-file").is_file()
+    held[0].close()
+
+
 # Pause at the N-th rename of one kind of file and leave a marker, so kill -9 lands exactly there.
 PAUSE_AT_RENAME = r"""
 import os, re, sys, time

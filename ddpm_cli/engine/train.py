@@ -110,7 +110,11 @@ class Trainer:
         else:
             self.run_dir = Path(cfg.logging.run_dir)
         if self.main:  # held until close(): a second process that would train into this run is refused
-            self._run_lock = lock_run(self.run_dir, resume is not None)
+            try:
+                self._run_lock = lock_run(self.run_dir, resume is not None)
+            except DdpmError:  # another start made the same new folder a moment before this one: it is its run's
+                self._created_dirs.clear()
+                raise
         self.run_dir = self.dist.broadcast_path(self.run_dir)
 
         # Data

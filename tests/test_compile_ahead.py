@@ -62,8 +62,43 @@ time.sleep(1.0)
     assert not tmp_path.exists()
 
 
+def test_a_release_followed_at_once_by_a_new_request_is_answered(tmp_path):
+    """The helper lets go and asks again faster than the run looks (one kernel's timing right after the release
+    timer): the run, still waiting, answers the new request at once instead of leaving the helper to give up on it
+    (ACK_WAIT_S)."""
+    from ddpm_cli.engine.compile_ahead import CompileAhead
+
+    helper = f"""
+import sys, time
+sys.path.insert(0, {str(ROOT)!r})
+from pathlib import Path
+from ddpm_cli.engine import compile_ahead
+compile_ahead.ACK_WAIT_S = 5.0
+folder = Path(sys.argv[1])
+gate = compile_ahead._Gate(folder, lambda: True)
+time.sleep(0.3)
+gate.acquire()
+time.sleep(0.1)
+gate.release()
+t = time.monotonic()
+gate.acquire()  # at once: the run cannot have seen the request before go
+(folder / "waited").write_text(str(time.monotonic() - t))
+gate.release()
+"""
+    proc = subprocess.Popen([sys.executable, "-c", helper, str(tmp_path)])
+    ahead = CompileAhead(proc, tmp_path, open(tmp_path / "log", "w"))
+    t_end = time.time() + 30
+    while ahead.done() is None and time.time() < t_end:
+        ahead.hold_if_asked(lambda: None)
+        time.sleep(0.01)
+    assert ahead.done() is True
+    assert float((tmp_path / "waited").read_text()) < 1.0
+    ahead.stop()
+
+
 class _StandIn:
-    """Replaces CompileAhead.start: a helper process that runs `code` (it compiles nothing)."""
+    """Replaces CompileAhead.start: a helper process that runs `code` (it compiles nothing), given the shared folder
+    as sys.argv[1]."""
 
     def __init__(self, monkeypatch, code: str):
         from ddpm_cli.engine import compile_ahead
@@ -76,7 +111,7 @@ class _StandIn:
 
             folder = Path(tempfile.mkdtemp(prefix="stand-in-"))
             log = open(folder / compile_ahead.LOG, "w")
-            proc = subprocess.Popen([sys.executable, "-c", code], stdout=log, stderr=subprocess.STDOUT)
+            proc = subprocess.Popen([sys.executable, "-c", code, str(folder)], stdout=log, stderr=subprocess.STDOUT)
             self.started.append((cfg_dict, device, [None if t is None else tuple(t.shape) for t in inputs], folder,
                                  proc))
             return real(proc, folder, log)
@@ -189,3 +224,141 @@ def test_the_stand_in_config_keeps_what_makes_the_step_and_drops_the_rest(tmp_pa
     assert not helper.train.compile_ahead and not helper.train.ema and not helper.train.posthoc_ema
     assert helper.train.guide_step is None and not helper.logging.fid_every
     assert not helper.train.early_stopping.enabled and helper.train.device == "cuda:0"
+
+
+def test_a_helper_that_never_lets_go_is_waited_for_once_and_then_trained_beside(tmp_path, monkeypatch):
+    """A helper hung inside a timing holds the GPU: the run waits HOLD_MAX_S once, says so, and trains its eager
+    steps without waiting again."""
+    from ddpm_cli.engine import compile_ahead
+
+    monkeypatch.setattr(compile_ahead, "HOLD_MAX_S", 0.3)
+    _StandIn(monkeypatch, "import sys, time; from pathlib import Path; Path(sys.argv[1], 'want').write_text('1'); "
+                          "time.sleep(4)")
+    warned = []
+    trainer, said, switch, compiled = _run(tmp_path, stop_after_switch=2, train__steps=10**6)
+    trainer.cb.on_warning = warned.append
+    with pytest.raises(Exception):  # (stopped by the test's signal after the switch)
+        trainer.run()
+    held = [w for w in warned if "without letting go" in w]
+    assert len(held) == 1, warned
+    assert switch and switch[0] > 8  # eager steps through the helper's 4 s, not 0.3 s holds each
+
+
+def test_a_helper_past_its_deadline_is_ended_and_the_run_compiles_its_step(tmp_path, monkeypatch):
+    from ddpm_cli.engine import compile_ahead
+
+    monkeypatch.setattr(compile_ahead, "DEADLINE_S", 1.5)
+    stand_in = _StandIn(monkeypatch, "import time; time.sleep(120)")
+    warned = []
+    trainer, said, switch, compiled = _run(tmp_path, stop_after_switch=None, train__steps=10**6, train__max_time=5.0)
+    trainer.cb.on_warning = warned.append
+    trainer.run()
+    (_, _, _, folder, proc), = stand_in.started
+    assert any("not done after 2 s" in w or "not done after 1 s" in w for w in warned), warned
+    assert proc.poll() is not None and not folder.exists()
+    assert compiled and compiled == list(range(compiled[0], trainer.step)) and compiled[0] > 0
+
+
+def test_an_eager_step_out_of_gpu_memory_ends_the_helper_and_takes_the_compiled_step(tmp_path, monkeypatch):
+    """The eager step holds more activations than the compiled one, beside the helper's network: out of memory
+    there, the run ends the helper and trains on compiled from that very step, losing no step."""
+    import torch
+
+    stand_in = _StandIn(monkeypatch, "import time; time.sleep(120)")
+    warned = []
+    trainer, said, switch, compiled = _run(tmp_path, stop_after_switch=None, train__steps=6)
+    trainer.cb.on_warning = warned.append
+    real, calls = trainer._loss, []
+
+    def loss(*args):
+        calls.append(trainer.step)
+        if len(calls) == 3:
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        return real(*args)
+
+    trainer._loss = trainer.loss_fn = loss  # (the eager step, until the compiled one is made)
+    res = trainer.run()
+    (_, _, _, folder, proc), = stand_in.started
+    assert res.step == 6
+    assert any("ran out of GPU memory" in w for w in warned), warned
+    assert compiled == [2, 3, 4, 5]  # the step that ran out, taken again compiled, and every one after
+    assert proc.poll() is not None and not folder.exists()
+
+
+def test_under_max_time_the_closing_work_is_budgeted_from_the_first_eager_step(tmp_path, monkeypatch):
+    """While the helper compiles, the run trains eagerly: a budget that ends then must still leave time for the
+    closing checkpoint and grid (costed after the run's first step, eager or compiled)."""
+    from ddpm_cli.engine.train import Trainer
+
+    _StandIn(monkeypatch, "import time; time.sleep(120)")
+    trainer, said, switch, compiled = _run(tmp_path, stop_after_switch=None, train__steps=10**6, train__max_time=4.0)
+    save, grid = trainer.save_checkpoint, trainer.sample_grid
+
+    def slow_save():
+        time.sleep(1.5)
+        return save()
+
+    def slow_grid():
+        time.sleep(0.5)
+        return grid()
+
+    trainer.save_checkpoint, trainer.sample_grid = slow_save, slow_grid
+    monkeypatch.setattr(Trainer, "_closing_cost", lambda self: (0.6, 1.6))
+    res = trainer.run()
+    assert not compiled and res.stop_reason == "time"
+    assert res.elapsed_s < 4.0 + 0.5, res.elapsed_s
+
+
+def test_a_helper_done_too_close_to_the_budgets_end_leaves_the_run_eager(tmp_path, monkeypatch):
+    """Loading the compiled step costs seconds (a minute at 256 px): with less than SWITCH_MIN_LEFT_S of the budget
+    left, the run ends eagerly."""
+    _StandIn(monkeypatch, "import time; time.sleep(0.5)")
+    trainer, said, switch, compiled = _run(tmp_path, stop_after_switch=None, train__steps=10**6, train__max_time=3.0)
+    res = trainer.run()
+    assert res.step > 2 and not compiled and not switch
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="reads /proc")
+def test_a_helper_whose_run_was_killed_takes_its_folder_away_and_ends(tmp_path):
+    """kill -9 of the run leaves nobody to stop the helper or remove its folder: the helper does both."""
+    import os
+    import signal
+
+    folder = tmp_path / "ddpm-compile-ahead-x"
+    folder.mkdir()
+    (folder / "helper.log").write_text("")
+    run = f"""
+import subprocess, sys, time
+helper = '''
+import sys, time
+sys.path.insert(0, {str(ROOT)!r})
+from pathlib import Path
+from ddpm_cli.engine.compile_ahead import watch_parent
+watch_parent(Path(sys.argv[1]), int(sys.argv[2]), poll_s=0.05)
+time.sleep(60)
+'''
+import os
+p = subprocess.Popen([sys.executable, "-c", helper, sys.argv[1], str(os.getpid())])
+print(p.pid, flush=True)
+time.sleep(60)
+"""
+    parent = subprocess.Popen([sys.executable, "-c", run, str(folder)], stdout=subprocess.PIPE, text=True)
+    helper_pid = int(parent.stdout.readline())
+    time.sleep(0.5)
+    assert folder.exists()
+    os.kill(parent.pid, signal.SIGKILL)
+    parent.wait()
+    t_end = time.monotonic() + 10
+    while folder.exists() and time.monotonic() < t_end:
+        time.sleep(0.05)
+    assert not folder.exists()
+    while time.monotonic() < t_end:
+        try:
+            state = Path(f"/proc/{helper_pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+        except (FileNotFoundError, ProcessLookupError):
+            break
+        if state in ("Z", "X"):  # ended (an orphan's parent may be slow to reap it)
+            break
+        time.sleep(0.05)
+    else:
+        raise AssertionError("the helper outlived its run")

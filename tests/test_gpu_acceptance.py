@@ -225,6 +225,31 @@ def _trainer(tmp: Path, name: str, **extra):
     return trainer
 
 
+@pytest.mark.skipif(not CUDA, reason="CUDA's out-of-memory error")
+def test_compile_ahead_out_of_memory_in_an_eager_step_ends_the_helper_and_trains_compiled(tmp_path):
+    """The eager step runs out of GPU memory beside the helper (here a real allocation the card cannot hold, at the
+    second step): the run ends its helper, frees the cache, and takes that step and the rest compiled."""
+    trainer = _trainer(tmp_path, "oom", train__steps=6, train__compile_ahead=True)
+    warned, real, calls = [], trainer._loss, []
+    trainer.cb.on_warning = warned.append
+
+    def eager(x, y):
+        calls.append(trainer.step)
+        if len(calls) == 2:
+            trainer._loss = real  # what the run then compiles
+            torch.empty(1 << 46, dtype=torch.uint8, device=trainer.device)  # 64 TiB
+        return real(x, y)
+
+    trainer._loss = trainer.loss_fn = eager
+    try:
+        res = trainer.run()
+    finally:
+        trainer.close()
+    assert res.step == 6 and any("ran out of GPU memory" in w for w in warned), warned
+    assert trainer.ahead is None and trainer.step_cache is not None  # compiled in the run
+    assert calls == [0, 1] and math.isfinite(res.last_loss)
+
+
 def test_a_nonfinite_step_is_skipped_and_counted_under_cuda_graphs(tmp_path):
     trainer = _trainer(tmp_path, "nan", train__steps=16)
     compiled, params = trainer.loss_fn, list(trainer.model.parameters())

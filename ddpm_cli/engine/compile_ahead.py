@@ -6,12 +6,15 @@ entry (engine/compile_cache.py); torch's on-disk caches fill with it. When the h
 calls its own compiled step, which finds that entry: a warm start, inside the run, with the cold compile spent
 training. Inductor times each kernel's candidate configurations at their first launch and keeps the fastest; timed
 beside the run's eager steps the picks would be noisy, and kept. So the helper asks for the GPU around each timing
-(a file `want` in a folder both see), the run finishes its queued work, answers `ack` and waits until `want` is
-gone (0.5 s after the helper's last timing: they come in runs, one kernel after another)."""
+(a file `want` in a folder both see, holding a request number), the run finishes its queued work, answers `ack`
+with that number and waits until `want` is gone (0.5 s after the helper's last timing: they come in runs, one
+kernel after another). The numbers make a release followed at once by a new request (faster than the run looks)
+one the run answers, not one it sleeps through."""
 from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -22,8 +25,23 @@ from typing import Callable
 
 WANT, ACK, LOG, SPEC = "want", "ack", "helper.log", "spec.json"
 RELEASE_S = 0.5  # the GPU goes back to the run this long after the helper's last timing
-HOLD_MAX_S = 120.0  # a helper that asked and never let go (hung): the run trains on, timings or not
+HOLD_MAX_S = 120.0  # a helper that asked and never let go (hung): the run stops answering and trains on
 ACK_WAIT_S = 30.0  # a run busy with other work (a checkpoint) for longer: the helper times without it
+DEADLINE_S = 1200.0  # a helper not done by then is ended, and the run compiles its step itself
+
+
+def _read(path: Path) -> str | None:
+    try:
+        return path.read_text() or None
+    except FileNotFoundError:
+        return None
+
+
+def _write(path: Path, text: str) -> None:
+    """Whole or not at all: the other process reads it at any moment."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}")
+    tmp.write_text(text)
+    os.replace(tmp, path)
 
 
 def stand_in_config(cfg_dict: dict, run_dir: str, device: str) -> dict:
@@ -32,7 +50,7 @@ def stand_in_config(cfg_dict: dict, run_dir: str, device: str) -> dict:
     early stopping)."""
     d = json.loads(json.dumps(cfg_dict))
     d["train"].update(device=device, steps=1, max_time=None, ema=False, ema_extra=[], posthoc_ema=[], posthoc_ema_every=0,
-                      guide_step=None, compile_ahead=False, grad_accum=1)
+                      guide_step=None, compile_ahead=False)
     d["train"]["early_stopping"] = {**d["train"].get("early_stopping", {}), "enabled": False}
     d["data"].update(on_device="off", streaming="off")
     d["logging"].update(run_dir=run_dir, run_name="helper", fid_every=0, wandb="off", checkpoint_every=10**9,
@@ -47,6 +65,9 @@ class CompileAhead:
         self.proc, self.folder, self._log = proc, folder, log
         self.held_s = 0.0  # seconds the run waited while the helper timed kernels
         self.holds = 0
+        self.answering = True  # False after a hold ran out (HOLD_MAX_S): the helper times beside the run from then
+        self.started = time.monotonic()
+        self.overdue = False  # ended by done() at DEADLINE_S
 
     @classmethod
     def start(cls, cfg_dict: dict, device: str, inputs: list, classes: int) -> CompileAhead:
@@ -69,30 +90,47 @@ class CompileAhead:
         return cls(proc, folder, log)
 
     def done(self) -> bool | None:
-        """None while the helper runs; True once it has saved the compiled step, False if it failed."""
+        """None while the helper runs; True once it has saved the compiled step, False if it failed or ran past
+        DEADLINE_S (then it is ended here)."""
         code = self.proc.poll()
+        if code is None and time.monotonic() - self.started > DEADLINE_S:
+            self.overdue = True
+            self.stop()
+            return False
         return None if code is None else code == 0
 
     def last_line(self) -> str:
+        if self.overdue:
+            return f"not done after {DEADLINE_S:.0f} s"
         try:
             lines = [x for x in (self.folder / LOG).read_text(errors="replace").splitlines() if x.strip()]
         except OSError:
             lines = []
         return lines[-1].strip() if lines else f"exit {self.proc.returncode}"
 
-    def hold_if_asked(self, sync: Callable[[], None], stopping: Callable[[], bool] = lambda: False) -> None:
-        """Before an eager step: if the helper wants the GPU, finish the queued work, say so, and wait until it
-        lets go (or ends, or the run is stopping)."""
+    def hold_if_asked(self, sync: Callable[[], None], stopping: Callable[[], bool] = lambda: False) -> bool:
+        """Before an eager step: if the helper wants the GPU, finish the queued work, answer each request it makes
+        meanwhile, and wait until it lets go (or ends, or the run is stopping). A hold that lasts HOLD_MAX_S means a
+        hung helper: the run stops answering for good. Returns whether it held."""
         want = self.folder / WANT
-        if not want.exists():
-            return
+        if not self.answering or not want.exists():
+            return False
         sync()
-        (self.folder / ACK).touch()
-        t = time.monotonic()
-        while want.exists() and self.proc.poll() is None and not stopping() and time.monotonic() - t < HOLD_MAX_S:
+        t, answered = time.monotonic(), None
+        while self.proc.poll() is None and not stopping():
+            asked = _read(want)
+            if asked is None:
+                break
+            if time.monotonic() - t >= HOLD_MAX_S:
+                self.answering = False
+                break
+            if asked != answered:
+                _write(self.folder / ACK, asked)
+                answered = asked
             time.sleep(0.002)
         self.held_s += time.monotonic() - t
         self.holds += 1
+        return True
 
     def stop(self) -> None:
         """End the helper (the run has finished, or stops) and take its folder away."""
@@ -104,8 +142,6 @@ class CompileAhead:
                 self.proc.kill()
                 self.proc.wait()
         self._log.close()
-        import shutil
-
         shutil.rmtree(self.folder, ignore_errors=True)
 
 
@@ -119,19 +155,23 @@ class _Gate:
         self.folder, self.parent_alive = folder, parent_alive
         self.lock = threading.Lock()
         self.timer: threading.Timer | None = None
+        self.asked = 0  # the last request's number
+        self.held = False
 
     def acquire(self) -> None:
         with self.lock:
             if self.timer is not None:
                 self.timer.cancel()
                 self.timer = None
-            want, ack = self.folder / WANT, self.folder / ACK
-            if want.exists():  # still held from the timing before
+            if self.held:  # still held from the timing before
                 return
-            ack.unlink(missing_ok=True)
-            want.touch()
+            self.asked += 1
+            asked = str(self.asked)
+            _write(self.folder / WANT, asked)
+            self.held = True
         t = time.monotonic()
-        while not ack.exists() and self.parent_alive() and time.monotonic() - t < ACK_WAIT_S:
+        while (_read(self.folder / ACK) != asked and self.parent_alive()
+               and time.monotonic() - t < ACK_WAIT_S):
             time.sleep(0.002)
 
     def release_later(self) -> None:
@@ -145,7 +185,7 @@ class _Gate:
     def release(self) -> None:
         with self.lock:
             (self.folder / WANT).unlink(missing_ok=True)
-            (self.folder / ACK).unlink(missing_ok=True)
+            self.held = False
             self.timer = None
 
 
@@ -191,19 +231,25 @@ def _inputs(spec: dict, device):
     return out
 
 
-def main(folder: Path) -> int:
-    spec = json.loads((folder / SPEC).read_text())
-    parent = spec["parent"]
-
+def watch_parent(folder: Path, parent: int, poll_s: float = 1.0) -> Callable[[], bool]:
+    """A run killed with -9 cannot end its helper or take its folder away: the helper does both itself once its
+    parent is gone. Returns the test of the parent's life."""
     def parent_alive() -> bool:
         return os.getppid() == parent
 
-    def watch() -> None:  # a run killed with -9 cannot end its helper: the helper ends itself
+    def watch() -> None:
         while parent_alive():
-            time.sleep(1.0)
+            time.sleep(poll_s)
+        shutil.rmtree(folder, ignore_errors=True)
         os._exit(3)
 
     threading.Thread(target=watch, daemon=True).start()
+    return parent_alive
+
+
+def main(folder: Path) -> int:
+    spec = json.loads((folder / SPEC).read_text())
+    parent_alive = watch_parent(folder, spec["parent"])
     gate = _Gate(folder, parent_alive)
     if not _gate_inductor_timings(gate):
         print("compile_ahead: this torch has no CachingAutotuner to gate; kernels are timed beside the run")

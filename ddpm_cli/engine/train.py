@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 
 from ddpm_cli.config import RunConfig, config_to_dict
-from ddpm_cli.engine import compile_cache, monitor, train_state
+from ddpm_cli.engine import compile_ahead, compile_cache, monitor, train_state
 from ddpm_cli.engine.build import (build_diffusion, build_optimizer, build_unet, compile_mode, compile_options,
                                    count_params, force_channels_last_graph, grad_sync, peak_lr, resolve_device,
                                    use_bf16, use_channel_stats, use_channels_last)
@@ -316,19 +316,15 @@ class Trainer:
             if self.compile_ahead and self.step == start_step:
                 self.ahead = self._start_compile_ahead(x, y)
             if self.ahead is not None:
-                ready = self.ahead.done()
-                if ready is None:
-                    eager = True
-                    self.ahead.hold_if_asked(lambda: torch.cuda.synchronize(dev) if dev.type == "cuda" else None,
-                                             lambda: bool(self.stop.signum))
-                else:
-                    self._end_compile_ahead(ready)
-            step_fn = self._loss if eager else self.loss_fn
-            if self.accumulate is None:
-                loss = step_fn(x, y)
+                eager = self._eager_while_compiling(budget)
+            if eager:
+                loss = self._eager_step(x, y)
+                eager = self.ahead is not None  # (not where it ran out of memory and took the compiled step)
+            elif self.accumulate is None:
+                loss = self.loss_fn(x, y)
                 loss.backward()
             else:  # train.grad_accum micro-batches; their summed gradients are in .grad
-                loss = self.accumulate(step_fn, x, y)
+                loss = self.accumulate(self.loss_fn, x, y)
             if self.grad_sync == "flat":
                 self.dist.all_reduce_grads(params)
             gn = torch.nn.utils.clip_grad_norm_(params, clip, foreach=True)
@@ -354,9 +350,10 @@ class Trainer:
                 compile_s, first_step = time.monotonic() - t_step, False
                 if self.step_cache is not None:  # forward and backward have compiled now: keep them for the next run
                     self.step_cache.save()
-                if budget.deadline is not None and self.main:
-                    budget.grid_s, budget.checkpoint_s = self._closing_cost()
-                    budget.pause()
+            if self.step == start_step + 1 and budget.deadline is not None and self.main:
+                # after the first step, compiled or (train.compile_ahead) eager: the budget keeps the end's work
+                budget.grid_s, budget.checkpoint_s = self._closing_cost()
+                budget.pause()
             self.cb.on_step(self.step)
             if self.main and self.step == tc.guide_step:  # the autoguidance guide: these weights, kept from now on
                 net = self.ema.model if self.ema is not None else self.model
@@ -472,11 +469,56 @@ class Trainer:
 
     def _start_compile_ahead(self, x: torch.Tensor, y: torch.Tensor | None):
         """train.compile_ahead's helper (engine/compile_ahead.py), given the first step's inputs."""
-        from ddpm_cli.engine.compile_ahead import CompileAhead
-
         self.cb.on_message("train.compile_ahead: compiling the training step in a helper process; training "
                            "eagerly until it is ready")
-        return CompileAhead.start(config_to_dict(self.cfg), str(self.device), [x, y], self.cfg.model.num_classes + 1)
+        return compile_ahead.CompileAhead.start(config_to_dict(self.cfg), str(self.device), [x, y],
+                                                self.cfg.model.num_classes + 1)
+
+    # Under train.max_time, a helper that is done this close to the end leaves the run eager: loading the compiled
+    # step (and recording its CUDA graph) would cost more than the steps it speeds up.
+    SWITCH_MIN_LEFT_S = 60.0
+
+    def _eager_while_compiling(self, budget: TimeBudget) -> bool:
+        """Before a step while train.compile_ahead's helper runs: whether this step is eager. Holds the GPU for the
+        helper's kernel timings when it asks (that wait is not a step's time), and makes the compiled step once the
+        helper has ended."""
+        ready = self.ahead.done()
+        if ready is None:
+            dev = self.device
+            answering = self.ahead.answering
+            if self.ahead.hold_if_asked(lambda: torch.cuda.synchronize(dev) if dev.type == "cuda" else None,
+                                        lambda: bool(self.stop.signum)):
+                budget.pause()
+            if answering and not self.ahead.answering:
+                self.cb.on_warning(f"train.compile_ahead: the helper held the GPU for "
+                                   f"{compile_ahead.HOLD_MAX_S:.0f} s without letting go; training on beside it")
+            return True
+        if ready and budget.deadline is not None and budget.deadline - time.monotonic() < self.SWITCH_MIN_LEFT_S:
+            return True
+        self._end_compile_ahead(ready)
+        return False
+
+    def _eager_step(self, x: torch.Tensor, y: torch.Tensor | None) -> torch.Tensor:
+        """The step without the compiler, while the helper compiles it. The eager step holds more activations than
+        the compiled one, beside the helper's own network: where that runs out of GPU memory, the helper is ended
+        and the step is taken compiled, as without compile_ahead."""
+        try:
+            loss = self._loss(x, y)
+            loss.backward()
+            return loss
+        except torch.cuda.OutOfMemoryError:
+            pass  # out of the except block first: its traceback holds the failed step's activations
+        self.opt.zero_grad(set_to_none=True)
+        self.cb.on_warning("train.compile_ahead: the eager step ran out of GPU memory beside the helper; the helper "
+                           "is ended and the step compiles in the run (turn train.compile_ahead off for this batch "
+                           "size)")
+        self.ahead.stop()
+        self.ahead = None
+        torch.cuda.empty_cache()
+        self._make_compiled_step()
+        loss = self.loss_fn(x, y)
+        loss.backward()
+        return loss
 
     def _end_compile_ahead(self, ok: bool) -> None:
         """The helper has ended: the run makes its compiled step, which loads the helper's work (or, if the

@@ -14,7 +14,9 @@ under one scenario:
 Phases (seconds): import (torch and the CLI), checkpoint (sample: reading it), network set-up (train: config, data,
 network, optimizer; sample: the network and its guide prepared), compile (loading the cache entry and the first
 network call, plus the first backward when training: host time, which compiling dominates), first batch (the rest
-of the first step or sampling batch), rest (to the command's end); wall_s is start to exit as a user sees it.
+of the first step or sampling batch), rest (to the command's end); wall_s is start to exit as a user sees it;
+compiled_step_ms is the median step of a training run's compiled steps from the tenth on (give --train-steps and
+--set train.max_time=S for a run long enough to have them).
 The training runs train `--train-steps` steps (data: the built-in shapes unless --set says otherwise), keep an
 autoguidance guide, and the sample runs draw from the cold training run's checkpoint. One BENCH JSON line per run."""
 from __future__ import annotations
@@ -118,6 +120,12 @@ phases = {"import": marks["import"] - marks["start"],
           "compile": compile_s,
           "first batch": ends[0] - set_up - compile_s if ends else None,
           "rest": marks["end"] - (ends[0] if ends else set_up)}
+# the compiled steps' pace once settled: the median interval between steps, from the tenth compiled step on (under
+# train.max_time the host keeps at most two steps queued, so these intervals are the device's)
+first_compiled = ahead["step"] if ahead.get("ok") else (1 if steps and used else None)
+late = steps[first_compiled + 9:] if first_compiled else []
+intervals = sorted(b - a for a, b in zip(late, late[1:]))
+compiled_step_ms = round(1000 * intervals[len(intervals) // 2], 3) if len(intervals) >= 5 else None
 breakdown = {}
 compiler_imported = "torch._dynamo" in sys.modules  # an eager job that imports it pays seconds for nothing
 try:  # where compiling went, by torch's own timers (seconds, summed over the process's compiles)
@@ -139,6 +147,7 @@ print("PHASES " + json.dumps({"phases": {k: None if v is None else round(v, 2) f
                               "compile_ahead": {**ahead, "to_compiled_step_s": round(steps[ahead["step"] - 1]
                                                                                        - marks["start"], 2)}
                                   if ahead.get("ok") and len(steps) >= ahead["step"] else ahead or None,
+                              "steps": len(steps), "compiled_step_ms": compiled_step_ms,
                               "cache_load_s": round(sum(c.load_s for c in used), 2),
                               "compile_cache": [c.state for c in used],
                               "first_call_s": [round(c.first_call_s, 2) for c in used]}), flush=True)

@@ -332,8 +332,9 @@ class TrainConfig(Section):
     """When the step compiles: train eagerly from the first step while a helper process compiles the step (or
     loads it from the compile cache), then switch to the compiled step, which loads the helper's work. The first
     step comes in seconds; on a warm cache the compiled steps begin somewhat later than without it. The device
-    holds a second copy of the network meanwhile. One process only (not under --gpus), not with max-autotune or
-    grad_accum."""
+    holds a second copy of the network meanwhile, and the eager step more activations than the compiled one: an
+    eager step out of memory ends the helper and the step compiles in the run. One process only (not under
+    --gpus), not with max-autotune or grad_accum."""
     combo_kernels: Literal["auto", "on", "off"] = "auto"
     """Let torch.compile launch independent small kernels together as one (inductor's combo kernels: a step
     makes many kernel calls, many of them tiny reductions at 8x8 and 4x4); auto means on when the step is

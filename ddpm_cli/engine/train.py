@@ -475,8 +475,8 @@ class Trainer:
                                                 self.cfg.model.num_classes + 1)
 
     # Under train.max_time, a helper that is done this close to the end leaves the run eager: loading the compiled
-    # step (and recording its CUDA graph) would cost more than the steps it speeds up.
-    SWITCH_MIN_LEFT_S = 60.0
+    # step (and recording its CUDA graph) would cost about what the faster steps after it win back.
+    SWITCH_MIN_LEFT_S = 30.0
 
     def _eager_while_compiling(self, budget: TimeBudget) -> bool:
         """Before a step while train.compile_ahead's helper runs: whether this step is eager. Holds the GPU for the

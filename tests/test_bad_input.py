@@ -965,3 +965,36 @@ def test_train_arguments_written_as_another_tool_would_say_what_ddpm_train_takes
         assert r.exit_code == 2 and named in said, (args, r.exit_code, r.stdout, said)
         assert len(said.splitlines()) == 1 and "Traceback" not in said, said
     assert (ROOT / "runs").exists() == had_runs
+
+
+@pytest.mark.parametrize("args,named", [
+    (["sample", "x.safetensors", "--bogus"], "ddpm sample has no option --bogus; see ddpm sample -h"),
+    (["sample", "x.safetensors", "--step", "5"], "did you mean --steps?"),
+    (["eval", "--nope"], "ddpm eval has no option --nope"),
+    (["inspect"], "ddpm inspect needs its checkpoint argument: ddpm inspect CHECKPOINT"),
+    (["sample", "x.safetensors", "-n", "abc"], "invalid value for '-n' / '--num'"),
+    (["config", "show", "--x"], "ddpm config show has no option --x"),
+    (["cache", "--zz"], "ddpm cache has no option --zz"),
+    (["config", "validate", "a.yaml", "b.yaml", "c.yaml"], "unexpected extra argument"),
+])
+def test_every_commands_usage_errors_are_one_line_and_exit_2(args, named):
+    """Click's usage errors (an unknown option, a missing argument, a value of the wrong type) were click's usage text
+    and a box around the message on every command but train: now one `error:` line, as every other error, naming a
+    close option where there is one."""
+    r = invoke(*args)
+    lines = assert_refused(r, codes=(2,), max_lines=1)
+    assert named in lines[0], lines
+    assert "╭" not in r.output and "Usage:" not in r.output, r.output
+
+
+def test_usage_errors_through_the_console_script_too():
+    from conftest import run_cli
+
+    r = run_cli("sample", "--bogus")  # (its program name is `python -m ddpm_cli` here)
+    said = r.stderr.strip().splitlines()
+    assert r.returncode == 2 and len(said) == 1 and said[0].startswith("error: "), r.stderr
+    assert "sample has no option --bogus; see " in said[0] and said[0].endswith("sample -h"), said
+    r = run_cli()
+    assert r.returncode == 2 and "Usage: " in r.stdout and "Commands" in r.stdout  # no command: the help, as before
+    r = run_cli("--version")
+    assert r.returncode == 0 and r.stdout.startswith("ddpm ")

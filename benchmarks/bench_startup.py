@@ -122,8 +122,11 @@ phases = {"import": marks["import"] - marks["start"],
           "rest": marks["end"] - (ends[0] if ends else set_up)}
 # the compiled steps' pace once settled: the median interval between steps, from the tenth compiled step on (under
 # train.max_time the host keeps at most two steps queued, so these intervals are the device's)
-first_compiled = ahead["step"] if ahead.get("ok") else (1 if steps and used else None)
-late = steps[first_compiled + 9:] if first_compiled else []
+# (with compile_ahead, the step of the switch, whether the helper succeeded or the run compiled itself; a run whose
+# eager step ran out of memory switched without a record here, and reports none)
+first_compiled = ahead["step"] if ahead else (1 if steps and used and "train.compile_ahead=true" not in sys.argv
+                                              else None)
+late = steps[first_compiled + 8:] if first_compiled else []  # steps[k - 1] ends step k
 intervals = sorted(b - a for a, b in zip(late, late[1:]))
 compiled_step_ms = round(1000 * intervals[len(intervals) // 2], 3) if len(intervals) >= 5 else None
 breakdown = {}

@@ -28,13 +28,8 @@ def usage_line(e: click_errors.UsageError) -> str:
     """Click's usage error as ddpm's one line: what is wrong, and what to write or where to look."""
     cmd = e.ctx.command_path if e.ctx is not None else "ddpm"
     if isinstance(e, click_errors.NoSuchOption):
-        import difflib
-
-        names = [o.lstrip("-") for p in (e.ctx.command.params if e.ctx else []) for o in p.opts if o.startswith("--")]
-        # by name: the shared "--" would make --bogus near --gpus
-        near = difflib.get_close_matches(e.option_name.lstrip("-"), names, n=1, cutoff=0.75)
-        return f"{cmd} has no option {e.option_name}; " + (f"did you mean --{near[0]}?" if near else
-                                                            f"see {cmd} -h")
+        near = ui.close_option(e.option_name, e.ctx.command.params if e.ctx else [])
+        return f"{cmd} has no option {e.option_name}; " + (f"did you mean {near}?" if near else f"see {cmd} -h")
     if isinstance(e, click_errors.MissingParameter) and getattr(e.param, "param_type_name", "") == "argument":
         name = e.param.name
         return f"{cmd} needs its {name} argument: {cmd} {name.upper()} [OPTIONS] (see {cmd} -h)"

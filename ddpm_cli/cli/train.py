@@ -2,7 +2,6 @@
 SIGINT/SIGTERM (checkpoint first), resume a run, or launch itself on several GPUs through torchrun."""
 from __future__ import annotations
 
-import difflib
 import os
 import shlex
 import signal
@@ -12,7 +11,7 @@ from typing import Optional
 import typer
 
 from ddpm_cli.cli.launch import is_main_process, relaunch_with_torchrun, under_torchrun
-from ddpm_cli.cli.ui import TrainDisplay, console, fail, friendly, warn
+from ddpm_cli.cli.ui import TrainDisplay, close_option, console, fail, friendly, warn
 
 
 def _install_signal_handlers(stop) -> dict:
@@ -33,9 +32,9 @@ def _install_signal_handlers(stop) -> dict:
     return previous
 
 
-def _extra_arguments(args: list[str], options: list[str]) -> str:
+def _extra_arguments(args: list[str], params) -> str:
     """What to write instead of arguments `ddpm train` does not take (another tool's habits): a config given
-    without -c, a run without --resume, a config field as an option of its own, a misspelt one of `options`."""
+    without -c, a run without --resume, a config field as an option of its own, a misspelt one of its `params`."""
     first = args[0]
     if not first.startswith("-"):
         if Path(first).suffix.lower() in (".yaml", ".yml"):
@@ -53,9 +52,9 @@ def _extra_arguments(args: list[str], options: list[str]) -> str:
               if name in info.annotation.model_fields]
     if fields:
         return f"no option {option}; config fields are set with --set: --set {fields[0]}={value or 'VALUE'}"
-    near = difflib.get_close_matches(option.lstrip("-"), [o.lstrip("-") for o in options], n=1, cutoff=0.75)
-    if near:  # (by name: the shared "--" would make --bogus near --gpus)
-        return f"no option {option}; did you mean --{near[0]}?"
+    near = close_option(option, params)
+    if near:
+        return f"no option {option}; did you mean {near}?"
     return f"no option {option}; see ddpm train -h (config fields are set with --set section.field=VALUE)"
 
 
@@ -73,8 +72,7 @@ def train_command(
 ) -> None:
     """Train a diffusion model from a config file."""
     if ctx.args:  # taken (context_settings in cli/app.py) only to say what to write instead
-        fail(_extra_arguments(ctx.args, [o for p in ctx.command.params for o in p.opts if o.startswith("--")]),
-             code=2)
+        fail(_extra_arguments(ctx.args, ctx.command.params), code=2)
     from ddpm_cli.config import load_config, refuse_identity_change
 
     if resume is not None and config is not None:

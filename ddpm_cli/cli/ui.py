@@ -39,6 +39,15 @@ def fail(message: str, problems: list[str] | None = None, code: int = 1) -> None
     raise typer.Exit(code)
 
 
+def close_option(option: str, params) -> str | None:
+    """The long option of `params` (a click command's) that `option` most likely misspells, or None. Compared by
+    name: the shared "--" would make --bogus near --gpus."""
+    import difflib
+
+    names = [o.lstrip("-") for p in params for o in p.opts if o.startswith("--")]
+    near = difflib.get_close_matches(option.lstrip("-"), names, n=1, cutoff=0.75)
+    return f"--{near[0]}" if near else None
+
 def warn(message: str) -> None:
     """One `warning: ...` line on stderr, the message as written. (Under a live progress bar rich's Live has
     sys.stderr redirected, and err_console writes to whatever sys.stderr is, so the line lands above the bar.)"""

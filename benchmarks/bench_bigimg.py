@@ -117,11 +117,12 @@ class TurnTaking(Collect):
     """Collects the logged rates; takes the GPU turn at the first log (the first interval, which holds the
     compile, is dropped anyway) and gives it back after the last step, before the final checkpoint is written."""
 
-    def __init__(self, turn: GpuTurn, take_at: int, last: int):
-        super().__init__()
+    def __init__(self, turn: GpuTurn, take_at: int, last: int, profile_at: int = 0, window: int = 10):
+        super().__init__(profile_at, window)
         self.turn, self.take_at, self.last = turn, take_at, last
 
     def on_step(self, step: int) -> None:
+        super().on_step(step)  # (--profile's window)
         if step == self.take_at:
             self.turn.take()
         if step == self.last:
@@ -180,7 +181,9 @@ def cmd_train(args) -> dict:
             n = max(4 * cfg.train.batch_size, 64)
             images = ImageSet(torch.randint(0, 256, (n, cfg.model.in_channels, h, w), dtype=torch.uint8),
                               torch.zeros(n, dtype=torch.long), [])
-        cb = TurnTaking(TURN, take_at=args.log_every, last=args.steps)
+        window = min(10, args.steps // 3)  # --profile: the steps before the last `window` + 1 are timed
+        cb = TurnTaking(TURN, take_at=args.log_every, last=args.steps,
+                        profile_at=args.steps - window - 1 if args.profile else 0, window=window)
         if torch.cuda.is_available():
             torch.cuda.reset_peak_memory_stats()
         t0 = time.perf_counter()
@@ -194,7 +197,18 @@ def cmd_train(args) -> dict:
                  "run_s": round(total, 1), "peak_mem_gib": round(_peak_gib(), 2), "windows": len(steady),
                  "waited_s": round(TURN.waited_s, 1),
                  "tflops": round(rate * info["train_gflop_per_image"] / 1000, 1),
-                 "share_of_peak": round(rate * info["train_gflop_per_image"] / 1000 / args.peak, 3)})
+                 "share_of_peak": round(rate * info["train_gflop_per_image"] / 1000 / args.peak, 3),
+                 **per_step(cb.breakdown, window, rate and cfg.train.batch_size / rate)})
+
+
+def per_step(breakdown: dict[str, float] | None, steps: int, step_s: float) -> dict:
+    """--profile's GPU time by kernel kind (bench_speed.KERNEL_KINDS), ms a step, beside the step's wall time: what
+    a step's time is spent on, and how much of it the GPU is busy at all."""
+    if breakdown is None:
+        return {}
+    ms = {k: round(v / steps, 2) for k, v in breakdown.items()}
+    return {"profile_ms_per_step": ms, "step_ms": round(step_s * 1000, 2),
+            "gpu_busy": round(sum(ms.values()) / (step_s * 1000), 3) if step_s else None}
 
 
 def _peak_gib() -> float:
@@ -264,9 +278,24 @@ def cmd_peer(args) -> dict:
     if device == "cuda":
         torch.cuda.reset_peak_memory_stats()
     rate, first = timed(step, b, warm=3, n=args.steps)
+    window, breakdown = min(10, args.steps), None
+    if args.profile:
+        from torch.profiler import ProfilerActivity, profile
+
+        from bench_speed import kernel_breakdown, triton_kernels
+
+        sync()
+        with profile(activities=[ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device == "cuda" else [])) as prof:
+            for _ in range(window):
+                step()
+            sync()
+        breakdown = kernel_breakdown(prof)
+        print("BENCH profile " + json.dumps(breakdown), flush=True)
+        triton_kernels(prof, window, "peer-step")
     return emit({"kind": "peer-train", **info, "batch": b, "img_per_s": round(rate, 1), "first_steps_s":
                  round(first, 1), "peak_mem_gib": round(_peak_gib(), 2), "waited_s": round(TURN.waited_s, 1),
-                 "share_of_peak": round(rate * info["train_gflop_per_image"] / 1000 / args.peak, 3)})
+                 "share_of_peak": round(rate * info["train_gflop_per_image"] / 1000 / args.peak, 3),
+                 **per_step(breakdown, window, b / rate)})
 
 
 def cmd_sample(args) -> dict:
@@ -399,6 +428,8 @@ def main() -> None:
         p.add_argument("--tiny", action="store_true", help="a tiny model on the CPU: checks the script")
         p.add_argument("--data", help="train: a folder or .zip of images instead of random ones")
         p.add_argument("--peer", action="store_true", help="sample: the peer's forward instead of ours")
+        p.add_argument("--profile", action="store_true", help="train, peer: after the timing, profile up to 10 "
+                       "steps and add their GPU time by kernel kind (ms a step) to the line")
         p.add_argument("--sample-batch", type=int, default=64)
         p.add_argument("--probe", type=int, nargs=2, default=[16, 48], help="largest: the two batches measured")
         p.add_argument("--together", type=int, default=0, metavar="N",

@@ -142,11 +142,15 @@ def inference_net_variant(model: torch.nn.Module, *, channels_last: bool, compil
 
 
 class Collect(TrainCallbacks):
-    def __init__(self, profile_at: int = 0):
+    """The logged img/s and losses of a run; with `profile_at`, a profile of the `window` steps after that step
+    (printed, and its kernel breakdown kept in `breakdown`, ms over the window)."""
+
+    def __init__(self, profile_at: int = 0, window: int = 10):
         self.rates: list[float] = []
         self.losses: list[float] = []
         self.prof = None
-        self.profile_at = profile_at
+        self.profile_at, self.window = profile_at, window
+        self.breakdown: dict[str, float] | None = None
 
     def on_step(self, step: int) -> None:
         if not self.profile_at:
@@ -160,14 +164,15 @@ class Collect(TrainCallbacks):
             kinds = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
             self.prof = profile(activities=kinds, record_shapes=True)
             self.prof.__enter__()
-        elif step == self.profile_at + 10 and self.prof is not None:
+        elif step == self.profile_at + self.window and self.prof is not None:
             sync()
             self.prof.__exit__(None, None, None)
             print(self.prof.key_averages().table(sort_by="cuda_time_total" if cuda else "cpu_time_total",
                                                  row_limit=30, max_name_column_width=70), flush=True)
-            print("BENCH profile " + json.dumps(kernel_breakdown(self.prof)), flush=True)
+            self.breakdown = kernel_breakdown(self.prof)
+            print("BENCH profile " + json.dumps(self.breakdown), flush=True)
             print("BENCH copies " + json.dumps(copy_shapes(self.prof)), flush=True)
-            triton_kernels(self.prof, 10, "train-step")
+            triton_kernels(self.prof, self.window, "train-step")
             print_copy_sources(self.prof)
             self.prof = None
 

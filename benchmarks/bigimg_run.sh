@@ -3,7 +3,8 @@
 #   bash benchmarks/bigimg_run.sh PHASE...        # in the order given; the phases are the `case` below
 #   (ours, ours256, peer, peer256: each side's runs; pairs, samples: ours and the peer side by side; stream: the
 #   streamed folders, made by the first phase in the background, and checkpointing at 256 px; stream64: streamed
-#   by worker processes and by threads against in memory, from the same 64 px folder; largest: the largest batch at 256 px with and without
+#   by worker processes and by threads against in memory, from the same 64 px folder; profile256, profile64: each
+#   side's step profiled, its GPU time by kernel kind; largest: the largest batch at 256 px with and without
 #   checkpointing, alone on the card)
 # The jobs of a phase start together and compile side by side (CPU work); once all are ready, each takes the GPU
 # for its timed part in turn (bench_bigimg.py --gpu-lock --together), so one is timed at a time and none is
@@ -23,7 +24,8 @@ export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1 TORCHINDUCTOR_CACHE_DIR=$HOM
 B="python3 benchmarks/bench_bigimg.py"; I64="-c examples/iddpm-64.yaml"; D256="-c examples/ddpm-256.yaml"
 LOCK=$HOME/bench/gpu.lock
 nvidia-smi --query-gpu=name,memory.total,clocks.max.sm --format=csv,noheader >> "$log"
-if [ ! -e "$HOME/img256/done" ]; then  # the folders to stream from, made while the first phase compiles
+if [[ " $* " == *" stream"* ]] && [ ! -e "$HOME/img256/done" ]; then  # the folders to stream from, made while the
+  # first phase compiles (only for the phases that stream: it takes cores)
   ( $B folder "$HOME/img64" --size 64 --count 4000 && $B folder "$HOME/img256" --size 256 --count 2000 \
     && touch "$HOME/img256/done" ) > "$HOME/bench/folders.log" 2>&1 &
 fi
@@ -67,9 +69,15 @@ for p in "$@"; do
       phase stream64 "train $I64 $T80 --data $HOME/img64 --set data.streaming=on" \
         "train $I64 $T80 --data $HOME/img64 --set data.streaming=on --set data.stream_workers=0" \
         "train $I64 $T80 --data $HOME/img64 --set data.streaming=off" ;;
+    profile256)  # where a step's GPU time goes (--profile: ms a step by kernel kind), ours then the peer: together
+      # they would not fit an H100 (74 + 60 GiB)
+      phase prof256 "train $D256 $T80 --profile"
+      phase prof256-peer "peer $D256 --steps 30 --profile" ;;
+    profile64) phase prof64 "train $I64 $T80 --profile" "peer $I64 --steps 60 --profile" ;;
     largest) phase largest "largest $D256"
       phase largest-ckpt "largest $D256 --set model.checkpointing=true" ;;
-    *) echo "unknown phase $p (ours ours256 peer peer256 pairs samples stream stream64 largest)" >&2; exit 2 ;;
+    *) echo "unknown phase $p (ours ours256 peer peer256 pairs samples stream stream64 profile256 profile64" \
+         "largest)" >&2; exit 2 ;;
   esac
 done
 echo "DONE $(date +%T), $(( $(date +%s) - start )) s" >> "$log"

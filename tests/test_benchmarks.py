@@ -208,10 +208,12 @@ def test_bench_bigimg_measures_ours_the_peer_and_a_streamed_folder(tmp_path):
         r = subprocess.run([sys.executable, "benchmarks/bench_bigimg.py", *args], cwd=ROOT, capture_output=True,
                            text=True, timeout=300, env=env)
         assert r.returncode == 0, r.stderr[-3000:]
-        return json.loads(r.stdout.split("BENCH ", 1)[1].splitlines()[0])
+        return json.loads([x for x in r.stdout.splitlines() if x.startswith("BENCH {")][-1][len("BENCH "):])
 
-    ours, peer = bench("train", "--tiny"), bench("peer", "--tiny")
+    ours, peer = bench("train", "--tiny", "--profile"), bench("peer", "--tiny", "--profile")
     assert ours["image_size"] == peer["image_size"] == [16, 24]  # non-square, both
+    for r in ours, peer:  # (the kernels are GPU time: none on the CPU, but the profiled steps ran and were read)
+        assert r["profile_ms_per_step"] == {} and r["step_ms"] > 0 and r["gpu_busy"] == 0
     assert ours["params_m"] == peer["params_m"] and ours["train_gflop_per_image"] > 2 * ours["fwd_gflop_per_image"]
     assert ours["img_per_s"] > 0 and peer["img_per_s"] > 0
     folder = bench("folder", str(tmp_path / "imgs"), "--size", "24", "--count", "20")

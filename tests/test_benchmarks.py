@@ -368,3 +368,35 @@ def test_bench_decode_times_ddpm_the_full_decode_and_the_peer():
     assert row["size"] == 32 and row["count"] == 4
     assert min(row["ddpm_img_per_s"], row["full_decode_img_per_s"], row["peer_img_per_s"]) > 0
     assert row["mean_abs_diff_to_full"] < 3  # libjpeg's reduced scale stays close to decoding every pixel
+
+
+def test_bench_aoti_draws_with_one_package_for_the_model_and_its_guide_what_ddpm_sample_draws(tmp_path):
+    """The ahead-of-time compiled package holds no weights: loaded twice with the model's and the stored guide's,
+    it draws (autoguided, a short last batch padded) the images `ddpm sample` draws from the checkpoint."""
+    import numpy as np
+
+    from conftest import tiny_overrides, write_yaml
+
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    cfg = tiny_overrides(tmp_path / "runs", train__guide_step=10)
+    subprocess.run(["ddpm", "train", "-c", str(write_yaml(tmp_path / "tiny.yaml", cfg))], check=True,
+                   capture_output=True, env=env)
+    run = tmp_path / "runs" / "tiny"
+
+    def bench(*args) -> dict:
+        r = subprocess.run([sys.executable, "benchmarks/bench_aoti.py", *args], cwd=ROOT, capture_output=True,
+                           text=True, timeout=300, env=env)
+        assert r.returncode == 0, r.stderr[-3000:]
+        return json.loads([x for x in r.stdout.splitlines() if x.startswith("BENCH {")][-1][len("BENCH "):])
+
+    built = bench("build", str(run), "-n", "6", "--batch", "4", "--out", str(tmp_path / "net.pt2"))
+    assert built["batch"] == 3 and built["bytes"] > 0
+    drawn = bench("sample", str(run), "-n", "5", "--batch", "4", "--package", str(tmp_path / "net.pt2"),
+                  "--save", str(tmp_path / "aoti.npz"))
+    assert drawn["guided"] and drawn["wall_s"] > 0 and set(drawn["phases_s"]) == {
+        "import", "checkpoint", "package", "first_batch", "end"}
+    subprocess.run(["ddpm", "sample", str(run), "-n", "5", "-b", "4", "--format", "npz", "--out",
+                    str(tmp_path / "ref.npz")], check=True, capture_output=True, env=env)
+    ours, ref = (np.load(tmp_path / f)["arr_0"].astype(int) for f in ("aoti.npz", "ref.npz"))
+    assert ours.shape == ref.shape == (5, 16, 16, 3)
+    assert np.abs(ours - ref).mean() < 0.5 and np.abs(ours - ref).max() <= 8  # float noise, not other weights

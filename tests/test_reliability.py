@@ -667,6 +667,26 @@ def test_a_resume_with_overwrite_replaces_the_later_checkpoints_and_keeps_the_on
     assert load_checkpoint(latest_checkpoint(run)).step == 37
 
 
+def test_a_resume_with_overwrite_that_cannot_start_keeps_the_later_checkpoints(tmp_path, monkeypatch):
+    """--overwrite removed the later checkpoints (and latest.json) before the trainer was built: a start that then
+    failed (no such device, unreadable data) had trained nothing and lost them. They go only once it can train."""
+    from ddpm_cli.engine import train as train_module
+
+    cfg = write_yaml(tmp_path / "c.yaml", tiny_overrides(tmp_path / "runs", train__steps=30,
+                                                         logging__checkpoint_every=10, logging__sample_every=1000))
+    assert _cli_train("--config", cfg).exit_code == 0
+    run = tmp_path / "runs" / "tiny"
+    before = [p.name for p in list_checkpoints(run)]
+
+    def cannot_start(self, cfg, **kwargs):
+        raise DdpmError("train.device cuda requested but CUDA is not available here; set train.device=cpu")
+
+    monkeypatch.setattr(train_module.Trainer, "_setup", cannot_start)
+    r = _cli_train("--resume", run / "checkpoints" / "ckpt-00000010.safetensors", "--overwrite")
+    assert r.exit_code == 1 and "CUDA is not available" in r.stderr and "removed" not in r.stderr, r.output
+    assert [p.name for p in list_checkpoints(run)] == before and latest_checkpoint(run).name == before[-1]
+
+
 # ----------------------------------------------------------------------------------------------------------
 # 5. non-finite loss or gradient
 

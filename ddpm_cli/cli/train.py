@@ -117,11 +117,11 @@ def train_command(
     previous_handlers = _install_signal_handlers(stop)
     display = TrainDisplay(cfg.train.steps)
     trainer = None
-    if later and is_main_process():
-        _remove_later_checkpoints(weights, later)
     try:
         trainer = Trainer(cfg, resume=weights, callbacks=display, stop=stop,
                           name_hint=config.stem if config else None)
+        if later and is_main_process():  # only once the run can train: a start that fails keeps them
+            _remove_later_checkpoints(weights, later)
         result = trainer.run()
     finally:
         display.close()
@@ -189,8 +189,9 @@ def _later_checkpoints(weights: Path, overwrite: bool) -> list[Path]:
 
 
 def _remove_later_checkpoints(weights: Path, later: list[Path]) -> None:
-    """--overwrite: the run's checkpoints after `weights` go before it trains, so that none of them can pass for
-    the run's latest (latest.json first: without it the newest checkpoint left, `weights`, is the latest)."""
+    """--overwrite: the run's checkpoints after `weights` go once the trainer is built and before it trains, so
+    that none of them can pass for the run's latest (latest.json first: without it the newest checkpoint left,
+    `weights`, is the latest)."""
     from ddpm_cli.engine.runs import state_path
 
     (weights.parent.parent / "latest.json").unlink(missing_ok=True)

@@ -743,6 +743,16 @@ def test_an_out_named_npz_is_an_npz_file(trained_run, tmp_path):
     assert sorted(p.suffix for p in (tmp_path / "pngs").iterdir()) == [".png", ".png"]
 
 
+def test_format_npz_with_a_grid_and_no_out_writes_the_npz_too(trained_run, tmp_path, monkeypatch):
+    """`--grid g.png` alone writes only the grid; `--format npz --grid g.png` wrote only the grid as well, dropping
+    the npz the user asked for (every image but the grid's)."""
+    monkeypatch.chdir(tmp_path)
+    ok("sample", trained_run, "-n", 2, "--format", "npz", "--grid", "g.png", *FAST)
+    assert (tmp_path / "g.png").is_file() and npz(tmp_path / "samples.npz")["arr_0"].shape[0] == 2
+    ok("sample", trained_run, "-n", 2, "--grid", "h.png", *FAST)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["g.png", "h.png", "samples.npz"]
+
+
 def test_a_grid_inside_the_out_folder_is_said_to_be_scored_with_the_images(trained_run, tmp_path):
     """`-o s --grid s/grid.png`: `ddpm eval s` then scored the grid as one more sample, with no word at sampling."""
     r = ok("sample", trained_run, "-n", 2, "--out", tmp_path / "s", "--grid", tmp_path / "s" / "grid.png", *FAST)
@@ -790,3 +800,6 @@ def test_a_class_that_is_a_number_and_another_class_s_name_is_refused(trained_co
     assert "class 1 (10)" in msg and "named 1 (index 0)" in msg, msg
     for k in ("5", "0"):  # index 5 is named 5; no class is named 0: one reading each
         ok("sample", forged, "-n", 1, "--class", k, "--out", tmp_path / f"p{k}", *FAST)
+    # ten classes have no index 10: `--class 10` is the class named 10 (index 1), where it was refused as both
+    ok("sample", forged, "-n", 1, "--class", "10", "--out", tmp_path / "p10.npz", *FAST)
+    assert npz(tmp_path / "p10.npz")["labels"].tolist() == [1]

@@ -85,14 +85,14 @@ def _class_index(text: str | None, checkpoint: Path) -> int | None:
     from ddpm_cli.engine.runs import resolve_checkpoint
 
     names = class_names(read_header(resolve_checkpoint(checkpoint)).metadata)
-    if text in names and index is not None and names.index(text) != index:
-        raise UsageError(f"--class {text} is both class {index} ({names[index] if 0 <= index < len(names) else '?'}) "
-                         f"and the class named {text} (index {names.index(text)}); give the index of the one you "
-                         f"mean")
+    is_index = index is not None and 0 <= index < len(names)  # (an index past the classes is none of them)
+    if text in names and is_index and names.index(text) != index:
+        raise UsageError(f"--class {text} is both class {index} ({names[index]}) and the class named {text} (index "
+                         f"{names.index(text)}); give the index of the one you mean")
+    if text in names and not is_index:
+        return names.index(text)
     if index is not None:
         return index
-    if text in names:
-        return names.index(text)
     if not names:
         raise UsageError(f"--class {text}: this checkpoint lists no class names; give a class index")
     listed = ", ".join(f"{i} {name}" for i, name in enumerate(names[:12])) + (", ..." if len(names) > 12 else "")
@@ -155,7 +155,7 @@ def sample_command(
     device: str = typer.Option("auto", "--device", help="auto, cpu, cuda or cuda:N."),
     out: Optional[str] = typer.Option(None, "--out", "-o", metavar=PATH_METAVAR, show_default=False,
                                       help="Folder for the images (created if missing), or an .npz file. Default: "
-                                           "samples/ unless only --grid is asked."),
+                                           "samples/ (samples.npz with --format npz), none with --grid alone."),
     fmt: Optional[Format] = typer.Option(None, "--format", show_default=False,
                                          help="png: one file per image; npz: one uint8 (N, H, W, C) array `arr_0` "
                                               "and `labels`, as FID tools read it. Default: npz for an --out "
@@ -179,9 +179,10 @@ def sample_command(
     if fmt == Format.png and npz_named:
         raise UsageError(f"--out {out} names an .npz file, and --format png writes a folder of PNG files; drop "
                          f"--format png to write the npz, or name a folder")
+    asked_format = fmt is not None
     fmt = fmt or (Format.npz if npz_named else Format.png)
     out = output_path("--out", out, "samples.npz" if npz_named else None)  # npz to a folder: its samples.npz
-    if out is None and grid is None:
+    if out is None and (grid is None or asked_format):  # --grid alone writes the grid alone
         out = Path("samples.npz") if fmt == Format.npz else Path("samples")
     req = SampleRequest(checkpoint=checkpoint, n=n, draw=draw, per_class=per_class, class_index=class_index,
                         batch_size=batch_size, device=device, out=out, fmt=fmt.value, grid=grid, overwrite=overwrite)

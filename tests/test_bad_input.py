@@ -998,3 +998,10 @@ def test_usage_errors_through_the_console_script_too():
     assert r.returncode == 2 and "Usage: " in r.stdout and "Commands" in r.stdout  # no command: the help, as before
     r = run_cli("--version")
     assert r.returncode == 0 and r.stdout.startswith("ddpm ")
+
+
+def test_an_unbounded_kid_subsets_is_a_usage_error_before_any_work(tmp_path):
+    """--kid-subsets 10**23 failed with numpy's "Maximum allowed dimension exceeded" (a traceback), and 10**12 with
+    "out of memory; lower the batch size", both after Inception had run: a bound, said at once."""
+    assert_refused(invoke("eval", tmp_path / "none.npz", "--ref", tmp_path / "none.npz", "--kid-subsets",
+                          "99999999999999999999999"), "--kid-subsets", codes=(2,))

@@ -86,7 +86,8 @@ def eval_command(
     ref_limit: Optional[int] = typer.Option(None, "--ref-limit", min=2, show_default=False,
                                             help="Use only N images of the reference, picked as -n picks samples "
                                                  "(a quicker, rougher score; cached apart from the whole reference)."),
-    kid_subsets: int = typer.Option(100, "--kid-subsets", min=1, help="KID: number of random subsets."),
+    kid_subsets: int = typer.Option(100, "--kid-subsets", min=1, max=10_000,
+                                    help="KID: number of random subsets."),
     kid_subset_size: int = typer.Option(1000, "--kid-subset-size", min=2,
                                         help="KID: images per subset (lowered to fit smaller sets)."),
     inception_weights: Optional[Path] = typer.Option(

@@ -812,6 +812,26 @@ def test_no_output_replaces_the_commands_input_even_with_overwrite(ckpt_copy, tm
     assert (folder / "diffusion_pytorch_model.safetensors").read_bytes() == b"weights"
 
 
+def test_no_output_replaces_another_runs_own_files(ckpt_copy, tmp_path):
+    """The run files were guarded only for the run of the command's input: `ddpm export RUN -o OTHER/metrics.jsonl
+    --overwrite` (or sample's grid, ema's and import's outputs) replaced another run's files, and that run's next
+    resume failed with a traceback. Whichever run an output lands in, its own files are refused."""
+    other = tmp_path / "other"
+    (other / "checkpoints").mkdir(parents=True)
+    for name, text in (("config.yaml", "model: {}\n"), ("metrics.jsonl", '{"step": 1}\n'), ("latest.json", "{}"),
+                       ("loss.png", "png")):
+        (other / name).write_text(text)
+    fast = ["--steps", "2", "--device", "cpu", "--overwrite"]
+    for name in ("metrics.jsonl", "config.yaml", "latest.json"):
+        target = other / name
+        kept = target.read_bytes()
+        assert_refused(invoke("export", ckpt_copy, "-o", target, "--overwrite"), "--out", "run", codes=(2,))
+        assert_refused(invoke("sample", ckpt_copy, "-n", 2, "--grid", target, *fast), "--grid", "run", codes=(2,))
+        assert target.read_bytes() == kept
+    assert_refused(invoke("sample", ckpt_copy, "-n", 2, "--grid", other / "loss.png", *fast), "--grid", codes=(2,))
+    assert invoke("sample", ckpt_copy, "-n", 2, "--grid", other / "mine.png", *fast).exit_code == 0  # the user's
+
+
 def test_a_file_output_that_is_a_folder_is_refused_before_the_work(ckpt_copy, tmp_path):
     """--overwrite skipped the existence check, and the folder was found only after every image was sampled."""
     folder = tmp_path / "g.npz"

@@ -42,6 +42,15 @@ def run_of(checkpoint: Path) -> Path | None:
     return parent.parent if parent.name == "checkpoints" else None
 
 
+def run_holding(path: Path) -> Path | None:
+    """The run directory `path` lies in (a folder holding config.yaml and checkpoints/, up to two folders above
+    `path`: its own files, checkpoints/, samples/ and ema/ are no deeper), else None."""
+    for folder in list(path.resolve().parents)[:3]:
+        if (folder / "config.yaml").is_file() and (folder / "checkpoints").is_dir():
+            return folder
+    return None
+
+
 def is_training_checkpoint(path: Path) -> bool:
     """Whether `path` is half of a training checkpoint: weights with a training state beside them, or the state."""
     from ddpm_cli.engine.runs import state_path
@@ -78,9 +87,9 @@ def is_run_file(run: Path, path: Path) -> bool:
 def refuse_replacing(outputs: dict[str, Path | None], inputs: list[str | Path | None] = (),
                      run: Path | None = None, files: bool = True) -> None:
     """UsageError (exit 2) when an output would be written over one of the inputs (the same file, links
-    followed), a training checkpoint, or an existing file of `run`; or, for outputs that are `files`, when it is a
-    folder (found only at the end otherwise, after the work). `outputs` maps each output's option (for the
-    message) to its path; None entries are skipped."""
+    followed), a training checkpoint, or an existing file of `run` or of the run the output lands in; or, for
+    outputs that are `files`, when it is a folder (found only at the end otherwise, after the work). `outputs` maps
+    each output's option (for the message) to its path; None entries are skipped."""
     sources = [Path(p) for p in inputs if p is not None]
     for option, out in outputs.items():
         if out is None:
@@ -98,6 +107,7 @@ def refuse_replacing(outputs: dict[str, Path | None], inputs: list[str | Path | 
         if is_training_checkpoint(out):  # a resume would go on from other weights, or lose its optimizer state
             raise UsageError(f"{option} {out} is part of a training checkpoint (weights with their training "
                              f"state), which no output replaces; choose another {option}")
-        if run is not None and out.exists() and is_run_file(run, out):  # a snapshot, latest.json, config.yaml
+        runs = [r for r in (run, run_holding(out) if out.exists() else None) if r is not None]
+        if out.exists() and any(is_run_file(r, out) for r in runs):  # a snapshot, latest.json, config.yaml
             raise UsageError(f"{option} {out} is one of the run's own files, which no output replaces; choose "
                              f"another {option}")

@@ -687,6 +687,20 @@ def test_a_resume_with_overwrite_that_cannot_start_keeps_the_later_checkpoints(t
     assert [p.name for p in list_checkpoints(run)] == before and latest_checkpoint(run).name == before[-1]
 
 
+def test_a_resume_refuses_a_logging_section_that_moves_the_run(tmp_path):
+    """`--set logging.run_dir=...` at a resume is refused (the run goes on in its own folder), but `--set
+    "logging={run_dir: ...}"` got past it, and the run's config.yaml and checkpoints then named another folder."""
+    cfg = write_yaml(tmp_path / "c.yaml", tiny_overrides(tmp_path / "runs", train__steps=4,
+                                                         logging__sample_every=1000))
+    assert _cli_train("--config", cfg).exit_code == 0
+    run = tmp_path / "runs" / "tiny"
+    for section in (f"logging={{run_dir: {tmp_path / 'elsewhere'}}}", "logging={run_name: other}"):
+        r = _cli_train("--resume", run, "--set", "train.steps=6", "--set", section)
+        assert r.exit_code == 2 and "its own folder" in r.stderr, r.output
+    r = _cli_train("--resume", run, "--set", "train.steps=6", "--set", "logging={log_every: 2}")
+    assert r.exit_code == 0, r.output  # a logging section that leaves the folder alone is taken
+
+
 # ----------------------------------------------------------------------------------------------------------
 # 5. non-finite loss or gradient
 

@@ -84,7 +84,7 @@ def train_command(
     if resume is not None:
         from ddpm_cli.engine.checkpoint import StoredConfig, read_checkpoint_config
 
-        moved = [s for s in set_ if s.split("=", 1)[0].strip() in ("logging.run_dir", "logging.run_name")]
+        moved = [s for s in set_ if _moves_the_run(s)]
         if moved:  # the run goes on in its own folder: the stored config would name another one
             fail(f"--set {moved[0]}: a resume continues the run in its own folder; copy the folder (with its "
                  f"checkpoints/) to continue it elsewhere, and --resume the copy", code=2)
@@ -131,6 +131,24 @@ def train_command(
             trainer.close()
     if trainer.main:
         _report(trainer, result)
+
+
+def _moves_the_run(assignment: str) -> bool:
+    """Whether a --set names the run's folder: logging.run_dir, logging.run_name, or a whole logging section that
+    holds either."""
+    key, _, value = assignment.partition("=")
+    key = key.strip()
+    if key in ("logging.run_dir", "logging.run_name"):
+        return True
+    if key != "logging":
+        return False
+    import yaml
+
+    try:
+        section = yaml.safe_load(value)
+    except yaml.YAMLError:
+        return False  # the config's own check says what is wrong with it
+    return isinstance(section, dict) and bool({"run_dir", "run_name"} & set(section))
 
 
 def _refuse_going_back(header, cfg) -> None:

@@ -2,7 +2,7 @@
 (issue 24's lever: a process that loads a compiled package imports no compiler and traces nothing, where the warm
 compile cache still pays torch's compiler import and dynamo's trace, ~15 s of a warm `ddpm sample -n 10000`).
 
-    PYTHONPATH=. python benchmarks/bench_aoti.py build  RUN_OR_CKPT --out net.pt2 [--batch B]
+    PYTHONPATH=. python benchmarks/bench_aoti.py build  RUN_OR_CKPT --out net.pt2 [--batch B | --dynamic]
     PYTHONPATH=. python benchmarks/bench_aoti.py sample RUN_OR_CKPT --package net.pt2 -n 10000 [--batch B]
 
 build: the network as `ddpm sample` runs it (engine.generate.inference_net's switches: per-channel GroupNorm
@@ -78,14 +78,20 @@ def cmd_build(args) -> dict:
     t = torch.randint(0, plan.config.diffusion.num_timesteps, (batch,), device=device)
     y = torch.zeros(batch, dtype=torch.long, device=device) if m.conditional else None
     t0 = time.perf_counter()
+    shapes = None
+    if args.dynamic:  # one package for every batch size (inductor's kernels then take the batch as an argument)
+        b = torch.export.Dim("batch", min=1, max=65536)
+        shapes = {"x": {0: b}, "t": {0: b}, "y": {0: b} if y is not None else None}
     with torch.no_grad():
-        program = torch.export.export(net, (x, t, y))
+        program = torch.export.export(net, (x, t, y), dynamic_shapes=shapes)
     exported = time.perf_counter()
     options = {**({} if args.plain else sampler_compile_options("default", device)),
-               "aot_inductor.package_constants_in_so": False, "aot_inductor.use_runtime_constant_folding": True}
+               "aot_inductor.package_constants_in_so": False, "aot_inductor.use_runtime_constant_folding": True,
+               "aot_inductor.metadata": {"ddpm_batch": "any" if args.dynamic else str(batch)}}
     out = torch._inductor.aoti_compile_and_package(program, package_path=str(args.out), inductor_configs=options)
     compiled = time.perf_counter()
-    return emit({"kind": "aoti-build", "batch": batch, "plain": args.plain, "export_s": round(exported - t0, 1),
+    return emit({"kind": "aoti-build", "batch": "any" if args.dynamic else batch, "plain": args.plain,
+                 "export_s": round(exported - t0, 1),
                  "compile_s": round(compiled - exported, 1), "bytes": Path(out).stat().st_size,
                  "device": str(device), "torch": torch.__version__})
 
@@ -95,13 +101,14 @@ def loaded(package: Path, weights: torch.nn.Module, batch: int):
     runner = torch._inductor.aoti_load_package(str(package))
     state = weights.state_dict()
     runner.load_constants({k: state[k] for k in runner.get_constant_fqns() if k in state}, check_full_update=False)
+    takes = runner.get_metadata().get("ddpm_batch", str(batch))
 
     def net(x: torch.Tensor, t: torch.Tensor, y: torch.Tensor | None) -> torch.Tensor:
-        if x.shape[0] != batch:  # the package has one batch shape, and does not check it
-            raise ValueError(f"the package takes batches of {batch}, not {x.shape[0]}")
+        if takes != "any" and x.shape[0] != int(takes):  # a static package does not check its batch shape
+            raise ValueError(f"the package takes batches of {takes}, not {x.shape[0]}")
         return runner(x, t, y)
 
-    net.compiled = True  # generate pads a short last batch to the full shape
+    net.compiled = takes != "any"  # generate pads a short last batch to a static package's shape
     return net
 
 
@@ -156,6 +163,7 @@ def main() -> None:
             p.add_argument("--out", type=Path, required=True, help="the package to write (.pt2)")
             p.add_argument("--plain", action="store_true", help="inductor's default options, not the sampler's "
                            "(programmatic dependent launch on Hopper): where AOTInductor refuses those")
+            p.add_argument("--dynamic", action="store_true", help="one package for any batch size")
         else:
             p.add_argument("--package", type=Path, required=True, help="build's package")
             p.add_argument("--save", type=Path, help="keep the images as an .npz (arr_0: N, H, W, C)")

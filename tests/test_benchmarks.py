@@ -397,6 +397,12 @@ def test_bench_aoti_draws_with_one_package_for_the_model_and_its_guide_what_ddpm
         "import", "checkpoint", "package", "first_batch", "end"}
     subprocess.run(["ddpm", "sample", str(run), "-n", "5", "-b", "4", "--format", "npz", "--out",
                     str(tmp_path / "ref.npz")], check=True, capture_output=True, env=env)
-    ours, ref = (np.load(tmp_path / f)["arr_0"].astype(int) for f in ("aoti.npz", "ref.npz"))
-    assert ours.shape == ref.shape == (5, 16, 16, 3)
-    assert np.abs(ours - ref).mean() < 0.5 and np.abs(ours - ref).max() <= 8  # float noise, not other weights
+    built = bench("build", str(run), "--out", str(tmp_path / "any.pt2"), "--dynamic")  # any batch size
+    assert built["batch"] == "any"
+    bench("sample", str(run), "-n", "5", "--batch", "4", "--package", str(tmp_path / "any.pt2"), "--save",
+          str(tmp_path / "any.npz"))  # (batches of 3 and 2: none padded)
+    ref = np.load(tmp_path / "ref.npz")["arr_0"].astype(int)
+    for f in ("aoti.npz", "any.npz"):
+        ours = np.load(tmp_path / f)["arr_0"].astype(int)
+        assert ours.shape == ref.shape == (5, 16, 16, 3)
+        assert np.abs(ours - ref).mean() < 0.5 and np.abs(ours - ref).max() <= 8, f  # float noise, not other weights

@@ -379,7 +379,8 @@ def test_bench_aoti_draws_with_one_package_for_the_model_and_its_guide_what_ddpm
 
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
     cfg = tiny_overrides(tmp_path / "runs", train__guide_step=10)
-    subprocess.run(["ddpm", "train", "-c", str(write_yaml(tmp_path / "tiny.yaml", cfg))], check=True,
+    ddpm = [sys.executable, "-m", "ddpm_cli"]
+    subprocess.run([*ddpm, "train", "-c", str(write_yaml(tmp_path / "tiny.yaml", cfg))], check=True,
                    capture_output=True, env=env)
     run = tmp_path / "runs" / "tiny"
 
@@ -395,7 +396,7 @@ def test_bench_aoti_draws_with_one_package_for_the_model_and_its_guide_what_ddpm
                   "--save", str(tmp_path / "aoti.npz"))
     assert drawn["guided"] and drawn["wall_s"] > 0 and set(drawn["phases_s"]) == {
         "import", "checkpoint", "package", "first_batch", "end"}
-    subprocess.run(["ddpm", "sample", str(run), "-n", "5", "-b", "4", "--format", "npz", "--out",
+    subprocess.run([*ddpm, "sample", str(run), "-n", "5", "-b", "4", "--format", "npz", "--out",
                     str(tmp_path / "ref.npz")], check=True, capture_output=True, env=env)
     built = bench("build", str(run), "--out", str(tmp_path / "any.pt2"), "--dynamic")  # any batch size
     assert built["batch"] == "any"

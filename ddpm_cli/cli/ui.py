@@ -48,6 +48,7 @@ def close_option(option: str, params) -> str | None:
     near = difflib.get_close_matches(option.lstrip("-"), names, n=1, cutoff=0.75)
     return f"--{near[0]}" if near else None
 
+
 def warn(message: str) -> None:
     """One `warning: ...` line on stderr, the message as written. (Under a live progress bar rich's Live has
     sys.stderr redirected, and err_console writes to whatever sys.stderr is, so the line lands above the bar.)"""

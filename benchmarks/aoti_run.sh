@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Issue 24's AOTInductor lever against `ddpm sample` as it is, in one device call (~7 minutes on an H100):
-#   bash benchmarks/aoti_run.sh [N]        # N images (default 10000); the carried wheels in .whl
+#   [DYNAMIC=0] bash benchmarks/aoti_run.sh [N]    # N images (default 10000); the carried wheels in .whl
 # Trains a checkpoint of examples/cifar10-fast.yaml's network in a few eager steps (with an autoguidance guide, as
 # the shipped recipe keeps), then times, each a fresh process from its start to its exit: `ddpm sample -n N` with
 # empty compile caches (cold) and again (warm); bench_aoti.py's build (the package's cold compile); bench_aoti.py's
@@ -34,10 +34,13 @@ timed aoti-build python3 benchmarks/bench_aoti.py build "$run" -n "$n" --out "$w
 timed aoti-sample-1 python3 benchmarks/bench_aoti.py sample "$run" -n "$n" --package "$work/net.pt2" \
   --save "$work/aoti.npz"
 timed aoti-sample-2 python3 benchmarks/bench_aoti.py sample "$run" -n "$n" --package "$work/net.pt2"
-# one package for every batch size: its build, and its speed against the static one's
-timed aoti-build-dynamic python3 benchmarks/bench_aoti.py build "$run" -n "$n" --out "$work/any.pt2" --dynamic
-timed aoti-sample-dynamic python3 benchmarks/bench_aoti.py sample "$run" -n "$n" --package "$work/any.pt2" \
-  --save "$work/any.npz"
+# one package for every batch size: its build, and its speed against the static one's (DYNAMIC=0: not, ~2 minutes
+# less)
+if [ "${DYNAMIC:-1}" != 0 ]; then
+  timed aoti-build-dynamic python3 benchmarks/bench_aoti.py build "$run" -n "$n" --out "$work/any.pt2" --dynamic
+  timed aoti-sample-dynamic python3 benchmarks/bench_aoti.py sample "$run" -n "$n" --package "$work/any.pt2" \
+    --save "$work/any.npz"
+fi
 grep -h "^BENCH" "$work"/aoti-*.out >> "$log"
 grep -h "images in" "$work"/sample-*.out >> "$log"
 python3 -c "

@@ -407,3 +407,22 @@ def test_bench_aoti_draws_with_one_package_for_the_model_and_its_guide_what_ddpm
         ours = np.load(tmp_path / f)["arr_0"].astype(int)
         assert ours.shape == ref.shape == (5, 16, 16, 3)
         assert np.abs(ours - ref).mean() < 0.5 and np.abs(ours - ref).max() <= 8, f  # float noise, not other weights
+
+
+def test_checkpointing_cuts_what_the_compiled_step_keeps_for_its_backward():
+    """model.checkpointing under torch.compile: the partitioned forward keeps each group's input, not its
+    activations (bench_saved.py measures it on the shipped networks). A compiled 256 px run's peak memory did not
+    drop with checkpointing on the GPU; this rules the partition out as the cause."""
+    import torch
+
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    from bench_saved import saved_for_backward
+    from conftest import tiny_config
+    from ddpm_cli.engine.build import build_unet
+    from ddpm_cli.nn.unet import activation_checkpointing
+
+    model = build_unet(tiny_config(ROOT).model).train()
+    x, t = torch.randn(2, 3, 16, 16), torch.tensor([3, 70])
+    plain, _ = saved_for_backward(model, x, t)
+    recomputed, _ = saved_for_backward(activation_checkpointing(model, True), x, t)
+    assert 0 < recomputed < plain / 2, (recomputed, plain)

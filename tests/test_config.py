@@ -308,6 +308,8 @@ def test_a_section_left_empty_takes_its_defaults(tmp_path):
     assert load_config(p, ["train.steps=5"]).train.steps == 5  # a --set into the empty section
     with pytest.raises(ConfigError):
         load_config(None, ["model=null"])  # a --set that empties a section is no shorthand for its defaults
+    p.write_text("train:\n  steps: 3\n  early_stopping:\n    # enabled: true\n")  # a section in a section too
+    assert load_config(p).train.early_stopping == RunConfig().train.early_stopping
 
 
 def test_a_text_field_that_yaml_reads_as_a_date_or_number_says_to_quote_it(tmp_path):

@@ -175,6 +175,20 @@ class _UniqueKeyLoader(yaml.SafeLoader):
         return super().construct_mapping(node, deep)
 
 
+def _empty_sections_to_defaults(data: dict, section: type) -> dict:
+    """A section of the file left empty (its fields all commented out) is null to YAML: it takes its defaults, at
+    any depth (train.early_stopping too). Only where the field is a section, never optional: there null is a
+    value."""
+    out = {}
+    for k, v in data.items():
+        field = section.model_fields.get(k) if isinstance(k, str) else None
+        sub = field.annotation if field is not None else None
+        if isinstance(sub, type) and issubclass(sub, BaseModel):
+            v = {} if v is None else _empty_sections_to_defaults(v, sub) if isinstance(v, dict) else v
+        out[k] = v
+    return out
+
+
 def load_config(path: str | Path | None, overrides: list[str] | None = None) -> RunConfig:
     """Read a YAML config (or start from the defaults when path is None), apply overrides, validate."""
     data: Any = {}
@@ -204,8 +218,7 @@ def load_config(path: str | Path | None, overrides: list[str] | None = None) -> 
     if not isinstance(data, dict):
         raise ConfigError(f"{source}: the top level must be a mapping of sections (model, diffusion, data, "
                           f"train, logging), not {type(data).__name__}")
-    # a section of the file left empty (its fields all commented out) is null to YAML: it takes its defaults
-    data = {k: {} if v is None and k in RunConfig.model_fields else v for k, v in data.items()}
+    data = _empty_sections_to_defaults(data, RunConfig)
     base = copy.deepcopy(data) if overrides else None
     data = apply_overrides(data, overrides or [])
     try:

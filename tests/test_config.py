@@ -74,6 +74,8 @@ def test_bad_value_exits_1_and_names_field_and_choices(tmp_path):
     ({"train": {"batch_size": True}}, "train.batch_size"),  # true was read as 1
     ({"model": {"in_channels": True}}, "model.in_channels"),
     ({"train": {"max_time": False}}, "train.max_time"),
+    ({"model": {"channel_mults": [True, 2]}}, "model.channel_mults"),  # inside a list too: read as [1, 2]
+    ({"train": {"adam_betas": [0.9, True]}}, "train.adam_betas"),
     ({"diffusion": {"timestep_sampling": "lognormal", "lognormal_mean": 9}}, "lognormal_mean 9"),
     ({"diffusion": {"lognormal_std": 0}}, "diffusion.lognormal_std"),
 ])

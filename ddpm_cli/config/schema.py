@@ -41,7 +41,10 @@ class Section(BaseModel):
             return data
         out = dict(data)
         for name, field in cls.model_fields.items():
-            if not isinstance(out.get(name), bool):
+            value = out.get(name)
+            if isinstance(value, (list, tuple)) and "bool" not in str(field.annotation):  # [true, 2] for numbers
+                out[name] = [str(v).lower() if isinstance(v, bool) else v for v in value]
+            if not isinstance(value, bool):
                 continue
             choices = get_args(field.annotation)
             if "on" in choices or ("off" in choices and not out[name]):

@@ -452,8 +452,9 @@ def test_resume_of_a_newer_format_version(tmp_path, ckpt_copy):
 
 
 BROKEN_CONFIGS = ["", "{not json", "[1, 2]", "null", "42", json.dumps({"model": {"image_size": 7}}),
-                  json.dumps({"model": [1, 2]}), "[" * 5000 + "]" * 5000]
-BROKEN_IDS = ["empty", "not-json", "list", "null", "number", "invalid", "model-list", "deep"]
+                  json.dumps({"model": [1, 2]}), "[" * 5000 + "]" * 5000,
+                  json.dumps({"diffusion": {"prediction": ["eps"]}})]  # (a dict key of the table's: unhashable)
+BROKEN_IDS = ["empty", "not-json", "list", "null", "number", "invalid", "model-list", "deep", "prediction-list"]
 
 
 @pytest.mark.parametrize("config", BROKEN_CONFIGS, ids=BROKEN_IDS)

@@ -193,7 +193,7 @@ def _rows(info: dict) -> list[tuple[str, str]]:
             sched += f", low {d.get('schedule_low')} / high {d.get('schedule_high')}"
         if d.get("schedule") == "dns":
             sched += f", offset {d.get('dns_offset')}"
-        predicts = {"eps": "the noise (eps)", "v": "the velocity (v)"}.get(d.get("prediction", "eps"), "?")
+        predicts = {"eps": "the noise (eps)", "v": "the velocity (v)"}.get(str(d.get("prediction", "eps")), "?")
         rows += [("schedule", sched), ("network predicts", predicts), ("sampler variance", opt(d.get("variance")))]
     t = info["tensors"]
     rows.append(("tensors", f"{t['count']:,} ({', '.join(f'{k} x {v}' for k, v in t['dtypes'].items()) or '-'})"))

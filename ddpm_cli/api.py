@@ -14,6 +14,7 @@
 The CLI runs on the same engine (ddpm_cli.engine)."""
 from __future__ import annotations
 
+import copy
 import math
 from pathlib import Path
 from typing import Any
@@ -21,7 +22,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ddpm_cli.config import RunConfig, validate_config
+from ddpm_cli.config import RunConfig, apply_overrides, config_to_dict, validate_config
 from ddpm_cli.config import load_config as _load_config_file
 from ddpm_cli.diffusion.sampler_spec import SamplerSpec
 from ddpm_cli.engine import checkpoint as ckpt_io
@@ -35,11 +36,15 @@ __all__ = ["Diffusion", "load_config", "load_data"]
 
 
 def load_config(cfg: RunConfig | dict | str | Path, overrides: list[str] | None = None) -> RunConfig:
-    """A run config from a YAML file, a dict of sections, or a RunConfig (returned as it is, without overrides)."""
+    """A run config from a YAML file, a dict of sections, or a RunConfig, with `overrides` (`--set`'s texts,
+    "train.lr=2e-4") applied to it."""
     if isinstance(cfg, RunConfig):
-        return cfg
+        if not overrides:
+            return cfg
+        cfg = config_to_dict(cfg)
     if isinstance(cfg, dict):
-        return validate_config(cfg, "the config dict", overrides)
+        data = apply_overrides(copy.deepcopy(cfg), list(overrides or []))  # (the caller's dict stays as it was)
+        return validate_config(data, "the config dict", overrides)
     if isinstance(cfg, (str, Path)):
         return _load_config_file(cfg, overrides)
     raise UsageError(f"a config is a YAML file's path, a dict of sections or a RunConfig, not {type(cfg).__name__}")

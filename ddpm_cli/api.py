@@ -119,7 +119,7 @@ class Diffusion(nn.Module):
                              f"{', '.join(map(str, m.image_shape()))})")
         self.model.train()
         y = _labels(y, x.shape[0], m, "loss").to(self.device) if (y is not None and m.conditional) else None
-        return self.process.loss(self.model, x.to(self.device), y)
+        return self.process.loss(self.model, x.to(self.device, torch.float32), y)  # (numpy's float64 too)
 
     forward = loss
 

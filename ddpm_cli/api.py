@@ -91,6 +91,8 @@ class Diffusion(nn.Module):
         ema = EMA(self.model, tc.ema_decay, tc.ema_warmup, tc.ema_start, tc.ema_every) if tc.ema else None
         self.__dict__["ema"] = ema  # not a submodule: its weights are not trained and not in parameters()
         self.step = 0
+        self.classes: list[str] = []  # class names, and the images trained on: a checkpoint's, kept by save()
+        self.images_seen = 0
 
     @classmethod
     def from_config(cls, cfg: RunConfig | dict | str | Path, device: str | torch.device = "auto") -> "Diffusion":
@@ -103,7 +105,7 @@ class Diffusion(nn.Module):
         ckpt_io.load_into(obj.model, ck.model_state, str(ck.path))
         if obj.ema is not None:
             ckpt_io.load_into(obj.ema.model, ck.ema_state or ck.model_state, str(ck.path))
-        obj.step = ck.step
+        obj.step, obj.classes, obj.images_seen = ck.step, list(ck.classes), int(ck.metadata.get("images_seen", 0))
         return obj
 
     def loss(self, x: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
@@ -160,7 +162,16 @@ class Diffusion(nn.Module):
         return torch.cat(out).float() / 127.5 - 1.0
 
     def save(self, path: str | Path) -> None:
-        """A checkpoint `ddpm sample`, `ddpm inspect` and `Diffusion.from_checkpoint` read."""
-        meta = ckpt_io.weights_metadata(self.cfg, self.step, 0, count_params(self.model), self.ema is not None,
-                                        [], kind="train")
+        """A checkpoint `ddpm sample`, `ddpm inspect` and `Diffusion.from_checkpoint` read: the weights, their EMA,
+        the config, step, images trained on and class names (a training run's extra averages and autoguidance
+        guide are not held here, so not saved). A training checkpoint of a run (one with its training state
+        beside it) is not replaced: its run would no longer resume."""
+        from ddpm_cli.engine.runs import state_path
+
+        path = Path(path)
+        if path.name.endswith(".state.safetensors") or state_path(path).exists():
+            raise UsageError(f"save: {path} is a training checkpoint of a run (its training state is beside it), "
+                             f"which would no longer resume; save to another path")
+        meta = ckpt_io.weights_metadata(self.cfg, self.step, self.images_seen, count_params(self.model),
+                                        self.ema is not None, self.classes, kind="train")
         ckpt_io.save_weights(Path(path), self.model, self.ema.model if self.ema else None, meta)

@@ -62,3 +62,21 @@ def test_load_config_applies_its_overrides_to_a_dict_or_a_config(tmp_path):
     cfg = load_config(data, ["train.steps=5", "model.dropout=0.2"])
     assert cfg.train.steps == 5 and cfg.model.dropout == 0.2 and data["train"]["steps"] == 20  # the dict unchanged
     assert load_config(cfg, ["train.steps=7"]).train.steps == 7 and cfg.train.steps == 5
+
+
+def test_a_checkpoint_loaded_and_saved_keeps_its_class_names_and_no_run_is_overwritten(trained_conditional_run,
+                                                                                      tmp_path):
+    """from_checkpoint then save dropped the class names (`ddpm sample --class NAME` then failed) and the images
+    seen; save replaced a run's training checkpoint, whose run then resumed from another model."""
+    from ddpm_cli.engine.checkpoint import read_header
+    from ddpm_cli.engine.runs import latest_checkpoint
+
+    src = latest_checkpoint(trained_conditional_run)
+    d = Diffusion.from_checkpoint(src, device="cpu")
+    d.save(tmp_path / "copy.safetensors")
+    a, b = read_header(src).metadata, read_header(tmp_path / "copy.safetensors").metadata
+    assert b["classes"] == a["classes"] != "[]" and b["images_seen"] == a["images_seen"]
+    before = src.read_bytes()
+    with pytest.raises(DdpmError, match="training checkpoint"):
+        d.save(src)
+    assert src.read_bytes() == before

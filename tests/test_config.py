@@ -85,6 +85,14 @@ def test_out_of_range_values(tmp_path, data, field):
     assert field in "\n".join(e.value.problems)
 
 
+def test_assigning_a_field_leaves_the_others_as_validated():
+    """The check for true/false inside lists turned every tuple field into a list whenever one field was assigned
+    (pydantic runs the section's before-validator on assignment): pydantic then warned at each serialisation."""
+    cfg = load_config(None, [])
+    cfg.train.steps = 5
+    assert isinstance(cfg.train.adam_betas, tuple) and isinstance(cfg.model.channel_mults, tuple)
+
+
 def test_overrides_coerce_types():
     cfg = load_config(ROOT / "examples" / "cifar10.yaml",
                       ["train.batch_size=64", "diffusion.schedule=cosine", "model.channel_mults=[1,2]",

@@ -42,7 +42,8 @@ class Section(BaseModel):
         out = dict(data)
         for name, field in cls.model_fields.items():
             value = out.get(name)
-            if isinstance(value, (list, tuple)) and "bool" not in str(field.annotation):  # [true, 2] for numbers
+            if (isinstance(value, (list, tuple)) and any(isinstance(v, bool) for v in value)
+                    and "bool" not in str(field.annotation)):  # [true, 2] for numbers: refused as true is
                 out[name] = [str(v).lower() if isinstance(v, bool) else v for v in value]
             if not isinstance(value, bool):
                 continue

@@ -275,6 +275,43 @@ def test_sigterm_to_the_gpus_launcher_stops_the_ranks_with_a_checkpoint_and_no_t
     assert list_checkpoints(runs / "tiny"), "the ranks should checkpoint before they stop"
 
 
+def test_a_signal_that_torchruns_agent_fails_to_handle_still_reaches_the_ranks(tmp_path, monkeypatch):
+    """torch's elastic agent times each poll of its workers in a try whose finally reads the start time: a SIGTERM
+    that lands before that time is taken raises UnboundLocalError from the finally, in place of the
+    SignalException that makes the agent pass the signal on. The launcher then exited 1 with torch's traceback
+    and left the ranks running (seen once in a full CPU run). Here torchrun is a stand-in that starts a "rank"
+    and fails that way."""
+    from torch.distributed.elastic.multiprocessing.api import SignalException
+
+    from ddpm_cli.cli import launch
+
+    done = tmp_path / "rank-stopped"
+    rank_code = (f"import signal, sys, time, pathlib\n"
+                 f"signal.signal(signal.SIGTERM, lambda *a: (pathlib.Path({str(done)!r}).write_text('15'), "
+                 f"sys.exit(0)))\n"
+                 f"time.sleep(60)\n")
+
+    def torchrun(argv):
+        rank = subprocess.Popen([sys.executable, "-c", rank_code])
+        time.sleep(2)  # (its handler set)
+        try:
+            raise SignalException("Process got signal: 15", sigval=signal.SIGTERM)
+        finally:
+            start  # noqa: F821, B018 - torch's own slip: a name the try had not assigned yet
+
+    import torch.distributed.run
+
+    monkeypatch.setattr(torch.distributed.run, "main", torchrun)
+    monkeypatch.setattr(sys, "argv", ["ddpm", "train", "--gpus", "2"])
+    with pytest.raises(SystemExit) as e:
+        launch.relaunch_with_torchrun(2)
+    assert e.value.code == 143
+    deadline = time.monotonic() + 30
+    while not done.exists() and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert done.exists(), "the rank never got the signal"
+
+
 def test_sampling_on_two_ranks_gives_the_images_of_one(trained_run, tmp_path):
     one = run_cli("sample", str(trained_run), "-n", "7", "--batch-size", "3", "--format", "npz",
                   "--out", str(tmp_path / "one.npz"), "--sampler", "ddim", "--steps", "3", "--eta", "1",

@@ -56,8 +56,57 @@ def relaunch_with_torchrun(gpus: int) -> None:
              f"fewer --gpus or a smaller batch, or without --gpus to see its error", code=128 + signum)
     except SignalException as e:  # torchrun passed the signal on to the ranks, which checkpointed and said so
         raise SystemExit(128 + int(e.sigval)) from None
+    except Exception as e:
+        signum = _signal_behind(e, SignalException)
+        if signum is None:
+            raise
+        # torchrun's agent failed while the signal was being raised in it (torch's own slip: its poll's timer
+        # reads a start time the signal came before; tests/test_distributed.py), so it passed nothing on: the
+        # ranks get the signal from here, and checkpoint and stop as they would have
+        _signal_children(signum, float(os.environ["TORCH_ELASTIC_SHUTDOWN_TIMEOUT"]))
+        raise SystemExit(128 + signum) from None
     finally:
         shutil.rmtree(os.environ.pop(LAUNCH_DIR), ignore_errors=True)
+
+
+def _signal_behind(e: BaseException | None, signal_exception: type) -> int | None:
+    """The signal of a torchrun SignalException that `e` was raised while handling, if any."""
+    while e is not None:
+        if isinstance(e, signal_exception):
+            return int(e.sigval)
+        e = e.__context__
+    return None
+
+
+def _signal_children(signum: int, timeout: float) -> None:
+    """Send `signum` to this process's children (torchrun's ranks; Linux: read from /proc) and wait up to `timeout`
+    seconds for them to end."""
+    import time
+    from pathlib import Path
+
+    pids = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            if int(stat.read_text().rsplit(")", 1)[1].split()[1]) == os.getpid():  # (its 4th field: the parent)
+                pids.append(int(stat.parent.name))
+        except (OSError, ValueError, IndexError):
+            continue
+    for pid in pids:
+        try:
+            os.kill(pid, signum)
+        except ProcessLookupError:
+            pass
+    deadline = time.monotonic() + timeout
+    while pids and time.monotonic() < deadline:
+        time.sleep(0.2)
+        pids = [pid for pid in pids if _running(pid)]
+
+
+def _running(pid: int) -> bool:
+    try:
+        return os.waitpid(pid, os.WNOHANG) == (0, 0)  # (reaps it once it has ended)
+    except ChildProcessError:  # reaped already
+        return False
 
 
 def _signal_name(signum: int) -> str:

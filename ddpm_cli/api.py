@@ -166,12 +166,12 @@ class Diffusion(nn.Module):
         the config, step, images trained on and class names (a training run's extra averages and autoguidance
         guide are not held here, so not saved). A training checkpoint of a run (one with its training state
         beside it) is not replaced: its run would no longer resume."""
-        from ddpm_cli.engine.runs import state_path
+        from ddpm_cli.engine.runs import is_training_checkpoint
 
         path = Path(path)
-        if path.name.endswith(".state.safetensors") or state_path(path).exists():
+        if is_training_checkpoint(path):
             raise UsageError(f"save: {path} is a training checkpoint of a run (its training state is beside it), "
                              f"which would no longer resume; save to another path")
         meta = ckpt_io.weights_metadata(self.cfg, self.step, self.images_seen, count_params(self.model),
                                         self.ema is not None, self.classes, kind="train")
-        ckpt_io.save_weights(Path(path), self.model, self.ema.model if self.ema else None, meta)
+        ckpt_io.save_weights(path, self.model, self.ema.model if self.ema else None, meta)

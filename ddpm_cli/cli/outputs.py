@@ -51,14 +51,6 @@ def run_holding(path: Path) -> Path | None:
     return None
 
 
-def is_training_checkpoint(path: Path) -> bool:
-    """Whether `path` is half of a training checkpoint: weights with a training state beside them, or the state."""
-    from ddpm_cli.engine.runs import state_path
-
-    return path.name.endswith(".state.safetensors") or (
-        path.name.endswith(".safetensors") and state_path(path).exists())
-
-
 # What `ddpm train` writes at the top of a run's folder, besides its checkpoints, its sample grids (samples/step_*)
 # and its post-hoc EMA snapshots (ema/snapshot-*); any other file there (an export beside a checkpoint, a grid, an
 # average of `ddpm ema`) is the user's.
@@ -90,6 +82,8 @@ def refuse_replacing(outputs: dict[str, Path | None], inputs: list[str | Path | 
     followed), a training checkpoint, or an existing file of `run` or of the run the output lands in; or, for
     outputs that are `files`, when it is a folder (found only at the end otherwise, after the work). `outputs` maps
     each output's option (for the message) to its path; None entries are skipped."""
+    from ddpm_cli.engine.runs import is_training_checkpoint
+
     sources = [Path(p) for p in inputs if p is not None]
     for option, out in outputs.items():
         if out is None:

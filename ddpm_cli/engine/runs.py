@@ -175,6 +175,14 @@ def state_path(weights: Path) -> Path:
     return weights.with_name(weights.name.replace(".safetensors", ".state.safetensors"))
 
 
+def is_training_checkpoint(path: Path) -> bool:
+    """Whether `path` is half of a training checkpoint: weights with a training state beside them, or the state.
+    Nothing replaces one (an export, a sample's output, the API's save): its run would resume from other weights,
+    or lose its optimizer state."""
+    return path.name.endswith(".state.safetensors") or (
+        path.name.endswith(".safetensors") and state_path(path).exists())
+
+
 def default_run_name(hint: str | None) -> str:
     return f"{hint or 'run'}-{time.strftime('%Y%m%d-%H%M%S')}"
 

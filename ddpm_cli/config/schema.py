@@ -27,6 +27,11 @@ def device_problem(name: str) -> str | None:
         f" (did you mean {meant}?)" if DEVICE.fullmatch(meant) else "")
 
 
+def _takes_bool(annotation: Any) -> bool:
+    """Whether a field's type holds bool anywhere (bool itself, or inside a union, tuple or Annotated)."""
+    return annotation is bool or any(_takes_bool(a) for a in get_args(annotation))
+
+
 class Section(BaseModel):
     model_config = ConfigDict(extra="forbid", use_attribute_docstrings=True, validate_assignment=True,
                               allow_inf_nan=False)
@@ -43,7 +48,7 @@ class Section(BaseModel):
         for name, field in cls.model_fields.items():
             value = out.get(name)
             if (isinstance(value, (list, tuple)) and any(isinstance(v, bool) for v in value)
-                    and "bool" not in str(field.annotation)):  # [true, 2] for numbers: refused as true is
+                    and not _takes_bool(field.annotation)):  # [true, 2] for numbers: refused as true is
                 out[name] = [str(v).lower() if isinstance(v, bool) else v for v in value]
             if not isinstance(value, bool):
                 continue

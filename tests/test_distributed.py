@@ -285,15 +285,18 @@ def test_a_signal_that_torchruns_agent_fails_to_handle_still_reaches_the_ranks(t
 
     from ddpm_cli.cli import launch
 
-    done = tmp_path / "rank-stopped"
+    ready, done = tmp_path / "rank-ready", tmp_path / "rank-stopped"
     rank_code = (f"import signal, sys, time, pathlib\n"
                  f"signal.signal(signal.SIGTERM, lambda *a: (pathlib.Path({str(done)!r}).write_text('15'), "
                  f"sys.exit(0)))\n"
+                 f"pathlib.Path({str(ready)!r}).touch()\n"
                  f"time.sleep(60)\n")
 
     def torchrun(argv):
-        rank = subprocess.Popen([sys.executable, "-c", rank_code])
-        time.sleep(2)  # (its handler set)
+        rank = subprocess.Popen([sys.executable, "-c", rank_code])  # noqa: F841 - held, as torchrun holds its ranks
+        deadline = time.monotonic() + 60
+        while not ready.exists() and time.monotonic() < deadline:  # (its handler set)
+            time.sleep(0.05)
         try:
             raise SignalException("Process got signal: 15", sigval=signal.SIGTERM)
         finally:

@@ -31,6 +31,10 @@ class CheckpointError(DdpmError):
     """A checkpoint is missing, truncated, not ours, or does not fit the model."""
 
 
+class RunLocked(DdpmError):
+    """Another process is training in the run directory (it holds the run's lock)."""
+
+
 class DeviceError(DdpmError):
     """The requested device is not available."""
 

@@ -880,3 +880,22 @@ def test_every_test_the_readme_names_for_a_promise_exists():
     for path in (ROOT / "tests").glob("test_*.py"):
         defined |= set(re.findall(r"^def (test_\w+)\(", path.read_text(), re.M))
     assert len(named) >= 15 and named <= defined, sorted(named - defined)
+
+
+def test_a_start_whose_run_lock_cannot_be_opened_takes_its_new_folder_away(tmp_path, monkeypatch):
+    """Only a lock held by another start leaves the new folder in place (it is that start's run); a lock file that
+    cannot be opened at all is this start's failure, and the folder it made goes with it."""
+    from ddpm_cli.engine import runs, train as train_module
+
+    pytest.importorskip("fcntl")
+    real = runs.make_run_dir
+
+    def with_a_lock_that_cannot_be_opened(cfg, name_hint, created=None):
+        run_dir = real(cfg, name_hint, created)
+        (run_dir / runs.RUN_LOCK).mkdir()  # open(".lock", "a+") fails: it is a directory
+        return run_dir
+
+    monkeypatch.setattr(train_module, "make_run_dir", with_a_lock_that_cannot_be_opened)
+    with pytest.raises(DdpmError, match="cannot write to run directory"):
+        train(tiny_config(tmp_path, train__steps=2, logging__run_name="mine"))
+    assert not (tmp_path / "mine").exists()

@@ -11,7 +11,7 @@ import time
 from pathlib import Path
 
 from ddpm_cli.config import RunConfig
-from ddpm_cli.errors import CheckpointError, DdpmError
+from ddpm_cli.errors import CheckpointError, DdpmError, RunLocked
 
 CKPT_RE = re.compile(r"ckpt-(\d+)\.safetensors$")
 
@@ -28,8 +28,8 @@ RUN_LOCK = ".lock"
 
 def lock_run(run_dir: Path, resume: bool = False):
     """Hold RUN's lock for this process, so that no second process trains into the run (a second `ddpm train` with
-    its run_name, or a --resume of it, would mix their checkpoints); release it with release_run. Raises DdpmError
-    naming the process that holds it. Returns the open lock file, or None where the OS has no flock (no lock)."""
+    its run_name, or a --resume of it, would mix their checkpoints); release it with release_run. Raises RunLocked
+    naming the process that holds it (DdpmError where the folder cannot be written). Returns the open lock file, or None where the OS has no flock (no lock)."""
     try:
         import fcntl
     except ImportError:
@@ -47,7 +47,7 @@ def lock_run(run_dir: Path, resume: bool = False):
         pid = f.read().strip()
         f.close()
         holder = f"another process (pid {pid})" if pid.isdigit() else "another process"
-        raise DdpmError(f"{holder} is training in {run_dir}; "
+        raise RunLocked(f"{holder} is training in {run_dir}; "
                         + ("wait for it to end or stop it, then resume" if resume else
                            "choose another logging.run_name, or wait for it to end or stop it")) from None
     f.seek(0)

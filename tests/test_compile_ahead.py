@@ -172,6 +172,9 @@ def test_the_run_trains_eagerly_until_the_helper_is_done_then_takes_the_compiled
 
 
 def test_a_helper_that_fails_is_one_warning_and_the_run_compiles_its_step_itself(tmp_path, monkeypatch):
+    from ddpm_cli.engine.train import Trainer
+
+    monkeypatch.setattr(Trainer, "SWITCH_MIN_LEFT_S", 0.0)  # (a short budget: the run compiles to its end)
     _StandIn(monkeypatch, "import sys, time; time.sleep(0.5); print('CUDA out of memory in the helper'); sys.exit(1)")
     trainer, said, switch, compiled = _run(tmp_path, stop_after_switch=None, train__steps=10**6,
                                            train__max_time=4.0)
@@ -251,7 +254,10 @@ def test_a_helper_that_never_lets_go_is_waited_for_once_and_then_trained_beside(
 def test_a_helper_past_its_deadline_is_ended_and_the_run_compiles_its_step(tmp_path, monkeypatch):
     from ddpm_cli.engine import compile_ahead
 
+    from ddpm_cli.engine.train import Trainer
+
     monkeypatch.setattr(compile_ahead, "DEADLINE_S", 1.5)
+    monkeypatch.setattr(Trainer, "SWITCH_MIN_LEFT_S", 0.0)  # (a short budget: the run compiles to its end)
     stand_in = _StandIn(monkeypatch, "import time; time.sleep(120)")
     warned = []
     trainer, said, switch, compiled = _run(tmp_path, stop_after_switch=None, train__steps=10**6, train__max_time=8.0)
@@ -366,3 +372,124 @@ time.sleep(60)
         time.sleep(0.05)
     else:
         raise AssertionError("the helper outlived its run")
+
+
+def test_an_eager_step_out_of_memory_in_its_backward_frees_that_steps_graph_before_the_compiled_step(tmp_path,
+                                                                                                      monkeypatch):
+    """Out of memory in the eager step's backward leaves the part of the graph not yet run (its saved activations)
+    hanging from the step's loss: the compiled step that takes the step again must not run beside it."""
+    import weakref
+
+    import torch
+
+    class OutOfMemoryInBackward(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, x):
+            return x.clone()
+
+        @staticmethod
+        def backward(ctx, g):
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+    _StandIn(monkeypatch, "import time; time.sleep(120)")
+    trainer, said, switch, compiled = _run(tmp_path, stop_after_switch=None, train__steps=4)
+    trainer.cb.on_warning = lambda text: None
+    real, saved = trainer._loss, []
+
+    def loss(*args):
+        out = real(*args)
+        if len(saved) == 0 and trainer.step == 1:
+            activation = torch.ones(1024)  # saved by the product for its backward, which runs after the failing node
+            saved.append(weakref.ref(activation))
+            out = out + OutOfMemoryInBackward.apply(torch.ones(1, requires_grad=True) * activation).sum() * 0
+        return out
+
+    make_compiled_step, alive = trainer._make_compiled_step, []
+
+    def and_look_at_the_failed_step():
+        alive.append(saved[0]() is not None)
+        make_compiled_step()
+
+    trainer._loss = trainer.loss_fn = loss
+    trainer._make_compiled_step = and_look_at_the_failed_step
+    assert trainer.run().step == 4
+    assert alive == [False]
+
+
+def test_a_helper_that_fails_near_the_budgets_end_leaves_the_run_eager(tmp_path, monkeypatch):
+    """A cold compile in the run's last seconds would outlast the budget: a helper that failed (or ran out of time)
+    there leaves the run eager to its end, with the failure said once."""
+    _StandIn(monkeypatch, "import sys, time; time.sleep(0.5); print('the helper broke'); sys.exit(1)")
+    warned = []
+    trainer, said, switch, compiled = _run(tmp_path, stop_after_switch=None, train__steps=10**6, train__max_time=3.0)
+    trainer.cb.on_warning = warned.append
+    res = trainer.run()
+    assert res.step > 2 and not compiled and not switch
+    failed = [w for w in warned if "the helper broke" in w]
+    assert len(failed) == 1 and "eager" in failed[0], warned
+
+
+def test_the_closing_work_is_costed_again_at_the_first_compiled_step(tmp_path, monkeypatch):
+    """The first costing of the closing grid ran beside the helper's compile (every core busy): once the helper is
+    done the run costs it again, or a timed run would stop early by the difference."""
+    from ddpm_cli.engine.train import Trainer
+    from ddpm_cli.errors import TrainingAborted
+
+    _StandIn(monkeypatch, "import time; time.sleep(0.5)")
+    costed = []
+
+    def cost(self):
+        costed.append(self.step)
+        return 0.01, 0.01
+
+    monkeypatch.setattr(Trainer, "_closing_cost", cost)
+    trainer, said, switch, compiled = _run(tmp_path, stop_after_switch=3, train__steps=10**6, train__max_time=300.0)
+    with pytest.raises(TrainingAborted):
+        trainer.run()
+    assert switch and costed == [1, switch[0]], (costed, switch)
+
+
+def test_a_run_that_stops_answering_tells_the_helper_which_then_times_without_waiting(tmp_path):
+    """After a hold that ran out, the run answers no more requests; it says so (`ack` = off), so that the helper's
+    later timings do not each wait ACK_WAIT_S for an answer that will not come."""
+    from ddpm_cli.engine.compile_ahead import ACK, WANT, CompileAhead, _Gate
+
+    proc = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)"])
+    try:
+        ahead = CompileAhead(proc, tmp_path, open(tmp_path / "log", "w"))
+        (tmp_path / WANT).write_text("1")
+        import ddpm_cli.engine.compile_ahead as compile_ahead
+
+        real, compile_ahead.HOLD_MAX_S = compile_ahead.HOLD_MAX_S, 0.2
+        try:
+            assert ahead.hold_if_asked(lambda: None)
+        finally:
+            compile_ahead.HOLD_MAX_S = real
+        assert not ahead.answering
+        (tmp_path / WANT).unlink()
+        gate = _Gate(tmp_path, lambda: True)
+        gate.asked = 1
+        t = time.monotonic()
+        gate.acquire()  # request 2: answered by nobody
+        assert time.monotonic() - t < 2.0, (tmp_path / ACK).read_text()
+    finally:
+        proc.kill()
+        proc.wait()
+
+
+def test_a_release_timer_that_fired_late_leaves_a_hold_that_a_new_timing_took(tmp_path):
+    """The helper's release timer can fire while the next timing is extending the hold; running after it, the late
+    timer must not hand the GPU back in the middle of that timing."""
+    from ddpm_cli.engine.compile_ahead import ACK, WANT, _Gate
+
+    (tmp_path / ACK).write_text("1")
+    gate = _Gate(tmp_path, lambda: True)
+    gate.acquire()
+    gate.release_later()
+    late = gate.timer
+    late.cancel()  # (its firing is played by hand below, after the next acquire)
+    gate.acquire()  # the next timing: still held, no new request
+    late.function(*late.args, **late.kwargs)
+    assert gate.held and (tmp_path / WANT).read_text() == "1"
+    gate.release()
+    assert not gate.held and not (tmp_path / WANT).exists()

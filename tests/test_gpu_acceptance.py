@@ -250,6 +250,52 @@ def test_compile_ahead_out_of_memory_in_an_eager_step_ends_the_helper_and_trains
     assert calls == [0, 1] and math.isfinite(res.last_loss)
 
 
+def test_compile_ahead_out_of_memory_in_an_eager_backward_frees_that_step_before_the_compiled_one(tmp_path):
+    """The same, with the allocation the card cannot hold in the backward of the second eager step: the part of the
+    graph not yet run (here a 256 MiB activation saved for it) is freed before the compiled step takes the step."""
+    import weakref
+
+    class OutOfMemoryInBackward(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, x):
+            return x.clone()
+
+        @staticmethod
+        def backward(ctx, g):
+            torch.empty(1 << 46, dtype=torch.uint8, device=g.device)  # 64 TiB
+            return g
+
+    trainer = _trainer(tmp_path, "oom-backward", train__steps=6, train__compile_ahead=True)
+    warned, real, calls, saved, alive = [], trainer._loss, [], [], []
+    trainer.cb.on_warning = warned.append
+
+    def eager(x, y):
+        calls.append(trainer.step)
+        loss = real(x, y)
+        if len(calls) == 2:
+            trainer._loss = real  # what the run then compiles
+            activation = torch.ones(1 << 26, device=trainer.device)  # 256 MiB, kept for the product's backward
+            saved.append(weakref.ref(activation))
+            one = torch.ones(1, device=trainer.device, requires_grad=True)
+            loss = loss + OutOfMemoryInBackward.apply(one * activation).sum() * 0
+        return loss
+
+    make_compiled_step = trainer._make_compiled_step
+
+    def and_look_at_the_failed_step():
+        alive.append(saved[0]() is not None)
+        make_compiled_step()
+
+    trainer._loss = trainer.loss_fn = eager
+    trainer._make_compiled_step = and_look_at_the_failed_step
+    try:
+        res = trainer.run()
+    finally:
+        trainer.close()
+    assert res.step == 6 and any("ran out of GPU memory" in w for w in warned), warned
+    assert alive == [False] and calls == [0, 1] and math.isfinite(res.last_loss)
+
+
 def test_a_nonfinite_step_is_skipped_and_counted_under_cuda_graphs(tmp_path):
     trainer = _trainer(tmp_path, "nan", train__steps=16)
     compiled, params = trainer.loss_fn, list(trainer.model.parameters())

@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Callable
 
 WANT, ACK, LOG, SPEC = "want", "ack", "helper.log", "spec.json"
+OFF = "off"  # in `ack`: the run answers no more requests (a hold ran out)
 RELEASE_S = 0.5  # the GPU goes back to the run this long after the helper's last timing
 HOLD_MAX_S = 120.0  # a helper that asked and never let go (hung): the run stops answering and trains on
 ACK_WAIT_S = 30.0  # a run busy with other work (a checkpoint) for longer: the helper times without it
@@ -68,6 +69,7 @@ class CompileAhead:
         self.answering = True  # False after a hold ran out (HOLD_MAX_S): the helper times beside the run from then
         self.started = time.monotonic()
         self.overdue = False  # ended by done() at DEADLINE_S
+        self.failure_said = False  # the run has warned that the helper failed
 
     @classmethod
     def start(cls, cfg_dict: dict, device: str, inputs: list, classes: int) -> CompileAhead:
@@ -123,6 +125,7 @@ class CompileAhead:
                 break
             if time.monotonic() - t >= HOLD_MAX_S:
                 self.answering = False
+                _write(self.folder / ACK, OFF)  # the helper's later requests wait for no answer
                 break
             if asked != answered:
                 _write(self.folder / ACK, asked)
@@ -170,7 +173,7 @@ class _Gate:
             _write(self.folder / WANT, asked)
             self.held = True
         t = time.monotonic()
-        while (_read(self.folder / ACK) != asked and self.parent_alive()
+        while (_read(self.folder / ACK) not in (asked, OFF) and self.parent_alive()
                and time.monotonic() - t < ACK_WAIT_S):
             time.sleep(0.002)
 
@@ -179,11 +182,16 @@ class _Gate:
             if self.timer is not None:
                 self.timer.cancel()
             self.timer = threading.Timer(RELEASE_S, self.release)
+            self.timer.args = (self.timer,)
             self.timer.daemon = True
             self.timer.start()
 
-    def release(self) -> None:
+    def release(self, timer: threading.Timer | None = None) -> None:
+        """Hand the GPU back; from `timer`, only if it is still the current one (a timer that fired while
+        `acquire` extended the hold waits for the lock, and must then leave that hold alone)."""
         with self.lock:
+            if timer is not None and timer is not self.timer:
+                return
             (self.folder / WANT).unlink(missing_ok=True)
             self.held = False
             self.timer = None

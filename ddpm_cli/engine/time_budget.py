@@ -56,8 +56,14 @@ class TimeBudget:
             return math.inf
         now = time.monotonic()
         per_step = (now - self._since[0]) / self._since[1]
-        left = (self.deadline - now - self.grid_s - self.checkpoint_s) / max(per_step, 1e-9)
+        left = self.seconds_left(now) / max(per_step, 1e-9)
         return max(0.0, left - lookahead_steps)
+
+    def seconds_left(self, now: float | None = None) -> float:
+        """Seconds of training left before the closing work must start; inf without a budget."""
+        if self.deadline is None:
+            return math.inf
+        return self.deadline - (time.monotonic() if now is None else now) - self.grid_s - self.checkpoint_s
 
     def up(self, lookahead_steps: int = 1) -> bool:
         """Whether starting `lookahead_steps` more steps would end the run past its budget."""

@@ -30,7 +30,7 @@ from ddpm_cli.engine.metrics import MetricsLog, WandbSink, keep_metrics_until, p
 from ddpm_cli.engine.lr_schedule import LRSchedule
 from ddpm_cli.engine.posthoc_ema import PosthocEMA
 from ddpm_cli.engine.time_budget import TimeBudget
-from ddpm_cli.errors import DdpmError, TrainingAborted
+from ddpm_cli.errors import DdpmError, RunLocked, TrainingAborted
 from ddpm_cli.nn.unet import activation_checkpointing, channel_stats
 
 
@@ -112,7 +112,7 @@ class Trainer:
         if self.main:  # held until close(): a second process that would train into this run is refused
             try:
                 self._run_lock = lock_run(self.run_dir, resume is not None)
-            except DdpmError:  # another start made the same new folder a moment before this one: it is its run's
+            except RunLocked:  # another start made the same new folder a moment before this one: it is its run's
                 self._created_dirs.clear()
                 raise
         self.run_dir = self.dist.broadcast_path(self.run_dir)
@@ -350,6 +350,10 @@ class Trainer:
                 compile_s, first_step = time.monotonic() - t_step, False
                 if self.step_cache is not None:  # forward and backward have compiled now: keep them for the next run
                     self.step_cache.save()
+                if self.compile_ahead and self.step > start_step + 1 and budget.deadline is not None and self.main:
+                    # the first costing ran beside the helper's compile, every core busy: again, without it
+                    budget.grid_s, budget.checkpoint_s = self._closing_cost()
+                    budget.pause()
             if self.step == start_step + 1 and budget.deadline is not None and self.main:
                 # after the first step, compiled or (train.compile_ahead) eager: the budget keeps the end's work
                 budget.grid_s, budget.checkpoint_s = self._closing_cost()
@@ -474,8 +478,9 @@ class Trainer:
         return compile_ahead.CompileAhead.start(config_to_dict(self.cfg), str(self.device), [x, y],
                                                 self.cfg.model.num_classes + 1)
 
-    # Under train.max_time, a helper that is done this close to the end leaves the run eager: loading the compiled
-    # step (and recording its CUDA graph) would cost about what the faster steps after it win back.
+    # Under train.max_time, a helper that ends this close to the end (the closing work apart) leaves the run eager:
+    # loading the compiled step (and recording its CUDA graph) would cost about what the faster steps after it win
+    # back, and a cold compile after a failed helper would outlast the budget.
     SWITCH_MIN_LEFT_S = 30.0
 
     def _eager_while_compiling(self, budget: TimeBudget) -> bool:
@@ -493,7 +498,11 @@ class Trainer:
                 self.cb.on_warning(f"train.compile_ahead: the helper held the GPU for "
                                    f"{compile_ahead.HOLD_MAX_S:.0f} s without letting go; training on beside it")
             return True
-        if ready and budget.deadline is not None and budget.deadline - time.monotonic() < self.SWITCH_MIN_LEFT_S:
+        if budget.seconds_left() < self.SWITCH_MIN_LEFT_S:  # too late to load (or compile) the step: stay eager
+            if not ready and not self.ahead.failure_said:
+                self.cb.on_warning(f"train.compile_ahead: the helper failed ({self.ahead.last_line()}); the run "
+                                   f"ends eagerly, too close to its train.max_time to compile the step")
+                self.ahead.failure_said = True
             return True
         self._end_compile_ahead(ready)
         return False
@@ -507,7 +516,9 @@ class Trainer:
             loss.backward()
             return loss
         except torch.cuda.OutOfMemoryError:
-            pass  # out of the except block first: its traceback holds the failed step's activations
+            # out of the except block first (its traceback holds the failed step's activations), and without the
+            # loss: after an error in the backward it holds the part of the graph not yet run
+            loss = None
         self.opt.zero_grad(set_to_none=True)
         self.cb.on_warning("train.compile_ahead: the eager step ran out of GPU memory beside the helper; the helper "
                            "is ended and the step compiles in the run (turn train.compile_ahead off for this batch "

@@ -42,23 +42,24 @@ def class_names(metadata: dict[str, str]) -> list[str]:
     return list(names) if isinstance(names, list) else []
 
 
+def _safetensors_start(head: bytes) -> bool:
+    """`head` (a file's first 9 bytes) opens a safetensors file: a header length of at most MAX_HEADER, then the JSON
+    header's "{". Told apart from the formats whose magic bytes such a length can spell (below)."""
+    return len(head) >= 9 and struct.unpack("<Q", head[:8])[0] <= MAX_HEADER and head[8:9] == b"{"
+
+
 def _looks_like_pickle(head: bytes) -> bool:
     """Legacy torch.save and pickle.dump start with 0x80 PROTO (torch.save's zip is told apart by _zip_kind). So can
-    a safetensors header length (384 is 80 01 00 ..): `head` is the file's first 9 bytes, and a header length of at
-    most MAX_HEADER followed by the JSON header's "{" is safetensors (whole, or cut short: read_header says which)."""
-    if not (len(head) > 1 and head[0] == 0x80 and head[1] <= 5):
-        return False
-    return len(head) < 9 or not (struct.unpack("<Q", head[:8])[0] <= MAX_HEADER and head[8:9] == b"{")
+    a safetensors header length (384 is 80 01 00 ..); fewer than 9 bytes are too few to tell (read_header says the
+    file is cut short)."""
+    return len(head) > 1 and head[0] == 0x80 and head[1] <= 5 and not _safetensors_start(head)
 
 
 def _looks_like_zip(head: bytes) -> bool:
     """A zip opens with a local file header (PK 03 04), or, empty, with its end record (PK 05 06). So can a
-    safetensors header length (0x04034B50 is 67,324,752; "PK" alone is any length of 19,280 + k * 65,536): `head` is
-    the file's first 9 bytes, and a header length of at most MAX_HEADER followed by the JSON header's "{" is
-    safetensors (a zip's byte 8 is its compression method's low byte, never "{")."""
-    if head[:4] not in (b"PK\x03\x04", b"PK\x05\x06"):
-        return False
-    return len(head) < 9 or not (struct.unpack("<Q", head[:8])[0] <= MAX_HEADER and head[8:9] == b"{")
+    safetensors header length (0x04034B50 is 67,324,752; "PK" alone is any length of 19,280 + k * 65,536); a zip's
+    byte 8 is its compression method's low byte, never "{"."""
+    return head[:4] in (b"PK\x03\x04", b"PK\x05\x06") and not _safetensors_start(head)
 
 
 def _zip_kind(p: Path) -> str:

@@ -312,6 +312,29 @@ def test_n_of_a_per_class_folder_or_zip_takes_each_class_its_share(tmp_path):
     assert ev_sources.evenly_spread(3, 5) == [0, 1, 2]  # N >= total: all of them
 
 
+def test_n_of_an_npz_or_a_datasets_images_takes_each_class_its_share(tmp_path):
+    """-n of an .npz and --ref-limit of a run config's dataset took the first N images: of `ddpm sample
+    --per-class`'s .npz, or of a per-class folder loaded in path order, the first classes alone (a biased FID).
+    They are spread evenly too, as a folder's files are."""
+    from conftest import tiny_overrides, write_yaml
+
+    folder = two_class_folder(tmp_path / "imgs")
+    from PIL import Image
+
+    images = torch.cat([torch.from_numpy(np.asarray(Image.open(f))).permute(2, 0, 1)[None]
+                        for f in sorted(folder.rglob("*.png"))])  # class a's six, then class b's
+    npz = tmp_path / "per_class.npz"
+    np.savez(npz, images.permute(0, 2, 3, 1).numpy())
+    src = ev_sources.open_images_or_stats(npz, role="samples", n=6)
+    assert src.count == 6 and _classes_of(torch.cat(list(src.batches(4)))) == ["a"] * 3 + ["b"] * 3
+    cfg = tiny_overrides(tmp_path / "runs")
+    cfg["data"] = {"dataset": "folder", "root": str(folder), "random_flip": False}
+    yaml = write_yaml(tmp_path / "run.yaml", cfg)
+    ref = ev_sources.open_images_or_stats(yaml, n=4, option="--ref-limit").ready()
+    assert ref.count == 4 and _classes_of(torch.cat(list(ref.batches(3)))) == ["a"] * 2 + ["b"] * 2
+    assert "spread" in ref.key and "first" not in ref.key  # (cached statistics of the first N are not reused)
+
+
 def test_reference_statistics_are_cached_and_invalidated(clean, inception, tmp_path):
     folder = write_folder(clean[:6], tmp_path / "ref", classes=1)
     cache = tmp_path / "cache"

@@ -36,6 +36,7 @@ class ImageSource:
     key: dict | None = None  # None: never cached
     warnings: list[str] = field(default_factory=list)
     prepare: Callable[[], None] | None = None  # fills count and batches when first needed (a cache hit skips it)
+    images: Any = None  # where the batches come from images in memory or streamed: them, to be read by index
 
     def ready(self) -> "ImageSource":
         """Run `prepare` once (decode a dataset only when its images are needed)."""
@@ -55,7 +56,7 @@ def tensor_source(images: torch.Tensor | np.ndarray, name: str, key: dict | None
         for i in range(0, images.shape[0], bs):
             yield images[i:i + bs]
 
-    return ImageSource(name, int(images.shape[0]), batches, key)
+    return ImageSource(name, int(images.shape[0]), batches, key, images=images)
 
 
 def _signature(path: Path) -> list:
@@ -197,7 +198,7 @@ def config_source(path: str | Path) -> ImageSource:
         with redirect_stdout(sys.stderr):  # a torchvision download prints to stdout, which holds our JSON
             ds = load_dataset(cfg.data, model)
         loaded = tensor_source(ds.images, src.name)
-        src.count, src.batches = loaded.count, loaded.batches
+        src.count, src.batches, src.images = loaded.count, loaded.batches, loaded.images
         src.warnings.extend(ds.warnings)
 
     src.prepare = prepare
@@ -250,9 +251,9 @@ def open_images_or_stats(spec: str | Path, *, data_root: str | Path = "data", ro
     """What a --ref (or the samples argument) names: statistics, or a source of images (cheap: nothing decoded
     or run through Inception yet, except an .npz or a dataset, which are read into memory).
 
-    `n` (`option`: -n of the samples, or --ref-limit of a reference): only n of the images, a folder's or .zip's
-    files spread evenly over the sorted paths, an .npz's or a dataset's first n (first_n). Statistics hold no
-    images to pick: check_request refuses either option with them."""
+    `n` (`option`: -n of the samples, or --ref-limit of a reference): only n of the images, spread evenly over
+    them (a folder's or .zip's sorted files, an .npz's or a dataset's images in order: evenly_spread). Statistics
+    hold no images to pick: check_request refuses either option with them."""
     text = str(spec)
     p = Path(text).expanduser()
     if text in CIFAR10_REFS and not p.exists():
@@ -272,22 +273,21 @@ def open_images_or_stats(spec: str | Path, *, data_root: str | Path = "data", ro
         return files_source(p, n, option)
     else:
         raise DataError(f"{role} {text}: not a folder, .zip, .npz or .yaml; pass images, statistics or a run config")
-    return first_n(src, n, option) if n is not None else src
+    return spread_n(src, n, option) if n is not None else src
 
 
-def first_n(src: ImageSource, n: int, option: str = "-n") -> ImageSource:
-    """The first `n` images of `src`. For `-n` (samples) a source with fewer is refused at once; for --ref-limit
-    (a reference) it is a limit: all of a smaller source are used, and a dataset is only decoded when its
-    statistics are not in the cache (the limit is part of the cache key)."""
+def spread_n(src: ImageSource, n: int, option: str = "-n") -> ImageSource:
+    """`n` of the images of `src` (one over images in memory or streamed: tensor_source), spread evenly over them
+    (evenly_spread: an .npz of `ddpm sample --per-class` or a per-class folder's dataset holds its classes one
+    after another, and its first n would be the first classes alone). For `-n` (samples) a source with fewer is
+    refused at once; for --ref-limit (a reference) it is a limit: all of a smaller source are used, and a dataset
+    is only decoded when its statistics are not in the cache (the limit is part of the cache key)."""
     inner = src
 
     def batches(bs: int) -> Iterator[torch.Tensor]:
-        left = out.count
-        for b in inner.batches(bs):
-            if left <= 0:
-                break
-            yield b[:left]
-            left -= b.shape[0]
+        keep = torch.tensor(evenly_spread(inner.count, out.count), dtype=torch.long)
+        for i in range(0, len(keep), bs):
+            yield inner.images[keep[i:i + bs]]
 
     def prepare() -> None:
         inner.ready()
@@ -296,8 +296,8 @@ def first_n(src: ImageSource, n: int, option: str = "-n") -> ImageSource:
                             f"all")
         out.count = min(n, inner.count)
 
-    key = {**src.key, "first": n} if src.key is not None else None
-    out = ImageSource(f"{src.name} (first {n:,})", n, batches, key, src.warnings, prepare)
+    key = {**src.key, "spread": n} if src.key is not None else None
+    out = ImageSource(f"{src.name} ({n:,}, spread evenly)", n, batches, key, src.warnings, prepare)
     if option == "-n":
         out.ready()
     return out

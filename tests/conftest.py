@@ -33,6 +33,11 @@ if "DDPM_DATA_CACHE_DIR" not in os.environ:
     os.environ["DDPM_DATA_CACHE_DIR"] = tempfile.mkdtemp(prefix="ddpm-test-data-cache-")
     atexit.register(shutil.rmtree, os.environ["DDPM_DATA_CACHE_DIR"], True)
 os.environ.setdefault("DDPM_DATA_CACHE", "off")
+# eval's reference statistics likewise (`ddpm cache clear` in a test empties it): never the user's
+# ~/.cache/ddpm/fid-stats.
+if "DDPM_CACHE_DIR" not in os.environ:
+    os.environ["DDPM_CACHE_DIR"] = tempfile.mkdtemp(prefix="ddpm-test-fid-stats-")
+    atexit.register(shutil.rmtree, os.environ["DDPM_CACHE_DIR"], True)
 
 
 def tiny_overrides(run_dir: Path, **extra) -> dict:

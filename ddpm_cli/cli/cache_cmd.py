@@ -1,5 +1,6 @@
-"""`ddpm cache info | clear`: the compile cache (engine/compile_cache.py) and the decoded-data cache
-(engine/data_cache.py) seen and emptied; no torch import."""
+"""`ddpm cache info | clear`: the compile cache (engine/compile_cache.py), the decoded-data cache
+(engine/data_cache.py) and `ddpm eval`'s reference statistics (engine/evaluation/stats_cache.py) seen and emptied;
+no torch import."""
 from __future__ import annotations
 
 import json
@@ -10,8 +11,9 @@ from ddpm_cli.cli.inspect_cmd import human_size as _size
 from ddpm_cli.cli.ui import console, friendly
 
 app = typer.Typer(help="See or clear the caches kept between runs: torch.compile's code (a later train, sample or "
-                       "eval of the same network starts faster) and decoded training images (a later run on the "
-                       "same folder or .zip skips decoding them).", no_args_is_help=True)
+                       "eval of the same network starts faster), decoded training images (a later run on the "
+                       "same folder or .zip skips decoding them) and eval's reference statistics (a later score "
+                       "against the same reference skips Inception).", no_args_is_help=True)
 
 
 def _count(n: int) -> str:
@@ -34,7 +36,7 @@ def describe() -> dict:
                      "last_used": time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(e.last_used))})
     return {"path": str(cc.cache_dir()), "enabled": cc.enabled(), "entries": rows,
             "bytes": sum(e.size for e in entries), "max_entries": cc.MAX_ENTRIES, "max_bytes": cc.MAX_BYTES,
-            "data": describe_data()}
+            "data": describe_data(), "fid_stats": describe_fid_stats()}
 
 
 def describe_data() -> dict:
@@ -55,6 +57,19 @@ def describe_data() -> dict:
                      "last_used": time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(e.last_used))})
     return {"path": str(dc.cache_dir()), "enabled": dc.enabled(), "entries": rows,
             "bytes": sum(e.size for e in entries), "max_entries": dc.MAX_ENTRIES, "max_bytes": dc.MAX_BYTES}
+
+
+def describe_fid_stats() -> dict:
+    """eval's reference statistics as describe() gives the compile cache: where, bounds, entries."""
+    import time
+
+    from ddpm_cli.engine.evaluation import stats_cache as sc
+
+    entries = sc.list_entries()
+    rows = [{"name": e.name, "bytes": e.size, "images": e.images, "source": e.source,
+             "last_used": time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(e.last_used))} for e in entries]
+    return {"path": str(sc.cache_dir()), "entries": rows, "bytes": sum(e.size for e in entries),
+            "max_entries": sc.MAX_ENTRIES, "max_bytes": sc.MAX_BYTES}
 
 
 @app.command("info")
@@ -85,19 +100,34 @@ def info(as_json: bool = typer.Option(False, "--json", help="Print JSON instead 
         shape = "x".join(str(v) for v in e["shape"]) if e["shape"] else "?"
         console.print(f"  {e['name']}  {_size(e['bytes'])}  {e['images'] if e['images'] is not None else '?'} images "
                       f"of {shape}  from {e['source'] or '?'}  used {e['last_used']}", markup=False, soft_wrap=True)
+    from ddpm_cli.engine.evaluation.stats_cache import ENV_DIR as STATS_DIR
+
+    stats = d["fid_stats"]
+    console.print(f"reference statistics (ddpm eval): {stats['path']}  |  {_count(len(stats['entries']))}, "
+                  f"{_size(stats['bytes'])} (kept: the {stats['max_entries']} most recently used, at most "
+                  f"{_size(stats['max_bytes'])}; move it with {STATS_DIR} or eval's --cache-dir, skip it with "
+                  f"--no-cache)", markup=False, soft_wrap=True)
+    for e in stats["entries"]:
+        console.print(f"  {e['name']}  {_size(e['bytes'])}  {e['images'] if e['images'] is not None else '?'} images "
+                      f"of {e['source'] or '?'}  used {e['last_used']}", markup=False, soft_wrap=True)
 
 
 @app.command("clear")
 @friendly
 def clear() -> None:
-    """Delete every entry of both caches: each network compiles in full, and each folder is decoded again, at its
-    next run (torch's own inductor cache, under TORCHINDUCTOR_CACHE_DIR, is left alone)."""
+    """Delete every entry of the three caches: each network compiles in full, each folder is decoded again, and
+    each reference goes through Inception again, at its next use (torch's own inductor cache, under
+    TORCHINDUCTOR_CACHE_DIR, is left alone)."""
     from ddpm_cli.engine import data_cache
     from ddpm_cli.engine.compile_cache import cache_dir, clear as clear_cache
+    from ddpm_cli.engine.evaluation import stats_cache
 
     entries, freed = clear_cache()
     console.print(f"removed {_count(entries)} ({_size(freed)}) from {cache_dir()}",
                   markup=False, soft_wrap=True)
     entries, freed = data_cache.clear()
     console.print(f"removed {_count(entries)} ({_size(freed)}) from {data_cache.cache_dir()}",
+                  markup=False, soft_wrap=True)
+    entries, freed = stats_cache.clear()
+    console.print(f"removed {_count(entries)} ({_size(freed)}) from {stats_cache.cache_dir()}",
                   markup=False, soft_wrap=True)

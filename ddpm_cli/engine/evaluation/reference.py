@@ -2,12 +2,9 @@
 the check that two statistics come from the same Inception."""
 from __future__ import annotations
 
-import hashlib
-import json
-import os
-import re
 from pathlib import Path
 
+from ddpm_cli.engine.evaluation import stats_cache
 from ddpm_cli.engine.evaluation.inception import FEATURE_DIM, Inception
 from ddpm_cli.engine.evaluation.sources import ImageSource, open_images_or_stats
 from ddpm_cli.engine.evaluation.stats import (KID_FEATURES_MAX, STATS_VERSION, EvalCallbacks, FeatureStats,
@@ -15,27 +12,14 @@ from ddpm_cli.engine.evaluation.stats import (KID_FEATURES_MAX, STATS_VERSION, E
 from ddpm_cli.errors import DataError, DdpmError
 
 
-def default_cache_dir() -> Path:
-    """$DDPM_CACHE_DIR, else $XDG_CACHE_HOME/ddpm/fid-stats, else ~/.cache/ddpm/fid-stats."""
-    if os.environ.get("DDPM_CACHE_DIR"):
-        return Path(os.environ["DDPM_CACHE_DIR"]).expanduser()
-    base = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
-    return base / "ddpm" / "fid-stats"
-
-
-def _cache_file(cache_dir: Path, key: dict, name: str) -> Path:
-    digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:20]
-    slug = re.sub(r"[^A-Za-z0-9._-]+", "_", Path(name).name or name).strip("_")[-48:] or "ref"
-    return cache_dir / f"{slug}-{digest}.npz"
-
-
 def reference_stats(ref: str | Path | ImageSource | FeatureStats, inception: Inception, *,
                     data_root: str | Path = "data", cache_dir: str | Path | None = None, use_cache: bool = True,
                     batch_size: int = 64, callbacks: EvalCallbacks | None = None) -> FeatureStats:
     """Statistics of a reference: loaded from a stats file, else read from the cache, else computed (and cached).
 
-    The cache file is named by a hash of the source's identity (path, sizes, modification times; a config's data
-    section), the Inception's identity (weights, resize, layer, torch-fidelity version) and the stats format."""
+    The cache file (stats_cache.py) is named by a hash of the source's identity (path, sizes, modification times;
+    a config's data section), the Inception's identity (weights, resize, layer, torch-fidelity version) and the
+    stats format; the cache keeps the most recently used entries."""
     src = ref if isinstance(ref, (ImageSource, FeatureStats)) else open_images_or_stats(ref, data_root=data_root)
     if isinstance(src, FeatureStats):
         check_compatible(src, inception, callbacks)
@@ -46,13 +30,15 @@ def reference_stats(ref: str | Path | ImageSource | FeatureStats, inception: Inc
     if use_cache and src.key is not None:
         key = {"source": src.key, "inception": inception.identity, "format": STATS_VERSION,
                "kid_features_max": KID_FEATURES_MAX}
-        path = _cache_file(Path(cache_dir) if cache_dir is not None else default_cache_dir(), key, src.name)
+        path = stats_cache.entry_path(Path(cache_dir) if cache_dir is not None else stats_cache.cache_dir(), key,
+                                      src.name)
         if path.is_file():
             try:
                 stats = load_stats(path)
             except DataError:
                 stats = None  # a damaged cache entry is recomputed
             if stats is not None and stats.meta.get("cache_key") == key:
+                stats_cache.touch(path)
                 notify(callbacks, "on_message", f"reference statistics from the cache: {path}")
                 return stats
     stats = compute_stats(src, inception, batch_size=batch_size, callbacks=callbacks, phase="reference")
@@ -60,6 +46,7 @@ def reference_stats(ref: str | Path | ImageSource | FeatureStats, inception: Inc
         stats.meta["cache_key"] = key
         try:
             save_stats(stats, path)
+            stats_cache.prune(path.parent)
         except DdpmError as e:
             notify(callbacks, "on_message", f"reference statistics not cached: {e}")
     return stats

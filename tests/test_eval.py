@@ -335,6 +335,36 @@ def test_n_of_an_npz_or_a_datasets_images_takes_each_class_its_share(tmp_path):
     assert "spread" in ref.key and "first" not in ref.key  # (cached statistics of the first N are not reused)
 
 
+def test_ddpm_cache_lists_clears_and_bounds_the_reference_statistics(tmp_path, monkeypatch):
+    """eval's reference statistics (~120 MB an entry) are kept in a cache of their own: `ddpm cache info` lists
+    it, `ddpm cache clear` empties it, it keeps the most recently used entries, and a folder of the user's named
+    by DDPM_CACHE_DIR loses none of the user's files."""
+    import os
+    import time
+
+    from ddpm_cli.engine.evaluation import stats_cache
+
+    folder = tmp_path / "stats"
+    monkeypatch.setenv("DDPM_CACHE_DIR", str(folder))
+    folder.mkdir()
+    for name in ("mine.npz", "notes-0123.npz", "settings.json"):
+        (folder / name).write_text("the user's")
+    for i in range(3):
+        stats = ev_stats.FeatureStats(np.zeros(4), np.eye(4), 10 + i, None, {"source": f"ref{i}"})
+        path = stats_cache.entry_path(folder, {"i": i}, f"ref{i}")
+        ev_stats.save_stats(stats, path)
+        os.utime(path, (time.time() - 100 + i, time.time() - 100 + i))
+    assert stats_cache.prune(folder, max_entries=2) == 1  # the least recently used goes
+    info = json.loads(runner.invoke(app, ["cache", "info", "--json"]).stdout)["fid_stats"]
+    assert info["path"] == str(folder) and [e["source"] for e in info["entries"]] == ["ref2", "ref1"]
+    assert [e["images"] for e in info["entries"]] == [12, 11]
+    r = runner.invoke(app, ["cache", "info"])
+    assert "reference statistics (ddpm eval): " + str(folder) in r.output and "2 entries" in r.output, r.output
+    r = runner.invoke(app, ["cache", "clear"])
+    assert r.exit_code == 0 and "removed 2 entries" in r.output and str(folder) in r.output, r.output
+    assert sorted(p.name for p in folder.iterdir()) == ["mine.npz", "notes-0123.npz", "settings.json"]
+
+
 def test_reference_statistics_are_cached_and_invalidated(clean, inception, tmp_path):
     folder = write_folder(clean[:6], tmp_path / "ref", classes=1)
     cache = tmp_path / "cache"
@@ -491,6 +521,59 @@ def test_cli_samples_a_checkpoint_and_scores_it(cli_files, clean_stats, trained_
     r = runner.invoke(app, ["eval", str(trained_run), "-n", "4", "--ema-decay", "0.5", "--ref", str(stats),
                             *f["common"]])
     assert r.exit_code == 1 and "holds no EMA weights with decay 0.5" in r.stderr
+
+
+def test_eval_of_a_checkpoint_scores_the_images_ddpm_sample_draws_with_a_noisy_sampler(cli_files, clean_stats,
+                                                                                       trained_run, tmp_path):
+    """A sampler that adds noise at each step draws it per batch: on the CPU eval sampled in Inception's batches
+    of 50 and `ddpm sample` in its own 256, so `ddpm eval CKPT` scored other images than `ddpm sample CKPT` drew."""
+    f = cli_files
+    stats = ev_stats.save_stats(clean_stats, tmp_path / "clean_stats.npz")
+    opts = ["--sampler", "ddim", "--eta", "1", "--steps", "2", "--seed", "5"]
+    at = f["common"].index("--batch-size")
+    common = f["common"][:at] + f["common"][at + 2:]  # each command's own default batches
+    r = runner.invoke(app, ["sample", str(trained_run), "-n", "60", "--format", "npz", "--out",
+                            str(tmp_path / "s.npz"), "--device", "cpu", *opts])
+    assert r.exit_code == 0, r.output
+    scores = []
+    for what in (str(trained_run), str(tmp_path / "s.npz")):
+        r = runner.invoke(app, ["eval", what, "-n", "60", "--ref", str(stats), *common,
+                                *(opts if what == str(trained_run) else [])])
+        assert r.exit_code == 0, r.output
+        scores.append(_json_line(r)["fid"])
+    assert scores[0] == pytest.approx(scores[1], rel=1e-9), scores
+
+
+def test_fewer_images_than_feature_dimensions_say_the_fid_is_biased(cli_files, tmp_path):
+    """FID of n images in 2,048 dimensions is biased upward below n = 2,048 (a rank-deficient covariance): 1,000
+    samples of one distribution read ~120 against it. The score says so, and that only equal n compare."""
+    f = cli_files
+    r = runner.invoke(app, ["eval", str(f["samples"]), "--ref", str(f["ref"]), *f["common"]])
+    assert r.exit_code == 0, r.output
+    assert "biased" in r.stderr and "2,048" in r.stderr, r.stderr
+
+
+def test_a_non_square_run_configs_reference_is_served_from_the_cache(tmp_path, inception):
+    """The key of a config's dataset held model.image_size as a tuple, which the stored key (JSON) holds as a
+    list: they never compared equal, and a non-square model's reference was computed again every time."""
+    from conftest import tiny_overrides, write_yaml
+
+    class Log(ev_stats.EvalCallbacks):
+        def __init__(self):
+            self.messages = []
+
+        def on_message(self, text):
+            self.messages.append(text)
+
+    cfg = tiny_overrides(tmp_path / "runs")
+    cfg["model"]["image_size"] = [16, 24]
+    cfg["data"] = {"dataset": "shapes", "shapes_count": 12}
+    yaml = write_yaml(tmp_path / "rect.yaml", cfg)
+    logs = [Log(), Log()]
+    for log in logs:
+        ev_reference.reference_stats(str(yaml), inception, cache_dir=tmp_path / "cache", callbacks=log)
+    assert not any("from the cache" in m for m in logs[0].messages)
+    assert any("from the cache" in m for m in logs[1].messages), logs[1].messages
 
 
 def test_an_upper_case_safetensors_suffix_is_a_checkpoint_to_sample(cli_files, trained_run, tmp_path):

@@ -2,6 +2,7 @@
 the check that two statistics come from the same Inception."""
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 from ddpm_cli.engine.evaluation import stats_cache
@@ -28,8 +29,9 @@ def reference_stats(ref: str | Path | ImageSource | FeatureStats, inception: Inc
         notify(callbacks, "on_message", w)
     path = None
     if use_cache and src.key is not None:
-        key = {"source": src.key, "inception": inception.identity, "format": STATS_VERSION,
-               "kid_features_max": KID_FEATURES_MAX}
+        # as the entry stores it (JSON: a tuple in the source's key, a non-square size, reads back as a list)
+        key = json.loads(json.dumps({"source": src.key, "inception": inception.identity, "format": STATS_VERSION,
+                                     "kid_features_max": KID_FEATURES_MAX}))
         path = stats_cache.entry_path(Path(cache_dir) if cache_dir is not None else stats_cache.cache_dir(), key,
                                       src.name)
         if path.is_file():

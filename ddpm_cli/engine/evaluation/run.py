@@ -62,7 +62,7 @@ class EvalRequest:
     kid_subset_size: int = 1000
     inception_weights: Path | None = None  # None: torch-fidelity downloads its own
     data_root: Path = Path("data")
-    cache_dir: Path | None = None  # None: default_cache_dir()
+    cache_dir: Path | None = None  # None: stats_cache.cache_dir()
     use_cache: bool = True
     save_stats: Path | None = None  # write the reference statistics here
     overwrite: bool = False  # replace an existing save_stats file
@@ -165,9 +165,9 @@ def _evaluate(req: EvalRequest, ref: ImageSource | FeatureStats, plan: DrawPlan 
         drawer, ckpt = load_drawer(plan, device, n, req.draw.compile)
         sample_info = _sample_info(plan, ckpt, drawer, seed)
         labels = balanced_labels(n, m.num_classes) if m.conditional else None
-        # unless --batch-size says otherwise, sampled in `ddpm sample`'s batches (larger than Inception's on a GPU)
-        cuda = device.type == "cuda"
-        sample_batch = req.batch_size or (default_batch(m.image_size, cuda=True) if cuda else batch_size)
+        # unless --batch-size says otherwise, sampled in `ddpm sample`'s batches (not Inception's): a sampler that
+        # adds noise draws it per batch, so other batches would be other images
+        sample_batch = req.batch_size or default_batch(m.image_size, cuda=device.type == "cuda")
         name = f"samples of {ckpt.path}"
         if dist_info.world > 1:  # sample first, each rank its batches; rank 0 then scores
             notify(callbacks, "on_phase", f"sampling ({dist_info.world} ranks)", n)
@@ -211,6 +211,12 @@ def _evaluate(req: EvalRequest, ref: ImageSource | FeatureStats, plan: DrawPlan 
                                         f"resolution; compare sets of one size")
     result = score(sample_stats, ref_stats, kid_subsets=req.kid_subsets, kid_subset_size=req.kid_subset_size,
                    device=device, callbacks=callbacks)
+    counts = [s.n for s in (sample_stats, ref_stats) if s.n is not None]
+    if counts and min(counts) < sample_stats.dim:
+        notify(callbacks, "on_warning", f"FID of {min(counts):,} images in {sample_stats.dim:,} feature dimensions "
+                                        f"is biased upward (the covariance cannot reach full rank below "
+                                        f"{sample_stats.dim:,} images): compare it only with FIDs of the same "
+                                        f"numbers of images")
     out = {**result.as_dict(), "ref": req.ref, "input": str(req.input), **sample_info, **out,
            "inception": inception.weights_id, "seconds": round(time.perf_counter() - t0, 2)}
     if req.ref_limit is not None:

@@ -96,7 +96,8 @@ def score(samples: FeatureStats, ref: FeatureStats, *, kid: bool = True, kid_sub
     kid_mean = kid_std = size = subsets = None
     if kid:
         if samples.features is None or ref.features is None:
-            notify(callbacks, "on_message", "KID skipped: the reference statistics hold no feature rows (FID only)")
+            which = "reference's" if ref.features is None else "samples'"
+            notify(callbacks, "on_message", f"KID skipped: the {which} statistics hold no feature rows (FID only)")
         else:
             n1, n2 = len(samples.features), len(ref.features)
             size = min(kid_subset_size, n1, n2)

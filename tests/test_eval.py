@@ -365,6 +365,20 @@ def test_ddpm_cache_lists_clears_and_bounds_the_reference_statistics(tmp_path, m
     assert sorted(p.name for p in folder.iterdir()) == ["mine.npz", "notes-0123.npz", "settings.json"]
 
 
+@pytest.mark.skipif(sys.platform != "linux", reason="file names of any bytes")
+def test_a_folder_with_a_file_name_that_is_not_utf8_is_scored(clean, inception, tmp_path):
+    """`ddpm train` reads such a folder, and `ddpm eval` failed on it with a UnicodeEncodeError traceback (its
+    cache key encoded each name as UTF-8), after the reference's statistics had been computed."""
+    import os
+
+    folder = write_folder(clean[:4], tmp_path / "imgs", classes=1)
+    first = sorted(folder.rglob("*.png"))[0]
+    first.rename(first.with_name(os.fsdecode(b"b\xff.png")))
+    stats = ev_reference.reference_stats(str(folder), inception, cache_dir=tmp_path / "cache")
+    assert stats.n == 4
+    assert ev_reference.reference_stats(str(folder), inception, cache_dir=tmp_path / "cache").n == 4  # cached
+
+
 def test_reference_statistics_are_cached_and_invalidated(clean, inception, tmp_path):
     folder = write_folder(clean[:6], tmp_path / "ref", classes=1)
     cache = tmp_path / "cache"

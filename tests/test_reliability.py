@@ -647,6 +647,21 @@ def test_a_resume_of_the_run_goes_on_past_a_save_that_kill_9_interrupted(tmp_pat
     assert load_checkpoint(latest_checkpoint(run)).step == 8
 
 
+def test_a_resume_drops_a_metrics_line_that_is_not_utf8(tmp_path):
+    """A line of metrics.jsonl that is not UTF-8 (a disk error, an editor's encoding) made every resume fail with a
+    UnicodeDecodeError traceback; it is dropped, as a line cut by a crash is."""
+    cfg = write_yaml(tmp_path / "c.yaml", tiny_overrides(tmp_path / "runs", train__steps=10,
+                                                         logging__sample_every=1000))
+    assert _cli_train("--config", cfg).exit_code == 0
+    run = tmp_path / "runs" / "tiny"
+    with open(run / "metrics.jsonl", "ab") as f:
+        f.write(b"\xff\xfe garbage\n")
+    r = _cli_train("--resume", run, "--set", "train.steps=12")
+    assert r.exit_code == 0, r.output
+    text = (run / "metrics.jsonl").read_bytes().decode("utf-8")  # valid again
+    assert "garbage" not in text and json.loads(text.splitlines()[-1])["step"] == 12
+
+
 def test_a_resume_with_overwrite_replaces_the_later_checkpoints_and_keeps_the_one_it_writes(tmp_path):
     """With --overwrite the later checkpoints go first: keep_last then keeps the new branch's newest, which the
     closing line names and latest.json points at (it used to prune the checkpoint it had just written, as a

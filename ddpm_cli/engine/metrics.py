@@ -34,7 +34,7 @@ def keep_metrics_until(path: Path, step: int) -> None:
 
     if not path.exists():
         return
-    lines = path.read_text(encoding="utf-8").splitlines()
+    lines = path.read_text(encoding="utf-8", errors="replace").splitlines()  # a line that is not UTF-8: dropped
     kept = []
     for line in lines:
         try:
@@ -61,11 +61,11 @@ def read_metrics(path: Path) -> list[dict]:
     if not path.exists():
         return []
     out = []
-    for line in path.read_text(encoding="utf-8").splitlines():
+    for line in path.read_text(encoding="utf-8", errors="replace").splitlines():
         try:
             out.append(json.loads(line))
         except ValueError:
-            continue  # a line cut by a crash
+            continue  # a line cut by a crash, or not UTF-8
     return out
 
 

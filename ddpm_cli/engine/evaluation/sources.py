@@ -69,7 +69,9 @@ def _signature(path: Path) -> list:
     count = 0
     for p in sorted(folder_files(path)):  # the files ImageFiles reads, linked folders included
         st = p.stat()
-        h.update(f"{p.relative_to(path).as_posix()}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
+        # (surrogateescape: a name that is not UTF-8 keeps its bytes, as the file system gave them)
+        h.update(f"{p.relative_to(path).as_posix()}\0{st.st_size}\0{st.st_mtime_ns}\n".encode("utf-8",
+                                                                                             "surrogateescape"))
         count += 1
     return [str(path), count, h.hexdigest()]
 

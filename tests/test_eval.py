@@ -379,6 +379,15 @@ def test_a_folder_with_a_file_name_that_is_not_utf8_is_scored(clean, inception, 
     assert ev_reference.reference_stats(str(folder), inception, cache_dir=tmp_path / "cache").n == 4  # cached
 
 
+def test_a_run_directory_as_the_reference_is_its_training_data(trained_run):
+    """`--ref RUN` was read as a folder of images: it scored the run's loss.png and training grids as the
+    reference, silently. A run directory stands for its config's dataset, as `--ref RUN/config.yaml` does."""
+    ref = ev_sources.open_images_or_stats(trained_run)
+    assert ref.key["kind"] == "config" and "training data" in ref.name
+    ref.ready()
+    assert ref.count == 256 and ref.batches(64).__next__().shape[1:] == (3, 16, 16)  # the shapes it trained on
+
+
 def test_reference_statistics_are_cached_and_invalidated(clean, inception, tmp_path):
     folder = write_folder(clean[:6], tmp_path / "ref", classes=1)
     cache = tmp_path / "cache"

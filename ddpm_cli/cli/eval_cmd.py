@@ -73,15 +73,17 @@ def eval_command(
     ref: str = typer.Option(
         ..., "--ref", show_default=False,
         help="Reference: a folder or .zip of images, a statistics .npz (--save-stats), cifar10-train or "
-             "cifar10-test (torchvision, under --data-root), or a run config YAML (its data section)."),
+             "cifar10-test (torchvision, under --data-root), or a run config YAML or run directory (its data "
+             "section)."),
     n: Optional[int] = typer.Option(None, "-n", "--num", min=1, show_default=False,
                                     help="Samples to draw from a checkpoint (default: 10000); for existing samples, "
-                                         "score N of them (default: all): an npz's first N, a folder's or .zip's N "
-                                         "files spread evenly over the sorted file names (each class folder its "
+                                         "score N of them (default: all), spread evenly: over an npz's images, "
+                                         "over a folder's or .zip's sorted file names (each class folder its "
                                          "share); not with statistics."),
     batch_size: Optional[int] = typer.Option(None, "--batch-size", "-b", min=1, show_default=False,
                                              help="Images per batch for sampling and Inception "
-                                                  "(default: sampling 1000 on CUDA, Inception 250; 50 on the CPU)."),
+                                                  "(default: sampling as ddpm sample does, 1000 on CUDA and 256 on the "
+                                                  "CPU; Inception 250 on CUDA, 50 on the CPU)."),
     device: str = typer.Option("auto", "--device", help="auto (CUDA when available), cpu, cuda, cuda:N."),
     ref_limit: Optional[int] = typer.Option(None, "--ref-limit", min=2, show_default=False,
                                             help="Use only N images of the reference, picked as -n picks samples "

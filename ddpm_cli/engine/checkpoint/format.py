@@ -159,7 +159,7 @@ def read_header(path: str | Path, require_ddpm: bool = True) -> Header:
             f.seek(8)
             raw = f.read(n)
     except OSError as e:
-        raise CheckpointError(f"cannot read {p}: {e.strerror}") from None
+        raise CheckpointError(f"cannot read {p}: {e.strerror or e}") from None
     try:
         header = json.loads(raw.decode("utf-8"), parse_constant=_reject_constant)
         if not isinstance(header, dict):

@@ -263,6 +263,9 @@ def open_images_or_stats(spec: str | Path, *, data_root: str | Path = "data", ro
     elif not p.exists():
         raise DataError(f"{role} {text} not found; pass a folder or .zip of images, an .npz of images or statistics "
                         f"(--save-stats), {' or '.join(CIFAR10_REFS)}, or a run config YAML")
+    elif p.is_dir() and (p / "config.yaml").is_file() and (p / "checkpoints").is_dir():  # a run: its training data
+        src = config_source(p / "config.yaml")
+        src.name = f"{p} (the run's training data: {src.name})"
     elif p.is_dir():
         return files_source(p, n, option)
     elif p.suffix.lower() in (".yaml", ".yml"):

@@ -7,6 +7,7 @@ import builtins
 import json
 import pickle
 import shutil
+import sys
 from pathlib import Path
 
 import pytest
@@ -1026,3 +1027,17 @@ def test_an_unbounded_kid_subsets_is_a_usage_error_before_any_work(tmp_path):
     "out of memory; lower the batch size", both after Inception had run: a bound, said at once."""
     assert_refused(invoke("eval", tmp_path / "none.npz", "--ref", tmp_path / "none.npz", "--kid-subsets",
                           "99999999999999999999999"), "--kid-subsets", codes=(2,))
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="/proc takes no files")
+def test_a_png_folder_or_stats_file_that_cannot_be_written_is_refused_before_the_work(ckpt_copy, tmp_path):
+    """`-o /proc/x` drew every image and then failed on the first PNG; `--save-stats /proc/x/s.npz` computed the
+    reference's statistics first. Both are said before the work, as an unwritable npz or grid already was."""
+    r = invoke("sample", ckpt_copy, "-n", 2, "--steps", 2, "--device", "cpu", "-o", "/proc/ddpm-nope")
+    assert_refused(r, "cannot write", "/proc/ddpm-nope")
+    assert "sampled" not in r.output
+    folder = tmp_path / "imgs"
+    folder.mkdir()
+    r = invoke("eval", folder, "--ref", folder, "--save-stats", "/proc/ddpm-nope/s.npz")
+    assert_refused(r, "cannot write", "--save-stats")
+    assert "reference:" not in r.output

@@ -36,6 +36,22 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
     fsync_dir(path.parent)
 
 
+def check_writable(paths: list[Path], fix: str) -> None:
+    """Each path's folder can take a file (made if missing), or DdpmError naming the path, why, and `fix`: an
+    output that cannot be written fails before the work, not after it."""
+    import tempfile
+
+    from ddpm_cli.errors import DdpmError
+
+    for p in paths:
+        try:
+            p.parent.mkdir(parents=True, exist_ok=True)
+            with tempfile.NamedTemporaryFile(dir=p.parent, prefix=".ddpm-probe-"):
+                pass
+        except OSError as e:
+            raise DdpmError(f"cannot write {p} ({e.strerror or e}); {fix}") from None
+
+
 def zip_cut_short(path: Path) -> bool:
     """A zip (a .zip of images, an .npz) cut short: it opens as a zip does (a local file header, PK 03 04) but its
     end, the central directory zipfile reads first, is missing, so zipfile.is_zipfile calls it no zip at all."""

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Callable, Literal
 
 from ddpm_cli.engine.draw import DrawOptions, DrawPlan, plan_draw
-from ddpm_cli.engine.files import atomic_write_bytes
+from ddpm_cli.engine.files import atomic_write_bytes, check_writable
 from ddpm_cli.errors import DdpmError, UsageError
 
 GRID_MAX = 1024  # a grid shows at most this many images (a 32x32 grid is already 1,100 px wide)
@@ -125,20 +125,6 @@ def _check_free(paths: list[Path], overwrite: bool) -> None:
         raise DdpmError(f"{taken[0]} already exists{more}; pass --overwrite or choose another --out/--grid")
 
 
-def _check_writable(paths: list[Path]) -> None:
-    """Each path's folder can take a file (made if missing): an NPZ or grid that cannot be written fails now, not
-    after every image has been drawn."""
-    import tempfile
-
-    for p in paths:
-        try:
-            p.parent.mkdir(parents=True, exist_ok=True)
-            with tempfile.NamedTemporaryFile(dir=p.parent, prefix=".ddpm-probe-"):
-                pass
-        except OSError as e:
-            raise DdpmError(f"cannot write {p} ({e.strerror or e}); choose another --out or --grid") from None
-
-
 def plan_sampling(req: SampleRequest) -> SamplePlan:
     """Check every option against the checkpoint's header and the output paths; import no torch."""
     if req.n < 1:
@@ -166,7 +152,9 @@ def plan_sampling(req: SampleRequest) -> SamplePlan:
             raise DdpmError(f"--out {req.out} is a file; pass a directory for the PNG files")
     if int(os.environ.get("RANK", "0")) == 0:  # under torchrun rank 0 checks, before any rank writes
         _check_free(files + [p for p in (npz, req.grid) if p is not None], req.overwrite)
-        _check_writable([p for p in (npz, req.grid) if p is not None])
+        # an NPZ, grid or folder of PNGs that cannot be written fails now, not after every image has been drawn
+        folders = list({f.parent: f for f in files}.values())  # one PNG of each folder
+        check_writable([p for p in (npz, req.grid) if p is not None] + folders, "choose another --out or --grid")
     return SamplePlan(draw, labels, files, npz, req.grid)
 
 

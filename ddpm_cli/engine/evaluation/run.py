@@ -16,6 +16,7 @@ from ddpm_cli.engine.evaluation.scores import EvalResult, score
 from ddpm_cli.engine.evaluation.sources import (ImageSource, is_checkpoint, is_stats_file,
                                                 open_images_or_stats, samples_source, tensor_source)
 from ddpm_cli.engine.evaluation.stats import EvalCallbacks, FeatureStats, compute_stats, notify, save_stats
+from ddpm_cli.engine.files import check_writable
 from ddpm_cli.errors import DataError, DdpmError, UsageError
 
 DEFAULT_SAMPLES = 10_000
@@ -105,6 +106,7 @@ def check_request(req: EvalRequest) -> tuple[DrawPlan | None, ImageSource | Feat
             raise UsageError(f"--save-stats {req.save_stats} is a folder; pass a file name (.npz)")
         if target.exists() and not req.overwrite:
             raise UsageError(f"{req.save_stats} exists; pass --overwrite to replace it, or another --save-stats file")
+        check_writable([Path(req.save_stats)], "choose another --save-stats file")  # before the reference's work
     if req.kid_subsets < 1 or req.kid_subset_size < 2:
         raise UsageError("--kid-subsets must be at least 1 and --kid-subset-size at least 2")
     if req.inception_weights is not None:

@@ -1136,3 +1136,12 @@ def test_a_folder_of_mixed_sizes_is_fitted_to_the_first_image_named_height_by_wi
     assert [tuple(b.shape) for b in batches] == [(2, 3, 16, 24)]
     assert src.warnings == [f"1 image(s) in {tmp_path} differ in size from the first one and were center-cropped "
                             f"and resized to 16x24 (height x width)"]
+
+
+def test_sampling_options_with_samples_to_score_are_refused_seed_and_compile_too(cli_files):
+    """The sampling options apply only when eval samples a checkpoint: with samples to score they were refused,
+    but --seed and --compile were taken and ignored without a word."""
+    f = cli_files
+    for extra in (["--steps", "3"], ["--seed", "3"], ["--compile", "on"]):
+        r = runner.invoke(app, ["eval", str(f["samples"]), "--ref", str(f["ref"]), *f["common"], *extra])
+        assert r.exit_code == 1 and "not a checkpoint" in r.stderr and extra[0] in r.stderr, (extra, r.output)

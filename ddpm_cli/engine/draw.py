@@ -36,9 +36,9 @@ class DrawOptions:
 
     @property
     def model_specific(self) -> bool:
-        """Whether any option that only a checkpoint can take was given."""
+        """Whether any option that only a checkpoint can take (sampling it) was given."""
         return (self.spec != SamplerSpec() or self.guidance not in (None, 1.0) or self.guide is not None
-                or self.ema is not None or self.ema_decay is not None)
+                or self.ema is not None or self.ema_decay is not None or self.seed != 0 or self.compile != "auto")
 
 
 @dataclass

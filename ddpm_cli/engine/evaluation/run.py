@@ -117,8 +117,8 @@ def check_request(req: EvalRequest) -> tuple[DrawPlan | None, ImageSource | Feat
     elif req.input is not None:
         if req.draw.model_specific:
             raise DdpmError(f"the sampling options (--sampler, --steps, --eta, --spacing, --variance, --guidance, "
-                            f"--guide-model, --ema, --ema-decay) apply when a checkpoint is sampled, but {req.input} "
-                            f"is not a checkpoint; drop them")
+                            f"--guide-model, --ema, --ema-decay, --seed, --compile) apply when a checkpoint is "
+                            f"sampled, but {req.input} is not a checkpoint; drop them")
         if not Path(req.input).exists():
             raise DataError(f"{req.input} not found; pass a checkpoint (.safetensors or a run directory), or samples "
                             f"(.npz, a folder or .zip of images)")

@@ -78,6 +78,24 @@ def perturbed_unet(seed: int = 0):
     return model
 
 
+def with_failing_backward(x, fail):
+    """`x`, through an identity whose backward calls `fail(grad)` first (which raises: out of memory, say). Saved
+    tensors of the ops before it in the forward are then still held by the graph when the backward stops."""
+    import torch
+
+    class FailingBackward(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, t):
+            return t.clone()
+
+        @staticmethod
+        def backward(ctx, g):
+            fail(g)
+            return g
+
+    return FailingBackward.apply(x)
+
+
 def tiny_config(run_dir: Path, **extra):
     from ddpm_cli.config import validate_config
 

@@ -382,14 +382,10 @@ def test_an_eager_step_out_of_memory_in_its_backward_frees_that_steps_graph_befo
 
     import torch
 
-    class OutOfMemoryInBackward(torch.autograd.Function):
-        @staticmethod
-        def forward(ctx, x):
-            return x.clone()
+    from conftest import with_failing_backward
 
-        @staticmethod
-        def backward(ctx, g):
-            raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+    def out_of_memory(g):
+        raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
 
     _StandIn(monkeypatch, "import time; time.sleep(120)")
     trainer, said, switch, compiled = _run(tmp_path, stop_after_switch=None, train__steps=4)
@@ -401,7 +397,7 @@ def test_an_eager_step_out_of_memory_in_its_backward_frees_that_steps_graph_befo
         if len(saved) == 0 and trainer.step == 1:
             activation = torch.ones(1024)  # saved by the product for its backward, which runs after the failing node
             saved.append(weakref.ref(activation))
-            out = out + OutOfMemoryInBackward.apply(torch.ones(1, requires_grad=True) * activation).sum() * 0
+            out = out + with_failing_backward(torch.ones(1, requires_grad=True) * activation, out_of_memory).sum() * 0
         return out
 
     make_compiled_step, alive = trainer._make_compiled_step, []

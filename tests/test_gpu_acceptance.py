@@ -255,15 +255,7 @@ def test_compile_ahead_out_of_memory_in_an_eager_backward_frees_that_step_before
     graph not yet run (here a 256 MiB activation saved for it) is freed before the compiled step takes the step."""
     import weakref
 
-    class OutOfMemoryInBackward(torch.autograd.Function):
-        @staticmethod
-        def forward(ctx, x):
-            return x.clone()
-
-        @staticmethod
-        def backward(ctx, g):
-            torch.empty(1 << 46, dtype=torch.uint8, device=g.device)  # 64 TiB
-            return g
+    from conftest import with_failing_backward
 
     trainer = _trainer(tmp_path, "oom-backward", train__steps=6, train__compile_ahead=True)
     warned, real, calls, saved, alive = [], trainer._loss, [], [], []
@@ -277,7 +269,8 @@ def test_compile_ahead_out_of_memory_in_an_eager_backward_frees_that_step_before
             activation = torch.ones(1 << 26, device=trainer.device)  # 256 MiB, kept for the product's backward
             saved.append(weakref.ref(activation))
             one = torch.ones(1, device=trainer.device, requires_grad=True)
-            loss = loss + OutOfMemoryInBackward.apply(one * activation).sum() * 0
+            loss = loss + with_failing_backward(one * activation, lambda g: torch.empty(
+                1 << 46, dtype=torch.uint8, device=g.device)).sum() * 0  # 64 TiB
         return loss
 
     make_compiled_step = trainer._make_compiled_step

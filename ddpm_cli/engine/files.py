@@ -37,19 +37,27 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
 
 
 def check_writable(paths: list[Path], fix: str) -> None:
-    """Each path's folder can take a file (made if missing), or DdpmError naming the path, why, and `fix`: an
-    output that cannot be written fails before the work, not after it."""
+    """Each path's folder can take a file, or DdpmError naming the path, why, and `fix`: an output that cannot be
+    written fails before the work, not after it. Folders made for the probe are taken away again (a command that
+    then fails for another reason leaves none behind)."""
     import tempfile
 
     from ddpm_cli.errors import DdpmError
 
     for p in paths:
+        made = [d for d in (p.parent, *p.parent.parents) if not d.exists()]  # deepest first
         try:
             p.parent.mkdir(parents=True, exist_ok=True)
             with tempfile.NamedTemporaryFile(dir=p.parent, prefix=".ddpm-probe-"):
                 pass
         except OSError as e:
             raise DdpmError(f"cannot write {p} ({e.strerror or e}); {fix}") from None
+        finally:
+            for d in made:
+                try:
+                    d.rmdir()
+                except OSError:
+                    break  # not made by us after all, or no longer empty
 
 
 def zip_cut_short(path: Path) -> bool:

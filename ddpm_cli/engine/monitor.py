@@ -89,7 +89,9 @@ def grid_seconds(net: torch.nn.Module, diffusion: GaussianDiffusion, cfg: RunCon
     m = cfg.model
     was_training = net.training
     net.eval()
-    x = torch.randn(n, *m.image_shape(), device=device)
+    # its own generator: the run's random stream must not depend on when the cost was timed (a resumed run times
+    # it after its own first step, an uninterrupted one once, and a resume would be exact no more)
+    x = torch.randn(n, *m.image_shape(), device=device, generator=torch.Generator(device=device).manual_seed(0))
     t = torch.full((n,), diffusion.num_timesteps - 1, device=device)
     y = labels.to(device) if labels is not None else None
     sync = (lambda: torch.cuda.synchronize(device)) if device.type == "cuda" else (lambda: None)

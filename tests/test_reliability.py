@@ -163,11 +163,13 @@ EXACT = dict(train__steps=12, logging__log_every=1, logging__checkpoint_every=10
 
 
 @pytest.mark.parametrize("variant", ["unconditional", "conditional-adamw-emawarmup", "grad-accum",
-                                     "checkpointing"])
+                                     "checkpointing", "max-time"])
 def test_exact_resume_gives_identical_losses_and_weights(tmp_path, variant):
     extra = dict(EXACT)
     if variant == "grad-accum":  # 4 micro-batches a step, each drawing its own dropout
         extra.update(train__grad_accum=4)
+    elif variant == "max-time":  # the closing grid's cost is timed after each process's first step: on its noise
+        extra.update(train__max_time=1000.0)
     elif variant == "checkpointing":  # the recompute replays dropout's RNG, which must not shift the stream
         extra.update(model__checkpointing=True, train__grad_accum=2)
     elif variant != "unconditional":
@@ -242,6 +244,22 @@ def test_resume_matches_ema_averages_by_decay_when_their_roles_swap(tmp_path):
     b = load_checkpoint(resumed.run_dir / "checkpoints" / "ckpt-00000012.safetensors")
     _assert_same_tensors(a.extra_ema[0.3], b.ema_state, "the 0.3 average")
     _assert_same_tensors(a.ema_state, b.extra_ema[0.9], "the 0.9 average")
+
+
+def test_a_resume_takes_the_optimizer_settings_it_is_given(tmp_path):
+    """The optimizer's state was loaded with its saved settings, which replaced the config's: a resume with --set
+    train.weight_decay (or adam_betas, or adamw) trained with the old ones while its checkpoints said the new."""
+    extra = dict(EXACT)
+    first = train(tiny_config(tmp_path, **{**extra, "train__steps": 6}))
+    cfg = tiny_config(tmp_path, **{**extra, "train__optimizer": "adamw", "train__weight_decay": 0.05,
+                                   "train__adam_betas": [0.5, 0.9]})
+    trainer = Trainer(cfg, resume=list_checkpoints(first.run_dir)[-1])
+    try:
+        group = trainer.opt.param_groups[0]
+        assert group["weight_decay"] == 0.05 and tuple(group["betas"]) == (0.5, 0.9)
+        assert trainer.opt.state  # the moments themselves were kept
+    finally:
+        trainer.close()
 
 
 def test_exact_resume_after_a_real_sigterm(tmp_path, procs):

@@ -222,12 +222,16 @@ def optimizer_state_dict(tensors: dict[str, torch.Tensor], param_groups: list) -
 
 
 def load_optimizer_state(opt: torch.optim.Optimizer, state_dict: dict) -> None:
-    """Optimizer.load_state_dict, then each moment laid out like its parameter. Checkpoints store tensors
-    contiguous, and torch restores a moment's dtype and device but not its strides; CUDA's fused Adam refuses
-    moments whose layout differs from a channels-last parameter's."""
+    """Optimizer.load_state_dict with this optimizer's settings kept (a resume's config, --set included, names the
+    weight decay, betas and so on: load_state_dict would put the saved ones back), then each moment laid out
+    like its parameter. Checkpoints store tensors contiguous, and torch restores a moment's dtype and device but
+    not its strides; CUDA's fused Adam refuses moments whose layout differs from a channels-last parameter's."""
     import torch
 
+    settings = [{k: v for k, v in group.items() if k != "params"} for group in opt.param_groups]
     opt.load_state_dict(state_dict)
+    for group, kept in zip(opt.param_groups, settings):
+        group.update(kept)
     for group in opt.param_groups:
         for p in group["params"]:
             state = opt.state.get(p, {})

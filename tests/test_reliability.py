@@ -246,6 +246,29 @@ def test_resume_matches_ema_averages_by_decay_when_their_roles_swap(tmp_path):
     _assert_same_tensors(a.ema_state, b.extra_ema[0.9], "the 0.9 average")
 
 
+def test_a_resume_that_cannot_start_keeps_the_later_snapshots_and_metrics(tmp_path, monkeypatch):
+    """A resume from an earlier checkpoint drops the post-hoc EMA snapshots and metrics records after its step (the
+    continuation it replaces), and did so while it was being set up: one that then failed to start (wandb without a
+    login, say) had removed them for nothing, and the run no longer resumed from its latest checkpoint."""
+    from ddpm_cli.engine import train as train_module
+    from ddpm_cli.engine.posthoc_ema import list_snapshots
+
+    extra = dict(EXACT, train__posthoc_ema=[0.1], logging__checkpoint_every=6)
+    run = train(tiny_config(tmp_path, **extra)).run_dir
+    records = (run / "metrics.jsonl").read_text()
+
+    def no_login(*args, **kwargs):
+        raise DdpmError("wandb: No API key configured; run `wandb login`, or set logging.wandb=off")
+
+    monkeypatch.setattr(train_module, "WandbSink", no_login)
+    with pytest.raises(DdpmError, match="wandb"):
+        Trainer(tiny_config(tmp_path, **extra, logging__wandb="offline"),
+                resume=run / "checkpoints" / "ckpt-00000006.safetensors")
+    assert [s.step for s in list_snapshots(run)] == [6, 12] and (run / "metrics.jsonl").read_text() == records
+    monkeypatch.undo()
+    assert train(tiny_config(tmp_path, **{**extra, "train__steps": 14}), resume=list_checkpoints(run)[-1]).step == 14
+
+
 def test_a_resume_takes_the_optimizer_settings_it_is_given(tmp_path):
     """The optimizer's state was loaded with its saved settings, which replaced the config's: a resume with --set
     train.weight_decay (or adam_betas, or adamw) trained with the old ones while its checkpoints said the new."""

@@ -100,10 +100,8 @@ class PosthocEMA:
                                       "exponents": json.dumps(self.exponents)})
         return path
 
-    def restore(self, run_dir: Path, step: int) -> int:
-        """Put the averages back to the snapshot written with the checkpoint of `step` (an exact resume), and
-        remove the snapshots after it: they belong to the continuation this resume replaces, and a reconstruction
-        must not mix the two (metrics.jsonl is cut back the same way). Returns how many were removed."""
+    def restore(self, run_dir: Path, step: int) -> None:
+        """Put the averages back to the snapshot written with the checkpoint of `step` (an exact resume)."""
         path = snapshot_path(run_dir, step)
         if not path.exists():
             raise CheckpointError(f"{path} is missing: a run that tracks train.posthoc_ema resumes from the "
@@ -118,6 +116,11 @@ class PosthocEMA:
             for i, avg in enumerate(self.averages):
                 for name, t in zip(self._names, avg):
                     t.copy_(tensors[f"avg{i}.{name}"])
+
+    @staticmethod
+    def drop_after(run_dir: Path, step: int) -> int:
+        """Remove the snapshots after `step`: they belong to the continuation a resume from `step` replaces, and a
+        reconstruction must not mix the two (metrics.jsonl is cut back the same way). Returns how many went."""
         later = [s for s in list_snapshots(run_dir) if s.step > step]
         for s in later:
             s.path.unlink(missing_ok=True)

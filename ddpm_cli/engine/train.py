@@ -176,9 +176,7 @@ class Trainer:
             train_state.restore(self, resume)
         if resume is None:
             torch.manual_seed(tc.seed + 1 + self.dist.rank)  # the training noise stream, distinct per rank
-        if resume is not None and self.main:  # the steps after the checkpoint are trained again: log them once
-            keep_metrics_until(self.run_dir / "metrics.jsonl", self.step)
-        self.metrics = MetricsLog(self.run_dir / "metrics.jsonl") if self.main else None
+        self.metrics = None  # opened by run(), after a resume has cut the records it trains again
         self.wandb = None
         if self.main and cfg.logging.wandb != "off":
             self.wandb = WandbSink(cfg.logging.wandb, cfg.logging.wandb_project, cfg.logging.wandb_entity,
@@ -248,16 +246,32 @@ class Trainer:
         """Train until train.steps, train.max_time, early stopping or a signal. A new run that stops or fails before
         its first step takes its run directory away again: it holds only the config, and nothing to resume."""
         try:
+            self._take_over_the_run()
             return self._run()
         except BaseException:
             if self.step == 0 and self.main:
-                self.metrics.close()
+                if self.metrics is not None:
+                    self.metrics.close()
                 remove_unstarted_run(self._created_dirs)
             raise
         finally:
             if self.ahead is not None:  # the run ended before its helper had compiled: its work is not needed
                 self.ahead.stop()
                 self.ahead = None
+
+    def _take_over_the_run(self) -> None:
+        """What a start changes in the run's files, once it is set up to train (a start that fails before keeps
+        them): a resume cuts metrics.jsonl and the post-hoc EMA snapshots back to its step, since the steps after it
+        are trained again and logged once; then the metrics log opens."""
+        if not self.main:
+            return
+        if self.resumed_from is not None:
+            keep_metrics_until(self.run_dir / "metrics.jsonl", self.step)
+            removed = self.posthoc.drop_after(self.run_dir, self.step) if self.posthoc is not None else 0
+            if removed:
+                self.cb.on_message(f"removed {removed} post-hoc EMA snapshot{'s' if removed > 1 else ''} past step "
+                                   f"{self.step}: they belonged to the continuation this resume replaces")
+        self.metrics = MetricsLog(self.run_dir / "metrics.jsonl")
 
     def _run(self) -> TrainResult:
         cfg, tc, lc = self.cfg, self.cfg.train, self.cfg.logging

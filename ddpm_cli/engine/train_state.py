@@ -41,11 +41,8 @@ def restore(trainer: "Trainer", weights: Path) -> None:
         raise DdpmError(f"{ck.path}: the optimizer state does not fit this run ({e}); resume with the "
                         f"same train.optimizer") from None
     trainer.step, trainer.images_seen = int(state["step"]), int(state["images_seen"])
-    if trainer.posthoc is not None:
-        removed = trainer.posthoc.restore(trainer.run_dir, trainer.step)
-        if removed:
-            trainer.cb.on_message(f"removed {removed} post-hoc EMA snapshot{'s' if removed > 1 else ''} past step "
-                                  f"{trainer.step}: they belonged to the continuation this resume replaces")
+    if trainer.posthoc is not None:  # (the snapshots after the step go once the run starts: Trainer.run)
+        trainer.posthoc.restore(trainer.run_dir, trainer.step)
     trainer.batcher.load_state_dict(state["data"])
     trainer.lr_schedule.load_state_dict(state.get("lr_schedule", {}), trainer.step)
     es = state.get("early_stopping", {})

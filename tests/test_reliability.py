@@ -269,6 +269,41 @@ def test_a_resume_that_cannot_start_keeps_the_later_snapshots_and_metrics(tmp_pa
     assert train(tiny_config(tmp_path, **{**extra, "train__steps": 14}), resume=list_checkpoints(run)[-1]).step == 14
 
 
+def test_pruning_keeps_the_checkpoint_just_written_beside_a_later_weights_file_without_state(tmp_path):
+    """A save that failed at its training state (a full disk) left later weights without a state; a resume from
+    an earlier checkpoint then pruned by step and removed the checkpoint it had just written and reported, and the
+    next resume failed. Pruning weighs only complete checkpoints up to the run's step, never the one just written;
+    and a save that fails at its state takes its weights away."""
+    import shutil
+
+    from ddpm_cli.engine import train_state
+
+    cfg = dict(train__steps=5, logging__keep_last=1, logging__checkpoint_every=5, logging__sample_every=1000)
+    run = train(tiny_config(tmp_path, **cfg)).run_dir
+    shutil.copy(run / "checkpoints" / "ckpt-00000005.safetensors", run / "checkpoints" / "ckpt-00000010.safetensors")
+    res = train(tiny_config(tmp_path, **{**cfg, "train__steps": 7}), resume=latest_checkpoint(run))
+    assert res.step == 7 and latest_checkpoint(run).name == "ckpt-00000007.safetensors"
+    assert state_path(latest_checkpoint(run)).exists()
+    assert train(tiny_config(tmp_path, **{**cfg, "train__steps": 8}), resume=latest_checkpoint(run)).step == 8
+
+    trainer = Trainer(tiny_config(tmp_path / "full", **cfg))
+    trainer.run()
+    real = train_state.ckpt_io.save_state
+
+    def disk_full(*args, **kwargs):
+        raise DdpmError("cannot write the training state: the disk is full")
+
+    train_state.ckpt_io.save_state = disk_full
+    try:
+        trainer.step = 9
+        with pytest.raises(DdpmError, match="disk is full"):
+            trainer.save_checkpoint()
+    finally:
+        train_state.ckpt_io.save_state = real
+        trainer.close()
+    assert not (trainer.run_dir / "checkpoints" / "ckpt-00000009.safetensors").exists()
+
+
 def test_a_resume_takes_the_optimizer_settings_it_is_given(tmp_path):
     """The optimizer's state was loaded with its saved settings, which replaced the config's: a resume with --set
     train.weight_decay (or adam_betas, or adamw) trained with the old ones while its checkpoints said the new."""

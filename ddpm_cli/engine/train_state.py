@@ -14,7 +14,7 @@ from ddpm_cli.config import refuse_identity_change
 from ddpm_cli.engine import checkpoint as ckpt_io
 from ddpm_cli.engine.build import count_params
 from ddpm_cli.engine.files import atomic_write_bytes
-from ddpm_cli.engine.runs import list_checkpoints, state_path
+from ddpm_cli.engine.runs import CKPT_RE, list_checkpoints, state_path
 from ddpm_cli.errors import DdpmError
 
 if TYPE_CHECKING:
@@ -81,7 +81,11 @@ def save(trainer: "Trainer") -> Path:
     state = {"step": trainer.step, "images_seen": trainer.images_seen, "data": trainer.batcher.state_dict(),
              "ema_updates": trainer.ema.num_updates if trainer.ema else 0, "nonfinite_total": trainer.nonfinite_total,
              "early_stopping": early, "lr_schedule": trainer.lr_schedule.state_dict()}
-    ckpt_io.save_state(state_path(path), trainer.opt, state)
+    try:
+        ckpt_io.save_state(state_path(path), trainer.opt, state)
+    except BaseException:  # weights without their state would pass for a later checkpoint that cannot resume
+        path.unlink(missing_ok=True)
+        raise
     # The pointer goes last: it only ever names a checkpoint whose files are complete.
     pointer = trainer.run_dir / "latest.json"
     try:
@@ -91,14 +95,19 @@ def save(trainer: "Trainer") -> Path:
         reason = "the disk is full" if e.errno == errno.ENOSPC else (e.strerror or str(e))
         raise DdpmError(f"cannot update {pointer}: {reason}; it still names the previous checkpoint, which is "
                         f"intact") from None
-    _prune(trainer)
+    _prune(trainer, path)
     return path
 
-def _prune(trainer: "Trainer") -> None:
+def _prune(trainer: "Trainer", written: Path) -> None:
+    """Keep the run's `keep_last` newest checkpoints, counting only complete ones (weights and state) up to the
+    run's step, and never the one just `written` or the one resumed from: a later leftover (a save that failed,
+    a continuation replaced) ranks above them by step alone."""
     keep = trainer.cfg.logging.keep_last
-    found = list_checkpoints(trainer.run_dir)
+    found = [p for p in list_checkpoints(trainer.run_dir)
+             if int(CKPT_RE.search(p.name).group(1)) <= trainer.step and state_path(p).exists()]
+    spared = {written.resolve(), *([trainer.resumed_from.resolve()] if trainer.resumed_from is not None else [])}
     for old in found[:-keep] if len(found) > keep else []:
-        if trainer.resumed_from is not None and old.resolve() == trainer.resumed_from.resolve():
+        if old.resolve() in spared:
             continue
         old.unlink(missing_ok=True)
         state_path(old).unlink(missing_ok=True)

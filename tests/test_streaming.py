@@ -242,3 +242,41 @@ def test_batches_reach_the_gpu_from_page_locked_memory_and_equal_the_cpu_ones(fo
         torch.testing.assert_close(xg.cpu(), xc, rtol=0, atol=1e-6)  # [-1, 1] in steps of 1/127.5; the GPU's
         assert torch.equal(yg.cpu(), yc)                              # division may differ in the last bit
     assert copied and all(copied), copied
+
+
+def test_a_streamed_image_that_fails_mid_run_saves_the_run_before_it_stops(tmp_path):
+    """A streamed file that no longer decodes stopped the run with "remove it ... and resume", and no checkpoint:
+    every step since the last one was lost, and there was nothing to resume. The steps so far are saved first,
+    the failed batch's place in the epoch with them, and the run resumes once the file is fixed."""
+    from ddpm_cli.engine.runs import latest_checkpoint
+    from ddpm_cli.engine.train import TrainCallbacks, Trainer
+    from ddpm_cli.errors import TrainingAborted
+
+    root = tmp_path / "imgs"
+    root.mkdir()
+    for i in range(16):
+        Image.fromarray(np.full((16, 16, 3), 15 * i, dtype=np.uint8)).save(root / f"{i:02d}.png")
+    kept = {p: p.read_bytes() for p in root.iterdir()}
+
+    class DamageAfterStep2(TrainCallbacks):
+        def on_step(self, step):
+            if step == 2:  # the batches after the one decoded ahead find every file cut short
+                for p, data in kept.items():
+                    p.write_bytes(data[:40])
+
+    def cfg(steps):
+        return tiny_config(tmp_path, data__dataset="folder", data__root=str(root), data__streaming="on",
+                           data__stream_workers=0, train__batch_size=4, train__steps=steps,
+                           logging__checkpoint_every=10**6, logging__sample_every=10**6)
+
+    trainer = Trainer(cfg(12), callbacks=DamageAfterStep2())
+    try:
+        with pytest.raises(TrainingAborted, match="is not a readable image") as e:
+            trainer.run()
+    finally:
+        trainer.close()
+    saved = latest_checkpoint(trainer.run_dir)
+    assert saved is not None and str(saved) in str(e.value) and "--resume" in str(e.value)
+    for p, data in kept.items():
+        p.write_bytes(data)
+    assert Trainer(cfg(12), resume=saved).run().step == 12

@@ -448,6 +448,16 @@ class Batcher:
         return epoch, pos + step, self._order(epoch)[start:start + self.batch_size]
 
     def next(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The next batch; where it cannot be made (a streamed file that no longer decodes), the position stays
+        before it, so that a checkpoint saved then resumes with this batch."""
+        before = self.epoch, self.pos
+        try:
+            return self._next()
+        except BaseException:
+            self.epoch, self.pos = before
+            raise
+
+    def _next(self) -> tuple[torch.Tensor, torch.Tensor]:
         self.epoch, self.pos, idx = self._indices(self.epoch, self.pos)
         if self.streamed:  # decode the next batches while this one trains (this one first, if not yet asked for)
             self.images.prefetch(idx)

@@ -30,7 +30,7 @@ from ddpm_cli.engine.metrics import MetricsLog, WandbSink, keep_metrics_until, p
 from ddpm_cli.engine.lr_schedule import LRSchedule
 from ddpm_cli.engine.posthoc_ema import PosthocEMA
 from ddpm_cli.engine.time_budget import TimeBudget
-from ddpm_cli.errors import DdpmError, RunLocked, TrainingAborted
+from ddpm_cli.errors import DataError, DdpmError, RunLocked, TrainingAborted
 from ddpm_cli.nn.unet import activation_checkpointing, channel_stats
 
 
@@ -315,7 +315,10 @@ class Trainer:
                 stop_reason = "time"
                 break
             t_step = time.monotonic()
-            x, y = self.batcher.next()
+            try:
+                x, y = self.batcher.next()
+            except DataError as e:  # a streamed file that no longer decodes
+                raise self._stopped_by_data(e, trained=self.step > start_step) from None
             if self.lr_schedule.cooldown and self.lr_schedule.window is None and tc.max_time is not None:
                 # the cool-down on the clock starts at the same step on every rank, with rank 0's end (whose
                 # budget knows the closing checkpoint and grid)
@@ -558,6 +561,15 @@ class Trainer:
         self.ahead.stop()
         self.ahead = None
         self._make_compiled_step()
+
+    def _stopped_by_data(self, e: DataError, trained: bool) -> DdpmError:
+        """The error that ends a run whose next batch cannot be made: the steps this process `trained` are saved
+        first (the batch's place in the epoch with them), so that fixing the data and resuming loses nothing."""
+        if not trained or not self.main:
+            return e
+        checkpoint = self.save_checkpoint()
+        return TrainingAborted(f"{e}; checkpoint {checkpoint} holds the run up to step {self.step}: continue with "
+                               f"`ddpm train --resume {self.run_dir}`")
 
     def _in_training_fid(self) -> float:
         """logging.fid_every's score. It fails only where the start's check could not look (a reference that is

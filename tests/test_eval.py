@@ -350,10 +350,10 @@ def test_ddpm_cache_lists_clears_and_bounds_the_reference_statistics(tmp_path, m
     for name in ("mine.npz", "notes-0123.npz", "settings.json"):
         (folder / name).write_text("the user's")
     for i in range(3):
-        stats = ev_stats.FeatureStats(np.zeros(4), np.eye(4), 10 + i, None, {"source": f"ref{i}"})
-        path = stats_cache.entry_path(folder, {"i": i}, f"ref{i}")
-        ev_stats.save_stats(stats, path)
-        os.utime(path, (time.time() - 100 + i, time.time() - 100 + i))
+        path = stats_cache.entry_path(folder, {"i": i})
+        ev_stats.save_stats(ev_stats.FeatureStats(np.zeros(4), np.eye(4), 10 + i, None), path)
+        stats_cache.describe(path, {"i": i}, f"ref{i}", 10 + i)
+        os.utime(path.with_suffix(".json"), (time.time() - 100 + i, time.time() - 100 + i))
     assert stats_cache.prune(folder, max_entries=2) == 1  # the least recently used goes
     info = json.loads(runner.invoke(app, ["cache", "info", "--json"]).stdout)["fid_stats"]
     assert info["path"] == str(folder) and [e["source"] for e in info["entries"]] == ["ref2", "ref1"]
@@ -404,13 +404,13 @@ def test_reference_statistics_are_cached_and_invalidated(clean, inception, tmp_p
 
     first, second, third = Log(), Log(), Log()
     s1 = ev_reference.reference_stats(str(folder), inception, cache_dir=cache, callbacks=first)
-    assert first.phases == [("reference", 6)] and len(list(cache.glob("*.npz"))) == 1
+    assert first.phases == [("reference", 6)] and len(list(cache.glob("fid-*.bin"))) == 1
     s2 = ev_reference.reference_stats(str(folder), inception, cache_dir=cache, callbacks=second)
     assert second.phases == [] and any("cache" in m for m in second.messages)
     np.testing.assert_array_equal(s1.sigma, s2.sigma)
     write_folder(noisy(clean[:1], 30), folder / "extra")  # the folder changed: recomputed
     ev_reference.reference_stats(str(folder), inception, cache_dir=cache, callbacks=third)
-    assert third.phases == [("reference", 7)] and len(list(cache.glob("*.npz"))) == 2
+    assert third.phases == [("reference", 7)] and len(list(cache.glob("fid-*.bin"))) == 2
 
 
 def test_reference_statistics_of_files_follow_the_decoder(clean, inception, tmp_path, monkeypatch):
@@ -420,7 +420,7 @@ def test_reference_statistics_of_files_follow_the_decoder(clean, inception, tmp_
     ev_reference.reference_stats(str(folder), inception, cache_dir=tmp_path / "cache")
     monkeypatch.setattr(ev_sources, "fingerprint", lambda: "another decoder")
     ev_reference.reference_stats(str(folder), inception, cache_dir=tmp_path / "cache")
-    assert len(list((tmp_path / "cache").glob("*.npz"))) == 2
+    assert len(list((tmp_path / "cache").glob("fid-*.bin"))) == 2
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -1101,7 +1101,7 @@ def test_ref_limit_uses_n_images_of_the_reference_spread_evenly(cli_files, clean
     assert "from the cache" in r.stderr and _json_line(r)["fid"] == out["fid"]  # cached apart from the whole
     r = runner.invoke(app, ["eval", str(f["samples"]), "--ref", str(f["ref"]), "--ref-limit", "1000", *f["common"]])
     assert r.exit_code == 0 and _json_line(r)["ref_n"] == N_REF  # a limit, not a demand
-    stats = ev_stats.save_stats(ev_stats.load_stats(next(f["cache"].glob("*.npz"))), f["root"] / "s.npz")
+    stats = ev_stats.save_stats(ev_stats.load_stats(next(f["cache"].glob("fid-*.bin"))), f["root"] / "s.npz")
     r = runner.invoke(app, ["eval", str(f["samples"]), "--ref", str(stats), "--ref-limit", "10", *f["common"]])
     _one_clear_line(r, 2, "--ref-limit", "statistics")
 

@@ -66,7 +66,7 @@ def describe_fid_stats() -> dict:
     from ddpm_cli.engine.evaluation import stats_cache as sc
 
     entries = sc.list_entries()
-    rows = [{"name": e.name, "bytes": e.size, "images": e.images, "source": e.source,
+    rows = [{"name": e.name, "bytes": e.size, "images": e.meta.get("images"), "source": e.meta.get("source"),
              "last_used": time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(e.last_used))} for e in entries]
     return {"path": str(sc.cache_dir()), "entries": rows, "bytes": sum(e.size for e in entries),
             "max_entries": sc.MAX_ENTRIES, "max_bytes": sc.MAX_BYTES}

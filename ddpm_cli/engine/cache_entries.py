@@ -1,6 +1,7 @@
 """A cache folder of entries, each `NAME.bin` (the bytes) with `NAME.json` (its description, whose mtime is its last
-use): listing, emptying and pruning to the most recently used. The compile cache (engine/compile_cache.py) and the
-decoded-data cache (engine/data_cache.py) keep their entries so; no torch import."""
+use): listing, emptying and pruning to the most recently used. The compile cache (engine/compile_cache.py), the
+decoded-data cache (engine/data_cache.py) and eval's reference statistics (engine/evaluation/stats_cache.py) keep
+their entries so; no torch import."""
 from __future__ import annotations
 
 import hashlib

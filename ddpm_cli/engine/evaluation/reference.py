@@ -32,8 +32,7 @@ def reference_stats(ref: str | Path | ImageSource | FeatureStats, inception: Inc
         # as the entry stores it (JSON: a tuple in the source's key, a non-square size, reads back as a list)
         key = json.loads(json.dumps({"source": src.key, "inception": inception.identity, "format": STATS_VERSION,
                                      "kid_features_max": KID_FEATURES_MAX}))
-        path = stats_cache.entry_path(Path(cache_dir) if cache_dir is not None else stats_cache.cache_dir(), key,
-                                      src.name)
+        path = stats_cache.entry_path(Path(cache_dir) if cache_dir is not None else stats_cache.cache_dir(), key)
         if path.is_file():
             try:
                 stats = load_stats(path)
@@ -48,8 +47,9 @@ def reference_stats(ref: str | Path | ImageSource | FeatureStats, inception: Inc
         stats.meta["cache_key"] = key
         try:
             save_stats(stats, path)
+            stats_cache.describe(path, key, src.name, stats.n)
             stats_cache.prune(path.parent)
-        except DdpmError as e:
+        except (DdpmError, OSError) as e:
             notify(callbacks, "on_message", f"reference statistics not cached: {e}")
     return stats
 

@@ -428,7 +428,9 @@ def test_autoguidance_bad_inputs(trained_run, trained_conditional_run, tmp_path)
                              *out))
     assert msg.startswith("error: --guide-model: checkpoint") and "not found" in msg
     assert "is the checkpoint itself" in one_line_error(cli("sample", trained_run, "--guide-model", trained_run, *out))
-    assert "finite" in one_line_error(cli("sample", trained_run, "--guidance", "nan", "--guide-model", early, *out))
+    for bad in ("nan", "inf"):  # a usage error, as --eta nan is (it was exit 1)
+        msg = one_line_error(cli("sample", trained_run, "--guidance", bad, "--guide-model", early, *out), code=(2,))
+        assert "--guidance must be a finite number" in msg, msg
     blocker = tmp_path / "a-file"
     blocker.write_text("not a folder")
     for where in (["--format", "npz", "--out", blocker / "x.npz"], ["--grid", blocker / "g.png", *out]):

@@ -4,6 +4,7 @@ batches (each torchrun rank its share: N processes make exactly the images of on
 rank 0. Never prints: warnings are returned, progress goes through callbacks."""
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Iterator
@@ -31,6 +32,8 @@ class DrawOptions:
     compile: str = "auto"  # torch.compile: auto (on CUDA for jobs of at least generate.COMPILE_MIN_NFE), on, off
 
     def __post_init__(self) -> None:
+        if self.guidance is not None and not math.isfinite(self.guidance):
+            raise UsageError(f"--guidance must be a finite number (got {self.guidance})")
         if self.ema is False and self.ema_decay is not None:
             raise UsageError("--ema-decay picks EMA weights; drop --no-ema")
 

@@ -2,7 +2,6 @@
 checkpoint, or not at all), the one check of `--guidance` and `--guide-model`, and which sampler is the default."""
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -54,8 +53,6 @@ def check_guidance(path: Path, header: Header, cfg: RunConfig, guidance: float |
     schedule) and predict the same quantity (the two outputs are combined before either becomes noise); its
     size and training may differ, that is the point. Otherwise W is classifier-free guidance,
     which needs a class-conditional model."""
-    if guidance is not None and not math.isfinite(guidance):
-        raise DdpmError(f"--guidance must be a finite number (got {guidance})")
     stored = stored_guide_step(header)
     if guide is None and guidance != 1.0 and stored is not None:
         return Guidance(cfg.train.guide_weight if guidance is None else guidance, path, stored)

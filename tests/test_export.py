@@ -3,6 +3,7 @@ torch.export programs, the check failing loudly, and bad inputs."""
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 import zipfile
@@ -14,7 +15,6 @@ import torch
 from conftest import cli, ok, one_line_error
 from ddpm_cli.engine import export as export_mod
 from ddpm_cli.engine.checkpoint import load_model, read_header
-from ddpm_cli.engine.runs import latest_checkpoint
 from ddpm_cli.engine.runs import latest_checkpoint
 
 FAST = ["--steps", "4"]
@@ -334,3 +334,26 @@ def test_an_upper_case_pt2_suffix_exports_without_torch_s_warnings(trained_run, 
     assert r.stderr == "" and "torch.export.load" in r.stdout, r.stderr
     names = zipfile.ZipFile(out).namelist()  # a pt2 archive, its folder named for the file
     assert names and all(n.startswith("m/") for n in names), names[:3]
+
+
+@pytest.mark.parametrize("fmt", ["safetensors", "onnx", "pt2"])
+def test_a_file_name_that_is_not_utf8_exports_and_samples(trained_run, tmp_path, fmt):
+    """safetensors, ONNX and torch.export take only UTF-8 paths: `-o` a name that is not (b"o\\xff.onnx", a Latin-1
+    name on a UTF-8 system) failed with its temporary file called corrupt, or aborted the process (pt2); and
+    `ddpm sample` or `inspect` of a checkpoint so named called it corrupt."""
+    out = tmp_path / os.fsdecode(b"o\xff." + fmt.encode())
+    try:
+        out.touch()
+        out.unlink()
+    except OSError:
+        pytest.skip("this file system takes no such name")
+    run = lambda *args: subprocess.run([sys.executable, "-m", "ddpm_cli", *map(os.fsencode, map(str, args))],  # noqa: E731
+                                       capture_output=True, timeout=300)
+    r = run("export", latest_checkpoint(trained_run), "-f", fmt, "-o", out)
+    assert r.returncode == 0, r.stderr.decode(errors="replace")[-2000:]
+    assert out.exists() and [p.name for p in tmp_path.iterdir()] == [out.name]  # no temporary file left
+    if fmt == "safetensors":
+        r = run("sample", out, "-n", 2, *FAST, "--format", "npz", "-o", tmp_path / "a.npz")
+        assert r.returncode == 0, r.stderr.decode(errors="replace")[-2000:]
+        with np.load(tmp_path / "a.npz") as d:
+            assert d["arr_0"].shape[0] == 2

@@ -188,7 +188,7 @@ def import_diffusers(path: str | Path, out: str | Path | None = None, overwrite:
     from safetensors.torch import save as st_save
 
     from ddpm_cli.engine.checkpoint import load_model, weights_metadata
-    from ddpm_cli.engine.files import atomic_write_bytes
+    from ddpm_cli.engine.files import atomic_write_bytes, temp_beside
 
     folder = read_folder(path)
     dst = Path(out) if out is not None else default_import_output(folder.root)
@@ -206,7 +206,7 @@ def import_diffusers(path: str | Path, out: str | Path | None = None, overwrite:
         dst.parent.mkdir(parents=True, exist_ok=True)
     except OSError as e:
         raise DdpmError(f"cannot create folder {dst.parent}: {e.strerror or e}") from None
-    tmp = dst.with_name(f".{dst.stem}.tmp-{os.getpid()}.safetensors")
+    tmp = temp_beside(dst, ".safetensors")
     try:
         try:
             atomic_write_bytes(tmp, st_save({f"model.{k}": v for k, v in state.items()}, metadata=meta))
@@ -234,16 +234,17 @@ def write_pipeline(state: dict[str, torch.Tensor], cfg: RunConfig, dst: Path, dt
                    overwrite: bool, tolerance: float = 1e-6) -> tuple[int, float]:
     """Write a DDPMPipeline folder (model_index.json, unet/, scheduler/) for a ddpm model, check it by importing
     it back and comparing outputs, and only then move it into place. Returns (bytes written, relative error)."""
-    from ddpm_cli.engine.export import check_export
-
     from safetensors.torch import save as st_save
+
+    from ddpm_cli.engine.export import check_export
+    from ddpm_cli.engine.files import temp_beside
 
     unet_config = unet_config_from_model(cfg.model)  # refuses what diffusers cannot express, before any writing
     scheduler_config = scheduler_config_from_diffusion(cfg.diffusion)
     if dst.exists() and not (overwrite and (dst / "model_index.json").is_file()):
         raise DdpmError(f"{dst} already exists; pass --overwrite or another --out" if not overwrite else
                         f"{dst} exists and is not a diffusers pipeline folder; pass another --out")
-    tmp = dst.with_name(f".{dst.name}.tmp-{os.getpid()}")
+    tmp = temp_beside(dst)
     shutil.rmtree(tmp, ignore_errors=True)
     try:
         try:

@@ -26,7 +26,7 @@ from pathlib import Path
 import torch
 
 from ddpm_cli.engine.checkpoint import load_checkpoint, load_model, require_ema_decay, weights_metadata
-from ddpm_cli.engine.files import atomic_write_bytes, fsync_dir
+from ddpm_cli.engine.files import as_utf8, atomic_write_bytes, fsync_dir, temp_beside
 from ddpm_cli.errors import CheckpointError, DdpmError, UsageError
 from ddpm_cli.nn.unet import fold_upsampling
 
@@ -180,7 +180,7 @@ def export_safetensors(ckpt, use_ema: bool, dst: Path, dtype: str, ema_decay: fl
         meta["guide_step"] = str(ckpt.guide_step)
         tensors.update({f"guide.{k}": (v.to(DTYPES[dtype]) if v.is_floating_point() else v).contiguous()
                         for k, v in ckpt.guide_state.items()})
-    tmp = dst.with_name(f".{dst.stem}.tmp-{os.getpid()}.safetensors")
+    tmp = temp_beside(dst, ".safetensors")
     try:
         try:
             atomic_write_bytes(tmp, st_save(tensors, metadata=meta))
@@ -254,7 +254,7 @@ def export_onnx(ckpt, use_ema: bool, dst: Path, ema_decay: float | None = None) 
     net = fold_upsampling(Denoiser(model, cfg.model.conditional).eval(), frozen=True)
     names = ["x_t", "t", "y"] if cfg.model.conditional else ["x_t", "t"]
     output = cfg.diffusion.prediction  # "eps" or "v"
-    tmp = dst.with_name(f".{dst.name}.tmp-{os.getpid()}")
+    tmp = temp_beside(dst)
     try:
         try:
             exporter = _torch_onnx_export(net, random_inputs(cfg, 2, seed=1), tmp, names, output)
@@ -286,8 +286,8 @@ def export_pt2(ckpt, use_ema: bool, dst: Path, ema_decay: float | None = None) -
     batch = torch.export.Dim("batch", min=1, max=65536)
     # written under its own name in a temporary folder beside it: the archive's top folder is named for the file;
     # its suffix lower-case, since torch.export.save and load log a warning for a name not ending in .pt2 (m.PT2)
-    tmp_dir = dst.with_name(f".{dst.name}.tmp-{os.getpid()}")
-    tmp = tmp_dir / f"{dst.stem}.pt2"
+    tmp_dir = temp_beside(dst)
+    tmp = tmp_dir / f"{as_utf8(dst.stem)}.pt2"
     try:
         try:
             tmp_dir.mkdir(exist_ok=True)

@@ -20,10 +20,32 @@ def fsync_dir(directory: Path) -> None:
         os.close(fd)
 
 
+def utf8_name(path: Path) -> bool:
+    """Whether the path is valid UTF-8, as safetensors, ONNX and torch.export need of a path they open (a name that
+    is not reaches Python as surrogate escapes: a Latin-1 name on a UTF-8 system)."""
+    try:
+        str(path).encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+def temp_beside(path: Path, suffix: str = "") -> Path:
+    """The temporary name of an atomic write of `path`: `.<name>.tmp-<pid><suffix>` in the same folder, the name made
+    valid UTF-8 (the libraries that write it take no other path; the final rename is the system's, which takes
+    any)."""
+    return path.with_name(f".{as_utf8(path.name)}.tmp-{os.getpid()}{suffix}")
+
+
+def as_utf8(name: str) -> str:
+    """`name` as valid UTF-8 text: the bytes of it that are not become U+FFFD."""
+    return os.fsencode(name).decode("utf-8", "replace")
+
+
 def atomic_write_bytes(path: Path, data: bytes) -> None:
     """Write to a temporary name in the same folder, flush and fsync, then rename into place."""
     path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp = temp_beside(path)
     try:
         with open(tmp, "wb") as f:
             f.write(data)

@@ -21,7 +21,7 @@ from ddpm_cli.config import RunConfig, config_to_dict
 from ddpm_cli.engine.checkpoint.format import (FORMAT, FORMAT_VERSION, Header, class_names, extra_ema_decays,
                                                read_checkpoint_config, read_header, require_ema_decay,
                                                stored_guide_step)
-from ddpm_cli.engine.files import atomic_write_bytes
+from ddpm_cli.engine.files import atomic_write_bytes, utf8_name
 from ddpm_cli.engine.runs import state_path
 from ddpm_cli.errors import CheckpointError, DdpmError
 
@@ -152,8 +152,10 @@ def read_tensors(path: Path, prefix: str | None = None) -> dict[str, torch.Tenso
     from safetensors.torch import load as st_load
 
     try:
-        if prefix is None:
-            return st_load(path.read_bytes())
+        if prefix is None or not utf8_name(path):  # safe_open takes only a UTF-8 path; Python opens any
+            tensors = st_load(path.read_bytes())
+            return tensors if prefix is None else {k[len(prefix):]: v for k, v in tensors.items()
+                                                   if k.startswith(prefix)}
         with safe_open(str(path), framework="pt") as f:  # its tensors map the file: copied, so that a file
             # changed or cut short later (another program's copy over it) cannot change or crash what was read
             return {k[len(prefix):]: f.get_tensor(k).clone() for k in f.keys() if k.startswith(prefix)}

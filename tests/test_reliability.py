@@ -320,6 +320,24 @@ def test_a_resume_takes_the_optimizer_settings_it_is_given(tmp_path):
         trainer.close()
 
 
+def test_a_resume_on_a_training_set_of_another_size_says_the_order_changed(tmp_path):
+    """The data position is (epoch, position) in an order drawn for the set's size: a resume on a folder that gained
+    or lost images went on silently in another order (and epoch), no longer the run it resumed."""
+    from ddpm_cli.engine.train import TrainCallbacks
+
+    first = train(tiny_config(tmp_path, train__steps=4, logging__checkpoint_every=4))
+    ckpt = list_checkpoints(first.run_dir)[-1]
+    for count, changed in ((256, False), (200, True)):
+        warned = []
+        cb = TrainCallbacks()
+        cb.on_warning = warned.append
+        trainer = Trainer(tiny_config(tmp_path, data__shapes_count=count), resume=ckpt, callbacks=cb)
+        trainer.close()
+        said = [w for w in warned if "images" in w and "order" in w]
+        assert bool(said) == changed, warned
+    assert "200 images" in said[0] and "256" in said[0], said
+
+
 def test_exact_resume_after_a_real_sigterm(tmp_path, procs):
     cfg = _sub_cfg(tmp_path, train__steps=30)  # checkpoint_every is huge: the only checkpoint is the signal's
     p = TrainProcess(tmp_path, cfg)

@@ -44,6 +44,10 @@ def restore(trainer: "Trainer", weights: Path) -> None:
     if trainer.posthoc is not None:  # (the snapshots after the step go once the run starts: Trainer.run)
         trainer.posthoc.restore(trainer.run_dir, trainer.step)
     trainer.batcher.load_state_dict(state["data"])
+    saved_n = state["data"].get("n")  # (checkpoints before it was stored: unknown, not compared)
+    if saved_n is not None and int(saved_n) != trainer.batcher.n:
+        trainer.cb.on_warning(f"the training set has {trainer.batcher.n} images where the run had {saved_n}: the "
+                              f"resume goes on in another order than the run's (not an exact resume)")
     trainer.lr_schedule.load_state_dict(state.get("lr_schedule", {}), trainer.step)
     es = state.get("early_stopping", {})
     trainer.best_val = float(es.get("best", math.inf))

@@ -347,8 +347,10 @@ def test_a_file_name_that_is_not_utf8_exports_and_samples(trained_run, tmp_path,
         out.unlink()
     except OSError:
         pytest.skip("this file system takes no such name")
-    run = lambda *args: subprocess.run([sys.executable, "-m", "ddpm_cli", *map(os.fsencode, map(str, args))],  # noqa: E731
-                                       capture_output=True, timeout=300)
+    def run(*args):
+        return subprocess.run([sys.executable, "-m", "ddpm_cli", *(os.fsencode(str(a)) for a in args)],
+                              capture_output=True, timeout=300)
+
     r = run("export", latest_checkpoint(trained_run), "-f", fmt, "-o", out)
     assert r.returncode == 0, r.stderr.decode(errors="replace")[-2000:]
     assert out.exists() and [p.name for p in tmp_path.iterdir()] == [out.name]  # no temporary file left

@@ -119,6 +119,35 @@ def test_max_time_counts_the_closing_checkpoint_and_grid(tmp_path, monkeypatch):
     assert res.elapsed_s - budget <= 3 * step_s + 0.5, (res.elapsed_s, step_s, closing_s)
 
 
+def test_max_time_skips_in_loop_grids_that_would_run_past_the_budget(tmp_path, monkeypatch):
+    """A grid due in the budget's last seconds (logging.sample_every) ran, and the closing grid after it: the run
+    overran by the in-loop grid (the closing one then drew the same step again). Each grid here costs a known
+    sleep, one is due after every step, and the budget holds about two of them and the closing one."""
+    from ddpm_cli.engine import monitor
+
+    budget, grid_s = 8.0, 3.5
+    draw = monitor.draw_grid
+    drawn = []
+
+    def slow_draw(model, diffusion, cfg, path, *args, **kwargs):
+        time.sleep(grid_s)
+        drawn.append(path.name)
+        return draw(model, diffusion, cfg, path, *args, **kwargs)
+
+    monkeypatch.setattr(monitor, "draw_grid", slow_draw)
+    monkeypatch.setattr(monitor, "grid_seconds", lambda *args, **kwargs: grid_s)
+    trainer = Trainer(tiny_config(tmp_path, train__steps=100000, train__max_time=budget, logging__sample_count=4,
+                                  logging__sample_steps=2, logging__sample_every=1,
+                                  logging__checkpoint_every=10**6, logging__log_every=1))
+    trainer.t0 = time.monotonic()
+    res = trainer.run()
+    assert res.stop_reason == "time"
+    step_s = statistics.median(16 / r["img_per_s"] for r in res.metrics if r["img_per_s"] > 16 / grid_s)
+    assert res.elapsed_s - budget <= 3 * step_s + 0.5, (res.elapsed_s, step_s, drawn)
+    assert len(drawn) == len(set(drawn)), drawn  # no step drawn twice
+    assert drawn[-1] == f"step_{res.step:08d}.png"
+
+
 def test_the_grid_estimate_counts_the_samplers_network_evaluations(tmp_path):
     """grid_seconds times the network and multiplies by the evaluations the grid will make: logging.sample_steps,
     or every timestep where the grid runs the full ancestral sampler. A network that sleeps a known time per call

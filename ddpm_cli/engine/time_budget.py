@@ -71,3 +71,11 @@ class TimeBudget:
             return False
         closing = self.grid_s + self.checkpoint_s
         return time.monotonic() + lookahead_steps * self.step_s + closing >= self.deadline
+
+    def affords(self, cost_s: float) -> bool:
+        """Whether work of `cost_s` seconds between steps (a checkpoint, a grid, an evaluation the run's settings
+        make due) still leaves a step and the closing work inside the budget. Where it does not, the run ends
+        within a step anyway, and its closing checkpoint and grid stand for that work."""
+        if self.deadline is None:
+            return True
+        return time.monotonic() + cost_s + self.step_s + self.grid_s + self.checkpoint_s < self.deadline

@@ -299,6 +299,7 @@ class Trainer:
         if self.compiled and self.step < tc.steps and not self.compile_ahead:
             self.cb.on_message("compiling the training step (torch.compile; the first step takes a while)")
         budget = TimeBudget(self.t0, tc.max_time, dev)
+        fid_s = 0.0  # the last in-training FID's seconds: under train.max_time, one that would overrun is skipped
         start_step = self.step
         lookahead = 1 if self.dist.world == 1 else 10  # ranks agree on stopping every 10 steps (dist.agree)
 
@@ -414,7 +415,7 @@ class Trainer:
                                        f"{self.best_val:.5f})")
                     stop_reason = "early_stopping"
                     break
-            if not final and self.step % lc.checkpoint_every == 0:
+            if not final and self.step % lc.checkpoint_every == 0 and budget.affords(budget.checkpoint_s):
                 t_save = time.monotonic()
                 checkpoint = self.save_checkpoint()
                 if self.main:  # a measured write replaces the estimate
@@ -425,13 +426,19 @@ class Trainer:
                 if self.posthoc is not None:  # rank 0's; every rank pauses its step clock, as for a checkpoint
                     self.posthoc.save(self.run_dir, self.step, self.images_seen)
                 budget.pause()
-            if not final and self.step % lc.sample_every == 0:
+            if not final and self.step % lc.sample_every == 0 and budget.affords(budget.grid_s):
                 self.sample_grid()
                 budget.pause()
             if lc.fid_every and self.main and self.step % lc.fid_every == 0:
-                fid = self._in_training_fid()
-                self._emit({"step": self.step, "fid": fid}, records)
-                budget.pause()
+                if budget.affords(fid_s):
+                    t_fid = time.monotonic()
+                    fid = self._in_training_fid()
+                    fid_s = time.monotonic() - t_fid
+                    self._emit({"step": self.step, "fid": fid}, records)
+                    budget.pause()
+                else:
+                    self.cb.on_message(f"no in-training FID at step {self.step}: its {fid_s:.0f} s would end the "
+                                       f"run past train.max_time")
 
         if (self.main and tc.guide_step is not None and self.step < tc.guide_step and self.guide is None
                 and stop_reason != "signal"):

@@ -447,6 +447,26 @@ def test_an_export_folder_is_replaced_only_when_asked_and_only_if_it_is_one(trai
                                                           "mine", "pipe"]  # no temporary left behind
 
 
+def test_overwrite_replaces_the_exports_files_and_keeps_the_rest_of_the_folder(trained_run, tmp_path, monkeypatch):
+    """--overwrite of a pipeline folder removed the whole folder first: a hub clone's .git and README.md were lost,
+    and an output that failed after the removal left nothing. `-o .` in the folder was a traceback."""
+    src = latest_checkpoint(trained_run)
+    hub = tmp_path / "hub"
+    ok("export", src, "--format", "diffusers", "--out", hub)
+    (hub / ".git").mkdir()
+    (hub / ".git" / "HEAD").write_text("ref: refs/heads/main\n")
+    (hub / "README.md").write_text("# card")
+    weights = hub / "unet" / "diffusion_pytorch_model.safetensors"
+    ok("export", src, "--format", "diffusers", "--out", hub, "--overwrite", "--dtype", "fp16")
+    assert {t["dtype"] for t in read_header(weights, require_ddpm=False).tensors.values()} == {"F16"}
+    assert (hub / "README.md").read_text() == "# card" and (hub / ".git" / "HEAD").is_file()
+    monkeypatch.chdir(hub)
+    ok("export", src, "--format", "diffusers", "--out", ".", "--overwrite")  # the folder one is in
+    assert {t["dtype"] for t in read_header(weights, require_ddpm=False).tensors.values()} == {"F32"}
+    assert (hub / "README.md").read_text() == "# card"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["hub"]  # no temporary left behind
+
+
 @pytest.mark.parametrize("model,diffusion", [
     ({"norm": "layer", "num_heads": 2, "channel_mults": [1, 1], "downsample_padding": "bottom-right"},
      {"schedule": "cosine", "num_timesteps": 50}),

@@ -237,10 +237,11 @@ def write_pipeline(state: dict[str, torch.Tensor], cfg: RunConfig, dst: Path, dt
     from safetensors.torch import save as st_save
 
     from ddpm_cli.engine.export import check_export
-    from ddpm_cli.engine.files import temp_beside
+    from ddpm_cli.engine.files import fsync_dir, temp_beside
 
     unet_config = unet_config_from_model(cfg.model)  # refuses what diffusers cannot express, before any writing
     scheduler_config = scheduler_config_from_diffusion(cfg.diffusion)
+    dst = Path(os.path.abspath(dst))  # `-o .` or `x/..` names a folder too
     if dst.exists() and not (overwrite and (dst / "model_index.json").is_file()):
         raise DdpmError(f"{dst} already exists; pass --overwrite or another --out" if not overwrite else
                         f"{dst} exists and is not a diffusers pipeline folder; pass another --out")
@@ -260,9 +261,14 @@ def write_pipeline(state: dict[str, torch.Tensor], cfg: RunConfig, dst: Path, dt
         check_export(dst, err, tolerance, "the folder read back", scale if dtype == torch.float16 else None)
         size = sum(f.stat().st_size for f in tmp.rglob("*") if f.is_file())
         try:
-            if dst.exists():
-                shutil.rmtree(dst)
-            os.replace(tmp, dst)
+            if overwrite and dst.exists():  # the export's own files replaced, each whole; the rest of the folder
+                # (a hub clone's .git and README.md, other weight variants) stays as it is
+                for f in sorted(p for p in tmp.rglob("*") if p.is_file()):
+                    (dst / f.relative_to(tmp)).parent.mkdir(exist_ok=True)
+                    os.replace(f, dst / f.relative_to(tmp))
+            else:
+                os.rename(tmp, dst)  # refused where a folder with files appeared meanwhile
+            fsync_dir(dst.parent)
         except OSError as e:
             raise DdpmError(f"cannot write {dst}: {e.strerror or e}") from None
     finally:

@@ -411,6 +411,11 @@ def test_reference_statistics_are_cached_and_invalidated(clean, inception, tmp_p
     write_folder(noisy(clean[:1], 30), folder / "extra")  # the folder changed: recomputed
     ev_reference.reference_stats(str(folder), inception, cache_dir=cache, callbacks=third)
     assert third.phases == [("reference", 7)] and len(list(cache.glob("fid-*.bin"))) == 2
+    newest = max(cache.glob("fid-*.bin"), key=lambda p: p.stat().st_mtime)
+    newest.write_bytes(newest.read_bytes()[:100])  # damaged: computed again, and said so (it was silent)
+    fourth = Log()
+    ev_reference.reference_stats(str(folder), inception, cache_dir=cache, callbacks=fourth)
+    assert fourth.phases == [("reference", 7)] and any("damaged" in m for m in fourth.messages), fourth.messages
 
 
 def test_reference_statistics_of_files_follow_the_decoder(clean, inception, tmp_path, monkeypatch):

@@ -36,8 +36,10 @@ def reference_stats(ref: str | Path | ImageSource | FeatureStats, inception: Inc
         if path.is_file():
             try:
                 stats = load_stats(path)
-            except DataError:
-                stats = None  # a damaged cache entry is recomputed
+            except DataError as e:
+                stats = None
+                notify(callbacks, "on_message", f"the cached reference statistics are damaged ({e}); computing them "
+                                                f"again")
             if stats is not None and stats.meta.get("cache_key") == key:
                 stats_cache.touch(path)
                 notify(callbacks, "on_message", f"reference statistics from the cache: {path}")

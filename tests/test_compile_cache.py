@@ -259,6 +259,42 @@ def test_pruning_keeps_the_most_recently_used_entries_within_the_bounds(folder):
     assert sorted(p.suffix for p in folder.glob("sample-*")) == [".bin", ".bin", ".json", ".json"]
 
 
+def test_caches_sharing_one_folder_list_and_prune_only_their_own_entries(folder, monkeypatch):
+    """Every cache matched every `<kind>-<hash>` name: pointed at one folder (one DDPM_*_CACHE_DIR for all), eval's
+    bound of 16 entries removed compile entries, and `ddpm cache info` listed each entry three times."""
+    from ddpm_cli.engine import data_cache
+    from ddpm_cli.engine.evaluation import stats_cache
+
+    for i in range(20):
+        write_entry(folder, {"kind": "train", "i": i}, bytes(8), {})
+    monkeypatch.setenv("DDPM_CACHE_DIR", str(folder))
+    monkeypatch.setenv("DDPM_DATA_CACHE_DIR", str(folder))
+    assert stats_cache.prune(folder) == 0 and len(cc.list_entries(folder)) == 20
+    assert data_cache.list_entries() == [] and stats_cache.list_entries() == []
+    assert data_cache.clear() == (0, 0) and len(cc.list_entries(folder)) == 20
+    assert ok("cache", "info").output.count("train-") == 20
+
+
+def test_a_description_that_breaks_the_json_reader_is_ignored_not_a_traceback(folder, fake_torch):
+    """A description nested deeper than Python's recursion limit raised RecursionError through listing, pruning
+    (after any compiled save) and reading; a hit count that is not a number crashed the load's bookkeeping."""
+    key = sampler().key
+    deep = folder / f"train-{'0' * 24}.json"
+    deep.write_text("[" * 100_000 + "]" * 100_000)
+    deep.with_suffix(".bin").write_bytes(b"x")
+    assert any(e.name == deep.stem and e.meta == {} for e in cc.list_entries(folder))
+    cc.prune(folder)
+    assert "train-" in ok("cache", "info").output
+    desc = folder / f"{cc.entry_name(key)}.json"
+    for hits in ('"n/a"', "null"):
+        meta = json.loads(desc.read_text())
+        desc.write_text(json.dumps(meta).replace(f'"hits": {meta["hits"]}', f'"hits": {hits}'))
+        assert sampler().state == "hit"
+    desc.write_text("[" * 100_000 + "]" * 100_000)
+    c = sampler()
+    assert c.state == "saved" and "cannot be read" in c.warnings[0], c.warnings
+
+
 def test_the_cache_is_off_when_asked(folder, fake_torch, monkeypatch):
     monkeypatch.setenv("DDPM_COMPILE_CACHE", "off")
     c = sampler()

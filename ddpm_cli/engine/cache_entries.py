@@ -12,10 +12,13 @@ from dataclasses import dataclass
 from pathlib import Path
 
 STALE_TMP_S = 3600  # a temporary file this old is a crashed writer's, not one being written
-# What the caches write: `<kind>-<24 hex digits>.bin` and `.json` (kind: train, sample, data), and the temporary
-# `.<that name>.tmp-<pid>` of an atomic write. Nothing else in the folder is touched: a cache folder pointed at a
-# folder of the user's (DDPM_*_CACHE_DIR) must not lose its files.
-_OURS = re.compile(r"\.?[a-z]+-[0-9a-f]{24}\.(bin|json)(\.tmp-\d+)?")
+
+
+def _ours(kinds: tuple[str, ...]) -> re.Pattern:
+    """What a cache of entries of these kinds writes: `<kind>-<24 hex digits>.bin` and `.json`, and the temporary
+    `.<that name>.tmp-<pid>` of an atomic write. Nothing else in the folder is touched: a cache folder pointed at a
+    folder of the user's (DDPM_*_CACHE_DIR) must not lose its files, nor one cache another's (one folder for all)."""
+    return re.compile(rf"\.?({'|'.join(map(re.escape, kinds))})-[0-9a-f]{{24}}\.(bin|json)(\.tmp-\d+)?")
 
 
 def entry_name(kind: str, key: dict) -> str:
@@ -32,12 +35,12 @@ class Entry:
     last_used: float  # the description's mtime: written when saved and on each load
 
 
-def list_entries(directory: Path) -> list[Entry]:
-    """The folder's complete entries (a description and its bytes), most recently used first; unreadable
-    descriptions are listed with an empty `meta`."""
-    found = []
+def list_entries(directory: Path, kinds: tuple[str, ...]) -> list[Entry]:
+    """The folder's complete entries of these kinds (a description and its bytes), most recently used first;
+    unreadable descriptions are listed with an empty `meta`."""
+    found, ours = [], _ours(kinds)
     for desc in directory.glob("*.json") if directory.is_dir() else []:
-        if not _OURS.fullmatch(desc.name):
+        if not ours.fullmatch(desc.name):
             continue
         blob = desc.with_suffix(".bin")
         try:
@@ -46,23 +49,24 @@ def list_entries(directory: Path) -> list[Entry]:
             continue
         try:
             meta = json.loads(desc.read_text())
-        except (OSError, ValueError):
+        except (OSError, ValueError, RecursionError):  # (JSON nested deeper than Python's recursion limit)
             meta = {}
         found.append(Entry(desc.stem, meta if isinstance(meta, dict) else {}, size, used))
     return sorted(found, key=lambda e: e.last_used, reverse=True)
 
 
-def _our_files(directory: Path) -> list[Path]:
+def _our_files(directory: Path, kinds: tuple[str, ...]) -> list[Path]:
     """Every file the cache writes: entries, their descriptions, and temporary files of atomic writes."""
     if not directory.is_dir():
         return []
-    return [p for p in directory.iterdir() if _OURS.fullmatch(p.name) and p.is_file()]
+    ours = _ours(kinds)
+    return [p for p in directory.iterdir() if ours.fullmatch(p.name) and p.is_file()]
 
 
-def clear(directory: Path) -> tuple[int, int]:
-    """Delete every entry; returns (entries, bytes) removed. Files the cache did not write stay."""
+def clear(directory: Path, kinds: tuple[str, ...]) -> tuple[int, int]:
+    """Delete every entry of these kinds; returns (entries, bytes) removed. Files the cache did not write stay."""
     entries, freed = 0, 0
-    for p in _our_files(directory):
+    for p in _our_files(directory, kinds):
         try:
             size = p.stat().st_size
             p.unlink()
@@ -73,18 +77,19 @@ def clear(directory: Path) -> tuple[int, int]:
     return entries, freed
 
 
-def prune(directory: Path, max_entries: int, max_bytes: int) -> int:
-    """Keep the most recently used entries within `max_entries` and `max_bytes`; delete the rest, and bytes whose
-    description is missing or temporary files left by a crashed writer, once they are old. Returns entries removed."""
+def prune(directory: Path, kinds: tuple[str, ...], max_entries: int, max_bytes: int) -> int:
+    """Keep the most recently used entries of these kinds within `max_entries` and `max_bytes`; delete the rest, and
+    bytes whose description is missing or temporary files left by a crashed writer, once they are old. Returns
+    entries removed."""
     removed, total = 0, 0
-    for i, e in enumerate(list_entries(directory)):
+    for i, e in enumerate(list_entries(directory, kinds)):
         total += e.size
         if i >= max_entries or total > max_bytes:
             for suffix in (".json", ".bin"):  # the description first: a reader never finds it without its bytes
                 (directory / f"{e.name}{suffix}").unlink(missing_ok=True)
             removed += 1
     now = time.time()
-    for p in _our_files(directory):
+    for p in _our_files(directory, kinds):
         orphan = p.suffix == ".bin" and not p.with_suffix(".json").exists()
         try:
             if (orphan or ".tmp-" in p.name) and now - p.stat().st_mtime > STALE_TMP_S:

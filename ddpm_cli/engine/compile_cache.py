@@ -32,6 +32,7 @@ FORMAT = 1  # of the JSON description; an entry of another format is ignored
 # of the CIFAR-10 model with CUDA graphs holds many kernels; a few dozen networks and shapes cover one user's work.
 MAX_ENTRIES = 32
 MAX_BYTES = 2 * 1024**3
+KINDS = ("train", "sample")  # its entries' names: the compiled training step, the sampling network
 ENV_DIR, ENV_SWITCH = "DDPM_COMPILE_CACHE_DIR", "DDPM_COMPILE_CACHE"
 _OFF = {"off", "0", "false", "no"}
 # Entries this process loaded or saved, with their artifact keys: torch's caches hold them already, so a second
@@ -125,17 +126,17 @@ def call_signature(args: tuple, device) -> dict:
 
 def list_entries(directory: Path | None = None) -> list[Entry]:
     """The compile cache's entries, most recently used first (engine/cache_entries.py)."""
-    return cache_entries.list_entries(directory or cache_dir())
+    return cache_entries.list_entries(directory or cache_dir(), KINDS)
 
 
 def clear(directory: Path | None = None) -> tuple[int, int]:
     """Delete every entry of the compile cache; returns (entries, bytes) removed."""
-    return cache_entries.clear(directory or cache_dir())
+    return cache_entries.clear(directory or cache_dir(), KINDS)
 
 
 def prune(directory: Path, max_entries: int = MAX_ENTRIES, max_bytes: int = MAX_BYTES) -> int:
     """Keep the most recently used entries within the bounds (engine/cache_entries.py)."""
-    return cache_entries.prune(directory, max_entries, max_bytes)
+    return cache_entries.prune(directory, KINDS, max_entries, max_bytes)
 
 
 def read_entry(directory: Path, key: dict) -> tuple[bytes | None, dict | None, str | None]:
@@ -160,8 +161,8 @@ def read_entry(directory: Path, key: dict) -> tuple[bytes | None, dict | None, s
         data = blob.read_bytes()
     except FileNotFoundError:
         return None, None, f"{blob} is missing"
-    except (OSError, ValueError, AttributeError, TypeError) as e:
-        return None, None, f"{desc} cannot be read ({e})"
+    except (OSError, ValueError, AttributeError, TypeError, RecursionError) as e:
+        return None, None, f"{desc} cannot be read ({type(e).__name__ if isinstance(e, RecursionError) else e})"
     if len(data) != meta.get("bytes") or hashlib.sha256(data).hexdigest() != meta.get("sha256"):
         return None, None, f"{blob} is damaged (truncated or changed since it was written)"
     return data, meta, None
@@ -276,7 +277,10 @@ class CompileCache:
 
     def _touch(self, meta: dict) -> None:
         """Count the hit and mark the entry recently used (pruning keeps those); a failure here loses nothing."""
-        meta["hits"] = int(meta.get("hits", 0)) + 1
+        try:
+            meta["hits"] = int(meta.get("hits") or 0) + 1
+        except (TypeError, ValueError):  # a count spoiled by hand: counting starts again
+            meta["hits"] = 1
         try:
             atomic_write_bytes(self.directory / f"{entry_name(self.key)}.json",
                                json.dumps(meta, indent=1, default=str).encode())

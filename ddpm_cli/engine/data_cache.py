@@ -35,6 +35,7 @@ FORMAT = 1
 # not kept (CIFAR-10 at 32 px is 154 MB; 10,000 images at 256 px, 2 GB).
 MAX_ENTRIES = 16
 MAX_BYTES = 8 * 1024**3
+KINDS = ("data",)  # its entries' names
 ENV_DIR, ENV_SWITCH = "DDPM_DATA_CACHE_DIR", "DDPM_DATA_CACHE"
 _OFF = {"off", "0", "false", "no"}
 
@@ -76,7 +77,7 @@ def key(files: ImageFiles, hw: tuple[int, int], channels: int) -> dict:
 
 
 def entry_name(key: dict) -> str:
-    return cache_entries.entry_name("data", key)
+    return cache_entries.entry_name(KINDS[0], key)
 
 
 def load(key: dict, directory: Path | None = None) -> tuple[tuple | None, str | None]:
@@ -136,7 +137,7 @@ def save(key: dict, images: torch.Tensor, labels: torch.Tensor, classes: list[st
         meta = {"format": FORMAT, "key": key, "count": len(images), "shape": list(images.shape[1:]),
                 "classes": classes, "warnings": warned, "created": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
         atomic_write_bytes(directory / f"{name}.json", json.dumps(meta, indent=1).encode())
-        cache_entries.prune(directory, MAX_ENTRIES, MAX_BYTES)
+        cache_entries.prune(directory, KINDS, MAX_ENTRIES, MAX_BYTES)
     except Exception as e:  # noqa: BLE001 - OSError, or safetensors' own error for a full or read-only disk
         try:
             tmp.unlink(missing_ok=True)
@@ -150,9 +151,9 @@ def save(key: dict, images: torch.Tensor, labels: torch.Tensor, classes: list[st
 
 def list_entries(directory: Path | None = None) -> list[Entry]:
     """The data cache's entries, most recently used first."""
-    return cache_entries.list_entries(directory or cache_dir())
+    return cache_entries.list_entries(directory or cache_dir(), KINDS)
 
 
 def clear(directory: Path | None = None) -> tuple[int, int]:
     """Delete every entry of the data cache; returns (entries, bytes) removed."""
-    return cache_entries.clear(directory or cache_dir())
+    return cache_entries.clear(directory or cache_dir(), KINDS)

@@ -18,6 +18,7 @@ ENV_DIR = "DDPM_CACHE_DIR"
 # 2048 x 2048 covariance and up to stats.KID_FEATURES_MAX feature rows for KID).
 MAX_ENTRIES = 16
 MAX_BYTES = 4 * 1024**3
+KINDS = ("fid",)  # its entries' names
 
 
 def cache_dir() -> Path:
@@ -29,7 +30,7 @@ def cache_dir() -> Path:
 
 def entry_path(directory: Path, key: dict) -> Path:
     """The statistics file of `key`'s entry (its description beside it, .json)."""
-    return directory / f"{cache_entries.entry_name('fid', key)}.bin"
+    return directory / f"{cache_entries.entry_name(KINDS[0], key)}.bin"
 
 
 def describe(path: Path, key: dict, source: str, images: int | None) -> None:
@@ -49,14 +50,14 @@ def touch(path: Path) -> None:
 
 def list_entries(directory: Path | None = None) -> list[Entry]:
     """The cache's entries, most recently used first (their `meta`: describe's)."""
-    return cache_entries.list_entries(directory or cache_dir())
+    return cache_entries.list_entries(directory or cache_dir(), KINDS)
 
 
 def clear(directory: Path | None = None) -> tuple[int, int]:
     """Delete every entry; returns (entries, bytes) removed."""
-    return cache_entries.clear(directory or cache_dir())
+    return cache_entries.clear(directory or cache_dir(), KINDS)
 
 
 def prune(directory: Path, max_entries: int = MAX_ENTRIES, max_bytes: int = MAX_BYTES) -> int:
     """Keep the most recently used entries within the bounds; returns the entries removed."""
-    return cache_entries.prune(directory, max_entries, max_bytes)
+    return cache_entries.prune(directory, KINDS, max_entries, max_bytes)

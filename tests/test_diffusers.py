@@ -337,6 +337,10 @@ def test_bad_folders_are_refused_in_one_line_and_nothing_is_written(tmp_path):
     save_file(tensors, folder / "diffusion_pytorch_model-00001-of-00002.safetensors")
     assert "in shards" in one_line_error(cli("import", folder, "--out", out))
     (folder / "diffusion_pytorch_model-00001-of-00002.safetensors").unlink()
+    index = folder / "diffusion_pytorch_model.safetensors.index.json"  # a download of the JSON files alone
+    index.write_text('{"metadata": {}, "weight_map": {}}')  # (an IndexError naming no shard)
+    assert "in shards" in one_line_error(cli("import", folder, "--out", out))
+    index.unlink()
     save_file(tensors, folder / "diffusion_pytorch_model.fp16.safetensors")  # one variant: taken
     assert "lacks tensor conv_out.bias" in one_line_error(cli("import", folder, "--out", out))
     (folder / "diffusion_pytorch_model.fp16.safetensors").unlink()

@@ -70,8 +70,9 @@ def read_folder(path: str | Path) -> DiffusersFolder:
     if not weights.is_file():
         variants = sorted(unet.glob("diffusion_pytorch_model*.safetensors"))
         if any("-of-" in v.name for v in variants) or (unet / f"{WEIGHTS}.index.json").is_file():
-            raise CheckpointError(f"{unet} holds its weights in shards ({variants[0].name}, ...), which ddpm does "
-                                  f"not join; save the model again as one {WEIGHTS} (diffusers: "
+            shards = f"{variants[0].name}, ..." if variants else f"{WEIGHTS}.index.json names them"
+            raise CheckpointError(f"{unet} holds its weights in shards ({shards}), which ddpm does not join; save "
+                                  f"the model again as one {WEIGHTS} (diffusers: "
                                   f"save_pretrained(..., max_shard_size='100GB'))")
         if len(variants) > 1:
             raise CheckpointError(f"{unet} holds {len(variants)} weight files ({', '.join(v.name for v in variants)}) "

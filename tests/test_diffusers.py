@@ -186,6 +186,18 @@ def test_the_imported_checkpoint_samples_inspects_and_exports_like_any_other(tmp
     assert "already exists" in one_line_error(cli("import", folder))
 
 
+def test_a_folder_whose_name_is_not_utf8_imports(tmp_path):
+    """Its path went into the checkpoint's metadata as it was: a UnicodeEncodeError traceback."""
+    import os
+
+    config = {**DDPM_UNET, **CONFIGS["ddpm-cifar10-32"], "sample_size": 16}
+    _, folder = save_folder(tmp_path, "m", config, pipeline=True)
+    odd = folder.rename(tmp_path / os.fsdecode(b"caf\xe9-model"))
+    ok("import", odd, "--out", tmp_path / "m.safetensors")
+    info = json.loads(ok("inspect", tmp_path / "m.safetensors", "--json").stdout)
+    assert info["source_path"].endswith("caf\ufffd-model")
+
+
 def test_export_round_trips_through_from_pretrained(trained_run, tmp_path):
     src = latest_checkpoint(trained_run)
     r = ok("export", src, "--format", "diffusers", "--out", tmp_path / "pipe")

@@ -339,8 +339,8 @@ def test_an_upper_case_pt2_suffix_exports_without_torch_s_warnings(trained_run, 
 @pytest.mark.parametrize("fmt", ["safetensors", "onnx", "pt2"])
 def test_a_file_name_that_is_not_utf8_exports_and_samples(trained_run, tmp_path, fmt):
     """safetensors, ONNX and torch.export take only UTF-8 paths: `-o` a name that is not (b"o\\xff.onnx", a Latin-1
-    name on a UTF-8 system) failed with its temporary file called corrupt, or aborted the process (pt2); and
-    `ddpm sample` or `inspect` of a checkpoint so named called it corrupt."""
+    name on a UTF-8 system) failed with its temporary file called corrupt, or aborted the process (pt2); a source so
+    named was a traceback (its name in the metadata); and `ddpm sample` of a checkpoint so named called it corrupt."""
     out = tmp_path / os.fsdecode(b"o\xff." + fmt.encode())
     try:
         out.touch()
@@ -351,9 +351,11 @@ def test_a_file_name_that_is_not_utf8_exports_and_samples(trained_run, tmp_path,
         return subprocess.run([sys.executable, "-m", "ddpm_cli", *(os.fsencode(str(a)) for a in args)],
                               capture_output=True, timeout=300)
 
-    r = run("export", latest_checkpoint(trained_run), "-f", fmt, "-o", out)
+    src = tmp_path / os.fsdecode(b"c\xff.safetensors")  # the source so named too: its name goes in the metadata
+    src.write_bytes(latest_checkpoint(trained_run).read_bytes())
+    r = run("export", src, "-f", fmt, "-o", out)
     assert r.returncode == 0, r.stderr.decode(errors="replace")[-2000:]
-    assert out.exists() and [p.name for p in tmp_path.iterdir()] == [out.name]  # no temporary file left
+    assert out.exists() and sorted(p.name for p in tmp_path.iterdir()) == sorted([out.name, src.name])  # no temporary
     if fmt == "safetensors":
         r = run("sample", out, "-n", 2, *FAST, "--format", "npz", "-o", tmp_path / "a.npz")
         assert r.returncode == 0, r.stderr.decode(errors="replace")[-2000:]

@@ -189,7 +189,7 @@ def import_diffusers(path: str | Path, out: str | Path | None = None, overwrite:
     from safetensors.torch import save as st_save
 
     from ddpm_cli.engine.checkpoint import load_model, weights_metadata
-    from ddpm_cli.engine.files import atomic_write_bytes, temp_beside
+    from ddpm_cli.engine.files import as_utf8, atomic_write_bytes, temp_beside
 
     folder = read_folder(path)
     dst = Path(out) if out is not None else default_import_output(folder.root)
@@ -201,7 +201,8 @@ def import_diffusers(path: str | Path, out: str | Path | None = None, overwrite:
     state = to_ddpm(_load_tensors(folder.weights), cfg, str(folder.weights))
     num_params = sum(v.numel() for v in state.values())
     meta = weights_metadata(cfg, 0, 0, num_params, has_ema=False, classes=[], kind="import")
-    meta.update(source="diffusers", source_path=str(folder.root.resolve()), source_file=folder.weights.name,
+    meta.update(source="diffusers", source_path=as_utf8(str(folder.root.resolve())),
+                source_file=as_utf8(folder.weights.name),
                 source_config=folder.unet_config_text, source_scheduler_config=folder.scheduler_config_text)
     try:
         dst.parent.mkdir(parents=True, exist_ok=True)

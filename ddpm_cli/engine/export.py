@@ -174,7 +174,7 @@ def export_safetensors(ckpt, use_ema: bool, dst: Path, dtype: str, ema_decay: fl
     num_params = sum(v.numel() for v in state.values())
     meta = weights_metadata(ckpt.config, ckpt.step, int(ckpt.metadata.get("images_seen", 0)), num_params,
                             has_ema=False, classes=ckpt.classes, kind="export", dtype=DTYPE_NAMES[dtype])
-    meta.update(source_weights=_weights(use_ema, ema_decay), exported_from=ckpt.path.name,
+    meta.update(source_weights=_weights(use_ema, ema_decay), exported_from=as_utf8(ckpt.path.name),
                 source_created=ckpt.metadata.get("created", ""))
     if ckpt.guide_state is not None:  # the autoguidance guide travels too, so the export samples as the source
         meta["guide_step"] = str(ckpt.guide_step)
@@ -213,7 +213,7 @@ def _metadata(ckpt, weights: str, inputs: list[str], output: str) -> dict[str, s
     predicts)."""
     keep = ("format", "format_version", "ddpm_version", "step", "images_seen", "num_params", "classes", "config")
     meta = {k: ckpt.metadata[k] for k in keep if k in ckpt.metadata}
-    meta.update(kind="export", source_weights=weights, exported_from=ckpt.path.name,
+    meta.update(kind="export", source_weights=weights, exported_from=as_utf8(ckpt.path.name),
                 inputs=json.dumps(inputs), output=output)
     return meta
 

@@ -385,6 +385,22 @@ def test_autoguided_is_the_guide_plus_w_times_the_difference():
     assert torch.allclose(out, x + 2.5 * (x + t[:, None, None, None]))
 
 
+def test_both_guidances_combine_a_bf16_networks_outputs_in_float32():
+    """Under bf16 autocast (generate on CUDA) classifier-free guidance combined the two outputs in bf16, where
+    autoguidance converts them first: eps_u + w (eps_c - eps_u) lost bits in the difference, which w magnifies."""
+    import torch
+
+    from ddpm_cli.diffusion.samplers import autoguided, guided
+
+    x, t, y = torch.randn(2, 3, 4, 4), torch.tensor([5, 9]), torch.tensor([1, 2])
+    net = lambda x, t, y: (x * (1 + y[:, None, None, None] / 3)).bfloat16()  # noqa: E731 - a bf16 network's output
+    eps = net(torch.cat([x, x]), torch.cat([t, t]), torch.cat([y, torch.full_like(y, 10)])).float()
+    want = eps[2:] + 4.0 * (eps[:2] - eps[2:])
+    got = guided(net, 4.0, 10)(x, t, y)
+    assert got.dtype == torch.float32 and torch.equal(got, want)
+    assert autoguided(net, lambda x, t, y: net(x, t, torch.full_like(y, 10)), 4.0)(x, t, y).dtype == torch.float32
+
+
 def test_autoguidance_of_an_unconditional_model_by_an_earlier_checkpoint(trained_run, tmp_path):
     early = trained_run / "checkpoints" / "ckpt-00000010.safetensors"
     assert early.exists()

@@ -31,7 +31,7 @@ def guided(model: ModelFn, scale: float, null_class: int) -> ModelFn:
 
     def fn(x: torch.Tensor, t: torch.Tensor, y: torch.Tensor | None) -> torch.Tensor:
         null = torch.full_like(y, null_class)
-        eps = model(torch.cat([x, x]), torch.cat([t, t]), torch.cat([y, null]))
+        eps = model(torch.cat([x, x]), torch.cat([t, t]), torch.cat([y, null])).float()  # (bf16 under autocast)
         eps_c, eps_u = eps.chunk(2)
         return eps_u + scale * (eps_c - eps_u)
 

@@ -143,7 +143,9 @@ def dpmpp_3m_sample(model: ModelFn, diffusion: GaussianDiffusion, x: torch.Tenso
     The first two steps are first and second order (no history yet); the last goes to the clean image, as in
     dpm++2m. Third order pays once the steps are small against how fast the data prediction changes: on a narrow
     Gaussian it trails 2M at 20 steps and leads it at 40 (tests/test_diffusion.py); the paper advises 2M for
-    guided sampling."""
+    guided sampling. D2 here is the second divided difference itself (the quadratic through the last three
+    predictions, integrated exactly); diffusers' and k-diffusion's DPM++ 3M weight that term half as much, which
+    lowers their order, so the two do not agree step for step."""
     ts = timesteps(diffusion, steps, spacing)
     ab = diffusion.alpha_bar.double()
     alpha = lambda t: ab[t].sqrt()  # noqa: E731

@@ -51,7 +51,8 @@ def autoguided(model: ModelFn, guide: ModelFn, scale: float) -> ModelFn:
 
 
 def timesteps(diffusion: GaussianDiffusion, steps: int, spacing: str = "uniform") -> list[int]:
-    """Descending 0-based timestep indices at which a few-step sampler calls the network (first T-1, last 0)."""
+    """Descending 0-based timestep indices at which a few-step sampler calls the network (first T-1, last 0; one
+    step: T-1 alone)."""
     return sampler_spec.timesteps(diffusion.alpha_bar, steps, spacing)
 
 

@@ -206,6 +206,27 @@ def test_exact_resume_gives_identical_losses_and_weights(tmp_path, variant):
     assert sa == sb and ga == gb
 
 
+def test_a_resume_logs_the_same_mean_loss_as_the_uninterrupted_run_between_log_lines(tmp_path):
+    """A checkpoint between two log lines did not keep the steps counted since the last one: the resumed run's next
+    line averaged only its own steps (and a non-finite step before the checkpoint went uncounted)."""
+    from ddpm_cli.engine.train import StopFlag, TrainCallbacks
+
+    extra = {**EXACT, "logging__log_every": 4, "train__steps": 8}
+    full = train(tiny_config(tmp_path / "a", **extra))
+    stop, cb = StopFlag(), TrainCallbacks()
+    cb.on_step = lambda step: stop.request(15) if step == 6 else None  # SIGTERM after step 6: no log line there
+    first = Trainer(tiny_config(tmp_path / "b", **extra), stop=stop, callbacks=cb)
+    with pytest.raises(TrainingAborted):
+        try:
+            first.run()
+        finally:
+            first.close()
+    assert sorted(_losses(first.run_dir)) == [4]
+    resumed = train(tiny_config(tmp_path / "b", **extra), resume=list_checkpoints(first.run_dir)[-1])
+    want, got = _losses(full.run_dir), _losses(resumed.run_dir)
+    assert sorted(want) == sorted(got) == [4, 8] and got[8] == want[8], (got, want)
+
+
 def _assert_moments_follow_their_parameters(opt: torch.optim.Optimizer) -> int:
     """Every restored optimizer tensor shaped like its parameter has that parameter's dtype, device and strides
     (CUDA's fused Adam refuses anything else); returns how many were checked."""

@@ -23,9 +23,16 @@ class StepStats:
     summed loss of the finite steps, their number, the non-finite steps, the longest run of them in a row and
     the last one. `read()` syncs once and starts the next interval."""
 
-    def __init__(self, device: torch.device):
-        zero = lambda: torch.zeros((), device=device)  # noqa: E731
-        self.loss, self.good, self.nonfinite, self.bad_run, self.max_bad_run, self.last_bad = (zero() for _ in range(6))
+    def __init__(self, device: torch.device, state: list[float] | None = None):
+        """`state`: a checkpoint's (state_dict), so that a resumed run's first log line counts the steps before it."""
+        values = state if state is not None and len(state) == 6 else [0.0] * 6
+        self.loss, self.good, self.nonfinite, self.bad_run, self.max_bad_run, self.last_bad = (
+            torch.tensor(float(v), device=device) for v in values)
+
+    def state_dict(self) -> list[float]:
+        """The interval so far, for a checkpoint (syncs once)."""
+        return torch.stack([self.loss, self.good, self.nonfinite, self.bad_run, self.max_bad_run,
+                            self.last_bad]).tolist()
 
     def add(self, loss: torch.Tensor, bad: torch.Tensor, step: int) -> None:
         self.loss += torch.where(bad, 0.0, loss.detach().float())

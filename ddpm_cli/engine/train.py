@@ -169,6 +169,9 @@ class Trainer:
         self.step, self.images_seen = 0, 0
         self.best_val, self.bad_evals = math.inf, 0
         self.nonfinite_total = 0
+        # the steps since the last log line (monitor.StepStats): counted in run(), kept by a checkpoint between lines
+        self.stats: monitor.StepStats | None = None
+        self.pending_stats: list[float] | None = None  # a resumed checkpoint's, for run() to start from
         self.guide: tuple[int, dict[str, torch.Tensor]] | None = None  # train.guide_step: (step, weights on CPU)
         self.resumed_from: Path | None = None
         self.ahead = None  # train.compile_ahead's helper while it compiles
@@ -287,7 +290,8 @@ class Trainer:
                           "checkpointing": cfg.model.checkpointing,
                           "classes": self.classes if cfg.model.conditional else []})
         clip = tc.grad_clip if tc.grad_clip > 0 else float("inf")
-        stats, gn = monitor.StepStats(dev), torch.zeros((), device=dev)
+        stats, gn = monitor.StepStats(dev, self.pending_stats), torch.zeros((), device=dev)
+        self.stats = stats
         stop_reason = "steps"
         last_log_t, last_log_step = time.monotonic(), self.step
         compile_s, first_step = 0.0, True

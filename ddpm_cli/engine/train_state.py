@@ -53,6 +53,7 @@ def restore(trainer: "Trainer", weights: Path) -> None:
     trainer.best_val = float(es.get("best", math.inf))
     trainer.bad_evals = int(es.get("bad", 0))
     trainer.nonfinite_total = int(state.get("nonfinite_total", 0))
+    trainer.pending_stats = state.get("log_interval")  # (None in checkpoints made before it was kept)
     if ck.guide_state is not None:
         trainer.guide = (ck.guide_step, ck.guide_state)
     elif trainer.cfg.train.guide_step is not None and trainer.step >= trainer.cfg.train.guide_step:
@@ -84,7 +85,8 @@ def save(trainer: "Trainer") -> Path:
     early = {"bad": trainer.bad_evals, **({"best": trainer.best_val} if math.isfinite(trainer.best_val) else {})}
     state = {"step": trainer.step, "images_seen": trainer.images_seen, "data": trainer.batcher.state_dict(),
              "ema_updates": trainer.ema.num_updates if trainer.ema else 0, "nonfinite_total": trainer.nonfinite_total,
-             "early_stopping": early, "lr_schedule": trainer.lr_schedule.state_dict()}
+             "early_stopping": early, "lr_schedule": trainer.lr_schedule.state_dict(),
+             "log_interval": trainer.stats.state_dict() if trainer.stats is not None else None}
     try:
         ckpt_io.save_state(state_path(path), trainer.opt, state)
     except BaseException:  # weights without their state would pass for a later checkpoint that cannot resume

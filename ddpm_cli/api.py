@@ -109,7 +109,8 @@ class Diffusion(nn.Module):
         return obj
 
     def loss(self, x: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
-        """Training loss for a batch of images in [-1, 1] (labels ignored by unconditional models)."""
+        """Training loss for a batch of images in [-1, 1] (labels ignored by unconditional models; dropped to the
+        null class at train.label_dropout's rate, as `ddpm train` drops them)."""
         m = self.cfg.model
         if not torch.is_tensor(x):
             raise UsageError(f"loss: images are a float tensor (B, C, H, W) in [-1, 1], not {type(x).__name__}")
@@ -119,9 +120,13 @@ class Diffusion(nn.Module):
         if x.dim() != 4 or tuple(x.shape[1:]) != tuple(m.image_shape()):
             raise UsageError(f"loss: images of shape {tuple(x.shape)}; the model takes (B, "
                              f"{', '.join(map(str, m.image_shape()))})")
+        from ddpm_cli.engine.train import drop_labels
+
         self.model.train()
         y = _labels(y, x.shape[0], m, "loss").to(self.device) if (y is not None and m.conditional) else None
-        return self.process.loss(self.model, x.to(self.device, torch.float32), y)  # (numpy's float64 too)
+        if y is not None:  # train.label_dropout, as `ddpm train` drops them
+            y = drop_labels(y, self.cfg.train.label_dropout, m.num_classes)
+        return self.process.loss(self.model, x.to(self.device), y)
 
     forward = loss
 

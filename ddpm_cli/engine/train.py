@@ -45,6 +45,15 @@ class TrainCallbacks:
         self.on_message(f"warning: {text}")
 
 
+def drop_labels(y: torch.Tensor, p: float, null_class: int) -> torch.Tensor:
+    """train.label_dropout: each label replaced by the null class with probability p, which trains the
+    unconditional model classifier-free guidance subtracts (the trainer's step and the API's loss alike)."""
+    if p <= 0:
+        return y
+    drop = torch.rand(y.shape[0], device=y.device) < p
+    return torch.where(drop, torch.full_like(y, null_class), y)
+
+
 @dataclass
 class StopFlag:
     """Set by a signal handler (the CLI's); the loop finishes its step, checkpoints and stops."""
@@ -205,13 +214,7 @@ class Trainer:
 
     def _labels(self, y: torch.Tensor) -> torch.Tensor | None:
         m = self.cfg.model
-        if not m.conditional:
-            return None
-        p = self.cfg.train.label_dropout
-        if p > 0:
-            drop = torch.rand(y.shape[0], device=y.device) < p
-            y = torch.where(drop, torch.full_like(y, m.num_classes), y)
-        return y
+        return drop_labels(y, self.cfg.train.label_dropout, m.num_classes) if m.conditional else None
 
     # -- checkpoints: the weights and the training state (engine/train_state.py) -----------------------------
 

@@ -150,8 +150,9 @@ class Diffusion(nn.Module):
             raise UsageError(f"sample: steps is an int, not {steps!r}")
         if isinstance(seed, bool) or not isinstance(seed, int) or abs(seed) > 2**43:
             raise UsageError(f"sample: seed is an int within +-2^43, not {seed!r}")
-        if not isinstance(guidance, (int, float)) or not math.isfinite(guidance):
+        if isinstance(guidance, bool) or not isinstance(guidance, (int, float)) or not math.isfinite(guidance):
             raise UsageError(f"sample: guidance is a finite number, not {guidance!r}")
+        self._check_guide(guide, guidance, y)
         pick = lambda d: d.ema.model if (use_ema and d.ema is not None) else d.model  # noqa: E731
         net = pick(self)
         guide_net = pick(guide).eval() if guide is not None else None
@@ -165,6 +166,30 @@ class Diffusion(nn.Module):
             device=self.device)]
         net.train(was_training)
         return torch.cat(out).float() / 127.5 - 1.0
+
+    def _check_guide(self, guide: "Diffusion | None", guidance: float, y) -> None:
+        """What `ddpm sample` checks of --guidance and --guide-model (engine/guidance.py), for a guide in memory."""
+        from ddpm_cli.engine.guidance import guide_mismatch
+
+        m = self.cfg.model
+        if guide is None:
+            if guidance != 1.0 and not (m.conditional and y is not None):
+                raise UsageError("sample: guidance needs a class-conditional model and its labels y (classifier-"
+                                 "free), or a weaker model to guide with (guide=, e.g. an earlier checkpoint)")
+            return
+        if not isinstance(guide, Diffusion):
+            raise UsageError(f"sample: guide is a Diffusion (e.g. Diffusion.from_checkpoint of an earlier "
+                             f"checkpoint), not {type(guide).__name__}")
+        if guide is self:
+            raise UsageError("sample: the guide is this model itself, which guides nothing; pass an earlier "
+                             "checkpoint of it (Diffusion.from_checkpoint)")
+        if guidance == 1.0:
+            raise UsageError("sample: a guide has no effect at guidance 1; pass a weight above 1 (e.g. guidance=2)")
+        differ = guide_mismatch(self.cfg, guide.cfg)
+        if differ:
+            raise UsageError(f"sample: the guide differs from this model in its {' and '.join(differ)}; guide with "
+                             f"an earlier checkpoint of the same run, or a model trained on the same data and "
+                             f"schedule")
 
     def save(self, path: str | Path) -> None:
         """A checkpoint `ddpm sample`, `ddpm inspect` and `Diffusion.from_checkpoint` read: the weights, their EMA,

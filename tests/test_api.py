@@ -24,6 +24,14 @@ def conditional(tmp_path_factory):
     (lambda d: d.sample(2, steps=2.5), "steps is an int"),
     (lambda d: d.sample(2, seed=2**70), "seed"),
     (lambda d: d.sample(2, guidance=float("nan")), "finite"),
+    (lambda d: d.sample(2, guidance=True), "finite number"),
+    (lambda d: d.sample(2, guidance=3.0), "needs a class-conditional model and its labels"),  # no y: it was ignored
+    (lambda d: d.sample(2, y=[1, 2], guidance=2.0, guide="early.safetensors"), "guide is a Diffusion"),
+    (lambda d: d.sample(2, y=[1, 2], guidance=2.0, guide=d), "this model itself"),
+    (lambda d: d.sample(2, y=[1, 2], guide=Diffusion.from_config(d.cfg, device="cpu")), "no effect at guidance 1"),
+    (lambda d: d.sample(2, y=[1, 2], guidance=2.0, guide=Diffusion.from_config(
+        {**d.cfg.model_dump(), "diffusion": {"schedule": "linear", "num_timesteps": 1000}}, device="cpu")),
+     "differs from this model in its noise schedule"),
     (lambda d: d.sample(2, y=torch.tensor([10, 99])), "lie in [0, 10)"),
     (lambda d: d.sample(2, y=torch.tensor([1, 2, 3])), "3 labels for 2 images"),
     (lambda d: d.sample(2, y=torch.tensor([0.5, 1.0])), "integers"),

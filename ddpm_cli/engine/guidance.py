@@ -43,6 +43,23 @@ def _betas(cfg: RunConfig) -> tuple[float, ...]:
     return tuple(make_betas(d.schedule, d.num_timesteps, d.schedule_low, d.schedule_high, d.dns_offset).tolist())
 
 
+def guide_mismatch(cfg: RunConfig, g: RunConfig, names: list[str] = (), guide_names: list[str] = ()) -> list[str]:
+    """What an autoguidance guide of config `g` cannot differ in from the model of `cfg`, and does: the kind of
+    images and the noise levels, and the quantity predicted (the two outputs are combined before either becomes
+    noise). `names`: each one's class names, where known."""
+    m, gm = cfg.model, g.model
+    differ = [what for what, a, b in (
+        ("image size", m.hw, gm.hw),
+        ("channels", m.in_channels, gm.in_channels),
+        ("classes", (m.conditional, m.conditional and m.num_classes),
+         (gm.conditional, gm.conditional and gm.num_classes)),
+        ("noise schedule", _betas(cfg), _betas(g)),
+        ("prediction (diffusion.prediction)", cfg.diffusion.prediction, g.diffusion.prediction)) if a != b]
+    if m.conditional and gm.conditional and names and guide_names and list(names) != list(guide_names):
+        differ.append("class names")  # the same number of classes, but label i is another class
+    return differ
+
+
 def check_guidance(path: Path, header: Header, cfg: RunConfig, guidance: float | None,
                    guide: str | Path | None) -> Guidance:
     """The one check of `--guidance W` and `--guide-model G|none` against a checkpoint (sample and eval).
@@ -73,17 +90,7 @@ def check_guidance(path: Path, header: Header, cfg: RunConfig, guidance: float |
     if guide_path.resolve() == path.resolve():
         raise DdpmError(f"--guide-model {guide} is the checkpoint itself ({guide_path.name}), which guides nothing; "
                         f"pass an earlier checkpoint of the run (its checkpoints/ckpt-*.safetensors)")
-    m, gm = cfg.model, g.model
-    differ = [what for what, a, b in (
-        ("image size", m.hw, gm.hw),
-        ("channels", m.in_channels, gm.in_channels),
-        ("classes", (m.conditional, m.conditional and m.num_classes),
-         (gm.conditional, gm.conditional and gm.num_classes)),
-        ("noise schedule", _betas(cfg), _betas(g)),
-        ("prediction (diffusion.prediction)", cfg.diffusion.prediction, g.diffusion.prediction)) if a != b]
-    names, guide_names = class_names(header.metadata), class_names(guide_header.metadata)
-    if m.conditional and gm.conditional and names and guide_names and names != guide_names:
-        differ.append("class names")  # the same number of classes, but label i is another class
+    differ = guide_mismatch(cfg, g, class_names(header.metadata), class_names(guide_header.metadata))
     if differ:
         raise CheckpointError(f"the guide model {guide_path} differs from the checkpoint in its "
                               f"{' and '.join(differ)}; guide with an earlier checkpoint of the same run, or a model "

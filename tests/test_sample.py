@@ -542,7 +542,8 @@ def test_the_python_api_autoguides_too(trained_run):
     d = Diffusion.from_checkpoint(trained_run, device="cpu")
     early = Diffusion.from_checkpoint(trained_run / "checkpoints" / "ckpt-00000010.safetensors", device="cpu")
     plain = d.sample(2, steps=3, seed=4)
-    assert torch.equal(d.sample(2, steps=3, seed=4, guidance=2.0, guide=d), plain)  # guided by itself: unchanged
+    same = Diffusion.from_checkpoint(trained_run, device="cpu")  # (the object itself is refused: it guides nothing)
+    assert torch.equal(d.sample(2, steps=3, seed=4, guidance=2.0, guide=same), plain)  # by its own weights: unchanged
     guided = d.sample(2, steps=3, seed=4, guidance=2.0, guide=early)
     assert guided.shape == plain.shape and not torch.equal(guided, plain)
 

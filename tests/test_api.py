@@ -71,3 +71,21 @@ def test_loss_drops_labels_as_the_config_says(tmp_path, dropout):
     d.loss(torch.zeros(8, 3, 16, 16), y=[1, 2, 3, 4, 1, 2, 3, 4]).backward()
     grad = d.model.class_emb.weight.grad.abs().sum(dim=1)
     assert bool(grad[10] > 0) == (dropout > 0) and bool(grad[5:10].sum() == 0), grad
+
+
+def test_a_checkpoint_loaded_and_saved_keeps_its_class_names_and_no_run_is_overwritten(trained_conditional_run,
+                                                                                      tmp_path):
+    """from_checkpoint then save dropped the class names (`ddpm sample --class NAME` then failed) and the images
+    seen; save replaced a run's training checkpoint, whose run then resumed from another model."""
+    from ddpm_cli.engine.checkpoint import read_header
+    from ddpm_cli.engine.runs import latest_checkpoint
+
+    src = latest_checkpoint(trained_conditional_run)
+    d = Diffusion.from_checkpoint(src, device="cpu")
+    d.save(tmp_path / "copy.safetensors")
+    a, b = read_header(src).metadata, read_header(tmp_path / "copy.safetensors").metadata
+    assert b["classes"] == a["classes"] != "[]" and b["images_seen"] == a["images_seen"]
+    before = src.read_bytes()
+    with pytest.raises(DdpmError, match="training checkpoint"):
+        d.save(src)
+    assert src.read_bytes() == before

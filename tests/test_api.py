@@ -89,3 +89,11 @@ def test_a_checkpoint_loaded_and_saved_keeps_its_class_names_and_no_run_is_overw
     with pytest.raises(DdpmError, match="training checkpoint"):
         d.save(src)
     assert src.read_bytes() == before
+
+
+def test_load_config_applies_its_overrides_to_a_dict_or_a_config(tmp_path):
+    """Given a dict, the overrides were ignored (and a problem of the dict blamed on them); given a RunConfig, too."""
+    data = tiny_overrides(tmp_path)
+    cfg = load_config(data, ["train.steps=5", "model.dropout=0.2"])
+    assert cfg.train.steps == 5 and cfg.model.dropout == 0.2 and data["train"]["steps"] == 20  # the dict unchanged
+    assert load_config(cfg, ["train.steps=7"]).train.steps == 7 and cfg.train.steps == 5

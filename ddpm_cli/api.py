@@ -126,7 +126,7 @@ class Diffusion(nn.Module):
         y = _labels(y, x.shape[0], m, "loss").to(self.device) if (y is not None and m.conditional) else None
         if y is not None:  # train.label_dropout, as `ddpm train` drops them
             y = drop_labels(y, self.cfg.train.label_dropout, m.num_classes)
-        return self.process.loss(self.model, x.to(self.device), y)
+        return self.process.loss(self.model, x.to(self.device, torch.float32), y)  # (numpy's float64 too)
 
     forward = loss
 

@@ -91,6 +91,12 @@ def test_a_checkpoint_loaded_and_saved_keeps_its_class_names_and_no_run_is_overw
     assert src.read_bytes() == before
 
 
+def test_loss_takes_float64_images_as_numpy_gives_them(conditional):
+    """torch.from_numpy of a float array is float64: a raw "Input type (double) and bias type (float)" error."""
+    loss = conditional.loss(torch.zeros(2, 3, 16, 16, dtype=torch.float64), y=[1, 2])
+    assert loss.dtype == torch.float32 and torch.isfinite(loss)
+
+
 def test_load_config_applies_its_overrides_to_a_dict_or_a_config(tmp_path):
     """Given a dict, the overrides were ignored (and a problem of the dict blamed on them); given a RunConfig, too."""
     data = tiny_overrides(tmp_path)

@@ -119,5 +119,15 @@ def test_bad_files_give_one_line(tmp_path, trained_run, kind, expect):
         assert expect in one_line_error(cli("inspect", _bad(tmp_path, kind, trained_run), *extra))
 
 
+def test_a_runs_training_state_is_refused_naming_the_weights_beside_it(trained_run):
+    """It was shown as a table saying the stored config is unreadable ("use another checkpoint"), exit 0."""
+    from ddpm_cli.engine.runs import state_path
+
+    state = state_path(latest_checkpoint(trained_run))
+    for extra in ([], ["--json"]):
+        line = one_line_error(cli("inspect", state, *extra))
+        assert "training-state file" in line and latest_checkpoint(trained_run).name in line, line
+
+
 def test_empty_run_directory(tmp_path):
     assert "holds no checkpoints" in one_line_error(cli("inspect", tmp_path))

@@ -275,12 +275,15 @@ def inspect_command(
 ) -> None:
     """Show what a checkpoint holds, from its header alone (fast, no torch)."""
     from ddpm_cli.engine.checkpoint import read_header
+    from ddpm_cli.engine.checkpoint.format import refuse_other_kinds
 
     if checkpoint.is_dir():
         from ddpm_cli.engine.runs import run_folder
 
         return _list_run(run_folder(checkpoint), as_json, sha256)
-    info = describe(read_header(checkpoint), sha256=sha256)
+    header = read_header(checkpoint)
+    refuse_other_kinds(checkpoint, header)  # (a run's training state or EMA snapshot: it says what to pass)
+    info = describe(header, sha256=sha256)
     if as_json:
         typer.echo(json.dumps(_json_safe(info), indent=2))  # plain: rich would wrap long strings
         return

@@ -294,12 +294,18 @@ def read_checkpoint_config(path: str | Path, overrides: list[str] | None = None)
     without torch."""
     p = resolve_checkpoint(path)
     header = read_header(p)
+    refuse_other_kinds(p, header)
+    return p, header, StoredConfig.of(header).validated(overrides)
+
+
+def refuse_other_kinds(p: Path, header: Header) -> None:
+    """CheckpointError, naming what to pass instead, for the files of a run that are no checkpoint: a training
+    state, a post-hoc EMA snapshot."""
     if header.metadata.get("kind") == "train-state":
         raise CheckpointError(f"{p} is a training-state file: it cannot be resumed or sampled by itself; pass the "
                               f"weights file beside it ({p.name.replace('.state.safetensors', '.safetensors')})")
     if header.metadata.get("kind") == "posthoc-ema-snapshot":  # posthoc_ema.SNAPSHOT_KIND: averages, no config
         raise snapshot_error(p)
-    return p, header, StoredConfig.of(header).validated(overrides)
 
 
 def stored_guide_step(header: Header) -> int | None:

@@ -1,24 +1,26 @@
 #!/usr/bin/env bash
 # Issue 24's AOTInductor lever against `ddpm sample` as it is, in one device call (~7 minutes on an H100):
-#   [DYNAMIC=0] bash benchmarks/aoti_run.sh [N]    # N images (default 10000); the carried wheels in .whl
+#   [DYNAMIC=0] [SAMPLE=0] bash benchmarks/aoti_run.sh [N]    # N images (default 10000); the carried wheels in .whl
 # Trains a checkpoint of examples/cifar10-fast.yaml's network in a few eager steps (with an autoguidance guide, as
 # the shipped recipe keeps), then times, each a fresh process from its start to its exit: `ddpm sample -n N` with
 # empty compile caches (cold) and again (warm); bench_aoti.py's build (the package's cold compile); bench_aoti.py's
 # sample from the package twice; the same for one package of any batch size (--dynamic); and compares the images
-# of the warm `ddpm sample` and the packages'.
+# of the warm `ddpm sample` and the packages'. SAMPLE=0 skips the two `ddpm sample` runs; a failed command's last
+# lines go into the log (with Python's stacks on a crash: PYTHONFAULTHANDLER).
 # Output: $OUT/aoti.log (BENCH lines and wall times).
 set -u
 n=${1:-10000}
 out=${OUT:-$HOME/aoti}; mkdir -p "$out"; log=$out/aoti.log
 work=$HOME/aoti-work; rm -rf "$work"; mkdir -p "$work"
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
-export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1 TORCHINDUCTOR_CACHE_DIR=$work/inductor \
+export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1 PYTHONFAULTHANDLER=1 TORCHINDUCTOR_CACHE_DIR=$work/inductor \
   DDPM_COMPILE_CACHE_DIR=$work/compile
 ddpm() { python3 -m ddpm_cli "$@"; }
 timed() {  # timed LABEL CMD...: the command's wall time, start to exit
   local t0; t0=$(date +%s%N)
   "${@:2}" >> "$work/$1.out" 2>&1; local rc=$?
   echo "WALL $1 $(( ($(date +%s%N) - t0) / 1000000 )) ms (exit $rc)" | tee -a "$log"
+  [ $rc = 0 ] || tail -40 "$work/$1.out" | sed "s/^/$1: /" >> "$log"  # why it failed
   return $rc
 }
 nvidia-smi --query-gpu=name --format=csv,noheader >> "$log"
@@ -26,8 +28,8 @@ ddpm train -c examples/cifar10-fast.yaml --set train.compile=off --set train.ste
   --set train.max_time=null --set data.dataset=shapes --set logging.run_dir="$work/runs" \
   --set logging.run_name=net --set logging.fid_every=0 > "$work/train.out" 2>&1 || { tail -5 "$work/train.out"; exit 1; }
 run=$work/runs/net
-timed sample-cold ddpm sample "$run" -n "$n" --format npz --out "$work/cold.npz"
-timed sample-warm ddpm sample "$run" -n "$n" --format npz --out "$work/warm.npz"
+[ "${SAMPLE:-1}" = 0 ] || timed sample-cold ddpm sample "$run" -n "$n" --format npz --out "$work/cold.npz"
+[ "${SAMPLE:-1}" = 0 ] || timed sample-warm ddpm sample "$run" -n "$n" --format npz --out "$work/warm.npz"
 timed aoti-build python3 benchmarks/bench_aoti.py build "$run" -n "$n" --out "$work/net.pt2" \
   || { tail -3 "$work/aoti-build.out" >> "$log"
        timed aoti-build-plain python3 benchmarks/bench_aoti.py build "$run" -n "$n" --out "$work/net.pt2" --plain; }

@@ -1,12 +1,14 @@
 #!/usr/bin/env bash
-# Issue 24's AOTInductor lever against `ddpm sample` as it is, in one device call (~7 minutes on an H100):
-#   [DYNAMIC=0] [SAMPLE=0] bash benchmarks/aoti_run.sh [N]    # N images (default 10000); the carried wheels in .whl
-# Trains a checkpoint of examples/cifar10-fast.yaml's network in a few eager steps (with an autoguidance guide, as
-# the shipped recipe keeps), then times, each a fresh process from its start to its exit: `ddpm sample -n N` with
-# empty compile caches (cold) and again (warm); bench_aoti.py's build (the package's cold compile); bench_aoti.py's
-# sample from the package twice; the same for one package of any batch size (--dynamic); and compares the images
-# of the warm `ddpm sample` and the packages'. SAMPLE=0 skips the two `ddpm sample` runs; a failed command's last
-# lines go into the log (with Python's stacks on a crash: PYTHONFAULTHANDLER).
+# Issue 24's AOTInductor lever against `ddpm sample` as it is, in one device call (~9 minutes on an H100):
+#   [DYNAMIC=0] [SAMPLE=0] [WEIGHTS=0] [WEIGHTLESS=0] bash benchmarks/aoti_run.sh [N]   # N images (default 10000)
+# with the carried wheels in .whl. Trains a checkpoint of examples/cifar10-fast.yaml's network in a few eager steps
+# (with an autoguidance guide, as the shipped recipe keeps), then times, each a fresh process from its start to its
+# exit: `ddpm sample -n N` with empty compile caches (cold) and again (warm); bench_aoti.py's builds (a package's
+# cold compile) and its samples: packages with the weights inside, one for the model and one for its guide (torch
+# 2.11's load of a weightless package crashed on the device, 2026-12-06); one weightless package for both, twice;
+# the same for one package of any batch size (--dynamic); then compares the images of the warm `ddpm sample` and
+# the packages'. Each variable =0 skips its part. A failed command's last lines go into the log (with Python's
+# stacks on a crash: PYTHONFAULTHANDLER).
 # Output: $OUT/aoti.log (BENCH lines and wall times).
 set -u
 n=${1:-10000}
@@ -30,12 +32,23 @@ ddpm train -c examples/cifar10-fast.yaml --set train.compile=off --set train.ste
 run=$work/runs/net
 [ "${SAMPLE:-1}" = 0 ] || timed sample-cold ddpm sample "$run" -n "$n" --format npz --out "$work/cold.npz"
 [ "${SAMPLE:-1}" = 0 ] || timed sample-warm ddpm sample "$run" -n "$n" --format npz --out "$work/warm.npz"
-timed aoti-build python3 benchmarks/bench_aoti.py build "$run" -n "$n" --out "$work/net.pt2" \
-  || { tail -3 "$work/aoti-build.out" >> "$log"
-       timed aoti-build-plain python3 benchmarks/bench_aoti.py build "$run" -n "$n" --out "$work/net.pt2" --plain; }
-timed aoti-sample-1 python3 benchmarks/bench_aoti.py sample "$run" -n "$n" --package "$work/net.pt2" \
-  --save "$work/aoti.npz"
-timed aoti-sample-2 python3 benchmarks/bench_aoti.py sample "$run" -n "$n" --package "$work/net.pt2"
+# packages with the weights inside, one for the model and one for its guide (WEIGHTS=0: not)
+if [ "${WEIGHTS:-1}" != 0 ]; then
+  timed aoti-build-model python3 benchmarks/bench_aoti.py build "$run" -n "$n" --out "$work/model.pt2" --weights
+  timed aoti-build-guide python3 benchmarks/bench_aoti.py build "$run" -n "$n" --out "$work/guide.pt2" --weights \
+    --guide
+  timed aoti-sample-weights python3 benchmarks/bench_aoti.py sample "$run" -n "$n" --package "$work/model.pt2" \
+    --guide-package "$work/guide.pt2" --save "$work/weights.npz"
+fi
+# one package without weights for the model and its guide (WEIGHTLESS=0: not)
+if [ "${WEIGHTLESS:-1}" != 0 ]; then
+  timed aoti-build python3 benchmarks/bench_aoti.py build "$run" -n "$n" --out "$work/net.pt2" \
+    || { tail -3 "$work/aoti-build.out" >> "$log"
+         timed aoti-build-plain python3 benchmarks/bench_aoti.py build "$run" -n "$n" --out "$work/net.pt2" --plain; }
+  timed aoti-sample-1 python3 benchmarks/bench_aoti.py sample "$run" -n "$n" --package "$work/net.pt2" \
+    --save "$work/aoti.npz"
+  timed aoti-sample-2 python3 benchmarks/bench_aoti.py sample "$run" -n "$n" --package "$work/net.pt2"
+fi
 # one package for every batch size: its build, and its speed against the static one's (DYNAMIC=0: not, ~2 minutes
 # less)
 if [ "${DYNAMIC:-1}" != 0 ]; then
@@ -48,8 +61,10 @@ grep -h "images in" "$work"/sample-*.out >> "$log"
 python3 -c "
 import numpy as np
 import os
+if not os.path.exists('$work/warm.npz'):
+    raise SystemExit('no warm ddpm sample to compare with (SAMPLE=0)')
 a = np.load('$work/warm.npz')['arr_0'].astype(int)
-for f in ('aoti.npz', 'any.npz'):
+for f in ('weights.npz', 'aoti.npz', 'any.npz'):
     if not os.path.exists('$work/' + f):
         continue
     d = np.abs(a - np.load('$work/' + f)['arr_0'].astype(int))

@@ -3,14 +3,19 @@
 compile cache still pays torch's compiler import and dynamo's trace, ~15 s of a warm `ddpm sample -n 10000`).
 
     PYTHONPATH=. python benchmarks/bench_aoti.py build  RUN_OR_CKPT --out net.pt2 [--batch B | --dynamic]
+                                                        [--weights [--guide]]
     PYTHONPATH=. python benchmarks/bench_aoti.py sample RUN_OR_CKPT --package net.pt2 -n 10000 [--batch B]
+                                                        [--guide-package guide.pt2]
 
 build: the network as `ddpm sample` runs it (engine.generate.inference_net's switches: per-channel GroupNorm
 statistics, folded upsampling; on CUDA channels-last input and bf16 autocast, inside the graph here), exported
 (torch.export) for one batch shape and compiled ahead of time with the sampler's inductor options. The weights
 are not in the package: they are its constants, loaded from a checkpoint when it is loaded, and those derived
 from them (the folded kernels) are folded again then (aot_inductor.use_runtime_constant_folding), so one package
-serves every checkpoint of the network, the model and its autoguidance guide alike.
+serves every checkpoint of the network, the model and its autoguidance guide alike. `--weights` builds the other
+kind: the checkpoint's weights inside (no runtime folding), so one package a network, `--guide` for the
+checkpoint's autoguidance guide; on the device (torch 2.11.0, H100, 2026-12-06) a weightless package's load
+crashed the process, and this kind tells whether AOTInductor's load itself is the fault.
 sample: a fresh process draws -n images with the checkpoint's default sampler through engine.draw, the model
 (and guide) as loaded packages, and reports its phases from the process's start: import, checkpoint, package
 loading, first batch, the rest; `--save FILE` keeps the images (.npz) to compare with `ddpm sample`'s.
@@ -71,7 +76,11 @@ def job(args) -> tuple:
 
 def cmd_build(args) -> dict:
     path, plan, device, batch = job(args)
-    model = load_model(path, device, use_ema=plan.use_ema, ema_decay=plan.ema_decay)[0]
+    model, _, _, ckpt = load_model(path, device, use_ema=plan.use_ema, ema_decay=plan.ema_decay)
+    if args.guide:
+        if plan.guidance.guide is None:
+            raise SystemExit("--guide: this checkpoint samples without an autoguidance guide")
+        model = load_guide(plan.guidance, ckpt, device)
     net = prepared(model, device)
     m = plan.config.model
     x = torch.randn(batch, *m.image_shape(), device=device)
@@ -85,23 +94,30 @@ def cmd_build(args) -> dict:
     with torch.no_grad():
         program = torch.export.export(net, (x, t, y), dynamic_shapes=shapes)
     exported = time.perf_counter()
-    options = {**({} if args.plain else sampler_compile_options("default", device)),
-               "aot_inductor.package_constants_in_so": False, "aot_inductor.use_runtime_constant_folding": True,
-               "aot_inductor.metadata": {"ddpm_batch": "any" if args.dynamic else str(batch)}}
+    weightless = {} if args.weights else {"aot_inductor.package_constants_in_so": False,
+                                          "aot_inductor.use_runtime_constant_folding": True}
+    options = {**({} if args.plain else sampler_compile_options("default", device)), **weightless,
+               "aot_inductor.metadata": {"ddpm_batch": "any" if args.dynamic else str(batch),
+                                         "ddpm_weights": "in" if args.weights else "out"}}
     out = torch._inductor.aoti_compile_and_package(program, package_path=str(args.out), inductor_configs=options)
     compiled = time.perf_counter()
     return emit({"kind": "aoti-build", "batch": "any" if args.dynamic else batch, "plain": args.plain,
+                 "weights": "guide's" if args.guide else "model's" if args.weights else None,
                  "export_s": round(exported - t0, 1),
                  "compile_s": round(compiled - exported, 1), "bytes": Path(out).stat().st_size,
                  "device": str(device), "torch": torch.__version__})
 
 
 def loaded(package: Path, weights: torch.nn.Module, batch: int):
-    """The package as a network with `weights` (a prepared module's state: its names are the package's)."""
+    """The package as a network with `weights` (a prepared module's state: its names are the package's), or with
+    its own if it was built with them."""
     runner = torch._inductor.aoti_load_package(str(package))
-    state = weights.state_dict()
-    runner.load_constants({k: state[k] for k in runner.get_constant_fqns() if k in state}, check_full_update=False)
-    takes = runner.get_metadata().get("ddpm_batch", str(batch))
+    meta = runner.get_metadata()
+    if meta.get("ddpm_weights") != "in":
+        state = weights.state_dict()
+        runner.load_constants({k: state[k] for k in runner.get_constant_fqns() if k in state},
+                              check_full_update=False)
+    takes = meta.get("ddpm_batch", str(batch))
 
     def net(x: torch.Tensor, t: torch.Tensor, y: torch.Tensor | None) -> torch.Tensor:
         if takes != "any" and x.shape[0] != int(takes):  # a static package does not check its batch shape
@@ -122,7 +138,9 @@ def cmd_sample(args) -> dict:
         torch.cuda.synchronize()
     marks["checkpoint"] = time.perf_counter()
     net = loaded(args.package, prepared(model, device), batch)
-    guide_net = loaded(args.package, prepared(guide, device), batch) if guide is not None else None
+    guide_net = None
+    if guide is not None:
+        guide_net = loaded(args.guide_package or args.package, prepared(guide, device), batch)
     marks["package"] = time.perf_counter()
     drawer = Drawer(net, diffusion, plan.spec, m.image_shape(), m.num_classes if m.conditional else None, g.weight,
                     guide_net, device, bf16=device.type == "cuda")
@@ -164,8 +182,12 @@ def main() -> None:
             p.add_argument("--plain", action="store_true", help="inductor's default options, not the sampler's "
                            "(programmatic dependent launch on Hopper): where AOTInductor refuses those")
             p.add_argument("--dynamic", action="store_true", help="one package for any batch size")
+            p.add_argument("--weights", action="store_true", help="the weights inside: a package for this network")
+            p.add_argument("--guide", action="store_true", help="with --weights: the checkpoint's guide network")
         else:
             p.add_argument("--package", type=Path, required=True, help="build's package")
+            p.add_argument("--guide-package", type=Path, help="the guide's own package (build --weights --guide); "
+                           "default: --package, loaded with the guide's weights")
             p.add_argument("--save", type=Path, help="keep the images as an .npz (arr_0: N, H, W, C)")
     args = ap.parse_args()
     {"build": cmd_build, "sample": cmd_sample}[args.cmd](args)

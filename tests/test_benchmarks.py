@@ -372,7 +372,8 @@ def test_bench_decode_times_ddpm_the_full_decode_and_the_peer():
 
 def test_bench_aoti_draws_with_one_package_for_the_model_and_its_guide_what_ddpm_sample_draws(tmp_path):
     """The ahead-of-time compiled package holds no weights: loaded twice with the model's and the stored guide's,
-    it draws (autoguided, a short last batch padded) the images `ddpm sample` draws from the checkpoint."""
+    it draws (autoguided, a short last batch padded) the images `ddpm sample` draws from the checkpoint; so do a
+    package of any batch size, and two packages with the model's and the guide's weights inside."""
     import numpy as np
 
     from conftest import tiny_overrides, write_yaml
@@ -402,8 +403,14 @@ def test_bench_aoti_draws_with_one_package_for_the_model_and_its_guide_what_ddpm
     assert built["batch"] == "any"
     bench("sample", str(run), "-n", "5", "--batch", "4", "--package", str(tmp_path / "any.pt2"), "--save",
           str(tmp_path / "any.npz"))  # (batches of 3 and 2: none padded)
+    for name, extra in (("model", ()), ("guide", ("--guide",))):  # the weights inside: a package each
+        built = bench("build", str(run), "-n", "6", "--batch", "4", "--out", str(tmp_path / f"{name}.pt2"),
+                      "--weights", *extra)
+        assert built["weights"] == f"{name}'s"
+    bench("sample", str(run), "-n", "5", "--batch", "4", "--package", str(tmp_path / "model.pt2"),
+          "--guide-package", str(tmp_path / "guide.pt2"), "--save", str(tmp_path / "weights.npz"))
     ref = np.load(tmp_path / "ref.npz")["arr_0"].astype(int)
-    for f in ("aoti.npz", "any.npz"):
+    for f in ("aoti.npz", "any.npz", "weights.npz"):
         ours = np.load(tmp_path / f)["arr_0"].astype(int)
         assert ours.shape == ref.shape == (5, 16, 16, 3)
         assert np.abs(ours - ref).mean() < 0.5 and np.abs(ours - ref).max() <= 8, f  # float noise, not other weights

@@ -430,6 +430,8 @@ def main() -> None:
         p.add_argument("--peer", action="store_true", help="sample: the peer's forward instead of ours")
         p.add_argument("--profile", action="store_true", help="train, peer: after the timing, profile up to 10 "
                        "steps and add their GPU time by kernel kind (ms a step) to the line")
+        p.add_argument("--kernels", action="store_true", help="train, peer: with --profile, the bytes each fused "
+                       "Triton kernel moves and the bandwidth it reaches (compiles with inductor's benchmark_kernel)")
         p.add_argument("--sample-batch", type=int, default=64)
         p.add_argument("--probe", type=int, nargs=2, default=[16, 48], help="largest: the two batches measured")
         p.add_argument("--together", type=int, default=0, metavar="N",
@@ -446,6 +448,10 @@ def main() -> None:
         args.log_every = 2
         args.sample_batch = 4
         args.set = ["train.device=cpu", *args.set]
+    if getattr(args, "kernels", False):
+        import torch._inductor.config as inductor_config
+
+        inductor_config.benchmark_kernel = True
     global TURN
     TURN = GpuTurn(getattr(args, "gpu_lock", None), getattr(args, "together", 0))
     try:

@@ -432,6 +432,8 @@ def main() -> None:
                        "steps and add their GPU time by kernel kind (ms a step) to the line")
         p.add_argument("--kernels", action="store_true", help="train, peer: with --profile, the bytes each fused "
                        "Triton kernel moves and the bandwidth it reaches (compiles with inductor's benchmark_kernel)")
+        p.add_argument("--inductor", nargs="*", default=[], metavar="KEY=VALUE",
+                       help="inductor config, e.g. coordinate_descent_tuning=True")
         p.add_argument("--sample-batch", type=int, default=64)
         p.add_argument("--probe", type=int, nargs=2, default=[16, 48], help="largest: the two batches measured")
         p.add_argument("--together", type=int, default=0, metavar="N",
@@ -448,10 +450,17 @@ def main() -> None:
         args.log_every = 2
         args.sample_batch = 4
         args.set = ["train.device=cpu", *args.set]
-    if getattr(args, "kernels", False):
+    if getattr(args, "kernels", False) or getattr(args, "inductor", None):
+        # compiled afresh: neither ddpm's compile cache (keyed by ddpm's own options) nor inductor's may hand back
+        # kernels compiled without these options by an earlier phase
         import torch._inductor.config as inductor_config
 
-        inductor_config.benchmark_kernel = True
+        from bench_speed import set_inductor_options
+
+        os.environ["DDPM_COMPILE_CACHE"] = "off"
+        inductor_config.force_disable_caches = True
+        inductor_config.benchmark_kernel = args.kernels
+        set_inductor_options(args.inductor)
     global TURN
     TURN = GpuTurn(getattr(args, "gpu_lock", None), getattr(args, "together", 0))
     try:

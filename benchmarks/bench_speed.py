@@ -211,6 +211,20 @@ def kernel_breakdown(prof) -> dict:
     return {k: round(v, 2) for k, v in sorted(out.items(), key=lambda kv: -kv[1])}
 
 
+def set_inductor_options(pairs: list[str]) -> None:
+    """Inductor's global config from KEY=VALUE pairs (true/false and integers parsed), each said in a BENCH line;
+    an option this torch lacks is said and skipped, so a run measures without it rather than failing."""
+    for kv in pairs:
+        key, _, value = kv.partition("=")
+        try:
+            setattr(inductor_config, key, json.loads(value.lower()) if value.lower() in ("true", "false")
+                    or value.lstrip("-").isdigit() else value)
+        except AttributeError:
+            print(f"BENCH inductor has no option {key} in torch {torch.__version__}; running without it", flush=True)
+            continue
+        print(f"BENCH inductor {key}={getattr(inductor_config, key)!r}", flush=True)
+
+
 def kernel_meta() -> dict[str, tuple[float | None, str | None]]:
     """Each compiled Triton kernel by name: the GB it moves per call as inductor estimates it (recorded only when
     `inductor_config.benchmark_kernel` was on while compiling: `--kernels`) and the file of its source."""
@@ -484,15 +498,7 @@ def main() -> None:
                    help="config for every training variant, as `ddpm train --set` takes it (repeatable)")
     p.add_argument("--tiny", action="store_true", help="a tiny model on the CPU: checks the script, times nothing")
     a = p.parse_args()
-    for kv in a.inductor:
-        key, _, value = kv.partition("=")
-        try:
-            setattr(inductor_config, key, json.loads(value.lower()) if value.lower() in ("true", "false")
-                    or value.lstrip("-").isdigit() else value)
-        except AttributeError:  # an option of a newer torch: say so, and measure without it
-            print(f"BENCH inductor has no option {key} in torch {torch.__version__}; running without it", flush=True)
-            continue
-        print(f"BENCH inductor {key}={getattr(inductor_config, key)!r}", flush=True)
+    set_inductor_options(a.inductor)
     inductor_config.benchmark_kernel = inductor_config.benchmark_kernel or a.kernels
     if a.cudnn_limit is not None:
         torch.backends.cudnn.benchmark_limit = a.cudnn_limit

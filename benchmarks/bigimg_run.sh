@@ -5,6 +5,7 @@
 #   streamed folders, made by the first phase in the background, and checkpointing at 256 px; stream64: streamed
 #   by worker processes and by threads against in memory, from the same 64 px folder; profile256, profile64: each
 #   side's step profiled, its GPU time by kernel kind; profile256k: the same with each Triton kernel's bandwidth;
+#   tune256: ours so, with inductor's coordinate-descent tuning;
 #   largest: the largest batch at 256 px with and without checkpointing, alone on the card)
 # The jobs of a phase start together and compile side by side (CPU work); once all are ready, each takes the GPU
 # for its timed part in turn (bench_bigimg.py --gpu-lock --together), so one is timed at a time and none is
@@ -76,11 +77,13 @@ for p in "$@"; do
     profile256k)  # the same with each Triton kernel's bytes and bandwidth (inductor's benchmark_kernel)
       phase prof256k "train $D256 $T80 --profile --kernels"
       phase prof256k-peer "peer $D256 --steps 30 --profile --kernels" ;;
+    tune256)  # inductor's coordinate-descent tuning of each kernel's block sizes, profiled (compiled afresh)
+      phase tune256 "train $D256 $T80 --profile --kernels --inductor coordinate_descent_tuning=True" ;;
     profile64) phase prof64 "train $I64 $T80 --profile" "peer $I64 --steps 60 --profile" ;;
     largest) phase largest "largest $D256"
       phase largest-ckpt "largest $D256 --set model.checkpointing=true" ;;
     *) echo "unknown phase $p (ours ours256 peer peer256 pairs samples stream stream64 profile256 profile256k" \
-         "profile64 largest)" >&2; exit 2 ;;
+         "tune256 profile64 largest)" >&2; exit 2 ;;
   esac
 done
 echo "DONE $(date +%T), $(( $(date +%s) - start )) s" >> "$log"

@@ -1,14 +1,15 @@
 #!/usr/bin/env bash
 # Issue 24's AOTInductor lever against `ddpm sample` as it is, in one device call (~9 minutes on an H100):
-#   [DYNAMIC=0] [SAMPLE=0] [WEIGHTS=0] [WEIGHTLESS=0] bash benchmarks/aoti_run.sh [N]   # N images (default 10000)
-# with the carried wheels in .whl. Trains a checkpoint of examples/cifar10-fast.yaml's network in a few eager steps
-# (with an autoguidance guide, as the shipped recipe keeps), then times, each a fresh process from its start to its
-# exit: `ddpm sample -n N` with empty compile caches (cold) and again (warm); bench_aoti.py's builds (a package's
-# cold compile) and its samples: packages with the weights inside, one for the model and one for its guide (torch
-# 2.11's load of a weightless package crashed on the device, 2026-12-06); one weightless package for both, twice;
-# the same for one package of any batch size (--dynamic); then compares the images of the warm `ddpm sample` and
-# the packages'. Each variable =0 skips its part. A failed command's last lines go into the log (with Python's
-# stacks on a crash: PYTHONFAULTHANDLER).
+#   [DYNAMIC=0] [SAMPLE=0] [WEIGHTS=0] [WEIGHTLESS=0] [PLAIN=1] bash benchmarks/aoti_run.sh [N]   # N images
+# (default 10000), with the carried wheels in .whl. Trains a checkpoint of examples/cifar10-fast.yaml's network in
+# a few eager steps (with an autoguidance guide, as the shipped recipe keeps), then times, each a fresh process
+# from its start to its exit: `ddpm sample -n N` with empty compile caches (cold) and again (warm); bench_aoti.py's
+# builds (a package's cold compile) and its samples: packages with the weights inside, one for the model and one
+# for its guide (torch 2.11's load of a weightless package crashed on the device, 2026-12-06); one weightless
+# package for both, twice; the same for one package of any batch size (--dynamic); then compares the images of the
+# warm `ddpm sample` and the packages'. Each variable =0 skips its part; PLAIN=1 builds the weightless package
+# with inductor's default options, without the sampler's programmatic dependent launch (a second suspect for the
+# crash). A failed command's last lines go into the log (with Python's stacks on a crash: PYTHONFAULTHANDLER).
 # Output: $OUT/aoti.log (BENCH lines and wall times).
 set -u
 n=${1:-10000}
@@ -42,7 +43,8 @@ if [ "${WEIGHTS:-1}" != 0 ]; then
 fi
 # one package without weights for the model and its guide (WEIGHTLESS=0: not)
 if [ "${WEIGHTLESS:-1}" != 0 ]; then
-  timed aoti-build python3 benchmarks/bench_aoti.py build "$run" -n "$n" --out "$work/net.pt2" \
+  plain=(); [ "${PLAIN:-0}" = 1 ] && plain=(--plain)  # PLAIN=1: inductor's default options (no PDL)
+  timed aoti-build python3 benchmarks/bench_aoti.py build "$run" -n "$n" --out "$work/net.pt2" "${plain[@]}" \
     || { tail -3 "$work/aoti-build.out" >> "$log"
          timed aoti-build-plain python3 benchmarks/bench_aoti.py build "$run" -n "$n" --out "$work/net.pt2" --plain; }
   timed aoti-sample-1 python3 benchmarks/bench_aoti.py sample "$run" -n "$n" --package "$work/net.pt2" \

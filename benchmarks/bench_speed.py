@@ -212,17 +212,27 @@ def kernel_breakdown(prof) -> dict:
 
 
 def set_inductor_options(pairs: list[str]) -> None:
-    """Inductor's global config from KEY=VALUE pairs (true/false and integers parsed), each said in a BENCH line;
-    an option this torch lacks is said and skipped, so a run measures without it rather than failing."""
+    """Inductor's global config from KEY=VALUE pairs (`functorch.KEY` for AOTAutograd's, e.g. the partitioner's
+    activation_memory_budget; values read as JSON where they parse: true/false, numbers), each said in a BENCH
+    line; an option this torch lacks is said and skipped, so a run measures without it rather than failing."""
+    import torch._functorch.config as functorch_config
+
     for kv in pairs:
         key, _, value = kv.partition("=")
+        config, name = (functorch_config, key[len("functorch."):]) if key.startswith("functorch.") else \
+            (inductor_config, key)
         try:
-            setattr(inductor_config, key, json.loads(value.lower()) if value.lower() in ("true", "false")
-                    or value.lstrip("-").isdigit() else value)
+            parsed = json.loads(value.lower() if value.lower() in ("true", "false") else value)
+        except ValueError:
+            parsed = value
+        try:
+            if "." not in name and not hasattr(config, name):  # (a nested inductor option is checked by setattr)
+                raise AttributeError(name)
+            setattr(config, name, parsed)
         except AttributeError:
             print(f"BENCH inductor has no option {key} in torch {torch.__version__}; running without it", flush=True)
             continue
-        print(f"BENCH inductor {key}={getattr(inductor_config, key)!r}", flush=True)
+        print(f"BENCH inductor {key}={getattr(config, name)!r}", flush=True)
 
 
 def kernel_meta() -> dict[str, tuple[float | None, str | None]]:

@@ -5,7 +5,8 @@
 #   streamed folders, made by the first phase in the background, and checkpointing at 256 px; stream64: streamed
 #   by worker processes and by threads against in memory, from the same 64 px folder; profile256, profile64: each
 #   side's step profiled, its GPU time by kernel kind; profile256k: the same with each Triton kernel's bandwidth;
-#   tune256: ours so, with inductor's coordinate-descent tuning;
+#   tune256: ours so, with inductor's coordinate-descent tuning; mem256: the peak with and without checkpointing
+#   without CUDA graphs; budget256: the partitioner's activation_memory_budget 0.5;
 #   largest: the largest batch at 256 px with and without checkpointing, alone on the card)
 # The jobs of a phase start together and compile side by side (CPU work); once all are ready, each takes the GPU
 # for its timed part in turn (bench_bigimg.py --gpu-lock --together), so one is timed at a time and none is
@@ -79,11 +80,17 @@ for p in "$@"; do
       phase prof256k-peer "peer $D256 --steps 30 --profile --kernels" ;;
     tune256)  # inductor's coordinate-descent tuning of each kernel's block sizes, profiled (compiled afresh)
       phase tune256 "train $D256 $T80 --profile --kernels --inductor coordinate_descent_tuning=True" ;;
+    mem256)  # the compiled step's peak without CUDA graphs (train.compile=on), with and without checkpointing: did
+      # the CUDA graph pool raise the checkpointed peak (72.9 against 55.7 GiB with reduce-overhead)?
+      phase mem256 "train $D256 $T80 --set train.compile=on"
+      phase mem256-ckpt "train $D256 $T80 --set train.compile=on --set model.checkpointing=true" ;;
+    budget256)  # the partitioner's own trade (functorch's activation_memory_budget) against checkpointing's 16%
+      phase budget256 "train $D256 $T80 --inductor functorch.activation_memory_budget=0.5" ;;
     profile64) phase prof64 "train $I64 $T80 --profile" "peer $I64 --steps 60 --profile" ;;
     largest) phase largest "largest $D256"
       phase largest-ckpt "largest $D256 --set model.checkpointing=true" ;;
     *) echo "unknown phase $p (ours ours256 peer peer256 pairs samples stream stream64 profile256 profile256k" \
-         "tune256 profile64 largest)" >&2; exit 2 ;;
+         "tune256 mem256 budget256 profile64 largest)" >&2; exit 2 ;;
   esac
 done
 echo "DONE $(date +%T), $(( $(date +%s) - start )) s" >> "$log"

@@ -222,10 +222,12 @@ def test_bench_bigimg_measures_ours_the_peer_and_a_streamed_folder(tmp_path):
     assert streamed["data"] == "folder, streaming on" and streamed["img_per_s"] > 0
     assert bench("sample", "--tiny")["nfe_per_s"] > 0 and bench("sample", "--tiny", "--peer")["nfe_per_s"] > 0
     r = subprocess.run([sys.executable, "benchmarks/bench_bigimg.py", "train", "--tiny", "--profile", "--kernels",
-                        "--inductor", "coordinate_descent_tuning=True", "no_such_option=1"], cwd=ROOT,
+                        "--inductor", "coordinate_descent_tuning=True", "functorch.activation_memory_budget=0.5",
+                        "no_such_option=1"], cwd=ROOT,
                        capture_output=True, text=True, timeout=300, env=env)
     assert r.returncode == 0, r.stderr[-3000:]
     assert "BENCH inductor coordinate_descent_tuning=True" in r.stdout  # set, and said
+    assert "BENCH inductor functorch.activation_memory_budget=0.5" in r.stdout  # AOTAutograd's, a number
     assert "BENCH inductor has no option no_such_option" in r.stdout  # skipped, and said
 
 

@@ -179,6 +179,13 @@ def test_ema_refuses_bad_input_in_one_line(tmp_path):
         before = target.read_bytes()
         msg = one_line_error(cli("ema", run, "-l", "0.1", "-o", target, "--overwrite"), code=(2,))
         assert "one of the run's own files" in msg and target.read_bytes() == before
+    # nor a new file named as one: a snapshot or checkpoint name the run would then read (and refuse, or resume
+    # from), or its pointer
+    for target in (snapshot_path(run, 99), run / "checkpoints" / "ckpt-00000099.safetensors", run / "latest.json"):
+        if target.exists():
+            target.unlink()
+        msg = one_line_error(cli("ema", run, "-l", "0.1", "-o", target), code=(2,))
+        assert "one of the run's own files" in msg and not target.exists(), msg
     assert "snapshots of the lengths" in ok("ema", run / "checkpoints").stdout  # the folder stands for the run
     ok("ema", run, "-l", "0.1", "-o", tmp_path / "avg.pt")  # another name: written, and again with --overwrite
     ok("ema", run, "-l", "0.1", "-o", tmp_path / "avg.pt", "--overwrite")

@@ -101,7 +101,9 @@ def refuse_replacing(outputs: dict[str, Path | None], inputs: list[str | Path | 
         if is_training_checkpoint(out):  # a resume would go on from other weights, or lose its optimizer state
             raise UsageError(f"{option} {out} is part of a training checkpoint (weights with their training "
                              f"state), which no output replaces; choose another {option}")
-        if out.exists() and any(is_run_file(r, out) for r in (run, run_holding(out)) if r is not None):
-            # a snapshot, latest.json, config.yaml: of the command's run or of the one the output lands in
+        if any(is_run_file(r, out) for r in (run, run_holding(out)) if r is not None):
+            # a snapshot, latest.json, config.yaml: of the command's run or of the one the output lands in; a new
+            # file so named too, which the run would then read as its own (a snapshot it refuses, a checkpoint
+            # to resume from)
             raise UsageError(f"{option} {out} is one of the run's own files, which no output replaces; choose "
                              f"another {option}")

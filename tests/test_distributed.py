@@ -226,6 +226,17 @@ def test_bad_input_under_gpus_is_one_line_not_one_per_rank(tmp_path):
     assert len(lines) == 1 and lines[0].startswith("error: data.root"), r.stderr[-3000:]
 
 
+def test_an_error_only_rank_0_checks_is_one_line_under_gpus(tmp_path):
+    """Rank 0 alone makes the run's folder: starting over a run with checkpoints is its error, and the other
+    rank, waiting in a collective, printed gloo's traceback ("Connection closed by peer") after rank 0's line."""
+    cfg = write_yaml(tmp_path / "tiny.yaml", tiny_overrides(tmp_path / "runs", train__steps=2))
+    assert run_cli("train", "--config", str(cfg), env={"OMP_NUM_THREADS": "1"}).returncode == 0
+    r = run_cli("train", "--config", str(cfg), "--gpus", "2", env={"OMP_NUM_THREADS": "1"})
+    assert r.returncode == 1, r.stderr[-3000:]
+    lines = [x for x in r.stderr.splitlines() if x.strip() and not x.startswith("warning: no CUDA GPU here")]
+    assert len(lines) == 1 and "already holds checkpoints" in lines[0], r.stderr[-3000:]
+
+
 RECORD_TORCHRUN = r"""
 import json, sys
 import torch.distributed.run as run
@@ -356,6 +367,32 @@ def test_a_rank_says_an_error_rank_0_did_not(tmp_path, monkeypatch):
     assert not ui._said_by_rank_0("a decoding worker process died")
     monkeypatch.delenv(ui.LAUNCH_DIR)
     assert not ui._said_by_rank_0("data.root x does not exist")  # not launched by --gpus: say it
+
+
+def test_a_rank_whose_peer_said_an_error_ends_quietly_on_the_collectives_error(tmp_path, monkeypatch):
+    """Rank 0 waiting in an all-reduce for a rank that failed (a streamed file it could not decode) printed gloo's
+    traceback after that rank's line; any rank's said error now ends the others' collective errors quietly."""
+    from ddpm_cli.cli import ui
+
+    monkeypatch.setenv(ui.LAUNCH_DIR, str(tmp_path))
+    monkeypatch.setenv("RANK", "0")
+    assert not ui._a_peer_said_an_error(wait_s=0.1)
+    ui._leave_for_the_ranks("rank 0's own error")
+    assert not ui._a_peer_said_an_error(wait_s=0.1)  # its own file is not a peer's
+
+    @ui.friendly
+    def collective():
+        raise RuntimeError("[../gloo/transport/tcp/pair.cc:534] Connection closed by peer")
+
+    monkeypatch.setenv("RANK", "1")
+    ui._leave_for_the_ranks("a decoding worker process died")  # rank 1 said its error
+    monkeypatch.setenv("RANK", "0")
+    with pytest.raises(SystemExit) as stopped:
+        collective()
+    assert stopped.value.code == 1
+    monkeypatch.delenv(ui.LAUNCH_DIR)  # not under --gpus: the error is not hidden
+    with pytest.raises(RuntimeError):
+        collective()
 
 
 def test_a_rank_killed_by_a_signal_is_said(tmp_path, monkeypatch, capsys):

@@ -43,7 +43,7 @@ def relaunch_with_torchrun(gpus: int) -> None:
     # write their checkpoint.
     os.environ.setdefault("TORCH_ELASTIC_SHUTDOWN_TIMEOUT", "600")
     _quiet_torchrun_logs()
-    os.environ[LAUNCH_DIR] = tempfile.mkdtemp(prefix="ddpm-launch-")  # where rank 0 leaves its error (cli/ui.py)
+    os.environ[LAUNCH_DIR] = tempfile.mkdtemp(prefix="ddpm-launch-")  # where the ranks leave their errors (cli/ui.py)
     try:
         torchrun_main(["--standalone", f"--nproc_per_node={gpus}", "-m", "ddpm_cli", *argv])
     except ChildFailedError as e:  # a rank that failed has said why on stderr; no launcher traceback on top

@@ -111,12 +111,12 @@ LAUNCH_DIR = "DDPM_LAUNCH_DIR"  # set by `--gpus N`'s launcher (cli/launch.py): 
 
 
 def _leave_for_the_ranks(message: str) -> None:
-    """Rank 0's error, left in the launcher's folder for the other ranks (_said_by_rank_0); nothing on other ranks
-    or without --gpus."""
+    """A rank's error, left in the launcher's folder for the other ranks (rank 0's: _said_by_rank_0; any:
+    _a_peer_said_an_error); nothing without --gpus."""
     folder = os.environ.get(LAUNCH_DIR)
-    if not folder or int(os.environ.get("RANK", "0")) != 0:
+    if not folder:
         return
-    said = os.path.join(folder, "rank0-error")
+    said = os.path.join(folder, f"rank{int(os.environ.get('RANK', '0'))}-error")
     try:
         with open(f"{said}.tmp", "w") as f:
             f.write(message)
@@ -141,6 +141,26 @@ def _said_by_rank_0(message: str) -> bool:
         except OSError:
             time.sleep(0.05)
     return False
+
+
+def _a_peer_said_an_error(wait_s: float = 2.0) -> bool:
+    """Under `--gpus N`: whether another rank has said an error (or does within `wait_s`). A rank waiting for it in
+    a collective then fails with the collective's own error (gloo's "Connection closed by peer", NCCL's), which
+    says nothing the other rank's line has not: it ends quietly. Not under --gpus: False."""
+    folder = os.environ.get(LAUNCH_DIR)
+    if not folder:
+        return False
+    own = f"rank{int(os.environ.get('RANK', '0'))}-error"
+    deadline = time.monotonic() + wait_s
+    while True:
+        try:
+            if any(n.endswith("-error") and n.startswith("rank") and n != own for n in os.listdir(folder)):
+                return True
+        except OSError:
+            return False
+        if time.monotonic() >= deadline:
+            return False
+        time.sleep(0.05)
 
 
 def friendly(fn: Callable) -> Callable:
@@ -175,6 +195,8 @@ def friendly(fn: Callable) -> Callable:
                      "train it in micro-batches (train.grad_accum) with activation checkpointing (model.checkpointing)")
             if text.startswith("symlink loop"):  # Path.resolve() of links that point at each other (Python < 3.13)
                 fail(f"{e}: the links point at each other; give the file itself")
+            if _a_peer_said_an_error():  # torch.distributed's errors are RuntimeErrors
+                raise SystemExit(1) from None
             raise
 
     return wrapper

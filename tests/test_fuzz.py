@@ -309,14 +309,30 @@ def _no_nan(text: str):
 @example(blob=_ddpm_header({"model": {"image_size": [16, 32], "attention_resolutions": ["8"]}}))
 @example(blob=_ddpm_header({"model": {"image_size": [0, 0], "attention_resolutions": [8]}}))
 @example(blob=_ddpm_header({"train": {"guide_weight": float("nan"), "guide_step": 5}}))
+@example(blob=b"?\x00\x00\x00\x00\x00\x00\x00" + b'{"__metadata__": {"format": "ddpm-cli", "kind": "train-state"}}')
 def test_inspect_shows_any_header_the_reader_accepts(scratch, blob):
+    """Any header the reader accepts is shown, or, for a run's file that is no checkpoint (a training state, a
+    post-hoc EMA snapshot), refused in the one line that says what to pass instead."""
     from conftest import cli
 
+    from ddpm_cli.engine.checkpoint.format import refuse_other_kinds
+
     path = _file(scratch, blob, "ckpt-00000001.safetensors")
-    if ours_or_success(read_header, path, ok_type=Header) is None:
+    header = ours_or_success(read_header, path, ok_type=Header)
+    if header is None:
         return  # refused by the reader, in one line: tested above
+    try:
+        refuse_other_kinds(path, header)
+        other_kind = None
+    except DdpmError as e:
+        other_kind = str(e)
     for args in ([path], [path, "--json"]):
         r = cli("inspect", *args)
         assert r.exception is None or isinstance(r.exception, SystemExit), repr(r.exception)
+        if other_kind is not None:
+            assert r.exit_code == 1 and len(r.output.strip().splitlines()) == 1, r.output
+            assert " ".join(other_kind.split()) in " ".join(r.output.split()), r.output  # what to pass instead
+            continue
         assert r.exit_code == 0, r.output
-    _no_nan(r.stdout)
+    if other_kind is None:
+        _no_nan(r.stdout)

@@ -196,7 +196,11 @@ def friendly(fn: Callable) -> Callable:
             if text.startswith("symlink loop"):  # Path.resolve() of links that point at each other (Python < 3.13)
                 fail(f"{e}: the links point at each other; give the file itself")
             if _a_peer_said_an_error():  # torch.distributed's errors are RuntimeErrors
-                raise SystemExit(1) from None
+                # at once: the broken process group's threads are still running, and its teardown at the
+                # interpreter's exit can abort the process ("terminate called without an active exception")
+                sys.stdout.flush()
+                sys.stderr.flush()
+                os._exit(1)
             raise
 
     return wrapper

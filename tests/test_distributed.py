@@ -317,9 +317,22 @@ def test_a_signal_that_torchruns_agent_fails_to_handle_still_reaches_the_ranks(t
 
     monkeypatch.setattr(torch.distributed.run, "main", torchrun)
     monkeypatch.setattr(sys, "argv", ["ddpm", "train", "--gpus", "2"])
-    with pytest.raises(SystemExit) as e:
-        launch.relaunch_with_torchrun(2)
-    assert e.value.code == 143
+    monkeypatch.setenv("TORCH_ELASTIC_SHUTDOWN_TIMEOUT", "120")
+    # a child that ignores SIGTERM and is no rank (as multiprocessing's resource tracker, which an earlier test
+    # may have started in this process): the launcher waited the whole timeout for it
+    deaf = subprocess.Popen([sys.executable, "-c", "import signal, time; signal.signal(signal.SIGTERM, "
+                             "signal.SIG_IGN); time.sleep(300)"])
+    t = time.monotonic()
+    while not launch._ignores(deaf.pid, signal.SIGTERM) and time.monotonic() - t < 30:  # (its handler set)
+        time.sleep(0.05)
+    t = time.monotonic()
+    try:
+        with pytest.raises(SystemExit) as e:
+            launch.relaunch_with_torchrun(2)
+    finally:
+        deaf.kill()
+        deaf.wait()
+    assert e.value.code == 143 and time.monotonic() - t < 60, time.monotonic() - t
     deadline = time.monotonic() + 30
     while not done.exists() and time.monotonic() < deadline:
         time.sleep(0.1)

@@ -96,10 +96,24 @@ def _signal_children(signum: int, timeout: float) -> None:
             os.kill(pid, signum)
         except ProcessLookupError:
             pass
+    # a child that ignores the signal is no rank (multiprocessing's resource tracker ignores SIGTERM and SIGINT):
+    # waited for, it would hold the launcher for the whole timeout
+    pids = [pid for pid in pids if not _ignores(pid, signum)]
     deadline = time.monotonic() + timeout
     while pids and time.monotonic() < deadline:
         time.sleep(0.2)
         pids = [pid for pid in pids if _running(pid)]
+
+
+def _ignores(pid: int, signum: int) -> bool:
+    """Whether process `pid` ignores `signum` (Linux: its SigIgn mask in /proc); False when unknown."""
+    try:
+        for line in open(f"/proc/{pid}/status"):
+            if line.startswith("SigIgn:"):
+                return bool(int(line.split()[1], 16) >> (signum - 1) & 1)
+    except (OSError, ValueError, IndexError):
+        pass
+    return False
 
 
 def _running(pid: int) -> bool:

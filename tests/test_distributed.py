@@ -304,7 +304,9 @@ def test_a_signal_that_torchruns_agent_fails_to_handle_still_reaches_the_ranks(t
                  f"time.sleep(60)\n")
 
     def torchrun(argv):
-        rank = subprocess.Popen([sys.executable, "-c", rank_code])  # noqa: F841 - held, as torchrun holds its ranks
+        # (held, as torchrun holds its ranks, and started with the environment torchrun gives them)
+        rank = subprocess.Popen([sys.executable, "-c", rank_code],  # noqa: F841
+                                env={**os.environ, "TORCHELASTIC_RUN_ID": "test", "LOCAL_RANK": "0"})
         deadline = time.monotonic() + 60
         while not ready.exists() and time.monotonic() < deadline:  # (its handler set)
             time.sleep(0.05)
@@ -318,20 +320,22 @@ def test_a_signal_that_torchruns_agent_fails_to_handle_still_reaches_the_ranks(t
     monkeypatch.setattr(torch.distributed.run, "main", torchrun)
     monkeypatch.setattr(sys, "argv", ["ddpm", "train", "--gpus", "2"])
     monkeypatch.setenv("TORCH_ELASTIC_SHUTDOWN_TIMEOUT", "120")
-    # a child that ignores SIGTERM and is no rank (as multiprocessing's resource tracker, which an earlier test
-    # may have started in this process): the launcher waited the whole timeout for it
-    deaf = subprocess.Popen([sys.executable, "-c", "import signal, time; signal.signal(signal.SIGTERM, "
-                             "signal.SIG_IGN); time.sleep(300)"])
-    t = time.monotonic()
-    while not launch._ignores(deaf.pid, signal.SIGTERM) and time.monotonic() - t < 30:  # (its handler set)
-        time.sleep(0.05)
+    # children of this process that are no ranks: one that a SIGTERM ends (as a multiprocessing forkserver an
+    # earlier test started in this pytest worker: the launcher signalled and reaped it, and later tests' worker
+    # pools failed with "No child processes"), and one that ignores it (as the resource tracker: the launcher
+    # waited the whole timeout for it)
+    bystanders = [subprocess.Popen([sys.executable, "-c", f"import signal, time; signal.signal(signal.SIGTERM, "
+                                    f"signal.{disposition}); time.sleep(300)"])
+                  for disposition in ("SIG_DFL", "SIG_IGN")]
     t = time.monotonic()
     try:
         with pytest.raises(SystemExit) as e:
             launch.relaunch_with_torchrun(2)
+        assert [b.poll() for b in bystanders] == [None, None], "the launcher signalled a child that is no rank"
     finally:
-        deaf.kill()
-        deaf.wait()
+        for b in bystanders:
+            b.kill()
+            b.wait()
     assert e.value.code == 143 and time.monotonic() - t < 60, time.monotonic() - t
     deadline = time.monotonic() + 30
     while not done.exists() and time.monotonic() < deadline:

@@ -79,16 +79,17 @@ def _signal_behind(e: BaseException | None, signal_exception: type) -> int | Non
 
 
 def _signal_children(signum: int, timeout: float) -> None:
-    """Send `signum` to this process's children (torchrun's ranks; Linux: read from /proc) and wait up to `timeout`
-    seconds for them to end."""
+    """Send `signum` to torchrun's ranks among this process's children and wait up to `timeout` seconds for them
+    to end (Linux: read from /proc). Other children are left alone: a multiprocessing forkserver or resource
+    tracker this process started is no rank, and signalling or reaping it breaks what later uses it."""
     import time
     from pathlib import Path
 
     pids = []
     for stat in Path("/proc").glob("[0-9]*/stat"):
         try:
-            if int(stat.read_text().rsplit(")", 1)[1].split()[1]) == os.getpid():  # (its 4th field: the parent)
-                pids.append(int(stat.parent.name))
+            if int(stat.read_text().rsplit(")", 1)[1].split()[1]) == os.getpid() and _is_rank(int(stat.parent.name)):
+                pids.append(int(stat.parent.name))  # (stat's 4th field: the parent)
         except (OSError, ValueError, IndexError):
             continue
     for pid in pids:
@@ -96,24 +97,17 @@ def _signal_children(signum: int, timeout: float) -> None:
             os.kill(pid, signum)
         except ProcessLookupError:
             pass
-    # a child that ignores the signal is no rank (multiprocessing's resource tracker ignores SIGTERM and SIGINT):
-    # waited for, it would hold the launcher for the whole timeout
-    pids = [pid for pid in pids if not _ignores(pid, signum)]
     deadline = time.monotonic() + timeout
     while pids and time.monotonic() < deadline:
         time.sleep(0.2)
         pids = [pid for pid in pids if _running(pid)]
 
 
-def _ignores(pid: int, signum: int) -> bool:
-    """Whether process `pid` ignores `signum` (Linux: its SigIgn mask in /proc); False when unknown."""
-    try:
-        for line in open(f"/proc/{pid}/status"):
-            if line.startswith("SigIgn:"):
-                return bool(int(line.split()[1], 16) >> (signum - 1) & 1)
-    except (OSError, ValueError, IndexError):
-        pass
-    return False
+def _is_rank(pid: int) -> bool:
+    """Whether process `pid` was started by torchrun as a rank: torchrun gives each the run's id in its
+    environment (/proc/PID/environ holds the environment it was started with)."""
+    with open(f"/proc/{pid}/environ", "rb") as f:
+        return any(entry.startswith(b"TORCHELASTIC_RUN_ID=") for entry in f.read().split(b"\0"))
 
 
 def _running(pid: int) -> bool:

@@ -12,6 +12,7 @@ import torch
 from conftest import cli, ok, one_line_error
 from ddpm_cli.engine.checkpoint import load_model
 from ddpm_cli.engine.checkpoint import read_header
+from ddpm_cli.engine.generate import step_noise_seed
 from ddpm_cli.engine.runs import latest_checkpoint
 
 diffusers = pytest.importorskip("diffusers")
@@ -265,7 +266,7 @@ def _pipeline_samples_what_ddpm_samples(src, tmp_path, variance: str) -> None:
     pipe = DDPMPipeline.from_pretrained(tmp_path / "pipe")
     scheduler = _DdpmNoise.from_config({**pipe.scheduler.config,
                                         "variance_type": {"beta": "fixed_large", "posterior": "fixed_small"}[variance]})
-    scheduler.noise = torch.Generator().manual_seed(seed * 1_000_003 + 1)  # generate.generate's, first batch
+    scheduler.noise = torch.Generator().manual_seed(step_noise_seed(seed, 0))  # generate.generate's, first batch
     pipe = DDPMPipeline(unet=pipe.unet, scheduler=scheduler)
     pipe.set_progress_bar_config(disable=True)
     generators = [torch.Generator().manual_seed(seed * 1_000_003 + i) for i in range(n)]  # generate.initial_noise

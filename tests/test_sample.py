@@ -822,3 +822,28 @@ def test_a_class_that_is_a_number_and_another_class_s_name_is_refused(trained_co
     # ten classes have no index 10: `--class 10` is the class named 10 (index 1), where it was refused as both
     ok("sample", forged, "-n", 1, "--class", "10", "--out", tmp_path / "p10.npz", *FAST)
     assert npz(tmp_path / "p10.npz")["labels"].tolist() == [1]
+
+
+def test_no_batch_draws_an_images_starting_noise_as_its_step_noise(monkeypatch):
+    """A stochastic sampler's per-step noise comes from its own stream: on the CPU, where the initial noise's
+    generator is the same kind, a batch's first step must not add another image's starting noise (image 0's
+    first step once added image 1's, correlating the two)."""
+    import torch
+
+    from ddpm_cli.diffusion.sampler_spec import SamplerSpec
+    from ddpm_cli.engine import generate as gen
+
+    first_draws = []
+
+    def fake_sample(net, diffusion, x, y, spec, generator, on_step):  # the sampler's first draw, as it makes it
+        first_draws.append(torch.randn(x.shape, generator=generator))
+        return x.clamp(-1, 1)
+
+    monkeypatch.setattr(gen, "sample", fake_sample)
+    n, shape = 12, (3, 4, 4)
+    for seed in (0, 1, 7):
+        first_draws.clear()
+        list(gen.generate(None, None, n, SamplerSpec(), image_shape=shape, batch_size=4, seed=seed))
+        starts = gen.initial_noise(range(n), shape, seed)
+        for drawn in first_draws:  # 3 batches of 4: no row of any equals any image's starting noise
+            assert not any(torch.equal(row, start) for row in drawn for start in starts), seed

@@ -10,6 +10,7 @@ to the full size: torch.compile specialises on the batch size, and a second size
 batch differs between a compiled and an eager run (each repeats exactly)."""
 from __future__ import annotations
 
+import hashlib
 from contextlib import nullcontext
 from typing import Callable, Iterator
 
@@ -100,6 +101,14 @@ def initial_noise(indices: range, shape: tuple[int, ...], seed: int) -> torch.Te
     return torch.stack([torch.randn(shape, generator=g.manual_seed(seed * 1_000_003 + i)) for i in indices])
 
 
+def step_noise_seed(seed: int, start: int) -> int:
+    """The seed of the per-step noise of the batch whose first image is `start`: a hash of both, so that no
+    batch's stream is an image's initial noise (a CPU generator seeded alike draws the same numbers; the
+    arithmetic seed this replaced gave the first batch's first step image 1's starting noise)."""
+    digest = hashlib.blake2b(f"ddpm step noise {seed} {start}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") >> 1  # 63 bits: any generator takes it
+
+
 def to_uint8(x: torch.Tensor) -> torch.Tensor:
     """[-1, 1] float -> [0, 255] uint8."""
     return ((x.float() + 1) * 127.5).round().clamp(0, 255).to(torch.uint8)
@@ -142,7 +151,7 @@ def generate(model: Callable, diffusion: GaussianDiffusion, n: int, spec: Sample
         if labels is not None:
             y = labels[start:span.stop]
             y = torch.cat([y, y[-1:].expand(x.shape[0] - size)]).to(device)  # padded images take the last label
-        gen = torch.Generator(device=device).manual_seed(seed * 1_000_003 + 7919 * start + 1)
+        gen = torch.Generator(device=device).manual_seed(step_noise_seed(seed, start))
         with amp:
             out = sample(net, diffusion, x, y, spec, generator=gen, on_step=on_step)
         # On a GPU the sampling steps are only queued so far: draw the next batch's noise (image by image) while

@@ -29,6 +29,7 @@ RELEASE_S = 0.5  # the GPU goes back to the run this long after the helper's las
 HOLD_MAX_S = 120.0  # a helper that asked and never let go (hung): the run stops answering and trains on
 ACK_WAIT_S = 30.0  # a run busy with other work (a checkpoint) for longer: the helper times without it
 DEADLINE_S = 1200.0  # a helper not done by then is ended, and the run compiles its step itself
+HELPER_NICE = 10  # the helper's niceness above the run's: its compile workers yield the cores the eager steps need
 
 
 def _read(path: Path) -> str | None:
@@ -89,6 +90,10 @@ class CompileAhead:
         proc = subprocess.Popen([sys.executable, "-m", "ddpm_cli.engine.compile_ahead", str(folder)], env=env,
                                 stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
                                 start_new_session=True)  # Ctrl-C is the run's: it ends the helper (stop)
+        try:  # before the helper starts its compile workers (seconds later, after importing torch): they inherit it
+            os.setpriority(os.PRIO_PROCESS, proc.pid, os.getpriority(os.PRIO_PROCESS, 0) + HELPER_NICE)
+        except (AttributeError, OSError):  # no such call here, or refused: the helper keeps the run's priority
+            pass
         return cls(proc, folder, log)
 
     def done(self) -> bool | None:

@@ -114,6 +114,11 @@ def test_auto_streams_only_when_the_decoded_set_would_not_fit(monkeypatch, folde
     assert not isinstance(_data(folder[0], "auto").images, StreamedImages)
     monkeypatch.setattr(streaming, "available_memory", lambda: 2 * 40 * 3 * 16 * 16 - 1)  # half is too little
     assert isinstance(_data(folder[0], "auto").images, StreamedImages)
+    # under torchrun each rank of the machine would hold its own copy: the ranks share the memory
+    monkeypatch.setattr(streaming, "available_memory", lambda: 4 * 40 * 3 * 16 * 16)  # enough for one copy
+    assert not isinstance(_data(folder[0], "auto").images, StreamedImages)
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "4")  # not for four
+    assert isinstance(_data(folder[0], "auto").images, StreamedImages)
 
 
 @pytest.mark.parametrize("damage", ["truncated", "deleted"])

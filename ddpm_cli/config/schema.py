@@ -238,7 +238,8 @@ class DataConfig(Section):
     streaming: Literal["auto", "on", "off"] = "auto"
     """folder: decode the images batch by batch while training (in stream_workers processes, batches ahead)
     instead of all at once into memory; auto = when the decoded images would take over half the available
-    memory. The batches, their order and resume are the same either way."""
+    memory (shared by the ranks of a machine under --gpus, each holding a copy). The batches, their order and
+    resume are the same either way."""
     stream_workers: int | None = Field(None, ge=0)
     """Processes decoding a streamed folder, a batch each; 0 decodes in threads of the training process (where
     decoding contends with the training loop for Python's lock); unset: one per two cores, shared by the ranks

@@ -36,10 +36,15 @@ def available_memory() -> int:
         return 1 << 62  # unknown: never stream by default
 
 
+def local_ranks() -> int:
+    """The ranks on this machine (torchrun's LOCAL_WORLD_SIZE; 1 outside torchrun)."""
+    return max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1") or 1))
+
+
 def cores_per_rank() -> int:
-    """The cores this process may use, shared among the ranks of this machine (torchrun's LOCAL_WORLD_SIZE)."""
+    """The cores this process may use, shared among the ranks of this machine."""
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 2)
-    return cores // max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1") or 1))
+    return cores // local_ranks()
 
 
 def stream_workers(setting: int | None) -> int:
@@ -65,10 +70,11 @@ def decoding_processes(files, workers: int) -> ProcessPoolExecutor:
 
 
 def should_stream(mode: str, count: int, shape: tuple[int, int, int]) -> bool:
-    """data.streaming: on, off, or auto = when the decoded images would take over half the available memory."""
+    """data.streaming: on, off, or auto = when the decoded images would take over half the available memory, which
+    every rank of the machine would fill with a copy of its own."""
     if mode != "auto":
         return mode == "on"
-    return count * int(np.prod(shape)) > available_memory() // 2
+    return count * int(np.prod(shape)) > available_memory() // 2 // local_ranks()
 
 
 class _Opener:

@@ -213,6 +213,7 @@ def test_gpus_flag_launches_torchrun(tmp_path):
     assert "x2" in r.stdout and "global batch 32" in r.stdout and "grad sync ddp" in r.stdout  # eager: DDP
     assert (tmp_path / "runs" / "tiny" / "checkpoints" / "ckpt-00000004.safetensors").exists()
     assert "warning: no CUDA GPU here: --gpus 2 runs 2 processes on the CPU" in r.stderr
+    assert "Warning" not in r.stderr, r.stderr[-3000:]  # (torch 2.14's FutureWarning at broadcast_buffers, per rank)
 
 
 def test_bad_input_under_gpus_is_one_line_not_one_per_rank(tmp_path):
@@ -235,6 +236,18 @@ def test_an_error_only_rank_0_checks_is_one_line_under_gpus(tmp_path):
     assert r.returncode == 1, r.stderr[-3000:]
     lines = [x for x in r.stderr.splitlines() if x.strip() and not x.startswith("warning: no CUDA GPU here")]
     assert len(lines) == 1 and "already holds checkpoints" in lines[0], r.stderr[-3000:]
+
+
+def test_train_device_is_honoured_under_gpus(tmp_path):
+    """train.device under --gpus was ignored: cuda on a machine without one trained on the CPU (and cpu on a GPU
+    machine on the GPUs). It is checked on every rank, so it is one line."""
+    cfg = write_yaml(tmp_path / "tiny.yaml", tiny_overrides(tmp_path / "runs", train__steps=2))
+    r = run_cli("train", "--config", str(cfg), "--gpus", "2", "--set", "train.device=cuda",
+                env={"OMP_NUM_THREADS": "1"})
+    assert r.returncode == 1, r.stderr[-3000:]
+    lines = [x for x in r.stderr.splitlines() if x.strip() and not x.startswith("warning: no CUDA GPU here")]
+    assert len(lines) == 1 and "train.device cuda requested but CUDA is not available" in lines[0], r.stderr[-3000:]
+    assert not list((tmp_path / "runs").glob("*/checkpoints/*"))
 
 
 RECORD_TORCHRUN = r"""

@@ -10,6 +10,8 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
+from ddpm_cli.errors import DeviceError
+
 
 @dataclass
 class DistInfo:
@@ -21,12 +23,22 @@ class DistInfo:
     _cpu_group: "dist.ProcessGroup | None" = None
 
     @classmethod
-    def from_env(cls) -> "DistInfo":
+    def from_env(cls, device_name: str = "auto", option: str = "train.device") -> "DistInfo":
+        """This process's rank under torchrun (a single process otherwise), on the device `device_name` asks for
+        (`option` names where it came from, for the messages): auto = this rank's GPU where there are GPUs, else
+        the CPU; cpu or cuda as asked, checked to be here; a GPU's index is the rank's own, not the user's."""
         world = int(os.environ.get("WORLD_SIZE", "1"))
         if world <= 1:
             return cls()
+        from ddpm_cli.engine.build import resolve_device
+
+        asked = resolve_device(device_name, option)  # a device that is not here is refused on every rank alike
+        if asked.type not in ("cuda", "cpu") or asked.index is not None:
+            fix = f"use {option} cuda, cpu or auto" if option.startswith("-") else f"set {option}=cuda, cpu or auto"
+            raise DeviceError(f"{option} {device_name} under torchrun (--gpus): each rank runs on its own GPU, or "
+                              f"on the CPU; {fix}")
         rank, local = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
-        if torch.cuda.is_available():
+        if asked.type == "cuda":
             device = torch.device("cuda", local)
             torch.cuda.set_device(device)
             backend = "nccl"
@@ -48,11 +60,16 @@ class DistInfo:
             return model
         from torch.nn.parallel import DistributedDataParallel
 
+        import inspect
+
         ids = [self.device.index] if self.device.type == "cuda" else None
-        # broadcast_buffers off: the UNet's buffers are constants (dense_grad's 1), the same on every rank, which
-        # DDP would otherwise send from rank 0 before every forward
+        # no buffer sync before each forward: the UNet's buffers are constants (dense_grad's 1), the same on every
+        # rank, which DDP would otherwise send from rank 0 every step. Newer torch names it forward_sync_buffers
+        # (and warns at broadcast_buffers); it still syncs them once at the start, which changes nothing here.
+        takes = inspect.signature(DistributedDataParallel.__init__).parameters
+        no_sync = {"forward_sync_buffers": False} if "forward_sync_buffers" in takes else {"broadcast_buffers": False}
         return DistributedDataParallel(model, device_ids=ids, gradient_as_bucket_view=True, static_graph=True,
-                                       broadcast_buffers=False)
+                                       **no_sync)
 
     def all_reduce_grads(self, params: list[torch.Tensor]) -> None:
         """Average the gradients of `params` over the ranks with one all-reduce of a flat buffer; afterwards each

@@ -272,7 +272,7 @@ def run_sampling(plan: SamplePlan, req: SampleRequest, *, on_start: Callable[[st
     from ddpm_cli.engine.draw import draw, load_drawer
     from ddpm_cli.engine.generate import default_batch, even_batch
 
-    dist_info = DistInfo.from_env()
+    dist_info = DistInfo.from_env(req.device, "--device")
     device = dist_info.device if dist_info.world > 1 else resolve_device(req.device, "--device")
     m = plan.config.model
     cuda = device.type == "cuda"

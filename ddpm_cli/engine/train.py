@@ -104,7 +104,7 @@ class Trainer:
         self.cfg = cfg
         self.cb = callbacks or TrainCallbacks()
         self.stop = stop or StopFlag()
-        self.dist = DistInfo.from_env()
+        self.dist = DistInfo.from_env(cfg.train.device)
         self.main = self.dist.rank == 0
         if not self.main:
             self.cb = TrainCallbacks()  # one progress display: rank 0's

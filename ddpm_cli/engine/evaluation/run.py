@@ -78,7 +78,7 @@ def evaluate(req: EvalRequest, callbacks: EvalCallbacks | None = None) -> dict:
     plan, ref = check_request(req)
     for w in plan.warnings if plan is not None else []:
         notify(callbacks, "on_message", w)
-    dist_info = DistInfo.from_env()
+    dist_info = DistInfo.from_env(req.device, "--device")
     try:
         return _evaluate(req, ref, plan, dist_info, callbacks)
     finally:

@@ -235,16 +235,23 @@ def set_inductor_options(pairs: list[str]) -> None:
 
 def kernel_meta() -> dict[str, tuple[float | None, str | None]]:
     """Each compiled Triton kernel by name: the GB it moves per call as inductor estimates it (recorded only when
-    `inductor_config.benchmark_kernel` was on while compiling: `--kernels`) and the file of its source."""
-    from torch._inductor.codecache import PyCodeCache
+    `inductor_config.benchmark_kernel` was on while compiling: `--kernels`) and the file of its source. Found among
+    the live objects: torch 2.11's PyCodeCache no longer lists the modules it loaded (its `modules` was empty on the
+    device, 2026-12-06, and a 256 px profile came back without a byte count)."""
+    import gc
+
     from torch._inductor.runtime.triton_heuristics import CachingAutotuner
 
     out = {}
-    for mod in list(PyCodeCache.modules):
-        for name, k in vars(mod).items():
-            if name.startswith("triton_") and isinstance(k, CachingAutotuner):
-                out[name] = ((getattr(k, "inductor_meta", None) or {}).get("kernel_num_gb"),
-                             getattr(mod, "__file__", None))
+    for obj in gc.get_objects():
+        if not issubclass(type(obj), CachingAutotuner):  # (type(): isinstance fails on a dead weak proxy)
+            continue
+        meta = getattr(obj, "inductor_meta", None) or {}
+        source = getattr(getattr(obj, "fn", None), "fn", None)  # the kernel's JITFunction, then its Python function
+        name = meta.get("kernel_name") or getattr(source, "__name__", None)
+        if name:
+            code = getattr(source, "__code__", None)
+            out[name] = (meta.get("kernel_num_gb"), code.co_filename if code else None)
     return out
 
 

@@ -104,6 +104,29 @@ def test_the_slow_kernels_sources_are_printed(tmp_path, capsys):
     assert "triton_poi_fast" not in out and "triton_red_tiny" not in out  # 3.1 TB/s; 60 us a step
 
 
+def test_each_live_triton_kernel_s_bytes_and_source_file_are_found(tmp_path):
+    """--kernels reads the GB a kernel moves from inductor's autotuner objects, wherever they are held (torch 2.11's
+    PyCodeCache no longer lists its modules: a 256 px profile came back without one byte count)."""
+    from types import SimpleNamespace
+
+    from torch._inductor.runtime.triton_heuristics import CachingAutotuner
+
+    bench = _bench_speed_module()
+    source = tmp_path / "kernel.py"
+    source.write_text("def triton_poi_fused_silu_7(in_ptr0):\n    pass\n")
+    scope: dict = {}
+    exec(compile(source.read_text(), str(source), "exec"), scope)
+    held = []
+    for name, meta in (("triton_poi_fused_silu_7", {"kernel_num_gb": 0.75}), ("triton_red_fused_3", {})):
+        k = CachingAutotuner.__new__(CachingAutotuner)  # (its __init__ needs a compiled kernel)
+        k.inductor_meta = {"kernel_name": name, **meta}
+        k.fn = SimpleNamespace(fn=scope["triton_poi_fused_silu_7"])
+        held.append(k)
+    found = bench.kernel_meta()
+    assert found["triton_poi_fused_silu_7"] == (0.75, str(source))
+    assert found["triton_red_fused_3"][0] is None  # compiled without benchmark_kernel: no count, no guess
+
+
 def test_kernel_breakdown_tells_fused_kernels_from_convolutions():
     """inductor names a fused kernel after the ops it fuses, a convolution's bias add among them, and cuDNN names
     its attention kernels 'cudnn_...': counted by the first word that matches, both went into the convolutions'

@@ -64,6 +64,40 @@ def mark_after(owner, name, mark, first):
         return out
     setattr(owner, name, wrapped)
 
+# the training set-up's parts (seconds; an outer part holds what it calls: a part inside another is not counted)
+set_up_parts, depth = {}, [0]
+def time_part(owner, name, label):
+    fn = getattr(owner, name)
+    def wrapped(*a, **k):
+        t = T()
+        depth[0] += 1
+        try:
+            return fn(*a, **k)
+        finally:
+            depth[0] -= 1
+            if depth[0] == 0 and "network set-up" not in marks:
+                set_up_parts[label] = set_up_parts.get(label, 0.0) + T() - t
+    setattr(owner, name, wrapped)
+for owner, name, label in [(train, "load_dataset", "data"), (train, "training_batches", "batches"),
+                           (train, "build_unet", "network"), (torch.nn.Module, "to", "to device (CUDA's start)"),
+                           (train, "EMA", "EMA copies"), (train.monitor, "InTrainingFid", "FID monitor"),
+                           (train, "build_optimizer", "optimizer (imports torch's compiler)"),
+                           (train.Trainer, "_make_compiled_step", "compiled step's set-up")]:
+    time_part(owner, name, label)
+helper_start = []
+_start_ahead = train.Trainer._start_compile_ahead
+def start_ahead(self, *a, **k):  # train.compile_ahead: starting its helper, in the first step
+    t = T()
+    out = _start_ahead(self, *a, **k)
+    helper_start.append(T() - t)
+    return out
+train.Trainer._start_compile_ahead = start_ahead
+_setup = train.Trainer._setup
+def setup(self, *a, **k):  # where the trainer's set-up starts: before it, the CLI (options, config, checks)
+    marks.setdefault("trainer", T())
+    return _setup(self, *a, **k)
+train.Trainer._setup = setup
+
 mark_after(checkpoint, "load_model", "checkpoint", first=True)  # draw.py imports these at call time: patched
 mark_after(generate, "sampling_net", "network set-up", first=False)  # the last: a guide's comes after the model's
 mark_after(train.Trainer, "__init__", "network set-up", first=True)
@@ -150,6 +184,10 @@ print("PHASES " + json.dumps({"phases": {k: None if v is None else round(v, 2) f
                               "compile_ahead": {**ahead, "to_compiled_step_s": round(steps[ahead["step"] - 1]
                                                                                        - marks["start"], 2)}
                                   if ahead.get("ok") and len(steps) >= ahead["step"] else ahead or None,
+                              "set_up_parts": {"before the trainer": round(marks["trainer"] - marks["import"], 2),
+                                               **{k: round(v, 2) for k, v in set_up_parts.items()}}
+                                  if "trainer" in marks else None,
+                              "helper_start_s": round(helper_start[0], 2) if helper_start else None,
                               "steps": len(steps), "compiled_step_ms": compiled_step_ms,
                               "cache_load_s": round(sum(c.load_s for c in used), 2),
                               "compile_cache": [c.state for c in used],

@@ -221,6 +221,13 @@ def test_bench_startup_times_the_phases_of_fresh_train_and_sample_processes():
         # an eager sampling job never imports torch's compiler (seconds on a GPU host); training does, in torch's
         # own optimizer constructor
         assert x["compiler_imported"] is (x["command"] == "train")
+        parts = x["set_up_parts"]
+        if x["command"] == "train":  # the set-up's parts, none counted twice, fit in it
+            assert {"before the trainer", "data", "network", "EMA copies", "optimizer (imports torch's compiler)"} \
+                <= set(parts) and all(v >= 0 for v in parts.values())
+            assert sum(parts.values()) <= phases["network set-up"] + 0.05
+        else:
+            assert parts is None
     assert runs[0]["summary"][0].startswith("done: step 3") and runs[2]["summary"][0].startswith("4 images in")
 
 

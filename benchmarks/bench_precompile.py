@@ -5,6 +5,7 @@ would load instead of tracing the step again with dynamo (~8 s of a warm first s
 
     PYTHONPATH=. python benchmarks/bench_precompile.py --work DIR               # all three, each a fresh process
     PYTHONPATH=. python benchmarks/bench_precompile.py --work DIR --phases load
+    PYTHONPATH=. python benchmarks/bench_precompile.py --work DIR --what sample  # the sampler's network instead
     PYTHONPATH=. python benchmarks/bench_precompile.py --work DIR --tiny --device cpu --backend aot_eager  # the test
 
 Phases (each a fresh Python process, the inductor cache under DIR shared by all):
@@ -48,6 +49,10 @@ def step_loss(channels_last: bool, bf16: bool, device_type: str):
 
 
 def run_phase(args) -> dict:
+    return run_sampler_phase(args) if args.what == "sample" else run_train_phase(args)
+
+
+def run_train_phase(args) -> dict:
     import torch
 
     from ddpm_cli.config import load_config
@@ -120,6 +125,84 @@ def run_phase(args) -> dict:
     return out
 
 
+def run_sampler_phase(args) -> dict:
+    """The sampler's network as `ddpm sample` compiles it (engine.generate.inference_net's switches, its compile
+    options, bf16 autocast on CUDA), called on one batch of noise: the first call, then the median call."""
+    import statistics
+
+    import torch
+
+    from ddpm_cli.config import load_config
+    from ddpm_cli.engine.build import build_unet, resolve_device, sampler_compile_options
+    from ddpm_cli.nn.unet import channel_stats, fold_upsampling
+
+    T = time.perf_counter
+    t0 = T()
+    cfg = load_config(args.config or None, [*(TINY if args.tiny else []), *args.set])
+    device = resolve_device(args.device, "--device")
+    cuda = device.type == "cuda"
+    torch.manual_seed(0)
+    model = build_unet(cfg.model)
+    with torch.no_grad():  # weights at random: the zero-initialised output layer would make every output 0
+        for w in model.parameters():
+            w.normal_(0.0, 0.05)
+    model = channel_stats(model.to(device).eval(), cuda)
+    fold_upsampling(model, True)
+    if cuda:
+        model = model.to(memory_format=torch.channels_last)
+    n = args.batch
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(n, *cfg.model.image_shape(), generator=g).to(device)
+    if cuda:
+        x = x.contiguous(memory_format=torch.channels_last)
+    t = torch.full((n,), 500, device=device)
+    y = torch.zeros(n, dtype=torch.long, device=device) if cfg.model.conditional else None
+    sync = (lambda: torch.cuda.synchronize(device)) if cuda else (lambda: None)
+    options = sampler_compile_options("default", device) if args.backend == "inductor" else None
+    amp = torch.autocast(device.type, dtype=torch.bfloat16, enabled=cuda)
+    artifact = args.work / "sampler.aot"
+    out = {"phase": args.phase, "what": "sample", "set_up_s": round(T() - t0, 2), "backend": args.backend,
+           "batch": n, "torch": torch.__version__}
+    t1 = T()
+    try:
+        with torch.no_grad(), amp:
+            if args.phase == "save":
+                net = torch.compile(model, fullgraph=True, dynamic=False, backend=args.backend, options=options)
+                call = net.forward.aot_compile(((x, t, y), {}))
+                out["compile_s"] = round(T() - t1, 2)
+            elif args.phase == "load":
+                with open(artifact, "rb") as f:
+                    call = torch.compiler.load_compiled_function(f)
+                out["load_s"] = round(T() - t1, 2)
+            else:
+                net = torch.compile(model, dynamic=False, backend=args.backend, options=options)
+                call = lambda m, *a: net(*a)  # noqa: E731 - the same calling convention as the loaded one
+    except Exception as e:
+        out["error"] = f"{type(e).__name__}: {str(e).strip().splitlines()[0][:300] if str(e).strip() else ''}"
+        return out
+    times = []
+    with torch.no_grad(), amp:
+        for i in range(args.steps + 1):
+            t2 = T()
+            eps = call(model, x, t, y)
+            sync()
+            times.append(T() - t2)
+            if i == 0:
+                out["first_call_s"] = round(times[0], 2)
+                out["checksum"] = round(float(eps.float().abs().mean()), 6)
+    out["call_ms"] = round(1000 * statistics.median(times[1:]), 3) if len(times) > 1 else None
+    out["to_first_call_s"] = round(T() - t0 - sum(times[1:]), 2)
+    if args.phase == "save":
+        t3 = T()
+        try:
+            call.save_compiled_function(str(artifact))
+        except Exception as e:
+            out["save_error"] = f"{type(e).__name__}: {str(e).strip().splitlines()[0][:300]}"
+        out["save_s"] = round(T() - t3, 2)
+        out["bytes"] = artifact.stat().st_size if artifact.exists() else None
+    return out
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--work", type=Path, required=True, help="the artifact and the compile caches")
@@ -131,6 +214,9 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=30, help="steps after the first, for the median")
     p.add_argument("--images", type=int, default=512, help="built-in images made for the batches")
     p.add_argument("--tiny", action="store_true")
+    p.add_argument("--what", choices=["train", "sample"], default="train", help="the training step, or the "
+                   "sampler's network (forward only, the batch --batch)")
+    p.add_argument("--batch", type=int, default=1000, help="--what sample: images a call")
     p.add_argument("--phase", help=argparse.SUPPRESS)  # one phase, in this process (the child)
     args = p.parse_args()
     args.work = args.work.resolve()
@@ -140,15 +226,16 @@ def main() -> None:
     phases = args.phases.split(",")
     args.work.mkdir(parents=True, exist_ok=True)
     if "save" in phases:  # the save is the cold compile: nothing cached from an earlier call
-        for d in ("inductor", "ddpm-cache", "step.aot"):
-            shutil.rmtree(args.work / d, ignore_errors=True) if d != "step.aot" else \
-                (args.work / d).unlink(missing_ok=True)
+        for d in ("inductor", "ddpm-cache"):
+            shutil.rmtree(args.work / d, ignore_errors=True)
+        (args.work / ("sampler.aot" if args.what == "sample" else "step.aot")).unlink(missing_ok=True)
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])),
            "TORCHINDUCTOR_CACHE_DIR": str(args.work / "inductor"),
            "TRITON_CACHE_DIR": str(args.work / "inductor" / "triton"),
            "DDPM_COMPILE_CACHE_DIR": str(args.work / "ddpm-cache"), "PYTHONUNBUFFERED": "1"}
     child = [sys.executable, __file__, "--work", str(args.work), "--config", args.config, "--device", args.device,
              "--backend", args.backend, "--steps", str(args.steps), "--images", str(args.images),
+             "--what", args.what, "--batch", str(args.batch),
              *(["--tiny"] if args.tiny else []), *[a for s in args.set for a in ("--set", s)]]
     for phase in phases:
         t = time.perf_counter()

@@ -243,6 +243,13 @@ def test_bench_precompile_saves_the_step_and_a_fresh_process_loads_it(tmp_path):
     assert "error" not in save and "save_error" not in save and save["bytes"] > 0, save
     assert "error" not in load and load["load_s"] >= 0 and "compile_s" not in load, load
     assert load["loss"] == save["loss"] and load["step_ms"] > 0
+    r = subprocess.run([sys.executable, "benchmarks/bench_precompile.py", "--work", str(tmp_path), "--tiny",
+                        "--device", "cpu", "--backend", "aot_eager", "--phases", "save,load", "--steps", "1",
+                        "--what", "sample", "--batch", "4"], cwd=ROOT, capture_output=True, text=True, timeout=600,
+                       env={**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"})
+    assert r.returncode == 0, r.stderr[-3000:]
+    save, load = [json.loads(line[len("BENCH "):]) for line in r.stdout.splitlines() if line.startswith("BENCH ")]
+    assert "error" not in load and load["what"] == "sample" and load["checksum"] == save["checksum"], (save, load)
 
 
 def test_bench_bigimg_measures_ours_the_peer_and_a_streamed_folder(tmp_path):

@@ -194,6 +194,11 @@ def test_ema_refuses_bad_input_in_one_line(tmp_path):
     plain = train(tiny_config(tmp_path / "plain", train__steps=2))
     assert "holds no post-hoc EMA snapshots" in one_line_error(cli("ema", plain.run_dir, "-l", "0.1"))
     assert "no post-hoc EMA snapshots" in ok("ema", plain.run_dir).stdout
+    photos = tmp_path / "photos"  # a folder that is no run: refused, not listed as a run without snapshots
+    photos.mkdir()
+    (photos / "a.png").write_bytes(b"")
+    for extra in ([], ["-l", "0.1"]):
+        assert "is no run directory" in one_line_error(cli("ema", photos, *extra), code=(1,))
 
 
 def test_a_resume_from_an_earlier_checkpoint_drops_the_later_snapshots(tmp_path):

@@ -22,11 +22,15 @@ def _run_and_step(path: Path, step: int | None) -> tuple[Path, int | None]:
     its ema/ folder of snapshots."""
     from ddpm_cli.engine.posthoc_ema import SNAPSHOT_RE
     from ddpm_cli.engine.runs import CKPT_RE, holds_snapshots, run_folder
-    from ddpm_cli.errors import UsageError
+    from ddpm_cli.errors import CheckpointError, UsageError
 
     path = run_folder(path).resolve()  # a checkpoint named from inside its checkpoints/ folder still finds its run
     if path.is_dir():  # RUN/ema (the folder the snapshots are seen in) was taken for a run, and RUN/ema/ema searched
-        return (path.parent if path.name == "ema" and holds_snapshots(path) else path), step
+        run = path.parent if path.name == "ema" and holds_snapshots(path) else path
+        if not any((run / name).exists() for name in ("config.yaml", "checkpoints", "ema")):
+            raise CheckpointError(f"{run} is no run directory of `ddpm train` (it has no config.yaml, checkpoints/ "
+                                  f"or ema/); pass the folder a run wrote, or one of its checkpoints")
+        return run, step
     match = CKPT_RE.search(path.name) if path.parent.name == "checkpoints" else \
         SNAPSHOT_RE.search(path.name) if path.parent.name == "ema" else None
     if path.is_file() and match:

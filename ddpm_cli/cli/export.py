@@ -45,7 +45,8 @@ def export_command(
                                       show_default=False),
     fmt: Optional[ExportFormat] = typer.Option(None, "--format", "-f", show_default=False,
                                                help="safetensors: inference-only weights, loadable by `ddpm "
-                                                    "sample`; onnx: the denoiser (x_t, t, y) -> eps, dynamic batch; "
+                                                    "sample`; onnx: the denoiser (x_t, t[, y]) -> eps or v, as the "
+                                                    "checkpoint predicts, any batch; "
                                                     "pt2: a torch.export program; diffusers: a DDPMPipeline folder "
                                                     "(unet/, scheduler/) for diffusers' from_pretrained. Default: "
                                                     "--out's suffix (.onnx, .pt2), else safetensors."),

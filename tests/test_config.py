@@ -61,13 +61,13 @@ def test_bad_value_exits_1_and_names_field_and_choices(tmp_path):
     ({"model": {"channel_mults": []}}, "model.channel_mults"),
     ({"train": {"batch_size": 0}}, "train.batch_size"),
     ({"model": {"attention_resolutions": [7]}}, "attention at 7x7"),
-    ({"model": {"norm_groups": 5}}, "norm_groups 5"),
-    ({"model": {"head_channels": 48}}, "head_channels 48"),  # attention at 128 and 256 channels
+    ({"model": {"norm_groups": 5}}, "model.norm_groups: 5"),
+    ({"model": {"head_channels": 48}}, "model.head_channels: 48"),  # attention at 128 and 256 channels
     ({"model": {"time_freq_shift": 2}}, "model.time_freq_shift"),
     ({"model": {"downsample_padding": "same"}}, "model.downsample_padding"),
     # found by a helper's sweep: each passed validation and then died in the engine with a traceback, or ran with
     # a value the user did not mean
-    ({"model": {"attention_resolutions": [], "base_channels": 64, "num_heads": 3}}, "num_heads 3"),  # the middle
+    ({"model": {"attention_resolutions": [], "base_channels": 64, "num_heads": 3}}, "model.num_heads: 3"),  # the middle
     ({"train": {"adam_betas": [1.5, 0.9]}}, "train.adam_betas.0"),
     ({"train": {"seed": 2**63 - 1}}, "train.seed"),  # seed x 1,000,003 (the data order's) overflowed
     ({"data": {"shapes_seed": -1}}, "data.shapes_seed"),
@@ -341,3 +341,21 @@ def test_a_set_of_a_whole_section_changes_only_the_fields_it_names():
     cfg = load_config(ROOT / "examples" / "cifar10-fast.yaml", ["train={steps: 8000}"])
     assert cfg.train.steps == 8000 and cfg.train.batch_size == base.train.batch_size and cfg.train.lr == base.train.lr
     assert cfg.train.batch_size != RunConfig().train.batch_size or cfg.train.lr != RunConfig().train.lr
+
+
+def test_validate_lists_field_and_combination_problems_at_once_each_at_its_field(tmp_path):
+    """`ddpm config validate` promises every problem at once: the checks of how fields go together ran only once
+    every field was valid, so a second run showed new problems, and under "config:" rather than their field."""
+    path = tmp_path / "c.yaml"
+    path.write_text("model:\n  image_size: 33\n  foo: 1\n  norm_groups: 5\ntrain:\n  lr: -1\n")
+    with pytest.raises(ConfigError) as e:
+        load_config(path)
+    assert [p.split(":")[0] for p in e.value.problems] == ["model.foo", "train.lr", "model.image_size",
+                                                           "model.norm_groups"]
+    result = runner.invoke(app, ["config", "validate", str(path)])
+    assert result.exit_code == 1 and "4 problem(s)" in result.output + result.stderr
+    # a combination that reads an invalid field is not judged on the default put in its place
+    path.write_text("model:\n  image_size: abc\n  channel_mults: [1, 2, 2, 2, 2, 2, 2]\n")
+    with pytest.raises(ConfigError) as e:
+        load_config(path)
+    assert len(e.value.problems) == 1 and e.value.problems[0].startswith("model.image_size: must be one side")

@@ -39,16 +39,16 @@ def test_image_size_is_a_side_or_height_and_width_and_old_ints_stay_ints():
 def test_sizes_the_network_cannot_halve_are_one_clear_error(tmp_path):
     with pytest.raises(ConfigError) as e:  # 3 halvings: both sides must be multiples of 8, and 20 is not
         validate_config({"model": {"image_size": [16, 20]}})
-    assert e.value.problems == ["config: image_size 16x20 cannot be halved 3 times (one per channel_mults level "
+    assert e.value.problems == ["model.image_size: 16x20 cannot be halved 3 times (one per channel_mults level "
                                 "after the first): both sides must be multiples of 8, or the model needs fewer "
                                 "levels"]
     with pytest.raises(ConfigError) as e:
         validate_config({"model": {"image_size": [20, 16]}})
-    assert "image_size 20x16 cannot be halved 3 times" in e.value.problems[0]
+    assert "model.image_size: 20x16 cannot be halved 3 times" in e.value.problems[0]
     cfg = write_yaml(tmp_path / "tiny.yaml", tiny_overrides(tmp_path / "runs"))  # two levels: one halving
     r = cli("train", "--config", cfg, "--set", "model.image_size=[16, 25]")
     assert r.exit_code == 1 and "Traceback" not in r.stderr
-    assert "image_size 16x25 cannot be halved 1 times" in r.stderr and "both sides must be multiples of 2" in r.stderr
+    assert "model.image_size: 16x25 cannot be halved 1 times" in r.stderr and "both sides must be multiples of 2" in r.stderr
     for bad, shown in (("[16, 24, 8]", "[16, 24, 8]"), ("[4, 16]", "[4, 16]"), ("16x24", "'16x24'")):
         r = cli("train", "--config", cfg, "--set", f"model.image_size={bad}")
         problems = r.stderr.strip().splitlines()[1:]
@@ -60,7 +60,7 @@ def test_sizes_the_network_cannot_halve_are_one_clear_error(tmp_path):
 def test_attention_is_named_by_a_level_s_shorter_side():
     with pytest.raises(ConfigError) as e:
         validate_config({"model": {"image_size": WIDE, "attention_resolutions": [12]}})
-    assert e.value.problems == ["config: attention at 12 (a level's shorter side) but the model's levels are 16x24, "
+    assert e.value.problems == ["model.attention_resolutions: attention at 12 (a level's shorter side) but the model's levels are 16x24, "
                                 "8x12, 4x6, 2x3; pick from 16, 8, 4, 2"]
     tall = UNet(image_size=(24, 16), base_channels=8, channel_mults=(1, 2), num_res_blocks=1,
                 attention_resolutions=(8,), norm_groups=4)

@@ -108,6 +108,9 @@ def format_validation_error(err: ValidationError) -> list[str]:
         loc = tuple(p for p in e["loc"] if p not in ("function-after",))
         path = ".".join(str(p) for p in loc) or "config"
         msg = e["msg"].removeprefix("Value error, ")
+        if not loc and e["type"] == "value_error":  # RunConfig's checks of how fields go together: located lines
+            lines.extend(msg.splitlines())
+            continue
         if e["type"] == "extra_forbidden":
             near = difflib.get_close_matches(str(loc[-1]), _known_fields(loc), n=1)
             msg = "unknown field" + (f"; did you mean '{near[0]}'?" if near else
@@ -151,9 +154,36 @@ def validate_config(data: Any, source: str = "config", overrides: list[str] | No
     try:
         return RunConfig.model_validate(data)
     except ValidationError as err:
-        problems, blamed = _blame_overrides(format_validation_error(err), overrides or [])
+        problems, blamed = _blame_overrides(format_validation_error(err) + _combination_problems_beside(err, data),
+                                            overrides or [])
         where = source if not blamed else "--set" if blamed == len(problems) else f"{source} with --set"
         raise ConfigError(f"{where}: {len(problems)} problem(s)", problems) from None
+
+
+def _combination_problems_beside(err: ValidationError, data: dict) -> list[str]:
+    """RunConfig's checks of how fields go together run only once every field is valid, so a file with both kinds
+    of problem would show the second kind only after the first was fixed. Here they run on the file without its
+    invalid fields (their defaults in their place), and a problem is kept only where it reads none of those."""
+    import copy
+
+    dropped = set()
+    pruned = copy.deepcopy(data)
+    for e in err.errors(include_url=False):
+        loc = [str(p) for p in e["loc"] if p != "function-after"][:2]
+        if not loc:
+            return []  # a combination problem already: every field was valid
+        dropped.add(".".join(loc))
+        section = pruned.get(loc[0]) if len(loc) == 2 else None
+        if isinstance(section, dict):
+            section.pop(loc[1], None)
+        else:
+            pruned.pop(loc[0], None)
+    try:
+        cfg = RunConfig.model_validate(pruned, context={"fields_only": True})
+    except (ValidationError, TypeError, ValueError):
+        return []
+    return [f"{path}: {text}" for path, reads, text in cfg.combination_problems()
+            if not any(r == d or r.startswith(d + ".") for r in reads for d in dropped)]
 
 
 class _UniqueKeyLoader(yaml.SafeLoader):

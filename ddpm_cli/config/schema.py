@@ -477,7 +477,17 @@ class RunConfig(Section):
     logging: LoggingConfig = LoggingConfig()
 
     @model_validator(mode="after")
-    def _check_model(self) -> "RunConfig":
+    def _check_model(self, info: ValidationInfo) -> "RunConfig":
+        if (info.context or {}).get("fields_only"):  # loading.validate_config's second look, after field errors
+            return self
+        problems = self.combination_problems()
+        if problems:  # one line per problem, each "field: what is wrong" (loading.format_validation_error)
+            raise ValueError("\n".join(f"{path}: {text}" for path, _, text in problems))
+        return self
+
+    def combination_problems(self) -> list[tuple[str, tuple[str, ...], str]]:
+        """What is wrong with how valid fields go together: (the field to change, every field the check reads,
+        what is wrong)."""
         m = self.model
         problems = []
         have = m.resolutions()
@@ -485,36 +495,43 @@ class RunConfig(Section):
         if any(side % 2**halvings for side in m.hw):
             size, sides = ((m.image_size, "it must be a multiple") if isinstance(m.image_size, int) else
                            (m.size_text(), "both sides must be multiples"))
-            problems.append(f"image_size {size} cannot be halved {halvings} times (one per channel_mults level after "
-                            f"the first): {sides} of {2**halvings}, or the model needs fewer levels")
+            problems.append(("model.image_size", ("model.image_size", "model.channel_mults"),
+                             f"{size} cannot be halved {halvings} times (one per channel_mults level after the "
+                             f"first): {sides} of {2**halvings}, or the model needs fewer levels"))
+        levels = ("model.attention_resolutions", "model.image_size", "model.channel_mults")
         for r in m.attention_resolutions:
             if r not in have and m.hw[0] == m.hw[1]:
-                problems.append(f"attention at {r}x{r} but the model's resolutions are "
-                                f"{', '.join(map(str, have))}; pick from those")
+                problems.append(("model.attention_resolutions", levels, f"attention at {r}x{r} but the model's "
+                                 f"resolutions are {', '.join(map(str, have))}; pick from those"))
             elif r not in have:
-                problems.append(f"attention at {r} (a level's shorter side) but the model's levels are "
-                                f"{', '.join(f'{h}x{w}' for h, w in m.levels())}; pick from "
-                                f"{', '.join(map(str, have))}")
+                problems.append(("model.attention_resolutions", levels, f"attention at {r} (a level's shorter "
+                                 f"side) but the model's levels are {', '.join(f'{h}x{w}' for h, w in m.levels())}; "
+                                 f"pick from {', '.join(map(str, have))}"))
         if any(c < 1 for c in m.channel_mults):
-            problems.append("channel_mults must all be at least 1")
+            problems.append(("model.channel_mults", ("model.channel_mults",), "must all be at least 1"))
         widths = sorted({m.base_channels * c for c in m.channel_mults})
         if m.norm == "group" and any(w % m.norm_groups for w in widths):
-            problems.append(f"norm_groups {m.norm_groups} must divide every level's channels ({widths})")
+            problems.append(("model.norm_groups", ("model.norm_groups", "model.norm", "model.base_channels",
+                                                   "model.channel_mults"),
+                             f"{m.norm_groups} must divide every level's channels ({widths})"))
         attention_widths = {m.base_channels * m.channel_mults[-1]} | {
             m.base_channels * m.channel_mults[have.index(r)] for r in m.attention_resolutions if r in have}
+        widths_read = ("model.base_channels", "model.channel_mults", *levels)
         if not m.head_channels and any(w % m.num_heads for w in attention_widths):
-            problems.append(f"num_heads {m.num_heads} must divide the channels where attention is used "
-                            f"({sorted(attention_widths)}, the middle block's included)")
+            problems.append(("model.num_heads", ("model.num_heads", "model.head_channels", *widths_read),
+                             f"{m.num_heads} must divide the channels where attention is used "
+                             f"({sorted(attention_widths)}, the middle block's included)"))
         if m.head_channels and any(w % m.head_channels for w in attention_widths):
-            problems.append(f"head_channels {m.head_channels} must divide the channels where attention is used "
-                            f"({sorted(attention_widths)}, the middle block's included)")
+            problems.append(("model.head_channels", ("model.head_channels", *widths_read),
+                             f"{m.head_channels} must divide the channels where attention is used "
+                             f"({sorted(attention_widths)}, the middle block's included)"))
         if self.logging.sample_guidance != 1.0 and not (m.conditional and self.train.label_dropout > 0):
-            problems.append(f"logging.sample_guidance {self.logging.sample_guidance:g} needs a class-conditional model "
-                            f"trained with label dropout (model.conditional=true, train.label_dropout > 0); set "
-                            f"it to 1 or turn those on")
-        if problems:
-            raise ValueError("; ".join(problems))
-        return self
+            problems.append(("logging.sample_guidance", ("logging.sample_guidance", "model.conditional",
+                                                         "train.label_dropout"),
+                             f"{self.logging.sample_guidance:g} needs a class-conditional model trained with label "
+                             f"dropout (model.conditional=true, train.label_dropout > 0); set it to 1 or turn those "
+                             f"on"))
+        return problems
 
 
 # The settings a checkpoint's weights were trained as: the network's function and the noise process. A resume may

@@ -41,8 +41,9 @@ def _run_and_step(path: Path, step: int | None) -> tuple[Path, int | None]:
 
 @friendly
 def ema_command(
-    run: Path = typer.Argument(..., help="A run directory of `ddpm train` (or one of its checkpoints or snapshots: "
-                                         "its step).", show_default=False),
+    run: Path = typer.Argument(..., metavar="RUN",
+                               help="A run directory of `ddpm train` (or one of its checkpoints or snapshots: "
+                                    "its step).", show_default=False),
     lengths: Optional[list[float]] = typer.Option(None, "--length", "-l", help="Relative length of the average "
                                                   "(its standard deviation as a share of the run; in [0.001, "
                                                   "0.28]); repeat for several.", show_default=False),

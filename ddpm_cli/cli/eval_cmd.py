@@ -99,9 +99,9 @@ def eval_command(
     data_root: Path = typer.Option(Path("data"), "--data-root",
                                    help="Where torchvision's CIFAR-10 lives (for --ref cifar10-train/test)."),
     cache_dir: Optional[Path] = typer.Option(None, "--cache-dir", envvar="DDPM_CACHE_DIR", show_default=False,
-                                             help="Folder of cached reference statistics "
-                                                  "(default: $XDG_CACHE_HOME/ddpm/fid-stats, else ~/.cache/ddpm/fid-stats; `ddpm cache` "
-                                                  "lists and clears the folder DDPM_CACHE_DIR names)."),
+                                             help="Folder of cached reference statistics (default: "
+                                                  "$XDG_CACHE_HOME/ddpm/fid-stats, else ~/.cache/ddpm/fid-stats; "
+                                                  "`ddpm cache` lists and clears the folder DDPM_CACHE_DIR names)."),
     cache: bool = typer.Option(True, "--cache/--no-cache", help="Read and write cached reference statistics."),
     save_stats: Optional[str] = typer.Option(None, "--save-stats", metavar=PATH_METAVAR, show_default=False,
                                              help="Write the reference statistics to this .npz (then use it as "

@@ -41,7 +41,8 @@ def _format_of(fmt: ExportFormat | None, out: str | None) -> ExportFormat:
 
 @friendly
 def export_command(
-    checkpoint: Path = typer.Argument(..., help="A .safetensors checkpoint, or a run directory (its latest).",
+    checkpoint: Path = typer.Argument(..., metavar="CHECKPOINT",
+                                      help="A .safetensors checkpoint, or a run directory (its latest).",
                                       show_default=False),
     fmt: Optional[ExportFormat] = typer.Option(None, "--format", "-f", show_default=False,
                                                help="safetensors: inference-only weights, loadable by `ddpm "

@@ -12,9 +12,10 @@ from ddpm_cli.cli.ui import console, friendly
 
 @friendly
 def import_command(
-    path: Path = typer.Argument(..., help="A diffusers UNet2DModel folder (config.json, "
-                                          "diffusion_pytorch_model.safetensors, scheduler_config.json) or a "
-                                          "DDPMPipeline folder (unet/, scheduler/).", show_default=False),
+    path: Path = typer.Argument(..., metavar="PATH",
+                                help="A diffusers UNet2DModel folder (config.json, diffusion_pytorch_model."
+                                     "safetensors, scheduler_config.json) or a DDPMPipeline folder (unet/, "
+                                     "scheduler/).", show_default=False),
     out: Optional[str] = typer.Option(None, "--out", "-o", metavar=PATH_METAVAR, show_default=False,
                                       help="Checkpoint to write (default: FOLDER.safetensors beside the folder)."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing output file."),

@@ -268,8 +268,9 @@ def _list_run(run_dir: Path, as_json: bool, sha256: bool) -> None:
 
 @friendly
 def inspect_command(
-    checkpoint: Path = typer.Argument(..., help="A .safetensors checkpoint, or a run directory (lists its "
-                                                "checkpoints).", show_default=False),
+    checkpoint: Path = typer.Argument(..., metavar="CHECKPOINT",
+                                      help="A .safetensors checkpoint, or a run directory (lists its "
+                                           "checkpoints).", show_default=False),
     as_json: bool = typer.Option(False, "--json", help="Print JSON instead of a table."),
     sha256: bool = typer.Option(False, "--sha256", help="Also compute the file's SHA-256 (reads the whole file)."),
 ) -> None:

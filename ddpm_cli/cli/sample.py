@@ -140,7 +140,8 @@ def _refuse_an_npz_larger_than_memory(n: int, model) -> None:
 @friendly
 @sampling_options
 def sample_command(
-    checkpoint: Path = typer.Argument(..., help="A .safetensors checkpoint, or a run directory (its latest).",
+    checkpoint: Path = typer.Argument(..., metavar="CHECKPOINT",
+                                      help="A .safetensors checkpoint, or a run directory (its latest).",
                                       show_default=False),
     n: int = typer.Option(64, "-n", "--num", help="Number of images (at most 10,000,000)."),
     per_class: bool = typer.Option(False, "--per-class", help="The same number of images for every class "

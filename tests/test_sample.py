@@ -741,6 +741,17 @@ def test_the_header_names_the_steps_that_run(trained_run, tmp_path):
     assert "more than the model's T = 100" in r.stderr and "|  ddim 100 steps  |" in r.stdout, r.output
     r = ok("sample", trained_run, "-n", 1, "--sampler", "ddim", "--steps", 1, "--out", tmp_path / "b")
     assert "|  ddim 1 step  |" in r.stdout, r.stdout
+    # steps that round onto the same timestep run once: the header said the 90 asked for (found by a review)
+    import numpy as np
+
+    from ddpm_cli.diffusion.sampler_spec import timesteps
+    from ddpm_cli.diffusion.schedules import make_betas
+
+    taken = len(timesteps(np.cumprod(1 - make_betas("linear", 100)), 90, "logsnr"))
+    assert taken < 90
+    r = ok("sample", trained_run, "-n", 1, "--sampler", "dpm++2m", "--steps", 90, "--spacing", "logsnr", "--out",
+           tmp_path / "c")
+    assert f"|  dpm++2m {taken} steps  |" in r.stdout and f"fall on {taken} distinct timesteps" in r.stderr, r.output
 
 
 def test_a_slow_rate_reads_as_a_rate():

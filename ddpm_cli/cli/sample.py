@@ -137,6 +137,19 @@ def _refuse_an_npz_larger_than_memory(n: int, model) -> None:
                          f"(--format png) or several npz files of fewer images (each its own --seed)")
 
 
+def _distinct_steps(diffusion_cfg, spec) -> int:
+    """The network calls per image of a few-step sampler on this schedule (steps that round onto the same
+    timestep are taken once)."""
+    import numpy as np
+
+    from ddpm_cli.diffusion.schedules import make_betas
+
+    d = diffusion_cfg
+    alpha_bar = np.cumprod(1.0 - make_betas(d.schedule, d.num_timesteps, d.schedule_low, d.schedule_high,
+                                            d.dns_offset))
+    return spec.evaluations(alpha_bar)
+
+
 @friendly
 @sampling_options
 def sample_command(
@@ -211,8 +224,13 @@ def sample_command(
     spec = plan.draw.spec
     steps = ""  # the ddpm sampler takes every step
     if spec.sampler != "ddpm":
-        taken = min(spec.steps, plan.config.diffusion.num_timesteps)  # what runs: a warning says so when fewer
+        taken = _distinct_steps(plan.config.diffusion, spec)  # what runs: steps that round onto one timestep run once
         steps = f" {taken} step{'s' if taken != 1 else ''}"
+        asked = min(spec.steps, plan.config.diffusion.num_timesteps)  # (above T, the spec's own warning says so)
+        if main and taken < asked:
+            warn(f"{spec.steps} {spec.sampler} steps ({spec.spacing} spacing) fall on {taken} distinct timesteps of "
+                 f"this model's T = {plan.config.diffusion.num_timesteps}: it takes {taken} (--steps and --spacing "
+                 f"choose others)")
 
     def on_start(device_name: str) -> None:
         if main:

@@ -126,6 +126,8 @@ class Diffusion(nn.Module):
         y = _labels(y, x.shape[0], m, "loss").to(self.device) if (y is not None and m.conditional) else None
         if y is not None:  # train.label_dropout, as `ddpm train` drops them
             y = drop_labels(y, self.cfg.train.label_dropout, m.num_classes)
+        if torch.is_grad_enabled():  # a training batch (a loss taken without gradients evaluates): counted
+            self.images_seen += x.shape[0]
         return self.process.loss(self.model, x.to(self.device, torch.float32), y)  # (numpy's float64 too)
 
     forward = loss
@@ -196,12 +198,17 @@ class Diffusion(nn.Module):
         the config, step, images trained on and class names (a training run's extra averages and autoguidance
         guide are not held here, so not saved). A training checkpoint of a run (one with its training state
         beside it) is not replaced: its run would no longer resume."""
+        from ddpm_cli.cli.outputs import is_run_file, run_holding
         from ddpm_cli.engine.runs import is_training_checkpoint
 
         path = Path(path)
         if is_training_checkpoint(path):
             raise UsageError(f"save: {path} is a training checkpoint of a run (its training state is beside it), "
                              f"which would no longer resume; save to another path")
+        run = run_holding(path)
+        if run is not None and is_run_file(run, path):  # its config, metrics, pointer, grids, snapshots
+            raise UsageError(f"save: {path} is one of the run's own files, which its run reads; save to another "
+                             f"path")
         meta = ckpt_io.weights_metadata(self.cfg, self.step, self.images_seen, count_params(self.model),
                                         self.ema is not None, self.classes, kind="train")
         ckpt_io.save_weights(path, self.model, self.ema.model if self.ema else None, meta)

@@ -89,6 +89,28 @@ def test_a_checkpoint_loaded_and_saved_keeps_its_class_names_and_no_run_is_overw
     with pytest.raises(DdpmError, match="training checkpoint"):
         d.save(src)
     assert src.read_bytes() == before
+    for own in ("latest.json", "config.yaml"):  # the run's other files: written over with weights (a review)
+        path = trained_conditional_run / own
+        before = path.read_bytes()
+        with pytest.raises(DdpmError, match="one of the run's own files"):
+            d.save(path)
+        assert path.read_bytes() == before
+
+
+def test_the_images_a_model_is_trained_on_are_counted_into_its_checkpoint(tmp_path):
+    """The API saved 'images seen 0' after training: loss() never counted its batches (a loss taken without
+    gradients, to evaluate, is not training)."""
+    from ddpm_cli.engine.checkpoint import read_header
+
+    conditional = Diffusion.from_config(tiny_overrides(tmp_path, model__conditional=True, model__num_classes=10),
+                                        device="cpu")
+    start = conditional.images_seen
+    conditional.loss(torch.zeros(3, 3, 16, 16), y=[0, 1, 2]).backward()
+    conditional.update_ema()
+    with torch.no_grad():
+        conditional.loss(torch.zeros(2, 3, 16, 16), y=[0, 1])
+    conditional.save(tmp_path / "c.safetensors")
+    assert int(read_header(tmp_path / "c.safetensors").metadata["images_seen"]) == start + 3
 
 
 def test_loss_takes_float64_images_as_numpy_gives_them(conditional):

@@ -48,6 +48,25 @@ def step_loss(channels_last: bool, bf16: bool, device_type: str):
     return loss
 
 
+def why(e: Exception) -> str:
+    """An exception in one line, for a BENCH line."""
+    text = str(e).strip()
+    return f"{type(e).__name__}: {text.splitlines()[0][:300] if text else ''}"
+
+
+def save(artifact: Path, compiled) -> dict:
+    """Write an aot_compile'd function to `artifact`: the seconds, the bytes, or why it failed."""
+    t = time.perf_counter()
+    res = {}
+    try:
+        compiled.save_compiled_function(str(artifact))
+    except Exception as e:
+        res["save_error"] = why(e)
+    res["save_s"] = round(time.perf_counter() - t, 2)
+    res["bytes"] = artifact.stat().st_size if artifact.exists() else None
+    return res
+
+
 def run_phase(args) -> dict:
     return run_sampler_phase(args) if args.what == "sample" else run_train_phase(args)
 
@@ -98,7 +117,7 @@ def run_train_phase(args) -> dict:
         else:
             step = torch.compile(fn, dynamic=False, backend=args.backend, options=options)
     except Exception as e:  # a torch without the API, or one that cannot save this step: the figure is the answer
-        out["error"] = f"{type(e).__name__}: {str(e).strip().splitlines()[0][:300] if str(e).strip() else ''}"
+        out["error"] = why(e)
         return out
     times = []
     for i, batch in enumerate(batches):
@@ -115,13 +134,7 @@ def run_train_phase(args) -> dict:
     out["step_ms"] = round(1000 * statistics.median(times[1:]), 3) if len(times) > 1 else None
     out["to_first_step_s"] = round(T() - t0 - sum(times[1:]), 2)
     if args.phase == "save":
-        t3 = T()
-        try:
-            step.save_compiled_function(str(artifact))
-        except Exception as e:
-            out["save_error"] = f"{type(e).__name__}: {str(e).strip().splitlines()[0][:300]}"
-        out["save_s"] = round(T() - t3, 2)
-        out["bytes"] = artifact.stat().st_size if artifact.exists() else None
+        out.update(save(artifact, step))
     return out
 
 
@@ -178,7 +191,7 @@ def run_sampler_phase(args) -> dict:
                 net = torch.compile(model, dynamic=False, backend=args.backend, options=options)
                 call = lambda m, *a: net(*a)  # noqa: E731 - the same calling convention as the loaded one
     except Exception as e:
-        out["error"] = f"{type(e).__name__}: {str(e).strip().splitlines()[0][:300] if str(e).strip() else ''}"
+        out["error"] = why(e)
         return out
     times = []
     with torch.no_grad(), amp:
@@ -193,13 +206,7 @@ def run_sampler_phase(args) -> dict:
     out["call_ms"] = round(1000 * statistics.median(times[1:]), 3) if len(times) > 1 else None
     out["to_first_call_s"] = round(T() - t0 - sum(times[1:]), 2)
     if args.phase == "save":
-        t3 = T()
-        try:
-            call.save_compiled_function(str(artifact))
-        except Exception as e:
-            out["save_error"] = f"{type(e).__name__}: {str(e).strip().splitlines()[0][:300]}"
-        out["save_s"] = round(T() - t3, 2)
-        out["bytes"] = artifact.stat().st_size if artifact.exists() else None
+        out.update(save(artifact, call))
     return out
 
 

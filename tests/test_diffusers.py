@@ -110,6 +110,16 @@ def test_diffusers_defaults_and_several_heads_map_too(tmp_path):
     assert configs[0] == configs[1] and configs[0]["diffusion"]["num_timesteps"] == 200
 
 
+def test_a_model_without_attention_in_its_levels_is_said_to_have_it_in_the_middle_block(tmp_path):
+    """The import's summary said "attention at none" for a model whose middle block attends (inspect: "mid only")."""
+    config = {**DDPM_UNET, "sample_size": 16, "block_out_channels": [8, 16], "layers_per_block": 1,
+              "down_block_types": ["DownBlock2D", "DownBlock2D"], "up_block_types": ["UpBlock2D", "UpBlock2D"]}
+    unet, folder = save_folder(tmp_path, "plain", config)
+    r = ok("import", folder, "--out", tmp_path / "m.safetensors")
+    assert "attention at the middle block only" in r.stdout, r.stdout
+    assert compare(unet, tmp_path / "m.safetensors", batch=2) < 1e-5  # (the middle block's attention included)
+
+
 def test_a_non_square_sample_size_imports_and_exports_as_height_and_width(tmp_path):
     """diffusers' sample_size may be [height, width]: the model keeps it (attention named by the shorter side),
     computes diffusers' function, and goes back out with the same pair."""

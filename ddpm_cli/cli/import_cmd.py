@@ -33,9 +33,10 @@ def import_command(
     m, d = r.config.model, r.config.diffusion
     console.print(f"wrote {r.path} ({human_size(r.file_size)}; {r.num_params:,} parameters)", markup=False,
                   soft_wrap=True)
-    console.print(f"model: {m.size_text()}x{m.in_channels}, base {m.base_channels}, mults "
-                  f"{list(m.channel_mults)}, attention at {list(m.attention_resolutions) or 'none'}; schedule: "
-                  f"{d.schedule}, T = {d.num_timesteps}, variance {d.variance}", markup=False, soft_wrap=True)
+    attention = list(m.attention_resolutions) or "the middle block only"  # (the middle block always attends)
+    console.print(f"model: {m.size_text()}x{m.in_channels}, base {m.base_channels}, mults {list(m.channel_mults)}, "
+                  f"attention at {attention}; schedule: {d.schedule}, T = {d.num_timesteps}, variance {d.variance}",
+                  markup=False, soft_wrap=True)
     if not r.scheduler_found:
         console.print("note: the folder has no scheduler_config.json; DDPMScheduler's defaults were assumed (linear "
                       "betas 1e-4 to 0.02, T = 1000, fixed_small variance)", markup=False, soft_wrap=True)

@@ -137,19 +137,6 @@ def _refuse_an_npz_larger_than_memory(n: int, model) -> None:
                          f"(--format png) or several npz files of fewer images (each its own --seed)")
 
 
-def _distinct_steps(diffusion_cfg, spec) -> int:
-    """The network calls per image of a few-step sampler on this schedule (steps that round onto the same
-    timestep are taken once)."""
-    import numpy as np
-
-    from ddpm_cli.diffusion.schedules import make_betas
-
-    d = diffusion_cfg
-    alpha_bar = np.cumprod(1.0 - make_betas(d.schedule, d.num_timesteps, d.schedule_low, d.schedule_high,
-                                            d.dns_offset))
-    return spec.evaluations(alpha_bar)
-
-
 @friendly
 @sampling_options
 def sample_command(
@@ -224,7 +211,10 @@ def sample_command(
     spec = plan.draw.spec
     steps = ""  # the ddpm sampler takes every step
     if spec.sampler != "ddpm":
-        taken = _distinct_steps(plan.config.diffusion, spec)  # what runs: steps that round onto one timestep run once
+        from ddpm_cli.engine.build import build_diffusion
+
+        # what runs: steps that round onto one timestep run once
+        taken = spec.evaluations(build_diffusion(plan.config.diffusion).alpha_bar)
         steps = f" {taken} step{'s' if taken != 1 else ''}"
         asked = min(spec.steps, plan.config.diffusion.num_timesteps)  # (above T, the spec's own warning says so)
         if main and taken < asked:

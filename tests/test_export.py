@@ -188,6 +188,26 @@ def test_a_failed_check_fails_loudly_and_keeps_no_file(trained_run, tmp_path, mo
     assert not (tmp_path / "bad.onnx").exists() and list(tmp_path.iterdir()) == []
 
 
+@pytest.mark.parametrize("fmt", ["safetensors", "onnx"])
+def test_a_file_that_appears_while_exporting_is_not_replaced_without_overwrite(trained_run, tmp_path, monkeypatch,
+                                                                                fmt):
+    """The output's name is checked at the start; an export takes seconds to minutes (the check in onnxruntime), and
+    another process may write that name meanwhile: the placing must not replace it (it did: os.replace)."""
+    dst = tmp_path / f"out.{fmt}"
+    checked = export_mod.check_export
+
+    def check_then_another_writes(*a, **k):
+        checked(*a, **k)
+        dst.write_bytes(b"theirs")
+
+    monkeypatch.setattr(export_mod, "check_export", check_then_another_writes)
+    msg = one_line_error(cli("export", trained_run, "--format", fmt, "--out", dst))
+    assert str(dst) in msg and "--overwrite" in msg
+    assert dst.read_bytes() == b"theirs" and [p.name for p in tmp_path.iterdir()] == [dst.name]  # no temporary left
+    ok("export", trained_run, "--format", fmt, "--out", dst, "--overwrite")
+    assert dst.read_bytes() != b"theirs"
+
+
 def test_pt2_export_matches_pytorch(trained_conditional_run, tmp_path):
     ok("export", trained_conditional_run, "--format", "pt2", "--out", tmp_path / "m.pt2")
     model, _, cfg, _ = load_model(trained_conditional_run, "cpu")

@@ -16,6 +16,7 @@ Each export is checked under a temporary name and only then moved into place, so
 tolerance (or any failure) leaves no wrong file behind and replaces no earlier one."""
 from __future__ import annotations
 
+import errno
 import json
 import os
 import shutil
@@ -114,10 +115,24 @@ def check_export(dst: Path, err: float, tol: float, what: str, scale: float | No
                         f"`ddpm inspect --json`")
 
 
-def _place(tmp: Path, dst: Path) -> None:
-    """Move a checked export into place: only now does it replace an earlier file of that name."""
+def _place(tmp: Path, dst: Path, overwrite: bool) -> None:
+    """Move a checked export into place: only now does it replace an earlier file of that name, and only with
+    `overwrite`. Without it a file that appeared under that name since the start (another process) is kept: a hard
+    link fails where the name is taken, where a rename would replace it. (The caller removes `tmp`.)"""
     try:
-        os.replace(tmp, dst)
+        if overwrite:
+            os.replace(tmp, dst)
+        else:
+            try:
+                os.link(tmp, dst)
+            except FileExistsError:
+                raise DdpmError(f"{dst} appeared while exporting; pass --overwrite or another --out") from None
+            except OSError as e:  # a filesystem without hard links: check, then rename
+                if e.errno not in (errno.EPERM, errno.EOPNOTSUPP, errno.ENOTSUP, errno.EMLINK, errno.ENOSYS):
+                    raise
+                if dst.exists() or dst.is_symlink():
+                    raise DdpmError(f"{dst} appeared while exporting; pass --overwrite or another --out") from None
+                os.replace(tmp, dst)
         fsync_dir(dst.parent)
     except OSError as e:
         raise DdpmError(f"cannot write {dst}: {e.strerror or e}") from None
@@ -165,7 +180,8 @@ def _prepare(src: str | Path, dst: Path | None, fmt: str, dtype: str, overwrite:
     return ckpt, use_ema, dst
 
 
-def export_safetensors(ckpt, use_ema: bool, dst: Path, dtype: str, ema_decay: float | None = None) -> ExportResult:
+def export_safetensors(ckpt, use_ema: bool, dst: Path, dtype: str, ema_decay: float | None = None,
+                       overwrite: bool = False) -> ExportResult:
     from safetensors.torch import save as st_save
 
     state = ckpt.ema_state if use_ema else ckpt.model_state
@@ -195,7 +211,7 @@ def export_safetensors(ckpt, use_ema: bool, dst: Path, dtype: str, ema_decay: fl
             err = relative_error(Denoiser(got, cfg.model.conditional)(*inputs), want)
         check_export(dst, err, TOLERANCE[dtype], f"the {dtype} weights",
                float(want.abs().max()) if dtype == "fp16" else None)
-        _place(tmp, dst)
+        _place(tmp, dst, overwrite)
     finally:
         tmp.unlink(missing_ok=True)
     return ExportResult(dst, "safetensors", _weights(use_ema, ema_decay), dtype, dst.stat().st_size, err,
@@ -243,7 +259,8 @@ def _torch_onnx_export(net: torch.nn.Module, args: tuple, path: Path, names: lis
     raise DdpmError(f"ONNX export failed ({'; '.join(errors)})")
 
 
-def export_onnx(ckpt, use_ema: bool, dst: Path, ema_decay: float | None = None) -> ExportResult:
+def export_onnx(ckpt, use_ema: bool, dst: Path, ema_decay: float | None = None,
+                overwrite: bool = False) -> ExportResult:
     try:
         import onnx
         import onnxruntime as ort
@@ -272,14 +289,15 @@ def export_onnx(ckpt, use_ema: bool, dst: Path, ema_decay: float | None = None) 
                             f"{str(e).splitlines()[0] if str(e) else ''}); {dst.name} was not written") from None
         err = relative_error(torch.from_numpy(got), _unfolded_output(net, inputs))
         check_export(dst, err, TOLERANCE["fp32"], "onnxruntime's output")
-        _place(tmp, dst)
+        _place(tmp, dst, overwrite)
     finally:
         tmp.unlink(missing_ok=True)
     return ExportResult(dst, "onnx", _weights(use_ema, ema_decay), "fp32", dst.stat().st_size, err,
                         TOLERANCE["fp32"], f"onnxruntime (batch {CHECK_BATCH}; {exporter})")
 
 
-def export_pt2(ckpt, use_ema: bool, dst: Path, ema_decay: float | None = None) -> ExportResult:
+def export_pt2(ckpt, use_ema: bool, dst: Path, ema_decay: float | None = None,
+               overwrite: bool = False) -> ExportResult:
     model, _, cfg, _ = load_model(ckpt.path, "cpu", use_ema=use_ema, ema_decay=ema_decay)
     net = fold_upsampling(Denoiser(model, cfg.model.conditional).eval(), frozen=True)
     args = random_inputs(cfg, 2, seed=1)
@@ -310,7 +328,7 @@ def export_pt2(ckpt, use_ema: bool, dst: Path, ema_decay: float | None = None) -
                             f"{str(e).splitlines()[0] if str(e) else ''}); {dst.name} was not written") from None
         err = relative_error(got, _unfolded_output(net, inputs))
         check_export(dst, err, TOLERANCE["fp32"], "the torch.export program")
-        _place(tmp, dst)
+        _place(tmp, dst, overwrite)
     finally:
         shutil.rmtree(tmp_dir, ignore_errors=True)
     return ExportResult(dst, "pt2", _weights(use_ema, ema_decay), "fp32", dst.stat().st_size, err,
@@ -336,9 +354,9 @@ def export_checkpoint(src: str | Path, dst: str | Path | None = None, fmt: str =
     """Export a checkpoint (or a run directory's latest) and check the result; see the module docstring."""
     ckpt, use_ema, out = _prepare(src, Path(dst) if dst is not None else None, fmt, dtype, overwrite, ema, ema_decay)
     if fmt == "safetensors":
-        return export_safetensors(ckpt, use_ema, out, dtype, ema_decay)
+        return export_safetensors(ckpt, use_ema, out, dtype, ema_decay, overwrite)
     if fmt == "onnx":
-        return export_onnx(ckpt, use_ema, out, ema_decay)
+        return export_onnx(ckpt, use_ema, out, ema_decay, overwrite)
     if fmt == "diffusers":
         return export_diffusers(ckpt, use_ema, out, dtype, ema_decay, overwrite)
-    return export_pt2(ckpt, use_ema, out, ema_decay)
+    return export_pt2(ckpt, use_ema, out, ema_decay, overwrite)

@@ -308,9 +308,9 @@ def test_under_max_time_the_closing_work_is_budgeted_from_the_first_eager_step(t
         time.sleep(1.5)
         return save()
 
-    def slow_grid():
+    def slow_grid(*args):
         time.sleep(0.5)
-        return grid()
+        return grid(*args)
 
     trainer.save_checkpoint, trainer.sample_grid = slow_save, slow_grid
     monkeypatch.setattr(Trainer, "_closing_cost", lambda self: (0.6, 1.6))

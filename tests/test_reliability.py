@@ -417,6 +417,26 @@ def test_signal_finishes_the_step_checkpoints_and_exits(tmp_path, procs, signum,
     _no_tmp_is_a_checkpoint(p.run_dir)
 
 
+def test_a_signal_while_the_run_closes_ends_its_last_grid_and_exits_with_the_signal(tmp_path, procs):
+    """After its last checkpoint a run draws a sample grid; a SIGTERM then was ignored: the grid went on (minutes
+    with many sampler steps) and the run exited 0, so a scheduler waited out its grace period and never learnt it
+    was stopped. Now the grid stops at the sampler's next step and the run exits 143, its checkpoint whole."""
+    p = TrainProcess(tmp_path, _sub_cfg(tmp_path, train__steps=2, diffusion__num_timesteps=4000,
+                                        logging__sample_steps=3999, logging__sample_count=4))  # a long grid
+    procs.append(p)
+    p.wait_for(lambda: (p.run_dir / "latest.json").exists(), "the closing checkpoint")
+    signalled = time.monotonic()
+    p.signal(signal.SIGTERM)
+    rc = p.wait()
+    out = p.output()
+    assert rc == 143 and time.monotonic() - signalled < 60, (rc, out)
+    assert "Traceback" not in out and re.search(r"signal 15 while closing the run at step 2\b", out), out
+    pointer = json.loads((p.run_dir / "latest.json").read_text())
+    assert pointer["step"] == 2
+    _assert_loadable(p.run_dir / pointer["weights"])
+    assert not (p.run_dir / "samples" / "step_00000002.png").exists()  # the grid was left out, not half-written
+
+
 NOHUP = """
 import signal, sys
 signal.signal(signal.SIGHUP, signal.SIG_IGN)  # as nohup leaves it

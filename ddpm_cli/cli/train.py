@@ -165,8 +165,9 @@ def _refuse_going_back(header, cfg) -> None:
 
 def _report(trainer, result) -> None:
     """The closing lines: how the run ended, and how to sample from its checkpoint."""
-    why = {"steps": "reached train.steps", "time": "reached train.max_time",
-           "early_stopping": "early stopping"}.get(result.stop_reason, result.stop_reason)
+    from ddpm_cli.engine.train import result_reason
+
+    why = result_reason(result.stop_reason)
     compiled = f", {result.compile_s:.1f} s of it compiling" if trainer.compiled and result.compile_s else ""
     saved = (f"checkpoint {result.checkpoint}" if result.checkpoint is not None else
              "no checkpoint: the run ended before its first step (raise train.max_time)")

@@ -6,6 +6,7 @@ from __future__ import annotations
 import math
 import re
 import time
+from collections.abc import Callable
 from contextlib import nullcontext
 from pathlib import Path
 
@@ -68,9 +69,10 @@ def grid_plan(cfg: RunConfig) -> tuple[int, torch.Tensor | None, int, bool]:
 
 @torch.no_grad()
 def draw_grid(net: torch.nn.Module, diffusion: GaussianDiffusion, cfg: RunConfig, path: Path,
-              device: torch.device, bf16: bool) -> Path:
+              device: torch.device, bf16: bool, on_step: Callable[[int, int], None] | None = None) -> Path:
     """The grid of `logging.sample_count` images (a row per class when conditional), drawn by `net` in eval mode,
-    written as `ddpm sample --grid` writes one (gray stays gray, alpha stays)."""
+    written as `ddpm sample --grid` writes one (gray stays gray, alpha stays). `on_step`: the sampler's progress
+    callback (what it raises ends the drawing, and nothing is written)."""
     from ddpm_cli.engine.sampling import tile, write_png
 
     m = cfg.model
@@ -78,11 +80,13 @@ def draw_grid(net: torch.nn.Module, diffusion: GaussianDiffusion, cfg: RunConfig
     net.eval()
     n, labels, nrow, full = grid_plan(cfg)
     spec = SamplerSpec("ddpm" if full else "ddim", cfg.logging.sample_steps, variance=cfg.diffusion.variance)
-    images = [batch for _, batch, _ in generate(
-        net, diffusion, n, spec, image_shape=m.image_shape(), labels=labels,
-        batch_size=max(n, 1), seed=cfg.train.seed, guidance=cfg.logging.sample_guidance if m.conditional else 1.0,
-        null_class=m.num_classes, device=device, bf16=bf16)]
-    net.train(was_training)
+    try:
+        images = [batch for _, batch, _ in generate(
+            net, diffusion, n, spec, image_shape=m.image_shape(), labels=labels, batch_size=max(n, 1),
+            seed=cfg.train.seed, guidance=cfg.logging.sample_guidance if m.conditional else 1.0,
+            null_class=m.num_classes, device=device, bf16=bf16, on_step=on_step)]
+    finally:
+        net.train(was_training)
     batch = torch.cat(images).numpy()
     write_png(path, tile(batch, [list(range(i, min(len(batch), i + nrow))) for i in range(0, len(batch), nrow)]))
     return path

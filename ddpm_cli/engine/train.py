@@ -82,6 +82,16 @@ class TrainResult:
 _SIGNALLED = 100  # a stop flag above this carries the signal's number
 
 
+class _GridStopped(Exception):
+    """A signal came while the closing sample grid was drawn."""
+
+
+def result_reason(stop_reason: str) -> str:
+    """How a run ended, in words."""
+    return {"steps": "reached train.steps", "time": "reached train.max_time",
+            "early_stopping": "early stopping"}.get(stop_reason, stop_reason)
+
+
 class Trainer:
     def __init__(self, cfg: RunConfig, **kwargs):
         """See _setup for the keyword arguments. A start that fails (bad data, no download, Ctrl-C while loading)
@@ -221,16 +231,29 @@ class Trainer:
     def save_checkpoint(self) -> Path | None:
         return train_state.save(self) if self.main else None
 
-    def sample_grid(self) -> Path | None:
+    def sample_grid(self, on_step=None) -> Path | None:
         if not self.main:
             return None
         folder = self.run_dir / "samples"
         folder.mkdir(exist_ok=True)  # a run copied or resumed from its checkpoint alone has none yet
         path = monitor.draw_grid(self.ema.model if self.ema else self.model, self.diffusion, self.cfg,
-                                 folder / f"step_{self.step:08d}.png", self.device, self.bf16)
+                                 folder / f"step_{self.step:08d}.png", self.device, self.bf16, on_step)
         if self.wandb:
             self.wandb.log_image("samples", path, self.step)
         return path
+
+    def _closing_grid(self) -> None:
+        """The run's last sample grid, after its last checkpoint: a signal before or while it is drawn leaves it
+        out (a scheduler's grace period is not spent on a picture; the run() end reports the signal)."""
+        def stop_if_signalled(i: int, n: int) -> None:  # noqa: ARG001 - the sampler's progress callback
+            if self.stop.signum:
+                raise _GridStopped
+
+        if not self.stop.signum:
+            try:
+                self.sample_grid(stop_if_signalled)
+            except _GridStopped:
+                pass
 
     def _closing_cost(self) -> tuple[float, float]:
         """Seconds the end of a run takes on rank 0 (the other ranks wait for it): (its sample grid; its
@@ -456,7 +479,7 @@ class Trainer:
         if self.step > 0 and (self.resumed_from is None or self.step > int(self.resumed_from.stem.split("-")[1])):
             checkpoint = self.save_checkpoint()
             if stop_reason != "signal":
-                self.sample_grid()
+                self._closing_grid()
         else:
             checkpoint = self.resumed_from
         elapsed = time.monotonic() - self.t0
@@ -468,6 +491,12 @@ class Trainer:
         self.dist.finish_together()
         result = TrainResult(self.run_dir, self.step, self.images_seen, stop_reason, checkpoint, elapsed, compile_s,
                              last_loss, first_loss, records)
+        if stop_reason != "signal" and self.stop.signum and checkpoint is not None:
+            # a signal while the run was closing (its checkpoint, its last grid): the run is whole, and a scheduler
+            # that sent it still learns it was stopped by one
+            raise TrainingAborted(f"stopped by signal {self.stop.signum} while closing the run at step {self.step} "
+                                  f"({result_reason(stop_reason)}); checkpoint {checkpoint} is complete",
+                                  128 + self.stop.signum)
         if stop_reason == "signal":
             code = 128 + self.stop.signum  # the shell's convention: Ctrl-C 130, SIGTERM 143, SIGHUP 129
             if self.step == 0:  # (checkpoint is None on every rank but 0, which alone saves)

@@ -12,7 +12,7 @@ import torch
 from conftest import cli, ok, one_line_error
 from ddpm_cli.engine.checkpoint import load_model
 from ddpm_cli.engine.checkpoint import read_header
-from ddpm_cli.engine.generate import step_noise_seed
+from ddpm_cli.engine.generate import noise_seed, step_noise_seed
 from ddpm_cli.engine.runs import latest_checkpoint
 
 diffusers = pytest.importorskip("diffusers")
@@ -279,7 +279,7 @@ def _pipeline_samples_what_ddpm_samples(src, tmp_path, variance: str) -> None:
     scheduler.noise = torch.Generator().manual_seed(step_noise_seed(seed, 0))  # generate.generate's, first batch
     pipe = DDPMPipeline(unet=pipe.unet, scheduler=scheduler)
     pipe.set_progress_bar_config(disable=True)
-    generators = [torch.Generator().manual_seed(seed * 1_000_003 + i) for i in range(n)]  # generate.initial_noise
+    generators = [torch.Generator().manual_seed(noise_seed("image", seed, i)) for i in range(n)]  # initial_noise's
     images = pipe(batch_size=n, generator=generators, num_inference_steps=scheduler.config.num_train_timesteps,
                   output_type="np").images
     theirs = np.round(images * 255).astype(int)

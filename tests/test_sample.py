@@ -835,6 +835,22 @@ def test_a_class_that_is_a_number_and_another_class_s_name_is_refused(trained_co
     assert npz(tmp_path / "p10.npz")["labels"].tolist() == [1]
 
 
+def test_two_seeds_never_start_an_image_from_the_same_noise():
+    """Image i of seed s started from torch's generator seeded s * 1,000,003 + i: image 1,000,003 of seed 0 was
+    image 0 of seed 1, so two draws of 2,000,000 images (within -n's limit) shared a million (a review)."""
+    import torch
+
+    from ddpm_cli.engine.generate import initial_noise
+
+    shape = (3, 2, 2)
+    for a, b in (((1_000_003, 0), (0, 1)), ((2_000_006, 0), (0, 2)), ((1, 7), (1_000_004, 6))):
+        first, second = initial_noise(range(a[0], a[0] + 1), shape, a[1]), initial_noise(range(b[0], b[0] + 1),
+                                                                                           shape, b[1])
+        assert not torch.equal(first, second), (a, b)
+    # still one image, one noise: the same whatever batch it falls in
+    assert torch.equal(initial_noise(range(5, 8), shape, 3)[1], initial_noise(range(6, 7), shape, 3)[0])
+
+
 def test_no_batch_draws_an_images_starting_noise_as_its_step_noise(monkeypatch):
     """A stochastic sampler's per-step noise comes from its own stream: on the CPU, where the initial noise's
     generator is the same kind, a batch's first step must not add another image's starting noise (image 0's

@@ -97,16 +97,24 @@ def even_batch(n: int, batch_size: int) -> int:
 
 
 def initial_noise(indices: range, shape: tuple[int, ...], seed: int) -> torch.Tensor:
+    """The starting noise x_T of images `indices` of a draw with `seed`: image i's from its own generator, so an
+    image is the same whatever the batch it falls in."""
     g = torch.Generator()
-    return torch.stack([torch.randn(shape, generator=g.manual_seed(seed * 1_000_003 + i)) for i in indices])
+    return torch.stack([torch.randn(shape, generator=g.manual_seed(noise_seed("image", seed, i))) for i in indices])
+
+
+def noise_seed(stream: str, seed: int, index: int) -> int:
+    """The seed of one noise stream of a draw: "image" (image `index`'s starting noise) or "step" (the per-step
+    noise of the batch whose first image is `index`); a hash of all three, so that no two streams of any seeds
+    meet. (Arithmetic seeds did: image 1,000,003 of seed 0 started from image 0 of seed 1's noise, and the first
+    batch's first step drew image 1's.)"""
+    digest = hashlib.blake2b(f"ddpm {stream} noise {seed} {index}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") >> 1  # 63 bits: any generator takes it
 
 
 def step_noise_seed(seed: int, start: int) -> int:
-    """The seed of the per-step noise of the batch whose first image is `start`: a hash of both, so that no
-    batch's stream is an image's initial noise (a CPU generator seeded alike draws the same numbers; the
-    arithmetic seed this replaced gave the first batch's first step image 1's starting noise)."""
-    digest = hashlib.blake2b(f"ddpm step noise {seed} {start}".encode(), digest_size=8).digest()
-    return int.from_bytes(digest, "little") >> 1  # 63 bits: any generator takes it
+    """The seed of the per-step noise of the batch whose first image is `start` (noise_seed's "step" stream)."""
+    return noise_seed("step", seed, start)
 
 
 def to_uint8(x: torch.Tensor) -> torch.Tensor:

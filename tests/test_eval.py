@@ -545,7 +545,7 @@ def test_cli_samples_a_checkpoint_and_scores_it(cli_files, clean_stats, trained_
     assert out["steps"] == 20 and out["nfe_per_image"] == 20
     r = runner.invoke(app, ["eval", str(trained_run), "-n", "4", "--guidance", "2", "--ref", str(stats),
                             *f["common"]])
-    assert r.exit_code == 1 and "class-conditional" in r.stderr
+    assert r.exit_code == 2 and "class-conditional" in r.stderr  # a usage error: --guidance on this checkpoint
     r = runner.invoke(app, ["eval", str(trained_run), "-n", "4", "--ema-decay", "0.5", "--ref", str(stats),
                             *f["common"]])
     assert r.exit_code == 1 and "holds no EMA weights with decay 0.5" in r.stderr

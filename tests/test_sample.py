@@ -835,6 +835,17 @@ def test_a_class_that_is_a_number_and_another_class_s_name_is_refused(trained_co
     assert npz(tmp_path / "p10.npz")["labels"].tolist() == [1]
 
 
+def test_options_this_checkpoint_cannot_take_are_usage_errors(trained_run, trained_conditional_run, tmp_path):
+    """Exit 2 for every option a checkpoint cannot take, as for `--class nope`: `--class 10` of ten classes,
+    `--class`/`--per-class`/`--guidance` on an unconditional model and a guide at --guidance 1 exited 1 (a
+    review)."""
+    for run, extra in ((trained_conditional_run, ["--class", "10"]), (trained_run, ["--class", "1"]),
+                       (trained_run, ["--per-class"]), (trained_run, ["--guidance", "2"]),
+                       (trained_conditional_run, ["--guide-model", trained_conditional_run, "--guidance", "1"])):
+        one_line_error(cli("sample", run, "-n", 10, "--out", tmp_path / "x", *FAST, *extra), code=(2,))
+    assert not (tmp_path / "x").exists()
+
+
 def test_two_seeds_never_start_an_image_from_the_same_noise():
     """Image i of seed s started from torch's generator seeded s * 1,000,003 + i: image 1,000,003 of seed 0 was
     image 0 of seed 1, so two draws of 2,000,000 images (within -n's limit) shared a million (a review)."""

@@ -7,7 +7,7 @@ from pathlib import Path
 
 from ddpm_cli.config import RunConfig
 from ddpm_cli.engine.checkpoint import Header, class_names, read_checkpoint_config, stored_guide_step
-from ddpm_cli.errors import CheckpointError, DdpmError
+from ddpm_cli.errors import CheckpointError, DdpmError, UsageError
 
 
 @dataclass
@@ -76,20 +76,20 @@ def check_guidance(path: Path, header: Header, cfg: RunConfig, guidance: float |
     if guide is None or str(guide) == "none":
         weight = 1.0 if guidance is None else guidance
         if weight != 1.0 and not cfg.model.conditional:
-            raise DdpmError("--guidance needs a class-conditional checkpoint, or a weaker model to guide with "
-                            "(--guide-model, e.g. an earlier checkpoint of the same run); this one is "
-                            "unconditional")
+            raise UsageError("--guidance needs a class-conditional checkpoint, or a weaker model to guide with "
+                             "(--guide-model, e.g. an earlier checkpoint of the same run); this one is "
+                             "unconditional")
         return Guidance(weight)
     if guidance == 1.0:
-        raise DdpmError("--guide-model has no effect at --guidance 1; pass a guidance weight above 1 (e.g. "
-                        "--guidance 2)")
+        raise UsageError("--guide-model has no effect at --guidance 1; pass a guidance weight above 1 (e.g. "
+                         "--guidance 2)")
     try:
         guide_path, guide_header, g = read_checkpoint_config(guide)
     except CheckpointError as e:
         raise CheckpointError(f"--guide-model: {e}") from None
     if guide_path.resolve() == path.resolve():
-        raise DdpmError(f"--guide-model {guide} is the checkpoint itself ({guide_path.name}), which guides nothing; "
-                        f"pass an earlier checkpoint of the run (its checkpoints/ckpt-*.safetensors)")
+        raise UsageError(f"--guide-model {guide} is the checkpoint itself ({guide_path.name}), which guides nothing; "
+                         f"pass an earlier checkpoint of the run (its checkpoints/ckpt-*.safetensors)")
     differ = guide_mismatch(cfg, g, class_names(header.metadata), class_names(guide_header.metadata))
     if differ:
         raise CheckpointError(f"the guide model {guide_path} differs from the checkpoint in its "

@@ -83,21 +83,21 @@ def plan_labels(n: int, *, conditional: bool, num_classes: int, per_class: bool 
     """The class of each of the n images: None for an unconditional model; `class_index` for all; with
     `per_class` contiguous blocks of n / num_classes (n must be a multiple of num_classes); else classes in turn."""
     if n < 1:
-        raise DdpmError(f"-n must be at least 1 (got {n})")
+        raise UsageError(f"-n must be at least 1 (got {n})")
     if per_class and class_index is not None:
-        raise DdpmError("pass either --per-class or --class, not both")
+        raise UsageError("pass either --per-class or --class, not both")
     if not conditional:
         if per_class:
-            raise DdpmError("--per-class needs a class-conditional model, and this checkpoint is unconditional; "
-                            "drop --per-class")
+            raise UsageError("--per-class needs a class-conditional model, and this checkpoint is unconditional; "
+                             "drop --per-class")
         if class_index is not None:
-            raise DdpmError("--class needs a class-conditional model, and this checkpoint is unconditional; "
-                            "drop --class")
+            raise UsageError("--class needs a class-conditional model, and this checkpoint is unconditional; "
+                             "drop --class")
         return None
     if class_index is not None:
         if not 0 <= class_index < num_classes:
-            raise DdpmError(f"--class {class_index} is out of range: this model has {num_classes} classes "
-                            f"(0 to {num_classes - 1})")
+            raise UsageError(f"--class {class_index} is out of range: this model has {num_classes} classes "
+                             f"(0 to {num_classes - 1})")
         return [class_index] * n
     if per_class:
         per, extra = divmod(n, num_classes)

@@ -68,6 +68,12 @@ def save(artifact: Path, compiled) -> dict:
 
 
 def run_phase(args) -> dict:
+    import torch._dynamo
+
+    # torch 2.11 has the API behind this switch (the device's torch: without it, no `aot_compile` attribute);
+    # later versions have it on and may drop the switch
+    if hasattr(torch._dynamo.config, "enable_aot_compile"):
+        torch._dynamo.config.enable_aot_compile = True
     return run_sampler_phase(args) if args.what == "sample" else run_train_phase(args)
 
 

@@ -365,6 +365,28 @@ def test_ddpm_cache_lists_clears_and_bounds_the_reference_statistics(tmp_path, m
     assert sorted(p.name for p in folder.iterdir()) == ["mine.npz", "notes-0123.npz", "settings.json"]
 
 
+def test_ddpm_cache_sees_and_clears_the_statistics_eval_kept_under_its_cache_dir(tmp_path, monkeypatch):
+    """`ddpm eval --cache-dir D` keeps its reference statistics in D; `ddpm cache info|clear --cache-dir D` must
+    list and empty that folder (they only knew DDPM_CACHE_DIR and the default), leaving the default alone."""
+    from ddpm_cli.engine.evaluation import stats_cache
+
+    default, mine = tmp_path / "default", tmp_path / "mine"
+    monkeypatch.setenv("DDPM_CACHE_DIR", str(default))
+    for folder, n in ((default, 1), (mine, 2)):
+        folder.mkdir()
+        for i in range(n):
+            path = stats_cache.entry_path(folder, {"i": i})
+            ev_stats.save_stats(ev_stats.FeatureStats(np.zeros(4), np.eye(4), 10, None), path)
+            stats_cache.describe(path, {"i": i}, f"{folder.name}{i}", 10)
+    r = runner.invoke(app, ["cache", "info", "--json", "--cache-dir", str(mine)])
+    assert r.exit_code == 0, r.output
+    info = json.loads(r.stdout)["fid_stats"]
+    assert info["path"] == str(mine) and sorted(e["source"] for e in info["entries"]) == ["mine0", "mine1"]
+    r = runner.invoke(app, ["cache", "clear", "--cache-dir", str(mine)])
+    assert r.exit_code == 0 and f"removed 2 entries (" in r.output and str(mine) in r.output, r.output
+    assert stats_cache.list_entries(mine) == [] and len(stats_cache.list_entries(default)) == 1
+
+
 @pytest.mark.skipif(sys.platform != "linux", reason="file names of any bytes")
 def test_a_folder_with_a_file_name_that_is_not_utf8_is_scored(clean, inception, tmp_path):
     """`ddpm train` reads such a folder, and `ddpm eval` failed on it with a UnicodeEncodeError traceback (its

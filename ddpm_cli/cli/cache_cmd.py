@@ -4,6 +4,8 @@ no torch import."""
 from __future__ import annotations
 
 import json
+from pathlib import Path
+from typing import Optional
 
 import typer
 
@@ -16,12 +18,19 @@ app = typer.Typer(help="See or clear the caches kept between runs: torch.compile
                        "against the same reference skips Inception).", no_args_is_help=True)
 
 
+def _stats_dir_option():
+    return typer.Option(None, "--cache-dir", envvar="DDPM_CACHE_DIR", show_default=False,
+                        help="The reference statistics' folder, where `ddpm eval --cache-dir` kept them. Default: "
+                             "DDPM_CACHE_DIR, else ~/.cache/ddpm/fid-stats.")
+
+
 def _count(n: int) -> str:
     return f"{n} entr{'y' if n == 1 else 'ies'}"
 
 
-def describe() -> dict:
-    """Where the cache is, whether it is on, its bounds, and each entry (most recently used first)."""
+def describe(stats_dir: Path | None = None) -> dict:
+    """Where the cache is, whether it is on, its bounds, and each entry (most recently used first); eval's
+    reference statistics from `stats_dir` (None: their default folder)."""
     import time
 
     from ddpm_cli.engine import compile_cache as cc
@@ -36,7 +45,7 @@ def describe() -> dict:
                      "last_used": time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(e.last_used))})
     return {"path": str(cc.cache_dir()), "enabled": cc.enabled(), "entries": rows,
             "bytes": sum(e.size for e in entries), "max_entries": cc.MAX_ENTRIES, "max_bytes": cc.MAX_BYTES,
-            "data": describe_data(), "fid_stats": describe_fid_stats()}
+            "data": describe_data(), "fid_stats": describe_fid_stats(stats_dir)}
 
 
 def describe_data() -> dict:
@@ -59,26 +68,28 @@ def describe_data() -> dict:
             "bytes": sum(e.size for e in entries), "max_entries": dc.MAX_ENTRIES, "max_bytes": dc.MAX_BYTES}
 
 
-def describe_fid_stats() -> dict:
+def describe_fid_stats(directory: Path | None = None) -> dict:
     """eval's reference statistics as describe() gives the compile cache: where, bounds, entries."""
     import time
 
     from ddpm_cli.engine.evaluation import stats_cache as sc
 
-    entries = sc.list_entries()
+    directory = directory or sc.cache_dir()
+    entries = sc.list_entries(directory)
     rows = [{"name": e.name, "bytes": e.size, "images": e.meta.get("images"), "source": e.meta.get("source"),
              "last_used": time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(e.last_used))} for e in entries]
-    return {"path": str(sc.cache_dir()), "entries": rows, "bytes": sum(e.size for e in entries),
+    return {"path": str(directory), "entries": rows, "bytes": sum(e.size for e in entries),
             "max_entries": sc.MAX_ENTRIES, "max_bytes": sc.MAX_BYTES}
 
 
 @app.command("info")
 @friendly
-def info(as_json: bool = typer.Option(False, "--json", help="Print JSON instead of lines.")) -> None:
+def info(as_json: bool = typer.Option(False, "--json", help="Print JSON instead of lines."),
+         stats_dir: Optional[Path] = _stats_dir_option()) -> None:
     """Where the cache is, whether it is on, its size, and its entries (most recently used first)."""
     from ddpm_cli.engine.compile_cache import ENV_DIR, ENV_SWITCH
 
-    d = describe()
+    d = describe(stats_dir)
     if as_json:
         typer.echo(json.dumps(d, indent=2))  # plain: rich would wrap long strings
         return
@@ -114,7 +125,7 @@ def info(as_json: bool = typer.Option(False, "--json", help="Print JSON instead 
 
 @app.command("clear")
 @friendly
-def clear() -> None:
+def clear(stats_dir: Optional[Path] = _stats_dir_option()) -> None:
     """Delete every entry of the three caches: each network compiles in full, each folder is decoded again, and
     each reference goes through Inception again, at its next use (torch's own inductor cache, under
     TORCHINDUCTOR_CACHE_DIR, is left alone)."""
@@ -128,6 +139,7 @@ def clear() -> None:
     entries, freed = data_cache.clear()
     console.print(f"removed {_count(entries)} ({_size(freed)}) from {data_cache.cache_dir()}",
                   markup=False, soft_wrap=True)
-    entries, freed = stats_cache.clear()
-    console.print(f"removed {_count(entries)} ({_size(freed)}) from {stats_cache.cache_dir()}",
+    stats_dir = stats_dir or stats_cache.cache_dir()
+    entries, freed = stats_cache.clear(stats_dir)
+    console.print(f"removed {_count(entries)} ({_size(freed)}) from {stats_dir}",
                   markup=False, soft_wrap=True)

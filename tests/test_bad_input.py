@@ -848,6 +848,19 @@ def test_a_file_output_that_is_a_folder_is_refused_before_the_work(ckpt_copy, tm
                    "is a file, not a folder", codes=(2,))
 
 
+def test_an_out_named_as_an_image_file_is_refused_before_the_work(ckpt_copy, tmp_path):
+    """`--out x.png` (one picture, the user meant) made a folder named x.png, with the npz or the PNG files
+    inside; an existing folder of that name is still a folder."""
+    for fmt in ([], ["--format", "npz"], ["--format", "png"]):
+        for name in ("x.png", "x.JPG"):
+            r = invoke("sample", ckpt_copy, "-n", 2, "--steps", 1, "--out", tmp_path / name, *fmt)
+            assert_refused(r, f"--out {tmp_path / name} names an image file", "--grid", codes=(2,))
+            assert "sampled" not in r.stdout and not (tmp_path / name).exists()
+    (tmp_path / "old.png").mkdir()
+    r = invoke("sample", ckpt_copy, "-n", 2, "--steps", 1, "--out", tmp_path / "old.png")
+    assert r.exit_code == 0 and len(list((tmp_path / "old.png").glob("*.png"))) == 2, r.output
+
+
 def test_an_npz_larger_than_memory_is_refused_before_sampling(ckpt_copy, tmp_path, monkeypatch):
     """It was sampled in full, then the array of every image ended the process. Here the machine has 4 MB."""
     import os

@@ -21,6 +21,10 @@ from ddpm_cli.errors import UsageError
 MAX_IMAGES = 10_000_000
 
 
+# names --out takes for a mistaken picture, not a folder of them (one already there is still a folder)
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".gif", ".bmp", ".tif", ".tiff")
+
+
 class Format(str, Enum):
     png = "png"
     npz = "npz"
@@ -180,6 +184,9 @@ def sample_command(
     if fmt == Format.png and npz_named:
         raise UsageError(f"--out {out} names an .npz file, and --format png writes a folder of PNG files; drop "
                          f"--format png to write the npz, or name a folder")
+    if out is not None and Path(out).suffix.lower() in IMAGE_SUFFIXES and not Path(out).is_dir():
+        raise UsageError(f"--out {out} names an image file, and --out is a folder for the images or an .npz file; "
+                         f"for one picture of them all, use --grid {out}")
     asked_format = fmt is not None
     fmt = fmt or (Format.npz if npz_named else Format.png)
     out = output_path("--out", out, "samples.npz" if npz_named else None)  # npz to a folder: its samples.npz

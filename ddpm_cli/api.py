@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import copy
 import math
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -28,6 +29,7 @@ from ddpm_cli.diffusion.sampler_spec import SamplerSpec
 from ddpm_cli.engine import checkpoint as ckpt_io
 from ddpm_cli.engine.build import build_diffusion, build_unet, count_params, resolve_device
 from ddpm_cli.engine.data import load_dataset, to_model_range
+from ddpm_cli.engine.draw import balanced_labels
 from ddpm_cli.engine.ema import EMA
 from ddpm_cli.engine.generate import generate
 from ddpm_cli.errors import UsageError
@@ -142,9 +144,11 @@ class Diffusion(nn.Module):
     def sample(self, n: int, y: torch.Tensor | None = None, *, sampler: str = "ddim", steps: int | None = None,
                guidance: float = 1.0, guide: "Diffusion | None" = None, seed: int = 0,
                use_ema: bool = True) -> torch.Tensor:
-        """n images in [-1, 1], (n, C, H, W); `y` gives class labels for conditional models. `guidance` is
+        """n images in [-1, 1], (n, C, H, W). `y`: class labels for a conditional model (default: the classes in
+        turn, 0, 1, ..., as `ddpm sample` draws them); an unconditional model takes none. `guidance` is
         classifier-free, or autoguidance by `guide` (a weaker Diffusion, e.g. a copy saved earlier in training:
-        `Diffusion.from_checkpoint`); the API keeps no guide by itself (train.guide_step is the CLI's)."""
+        `Diffusion.from_checkpoint`); the API keeps no guide by itself (train.guide_step is the CLI's). Steps
+        the sampler cannot take (the ddpm sampler takes all T) are a warning, as in `ddpm sample`."""
         m = self.cfg.model
         if isinstance(n, bool) or not isinstance(n, int) or n < 1:
             raise UsageError(f"sample: n is the number of images, a positive int, not {n!r}")
@@ -154,14 +158,21 @@ class Diffusion(nn.Module):
             raise UsageError(f"sample: seed is an int within +-2^43, not {seed!r}")
         if isinstance(guidance, bool) or not isinstance(guidance, (int, float)) or not math.isfinite(guidance):
             raise UsageError(f"sample: guidance is a finite number, not {guidance!r}")
-        self._check_guide(guide, guidance, y)
+        if y is not None and not m.conditional:
+            raise UsageError("sample: y gives class labels, and this model is unconditional; drop y")
+        self._check_guide(guide, guidance)
         pick = lambda d: d.ema.model if (use_ema and d.ema is not None) else d.model  # noqa: E731
         net = pick(self)
         guide_net = pick(guide).eval() if guide is not None else None
         was_training = net.training
         net.eval()
-        labels = _labels(y, n, m, "sample") if (y is not None and m.conditional) else None
+        if m.conditional:
+            labels = _labels(y, n, m, "sample") if y is not None else balanced_labels(n, m.num_classes)
+        else:
+            labels = None
         spec = SamplerSpec(sampler, steps, variance=self.cfg.diffusion.variance)
+        for w in spec.warnings(self.cfg.diffusion.num_timesteps):
+            warnings.warn(w, stacklevel=2)
         out = [batch for _, batch, _ in generate(
             net, self.process, n, spec, image_shape=m.image_shape(), labels=labels,
             batch_size=min(n, 256), guidance=guidance, null_class=m.num_classes, guide=guide_net, seed=seed,
@@ -169,15 +180,15 @@ class Diffusion(nn.Module):
         net.train(was_training)
         return torch.cat(out).float() / 127.5 - 1.0
 
-    def _check_guide(self, guide: "Diffusion | None", guidance: float, y) -> None:
+    def _check_guide(self, guide: "Diffusion | None", guidance: float) -> None:
         """What `ddpm sample` checks of --guidance and --guide-model (engine/guidance.py), for a guide in memory."""
         from ddpm_cli.engine.guidance import guide_mismatch
 
         m = self.cfg.model
         if guide is None:
-            if guidance != 1.0 and not (m.conditional and y is not None):
-                raise UsageError("sample: guidance needs a class-conditional model and its labels y (classifier-"
-                                 "free), or a weaker model to guide with (guide=, e.g. an earlier checkpoint)")
+            if guidance != 1.0 and not m.conditional:
+                raise UsageError("sample: guidance needs a class-conditional model (classifier-free), or a weaker "
+                                 "model to guide with (guide=, e.g. an earlier checkpoint)")
             return
         if not isinstance(guide, Diffusion):
             raise UsageError(f"sample: guide is a Diffusion (e.g. Diffusion.from_checkpoint of an earlier "

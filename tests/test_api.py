@@ -25,7 +25,6 @@ def conditional(tmp_path_factory):
     (lambda d: d.sample(2, seed=2**70), "seed"),
     (lambda d: d.sample(2, guidance=float("nan")), "finite"),
     (lambda d: d.sample(2, guidance=True), "finite number"),
-    (lambda d: d.sample(2, guidance=3.0), "needs a class-conditional model and its labels"),  # no y: it was ignored
     (lambda d: d.sample(2, y=[1, 2], guidance=2.0, guide="early.safetensors"), "guide is a Diffusion"),
     (lambda d: d.sample(2, y=[1, 2], guidance=2.0, guide=d), "this model itself"),
     (lambda d: d.sample(2, y=[1, 2], guide=Diffusion.from_config(d.cfg, device="cpu")), "no effect at guidance 1"),
@@ -45,6 +44,28 @@ def test_bad_arguments_are_one_clear_error(conditional, call, needle):
     with pytest.raises(DdpmError) as e:
         call(conditional)
     assert needle in str(e.value), str(e.value)
+
+
+def test_sample_takes_labels_as_ddpm_sample_does(conditional, tmp_path):
+    """Without y a conditional model drew every image from its null class, where `ddpm sample` gives the classes
+    in turn; y given to an unconditional model, and steps to the ddpm sampler, were ignored without a word."""
+    conditional = Diffusion.from_config(conditional.cfg, device="cpu")
+    torch.manual_seed(0)
+    with torch.no_grad():  # a fresh model's zeroed output layers would make every label give the same images
+        for p in conditional.ema.model.parameters():
+            p.add_(torch.randn_like(p) * 0.05)
+    in_turn = conditional.sample(4, steps=2, seed=3)
+    assert torch.equal(in_turn, conditional.sample(4, y=[0, 1, 2, 3], steps=2, seed=3))
+    assert not torch.equal(in_turn, conditional.sample(4, y=[1, 1, 1, 1], steps=2, seed=3))
+    guided = conditional.sample(4, steps=2, seed=3, guidance=3.0)  # classifier-free, by the same labels
+    assert torch.equal(guided, conditional.sample(4, y=[0, 1, 2, 3], steps=2, seed=3, guidance=3.0))
+    plain = Diffusion.from_config(tiny_overrides(tmp_path), device="cpu")
+    with pytest.raises(DdpmError, match="unconditional"):
+        plain.sample(2, y=[0, 1], steps=2)
+    with pytest.raises(DdpmError, match="needs a class-conditional model"):
+        plain.sample(2, guidance=3.0, steps=2)
+    with pytest.warns(UserWarning, match="always takes all T = 100 steps"):
+        plain.sample(1, sampler="ddpm", steps=5)
 
 
 def test_labels_may_be_lists_or_one_int_and_configs_dicts_or_paths(conditional, tmp_path):

@@ -73,11 +73,14 @@ def _labels(y: Any, n: int, m, what: str) -> torch.Tensor:
 
 
 def load_data(cfg: RunConfig | dict | str | Path) -> torch.utils.data.TensorDataset:
-    """The config's dataset as (images in [-1, 1], labels), ready for a DataLoader."""
+    """The config's dataset as (images in [-1, 1], labels), ready for a DataLoader; its `classes` are the labels'
+    names (empty when unlabelled), for `Diffusion.classes`, which a checkpoint keeps."""
     cfg = load_config(cfg)
     ds = load_dataset(cfg.data, cfg.model)
     images = ds.images if isinstance(ds.images, torch.Tensor) else ds.images[:]  # a streamed folder: decode all
-    return torch.utils.data.TensorDataset(to_model_range(images), ds.labels)
+    data = torch.utils.data.TensorDataset(to_model_range(images), ds.labels)
+    data.classes = list(ds.classes)
+    return data
 
 
 class Diffusion(nn.Module):

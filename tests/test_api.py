@@ -79,6 +79,21 @@ def test_labels_may_be_lists_or_one_int_and_configs_dicts_or_paths(conditional, 
         load_config(5)
 
 
+def test_a_model_trained_on_load_data_saves_its_class_names(tmp_path):
+    """load_data kept the labels and dropped their names, so a model trained on it saved none (`ddpm sample --class
+    circle` then failed, and inspect listed no classes); its dataset now carries `classes`, as torchvision's do."""
+    from ddpm_cli.engine.checkpoint import class_names, read_header
+    from ddpm_cli.engine.data import SHAPE_CLASSES
+
+    cfg = load_config(tiny_overrides(tmp_path, model__conditional=True, model__num_classes=len(SHAPE_CLASSES)))
+    data = load_data(cfg)
+    assert data.classes == list(SHAPE_CLASSES)
+    d = Diffusion.from_config(cfg, device="cpu")
+    d.classes = data.classes
+    d.save(tmp_path / "m.safetensors")
+    assert class_names(read_header(tmp_path / "m.safetensors").metadata) == list(SHAPE_CLASSES)
+
+
 @pytest.mark.parametrize("dropout", [0.0, 0.5])
 def test_loss_drops_labels_as_the_config_says(tmp_path, dropout):
     """train.label_dropout trains the null class that classifier-free guidance subtracts: the API's loss ignored

@@ -174,7 +174,8 @@ class Diffusion(nn.Module):
         else:
             labels = None
         spec = SamplerSpec(sampler, steps, variance=self.cfg.diffusion.variance)
-        for w in spec.warnings(self.cfg.diffusion.num_timesteps):
+        # what the caller gave and the sampler ignores (the variance is the config's, not the caller's)
+        for w in SamplerSpec(sampler, steps).warnings(self.cfg.diffusion.num_timesteps):
             warnings.warn(w, stacklevel=2)
         out = [batch for _, batch, _ in generate(
             net, self.process, n, spec, image_shape=m.image_shape(), labels=labels,

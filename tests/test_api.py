@@ -3,6 +3,8 @@ helper's sweep found zero, negative or fractional counts, out-of-range or float 
 guidance raising deep tracebacks, and NaN guidance returning black images."""
 from __future__ import annotations
 
+import warnings
+
 import pytest
 import torch
 
@@ -66,6 +68,9 @@ def test_sample_takes_labels_as_ddpm_sample_does(conditional, tmp_path):
         plain.sample(2, guidance=3.0, steps=2)
     with pytest.warns(UserWarning, match="always takes all T = 100 steps"):
         plain.sample(1, sampler="ddpm", steps=5)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # the config's variance is no caller's option to ignore
+        plain.sample(1, sampler="ddim", steps=2)
 
 
 def test_labels_may_be_lists_or_one_int_and_configs_dicts_or_paths(conditional, tmp_path):

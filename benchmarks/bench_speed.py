@@ -233,9 +233,25 @@ def set_inductor_options(pairs: list[str]) -> None:
         print(f"BENCH inductor {key}={getattr(config, name)!r}", flush=True)
 
 
-def kernel_meta() -> dict[str, tuple[float | None, str | None]]:
+def pointer_dtypes(signature: dict) -> str | None:
+    """A kernel's buffers by role and dtype from its Triton signature ({'in_ptr0': '*bf16', ...}), as 'in bf16
+    fp32, in-out bf16, out 2 fp32': which of the bytes it moves are fp32 (twice a bf16 activation's)."""
+    roles: dict[str, dict[str, int]] = {}
+    for arg, kind in signature.items():
+        role = next((r for r in ("in_out", "in", "out") if arg.startswith(f"{r}_ptr")), None)
+        if role is not None and isinstance(kind, str) and kind.startswith("*"):
+            counts = roles.setdefault(role.replace("_", "-"), {})
+            counts[kind[1:]] = counts.get(kind[1:], 0) + 1
+    if not roles:
+        return None
+    return ", ".join(f"{role} " + " ".join(f"{n} {t}" if n > 1 else t for t, n in counts.items())
+                     for role, counts in sorted(roles.items(), key=lambda kv: ("in", "in-out", "out").index(kv[0])))
+
+
+def kernel_meta() -> dict[str, tuple[float | None, str | None, str | None]]:
     """Each compiled Triton kernel by name: the GB it moves per call as inductor estimates it (recorded only when
-    `inductor_config.benchmark_kernel` was on while compiling: `--kernels`) and the file of its source. Found among
+    `inductor_config.benchmark_kernel` was on while compiling: `--kernels`), the file of its source, and its
+    buffers' dtypes (`pointer_dtypes`). Found among
     the live objects: torch 2.11's PyCodeCache no longer lists the modules it loaded (its `modules` was empty on the
     device, 2026-12-06, and a 256 px profile came back without a byte count)."""
     import gc
@@ -251,7 +267,8 @@ def kernel_meta() -> dict[str, tuple[float | None, str | None]]:
         name = meta.get("kernel_name") or getattr(source, "__name__", None)
         if name:
             code = getattr(source, "__code__", None)
-            out[name] = (meta.get("kernel_num_gb"), code.co_filename if code else None)
+            signature = (getattr(obj, "triton_meta", None) or {}).get("signature") or {}
+            out[name] = (meta.get("kernel_num_gb"), code.co_filename if code else None, pointer_dtypes(signature))
     return out
 
 
@@ -291,9 +308,9 @@ def triton_kernels(prof, per: int, label: str, top: int = 30) -> None:
     for e in prof.key_averages():
         us = getattr(e, "self_device_time_total", 0) or getattr(e, "self_cuda_time_total", 0)
         if e.key.startswith("triton_") and us and not str(getattr(e, "device_type", "")).endswith("CPU"):
-            gb, file = meta.get(e.key, (None, None))
+            gb, file, dtypes = meta.get(e.key, (None, None, None))
             rows.append({"name": e.key, "calls": e.count / per, "us": us / per, "us_per_call": us / e.count,
-                         "gb": gb, "file": file})
+                         "gb": gb, "file": file, "dtypes": dtypes})
     rows.sort(key=lambda r: -r["us"])
     known = [r for r in rows if r["gb"]]
     moved = sum(r["gb"] * r["calls"] for r in known)
@@ -307,7 +324,7 @@ def triton_kernels(prof, per: int, label: str, top: int = 30) -> None:
         bw = f"{r['gb'] / r['us_per_call'] * 1e3:6.2f} TB/s" if r["gb"] else "   ?"
         gbs = f"{r['gb'] * 1e3:7.1f} MB" if r["gb"] else "      ?"
         print(f"BENCH triton {label} {r['us']:7.1f} us {r['calls']:5.1f}x {r['us_per_call']:7.1f} us/call {gbs} "
-              f"{bw}  {r['name'][:90]}", flush=True)
+              f"{bw}  {r['name'][:90]}" + (f"  [{r['dtypes']}]" if r.get("dtypes") else ""), flush=True)
     print_slow_kernel_sources(rows, label)
 
 

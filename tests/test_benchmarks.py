@@ -122,9 +122,11 @@ def test_each_live_triton_kernel_s_bytes_and_source_file_are_found(tmp_path):
         k.inductor_meta = {"kernel_name": name, **meta}
         k.fn = SimpleNamespace(fn=scope["triton_poi_fused_silu_7"])
         held.append(k)
+    held[0].triton_meta = {"signature": {"in_ptr0": "*bf16", "in_ptr1": "*fp32", "in_out_ptr0": "*bf16",
+                                         "out_ptr0": "*fp32", "out_ptr1": "*fp32", "xnumel": "i32"}}
     found = bench.kernel_meta()
-    assert found["triton_poi_fused_silu_7"] == (0.75, str(source))
-    assert found["triton_red_fused_3"][0] is None  # compiled without benchmark_kernel: no count, no guess
+    assert found["triton_poi_fused_silu_7"] == (0.75, str(source), "in bf16 fp32, in-out bf16, out 2 fp32")
+    assert found["triton_red_fused_3"][::2] == (None, None)  # compiled without benchmark_kernel: no count, no guess
 
 
 def test_kernel_breakdown_tells_fused_kernels_from_convolutions():

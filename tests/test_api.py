@@ -66,8 +66,9 @@ def test_sample_takes_labels_as_ddpm_sample_does(conditional, tmp_path):
         plain.sample(2, y=[0, 1], steps=2)
     with pytest.raises(DdpmError, match="needs a class-conditional model"):
         plain.sample(2, guidance=3.0, steps=2)
-    with pytest.warns(UserWarning, match="always takes all T = 100 steps"):
+    with pytest.warns(UserWarning, match="always takes all T = 100 steps") as caught:
         plain.sample(1, sampler="ddpm", steps=5)
+    assert caught[0].filename == __file__  # the caller's line, not torch's no_grad wrapper
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # the config's variance is no caller's option to ignore
         plain.sample(1, sampler="ddim", steps=2)

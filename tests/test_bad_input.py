@@ -859,6 +859,10 @@ def test_an_out_named_as_an_image_file_is_refused_before_the_work(ckpt_copy, tmp
     (tmp_path / "old.png").mkdir()
     r = invoke("sample", ckpt_copy, "-n", 2, "--steps", 1, "--out", tmp_path / "old.png")
     assert r.exit_code == 0 and len(list((tmp_path / "old.png").glob("*.png"))) == 2, r.output
+    r = invoke("sample", ckpt_copy, "-n", 2, "--steps", 1, "--out", f"{tmp_path / 'new.png'}/")  # a folder, said so
+    assert r.exit_code == 0 and len(list((tmp_path / "new.png").glob("*.png"))) == 2, r.output
+    r = invoke("sample", ckpt_copy, "-n", 2, "--steps", 1, "--out", tmp_path / "y.png", "--grid", tmp_path / "g.png")
+    assert_refused(r, "--grid already writes one picture", codes=(2,))
 
 
 def test_an_npz_larger_than_memory_is_refused_before_sampling(ckpt_copy, tmp_path, monkeypatch):

@@ -491,6 +491,10 @@ def test_checkpointing_cuts_what_the_compiled_step_keeps_for_its_backward():
 
     model = build_unet(tiny_config(ROOT).model).train()
     x, t = torch.randn(2, 3, 16, 16), torch.tensor([3, 70])
-    plain, _ = saved_for_backward(model, x, t)
-    recomputed, _ = saved_for_backward(activation_checkpointing(model, True), x, t)
+    plain, _, by_dtype = saved_for_backward(model, x, t)
+    recomputed, _, _ = saved_for_backward(activation_checkpointing(model, True), x, t)
     assert 0 < recomputed < plain / 2, (recomputed, plain)
+    assert set(by_dtype) <= {"float32", "int64"} and sum(by_dtype.values()) == plain
+    # as the CUDA defaults train (bf16 autocast): the convolutions' outputs are kept in bf16
+    _, _, amp = saved_for_backward(activation_checkpointing(model, False), x, t, amp=True)
+    assert amp.get("bfloat16", 0) > 0, amp

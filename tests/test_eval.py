@@ -385,6 +385,17 @@ def test_ddpm_cache_sees_and_clears_the_statistics_eval_kept_under_its_cache_dir
     r = runner.invoke(app, ["cache", "clear", "--cache-dir", str(mine)])
     assert r.exit_code == 0 and f"removed 2 entries (" in r.output and str(mine) in r.output, r.output
     assert stats_cache.list_entries(mine) == [] and len(stats_cache.list_entries(default)) == 1
+    # a typo, or a file, is refused before any cache is cleared (clear empties all three)
+    data = tmp_path / "data"
+    monkeypatch.setenv("DDPM_DATA_CACHE_DIR", str(data))
+    data.mkdir()
+    for command in ("info", "clear"):
+        for bad, needle in ((tmp_path / "nope", "no such folder"), (default / "x.json", "is a file, not a folder")):
+            if needle.startswith("is a file"):
+                bad.write_text("{}")
+            r = runner.invoke(app, ["cache", command, "--cache-dir", str(bad)])
+            assert r.exit_code == 2 and needle in r.output and "removed" not in r.output, r.output
+    assert len(stats_cache.list_entries(default)) == 1
 
 
 @pytest.mark.skipif(sys.platform != "linux", reason="file names of any bytes")

@@ -24,6 +24,21 @@ def _stats_dir_option():
                              "DDPM_CACHE_DIR, else ~/.cache/ddpm/fid-stats.")
 
 
+def _checked_stats_dir(stats_dir: Path | None) -> Path | None:
+    """--cache-dir as given, refused (exit 2) where it names no folder: a typo must not pass for an empty cache,
+    nor let `clear` empty the other two caches for nothing."""
+    from ddpm_cli.errors import UsageError
+
+    if stats_dir is None:
+        return None
+    stats_dir = stats_dir.expanduser()
+    if stats_dir.is_file():
+        raise UsageError(f"--cache-dir {stats_dir} is a file, not a folder; pass the folder eval's --cache-dir named")
+    if not stats_dir.is_dir():
+        raise UsageError(f"--cache-dir {stats_dir}: no such folder; pass the folder eval's --cache-dir named")
+    return stats_dir
+
+
 def _count(n: int) -> str:
     return f"{n} entr{'y' if n == 1 else 'ies'}"
 
@@ -89,7 +104,7 @@ def info(as_json: bool = typer.Option(False, "--json", help="Print JSON instead 
     """Where the cache is, whether it is on, its size, and its entries (most recently used first)."""
     from ddpm_cli.engine.compile_cache import ENV_DIR, ENV_SWITCH
 
-    d = describe(stats_dir)
+    d = describe(_checked_stats_dir(stats_dir))
     if as_json:
         typer.echo(json.dumps(d, indent=2))  # plain: rich would wrap long strings
         return
@@ -133,6 +148,7 @@ def clear(stats_dir: Optional[Path] = _stats_dir_option()) -> None:
     from ddpm_cli.engine.compile_cache import cache_dir, clear as clear_cache
     from ddpm_cli.engine.evaluation import stats_cache
 
+    stats_dir = _checked_stats_dir(stats_dir)
     entries, freed = clear_cache()
     console.print(f"removed {_count(entries)} ({_size(freed)}) from {cache_dir()}",
                   markup=False, soft_wrap=True)

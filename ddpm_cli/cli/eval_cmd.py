@@ -101,7 +101,7 @@ def eval_command(
     cache_dir: Optional[Path] = typer.Option(None, "--cache-dir", envvar="DDPM_CACHE_DIR", show_default=False,
                                              help="Folder of cached reference statistics (default: "
                                                   "$XDG_CACHE_HOME/ddpm/fid-stats, else ~/.cache/ddpm/fid-stats; "
-                                                  "`ddpm cache` lists and clears the folder DDPM_CACHE_DIR names)."),
+                                                  "`ddpm cache info|clear --cache-dir` list and clear it)."),
     cache: bool = typer.Option(True, "--cache/--no-cache", help="Read and write cached reference statistics."),
     save_stats: Optional[str] = typer.Option(None, "--save-stats", metavar=PATH_METAVAR, show_default=False,
                                              help="Write the reference statistics to this .npz (then use it as "

@@ -2,6 +2,7 @@
 progress bar over images and sampler steps and a summary line."""
 from __future__ import annotations
 
+import os
 import re
 from enum import Enum
 from pathlib import Path
@@ -184,9 +185,12 @@ def sample_command(
     if fmt == Format.png and npz_named:
         raise UsageError(f"--out {out} names an .npz file, and --format png writes a folder of PNG files; drop "
                          f"--format png to write the npz, or name a folder")
-    if out is not None and Path(out).suffix.lower() in IMAGE_SUFFIXES and not Path(out).is_dir():
+    if (out is not None and Path(out).suffix.lower() in IMAGE_SUFFIXES and not Path(out).is_dir()
+            and not out.endswith(("/", os.sep))):  # out.png/ says it is a folder
+        fix = ("--grid already writes one picture, so give --out a folder or an .npz file, or drop it" if grid
+               else f"for one picture of them all, use --grid {out}")
         raise UsageError(f"--out {out} names an image file, and --out is a folder for the images or an .npz file; "
-                         f"for one picture of them all, use --grid {out}")
+                         f"{fix}")
     asked_format = fmt is not None
     fmt = fmt or (Format.npz if npz_named else Format.png)
     out = output_path("--out", out, "samples.npz" if npz_named else None)  # npz to a folder: its samples.npz

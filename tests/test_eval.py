@@ -396,6 +396,9 @@ def test_ddpm_cache_sees_and_clears_the_statistics_eval_kept_under_its_cache_dir
             r = runner.invoke(app, ["cache", command, "--cache-dir", str(bad)])
             assert r.exit_code == 2 and needle in r.output and "removed" not in r.output, r.output
     assert len(stats_cache.list_entries(default)) == 1
+    monkeypatch.setenv("DDPM_CACHE_DIR", str(tmp_path / "not-made-yet"))  # set, before eval ever wrote there
+    r = runner.invoke(app, ["cache", "info"])
+    assert r.exit_code == 0 and "not-made-yet  |  0 entries" in r.output, r.output
 
 
 @pytest.mark.skipif(sys.platform != "linux", reason="file names of any bytes")

@@ -19,7 +19,7 @@ app = typer.Typer(help="See or clear the caches kept between runs: torch.compile
 
 
 def _stats_dir_option():
-    return typer.Option(None, "--cache-dir", envvar="DDPM_CACHE_DIR", show_default=False,
+    return typer.Option(None, "--cache-dir", show_default=False,  # (DDPM_CACHE_DIR: the default's, unchecked)
                         help="The reference statistics' folder, where `ddpm eval --cache-dir` kept them. Default: "
                              "DDPM_CACHE_DIR, else ~/.cache/ddpm/fid-stats.")
 

@@ -75,6 +75,8 @@ def main() -> None:
                     help="bf16 autocast, channels-last and per-channel statistics, as the CUDA defaults train")
     args = ap.parse_args()
 
+    import torch._functorch.config  # (an attribute of torch._functorch only once imported)
+
     torch._functorch.config.activation_memory_budget = args.budget
     cfg = load_config(args.config, [f"model.image_size={args.size}", f"model.base_channels={args.base_channels}",
                                     "model.norm_groups=8", "model.dropout=0.0"])

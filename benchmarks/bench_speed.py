@@ -272,12 +272,13 @@ def kernel_meta() -> dict[str, tuple[float | None, str | None, str | None]]:
     return out
 
 
-def print_slow_kernel_sources(rows: list[dict], label: str, most: int = 3) -> None:
+def print_slow_kernel_sources(rows: list[dict], label: str, most: int = 3, longest: int = 3) -> None:
     """The generated source of the slowest-per-byte kernels that cost a step real time (over 1 TB/s short of
     the ~3 TB/s the others reach, and over 0.1 ms a step): its load and store index expressions show which
-    input is read across the grain."""
-    slow = [r for r in rows if r["gb"] and r["us"] > 100 and r["gb"] / r["us_per_call"] * 1e3 < 1.0]
-    for r in slow[:most]:
+    input is read across the grain; and of the `longest` kernels of a step (`rows` is longest first), at the
+    roof or not: their loads and stores count the passes a step's largest kernels make."""
+    slow = [r for r in rows if r["gb"] and r["us"] > 100 and r["gb"] / r["us_per_call"] * 1e3 < 1.0][:most]
+    for r in slow + [r for r in rows[:longest] if r not in slow]:
         print(f"BENCH kernel-source {label} {r['name']} ({r['us']:.0f} us a step):", flush=True)
         try:
             lines = Path(r["file"]).read_text().splitlines()
@@ -292,7 +293,8 @@ def print_slow_kernel_sources(rows: list[dict], label: str, most: int = 3) -> No
         start = at  # back over the decorators and their arguments, up to the blank line before them
         while start > 0 and lines[start - 1].strip() and lines[start - 1].startswith(("@", " ", ")")):
             start -= 1
-        print("\n".join(lines[start:at + 120]), flush=True)
+        # each line marked, so that the scripts that keep only BENCH lines (bigimg_run.sh's log) keep the source
+        print("\n".join(f"BENCH src {line}" for line in lines[start:at + 120]), flush=True)
 
 
 def triton_kernels(prof, per: int, label: str, top: int = 30) -> None:

@@ -96,12 +96,17 @@ def test_the_slow_kernels_sources_are_printed(tmp_path, capsys):
     rows = [{"name": "triton_poi_slow", "us": 1010.0, "us_per_call": 1010.0, "gb": 0.604, "file": str(slow)},
             {"name": "triton_poi_fast", "us": 400.0, "us_per_call": 130.0, "gb": 0.403, "file": str(fast)},
             {"name": "triton_red_tiny", "us": 60.0, "us_per_call": 12.0, "gb": 0.0003, "file": str(fast)}]
-    bench.print_slow_kernel_sources(rows, "train-step")
+    bench.print_slow_kernel_sources(rows, "train-step", longest=0)
     out = capsys.readouterr().out
     assert "BENCH kernel-source train-step triton_poi_slow (1010 us a step):" in out
-    assert "@triton.jit\ndef triton_poi_slow" in out and "384 * x1" in out and "import triton" not in out
+    assert "BENCH src @triton.jit\nBENCH src def triton_poi_slow" in out and "384 * x1" in out
+    assert "import triton" not in out
     assert "size_hints={'x': 4096}" in out and "triton_poi_other" not in out and "7 * x0" not in out  # its own
     assert "triton_poi_fast" not in out and "triton_red_tiny" not in out  # 3.1 TB/s; 60 us a step
+    bench.print_slow_kernel_sources(rows, "train-step", longest=2)  # and the longest two, at the roof or not
+    out = capsys.readouterr().out
+    assert out.count("kernel-source train-step triton_poi_slow") == 1 and "def triton_poi_fast" in out
+    assert "triton_red_tiny" not in out
 
 
 def test_each_live_triton_kernel_s_bytes_and_source_file_are_found(tmp_path):

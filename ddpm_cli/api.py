@@ -176,6 +176,7 @@ class Diffusion(nn.Module):
         spec = SamplerSpec(sampler, steps, variance=self.cfg.diffusion.variance)
         # what the caller gave and the sampler ignores (the variance is the config's, not the caller's)
         for w in SamplerSpec(sampler, steps).warnings(self.cfg.diffusion.num_timesteps):
+            w = w.replace("--sampler ", "sampler=").replace("--steps", "steps")  # the CLI's words, as arguments here
             warnings.warn(w, stacklevel=3)  # the caller's line: torch's no_grad wrapper is one frame between
         out = [batch for _, batch, _ in generate(
             net, self.process, n, spec, image_shape=m.image_shape(), labels=labels,

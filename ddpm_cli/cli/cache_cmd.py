@@ -11,6 +11,7 @@ import typer
 
 from ddpm_cli.cli.inspect_cmd import human_size as _size
 from ddpm_cli.cli.ui import console, friendly
+from ddpm_cli.errors import UsageError
 
 app = typer.Typer(help="See or clear the caches kept between runs: torch.compile's code (a later train, sample or "
                        "eval of the same network starts faster), decoded training images (a later run on the "
@@ -27,8 +28,6 @@ def _stats_dir_option():
 def _checked_stats_dir(stats_dir: Path | None) -> Path | None:
     """--cache-dir as given, refused (exit 2) where it names no folder: a typo must not pass for an empty cache,
     nor let `clear` empty the other two caches for nothing."""
-    from ddpm_cli.errors import UsageError
-
     if stats_dir is None:
         return None
     stats_dir = stats_dir.expanduser()

@@ -587,6 +587,34 @@ def test_cli_samples_a_checkpoint_and_scores_it(cli_files, clean_stats, trained_
     assert r.exit_code == 1 and "holds no EMA weights with decay 0.5" in r.stderr
 
 
+def test_cli_samples_a_checkpoint_under_any_suffix_and_refuses_a_pickle(cli_files, clean_stats, trained_run,
+                                                                         tmp_path):
+    """`ddpm sample m.ckpt` reads a checkpoint by its first bytes; `ddpm eval m.ckpt` took the same file for images
+    ("not a folder, .zip, .npz or .yaml"). A torch.save file or a pickle is refused as sampling refuses it, whatever
+    its suffix, and an .npz of images is still scored as images."""
+    import pickle
+    import shutil
+
+    from ddpm_cli.engine.runs import resolve_checkpoint
+
+    f = cli_files
+    stats = ev_stats.save_stats(clean_stats, tmp_path / "clean_stats.npz")
+    renamed = tmp_path / "model.ckpt"
+    shutil.copy(resolve_checkpoint(trained_run), renamed)
+    r = runner.invoke(app, ["eval", str(renamed), "-n", "2", "--steps", "2", "--ref", str(stats), *f["common"]])
+    assert r.exit_code == 0, r.output
+    assert Path(_json_line(r)["checkpoint"]).name == "model.ckpt"
+    pickles = {"zip.pt": lambda p: torch.save({"w": torch.zeros(2)}, p),
+               "legacy.pth": lambda p: torch.save({"w": torch.zeros(2)}, p, _use_new_zipfile_serialization=False),
+               "plain.bin": lambda p: p.write_bytes(pickle.dumps({"w": [0.0]}))}
+    for name, write in pickles.items():
+        write(tmp_path / name)
+        r = runner.invoke(app, ["eval", str(tmp_path / name), "-n", "2", "--ref", str(stats), *f["common"]])
+        assert r.exit_code == 1 and "is a pickle" in r.stderr, (name, r.output)
+    r = runner.invoke(app, ["eval", str(f["samples"]), "-n", "4", "--ref", str(stats), *f["common"]])
+    assert r.exit_code == 0 and "checkpoint" not in _json_line(r), r.output
+
+
 def test_eval_of_a_checkpoint_scores_the_images_ddpm_sample_draws_with_a_noisy_sampler(cli_files, clean_stats,
                                                                                        trained_run, tmp_path):
     """A sampler that adds noise at each step draws it per batch: on the CPU eval sampled in Inception's batches

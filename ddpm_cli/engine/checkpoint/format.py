@@ -88,6 +88,22 @@ def _first_zip_entry(p: Path) -> str:
         return f.read(n).decode("utf-8", "replace")
 
 
+def looks_like_a_checkpoint(path: str | Path) -> bool:
+    """Whether the file `path` opens as what read_header takes or refuses as a model's weights (safetensors, a
+    pickle, torch.save's or torch.export's zip), by its first bytes whatever its suffix: `ddpm eval m.ckpt` samples
+    it as `ddpm sample m.ckpt` does, and a .pt gets the pickle's refusal rather than "not images". An .npz or a
+    .zip of images is a zip of another kind."""
+    p = Path(path)
+    try:
+        with open(p, "rb") as f:
+            head = f.read(9)
+    except OSError:
+        return False
+    if _looks_like_zip(head):
+        return _zip_kind(p) in ("torch", "pt2")
+    return _safetensors_start(head) or _looks_like_pickle(head)
+
+
 def _looks_like_onnx(head: bytes) -> bool:
     # An ONNX ModelProto (protobuf) opens with field 1, ir_version (tag 0x08, a one-byte varint), then another field.
     return len(head) > 2 and head[0] == 0x08 and head[1] < 0x80 and head[2] in b"\x12\x1a\x22\x2a\x32\x3a\x42"

@@ -227,16 +227,18 @@ def samples_source(drawer: Any, n: int, *, seed: int = 0, labels: torch.Tensor |
 
 
 def is_checkpoint(path: str | Path) -> bool:
-    """A .safetensors file or a run directory (what `ddpm sample` takes), as opposed to images or statistics; and a
-    folder of what stands in for a checkpoint (post-hoc EMA snapshots, a diffusers model), which sampling refuses
-    with the fix."""
+    """A checkpoint file (a .safetensors, or a file of another suffix whose first bytes are a checkpoint's, or a
+    pickle's for sampling's refusal: looks_like_a_checkpoint) or a run directory, as opposed to images or
+    statistics; and a folder of what stands in for a checkpoint (post-hoc EMA snapshots, a diffusers model), which
+    sampling refuses with the fix."""
+    from ddpm_cli.engine.checkpoint.format import looks_like_a_checkpoint
     from ddpm_cli.engine.runs import diffusers_model, holds_snapshots, run_folder
 
     p = run_folder(path)  # a run's checkpoints/ folder stands for the run
     if p.is_dir():
         return ((p / "checkpoints").is_dir() or (p / "latest.json").is_file() or holds_snapshots(p)
                 or diffusers_model(p) is not None)
-    return p.suffix.lower() == ".safetensors"  # M.SAFETENSORS too, as `ddpm sample` takes it
+    return p.suffix.lower() == ".safetensors" or (p.is_file() and looks_like_a_checkpoint(p))
 
 
 def is_stats_file(path: str | Path) -> bool:

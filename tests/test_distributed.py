@@ -55,6 +55,32 @@ STOP_SCRIPT = textwrap.dedent('''
     trainer.dist.close()
 ''')
 
+FAULT_SCRIPT = textwrap.dedent('''
+    import sys
+    from ddpm_cli.config import load_config
+    from ddpm_cli.engine.train import Trainer
+    from ddpm_cli.errors import DataError, DdpmError
+
+    rank_at_fault, bad_batch = int(sys.argv[2]), int(sys.argv[3])
+    trainer = Trainer(load_config(sys.argv[1], sys.argv[4:]))
+    make, calls = trainer.batcher._next, []
+
+    def next_batch():  # a streamed file of this rank's batch no longer decodes
+        calls.append(1)
+        if trainer.dist.rank == rank_at_fault and len(calls) == bad_batch:
+            raise DataError(f"FILE-{bad_batch} is not a readable image")
+        return make()
+
+    trainer.batcher._next = next_batch
+    try:
+        trainer.run()
+        print(f"RANK {trainer.dist.rank} code 0 step {trainer.step}: finished")
+    except DdpmError as e:
+        print(f"RANK {trainer.dist.rank} code {e.exit_code} step {trainer.step}: {e}")
+    trainer.dist.close()
+''')
+
+
 pytestmark = pytest.mark.skipif(not torch.distributed.is_available() or not torch.distributed.is_gloo_available(),
                                 reason="needs torch.distributed with gloo")
 
@@ -120,6 +146,57 @@ def test_early_stopping_stops_every_rank_at_the_same_step(tmp_path):
     metrics = [json.loads(x) for x in (runs / "tiny" / "metrics.jsonl").read_text().splitlines()]
     assert [m["step"] for m in metrics if "val_loss" in m] == [2, 4]  # the second evaluation did not improve by 10
     assert list_checkpoints(runs / "tiny")[-1].name == "ckpt-00000004.safetensors"
+
+
+def _reports(stdout: str) -> dict[int, tuple[int, int, str]]:
+    """Each rank's report line: rank -> (exit code, step, message). The ranks finish together and their lines may
+    run together in the shared pipe, so each report ends where the next one starts."""
+    found = re.findall(r"RANK (\d) code (\d+) step (\d+): (.*?)(?=RANK \d code|\n|$)", stdout)
+    return {int(r): (int(c), int(s), m) for r, c, s, m in found}
+
+
+def _position_after(steps: int, n: int, per_step: int) -> dict:
+    """The data position a run is at after `steps` steps (Batcher: each epoch drops its ragged end)."""
+    epoch = pos = 0
+    for _ in range(steps):
+        if pos + per_step > n:
+            epoch, pos = epoch + 1, 0
+        pos += per_step
+    return {"epoch": epoch, "pos": pos, "n": n}
+
+
+@pytest.mark.parametrize("rank_at_fault,bad_batch,steps,stop", [(1, 4, 40, 10), (0, 4, 40, 10), (1, 11, 12, 12),
+                                                                (1, 1, 40, 0)])
+def test_a_batch_one_rank_cannot_make_stops_every_rank_with_a_checkpoint(tmp_path, rank_at_fault, bad_batch, steps,
+                                                                         stop):
+    """Under --gpus, a rank whose batch could not be made (a streamed file that no longer decodes) left alone: the
+    other waited in the all-reduce, and the run ended without saving the steps since its last checkpoint. Now the
+    rank trains its last good batch in that one's place until the ranks agree (every 10 steps; a run that ends
+    first, at its end; a first batch at once), where every rank stops with exit 1 and rank 0 saves the run with the
+    data position of its step, so that a resume neither repeats nor skips images."""
+    from ddpm_cli.engine.checkpoint.tensors import load_state
+
+    runs = tmp_path / "runs"
+    cfg = write_yaml(tmp_path / "tiny.yaml", tiny_overrides(runs, train__steps=steps, logging__checkpoint_every=100,
+                                                             logging__sample_every=100))
+    script = tmp_path / "fault.py"
+    script.write_text(FAULT_SCRIPT)
+    r = _torchrun(str(script), str(cfg), str(rank_at_fault), str(bad_batch))
+    assert r.returncode == 0, r.stderr[-3000:]
+    reports = _reports(r.stdout)
+    assert sorted(reports) == [0, 1] and all(code == 1 and step == stop for code, step, _ in reports.values()), \
+        r.stdout
+    other = 1 - rank_at_fault
+    assert f"FILE-{bad_batch} is not a readable image" in reports[rank_at_fault][2], reports
+    assert "another process of the run could not make its batch" in reports[other][2], reports
+    if stop == 0:  # nothing trained: nothing saved, and the run's folder is taken away again
+        assert "nothing was trained" in reports[other][2] and not (runs / "tiny").exists(), reports
+        return
+    saved = list_checkpoints(runs / "tiny")
+    assert [p.name for p in saved] == [f"ckpt-{stop:08d}.safetensors"]
+    assert all(str(saved[0]) in message and "--resume" in message for _, _, message in reports.values()), reports
+    _, state, _ = load_state(saved[0])
+    assert state["step"] == stop and state["data"] == _position_after(stop, 256, 2 * 16), state
 
 
 def _two_rank_weights(tmp_path, name: str, **overrides) -> dict[str, torch.Tensor]:

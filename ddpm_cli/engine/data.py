@@ -457,6 +457,11 @@ class Batcher:
             self.epoch, self.pos = before
             raise
 
+    def skip(self) -> None:
+        """Move past the next batch without making it: a rank of several whose batch cannot be made keeps its data
+        position the step's (engine/train.py)."""
+        self.epoch, self.pos, _ = self._indices(self.epoch, self.pos)
+
     def _next(self) -> tuple[torch.Tensor, torch.Tensor]:
         self.epoch, self.pos, idx = self._indices(self.epoch, self.pos)
         if self.streamed:  # decode the next batches while this one trains (this one first, if not yet asked for)

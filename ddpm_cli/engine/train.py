@@ -80,6 +80,7 @@ class TrainResult:
 
 
 _SIGNALLED = 100  # a stop flag above this carries the signal's number
+_DATA_FAILED = 2  # a stop flag: a rank of several could not make its batch (1 is out of time)
 
 
 class _GridStopped(Exception):
@@ -332,15 +333,19 @@ class Trainer:
         fid_s = 0.0  # the last in-training FID's seconds: under train.max_time, one that would overrun is skipped
         start_step = self.step
         lookahead = 1 if self.dist.world == 1 else 10  # ranks agree on stopping every 10 steps (dist.agree)
+        data_error: DataError | None = None  # this rank's batch that could not be made, with several ranks
 
         while self.step < tc.steps:
             # _SIGNALLED + signum = a signal, 1 = out of time; with several ranks they agree on it (every 10 steps)
             # so that no rank leaves the loop while the others wait in an all-reduce.
             time_up = budget.up(lookahead)
-            flag = self.dist.agree(_SIGNALLED + self.stop.signum if self.stop.signum else 1 if time_up else 0,
-                                   self.step)
+            flag = self.dist.agree(_SIGNALLED + self.stop.signum if self.stop.signum else
+                                   _DATA_FAILED if data_error else 1 if time_up else 0, self.step)
             if flag > _SIGNALLED:  # every rank reports (and exits with) the same signal, whichever got it
                 stop_reason, self.stop.signum = "signal", flag - _SIGNALLED
+                break
+            if flag == _DATA_FAILED:
+                stop_reason = "data"
                 break
             if flag or self.lr_schedule.ended(self.step):  # the cool-down on the clock may end just before it
                 stop_reason = "time"
@@ -349,7 +354,18 @@ class Trainer:
             try:
                 x, y = self.batcher.next()
             except DataError as e:  # a streamed file that no longer decodes
-                raise self._stopped_by_data(e, trained=self.step > start_step) from None
+                if self.dist.world == 1:
+                    raise self._stopped_by_data(e, trained=self.step > start_step) from None
+                # One rank cannot leave a run of several alone (the others would wait for it in the all-reduce): it
+                # moves past the batch, so that its data position stays the step's, and trains its last good one
+                # in its place until the ranks next agree, where every rank stops (_DATA_FAILED).
+                self.batcher.skip()
+                data_error = data_error or e
+                x, y = good if self.step > start_step else (None, None)
+            if self.step == start_step and self.dist.agree(_DATA_FAILED if data_error else 0, 0, every=1):
+                stop_reason = "data"  # a first batch has no good one to stand in: the ranks agree on it at once
+                break
+            good = x, y
             if self.lr_schedule.cooldown and self.lr_schedule.window is None and tc.max_time is not None:
                 # the cool-down on the clock starts at the same step on every rank, with rank 0's end (whose
                 # budget knows the closing checkpoint and grid)
@@ -470,6 +486,9 @@ class Trainer:
                     self.cb.on_message(f"no in-training FID at step {self.step}: its {fid_s:.0f} s would end the "
                                        f"run past train.max_time")
 
+        if self.dist.world > 1 and self.dist.agree(_DATA_FAILED if data_error else 0, 0, every=1):
+            # (also where the run ended, or a signal stopped it, before the ranks agreed on a failed batch)
+            raise self._stopped_by_data(data_error, trained=self.step > start_step)
         if (self.main and tc.guide_step is not None and self.step < tc.guide_step and self.guide is None
                 and stop_reason != "signal"):
             self.cb.on_warning(f"the run ended at step {self.step}, before train.guide_step "
@@ -605,14 +624,20 @@ class Trainer:
         self.ahead = None
         self._make_compiled_step()
 
-    def _stopped_by_data(self, e: DataError, trained: bool) -> DdpmError:
-        """The error that ends a run whose next batch cannot be made: the steps this process `trained` are saved
-        first (the batch's place in the epoch with them), so that fixing the data and resuming loses nothing."""
-        if not trained or not self.main:
-            return e
-        checkpoint = self.save_checkpoint()
-        return TrainingAborted(f"{e}; checkpoint {checkpoint} holds the run up to step {self.step}: continue with "
-                               f"`ddpm train --resume {self.run_dir}`")
+    def _stopped_by_data(self, e: DataError | None, trained: bool) -> DdpmError:
+        """The error that ends a run whose next batch cannot be made (`e`; None on a rank of several whose peer's
+        could not, and whose own line names the file): the steps `trained` are saved first (by rank 0; with the
+        batch's place in the epoch, or with several ranks the place past it), so that fixing the data and
+        resuming loses nothing. Several ranks wait for that checkpoint before any leaves: torchrun stops every
+        rank when one exits with an error."""
+        checkpoint = self.save_checkpoint() if trained else None
+        self.dist.finish_together()
+        what = str(e) if e is not None else "another process of the run could not make its batch (its own line " \
+                                            "names the file)"
+        if not trained:
+            return e if e is not None else DataError(f"{what}; nothing was trained")
+        return TrainingAborted(f"{what}; checkpoint {checkpoint or self._latest_name()} holds the run up to step "
+                               f"{self.step}: continue with `ddpm train --resume {self.run_dir}`")
 
     def _in_training_fid(self) -> float:
         """logging.fid_every's score. It fails only where the start's check could not look (a reference that is

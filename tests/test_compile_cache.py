@@ -175,6 +175,72 @@ def test_a_damaged_or_foreign_entry_is_ignored_with_one_warning_and_replaced(fol
     assert len(fake_torch.loaded) == 0  # none of them reached torch
 
 
+def _ahead(compiles: list | None = None):
+    """The sampler's compile ahead of time, with aot_eager (inductor's CPU compile takes minutes): counts calls."""
+    def ahead(model):
+        if compiles is not None:
+            compiles.append(model)
+        return torch.compile(model, fullgraph=True, dynamic=False, backend="aot_eager")
+    return ahead
+
+
+def kept_whole(folder, model, x, ahead, fresh: bool = True) -> tuple[CompileCache, torch.Tensor]:
+    """The sampler's cache of `model` with a compile ahead of time, called once on `x` (a fresh process, unless
+    `fresh` is False); its output is checked against the eager network's."""
+    if fresh:
+        cc._IN_PROCESS.clear()
+        cc._AHEAD.clear()
+    seen = []
+    c = CompileCache(model, {"kind": "sample"}, CPU, module=model, save_after_first_call=True, directory=folder,
+                     on_warning=seen.append, ahead=ahead)
+    t = torch.full((x.shape[0],), 3)
+    with torch.no_grad():
+        out = c(x, t, None)
+        assert torch.allclose(out, model(x, t, None), atol=1e-5)  # this model's own weights, however it ran
+    c.warnings = seen
+    return c, out
+
+
+def test_the_sampler_s_network_is_kept_whole_and_a_fresh_process_runs_it_with_its_own_weights(folder):
+    """A warm `ddpm sample` spent seconds in dynamo's trace and torch's cache lookups before its first batch; the
+    network compiled ahead of time is loaded and called as it is, and a network of another checkpoint (other
+    weights, the same architecture) runs through it with its own weights; the guide shares the model's."""
+    compiles, x = [], torch.randn(2, 3, 8, 8)
+    first, _ = kept_whole(folder, perturbed_unet(seed=0).eval(), x, _ahead(compiles))
+    assert first.state == "saved" and not first.warnings and len(compiles) == 1
+    entries = cc.list_entries(folder)
+    assert len(entries) == 1 and entries[0].meta["key"]["artifact"] == "aot_compile"
+    second, _ = kept_whole(folder, perturbed_unet(seed=1).eval(), x, _ahead(compiles))
+    assert second.state == "hit" and second.ahead_loaded and len(compiles) == 1 and not second.warnings
+    assert [e.meta["hits"] for e in cc.list_entries(folder)] == [1]
+    guide, _ = kept_whole(folder, perturbed_unet(seed=2).eval(), x, _ahead(compiles), fresh=False)
+    assert guide.state == "hit" and len(compiles) == 1 and cc.list_entries(folder)[0].meta["hits"] == 1  # no read
+
+
+def test_a_kept_function_torch_cannot_use_is_one_warning_and_compiled_afresh(folder, capfd):
+    """An entry whose bytes pass our checks but that torch cannot load, or that was made for other inputs (its
+    guards), is said in one line, compiled afresh and replaced; a network torch cannot compile ahead of time
+    (here a torch.compile without it) compiles as before, through the portable entry."""
+    x, model = torch.randn(2, 3, 8, 8), perturbed_unet().eval()
+    key = kept_whole(folder, model, x, _ahead())[0]._ahead_key()
+    write_entry(folder, key, b"not torch's format", {})
+    c, _ = kept_whole(folder, model, x, _ahead())
+    assert c.state == "saved" and len(c.warnings) == 1 and "torch could not load" in c.warnings[0], c.warnings
+    four, _ = kept_whole(folder, model, torch.randn(4, 3, 8, 8), _ahead())  # an entry made for batches of 4...
+    write_entry(folder, key, read_entry(folder, four._ahead_key())[0], {})  # ... filed under batches of 2's key
+    c, _ = kept_whole(folder, model, x, _ahead())
+    assert c.state == "saved" and len(c.warnings) == 1 and "made for other inputs" in c.warnings[0], c.warnings
+    assert kept_whole(folder, model, x, _ahead())[0].state == "hit"  # replaced
+    assert "Traceback" not in capfd.readouterr().err
+
+    def no_ahead(m):
+        return m  # a module without forward.aot_compile: as a torch that lacks it
+
+    plain, _ = kept_whole(folder / "plain", model, x, no_ahead)
+    assert plain.state in ("saved", "miss") and not plain.ahead_loaded and not plain.warnings
+    assert all("artifact" not in e.meta["key"] for e in cc.list_entries(folder / "plain"))
+
+
 def test_under_torchrun_only_rank_0_saves_and_warns_for_the_sampler(folder, fake_torch, monkeypatch, recwarn):
     key = sampler().key
     (folder / f"{cc.entry_name(key)}.bin").write_bytes(b"damaged")

@@ -1,6 +1,5 @@
 """The compile cache on CUDA (issue 24): a second `ddpm sample --compile on` process, with an empty inductor cache of
-its own, loads what the first compiled from the compile cache (the network compiled ahead of time, where torch has
-it) and draws the same images. A tiny model; `pytest -m
+its own, loads what the first compiled from the compile cache and draws the same images. A tiny model; `pytest -m
 gpu` runs it (skipped without a GPU)."""
 from __future__ import annotations
 
@@ -50,8 +49,6 @@ def test_a_second_sample_process_loads_the_compiled_network(tmp_path):
         entries = list_entries(cache)
         assert [e.name.split("-")[0] for e in entries] == ["sample"], entries
         assert entries[0].meta["hits"] == i and entries[0].meta["key"]["env"]["device"] == "cuda"
-        if hasattr(torch.compiler, "load_compiled_function"):  # kept whole, compiled ahead of time
-            assert entries[0].meta["key"]["artifact"] == "aot_compile", entries[0].meta["key"]
     print(lines)  # the first batch's time, cold and then from the cache, for the record (-s)
     assert "compiled: the first batch took" in lines[0] and "compile cache" not in lines[0]
     assert "(loaded from the compile cache)" in lines[1]

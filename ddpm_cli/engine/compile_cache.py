@@ -1,8 +1,5 @@
 """The compile cache: torch.compile's portable artifacts (torch.compiler.save_cache_artifacts) kept per user, so a
-later `ddpm train`, `sample` or `eval` of the same network and shapes loads what an earlier process compiled. The
-sampler's network is kept whole instead where torch can (`torch.compile(...).aot_compile`, read back with
-torch.compiler.load_compiled_function): a later process then skips dynamo's trace and the lookups in torch's own
-caches that portable artifacts still need.
+later `ddpm train`, `sample` or `eval` of the same network and shapes loads what an earlier process compiled.
 
 torch checks its own artifacts (each carries its graph's key, the torch and Triton versions and the GPU), so a wrong
 entry costs time, never a wrong result: our key only picks the entry, one per compiled callable, named by a hash of
@@ -13,7 +10,6 @@ from __future__ import annotations
 
 import hashlib
 import importlib.metadata
-import io
 import json
 import logging
 import os
@@ -42,9 +38,6 @@ _OFF = {"off", "0", "false", "no"}
 # Entries this process loaded or saved, with their artifact keys: torch's caches hold them already, so a second
 # network of the same key (autoguidance's guide shares the model's architecture) does not load them again.
 _IN_PROCESS: dict[Path, dict[str, list[str]]] = {}
-# Functions compiled ahead of time that this process loaded or compiled, by their entry: a second network of the
-# same key (the guide) calls the same function with its own weights.
-_AHEAD: dict[Path, Callable] = {}
 
 
 def cache_dir() -> Path:
@@ -199,12 +192,6 @@ def _artifact_keys(info: Any) -> dict[str, list[str]]:
         return {}
 
 
-def _one_line(e: Exception) -> str:
-    """An exception as one short line (torch's messages run over many)."""
-    text = str(e).strip()
-    return f"{type(e).__name__}: {text.splitlines()[0][:200]}" if text else type(e).__name__
-
-
 # -- the compiled callable's cache ----------------------------------------------------------------------------------
 
 
@@ -212,20 +199,15 @@ class CompileCache:
     """Wraps a compiled callable: at its first call, keys the entry by `static` plus the call's inputs and the
     machine, loads the entry into torch's caches, then calls it (torch then finds what it would compile); `save()`
     after the first call, or the first step when a backward also compiles (training), stores what was compiled
-    unless the loaded entry already held all of it. With `ahead` (the sampler's network), the entry is the whole
-    function compiled ahead of time instead, loaded and called as it is, where torch can make one.
+    unless the loaded entry already held all of it.
 
     `state`: "off" (disabled, or a torch without portable artifacts), "miss", "hit" (loaded and complete),
     "saved". Problems are one warning each (`on_warning`; else a DdpmWarning) and never stop the run."""
 
     def __init__(self, fn: Callable, static: dict, device, *, module=None, save: bool = True,
                  save_after_first_call: bool = False, on_warning: Callable[[str], None] | None = None,
-                 on_message: Callable[[str], None] | None = None, directory: Path | None = None,
-                 ahead: Callable | None = None):
+                 on_message: Callable[[str], None] | None = None, directory: Path | None = None):
         self.fn, self.static, self.device, self.module = fn, static, device, module
-        # `ahead(module)`: the torch.compile'd module whose forward compiles ahead of time (_ahead_of_time); None:
-        # portable artifacts only. `self.compiled_ahead`: the function so compiled in this process, saved once.
-        self.ahead, self.compiled_ahead, self.ahead_loaded = ahead, None, False
         self.may_save, self.save_after_first_call = save, save_after_first_call
         self.on_warning, self.on_message = on_warning, on_message
         self.directory = directory or cache_dir()
@@ -244,11 +226,7 @@ class CompileCache:
             static = {**self.static, "network": network_fingerprint(self.module)} if self.module is not None \
                 else self.static
             self.key = {**static, "inputs": call_signature(args, self.device), "env": environment(self.device)}
-            if self.ahead is not None and self.module is not None:
-                fn = self._ahead_of_time(args)
-                self.fn = fn or self.fn
-            if self.state == "pending":  # not kept whole: torch's caches, filled from the portable entry
-                self.load()
+            self.load()
         self.load_s = time.perf_counter() - t
         out = self.fn(*args)
         self.first_call_s = time.perf_counter() - t - self.load_s
@@ -297,91 +275,34 @@ class CompileCache:
             self.on_message(f"compile cache: loaded {self.directory / entry_name(self.key)}.bin (compiled before)")
         return True
 
-    def _ahead_of_time(self, args: tuple) -> Callable | None:
-        """The network compiled ahead of time for these inputs: read from its entry (state "hit"), or compiled
-        now and saved after the first call (state "miss"). None where torch lacks the API or cannot compile this
-        network so (a graph break): the caller then compiles as before, through torch's caches. The loaded
-        function takes the module as its first argument, so it runs this module's weights; its guards (the
-        inputs' shapes, dtypes and modes) are checked before it is used."""
-        import torch
-
-        if not hasattr(torch.compiler, "load_compiled_function"):
-            return None
-        if hasattr(torch._dynamo.config, "enable_aot_compile"):  # torch 2.11 has the API behind this switch
-            torch._dynamo.config.enable_aot_compile = True
-        key = self._ahead_key()
-        name = entry_name(key)
-        where = self.directory / name
-        if where in _AHEAD:
-            self.state, self.ahead_loaded = "hit", True
-            return lambda *a: _AHEAD[where](self.module, *a)
-        data, meta, problem = read_entry(self.directory, key)
-        if problem:
-            self._warn(f"ignored {problem}; compiling afresh (it is replaced after this compile)")
-        if data is not None:
-            try:
-                loaded = torch.compiler.load_compiled_function(io.BytesIO(data))
-                check = getattr(loaded, "guard_check", None)
-                problem = "" if check is None or check(self.module, *args) else "made for other inputs"
-            except Exception as e:  # noqa: BLE001 - torch refused its own bytes (another build): compiled afresh
-                problem = _one_line(e)
-            if not problem:
-                self.state, self.ahead_loaded, _AHEAD[where] = "hit", True, loaded
-                self._touch(meta, key)
-                if self.on_message:
-                    self.on_message(f"compile cache: loaded {self.directory / name}.bin (compiled before)")
-                return lambda *a: loaded(self.module, *a)
-            self._warn(f"torch could not load {self.directory / name}.bin ({problem}); compiling afresh")
-        try:
-            self.compiled_ahead = self.ahead(self.module).forward.aot_compile((args, {}))
-        except Exception:  # noqa: BLE001 - a graph break, or a torch whose compile lacks it: compiled as before
-            return None
-        self.state, _AHEAD[where] = "miss", self.compiled_ahead
-        return lambda *a: self.compiled_ahead(self.module, *a)
-
-    def _ahead_key(self) -> dict:
-        return {**self.key, "artifact": "aot_compile"}  # another entry than the portable artifacts' of this key
-
-    def _save_ahead(self) -> Path:
-        """Write the function compiled ahead of time (after its first call: it holds the kernels that call built)."""
-        import tempfile
-
-        self.directory.mkdir(parents=True, exist_ok=True, mode=0o700)
-        fd, tmp = tempfile.mkstemp(dir=self.directory, prefix=".aot-", suffix=".tmp")
-        os.close(fd)
-        try:
-            self.compiled_ahead.save_compiled_function(tmp)
-            data = Path(tmp).read_bytes()
-        finally:
-            Path(tmp).unlink(missing_ok=True)
-        return write_entry(self.directory, self._ahead_key(), data, {})
-
-    def _touch(self, meta: dict, key: dict | None = None) -> None:
+    def _touch(self, meta: dict) -> None:
         """Count the hit and mark the entry recently used (pruning keeps those); a failure here loses nothing."""
         try:
             meta["hits"] = int(meta.get("hits") or 0) + 1
         except (TypeError, ValueError):  # a count spoiled by hand: counting starts again
             meta["hits"] = 1
         try:
-            atomic_write_bytes(self.directory / f"{entry_name(key or self.key)}.json",
+            atomic_write_bytes(self.directory / f"{entry_name(self.key)}.json",
                                json.dumps(meta, indent=1, default=str).encode())
         except OSError:
             pass
 
     def save(self) -> bool:
         """Store what this process compiled (once). Skipped when the loaded entry held every artifact torch used."""
-        if self.state not in ("miss", "hit") or not self.may_save or (self.state == "hit" and self.ahead_loaded):
+        if self.state not in ("miss", "hit") or not self.may_save:
             return False
         import torch
 
         try:
-            if self.compiled_ahead is not None:
-                path = self._save_ahead()
-                data = path.read_bytes()
-            else:
-                path, data = self._save_portable(torch)
-                if path is None:
-                    return False
+            saved = torch.compiler.save_cache_artifacts()
+            if saved is None:  # nothing compiled through torch's caches (they may be off): nothing to keep
+                return False
+            data, info = saved
+            made = _artifact_keys(info)
+            if self.state == "hit" and all(set(v) <= set(self.loaded.get(k, ())) for k, v in made.items()):
+                return False
+            path = write_entry(self.directory, self.key, data, made)
+            _IN_PROCESS[self.directory / entry_name(self.key)] = made
         except Exception as e:  # a full disk, a read-only home, a torch that cannot serialise: the run goes on
             self._warn(f"could not save the compiled code to {self.directory} ({type(e).__name__}: {e})")
             return False
@@ -393,20 +314,6 @@ class CompileCache:
         if self.on_message:
             self.on_message(f"compile cache: saved {path} ({len(data) / 2**20:.1f} MB) for the next run")
         return True
-
-    def _save_portable(self, torch) -> tuple[Path | None, bytes]:
-        """torch's portable artifacts of this process: (the entry written, its bytes), or (None, b"") when there
-        is nothing new to keep."""
-        saved = torch.compiler.save_cache_artifacts()
-        if saved is None:  # nothing compiled through torch's caches (they may be off): nothing to keep
-            return None, b""
-        data, info = saved
-        made = _artifact_keys(info)
-        if self.state == "hit" and all(set(v) <= set(self.loaded.get(k, ())) for k, v in made.items()):
-            return None, b""
-        path = write_entry(self.directory, self.key, data, made)
-        _IN_PROCESS[self.directory / entry_name(self.key)] = made
-        return path, data
 
 
 def state_of(fn: Any) -> str:
@@ -433,13 +340,11 @@ def for_training(trainer, mode: str) -> CompileCache:
                         on_warning=trainer.cb.on_warning, on_message=trainer.cb.on_message)
 
 
-def for_sampling(net: Callable, model, mode: str, options: dict, device, channels_last: bool,
-                 ahead: Callable | None = None) -> CompileCache:
+def for_sampling(net: Callable, model, mode: str, options: dict, device, channels_last: bool) -> CompileCache:
     """The sampler network's cache: wraps the compiled `net` of `model`, keyed by the network (its switches
     included), the first batch's shapes and autocast, the mode and options; saved right after that first call.
-    `ahead(model)`: the torch.compile'd model to compile ahead of time and keep whole (CompileCache). Under
-    torchrun only rank 0 saves and warns (every rank compiles the same graphs, and reads the same entry)."""
+    Under torchrun only rank 0 saves and warns (every rank compiles the same graphs, and reads the same entry)."""
     static = {"kind": "sample", "mode": mode, "options": options, "channels_last": channels_last}
     main = int(os.environ.get("RANK", "0")) == 0
     return CompileCache(net, static, device, module=model, save=main, save_after_first_call=True,
-                        on_warning=None if main else lambda text: None, ahead=ahead)
+                        on_warning=None if main else lambda text: None)

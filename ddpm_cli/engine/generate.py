@@ -44,11 +44,8 @@ def inference_net(model: torch.nn.Module, *, channels_last: bool = False, compil
     net = model
     if compile:  # dynamic=False: a new batch size or image size compiles its own static graph, never a symbolic one
         options = sampler_compile_options(compile, device)
-        # Kept whole by the compile cache where torch can (not with CUDA graphs, which the whole function loses)
-        ahead = (lambda m: torch.compile(m, fullgraph=True, dynamic=False, options=options)) \
-            if compile == "default" else None
         net = compile_cache.for_sampling(torch.compile(model, dynamic=False, options=options), model, compile, options,
-                                         device, channels_last, ahead)  # loads an earlier process's, saves this one
+                                         device, channels_last)  # loads an earlier process's compile, saves this one
 
     def fn(x: torch.Tensor, t: torch.Tensor, y: torch.Tensor | None) -> torch.Tensor:
         if channels_last:

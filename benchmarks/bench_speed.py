@@ -267,8 +267,11 @@ def kernel_meta() -> dict[str, tuple[float | None, str | None, str | None]]:
         name = meta.get("kernel_name") or getattr(source, "__name__", None)
         if name:
             code = getattr(source, "__code__", None)
+            # the autotuner's own `filename` first: its function's code object names no file once the kernel came
+            # from inductor's cache (a 256 px profile's sources were all unreadable so, 2026-12-06)
+            file = getattr(obj, "filename", None) or (code.co_filename if code else None)
             signature = (getattr(obj, "triton_meta", None) or {}).get("signature") or {}
-            out[name] = (meta.get("kernel_num_gb"), code.co_filename if code else None, pointer_dtypes(signature))
+            out[name] = (meta.get("kernel_num_gb"), file, pointer_dtypes(signature))
     return out
 
 

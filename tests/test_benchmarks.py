@@ -129,8 +129,12 @@ def test_each_live_triton_kernel_s_bytes_and_source_file_are_found(tmp_path):
         held.append(k)
     held[0].triton_meta = {"signature": {"in_ptr0": "*bf16", "in_ptr1": "*fp32", "in_out_ptr0": "*bf16",
                                          "out_ptr0": "*fp32", "out_ptr1": "*fp32", "xnumel": "i32"}}
+    cached = CachingAutotuner.__new__(CachingAutotuner)  # one loaded from inductor's cache: no function, a file
+    cached.inductor_meta, cached.fn, cached.filename = {"kernel_name": "triton_red_fused_9"}, None, str(source)
+    held.append(cached)
     found = bench.kernel_meta()
     assert found["triton_poi_fused_silu_7"] == (0.75, str(source), "in bf16 fp32, in-out bf16, out 2 fp32")
+    assert found["triton_red_fused_9"][1] == str(source)  # (all three 256 px sources were "unreadable" without)
     assert found["triton_red_fused_3"][::2] == (None, None)  # compiled without benchmark_kernel: no count, no guess
 
 

@@ -173,7 +173,8 @@ def test_a_batch_one_rank_cannot_make_stops_every_rank_with_a_checkpoint(tmp_pat
     other waited in the all-reduce, and the run ended without saving the steps since its last checkpoint. Now the
     rank trains its last good batch in that one's place until the ranks agree (every 10 steps; a run that ends
     first, at its end; a first batch at once), where every rank stops with exit 1 and rank 0 saves the run with the
-    data position of its step, so that a resume neither repeats nor skips images."""
+    data position of its step: a resume goes on from there, past the failed batch (whose other images that rank
+    did not train), not from the failure."""
     from ddpm_cli.engine.checkpoint.tensors import load_state
 
     runs = tmp_path / "runs"

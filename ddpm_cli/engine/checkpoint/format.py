@@ -64,8 +64,8 @@ def _looks_like_zip(head: bytes) -> bool:
 
 def _zip_kind(p: Path) -> str:
     """What a zip (PK..) holds, by its member names, unpickling nothing: "pt2" (a torch.export archive, whose
-    `archive_format` entry says pt2), "torch" (torch.save's: its pickle, data.pkl, beside the tensors) or "zip"
-    (any other: a dataset's, say)."""
+    `archive_format` entry says pt2), "torch" (torch.save's: its pickle, data.pkl, beside `version` in one folder)
+    or "zip" (any other: a dataset's, say, even one holding a file of that name)."""
     import zipfile
 
     try:
@@ -74,8 +74,12 @@ def _zip_kind(p: Path) -> str:
             if any(n.endswith("/archive_format") and z.read(n).strip() == b"pt2" for n in names):
                 return "pt2"
     except Exception:  # noqa: BLE001 - a zip it cannot read (cut short, odd compression): its first entry's name,
-        names = [_first_zip_entry(p)]  # which in torch.save's zip is data.pkl
-    return "torch" if any(n == "data.pkl" or n.endswith("/data.pkl") for n in names) else "zip"
+        first = _first_zip_entry(p)  # which in torch.save's zip is FOLDER/data.pkl
+        return "torch" if first.count("/") <= 1 and first.rpartition("/")[2] == "data.pkl" else "zip"
+    listed = set(names)
+    saved = any(n.count("/") <= 1 and n.rpartition("/")[2] == "data.pkl" and n[:-len("data.pkl")] + "version" in listed
+                for n in names)
+    return "torch" if saved else "zip"
 
 
 def _first_zip_entry(p: Path) -> str:
@@ -90,7 +94,7 @@ def _first_zip_entry(p: Path) -> str:
 
 def looks_like_a_checkpoint(path: str | Path) -> bool:
     """Whether the file `path` opens as what read_header takes or refuses as a model's weights (safetensors, a
-    pickle, torch.save's or torch.export's zip), by its first bytes whatever its suffix: `ddpm eval m.ckpt` samples
+    pickle, torch.save's or torch.export's zip, an ONNX export), by its first bytes whatever its suffix: `ddpm eval m.ckpt` samples
     it as `ddpm sample m.ckpt` does, and a .pt gets the pickle's refusal rather than "not images". An .npz or a
     .zip of images is a zip of another kind."""
     p = Path(path)
@@ -101,7 +105,7 @@ def looks_like_a_checkpoint(path: str | Path) -> bool:
         return False
     if _looks_like_zip(head):
         return _zip_kind(p) in ("torch", "pt2")
-    return _safetensors_start(head) or _looks_like_pickle(head)
+    return _safetensors_start(head) or _looks_like_pickle(head) or _looks_like_onnx(head)
 
 
 def _looks_like_onnx(head: bytes) -> bool:

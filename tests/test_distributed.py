@@ -56,17 +56,26 @@ STOP_SCRIPT = textwrap.dedent('''
 ''')
 
 FAULT_SCRIPT = textwrap.dedent('''
+    import os
     import sys
     from ddpm_cli.config import load_config
-    from ddpm_cli.engine.train import Trainer
+    from ddpm_cli.engine.train import StopFlag, Trainer
     from ddpm_cli.errors import DataError, DdpmError
 
     rank_at_fault, bad_batch = int(sys.argv[2]), int(sys.argv[3])
-    trainer = Trainer(load_config(sys.argv[1], sys.argv[4:]))
+    signalled = [int(x) for x in os.environ.get("SIGNAL_AT", "").split(":") if x]  # rank, batch: a SIGTERM there
+    stop = StopFlag()
+    trainer = Trainer(load_config(sys.argv[1], sys.argv[4:]), stop=stop)
     make, calls = trainer.batcher._next, []
+    if os.environ.get("SAVE_FAILS") and trainer.dist.rank == 0:
+        def no_room():
+            raise DdpmError("cannot write the checkpoint: the disk is full")
+        trainer.save_checkpoint = no_room
 
     def next_batch():  # a streamed file of this rank's batch no longer decodes
         calls.append(1)
+        if signalled and trainer.dist.rank == signalled[0] and len(calls) == signalled[1]:
+            stop.request(15)  # what the CLI's SIGTERM handler does
         if trainer.dist.rank == rank_at_fault and len(calls) == bad_batch:
             raise DataError(f"FILE-{bad_batch} is not a readable image")
         return make()
@@ -189,7 +198,8 @@ def test_a_batch_one_rank_cannot_make_stops_every_rank_with_a_checkpoint(tmp_pat
         r.stdout
     other = 1 - rank_at_fault
     assert f"FILE-{bad_batch} is not a readable image" in reports[rank_at_fault][2], reports
-    assert "another process of the run could not make its batch" in reports[other][2], reports
+    assert "another process of the run could not make its batch (its own line says why)" in reports[other][2], \
+        reports
     if stop == 0:  # nothing trained: nothing saved, and the run's folder is taken away again
         assert "nothing was trained" in reports[other][2] and not (runs / "tiny").exists(), reports
         return
@@ -198,6 +208,31 @@ def test_a_batch_one_rank_cannot_make_stops_every_rank_with_a_checkpoint(tmp_pat
     assert all(str(saved[0]) in message and "--resume" in message for _, _, message in reports.values()), reports
     _, state, _ = load_state(saved[0])
     assert state["step"] == stop and state["data"] == _position_after(stop, 256, 2 * 16), state
+
+
+def test_a_data_failure_keeps_a_signal_s_exit_code_and_a_failed_save_loses_no_rank_s_line(tmp_path):
+    """Under --gpus, a signal and a batch that could not be made before the ranks agreed ended every rank with
+    exit 1 and the data's line alone (a scheduler that requeues a job on 143 never learnt of its signal); and where
+    rank 0 then failed to save (a full disk), it left the barrier the others waited in, and torchrun ended them
+    before the failing rank could say which file it was."""
+    runs = tmp_path / "runs"
+    cfg = write_yaml(tmp_path / "tiny.yaml", tiny_overrides(runs, train__steps=40, logging__checkpoint_every=100,
+                                                             logging__sample_every=100))
+    script = tmp_path / "fault.py"
+    script.write_text(FAULT_SCRIPT)
+    r = _torchrun(str(script), str(cfg), "1", "4", env_extra={"SIGNAL_AT": "0:6"})
+    reports = _reports(r.stdout)
+    assert sorted(reports) == [0, 1] and all(c == 143 and s == 10 for c, s, _ in reports.values()), r.stdout
+    assert all("signal 15" in m for _, _, m in reports.values()) and "FILE-4" in reports[1][2], reports
+    assert [p.name for p in list_checkpoints(runs / "tiny")] == ["ckpt-00000010.safetensors"]
+
+    cfg = write_yaml(tmp_path / "again.yaml", tiny_overrides(runs, train__steps=40, logging__checkpoint_every=100,
+                                                              logging__sample_every=100, logging__run_name="again"))
+    r = _torchrun(str(script), str(cfg), "1", "4", env_extra={"SAVE_FAILS": "1"})
+    reports = _reports(r.stdout)
+    assert sorted(reports) == [0, 1] and all(c == 1 and s == 10 for c, s, _ in reports.values()), r.stdout
+    assert "FILE-4 is not a readable image" in reports[1][2] and "disk is full" in reports[0][2], reports
+    assert all("no checkpoint was written" in m for _, _, m in reports.values()), reports
 
 
 def _two_rank_weights(tmp_path, name: str, **overrides) -> dict[str, torch.Tensor]:

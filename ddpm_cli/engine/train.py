@@ -626,18 +626,35 @@ class Trainer:
 
     def _stopped_by_data(self, e: DataError | None, trained: bool) -> DdpmError:
         """The error that ends a run whose next batch cannot be made (`e`; None on a rank of several whose peer's
-        could not, and whose own line names the file): the steps `trained` are saved first (by rank 0; with the
-        batch's place in the epoch, or with several ranks the place past it), so that fixing the data and
-        resuming loses nothing. Several ranks wait for that checkpoint before any leaves: torchrun stops every
-        rank when one exits with an error."""
-        checkpoint = self.save_checkpoint() if trained else None
-        self.dist.finish_together()
+        could not, and whose own line says why): the steps `trained` are saved first (by rank 0; with the batch's
+        place in the epoch, or with several ranks the place past it), so that fixing the data and resuming loses
+        nothing. Every rank learns whether that checkpoint was written before any leaves (torchrun stops every
+        rank when one exits with an error, and its line with it), and a signal that came meanwhile keeps its exit
+        code (a scheduler may requeue on it)."""
+        saved, failed = None, None
+        if trained:
+            try:
+                saved = self.save_checkpoint()
+            except Exception as err:  # noqa: BLE001 - (a full disk) said with the data's line, on every rank
+                failed = err
+        unsaved = self.dist.agree(int(failed is not None), 0, every=1)  # (also where the ranks meet before leaving)
         what = str(e) if e is not None else "another process of the run could not make its batch (its own line " \
-                                            "names the file)"
+                                            "says why)"
+        if self.stop.signum:
+            what, code = f"{what}; stopped by signal {self.stop.signum} too", 128 + self.stop.signum
+        elif e is not None and not trained:
+            return e
+        else:
+            code = 1
         if not trained:
-            return e if e is not None else DataError(f"{what}; nothing was trained")
-        return TrainingAborted(f"{what}; checkpoint {checkpoint or self._latest_name()} holds the run up to step "
-                               f"{self.step}: continue with `ddpm train --resume {self.run_dir}`")
+            return TrainingAborted(f"{what}; nothing was trained", code)
+        if unsaved:
+            why = failed if failed is not None else "rank 0 could not write it"
+            return TrainingAborted(f"{what}; no checkpoint was written ({why}); the last one is "
+                                   f"{self._latest_name()}", code)
+        return TrainingAborted(f"{what}; checkpoint {saved or train_state.checkpoint_path(self.run_dir, self.step)} "
+                               f"holds the run up to step {self.step}: continue with `ddpm train --resume "
+                               f"{self.run_dir}`", code)
 
     def _in_training_fid(self) -> float:
         """logging.fid_every's score. It fails only where the start's check could not look (a reference that is

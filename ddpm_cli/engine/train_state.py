@@ -70,12 +70,16 @@ def restore(trainer: "Trainer", weights: Path) -> None:
     trainer.resumed_from = ck.path
     trainer.cb.on_message(f"resumed from {ck.path} at step {trainer.step}")
 
+def checkpoint_path(run_dir: Path, step: int) -> Path:
+    """Where the checkpoint of `step` goes (rank 0 writes it; the other ranks of a run name it from here)."""
+    return run_dir / "checkpoints" / f"ckpt-{step:08d}.safetensors"
+
+
 def save(trainer: "Trainer") -> Path:
     """Rank 0's checkpoint: the post-hoc EMA snapshot (if tracked), weights (with EMAs and guide), then the
     training state, then latest.json."""
     cfg = trainer.cfg
-    name = f"ckpt-{trainer.step:08d}.safetensors"
-    path = trainer.run_dir / "checkpoints" / name
+    path = checkpoint_path(trainer.run_dir, trainer.step)
     if trainer.posthoc is not None:  # first: a resume from this checkpoint reads the averages back from it
         trainer.posthoc.save(trainer.run_dir, trainer.step, trainer.images_seen)
     meta = ckpt_io.weights_metadata(cfg, trainer.step, trainer.images_seen, count_params(trainer.model),
@@ -95,7 +99,7 @@ def save(trainer: "Trainer") -> Path:
     # The pointer goes last: it only ever names a checkpoint whose files are complete.
     pointer = trainer.run_dir / "latest.json"
     try:
-        atomic_write_bytes(pointer, json.dumps({"step": trainer.step, "weights": f"checkpoints/{name}",
+        atomic_write_bytes(pointer, json.dumps({"step": trainer.step, "weights": f"checkpoints/{path.name}",
                                                 "state": f"checkpoints/{state_path(path).name}"}).encode())
     except OSError as e:
         reason = "the disk is full" if e.errno == errno.ENOSPC else (e.strerror or str(e))

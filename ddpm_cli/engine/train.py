@@ -640,12 +640,11 @@ class Trainer:
         unsaved = self.dist.agree(int(failed is not None), 0, every=1)  # (also where the ranks meet before leaving)
         what = str(e) if e is not None else "another process of the run could not make its batch (its own line " \
                                             "says why)"
+        if not (trained or self.stop.signum) and e is not None:
+            return e  # nothing trained, nothing saved: the data's own error
+        code = 128 + self.stop.signum if self.stop.signum else 1
         if self.stop.signum:
-            what, code = f"{what}; stopped by signal {self.stop.signum} too", 128 + self.stop.signum
-        elif e is not None and not trained:
-            return e
-        else:
-            code = 1
+            what = f"{what}; stopped by signal {self.stop.signum} too"
         if not trained:
             return TrainingAborted(f"{what}; nothing was trained", code)
         if unsaved:

@@ -344,7 +344,8 @@ def test_a_text_file_where_a_checkpoint_goes_says_it_is_text(tmp_path, trained_r
             "guide": ["sample", trained_run, "--guide-model", f, "-n", "1", "--out", out],
             "eval": ["eval", f, "--ref", f, "-n", "1"]}[command]
     if command == "eval" and not name.endswith(".safetensors"):
-        pytest.skip("eval scores images or a config's dataset: only a .safetensors is taken for a checkpoint")
+        pytest.skip("eval scores images or a config's dataset: a text file is neither a .safetensors nor opens "
+                    "as a checkpoint")
     line = assert_refused(invoke(*args), str(f.name), "text file", "not a safetensors checkpoint", codes=(1,),
                           max_lines=1)[0]
     assert "header of" not in line, line

@@ -94,9 +94,9 @@ def _first_zip_entry(p: Path) -> str:
 
 def looks_like_a_checkpoint(path: str | Path) -> bool:
     """Whether the file `path` opens as what read_header takes or refuses as a model's weights (safetensors, a
-    pickle, torch.save's or torch.export's zip, an ONNX export), by its first bytes whatever its suffix: `ddpm eval m.ckpt` samples
-    it as `ddpm sample m.ckpt` does, and a .pt gets the pickle's refusal rather than "not images". An .npz or a
-    .zip of images is a zip of another kind."""
+    pickle, torch.save's or torch.export's zip, an ONNX export), by its first bytes whatever its suffix: `ddpm
+    eval m.ckpt` samples it as `ddpm sample m.ckpt` does, and a .pt gets the pickle's refusal rather than "not
+    images". An .npz or a .zip of images is a zip of another kind."""
     p = Path(path)
     try:
         with open(p, "rb") as f:

@@ -18,7 +18,8 @@ of the first step or sampling batch), rest (to the command's end); wall_s is sta
 compiled_step_ms is the median step of a training run's compiled steps from the tenth on (give --train-steps and
 --set train.max_time=S for a run long enough to have them).
 The training runs train `--train-steps` steps (data: the built-in shapes unless --set says otherwise), keep an
-autoguidance guide, and the sample runs draw from the cold training run's checkpoint. One BENCH JSON line per run."""
+autoguidance guide, and the sample runs draw from the cold training run's checkpoint. One BENCH JSON line per run,
+then a ROW line that says it briefly."""
 from __future__ import annotations
 
 import argparse
@@ -233,9 +234,20 @@ def run_command(args: list[str], env: dict, cwd: Path) -> dict:
     return {"wall_s": round(wall, 2), **found[0], "summary": summary[-2 if args[0] == "train" else -1:]}
 
 
-def scenarios(tag: str, args: list[str], which: list[str], work: Path) -> None:
+def brief(command: str, scenario: str, res: dict, note: str) -> str:
+    """A run in one line, for a reader of a device call's last lines (the BENCH line holds everything)."""
+    phases = res.get("phases") or {}
+    parts = ", ".join(f"{k} {v:.1f}" for k, v in phases.items() if v is not None)
+    first = res.get("to_first_step_s") or res.get("to_first_batch_s")
+    step = f"; compiled step {res['compiled_step_ms']:.2f} ms" if res.get("compiled_step_ms") else ""
+    return (f"ROW {command} {scenario}: first at {first if first is not None else '?'} s ({parts}); wall "
+            f"{res.get('wall_s')} s{step}{f'; {note}' if note else ''}")
+
+
+def scenarios(tag: str, args: list[str], which: list[str], work: Path, note: str = "") -> None:
     """Run `args` under each scenario in turn, each a fresh process with this job's own cache folders (they start
-    empty: the first scenario is the cold one); print a BENCH line per run."""
+    empty: the first scenario is the cold one); print a BENCH line per run, then its ROW line (`brief`, ending with
+    `note`)."""
     ddpm_dir, inductor_dir = work / f"{tag}-ddpm-cache", work / f"{tag}-inductor"
     if "cold" in which:  # a --work folder kept from an earlier call holds them
         for d in (ddpm_dir, inductor_dir, work / f"{tag}-inductor-portable"):
@@ -245,6 +257,7 @@ def scenarios(tag: str, args: list[str], which: list[str], work: Path) -> None:
         res = run_command(args, scenario_env(scenario, ddpm_dir, inductor), work)
         print("BENCH " + json.dumps({"kind": "startup", "command": args[0], "scenario": scenario, "args": args,
                                      **res}), flush=True)
+        print(brief(args[0], scenario, res, note), flush=True)
 
 
 def main() -> None:
@@ -285,7 +298,7 @@ def main() -> None:
                 f"logging.log_every={steps}", *(["train.compile_ahead=true"] if a.compile_ahead else []), *a.set]
         train_args = ["train", "--config", str(Path(a.config).resolve()), *[x for s in sets for x in ("--set", s)]]
         if "train" in commands:
-            scenarios("train", train_args, which, work)
+            scenarios("train", train_args, which, work, " ".join(f"--set {x}" for x in a.set))
         elif first_checkpoint(work) is None:  # a checkpoint to sample from, not timed
             subprocess.run([sys.executable, "-m", "ddpm_cli", *train_args, "--set", "train.compile=off"], check=True,
                            capture_output=True, env=child_env(), cwd=work)
@@ -294,7 +307,7 @@ def main() -> None:
             for j, job in enumerate(sample_jobs):  # cwd is the temporary folder: outputs land there
                 args = ["sample", str(ckpt), *shlex.split(job), "--device", device, "--compile", a.compile,
                         "--overwrite"]
-                scenarios(f"sample{j}", args, which, work)
+                scenarios(f"sample{j}", args, which, work, job)
 
 
 if __name__ == "__main__":

@@ -223,6 +223,10 @@ def test_bench_startup_times_the_phases_of_fresh_train_and_sample_processes():
     runs = [json.loads(line[len("BENCH "):]) for line in r.stdout.splitlines() if line.startswith("BENCH ")]
     assert [(x["command"], x["scenario"]) for x in runs] == [("train", "cold"), ("train", "warm"),
                                                              ("sample", "cold"), ("sample", "warm")]
+    rows = [line for line in r.stdout.splitlines() if line.startswith("ROW ")]  # each run again, in one line
+    assert [row.split(":")[0] for row in rows] == ["ROW train cold", "ROW train warm", "ROW sample cold",
+                                                   "ROW sample warm"], rows
+    assert f"first at {runs[0]['to_first_step_s']} s (import" in rows[0] and rows[2].endswith("--batch-size 2"), rows
     for x in runs:
         phases = x["phases"]
         assert list(phases) == ["import", "checkpoint", "network set-up", "compile", "first batch", "rest"]

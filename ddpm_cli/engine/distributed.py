@@ -147,10 +147,10 @@ class DistInfo:
             dist.barrier()
 
     def finish_together(self) -> None:
-        """Wait until every rank has finished its run (ranks in step only: the end of a run, not an error path).
-        A rank that tore its groups down and exited while another still used them aborted at exit (gloo, torch
-        2.14: "terminate called without an active exception", 1 run in 3 of the tests that stop early, where rank
-        0 still wrote the checkpoint and the loss plot)."""
+        """Wait until every rank has finished its run (ranks in step only: the end of a run, not an error path), so
+        that no rank tears its groups down while another still uses them. (The abort at exit once blamed on that,
+        "terminate called without an active exception", was a gloo worker releasing a Python tensor during the
+        interpreter's exit: close() frees the group first.)"""
         if self.world > 1:
             dist.barrier(group=self._cpu_group)  # the host-side gloo group when made; else the default group
 
@@ -166,6 +166,11 @@ class DistInfo:
             if self.device.type == "cuda":  # no collective still queued when the group goes
                 torch.cuda.synchronize(self.device)
             dist.destroy_process_group()
+        # A gloo group's worker threads live until the group itself is freed, and one may still hold the last
+        # collective's work, whose tensor is a Python object (agree's flag): left to the interpreter's exit, that
+        # thread releases it without the interpreter and the process aborts ("terminate called without an active
+        # exception", SIGABRT, after its run had ended). Freed here, the group joins its threads first.
+        self._cpu_group = None
 
 
 class FlatGrads:

@@ -1013,6 +1013,8 @@ def test_train_arguments_written_as_another_tool_would_say_what_ddpm_train_takes
     (["eval", "--nope"], "ddpm eval has no option --nope"),
     (["inspect"], "ddpm inspect needs its checkpoint argument: ddpm inspect CHECKPOINT"),
     (["sample", "x.safetensors", "-n", "abc"], "invalid value for '-n' / '--num'"),
+    # (typer 0.2x words a choice's error as pydantic does: "Value error, 'foo' is not one of ...")
+    (["sample", "x.safetensors", "--sampler", "foo"], "invalid value for '--sampler': 'foo' is not one of 'ddpm'"),
     (["config", "show", "--x"], "ddpm config show has no option --x"),
     (["cache", "--zz"], "ddpm cache has no option --zz"),
     (["config", "validate", "a.yaml", "b.yaml", "c.yaml"], "unexpected extra argument"),

@@ -187,6 +187,18 @@ def test_show_prints_help_comments_and_reference_lists_every_field():
         assert f"`{field}`" in table
 
 
+def test_show_takes_the_config_as_its_argument_as_validate_does():
+    """`ddpm config show examples/quickstart.yaml` was a usage error (an unexpected extra argument): show took the
+    file only with -c, while validate took it either way."""
+    path = str(ROOT / "examples" / "quickstart.yaml")
+    result = runner.invoke(app, ["config", "show", path, "--set", "train.batch_size=64"])
+    assert result.exit_code == 0 and "batch_size: 64" in result.output, result.output
+    assert result.output == runner.invoke(app, ["config", "show", "-c", path, "--set", "train.batch_size=64"]).output
+    assert "dataset: shapes" in result.output  # the file's, not the defaults' (cifar10)
+    result = runner.invoke(app, ["config", "show", path, "-c", path])
+    assert result.exit_code == 2 and "give the config once" in result.stderr, result.stderr
+
+
 def test_bare_on_off_are_read_as_the_choices(tmp_path):
     """YAML 1.1 turns `off` into false: `--set train.compile=off` and `on_device: on` must still work."""
     cfg = load_config(None, ["train.compile=off", "train.channels_last=on"])

@@ -11,20 +11,34 @@ from ddpm_cli.cli.ui import console, friendly
 app = typer.Typer(help="Show, check and document run configs.", no_args_is_help=True)
 
 
+def _config_argument(help: str):
+    return typer.Argument(None, metavar="CONFIG", show_default=False, help=help)
+
+
+def _one_config(path: Optional[Path], config: Optional[Path]) -> Optional[Path]:
+    """The config given as the argument or with -c (show and validate take either, as train takes -c)."""
+    from ddpm_cli.errors import UsageError
+
+    if path is not None and config is not None:
+        raise UsageError("give the config once: as the argument or with -c, not both")
+    return path or config
+
+
 @app.command("show")
 @friendly
-def show(config: Optional[Path] = typer.Option(None, "--config", "-c", help="YAML config; default: the defaults."),
+def show(path: Optional[Path] = _config_argument("YAML config (or -c); default: the defaults."),
+         config: Optional[Path] = typer.Option(None, "--config", "-c", show_default=False,
+                                               help="YAML config, as train takes it; default: the defaults."),
          set_: list[str] = typer.Option([], "--set", help="Override a field (repeatable).")) -> None:
     """Print the resolved config as YAML, each field with its help."""
     from ddpm_cli.config import load_config, to_commented_yaml
 
-    console.print(to_commented_yaml(load_config(config, set_)), markup=False, soft_wrap=True)
+    console.print(to_commented_yaml(load_config(_one_config(path, config), set_)), markup=False, soft_wrap=True)
 
 
 @app.command("validate")
 @friendly
-def validate(path: Optional[Path] = typer.Argument(None, metavar="CONFIG", show_default=False,
-                                                   help="YAML config to check (or -c)."),
+def validate(path: Optional[Path] = _config_argument("YAML config to check (or -c)."),
              config: Optional[Path] = typer.Option(None, "--config", "-c", show_default=False,
                                                    help="YAML config to check, as train and show take it."),
              set_: list[str] = typer.Option([], "--set", help="Override a field (repeatable).")) -> None:
@@ -32,9 +46,7 @@ def validate(path: Optional[Path] = typer.Argument(None, metavar="CONFIG", show_
     from ddpm_cli.config import load_config
     from ddpm_cli.errors import UsageError
 
-    if path is not None and config is not None:
-        raise UsageError("give the config once: as the argument or with -c, not both")
-    config = path or config
+    config = _one_config(path, config)
     if config is None:
         raise UsageError("give a config to check: ddpm config validate FILE (or -c FILE)")
     cfg = load_config(config, set_)

@@ -45,6 +45,10 @@ class DistInfo:
         else:
             device, backend = torch.device("cpu"), "gloo"
         if not dist.is_initialized():
+            # torch.distributed.nn's functions take `group=group.WORLD` as a default argument: imported after the
+            # default group is made (torch's compiler imports it), they would hold that group past close() (there).
+            import torch.distributed.nn as _  # noqa: F401
+
             dist.init_process_group(backend, device_id=device if backend == "nccl" else None)
         return cls(rank, world, local, device)
 
@@ -169,7 +173,8 @@ class DistInfo:
         # A gloo group's worker threads live until the group itself is freed, and one may still hold the last
         # collective's work, whose tensor is a Python object (agree's flag): left to the interpreter's exit, that
         # thread releases it without the interpreter and the process aborts ("terminate called without an active
-        # exception", SIGABRT, after its run had ended). Freed here, the group joins its threads first.
+        # exception", SIGABRT, after its run had ended). Freed here (where no error's traceback still holds it),
+        # a group joins its threads first; the default group is freed by destroy_process_group (from_env).
         self._cpu_group = None
 
 

@@ -674,6 +674,7 @@ class Trainer:
         """Release what the run holds beyond its objects: a streamed set's decoding workers, the process group, the
         run's lock."""
         self.batcher.close()
+        self.net = self.model  # DDP's reducer holds the default group: let it go with the group (DistInfo.close)
         self.dist.close()
         release_run(self._run_lock)
 

@@ -197,6 +197,8 @@ def test_show_takes_the_config_as_its_argument_as_validate_does():
     assert "dataset: shapes" in result.output  # the file's, not the defaults' (cifar10)
     result = runner.invoke(app, ["config", "show", path, "-c", path])
     assert result.exit_code == 2 and "give the config once" in result.stderr, result.stderr
+    result = runner.invoke(app, ["config", "show", "train.batch_size=8"])  # a --set forgotten
+    assert result.exit_code == 2 and "pass --set train.batch_size=8" in result.stderr, result.stderr
 
 
 def test_bare_on_off_are_read_as_the_choices(tmp_path):

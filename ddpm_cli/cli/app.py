@@ -33,7 +33,7 @@ def usage_line(e: click_errors.UsageError) -> str:
     if isinstance(e, click_errors.MissingParameter) and getattr(e.param, "param_type_name", "") == "argument":
         name = e.param.name
         return f"{cmd} needs its {name} argument: {cmd} {name.upper()} [OPTIONS] (see {cmd} -h)"
-    message = e.format_message().rstrip(".").replace(": Value error, ", ": ")  # (typer 0.2x's words for a choice)
+    message = e.format_message().rstrip(".").replace(": Value error, ", ": ", 1)  # (typer 0.2x's words for a choice)
     return f"{message[:1].lower()}{message[1:]}; see {cmd} -h"
 
 

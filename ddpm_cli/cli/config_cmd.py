@@ -21,6 +21,8 @@ def _one_config(path: Optional[Path], config: Optional[Path]) -> Optional[Path]:
 
     if path is not None and config is not None:
         raise UsageError("give the config once: as the argument or with -c, not both")
+    if path is not None and "=" in path.name and not path.exists():  # a field's value, without its --set
+        raise UsageError(f"{path} is not a config file; to change a field, pass --set {path}")
     return path or config
 
 

@@ -252,12 +252,12 @@ def save_reconstructions(run_dir: Path, outputs: list[tuple[Reconstruction, Path
     own), with the config, classes and autoguidance guide of the run's checkpoint at their step (or its latest:
     their config is the run's), so `ddpm sample`, `eval` and `export` take them as they take any checkpoint."""
     from ddpm_cli.engine.checkpoint import load_checkpoint, weights_metadata
-    from ddpm_cli.engine.runs import latest_checkpoint, list_checkpoints
+    from ddpm_cli.engine.runs import checkpoint_path, latest_checkpoint, list_checkpoints
 
     if not outputs:
         return
     step = outputs[0][0].step  # one step for all: reconstruct's
-    same_step = [p for p in list_checkpoints(run_dir) if p.name == f"ckpt-{step:08d}.safetensors"]
+    same_step = [p for p in list_checkpoints(run_dir) if p.name == checkpoint_path(run_dir, step).name]
     template = same_step[0] if same_step else latest_checkpoint(run_dir)
     if template is None:
         raise CheckpointError(f"{run_dir} holds no checkpoint to take the config from (checkpoints/); the "

@@ -81,6 +81,11 @@ def config_edited(run_dir: str | Path) -> bool | None:
     return now != written
 
 
+def checkpoint_path(run_dir: str | Path, step: int) -> Path:
+    """Where the checkpoint of `step` goes (rank 0 writes it; the other ranks of a run name it from here)."""
+    return Path(run_dir) / "checkpoints" / f"ckpt-{step:08d}.safetensors"
+
+
 def list_checkpoints(run_dir: str | Path) -> list[Path]:
     """A run's weight checkpoints, oldest first."""
     ckpt_dir = Path(run_dir) / "checkpoints"

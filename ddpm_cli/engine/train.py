@@ -24,8 +24,8 @@ from ddpm_cli.engine.distributed import DistInfo
 from ddpm_cli.engine.ema import EMA
 from ddpm_cli.engine.grad_accum import GradAccumulator
 from ddpm_cli.engine.files import atomic_write_bytes
-from ddpm_cli.engine.runs import (CONFIG_WRITTEN, list_checkpoints, lock_run, make_run_dir, release_run,
-                                  remove_new_dirs, remove_unstarted_run)
+from ddpm_cli.engine.runs import (CONFIG_WRITTEN, checkpoint_path, list_checkpoints, lock_run, make_run_dir,
+                                  release_run, remove_new_dirs, remove_unstarted_run)
 from ddpm_cli.engine.metrics import MetricsLog, WandbSink, keep_metrics_until, plot_loss_curve, read_metrics
 from ddpm_cli.engine.lr_schedule import LRSchedule
 from ddpm_cli.engine.posthoc_ema import PosthocEMA
@@ -651,7 +651,7 @@ class Trainer:
             why = failed if failed is not None else "rank 0 could not write it"
             return TrainingAborted(f"{what}; no checkpoint was written ({why}); the last one is "
                                    f"{self._latest_name()}", code)
-        return TrainingAborted(f"{what}; checkpoint {saved or train_state.checkpoint_path(self.run_dir, self.step)} "
+        return TrainingAborted(f"{what}; checkpoint {saved or checkpoint_path(self.run_dir, self.step)} "
                                f"holds the run up to step {self.step}: continue with `ddpm train --resume "
                                f"{self.run_dir}`", code)
 

@@ -14,7 +14,7 @@ from ddpm_cli.config import refuse_identity_change
 from ddpm_cli.engine import checkpoint as ckpt_io
 from ddpm_cli.engine.build import count_params
 from ddpm_cli.engine.files import atomic_write_bytes
-from ddpm_cli.engine.runs import CKPT_RE, list_checkpoints, state_path
+from ddpm_cli.engine.runs import CKPT_RE, checkpoint_path, list_checkpoints, state_path
 from ddpm_cli.errors import DdpmError
 
 if TYPE_CHECKING:
@@ -69,10 +69,6 @@ def restore(trainer: "Trainer", weights: Path) -> None:
         torch.manual_seed(trainer.cfg.train.seed + 1 + trainer.dist.rank + 7919 * trainer.step)
     trainer.resumed_from = ck.path
     trainer.cb.on_message(f"resumed from {ck.path} at step {trainer.step}")
-
-def checkpoint_path(run_dir: Path, step: int) -> Path:
-    """Where the checkpoint of `step` goes (rank 0 writes it; the other ranks of a run name it from here)."""
-    return run_dir / "checkpoints" / f"ckpt-{step:08d}.safetensors"
 
 
 def save(trainer: "Trainer") -> Path:

@@ -74,12 +74,15 @@ def _zip_kind(p: Path) -> str:
             if any(n.endswith("/archive_format") and z.read(n).strip() == b"pt2" for n in names):
                 return "pt2"
     except Exception:  # noqa: BLE001 - a zip it cannot read (cut short, odd compression): its first entry's name,
-        first = _first_zip_entry(p)  # which in torch.save's zip is FOLDER/data.pkl
-        return "torch" if first.count("/") <= 1 and first.rpartition("/")[2] == "data.pkl" else "zip"
+        return "torch" if _saved_pickle(_first_zip_entry(p)) else "zip"  # torch.save's first: FOLDER/data.pkl
     listed = set(names)
-    saved = any(n.count("/") <= 1 and n.rpartition("/")[2] == "data.pkl" and n[:-len("data.pkl")] + "version" in listed
-                for n in names)
+    saved = any(_saved_pickle(n) and n[:-len("data.pkl")] + "version" in listed for n in names)
     return "torch" if saved else "zip"
+
+
+def _saved_pickle(name: str) -> bool:
+    """Whether a zip entry is where torch.save puts its pickle: data.pkl, at most one folder down."""
+    return name.count("/") <= 1 and name.rpartition("/")[2] == "data.pkl"
 
 
 def _first_zip_entry(p: Path) -> str:

@@ -343,8 +343,8 @@ CLOSE_SCRIPT = textwrap.dedent('''
 @pytest.mark.skipif(not os.path.isdir("/proc/self/task"), reason="counts threads through Linux's /proc")
 def test_close_joins_the_gloo_workers_before_the_interpreter_exits(tmp_path):
     """A rank that left right after the ranks' last agreement (the --gpus run whose first batch could not be made)
-    aborted at exit now and then (SIGABRT, "terminate called without an active exception"; 1 run in ~25 here
-    under load, once in CI): the flags' gloo group outlived close(), and one of its worker threads released the
+    aborted at exit now and then (SIGABRT, "terminate called without an active exception"; lab notes, "Several
+    GPUs"): the flags' gloo group outlived close(), and one of its worker threads released the
     last agreement's tensor, a Python object, while the interpreter was being torn down (the core's stack). The
     groups are freed in close() now, which joins their threads; also the default group, which torch's compiler,
     imported after it was made, held in torch.distributed.nn's default arguments."""

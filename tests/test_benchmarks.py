@@ -507,3 +507,35 @@ def test_checkpointing_cuts_what_the_compiled_step_keeps_for_its_backward():
     # as the CUDA defaults train (bf16 autocast): the convolutions' outputs are kept in bf16
     _, _, amp = saved_for_backward(activation_checkpointing(model, False), x, t, amp=True)
     assert amp.get("bfloat16", 0) > 0, amp
+
+
+def test_bench_norm_s_formulations_are_groupnorm_and_its_buffers_are_counted_by_dtype():
+    """bench_norm times three formulations of the per-channel GroupNorm: each is torch's GroupNorm (fp32 input),
+    the bf16 ones within bf16's rounding; the centred one keeps that when the mean is 10x the spread, where the
+    one with a bf16 shift does not (why the centred one is the candidate). The buffer count reads inductor's code."""
+    import torch
+
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    import bench_norm
+
+    from ddpm_cli.nn.unet import GroupNorm
+
+    torch.manual_seed(0)
+    norm = GroupNorm(4, 32)
+    norm.channel_stats = True
+    with torch.no_grad():
+        norm.weight.uniform_(0.5, 1.5)
+        norm.bias.uniform_(-0.5, 0.5)
+    errors = {}
+    for offset in (0.0, 10.0):
+        x = (torch.randn(2, 32, 8, 8) + offset).bfloat16().float()  # what is left to lose is the formulation's
+        ref = torch.nn.functional.group_norm(x.double(), 4, norm.weight.double(), norm.bias.double(), norm.eps)
+        for name, forward in bench_norm.VARIANTS.items():
+            assert torch.allclose(forward(norm, x).double(), ref, atol=1e-4), name
+            errors[name, offset] = (forward(norm, x.bfloat16()).double() - ref).abs().max().item()
+    assert all(errors[name, 0.0] < 0.06 for name in bench_norm.VARIANTS), errors
+    assert errors["centred", 10.0] < 0.08 < errors["shift", 10.0], errors
+    code = ("buf1 = empty_strided_cuda((2, 4, 8, 8), (256, 1, 32, 4), torch.float32)\n"
+            "buf2 = empty_strided_cuda((2, 4, 8, 8), (256, 1, 32, 4), torch.bfloat16)\n"
+            "buf3 = empty_strided_cuda((2, 4, 1, 1), (4, 1, 4, 4), torch.float32)\n")
+    assert bench_norm.activation_buffers(code, 2 * 4 * 8 * 8) == {"float32": 1, "bfloat16": 1}

@@ -220,3 +220,33 @@ def test_ddpm_cache_shows_and_clears_the_data_entries(cache, tmp_path):
     out = ok("cache", "clear").output.splitlines()
     assert out[1].startswith("removed 1 entry (") and str(cache) in out[1]
     assert data_cache.list_entries() == []
+
+
+def _shapes(count, size=32, seed=0):
+    return data.load_dataset(DataConfig(dataset="shapes", shapes_count=count, shapes_seed=seed),
+                             ModelConfig(image_size=size))
+
+
+def test_a_large_shapes_set_is_drawn_once_then_read_back(cache, monkeypatch):
+    """The built-in set is drawn once (seconds at 50,000 images) and read back the same tensor, strides included;
+    another seed, count or size draws its own; a small set is not kept; a damaged entry is drawn again."""
+    monkeypatch.setattr(data, "SHAPES_CACHED_PIXELS", 64 * 16 * 16)
+    first = _shapes(64, size=16)
+    assert [e.meta["count"] for e in data_cache.list_entries()] == [64]
+    drawn = []
+    make_shapes = data.make_shapes
+    monkeypatch.setattr(data, "make_shapes", lambda *a: drawn.append(a) or make_shapes(*a))
+    second = _shapes(64, size=16)
+    _same(first, second)
+    assert drawn == [] and second.warnings == []
+    _same(_shapes(64, size=16, seed=1), make_shapes(64, 16, 3, 1))
+    _shapes(65, size=16)
+    _shapes(64, size=(16, 24))
+    _shapes(63, size=16)  # under the size kept
+    assert len(drawn) == 4 and len(data_cache.list_entries()) == 4
+    blob = cache / f"{data_cache.entry_name(data_cache.shapes_key(64, (16, 16), 3, 0))}.bin"
+    blob.write_bytes(b"damaged")
+    third = _shapes(64, size=16)
+    _same(first, third)
+    assert len(drawn) == 5 and "damaged" in third.warnings[0]
+    assert "built-in shapes, seed 0" in ok("cache", "info").output

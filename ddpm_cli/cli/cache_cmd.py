@@ -75,7 +75,8 @@ def describe_data() -> dict:
         size = key.get("size") if isinstance(key.get("size"), list) else []
         shape = e.meta.get("shape") or [key.get("channels"), *size]
         rows.append({"name": e.name, "bytes": e.size, "images": e.meta.get("count"),
-                     "source": source.get("zip") or source.get("folder"),
+                     "source": source.get("zip") or source.get("folder")
+                     or (f"built-in shapes, seed {source.get('seed')}" if "shapes" in source else None),
                      "shape": shape if isinstance(shape, list) else None, "created": e.meta.get("created"),
                      "last_used": time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(e.last_used))})
     return {"path": str(dc.cache_dir()), "enabled": dc.enabled(), "entries": rows,

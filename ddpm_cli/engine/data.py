@@ -1,7 +1,7 @@
 """Training data: the built-in `shapes` set, CIFAR-10 through torchvision, and any folder or .zip of images.
 
-Every source is decoded once into one uint8 tensor (N, C, H, W) with int64 labels (a folder's is kept for the next
-run on the same files: engine/data_cache.py), except a folder too large for memory, which is decoded batch by batch
+Every source is decoded once into one uint8 tensor (N, C, H, W) with int64 labels (a folder's, and a large shapes
+set, is kept for the next run: engine/data_cache.py), except a folder too large for memory, which is decoded batch by batch
 (engine/streaming.py); `Batcher` then draws shuffled batches from it (on the GPU when it fits), with a resumable
 position in a seeded epoch order."""
 from __future__ import annotations
@@ -95,6 +95,34 @@ def make_shapes(count: int, image_size: int | tuple[int, int], channels: int = 3
         img = bg + (fg - bg) * mask
         out[i] = np.clip(img * 255 + 0.5, 0, 255).astype(np.uint8)
     return ImageSet(torch.from_numpy(out), torch.from_numpy(labels.astype(np.int64)), list(SHAPE_CLASSES))
+
+
+# Sets of at least this many pixels are kept in the data cache: drawing them takes longer than reading them back
+# (50,000 at 32 px: seconds a run).
+SHAPES_CACHED_PIXELS = 2048 * 32 * 32
+
+
+def load_shapes(cfg: DataConfig, image_size: int | tuple[int, int], channels: int) -> ImageSet:
+    """make_shapes's set for data.shapes_*, drawn once and then read from the data cache."""
+    height, width = _hw(image_size)
+    big = cfg.shapes_count * height * width >= SHAPES_CACHED_PIXELS
+    cache_key = data_cache.shapes_key(cfg.shapes_count, (height, width), channels, cfg.shapes_seed) \
+        if big and data_cache.enabled() else None
+    warnings = []
+    if cache_key is not None:
+        hit, problem = data_cache.load(cache_key)
+        if hit is not None:
+            images, labels, classes, _ = hit
+            return ImageSet(images.contiguous(), labels, classes)  # make_shapes's layout: the same tensor
+        if problem:
+            warnings.append(problem)
+    ds = make_shapes(cfg.shapes_count, (height, width), channels, cfg.shapes_seed)
+    if cache_key is not None:
+        problem = data_cache.save(cache_key, ds.images, ds.labels, ds.classes, [])
+        if problem:
+            warnings.append(problem)
+    ds.warnings += warnings
+    return ds
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -352,7 +380,7 @@ def load_folder(cfg: DataConfig, image_size: int | tuple[int, int], channels: in
 
 def load_dataset(data: DataConfig, model: ModelConfig) -> ImageSet:
     if data.dataset == "shapes":
-        ds = make_shapes(data.shapes_count, model.image_size, model.in_channels, data.shapes_seed)
+        ds = load_shapes(data, model.image_size, model.in_channels)
     elif data.dataset == "cifar10":
         ds = load_cifar10(data, model.image_size, model.in_channels)
     else:

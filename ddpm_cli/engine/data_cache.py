@@ -1,6 +1,7 @@
 """The decoded-data cache: a folder or .zip of images decoded at a size is kept as the uint8 tensor it became, so a
 later run on the same files at the same size loads it instead of decoding every image again (engine/data.py's
-load_folder; the streamed path, for sets too large for memory, never caches).
+load_folder; the streamed path, for sets too large for memory, never caches). The built-in shapes set is kept the
+same way once it is large (engine/data.py's load_shapes, keyed by `shapes_key`).
 
 An entry (engine/cache_entries.py) is `data-<hash>.bin`, safetensors with `images` (N, H, W, C) uint8, the memory
 of the decoded batch as engine/decode.py lays it out (so a loaded set has the first run's strides, and training
@@ -13,6 +14,7 @@ decoded again and replaced, with a warning; nothing the cache does stops a run. 
 `ddpm cache` lists it without."""
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import os
@@ -74,6 +76,30 @@ def key(files: ImageFiles, hw: tuple[int, int], channels: int) -> dict:
     source.update(files=len(files), listing=listing.hexdigest())
     return {"format": FORMAT, "ddpm": __version__, "decoder": decode.fingerprint(), "source": source,
             "size": list(hw), "channels": channels}  # the decoder's fingerprint holds Pillow's version
+
+
+def shapes_key(count: int, hw: tuple[int, int], channels: int, seed: int) -> dict:
+    """What the built-in shapes set depends on: its count, seed, size and channels, and how it is drawn
+    (`_shapes_code`)."""
+    return {"format": FORMAT, "ddpm": __version__, "source": {"shapes": _shapes_code(), "files": count, "seed": seed},
+            "size": list(hw), "channels": channels}
+
+
+@functools.cache
+def _shapes_code() -> str:
+    """The source of the functions that draw the shapes set, and numpy's version (its generators draw the colours
+    and positions): read once a process."""
+    import inspect
+
+    import numpy as np
+
+    from ddpm_cli.engine import data
+
+    try:
+        source = "\n".join(inspect.getsource(f) for f in (data.make_shapes, data._shape_mask)) + repr(data.SHAPE_CLASSES)
+    except (OSError, TypeError):  # no source to read (a frozen install): ddpm's version, in the key, stands in
+        source = ""
+    return hashlib.sha256(f"{source}\n{np.__version__}".encode()).hexdigest()[:16]
 
 
 def entry_name(key: dict) -> str:

@@ -6,8 +6,8 @@ compile cache (engine/compile_cache.py) cold, warm, carried to a new machine, an
 
 Each run is the real command (the CLI's main() in a fresh Python process, timed by wrapping a few engine functions)
 under one scenario:
-  cold           an empty compile cache and an empty inductor/Triton cache (TORCHINDUCTOR_CACHE_DIR, TRITON_CACHE_DIR
-                 in a new folder)
+  cold           an empty compile cache, an empty inductor/Triton cache (TORCHINDUCTOR_CACHE_DIR, TRITON_CACHE_DIR
+                 in a new folder) and an empty data cache (the decoded or drawn training set: DDPM_DATA_CACHE_DIR)
   warm           both as the cold run left them
   portable       the compile cache as the cold run left it, an empty inductor cache (another machine or container)
   inductor-only  DDPM_COMPILE_CACHE=off with inductor's cache warm (start-up as it was before the compile cache)
@@ -250,11 +250,12 @@ def scenarios(tag: str, args: list[str], which: list[str], work: Path, note: str
     `note`)."""
     ddpm_dir, inductor_dir = work / f"{tag}-ddpm-cache", work / f"{tag}-inductor"
     if "cold" in which:  # a --work folder kept from an earlier call holds them
-        for d in (ddpm_dir, inductor_dir, work / f"{tag}-inductor-portable"):
+        for d in (ddpm_dir, inductor_dir, work / f"{tag}-inductor-portable", work / f"{tag}-data-cache"):
             shutil.rmtree(d, ignore_errors=True)
     for scenario in which:
         inductor = work / f"{tag}-inductor-portable" if scenario == "portable" else inductor_dir
-        res = run_command(args, scenario_env(scenario, ddpm_dir, inductor), work)
+        env = {**scenario_env(scenario, ddpm_dir, inductor), "DDPM_DATA_CACHE_DIR": str(work / f"{tag}-data-cache")}
+        res = run_command(args, env, work)
         print("BENCH " + json.dumps({"kind": "startup", "command": args[0], "scenario": scenario, "args": args,
                                      **res}), flush=True)
         print(brief(args[0], scenario, res, note), flush=True)

@@ -72,9 +72,8 @@ TRAIN_VARIANTS = {
     # one embedding projection a residual block (66 small GEMMs a step), as before unet.stacked_embeddings (2026-11-27)
     "bf16-cl-cudagraphs-nostack": {"precision": "bf16", "compile": "reduce-overhead", "channels_last": "on",
                                    "_nostack": True},
-    # cuDNN's algorithm search at the first step (off by default since 2026-12-06)
-    "bf16-cl-compile-cudnnbench": {"precision": "bf16", "compile": "on", "channels_last": "on",
-                                   "cudnn_benchmark": True},
+    "bf16-cl-compile-nobench": {"precision": "bf16", "compile": "on", "channels_last": "on",
+                                "cudnn_benchmark": False},
 }
 SAMPLE_VARIANTS = {
     "fp32": dict(bf16=False, channels_last=False, compile=None),

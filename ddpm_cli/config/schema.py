@@ -361,9 +361,10 @@ class TrainConfig(Section):
     with the backward; flat = one all-reduce of all gradients after the backward, which keeps a CUDA-graph step
     one graph; auto = flat when the step is CUDA-graphed or train.grad_accum > 1 (one all-reduce after the last
     micro-batch), ddp otherwise."""
-    cudnn_benchmark: bool = False
-    """Let cuDNN time its convolution algorithms at the first step (CUDA only): off, the first step comes seconds
-    sooner and the compiled step was no slower (BENCHMARKS.md, "Start-up")."""
+    cudnn_benchmark: bool = True
+    """Let cuDNN time its convolution algorithms at the first step (CUDA only): it costs that step seconds and
+    makes the compiled step a little faster (BENCHMARKS.md, "Start-up"); off suits train.compile_ahead, whose eager
+    first step it delays most."""
     device: str = "auto"
     """Device: auto (CUDA when available, else CPU), cpu, cuda, cuda:N."""
     seed: int = Field(0, ge=-(2**43), le=2**43)

@@ -2,7 +2,8 @@
 blocks at one level of a large UNet (ddpm-256's 256 px level: 128 channels), under bf16 autocast and channels-last
 as the CUDA defaults train, with each formulation of `GroupNorm.forward`'s per-channel path:
 
-- fp32: the statistics and the scale-and-shift in fp32, cast back to the input's dtype at the end (`nn/unet.py`'s);
+- fp32: nn/unet.GroupNorm's own (when this was written: the scale-and-shift in fp32, cast back to the input's
+  dtype at the end);
 - centred: the statistics in fp32; the centring, the scale and the bias in the input's dtype, so the elementwise
   part and what follows it are bf16 in the graph;
 - shift: as centred, but as one multiply-add with a bf16 shift (bias - mean * scale), which loses the output
@@ -34,50 +35,36 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 from ddpm_cli.nn import unet  # noqa: E402
 
 
-def forward_fp32(self, x: torch.Tensor) -> torch.Tensor:
-    """The per-channel path of nn/unet.GroupNorm: the scale-and-shift in fp32."""
-    if not self.channel_stats:
-        return torch.nn.GroupNorm.forward(self, x)
+def _statistics(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """nn/unet.GroupNorm's per-channel statistics, per group: (mean, scale = weight / std), fp32, each (N, C, 1, 1)."""
     N, C, G = x.shape[0], x.shape[1], self.num_groups
-    xf = x.float()
-    var_c, mean_c = torch.var_mean(xf, dim=(2, 3), correction=0)
+    var_c, mean_c = torch.var_mean(x.float(), dim=(2, 3), correction=0)
     var_c, mean_c = var_c.view(N, G, C // G), mean_c.view(N, G, C // G)
     mean_g = mean_c.mean(-1, keepdim=True)
     var_g = var_c.mean(-1, keepdim=True) + (mean_c - mean_g).square().mean(-1, keepdim=True)
     scale = torch.rsqrt(var_g + self.eps) * self.weight.float().view(1, G, C // G)
-    shift = self.bias.float().view(1, G, C // G) - mean_g * scale
-    return (xf * scale.view(N, C, 1, 1) + shift.view(N, C, 1, 1)).to(x.dtype)
+    return mean_g.expand(N, G, C // G).reshape(N, C, 1, 1), scale.view(N, C, 1, 1)
 
 
 def forward_shift(self, x: torch.Tensor) -> torch.Tensor:
     """The elementwise part as one multiply-add in the input's dtype: x * scale + (bias - mean * scale)."""
     if not self.channel_stats:
         return torch.nn.GroupNorm.forward(self, x)
-    N, C, G = x.shape[0], x.shape[1], self.num_groups
-    var_c, mean_c = torch.var_mean(x.float(), dim=(2, 3), correction=0)
-    var_c, mean_c = var_c.view(N, G, C // G), mean_c.view(N, G, C // G)
-    mean_g = mean_c.mean(-1, keepdim=True)
-    var_g = var_c.mean(-1, keepdim=True) + (mean_c - mean_g).square().mean(-1, keepdim=True)
-    scale = torch.rsqrt(var_g + self.eps) * self.weight.float().view(1, G, C // G)
-    shift = self.bias.float().view(1, G, C // G) - mean_g * scale
-    return x * scale.view(N, C, 1, 1).to(x.dtype) + shift.view(N, C, 1, 1).to(x.dtype)
+    mean, scale = _statistics(self, x)
+    shift = self.bias.float().view(1, -1, 1, 1) - mean * scale
+    return x * scale.to(x.dtype) + shift.to(x.dtype)
 
 
 def forward_centred(self, x: torch.Tensor) -> torch.Tensor:
     """The elementwise part in the input's dtype, centred first: (x - mean) * scale + bias."""
     if not self.channel_stats:
         return torch.nn.GroupNorm.forward(self, x)
-    N, C, G = x.shape[0], x.shape[1], self.num_groups
-    var_c, mean_c = torch.var_mean(x.float(), dim=(2, 3), correction=0)
-    var_c, mean_c = var_c.view(N, G, C // G), mean_c.view(N, G, C // G)
-    mean_g = mean_c.mean(-1, keepdim=True)
-    var_g = var_c.mean(-1, keepdim=True) + (mean_c - mean_g).square().mean(-1, keepdim=True)
-    scale = torch.rsqrt(var_g + self.eps) * self.weight.float().view(1, G, C // G)
-    d, mean = x.dtype, mean_g.expand(N, G, C // G).reshape(N, C, 1, 1)
-    return (x - mean.to(d)) * scale.view(N, C, 1, 1).to(d) + self.bias.view(1, C, 1, 1).to(d)
+    mean, scale = _statistics(self, x)
+    d = x.dtype
+    return (x - mean.to(d)) * scale.to(d) + self.bias.view(1, -1, 1, 1).to(d)
 
 
-VARIANTS = {"fp32": forward_fp32, "centred": forward_centred, "shift": forward_shift}
+VARIANTS = {"fp32": unet.GroupNorm.forward, "centred": forward_centred, "shift": forward_shift}
 
 
 def activation_buffers(code: str, numel: int) -> dict[str, int]:

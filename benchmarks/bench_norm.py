@@ -7,13 +7,14 @@ as the CUDA defaults train, with each formulation of `GroupNorm.forward`'s per-c
 - centred: the statistics in fp32; the centring, the scale and the bias in the input's dtype, so the elementwise
   part and what follows it are bf16 in the graph;
 - shift: as centred, but as one multiply-add with a bf16 shift (bias - mean * scale), which loses the output
-  when the mean is large against the spread.
+  when the mean is large against the spread;
+- fp32-saved: fp32, with the bf16 output saved for the backward rather than recomputed.
 
 Reports for each: ms a forward and backward (CUDA events, median of `--iters`), and the activation-sized buffers
 the generated code allocates, by dtype (a buffer is written once and read at least once: its bytes are the
 lever). Inductor options (`--inductor KEY=VALUE`, bench_speed's) apply to every variant.
 
-    PYTHONPATH=. python benchmarks/bench_norm.py [--variants fp32,centred,shift] [--size 256] [--channels 128]
+    PYTHONPATH=. python benchmarks/bench_norm.py [--variants fp32,centred,shift,fp32-saved] [--size 256] [--channels 128]
         [--batch 8] [--blocks 2] [--inductor realize_reads_threshold=8]
 
 One `BENCH {json}` line a variant. Runs on the CPU too (small sizes; the buffers then are the C++ backend's)."""
@@ -64,7 +65,29 @@ def forward_centred(self, x: torch.Tensor) -> torch.Tensor:
     return (x - mean.to(d)) * scale.to(d) + self.bias.view(1, -1, 1, 1).to(d)
 
 
-VARIANTS = {"fp32": unet.GroupNorm.forward, "centred": forward_centred, "shift": forward_shift}
+def _save_bf16_outputs(ctx, op, *args, **kwargs):
+    """A selective-checkpoint policy: keep what is cast to bf16 (the normalised output), recompute the rest."""
+    from torch.utils.checkpoint import CheckpointPolicy
+
+    if op == torch.ops.aten._to_copy.default and kwargs.get("dtype") == torch.bfloat16:
+        return CheckpointPolicy.MUST_SAVE
+    return CheckpointPolicy.PREFER_RECOMPUTE
+
+
+def forward_saved(self, x: torch.Tensor) -> torch.Tensor:
+    """nn/unet.GroupNorm's own, with its bf16 output saved for the backward (torch's selective checkpointing)
+    instead of recomputed there from the input in fp32 (the partitioner's choice, whose fp32 intermediates the
+    backward then keeps between its kernels)."""
+    import functools
+
+    from torch.utils.checkpoint import checkpoint, create_selective_checkpoint_contexts
+
+    return checkpoint(VARIANTS["fp32"], self, x, use_reentrant=False,
+                      context_fn=functools.partial(create_selective_checkpoint_contexts, _save_bf16_outputs))
+
+
+VARIANTS = {"fp32": unet.GroupNorm.forward, "centred": forward_centred, "shift": forward_shift,
+            "fp32-saved": forward_saved}
 
 
 def activation_buffers(code: str, numel: int) -> dict[str, int]:
@@ -135,7 +158,7 @@ def run(variant: str, args, device: torch.device) -> dict:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--variants", default="fp32,centred,shift")
+    p.add_argument("--variants", default="fp32,centred,shift,fp32-saved")
     p.add_argument("--size", type=int, default=256)
     p.add_argument("--channels", type=int, default=128)
     p.add_argument("--batch", type=int, default=8)

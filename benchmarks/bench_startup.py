@@ -9,7 +9,8 @@ under one scenario:
   cold           an empty compile cache, an empty inductor/Triton cache (TORCHINDUCTOR_CACHE_DIR, TRITON_CACHE_DIR
                  in a new folder) and an empty data cache (the decoded or drawn training set: DDPM_DATA_CACHE_DIR)
   warm           both as the cold run left them
-  portable       the compile cache as the cold run left it, an empty inductor cache (another machine or container)
+  portable       the compile cache as the cold run left it, an empty inductor cache and data cache (another machine
+                 or container)
   inductor-only  DDPM_COMPILE_CACHE=off with inductor's cache warm (start-up as it was before the compile cache)
 Phases (seconds): import (torch and the CLI), checkpoint (sample: reading it), network set-up (train: config, data,
 network, optimizer; sample: the network and its guide prepared), compile (loading the cache entry and the first
@@ -250,11 +251,13 @@ def scenarios(tag: str, args: list[str], which: list[str], work: Path, note: str
     `note`)."""
     ddpm_dir, inductor_dir = work / f"{tag}-ddpm-cache", work / f"{tag}-inductor"
     if "cold" in which:  # a --work folder kept from an earlier call holds them
-        for d in (ddpm_dir, inductor_dir, work / f"{tag}-inductor-portable", work / f"{tag}-data-cache"):
+        for d in (ddpm_dir, inductor_dir, work / f"{tag}-inductor-portable", work / f"{tag}-data-cache",
+                  work / f"{tag}-data-cache-portable"):
             shutil.rmtree(d, ignore_errors=True)
     for scenario in which:
         inductor = work / f"{tag}-inductor-portable" if scenario == "portable" else inductor_dir
-        env = {**scenario_env(scenario, ddpm_dir, inductor), "DDPM_DATA_CACHE_DIR": str(work / f"{tag}-data-cache")}
+        data = work / (f"{tag}-data-cache-portable" if scenario == "portable" else f"{tag}-data-cache")
+        env = {**scenario_env(scenario, ddpm_dir, inductor), "DDPM_DATA_CACHE_DIR": str(data)}
         res = run_command(args, env, work)
         print("BENCH " + json.dumps({"kind": "startup", "command": args[0], "scenario": scenario, "args": args,
                                      **res}), flush=True)
@@ -302,7 +305,7 @@ def main() -> None:
             scenarios("train", train_args, which, work, " ".join(f"--set {x}" for x in a.set))
         elif first_checkpoint(work) is None:  # a checkpoint to sample from, not timed
             subprocess.run([sys.executable, "-m", "ddpm_cli", *train_args, "--set", "train.compile=off"], check=True,
-                           capture_output=True, env=child_env(), cwd=work)
+                           capture_output=True, env=child_env(DDPM_DATA_CACHE_DIR=str(work / "data-cache")), cwd=work)
         ckpt = first_checkpoint(work)
         if "sample" in commands:
             for j, job in enumerate(sample_jobs):  # cwd is the temporary folder: outputs land there

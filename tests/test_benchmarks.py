@@ -510,7 +510,7 @@ def test_checkpointing_cuts_what_the_compiled_step_keeps_for_its_backward():
 
 
 def test_bench_norm_s_formulations_are_groupnorm_and_its_buffers_are_counted_by_dtype():
-    """bench_norm times three formulations of the per-channel GroupNorm: each is torch's GroupNorm (fp32 input),
+    """bench_norm times four formulations of the per-channel GroupNorm: each is torch's GroupNorm (fp32 input),
     the bf16 ones within bf16's rounding; the centred one keeps that when the mean is 10x the spread, where the
     one with a bf16 shift does not (why the centred one is the candidate). The buffer count reads inductor's code."""
     import torch

@@ -174,7 +174,7 @@ def test_off_too_large_or_unwritable_the_run_goes_on(cache, tmp_path, monkeypatc
     monkeypatch.setenv("DDPM_DATA_CACHE", "on")
     monkeypatch.setenv("DDPM_DATA_CACHE_DIR", str(blocked / "cache"))
     ds = _load(root)
-    assert len(ds.images) == 12 and len(ds.warnings) == 1 and "could not keep the decoded images" in ds.warnings[0]
+    assert len(ds.images) == 12 and len(ds.warnings) == 1 and "could not keep the images" in ds.warnings[0]
     from safetensors import SafetensorError
 
     def full_disk(*a, **k):
@@ -222,31 +222,42 @@ def test_ddpm_cache_shows_and_clears_the_data_entries(cache, tmp_path):
     assert data_cache.list_entries() == []
 
 
-def _shapes(count, size=32, seed=0):
+def _shapes(count, size=32, seed=0, channels=3):
     return data.load_dataset(DataConfig(dataset="shapes", shapes_count=count, shapes_seed=seed),
-                             ModelConfig(image_size=size))
+                             ModelConfig(image_size=size, in_channels=channels))
 
 
 def test_a_large_shapes_set_is_drawn_once_then_read_back(cache, monkeypatch):
-    """The built-in set is drawn once (seconds at 50,000 images) and read back the same tensor, strides included;
-    another seed, count or size draws its own; a small set is not kept; a damaged entry is drawn again."""
+    """The built-in set is drawn once (seconds at 50,000 images) and read back the same tensor, strides included,
+    for any size and channels; another seed, count, size or channels draws its own; a small set is not kept; a
+    damaged entry is drawn again."""
     monkeypatch.setattr(data, "SHAPES_CACHED_PIXELS", 64 * 16 * 16)
-    first = _shapes(64, size=16)
-    assert [e.meta["count"] for e in data_cache.list_entries()] == [64]
-    drawn = []
     make_shapes = data.make_shapes
+    sets = [(64, 16, 0, 3), (64, 16, 1, 3), (65, 16, 0, 3), (64, (16, 24), 0, 3), (64, 16, 0, 1)]
+    first = [_shapes(n, size, seed, ch) for n, size, seed, ch in sets]
+    _shapes(63, 16)  # under the size kept
+    assert len(data_cache.list_entries()) == len(sets)
+    drawn = []
     monkeypatch.setattr(data, "make_shapes", lambda *a: drawn.append(a) or make_shapes(*a))
-    second = _shapes(64, size=16)
-    _same(first, second)
-    assert drawn == [] and second.warnings == []
-    _same(_shapes(64, size=16, seed=1), make_shapes(64, 16, 3, 1))
-    _shapes(65, size=16)
-    _shapes(64, size=(16, 24))
-    _shapes(63, size=16)  # under the size kept
-    assert len(drawn) == 4 and len(data_cache.list_entries()) == 4
+    for (n, size, seed, ch), before in zip(sets, first):
+        again = _shapes(n, size, seed, ch)
+        _same(before, again)
+        _same(again, make_shapes(n, size, ch, seed))  # the drawn set, not only the first run's
+        assert again.warnings == []
+    assert drawn == []
     blob = cache / f"{data_cache.entry_name(data_cache.shapes_key(64, (16, 16), 3, 0))}.bin"
     blob.write_bytes(b"damaged")
     third = _shapes(64, size=16)
-    _same(first, third)
-    assert len(drawn) == 5 and "damaged" in third.warnings[0]
+    _same(first[0], third)
+    assert len(drawn) == 1 and "damaged" in third.warnings[0] and "drawing the built-in set" in third.warnings[0]
     assert "built-in shapes, seed 0" in ok("cache", "info").output
+
+
+def test_a_shapes_set_is_not_kept_with_the_cache_off_or_by_a_second_rank(cache, monkeypatch):
+    monkeypatch.setattr(data, "SHAPES_CACHED_PIXELS", 1)
+    monkeypatch.setenv("DDPM_DATA_CACHE", "off")
+    _shapes(8, 16)
+    monkeypatch.setenv("DDPM_DATA_CACHE", "on")
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    _shapes(8, 16)
+    assert data_cache.list_entries() == []

@@ -133,7 +133,8 @@ def load(key: dict, directory: Path | None = None) -> tuple[tuple | None, str | 
         classes, warned = list(meta["classes"]), list(meta["warnings"])
     except Exception as e:  # noqa: BLE001 - safetensors raises its own errors for a damaged file
         return None, f"data cache: the entry {name} in {directory} is damaged " \
-                     f"({str(e).splitlines()[0] if str(e) else type(e).__name__}); decoding the images again"
+                     f"({str(e).splitlines()[0] if str(e) else type(e).__name__}); decoding the images again " \
+                     f"(or drawing the built-in set)"
     try:
         os.utime(desc)  # its last use, for pruning (a read-only cache still serves)
     except OSError:
@@ -156,7 +157,7 @@ def save(key: dict, images: torch.Tensor, labels: torch.Tensor, classes: list[st
     tmp = directory / f".{name}.bin.tmp-{os.getpid()}"
     try:
         directory.mkdir(parents=True, exist_ok=True)
-        nhwc = images.permute(0, 2, 3, 1).contiguous()  # decode.stack's memory: no copy
+        nhwc = images.permute(0, 2, 3, 1).contiguous()  # decode.stack's memory: no copy (the shapes set: one)
         save_file({"images": nhwc, "labels": labels.contiguous()}, str(tmp))
         os.replace(tmp, blob)
         fsync_dir(directory)
@@ -170,7 +171,7 @@ def save(key: dict, images: torch.Tensor, labels: torch.Tensor, classes: list[st
         except OSError:  # its folder could not be made: there is no temporary file
             pass
         why = getattr(e, "strerror", None) or (str(e).splitlines()[0] if str(e) else type(e).__name__)
-        return f"data cache: could not keep the decoded images in {directory} ({why}); the next run decodes " \
+        return f"data cache: could not keep the images in {directory} ({why}); the next run decodes (or draws) " \
                f"them again ({ENV_SWITCH}=off turns the cache off)"
     return None
 

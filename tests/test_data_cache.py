@@ -232,6 +232,7 @@ def test_a_large_shapes_set_is_drawn_once_then_read_back(cache, monkeypatch):
     for any size and channels; another seed, count, size or channels draws its own; a small set is not kept; a
     damaged entry is drawn again."""
     monkeypatch.setattr(data, "SHAPES_CACHED_PIXELS", 64 * 16 * 16)
+    monkeypatch.setattr(data_cache, "SHAPES_MAX_ENTRIES", 8)
     make_shapes = data.make_shapes
     sets = [(64, 16, 0, 3), (64, 16, 1, 3), (65, 16, 0, 3), (64, (16, 24), 0, 3), (64, 16, 0, 1)]
     first = [_shapes(n, size, seed, ch) for n, size, seed, ch in sets]
@@ -251,6 +252,14 @@ def test_a_large_shapes_set_is_drawn_once_then_read_back(cache, monkeypatch):
     _same(first[0], third)
     assert len(drawn) == 1 and "damaged" in third.warnings[0] and "drawing the built-in set" in third.warnings[0]
     assert "built-in shapes, seed 0" in ok("cache", "info").output
+    # a sweep over seeds keeps the latest shapes sets within their own bound and pushes out no decoded set
+    monkeypatch.setattr(data_cache, "SHAPES_MAX_ENTRIES", 3)
+    monkeypatch.setattr(data_cache, "MAX_ENTRIES", 3)
+    _load(_images(cache.parent / "imgs"))
+    for seed in range(2, 8):
+        _shapes(64, 16, seed)
+    names = [e.name.split("-")[0] for e in data_cache.list_entries()]
+    assert names.count("shapes") == 3 and names.count("data") == 1, names
 
 
 def test_a_shapes_set_is_not_kept_with_the_cache_off_or_by_a_second_rank(cache, monkeypatch):

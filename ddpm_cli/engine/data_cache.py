@@ -37,7 +37,10 @@ FORMAT = 1
 # not kept (CIFAR-10 at 32 px is 154 MB; 10,000 images at 256 px, 2 GB).
 MAX_ENTRIES = 16
 MAX_BYTES = 8 * 1024**3
-KINDS = ("data",)  # its entries' names
+# The built-in shapes set, cheap to draw again, is kept apart within bounds of its own, so that a sweep over its
+# seeds or sizes does not push out a decoded folder.
+SHAPES_MAX_ENTRIES = 4
+KINDS = ("data", "shapes")  # its entries' names: decoded sets, the built-in set drawn
 ENV_DIR, ENV_SWITCH = "DDPM_DATA_CACHE_DIR", "DDPM_DATA_CACHE"
 _OFF = {"off", "0", "false", "no"}
 
@@ -103,7 +106,11 @@ def _shapes_code() -> str:
 
 
 def entry_name(key: dict) -> str:
-    return cache_entries.entry_name(KINDS[0], key)
+    return cache_entries.entry_name(_kind(key), key)
+
+
+def _kind(key: dict) -> str:
+    return "shapes" if "shapes" in key.get("source", {}) else "data"
 
 
 def load(key: dict, directory: Path | None = None) -> tuple[tuple | None, str | None]:
@@ -145,8 +152,8 @@ def load(key: dict, directory: Path | None = None) -> tuple[tuple | None, str | 
 def save(key: dict, images: torch.Tensor, labels: torch.Tensor, classes: list[str], warned: list[str],
          directory: Path | None = None) -> str | None:
     """Keep a decoded set under `key` (then prune to the bounds); returns a warning when it could not, else None.
-    A set over half of MAX_BYTES is not kept. Under torchrun a host's first process keeps it (every process
-    decodes the same set)."""
+    A set over half of MAX_BYTES is not kept; of the built-in shapes sets, the SHAPES_MAX_ENTRIES most recent are.
+    Under torchrun a host's first process keeps it (every process decodes the same set)."""
     from safetensors.torch import save_file
 
     if images.numel() + 8 * labels.numel() > MAX_BYTES // 2 or int(os.environ.get("LOCAL_RANK", "0")) != 0:
@@ -164,7 +171,8 @@ def save(key: dict, images: torch.Tensor, labels: torch.Tensor, classes: list[st
         meta = {"format": FORMAT, "key": key, "count": len(images), "shape": list(images.shape[1:]),
                 "classes": classes, "warnings": warned, "created": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
         atomic_write_bytes(directory / f"{name}.json", json.dumps(meta, indent=1).encode())
-        cache_entries.prune(directory, KINDS, MAX_ENTRIES, MAX_BYTES)
+        kind = _kind(key)
+        cache_entries.prune(directory, (kind,), SHAPES_MAX_ENTRIES if kind == "shapes" else MAX_ENTRIES, MAX_BYTES)
     except Exception as e:  # noqa: BLE001 - OSError, or safetensors' own error for a full or read-only disk
         try:
             tmp.unlink(missing_ok=True)

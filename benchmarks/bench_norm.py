@@ -14,8 +14,8 @@ Reports for each: ms a forward and backward (CUDA events, median of `--iters`), 
 the generated code allocates, by dtype (a buffer is written once and read at least once: its bytes are the
 lever). Inductor options (`--inductor KEY=VALUE`, bench_speed's) apply to every variant.
 
-    PYTHONPATH=. python benchmarks/bench_norm.py [--variants fp32,centred,shift,fp32-saved] [--size 256] [--channels 128]
-        [--batch 8] [--blocks 2] [--inductor realize_reads_threshold=8]
+    PYTHONPATH=. python benchmarks/bench_norm.py [--variants fp32,centred,shift,fp32-saved] [--size 256]
+        [--channels 128] [--batch 8] [--blocks 2] [--inductor realize_reads_threshold=8]
 
 One `BENCH {json}` line a variant. Runs on the CPU too (small sizes; the buffers then are the C++ backend's)."""
 from __future__ import annotations

@@ -8,7 +8,7 @@ Each run is the real command (the CLI's main() in a fresh Python process, timed 
 under one scenario:
   cold           an empty compile cache, an empty inductor/Triton cache (TORCHINDUCTOR_CACHE_DIR, TRITON_CACHE_DIR
                  in a new folder) and an empty data cache (the decoded or drawn training set: DDPM_DATA_CACHE_DIR)
-  warm           both as the cold run left them
+  warm           all three as the cold run left them
   portable       the compile cache as the cold run left it, an empty inductor cache and data cache (another machine
                  or container)
   inductor-only  DDPM_COMPILE_CACHE=off with inductor's cache warm (start-up as it was before the compile cache)

@@ -1,9 +1,9 @@
 """Training data: the built-in `shapes` set, CIFAR-10 through torchvision, and any folder or .zip of images.
 
 Every source is decoded once into one uint8 tensor (N, C, H, W) with int64 labels (a folder's, and a large shapes
-set, is kept for the next run: engine/data_cache.py), except a folder too large for memory, which is decoded batch by batch
-(engine/streaming.py); `Batcher` then draws shuffled batches from it (on the GPU when it fits), with a resumable
-position in a seeded epoch order."""
+set, is kept for the next run: engine/data_cache.py), except a folder too large for memory, which is decoded batch
+by batch (engine/streaming.py); `Batcher` then draws shuffled batches from it (on the GPU when it fits), with a
+resumable position in a seeded epoch order."""
 from __future__ import annotations
 
 import os

@@ -84,7 +84,7 @@ def key(files: ImageFiles, hw: tuple[int, int], channels: int) -> dict:
 def shapes_key(count: int, hw: tuple[int, int], channels: int, seed: int) -> dict:
     """What the built-in shapes set depends on: its count, seed, size and channels, and how it is drawn
     (`_shapes_code`)."""
-    return {"format": FORMAT, "ddpm": __version__, "source": {"shapes": _shapes_code(), "files": count, "seed": seed},
+    return {"format": FORMAT, "ddpm": __version__, "source": {"shapes": _shapes_code(), "count": count, "seed": seed},
             "size": list(hw), "channels": channels}
 
 
@@ -99,7 +99,8 @@ def _shapes_code() -> str:
     from ddpm_cli.engine import data
 
     try:
-        source = "\n".join(inspect.getsource(f) for f in (data.make_shapes, data._shape_mask)) + repr(data.SHAPE_CLASSES)
+        drawing = (data.make_shapes, data._shape_mask)
+        source = "\n".join(inspect.getsource(f) for f in drawing) + repr(data.SHAPE_CLASSES)
     except (OSError, TypeError):  # no source to read (a frozen install): ddpm's version, in the key, stands in
         source = ""
     return hashlib.sha256(f"{source}\n{np.__version__}".encode()).hexdigest()[:16]

@@ -509,3 +509,24 @@ def test_the_helper_compiles_at_a_lower_priority_than_the_run(tmp_path):
     finally:
         helper.stop()
     assert helper.proc.poll() is not None and not helper.folder.exists()
+
+
+@pytest.mark.parametrize("ahead, search", [(True, True), (False, True), (True, False)])
+def test_compile_aheads_eager_steps_skip_cudnns_search_and_its_compiled_step_has_the_configs(
+        tmp_path, monkeypatch, ahead, search):
+    """cuDNN's algorithm search costs the first eager step seconds for steps that soon give way to the compiled
+    one: off while compile_ahead's eager steps run, then train.cudnn_benchmark's own setting for the compiled step
+    (and throughout without compile_ahead)."""
+    import torch
+
+    from ddpm_cli.engine.train import Trainer
+
+    monkeypatch.setattr(torch.backends.cudnn, "benchmark", not search)  # restored after the test
+    cfg = tiny_config(tmp_path, train__compile="on", train__compile_ahead=ahead, train__cudnn_benchmark=search)
+    trainer = Trainer(cfg)
+    try:
+        assert torch.backends.cudnn.benchmark is (search and not ahead)
+        trainer._make_compiled_step()
+        assert torch.backends.cudnn.benchmark is search
+    finally:
+        trainer.close()

@@ -363,8 +363,8 @@ class TrainConfig(Section):
     micro-batch), ddp otherwise."""
     cudnn_benchmark: bool = True
     """Let cuDNN time its convolution algorithms at the first step (CUDA only): it costs that step seconds and
-    makes the compiled step a little faster (BENCHMARKS.md, "Start-up"); off suits train.compile_ahead, whose eager
-    first step it delays most."""
+    makes the compiled step a little faster (BENCHMARKS.md, "Start-up"). Under train.compile_ahead the eager steps
+    run without it and the compiled step with this setting."""
     device: str = "auto"
     """Device: auto (CUDA when available, else CPU), cpu, cuda, cuda:N."""
     seed: int = Field(0, ge=-(2**43), le=2**43)

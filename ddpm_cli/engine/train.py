@@ -148,7 +148,6 @@ class Trainer:
 
         # Model, EMA, diffusion, optimizer
         if self.device.type == "cuda":
-            torch.backends.cudnn.benchmark = tc.cudnn_benchmark
             torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
         torch.manual_seed(tc.seed)
         self.model = build_unet(cfg.model).to(self.device)
@@ -180,6 +179,9 @@ class Trainer:
         # train.compile_ahead: a helper compiles the step; the run makes its own compiled step (loading the helper's
         # work) when the helper is done, so the set-up does not even import the compiler
         self.compile_ahead = self._compile_ahead_applies()
+        # cuDNN's algorithm search times each convolution's shapes at their first call: seconds an eager step under
+        # compile_ahead would wait for, to pick for steps that soon give way to the compiled one (which searches)
+        torch.backends.cudnn.benchmark = tc.cudnn_benchmark and not self.compile_ahead
         if self.compiled and not self.compile_ahead:
             self._make_compiled_step()
         self.accumulate = (GradAccumulator(list(self.model.parameters()), tc.grad_accum,
@@ -530,6 +532,7 @@ class Trainer:
         compiled step (or the compile_ahead helper's) before compiling."""
         if self.channels_last:
             force_channels_last_graph()
+        torch.backends.cudnn.benchmark = self.cfg.train.cudnn_benchmark  # (off for compile_ahead's eager steps)
         # dynamic=False: a second Trainer in the same process (a notebook, the test suite) shares `_loss`'s code
         # object, and a new shape there would otherwise recompile with symbolic sizes, which inductor's CUDA
         # lowering of this network fails on (tests/test_gpu_newcomer.py caught it).

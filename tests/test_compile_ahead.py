@@ -3,6 +3,7 @@ real helper process and the run, and the run's side (eager steps, the switch, a 
 a stand-in helper. The real helper compiling a real step is tests/test_gpu_compile_cache.py's."""
 from __future__ import annotations
 
+import math
 import subprocess
 import sys
 import time
@@ -269,9 +270,10 @@ def test_a_helper_past_its_deadline_is_ended_and_the_run_compiles_its_step(tmp_p
     assert compiled and compiled == list(range(compiled[0], trainer.step)) and compiled[0] > 0
 
 
-def test_an_eager_step_out_of_gpu_memory_ends_the_helper_and_takes_the_compiled_step(tmp_path, monkeypatch):
-    """The eager step holds more activations than the compiled one, beside the helper's network: out of memory
-    there, the run ends the helper and trains on compiled from that very step, losing no step."""
+def test_an_eager_step_out_of_gpu_memory_is_taken_again_in_micro_batches_beside_the_helper(tmp_path, monkeypatch):
+    """The eager step holds more activations than the compiled one, beside the helper's network (at 256 px a batch
+    of 64 does not fit an H100 eagerly at all): out of memory, the run takes the step again in twice as many
+    micro-batches, and keeps that split, while the helper compiles on."""
     import torch
 
     stand_in = _StandIn(monkeypatch, "import time; time.sleep(120)")
@@ -280,18 +282,52 @@ def test_an_eager_step_out_of_gpu_memory_ends_the_helper_and_takes_the_compiled_
     trainer.cb.on_warning = warned.append
     real, calls = trainer._loss, []
 
-    def loss(*args):
-        calls.append(trainer.step)
-        if len(calls) == 3:
+    def loss(x, *args):
+        calls.append((trainer.step, x.shape[0]))
+        if trainer.step >= 2 and x.shape[0] > 4:  # from step 2 on, 4 images fit and 8 do not
             raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
-        return real(*args)
+        return real(x, *args)
+
+    trainer._loss = trainer.loss_fn = loss  # (the eager step, until the compiled one is made)
+    res = trainer.run()
+    (_, _, _, folder, proc), = stand_in.started
+    assert res.step == 6 and compiled == []  # every step eager: the helper was not ended for it
+    assert [w for w in warned if "micro-batches" in w] == [
+        "train.compile_ahead: the eager step ran out of GPU memory beside the helper; the eager steps run in "
+        f"{k} micro-batches until the compiled step takes over" for k in (2, 4)]
+    assert calls[:4] == [(0, 16), (1, 16), (2, 16), (2, 8)]
+    assert calls[4:] == [(s, 4) for s in range(2, 6) for _ in range(4)]
+    assert all(math.isfinite(r["loss"]) for r in res.metrics if r.get("loss") is not None)
+    assert any(r.get("loss") is not None for r in res.metrics)
+    assert proc.poll() is not None and not folder.exists()
+
+
+def test_an_eager_step_out_of_gpu_memory_one_image_at_a_time_ends_the_helper_and_takes_the_compiled_step(
+        tmp_path, monkeypatch):
+    """Where not even one image fits beside the helper, the run ends the helper and trains on compiled from that
+    very step, losing no step."""
+    import torch
+
+    stand_in = _StandIn(monkeypatch, "import time; time.sleep(120)")
+    warned = []
+    trainer, said, switch, compiled = _run(tmp_path, stop_after_switch=None, train__steps=6)
+    trainer.cb.on_warning = warned.append
+    real, sizes = trainer._loss, []
+
+    def loss(x, *args):
+        if trainer.ahead is not None and trainer.step >= 2:  # beside the helper, from step 2 on, nothing fits
+            sizes.append(x.shape[0])
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        return real(x, *args)
 
     trainer._loss = trainer.loss_fn = loss  # (the eager step, until the compiled one is made)
     res = trainer.run()
     (_, _, _, folder, proc), = stand_in.started
     assert res.step == 6
-    assert any("ran out of GPU memory" in w for w in warned), warned
+    assert sizes == [16, 8, 4, 2, 1]  # each split tried once, down to one image
+    assert any("even one image at a time" in w for w in warned), warned
     assert compiled == [2, 3, 4, 5]  # the step that ran out, taken again compiled, and every one after
+    assert trainer.eager_split is None
     assert proc.poll() is not None and not folder.exists()
 
 
@@ -377,7 +413,7 @@ time.sleep(60)
 def test_an_eager_step_out_of_memory_in_its_backward_frees_that_steps_graph_before_the_compiled_step(tmp_path,
                                                                                                       monkeypatch):
     """Out of memory in the eager step's backward leaves the part of the graph not yet run (its saved activations)
-    hanging from the step's loss: the compiled step that takes the step again must not run beside it."""
+    hanging from the step's loss: the step taken again (in micro-batches) must not run beside it."""
     import weakref
 
     import torch
@@ -400,14 +436,14 @@ def test_an_eager_step_out_of_memory_in_its_backward_frees_that_steps_graph_befo
             out = out + with_failing_backward(torch.ones(1, requires_grad=True) * activation, out_of_memory).sum() * 0
         return out
 
-    make_compiled_step, alive = trainer._make_compiled_step, []
+    alive = []
 
-    def and_look_at_the_failed_step():
-        alive.append(saved[0]() is not None)
-        make_compiled_step()
+    def and_look_at_the_failed_step(*args):
+        if saved and not alive:  # the step taken again (in micro-batches): the failed one's graph must be gone
+            alive.append(saved[0]() is not None)
+        return loss(*args)
 
-    trainer._loss = trainer.loss_fn = loss
-    trainer._make_compiled_step = and_look_at_the_failed_step
+    trainer._loss = trainer.loss_fn = and_look_at_the_failed_step
     assert trainer.run().step == 4
     assert alive == [False]
 

@@ -225,34 +225,68 @@ def _trainer(tmp: Path, name: str, **extra):
     return trainer
 
 
+TIB64 = 1 << 46  # bytes no card holds: a real CUDA out-of-memory error
+
+
 @pytest.mark.skipif(not CUDA, reason="CUDA's out-of-memory error")
-def test_compile_ahead_out_of_memory_in_an_eager_step_ends_the_helper_and_trains_compiled(tmp_path):
-    """The eager step runs out of GPU memory beside the helper (here a real allocation the card cannot hold, at the
-    second step): the run ends its helper, frees the cache, and takes that step and the rest compiled."""
+def test_compile_ahead_out_of_memory_in_an_eager_step_takes_it_again_in_micro_batches(tmp_path):
+    """The eager step runs out of GPU memory beside the helper (here a real allocation the card cannot hold, for
+    more than 4 images from the second step on): the run takes the step again in 2, then 4 micro-batches, keeps
+    that split, and trains on beside its helper."""
     trainer = _trainer(tmp_path, "oom", train__steps=6, train__compile_ahead=True)
     warned, real, calls = [], trainer._loss, []
     trainer.cb.on_warning = warned.append
 
-    def eager(x, y):
-        calls.append(trainer.step)
-        if len(calls) == 2:
-            trainer._loss = real  # what the run then compiles
-            torch.empty(1 << 46, dtype=torch.uint8, device=trainer.device)  # 64 TiB
-        return real(x, y)
+    def eager(x, *rest):
+        calls.append((trainer.step, x.shape[0]))
+        if trainer.step >= 1 and x.shape[0] > 4:
+            torch.empty(TIB64, dtype=torch.uint8, device=trainer.device)
+        return real(x, *rest)
 
     trainer._loss = trainer.loss_fn = eager
     try:
         res = trainer.run()
     finally:
         trainer.close()
-    assert res.step == 6 and any("ran out of GPU memory" in w for w in warned), warned
+    n = trainer.cfg.train.batch_size
+    assert res.step == 6 and sum("micro-batches" in w for w in warned) == 2, warned
+    assert calls[:3] == [(0, n), (1, n), (1, n // 2)] and n == 16
+    assert calls[3:] == [(s, 4) for s in range(1, 6) for _ in range(4)]
+    assert trainer.step_cache is None and math.isfinite(res.last_loss)  # eager throughout: the helper was left on
+
+
+@pytest.mark.skipif(not CUDA, reason="CUDA's out-of-memory error")
+def test_compile_ahead_out_of_memory_one_image_at_a_time_ends_the_helper_and_trains_compiled(tmp_path):
+    """Where not even one image fits beside the helper, the run ends its helper, frees the cache, and takes that
+    step and the rest compiled."""
+    trainer = _trainer(tmp_path, "oom1", train__steps=6, train__compile_ahead=True)
+    warned, real, sizes = [], trainer._loss, []
+    trainer.cb.on_warning = warned.append
+
+    def eager(x, *rest):
+        if trainer.step >= 1:
+            sizes.append(x.shape[0])
+            if x.shape[0] == 1:
+                trainer._loss = real  # what the run then compiles
+            torch.empty(TIB64, dtype=torch.uint8, device=trainer.device)
+        return real(x, *rest)
+
+    trainer._loss = trainer.loss_fn = eager
+    try:
+        res = trainer.run()
+    finally:
+        trainer.close()
+    assert res.step == 6 and any("even one image at a time" in w for w in warned), warned
+    assert sizes == [16, 8, 4, 2, 1]
     assert trainer.ahead is None and trainer.step_cache is not None  # compiled in the run
-    assert calls == [0, 1] and math.isfinite(res.last_loss)
+    assert math.isfinite(res.last_loss)
 
 
-def test_compile_ahead_out_of_memory_in_an_eager_backward_frees_that_step_before_the_compiled_one(tmp_path):
+@pytest.mark.skipif(not CUDA, reason="CUDA's out-of-memory error")
+@pytest.mark.skipif(not CUDA, reason="CUDA's out-of-memory error")
+def test_compile_ahead_out_of_memory_in_an_eager_backward_frees_that_step_before_taking_it_again(tmp_path):
     """The same, with the allocation the card cannot hold in the backward of the second eager step: the part of the
-    graph not yet run (here a 256 MiB activation saved for it) is freed before the compiled step takes the step."""
+    graph not yet run (here a 256 MiB activation saved for it) is freed before the step is taken again."""
     import weakref
 
     from conftest import with_failing_backward
@@ -261,32 +295,26 @@ def test_compile_ahead_out_of_memory_in_an_eager_backward_frees_that_step_before
     warned, real, calls, saved, alive = [], trainer._loss, [], [], []
     trainer.cb.on_warning = warned.append
 
-    def eager(x, y):
+    def eager(x, *rest):
         calls.append(trainer.step)
-        loss = real(x, y)
+        if len(calls) == 3:  # the step taken again, in micro-batches
+            alive.append(saved[0]() is not None)
+        loss = real(x, *rest)
         if len(calls) == 2:
-            trainer._loss = real  # what the run then compiles
             activation = torch.ones(1 << 26, device=trainer.device)  # 256 MiB, kept for the product's backward
             saved.append(weakref.ref(activation))
             one = torch.ones(1, device=trainer.device, requires_grad=True)
             loss = loss + with_failing_backward(one * activation, lambda g: torch.empty(
-                1 << 46, dtype=torch.uint8, device=g.device)).sum() * 0  # 64 TiB
+                TIB64, dtype=torch.uint8, device=g.device)).sum() * 0
         return loss
 
-    make_compiled_step = trainer._make_compiled_step
-
-    def and_look_at_the_failed_step():
-        alive.append(saved[0]() is not None)
-        make_compiled_step()
-
     trainer._loss = trainer.loss_fn = eager
-    trainer._make_compiled_step = and_look_at_the_failed_step
     try:
         res = trainer.run()
     finally:
         trainer.close()
-    assert res.step == 6 and any("ran out of GPU memory" in w for w in warned), warned
-    assert alive == [False] and calls == [0, 1] and math.isfinite(res.last_loss)
+    assert res.step == 6 and any("micro-batches" in w for w in warned), warned
+    assert alive == [False] and calls[:4] == [0, 1, 1, 1] and math.isfinite(res.last_loss)
 
 
 def test_a_nonfinite_step_is_skipped_and_counted_under_cuda_graphs(tmp_path):

@@ -197,6 +197,7 @@ class Trainer:
         self.guide: tuple[int, dict[str, torch.Tensor]] | None = None  # train.guide_step: (step, weights on CPU)
         self.resumed_from: Path | None = None
         self.ahead = None  # train.compile_ahead's helper while it compiles
+        self.eager_split: GradAccumulator | None = None  # its eager steps' micro-batches, once one ran out of memory
         if resume is not None:
             train_state.restore(self, resume)
         if resume is None:
@@ -591,23 +592,38 @@ class Trainer:
 
     def _eager_step(self, x: torch.Tensor, y: torch.Tensor | None) -> torch.Tensor:
         """The step without the compiler, while the helper compiles it. The eager step holds more activations than
-        the compiled one, beside the helper's own network: where that runs out of GPU memory, the helper is ended
-        and the step is taken compiled, as without compile_ahead."""
-        try:
-            loss = self._loss(x, y)
-            loss.backward()
-            return loss
-        except torch.cuda.OutOfMemoryError:
-            # out of the except block first (its traceback holds the failed step's activations), and without the
-            # loss: after an error in the backward it holds the part of the graph not yet run
-            loss = None
-        self.opt.zero_grad(set_to_none=True)
-        self.cb.on_warning("train.compile_ahead: the eager step ran out of GPU memory beside the helper; the helper "
-                           "is ended and the step compiles in the run (turn train.compile_ahead off for this batch "
-                           "size)")
+        the compiled one, beside the helper's own network: where that runs out of GPU memory, the step is taken
+        again in at least twice as many micro-batches (the same gradient: engine/grad_accum.py), and so are the
+        steps after it; a step that does not fit even one image at a time ends the helper and is taken compiled,
+        as without compile_ahead."""
+        while True:
+            try:
+                if self.eager_split is None:
+                    loss = self._loss(x, y)
+                    loss.backward()
+                else:
+                    loss = self.eager_split(self._loss, x, y)
+                    torch.cuda.empty_cache()  # memory is short: what the step cached goes back for the helper
+                return loss
+            except torch.cuda.OutOfMemoryError:
+                # out of the except block first (its traceback holds the failed step's activations), and without the
+                # loss: after an error in the backward it holds the part of the graph not yet run
+                loss = None
+            self.opt.zero_grad(set_to_none=True)
+            torch.cuda.empty_cache()
+            n, k = x.shape[0], self.eager_split.k if self.eager_split is not None else 1
+            k = next((d for d in range(2 * k, n + 1) if n % d == 0), None)  # equal micro-batches, twice as many
+            if k is None:
+                break
+            self.eager_split = GradAccumulator(list(self.model.parameters()), k, self.diffusion.sample_timesteps)
+            self.cb.on_warning(f"train.compile_ahead: the eager step ran out of GPU memory beside the helper; the "
+                               f"eager steps run in {k} micro-batches until the compiled step takes over")
+        self.cb.on_warning("train.compile_ahead: the eager step ran out of GPU memory beside the helper even one "
+                           "image at a time; the helper is ended and the step compiles in the run (turn "
+                           "train.compile_ahead off for this batch size)")
         self.ahead.stop()
         self.ahead = None
-        torch.cuda.empty_cache()
+        self.eager_split = None
         self._make_compiled_step()
         loss = self.loss_fn(x, y)
         loss.backward()
@@ -625,6 +641,9 @@ class Trainer:
                                f"compiles in the run")
         self.ahead.stop()
         self.ahead = None
+        if self.eager_split is not None:  # the eager steps' micro-batch sums: memory the compiled step needs
+            self.eager_split = None
+            torch.cuda.empty_cache()
         self._make_compiled_step()
 
     def _stopped_by_data(self, e: DataError | None, trained: bool) -> DdpmError:

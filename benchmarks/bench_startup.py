@@ -232,7 +232,11 @@ def run_command(args: list[str], env: dict, cwd: Path) -> dict:
     if p.returncode != 0 or not found:
         sys.exit(f"ddpm {shlex.join(args)} failed ({p.returncode}):\n{p.stdout[-3000:]}\n{p.stderr[-3000:]}")
     summary = [x for x in lines if not x.startswith("PHASES ")]
-    return {"wall_s": round(wall, 2), **found[0], "summary": summary[-2 if args[0] == "train" else -1:]}
+    # compile_ahead's messages (its switch, micro-batches, a failed helper), wherever the CLI printed them
+    ahead = [x.strip() for x in (p.stdout + p.stderr).splitlines()
+             if "compile_ahead" in x and not x.startswith("PHASES ")][:8]
+    return {"wall_s": round(wall, 2), **found[0], "summary": summary[-2 if args[0] == "train" else -1:],
+            **({"ahead_said": ahead} if ahead else {})}
 
 
 def brief(command: str, scenario: str, res: dict, note: str) -> str:

@@ -317,6 +317,38 @@ def test_compile_ahead_out_of_memory_in_an_eager_backward_frees_that_step_before
     assert alive == [False] and calls[:4] == [0, 1, 1, 1] and math.isfinite(res.last_loss)
 
 
+@pytest.mark.skipif(not CUDA, reason="CUDA's caching allocator")
+def test_compile_ahead_a_hold_hands_the_memory_the_eager_steps_cached_to_the_helper(tmp_path):
+    """The helper's first call (which its holds cover) needs the compiled step's activations: at 256 px on an
+    H200 the run's eager step alone caches ~118 GiB, so the run empties its allocator's cache when it holds."""
+    from ddpm_cli.engine.time_budget import TimeBudget
+
+    trainer = _trainer(tmp_path, "hold", train__steps=1, train__compile_ahead=True)
+    seen = []
+
+    class AskingHelper:  # stands in for the helper: asks for the GPU at once
+        answering = True
+
+        def done(self):
+            return None
+
+        def hold_if_asked(self, sync, stopping):
+            sync()
+            seen.append(torch.cuda.memory_reserved(trainer.device))
+            return True
+
+    try:
+        x = torch.empty(1 << 28, dtype=torch.uint8, device=trainer.device)
+        del x  # freed, and kept in the allocator's cache
+        cached = torch.cuda.memory_reserved(trainer.device)
+        trainer.ahead = AskingHelper()
+        assert trainer._eager_while_compiling(TimeBudget(time.monotonic(), None, trainer.device)) is True
+    finally:
+        trainer.ahead = None
+        trainer.close()
+    assert seen and seen[0] <= cached - (1 << 28), (cached, seen)
+
+
 def test_a_nonfinite_step_is_skipped_and_counted_under_cuda_graphs(tmp_path):
     trainer = _trainer(tmp_path, "nan", train__steps=16)
     compiled, params = trainer.loss_fn, list(trainer.model.parameters())

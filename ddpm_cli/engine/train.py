@@ -574,8 +574,7 @@ class Trainer:
         if ready is None:
             dev = self.device
             answering = self.ahead.answering
-            if self.ahead.hold_if_asked(lambda: torch.cuda.synchronize(dev) if dev.type == "cuda" else None,
-                                        lambda: bool(self.stop.signum)):
+            if self.ahead.hold_if_asked(lambda: self._give_the_gpu_up(dev), lambda: bool(self.stop.signum)):
                 budget.pause()
             if answering and not self.ahead.answering:
                 self.cb.on_warning(f"train.compile_ahead: the helper held the GPU for "
@@ -589,6 +588,14 @@ class Trainer:
             return True
         self._end_compile_ahead(ready)
         return False
+
+    @staticmethod
+    def _give_the_gpu_up(dev: torch.device) -> None:
+        """Before a hold for the helper: the queued work done, and the memory the eager steps cached handed back
+        (the helper's first call, which the holds cover, needs the compiled step's activations)."""
+        if dev.type == "cuda":
+            torch.cuda.synchronize(dev)
+            torch.cuda.empty_cache()
 
     def _eager_step(self, x: torch.Tensor, y: torch.Tensor | None) -> torch.Tensor:
         """The step without the compiler, while the helper compiles it. The eager step holds more activations than

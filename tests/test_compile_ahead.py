@@ -294,7 +294,7 @@ def test_an_eager_step_out_of_gpu_memory_is_taken_again_in_micro_batches_beside_
     assert res.step == 6 and compiled == []  # every step eager: the helper was not ended for it
     assert [w for w in warned if "micro-batches" in w] == [
         "train.compile_ahead: the eager step ran out of GPU memory beside the helper; the eager steps run in "
-        f"{k} micro-batches until the compiled step takes over" for k in (2, 4)]
+        f"{k} micro-batches from step 3 on" for k in (2, 4)]
     assert calls[:4] == [(0, 16), (1, 16), (2, 16), (2, 8)]
     assert calls[4:] == [(s, 4) for s in range(2, 6) for _ in range(4)]
     assert all(math.isfinite(r["loss"]) for r in res.metrics if r.get("loss") is not None)
@@ -547,22 +547,81 @@ def test_the_helper_compiles_at_a_lower_priority_than_the_run(tmp_path):
     assert helper.proc.poll() is not None and not helper.folder.exists()
 
 
-@pytest.mark.parametrize("ahead, search", [(True, True), (False, True), (True, False)])
+@pytest.mark.parametrize("ahead, search, deterministic", [(True, True, False), (False, True, False),
+                                                           (True, False, False), (False, False, False),
+                                                           (True, True, True)])
 def test_compile_aheads_eager_steps_skip_cudnns_search_and_its_compiled_step_has_the_configs(
-        tmp_path, monkeypatch, ahead, search):
+        tmp_path, monkeypatch, ahead, search, deterministic):
     """cuDNN's algorithm search costs the first eager step seconds for steps that soon give way to the compiled
-    one: off while compile_ahead's eager steps run, then train.cudnn_benchmark's own setting for the compiled step
-    (and throughout without compile_ahead)."""
+    one: off while compile_ahead's eager steps run (and deterministic, so that their picks, which torch keeps under
+    a key without `benchmark`, do not stand in for the compiled step's search), then train.cudnn_benchmark's own
+    setting and the process's own `deterministic` for the compiled step, throughout without compile_ahead, and
+    after a run that ended eager. (On CUDA only: here the trainer's device is said to be one.)"""
     import torch
 
     from ddpm_cli.engine.train import Trainer
 
-    monkeypatch.setattr(torch.backends.cudnn, "benchmark", not search)  # restored after the test
+    cudnn = torch.backends.cudnn
+    monkeypatch.setattr(cudnn, "benchmark", not search)  # both restored after the test
+    monkeypatch.setattr(cudnn, "deterministic", deterministic)
+    calls = []
+    cudnn_for = Trainer._cudnn_for
+
+    def on_cuda(self, eager):
+        calls.append(eager)
+        device, self.device = self.device, torch.device("cuda")
+        try:
+            cudnn_for(self, eager)
+        finally:
+            self.device = device
+
+    monkeypatch.setattr(Trainer, "_cudnn_for", on_cuda)
     cfg = tiny_config(tmp_path, train__compile="on", train__compile_ahead=ahead, train__cudnn_benchmark=search)
     trainer = Trainer(cfg)
     try:
-        assert torch.backends.cudnn.benchmark is (search and not ahead)
+        assert (cudnn.benchmark, cudnn.deterministic) == ((False, True) if ahead else (search, deterministic))
         trainer._make_compiled_step()
-        assert torch.backends.cudnn.benchmark is search
+        assert (cudnn.benchmark, cudnn.deterministic) == (search, deterministic)
+        if ahead:  # a run that ends while eager sets them back as well
+            trainer._cudnn_for(eager=True)
+            trainer.compiled = False  # (the tiny run's steps then need no compiler)
+            trainer.cfg.train.steps = 1
+            trainer.run()
+            assert (cudnn.benchmark, cudnn.deterministic) == (search, deterministic)
     finally:
         trainer.close()
+    assert calls[0] is ahead and False in calls
+
+
+def test_an_eager_step_in_micro_batches_has_the_whole_batchs_gradient(tmp_path, monkeypatch):
+    """The split step is the same optimizer step (fp32 on the CPU, timesteps and noise drawn for the whole batch
+    in the same order): out of memory at the whole batch, the gradients the optimizer gets match an unsplit run's."""
+    import torch
+
+    def first_step_grads(name: str, fits: int):
+        _StandIn(monkeypatch, "import time; time.sleep(120)")
+        trainer, said, switch, compiled = _run(tmp_path / name, stop_after_switch=None, train__steps=1)
+        trainer.cb.on_warning = lambda text: None
+        real, step, grads = trainer._loss, trainer.opt.step, []
+
+        def loss(x, *args):
+            if x.shape[0] > fits:
+                raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+            return real(x, *args)
+
+        def step_and_look(*args, **kwargs):
+            grads.extend(p.grad.clone() for p in trainer.model.parameters() if p.grad is not None)
+            return step(*args, **kwargs)
+
+        trainer._loss = trainer.loss_fn = loss
+        trainer.opt.step = step_and_look
+        trainer.run()
+        return trainer, grads
+
+    whole, grads_whole = first_step_grads("whole", fits=16)
+    split, grads_split = first_step_grads("split", fits=4)
+    assert whole.eager_split is None and split.cfg.train.batch_size == 16
+    assert len(grads_whole) == len(grads_split) == len(list(whole.model.parameters()))
+    assert sum(g.abs().sum().item() for g in grads_whole) > 0
+    for a, b in zip(grads_whole, grads_split):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)

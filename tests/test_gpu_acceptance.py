@@ -228,6 +228,40 @@ def _trainer(tmp: Path, name: str, **extra):
 TIB64 = 1 << 46  # bytes no card holds: a real CUDA out-of-memory error
 
 
+@pytest.mark.skipif(not CUDA, reason="cuDNN")
+def test_compile_aheads_eager_convolutions_leave_cudnns_search_to_the_compiled_steps(tmp_path):
+    """torch keeps one cuDNN pick per convolution, searched or not, under a key without `benchmark`: the eager
+    steps' unsearched picks must not stand in for the compiled step's search (they run deterministic: another key).
+    A search launches many kernels, a kept pick one or a few."""
+    from torch.autograd import DeviceType
+    from torch.profiler import ProfilerActivity, profile
+
+    trainer = _trainer(tmp_path, "cudnn", train__steps=1, train__compile_ahead=True)
+    cl = torch.channels_last  # a shape no other test runs, as an eager step and then a compiled step run it
+    x = torch.randn(3, 40, 23, 23, device=trainer.device, dtype=torch.bfloat16).contiguous(memory_format=cl)
+    w = torch.randn(40, 40, 3, 3, device=trainer.device, dtype=torch.bfloat16).contiguous(memory_format=cl)
+    x.requires_grad_(True)
+    w.requires_grad_(True)
+
+    def kernels() -> int:  # forward and backward: three convolutions
+        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+            torch.nn.functional.conv2d(x, w, padding=1).sum().backward()
+            torch.cuda.synchronize()
+        return sum(1 for e in prof.events() if e.device_type == DeviceType.CUDA)
+
+    try:
+        assert not torch.backends.cudnn.benchmark and torch.backends.cudnn.deterministic  # the eager steps'
+        eager = kernels()
+        trainer._make_compiled_step()
+        assert torch.backends.cudnn.benchmark and not torch.backends.cudnn.deterministic
+        searched, kept = kernels(), kernels()
+    finally:
+        trainer.close()
+    assert searched > 3 * max(kept, eager), (eager, searched, kept)
+
+
+
+
 @pytest.mark.skipif(not CUDA, reason="CUDA's out-of-memory error")
 def test_compile_ahead_out_of_memory_in_an_eager_step_takes_it_again_in_micro_batches(tmp_path):
     """The eager step runs out of GPU memory beside the helper (here a real allocation the card cannot hold, for
@@ -239,7 +273,7 @@ def test_compile_ahead_out_of_memory_in_an_eager_step_takes_it_again_in_micro_ba
 
     def eager(x, *rest):
         calls.append((trainer.step, x.shape[0]))
-        if trainer.step >= 1 and x.shape[0] > 4:
+        if trainer.step >= 1 and x.shape[0] > 4 and trainer.ahead is not None:  # (not in a compiled step)
             torch.empty(TIB64, dtype=torch.uint8, device=trainer.device)
         return real(x, *rest)
 
@@ -282,7 +316,6 @@ def test_compile_ahead_out_of_memory_one_image_at_a_time_ends_the_helper_and_tra
     assert math.isfinite(res.last_loss)
 
 
-@pytest.mark.skipif(not CUDA, reason="CUDA's out-of-memory error")
 @pytest.mark.skipif(not CUDA, reason="CUDA's out-of-memory error")
 def test_compile_ahead_out_of_memory_in_an_eager_backward_frees_that_step_before_taking_it_again(tmp_path):
     """The same, with the allocation the card cannot hold in the backward of the second eager step: the part of the

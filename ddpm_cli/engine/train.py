@@ -179,9 +179,8 @@ class Trainer:
         # train.compile_ahead: a helper compiles the step; the run makes its own compiled step (loading the helper's
         # work) when the helper is done, so the set-up does not even import the compiler
         self.compile_ahead = self._compile_ahead_applies()
-        # cuDNN's algorithm search times each convolution's shapes at their first call: seconds an eager step under
-        # compile_ahead would wait for, to pick for steps that soon give way to the compiled one (which searches)
-        torch.backends.cudnn.benchmark = tc.cudnn_benchmark and not self.compile_ahead
+        self._deterministic = torch.backends.cudnn.deterministic  # the process's own, for the compiled step
+        self._cudnn_for(eager=self.compile_ahead)
         if self.compiled and not self.compile_ahead:
             self._make_compiled_step()
         self.accumulate = (GradAccumulator(list(self.model.parameters()), tc.grad_accum,
@@ -291,6 +290,9 @@ class Trainer:
             if self.ahead is not None:  # the run ended before its helper had compiled: its work is not needed
                 self.ahead.stop()
                 self.ahead = None
+            if self.compile_ahead:  # (a run that ended eager) the micro-batch sums, and cuDNN as the config says
+                self.eager_split = None
+                self._cudnn_for(eager=False)
 
     def _take_over_the_run(self) -> None:
         """What a start changes in the run's files, once it is set up to train (a start that fails before keeps
@@ -533,13 +535,24 @@ class Trainer:
         compiled step (or the compile_ahead helper's) before compiling."""
         if self.channels_last:
             force_channels_last_graph()
-        torch.backends.cudnn.benchmark = self.cfg.train.cudnn_benchmark  # (off for compile_ahead's eager steps)
+        self._cudnn_for(eager=False)
         # dynamic=False: a second Trainer in the same process (a notebook, the test suite) shares `_loss`'s code
         # object, and a new shape there would otherwise recompile with symbolic sizes, which inductor's CUDA
         # lowering of this network fails on (tests/test_gpu_newcomer.py caught it).
         self.loss_fn = torch.compile(self._loss, dynamic=False,
                                      options=compile_options(self.cfg, self.device, self.compile_mode))
         self.loss_fn = self.step_cache = compile_cache.for_training(self, self.compile_mode)
+
+    def _cudnn_for(self, eager: bool) -> None:
+        """cuDNN's settings for the steps to come, on CUDA. compile_ahead's eager steps skip its algorithm search,
+        which times each convolution's shapes at their first call: seconds the first step would wait for, to pick
+        for steps that soon give way to the compiled one. They also run deterministic, for a reason of torch's:
+        it keeps one pick per convolution, searched or not, under a key that holds `deterministic` but not
+        `benchmark`, so the compiled step's convolutions (the same shapes) would otherwise reuse the eager steps'
+        unsearched picks and never search."""
+        if self.device.type == "cuda":
+            torch.backends.cudnn.benchmark = self.cfg.train.cudnn_benchmark and not eager
+            torch.backends.cudnn.deterministic = eager or self._deterministic
 
     def _compile_ahead_applies(self) -> bool:
         """train.compile_ahead, where it can work; a warning where the config asked for it in vain."""
@@ -602,7 +615,10 @@ class Trainer:
         the compiled one, beside the helper's own network: where that runs out of GPU memory, the step is taken
         again in at least twice as many micro-batches (the same gradient: engine/grad_accum.py), and so are the
         steps after it; a step that does not fit even one image at a time ends the helper and is taken compiled,
-        as without compile_ahead."""
+        as without compile_ahead. A step taken again draws the same timesteps and noise as its first try would
+        have (the generator's state is put back), so a run that ran out of memory trains as one that did not."""
+        cuda = self.device.type == "cuda"
+        rng = torch.cuda.get_rng_state(self.device) if cuda else torch.get_rng_state()
         while True:
             try:
                 if self.eager_split is None:
@@ -617,20 +633,24 @@ class Trainer:
                 # loss: after an error in the backward it holds the part of the graph not yet run
                 loss = None
             self.opt.zero_grad(set_to_none=True)
-            torch.cuda.empty_cache()
+            if cuda:
+                torch.cuda.set_rng_state(rng, self.device)
+            else:
+                torch.set_rng_state(rng)
             n, k = x.shape[0], self.eager_split.k if self.eager_split is not None else 1
+            self.eager_split = None  # (its sums go back with the cache)
+            torch.cuda.empty_cache()
             k = next((d for d in range(2 * k, n + 1) if n % d == 0), None)  # equal micro-batches, twice as many
             if k is None:
                 break
             self.eager_split = GradAccumulator(list(self.model.parameters()), k, self.diffusion.sample_timesteps)
             self.cb.on_warning(f"train.compile_ahead: the eager step ran out of GPU memory beside the helper; the "
-                               f"eager steps run in {k} micro-batches until the compiled step takes over")
+                               f"eager steps run in {k} micro-batches from step {self.step + 1} on")
         self.cb.on_warning("train.compile_ahead: the eager step ran out of GPU memory beside the helper even one "
                            "image at a time; the helper is ended and the step compiles in the run (turn "
                            "train.compile_ahead off for this batch size)")
         self.ahead.stop()
         self.ahead = None
-        self.eager_split = None
         self._make_compiled_step()
         loss = self.loss_fn(x, y)
         loss.backward()

@@ -591,6 +591,12 @@ def test_compile_aheads_eager_steps_skip_cudnns_search_and_its_compiled_step_has
     finally:
         trainer.close()
     assert calls[0] is ahead and False in calls
+    if ahead:  # a trainer closed without running (a notebook's, a test's) sets them back too
+        trainer = Trainer(tiny_config(tmp_path / "unrun", train__compile="on", train__compile_ahead=True,
+                                      train__cudnn_benchmark=search))
+        assert (cudnn.benchmark, cudnn.deterministic) == (False, True)
+        trainer.close()
+        assert (cudnn.benchmark, cudnn.deterministic) == (search, deterministic)
 
 
 def test_an_eager_step_in_micro_batches_has_the_whole_batchs_gradient(tmp_path, monkeypatch):

@@ -723,6 +723,8 @@ class Trainer:
         """Release what the run holds beyond its objects: a streamed set's decoding workers, the process group, the
         run's lock."""
         self.batcher.close()
+        if self.compile_ahead:  # (a trainer that never ran) cuDNN as the config says, for what the process runs next
+            self._cudnn_for(eager=False)
         self.net = self.model  # DDP's reducer holds the default group: let it go with the group (DistInfo.close)
         self.dist.close()
         release_run(self._run_lock)

@@ -252,6 +252,9 @@ def test_a_large_shapes_set_is_drawn_once_then_read_back(cache, monkeypatch):
     _same(first[0], third)
     assert len(drawn) == 1 and "damaged" in third.warnings[0] and "drawing the built-in set" in third.warnings[0]
     assert "built-in shapes, seed 0" in ok("cache", "info").output
+    rows = json.loads(ok("cache", "info", "--json").output)["data"]["entries"]  # a machine reads fields, not prose
+    assert all(r["source"] is None and r["builtin"]["dataset"] == "shapes" for r in rows), rows
+    assert {r["builtin"]["seed"] for r in rows} == {seed for _, _, seed, _ in sets}
     # a sweep over seeds keeps the latest shapes sets within their own bound and pushes out no decoded set
     monkeypatch.setattr(data_cache, "SHAPES_MAX_ENTRIES", 3)
     monkeypatch.setattr(data_cache, "MAX_ENTRIES", 3)

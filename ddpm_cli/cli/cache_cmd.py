@@ -75,8 +75,8 @@ def describe_data() -> dict:
         size = key.get("size") if isinstance(key.get("size"), list) else []
         shape = e.meta.get("shape") or [key.get("channels"), *size]
         rows.append({"name": e.name, "bytes": e.size, "images": e.meta.get("count"),
-                     "source": source.get("zip") or source.get("folder")
-                     or (f"built-in shapes, seed {source.get('seed')}" if "shapes" in source else None),
+                     "source": source.get("zip") or source.get("folder"),  # a path; None for the built-in set
+                     "builtin": {"dataset": "shapes", "seed": source.get("seed")} if "shapes" in source else None,
                      "shape": shape if isinstance(shape, list) else None, "created": e.meta.get("created"),
                      "last_used": time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(e.last_used))})
     return {"path": str(dc.cache_dir()), "enabled": dc.enabled(), "entries": rows,
@@ -124,8 +124,9 @@ def info(as_json: bool = typer.Option(False, "--json", help="Print JSON instead 
                   f"with {DATA_DIR})", markup=False, soft_wrap=True)
     for e in data["entries"]:  # a damaged description shows '?' where it says nothing readable
         shape = "x".join(str(v) for v in e["shape"]) if e["shape"] else "?"
+        source = e["source"] or (f"built-in shapes, seed {e['builtin']['seed']}" if e["builtin"] else "?")
         console.print(f"  {e['name']}  {_size(e['bytes'])}  {e['images'] if e['images'] is not None else '?'} images "
-                      f"of {shape}  from {e['source'] or '?'}  used {e['last_used']}", markup=False, soft_wrap=True)
+                      f"of {shape}  from {source}  used {e['last_used']}", markup=False, soft_wrap=True)
     from ddpm_cli.engine.evaluation.stats_cache import ENV_DIR as STATS_DIR
 
     stats = d["fid_stats"]

@@ -547,66 +547,74 @@ def test_the_helper_compiles_at_a_lower_priority_than_the_run(tmp_path):
     assert helper.proc.poll() is not None and not helper.folder.exists()
 
 
-@pytest.mark.parametrize("ahead, search, deterministic", [(True, True, False), (False, True, False),
-                                                           (True, False, False), (False, False, False),
-                                                           (True, True, True)])
-def test_compile_aheads_eager_steps_skip_cudnns_search_and_its_compiled_step_has_the_configs(
-        tmp_path, monkeypatch, ahead, search, deterministic):
+@pytest.mark.parametrize("search, deterministic", [(True, False), (False, False), (True, True)])
+def test_eager_cudnn_turns_the_search_off_and_deterministic_on_for_the_step_then_puts_them_back(
+        monkeypatch, search, deterministic):
     """cuDNN's algorithm search costs the first eager step seconds for steps that soon give way to the compiled
-    one: off while compile_ahead's eager steps run (and deterministic, so that their picks, which torch keeps under
-    a key without `benchmark`, do not stand in for the compiled step's search), then train.cudnn_benchmark's own
-    setting and the process's own `deterministic` for the compiled step, throughout without compile_ahead, and
-    after a run that ended eager. (On CUDA only: here the trainer's device is said to be one.)"""
+    one; deterministic, because torch keeps one pick per convolution under a key without `benchmark`, so the
+    compiled step would reuse the eager steps' unsearched picks. Put back after the step, an error included, and
+    nothing touched off CUDA (the flags are only flags: no GPU needed to see them)."""
     import torch
 
-    from ddpm_cli.engine.train import Trainer
+    from ddpm_cli.engine.compile_ahead import eager_cudnn
 
     cudnn = torch.backends.cudnn
-    monkeypatch.setattr(cudnn, "benchmark", not search)  # both restored after the test
+    monkeypatch.setattr(cudnn, "benchmark", search)  # both restored after the test
     monkeypatch.setattr(cudnn, "deterministic", deterministic)
-    calls = []
-    cudnn_for = Trainer._cudnn_for
-
-    def on_cuda(self, eager):
-        calls.append(eager)
-        device, self.device = self.device, torch.device("cuda")
-        try:
-            cudnn_for(self, eager)
-        finally:
-            self.device = device
-
-    monkeypatch.setattr(Trainer, "_cudnn_for", on_cuda)
-    cfg = tiny_config(tmp_path, train__compile="on", train__compile_ahead=ahead, train__cudnn_benchmark=search)
-    trainer = Trainer(cfg)
-    try:
-        assert (cudnn.benchmark, cudnn.deterministic) == ((False, True) if ahead else (search, deterministic))
-        trainer._make_compiled_step()
-        assert (cudnn.benchmark, cudnn.deterministic) == (search, deterministic)
-        if ahead:  # a run that ends while eager sets them back as well
-            trainer._cudnn_for(eager=True)
-            trainer.compiled = False  # (the tiny run's steps then need no compiler)
-            trainer.cfg.train.steps = 1
-            trainer.run()
-            assert (cudnn.benchmark, cudnn.deterministic) == (search, deterministic)
-    finally:
-        trainer.close()
-    assert calls[0] is ahead and False in calls
-    if ahead:  # a trainer closed without running (a notebook's, a test's) sets them back too
-        trainer = Trainer(tiny_config(tmp_path / "unrun", train__compile="on", train__compile_ahead=True,
-                                      train__cudnn_benchmark=search))
+    with eager_cudnn(torch.device("cuda")):
         assert (cudnn.benchmark, cudnn.deterministic) == (False, True)
-        trainer.close()
+    assert (cudnn.benchmark, cudnn.deterministic) == (search, deterministic)
+    with pytest.raises(torch.cuda.OutOfMemoryError), eager_cudnn(torch.device("cuda", 0)):
+        raise torch.cuda.OutOfMemoryError("CUDA out of memory")
+    assert (cudnn.benchmark, cudnn.deterministic) == (search, deterministic)
+    with eager_cudnn(torch.device("cpu")):
         assert (cudnn.benchmark, cudnn.deterministic) == (search, deterministic)
 
 
-def test_an_eager_step_in_micro_batches_has_the_whole_batchs_gradient(tmp_path, monkeypatch):
+def test_only_compile_aheads_eager_steps_run_under_eager_cudnn(tmp_path, monkeypatch):
+    """The eager steps' forward and backward run under eager_cudnn; the compiled steps after the switch do not."""
+    from contextlib import contextmanager
+
+    from ddpm_cli.engine import compile_ahead
+    from ddpm_cli.errors import TrainingAborted
+
+    inside, seen = [False], []
+
+    @contextmanager
+    def recorded(device):
+        inside[0] = True
+        try:
+            yield
+        finally:
+            inside[0] = False
+
+    monkeypatch.setattr(compile_ahead, "eager_cudnn", recorded)
+    _StandIn(monkeypatch, "import time; time.sleep(2)")
+    trainer, said, switch, compiled = _run(tmp_path, stop_after_switch=3, train__steps=10**6)
+    real = trainer._loss
+
+    def loss(*args):
+        seen.append((trainer.loss_fn is loss, inside[0]))  # (the eager step calls _loss itself)
+        return real(*args)
+
+    trainer._loss = trainer.loss_fn = loss
+    with pytest.raises(TrainingAborted):
+        trainer.run()
+    assert switch and set(seen) == {(True, True), (False, False)}, seen
+
+
+@pytest.mark.parametrize("layout", ["on", "off"])
+def test_an_eager_step_in_micro_batches_has_the_whole_batchs_gradient(tmp_path, monkeypatch, layout):
     """The split step is the same optimizer step (fp32 on the CPU, timesteps and noise drawn for the whole batch
-    in the same order): out of memory at the whole batch, the gradients the optimizer gets match an unsplit run's."""
+    in the same order and layout: channels-last on CUDA): out of memory at the whole batch, the gradients the
+    optimizer gets match an unsplit run's."""
     import torch
 
     def first_step_grads(name: str, fits: int):
         _StandIn(monkeypatch, "import time; time.sleep(120)")
-        trainer, said, switch, compiled = _run(tmp_path / name, stop_after_switch=None, train__steps=1)
+        trainer, said, switch, compiled = _run(tmp_path / name, stop_after_switch=None, train__steps=1,
+                                               train__channels_last=layout)
+        assert trainer.channels_last is (layout == "on")
         trainer.cb.on_warning = lambda text: None
         real, step, grads = trainer._loss, trainer.opt.step, []
 

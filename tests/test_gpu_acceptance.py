@@ -229,19 +229,20 @@ TIB64 = 1 << 46  # bytes no card holds: a real CUDA out-of-memory error
 
 
 @pytest.mark.skipif(not CUDA, reason="cuDNN")
-def test_compile_aheads_eager_convolutions_leave_cudnns_search_to_the_compiled_steps(tmp_path):
+def test_compile_aheads_eager_convolutions_leave_cudnns_search_to_the_compiled_steps(monkeypatch):
     """torch keeps one cuDNN pick per convolution, searched or not, under a key without `benchmark`: the eager
-    steps' unsearched picks must not stand in for the compiled step's search (they run deterministic: another key).
-    A search launches many kernels, a kept pick one or a few."""
+    steps' unsearched picks (compile_ahead.eager_cudnn) must not stand in for the compiled step's search. A search
+    launches many kernels, a kept pick one or a few."""
     from torch.autograd import DeviceType
     from torch.profiler import ProfilerActivity, profile
 
-    trainer = _trainer(tmp_path, "cudnn", train__steps=1, train__compile_ahead=True)
-    cl = torch.channels_last  # a shape no other test runs, as an eager step and then a compiled step run it
-    x = torch.randn(3, 40, 23, 23, device=trainer.device, dtype=torch.bfloat16).contiguous(memory_format=cl)
-    w = torch.randn(40, 40, 3, 3, device=trainer.device, dtype=torch.bfloat16).contiguous(memory_format=cl)
-    x.requires_grad_(True)
-    w.requires_grad_(True)
+    from ddpm_cli.engine.compile_ahead import eager_cudnn
+
+    monkeypatch.setattr(torch.backends.cudnn, "benchmark", True)  # the compiled step's (train.cudnn_benchmark)
+    monkeypatch.setattr(torch.backends.cudnn, "deterministic", False)
+    cl, dev = torch.channels_last, torch.device("cuda")  # a shape no other test runs
+    x = torch.randn(3, 40, 23, 23, device=dev, dtype=torch.bfloat16).contiguous(memory_format=cl).requires_grad_()
+    w = torch.randn(40, 40, 3, 3, device=dev, dtype=torch.bfloat16).contiguous(memory_format=cl).requires_grad_()
 
     def kernels() -> int:  # forward and backward: three convolutions
         with profile(activities=[ProfilerActivity.CUDA]) as prof:
@@ -249,17 +250,10 @@ def test_compile_aheads_eager_convolutions_leave_cudnns_search_to_the_compiled_s
             torch.cuda.synchronize()
         return sum(1 for e in prof.events() if e.device_type == DeviceType.CUDA)
 
-    try:
-        assert not torch.backends.cudnn.benchmark and torch.backends.cudnn.deterministic  # the eager steps'
+    with eager_cudnn(dev):  # as an eager step runs them
         eager = kernels()
-        trainer._make_compiled_step()
-        assert torch.backends.cudnn.benchmark and not torch.backends.cudnn.deterministic
-        searched, kept = kernels(), kernels()
-    finally:
-        trainer.close()
+    searched, kept = kernels(), kernels()  # as the compiled step runs them, first and then again
     assert searched > 3 * max(kept, eager), (eager, searched, kept)
-
-
 
 
 @pytest.mark.skipif(not CUDA, reason="CUDA's out-of-memory error")

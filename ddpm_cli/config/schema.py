@@ -345,7 +345,8 @@ class TrainConfig(Section):
     holds a second copy of the network meanwhile, and the eager step more activations than the compiled one: an
     eager step out of memory is taken again in at least twice as many micro-batches (the same gradient), and one
     that does not fit one image at a time ends the helper and the step compiles in the run. The eager steps run
-    without cuDNN's algorithm search. One process only (not under --gpus), not with max-autotune or grad_accum."""
+    without cuDNN's algorithm search, deterministic. One process only (not under --gpus), not with max-autotune or
+    grad_accum."""
     combo_kernels: Literal["auto", "on", "off"] = "auto"
     """Let torch.compile launch independent small kernels together as one (inductor's combo kernels: a step
     makes many kernel calls, many of them tiny reductions at 8x8 and 4x4); auto means on when the step is

@@ -20,8 +20,9 @@ import sys
 import tempfile
 import threading
 import time
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterator
 
 WANT, ACK, LOG, SPEC = "want", "ack", "helper.log", "spec.json"
 OFF = "off"  # in `ack`: the run answers no more requests (a hold ran out)
@@ -58,6 +59,27 @@ def stand_in_config(cfg_dict: dict, run_dir: str, device: str) -> dict:
     d["logging"].update(run_dir=run_dir, run_name="helper", fid_every=0, wandb="off", checkpoint_every=10**9,
                         sample_every=10**9, log_every=10**9)
     return d
+
+
+@contextmanager
+def eager_cudnn(device) -> Iterator[None]:
+    """cuDNN's settings for an eager step while the helper compiles, put back after it (CUDA only). No algorithm
+    search: it times each convolution's shapes at their first call, seconds the first step would wait for, to pick
+    for steps that soon give way to the compiled one. Deterministic: torch keeps one pick per convolution, searched
+    or not, under a key that holds `deterministic` but not `benchmark`, so the compiled step's convolutions (the
+    same shapes) would otherwise reuse these unsearched picks and never search."""
+    import torch
+
+    if device.type != "cuda":
+        yield
+        return
+    cudnn = torch.backends.cudnn
+    kept = cudnn.benchmark, cudnn.deterministic
+    cudnn.benchmark, cudnn.deterministic = False, True
+    try:
+        yield
+    finally:
+        cudnn.benchmark, cudnn.deterministic = kept
 
 
 class CompileAhead:

@@ -148,6 +148,7 @@ class Trainer:
 
         # Model, EMA, diffusion, optimizer
         if self.device.type == "cuda":
+            torch.backends.cudnn.benchmark = tc.cudnn_benchmark  # (compile_ahead's eager steps: eager_cudnn)
             torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
         torch.manual_seed(tc.seed)
         self.model = build_unet(cfg.model).to(self.device)
@@ -179,8 +180,6 @@ class Trainer:
         # train.compile_ahead: a helper compiles the step; the run makes its own compiled step (loading the helper's
         # work) when the helper is done, so the set-up does not even import the compiler
         self.compile_ahead = self._compile_ahead_applies()
-        self._deterministic = torch.backends.cudnn.deterministic  # the process's own, for the compiled step
-        self._cudnn_for(eager=self.compile_ahead)
         if self.compiled and not self.compile_ahead:
             self._make_compiled_step()
         self.accumulate = (GradAccumulator(list(self.model.parameters()), tc.grad_accum,
@@ -290,9 +289,7 @@ class Trainer:
             if self.ahead is not None:  # the run ended before its helper had compiled: its work is not needed
                 self.ahead.stop()
                 self.ahead = None
-            if self.compile_ahead:  # (a run that ended eager) the micro-batch sums, and cuDNN as the config says
-                self.eager_split = None
-                self._cudnn_for(eager=False)
+            self.eager_split = None  # (a run that ended eager) its micro-batch sums
 
     def _take_over_the_run(self) -> None:
         """What a start changes in the run's files, once it is set up to train (a start that fails before keeps
@@ -535,24 +532,12 @@ class Trainer:
         compiled step (or the compile_ahead helper's) before compiling."""
         if self.channels_last:
             force_channels_last_graph()
-        self._cudnn_for(eager=False)
         # dynamic=False: a second Trainer in the same process (a notebook, the test suite) shares `_loss`'s code
         # object, and a new shape there would otherwise recompile with symbolic sizes, which inductor's CUDA
         # lowering of this network fails on (tests/test_gpu_newcomer.py caught it).
         self.loss_fn = torch.compile(self._loss, dynamic=False,
                                      options=compile_options(self.cfg, self.device, self.compile_mode))
         self.loss_fn = self.step_cache = compile_cache.for_training(self, self.compile_mode)
-
-    def _cudnn_for(self, eager: bool) -> None:
-        """cuDNN's settings for the steps to come, on CUDA. compile_ahead's eager steps skip its algorithm search,
-        which times each convolution's shapes at their first call: seconds the first step would wait for, to pick
-        for steps that soon give way to the compiled one. They also run deterministic, for a reason of torch's:
-        it keeps one pick per convolution, searched or not, under a key that holds `deterministic` but not
-        `benchmark`, so the compiled step's convolutions (the same shapes) would otherwise reuse the eager steps'
-        unsearched picks and never search."""
-        if self.device.type == "cuda":
-            torch.backends.cudnn.benchmark = self.cfg.train.cudnn_benchmark and not eager
-            torch.backends.cudnn.deterministic = eager or self._deterministic
 
     def _compile_ahead_applies(self) -> bool:
         """train.compile_ahead, where it can work; a warning where the config asked for it in vain."""
@@ -611,41 +596,44 @@ class Trainer:
             torch.cuda.empty_cache()
 
     def _eager_step(self, x: torch.Tensor, y: torch.Tensor | None) -> torch.Tensor:
-        """The step without the compiler, while the helper compiles it. The eager step holds more activations than
-        the compiled one, beside the helper's own network: where that runs out of GPU memory, the step is taken
-        again in at least twice as many micro-batches (the same gradient: engine/grad_accum.py), and so are the
-        steps after it; a step that does not fit even one image at a time ends the helper and is taken compiled,
-        as without compile_ahead. A step taken again draws the same timesteps and noise as its first try would
-        have (the generator's state is put back), so a run that ran out of memory trains as one that did not."""
+        """The step without the compiler, while the helper compiles it (cuDNN as `compile_ahead.eager_cudnn` sets
+        it). The eager step holds more activations than the compiled one, beside the helper's own network: where
+        that runs out of GPU memory, the step is taken again in at least twice as many micro-batches (the same
+        gradient: engine/grad_accum.py), and so are the steps after it; a step that does not fit even one image at
+        a time ends the helper and is taken compiled, as without compile_ahead. A step taken again draws the same
+        timesteps and noise as its first try did (the generator's state is put back, the batch in the loss's
+        layout), so a run that ran out of memory trains as one that did not."""
         cuda = self.device.type == "cuda"
         rng = torch.cuda.get_rng_state(self.device) if cuda else torch.get_rng_state()
-        while True:
-            try:
-                if self.eager_split is None:
-                    loss = self._loss(x, y)
-                    loss.backward()
+        with compile_ahead.eager_cudnn(self.device):
+            while True:
+                try:
+                    if self.eager_split is None:
+                        loss = self._loss(x, y)
+                        loss.backward()
+                    else:  # (in the loss's layout, so that the noise drawn for the whole batch is the loss's own)
+                        xs = x.contiguous(memory_format=torch.channels_last) if self.channels_last else x
+                        loss = self.eager_split(self._loss, xs, y)
+                        torch.cuda.empty_cache()  # memory is short: what the step cached goes back for the helper
+                    return loss
+                except torch.cuda.OutOfMemoryError:
+                    # out of the except block first (its traceback holds the failed step's activations), and
+                    # without the loss: after an error in the backward it holds the part of the graph not yet run
+                    loss = None
+                self.opt.zero_grad(set_to_none=True)
+                if cuda:
+                    torch.cuda.set_rng_state(rng, self.device)
                 else:
-                    loss = self.eager_split(self._loss, x, y)
-                    torch.cuda.empty_cache()  # memory is short: what the step cached goes back for the helper
-                return loss
-            except torch.cuda.OutOfMemoryError:
-                # out of the except block first (its traceback holds the failed step's activations), and without the
-                # loss: after an error in the backward it holds the part of the graph not yet run
-                loss = None
-            self.opt.zero_grad(set_to_none=True)
-            if cuda:
-                torch.cuda.set_rng_state(rng, self.device)
-            else:
-                torch.set_rng_state(rng)
-            n, k = x.shape[0], self.eager_split.k if self.eager_split is not None else 1
-            self.eager_split = None  # (its sums go back with the cache)
-            torch.cuda.empty_cache()
-            k = next((d for d in range(2 * k, n + 1) if n % d == 0), None)  # equal micro-batches, twice as many
-            if k is None:
-                break
-            self.eager_split = GradAccumulator(list(self.model.parameters()), k, self.diffusion.sample_timesteps)
-            self.cb.on_warning(f"train.compile_ahead: the eager step ran out of GPU memory beside the helper; the "
-                               f"eager steps run in {k} micro-batches from step {self.step + 1} on")
+                    torch.set_rng_state(rng)
+                n, k = x.shape[0], self.eager_split.k if self.eager_split is not None else 1
+                self.eager_split = None  # (its sums go back with the cache)
+                torch.cuda.empty_cache()
+                k = next((d for d in range(2 * k, n + 1) if n % d == 0), None)  # equal micro-batches, twice as many
+                if k is None:
+                    break
+                self.eager_split = GradAccumulator(list(self.model.parameters()), k, self.diffusion.sample_timesteps)
+                self.cb.on_warning(f"train.compile_ahead: the eager step ran out of GPU memory beside the helper; "
+                                   f"the eager steps run in {k} micro-batches from step {self.step + 1} on")
         self.cb.on_warning("train.compile_ahead: the eager step ran out of GPU memory beside the helper even one "
                            "image at a time; the helper is ended and the step compiles in the run (turn "
                            "train.compile_ahead off for this batch size)")
@@ -723,8 +711,6 @@ class Trainer:
         """Release what the run holds beyond its objects: a streamed set's decoding workers, the process group, the
         run's lock."""
         self.batcher.close()
-        if self.compile_ahead:  # (a trainer that never ran) cuDNN as the config says, for what the process runs next
-            self._cudnn_for(eager=False)
         self.net = self.model  # DDP's reducer holds the default group: let it go with the group (DistInfo.close)
         self.dist.close()
         release_run(self._run_lock)

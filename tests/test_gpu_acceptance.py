@@ -228,6 +228,15 @@ def _trainer(tmp: Path, name: str, **extra):
 TIB64 = 1 << 46  # bytes no card holds: a real CUDA out-of-memory error
 
 
+def _run_closed(trainer, eager):
+    """The trainer's run with `eager` as its step's loss (until a compiled step is made of it), then closed."""
+    trainer._loss = trainer.loss_fn = eager
+    try:
+        return trainer.run()
+    finally:
+        trainer.close()
+
+
 @pytest.mark.skipif(not CUDA, reason="cuDNN")
 def test_compile_aheads_eager_convolutions_leave_cudnns_search_to_the_compiled_steps(monkeypatch):
     """torch keeps one cuDNN pick per convolution, searched or not, under a key without `benchmark`: the eager
@@ -271,11 +280,7 @@ def test_compile_ahead_out_of_memory_in_an_eager_step_takes_it_again_in_micro_ba
             torch.empty(TIB64, dtype=torch.uint8, device=trainer.device)
         return real(x, *rest)
 
-    trainer._loss = trainer.loss_fn = eager
-    try:
-        res = trainer.run()
-    finally:
-        trainer.close()
+    res = _run_closed(trainer, eager)
     n = trainer.cfg.train.batch_size
     assert res.step == 6 and sum("micro-batches" in w for w in warned) == 2, warned
     assert calls[:3] == [(0, n), (1, n), (1, n // 2)] and n == 16
@@ -299,11 +304,7 @@ def test_compile_ahead_out_of_memory_one_image_at_a_time_ends_the_helper_and_tra
             torch.empty(TIB64, dtype=torch.uint8, device=trainer.device)
         return real(x, *rest)
 
-    trainer._loss = trainer.loss_fn = eager
-    try:
-        res = trainer.run()
-    finally:
-        trainer.close()
+    res = _run_closed(trainer, eager)
     assert res.step == 6 and any("even one image at a time" in w for w in warned), warned
     assert sizes == [16, 8, 4, 2, 1]
     assert trainer.ahead is None and trainer.step_cache is not None  # compiled in the run
@@ -335,11 +336,7 @@ def test_compile_ahead_out_of_memory_in_an_eager_backward_frees_that_step_before
                 TIB64, dtype=torch.uint8, device=g.device)).sum() * 0
         return loss
 
-    trainer._loss = trainer.loss_fn = eager
-    try:
-        res = trainer.run()
-    finally:
-        trainer.close()
+    res = _run_closed(trainer, eager)
     assert res.step == 6 and any("micro-batches" in w for w in warned), warned
     assert alive == [False] and calls[:4] == [0, 1, 1, 1] and math.isfinite(res.last_loss)
 

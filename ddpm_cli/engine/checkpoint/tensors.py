@@ -243,11 +243,17 @@ def load_optimizer_state(opt: torch.optim.Optimizer, state_dict: dict) -> None:
 
 
 def _network(ckpt: Checkpoint, state: dict[str, torch.Tensor], device: torch.device | str) -> torch.nn.Module:
+    """The checkpoint's network with `state` loaded, built on `device` itself: on a GPU its random initialisation,
+    overwritten at once, then takes kernels instead of the host's time (a few tenths of a second a network, which
+    a small eager `ddpm sample` job pays twice: the model and its guide)."""
+    import torch
+
     from ddpm_cli.engine.build import build_unet
 
-    model = build_unet(ckpt.config.model)
+    with torch.device(device):
+        model = build_unet(ckpt.config.model)
     load_into(model, state, str(ckpt.path))
-    return model.to(device).eval()
+    return model.eval()
 
 
 def load_model(path: str | Path, device: torch.device | str = "cpu", use_ema: bool = True,

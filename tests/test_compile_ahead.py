@@ -176,13 +176,32 @@ def test_a_helper_that_fails_is_one_warning_and_the_run_compiles_its_step_itself
     from ddpm_cli.engine.train import Trainer
 
     monkeypatch.setattr(Trainer, "SWITCH_MIN_LEFT_S", 0.0)  # (a short budget: the run compiles to its end)
-    _StandIn(monkeypatch, "import sys, time; time.sleep(0.5); print('CUDA out of memory in the helper'); sys.exit(1)")
+    _StandIn(monkeypatch, f"import sys, time; time.sleep(0.5); print({TORCH_OOM!r}); sys.exit(1)")
     trainer, said, switch, compiled = _run(tmp_path, stop_after_switch=None, train__steps=10**6,
                                            train__max_time=4.0)
     trainer.run()
     warned = [m for m in said if "helper failed" in m]
-    assert len(warned) == 1 and "CUDA out of memory in the helper" in warned[0], said
+    assert len(warned) == 1 and "ran out of GPU memory (tried to allocate 11.95 GiB)" in warned[0], said
     assert not switch and compiled and compiled == list(range(compiled[0], trainer.step))
+
+
+# torch's out-of-memory message as the helper's traceback ends with it (one line, shortened in the middle)
+TORCH_OOM = ("torch.OutOfMemoryError: CUDA out of memory. Tried to allocate 11.95 GiB. GPU 0 has a total capacity "
+             "of 79.19 GiB of which 2.31 GiB is free. Including non-PyTorch memory, this process has 59.98 GiB "
+             "memory in use. Of the allocated memory 45.1 GiB is allocated by PyTorch. If reserved but unallocated "
+             "memory is large try setting PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True to avoid fragmentation.")
+
+
+@pytest.mark.parametrize("line, brief", [
+    (TORCH_OOM, "it ran out of GPU memory (tried to allocate 11.95 GiB)"),
+    ("RuntimeError: CUDA error: out of memory", "it ran out of GPU memory"),
+    ("ValueError: " + "x" * 400, "ValueError: " + "x" * 185 + "..."),
+    ("KeyError: 'a'", "KeyError: 'a'"),
+])
+def test_a_helpers_failure_is_said_in_one_short_line(line, brief):
+    from ddpm_cli.engine.compile_ahead import brief_failure
+
+    assert brief_failure(line) == brief
 
 
 def test_a_run_that_ends_before_its_helper_ends_the_helper(tmp_path, monkeypatch):

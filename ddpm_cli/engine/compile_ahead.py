@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -28,6 +29,16 @@ WANT, ACK, LOG, SPEC = "want", "ack", "helper.log", "spec.json"
 OFF = "off"  # in `ack`: the run answers no more requests (a hold ran out)
 RELEASE_S = 0.5  # the GPU goes back to the run this long after the helper's last timing
 HOLD_MAX_S = 120.0  # a helper that asked and never let go (hung): the run stops answering and trains on
+BRIEF_CHARS = 200  # a helper's failure is told in at most this many characters (the rest is in its log)
+
+
+def brief_failure(line: str) -> str:
+    """The last line of a failed helper's log as the run's warning says it: an out-of-memory error in ddpm's words
+    (torch's own runs to several hundred characters of allocator advice), anything else cut to BRIEF_CHARS."""
+    if "out of memory" in line.lower():
+        size = re.search(r"Tried to allocate ([\d.]+ [KMGT]?i?B)", line)
+        return "it ran out of GPU memory" + (f" (tried to allocate {size.group(1)})" if size else "")
+    return line if len(line) <= BRIEF_CHARS else line[:BRIEF_CHARS - 3] + "..."
 ACK_WAIT_S = 30.0  # a run busy with other work (a checkpoint) for longer: the helper times without it
 DEADLINE_S = 1200.0  # a helper not done by then is ended, and the run compiles its step itself
 HELPER_NICE = 10  # the helper's niceness above the run's: its compile workers yield the cores the eager steps need
@@ -135,7 +146,7 @@ class CompileAhead:
             lines = [x for x in (self.folder / LOG).read_text(errors="replace").splitlines() if x.strip()]
         except OSError:
             lines = []
-        return lines[-1].strip() if lines else f"exit {self.proc.returncode}"
+        return brief_failure(lines[-1].strip()) if lines else f"exit {self.proc.returncode}"
 
     def hold_if_asked(self, sync: Callable[[], None], stopping: Callable[[], bool] = lambda: False) -> bool:
         """Before an eager step: if the helper wants the GPU, finish the queued work, answer each request it makes

@@ -539,3 +539,18 @@ def test_bench_norm_s_formulations_are_groupnorm_and_its_buffers_are_counted_by_
             "buf2 = empty_strided_cuda((2, 4, 8, 8), (256, 1, 32, 4), torch.bfloat16)\n"
             "buf3 = empty_strided_cuda((2, 4, 1, 1), (4, 1, 4, 4), torch.float32)\n")
     assert bench_norm.activation_buffers(code, 2 * 4 * 8 * 8) == {"float32": 1, "bfloat16": 1}
+
+
+def test_bench_grid_times_the_load_and_each_sampler_step_of_two_batches(trained_run):
+    from ddpm_cli.engine.runs import list_checkpoints
+
+    ckpt = list_checkpoints(trained_run)[-1]
+    r = subprocess.run([sys.executable, "benchmarks/bench_grid.py", str(ckpt), "-n", "3", "--device", "cpu"],
+                       cwd=ROOT, capture_output=True, text=True, timeout=300,
+                       env={**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"})
+    assert r.returncode == 0, r.stderr[-3000:]
+    (x,) = [json.loads(line[len("BENCH "):]) for line in r.stdout.splitlines() if line.startswith("BENCH ")]
+    assert x["device"] == "cpu" and x["evaluations_per_step"] == 1 and x["steps"] >= 2
+    assert 0 < x["import_torch"] <= x["import_ddpm"] < x["total_s"] and x["load_s"] > 0
+    assert abs(x["once_only_s"] - (x["first_batch_s"] - x["second_batch_s"])) < 1e-3
+    assert len(x["first_steps_s"]) == min(4, x["steps"]) and sum(x["first_steps_s"]) <= x["first_batch_s"] + 1e-3

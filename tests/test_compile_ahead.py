@@ -248,6 +248,8 @@ def test_the_stand_in_config_keeps_what_makes_the_step_and_drops_the_rest(tmp_pa
     assert not helper.train.compile_ahead and not helper.train.ema and not helper.train.posthoc_ema
     assert helper.train.guide_step is None and not helper.logging.fid_every
     assert not helper.train.early_stopping.enabled and helper.train.device == "cuda:0"
+    # the run searches cuDNN's algorithms itself (a search is kept per process): the helper's would only hold the GPU
+    assert cfg.train.cudnn_benchmark and not helper.train.cudnn_benchmark
 
 
 def test_a_helper_that_never_lets_go_is_waited_for_once_and_then_trained_beside(tmp_path, monkeypatch):

@@ -61,10 +61,13 @@ def _write(path: Path, text: str) -> None:
 def stand_in_config(cfg_dict: dict, run_dir: str, device: str) -> dict:
     """The run's config for the helper: the same network, diffusion, precision, layout and compile settings (they
     make the compiled step) on the run's device, nothing the step does not need (EMAs, evaluations, logging,
-    early stopping)."""
+    early stopping), and no cuDNN algorithm search: torch keeps a search's picks in the process that made it, so
+    the run searches again at its first compiled step, and the helper's search (seconds of GPU time on every
+    convolution shape, beside the run's eager steps) would be thrown away. The search is not in the compile
+    cache's key."""
     d = json.loads(json.dumps(cfg_dict))
     d["train"].update(device=device, steps=1, max_time=None, ema=False, ema_extra=[], posthoc_ema=[], posthoc_ema_every=0,
-                      guide_step=None, compile_ahead=False)
+                      guide_step=None, compile_ahead=False, cudnn_benchmark=False)
     d["train"]["early_stopping"] = {**d["train"].get("early_stopping", {}), "enabled": False}
     d["data"].update(on_device="off", streaming="off")
     d["logging"].update(run_dir=run_dir, run_name="helper", fid_every=0, wandb="off", checkpoint_every=10**9,

@@ -291,16 +291,22 @@ def test_a_helper_past_its_deadline_is_ended_and_the_run_compiles_its_step(tmp_p
     assert compiled and compiled == list(range(compiled[0], trainer.step)) and compiled[0] > 0
 
 
+def _beside_a_busy_helper(tmp_path, monkeypatch):
+    """(stand-in, trainer, its warnings, its compiled calls): a 6-step run whose helper compiles past its end."""
+    stand_in = _StandIn(monkeypatch, "import time; time.sleep(120)")
+    trainer, said, switch, compiled = _run(tmp_path, stop_after_switch=None, train__steps=6)
+    warned = []
+    trainer.cb.on_warning = warned.append
+    return stand_in, trainer, warned, compiled
+
+
 def test_an_eager_step_out_of_gpu_memory_is_taken_again_in_micro_batches_beside_the_helper(tmp_path, monkeypatch):
     """The eager step holds more activations than the compiled one, beside the helper's network (at 256 px a batch
     of 64 does not fit an H100 eagerly at all): out of memory, the run takes the step again in twice as many
     micro-batches, and keeps that split, while the helper compiles on."""
     import torch
 
-    stand_in = _StandIn(monkeypatch, "import time; time.sleep(120)")
-    warned = []
-    trainer, said, switch, compiled = _run(tmp_path, stop_after_switch=None, train__steps=6)
-    trainer.cb.on_warning = warned.append
+    stand_in, trainer, warned, compiled = _beside_a_busy_helper(tmp_path, monkeypatch)
     real, calls = trainer._loss, []
 
     def loss(x, *args):
@@ -329,10 +335,7 @@ def test_an_eager_step_out_of_gpu_memory_one_image_at_a_time_ends_the_helper_and
     very step, losing no step."""
     import torch
 
-    stand_in = _StandIn(monkeypatch, "import time; time.sleep(120)")
-    warned = []
-    trainer, said, switch, compiled = _run(tmp_path, stop_after_switch=None, train__steps=6)
-    trainer.cb.on_warning = warned.append
+    stand_in, trainer, warned, compiled = _beside_a_busy_helper(tmp_path, monkeypatch)
     real, sizes = trainer._loss, []
 
     def loss(x, *args):

@@ -1,11 +1,13 @@
 """Where a small eager `ddpm sample` job (the issue-24 grid: 64 images, no compile) spends its seconds, inside one
 fresh process: torch's import, CUDA's start, the checkpoint and its networks (engine.draw.load_drawer, as `ddpm
-sample` calls it), then the same batch drawn twice with the GPU synchronised after every sampler step. The first
-batch pays what a process pays once (kernels loaded at their first launch, cuDNN's choice of algorithm for each
-convolution shape, cuBLAS's handles); the second is the eager pace alone, so first minus second is that once-only
-cost. `--profile` runs the first batch under torch.profiler and prints the host-side calls that took longest.
+sample` calls it), then the same batch drawn twice, as `ddpm sample` draws it (the GPU synchronised at each batch's
+end). The first batch pays what a process pays once (kernels loaded at their first launch, cuDNN's choice of
+algorithm for each convolution shape, cuBLAS's handles); the second is the eager pace alone, so first minus second
+is that once-only cost. `--per-step` synchronises after every sampler step too, to say which steps pay it (the
+synchronisations may change what the first batch pays: BENCHMARKS.md, "Start-up"); `--profile` runs the first
+batch under torch.profiler and prints the host-side calls that took longest.
 
-    PYTHONPATH=. python benchmarks/bench_grid.py CKPT [-n 64] [--profile]
+    PYTHONPATH=. python benchmarks/bench_grid.py CKPT [-n 64] [--per-step] [--profile]
 
 One BENCH JSON line (seconds)."""
 from __future__ import annotations
@@ -22,6 +24,7 @@ def main() -> None:
     p.add_argument("checkpoint")
     p.add_argument("-n", type=int, default=64)
     p.add_argument("--device", default="auto")
+    p.add_argument("--per-step", action="store_true", help="synchronise after each sampler step and time it")
     p.add_argument("--profile", action="store_true", help="profile the first batch (adds its own overhead)")
     a = p.parse_args()
     marks = {}
@@ -53,7 +56,7 @@ def main() -> None:
         steps, last = [], [sync()]
 
         def on_step(i: int, total: int) -> None:  # noqa: ARG001 - the sampler's progress callback
-            now = sync()
+            now = sync() if a.per_step else time.perf_counter()  # without --per-step: when the host queued it
             steps.append(round(now - last[0], 4))
             last[0] = now
 
@@ -71,7 +74,8 @@ def main() -> None:
         first, first_steps = one_batch()
     second, second_steps = one_batch()
     marks.update(first_batch_s=first, second_batch_s=second, once_only_s=first - second,
-                 first_steps_s=first_steps[:4], second_step_median_s=sorted(second_steps)[len(second_steps) // 2],
+                 per_step=a.per_step, first_steps_s=first_steps[:4],
+                 second_step_median_s=sorted(second_steps)[len(second_steps) // 2],
                  evaluations_per_step=2 if drawer.guide is not None or drawer.guidance != 1.0 else 1,
                  steps=len(first_steps), device=torch.cuda.get_device_name(device) if cuda else "cpu",
                  torch=torch.__version__, profiled=a.profile, total_s=time.perf_counter() - T0)

@@ -41,7 +41,7 @@ TINY = ["model.base_channels=16", "model.channel_mults=[1,2]", "model.num_res_bl
 
 # Runs in the fresh process: the real CLI, with timestamps taken where the engine's phases end.
 DRIVER = r"""
-import json, sys, time
+import json, os, sys, time
 T = time.perf_counter
 marks = {"start": T()}
 import torch
@@ -148,14 +148,12 @@ except SystemExit as e:
 marks["end"] = T()
 ends = steps or batches
 used = [c for c in caches if c.called]
-compile_s = sum(c.load_s + c.first_call_s for c in used) + (backward[0] if steps and used else 0.0)
-set_up = marks.get("network set-up", marks["import"])
-phases = {"import": marks["import"] - marks["start"],
-          "checkpoint": marks["checkpoint"] - marks["import"] if "checkpoint" in marks else None,
-          "network set-up": set_up - marks.get("checkpoint", marks["import"]),
-          "compile": compile_s,
-          "first batch": ends[0] - set_up - compile_s if ends else None,
-          "rest": marks["end"] - (ends[0] if ends else set_up)}
+loaded_s = sum(c.load_s + c.first_call_s for c in used)  # the compiled network's load and first call
+compile_s = loaded_s + (backward[0] if steps and used else 0.0)
+sys.path.insert(0, os.environ["BENCH_STARTUP_DIR"])
+from bench_startup import phases_of
+eager_first = bool(steps) and "train.compile_ahead=true" in sys.argv  # compile_ahead: compiled at the switch
+phases = phases_of(marks, ends, compile_s, eager_first)
 # the compiled steps' pace once settled: the median interval between steps, from the tenth compiled step on (under
 # train.max_time the host keeps at most two steps queued, so these intervals are the device's)
 # (with compile_ahead, the step of the switch, whether the helper succeeded or the run compiled itself; a run whose
@@ -184,7 +182,8 @@ print("PHASES " + json.dumps({"phases": {k: None if v is None else round(v, 2) f
                               ("to_first_step_s" if steps else "to_first_batch_s"):
                                   round(ends[0] - marks["start"], 2) if ends else None,
                               "compile_ahead": {**ahead, "to_compiled_step_s": round(steps[ahead["step"] - 1]
-                                                                                       - marks["start"], 2)}
+                                                                                       - marks["start"], 2),
+                                                "switch_compile_s": round(loaded_s, 2)}
                                   if ahead.get("ok") and len(steps) >= ahead["step"] else ahead or None,
                               "set_up_parts": {"before the trainer": round(marks["trainer"] - marks["import"], 2),
                                                **{k: round(v, 2) for k, v in set_up_parts.items()}}
@@ -198,6 +197,21 @@ if quick_exit:
     _end_process(code)
 sys.exit(code)
 """
+
+
+def phases_of(marks: dict, ends: list[float], compile_s: float, eager_first: bool) -> dict:
+    """The run's phases (seconds) from the driver's timestamps (`marks`: start, import, checkpoint where a sample
+    job reads one, network set-up, end; `ends`: when each step or batch ended). `compile_s` is the compiled
+    network's load and first call; it stands between the set-up and the first step unless that step was eager
+    (`eager_first`: train.compile_ahead, whose run loads the helper's step at its switch, later, within "rest")."""
+    set_up = marks.get("network set-up", marks["import"])
+    before_first = 0.0 if eager_first else compile_s
+    return {"import": marks["import"] - marks["start"],
+            "checkpoint": marks["checkpoint"] - marks["import"] if "checkpoint" in marks else None,
+            "network set-up": set_up - marks.get("checkpoint", marks["import"]),
+            "compile": before_first,
+            "first batch": ends[0] - set_up - before_first if ends else None,
+            "rest": marks["end"] - (ends[0] if ends else set_up)}
 
 
 def child_env(**extra: str) -> dict:
@@ -224,8 +238,8 @@ def scenario_env(scenario: str, ddpm_dir: Path, inductor_dir: Path) -> dict:
 
 def run_command(args: list[str], env: dict, cwd: Path) -> dict:
     t = time.perf_counter()
-    p = subprocess.run([sys.executable, "-c", DRIVER, json.dumps(args)], capture_output=True, text=True, env=env,
-                       cwd=cwd)
+    p = subprocess.run([sys.executable, "-c", DRIVER, json.dumps(args)], capture_output=True, text=True,
+                       env={**env, "BENCH_STARTUP_DIR": str(Path(__file__).resolve().parent)}, cwd=cwd)
     wall = time.perf_counter() - t
     lines = p.stdout.strip().splitlines()
     found = [json.loads(x[len("PHASES "):]) for x in lines if x.startswith("PHASES ")]

@@ -246,6 +246,23 @@ def test_bench_startup_times_the_phases_of_fresh_train_and_sample_processes():
     assert runs[0]["summary"][0].startswith("done: step 3") and runs[2]["summary"][0].startswith("4 images in")
 
 
+def test_bench_startup_puts_a_compile_ahead_runs_compile_after_its_eager_first_step():
+    """A train.compile_ahead run's first steps are eager: the helper's step, loaded at the switch, is not part of
+    the time to the first step (on an H100 it was subtracted from it, and the first step read -4.6 s); a plain
+    run's compile is."""
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    from bench_startup import phases_of
+
+    marks = {"start": 0.0, "import": 2.9, "network set-up": 6.8, "end": 80.5}
+    ends = [8.7, 8.8, 45.5]  # the first step eager; the compiled step loaded in 6.4 s at the switch, later
+    ahead = phases_of(marks, ends, compile_s=6.4, eager_first=True)
+    assert ahead["compile"] == 0 and abs(ahead["first batch"] - 1.9) < 1e-9, ahead
+    timed = [v for v in ahead.values() if v is not None]
+    assert all(v >= 0 for v in timed) and abs(sum(timed) - marks["end"]) < 1e-9, ahead
+    plain = phases_of(marks, [15.0, 15.1], compile_s=6.4, eager_first=False)  # compiled from the first step
+    assert plain["compile"] == 6.4 and abs(plain["first batch"] - 1.8) < 1e-9 and plain["checkpoint"] is None
+
+
 def test_bench_precompile_saves_the_step_and_a_fresh_process_loads_it(tmp_path):
     """The ahead-of-time compiled step (aot_eager here: inductor's CPU compile takes minutes) is saved by one process
     and loaded by another, which computes the same loss without compiling."""
@@ -545,12 +562,13 @@ def test_bench_grid_times_the_load_and_each_sampler_step_of_two_batches(trained_
     from ddpm_cli.engine.runs import list_checkpoints
 
     ckpt = list_checkpoints(trained_run)[-1]
-    r = subprocess.run([sys.executable, "benchmarks/bench_grid.py", str(ckpt), "-n", "3", "--device", "cpu"],
+    r = subprocess.run([sys.executable, "benchmarks/bench_grid.py", str(ckpt), "-n", "3", "--device", "cpu",
+                        "--per-step"],
                        cwd=ROOT, capture_output=True, text=True, timeout=300,
                        env={**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"})
     assert r.returncode == 0, r.stderr[-3000:]
     (x,) = [json.loads(line[len("BENCH "):]) for line in r.stdout.splitlines() if line.startswith("BENCH ")]
-    assert x["device"] == "cpu" and x["evaluations_per_step"] == 1 and x["steps"] >= 2
+    assert x["device"] == "cpu" and x["evaluations_per_step"] == 1 and x["steps"] >= 2 and x["per_step"]
     assert 0 < x["import_torch"] <= x["import_ddpm"] < x["total_s"] and x["load_s"] > 0
     assert abs(x["once_only_s"] - (x["first_batch_s"] - x["second_batch_s"])) < 1e-3
     assert len(x["first_steps_s"]) == min(4, x["steps"]) and sum(x["first_steps_s"]) <= x["first_batch_s"] + 1e-3

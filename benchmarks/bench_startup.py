@@ -158,8 +158,7 @@ phases = phases_of(marks, ends, compile_s, eager_first)
 # train.max_time the host keeps at most two steps queued, so these intervals are the device's)
 # (with compile_ahead, the step of the switch, whether the helper succeeded or the run compiled itself; a run whose
 # eager step ran out of memory switched without a record here, and reports none)
-first_compiled = ahead["step"] if ahead else (1 if steps and used and "train.compile_ahead=true" not in sys.argv
-                                              else None)
+first_compiled = ahead["step"] if ahead else (1 if steps and used and not eager_first else None)
 late = steps[first_compiled + 8:] if first_compiled else []  # steps[k - 1] ends step k
 intervals = sorted(b - a for a, b in zip(late, late[1:]))
 compiled_step_ms = round(1000 * intervals[len(intervals) // 2], 3) if len(intervals) >= 5 else None

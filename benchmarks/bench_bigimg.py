@@ -171,7 +171,7 @@ def cmd_train(args) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         raw = cfg.model_dump(mode="json")
         raw["data"].update(data)
-        raw["train"].update(steps=args.steps)
+        raw["train"].update(steps=args.steps, compile_ahead=False)  # the compiled step from the first
         raw["logging"].update(run_dir=tmp, run_name="bench", log_every=args.log_every, checkpoint_every=10**9,
                               sample_every=10**9, sample_count=4, sample_steps=2)
         cfg = validate_config(raw)

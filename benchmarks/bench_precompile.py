@@ -88,7 +88,8 @@ def run_train_phase(args) -> dict:
     T = time.perf_counter
     t0 = T()
     overrides = [f"train.device={args.device}", "train.compile=reduce-overhead" if args.device != "cpu"
-                 else "train.compile=on", f"logging.run_dir={args.work / 'runs'}", "train.guide_step=null",
+                 else "train.compile=on", "train.compile_ahead=false", f"logging.run_dir={args.work / 'runs'}",
+                 "train.guide_step=null",
                  *(TINY if args.tiny else []), *args.set]
     cfg = load_config(args.config or None, overrides)
     images = make_shapes(args.images, cfg.model.image_size)

@@ -417,7 +417,8 @@ def _bench_train(name: str, sets: dict, batch: int, steps: int, log_every: int, 
         cfg = validate_config(apply_overrides({
             "model": dict(model),
             "data": {"dataset": "shapes"},  # replaced by `images` below
-            "train": {"steps": steps, "batch_size": batch, "warmup_steps": 100, **sets},
+            # compile_ahead off: the steps timed are the compiled step's from the first (cold caches included)
+            "train": {"steps": steps, "batch_size": batch, "warmup_steps": 100, "compile_ahead": False, **sets},
             "logging": {"run_dir": tmp, "run_name": name, "log_every": log_every, "checkpoint_every": 10**9,
                         "sample_every": 10**9, "sample_count": 16, "sample_steps": 2},
         }, overrides), "bench_speed.py", overrides)

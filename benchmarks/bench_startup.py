@@ -91,7 +91,8 @@ _start_ahead = train.Trainer._start_compile_ahead
 def start_ahead(self, *a, **k):  # train.compile_ahead: starting its helper, in the first step
     t = T()
     out = _start_ahead(self, *a, **k)
-    helper_start.append(T() - t)
+    if out is not None:  # (under train.compile_ahead auto, None: the compile cache held the step, compiled here)
+        helper_start.append(T() - t)
     return out
 train.Trainer._start_compile_ahead = start_ahead
 _setup = train.Trainer._setup
@@ -152,7 +153,7 @@ loaded_s = sum(c.load_s + c.first_call_s for c in used)  # the compiled network'
 compile_s = loaded_s + (backward[0] if steps and used else 0.0)
 sys.path.insert(0, os.environ["BENCH_STARTUP_DIR"])
 from bench_startup import phases_of
-eager_first = bool(steps) and "train.compile_ahead=true" in sys.argv  # compile_ahead: compiled at the switch
+eager_first = bool(steps) and bool(helper_start)  # train.compile_ahead's helper ran: compiled at the switch
 phases = phases_of(marks, ends, compile_s, eager_first)
 # the compiled steps' pace once settled: the median interval between steps, from the tenth compiled step on (under
 # train.max_time the host keeps at most two steps queued, so these intervals are the device's)

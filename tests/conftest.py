@@ -47,8 +47,10 @@ def tiny_overrides(run_dir: Path, **extra) -> dict:
                   "attention_resolutions": [8], "norm_groups": 4, "dropout": 0.0, "time_emb_dim": 32},
         "diffusion": {"schedule": "linear", "num_timesteps": 100},
         "data": {"dataset": "shapes", "shapes_count": 256},
+        # compile_ahead off: a GPU test's few compiled steps are the compiled path's (`auto`, the default, would
+        # train them eagerly beside a helper on a cold cache); tests of compile_ahead turn it on
         "train": {"steps": 20, "batch_size": 16, "lr": 1e-3, "warmup_steps": 5, "ema_decay": 0.9,
-                  "device": "cpu"},
+                  "device": "cpu", "compile_ahead": False},
         "logging": {"run_dir": str(run_dir), "run_name": "tiny", "log_every": 5, "checkpoint_every": 10,
                     "sample_every": 10, "sample_count": 8, "sample_steps": 5},
     }

@@ -128,6 +128,58 @@ def test_training_saves_after_the_first_step_and_the_next_run_loads(tmp_path, fo
     assert len(cc.list_entries(folder)) == 3
 
 
+def test_compile_ahead_auto_starts_a_helper_only_where_the_cache_has_no_entry_for_the_step(tmp_path, folder,
+                                                                                          fake_torch, monkeypatch):
+    """train.compile_ahead auto (the default): a run whose step has no entry trains beside a helper; a run of the
+    same network and batch once the entry is there compiles in the run, from its first step; another batch size is
+    another entry, so a helper again; `true` starts one whatever the cache holds."""
+    from ddpm_cli.engine import compile_ahead
+    from ddpm_cli.engine.train import TrainCallbacks, Trainer
+
+    monkeypatch.setattr(torch, "compile", lambda fn, **kw: fn)
+    helpers = []
+
+    class Compiled:  # a helper that has compiled the step by the time the run first looks
+        held_s, holds, answering, failure_said = 0.0, 0, False, False
+
+        def done(self):
+            return True
+
+        def stop(self):
+            pass
+
+    def start(cfg_dict, device, inputs, classes):
+        helpers.append(tuple(inputs[0].shape))
+        return Compiled()
+
+    monkeypatch.setattr(compile_ahead.CompileAhead, "start", staticmethod(start))
+
+    def run(name, ahead="auto", **extra):
+        cc._IN_PROCESS.clear()  # each run stands for a fresh process
+        said = []
+
+        class Notes(TrainCallbacks):
+            def on_message(self, text):
+                said.append(text)
+
+        cfg = tiny_config(tmp_path / name, train__compile="on", train__compile_ahead=ahead, train__steps=3, **extra)
+        trainer = Trainer(cfg, callbacks=Notes())
+        trainer.run()
+        return trainer, said
+
+    assert tiny_config(tmp_path, train__compile_ahead="auto").train.compile_ahead == "auto"
+    cold, said = run("a")
+    assert helpers == [(16, 3, 16, 16)] and any("compiled steps from step 1" in m for m in said), said
+    assert cold.step_cache.state == "saved"  # (here the run saves what the helper would have: the entry)
+    warm, said = run("b")
+    assert helpers == [(16, 3, 16, 16)], helpers  # no helper
+    assert warm.step_cache.state == "hit" and any("the compile cache holds it" in m for m in said), said
+    run("c", train__batch_size=8)
+    assert helpers == [(16, 3, 16, 16), (8, 3, 16, 16)]
+    run("d", ahead=True)
+    assert len(helpers) == 3
+
+
 def test_a_compiled_sampler_saves_its_first_call_and_the_summary_says_when_it_loaded(trained_run, tmp_path, folder,
                                                                                     fake_torch, monkeypatch):
     monkeypatch.setattr(torch, "compile", lambda fn, **kw: fn)

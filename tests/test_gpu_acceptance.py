@@ -32,8 +32,8 @@ TIMEOUT = 420  # one subprocess: torch's import, a cold compile of the tiny mode
 
 def gpu_config(tmp: Path, name: str, **extra) -> Path:
     """A tiny class-conditional config with the CUDA defaults (device, precision, compile, channels-last all
-    `auto`), written as YAML. Every run of the suite shares this network and batch, so after the first cold
-    compile the others load the step from torch's compile cache."""
+    `auto`; train.compile_ahead off, as tiny_overrides says why), written as YAML. Every run of the suite shares
+    this network and batch, so after the first cold compile the others load the step from torch's compile cache."""
     base = dict(model__conditional=True, train__label_dropout=0.2, train__device="auto", train__steps=60,
                 train__ema_decay=0.9, train__ema_extra=[0.99], train__guide_step=30, data__shapes_count=512,
                 logging__run_name=name, logging__log_every=10, logging__checkpoint_every=30,
@@ -175,17 +175,27 @@ def test_sigterm_checkpoints_and_exits_143_then_kill_9_then_resume(tmp_path):
 
 
 @pytest.mark.slow
-def test_compile_ahead_trains_eagerly_then_loads_the_helpers_compiled_step(tmp_path):
-    """train.compile_ahead with cold caches: the first steps are eager, a helper process compiles the step (the run
-    holding while it times kernels), and the run goes on with the compiled step loaded from the helper's entry."""
-    cfg = gpu_config(tmp_path, "ahead", train__steps=10**6, train__compile_ahead=True, logging__log_every=5,
-                     logging__checkpoint_every=10**6, train__compile="auto" if CUDA else "on")
+def test_compile_ahead_by_default_trains_eagerly_on_a_cold_cache_and_compiles_in_the_run_on_a_warm_one(tmp_path):
+    """train.compile_ahead as shipped (auto). Cold caches: the first steps are eager, a helper process compiles the
+    step (the run holding while it times kernels), and the run goes on with the compiled step loaded from the
+    helper's entry. A second run of the same network and batch then finds that entry: no helper, every step
+    compiled, from the cache."""
+    import yaml
+
+    def config(name: str, **extra) -> Path:  # the tests' config less its compile_ahead: the default
+        path = gpu_config(tmp_path, name, logging__log_every=5, logging__checkpoint_every=10**6,
+                          train__compile="auto" if CUDA else "on", **extra)
+        raw = yaml.safe_load(path.read_text())
+        del raw["train"]["compile_ahead"]
+        return write_yaml(path, raw)
+
     run, log = tmp_path / "ahead", tmp_path / "ahead.log"
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "DDPM_COMPILE_CACHE_DIR": str(tmp_path / "cc"),
            "TORCHINDUCTOR_CACHE_DIR": str(tmp_path / "inductor"), "TRITON_CACHE_DIR": str(tmp_path / "triton")}
     env.pop("DDPM_COMPILE_CACHE", None)
     with open(log, "w") as f:
-        p = subprocess.Popen([sys.executable, "-m", "ddpm_cli", "train", "--config", str(cfg)], cwd=ROOT, stdout=f,
+        p = subprocess.Popen([sys.executable, "-m", "ddpm_cli", "train", "--config",
+                              str(config("ahead", train__steps=10**6))], cwd=ROOT, stdout=f,
                              stderr=subprocess.STDOUT, env=env)
     wait_until(lambda: last_step(run) >= 5, p, log, "eager steps")
     said = "compiled steps from step "
@@ -196,13 +206,22 @@ def test_compile_ahead_trains_eagerly_then_loads_the_helpers_compiled_step(tmp_p
     p.send_signal(signal.SIGINT)
     assert p.wait(timeout=120) == 130, log.read_text()[-3000:]
     text = log.read_text()
-    assert switch > 5 and "helper failed" not in text and "Traceback" not in text, text[-3000:]
+    assert "helper process" in text and switch > 5, text[-3000:]
+    assert "helper failed" not in text and "Traceback" not in text, text[-3000:]
     assert "compile cache: loaded" in text, text[-3000:]  # the helper's entry, not a compile of its own
     held = float(text.split(" s held for its kernel timings")[0].rsplit("; ", 1)[1])
     if CUDA:
         assert held > 0, text[-3000:]  # inductor timed its kernels with the run waiting
     after = {s: v for s, v in losses(run).items() if s > switch}
     assert len(after) >= 4 and all(math.isfinite(v) for v in after.values()), after
+
+    warm = subprocess.run([sys.executable, "-m", "ddpm_cli", "train", "--config",
+                           str(config("warm", train__steps=12, train__guide_step=None))], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=TIMEOUT)
+    text = warm.stdout + warm.stderr
+    assert warm.returncode == 0 and "done: step 12" in text, text[-3000:]
+    assert "helper process" not in text and "the compile cache holds it" in text, text[-3000:]
+    assert "compile cache: loaded" in text, text[-3000:]
 
 
 def test_train_gpus_1_runs_through_the_launcher(tmp_path):

@@ -338,15 +338,16 @@ class TrainConfig(Section):
     """torch.compile the training step (forward and backward): on = the default mode, reduce-overhead adds
     CUDA graphs, max-autotune also tunes kernels (a little faster, for a first step that compiles much longer;
     BENCHMARKS.md); auto means reduce-overhead on CUDA, off elsewhere."""
-    compile_ahead: bool = False
-    """When the step compiles: train eagerly from the first step while a helper process compiles the step (or
-    loads it from the compile cache), then switch to the compiled step, which loads the helper's work. The first
-    step comes in seconds; on a warm cache the compiled steps begin somewhat later than without it. The device
-    holds a second copy of the network meanwhile, and the eager step more activations than the compiled one: an
-    eager step out of memory is taken again in at least twice as many micro-batches (the same gradient), and one
-    that does not fit one image at a time ends the helper and the step compiles in the run. The eager steps run
-    without cuDNN's algorithm search, deterministic. One process only (not under --gpus), not with max-autotune or
-    grad_accum."""
+    compile_ahead: bool | Literal["auto"] = "auto"
+    """When the step compiles: true = train eagerly from the first step while a helper process compiles the step (or
+    loads it from the compile cache), then switch to the compiled step, which loads the helper's work; auto = so
+    where the compile cache holds no entry for this step (a cold start, where the helper's first step comes minutes
+    sooner), and compiled in the run where it does (a warm start, whose compiled steps come sooner that way); false
+    = compiled in the run. The device holds a second copy of the network while the helper runs, and the eager step
+    more activations than the compiled one: an eager step out of memory is taken again in at least twice as many
+    micro-batches (the same gradient), and one that does not fit one image at a time ends the helper and the step
+    compiles in the run. The eager steps run without cuDNN's algorithm search, deterministic. One process only
+    (not under --gpus), not with max-autotune or grad_accum: there auto compiles in the run, and true says why."""
     combo_kernels: Literal["auto", "on", "off"] = "auto"
     """Let torch.compile launch independent small kernels together as one (inductor's combo kernels: a step
     makes many kernel calls, many of them tiny reductions at 8x8 and 4x4); auto means on when the step is

@@ -223,9 +223,7 @@ class CompileCache:
         self.called = True
         t = time.perf_counter()
         if self.state != "off":
-            static = {**self.static, "network": network_fingerprint(self.module)} if self.module is not None \
-                else self.static
-            self.key = {**static, "inputs": call_signature(args, self.device), "env": environment(self.device)}
+            self.key = self.key_for(args)
             self.load()
         self.load_s = time.perf_counter() - t
         out = self.fn(*args)
@@ -233,6 +231,20 @@ class CompileCache:
         if self.save_after_first_call:
             self.save()
         return out
+
+    def key_for(self, args: tuple) -> dict:
+        """The entry's key for a first call with `args`, in the grad and autocast modes of the moment."""
+        static = {**self.static, "network": network_fingerprint(self.module)} if self.module is not None \
+            else self.static
+        return {**static, "inputs": call_signature(args, self.device), "env": environment(self.device)}
+
+    def has_entry(self, args: tuple) -> bool:
+        """Whether a first call with `args` would load an entry (this process's, or a sound one on disk), without
+        calling anything: what `train.compile_ahead: auto` asks before it starts a helper."""
+        if self.state == "off":
+            return False
+        key = self.key_for(args)
+        return self.directory / entry_name(key) in _IN_PROCESS or read_entry(self.directory, key)[0] is not None
 
     def _warn(self, text: str) -> None:
         text = f"compile cache: {text}"

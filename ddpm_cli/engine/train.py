@@ -381,6 +381,7 @@ class Trainer:
             eager = False  # train.compile_ahead: the step runs eagerly until the helper has compiled it
             if self.compile_ahead and self.step == start_step:
                 self.ahead = self._start_compile_ahead(x, y)
+                self.compile_ahead = self.ahead is not None
             if self.ahead is not None:
                 eager = self._eager_while_compiling(budget)
             if eager:
@@ -540,7 +541,8 @@ class Trainer:
         self.loss_fn = self.step_cache = compile_cache.for_training(self, self.compile_mode)
 
     def _compile_ahead_applies(self) -> bool:
-        """train.compile_ahead, where it can work; a warning where the config asked for it in vain."""
+        """train.compile_ahead (true, or auto: decided at the first step), where it can work; a warning where the
+        config asked for it (true) in vain."""
         tc = self.cfg.train
         if not (tc.compile_ahead and self.compiled):
             return False
@@ -548,12 +550,19 @@ class Trainer:
                "with train.grad_accum (its micro-batches' step takes other arguments)" if tc.grad_accum > 1 else
                "with compile max-autotune (it tunes while compiling)" if self.compile_mode == "max-autotune"
                else None)
-        if why:
+        if why and tc.compile_ahead is True:
             self.cb.on_warning(f"train.compile_ahead does not apply {why}; the step compiles in the run")
         return why is None
 
     def _start_compile_ahead(self, x: torch.Tensor, y: torch.Tensor | None):
-        """train.compile_ahead's helper (engine/compile_ahead.py), given the first step's inputs."""
+        """train.compile_ahead's helper (engine/compile_ahead.py), given the first step's inputs; under `auto`, None
+        where the compile cache holds the step (a warm start): the step is then made here, and compiles in the run."""
+        if self.cfg.train.compile_ahead == "auto":
+            probe = compile_cache.for_training(self, self.compile_mode)  # (wraps the eager step: only its key is read)
+            if probe.has_entry((x, y)):
+                self.cb.on_message("compiling the training step (torch.compile; the compile cache holds it)")
+                self._make_compiled_step()
+                return None
         self.cb.on_message("train.compile_ahead: compiling the training step in a helper process; training "
                            "eagerly until it is ready")
         return compile_ahead.CompileAhead.start(config_to_dict(self.cfg), str(self.device), [x, y],

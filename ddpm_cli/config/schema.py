@@ -338,7 +338,7 @@ class TrainConfig(Section):
     """torch.compile the training step (forward and backward): on = the default mode, reduce-overhead adds
     CUDA graphs, max-autotune also tunes kernels (a little faster, for a first step that compiles much longer;
     BENCHMARKS.md); auto means reduce-overhead on CUDA, off elsewhere."""
-    compile_ahead: bool | Literal["auto"] = "auto"
+    compile_ahead: Literal["auto", True, False] = "auto"
     """When the step compiles: true = train eagerly from the first step while a helper process compiles the step (or
     loads it from the compile cache), then switch to the compiled step, which loads the helper's work; auto = so
     where the compile cache holds no entry for this step (a cold start, where the helper's first step comes minutes

@@ -229,6 +229,10 @@ def test_no_helper_where_it_does_not_apply(tmp_path, monkeypatch):
                                   train__compile_ahead=True), callbacks=Callbacks())
     assert any("compile_ahead does not apply with train.grad_accum" in m for m in said), said
     assert trainer.step_cache is not None and trainer.loss_fn is trainer.step_cache  # compiled in the run
+    said.clear()  # auto, the default, asked for nothing: it compiles in the run without a word
+    trainer = Trainer(tiny_config(tmp_path / "c", train__steps=2, train__grad_accum=2, train__compile="on",
+                                  train__compile_ahead="auto"), callbacks=Callbacks())
+    assert not any("does not apply" in m for m in said) and trainer.loss_fn is trainer.step_cache, said
     trainer = Trainer(tiny_config(tmp_path / "b", train__steps=2, train__compile="off", train__compile_ahead=True))
     trainer.run()
     assert trainer.step_cache is None and not stand_in.started

@@ -58,17 +58,10 @@ TRAIN_VARIANTS = {
     # before upsample_nearest2x: F.interpolate, whose backward is a scatter-add
     "bf16-cl-cudagraphs-interp": {"precision": "bf16", "compile": "reduce-overhead", "channels_last": "on",
                                   "_interpolate": True},
-    # nearest upsampling + 3x3 convolution folded into one transposed convolution (Upsample.folded): the
-    # sampler's default; in training 10% slower (H100, 2026-11-27)
-    "bf16-cl-cudagraphs-foldup": {"precision": "bf16", "compile": "reduce-overhead", "channels_last": "on",
-                                  "_foldup": True},
-    "bf16-cl-compile-foldup": {"precision": "bf16", "compile": "on", "channels_last": "on", "_foldup": True},
-    # the fold as one small matrix product (fold_nearest2x_matmul), not inductor-fused stacks and adds
-    "bf16-cl-cudagraphs-foldmm": {"precision": "bf16", "compile": "reduce-overhead", "channels_last": "on",
-                                  "_foldup": True, "_foldmm": True},
-    # is the 1.2 ms kernel of the folded training step a combo kernel? (BENCHMARKS.md, 2026-11-27)
-    "bf16-cl-cudagraphs-foldup-nocombo": {"precision": "bf16", "compile": "reduce-overhead", "channels_last": "on",
-                                          "_foldup": True, "combo_kernels": "off"},
+    # the upsamplings unfolded (nearest 2x, then a 3x3 convolution of the 4x larger tensor), as training ran before
+    # train.fold_upsampling (2026-12-07)
+    "bf16-cl-cudagraphs-nofold": {"precision": "bf16", "compile": "reduce-overhead", "channels_last": "on",
+                                  "fold_upsampling": "off"},
     # one embedding projection a residual block (66 small GEMMs a step), as before unet.stacked_embeddings (2026-11-27)
     "bf16-cl-cudagraphs-nostack": {"precision": "bf16", "compile": "reduce-overhead", "channels_last": "on",
                                    "_nostack": True},
@@ -101,17 +94,6 @@ SAMPLE_VARIANTS = {
 PEAK_TFLOPS = 790.0      # measured bf16 matmul peak of an H100 here (KINDS.md)
 TRAIN_GFLOP = 37.5       # forward + backward per image, DDPM CIFAR-10 UNet
 FWD_GFLOP = 12.5         # forward per image
-
-
-def fold_nearest2x_matmul(w: torch.Tensor) -> torch.Tensor:
-    """unet.fold_nearest2x as one (Cout*Cin, 9) x (9, 16) matrix product: an extern GEMM that inductor leaves
-    alone, where the stacks and adds of the shipped fold become a Triton kernel (in training, with combo
-    kernels, the folded step had one of 1.2 ms a call; BENCHMARKS.md 2026-11-27)."""
-    taps = w.new_tensor([[0, 0, 1], [0, 1, 1], [1, 1, 0], [1, 0, 0]])  # tap of the 4x4 kernel <- rows of the 3x3
-    cout, cin = w.shape[:2]
-    with torch.autocast(w.device.type, enabled=False):  # fp32 sums, as the shipped fold's plain adds
-        k = w.reshape(cout * cin, 9) @ torch.kron(taps, taps).T
-    return k.reshape(cout, cin, 4, 4).transpose(0, 1)
 
 
 def per_block_embeddings(blocks: tuple[unet.ResBlock, ...], emb: torch.Tensor) -> list[torch.Tensor]:
@@ -394,19 +376,15 @@ def bench_train(name: str, sets: dict, batch: int, steps: int, log_every: int, i
                 model: dict, profile: bool = False, overrides: list[str] = ()) -> dict:
     sets = dict(sets)
     inductor_config.force_layout_optimization = sets.pop("_force_layout", False)  # the Trainer may set it again
-    upsample, folded, stacked = unet.Upsample.forward, unet.Upsample.folded, unet.stacked_embeddings
-    unet.Upsample.folded = sets.pop("_foldup", folded)
+    upsample, stacked = unet.Upsample.forward, unet.stacked_embeddings
     if sets.pop("_nostack", False):
         unet.stacked_embeddings = per_block_embeddings
-    fold = unet.fold_nearest2x
-    if sets.pop("_foldmm", False):
-        unet.fold_nearest2x = fold_nearest2x_matmul
     if sets.pop("_interpolate", False):
         unet.Upsample.forward = lambda self, x: self.conv(torch.nn.functional.interpolate(x, scale_factor=2.0))
     try:
         return _bench_train(name, sets, batch, steps, log_every, images, model, profile, list(overrides))
     finally:
-        unet.Upsample.forward, unet.Upsample.folded, unet.fold_nearest2x = upsample, folded, fold
+        unet.Upsample.forward = upsample
         unet.stacked_embeddings = stacked
         torch._dynamo.reset()  # no later variant may reuse a graph traced with other switches
 

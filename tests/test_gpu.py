@@ -23,10 +23,13 @@ def _train(tmp_path, name: str, **extra):
 
 @pytest.mark.slow
 def test_cuda_defaults_compile_and_learn_like_eager_fp32(tmp_path):
-    fast, res_fast = _train(tmp_path, "fast")  # auto: bf16 + channels-last graph + reduce-overhead
+    from ddpm_cli.nn.unet import Upsample
+
+    fast, res_fast = _train(tmp_path, "fast")  # auto: bf16 + channels-last graph + reduce-overhead + folded upsampling
     assert fast.bf16 and fast.compiled and fast.channels_last
+    assert all(m.folded for m in fast.model.modules() if isinstance(m, Upsample))
     slow, res_slow = _train(tmp_path, "eager", train__precision="fp32", train__compile="off",
-                            train__channels_last="off")
+                            train__channels_last="off", train__fold_upsampling="off")
     assert res_fast.last_loss < 0.5 * res_fast.first_loss
     # Same seed, data and noise draws; the losses of the last 50 steps agree to within bf16 and noise.
     assert abs(res_fast.last_loss - res_slow.last_loss) < 0.2 * res_slow.last_loss, (res_fast.last_loss,

@@ -301,7 +301,11 @@ def test_speed_switches_resolve_to_the_measured_defaults(tmp_path):
     assert use_channel_stats(auto, True) and not use_channel_stats(auto, False)
     assert use_channel_stats(tiny_config(tmp_path, train__norm_stats="channel"), False)
     assert not use_channel_stats(tiny_config(tmp_path, train__norm_stats="group"), True)
-    from ddpm_cli.engine.build import compile_options
+    from ddpm_cli.engine.build import compile_options, use_fold_upsampling
+
+    assert use_fold_upsampling(auto, cuda) and not use_fold_upsampling(auto, cpu)
+    assert use_fold_upsampling(tiny_config(tmp_path, train__fold_upsampling="on"), cpu)
+    assert not use_fold_upsampling(tiny_config(tmp_path, train__fold_upsampling="off"), cuda)
 
     assert compile_options(auto, cuda, "reduce-overhead") == {"triton.cudagraphs": True, "combo_kernels": True}
     assert compile_options(auto, cpu, "default") == {}
@@ -340,6 +344,28 @@ def test_training_with_channel_statistics_norms_follows_the_default_path(tmp_pat
         results[stats] = (res.last_loss, torch.cat([p.detach().flatten() for p in trainer.model.parameters()]))
     (loss_g, w_g), (loss_c, w_c) = results["group"], results["channel"]
     assert abs(loss_g - loss_c) < 1e-4 * abs(loss_g) and torch.allclose(w_g, w_c, atol=1e-5)
+
+
+def test_training_with_folded_upsampling_follows_the_unfolded_path(tmp_path):
+    """train.fold_upsampling: on is the same function as the unfolded upsampling: a few steps land on the same loss
+    and weights (within float rounding), the switch reaches every Upsample of the trained model and of its EMA, and
+    the checkpoint holds the same parameters (the 3x3 weights), so either way loads it."""
+    from ddpm_cli.engine.checkpoint import load_checkpoint
+    from ddpm_cli.engine.train import Trainer
+    from ddpm_cli.nn.unet import Upsample
+
+    results = {}
+    for fold in ("off", "on"):
+        trainer = Trainer(tiny_config(tmp_path / fold, train__steps=6, train__fold_upsampling=fold))
+        res = trainer.run()
+        for net in (trainer.model, trainer.ema.model):
+            ups = [m for m in net.modules() if isinstance(m, Upsample)]
+            assert ups and all(m.folded == (fold == "on") for m in ups)
+        results[fold] = (res.last_loss, torch.cat([p.detach().flatten() for p in trainer.model.parameters()]),
+                         sorted(load_checkpoint(res.checkpoint).model_state))
+    (loss_u, w_u, keys_u), (loss_f, w_f, keys_f) = results["off"], results["on"]
+    assert abs(loss_u - loss_f) < 1e-4 * abs(loss_u) and torch.allclose(w_u, w_f, atol=1e-5)
+    assert keys_u == keys_f
 
 
 def test_guide_step_keeps_that_steps_ema_weights_as_the_checkpoints_guide(tmp_path):

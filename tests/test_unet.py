@@ -377,3 +377,20 @@ def test_activation_checkpointing_leaves_inference_alone():
     model.eval()(x, t).sum().backward()
     blocks = sum(1 for m in model.modules() if m.__class__.__name__ == "ResBlock")
     assert len(calls) == 2 * blocks  # once each time: nothing was recomputed
+
+
+def test_the_fold_sums_the_weights_in_their_own_dtype_under_autocast():
+    """fold_nearest2x is a matrix product, which autocast would run in bf16: the fold turns autocast off, so an fp32
+    weight folds to the fp32 sums of its taps, as plain adds would."""
+    from ddpm_cli.nn.unet import fold_nearest2x
+
+    torch.manual_seed(0)
+    w = torch.randn(8, 6, 3, 3)
+    want = fold_nearest2x(w.double())
+    with torch.autocast("cpu", torch.bfloat16):
+        got = fold_nearest2x(w)
+    assert got.dtype == torch.float32 and got.shape == (6, 8, 4, 4)
+    assert torch.allclose(got.double(), want, atol=1e-5)
+    # the four corner taps of an output pixel are single weights, the middle ones sums of two or four
+    assert torch.equal(got[:, :, 0, 0], w[:, :, 2, 2].T) and torch.equal(got[:, :, 3, 3], w[:, :, 0, 0].T)
+    assert torch.allclose(got[:, :, 1, 1], w[:, :, 1:, 1:].sum((2, 3)).T, atol=1e-6)

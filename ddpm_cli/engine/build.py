@@ -110,6 +110,13 @@ def use_channel_stats(cfg: RunConfig, channels_last: bool) -> bool:
     return n == "channel" or (n == "auto" and channels_last)
 
 
+def use_fold_upsampling(cfg: RunConfig, device: torch.device) -> bool:
+    """The upsamplings as transposed convolutions in training: auto = on for CUDA, where the step is faster
+    (BENCHMARKS.md, "Larger images"); the CPU's path is left as measured for the quickstart."""
+    f = cfg.train.fold_upsampling
+    return f == "on" or (f == "auto" and device.type == "cuda")
+
+
 def grad_sync(cfg: RunConfig, mode: str | None) -> str:
     """ddp (bucketed all-reduce hooks during the backward) or flat (one all-reduce after it). A CUDA-graph step
     takes flat: DDP's hooks would cut the captured backward into pieces."""

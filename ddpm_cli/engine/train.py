@@ -18,7 +18,7 @@ from ddpm_cli.config import RunConfig, config_to_dict
 from ddpm_cli.engine import compile_ahead, compile_cache, monitor, train_state
 from ddpm_cli.engine.build import (build_diffusion, build_optimizer, build_unet, compile_mode, compile_options,
                                    count_params, force_channels_last_graph, grad_sync, peak_lr, resolve_device,
-                                   use_bf16, use_channel_stats, use_channels_last)
+                                   use_bf16, use_channel_stats, use_channels_last, use_fold_upsampling)
 from ddpm_cli.engine.data import ImageSet, load_dataset, training_batches
 from ddpm_cli.engine.distributed import DistInfo
 from ddpm_cli.engine.ema import EMA
@@ -31,7 +31,7 @@ from ddpm_cli.engine.lr_schedule import LRSchedule
 from ddpm_cli.engine.posthoc_ema import PosthocEMA
 from ddpm_cli.engine.time_budget import TimeBudget
 from ddpm_cli.errors import DataError, DdpmError, RunLocked, TrainingAborted
-from ddpm_cli.nn.unet import activation_checkpointing, channel_stats
+from ddpm_cli.nn.unet import activation_checkpointing, channel_stats, fold_upsampling
 
 
 class TrainCallbacks:
@@ -157,6 +157,7 @@ class Trainer:
             self.model = self.model.to(memory_format=torch.channels_last)
         channel_stats(self.model, use_channel_stats(cfg, self.channels_last))
         activation_checkpointing(self.model, cfg.model.checkpointing)  # training only: build_unet leaves it off
+        fold_upsampling(self.model, use_fold_upsampling(cfg, self.device))
         schedule = dict(warmup=tc.ema_warmup, start=tc.ema_start, every=tc.ema_every)
         self.ema = EMA(self.model, tc.ema_decay, **schedule) if (tc.ema and self.main) else None
         # train.ema_extra: more averaging lengths to choose from after training, updated with the main one

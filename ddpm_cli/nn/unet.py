@@ -5,6 +5,7 @@ Knows nothing of diffusion or configs: `UNet(...)(x_t, t, y) -> epsilon (or v)`,
 from __future__ import annotations
 
 import math
+from contextlib import nullcontext
 
 import torch
 import torch.nn.functional as F
@@ -164,12 +165,15 @@ def fold_nearest2x(w: torch.Tensor) -> torch.Tensor:
     An even output row 2i sees input rows i-1 (through w's row 0) and i (rows 1 and 2, which both land on it);
     an odd row 2i+1 sees rows i (rows 0 and 1) and i+1 (row 2). A transposed convolution with stride 2 and
     padding 1 reaches rows i-1 and i through its taps 3 and 1, and rows i and i+1 through taps 2 and 0; the same
-    holds for columns, and the edges get the same zero padding. Sums in `w`'s dtype (plain adds, which autocast
-    leaves alone: fp32 for fp32 parameters)."""
-    r0, r1, r2 = w.unbind(2)
-    rows = torch.stack([r2, r1 + r2, r0 + r1, r0], dim=2)  # (Cout, Cin, 4, 3)
-    c0, c1, c2 = rows.unbind(3)
-    return torch.stack([c2, c1 + c2, c0 + c1, c0], dim=3).transpose(0, 1)
+    holds for columns, and the edges get the same zero padding. So each 4x4 kernel is R w R^T for the 0/1 matrix
+    R below, computed for all (Cout, Cin) pairs as one (Cout*Cin, 9) x (9, 16) matrix product in `w`'s dtype
+    (autocast off): an extern GEMM, which a compiled training step runs in microseconds, where the same sums as
+    stacks and adds became a slow Triton kernel (docs/lab-notes.md, 2026-11-27)."""
+    rows_to_taps = w.new_tensor([[0, 0, 1], [0, 1, 1], [1, 1, 0], [1, 0, 0]])  # tap of the 4x4 <- rows of the 3x3
+    cout, cin = w.shape[:2]
+    with torch.autocast(w.device.type, enabled=False) if w.device.type in ("cuda", "cpu") else nullcontext():
+        k = w.reshape(cout * cin, 9) @ torch.kron(rows_to_taps, rows_to_taps).T
+    return k.reshape(cout, cin, 4, 4).transpose(0, 1)
 
 
 class Upsample(nn.Module):
@@ -177,8 +181,8 @@ class Upsample(nn.Module):
     convolution on the small input (fold_nearest2x): each output pixel then costs 4 taps, not 9, so the
     layer does 2.25x fewer multiply-adds, and the 4x larger upsampled tensor (and its gradient) is never
     written. The parameters stay those of the 3x3 convolution, so checkpoints do not change. `ddpm sample`,
-    `ddpm eval` (engine.generate.inference_net) and the ONNX and pt2 exports turn it on, where it is faster;
-    training, its sample grids and the Python API leave it off, where it is slower (BENCHMARKS.md)."""
+    `ddpm eval` (engine.generate.inference_net), the ONNX and pt2 exports, and training as
+    train.fold_upsampling says, turn it on; the Python API's network leaves it off."""
 
     folded = False
 

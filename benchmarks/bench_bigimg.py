@@ -138,8 +138,14 @@ def config(args) -> RunConfig:
     return load_config(args.config, sets)
 
 
-def flops_per_image(cfg: RunConfig) -> tuple[float, float]:
-    """(forward + backward, forward) FLOPs for one image, counted on the meta device (no memory, no time)."""
+NORM_PASSES = 5  # the least passes over a GroupNorm's input a training step makes, the norm kept apart from the
+# convolutions: the forward reads it and writes the normalised output (its statistics taken in the producer's
+# pass, free); the backward reads the output's gradient and the input and writes the input's gradient, in one pass
+
+
+def flops_per_image(cfg: RunConfig) -> tuple[float, float, int]:
+    """(forward + backward FLOPs, forward FLOPs, elements into GroupNorms) for one image, counted on the meta device
+    (no memory, no time)."""
     from torch.utils.flop_counter import FlopCounterMode
 
     h, w = cfg.model.hw
@@ -147,18 +153,24 @@ def flops_per_image(cfg: RunConfig) -> tuple[float, float]:
         net = build_unet(cfg.model)
         x, t = torch.randn(1, cfg.model.in_channels, h, w), torch.zeros(1, dtype=torch.long)
         y = torch.zeros(1, dtype=torch.long) if cfg.model.conditional else None
+        normed = []
+        hooks = [m.register_forward_hook(lambda m, args, out: normed.append(args[0].numel()))
+                 for m in net.modules() if isinstance(m, torch.nn.GroupNorm)]
         with FlopCounterMode(display=False) as fwd:
             net(x, t, y)
+        for hook in hooks:
+            hook.remove()
         with FlopCounterMode(display=False) as both:
             net(x, t, y).float().square().mean().backward()
-    return both.get_total_flops(), fwd.get_total_flops()
+    return both.get_total_flops(), fwd.get_total_flops(), sum(normed)
 
 
 def describe(cfg: RunConfig, args) -> dict:
-    train_flops, fwd_flops = flops_per_image(cfg)
+    train_flops, fwd_flops, normed = flops_per_image(cfg)
     return {"config": Path(args.config).name if args.config else None, "image_size": list(cfg.model.hw),
             "params_m": round(count_params(build_unet(cfg.model)) / 1e6, 2),
             "train_gflop_per_image": round(train_flops / 1e9, 3), "fwd_gflop_per_image": round(fwd_flops / 1e9, 3),
+            "norm_min_mb_per_image": round(NORM_PASSES * 2 * normed / 1e6, 2),  # bf16 passes
             "card": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu", "torch": torch.__version__}
 
 
@@ -198,7 +210,39 @@ def cmd_train(args) -> dict:
                  "waited_s": round(TURN.waited_s, 1),
                  "tflops": round(rate * info["train_gflop_per_image"] / 1000, 1),
                  "share_of_peak": round(rate * info["train_gflop_per_image"] / 1000 / args.peak, 3),
-                 **per_step(cb.breakdown, window, rate and cfg.train.batch_size / rate)})
+                 **per_step(cb.breakdown, window, rate and cfg.train.batch_size / rate),
+                 **bound(cb.breakdown, window, info["norm_min_mb_per_image"] * cfg.train.batch_size / 1e3)})
+
+
+BOUND_KINDS = ("convolution", "attention", "gemm", "optimizer / EMA")  # kept at their measured time
+
+
+def bound(breakdown: dict[str, float] | None, steps: int, norm_gb: float) -> dict:
+    """--profile: the least a step could take with cuDNN's convolutions as they ran: the profiled GPU time of the
+    convolutions, attention, GEMMs and optimizer, plus the GroupNorms' least traffic (NORM_PASSES passes over each
+    input, `norm_gb` a step) at a copy's bandwidth on this card, and nothing else (no other elementwise work, no
+    idle time). Where this exceeds half the peer's step, 2x the peer is out of reach for any GroupNorm kernel kept
+    apart from the convolutions (the normalisation would have to move into them)."""
+    if not breakdown or not torch.cuda.is_available():
+        return {}
+    kept = sum(breakdown.get(k, 0.0) for k in BOUND_KINDS) / steps
+    tbps = copy_tbps()
+    return {"bound": {"kept_ms": round(kept, 2), "norm_min_gb": round(norm_gb, 2), "copy_tbps": round(tbps, 3),
+                      "step_ms": round(kept + norm_gb / tbps, 2)}}
+
+
+def copy_tbps(gib: float = 1.0, reps: int = 20) -> float:
+    """A device-to-device copy's bandwidth (bytes read and written, TB/s): what a memory-bound kernel can reach."""
+    x = torch.empty(int(gib * 2**30) // 2, dtype=torch.bfloat16, device="cuda")
+    y = torch.empty_like(x)
+    y.copy_(x)
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(reps):
+        y.copy_(x)
+    end.record()
+    end.synchronize()
+    return 2 * x.numel() * 2 * reps / (start.elapsed_time(end) / 1000) / 1e12
 
 
 def per_step(breakdown: dict[str, float] | None, steps: int, step_s: float) -> dict:
@@ -434,6 +478,8 @@ def main() -> None:
                        "Triton kernel moves and the bandwidth it reaches (compiles with inductor's benchmark_kernel)")
         p.add_argument("--inductor", nargs="*", default=[], metavar="KEY=VALUE",
                        help="inductor config, e.g. coordinate_descent_tuning=True")
+        p.add_argument("--cudnn-limit", type=int, metavar="N", help="cuDNN's benchmark tries this many "
+                       "convolution plans (torch.backends.cudnn.benchmark_limit; torch's default 10, 0 = all)")
         p.add_argument("--sample-batch", type=int, default=64)
         p.add_argument("--probe", type=int, nargs=2, default=[16, 48], help="largest: the two batches measured")
         p.add_argument("--together", type=int, default=0, metavar="N",
@@ -461,6 +507,9 @@ def main() -> None:
         inductor_config.force_disable_caches = True
         inductor_config.benchmark_kernel = args.kernels
         set_inductor_options(args.inductor)
+    if getattr(args, "cudnn_limit", None) is not None:
+        torch.backends.cudnn.benchmark_limit = args.cudnn_limit
+        print(f"BENCH cudnn benchmark_limit={torch.backends.cudnn.benchmark_limit}", flush=True)
     global TURN
     TURN = GpuTurn(getattr(args, "gpu_lock", None), getattr(args, "together", 0))
     try:

@@ -7,7 +7,8 @@
 #   side's step profiled, its GPU time by kernel kind; profile256k: the same with each Triton kernel's bandwidth;
 #   tune256: ours so, with inductor's coordinate-descent tuning; mem256: the peak with and without checkpointing
 #   without CUDA graphs; budget256: the partitioner's activation_memory_budget 0.5;
-#   largest: the largest batch at 256 px with and without checkpointing, alone on the card)
+#   largest: the largest batch at 256 px with and without checkpointing, alone on the card; fold, limit64, fold256:
+#   train.fold_upsampling and cuDNN's plan search, 2026-12-07)
 # The jobs of a phase start together and compile side by side (CPU work); once all are ready, each takes the GPU
 # for its timed part in turn (bench_bigimg.py --gpu-lock --together), so one is timed at a time and none is
 # compiling meanwhile. Phases run one after another, and a phase's processes must fit the card together (five of
@@ -24,6 +25,7 @@ python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upg
 export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1 TORCHINDUCTOR_CACHE_DIR=$HOME/inductor \
   DDPM_COMPILE_CACHE_DIR=$HOME/ddpm-compile
 B="python3 benchmarks/bench_bigimg.py"; I64="-c examples/iddpm-64.yaml"; D256="-c examples/ddpm-256.yaml"
+C32="-c examples/cifar10.yaml"
 LOCK=$HOME/bench/gpu.lock
 nvidia-smi --query-gpu=name,memory.total,clocks.max.sm --format=csv,noheader >> "$log"
 if [[ " $* " == *" stream"* ]] && [ ! -e "$HOME/img256/done" ]; then  # the folders to stream from, made while the
@@ -87,10 +89,20 @@ for p in "$@"; do
     budget256)  # the partitioner's own trade (functorch's activation_memory_budget) against checkpointing's 16%
       phase budget256 "train $D256 $T80 --inductor functorch.activation_memory_budget=0.5" ;;
     profile64) phase prof64 "train $I64 $T80 --profile" "peer $I64 --steps 60 --profile" ;;
+    fold)  # train.fold_upsampling on (the CUDA default) and off at 64 and 32 px, the peer beside each; 64 px profiled
+      # (with the bound: bench_bigimg.bound)
+      phase fold "train $I64 $T80 --profile" "train $I64 $T80 --profile --set train.fold_upsampling=off" \
+        "peer $I64 --steps 60 --profile" "train $C32 --steps 300 --log-every 25" \
+        "train $C32 --steps 300 --log-every 25 --set train.fold_upsampling=off" "peer $C32 --steps 150" ;;
+    limit64)  # cuDNN's benchmark over all its plans, not torch's default 10 (inductor's cache warm from `fold`)
+      phase limit64 "train $I64 $T80 --profile --cudnn-limit 0" ;;
+    fold256)  # the 256 px step as profile256 runs it, ours with the fold (the default), then the peer
+      phase fold256 "train $D256 $T80 --profile"
+      phase fold256-peer "peer $D256 --steps 30 --profile" ;;
     largest) phase largest "largest $D256"
       phase largest-ckpt "largest $D256 --set model.checkpointing=true" ;;
     *) echo "unknown phase $p (ours ours256 peer peer256 pairs samples stream stream64 profile256 profile256k" \
-         "tune256 mem256 budget256 profile64 largest)" >&2; exit 2 ;;
+         "tune256 mem256 budget256 profile64 fold limit64 fold256 largest)" >&2; exit 2 ;;
   esac
 done
 echo "DONE $(date +%T), $(( $(date +%s) - start )) s" >> "$log"

@@ -227,6 +227,25 @@ def test_a_damaged_or_foreign_entry_is_ignored_with_one_warning_and_replaced(fol
     assert len(fake_torch.loaded) == 0  # none of them reached torch
 
 
+def test_asking_whether_an_entry_is_there_reads_its_description_not_its_bytes(folder, fake_torch, monkeypatch):
+    """has_entry (train.compile_ahead auto's question at the first step) reads the description and the bytes' size;
+    the load that follows reads and checks the bytes once. A blob of the wrong size is no entry."""
+    from pathlib import Path
+
+    key = sampler().key
+    x, t = torch.zeros(2, 3, 8, 8), torch.zeros(2, dtype=torch.long)
+    read, real_read = [], Path.read_bytes
+    monkeypatch.setattr(Path, "read_bytes", lambda self: read.append(self.suffix) or real_read(self))
+    cc._IN_PROCESS.clear()
+    probe = cc.for_sampling(lambda x, t, y: x, perturbed_unet(), "default", {}, CPU, False)
+    with torch.no_grad():
+        assert probe.has_entry((x, t, None)) and read == []
+    blob = folder / f"{cc.entry_name(key)}.bin"
+    blob.write_bytes(real_read(blob) + b"!")
+    with torch.no_grad():
+        assert not probe.has_entry((x, t, None)) and read == []
+
+
 def test_under_torchrun_only_rank_0_saves_and_warns_for_the_sampler(folder, fake_torch, monkeypatch, recwarn):
     key = sampler().key
     (folder / f"{cc.entry_name(key)}.bin").write_bytes(b"damaged")

@@ -139,10 +139,12 @@ def prune(directory: Path, max_entries: int = MAX_ENTRIES, max_bytes: int = MAX_
     return cache_entries.prune(directory, KINDS, max_entries, max_bytes)
 
 
-def read_entry(directory: Path, key: dict) -> tuple[bytes | None, dict | None, str | None]:
+def read_entry(directory: Path, key: dict, data: bool = True) -> tuple[bytes | None, dict | None, str | None]:
     """(torch's bytes, the description, None) for `key`'s entry; (None, None, None) when there is none; (None,
     None, why) when there is one that must not be loaded: unreadable, damaged, made for another key or torch, or
-    not the user's own (torch unpickles what it loads: only the user's own files are trusted)."""
+    not the user's own (torch unpickles what it loads: only the user's own files are trusted). `data` False
+    reads only the description and the bytes' size, not the bytes: (b"", description, None) for an entry that
+    looks sound, which the load then checks in full."""
     name = entry_name(key)
     desc, blob = directory / f"{name}.json", directory / f"{name}.bin"
     if not desc.exists():
@@ -156,16 +158,20 @@ def read_entry(directory: Path, key: dict) -> tuple[bytes | None, dict | None, s
             return None, None, f"{desc} was made by torch {theirs}, and this is torch {key['env']['torch']}"
         if meta.get("key") != json.loads(json.dumps(key, default=str)):
             return None, None, f"{desc} describes another network or shape than its name says"
-        if hasattr(os, "getuid") and blob.stat().st_uid != os.getuid():
+        stat = blob.stat()
+        if hasattr(os, "getuid") and stat.st_uid != os.getuid():
             return None, None, f"{blob} belongs to another user"
-        data = blob.read_bytes()
+        if not data:
+            ok = stat.st_size == meta.get("bytes")
+            return (b"", meta, None) if ok else (None, None, f"{blob} is damaged (not the size its entry says)")
+        blob_bytes = blob.read_bytes()
     except FileNotFoundError:
         return None, None, f"{blob} is missing"
     except (OSError, ValueError, AttributeError, TypeError, RecursionError) as e:
         return None, None, f"{desc} cannot be read ({type(e).__name__ if isinstance(e, RecursionError) else e})"
-    if len(data) != meta.get("bytes") or hashlib.sha256(data).hexdigest() != meta.get("sha256"):
+    if len(blob_bytes) != meta.get("bytes") or hashlib.sha256(blob_bytes).hexdigest() != meta.get("sha256"):
         return None, None, f"{blob} is damaged (truncated or changed since it was written)"
-    return data, meta, None
+    return blob_bytes, meta, None
 
 
 def write_entry(directory: Path, key: dict, data: bytes, artifacts: dict[str, list[str]]) -> Path:
@@ -244,7 +250,8 @@ class CompileCache:
         if self.state == "off":
             return False
         key = self.key_for(args)
-        return self.directory / entry_name(key) in _IN_PROCESS or read_entry(self.directory, key)[0] is not None
+        return (self.directory / entry_name(key) in _IN_PROCESS
+                or read_entry(self.directory, key, data=False)[0] is not None)  # the load reads the bytes
 
     def _warn(self, text: str) -> None:
         text = f"compile cache: {text}"

@@ -95,7 +95,7 @@ class GpuTurn:
                     time.sleep(1.0)
             self.file = open(self.path, "a")
             fcntl.flock(self.file, fcntl.LOCK_EX)
-            self.waited_s = time.perf_counter() - t
+            self.waited_s += time.perf_counter() - t  # (a process may take several turns: the peer's profile)
 
     def give(self) -> None:
         if self.file is not None:
@@ -115,17 +115,21 @@ def sync() -> None:
 
 class TurnTaking(Collect):
     """Collects the logged rates; takes the GPU turn at the first log (the first interval, which holds the
-    compile, is dropped anyway) and gives it back after the last step, before the final checkpoint is written."""
+    compile, is dropped anyway) and gives it back after the last step, before the final checkpoint is written.
+    With a profile, a copy's bandwidth (for `bound`) is measured last in the turn, while no other process runs."""
 
     def __init__(self, turn: GpuTurn, take_at: int, last: int, profile_at: int = 0, window: int = 10):
         super().__init__(profile_at, window)
         self.turn, self.take_at, self.last = turn, take_at, last
+        self.copy_tbps: float | None = None
 
     def on_step(self, step: int) -> None:
         super().on_step(step)  # (--profile's window)
         if step == self.take_at:
             self.turn.take()
         if step == self.last:
+            if self.profile_at and torch.cuda.is_available():
+                self.copy_tbps = copy_tbps()
             self.turn.give()
 
 
@@ -211,22 +215,22 @@ def cmd_train(args) -> dict:
                  "tflops": round(rate * info["train_gflop_per_image"] / 1000, 1),
                  "share_of_peak": round(rate * info["train_gflop_per_image"] / 1000 / args.peak, 3),
                  **per_step(cb.breakdown, window, rate and cfg.train.batch_size / rate),
-                 **bound(cb.breakdown, window, info["norm_min_mb_per_image"] * cfg.train.batch_size / 1e3)})
+                 **bound(cb.breakdown, window, info["norm_min_mb_per_image"] * cfg.train.batch_size / 1e3,
+                         cb.copy_tbps)})
 
 
 BOUND_KINDS = ("convolution", "attention", "gemm", "optimizer / EMA")  # kept at their measured time
 
 
-def bound(breakdown: dict[str, float] | None, steps: int, norm_gb: float) -> dict:
+def bound(breakdown: dict[str, float] | None, steps: int, norm_gb: float, tbps: float | None) -> dict:
     """--profile: the least a step could take with cuDNN's convolutions as they ran: the profiled GPU time of the
     convolutions, attention, GEMMs and optimizer, plus the GroupNorms' least traffic (NORM_PASSES passes over each
-    input, `norm_gb` a step) at a copy's bandwidth on this card, and nothing else (no other elementwise work, no
+    input, `norm_gb` a step) at a copy's bandwidth on this card (`tbps`: copy_tbps in the GPU turn), and nothing else (no other elementwise work, no
     idle time). Where this exceeds half the peer's step, 2x the peer is out of reach for any GroupNorm kernel kept
     apart from the convolutions (the normalisation would have to move into them)."""
-    if not breakdown or not torch.cuda.is_available():
+    if not breakdown or not tbps:
         return {}
     kept = sum(breakdown.get(k, 0.0) for k in BOUND_KINDS) / steps
-    tbps = copy_tbps()
     return {"bound": {"kept_ms": round(kept, 2), "norm_min_gb": round(norm_gb, 2), "copy_tbps": round(tbps, 3),
                       "step_ms": round(kept + norm_gb / tbps, 2)}}
 
@@ -328,11 +332,13 @@ def cmd_peer(args) -> dict:
 
         from bench_speed import kernel_breakdown, triton_kernels
 
-        sync()
+        TURN.take()  # profiled in a turn of its own: the kernels' times are its alone (on 2026-12-07 a profile
+        # taken after the turn ran beside the next process's timed steps and slowed both)
         with profile(activities=[ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device == "cuda" else [])) as prof:
             for _ in range(window):
                 step()
             sync()
+        TURN.give()
         breakdown = kernel_breakdown(prof)
         print("BENCH profile " + json.dumps(breakdown), flush=True)
         triton_kernels(prof, window, "peer-step")

@@ -307,6 +307,23 @@ def test_bench_bigimg_measures_ours_the_peer_and_a_streamed_folder(tmp_path):
     assert bench("sample", "--tiny")["nfe_per_s"] > 0 and bench("sample", "--tiny", "--peer")["nfe_per_s"] > 0
 
 
+def test_bench_bigimg_bound_keeps_the_convolutions_and_adds_the_norms_least_traffic(monkeypatch):
+    """bench_bigimg.bound: the profiled convolutions, attention, GEMMs and optimizer as they ran (a step's share of
+    the window), plus the GroupNorms' least bytes at the copy bandwidth; the fused kernels, copies and the rest are
+    left out. Nothing without a bandwidth measured in the GPU turn."""
+    import importlib.util
+
+    monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))
+    spec = importlib.util.spec_from_file_location("bench_bigimg", ROOT / "benchmarks" / "bench_bigimg.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    window = {"convolution": 400.0, "fused triton": 350.0, "gemm": 40.0, "optimizer / EMA": 20.0, "attention": 20.0,
+              "copies": 2.0, "other": 1.0}  # ms over 10 steps
+    got = bench.bound(window, 10, norm_gb=24.0, tbps=3.0)["bound"]
+    assert got == {"kept_ms": 48.0, "norm_min_gb": 24.0, "copy_tbps": 3.0, "step_ms": 56.0}
+    assert bench.bound(window, 10, 24.0, None) == {} and bench.bound(None, 10, 24.0, 3.0) == {}
+
+
 def _fid_run_workspace(tmp_path, cases: str):
     """A checkout and a home for benchmarks/fid_run.sh on the CPU, with a stand-in for `ddpm` that appends its
     arguments to calls.txt and then runs `cases` (the body of a `case $1 in ... esac`). -> (work, env, calls)."""

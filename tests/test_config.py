@@ -57,6 +57,15 @@ def test_bad_value_exits_1_and_names_field_and_choices(tmp_path):
     assert result.exit_code == 1
 
 
+def test_a_choice_of_text_and_booleans_is_named_as_yaml_spells_them(tmp_path):
+    """train.compile_ahead is one of auto, true, false: the problem names them so, not as Python's True and False."""
+    bad = write_yaml(tmp_path / "bad.yaml", {"train": {"compile_ahead": "maybe"}})
+    with pytest.raises(ConfigError) as e:
+        load_config(bad)
+    (line,) = e.value.problems
+    assert line.startswith("train.compile_ahead:") and "'auto', true or false" in line and '"maybe"' in line
+
+
 @pytest.mark.parametrize("data,field", [
     ({"model": {"channel_mults": []}}, "model.channel_mults"),
     ({"train": {"batch_size": 0}}, "train.batch_size"),

@@ -20,6 +20,8 @@ from ddpm_cli.errors import ConfigError, UsageError
 # A number with an exponent and no decimal point (1e5): YAML 1.1, which PyYAML reads and writes, takes it as text.
 # A float field parses that text; an integer field refuses it, and the problem line then says what to write.
 _EXPONENT = re.compile(r"[-+]?[0-9][0-9_]*(?:\.[0-9_]*)?[eE][-+]?[0-9]+")
+_PYTHON_CONSTANT = re.compile(r"(?<!')\b(True|False|None)\b(?!')")  # unquoted, as pydantic lists a Literal's choices
+_YAML_SPELLING = {"True": "true", "False": "false", "None": "null"}
 
 
 def parse_override(text: str) -> tuple[list[str], Any]:
@@ -111,6 +113,8 @@ def format_validation_error(err: ValidationError) -> list[str]:
         if not loc and e["type"] == "value_error":  # RunConfig's checks of how fields go together: located lines
             lines.extend(msg.splitlines())
             continue
+        if e["type"] == "literal_error":  # the choices as a config file writes them: true, not True
+            msg = _PYTHON_CONSTANT.sub(lambda m: _YAML_SPELLING[m.group(1)], msg)
         if e["type"] == "extra_forbidden":
             near = difflib.get_close_matches(str(loc[-1]), _known_fields(loc), n=1)
             msg = "unknown field" + (f"; did you mean '{near[0]}'?" if near else

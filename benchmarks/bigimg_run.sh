@@ -94,6 +94,12 @@ for p in "$@"; do
       phase fold "train $I64 $T80 --profile" "train $I64 $T80 --profile --set train.fold_upsampling=off" \
         "peer $I64 --steps 60 --profile" "train $C32 --steps 300 --log-every 25" \
         "train $C32 --steps 300 --log-every 25 --set train.fold_upsampling=off" "peer $C32 --steps 150" ;;
+    tune64)  # inductor's fusion options at 64 px, each compiled afresh side by side (~13 GiB each), the default first:
+      # which of them makes the fused kernels (34.5 ms a step against a 7.9 ms floor, BENCHMARKS.md) move fewer bytes
+      phase tune64 "train $I64 $T80 --profile --inductor" "train $I64 $T80 --profile --inductor aggressive_fusion=True" \
+        "train $I64 $T80 --profile --inductor triton.mix_order_reduction_allow_multi_stages=True" \
+        "train $I64 $T80 --profile --inductor max_fusion_size=128 score_fusion_memory_threshold=1" \
+        "train $I64 $T80 --profile --inductor coordinate_descent_tuning=True" ;;
     limit64)  # cuDNN's benchmark over all its plans, not torch's default 10 (inductor's cache warm from `fold`)
       phase limit64 "train $I64 $T80 --profile --cudnn-limit 0" ;;
     fold256)  # the 256 px step as profile256 runs it, ours with the fold (the default), then the peer
@@ -102,7 +108,7 @@ for p in "$@"; do
     largest) phase largest "largest $D256"
       phase largest-ckpt "largest $D256 --set model.checkpointing=true" ;;
     *) echo "unknown phase $p (ours ours256 peer peer256 pairs samples stream stream64 profile256 profile256k" \
-         "tune256 mem256 budget256 profile64 fold limit64 fold256 largest)" >&2; exit 2 ;;
+         "tune256 tune64 mem256 budget256 profile64 fold limit64 fold256 largest)" >&2; exit 2 ;;
   esac
 done
 echo "DONE $(date +%T), $(( $(date +%s) - start )) s" >> "$log"

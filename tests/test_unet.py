@@ -394,3 +394,15 @@ def test_the_fold_sums_the_weights_in_their_own_dtype_under_autocast():
     # the four corner taps of an output pixel are single weights, the middle ones sums of two or four
     assert torch.equal(got[:, :, 0, 0], w[:, :, 2, 2].T) and torch.equal(got[:, :, 3, 3], w[:, :, 0, 0].T)
     assert torch.allclose(got[:, :, 1, 1], w[:, :, 1:, 1:].sum((2, 3)).T, atol=1e-6)
+
+
+def test_the_fold_makes_its_matrix_on_the_weights_device_not_from_a_python_list():
+    """No tensor from host data in the fold: on CUDA that is a host-to-device copy and a stream synchronisation
+    in every eager forward, and in an exported graph a constant the caller must hand a weightless package (an
+    AOTInductor package left without it crashed, 2026-12-07)."""
+    from ddpm_cli.nn.unet import Upsample, fold_upsampling
+
+    up = fold_upsampling(Upsample(4).eval())
+    with torch.no_grad():
+        program = torch.export.export(up, (torch.randn(1, 4, 3, 3),))
+    assert list(program.graph_signature.lifted_tensor_constants) == []

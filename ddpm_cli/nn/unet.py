@@ -169,7 +169,11 @@ def fold_nearest2x(w: torch.Tensor) -> torch.Tensor:
     R below, computed for all (Cout, Cin) pairs as one (Cout*Cin, 9) x (9, 16) matrix product in `w`'s dtype
     (autocast off): an extern GEMM, which a compiled training step runs in microseconds, where the same sums as
     stacks and adds became a slow Triton kernel (docs/lab-notes.md, 2026-11-27)."""
-    rows_to_taps = w.new_tensor([[0, 0, 1], [0, 1, 1], [1, 1, 0], [1, 0, 0]])  # tap of the 4x4 <- rows of the 3x3
+    # R[a, r] = 1 where row r of the 3x3 lands on tap a of the 4x4 (taps 0..3 take rows {2}, {1,2}, {0,1}, {0}),
+    # made on w's device: a tensor from a Python list would be a host-to-device copy, and with it a stream
+    # synchronisation, in every eager forward (and a constant an exported graph must be handed)
+    tap, row = torch.arange(4, device=w.device)[:, None], torch.arange(3, device=w.device)
+    rows_to_taps = ((row >= (2 - tap).clamp(min=0)) & (row <= (3 - tap).clamp(max=2))).to(w.dtype)
     cout, cin = w.shape[:2]
     with torch.autocast(w.device.type, enabled=False) if w.device.type in ("cuda", "cpu") else nullcontext():
         k = w.reshape(cout * cin, 9) @ torch.kron(rows_to_taps, rows_to_taps).T

@@ -12,8 +12,7 @@ statistics, folded upsampling; on CUDA channels-last input and bf16 autocast, in
 (torch.export) for one batch shape and compiled ahead of time with the sampler's inductor options. The weights
 are not in the package: they are its constants, loaded from a checkpoint when it is loaded, and those derived
 from them (the folded kernels) are folded again then (aot_inductor.use_runtime_constant_folding), so one package
-serves every checkpoint of the network, the model and its autoguidance guide alike; the tensors the graph makes
-itself (the fold's 0/1 matrix) are its constants too, saved beside it (NAME.constants.safetensors). `--weights` builds the other
+serves every checkpoint of the network, the model and its autoguidance guide alike. `--weights` builds the other
 kind: the checkpoint's weights inside (no runtime folding), so one package a network, `--guide` for the
 checkpoint's autoguidance guide; on the device (torch 2.11.0, H100, 2026-12-06) a weightless package's load
 crashed the process, and this kind tells whether AOTInductor's load itself is the fault.
@@ -101,8 +100,6 @@ def cmd_build(args) -> dict:
                "aot_inductor.metadata": {"ddpm_batch": "any" if args.dynamic else str(batch),
                                          "ddpm_weights": "in" if args.weights else "out"}}
     out = torch._inductor.aoti_compile_and_package(program, package_path=str(args.out), inductor_configs=options)
-    if not args.weights:
-        save_graph_constants(Path(args.out), program, net)
     compiled = time.perf_counter()
     return emit({"kind": "aoti-build", "batch": "any" if args.dynamic else batch, "plain": args.plain,
                  "weights": "guide's" if args.guide else "model's" if args.weights else None,
@@ -111,44 +108,20 @@ def cmd_build(args) -> dict:
                  "device": str(device), "torch": torch.__version__})
 
 
-def graph_constants(package: Path) -> Path:
-    """The file beside a weightless package that holds the graph's own constants."""
-    return package.with_name(package.name + ".constants.safetensors")
-
-
-def save_graph_constants(package: Path, program, net: torch.nn.Module) -> None:
-    """The tensors the forward makes itself (the upsampling fold's 0/1 matrix) are constants of a weightless package
-    too, and in no checkpoint: saved beside it for `loaded`. The package names them _tensor_constant0, 1, ... in
-    the order of the exported program's lifted constants."""
-    from safetensors.torch import save_file
-
-    weights = net.state_dict()
-    theirs = [k for k in torch._inductor.aoti_load_package(str(package)).get_constant_fqns()
-              if k not in weights and not k.startswith("_FOLDED_CONST_")]
-    ours = [program.constants[k] for k in program.graph_signature.lifted_tensor_constants]
-    if len(theirs) != len(ours):
-        raise SystemExit(f"bench_aoti: {package} has constants {theirs} besides the weights, the exported graph "
-                         f"{len(ours)}: a weightless package cannot be served; build with --weights")
-    save_file({k: v.contiguous() for k, v in zip(theirs, ours)}, str(graph_constants(package)))
-
-
 def loaded(package: Path, weights: torch.nn.Module, batch: int):
-    """The package as a network with `weights` (a prepared module's state: its names are the package's) and the
-    graph's own constants (`graph_constants`), or with its own if it was built with them. Every constant must be
-    given: one left unset is a null pointer in the package's code (a segmentation fault, seen 2026-12-07)."""
+    """The package as a network with `weights` (a prepared module's state: its names are the package's), or with
+    its own if it was built with them. Every constant must be given: one left unset is a null pointer in the
+    package's code (a segmentation fault, seen 2026-12-07, when the fold made its 0/1 matrix from a Python list)."""
     runner = torch._inductor.aoti_load_package(str(package))
     meta = runner.get_metadata()
     if meta.get("ddpm_weights") != "in":
-        from safetensors.torch import load_file
-
-        own = graph_constants(package)
-        given = {**weights.state_dict(), **(load_file(str(own)) if own.exists() else {})}
+        state = weights.state_dict()
         fqns = [k for k in runner.get_constant_fqns() if not k.startswith("_FOLDED_CONST_")]  # (made at load)
-        missing = [k for k in fqns if k not in given]
+        missing = [k for k in fqns if k not in state]
         if missing:
-            raise SystemExit(f"bench_aoti: {package} needs constants that neither the weights nor {own.name} hold: "
-                             f"{', '.join(missing[:5])}; build it again")
-        runner.load_constants({k: given[k] for k in fqns}, check_full_update=False)
+            raise SystemExit(f"bench_aoti: {package} needs constants the weights do not hold: "
+                             f"{', '.join(missing[:5])}; build it with --weights")
+        runner.load_constants({k: state[k] for k in fqns}, check_full_update=False)
     takes = meta.get("ddpm_batch", str(batch))
 
     def net(x: torch.Tensor, t: torch.Tensor, y: torch.Tensor | None) -> torch.Tensor:

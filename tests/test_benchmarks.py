@@ -1,11 +1,14 @@
 """The benchmark scripts still run (a CPU smoke run of a tiny model); they time nothing here."""
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import subprocess
 import sys
 from pathlib import Path
+
+import pytest
 
 from conftest import ROOT, perturbed_unet
 
@@ -305,6 +308,19 @@ def test_bench_bigimg_measures_ours_the_peer_and_a_streamed_folder(tmp_path):
     streamed = bench("train", "--tiny", "--data", str(tmp_path / "imgs"), "--set", "data.streaming=on")
     assert streamed["data"] == "folder, streaming on" and streamed["img_per_s"] > 0
     assert bench("sample", "--tiny")["nfe_per_s"] > 0 and bench("sample", "--tiny", "--peer")["nfe_per_s"] > 0
+
+
+@pytest.mark.parametrize("config", sorted(p.name for p in (ROOT / "examples").glob("*.yaml")))
+def test_bench_bigimg_tiny_overrides_fit_every_shipped_config(config):
+    """`bench_bigimg.py --tiny -c examples/X.yaml` (a smoke run of a shipped config's settings) loads: the tiny
+    network's overrides leave no setting of the config contradicting them (iddpm-64's 64 head channels did)."""
+    spec = importlib.util.spec_from_file_location("bench_bigimg", ROOT / "benchmarks" / "bench_bigimg.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    from ddpm_cli.config import load_config
+
+    cfg = load_config(ROOT / "examples" / config, bench.TINY)
+    assert tuple(cfg.model.image_size) == (16, 24) and cfg.model.base_channels == 16
 
 
 def test_bench_bigimg_bound_keeps_the_convolutions_and_adds_the_norms_least_traffic(monkeypatch):

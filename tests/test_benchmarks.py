@@ -77,10 +77,9 @@ def test_fid_summary_tables_each_run_and_its_scores(tmp_path):
     assert rows[4].startswith("| c | running | 38,400 | 300 |  |")  # no compilation: no compile column
 
 
-def _bench_speed_module():
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location("bench_speed", ROOT / "benchmarks" / "bench_speed.py")
+def _bench_module(name: str = "bench_speed"):
+    """benchmarks/<name>.py as a module (the folder is no package)."""
+    spec = importlib.util.spec_from_file_location(name, ROOT / "benchmarks" / f"{name}.py")
     bench = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(bench)
     return bench
@@ -89,7 +88,7 @@ def _bench_speed_module():
 def test_the_slow_kernels_sources_are_printed(tmp_path, capsys):
     """--kernels prints the generated source of a kernel that costs a step real time at a fraction of the memory
     bandwidth (so a GPU call brings back which input it reads across the grain), not of the fast ones."""
-    bench = _bench_speed_module()
+    bench = _bench_module()
     slow, fast = tmp_path / "slow.py", tmp_path / "fast.py"
     slow.write_text("import triton\n\n@triton.jit\n"
                     "def triton_poi_other(in_ptr0):\n    y = tl.load(in_ptr0 + 7 * x0)\n\n"  # a wrapper's first kernel
@@ -119,7 +118,7 @@ def test_each_live_triton_kernel_s_bytes_and_source_file_are_found(tmp_path):
 
     from torch._inductor.runtime.triton_heuristics import CachingAutotuner
 
-    bench = _bench_speed_module()
+    bench = _bench_module()
     source = tmp_path / "kernel.py"
     source.write_text("def triton_poi_fused_silu_7(in_ptr0):\n    pass\n")
     scope: dict = {}
@@ -147,7 +146,7 @@ def test_kernel_breakdown_tells_fused_kernels_from_convolutions():
     share (until 2026-11-27), which hid where a sampler forward's time goes."""
     from types import SimpleNamespace
 
-    bench = _bench_speed_module()
+    bench = _bench_module()
 
     def ev(key, us, device="DeviceType.CUDA"):
         return SimpleNamespace(key=key, self_device_time_total=us, device_type=device, is_user_annotation=False)
@@ -173,7 +172,7 @@ def test_the_benchmarks_rebuild_the_switches_the_package_does_not_ship():
     from ddpm_cli.engine import build, generate
     from ddpm_cli.nn.unet import GroupNorm, Upsample, stacked_embeddings
 
-    bench = _bench_speed_module()
+    bench = _bench_module()
     model = perturbed_unet()
     x, t = torch.randn(3, 3, 8, 8), torch.tensor([1, 500, 999])
     emb = torch.randn(3, 32)
@@ -314,25 +313,18 @@ def test_bench_bigimg_measures_ours_the_peer_and_a_streamed_folder(tmp_path):
 def test_bench_bigimg_tiny_overrides_fit_every_shipped_config(config):
     """`bench_bigimg.py --tiny -c examples/X.yaml` (a smoke run of a shipped config's settings) loads: the tiny
     network's overrides leave no setting of the config contradicting them (iddpm-64's 64 head channels did)."""
-    spec = importlib.util.spec_from_file_location("bench_bigimg", ROOT / "benchmarks" / "bench_bigimg.py")
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
+    bench = _bench_module("bench_bigimg")
     from ddpm_cli.config import load_config
 
     cfg = load_config(ROOT / "examples" / config, bench.TINY)
     assert tuple(cfg.model.image_size) == (16, 24) and cfg.model.base_channels == 16
 
 
-def test_bench_bigimg_bound_keeps_the_convolutions_and_adds_the_norms_least_traffic(monkeypatch):
+def test_bench_bigimg_bound_keeps_the_convolutions_and_adds_the_norms_least_traffic():
     """bench_bigimg.bound: the profiled convolutions, attention, GEMMs and optimizer as they ran (a step's share of
     the window), plus the GroupNorms' least bytes at the copy bandwidth; the fused kernels, copies and the rest are
     left out. Nothing without a bandwidth measured in the GPU turn."""
-    import importlib.util
-
-    monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))
-    spec = importlib.util.spec_from_file_location("bench_bigimg", ROOT / "benchmarks" / "bench_bigimg.py")
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
+    bench = _bench_module("bench_bigimg")
     window = {"convolution": 400.0, "fused triton": 350.0, "gemm": 40.0, "optimizer / EMA": 20.0, "attention": 20.0,
               "copies": 2.0, "other": 1.0}  # ms over 10 steps
     got = bench.bound(window, 10, norm_gb=24.0, tbps=3.0)["bound"]

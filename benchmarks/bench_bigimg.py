@@ -226,8 +226,8 @@ BOUND_KINDS = ("convolution", "attention", "gemm", "optimizer / EMA")  # kept at
 def bound(breakdown: dict[str, float] | None, steps: int, norm_gb: float, tbps: float | None) -> dict:
     """--profile: the least a step could take with cuDNN's convolutions as they ran: the profiled GPU time of the
     convolutions, attention, GEMMs and optimizer, plus the GroupNorms' least traffic (NORM_PASSES passes over each
-    input, `norm_gb` a step) at a copy's bandwidth on this card (`tbps`: copy_tbps in the GPU turn), and nothing else (no other elementwise work, no
-    idle time). Where this exceeds half the peer's step, 2x the peer is out of reach for any GroupNorm kernel kept
+    input, `norm_gb` a step) at a copy's bandwidth on this card (`tbps`: copy_tbps, in the GPU turn), and nothing
+    else (no other elementwise work, no idle time). Where this exceeds half the peer's step, 2x the peer is out of reach for any GroupNorm kernel kept
     apart from the convolutions (the normalisation would have to move into them)."""
     if not breakdown or not tbps:
         return {}

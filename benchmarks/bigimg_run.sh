@@ -8,7 +8,7 @@
 #   tune256: ours so, with inductor's coordinate-descent tuning; mem256: the peak with and without checkpointing
 #   without CUDA graphs; budget256: the partitioner's activation_memory_budget 0.5;
 #   largest: the largest batch at 256 px with and without checkpointing, alone on the card; fold, limit64, fold256:
-#   train.fold_upsampling and cuDNN's plan search, 2026-12-07)
+#   train.fold_upsampling and cuDNN's plan search, 2026-12-07; size128: the 128 px pair, profiled)
 # The jobs of a phase start together and compile side by side (CPU work); once all are ready, each takes the GPU
 # for its timed part in turn (bench_bigimg.py --gpu-lock --together), so one is timed at a time and none is
 # compiling meanwhile. Phases run one after another, and a phase's processes must fit the card together (five of
@@ -105,10 +105,12 @@ for p in "$@"; do
     fold256)  # the 256 px step as profile256 runs it, ours with the fold (the default), then the peer
       phase fold256 "train $D256 $T80 --profile"
       phase fold256-peer "peer $D256 --steps 30 --profile" ;;
+    size128)  # the 128 px row on the card of the other rows: ours (folded, the default) and the peer, both profiled
+      phase size128 "train $D256 --size 128 $T80 --profile" "peer $D256 --size 128 --steps 60 --profile" ;;
     largest) phase largest "largest $D256"
       phase largest-ckpt "largest $D256 --set model.checkpointing=true" ;;
     *) echo "unknown phase $p (ours ours256 peer peer256 pairs samples stream stream64 profile256 profile256k" \
-         "tune256 tune64 mem256 budget256 profile64 fold limit64 fold256 largest)" >&2; exit 2 ;;
+         "tune256 tune64 mem256 budget256 profile64 fold limit64 fold256 size128 largest)" >&2; exit 2 ;;
   esac
 done
 echo "DONE $(date +%T), $(( $(date +%s) - start )) s" >> "$log"

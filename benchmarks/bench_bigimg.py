@@ -123,12 +123,19 @@ class TurnTaking(Collect):
         super().__init__(profile_at, window)
         self.turn, self.take_at, self.last = turn, take_at, last
         self.copy_tbps: float | None = None
+        # peak memory (GiB) of the steps up to the first log (compiling, cuDNN's search over its plans, CUDA graph
+        # recording) and of those after it, which is what a long run holds
+        self.first_peak_gib = self.steady_peak_gib = 0.0
 
     def on_step(self, step: int) -> None:
         super().on_step(step)  # (--profile's window)
         if step == self.take_at:
+            self.first_peak_gib = _peak_gib()
+            if torch.cuda.is_available():
+                torch.cuda.reset_peak_memory_stats()
             self.turn.take()
         if step == self.last:
+            self.steady_peak_gib = _peak_gib()
             if self.profile_at and torch.cuda.is_available():
                 self.copy_tbps = copy_tbps()
             self.turn.give()
@@ -211,7 +218,9 @@ def cmd_train(args) -> dict:
     return emit({"kind": "train", **info, "batch": cfg.train.batch_size, "grad_accum": cfg.train.grad_accum,
                  "checkpointing": cfg.model.checkpointing, "data": args.data and f"folder, streaming "
                  f"{cfg.data.streaming}", "img_per_s": round(rate, 1), "first_step_s": round(res.compile_s, 1),
-                 "run_s": round(total, 1), "peak_mem_gib": round(_peak_gib(), 2), "windows": len(steady),
+                 "run_s": round(total, 1), "peak_mem_gib": round(max(_peak_gib(), cb.first_peak_gib), 2),
+                 "first_steps_peak_gib": round(cb.first_peak_gib, 2), "steady_peak_gib": round(cb.steady_peak_gib, 2),
+                 "windows": len(steady),
                  "waited_s": round(TURN.waited_s, 1),
                  "tflops": round(rate * info["train_gflop_per_image"] / 1000, 1),
                  "share_of_peak": round(rate * info["train_gflop_per_image"] / 1000 / args.peak, 3),

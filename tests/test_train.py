@@ -301,6 +301,10 @@ def test_speed_switches_resolve_to_the_measured_defaults(tmp_path):
     assert use_channel_stats(auto, True) and not use_channel_stats(auto, False)
     assert use_channel_stats(tiny_config(tmp_path, train__norm_stats="channel"), False)
     assert not use_channel_stats(tiny_config(tmp_path, train__norm_stats="group"), True)
+    # with checkpointing, auto takes torch's per-group kernel: the compiled step then keeps less (the per-channel
+    # form kept as much as without checkpointing), while an explicit choice still wins
+    assert not use_channel_stats(tiny_config(tmp_path, model__checkpointing=True), True)
+    assert use_channel_stats(tiny_config(tmp_path, model__checkpointing=True, train__norm_stats="channel"), True)
     from ddpm_cli.engine.build import compile_options, use_fold_upsampling
 
     assert use_fold_upsampling(auto, cuda) and not use_fold_upsampling(auto, cpu)

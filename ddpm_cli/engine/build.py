@@ -105,9 +105,11 @@ def use_channels_last(cfg: RunConfig, device: torch.device) -> bool:
 
 def use_channel_stats(cfg: RunConfig, channels_last: bool) -> bool:
     """GroupNorm from per-channel statistics: auto = with a channels-last layout, where torch's per-group
-    reduction strides over memory; faster for training and sampling (BENCHMARKS.md)."""
+    reduction strides over memory; faster for training and sampling (BENCHMARKS.md). Not with activation
+    checkpointing: inductor's compiled step then kept as much memory as without it, which torch's per-group
+    kernel does not (BENCHMARKS.md, "Larger images")."""
     n = cfg.train.norm_stats
-    return n == "channel" or (n == "auto" and channels_last)
+    return n == "channel" or (n == "auto" and channels_last and not cfg.model.checkpointing)
 
 
 def use_fold_upsampling(cfg: RunConfig, device: torch.device) -> bool:

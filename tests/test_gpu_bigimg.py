@@ -39,7 +39,7 @@ def test_non_square_micro_batches_and_checkpointing_train_resume_and_sample(tmp_
 def test_checkpointing_lowers_the_compiled_steps_peak_memory(tmp_path):
     """model.checkpointing under the CUDA defaults (compiled with CUDA graphs, bf16, channels-last): the steps
     after the first two hold well under what the same steps hold without it. With the per-channel GroupNorm
-    statistics the compiled step kept as much (a 256 px step: 72.7 against 54.5 GiB), so auto takes torch's
+    statistics the trainer's compiled step kept as much (BENCHMARKS.md, "Larger images"), so auto takes torch's
     per-group kernel when checkpointing."""
     from conftest import tiny_config
     from ddpm_cli.engine.train import TrainCallbacks, Trainer

@@ -6,7 +6,7 @@ partition does not depend on the device, and no kernels are compiled (the graphs
 
     PYTHONPATH=. python benchmarks/bench_saved.py [-c examples/ddpm-256.yaml] [--size 64] [--base-channels 32]
         [--batch 4] [--checkpointing] [--budget 1.0] [--cuda-path] [--inductor-peak] [--norm-stats group]
-    PYTHONPATH=. python benchmarks/bench_saved.py --trainer [--checkpointing] [--norm-stats group]
+    PYTHONPATH=. python benchmarks/bench_saved.py --trainer [--checkpointing] [--norm-stats group] [--given-draws]
 
 `--cuda-path` traces the step as the CUDA defaults run it (bf16 autocast, channels-last, per-channel GroupNorm
 statistics), on the CPU: which of the kept bytes are fp32, where a bf16 copy would halve a pass of the backward.
@@ -126,9 +126,11 @@ def trainer_peak_mib(overrides: list[str], args) -> float:
         if trainer.loss_fn == trainer._loss:  # (not compiled yet)
             trainer._make_compiled_step()
         x = torch.randn(args.batch, 3, args.size, args.size)
-        trainer.loss_fn(x, None).backward()  # compiles
+        # --given-draws: the timesteps and noise drawn outside the graph and passed in (as grad_accum does)
+        draws = (torch.randint(0, 1000, (args.batch,)), torch.randn_like(x)) if args.given_draws else ()
+        trainer.loss_fn(x, None, *draws).backward()  # compiles
         trainer.model.zero_grad(set_to_none=True)
-        return resident_peak_mib(lambda: trainer.loss_fn(x, None).backward())
+        return resident_peak_mib(lambda: trainer.loss_fn(x, None, *draws).backward())
 
 
 def main() -> None:
@@ -147,6 +149,8 @@ def main() -> None:
                     help="with --cuda-path or --trainer: the GroupNorm's statistics")
     ap.add_argument("--trainer", action="store_true",
                     help="--inductor-peak of the trainer's compiled step, not the bare network's")
+    ap.add_argument("--given-draws", action="store_true",
+                    help="with --trainer: the timesteps and noise drawn outside the compiled step")
     args = ap.parse_args()
     if (args.inductor_peak or args.trainer) and "MALLOC_MMAP_THRESHOLD_" not in os.environ:
         # glibc maps blocks of 64 KiB and more apart, so a freed tensor leaves the resident set (set at start-up:
@@ -161,6 +165,7 @@ def main() -> None:
     if args.trainer:
         print("BENCH " + json.dumps({"size": args.size, "base_channels": args.base_channels, "batch": args.batch,
                                      "checkpointing": args.checkpointing, "norm_stats": args.norm_stats,
+                                     "given_draws": args.given_draws,
                                      "trainer_peak_mib": round(trainer_peak_mib(overrides, args), 1),
                                      "torch": torch.__version__}), flush=True)
         return

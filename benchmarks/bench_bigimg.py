@@ -236,8 +236,9 @@ def bound(breakdown: dict[str, float] | None, steps: int, norm_gb: float, tbps: 
     """--profile: the least a step could take with cuDNN's convolutions as they ran: the profiled GPU time of the
     convolutions, attention, GEMMs and optimizer, plus the GroupNorms' least traffic (NORM_PASSES passes over each
     input, `norm_gb` a step) at a copy's bandwidth on this card (`tbps`: copy_tbps, in the GPU turn), and nothing
-    else (no other elementwise work, no idle time). Where this exceeds half the peer's step, 2x the peer is out of reach for any GroupNorm kernel kept
-    apart from the convolutions (the normalisation would have to move into them)."""
+    else (no other elementwise work, no idle time). Where this exceeds half the peer's step, 2x the peer is out of
+    reach for any GroupNorm kernel kept apart from the convolutions (the normalisation would have to move into
+    them)."""
     if not breakdown or not tbps:
         return {}
     kept = sum(breakdown.get(k, 0.0) for k in BOUND_KINDS) / steps

@@ -122,9 +122,7 @@ def trainer_peak_mib(overrides: list[str], args) -> float:
         raw["logging"].update(run_dir=tmp, run_name="peak")
         images = ImageSet(torch.randint(0, 256, (4 * args.batch, 3, args.size, args.size), dtype=torch.uint8),
                           torch.zeros(4 * args.batch, dtype=torch.long), [])
-        trainer = Trainer(validate_config(raw), dataset=images)
-        if trainer.loss_fn == trainer._loss:  # (not compiled yet)
-            trainer._make_compiled_step()
+        trainer = Trainer(validate_config(raw), dataset=images)  # (compile on, not ahead: compiled at set-up)
         x = torch.randn(args.batch, 3, args.size, args.size)
         # --given-draws: the timesteps and noise drawn outside the graph and passed in (as grad_accum does)
         draws = (torch.randint(0, 1000, (args.batch,)), torch.randn_like(x)) if args.given_draws else ()

@@ -89,6 +89,8 @@ for p in "$@"; do
     ckmem256)  # mem256 shortened to one call: 30 steps each, the plain step then the checkpointed one
       phase ckmem256 "train $D256 --steps 30 --set train.compile=on"
       phase ckmem256-ckpt "train $D256 --steps 30 --set train.compile=on --set model.checkpointing=true" ;;
+    ckgroup256)  # ckmem256's checkpointed step again, now with `norm_stats: auto`'s per-group kernel (d6b3ee3)
+      phase ckgroup256 "train $D256 --steps 30 --set train.compile=on --set model.checkpointing=true" ;;
     budget256)  # the partitioner's own trade (functorch's activation_memory_budget) against checkpointing's 16%
       phase budget256 "train $D256 $T80 --inductor functorch.activation_memory_budget=0.5" ;;
     profile64) phase prof64 "train $I64 $T80 --profile" "peer $I64 --steps 60 --profile" ;;
@@ -113,7 +115,7 @@ for p in "$@"; do
     largest) phase largest "largest $D256"
       phase largest-ckpt "largest $D256 --set model.checkpointing=true" ;;
     *) echo "unknown phase $p (ours ours256 peer peer256 pairs samples stream stream64 profile256 profile256k" \
-         "tune256 tune64 mem256 budget256 profile64 fold limit64 fold256 size128 ckmem256 largest)" >&2; exit 2 ;;
+         "tune256 tune64 mem256 budget256 profile64 fold limit64 fold256 size128 ckmem256 ckgroup256 largest)" >&2; exit 2 ;;
   esac
 done
 echo "DONE $(date +%T), $(( $(date +%s) - start )) s" >> "$log"

@@ -301,10 +301,7 @@ def test_speed_switches_resolve_to_the_measured_defaults(tmp_path):
     assert use_channel_stats(auto, True) and not use_channel_stats(auto, False)
     assert use_channel_stats(tiny_config(tmp_path, train__norm_stats="channel"), False)
     assert not use_channel_stats(tiny_config(tmp_path, train__norm_stats="group"), True)
-    # with checkpointing, auto takes torch's per-group kernel: the compiled step then keeps less (the per-channel
-    # form kept as much as without checkpointing), while an explicit choice still wins
-    assert not use_channel_stats(tiny_config(tmp_path, model__checkpointing=True), True)
-    assert use_channel_stats(tiny_config(tmp_path, model__checkpointing=True, train__norm_stats="channel"), True)
+    assert use_channel_stats(tiny_config(tmp_path, model__checkpointing=True), True)
     from ddpm_cli.engine.build import compile_options, use_fold_upsampling
 
     assert use_fold_upsampling(auto, cuda) and not use_fold_upsampling(auto, cpu)
@@ -313,6 +310,12 @@ def test_speed_switches_resolve_to_the_measured_defaults(tmp_path):
 
     assert compile_options(auto, cuda, "reduce-overhead") == {"triton.cudagraphs": True, "combo_kernels": True}
     assert compile_options(auto, cpu, "default") == {}
+    # with checkpointing no combo kernels (they launched the blocks' recomputations together: no memory saved),
+    # unless asked for
+    checkpointed = tiny_config(tmp_path, model__checkpointing=True)
+    assert compile_options(checkpointed, cuda, "reduce-overhead") == {"triton.cudagraphs": True}
+    assert compile_options(tiny_config(tmp_path, model__checkpointing=True, train__combo_kernels="on"), cuda,
+                           "default") == {"combo_kernels": True}
     assert compile_options(tiny_config(tmp_path, train__combo_kernels="on"), cpu, "default") == {"combo_kernels": True}
     off = compile_options(tiny_config(tmp_path, train__combo_kernels="off"), cuda, "max-autotune")
     assert "combo_kernels" not in off and off["max_autotune"] and off["coordinate_descent_tuning"]

@@ -351,15 +351,16 @@ class TrainConfig(Section):
     combo_kernels: Literal["auto", "on", "off"] = "auto"
     """Let torch.compile launch independent small kernels together as one (inductor's combo kernels: a step
     makes many kernel calls, many of them tiny reductions at 8x8 and 4x4); auto means on when the step is
-    compiled on CUDA, where it is faster (BENCHMARKS.md)."""
+    compiled on CUDA without model.checkpointing, where it is faster (BENCHMARKS.md); with checkpointing they
+    launched the blocks' recomputations together and the step kept as much memory as without it."""
     channels_last: Literal["auto", "on", "off"] = "auto"
     """Channels-last memory layout: on also makes torch.compile keep the whole graph channels-last; auto means
     on for CUDA, off elsewhere."""
     norm_stats: Literal["auto", "group", "channel"] = "auto"
     """How GroupNorm computes its statistics (the same function either way): group = torch's kernel; channel =
     per channel first, then per group, which reads channels-last memory in order and keeps bf16 activations in
-    bf16, faster on a GPU (BENCHMARKS.md); auto = channel when the layout is channels-last and
-    model.checkpointing is off (with it, the compiled step's memory fell only with group), group otherwise."""
+    bf16, faster on a GPU (BENCHMARKS.md); auto = channel when the layout is channels-last, group
+    otherwise."""
     fold_upsampling: Literal["auto", "on", "off"] = "auto"
     """Compute each upsampling layer (nearest 2x, then a 3x3 convolution) as one transposed convolution of the
     small input (the same function, 2.25x fewer multiply-adds, no upsampled tensor), as sampling always does;

@@ -70,13 +70,16 @@ def compile_mode(cfg: RunConfig, device: torch.device) -> str | None:
 
 def compile_options(cfg: RunConfig, device: torch.device, mode: str) -> dict:
     """Inductor's options for the training step: those of torch.compile's `mode`, plus combo kernels (auto: on
-    for CUDA), which launch independent kernels of a graph as one; the step has many small ones (per-channel
-    and per-group reductions at the 8x8 and 4x4 levels), so it is faster (BENCHMARKS.md)."""
+    for CUDA without model.checkpointing), which launch independent kernels of a graph as one; the step has many
+    small ones (per-channel and per-group reductions at the 8x8 and 4x4 levels), so it is faster (BENCHMARKS.md).
+    Not with checkpointing: the recomputed forwards of different blocks depend only on saved inputs, so combo
+    kernels can launch them together, early in the backward, and the step held as much memory as without
+    checkpointing (BENCHMARKS.md, "Larger images")."""
     from torch._inductor import list_mode_options
 
     options = dict(list_mode_options(mode))
     c = cfg.train.combo_kernels
-    if c == "on" or (c == "auto" and device.type == "cuda"):
+    if c == "on" or (c == "auto" and device.type == "cuda" and not cfg.model.checkpointing):
         options["combo_kernels"] = True
     return options
 
@@ -105,11 +108,9 @@ def use_channels_last(cfg: RunConfig, device: torch.device) -> bool:
 
 def use_channel_stats(cfg: RunConfig, channels_last: bool) -> bool:
     """GroupNorm from per-channel statistics: auto = with a channels-last layout, where torch's per-group
-    reduction strides over memory; faster for training and sampling (BENCHMARKS.md). Not with activation
-    checkpointing: inductor's compiled step then kept as much memory as without it, which torch's per-group
-    kernel does not (BENCHMARKS.md, "Larger images")."""
+    reduction strides over memory; faster for training and sampling (BENCHMARKS.md)."""
     n = cfg.train.norm_stats
-    return n == "channel" or (n == "auto" and channels_last and not cfg.model.checkpointing)
+    return n == "channel" or (n == "auto" and channels_last)
 
 
 def use_fold_upsampling(cfg: RunConfig, device: torch.device) -> bool:

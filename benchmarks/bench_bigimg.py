@@ -49,7 +49,7 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 
 from ddpm_cli.config import load_config, validate_config  # noqa: E402
 from ddpm_cli.config.schema import RunConfig  # noqa: E402
-from ddpm_cli.engine.build import build_diffusion, build_unet, count_params  # noqa: E402
+from ddpm_cli.engine.build import build_diffusion, build_unet, compile_mode, count_params, resolve_device  # noqa: E402
 from ddpm_cli.engine.data import ImageSet  # noqa: E402
 from ddpm_cli.engine.train import Trainer  # noqa: E402
 from bench_speed import Collect  # noqa: E402  (the logged img/s of a run)
@@ -214,12 +214,16 @@ def cmd_train(args) -> dict:
         res = Trainer(cfg, callbacks=cb, dataset=images).run()
         total = time.perf_counter() - t0
     steady = cb.rates[2:] if len(cb.rates) > 4 else cb.rates[1:] or cb.rates
+    # under CUDA graphs a replay allocates nothing (the graph's pool is taken when it is recorded, among the first
+    # steps), so the steps after the first log show no peak of their own: no steady figure then
+    graphed = compile_mode(cfg, resolve_device(cfg.train.device)) == "reduce-overhead"
     rate = statistics.median(steady) if steady else float("nan")
     return emit({"kind": "train", **info, "batch": cfg.train.batch_size, "grad_accum": cfg.train.grad_accum,
                  "checkpointing": cfg.model.checkpointing, "data": args.data and f"folder, streaming "
                  f"{cfg.data.streaming}", "img_per_s": round(rate, 1), "first_step_s": round(res.compile_s, 1),
                  "run_s": round(total, 1), "peak_mem_gib": round(max(_peak_gib(), cb.first_peak_gib), 2),
-                 "first_steps_peak_gib": round(cb.first_peak_gib, 2), "steady_peak_gib": round(cb.steady_peak_gib, 2),
+                 "first_steps_peak_gib": round(cb.first_peak_gib, 2),
+                 "steady_peak_gib": None if graphed else round(cb.steady_peak_gib, 2),
                  "windows": len(steady),
                  "waited_s": round(TURN.waited_s, 1),
                  "tflops": round(rate * info["train_gflop_per_image"] / 1000, 1),

@@ -66,6 +66,7 @@ def steady_peak_gib(tmp_path, checkpointing: bool, **overrides) -> float:
     return peak.gib
 
 
+@pytest.mark.slow  # two compiled steps of a 64 px network: among the suite's slowest
 def test_checkpointing_lowers_the_compiled_steps_peak_memory(tmp_path):
     """model.checkpointing under the CUDA defaults' compiled step (bf16, channels-last): a step holds well under
     what it holds without (BENCHMARKS.md, "Larger images")."""

@@ -72,9 +72,9 @@ def compile_options(cfg: RunConfig, device: torch.device, mode: str) -> dict:
     """Inductor's options for the training step: those of torch.compile's `mode`, plus combo kernels (auto: on
     for CUDA without model.checkpointing), which launch independent kernels of a graph as one; the step has many
     small ones (per-channel and per-group reductions at the 8x8 and 4x4 levels), so it is faster (BENCHMARKS.md).
-    Not with checkpointing: the recomputed forwards of different blocks depend only on saved inputs, so combo
-    kernels can launch them together, early in the backward, and the step held as much memory as without
-    checkpointing (BENCHMARKS.md, "Larger images")."""
+    Not with checkpointing: the compiled step then held as much memory as without it (BENCHMARKS.md, "Larger
+    images"), likely since the blocks' recomputations, which depend only on saved inputs, are independent
+    kernels that combo kernels may launch together, early in the backward."""
     from torch._inductor import list_mode_options
 
     options = dict(list_mode_options(mode))

@@ -12,6 +12,7 @@ runs the set on a GPU, each in a fresh process, with the peer in the same call.
     PYTHONPATH=. python benchmarks/bench_bigimg.py train  -c examples/iddpm-64.yaml --data DIR --set data.streaming=on
     PYTHONPATH=. python benchmarks/bench_bigimg.py folder DIR --size 256 --count 4000     # JPEGs to stream from
     PYTHONPATH=. python benchmarks/bench_bigimg.py train --tiny                           # CPU: checks the script
+    PYTHONPATH=. python benchmarks/bench_bigimg.py describe -c examples/ddpm-256.yaml     # CPU: the counts alone
 
 train: `ddpm train`'s Trainer with the config as given (CUDA defaults: bf16, channels-last, compiled step with
 CUDA graphs) on random images resident on the GPU, or on the images of --data (in memory or streamed, as
@@ -23,6 +24,9 @@ peer: one plain epsilon-MSE step (AdamW, bf16 autocast, channels-last, torch.com
 or the compiled forward (the peer), in network evaluations per second. largest: one eager training step at
 growing batches: the peak memory at two batches gives the memory an image takes, the predicted largest batch is
 then run to confirm it (eager: compiled steps keep fewer activations, so a compiled run fits at least this much).
+describe: the counts every line carries (FLOPs per image; the GroupNorms' least traffic, `norm_min`; the
+elementwise floor, the least any kernels outside cuDNN's convolutions, attention and GEMMs could move however
+fused, `floor`), for `bound` (train --profile) against a profile's kept time.
 
 --gpu-lock FILE lets several of these processes share one GPU: each compiles and warms up side by side with the
 others (compiling is CPU work), then takes an exclusive lock on FILE for its timed part, so only one is timed at a
@@ -153,36 +157,73 @@ def config(args) -> RunConfig:
 NORM_PASSES = 5  # the least passes over a GroupNorm's input a training step makes, the norm kept apart from the
 # convolutions: the forward reads it and writes the normalised output (its statistics taken in the producer's
 # pass, free); the backward reads the output's gradient and the input and writes the input's gradient, in one pass
+GROUPNORM_PASSES = 8  # the same with the statistics as kernels must take them (a cuDNN convolution yields none):
+# forward, one pass for the statistics and the read and write of the normalised (and SiLU'd) output, kept for the
+# next convolution's weight gradient; backward, one pass reading the input and the output's gradient for the
+# reductions, then the input's gradient from both (3 + 5)
 
 
-def flops_per_image(cfg: RunConfig) -> tuple[float, float, int]:
-    """(forward + backward FLOPs, forward FLOPs, elements into GroupNorms) for one image, counted on the meta device
-    (no memory, no time)."""
+def flops_per_image(cfg: RunConfig) -> tuple[float, float, int, int]:
+    """(forward + backward FLOPs, forward FLOPs, elements into GroupNorms, elementwise floor) for one image,
+    counted on the meta device (no memory, no time). The floor is the least elements any kernels outside cuDNN's
+    convolutions, attention and GEMMs must read and write in a training step, however fused (GROUPNORM_PASSES
+    over each norm's input, residual_floor, concat_floor)."""
     from torch.utils.flop_counter import FlopCounterMode
+
+    from ddpm_cli.nn import unet
 
     h, w = cfg.model.hw
     with torch.device("meta"):
         net = build_unet(cfg.model)
         x, t = torch.randn(1, cfg.model.in_channels, h, w), torch.zeros(1, dtype=torch.long)
         y = torch.zeros(1, dtype=torch.long) if cfg.model.conditional else None
-        normed = []
+        normed, floor = [], []
         hooks = [m.register_forward_hook(lambda m, args, out: normed.append(args[0].numel()))
                  for m in net.modules() if isinstance(m, torch.nn.GroupNorm)]
-        with FlopCounterMode(display=False) as fwd:
-            net(x, t, y)
-        for hook in hooks:
-            hook.remove()
+        hooks += [m.register_forward_hook(lambda m, args, out: floor.append(residual_floor(args[0], out)))
+                  for m in net.modules() if isinstance(m, (unet.ResBlock, unet.Attention))]
+        run_group = unet._run_group
+
+        def concatenating(layers, h, skip, *rest):
+            if skip is not None:
+                floor.append(concat_floor(h, skip, written=not isinstance(layers[0].skip, torch.nn.Identity)))
+            return run_group(layers, h, skip, *rest)
+
+        unet._run_group = concatenating
+        try:
+            with FlopCounterMode(display=False) as fwd:
+                net(x, t, y)
+        finally:
+            unet._run_group = run_group
+            for hook in hooks:
+                hook.remove()
         with FlopCounterMode(display=False) as both:
             net(x, t, y).float().square().mean().backward()
-    return both.get_total_flops(), fwd.get_total_flops(), sum(normed)
+    return both.get_total_flops(), fwd.get_total_flops(), sum(normed), GROUPNORM_PASSES * sum(normed) + sum(floor)
+
+
+def residual_floor(x: torch.Tensor, out: torch.Tensor) -> int:
+    """The elements a training step must move for a residual sum (a ResBlock's or an Attention's, `x` its input),
+    beyond its GroupNorms' GROUPNORM_PASSES, with perfect fusion and cuDNN's convolutions as they are: the forward
+    writes the sum (the next norm's statistics pass reads its two terms: one read more), the backward adds the
+    skip path's gradient into the input's (one read of the input's size)."""
+    return 2 * out.numel() + x.numel()
+
+
+def concat_floor(h: torch.Tensor, skip: torch.Tensor, written: bool) -> int:
+    """The same for an up block's concatenation of the up path's `h` and the down path's `skip`: the forward writes
+    it where a 1x1 skip convolution reads it whole (`written`); the backward adds the down path's half of its
+    gradient to that tensor's other gradient (one read of that half)."""
+    return (h.numel() + skip.numel()) * written + skip.numel()
 
 
 def describe(cfg: RunConfig, args) -> dict:
-    train_flops, fwd_flops, normed = flops_per_image(cfg)
+    train_flops, fwd_flops, normed, floor = flops_per_image(cfg)
     return {"config": Path(args.config).name if args.config else None, "image_size": list(cfg.model.hw),
             "params_m": round(count_params(build_unet(cfg.model)) / 1e6, 2),
             "train_gflop_per_image": round(train_flops / 1e9, 3), "fwd_gflop_per_image": round(fwd_flops / 1e9, 3),
             "norm_min_mb_per_image": round(NORM_PASSES * 2 * normed / 1e6, 2),  # bf16 passes
+            "floor_mb_per_image": round(2 * floor / 1e6, 2),
             "card": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu", "torch": torch.__version__}
 
 
@@ -230,13 +271,14 @@ def cmd_train(args) -> dict:
                  "share_of_peak": round(rate * info["train_gflop_per_image"] / 1000 / args.peak, 3),
                  **per_step(cb.breakdown, window, rate and cfg.train.batch_size / rate),
                  **bound(cb.breakdown, window, info["norm_min_mb_per_image"] * cfg.train.batch_size / 1e3,
-                         cb.copy_tbps)})
+                         cb.copy_tbps, info["floor_mb_per_image"] * cfg.train.batch_size / 1e3)})
 
 
 BOUND_KINDS = ("convolution", "attention", "gemm", "optimizer / EMA")  # kept at their measured time
 
 
-def bound(breakdown: dict[str, float] | None, steps: int, norm_gb: float, tbps: float | None) -> dict:
+def bound(breakdown: dict[str, float] | None, steps: int, norm_gb: float, tbps: float | None,
+          floor_gb: float = 0.0) -> dict:
     """--profile: the least a step could take with cuDNN's convolutions as they ran: the profiled GPU time of the
     convolutions, attention, GEMMs and optimizer, plus the GroupNorms' least traffic (NORM_PASSES passes over each
     input, `norm_gb` a step) at a copy's bandwidth on this card (`tbps`: copy_tbps, in the GPU turn), and nothing
@@ -247,7 +289,8 @@ def bound(breakdown: dict[str, float] | None, steps: int, norm_gb: float, tbps: 
         return {}
     kept = sum(breakdown.get(k, 0.0) for k in BOUND_KINDS) / steps
     return {"bound": {"kept_ms": round(kept, 2), "norm_min_gb": round(norm_gb, 2), "copy_tbps": round(tbps, 3),
-                      "step_ms": round(kept + norm_gb / tbps, 2)}}
+                      "step_ms": round(kept + norm_gb / tbps, 2), "floor_gb": round(floor_gb, 2),
+                      "floor_step_ms": round(kept + floor_gb / tbps, 2)}}
 
 
 def copy_tbps(gib: float = 1.0, reps: int = 20) -> float:
@@ -470,6 +513,12 @@ def cmd_largest(args) -> dict:
                  "peak_gib_at_largest": round((got or 0) / 2**30, 1)})
 
 
+def cmd_describe(args) -> dict:
+    """The network's counts alone, on the CPU (meta tensors: no memory, no time): FLOPs per image, the GroupNorms'
+    least traffic and the elementwise floor, for `bound` against a profile taken earlier."""
+    return emit({"kind": "describe", **describe(config(args), args)})
+
+
 def cmd_folder(args) -> None:
     """`count` built-in shapes as JPEG files at `size`, in class folders: a set to stream from."""
     from bench_streaming import make_folder
@@ -481,7 +530,7 @@ def cmd_folder(args) -> None:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = ap.add_subparsers(dest="cmd", required=True)
-    for name in ("train", "peer", "sample", "largest"):
+    for name in ("train", "peer", "sample", "largest", "describe"):
         p = sub.add_parser(name)
         p.add_argument("-c", "--config", default=str(ROOT / "examples" / "ddpm-256.yaml"))
         p.add_argument("--size", help="model.image_size instead of the config's (e.g. 128 or [192,256])")
@@ -535,7 +584,7 @@ def main() -> None:
     TURN = GpuTurn(getattr(args, "gpu_lock", None), getattr(args, "together", 0))
     try:
         {"train": cmd_train, "peer": cmd_peer, "sample": cmd_sample, "largest": cmd_largest,
-         "folder": cmd_folder}[args.cmd](args)
+         "folder": cmd_folder, "describe": cmd_describe}[args.cmd](args)
     except BaseException:
         TURN.fail()  # the others stop waiting for this one
         raise

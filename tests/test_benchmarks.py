@@ -320,6 +320,27 @@ def test_bench_bigimg_tiny_overrides_fit_every_shipped_config(config):
     assert tuple(cfg.model.image_size) == (16, 24) and cfg.model.base_channels == 16
 
 
+def test_bench_bigimg_floor_counts_every_norm_residual_sum_and_concatenation():
+    """The elementwise floor of the tiny network (16x24, channels 16 and 32; the norms as in the test above),
+    counted by hand, per pixel of each level: 8 passes over each norm's input; each residual sum (ResBlock or
+    Attention) its output twice and its input once; each up block's concatenation written whole and its down half
+    once more. The counting leaves the network's code as it was."""
+    bench = _bench_module("bench_bigimg")
+    from ddpm_cli.config import load_config
+    from ddpm_cli.nn import unet
+
+    run_group = unet._run_group
+    _, _, normed, floor = bench.flops_per_image(load_config(ROOT / "examples" / "ddpm-256.yaml", bench.TINY))
+    assert unet._run_group is run_group
+    at_16x24 = (2 * 16 + 16) + (2 * 16 + 48) + (2 * 16 + 32)  # down 16->16; up 48->16, 32->16
+    at_16x24 += (32 + 16 + 16) + (16 + 16 + 16)  # the two up blocks' concatenations: 32+16 and 16+16 channels
+    at_8x12 = (2 * 32 + 16) + 2 * (3 * 32) + (2 * 32 + 64) + (2 * 32 + 48)  # down 16->32, the middle's two
+    # blocks, up 64->32 and 48->32
+    at_8x12 += 4 * (3 * 32)  # four attentions: the down block's, the middle's, the two up blocks'
+    at_8x12 += (32 + 32 + 32) + (32 + 16 + 16)  # the concatenations: 32+32 and 32+16 channels
+    assert floor == 8 * normed + 16 * 24 * at_16x24 + 8 * 12 * at_8x12
+
+
 def test_bench_bigimg_bound_keeps_the_convolutions_and_adds_the_norms_least_traffic():
     """bench_bigimg.bound: the profiled convolutions, attention, GEMMs and optimizer as they ran (a step's share of
     the window), plus the GroupNorms' least bytes at the copy bandwidth; the fused kernels, copies and the rest are
@@ -327,8 +348,9 @@ def test_bench_bigimg_bound_keeps_the_convolutions_and_adds_the_norms_least_traf
     bench = _bench_module("bench_bigimg")
     window = {"convolution": 400.0, "fused triton": 350.0, "gemm": 40.0, "optimizer / EMA": 20.0, "attention": 20.0,
               "copies": 2.0, "other": 1.0}  # ms over 10 steps
-    got = bench.bound(window, 10, norm_gb=24.0, tbps=3.0)["bound"]
-    assert got == {"kept_ms": 48.0, "norm_min_gb": 24.0, "copy_tbps": 3.0, "step_ms": 56.0}
+    got = bench.bound(window, 10, norm_gb=24.0, tbps=3.0, floor_gb=45.0)["bound"]
+    assert got == {"kept_ms": 48.0, "norm_min_gb": 24.0, "copy_tbps": 3.0, "step_ms": 56.0, "floor_gb": 45.0,
+                   "floor_step_ms": 63.0}
     assert bench.bound(window, 10, 24.0, None) == {} and bench.bound(None, 10, 24.0, 3.0) == {}
 
 

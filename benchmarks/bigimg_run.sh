@@ -8,7 +8,8 @@
 #   tune256: ours so, with inductor's coordinate-descent tuning; mem256: the peak with and without checkpointing
 #   without CUDA graphs; budget256: the partitioner's activation_memory_budget 0.5;
 #   largest: the largest batch at 256 px with and without checkpointing, alone on the card; fold, limit64, fold256:
-#   train.fold_upsampling and cuDNN's plan search, 2026-12-07; size128: the 128 px pair, profiled)
+#   train.fold_upsampling and cuDNN's plan search, 2026-12-07; size128: the 128 px pair, profiled; ckmem256,
+#   ckgroup256, ck256, ckbig256: checkpointing's memory and speed at 256 px)
 # The jobs of a phase start together and compile side by side (CPU work); once all are ready, each takes the GPU
 # for its timed part in turn (bench_bigimg.py --gpu-lock --together), so one is timed at a time and none is
 # compiling meanwhile. Phases run one after another, and a phase's processes must fit the card together (five of
@@ -91,6 +92,12 @@ for p in "$@"; do
       phase ckmem256-ckpt "train $D256 --steps 30 --set train.compile=on --set model.checkpointing=true" ;;
     ckgroup256)  # ckmem256's checkpointed step again, now with `norm_stats: auto`'s per-group kernel (d6b3ee3)
       phase ckgroup256 "train $D256 --steps 30 --set train.compile=on --set model.checkpointing=true" ;;
+    ck256)  # the checkpointed 256 px step under the CUDA defaults (combo kernels off with it since fe836fd), at
+      # batch 64 and 32 side by side and timed in turns: its speed, and its peak's slope in the batch, from which
+      # the largest compiled batch (then ckbig256 with BATCH=that, alone)
+      phase ck256 "train $D256 --steps 30 --set model.checkpointing=true" \
+        "train $D256 --steps 30 --batch 32 --set model.checkpointing=true" ;;
+    ckbig256) phase ckbig256 "train $D256 --steps 20 --batch ${BATCH:-160} --set model.checkpointing=true" ;;
     budget256)  # the partitioner's own trade (functorch's activation_memory_budget) against checkpointing's 16%
       phase budget256 "train $D256 $T80 --inductor functorch.activation_memory_budget=0.5" ;;
     profile64) phase prof64 "train $I64 $T80 --profile" "peer $I64 --steps 60 --profile" ;;
@@ -115,7 +122,8 @@ for p in "$@"; do
     largest) phase largest "largest $D256"
       phase largest-ckpt "largest $D256 --set model.checkpointing=true" ;;
     *) echo "unknown phase $p (ours ours256 peer peer256 pairs samples stream stream64 profile256 profile256k" \
-         "tune256 tune64 mem256 budget256 profile64 fold limit64 fold256 size128 ckmem256 ckgroup256 largest)" >&2; exit 2 ;;
+         "tune256 tune64 mem256 budget256 profile64 fold limit64 fold256 size128 ckmem256 ckgroup256 ck256 ckbig256" \
+         "largest)" >&2; exit 2 ;;
   esac
 done
 echo "DONE $(date +%T), $(( $(date +%s) - start )) s" >> "$log"

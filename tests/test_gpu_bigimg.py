@@ -68,7 +68,7 @@ def steady_peak_gib(tmp_path, checkpointing: bool, **overrides) -> float:
 
 @pytest.mark.slow  # two compiled steps of a 64 px network: among the suite's slowest
 def test_checkpointing_lowers_the_compiled_steps_peak_memory(tmp_path):
-    """model.checkpointing under the CUDA defaults' compiled step (bf16, channels-last): a step holds well under
-    what it holds without (BENCHMARKS.md, "Larger images")."""
+    """model.checkpointing with the CUDA defaults' compiled step (bf16, channels-last, combo kernels as auto sets
+    them): a step holds well under what it holds without (BENCHMARKS.md, "Larger images")."""
     without, with_ = steady_peak_gib(tmp_path, False), steady_peak_gib(tmp_path, True)
     assert 0 < with_ < 0.75 * without, (with_, without)

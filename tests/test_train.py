@@ -310,8 +310,7 @@ def test_speed_switches_resolve_to_the_measured_defaults(tmp_path):
 
     assert compile_options(auto, cuda, "reduce-overhead") == {"triton.cudagraphs": True, "combo_kernels": True}
     assert compile_options(auto, cpu, "default") == {}
-    # with checkpointing no combo kernels (they launched the blocks' recomputations together: no memory saved),
-    # unless asked for
+    # with checkpointing no combo kernels (with them the checkpointed step saved no memory on CUDA), unless asked for
     checkpointed = tiny_config(tmp_path, model__checkpointing=True)
     assert compile_options(checkpointed, cuda, "reduce-overhead") == {"triton.cudagraphs": True}
     assert compile_options(tiny_config(tmp_path, model__checkpointing=True, train__combo_kernels="on"), cuda,

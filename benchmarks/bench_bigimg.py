@@ -53,7 +53,8 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 
 from ddpm_cli.config import load_config, validate_config  # noqa: E402
 from ddpm_cli.config.schema import RunConfig  # noqa: E402
-from ddpm_cli.engine.build import build_diffusion, build_unet, compile_mode, count_params, resolve_device  # noqa: E402
+from ddpm_cli.engine.build import (build_diffusion, build_unet, compile_mode, compile_options,  # noqa: E402
+                                   count_params, resolve_device)
 from ddpm_cli.engine.data import ImageSet  # noqa: E402
 from ddpm_cli.engine.train import Trainer  # noqa: E402
 from bench_speed import Collect  # noqa: E402  (the logged img/s of a run)
@@ -257,7 +258,9 @@ def cmd_train(args) -> dict:
     steady = cb.rates[2:] if len(cb.rates) > 4 else cb.rates[1:] or cb.rates
     # under CUDA graphs a replay allocates nothing (the graph's pool is taken when it is recorded, among the first
     # steps), so the steps after the first log show no peak of their own: no steady figure then
-    graphed = compile_mode(cfg, resolve_device(cfg.train.device)) == "reduce-overhead"
+    device = resolve_device(cfg.train.device)
+    mode = compile_mode(cfg, device)
+    graphed = mode is not None and compile_options(cfg, device, mode).get("triton.cudagraphs", False)
     rate = statistics.median(steady) if steady else float("nan")
     return emit({"kind": "train", **info, "batch": cfg.train.batch_size, "grad_accum": cfg.train.grad_accum,
                  "checkpointing": cfg.model.checkpointing, "data": args.data and f"folder, streaming "
@@ -284,13 +287,16 @@ def bound(breakdown: dict[str, float] | None, steps: int, norm_gb: float, tbps: 
     input, `norm_gb` a step) at a copy's bandwidth on this card (`tbps`: copy_tbps, in the GPU turn), and nothing
     else (no other elementwise work, no idle time). Where this exceeds half the peer's step, 2x the peer is out of
     reach for any GroupNorm kernel kept apart from the convolutions (the normalisation would have to move into
-    them)."""
+    them). With `floor_gb` (describe's elementwise floor, a step), the same with that instead of the norms' least
+    traffic: `floor_step_ms`, the least a step could take with every elementwise kernel fused as far as it can be."""
     if not breakdown or not tbps:
         return {}
     kept = sum(breakdown.get(k, 0.0) for k in BOUND_KINDS) / steps
-    return {"bound": {"kept_ms": round(kept, 2), "norm_min_gb": round(norm_gb, 2), "copy_tbps": round(tbps, 3),
-                      "step_ms": round(kept + norm_gb / tbps, 2), "floor_gb": round(floor_gb, 2),
-                      "floor_step_ms": round(kept + floor_gb / tbps, 2)}}
+    got = {"kept_ms": round(kept, 2), "norm_min_gb": round(norm_gb, 2), "copy_tbps": round(tbps, 3),
+           "step_ms": round(kept + norm_gb / tbps, 2)}
+    if floor_gb:
+        got.update(floor_gb=round(floor_gb, 2), floor_step_ms=round(kept + floor_gb / tbps, 2))
+    return {"bound": got}
 
 
 def copy_tbps(gib: float = 1.0, reps: int = 20) -> float:

@@ -90,8 +90,10 @@ for p in "$@"; do
     ckmem256)  # mem256 shortened to one call: 30 steps each, the plain step then the checkpointed one
       phase ckmem256 "train $D256 --steps 30 --set train.compile=on"
       phase ckmem256-ckpt "train $D256 --steps 30 --set train.compile=on --set model.checkpointing=true" ;;
-    ckgroup256)  # ckmem256's checkpointed step again, now with `norm_stats: auto`'s per-group kernel (d6b3ee3)
-      phase ckgroup256 "train $D256 --steps 30 --set train.compile=on --set model.checkpointing=true" ;;
+    ckgroup256)  # ckmem256's checkpointed step with the per-group kernel and combo kernels, as d6b3ee3's rule ran it
+      # (on an H100, 2026-12-07, out of memory)
+      g="--set train.norm_stats=group --set train.combo_kernels=on"
+      phase ckgroup256 "train $D256 --steps 30 --set train.compile=on --set model.checkpointing=true $g" ;;
     ck256)  # the checkpointed 256 px step under the CUDA defaults (combo kernels off with it since fe836fd), at
       # batch 64 and 32 side by side and timed in turns: its speed, and its peak's slope in the batch, from which
       # the largest compiled batch (then ckbig256 with BATCH=that, alone)

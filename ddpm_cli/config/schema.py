@@ -352,7 +352,7 @@ class TrainConfig(Section):
     """Let torch.compile launch independent small kernels together as one (inductor's combo kernels: a step
     makes many kernel calls, many of them tiny reductions at 8x8 and 4x4); auto means on when the step is
     compiled on CUDA without model.checkpointing, where it is faster (BENCHMARKS.md); with checkpointing the
-    compiled step then kept as much memory as without it. Off also lowers the peak without checkpointing."""
+    compiled step then kept as much memory as without it. Off may lower the peak without it too."""
     channels_last: Literal["auto", "on", "off"] = "auto"
     """Channels-last memory layout: on also makes torch.compile keep the whole graph channels-last; auto means
     on for CUDA, off elsewhere."""

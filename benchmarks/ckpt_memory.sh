@@ -1,8 +1,11 @@
 #!/usr/bin/env bash
-# One device call (2026-12-07, thirty-second session): why the compiled step keeps as much memory with
-# model.checkpointing on CUDA. Each line is one process's steady peak (tests/test_gpu_bigimg.py's measure, 64 px,
-# batch 32, train.compile: on), four side by side (the peak is per process); beside them ddpm-256's checkpointed
-# step with combo kernels off (its img/s is not a figure: it runs beside the others' compiling). Carry .whl.
+# Which compile options keep activation checkpointing from saving memory in the compiled step (BENCHMARKS.md,
+# "Larger images", "Memory at 256 px"), in one device call: five processes side by side, each one steady peak
+# (tests/test_gpu_bigimg.py's measure: 64 px, batch 32, train.compile: on, steps 3 to 5; the peak is per process),
+# combo kernels on and off, with checkpointing and without, per-channel and per-group statistics; and beside them
+# ddpm-256's checkpointed step with combo kernels off (its img/s runs beside the others' compiling: no figure).
+# Written 2026-12-07 (as benchmarks/lease_ckmem.sh, its name in the lab notes). Carry .whl:
+#   bash benchmarks/ckpt_memory.sh
 set -u
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
 export PYTHONPATH=/tmp/site:$PWD:$PWD/tests PYTHONUNBUFFERED=1

@@ -359,8 +359,7 @@ class TrainConfig(Section):
     norm_stats: Literal["auto", "group", "channel"] = "auto"
     """How GroupNorm computes its statistics (the same function either way): group = torch's kernel; channel =
     per channel first, then per group, which reads channels-last memory in order and keeps bf16 activations in
-    bf16, faster on a GPU (BENCHMARKS.md); auto = channel when the layout is channels-last, group
-    otherwise."""
+    bf16, faster on a GPU (BENCHMARKS.md); auto = channel when the layout is channels-last, group otherwise."""
     fold_upsampling: Literal["auto", "on", "off"] = "auto"
     """Compute each upsampling layer (nearest 2x, then a 3x3 convolution) as one transposed convolution of the
     small input (the same function, 2.25x fewer multiply-adds, no upsampled tensor), as sampling always does;

@@ -9,7 +9,7 @@
 #   without CUDA graphs; budget256: the partitioner's activation_memory_budget 0.5;
 #   largest: the largest batch at 256 px with and without checkpointing, alone on the card; fold, limit64, fold256:
 #   train.fold_upsampling and cuDNN's plan search, 2026-12-07; size128: the 128 px pair, profiled; ckmem256,
-#   ckgroup256, ck256, ckbig256: checkpointing's memory and speed at 256 px)
+#   ckgroup256, ck256, ckbig256, ckfit256, base256: checkpointing's memory and speed at 256 px)
 # The jobs of a phase start together and compile side by side (CPU work); once all are ready, each takes the GPU
 # for its timed part in turn (bench_bigimg.py --gpu-lock --together), so one is timed at a time and none is
 # compiling meanwhile. Phases run one after another, and a phase's processes must fit the card together (five of
@@ -100,6 +100,27 @@ for p in "$@"; do
       phase ck256 "train $D256 --steps 30 --set model.checkpointing=true" \
         "train $D256 --steps 30 --batch 32 --set model.checkpointing=true" ;;
     ckbig256) phase ckbig256 "train $D256 --steps 20 --batch ${BATCH:-160} --set model.checkpointing=true" ;;
+    ckfit256)  # ckbig256 at the batch ck256's two peaks predict (a straight line in the batch, to 97% of the card's
+      # memory, a multiple of 8), so one call measures both; BATCH, if set, wins
+      fit=$(python3 - "$log" <<'PY'
+import json, sys
+lines = [json.loads(l.split(" ", 1)[1]) for l in open(sys.argv[1]) if l.startswith("BENCH {")]
+runs = sorted((r["batch"], r["first_steps_peak_gib"]) for r in lines if r.get("kind") == "train"
+              and r.get("checkpointing") and r.get("image_size") == [256, 256] and r.get("first_steps_peak_gib"))
+if len(runs) < 2: sys.exit(1)
+(b0, m0), (b1, m1) = runs[0], runs[-1]
+per = (m1 - m0) / (b1 - b0)
+import os, subprocess
+card = float(os.environ.get("CARD_MIB") or subprocess.run(
+    ["nvidia-smi", "--query-gpu=memory.total", "--format=csv,noheader,nounits"], capture_output=True,
+    text=True).stdout.split()[0]) / 1024
+print(int((0.97 * card - (m0 - b0 * per)) / per) // 8 * 8)
+PY
+) || { echo "PHASE ckfit256 SKIPPED (no two checkpointed 256 px peaks in the log)" >> "$log"; continue; }
+      echo "FIT ckfit256 batch ${BATCH:-$fit} (predicted from ck256's peaks)" >> "$log"
+      phase ckfit256 "train $D256 --steps 20 --batch ${BATCH:-$fit} --set model.checkpointing=true" ;;
+    base256)  # the plain 256 px step under the CUDA defaults, alone: checkpointing's cost on the card of ck256
+      phase base256 "train $D256 --steps 30" ;;
     budget256)  # the partitioner's own trade (functorch's activation_memory_budget) against checkpointing's 16%
       phase budget256 "train $D256 $T80 --inductor functorch.activation_memory_budget=0.5" ;;
     profile64) phase prof64 "train $I64 $T80 --profile" "peer $I64 --steps 60 --profile" ;;
@@ -125,6 +146,7 @@ for p in "$@"; do
       phase largest-ckpt "largest $D256 --set model.checkpointing=true" ;;
     *) echo "unknown phase $p (ours ours256 peer peer256 pairs samples stream stream64 profile256 profile256k" \
          "tune256 tune64 mem256 budget256 profile64 fold limit64 fold256 size128 ckmem256 ckgroup256 ck256 ckbig256" \
+         "ckfit256 base256" \
          "largest)" >&2; exit 2 ;;
   esac
 done

@@ -483,18 +483,20 @@ def test_eval_scores_a_checkpoint(cuda_run, tmp_path):
 
 def test_in_training_fid_between_compiled_steps(tmp_path):
     """logging.fid_every under the CUDA defaults: the score is drawn with the EMA network between the compiled,
-    CUDA-graphed training steps, and the run trains on after it."""
+    CUDA-graphed training steps, and the run trains on after it. Under a time budget, so the run first estimates
+    the FID's cost on the GPU (InTrainingFid.seconds: the EMA network in bf16, Inception) and, with room, runs it."""
     pytest.importorskip("torch_fidelity.feature_extractor_inceptionv3")
     from test_eval import random_inception_weights
 
     weights = random_inception_weights(tmp_path / "inception.pth")
-    ddpm("train", "--config", gpu_config(tmp_path, "fid", train__steps=40, logging__fid_every=20,
-                                         logging__fid_samples=16, logging__fid_steps=4,
-                                         logging__fid_inception_weights=str(weights)))
+    out = ddpm("train", "--config", gpu_config(tmp_path, "fid", train__steps=40, train__max_time=900,
+                                               logging__fid_every=20, logging__fid_samples=16, logging__fid_steps=4,
+                                               logging__fid_inception_weights=str(weights)))
     run = tmp_path / "fid"
     recs = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
     fids = [r for r in recs if "fid" in r]
     assert [r["step"] for r in fids] == [20, 40] and all(math.isfinite(r["fid"]) for r in fids), fids
+    assert "no in-training FID" not in out.stdout + out.stderr
     assert {30, 40} <= set(losses(run)) and all(math.isfinite(v) for v in losses(run).values())
     assert checkpoints(run) == [30, 40]
 

@@ -172,6 +172,69 @@ def test_the_grid_estimate_counts_the_samplers_network_evaluations(tmp_path):
     assert 1.1 * per_call * 100 <= full < 3 * 1.1 * per_call * 100
 
 
+def test_max_time_skips_a_first_in_training_fid_that_would_run_past_the_budget(tmp_path, monkeypatch):
+    """The first in-training FID was checked against the budget at a cost of 0 s (only FIDs after it had a
+    measured cost), so it always ran and the run overran by all of it, the reference statistics included. Its cost
+    is made known here (a sleep the estimate states exactly): a budget with no room for it skips it, says so, and
+    ends within about a step."""
+    from ddpm_cli.engine import monitor
+
+    budget, fid_s = 3.0, 4.0
+    said = []
+
+    class Callbacks(TrainCallbacks):
+        def on_message(self, text):
+            said.append(text)
+
+    def slow_fid(self, net):
+        time.sleep(fid_s)
+        return 1.0
+
+    monkeypatch.setattr(monitor.InTrainingFid, "check", lambda self: None)  # no Inception weights needed
+    monkeypatch.setattr(monitor.InTrainingFid, "__call__", slow_fid)
+    monkeypatch.setattr(monitor.InTrainingFid, "seconds", lambda self, net: fid_s, raising=False)
+    monkeypatch.setattr(monitor, "grid_seconds", lambda *args, **kwargs: 0.0)
+    trainer = Trainer(tiny_config(tmp_path, train__steps=100000, train__max_time=budget, logging__fid_every=2,
+                                  logging__sample_every=10**6, logging__checkpoint_every=10**6, logging__log_every=1,
+                                  logging__sample_count=4, logging__sample_steps=2), callbacks=Callbacks())
+    trainer.t0 = time.monotonic()
+    res = trainer.run()
+    step_s = statistics.median(16 / r["img_per_s"] for r in res.metrics if "img_per_s" in r)
+    assert res.stop_reason == "time"
+    assert not [r for r in res.metrics if "fid" in r], res.metrics
+    assert any(m.startswith("no in-training FID at step 2") for m in said), said
+    assert res.elapsed_s - budget <= 3 * step_s + 0.5, (res.elapsed_s, step_s)
+
+
+def test_the_fid_estimate_counts_the_samplers_steps_the_inception_passes_and_the_reference(tmp_path):
+    """InTrainingFid.seconds times the network and Inception (each sleeping a known time a call) and multiplies by
+    the sampler's steps and the batches; before the first FID the training images' Inception pass counts too, and
+    after it (the statistics made) no more."""
+    from ddpm_cli.engine.build import build_diffusion
+    from ddpm_cli.engine.monitor import InTrainingFid
+
+    net_s, inception_s = 0.01, 0.02
+
+    class Sleepy(torch.nn.Module):
+        def forward(self, x, t, y=None):
+            time.sleep(net_s)
+            return torch.zeros_like(x)
+
+    def inception(images):
+        time.sleep(inception_s)
+        return torch.zeros(len(images), 2048)
+
+    cfg = tiny_config(tmp_path, logging__fid_every=10, logging__fid_samples=600, logging__fid_steps=5)
+    fid = InTrainingFid(cfg, build_diffusion(cfg.diffusion), torch.zeros(1024, 3, 16, 16, dtype=torch.uint8),
+                        torch.device("cpu"), False)
+    fid._inception = inception
+    per_fid = 1.1 * 3 * (net_s * 5 + inception_s)  # 600 samples: three batches of 256
+    first = fid.seconds(Sleepy())
+    assert per_fid + inception_s * 4 <= first < 2.5 * (per_fid + inception_s * 4)  # 1,024 reference images: 4 batches
+    fid._state = (inception, None)  # the reference statistics made, by the first FID
+    assert per_fid <= fid.seconds(Sleepy()) < 2.5 * per_fid
+
+
 def test_early_stopping_stops_and_says_so(tmp_path):
     msgs = []
 

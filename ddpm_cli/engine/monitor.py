@@ -92,6 +92,19 @@ def draw_grid(net: torch.nn.Module, diffusion: GaussianDiffusion, cfg: RunConfig
     return path
 
 
+def seconds_per_call(call: Callable[[], object], device: torch.device, repeat: int = 1) -> float:
+    """`call`'s seconds on `device`, timed over `repeat` calls after a first one (which pays for cuDNN's algorithm
+    search and lazy initialisation)."""
+    sync = (lambda: torch.cuda.synchronize(device)) if device.type == "cuda" else (lambda: None)
+    call()
+    sync()
+    t0 = time.monotonic()
+    for _ in range(repeat):
+        call()
+    sync()
+    return (time.monotonic() - t0) / repeat
+
+
 @torch.no_grad()
 def grid_seconds(net: torch.nn.Module, diffusion: GaussianDiffusion, cfg: RunConfig, device: torch.device,
                  bf16: bool) -> float:
@@ -105,16 +118,11 @@ def grid_seconds(net: torch.nn.Module, diffusion: GaussianDiffusion, cfg: RunCon
     x = torch.randn(n, *m.image_shape(), device=device, generator=torch.Generator(device=device).manual_seed(0))
     t = torch.full((n,), diffusion.num_timesteps - 1, device=device)
     y = labels.to(device) if labels is not None else None
-    sync = (lambda: torch.cuda.synchronize(device)) if device.type == "cuda" else (lambda: None)
-    with _amp(device, bf16):
-        net(x, t, y)  # the first call pays for cuDNN's algorithm search
-        sync()
-        t_fwd = time.monotonic()
-        for _ in range(2):
-            net(x, t, y)
-        sync()
-    net.train(was_training)
-    forward_s = (time.monotonic() - t_fwd) / 2
+    try:
+        with _amp(device, bf16):
+            forward_s = seconds_per_call(lambda: net(x, t, y), device, repeat=2)
+    finally:
+        net.train(was_training)
     steps = cfg.diffusion.num_timesteps if full else cfg.logging.sample_steps
     # the sampler's own arithmetic and the PNG come on top of the network evaluations: a tenth more
     return 1.1 * forward_s * steps
@@ -158,6 +166,7 @@ class InTrainingFid:
         self._train_images = train_images
         self._inception = None  # loaded by check(), before the run starts
         self._state = None  # (inception, reference statistics)
+        self.reference_s = 0.0  # seconds the first call spent on the reference statistics
 
     def check(self) -> None:
         """Refuse, before the run starts, what the first in-training FID would fail on hours later: Inception that
@@ -186,10 +195,40 @@ class InTrainingFid:
         if self._state is None:
             inception = self._inception or ev_inception.load_inception(lc.fid_inception_weights, self.device)
             ref = lc.fid_ref or sources.tensor_source(self._train_images, "the training images")
+            t = time.monotonic()
             self._state = (inception, reference.reference_stats(ref, inception, data_root=self.cfg.data.root,
                                                                 use_cache=lc.fid_ref is not None))
+            self.reference_s = time.monotonic() - t
         inception, ref_stats = self._state
         spec = SamplerSpec("dpm++2m", lc.fid_steps, variance=self.cfg.diffusion.variance)
         drawer = Drawer(net, self.diffusion, spec, m.image_shape(),
                         m.num_classes if m.conditional else None, device=self.device, bf16=self.bf16)
         return float(run.fid_of_model(drawer, lc.fid_samples, ref_stats, inception, seed=self.cfg.train.seed).fid)
+
+    @torch.no_grad()
+    def seconds(self, net: torch.nn.Module) -> float:
+        """How long the next call will take (for train.max_time), as grid_seconds tells the grid's: a network
+        evaluation and an Inception pass of one batch, timed, times the sampler's steps and the batches; before the
+        first call also the reference's Inception pass where it will run (the training images, the default; an
+        explicit logging.fid_ref is taken to be statistics or a cache hit)."""
+        from ddpm_cli.engine.evaluation import run
+
+        lc, m, dev = self.cfg.logging, self.cfg.model, self.device
+        b = min(run.BATCH, lc.fid_samples)
+        x = torch.randn(b, *m.image_shape(), device=dev, generator=torch.Generator(device=dev).manual_seed(0))
+        t = torch.full((b,), self.diffusion.num_timesteps - 1, device=dev)
+        y = torch.zeros(b, dtype=torch.long, device=dev) if m.conditional else None
+        was_training = net.training
+        net.eval()
+        try:
+            with _amp(dev, self.bf16):
+                forward_s = seconds_per_call(lambda: net(x, t, y), dev)
+        finally:
+            net.train(was_training)
+        inception = self._state[0] if self._state else self._inception
+        images = torch.zeros(b, *m.image_shape(), dtype=torch.uint8)
+        inception_s = seconds_per_call(lambda: inception(images), dev) if inception is not None else 0.0
+        reference_n = len(self._train_images) if self._state is None and lc.fid_ref is None else 0
+        # the sampler's own arithmetic comes on top of the network evaluations: a tenth more, as the grid's
+        return (1.1 * math.ceil(lc.fid_samples / b) * (forward_s * lc.fid_steps + inception_s)
+                + inception_s * reference_n / b)

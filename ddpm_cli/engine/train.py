@@ -267,6 +267,12 @@ class Trainer:
         copies += self.posthoc.copies if self.posthoc else 0  # the post-hoc EMA snapshot written with it
         return grid_s, 4 * count_params(self.model) * copies / 1e9
 
+    def _fid_cost(self) -> float:
+        """logging.fid_every's next FID in seconds (rank 0, under train.max_time); 0 without one."""
+        if not self.cfg.logging.fid_every:
+            return 0.0
+        return self.in_training_fid.seconds(self.ema.model if self.ema else self.model)
+
     def held_out_loss(self) -> float:
         assert self.val is not None
         loss = monitor.held_out_loss(self.model, self.diffusion, self.val, self.cfg, self.device, self.bf16)
@@ -333,7 +339,8 @@ class Trainer:
         if self.compiled and self.step < tc.steps and not self.compile_ahead:
             self.cb.on_message("compiling the training step (torch.compile; the first step takes a while)")
         budget = TimeBudget(self.t0, tc.max_time, dev)
-        fid_s = 0.0  # the last in-training FID's seconds: under train.max_time, one that would overrun is skipped
+        fid_s = 0.0  # an in-training FID's seconds (estimated, then the last one's): under train.max_time, one
+        fids = 0  # that would overrun is skipped
         start_step = self.step
         lookahead = 1 if self.dist.world == 1 else 10  # ranks agree on stopping every 10 steps (dist.agree)
         data_error: DataError | None = None  # this rank's batch that could not be made, with several ranks
@@ -421,10 +428,12 @@ class Trainer:
                 if self.compile_ahead and self.step > start_step + 1 and budget.deadline is not None and self.main:
                     # the first costing ran beside the helper's compile, every core busy: again, without it
                     budget.grid_s, budget.checkpoint_s = self._closing_cost()
+                    fid_s = fid_s if fids else self._fid_cost()
                     budget.pause()
             if self.step == start_step + 1 and budget.deadline is not None and self.main:
                 # after the first step, compiled or (train.compile_ahead) eager: the budget keeps the end's work
                 budget.grid_s, budget.checkpoint_s = self._closing_cost()
+                fid_s = self._fid_cost()  # (the first FID: its sampling, and the reference's Inception pass)
                 budget.pause()
             self.cb.on_step(self.step)
             if self.main and self.step == tc.guide_step:  # the autoguidance guide: these weights, kept from now on
@@ -483,7 +492,8 @@ class Trainer:
                 if budget.affords(fid_s):
                     t_fid = time.monotonic()
                     fid = self._in_training_fid()
-                    fid_s = time.monotonic() - t_fid
+                    fid_s = time.monotonic() - t_fid - (self.in_training_fid.reference_s if not fids else 0.0)
+                    fids += 1
                     self._emit({"step": self.step, "fid": fid}, records)
                     budget.pause()
                 else:

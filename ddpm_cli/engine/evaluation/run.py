@@ -20,10 +20,11 @@ from ddpm_cli.engine.files import check_writable
 from ddpm_cli.errors import DataError, DdpmError, UsageError
 
 DEFAULT_SAMPLES = 10_000
+BATCH = 256  # images a network and an Inception call take, unless told
 
 
 def fid_of_model(drawer: Drawer, n: int, ref_stats: FeatureStats, inception: Inception, *, seed: int = 0,
-                 batch_size: int = 256, kid: bool = False, kid_subsets: int = 100, kid_subset_size: int = 1000,
+                 batch_size: int = BATCH, kid: bool = False, kid_subsets: int = 100, kid_subset_size: int = 1000,
                  callbacks: EvalCallbacks | None = None) -> EvalResult:
     """Draw `n` images (a conditional model's labels spread evenly over the classes) from `drawer`, whose network
     is put in eval mode and back, and score them against `ref_stats`.

@@ -212,6 +212,8 @@ def test_a_run_that_ends_before_its_helper_ends_the_helper(tmp_path, monkeypatch
     (_, _, _, folder, proc), = stand_in.started
     assert res.step == 4 and not compiled and not switch  # four eager steps
     assert proc.poll() is not None and not folder.exists() and time.monotonic() - t < 60
+    # the run says why the next one trains eagerly again (it said nothing)
+    assert any("ended at step 4, before its helper had compiled" in m for m in said), said
 
 
 def test_no_helper_where_it_does_not_apply(tmp_path, monkeypatch):

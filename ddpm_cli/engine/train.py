@@ -285,7 +285,12 @@ class Trainer:
         its first step takes its run directory away again: it holds only the config, and nothing to resume."""
         try:
             self._take_over_the_run()
-            return self._run()
+            result = self._run()
+            if self.ahead is not None and self.main:
+                self.cb.on_message(f"train.compile_ahead: the run ended at step {self.step}, before its helper had "
+                                   f"compiled the step; its work is dropped, and the next run compiles again (for "
+                                   f"runs this short, train.compile_ahead=false compiles once and caches the step)")
+            return result
         except BaseException:
             if self.step == 0 and self.main:
                 if self.metrics is not None:
@@ -293,7 +298,7 @@ class Trainer:
                 remove_unstarted_run(self._created_dirs)
             raise
         finally:
-            if self.ahead is not None:  # the run ended before its helper had compiled: its work is not needed
+            if self.ahead is not None:  # the run ended before its helper had compiled: its work is not kept
                 self.ahead.stop()
                 self.ahead = None
             self.eager_split = None  # (a run that ended eager) its micro-batch sums

@@ -52,6 +52,11 @@ def load_config(cfg: RunConfig | dict | str | Path, overrides: list[str] | None 
     raise UsageError(f"a config is a YAML file's path, a dict of sections or a RunConfig, not {type(cfg).__name__}")
 
 
+def _argument(name: str, value: Any) -> str:
+    """A sampling option as Diffusion.sample's caller gives it (`steps`, `sampler='ddim'`), for its warnings."""
+    return f"{name}={value!r}" if value != "" else name
+
+
 def _labels(y: Any, n: int, m, what: str) -> torch.Tensor:
     """`y` (a tensor, array, list or one int) as n class indices in [0, num_classes), on the CPU."""
     try:
@@ -175,8 +180,7 @@ class Diffusion(nn.Module):
             labels = None
         spec = SamplerSpec(sampler, steps, variance=self.cfg.diffusion.variance)
         # what the caller gave and the sampler ignores (the variance is the config's, not the caller's)
-        for w in SamplerSpec(sampler, steps).warnings(self.cfg.diffusion.num_timesteps):
-            w = w.replace("--sampler ", "sampler=").replace("--steps", "steps")  # the CLI's words, as arguments here
+        for w in SamplerSpec(sampler, steps).warnings(self.cfg.diffusion.num_timesteps, option=_argument):
             warnings.warn(w, stacklevel=3)  # the caller's line: torch's no_grad wrapper is one frame between
         out = [batch for _, batch, _ in generate(
             net, self.process, n, spec, image_shape=m.image_shape(), labels=labels,

@@ -69,7 +69,10 @@ def test_sample_takes_labels_as_ddpm_sample_does(conditional, tmp_path):
     with pytest.warns(UserWarning, match="always takes all T = 100 steps") as caught:
         plain.sample(1, sampler="ddpm", steps=5)
     assert caught[0].filename == __file__  # the caller's line, not torch's no_grad wrapper
-    assert "steps is ignored (use sampler=ddim" in str(caught[0].message) and "--" not in str(caught[0].message)
+    assert "steps is ignored (use sampler='ddim'" in str(caught[0].message) and "--" not in str(caught[0].message)
+    with pytest.warns(UserWarning, match="steps=500 is more than the model's T = 100") as caught:
+        plain.sample(1, sampler="ddim", steps=500)  # (it took the CLI's words, with their flags' dashes dropped)
+    assert "--" not in str(caught[0].message)
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # the config's variance is no caller's option to ignore
         plain.sample(1, sampler="ddim", steps=2)

@@ -267,7 +267,8 @@ class TrainConfig(Section):
     steps: int = Field(800_000, ge=1)
     """Optimizer steps to train for (the seed's --iterations)."""
     max_time: float | None = Field(None, gt=0)
-    """Stop after this many seconds of wall time (start-up and compilation included), whichever comes first."""
+    """Stop after this many seconds of wall time (start-up and compilation included), whichever comes first; the
+    closing checkpoint and grid fit inside it, and an in-training FID or grid that would not is skipped."""
     batch_size: int = Field(128, ge=1)
     """Images per optimizer step on each GPU (the global batch is batch_size x GPUs), in grad_accum micro-batches."""
     grad_accum: int = Field(1, ge=1)

@@ -321,7 +321,7 @@ def test_n_of_an_npz_or_a_datasets_images_takes_each_class_its_share(tmp_path):
     folder = two_class_folder(tmp_path / "imgs")
     from PIL import Image
 
-    images = torch.cat([torch.from_numpy(np.asarray(Image.open(f))).permute(2, 0, 1)[None]
+    images = torch.cat([torch.from_numpy(np.array(Image.open(f))).permute(2, 0, 1)[None]
                         for f in sorted(folder.rglob("*.png"))])  # class a's six, then class b's
     npz = tmp_path / "per_class.npz"
     np.savez(npz, images.permute(0, 2, 3, 1).numpy())

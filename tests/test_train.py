@@ -206,6 +206,36 @@ def test_max_time_skips_a_first_in_training_fid_that_would_run_past_the_budget(t
     assert res.elapsed_s - budget <= 3 * step_s + 0.5, (res.elapsed_s, step_s)
 
 
+def test_the_fid_estimate_is_left_out_where_no_fid_comes_and_where_its_batch_does_not_fit(tmp_path, monkeypatch):
+    """The estimate runs a batch of up to 256 through the network and Inception after the first step: not at all
+    where no FID falls before train.steps, and where it runs out of GPU memory the run says so and trains on (the
+    first FID then unbudgeted, as before the estimate), rather than ending on an out-of-memory error at step 1."""
+    from ddpm_cli.engine import monitor
+
+    said, timed = [], []
+
+    class Callbacks(TrainCallbacks):
+        def on_warning(self, text):
+            said.append(text)
+
+    def out_of_memory(self, net):
+        timed.append(1)
+        raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 5.00 GiB")
+
+    monkeypatch.setattr(monitor.InTrainingFid, "check", lambda self: None)
+    monkeypatch.setattr(monitor.InTrainingFid, "__call__", lambda self, net: 1.0)
+    monkeypatch.setattr(monitor.InTrainingFid, "seconds", out_of_memory)
+    common = dict(train__max_time=600.0, logging__sample_every=10**6, logging__checkpoint_every=10**6,
+                  logging__sample_count=4, logging__sample_steps=2)
+    res = Trainer(tiny_config(tmp_path / "a", train__steps=3, logging__fid_every=4, **common),
+                  callbacks=Callbacks()).run()
+    assert res.step == 3 and not timed and not said  # no FID before step 3: nothing to time
+    res = Trainer(tiny_config(tmp_path / "b", train__steps=4, logging__fid_every=2, **common),
+                  callbacks=Callbacks()).run()
+    assert res.step == 4 and timed and any("did not fit beside the training step to be timed" in w for w in said)
+    assert [r["step"] for r in res.metrics if "fid" in r] == [2, 4]
+
+
 def test_the_fid_estimate_counts_the_samplers_steps_the_inception_passes_and_the_reference(tmp_path):
     """InTrainingFid.seconds times the network and Inception (each sleeping a known time a call) and multiplies by
     the sampler's steps and the batches; before the first FID the training images' Inception pass counts too, and

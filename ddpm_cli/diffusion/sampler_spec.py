@@ -53,7 +53,7 @@ class SamplerSpec:
         steps, sampler = option("steps", ""), lambda value: option("sampler", value)
         if name == "ddpm" and self.steps is not None and self.steps != num_timesteps:
             out.append(f"the ddpm sampler always takes all T = {num_timesteps} steps; {steps} is ignored (use "
-                       f"{sampler('ddim')} or dpm++2m for fewer)")
+                       f"{sampler('ddim')} or {sampler('dpm++2m')} for fewer)")
         if name != "ddpm" and self.steps is not None and self.steps > num_timesteps:
             out.append(f"{option('steps', self.steps)} is more than the model's T = {num_timesteps} "
                        f"timesteps; {name} takes {num_timesteps}")

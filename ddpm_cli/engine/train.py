@@ -268,10 +268,19 @@ class Trainer:
         return grid_s, 4 * count_params(self.model) * copies / 1e9
 
     def _fid_cost(self) -> float:
-        """logging.fid_every's next FID in seconds (rank 0, under train.max_time); 0 without one."""
-        if not self.cfg.logging.fid_every:
+        """logging.fid_every's next FID in seconds (rank 0, under train.max_time); 0 without one to come. Where its
+        batch does not fit beside the training step to be timed, 0 and a warning: the FID itself says more."""
+        every = self.cfg.logging.fid_every
+        if not every or (self.step // every + 1) * every > self.cfg.train.steps:
             return 0.0
-        return self.in_training_fid.seconds(self.ema.model if self.ema else self.model)
+        try:
+            return self.in_training_fid.seconds(self.ema.model if self.ema else self.model)
+        except torch.cuda.OutOfMemoryError:
+            torch.cuda.empty_cache()
+            self.cb.on_warning("train.max_time: the in-training FID's batch did not fit beside the training step "
+                               "to be timed, so its cost is not budgeted; if the FID runs out of memory too, lower "
+                               "logging.fid_samples (its batch is at most 256) or set logging.fid_every 0")
+            return 0.0
 
     def held_out_loss(self) -> float:
         assert self.val is not None
@@ -286,7 +295,7 @@ class Trainer:
         try:
             self._take_over_the_run()
             result = self._run()
-            if self.ahead is not None and self.main:
+            if self.ahead is not None and self.main and self.ahead.proc.poll() is None:
                 self.cb.on_message(f"train.compile_ahead: the run ended at step {self.step}, before its helper had "
                                    f"compiled the step; its work is dropped, and the next run compiles again (for "
                                    f"runs this short, train.compile_ahead=false compiles once and caches the step)")

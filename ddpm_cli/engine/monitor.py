@@ -197,8 +197,7 @@ class InTrainingFid:
             ref = lc.fid_ref or sources.tensor_source(self._train_images, "the training images")
             t = time.monotonic()
             self._state = (inception, reference.reference_stats(ref, inception, data_root=self.cfg.data.root,
-                                                                use_cache=lc.fid_ref is not None,
-                                                                batch_size=run.BATCH))
+                                                                use_cache=lc.fid_ref is not None))
             self.reference_s = time.monotonic() - t
         inception, ref_stats = self._state
         spec = SamplerSpec("dpm++2m", lc.fid_steps, variance=self.cfg.diffusion.variance)
@@ -227,19 +226,12 @@ class InTrainingFid:
         finally:
             net.train(was_training)
         inception = self._state[0] if self._state else self._inception
-
-        def inception_s(batch: int) -> float:
-            if inception is None:
-                return 0.0
-            images = torch.zeros(batch, *m.image_shape(), dtype=torch.uint8)
-            return seconds_per_call(lambda: inception(images), dev)
-
-        per_batch = inception_s(b)
+        images = torch.zeros(b, *m.image_shape(), dtype=torch.uint8)
+        per_batch = seconds_per_call(lambda: inception(images), dev) if inception is not None else 0.0
+        # the reference's images at the samples' cost an image (its own batches are smaller: timing them too would
+        # cost the CPU, where Inception is slow, another two calls)
         reference_n = len(self._train_images) if self._state is None and lc.fid_ref is None else 0
-        ref_b = min(run.BATCH, reference_n)  # __call__'s batch for the reference too
-        reference_s = 0.0
-        if reference_n:
-            reference_s = math.ceil(reference_n / ref_b) * (per_batch if ref_b == b else inception_s(ref_b))
+        reference_s = per_batch * reference_n / b
         evaluations = SamplerSpec("dpm++2m", lc.fid_steps).evaluations(self.diffusion.alpha_bar)
         # the sampler's own arithmetic comes on top of the network evaluations: a tenth more, as the grid's
         return 1.1 * math.ceil(lc.fid_samples / b) * (forward_s * evaluations + per_batch) + reference_s

@@ -263,6 +263,8 @@ def test_the_fid_estimate_counts_the_samplers_steps_the_inception_passes_and_the
     assert per_fid + inception_s * 4 <= first < 2.5 * (per_fid + inception_s * 4)  # 1,024 reference images: 4 batches
     fid._state = (inception, None)  # the reference statistics made, by the first FID
     assert per_fid <= fid.seconds(Sleepy()) < 2.5 * per_fid
+    fid.last_s = 7.0  # once an FID has run, its own time (the reference's apart) is the next one's cost
+    assert fid.seconds(Sleepy()) == 7.0
 
 
 def test_early_stopping_stops_and_says_so(tmp_path):

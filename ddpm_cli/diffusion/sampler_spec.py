@@ -50,21 +50,20 @@ class SamplerSpec:
         """Options that will be ignored, in words (`default_sampler`: the one used when none is given), each named
         by `option(name, value)` as the caller gives it (`--steps 50` on the command line; `value` "": the name alone)."""
         out, name = [], self.sampler or default_sampler
-        steps, sampler = option("steps", ""), lambda value: option("sampler", value)
         if name == "ddpm" and self.steps is not None and self.steps != num_timesteps:
-            out.append(f"the ddpm sampler always takes all T = {num_timesteps} steps; {steps} is ignored (use "
-                       f"{sampler('ddim')} or {sampler('dpm++2m')} for fewer)")
+            out.append(f"the ddpm sampler always takes all T = {num_timesteps} steps; {option('steps', '')} is ignored "
+                       f"(use {option('sampler', 'ddim')} or {option('sampler', 'dpm++2m')} for fewer)")
         if name != "ddpm" and self.steps is not None and self.steps > num_timesteps:
             out.append(f"{option('steps', self.steps)} is more than the model's T = {num_timesteps} "
                        f"timesteps; {name} takes {num_timesteps}")
         if name == "ddpm" and self.spacing is not None:
             out.append(f"the ddpm sampler always takes all T steps; {option('spacing', '')} is ignored")
         if name != "ddim" and self.eta != 0.0:
-            why = (f" (the default sampler of a checkpoint with a stored guide; pass {sampler('ddim')})"
+            why = (f" (the default sampler of a checkpoint with a stored guide; pass {option('sampler', 'ddim')})"
                    if self.sampler is None else "")
             out.append(f"{option('eta', '')} applies to ddim only, and this samples with {name}{why}; ignored")
         if name != "ddpm" and self.variance is not None:  # the other samplers take no sigma^2
-            why = f" (the default sampler; pass {sampler('ddpm')})" if self.sampler is None else ""
+            why = f" (the default sampler; pass {option('sampler', 'ddpm')})" if self.sampler is None else ""
             out.append(f"{option('variance', '')} applies to the ddpm sampler only, and this samples with "
                        f"{name}{why}; ignored")
         return out

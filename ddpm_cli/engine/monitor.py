@@ -166,7 +166,7 @@ class InTrainingFid:
         self._train_images = train_images
         self._inception = None  # loaded by check(), before the run starts
         self._state = None  # (inception, reference statistics)
-        self.reference_s = 0.0  # seconds the first call spent on the reference statistics
+        self.last_s: float | None = None  # the last call's seconds, its reference statistics' apart
 
     def check(self) -> None:
         """Refuse, before the run starts, what the first in-training FID would fail on hours later: Inception that
@@ -192,27 +192,31 @@ class InTrainingFid:
         from ddpm_cli.engine.evaluation import inception as ev_inception, reference, run, sources
 
         lc, m = self.cfg.logging, self.cfg.model
+        t0 = time.monotonic()
         if self._state is None:
             inception = self._inception or ev_inception.load_inception(lc.fid_inception_weights, self.device)
             ref = lc.fid_ref or sources.tensor_source(self._train_images, "the training images")
-            t = time.monotonic()
             self._state = (inception, reference.reference_stats(ref, inception, data_root=self.cfg.data.root,
                                                                 use_cache=lc.fid_ref is not None))
-            self.reference_s = time.monotonic() - t
+            t0 = time.monotonic()  # (a one-off: the next call's cost is the rest)
         inception, ref_stats = self._state
         spec = SamplerSpec("dpm++2m", lc.fid_steps, variance=self.cfg.diffusion.variance)
         drawer = Drawer(net, self.diffusion, spec, m.image_shape(),
                         m.num_classes if m.conditional else None, device=self.device, bf16=self.bf16)
-        return float(run.fid_of_model(drawer, lc.fid_samples, ref_stats, inception, seed=self.cfg.train.seed).fid)
+        fid = float(run.fid_of_model(drawer, lc.fid_samples, ref_stats, inception, seed=self.cfg.train.seed).fid)
+        self.last_s = time.monotonic() - t0
+        return fid
 
     @torch.no_grad()
     def seconds(self, net: torch.nn.Module) -> float:
-        """How long the next call will take (for train.max_time), as grid_seconds tells the grid's: a network
-        evaluation and an Inception pass of one batch, timed, times the sampler's network evaluations and the
-        batches; before the first call also the reference's Inception pass where it will run (the training images,
-        the default; an explicit logging.fid_ref is taken to be statistics or a cache hit)."""
+        """How long the next call will take (for train.max_time): the last call's time once there was one; before,
+        as grid_seconds tells the grid's, a network evaluation and an Inception pass of one batch, timed, times the
+        sampler's network evaluations and the batches, plus the reference's Inception pass where it will run (the
+        training images, the default; an explicit logging.fid_ref is taken to be statistics or a cache hit)."""
         from ddpm_cli.engine.evaluation import run
 
+        if self.last_s is not None:
+            return self.last_s
         lc, m, dev = self.cfg.logging, self.cfg.model, self.device
         b = min(run.BATCH, lc.fid_samples)
         x = torch.randn(b, *m.image_shape(), device=dev, generator=torch.Generator(device=dev).manual_seed(0))

@@ -268,8 +268,9 @@ class Trainer:
         return grid_s, 4 * count_params(self.model) * copies / 1e9
 
     def _fid_cost(self) -> float:
-        """logging.fid_every's next FID in seconds (rank 0, under train.max_time); 0 without one to come. Where its
-        batch does not fit beside the training step to be timed, 0 and a warning: the FID itself says more."""
+        """logging.fid_every's next FID in seconds (rank 0, under train.max_time: InTrainingFid.seconds, the last
+        one's once there was one); 0 without one to come. Where its batch does not fit beside the training step to
+        be timed, 0 and a warning: the FID itself says more."""
         every = self.cfg.logging.fid_every
         if not every or (self.step // every + 1) * every > self.cfg.train.steps:
             return 0.0
@@ -353,8 +354,8 @@ class Trainer:
         if self.compiled and self.step < tc.steps and not self.compile_ahead:
             self.cb.on_message("compiling the training step (torch.compile; the first step takes a while)")
         budget = TimeBudget(self.t0, tc.max_time, dev)
-        fid_s = 0.0  # an in-training FID's seconds (estimated, then the last one's): under train.max_time, one
-        fids = 0  # that would overrun is skipped
+        fid_s = 0.0  # the next in-training FID's seconds (_fid_cost): under train.max_time, one that would overrun
+        # is skipped
         start_step = self.step
         lookahead = 1 if self.dist.world == 1 else 10  # ranks agree on stopping every 10 steps (dist.agree)
         data_error: DataError | None = None  # this rank's batch that could not be made, with several ranks
@@ -442,7 +443,7 @@ class Trainer:
                 if self.compile_ahead and self.step > start_step + 1 and budget.deadline is not None and self.main:
                     # the first costing ran beside the helper's compile, every core busy: again, without it
                     budget.grid_s, budget.checkpoint_s = self._closing_cost()
-                    fid_s = fid_s if fids else self._fid_cost()
+                    fid_s = self._fid_cost()
                     budget.pause()
             if self.step == start_step + 1 and budget.deadline is not None and self.main:
                 # after the first step, compiled or (train.compile_ahead) eager: the budget keeps the end's work
@@ -504,10 +505,8 @@ class Trainer:
                 budget.pause()
             if lc.fid_every and self.main and self.step % lc.fid_every == 0:
                 if budget.affords(fid_s):
-                    t_fid = time.monotonic()
                     fid = self._in_training_fid()
-                    fid_s = time.monotonic() - t_fid - (self.in_training_fid.reference_s if not fids else 0.0)
-                    fids += 1
+                    fid_s = self._fid_cost()
                     self._emit({"step": self.step, "fid": fid}, records)
                     budget.pause()
                 else:

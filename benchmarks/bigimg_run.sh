@@ -29,6 +29,7 @@ B="python3 benchmarks/bench_bigimg.py"; I64="-c examples/iddpm-64.yaml"; D256="-
 C32="-c examples/cifar10.yaml"
 LOCK=$HOME/bench/gpu.lock
 nvidia-smi --query-gpu=name,memory.total,clocks.max.sm --format=csv,noheader >> "$log"
+[ "$(nvidia-smi --query-gpu=memory.total --format=csv,noheader,nounits | head -1)" -gt 100000 ] && BIG_CARD=1
 if [[ " $* " == *" stream"* ]] && [ ! -e "$HOME/img256/done" ]; then  # the folders to stream from, made while the
   # first phase compiles (only for the phases that stream: it takes cores)
   ( $B folder "$HOME/img64" --size 64 --count 4000 && $B folder "$HOME/img256" --size 256 --count 2000 \
@@ -130,11 +131,12 @@ PY
         "peer $I64 --steps 60 --profile" "train $C32 --steps 300 --log-every 25" \
         "train $C32 --steps 300 --log-every 25 --set train.fold_upsampling=off" "peer $C32 --steps 150" ;;
     tune64)  # inductor's fusion options at 64 px, each compiled afresh side by side (~13 GiB each), the default first:
-      # which of them makes the fused kernels (34.5 ms a step against a 7.9 ms floor, BENCHMARKS.md) move fewer bytes
+      # which of them makes the fused kernels (34.5 ms a step against a 7.9 ms floor, BENCHMARKS.md) move fewer bytes;
+      # the peer last, so a winner's ratio has the peer of its call, where the six fit the card (over 100 GB: an H200)
       phase tune64 "train $I64 $T80 --profile --inductor" "train $I64 $T80 --profile --inductor aggressive_fusion=True" \
         "train $I64 $T80 --profile --inductor triton.mix_order_reduction_allow_multi_stages=True" \
         "train $I64 $T80 --profile --inductor max_fusion_size=128 score_fusion_memory_threshold=1" \
-        "train $I64 $T80 --profile --inductor coordinate_descent_tuning=True" ;;
+        "train $I64 $T80 --profile --inductor coordinate_descent_tuning=True" ${BIG_CARD:+"peer $I64 --steps 30"} ;;
     limit64)  # cuDNN's benchmark over all its plans, not torch's default 10 (inductor's cache warm from `fold`)
       phase limit64 "train $I64 $T80 --profile --cudnn-limit 0" ;;
     fold256)  # the 256 px step as profile256 runs it, ours with the fold (the default), then the peer

@@ -5,7 +5,8 @@
 #   streamed folders, made by the first phase in the background, and checkpointing at 256 px; stream64: streamed
 #   by worker processes and by threads against in memory, from the same 64 px folder; profile256, profile64: each
 #   side's step profiled, its GPU time by kernel kind; profile256k: the same with each Triton kernel's bandwidth;
-#   tune256: ours so, with inductor's coordinate-descent tuning; mem256: the peak with and without checkpointing
+#   tune256: ours so, with inductor's coordinate-descent tuning; tune64, tune64cd: inductor's fusion options and its
+#   coordinate-descent tuning at 64 px; mem256: the peak with and without checkpointing
 #   without CUDA graphs; budget256: the partitioner's activation_memory_budget 0.5;
 #   largest: the largest batch at 256 px with and without checkpointing, alone on the card; fold, limit64, fold256:
 #   train.fold_upsampling and cuDNN's plan search, 2026-12-07; size128: the 128 px pair, profiled; ckmem256,
@@ -130,13 +131,16 @@ PY
       phase fold "train $I64 $T80 --profile" "train $I64 $T80 --profile --set train.fold_upsampling=off" \
         "peer $I64 --steps 60 --profile" "train $C32 --steps 300 --log-every 25" \
         "train $C32 --steps 300 --log-every 25 --set train.fold_upsampling=off" "peer $C32 --steps 150" ;;
-    tune64)  # inductor's fusion options at 64 px, each compiled afresh side by side (~13 GiB each), the default first:
-      # which of them makes the fused kernels (34.5 ms a step against a 7.9 ms floor, BENCHMARKS.md) move fewer bytes;
-      # the peer last, so a winner's ratio has the peer of its call, where the six fit the card (over 100 GB: an H200)
+    tune64)  # inductor's fusion options at 64 px, each compiled afresh side by side, the default first: whether any
+      # makes the fused kernels (34.5 ms a step against a 7.9 ms floor, BENCHMARKS.md) move fewer bytes. Each holds
+      # ~17.4 GiB (12.7 allocated): four fit 80 GB; the peer joins where the card has over 100 GB
       phase tune64 "train $I64 $T80 --profile --inductor" "train $I64 $T80 --profile --inductor aggressive_fusion=True" \
         "train $I64 $T80 --profile --inductor triton.mix_order_reduction_allow_multi_stages=True" \
         "train $I64 $T80 --profile --inductor max_fusion_size=128 score_fusion_memory_threshold=1" \
-        "train $I64 $T80 --profile --inductor coordinate_descent_tuning=True" ${BIG_CARD:+"peer $I64 --steps 30"} ;;
+        ${BIG_CARD:+"peer $I64 --steps 30"} ;;
+    tune64cd)  # coordinate-descent tuning alone: its tuning runs kernels on the GPU while it compiles (beside tune64's
+      # four it ran out of the H100's memory, 2026-12-07)
+      phase tune64cd "train $I64 $T80 --profile --inductor coordinate_descent_tuning=True" ;;
     limit64)  # cuDNN's benchmark over all its plans, not torch's default 10 (inductor's cache warm from `fold`)
       phase limit64 "train $I64 $T80 --profile --cudnn-limit 0" ;;
     fold256)  # the 256 px step as profile256 runs it, ours with the fold (the default), then the peer
@@ -147,7 +151,7 @@ PY
     largest) phase largest "largest $D256"
       phase largest-ckpt "largest $D256 --set model.checkpointing=true" ;;
     *) echo "unknown phase $p (ours ours256 peer peer256 pairs samples stream stream64 profile256 profile256k" \
-         "tune256 tune64 mem256 budget256 profile64 fold limit64 fold256 size128 ckmem256 ckgroup256 ck256 ckbig256" \
+         "tune256 tune64 tune64cd mem256 budget256 profile64 fold limit64 fold256 size128 ckmem256 ckgroup256 ck256 ckbig256" \
          "ckfit256 base256" \
          "largest)" >&2; exit 2 ;;
   esac

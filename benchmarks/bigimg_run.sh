@@ -30,7 +30,8 @@ B="python3 benchmarks/bench_bigimg.py"; I64="-c examples/iddpm-64.yaml"; D256="-
 C32="-c examples/cifar10.yaml"
 LOCK=$HOME/bench/gpu.lock
 nvidia-smi --query-gpu=name,memory.total,clocks.max.sm --format=csv,noheader >> "$log"
-[ "$(nvidia-smi --query-gpu=memory.total --format=csv,noheader,nounits | head -1)" -gt 100000 ] && BIG_CARD=1
+export CARD_MIB=${CARD_MIB:-$(nvidia-smi --query-gpu=memory.total --format=csv,noheader,nounits | head -1)}
+[ "$CARD_MIB" -gt 100000 ] && BIG_CARD=1  # (tune64's peer fits beside its four)
 if [[ " $* " == *" stream"* ]] && [ ! -e "$HOME/img256/done" ]; then  # the folders to stream from, made while the
   # first phase compiles (only for the phases that stream: it takes cores)
   ( $B folder "$HOME/img64" --size 64 --count 4000 && $B folder "$HOME/img256" --size 256 --count 2000 \
@@ -105,17 +106,14 @@ for p in "$@"; do
     ckfit256)  # ckbig256 at the batch ck256's two peaks predict (a straight line in the batch, to 97% of the card's
       # memory, a multiple of 8), so one call measures both; BATCH, if set, wins
       fit=$(python3 - "$log" <<'PY'
-import json, sys
+import json, os, sys
 lines = [json.loads(l.split(" ", 1)[1]) for l in open(sys.argv[1]) if l.startswith("BENCH {")]
 runs = sorted((r["batch"], r["first_steps_peak_gib"]) for r in lines if r.get("kind") == "train"
               and r.get("checkpointing") and r.get("image_size") == [256, 256] and r.get("first_steps_peak_gib"))
 if len(runs) < 2: sys.exit(1)
 (b0, m0), (b1, m1) = runs[0], runs[-1]
 per = (m1 - m0) / (b1 - b0)
-import os, subprocess
-card = float(os.environ.get("CARD_MIB") or subprocess.run(
-    ["nvidia-smi", "--query-gpu=memory.total", "--format=csv,noheader,nounits"], capture_output=True,
-    text=True).stdout.split()[0]) / 1024
+card = float(os.environ["CARD_MIB"]) / 1024
 print(int((0.97 * card - (m0 - b0 * per)) / per) // 8 * 8)
 PY
 ) || { echo "PHASE ckfit256 SKIPPED (no two checkpointed 256 px peaks in the log)" >> "$log"; continue; }
